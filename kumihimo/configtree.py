@@ -26,10 +26,12 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from kumihimo.errors import UserError
+
 EXTENDS_KEY = "extends"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A problem a user can fix in a recipe or an override. The message is one line."""
 
 
