@@ -1,0 +1,89 @@
+"""`kumihimo <verb>`: one command line for the whole pipeline.
+
+    kumihimo quickstart            the whole pipeline on the bundled sample corpus, on CPU
+    kumihimo data ...              curate raw JSONL and build Megatron datasets + blend
+    kumihimo tokenizer ...         train / evaluate / export a SentencePiece tokenizer
+    kumihimo train CONFIG ...      pretrain with Megatron-Core (one process, torchrun, or srun)
+    kumihimo convert ...           Megatron checkpoint <-> Hugging Face
+    kumihimo doctor                check the environment (and a config) before a long run
+
+Problems the user can fix are printed as one line `kumihimo: error: ...` with exit code 2.
+Stage modules are imported only when their verb runs, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from kumihimo.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+# verb -> (module with register(parser), one-line help)
+_VERBS = {
+    "data": ("data_prep.cli", "curate raw JSONL and build Megatron .bin/.idx datasets with blend weights"),
+    "tokenizer": ("tokenizer.cli", "train, evaluate and export SentencePiece tokenizers"),
+    "train": ("pretrain.cli", "pretrain a Llama-style model with Megatron-Core"),
+    "convert": ("pretrain.convert.cli", "convert checkpoints between Megatron (torch_dist) and Hugging Face"),
+    "quickstart": ("kumihimo.quickstart", "run the whole pipeline on the bundled sample corpus, on CPU"),
+    "doctor": ("kumihimo.doctor", "check Python, torch, megatron-core, devices, communication and a config"),
+}
+
+
+def build_parser(verbs: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kumihimo",
+        description="Pretrain Japanese LLMs on Megatron-Core: curate -> tokenizer -> train -> convert.",
+        epilog="Run `kumihimo <verb> --help` for each verb. Start with `kumihimo quickstart`.",
+    )
+    from kumihimo import __version__
+
+    parser.add_argument("--version", action="version", version=f"kumihimo {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="<verb>")
+    for verb in verbs or _VERBS:
+        module_name, help_text = _VERBS[verb]
+        verb_parser = sub.add_parser(verb, help=help_text, description=help_text)
+        importlib.import_module(module_name).register(verb_parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Build only the requested verb's parser: importing every stage would make each call slow.
+    verb = argv[0] if argv and argv[0] in _VERBS else None
+    parser = build_parser([verb] if verb else None)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options (`train cfg.yaml --nproc-per-node 2 optimizer.lr=1e-4`); argparse
+    # stops collecting positionals at the first option, so pick the key=value leftovers up here.
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*(args.overrides or []), *overrides]
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        # A verb with sub-commands called bare, or no verb at all: show what there is.
+        (parser._subparsers._group_actions[0].choices[verb] if verb else parser).print_help()
+        return EXIT_USER_ERROR if verb is None and argv else 0
+    try:
+        return int(handler(args) or 0)
+    except UserError as exc:
+        print(f"kumihimo: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("kumihimo: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

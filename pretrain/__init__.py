@@ -1,0 +1,1 @@
+"""Pretraining on Megatron-Core: config, model, parallel layout, training loop, checkpoints."""

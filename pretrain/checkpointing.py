@@ -1,0 +1,179 @@
+"""Megatron distributed checkpoints (torch_dist) with an atomic `latest` marker.
+
+Layout of a checkpoint folder:
+
+    <save>/iter_0000100/            one checkpoint: torch_dist shards + metadata, plus
+        run_config.yaml             the resolved config the run was started with
+        kumihimo.json               step, consumed samples/tokens, parallel layout, vocab sizes,
+                                    tokenizer identity, data blend, library versions
+    <save>/latest_checkpointed_iteration.txt    written last, atomically
+
+A checkpoint is first written to `iter_NNNNNNN.tmp` and renamed once every rank has finished, so a
+run killed mid-save never leaves a folder that looks complete. Tensor keys do not depend on TP/PP,
+so a checkpoint loads at another layout (and `dist_checkpointing.load_plain_tensors` reads it with no
+model at all, which is how conversion to Hugging Face works).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kumihimo import configtree
+from kumihimo.errors import UserError
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+META_FILE = "kumihimo.json"
+CONFIG_FILE = "run_config.yaml"
+# Passed explicitly, as Megatron-LM does: the defaults of 0.19.2 fail to save the optimizer.
+SHARDING_METADATA = {
+    "distrib_optim_sharding_type": "dp_reshardable",
+    "singleton_local_shards": False,
+    "chained_optim_avoid_prefix": True,
+}
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved with every checkpoint."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    skipped_iterations: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def iteration_dir(root: Path, iteration: int) -> Path:
+    return root / f"iter_{iteration:07d}"
+
+
+def read_latest(root: Path) -> int | None:
+    marker = root / LATEST_FILE
+    if not marker.is_file():
+        return None
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise UserError(f"{marker} holds {text!r}, not an iteration; fix or delete it")
+    return int(text)
+
+
+def _model_sharded_state_dict(model_chunks) -> dict[str, Any]:
+    if len(model_chunks) == 1:
+        return {"model": model_chunks[0].sharded_state_dict(metadata=SHARDING_METADATA)}
+    return {f"model{i}": chunk.sharded_state_dict(metadata=SHARDING_METADATA)
+            for i, chunk in enumerate(model_chunks)}
+
+
+def _rng_sharded_object(layout) -> Any:
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from pretrain.distributed import rng_state
+
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    return ShardedObject("rng_state", rng_state(), (layout.pp, layout.tp), (pp_rank, tp_rank),
+                         replica_id=dp_rank)
+
+
+def save_checkpoint(root: Path, state: TrainState, model_chunks, optimizer, scheduler, config,
+                    layout, meta: dict[str, Any], keep_last: int | None) -> Path:
+    """Save on every rank; returns the final folder."""
+    from megatron.core import dist_checkpointing
+
+    final = iteration_dir(root, state.iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    sharded = _model_sharded_state_dict(model_chunks)
+    model_sd = sharded["model"] if "model" in sharded else sharded
+    sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=SHARDING_METADATA)
+    sharded["rng_state"] = _rng_sharded_object(layout)
+    sharded["scheduler"] = scheduler.state_dict()
+    sharded["train_state"] = state.__dict__.copy()
+    dist_checkpointing.save(sharded, str(tmp), content_metadata=SHARDING_METADATA)
+    dist.barrier()
+    if rank == 0:
+        configtree.save(config, tmp / CONFIG_FILE)
+        configtree.write_text_atomic(tmp / META_FILE, json.dumps(
+            {**meta, "train_state": state.__dict__, "layout": layout.__dict__}, indent=2, default=str))
+        if final.exists():  # re-saving the same step (e.g. after a resume) replaces it
+            shutil.rmtree(final)
+        tmp.rename(final)
+        configtree.write_text_atomic(root / LATEST_FILE, f"{state.iteration}\n")
+        if keep_last:
+            prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest keep_last checkpoints (never the one `latest` points at)."""
+    latest = read_latest(root)
+    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep_last]:
+        if latest is not None and old == iteration_dir(root, latest):
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_meta(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / META_FILE
+    if not path.is_file():
+        raise UserError(f"{checkpoint} has no {META_FILE}: not a complete kumihimo checkpoint; pick another "
+                        "iteration or resave it")
+    return json.loads(path.read_text())
+
+
+def find_checkpoint(root: Path, iteration: int | None = None) -> Path:
+    """The folder of `iteration`, or of the latest complete checkpoint under `root`."""
+    if iteration is None:
+        iteration = read_latest(root)
+        if iteration is None:
+            raise UserError(f"{root} holds no {LATEST_FILE}: no complete checkpoint there; check the path")
+    folder = iteration_dir(root, iteration)
+    if not folder.is_dir():
+        found = sorted(p.name for p in root.glob("iter_*") if not p.name.endswith(".tmp"))
+        raise UserError(f"iteration {iteration} is not in {root} (found: {', '.join(found) or 'none'}); "
+                        "pick one of those")
+    return folder
+
+
+def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) -> TrainState:
+    """Load model, optimizer, scheduler, RNG and train state saved at any TP/PP."""
+    from megatron.core import dist_checkpointing
+
+    meta = read_meta(folder)
+    saved_layout = meta.get("layout", {})
+    same_layout = (saved_layout.get("tp"), saved_layout.get("pp")) == (layout.tp, layout.pp)
+    sharded = _model_sharded_state_dict(model_chunks)
+    model_sd = sharded["model"] if "model" in sharded else sharded
+    sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=SHARDING_METADATA)
+    if same_layout:
+        sharded["rng_state"] = _rng_sharded_object(layout)
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(sharded, str(folder))
+    if len(model_chunks) == 1:
+        model_chunks[0].load_state_dict(loaded["model"])
+    else:
+        for i, chunk in enumerate(model_chunks):
+            chunk.load_state_dict(loaded[f"model{i}"])
+    with torch.no_grad():
+        optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout:
+        from pretrain.distributed import set_rng_state
+
+        set_rng_state(loaded["rng_state"])
+    return TrainState(**loaded["train_state"])

@@ -1,0 +1,85 @@
+"""`kumihimo train CONFIG [key=value ...]`.
+
+Inside a launcher (torchrun, srun, mpirun) every process runs the trainer. Outside one,
+`--nproc-per-node N` starts N local processes through torch.distributed.run; the config is loaded
+and its parallel layout checked here first, so a bad config fails once, with exit code 2, before
+any process starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from kumihimo import configtree
+from kumihimo.errors import UserError
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Pretrain a Llama-style model with Megatron-Core. CONFIG is a recipe from configs/pretrain/; "
+        "override any field with dotted key=value pairs."
+    )
+    parser.epilog = (
+        "examples:\n"
+        "  kumihimo train configs/pretrain/tiny-cpu.yaml schedule.train_iters=50\n"
+        "  kumihimo train configs/pretrain/tiny-cpu.yaml --nproc-per-node 2 "
+        "parallelism.tensor_model_parallel_size=2\n"
+        "  torchrun --nproc-per-node 8 -m kumihimo.cli train configs/pretrain/llmjp3-1.8b.yaml\n"
+        "  kumihimo train --help-config      # every field with its documentation"
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("config", nargs="?", help="YAML recipe (configs/pretrain/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-4")
+    parser.add_argument("--nproc-per-node", type=int, default=1,
+                        help="start this many local processes (torchrun) when not already under a launcher")
+    parser.add_argument("--check", action="store_true", help="validate the config and layout, then exit")
+    parser.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    parser.set_defaults(handler=run)
+
+
+def _under_launcher() -> bool:
+    from pretrain.distributed import process_info
+
+    return process_info().world_size > 1 or "RANK" in os.environ
+
+
+def run(args: argparse.Namespace) -> int:
+    from pretrain.config import TrainConfig
+
+    if args.help_config:
+        for key, type_name, doc in configtree.describe(TrainConfig):
+            print(f"{key} ({type_name})\n    {doc}")
+        return 0
+    if not args.config:
+        raise UserError("kumihimo train needs a CONFIG (e.g. configs/pretrain/tiny-cpu.yaml)")
+    config = configtree.load(TrainConfig, args.config, args.overrides)
+    from pretrain.distributed import process_info
+    from pretrain.parallel import ParallelLayout
+
+    launched = _under_launcher()
+    world = process_info().world_size if launched else args.nproc_per_node
+    if args.nproc_per_node < 1:
+        raise UserError(f"--nproc-per-node={args.nproc_per_node} must be >= 1")
+    layout = ParallelLayout.from_config(config, world)
+    if args.check:
+        print(f"config OK: {layout.describe()}")
+        return 0
+    if not launched and args.nproc_per_node > 1:
+        return _spawn_local(args)
+    from pretrain.training import run_training
+
+    run_training(config)
+    return 0
+
+
+def _spawn_local(args: argparse.Namespace) -> int:
+    from pretrain.distributed import _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
+           "--nnodes=1", f"--master-port={_free_port()}", "-m", "kumihimo.cli", "train", args.config,
+           *args.overrides]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.call(cmd, env=env)

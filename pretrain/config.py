@@ -1,0 +1,360 @@
+"""The training config tree: one dataclass per concern, loaded from configs/pretrain/*.yaml.
+
+Field docstrings double as `kumihimo train --help-config` text. Checks that need more than one
+section (heads vs TP, layers vs PP, batch vs micro-batch x DP) live in `TrainConfig.validate` and in
+`pretrain.parallel.ParallelLayout`, which both run before any process group exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from kumihimo.configtree import ConfigError, bad_value
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Llama-style decoder: RMSNorm, SwiGLU, RoPE, optional GQA, no biases, untied embeddings."""
+
+    num_layers: int = 2
+    """Number of transformer layers."""
+    hidden_size: int = 64
+    """Model width."""
+    ffn_hidden_size: int = 256
+    """Width of the SwiGLU feed-forward layer (per branch)."""
+    num_attention_heads: int = 4
+    """Number of query heads."""
+    num_query_groups: int | None = None
+    """Number of key/value heads (GQA); null means one per query head (plain multi-head attention)."""
+    kv_channels: int | None = None
+    """Head dimension; null means hidden_size / num_attention_heads."""
+    seq_length: int = 128
+    """Tokens per training sequence; also max_position_embeddings in the exported config.json."""
+    rotary_base: int = 10000
+    """RoPE base (theta)."""
+    norm_epsilon: float = 1.0e-5
+    """RMSNorm epsilon."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal initialisation."""
+    scale_output_init: bool = True
+    """Scale the init std of attention and MLP output projections by 1/sqrt(2 * num_layers)."""
+    make_vocab_size_divisible_by: int = 128
+    """The vocabulary is padded to a multiple of this times the tensor-parallel size (LLM-jp: 128)."""
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Layer implementation: Transformer Engine (fused kernels, FP8, sequence/context parallel) or
+    Megatron-Core's local modules; auto picks TE when it is installed and runtime.device is cuda."""
+    local_attention: Literal["sdpa", "unfused"] = "sdpa"
+    """Core attention of the local implementation: torch scaled_dot_product_attention (flash/efficient
+    kernels, fast on a GPU without TE) or Megatron's unfused softmax attention."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    def validate(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "seq_length",
+                     "make_vocab_size_divisible_by", "rotary_base"):
+            if getattr(self, name) <= 0:
+                raise bad_value(f"model.{name}", getattr(self, name), "must be positive", "set a value > 0")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise bad_value("model.hidden_size", self.hidden_size,
+                            f"is not divisible by model.num_attention_heads={self.num_attention_heads}",
+                            "choose a multiple of the head count or set model.kv_channels")
+        if self.num_query_groups is not None and (
+                self.num_query_groups <= 0 or self.num_attention_heads % self.num_query_groups):
+            raise bad_value("model.num_query_groups", self.num_query_groups,
+                            f"does not divide model.num_attention_heads={self.num_attention_heads}",
+                            "choose a divisor of the head count")
+        if self.init_method_std <= 0 or self.norm_epsilon <= 0:
+            raise ConfigError("model.init_method_std and model.norm_epsilon must be positive; fix them")
+
+
+@dataclass(kw_only=True)
+class ParallelismConfig:
+    """How the model and batch are split over GPUs (or CPU processes)."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor parallel size (TP): splits every layer's matrices."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline parallel size (PP): splits the layers into stages."""
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline stage (interleaved 1F1B); null disables interleaving."""
+    context_parallel_size: int = 1
+    """Context parallel size (CP): splits the sequence in attention; needs Transformer Engine."""
+    sequence_parallel: bool = False
+    """Shard activations along the sequence between tensor-parallel regions (needs TP > 1)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer states and master weights over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with the backward pass."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the forward pass."""
+
+    def validate(self) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            if getattr(self, name) < 1:
+                raise bad_value(f"parallelism.{name}", getattr(self, name), "must be >= 1", "set 1 or more")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None and vpp < 1:
+            raise bad_value("parallelism.virtual_pipeline_model_parallel_size", vpp, "must be >= 1",
+                            "set null (no interleaving) or a count of chunks per stage")
+        if vpp is not None and vpp > 1 and self.pipeline_model_parallel_size < 2:
+            raise bad_value("parallelism.virtual_pipeline_model_parallel_size", vpp,
+                            "needs pipeline_model_parallel_size > 1", "raise PP or set null")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise bad_value("parallelism.sequence_parallel", True, "needs tensor_model_parallel_size > 1",
+                            "set it false or raise TP")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise bad_value("parallelism.overlap_param_gather", True, "needs use_distributed_optimizer",
+                            "set parallelism.use_distributed_optimizer=true or turn it off")
+
+
+@dataclass(kw_only=True)
+class PrecisionConfig:
+    """Numeric formats."""
+
+    params_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of weights and activations; the optimizer keeps fp32 master weights for bf16."""
+    grad_reduce_in_fp32: bool = True
+    """Accumulate and all-reduce gradients in fp32 (recommended with bf16)."""
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """AdamW (Megatron's optimizer; TE/apex fused kernels when installed, torch otherwise)."""
+
+    lr: float = 3.0e-4
+    """Peak learning rate."""
+    min_lr: float = 3.0e-5
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not applied to norms)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1.0e-8
+    """AdamW epsilon (LLM-jp-3 172B: 1e-5 underperformed; use 1e-8)."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def validate(self) -> None:
+        if not 0 <= self.min_lr <= self.lr:
+            raise bad_value("optimizer.min_lr", self.min_lr, f"is not within [0, optimizer.lr={self.lr}]",
+                            "set a floor between 0 and the peak learning rate")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise bad_value(f"optimizer.{name}", getattr(self, name), "is not in [0, 1)", "use e.g. 0.9")
+        if self.clip_grad < 0:
+            raise bad_value("optimizer.clip_grad", self.clip_grad, "is negative", "set 0 to disable or e.g. 1.0")
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """Steps, batch sizes and the learning-rate schedule."""
+
+    train_iters: int = 100
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 1
+    """Sequences per forward/backward pass on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks (gradient accumulation fills the gap)."""
+    lr_warmup_iters: int = 10
+    """Linear warm-up steps."""
+    lr_decay_style: Literal["cosine", "linear", "constant", "WSD"] = "cosine"
+    """Decay after warm-up: cosine/linear to optimizer.min_lr, constant, or warmup-stable-decay."""
+    lr_decay_iters: int | None = None
+    """Step at which the decay reaches min_lr; null means train_iters."""
+    lr_wsd_decay_iters: int | None = None
+    """For WSD: length of the final decay phase in steps; null means 10% of lr_decay_iters."""
+    eval_interval: int = 0
+    """Compute the validation loss every this many steps; 0 disables periodic validation."""
+    eval_iters: int = 2
+    """Validation batches (global batches) per evaluation."""
+
+    def validate(self) -> None:
+        for name in ("train_iters", "micro_batch_size", "global_batch_size"):
+            if getattr(self, name) < 1:
+                raise bad_value(f"schedule.{name}", getattr(self, name), "must be >= 1", "set a positive count")
+        if self.global_batch_size % self.micro_batch_size:
+            raise bad_value("schedule.global_batch_size", self.global_batch_size,
+                            f"is not divisible by schedule.micro_batch_size={self.micro_batch_size}",
+                            f"choose a multiple of {self.micro_batch_size}")
+        decay_iters = self.lr_decay_iters or self.train_iters
+        if not 0 <= self.lr_warmup_iters < decay_iters:
+            raise bad_value("schedule.lr_warmup_iters", self.lr_warmup_iters,
+                            f"is not within [0, lr_decay_iters (or train_iters) = {decay_iters})",
+                            "shorten the warm-up or lengthen the decay")
+        if self.lr_wsd_decay_iters is not None and not 0 < self.lr_wsd_decay_iters <= decay_iters:
+            raise bad_value("schedule.lr_wsd_decay_iters", self.lr_wsd_decay_iters,
+                            f"is not within (0, {decay_iters}]", "choose a shorter final decay")
+        if self.eval_interval < 0 or self.eval_iters < 1:
+            raise ConfigError(f"schedule.eval_interval={self.eval_interval} must be >= 0 and schedule.eval_iters="
+                              f"{self.eval_iters} >= 1; fix them")
+
+
+@dataclass(kw_only=True)
+class BlendEntry:
+    """One dataset prefix and its sampling weight."""
+
+    prefix: str
+    """Path prefix of a Megatron indexed dataset (<prefix>.bin / <prefix>.idx)."""
+    weight: float = 1.0
+    """Relative sampling weight."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Training data: Megatron indexed datasets from `kumihimo data`, blended by weight."""
+
+    blend_file: str | None = None
+    """blend.yaml written by `kumihimo data tokenize` (prefixes + weights); relative prefixes in it are
+    resolved against the file's folder."""
+    blend: list[BlendEntry] = field(default_factory=list)
+    """Inline list of {prefix, weight}; used when blend_file is null."""
+    tokenizer: str | None = None
+    """SentencePiece model (file or folder with tokenizer.model); fixes the vocabulary size and EOD id."""
+    split: str = "98,2,0"
+    """Train/valid/test split of every dataset, as weights."""
+    cache_dir: str | None = None
+    """Where the dataset index cache (.npy) goes; built once by rank 0 and reused; null means beside the
+    checkpoint folder."""
+    mock: bool = False
+    """Use random tokens instead of files (throughput benchmarks and smoke tests)."""
+    mock_vocab_size: int = 1024
+    """Vocabulary size for mock data when no tokenizer is given."""
+    eod_mask_loss: bool = False
+    """Do not train on predicting the end-of-document token."""
+    reset_position_ids: bool = False
+    """Restart position ids after each end-of-document token."""
+    reset_attention_mask: bool = False
+    """Stop attention across document boundaries (builds an explicit mask per batch; slower)."""
+
+    def validate(self) -> None:
+        if not self.mock and self.blend_file is None and not self.blend:
+            raise ConfigError("data.blend_file is missing (and data.blend is empty); point data.blend_file "
+                              "at the blend.yaml written by `kumihimo data tokenize`, or set data.mock=true")
+        if self.blend_file is not None and self.blend:
+            raise bad_value("data.blend", "[...]", "is set together with data.blend_file",
+                            "use one of them")
+        if self.blend_file is not None and not Path(self.blend_file).is_file():
+            raise bad_value("data.blend_file", self.blend_file, "does not exist",
+                            "run `kumihimo data tokenize` first or fix the path")
+        for i, entry in enumerate(self.blend):
+            if not Path(entry.prefix + ".idx").is_file():
+                raise bad_value(f"data.blend[{i}].prefix", entry.prefix, "has no .idx file",
+                                "give the prefix without .bin/.idx of a dataset that exists")
+            if entry.weight <= 0:
+                raise bad_value(f"data.blend[{i}].weight", entry.weight, "must be positive", "set a weight > 0")
+        try:
+            parts = [float(p) for p in self.split.split(",")]
+        except ValueError:
+            parts = []
+        if len(parts) != 3 or min(parts) < 0 or parts[0] <= 0:
+            raise bad_value("data.split", self.split, "is not three non-negative weights with train > 0",
+                            'write e.g. "98,2,0"')
+        if self.tokenizer is None and not self.mock:
+            raise ConfigError("data.tokenizer is missing; set it to the SentencePiece model the data was "
+                              "tokenized with")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Megatron distributed checkpoints (torch_dist)."""
+
+    save: str | None = None
+    """Folder for checkpoints (iter_NNNNNNN/ plus latest_checkpointed_iteration.txt); null saves none."""
+    load: str | None = None
+    """Folder to resume from; null means the save folder when it holds a checkpoint."""
+    save_interval: int = 0
+    """Save every this many steps (0: only at the end)."""
+    save_at_end: bool = True
+    """Save after the last step."""
+    keep_last: int | None = None
+    """Keep only the newest this many checkpoints; null keeps all."""
+
+    def validate(self) -> None:
+        if self.save_interval < 0:
+            raise bad_value("checkpoint.save_interval", self.save_interval, "is negative", "set 0 or more")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise bad_value("checkpoint.keep_last", self.keep_last, "must be >= 1", "set null to keep all")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Where metrics go."""
+
+    log_interval: int = 1
+    """Print a metrics line every this many steps."""
+    tensorboard_dir: str | None = None
+    """Write TensorBoard scalars here; null disables."""
+    wandb_project: str | None = None
+    """Log to this Weights & Biases project; null disables."""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """W&B mode; offline writes a run folder to sync later."""
+    peak_tflops: float = 989.0
+    """Dense BF16 peak of one accelerator in TFLOP/s, for MFU (H100 SXM: 989)."""
+
+
+@dataclass(kw_only=True)
+class RuntimeConfig:
+    """Process-level settings."""
+
+    device: Literal["cuda", "cpu"] = "cuda"
+    """cuda for real runs; cpu runs Megatron-Core on gloo (tests, quickstart)."""
+    seed: int = 1234
+    """Seeds initialisation (a function of seed and parameter name, not of the parallel layout) and data."""
+    deterministic: bool = False
+    """Ask torch for deterministic kernels (slower on GPU)."""
+    distributed_timeout_minutes: int = 15
+    """Timeout of collective operations."""
+    run_dir: str = "runs/default"
+    """Folder for the resolved config, logs and (by default) checkpoints of this run."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """A whole training run."""
+
+    name: str = "run"
+    """Run name (logs, W&B)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture."""
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    """Parallel layout."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Numeric formats."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Steps, batches, learning-rate schedule."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Process settings."""
+
+    def validate(self) -> None:
+        model, par = self.model, self.parallelism
+        if model.transformer_impl == "transformer_engine" and self.runtime.device == "cpu":
+            raise bad_value("model.transformer_impl", "transformer_engine", "needs a GPU",
+                            "use local (or auto) with runtime.device=cpu")
+        needs_te = {"parallelism.context_parallel_size": par.context_parallel_size > 1,
+                    "parallelism.sequence_parallel": par.sequence_parallel}
+        for key, needed in needs_te.items():
+            if needed and model.transformer_impl == "local":
+                raise ConfigError(f"{key} needs model.transformer_impl=transformer_engine (the local RMSNorm "
+                                  "and attention do not support it); install the te extra or turn it off")
+        # Layout checks that do not need the world size (it is known only at launch).
+        from pretrain.parallel import check_model_fits_layout
+
+        check_model_fits_layout(self)

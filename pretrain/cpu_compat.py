@@ -1,0 +1,151 @@
+"""Run Megatron-Core on CPU processes (gloo): redirect its hard-coded CUDA assumptions.
+
+Megatron-Core is written for GPUs: it allocates with `device="cuda"` or `torch.cuda.current_device()`,
+calls `Tensor.cuda()`, synchronises streams and events, and asserts `param.grad.type() ==
+"torch.cuda.FloatTensor"` when clipping gradients. On CPU all of that fails, although the maths is
+device-agnostic. This module makes those calls land on the CPU:
+
+* a `TorchFunctionMode` rewrites every cuda device argument (strings, `torch.device`, bare ordinals) to
+  `cpu`, turns `Tensor.cuda()` into a no-op and reports CPU float tensors with their CUDA type name;
+* `torch.cuda.current_device/synchronize/current_stream/Stream/Event/...` become harmless stand-ins.
+
+`activate()` is called by the trainer only when `runtime.device == "cpu"` (tests, the quickstart) and
+never on GPU runs; nothing here is imported by the GPU path. Dropout is zero in every recipe we run on
+CPU, so the CUDA RNG tracker is replaced by Megatron's inference tracker (no per-region RNG streams);
+the CPU generator carries the randomness and is what checkpoints store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+_lock = threading.Lock()
+_mode: _CudaToCpuMode | None = None
+
+
+def _to_cpu_device(device):
+    if isinstance(device, int) and not isinstance(device, bool):
+        return _CPU
+    if isinstance(device, str) and device.startswith("cuda"):
+        return _CPU
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return _CPU
+    return device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrite cuda device arguments to cpu for every torch call made while active."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            # Megatron checks e.g. param.type() == 'torch.cuda.FloatTensor' to classify parameters.
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if func in (torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros) and len(args) > 1:
+            args = (args[0], *(_to_cpu_device(a) for a in args[1:]))
+        return func(*args, **kwargs)
+
+
+class _NoStream:
+    """Stand-in for torch.cuda.Stream / current_stream() on CPU: everything is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, event=None):
+        return event or _NoEvent()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _NoEvent:
+    """Stand-in for torch.cuda.Event on CPU."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+_CUDA_STUBS = {
+    "current_device": lambda: 0,
+    "synchronize": lambda *a, **k: None,
+    "current_stream": lambda *a, **k: _NoStream(),
+    "default_stream": lambda *a, **k: _NoStream(),
+    "stream": lambda *a, **k: contextlib.nullcontext(),
+    "set_device": lambda *a, **k: None,
+    "empty_cache": lambda: None,
+    "Stream": _NoStream,
+    "Event": _NoEvent,
+    "memory_allocated": lambda *a, **k: 0,
+    "max_memory_allocated": lambda *a, **k: 0,
+    "memory_reserved": lambda *a, **k: 0,
+    "reset_peak_memory_stats": lambda *a, **k: None,
+}
+_saved_cuda_attrs: dict[str, object] = {}
+
+
+def activate() -> None:
+    """Redirect CUDA calls to the CPU for the rest of the process (idempotent)."""
+    global _mode
+    with _lock:
+        if _mode is not None:
+            return
+        for name, stub in _CUDA_STUBS.items():
+            _saved_cuda_attrs[name] = getattr(torch.cuda, name)
+            setattr(torch.cuda, name, stub)
+        _mode = _CudaToCpuMode()
+        _mode.__enter__()
+
+
+def deactivate() -> None:
+    """Undo `activate()` (tests use this to leave the interpreter as they found it)."""
+    global _mode
+    with _lock:
+        if _mode is None:
+            return
+        _mode.__exit__(None, None, None)
+        _mode = None
+        for name, original in _saved_cuda_attrs.items():
+            setattr(torch.cuda, name, original)
+        _saved_cuda_attrs.clear()
+
+
+def is_active() -> bool:
+    return _mode is not None

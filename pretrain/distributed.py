@@ -1,0 +1,107 @@
+"""Process setup: who am I (torchrun, Slurm srun or mpirun variables), process groups, seeds.
+
+One process per GPU (or per CPU worker). The rendezvous address comes from MASTER_ADDR/MASTER_PORT,
+which torchrun sets and the Slurm scripts derive from the job's first node.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from kumihimo.errors import UserError
+
+# (rank, world size, local rank) variables of the launchers we support, in order of preference.
+_LAUNCHER_ENV = (
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),  # srun, one task per GPU
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # mpirun (LLM-jp)
+)
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def process_info() -> ProcessInfo:
+    for rank_var, world_var, local_var in _LAUNCHER_ENV:
+        if rank_var in os.environ and world_var in os.environ:
+            return ProcessInfo(int(os.environ[rank_var]), int(os.environ[world_var]),
+                               int(os.environ.get(local_var, "0")))
+    return ProcessInfo(0, 1, 0)
+
+
+def init_process_group(device: str, timeout_minutes: int) -> ProcessInfo:
+    """Initialise torch.distributed (gloo on CPU, NCCL on GPU); a single process needs no launcher."""
+    info = process_info()
+    if dist.is_initialized():
+        return info
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("runtime.device=cuda but no GPU is visible; set runtime.device=cpu for a CPU run")
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if info.world_size == 1:
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    elif "MASTER_PORT" not in os.environ:
+        raise UserError("MASTER_PORT is not set for a multi-process run; launch with torchrun, "
+                        "`kumihimo train --nproc-per-node N`, or the slurm/ scripts")
+    dist.init_process_group(
+        backend="nccl" if device == "cuda" else "gloo",
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=timedelta(minutes=timeout_minutes),
+    )
+    return info
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the host-side generators; model init has its own per-tensor generators (pretrain.model)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

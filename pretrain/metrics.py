@@ -1,0 +1,97 @@
+"""Per-step metrics: the FLOP count behind TFLOP/s and MFU, and the sinks they go to.
+
+Model FLOPs per trained token (no recompute counted; causal attention counted at full cost, as
+Megatron-LM and the PaLM paper do, so figures are comparable with theirs):
+
+    forward = L * [ 2*h*(q + 2*kv)        QKV projections   (q = heads*head_dim, kv = groups*head_dim)
+                  + 2*q*h                 output projection
+                  + 3 * 2*h*f             SwiGLU: gate, up, down
+                  + 2 * 2*s*q ]           scores QK^T and context AV
+              + 2*h*V                     logits (V = padded vocabulary)
+    training = 3 * forward                backward costs twice the forward
+
+TFLOP/s per GPU = training FLOPs per token x tokens per second / number of GPUs; MFU divides that by
+`logging.peak_tflops`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from kumihimo.progress import say
+from pretrain.config import TrainConfig
+
+
+def training_flops_per_token(config: TrainConfig, padded_vocab_size: int) -> float:
+    m = config.model
+    h, f, s, layers = m.hidden_size, m.ffn_hidden_size, m.seq_length, m.num_layers
+    q = m.num_attention_heads * m.head_dim
+    kv = m.query_groups * m.head_dim
+    per_layer = 2 * h * (q + 2 * kv) + 2 * q * h + 3 * 2 * h * f + 2 * 2 * s * q
+    forward = layers * per_layer + 2 * h * padded_vocab_size
+    return 3.0 * forward
+
+
+class MetricsSink:
+    """Writes each step's metrics to the console, metrics.jsonl, TensorBoard and W&B (rank 0 only)."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.interval = max(1, config.logging.log_interval)
+        self._jsonl = None
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if config.logging.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(config.logging.tensorboard_dir)
+        if config.logging.wandb_project and config.logging.wandb_mode != "disabled":
+            import wandb
+
+            from kumihimo import configtree
+
+            self._wandb = wandb.init(project=config.logging.wandb_project, name=config.name,
+                                     mode=config.logging.wandb_mode, dir=str(run_dir),
+                                     config=configtree.to_dict(config))
+
+    def log(self, step: int, values: dict[str, Any], force: bool = False) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **values}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(values, step=step)
+        if force or step % self.interval == 0:
+            say(format_line(step, values))
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def format_line(step: int, values: dict[str, Any]) -> str:
+    parts = [f"step {step}"]
+    formats = {"loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "lr": "lr {:.3e}",
+               "grad_norm": "grad_norm {:.3f}", "tokens_per_s": "{:,.0f} tok/s",
+               "tflops_per_gpu": "{:.1f} TFLOP/s/GPU", "mfu": "MFU {:.1%}", "step_time_s": "{:.3f} s/step",
+               "mem_gb": "mem {:.1f} GB"}
+    for key, fmt in formats.items():
+        if key in values and values[key] is not None:
+            parts.append(fmt.format(values[key]))
+    return " | ".join(parts)

@@ -1,0 +1,247 @@
+"""The Llama-style decoder on Megatron-Core, built from the config in one explicit function.
+
+Why GPTModel and not HybridModel: megatron-core 0.19 marks GPTModel deprecated in favour of
+HybridModel, but HybridModel splits every transformer block into separate attention and MLP layers
+(`decoder.layers.<i>` alternates between them), which changes every parameter name and layer index.
+GPTModel's names (`decoder.layers.<i>.self_attention.linear_qkv...`) are the ones every Megatron-LM
+checkpoint of the LLM-jp-3 family uses and the ones our Hugging Face mapping is written and proven
+against; continual pretraining from those checkpoints needs them. The switch is one function
+(`build_model`) and one name table (`pretrain.convert.mapping`) if a later core release removes it.
+
+Layer spec: Transformer Engine when selected (fused kernels, FP8, sequence/context parallel);
+otherwise Megatron's local modules with `SDPAttention` below, so a GPU without TE still gets
+flash/memory-efficient attention kernels.
+
+Initialisation is a function of (seed, parameter name, layer number) only, never of the parallel
+layout: the same seed gives the same model at TP=1 and TP=2, PP=1 and PP=2 (checked by tests). Each
+global tensor is drawn from its own generator and every rank copies out its own slice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from kumihimo.errors import UserError
+
+if TYPE_CHECKING:
+    from pretrain.config import TrainConfig
+    from pretrain.parallel import ParallelLayout
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class SDPAttention(MegatronModule):
+    """Core attention with torch's scaled_dot_product_attention, for the local (non-TE) spec.
+
+    Takes Megatron's [seq, batch, heads, head_dim] query/key/value of this TP rank and returns
+    [seq, batch, heads * head_dim]. Causal by default (no mask tensor is built); an explicit boolean
+    mask (Megatron convention: True = masked out) is honoured for document-level masking.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: float | None = None,
+                 softmax_scale: float | None = None, cp_comm_type: str | None = None, pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise UserError("SDPA attention does not support context parallelism; use transformer_engine")
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise UserError("packed sequences and attention bias need transformer_impl=transformer_engine")
+        seq_q, batch, num_heads, head_dim = query.shape
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        mask_type = attn_mask_type or self.attn_mask_type
+        mask = None if attention_mask is None else ~attention_mask
+        is_causal = mask is None and mask_type == AttnMaskType.causal
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0,
+            is_causal=is_causal, scale=self.softmax_scale, enable_gqa=k.shape[1] != num_heads)
+        return out.permute(2, 0, 1, 3).reshape(seq_q, batch, num_heads * head_dim)
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # TE raises more than ImportError when its CUDA libraries are missing.
+        return False
+    return True
+
+
+def resolve_transformer_impl(config: TrainConfig) -> str:
+    impl = config.model.transformer_impl
+    if impl == "auto":
+        return ("transformer_engine" if config.runtime.device == "cuda" and transformer_engine_available()
+                else "local")
+    if impl == "transformer_engine" and not transformer_engine_available():
+        raise UserError("model.transformer_impl=transformer_engine but Transformer Engine is not installed; "
+                        "pip install 'kumihimo[te]' on the GPU nodes or set model.transformer_impl=local")
+    return impl
+
+
+def transformer_config(config: TrainConfig, layout: ParallelLayout) -> TransformerConfig:
+    """Map our config onto Megatron's TransformerConfig (fusions off unless TE provides them)."""
+    model, precision = config.model, config.precision
+    dtype = DTYPES[precision.params_dtype]
+    on_cpu = config.runtime.device == "cpu"
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        perform_initialization=False,  # init_parameters() below does it, independent of the layout
+        use_cpu_initialization=on_cpu,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+        sequence_parallel=config.parallelism.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        deterministic_mode=config.runtime.deterministic,
+    )
+
+
+def layer_spec(config: TrainConfig):
+    impl = resolve_transformer_impl(config)
+    if impl == "transformer_engine":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    # normalization= is required: without it the local spec silently builds LayerNorm.
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if config.model.local_attention == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def build_model(config: TrainConfig, layout: ParallelLayout, padded_vocab_size: int) -> list[GPTModel]:
+    """This rank's model chunks (one, or VPP of them with interleaved pipelining), initialised."""
+    tconfig = transformer_config(config, layout)
+    spec = layer_spec(config)
+    num_chunks = layout.vpp or 1
+    chunks = []
+    for vp_stage in range(num_chunks):
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        chunk = GPTModel(
+            config=tconfig,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size,
+            max_sequence_length=config.model.seq_length,
+            pre_process=pre,
+            post_process=post,
+            parallel_output=True,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_base=config.model.rotary_base,
+            vp_stage=vp_stage if layout.vpp else None,
+        )
+        device = torch.device("cpu") if config.runtime.device == "cpu" else torch.device(
+            "cuda", torch.cuda.current_device())
+        chunk.to(device)
+        init_parameters(chunk, config)
+        chunks.append(chunk)
+    return chunks
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout-independent initialisation
+# ---------------------------------------------------------------------------------------------
+
+_OUTPUT_PROJECTIONS = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+_NORM_SUFFIXES = ("layer_norm_weight", "final_layernorm.weight", "norm.weight")
+
+
+def _tensor_seed(seed: int, key: str, layer_offsets: tuple[int, ...]) -> int:
+    digest = hashlib.sha256(f"{seed}|{key}|{layer_offsets}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _sharded_tensors(sharded_sd):
+    """Flatten a sharded state dict into its ShardedTensors, building factories (e.g. SwiGLU fc1)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    stack = [sharded_sd]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, ShardedTensorFactory):
+            stack.append(node.build())
+        elif isinstance(node, ShardedTensor):
+            yield node
+
+
+@torch.no_grad()
+def init_parameters(chunk: GPTModel, config: TrainConfig) -> None:
+    """Draw every global tensor from a generator seeded by (seed, name, layer) and keep this rank's slice.
+
+    Normal(0, std) weights, std / sqrt(2 * num_layers) for attention and MLP output projections,
+    ones for RMSNorm weights. Each rank generates the full tensor of its layers (on its device), which
+    costs a transient copy of one tensor and keeps init identical for any TP/PP/VPP.
+    """
+    model = config.model
+    std = model.init_method_std
+    out_std = std / math.sqrt(2.0 * model.num_layers) if model.scale_output_init else std
+    seen: set[tuple] = set()
+    for st in _sharded_tensors(chunk.sharded_state_dict()):
+        data = st.data
+        if data is None or not data.is_floating_point():
+            continue
+        ident = (data.data_ptr(), tuple(data.shape), data.stride())
+        if ident in seen:  # the same view can appear under two keys
+            continue
+        seen.add(ident)
+        prefix_dims = st.prepend_axis_num
+        layer_offsets = tuple(st.global_offset[:prefix_dims])
+        global_shape = tuple(st.global_shape[prefix_dims:])
+        offsets = st.global_offset[prefix_dims:]
+        if st.key.endswith(_NORM_SUFFIXES):
+            full = torch.ones(global_shape, dtype=torch.float32, device=data.device)
+        elif st.key.endswith(".bias"):
+            full = torch.zeros(global_shape, dtype=torch.float32, device=data.device)
+        else:
+            gen = torch.Generator(device=data.device)
+            gen.manual_seed(_tensor_seed(config.runtime.seed, st.key, layer_offsets))
+            scale = out_std if st.key.endswith(_OUTPUT_PROJECTIONS) else std
+            full = torch.empty(global_shape, dtype=torch.float32, device=data.device)
+            full.normal_(0.0, scale, generator=gen)
+        local = full[tuple(slice(o, o + n) for o, n in zip(offsets, data.shape))]
+        data.copy_(local.to(data.dtype))

@@ -1,0 +1,329 @@
+"""The training loop: setup -> loop { step -> log -> maybe eval -> maybe save } -> final save.
+
+Everything Megatron-Core needs is built in `setup()` from the config; `Trainer.train()` reads top to
+bottom. Run it through `kumihimo train` (one process, or torchrun / srun for several).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from kumihimo import configtree
+from kumihimo.progress import say
+from pretrain import checkpointing
+from pretrain.checkpointing import TrainState
+from pretrain.config import TrainConfig
+from pretrain.data import Datasets, batch_indices, build_datasets, microbatches
+from pretrain.distributed import ProcessInfo, init_process_group, seed_everything
+from pretrain.metrics import MetricsSink, training_flops_per_token
+from pretrain.parallel import ParallelLayout
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+    state: TrainState | None = None
+
+
+def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Token-mean loss of one micro-batch; also returns (sum, count) for exact reporting."""
+    losses = output.float().reshape(-1)
+    mask = loss_mask.float().reshape(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.run_dir = Path(config.runtime.run_dir)
+        self.state = TrainState()
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.config
+        if cfg.runtime.device == "cpu":
+            from pretrain import cpu_compat
+
+            cpu_compat.activate()
+        self.info: ProcessInfo = init_process_group(cfg.runtime.device, cfg.runtime.distributed_timeout_minutes)
+        self.layout = ParallelLayout.from_config(cfg, self.info.world_size)
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=self.layout.tp,
+            pipeline_model_parallel_size=self.layout.pp,
+            virtual_pipeline_model_parallel_size=self.layout.vpp,
+            context_parallel_size=self.layout.cp,
+        )
+        seed_everything(cfg.runtime.seed)
+        model_parallel_cuda_manual_seed(cfg.runtime.seed, inference_rng_tracker=cfg.runtime.device == "cpu")
+        if cfg.runtime.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.device = torch.device("cpu") if cfg.runtime.device == "cpu" else torch.device(
+            "cuda", torch.cuda.current_device())
+        self.is_logger = self.info.is_main
+        if self.is_logger:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            configtree.save(cfg, self.run_dir / "run_config.yaml")
+            say(f"[train] resolved config (saved to {self.run_dir / 'run_config.yaml'}):\n"
+                + configtree.dump_yaml(cfg).rstrip())
+            say(f"[train] layout {self.layout.describe()}")
+
+        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir / "data_cache"
+        self.datasets: Datasets = build_datasets(cfg, cache_dir)
+        vocab = self.datasets.tokenizer.vocab_size
+        self.padded_vocab = self.layout.padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by)
+        self._build_model_and_optimizer()
+        self.flops_per_token = training_flops_per_token(cfg, self.padded_vocab)
+        self.metrics = MetricsSink(cfg, self.run_dir, enabled=self.is_logger)
+        self._maybe_resume()
+
+    def _build_model_and_optimizer(self) -> None:
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.transformer.module import Float16Module
+
+        from pretrain.model import build_model
+
+        cfg = self.config
+        chunks = build_model(cfg, self.layout, self.padded_vocab)
+        bf16 = cfg.precision.params_dtype == "bf16"
+        if bf16:  # before DDP, else the optimizer's sharded state dict mismatches parameter ids
+            chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32,
+            overlap_grad_reduce=cfg.parallelism.overlap_grad_reduce,
+            overlap_param_gather=cfg.parallelism.overlap_param_gather,
+            use_distributed_optimizer=cfg.parallelism.use_distributed_optimizer,
+            check_for_nan_in_grad=False,
+        )
+        self.model = [
+            DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)
+        ]
+        opt = cfg.optimizer
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
+                            adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
+                            clip_grad=opt.clip_grad, bf16=bf16, params_dtype=chunks[0].config.params_dtype,
+                            use_distributed_optimizer=cfg.parallelism.use_distributed_optimizer),
+            self.model,
+        )
+        sched = cfg.schedule
+        decay_iters = sched.lr_decay_iters or sched.train_iters
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=opt.lr, min_lr=opt.min_lr,
+            lr_warmup_steps=sched.lr_warmup_iters, lr_decay_steps=decay_iters,
+            lr_decay_style=sched.lr_decay_style, start_wd=opt.weight_decay, end_wd=opt.weight_decay,
+            wd_incr_steps=decay_iters, wd_incr_style="constant",
+            wsd_decay_steps=sched.lr_wsd_decay_iters or max(1, decay_iters // 10) if
+            sched.lr_decay_style == "WSD" else None,
+            lr_wsd_decay_style="linear" if sched.lr_decay_style == "WSD" else None,
+        )
+        tconfig = self.model[0].config
+        tconfig.grad_scale_func = self.optimizer.scale_loss
+        tconfig.finalize_model_grads_func = finalize_model_grads
+        syncs = [m.no_sync for m in self.model]
+        tconfig.no_sync_func = syncs[0] if len(syncs) == 1 else syncs
+        if cfg.parallelism.overlap_grad_reduce:
+            grads = [m.start_grad_sync for m in self.model]
+            tconfig.grad_sync_func = grads[0] if len(grads) == 1 else grads
+        if cfg.parallelism.overlap_param_gather:
+            params = [m.start_param_sync for m in self.model]
+            tconfig.param_sync_func = params[0] if len(params) == 1 else params
+
+    def _checkpoint_meta(self) -> dict:
+        import megatron.core
+
+        from kumihimo import __version__
+
+        cfg = self.config
+        tokenizer = None
+        if cfg.data.tokenizer:
+            from tokenizer.spm import Tokenizer
+
+            tokenizer = Tokenizer.load(cfg.data.tokenizer).identity()
+        return {
+            "format": "kumihimo-torch_dist-v1",
+            "vocab_size": self.datasets.tokenizer.vocab_size,
+            "padded_vocab_size": self.padded_vocab,
+            "tokenizer": tokenizer,
+            "data": {"blend_file": cfg.data.blend_file, "mock": cfg.data.mock, "split": cfg.data.split,
+                     "seed": cfg.runtime.seed},
+            "versions": {"kumihimo": __version__, "megatron.core": megatron.core.__version__,
+                         "torch": torch.__version__},
+        }
+
+    def _maybe_resume(self) -> None:
+        ckpt = self.config.checkpoint
+        root = ckpt.load or ckpt.save
+        if root is None or checkpointing.read_latest(Path(root)) is None:
+            if ckpt.load is not None:
+                raise configtree.ConfigError(
+                    f"checkpoint.load={ckpt.load!r} holds no complete checkpoint; check the path or unset it")
+            return
+        folder = checkpointing.find_checkpoint(Path(root))
+        meta = checkpointing.read_meta(folder)
+        self._check_resume_compatible(meta)
+        self.state = checkpointing.load_checkpoint(folder, self.model, self.optimizer, self.scheduler,
+                                                   self.layout)
+        if self.is_logger:
+            say(f"[train] resumed from {folder} at step {self.state.iteration} "
+                f"({self.state.consumed_samples} samples consumed)")
+
+    def _check_resume_compatible(self, meta: dict) -> None:
+        saved = meta.get("data", {})
+        now = self._checkpoint_meta()["data"]
+        if (saved.get("blend_file"), saved.get("mock"), saved.get("seed")) != (
+                now["blend_file"], now["mock"], now["seed"]):
+            raise configtree.ConfigError(
+                f"the checkpoint was trained on data {saved} but this run uses {now}; resuming would not "
+                "continue the same sample order. Start a new run (new checkpoint.save) to change the data")
+        saved_dp = meta.get("layout", {}).get("dp")
+        if saved_dp is not None and saved_dp != self.layout.dp and self.is_logger:
+            say(f"[train] warning: data-parallel size changed {saved_dp} -> {self.layout.dp}; samples continue "
+                "in order but per-rank batches differ, so the loss curve will not match bit for bit")
+
+    # ---------------------------------------------------------------- loop
+    def train(self) -> TrainResult:
+        cfg, sched = self.config, self.config.schedule
+        result = TrainResult()
+        save_root = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
+        while self.state.iteration < sched.train_iters:
+            values = self.train_step()
+            result.losses.append(values["loss"])
+            step = self.state.iteration
+            if sched.eval_interval and step % sched.eval_interval == 0:
+                values["val_loss"] = self.evaluate()
+                result.val_losses.append((step, values["val_loss"]))
+            self.metrics.log(step, values, force=step in (1, sched.train_iters))
+            interval = cfg.checkpoint.save_interval
+            if save_root and interval and step % interval == 0 and step != sched.train_iters:
+                result.last_checkpoint = self.save(save_root)
+        if save_root and cfg.checkpoint.save_at_end:
+            result.last_checkpoint = self.save(save_root)
+        self.metrics.close()
+        result.state = self.state
+        return result
+
+    def train_step(self) -> dict[str, float]:
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        start = time.perf_counter()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        indices = batch_indices(self.state.consumed_samples, self.layout, dp_rank)
+        iterators = [microbatches(self.datasets.train, indices, self.device) for _ in self.model]
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=self.layout.num_microbatches,
+            seq_length=self.config.model.seq_length,
+            micro_batch_size=self.layout.micro_batch_size,
+            forward_only=False,
+        )
+        ok, grad_norm, _zeros = self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if ok:
+            self.scheduler.step(increment=1)
+        else:
+            self.state.skipped_iterations += 1
+        self.state.iteration += 1
+        gbs = self.layout.global_batch_size
+        self.state.consumed_samples += gbs
+        self.state.consumed_tokens += gbs * self.config.model.seq_length
+        loss = self._reduce_loss(losses)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        tokens_per_s = gbs * self.config.model.seq_length / elapsed
+        tflops = self.flops_per_token * tokens_per_s / self.info.world_size / 1e12
+        values = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                  "step_time_s": elapsed, "tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops,
+                  "mfu": tflops / self.config.logging.peak_tflops, "consumed_tokens": self.state.consumed_tokens}
+        if self.device.type == "cuda":
+            values["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return values
+
+    def _reduce_loss(self, losses: list[dict]) -> float:
+        """Token-weighted mean loss of the step over all micro-batches and DP ranks, on every rank."""
+        from megatron.core import parallel_state
+
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        is_reporter = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+                       and parallel_state.get_tensor_model_parallel_rank() == 0
+                       and parallel_state.get_context_parallel_rank() == 0)
+        if is_reporter:
+            for item in losses:
+                total += item["lm loss"].to(torch.float64)
+        dist.all_reduce(total)  # non-reporters add zeros
+        return float(total[0] / total[1].clamp(min=1))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        for chunk in self.model:
+            chunk.eval()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        gathered = []
+        for i in range(self.config.schedule.eval_iters):
+            indices = batch_indices(i * self.layout.global_batch_size, self.layout, dp_rank)
+            iterators = [microbatches(self.datasets.valid, indices, self.device) for _ in self.model]
+            gathered += get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                model=self.model if len(self.model) > 1 else self.model[0],
+                num_microbatches=self.layout.num_microbatches, seq_length=self.config.model.seq_length,
+                micro_batch_size=self.layout.micro_batch_size, forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        return self._reduce_loss(gathered)
+
+    def save(self, root: Path) -> Path:
+        folder = checkpointing.save_checkpoint(
+            root, self.state, self.model, self.optimizer, self.scheduler, self.config, self.layout,
+            self._checkpoint_meta(), self.config.checkpoint.keep_last)
+        if self.is_logger:
+            say(f"[train] saved checkpoint {folder}")
+        return folder
+
+
+def run_training(config: TrainConfig) -> TrainResult:
+    """Set up, train, tear down; the entry point of `kumihimo train` in every process."""
+    from pretrain.distributed import destroy
+
+    trainer = Trainer(config)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        destroy()
