@@ -64,7 +64,16 @@ def read_latest(root: Path) -> int | None:
     return int(text)
 
 
+def unwrap(module):
+    """The GPTModel inside DDP / Float16Module wrappers: checkpoint keys must not carry `module.`
+    prefixes, so checkpoints stay interchangeable with Megatron-LM's."""
+    while hasattr(module, "module") and not hasattr(module, "decoder"):
+        module = module.module
+    return module
+
+
 def _model_sharded_state_dict(model_chunks) -> dict[str, Any]:
+    model_chunks = [unwrap(chunk) for chunk in model_chunks]
     if len(model_chunks) == 1:
         return {"model": model_chunks[0].sharded_state_dict(metadata=SHARDING_METADATA)}
     return {f"model{i}": chunk.sharded_state_dict(metadata=SHARDING_METADATA)
@@ -165,10 +174,10 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
     with torch.no_grad():
         loaded = dist_checkpointing.load(sharded, str(folder))
     if len(model_chunks) == 1:
-        model_chunks[0].load_state_dict(loaded["model"])
+        unwrap(model_chunks[0]).load_state_dict(loaded["model"])
     else:
         for i, chunk in enumerate(model_chunks):
-            chunk.load_state_dict(loaded[f"model{i}"])
+            unwrap(chunk).load_state_dict(loaded[f"model{i}"])
     with torch.no_grad():
         optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc_per_node < 1:
         raise UserError(f"--nproc-per-node={args.nproc_per_node} must be >= 1")
     layout = ParallelLayout.from_config(config, world)
+    config.check_paths()
     if args.check:
         print(f"config OK: {layout.describe()}")
         return 0

@@ -173,6 +173,9 @@ class ScheduleConfig:
     """Step at which the decay reaches min_lr; null means train_iters."""
     lr_wsd_decay_iters: int | None = None
     """For WSD: length of the final decay phase in steps; null means 10% of lr_decay_iters."""
+    exit_after_iters: int | None = None
+    """Stop (and save) after this step although train_iters is larger, e.g. to split a run across jobs;
+    the learning-rate schedule still follows train_iters, so a resumed run continues it exactly."""
     eval_interval: int = 0
     """Compute the validation loss every this many steps; 0 disables periodic validation."""
     eval_iters: int = 2
@@ -243,13 +246,7 @@ class DataConfig:
         if self.blend_file is not None and self.blend:
             raise bad_value("data.blend", "[...]", "is set together with data.blend_file",
                             "use one of them")
-        if self.blend_file is not None and not Path(self.blend_file).is_file():
-            raise bad_value("data.blend_file", self.blend_file, "does not exist",
-                            "run `kumihimo data tokenize` first or fix the path")
         for i, entry in enumerate(self.blend):
-            if not Path(entry.prefix + ".idx").is_file():
-                raise bad_value(f"data.blend[{i}].prefix", entry.prefix, "has no .idx file",
-                                "give the prefix without .bin/.idx of a dataset that exists")
             if entry.weight <= 0:
                 raise bad_value(f"data.blend[{i}].weight", entry.weight, "must be positive", "set a weight > 0")
         try:
@@ -262,6 +259,26 @@ class DataConfig:
         if self.tokenizer is None and not self.mock:
             raise ConfigError("data.tokenizer is missing; set it to the SentencePiece model the data was "
                               "tokenized with")
+
+    def check_paths(self) -> None:
+        """Existence checks, run at launch (recipes for a cluster validate anywhere)."""
+        if self.mock:
+            return
+        if self.blend_file is not None and not Path(self.blend_file).is_file():
+            raise bad_value("data.blend_file", self.blend_file, "does not exist",
+                            "run `kumihimo data tokenize` first or fix the path")
+        for i, entry in enumerate(self.blend):
+            if not Path(entry.prefix + ".idx").is_file():
+                raise bad_value(f"data.blend[{i}].prefix", entry.prefix, "has no .idx file",
+                                "give the prefix (without .bin/.idx) of a dataset that exists")
+        if self.tokenizer is not None:
+            from tokenizer.spm import resolve_model_path
+
+            try:
+                resolve_model_path(self.tokenizer)
+            except ValueError as exc:
+                raise bad_value("data.tokenizer", self.tokenizer, "is not a SentencePiece model",
+                                "train one with `kumihimo tokenizer train` or fix the path") from exc
 
 
 @dataclass(kw_only=True)
@@ -343,6 +360,10 @@ class TrainConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     """Process settings."""
 
+    def check_paths(self) -> None:
+        """Checks that need the files of this machine; `kumihimo train` runs them before launching."""
+        self.data.check_paths()
+
     def validate(self) -> None:
         model, par = self.model, self.parallelism
         if model.transformer_impl == "transformer_engine" and self.runtime.device == "cpu":
@@ -354,6 +375,11 @@ class TrainConfig:
             if needed and model.transformer_impl == "local":
                 raise ConfigError(f"{key} needs model.transformer_impl=transformer_engine (the local RMSNorm "
                                   "and attention do not support it); install the te extra or turn it off")
+        exit_after = self.schedule.exit_after_iters
+        if exit_after is not None and not 0 < exit_after <= self.schedule.train_iters:
+            raise bad_value("schedule.exit_after_iters", exit_after,
+                            f"is not within (0, schedule.train_iters={self.schedule.train_iters}]",
+                            "set a step inside the run or null")
         # Layout checks that do not need the world size (it is known only at launch).
         from pretrain.parallel import check_model_fits_layout
 

@@ -212,18 +212,20 @@ class Trainer:
         cfg, sched = self.config, self.config.schedule
         result = TrainResult()
         save_root = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
-        while self.state.iteration < sched.train_iters:
+        last_step = sched.exit_after_iters or sched.train_iters
+        first_step = self.state.iteration
+        while self.state.iteration < last_step:
             values = self.train_step()
             result.losses.append(values["loss"])
             step = self.state.iteration
             if sched.eval_interval and step % sched.eval_interval == 0:
                 values["val_loss"] = self.evaluate()
                 result.val_losses.append((step, values["val_loss"]))
-            self.metrics.log(step, values, force=step in (1, sched.train_iters))
+            self.metrics.log(step, values, force=step in (1, last_step))
             interval = cfg.checkpoint.save_interval
-            if save_root and interval and step % interval == 0 and step != sched.train_iters:
+            if save_root and interval and step % interval == 0 and step != last_step:
                 result.last_checkpoint = self.save(save_root)
-        if save_root and cfg.checkpoint.save_at_end:
+        if save_root and cfg.checkpoint.save_at_end and self.state.iteration > first_step:
             result.last_checkpoint = self.save(save_root)
         self.metrics.close()
         result.state = self.state
