@@ -1,0 +1,65 @@
+"""Parallel layout and config checks that run before any process group exists."""
+
+import pytest
+
+from kumihimo import configtree
+from kumihimo.configtree import ConfigError
+from pretrain.config import TrainConfig
+from pretrain.metrics import training_flops_per_token
+from pretrain.parallel import ParallelLayout
+
+TINY = "configs/pretrain/tiny-cpu.yaml"
+
+
+def load(*overrides):
+    return configtree.load(TrainConfig, TINY, list(overrides))
+
+
+def test_layout_derives_data_parallel_and_microbatches():
+    layout = ParallelLayout.from_config(load("parallelism.tensor_model_parallel_size=2",
+                                             "schedule.global_batch_size=16"), world_size=4)
+    assert (layout.tp, layout.pp, layout.dp) == (2, 1, 2)
+    assert layout.num_microbatches == 16 // (4 * 2)
+
+
+@pytest.mark.parametrize(("overrides", "world", "message"), [
+    (["parallelism.tensor_model_parallel_size=3"], 3, "does not divide model.num_attention_heads=4"),
+    (["parallelism.pipeline_model_parallel_size=3"], 3, "model.num_layers=4 is not divisible"),
+    (["parallelism.tensor_model_parallel_size=2"], 3, "world size 3 is not divisible"),
+    (["schedule.global_batch_size=12"], 2, "global_batch_size=12 is not divisible by micro_batch_size x DP"),
+    (["model.num_query_groups=3"], 1, "does not divide model.num_attention_heads"),
+])
+def test_layout_errors_name_the_keys(overrides, world, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ParallelLayout.from_config(load(*overrides), world_size=world)
+
+
+def test_vocab_padding_follows_tp():
+    layout1 = ParallelLayout.from_config(load(), 1)
+    layout4 = ParallelLayout.from_config(load("parallelism.tensor_model_parallel_size=4"), 4)
+    # LLM-jp-3: 99,574 pieces -> 99,584 at TP<=2 and 99,840 at TP=4 (multiple of 128 x TP).
+    assert layout1.padded_vocab_size(99574, 128) == 99584
+    assert layout4.padded_vocab_size(99574, 128) == 99840
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model.hiden_size=8"], "unknown key 'model.hiden_size'; did you mean 'model.hidden_size'?"),
+    (["optimizer.lr=fast"], "optimizer.lr='fast' is not a number"),
+    (["schedule.lr_decay_style=exp"], "schedule.lr_decay_style='exp' is not one of the allowed values"),
+    (["optimizer.min_lr=1.0"], "optimizer.min_lr=1.0 is not within"),
+    (["parallelism.sequence_parallel=true", "parallelism.tensor_model_parallel_size=2"],
+     "needs model.transformer_impl=transformer_engine"),
+    (["schedule.lr_warmup_iters=500"], "schedule.lr_warmup_iters=500 is not within"),
+])
+def test_invalid_values_raise_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load(*overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_flops_formula_matches_hand_count():
+    config = load()
+    m = config.model  # h=64, f=192, s=128, L=4, heads 4 x 16, groups 2
+    per_layer = 2 * 64 * (64 + 2 * 32) + 2 * 64 * 64 + 6 * 64 * 192 + 4 * 128 * 64
+    assert training_flops_per_token(config, 1024) == 3 * (m.num_layers * per_layer + 2 * 64 * 1024)
