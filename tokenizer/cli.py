@@ -1,0 +1,110 @@
+"""`kumihimo tokenizer ...`: train, evaluate and export tokenizers."""
+
+from __future__ import annotations
+
+import argparse
+
+from kumihimo import configtree
+from kumihimo.progress import say
+from tokenizer.config import SourceConfig, TokenizerTrainConfig
+
+TRAIN_EXAMPLES = """examples:
+  kumihimo tokenizer train configs/tokenizer/tiny.yaml
+  kumihimo tokenizer train configs/tokenizer/llmjp3-100k.yaml output_dir=runs/tok sources.ja.ratio=0.6
+  kumihimo tokenizer train configs/tokenizer/tiny.yaml 'sources.ja.paths=[data/ja/*.jsonl.gz]' --print-config
+
+settings (dotted keys for overrides):
+"""
+EVAL_EXAMPLES = """examples:
+  kumihimo tokenizer eval --tokenizer runs/tok/tokenizer.model --text ja.jsonl.gz:ja --text en.jsonl:en
+  kumihimo tokenizer eval --tokenizer a.model --tokenizer b.model --text sample.txt:code --json report.json
+
+A text is FILE[:LANG]: JSONL or JSONL.gz (the --text-field of every line) or plain UTF-8 text.
+Several files with the same LANG are pooled. Characters per token counts Unicode characters;
+rates are shares of all tokens."""
+EXPORT_EXAMPLES = """examples:
+  kumihimo tokenizer export-hf --tokenizer runs/tok/tokenizer.model --output runs/tok/hf
+
+The directory loads offline with transformers.AutoTokenizer.from_pretrained(DIR) and gives the
+same ids as SentencePiece; encode() prepends <s> (never </s>), as in training documents."""
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    """Add the tokenizer sub-commands to the `tokenizer` verb's parser."""
+    commands = parser.add_subparsers(dest="tokenizer_command", metavar="COMMAND", required=True)
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    train = commands.add_parser(
+        "train", help="train a SentencePiece tokenizer from a recipe", formatter_class=formatter,
+        description="Sample sentences from the curated JSONL corpus by per-source ratios and train a "
+                    "SentencePiece tokenizer (llm-jp-tokenizer v3 style by default).",
+        epilog=TRAIN_EXAMPLES + _settings_help())
+    train.add_argument("config", help="tokenizer recipe (YAML), e.g. configs/tokenizer/tiny.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. vocab_size=8000")
+    train.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    train.set_defaults(handler=run_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="compare tokenizers on texts", formatter_class=formatter,
+        description="Characters per token, byte-fallback and unknown rates per language, and the "
+                    "vocabulary composition, side by side for one or more tokenizers.",
+        epilog=EVAL_EXAMPLES)
+    evaluate.add_argument("--tokenizer", action="append", required=True, metavar="MODEL",
+                          help="SentencePiece .model (or a directory with tokenizer.model); repeatable")
+    evaluate.add_argument("--text", action="append", required=True, metavar="FILE[:LANG]",
+                          help="text to measure on; repeatable")
+    evaluate.add_argument("--text-field", default="text", help="JSON key of the text in JSONL files")
+    evaluate.add_argument("--max-documents", type=int, default=None, metavar="N",
+                          help="read at most N documents per file")
+    evaluate.add_argument("--num-threads", type=int, default=1, help="encoding threads")
+    evaluate.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    evaluate.set_defaults(handler=run_eval)
+
+    export = commands.add_parser(
+        "export-hf", help="write a Hugging Face tokenizer directory", formatter_class=formatter,
+        description="Export a SentencePiece model as a Hugging Face fast tokenizer (tokenizer.json, "
+                    "tokenizer_config.json, special_tokens_map.json, tokenizer.model).",
+        epilog=EXPORT_EXAMPLES)
+    export.add_argument("--tokenizer", required=True, metavar="MODEL", help="SentencePiece .model")
+    export.add_argument("--output", required=True, metavar="DIR", help="output directory")
+    export.set_defaults(handler=run_export)
+
+
+def _settings_help() -> str:
+    rows = configtree.describe(TokenizerTrainConfig)
+    rows += configtree.describe(SourceConfig, "sources.<name>")
+    width = max(len(key) for key, _, _ in rows)
+    return "\n".join(f"  {key.ljust(width)}  {doc}" for key, _, doc in rows)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from tokenizer.train import train_tokenizer  # sentencepiece training code only when training
+
+    config = configtree.load(TokenizerTrainConfig, args.config, args.overrides)
+    if args.print_config:
+        print(configtree.dump_yaml(config), end="")
+        return 0
+    say("[tokenizer] resolved recipe:\n" + configtree.dump_yaml(config).rstrip())
+    model_path = train_tokenizer(config)
+    print(model_path)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from tokenizer.evaluate import evaluate, format_table, write_report
+
+    report = evaluate(args.tokenizer, args.text, text_field=args.text_field,
+                      max_documents=args.max_documents, num_threads=args.num_threads)
+    print(format_table(report))
+    if args.json:
+        write_report(report, args.json)
+        say(f"[tokenizer] wrote {args.json}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from tokenizer.export_hf import export_hf
+
+    output_dir = export_hf(args.tokenizer, args.output)
+    print(output_dir)
+    return 0
