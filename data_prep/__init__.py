@@ -1,0 +1,1 @@
+"""data_prep: raw JSONL -> curated, deduplicated, PII-redacted text -> Megatron datasets + blend."""

@@ -1,0 +1,62 @@
+"""blend.yaml: the dataset prefixes and weights the trainer reads (`data.blend_file`).
+
+Prefixes are stored relative to the blend file's directory so an output directory can be moved or
+copied to a cluster as a whole; `read_blend` turns them back into absolute prefixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kumihimo.configtree import write_text_atomic
+from kumihimo.errors import UserError
+
+BLEND_FORMAT_VERSION = 1
+_HEADER = ("# kumihimo data blend, written by `kumihimo data_prep tokenize`.\n"
+           "# `prefix` paths are relative to the directory of this file (Megatron prefixes: <prefix>.bin/.idx).\n"
+           "# weight = token share x the source's weight_multiplier, normalised to sum to 1.\n")
+
+
+@dataclass
+class BlendEntry:
+    source: str
+    prefix: Path  # absolute
+    num_tokens: int
+    num_documents: int
+    multiplier: float
+
+
+def blend_weights(entries: list[BlendEntry]) -> list[float]:
+    """Token share x multiplier, normalised; all zeros when there are no tokens."""
+    raw = [e.num_tokens * e.multiplier for e in entries]
+    total = sum(raw)
+    return [r / total if total > 0 else 0.0 for r in raw]
+
+
+def write_blend(path: Path, entries: list[BlendEntry], tokenizer_identity: dict[str, Any]) -> None:
+    base = path.parent.resolve()
+    weights = blend_weights(entries)
+    datasets = [{"prefix": Path(e.prefix).resolve().relative_to(base).as_posix(), "weight": round(w, 10),
+                 "num_tokens": e.num_tokens, "num_documents": e.num_documents, "source": e.source}
+                for e, w in zip(entries, weights) if w > 0]
+    body = {"format_version": BLEND_FORMAT_VERSION, "prefix_base": "blend_file_directory",
+            "tokenizer": tokenizer_identity, "datasets": datasets}
+    write_text_atomic(path, _HEADER + yaml.safe_dump(body, sort_keys=False, allow_unicode=True))
+
+
+def read_blend(path: str | Path) -> tuple[list[tuple[str, float]], dict[str, Any]]:
+    """([(absolute prefix, weight)], tokenizer identity) from a blend.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"blend file {str(path)!r} does not exist; run `kumihimo data_prep tokenize` first")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if data.get("format_version") != BLEND_FORMAT_VERSION or not isinstance(data.get("datasets"), list):
+        raise UserError(f"{path} is not a kumihimo blend file (format_version {BLEND_FORMAT_VERSION}); "
+                        "regenerate it with `kumihimo data_prep tokenize`")
+    base = path.parent.resolve()
+    pairs = [(str(base / entry["prefix"]), float(entry["weight"])) for entry in data["datasets"]]
+    return pairs, data.get("tokenizer", {})

@@ -1,0 +1,95 @@
+"""`kumihimo data_prep {curate,tokenize,run}`: the data_prep verb's sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+
+from data_prep.config import load_config
+from kumihimo.progress import say
+
+_EXAMPLES = {
+    "curate": """examples:
+  kumihimo data_prep curate configs/data_prep/quickstart.yaml
+  kumihimo data_prep curate configs/data_prep/llmjp-web.yaml output_dir=/data/curated num_workers=64
+  kumihimo data_prep curate my.yaml 'input.sources=[{name: ja, paths: [raw/ja/*.jsonl.gz]}]' dedup.num_bands=40
+
+A killed run resumes where it stopped when started again with the same config and output_dir.""",
+    "tokenize": """examples:
+  kumihimo data_prep tokenize configs/data_prep/quickstart.yaml --tokenizer out/tokenizer/tokenizer.model
+  kumihimo data_prep tokenize my.yaml --tokenizer llm-jp-tokenizer/v3.model tokenize.add_bos=false
+
+Writes <output_dir>/datasets/<source>_text_document.{bin,idx} and <output_dir>/blend.yaml (for data.blend_file).""",
+    "run": """examples:
+  kumihimo data_prep run configs/data_prep/quickstart.yaml --tokenizer out/tokenizer/tokenizer.model
+  kumihimo data_prep run configs/data_prep/llmjp-web.yaml --tokenizer tok.model output_dir=/data/llmjp""",
+}
+
+
+class _OverridesParser(argparse.ArgumentParser):
+    """Accepts `key=value` overrides after options too (`CONFIG --tokenizer M a=1`): plain argparse
+    binds the empty override list before the option and then rejects the trailing ones."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if hasattr(namespace, "overrides"):
+            late = [a for a in extras if "=" in a and not a.startswith("-")]
+            namespace.overrides = [*(namespace.overrides or []), *late]
+            extras = [a for a in extras if a not in late]
+        return namespace, extras
+
+
+def _add_common(sub: argparse.ArgumentParser, needs_tokenizer: bool) -> None:
+    sub.add_argument("config", help="data_prep YAML recipe (see configs/data_prep/)")
+    if needs_tokenizer:
+        sub.add_argument("--tokenizer", required=True, metavar="MODEL",
+                         help="SentencePiece .model file (or a directory holding tokenizer.model)")
+    sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                     help="dotted config overrides, e.g. num_workers=8 filters.ja.min_chars=200")
+
+
+def _curate(args: argparse.Namespace) -> int:
+    from data_prep.pipeline import curate
+
+    config = load_config(args.config, args.overrides)
+    result = curate(config)
+    say(f"[data_prep] kept {result.num_kept} of {result.num_input_lines} input lines "
+        f"({result.num_dropped} dropped, {result.num_quarantined} quarantined); report: {result.report_path}")
+    return 0
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    from data_prep.pipeline import build_datasets
+
+    config = load_config(args.config, args.overrides)
+    result = build_datasets(config, args.tokenizer)
+    for source, prefix in result.prefixes.items():
+        say(f"[tokenize] {source}: {result.num_documents[source]} documents, {result.num_tokens[source]} tokens "
+            f"-> {prefix}")
+    say(f"[tokenize] blend: {result.blend_path}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    _curate(args)
+    return _tokenize(args)
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    """Add curate / tokenize / run under the `data_prep` verb's parser."""
+    subs = parser.add_subparsers(dest="data_prep_command", required=True, metavar="{curate,tokenize,run}",
+                                 parser_class=_OverridesParser)
+    specs = [
+        ("curate", _curate, False, "raw JSONL -> curated JSONL (repair, langid, filters, dedup, PII, decontam)",
+         "Read every source's JSONL, repair and filter it, deduplicate across sources, redact PII and drop "
+         "documents overlapping evaluation data. Writes <output_dir>/curated/<source>.jsonl, dropped/, "
+         "quarantine/ and report.md."),
+        ("tokenize", _tokenize, True, "curated JSONL -> Megatron .bin/.idx per source + blend.yaml",
+         "Encode the curated documents with a SentencePiece model as [<s>] + ids + [</s>] into one Megatron "
+         "indexed dataset per source and write blend.yaml with token-share weights."),
+        ("run", _run, True, "curate, then tokenize", "Run curate and tokenize back to back."),
+    ]
+    for name, handler, needs_tokenizer, summary, description in specs:
+        sub = subs.add_parser(name, help=summary, description=description, epilog=_EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_common(sub, needs_tokenizer)
+        sub.set_defaults(handler=handler)

@@ -1,0 +1,412 @@
+"""The data_prep config tree: one section per pipeline stage, defaults = the reference thresholds.
+
+Defaults follow the Swallow corpus (Japanese, character based) and Gopher/C4 (English, word based)
+as summarised in shared/reference/llm-jp-3.md; `configs/data_prep/*.yaml` are instances of this tree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kumihimo import configtree
+from kumihimo.configtree import ConfigError, bad_value
+
+PiiType = Literal["email", "phone", "my_number", "credit_card", "postal_code", "ip_address"]
+ALL_PII_TYPES: list[PiiType] = ["email", "phone", "my_number", "credit_card", "postal_code", "ip_address"]
+
+
+def _check_ratio(key: str, value: float | None) -> None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise bad_value(key, value, "is not a ratio", "use a number between 0 and 1")
+
+
+@dataclass(kw_only=True)
+class SourceConfig:
+    name: str
+    """Name of the source; it names the outputs (`curated/<name>.jsonl`, `<name>_text_document`)."""
+    paths: list[str]
+    """Glob patterns of input files (.jsonl, .jsonl.gz, .jsonl.zst), e.g. `/data/cc/ja/*.jsonl.gz`."""
+    weight_multiplier: float = 1.0
+    """Blend weight = this source's token share x this multiplier (then normalised); 2.0 = two epochs."""
+
+    def validate(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise bad_value("input.sources[].name", self.name, "is not a usable file name",
+                            "use letters, digits, '-', '_' or '.'")
+        if not self.paths:
+            raise bad_value(f"input.sources[{self.name}].paths", self.paths, "is empty",
+                            "list at least one glob of JSONL files")
+        if self.weight_multiplier < 0:
+            raise bad_value(f"input.sources[{self.name}].weight_multiplier", self.weight_multiplier,
+                            "is negative", "use 0 (leave out of the blend) or a positive number")
+
+
+@dataclass(kw_only=True)
+class InputConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Named sources in priority order: when documents are duplicates, the earliest source keeps its copy."""
+    text_field: str = "text"
+    """JSON field holding the document text."""
+    id_field: str = "id"
+    """JSON field holding the document id; without one the id is `<source>:<file>:<line>`."""
+    url_field: str | None = "url"
+    """JSON field holding the page URL (used by the host block list); null when there is none."""
+    meta_fields: list[str] = field(default_factory=list)
+    """Other input fields copied into the `meta` of kept documents."""
+    shard_bytes: int = 256 * 1024 * 1024
+    """Uncompressed .jsonl files larger than this are split into shards of about this size;
+    compressed files are one shard each. Shards are the unit of parallel work and of resume."""
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ConfigError("input.sources is empty; list at least one source with a name and paths")
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise bad_value("input.sources[].name", dupes[0], "is used twice", "give every source its own name")
+        if self.shard_bytes < 1024:
+            raise bad_value("input.shard_bytes", self.shard_bytes, "is too small", "use at least 1048576 (1 MiB)")
+        for source in self.sources:  # validate_tree does not descend into lists
+            source.validate()
+
+
+@dataclass(kw_only=True)
+class RepairConfig:
+    fix_mojibake: bool = True
+    """Repair mojibake (UTF-8 read as cp1252/latin-1) with ftfy, for texts a cheap check flags."""
+    nfkc: bool = False
+    """Apply Unicode NFKC. Off by default: it turns full-width letters, digits and kana into other forms."""
+    max_replacement_chars: int = 0
+    """Drop a document with more U+FFFD replacement characters than this (after repair)."""
+    drop_residual_mojibake: bool = True
+    """Drop a document that still looks like mojibake after repair (ftfy's badness heuristic)."""
+
+    def validate(self) -> None:
+        if self.max_replacement_chars < 0:
+            raise bad_value("repair.max_replacement_chars", self.max_replacement_chars, "is negative",
+                            "use 0 or more")
+
+
+@dataclass(kw_only=True)
+class LangIdConfig:
+    keep: list[str] = field(default_factory=lambda: ["ja", "en"])
+    """ISO 639-1 codes of the languages to keep; documents in any other language are dropped."""
+    min_kana_ratio: float = 0.05
+    """Texts whose letters are at least this share hiragana/katakana are Japanese, whatever the model says
+    (py3langid calls kanji-heavy Japanese 'zh' or 'wuu')."""
+    min_confidence: float = 0.0
+    """Drop documents whose py3langid probability is below this (0 = accept the top label)."""
+    sample_chars: int = 1000
+    """Identify the language from the first this many characters (enough for a stable label; py3langid's
+    cost grows linearly with it and dominates curation time at 3000)."""
+
+    def validate(self) -> None:
+        if not self.keep:
+            raise bad_value("langid.keep", self.keep, "is empty", "list the languages to keep, e.g. [ja, en]")
+        _check_ratio("langid.min_kana_ratio", self.min_kana_ratio)
+        _check_ratio("langid.min_confidence", self.min_confidence)
+        if self.sample_chars < 50:
+            raise bad_value("langid.sample_chars", self.sample_chars, "is too small", "use at least 200")
+
+
+@dataclass(kw_only=True)
+class RepetitionConfig:
+    max_duplicate_line_ratio: float = 0.30
+    """Drop when more than this share of lines (sentences for Japanese) are repeats of earlier ones."""
+    max_duplicate_line_char_ratio: float = 0.20
+    """Drop when repeated lines hold more than this share of the characters."""
+    max_duplicate_paragraph_ratio: float = 0.30
+    """Drop when more than this share of paragraphs (blocks split by blank lines) are repeats."""
+    max_duplicate_paragraph_char_ratio: float = 0.20
+    """Drop when repeated paragraphs hold more than this share of the characters."""
+    max_top_ngram_ratio: list[float] = field(default_factory=lambda: [0.20, 0.18, 0.16])
+    """For n = 2, 3, 4: drop when the most frequent n-gram covers more than this share of the text
+    (characters for Japanese, words weighted by length for English)."""
+    max_duplicate_ngram_ratio: list[float] = field(
+        default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10])
+    """For n = 5..10: drop when n-grams that occur more than once cover more than this share of the text."""
+
+    def check(self, prefix: str) -> None:
+        for name in ("max_duplicate_line_ratio", "max_duplicate_line_char_ratio",
+                     "max_duplicate_paragraph_ratio", "max_duplicate_paragraph_char_ratio"):
+            _check_ratio(f"{prefix}.{name}", getattr(self, name))
+        if len(self.max_top_ngram_ratio) != 3:
+            raise bad_value(f"{prefix}.max_top_ngram_ratio", self.max_top_ngram_ratio,
+                            "does not have 3 entries", "give one ratio each for n = 2, 3, 4")
+        if len(self.max_duplicate_ngram_ratio) != 6:
+            raise bad_value(f"{prefix}.max_duplicate_ngram_ratio", self.max_duplicate_ngram_ratio,
+                            "does not have 6 entries", "give one ratio each for n = 5, 6, 7, 8, 9, 10")
+        for i, ratio in enumerate([*self.max_top_ngram_ratio, *self.max_duplicate_ngram_ratio]):
+            _check_ratio(f"{prefix}.ngram_ratio[{i}]", ratio)
+
+
+@dataclass(kw_only=True)
+class JapaneseFilterConfig:
+    enabled: bool = True
+    """Apply the Japanese rules to documents labelled `ja`."""
+    min_chars: int = 400
+    """Drop documents shorter than this many characters."""
+    max_chars: int = 1_000_000
+    """Drop documents longer than this many characters (usually dumps, not prose)."""
+    min_japanese_chars: int = 400
+    """Drop documents with fewer Japanese characters (kana, kanji, Japanese punctuation) than this."""
+    min_hiragana_ratio: float = 0.20
+    """Drop when hiragana is less than this share of the characters (lists, tables, spam)."""
+    max_katakana_ratio: float = 0.50
+    """Drop when katakana is more than this share of the characters (product lists, keyword spam)."""
+    min_japanese_ratio: float = 0.50
+    """Drop when Japanese characters are less than this share of the characters."""
+    min_mean_sentence_chars: float = 20
+    """Drop when sentences (split at 。！？ and newlines) are shorter than this on average."""
+    max_mean_sentence_chars: float = 90
+    """Drop when sentences are longer than this on average."""
+    max_sentence_chars: int = 200
+    """Drop when any sentence is longer than this."""
+    max_ellipsis_sentence_ratio: float = 0.20
+    """Drop when more than this share of sentences end in ・ or … (truncated snippets)."""
+    repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
+    """Repetition rules over sentences, paragraphs and character n-grams."""
+
+    def validate(self) -> None:
+        for name in ("min_hiragana_ratio", "max_katakana_ratio", "min_japanese_ratio",
+                     "max_ellipsis_sentence_ratio"):
+            _check_ratio(f"filters.ja.{name}", getattr(self, name))
+        if self.min_mean_sentence_chars > self.max_mean_sentence_chars:
+            raise bad_value("filters.ja.min_mean_sentence_chars", self.min_mean_sentence_chars,
+                            f"is above max_mean_sentence_chars={self.max_mean_sentence_chars}",
+                            "make the minimum smaller than the maximum")
+        if self.min_chars > self.max_chars:
+            raise bad_value("filters.ja.min_chars", self.min_chars, f"is above max_chars={self.max_chars}",
+                            "make the minimum smaller than the maximum")
+        self.repetition.check("filters.ja.repetition")
+
+
+@dataclass(kw_only=True)
+class EnglishFilterConfig:
+    enabled: bool = True
+    """Apply the Gopher/C4-style rules to documents labelled `en`."""
+    min_words: int = 50
+    """Drop documents with fewer words than this."""
+    max_words: int = 100_000
+    """Drop documents with more words than this."""
+    min_mean_word_length: float = 3.0
+    """Drop when the mean word length (characters) is below this."""
+    max_mean_word_length: float = 10.0
+    """Drop when the mean word length is above this."""
+    max_symbol_word_ratio: float = 0.10
+    """Drop when '#' and ellipses ('...', '…') per word exceed this."""
+    max_bullet_line_ratio: float = 0.90
+    """Drop when more than this share of lines start with a bullet."""
+    max_ellipsis_line_ratio: float = 0.30
+    """Drop when more than this share of lines end in an ellipsis."""
+    min_alpha_word_ratio: float = 0.80
+    """Drop when fewer than this share of words contain a letter."""
+    min_stop_words: int = 2
+    """Drop when fewer than this many distinct stop words (the, be, to, of, and, that, have, with) occur."""
+    repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
+    """Repetition rules over lines, paragraphs and word n-grams."""
+
+    def validate(self) -> None:
+        for name in ("max_bullet_line_ratio", "max_ellipsis_line_ratio", "min_alpha_word_ratio"):
+            _check_ratio(f"filters.en.{name}", getattr(self, name))
+        if self.min_words > self.max_words:
+            raise bad_value("filters.en.min_words", self.min_words, f"is above max_words={self.max_words}",
+                            "make the minimum smaller than the maximum")
+        self.repetition.check("filters.en.repetition")
+
+
+@dataclass(kw_only=True)
+class BoilerplateConfig:
+    line_patterns: list[str] = field(default_factory=lambda: [
+        "javascript", "cookie policy", "uses cookies", "use of cookies", "accept cookies",
+        "terms of use", "privacy policy", "cookieを使用", "クッキーを使用", "cookieの使用",
+        "javascriptを有効", "javascriptが無効", "プライバシーポリシー", "利用規約"])
+    """Lines containing any of these (case-insensitive) are removed from the text (C4 style)."""
+    max_removed_line_ratio: float = 0.50
+    """Drop the document when more than this share of its lines were boilerplate."""
+    document_patterns: list[str] = field(default_factory=lambda: ["lorem ipsum"])
+    """Drop the whole document when it contains any of these (case-insensitive)."""
+
+    def validate(self) -> None:
+        _check_ratio("filters.boilerplate.max_removed_line_ratio", self.max_removed_line_ratio)
+
+
+@dataclass(kw_only=True)
+class NgWordConfig:
+    words: list[str] = field(default_factory=list)
+    """NG words (adult, gambling, spam vocabulary); matched as substrings, case-insensitive."""
+    words_file: str | None = None
+    """A UTF-8 file with more NG words, one per line (# starts a comment)."""
+    max_matches: int = 2
+    """Drop only when more than this many NG-word occurrences are found (one match has false positives)."""
+    max_char_ratio: float = 0.05
+    """Also drop when NG-word characters are at least this share of the characters."""
+
+    def validate(self) -> None:
+        if self.words_file is not None and not os.path.isfile(self.words_file):
+            raise bad_value("filters.ng_words.words_file", self.words_file, "does not exist",
+                            "give the path of a UTF-8 word list or null")
+        if self.max_matches < 0:
+            raise bad_value("filters.ng_words.max_matches", self.max_matches, "is negative", "use 0 or more")
+        _check_ratio("filters.ng_words.max_char_ratio", self.max_char_ratio)
+
+
+@dataclass(kw_only=True)
+class UrlFilterConfig:
+    blocked_hosts: list[str] = field(default_factory=list)
+    """Hosts whose pages are dropped; `example.com` also blocks its subdomains."""
+    blocked_hosts_file: str | None = None
+    """A file with more blocked hosts, one per line (# starts a comment)."""
+
+    def validate(self) -> None:
+        if self.blocked_hosts_file is not None and not os.path.isfile(self.blocked_hosts_file):
+            raise bad_value("filters.urls.blocked_hosts_file", self.blocked_hosts_file, "does not exist",
+                            "give the path of a host list or null")
+
+
+@dataclass(kw_only=True)
+class FiltersConfig:
+    ja: JapaneseFilterConfig = field(default_factory=JapaneseFilterConfig)
+    """Swallow-style character rules for Japanese."""
+    en: EnglishFilterConfig = field(default_factory=EnglishFilterConfig)
+    """Gopher/C4-style word rules for English."""
+    boilerplate: BoilerplateConfig = field(default_factory=BoilerplateConfig)
+    """Boilerplate line removal and lorem-ipsum documents (all languages)."""
+    ng_words: NgWordConfig = field(default_factory=NgWordConfig)
+    """NG-word counting (all languages)."""
+    urls: UrlFilterConfig = field(default_factory=UrlFilterConfig)
+    """URL host block list (documents with a url field)."""
+    min_compression_ratio: float | None = None
+    """Drop when zlib compressed/raw size is below this (highly repetitive); LLM-jp v1 uses 0.30."""
+    max_compression_ratio: float | None = None
+    """Drop when zlib compressed/raw size is above this (random strings, encoded data); LLM-jp v1 uses 0.70."""
+
+    def validate(self) -> None:
+        _check_ratio("filters.min_compression_ratio", self.min_compression_ratio)
+        _check_ratio("filters.max_compression_ratio", self.max_compression_ratio)
+
+
+@dataclass(kw_only=True)
+class DedupConfig:
+    exact: bool = True
+    """Drop documents whose normalised text (NFKC, lower case, whitespace removed) was seen before."""
+    fuzzy: bool = True
+    """Drop near duplicates found by MinHash + LSH over character n-grams."""
+    ngram_size: int = 5
+    """Character n-gram (shingle) size for MinHash."""
+    num_bands: int = 20
+    """LSH bands b; a pair with Jaccard J is caught with probability 1 - (1 - J^r)^b."""
+    rows_per_band: int = 10
+    """LSH rows per band r; signature length = bands x rows (Swallow uses 40 x 20, LLM-jp v4 20 x 10)."""
+    min_jaccard: float | None = None
+    """If set, LSH candidate pairs must also have an estimated Jaccard of at least this (fewer false hits)."""
+    seed: int = 1234
+    """Seed of the MinHash permutations; changing it changes which borderline pairs are caught."""
+
+    def validate(self) -> None:
+        if self.ngram_size < 1:
+            raise bad_value("dedup.ngram_size", self.ngram_size, "is below 1", "use 5 (the reference)")
+        if self.num_bands < 1 or self.rows_per_band < 1:
+            raise bad_value("dedup.num_bands", f"{self.num_bands}x{self.rows_per_band}", "has a zero",
+                            "use positive bands and rows, e.g. 20 x 10")
+        _check_ratio("dedup.min_jaccard", self.min_jaccard)
+
+
+@dataclass(kw_only=True)
+class PiiConfig:
+    enabled: bool = True
+    """Replace personal information in kept documents with typed placeholders."""
+    types: list[PiiType] = field(default_factory=lambda: list(ALL_PII_TYPES))
+    """Which kinds of personal information to redact."""
+    placeholder: str = "<{type}>"
+    """Replacement text; `{type}` becomes EMAIL, PHONE, MY_NUMBER, CREDIT_CARD, POSTAL_CODE or IP_ADDRESS."""
+
+    def validate(self) -> None:
+        if "{type}" not in self.placeholder:
+            raise bad_value("pii.placeholder", self.placeholder, "does not contain {type}",
+                            "write e.g. '<{type}>' so the kind of redaction stays visible")
+
+
+@dataclass(kw_only=True)
+class DecontamConfig:
+    eval_paths: list[str] = field(default_factory=list)
+    """Globs of evaluation files (.jsonl: every string field or `eval_fields`; other: one item per line)."""
+    eval_fields: list[str] = field(default_factory=list)
+    """Fields of evaluation JSONL records to use; empty = all string values."""
+    word_ngram_size: int = 13
+    """Word n-gram size for space-separated languages (13 as in GPT-3's decontamination)."""
+    char_ngram_size: int = 25
+    """Character n-gram size for Japanese/Chinese/Korean text (no spaces); 25 chars ~ 13 tokens at the
+    ~2 characters per token of Japanese."""
+    min_matches: int = 1
+    """Drop a document sharing at least this many distinct n-grams with the evaluation data."""
+
+    def validate(self) -> None:
+        if self.word_ngram_size < 3 or self.char_ngram_size < 5:
+            raise bad_value("decontam.word_ngram_size", f"{self.word_ngram_size}/{self.char_ngram_size}",
+                            "is too small (ordinary phrases would match)", "use >= 8 words and >= 15 chars")
+        if self.min_matches < 1:
+            raise bad_value("decontam.min_matches", self.min_matches, "is below 1", "use 1 or more")
+
+
+@dataclass(kw_only=True)
+class TokenizeConfig:
+    add_bos: bool = True
+    """Start every document with the tokenizer's <s> (LLM-jp: [<s>] + ids + [</s>])."""
+    append_eod: bool = True
+    """End every document with the tokenizer's end-of-document id (</s>)."""
+    batch_documents: int = 512
+    """Documents per encoding task sent to a worker process."""
+
+    def validate(self) -> None:
+        if self.batch_documents < 1:
+            raise bad_value("tokenize.batch_documents", self.batch_documents, "is below 1", "use e.g. 512")
+
+
+@dataclass(kw_only=True)
+class ReportConfig:
+    examples_per_reason: int = 3
+    """Example excerpts shown per drop reason in report.md."""
+    excerpt_chars: int = 200
+    """Characters of text kept in dropped/quarantine records and report examples."""
+
+
+@dataclass(kw_only=True)
+class DataPrepConfig:
+    output_dir: str = "data_prep_out"
+    """Where curated/, dropped/, quarantine/, datasets/, blend.yaml and report.md are written."""
+    num_workers: int | None = None
+    """Worker processes; null = one per CPU core."""
+    input: InputConfig = field(default_factory=InputConfig)
+    """Input sources and JSON field names."""
+    repair: RepairConfig = field(default_factory=RepairConfig)
+    """Mojibake repair and text normalisation."""
+    langid: LangIdConfig = field(default_factory=LangIdConfig)
+    """Language identification."""
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
+    """Quality filters."""
+    decontam: DecontamConfig = field(default_factory=DecontamConfig)
+    """Evaluation-set decontamination."""
+    pii: PiiConfig = field(default_factory=PiiConfig)
+    """PII redaction."""
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    """Exact and fuzzy deduplication across all sources."""
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    """Megatron .bin/.idx building."""
+    report: ReportConfig = field(default_factory=ReportConfig)
+    """report.md / report.json."""
+
+    def validate(self) -> None:
+        if self.num_workers is not None and self.num_workers < 1:
+            raise bad_value("num_workers", self.num_workers, "is below 1", "use null (all cores) or >= 1")
+
+    @property
+    def resolved_num_workers(self) -> int:
+        return self.num_workers or os.cpu_count() or 1
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> DataPrepConfig:
+    """YAML recipe + dotted overrides -> a validated DataPrepConfig."""
+    return configtree.load(DataPrepConfig, path, overrides)

@@ -1,0 +1,93 @@
+"""Megatron indexed datasets (.bin/.idx) written exactly as Megatron-LM's preprocess_data.py does.
+
+.idx layout: b"MMIDIDX\\x00\\x00", <Q version 1, <B dtype code, <Q number of sequences, <Q number of
+document indices, then int32 sequence lengths, int64 byte pointers, int64 document indices
+([0, 1, ..., N]: one sequence per document). .bin is the tokens back to back.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+INDEX_HEADER = b"MMIDIDX\x00\x00"
+INDEX_VERSION = 1
+DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.dtype(np.int32): 4,
+               np.dtype(np.int64): 5, np.dtype(np.float64): 6, np.dtype(np.float32): 7,
+               np.dtype(np.uint16): 8}
+UINT16_VOCAB_LIMIT = 65500  # Megatron's DType.optimal_dtype switches to int32 at this vocabulary size
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size < UINT16_VOCAB_LIMIT else np.dtype(np.int32)
+
+
+class IndexedDatasetWriter:
+    """Append documents, then `finish()`: .bin and .idx appear (renamed from temp names) only then."""
+
+    def __init__(self, prefix: str | Path, vocab_size: int):
+        self.prefix = Path(prefix)
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        self.dtype = token_dtype(vocab_size)
+        self.bin_path = Path(f"{self.prefix}.bin")
+        self.idx_path = Path(f"{self.prefix}.idx")
+        self._bin_tmp = Path(f"{self.prefix}.bin.tmp-{os.getpid()}")
+        self._bin = open(self._bin_tmp, "wb")  # noqa: SIM115 - closed in finish/abort
+        self._lengths: list[np.ndarray] = []
+        self.num_tokens = 0
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents given as one flat token array and their lengths."""
+        assert int(lengths.sum()) == len(tokens), "lengths must add up to the token count"
+        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes(order="C"))
+        self._lengths.append(np.asarray(lengths, dtype=np.int32))
+        self.num_tokens += len(tokens)
+
+    @property
+    def num_documents(self) -> int:
+        return sum(len(x) for x in self._lengths)
+
+    def finish(self) -> None:
+        self._bin.close()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.empty(0, dtype=np.int32)
+        pointers = np.zeros(len(lengths), dtype=np.int64)
+        if len(lengths) > 1:
+            np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        document_indices = np.arange(len(lengths) + 1, dtype=np.int64)
+        idx_tmp = Path(f"{self.prefix}.idx.tmp-{os.getpid()}")
+        with open(idx_tmp, "wb") as handle:
+            handle.write(INDEX_HEADER)
+            handle.write(struct.pack("<Q", INDEX_VERSION))
+            handle.write(struct.pack("<B", DTYPE_CODES[self.dtype]))
+            handle.write(struct.pack("<Q", len(lengths)))
+            handle.write(struct.pack("<Q", len(document_indices)))
+            handle.write(lengths.astype(np.int32).tobytes(order="C"))
+            handle.write(pointers.tobytes(order="C"))
+            handle.write(document_indices.tobytes(order="C"))
+        os.replace(self._bin_tmp, self.bin_path)
+        os.replace(idx_tmp, self.idx_path)
+
+    def abort(self) -> None:
+        self._bin.close()
+        self._bin_tmp.unlink(missing_ok=True)
+
+
+def read_index(prefix: str | Path) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:
+    """(dtype, lengths, pointers, document indices) of an .idx file, for checks without megatron."""
+    data = Path(f"{prefix}.idx").read_bytes()
+    if not data.startswith(INDEX_HEADER):
+        raise ValueError(f"{prefix}.idx is not a Megatron index (bad header)")
+    offset = len(INDEX_HEADER)
+    (version,) = struct.unpack_from("<Q", data, offset)
+    (code,) = struct.unpack_from("<B", data, offset + 8)
+    num_seq, num_doc = struct.unpack_from("<QQ", data, offset + 9)
+    offset += 25
+    dtype = {v: k for k, v in DTYPE_CODES.items()}[code]
+    lengths = np.frombuffer(data, np.int32, num_seq, offset)
+    pointers = np.frombuffer(data, np.int64, num_seq, offset + 4 * num_seq)
+    docs = np.frombuffer(data, np.int64, num_doc, offset + 12 * num_seq)
+    assert version == INDEX_VERSION
+    return dtype, lengths, pointers, docs

@@ -1,0 +1,177 @@
+"""Per-shard curation: read -> repair -> langid -> quality -> decontam -> PII -> dedup keys.
+
+One call handles one shard and leaves one directory `work/shards/<id>/` with the surviving candidates,
+the drops, the quarantined lines, exact keys and MinHash signatures, and stats. The directory is
+built under a temporary name and renamed when complete, so its existence is the done-marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep.config import DataPrepConfig
+from data_prep.decontam import Decontaminator, load_eval_index
+from data_prep.jsonl_io import AtomicJsonlWriter, BadLine, Document, Shard, read_shard
+from data_prep.langid import identify
+from data_prep.minhash import MinHasher, exact_key
+from data_prep.pii import PiiRedactor
+from data_prep.quality import QualityFilter
+from data_prep.repair import repair_text
+
+SIGNATURE_BATCH = 256
+CANDIDATES = "candidates.jsonl"
+DROPPED = "dropped.jsonl"
+QUARANTINE = "quarantine.jsonl"
+IDS = "ids.txt"
+EXACT_KEYS = "exact_keys.npy"
+SIGNATURES = "signatures.npy"
+STATS = "stats.json"
+
+
+@dataclass
+class StageTools:
+    """What a worker builds once and reuses for every shard (compiled lists, loaded indexes)."""
+
+    config: DataPrepConfig
+    quality: QualityFilter
+    redactor: PiiRedactor
+    decontaminator: Decontaminator
+    minhasher: MinHasher | None
+
+
+def build_tools(config: DataPrepConfig, eval_index_path: Path) -> StageTools:
+    minhasher = MinHasher(config.dedup) if config.dedup.fuzzy else None
+    decontaminator = Decontaminator(load_eval_index(eval_index_path), config.decontam)
+    return StageTools(config, QualityFilter(config.filters), PiiRedactor(config.pii), decontaminator, minhasher)
+
+
+class ShardStats:
+    """Counts and a few examples for one shard; merged across shards by the report."""
+
+    def __init__(self, examples_per_reason: int, excerpt_chars: int):
+        self.num_input = 0
+        self.num_candidates = 0
+        self.num_repaired = 0
+        self.num_boilerplate_lines_removed = 0
+        self.quarantined: Counter[str] = Counter()
+        self.dropped: dict[str, Counter[str]] = defaultdict(Counter)
+        self.dropped_languages: Counter[str] = Counter()
+        self.examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self._k = examples_per_reason
+        self._excerpt = excerpt_chars
+
+    def example(self, key: str, record: dict[str, Any]) -> None:
+        if len(self.examples[key]) < self._k:
+            self.examples[key].append(record)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"num_input": self.num_input, "num_candidates": self.num_candidates,
+                "num_repaired": self.num_repaired,
+                "num_boilerplate_lines_removed": self.num_boilerplate_lines_removed,
+                "quarantined": dict(self.quarantined),
+                "dropped": {stage: dict(c) for stage, c in self.dropped.items()},
+                "dropped_languages": dict(self.dropped_languages),
+                "examples": dict(self.examples)}
+
+
+def _drop_record(doc: Document, stage: str, reason: str, detail: str, text: str, lang: str | None,
+                 excerpt_chars: int) -> dict[str, Any]:
+    return {"id": doc.doc_id, "source": doc.source, "file": doc.path, "line": doc.line, "stage": stage,
+            "reason": reason, "detail": detail, "lang": lang, "excerpt": text[:excerpt_chars]}
+
+
+def _curate_document(doc: Document, tools: StageTools, stats: ShardStats) -> tuple[dict | None, dict | None]:
+    """(candidate record, drop record): exactly one of them is not None."""
+    config = tools.config
+    excerpt = config.report.excerpt_chars
+
+    def drop(stage: str, reason: str, detail: str, text: str, lang: str | None = None):
+        stats.dropped[stage][reason] += 1
+        record = _drop_record(doc, stage, reason, detail, text, lang, excerpt)
+        stats.example(f"{stage}/{reason}", record)
+        return None, record
+
+    text, reason, repaired = repair_text(doc.text, config.repair)
+    stats.num_repaired += repaired
+    if reason:
+        return drop("repair", reason, "text is still garbled after repair" if reason != "empty_after_cleanup"
+                    else "nothing left after removing control characters and spaces", text)
+    lang, confidence = identify(text, config.langid)
+    if lang not in config.langid.keep:
+        stats.dropped_languages[lang] += 1
+        return drop("langid", "language_not_kept", f"{lang} ({confidence:.2f})", text, lang)
+    if confidence < config.langid.min_confidence:
+        return drop("langid", "low_confidence", f"{lang} ({confidence:.2f}) < {config.langid.min_confidence}",
+                    text, lang)
+    text, verdict, num_removed = tools.quality.check(text, lang, doc.url)
+    stats.num_boilerplate_lines_removed += num_removed
+    if verdict:
+        return drop("quality", verdict[0], verdict[1], text, lang)
+    overlap = tools.decontaminator.check(text)
+    if overlap:
+        return drop("decontam", "eval_overlap", overlap, text, lang)
+    text, pii_counts = tools.redactor.redact(text)
+    meta: dict[str, Any] = {"file": doc.path, "line": doc.line}
+    if doc.url is not None:
+        meta["url"] = doc.url
+    if pii_counts:
+        meta["pii"] = dict(pii_counts)
+    meta.update(doc.meta)
+    return {"id": doc.doc_id, "text": text, "lang": lang, "source": doc.source, "meta": meta}, None
+
+
+def process_shard(shard: Shard, tools: StageTools, shards_dir: Path) -> None:
+    """Curate one shard into `shards_dir/<shard_id>/` (renamed into place when complete)."""
+    config = tools.config
+    final = shards_dir / shard.shard_id
+    tmp = shards_dir / f".{shard.shard_id}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    stats = ShardStats(config.report.examples_per_reason, config.report.excerpt_chars)
+    exact_keys: list[int] = []
+    signatures: list[np.ndarray] = []
+    pending: list[str] = []
+
+    def flush_signatures() -> None:
+        if pending and tools.minhasher is not None:
+            signatures.append(tools.minhasher.signatures(pending))
+        pending.clear()
+
+    with (AtomicJsonlWriter(tmp / CANDIDATES) as candidates, AtomicJsonlWriter(tmp / DROPPED) as dropped,
+          AtomicJsonlWriter(tmp / QUARANTINE) as quarantine, open(tmp / IDS, "w", encoding="utf-8") as ids):
+        for item in read_shard(shard, config.input):
+            if isinstance(item, BadLine):
+                stats.quarantined[item.reason] += 1
+                record = {"source": item.source, "file": item.path, "line": item.line, "reason": item.reason,
+                          "detail": item.detail, "raw": item.raw[: config.report.excerpt_chars]}
+                quarantine.write(record)
+                stats.example(f"read/{item.reason}", record)
+                continue
+            stats.num_input += 1
+            candidate, drop_record = _curate_document(item, tools, stats)
+            if drop_record is not None:
+                dropped.write(drop_record)
+                continue
+            stats.num_candidates += 1
+            candidates.write(candidate)
+            ids.write(json.dumps(candidate["id"], ensure_ascii=False) + "\n")
+            exact_keys.append(exact_key(candidate["text"]))
+            pending.append(candidate["text"])
+            if len(pending) >= SIGNATURE_BATCH:
+                flush_signatures()
+        flush_signatures()
+    np.save(tmp / EXACT_KEYS, np.array(exact_keys, dtype=np.uint64))
+    if tools.minhasher is not None:
+        num_perm = tools.minhasher.num_perm
+        np.save(tmp / SIGNATURES, np.concatenate(signatures) if signatures
+                else np.empty((0, num_perm), dtype=np.uint32))
+    (tmp / STATS).write_text(json.dumps(stats.to_json(), ensure_ascii=False), encoding="utf-8")
+    os.rename(tmp, final)

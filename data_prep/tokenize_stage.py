@@ -1,0 +1,145 @@
+"""Curated JSONL -> one Megatron indexed dataset per source, plus blend.yaml.
+
+Workers parse and encode batches of lines; the parent writes the results in input order, keeping
+only a bounded window of batches in flight. A source is skipped on a re-run when its marker says the
+same curated file was already encoded with the same tokenizer and settings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep.blend import BlendEntry, blend_weights, write_blend
+from data_prep.config import DataPrepConfig
+from data_prep.executor import process_pool, run_ordered
+from data_prep.indexed import IndexedDatasetWriter, token_dtype
+from data_prep.report import add_tokens
+from kumihimo.configtree import write_text_atomic
+from kumihimo.errors import UserError
+from kumihimo.progress import Progress, say
+from tokenizer.spm import Tokenizer
+
+_TOKENIZER: Tokenizer | None = None
+
+
+@dataclass
+class BuildResult:
+    prefixes: dict[str, Path]  # source -> absolute Megatron prefix (without .bin/.idx)
+    num_tokens: dict[str, int]
+    num_documents: dict[str, int]
+    blend_path: Path
+    dtype: str
+
+
+def dataset_prefix(out_dir: Path, source: str) -> Path:
+    return out_dir / "datasets" / f"{source}_text_document"
+
+
+def _init_tokenizer(path: str) -> None:
+    global _TOKENIZER
+    _TOKENIZER = Tokenizer.load(path)
+
+
+def _encode_lines(task: tuple[list[str], bool, bool]) -> tuple[np.ndarray, np.ndarray]:
+    """(flat token ids, per-document lengths) for a batch of curated JSONL lines."""
+    lines, add_bos, append_eod = task
+    tokenizer = _TOKENIZER
+    assert tokenizer is not None, "worker not initialised"
+    encoded = tokenizer.encode_batch([json.loads(line)["text"] for line in lines], num_threads=1)
+    prefix = [tokenizer.bos_id] if add_bos else []
+    suffix = [tokenizer.eod_id] if append_eod else []
+    lengths = np.array([len(ids) + len(prefix) + len(suffix) for ids in encoded], dtype=np.int64)
+    flat = np.empty(int(lengths.sum()), dtype=np.int64)
+    position = 0
+    for ids in encoded:
+        piece = prefix + ids + suffix
+        flat[position:position + len(piece)] = piece
+        position += len(piece)
+    return flat, lengths
+
+
+def _batches(path: Path, size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                batch.append(line)
+                if len(batch) >= size:
+                    yield batch
+                    batch = []
+    if batch:
+        yield batch
+
+
+def _encode_source(curated: Path, writer: IndexedDatasetWriter, config: DataPrepConfig, tokenizer_path: str,
+                   num_workers: int, progress: Progress) -> None:
+    flags = (config.tokenize.add_bos, config.tokenize.append_eod)
+    tasks = ((batch, *flags) for batch in _batches(curated, config.tokenize.batch_documents))
+    if num_workers == 1:
+        _init_tokenizer(tokenizer_path)
+        for task in tasks:
+            tokens, lengths = _encode_lines(task)
+            writer.add_documents(tokens, lengths)
+            progress.update(len(lengths))
+        return
+    with process_pool(num_workers, _init_tokenizer, (tokenizer_path,)) as pool:
+        for tokens, lengths in run_ordered(pool, _encode_lines, tasks, window=2 * num_workers):
+            writer.add_documents(tokens, lengths)
+            progress.update(len(lengths))
+
+
+def _marker_for(curated: Path, tokenizer: Tokenizer, config: DataPrepConfig) -> dict[str, Any]:
+    stat = curated.stat()
+    return {"curated_size": stat.st_size, "curated_mtime_ns": stat.st_mtime_ns,
+            "tokenizer_sha256": tokenizer.sha256, "add_bos": config.tokenize.add_bos,
+            "append_eod": config.tokenize.append_eod}
+
+
+def build_datasets(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildResult:
+    out = Path(config.output_dir)
+    tokenizer = Tokenizer.load(tokenizer_path)
+    if config.tokenize.add_bos and tokenizer.bos_id is None:
+        raise UserError(f"tokenize.add_bos=True but {tokenizer.path} has no <s> piece; "
+                        "set tokenize.add_bos=false or use a model with a BOS piece")
+    entries: list[BlendEntry] = []
+    for source in config.input.sources:
+        curated = out / "curated" / f"{source.name}.jsonl"
+        if not curated.is_file():
+            raise UserError(f"{curated} does not exist; run `kumihimo data_prep curate` with this config first")
+        prefix = dataset_prefix(out, source.name).resolve()
+        marker_path = out / "work" / "tokenize" / f"{source.name}.json"
+        wanted = _marker_for(curated, tokenizer, config)
+        done = json.loads(marker_path.read_text(encoding="utf-8")) if marker_path.is_file() else {}
+        if {k: done.get(k) for k in wanted} == wanted and Path(f"{prefix}.idx").is_file():
+            say(f"[tokenize] {source.name}: already done ({done['num_tokens']} tokens)")
+            num_tokens, num_documents = done["num_tokens"], done["num_documents"]
+        else:
+            writer = IndexedDatasetWriter(prefix, tokenizer.vocab_size)
+            try:
+                with Progress(f"tokenize {source.name}", None, "documents") as progress:
+                    _encode_source(curated, writer, config, str(tokenizer.path),
+                                   config.resolved_num_workers, progress)
+                writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+            num_tokens, num_documents = writer.num_tokens, writer.num_documents
+            write_text_atomic(marker_path, json.dumps({**wanted, "num_tokens": num_tokens,
+                                                       "num_documents": num_documents}))
+        entries.append(BlendEntry(source.name, prefix, num_tokens, num_documents, source.weight_multiplier))
+    blend_path = out / "blend.yaml"
+    write_blend(blend_path, entries, tokenizer.identity())
+    weights = blend_weights(entries)
+    add_tokens(out, {e.source: {"prefix": str(e.prefix), "num_tokens": e.num_tokens,
+                                "num_documents": e.num_documents, "weight": w} for e, w in zip(entries, weights)})
+    return BuildResult(prefixes={e.source: e.prefix for e in entries},
+                       num_tokens={e.source: e.num_tokens for e in entries},
+                       num_documents={e.source: e.num_documents for e in entries},
+                       blend_path=blend_path, dtype=token_dtype(tokenizer.vocab_size).name)
+
