@@ -16,7 +16,7 @@ from kumihimo.configtree import write_text_atomic
 from kumihimo.errors import UserError
 
 BLEND_FORMAT_VERSION = 1
-_HEADER = ("# kumihimo data blend, written by `kumihimo data_prep tokenize`.\n"
+_HEADER = ("# kumihimo data blend, written by `kumihimo data tokenize`.\n"
            "# `prefix` paths are relative to the directory of this file (Megatron prefixes: <prefix>.bin/.idx).\n"
            "# weight = token share x the source's weight_multiplier, normalised to sum to 1.\n")
 
@@ -52,11 +52,11 @@ def read_blend(path: str | Path) -> tuple[list[tuple[str, float]], dict[str, Any
     """([(absolute prefix, weight)], tokenizer identity) from a blend.yaml."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"blend file {str(path)!r} does not exist; run `kumihimo data_prep tokenize` first")
+        raise UserError(f"blend file {str(path)!r} does not exist; run `kumihimo data tokenize` first")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if data.get("format_version") != BLEND_FORMAT_VERSION or not isinstance(data.get("datasets"), list):
         raise UserError(f"{path} is not a kumihimo blend file (format_version {BLEND_FORMAT_VERSION}); "
-                        "regenerate it with `kumihimo data_prep tokenize`")
+                        "regenerate it with `kumihimo data tokenize`")
     base = path.parent.resolve()
     pairs = [(str(base / entry["prefix"]), float(entry["weight"])) for entry in data["datasets"]]
     return pairs, data.get("tokenizer", {})

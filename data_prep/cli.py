@@ -1,4 +1,4 @@
-"""`kumihimo data_prep {curate,tokenize,run}`: the data_prep verb's sub-commands."""
+"""`kumihimo data {curate,tokenize,run}`: the data_prep verb's sub-commands."""
 
 from __future__ import annotations
 
@@ -9,19 +9,19 @@ from kumihimo.progress import say
 
 _EXAMPLES = {
     "curate": """examples:
-  kumihimo data_prep curate configs/data_prep/quickstart.yaml
-  kumihimo data_prep curate configs/data_prep/llmjp-web.yaml output_dir=/data/curated num_workers=64
-  kumihimo data_prep curate my.yaml 'input.sources=[{name: ja, paths: [raw/ja/*.jsonl.gz]}]' dedup.num_bands=40
+  kumihimo data curate configs/data_prep/quickstart.yaml
+  kumihimo data curate configs/data_prep/llmjp-web.yaml output_dir=/data/curated num_workers=64
+  kumihimo data curate my.yaml 'input.sources=[{name: ja, paths: [raw/ja/*.jsonl.gz]}]' dedup.num_bands=40
 
 A killed run resumes where it stopped when started again with the same config and output_dir.""",
     "tokenize": """examples:
-  kumihimo data_prep tokenize configs/data_prep/quickstart.yaml --tokenizer out/tokenizer/tokenizer.model
-  kumihimo data_prep tokenize my.yaml --tokenizer llm-jp-tokenizer/v3.model tokenize.add_bos=false
+  kumihimo data tokenize configs/data_prep/quickstart.yaml --tokenizer out/tokenizer/tokenizer.model
+  kumihimo data tokenize my.yaml --tokenizer llm-jp-tokenizer/v3.model tokenize.add_bos=false
 
 Writes <output_dir>/datasets/<source>_text_document.{bin,idx} and <output_dir>/blend.yaml (for data.blend_file).""",
     "run": """examples:
-  kumihimo data_prep run configs/data_prep/quickstart.yaml --tokenizer out/tokenizer/tokenizer.model
-  kumihimo data_prep run configs/data_prep/llmjp-web.yaml --tokenizer tok.model output_dir=/data/llmjp""",
+  kumihimo data run configs/data_prep/quickstart.yaml --tokenizer out/tokenizer/tokenizer.model
+  kumihimo data run configs/data_prep/llmjp-web.yaml --tokenizer tok.model output_dir=/data/llmjp""",
 }
 
 

@@ -111,7 +111,7 @@ def build_datasets(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildR
     for source in config.input.sources:
         curated = out / "curated" / f"{source.name}.jsonl"
         if not curated.is_file():
-            raise UserError(f"{curated} does not exist; run `kumihimo data_prep curate` with this config first")
+            raise UserError(f"{curated} does not exist; run `kumihimo data curate` with this config first")
         prefix = dataset_prefix(out, source.name).resolve()
         marker_path = out / "work" / "tokenize" / f"{source.name}.json"
         wanted = _marker_for(curated, tokenizer, config)

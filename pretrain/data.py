@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from kumihimo.errors import UserError
 from pretrain.config import TrainConfig
@@ -43,27 +42,17 @@ class MegatronTokenizerView:
 
 
 def read_blend(config: TrainConfig) -> tuple[list[str], list[float]]:
-    """Prefixes and weights of the blend; prefixes in blend.yaml are relative to its folder."""
+    """Prefixes and weights of the blend (blend.yaml prefixes are relative to the file's folder)."""
     if config.data.blend_file is None:
         return [e.prefix for e in config.data.blend], [e.weight for e in config.data.blend]
-    path = Path(config.data.blend_file)
-    try:
-        entries = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("blend")
-    except yaml.YAMLError as exc:
-        raise UserError(f"data.blend_file={str(path)!r} is not valid YAML ({exc}); regenerate it") from exc
-    if not entries:
-        raise UserError(f"data.blend_file={str(path)!r} has no 'blend' entries; regenerate it with "
-                        "`kumihimo data tokenize`")
-    prefixes, weights = [], []
-    for i, entry in enumerate(entries):
-        prefix = Path(entry["prefix"])
-        prefix = prefix if prefix.is_absolute() else path.parent / prefix
+    from data_prep.blend import read_blend as read_blend_file
+
+    pairs, _tokenizer = read_blend_file(config.data.blend_file)
+    for prefix, _weight in pairs:
         if not Path(f"{prefix}.idx").is_file():
-            raise UserError(f"{path}: blend[{i}].prefix={str(prefix)!r} has no .idx file; rerun "
+            raise UserError(f"{config.data.blend_file}: dataset prefix {prefix!r} has no .idx file; rerun "
                             "`kumihimo data tokenize` or fix the path")
-        prefixes.append(str(prefix))
-        weights.append(float(entry["weight"]))
-    return prefixes, weights
+    return [p for p, _ in pairs], [w for _, w in pairs]
 
 
 @dataclass
@@ -120,8 +109,13 @@ def batch_indices(consumed_samples: int, layout: ParallelLayout, dp_rank: int) -
     return batches
 
 
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
+
+
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {key: torch.stack([s[key] for s in samples]) for key in samples[0] if samples[0][key] is not None}
+    """Stack the model inputs; the blend's extra fields (e.g. dataset_id) are not model inputs."""
+    return {key: torch.stack([s[key] for s in samples]) for key in BATCH_KEYS
+            if isinstance(samples[0].get(key), torch.Tensor)}
 
 
 def microbatches(dataset, indices: list[list[int]], device: torch.device) -> Iterator[dict[str, torch.Tensor]]:

@@ -285,7 +285,7 @@ def test_megatron_datasets_read_back_with_megatron_core(curated_run, tiny_tokeni
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kumihimo data_prep")
+    parser = argparse.ArgumentParser(prog="kumihimo data")
     register(parser)
     return parser
 
