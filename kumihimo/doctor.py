@@ -1,0 +1,193 @@
+"""`kumihimo doctor [--config CONFIG]`: check the environment before spending GPU hours.
+
+Prints one line per check (OK / WARN / FAIL) and exits 1 if anything failed. Inside a multi-process
+job (torchrun, srun) every rank joins an all-reduce and rank 0 reports the measured bus bandwidth;
+the Slurm training script runs this before the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kumihimo.errors import UserError
+
+MIN_FREE_GB = 20.0
+
+
+@dataclass
+class Report:
+    lines: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def add(self, status: str, check: str, detail: str) -> None:
+        self.lines.append((status, check, detail))
+
+    @property
+    def failed(self) -> bool:
+        return any(status == "FAIL" for status, _, _ in self.lines)
+
+    def render(self) -> str:
+        width = max(len(check) for _, check, _ in self.lines)
+        return "\n".join(f"[{status:4}] {check:<{width}}  {detail}" for status, check, detail in self.lines)
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Check Python, torch, megatron-core, Transformer Engine, GPUs, communication, disk "
+                          "space and (with --config) a training recipe, its data and tokenizer.")
+    parser.epilog = ("examples:\n  kumihimo doctor\n  kumihimo doctor --config configs/pretrain/tiny-cpu.yaml\n"
+                     "  srun kumihimo doctor --config run.yaml     # inside a job: all-reduce bandwidth too")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--config", help="training recipe to validate against this machine")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for --config")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = Report()
+    check_software(report)
+    check_devices(report)
+    config = check_config(report, args.config, args.overrides) if args.config else None
+    check_disk(report, config)
+    check_communication(report, config)
+    from pretrain.distributed import process_info
+
+    if process_info().rank == 0:
+        print(report.render())
+        print("doctor: " + ("problems found (FAIL above)" if report.failed else "all checks passed"))
+    return 1 if report.failed else 0
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = importlib.import_module(module)
+    except Exception:  # optional packages may fail to import in many ways (missing CUDA libraries)
+        return None
+    return getattr(mod, "__version__", "installed")
+
+
+def check_software(report: Report) -> None:
+    py = sys.version_info
+    report.add("OK" if py >= (3, 12) else "FAIL", "python", f"{py.major}.{py.minor}.{py.micro}"
+               + ("" if py >= (3, 12) else " (megatron-core >= 0.17 needs 3.12)"))
+    for module, required in (("torch", True), ("megatron.core", True), ("transformers", True),
+                             ("sentencepiece", True), ("tokenizers", True), ("numpy", True),
+                             ("transformer_engine", False), ("apex", False), ("wandb", False),
+                             ("tensorboard", False)):
+        start = time.perf_counter()
+        version = _version(module)
+        took = time.perf_counter() - start
+        if version is None:
+            status = "FAIL" if required else "WARN"
+            hint = "pip install -e ." if required else {
+                "transformer_engine": "needed for FP8 and sequence/context parallel (pip install 'kumihimo[te]')",
+                "apex": "optional; TE covers what apex did"}.get(module, "optional")
+            report.add(status, module, f"not importable; {hint}")
+        else:
+            report.add("OK", module, f"{version} (import {took:.1f} s)")
+
+
+def check_devices(report: Report) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        report.add("WARN", "gpus", "no CUDA device visible: only runtime.device=cpu runs will work here")
+        return
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    report.add("OK", "gpus", f"{len(names)} visible: {', '.join(sorted(set(names)))}")
+    hopper = all(major >= 9 for major, _ in caps)
+    report.add("OK" if hopper else "WARN", "fp8", "Hopper or newer: FP8 possible with TE" if hopper
+               else f"compute capability {sorted(caps)}: FP8 needs Hopper (9.0) or newer")
+
+
+def check_config(report: Report, path: str, overrides: list[str]):
+    from kumihimo import configtree
+    from pretrain.config import TrainConfig
+
+    try:
+        config = configtree.load(TrainConfig, path, overrides)
+        config.check_paths()
+    except UserError as exc:
+        report.add("FAIL", "config", str(exc))
+        return None
+    report.add("OK", "config", f"{path} is valid")
+    from pretrain.distributed import process_info
+    from pretrain.parallel import ParallelLayout
+
+    world = process_info().world_size
+    try:
+        layout = ParallelLayout.from_config(config, world)
+        report.add("OK", "layout", layout.describe())
+    except UserError as exc:
+        report.add("WARN" if world == 1 else "FAIL", "layout",
+                   f"{exc}" + (" (checked for 1 process; run inside the job for its world size)" if world == 1 else ""))
+    check_data_matches_tokenizer(report, config)
+    return config
+
+
+def check_data_matches_tokenizer(report: Report, config) -> None:
+    """The blend.yaml records the tokenizer its datasets were made with; it must be the one trained on."""
+    if config.data.mock or not config.data.blend_file or not config.data.tokenizer:
+        return
+    import yaml
+
+    from tokenizer.spm import Tokenizer
+
+    blend = yaml.safe_load(Path(config.data.blend_file).read_text(encoding="utf-8")) or {}
+    recorded = (blend.get("tokenizer") or {}).get("sha256")
+    current = Tokenizer.load(config.data.tokenizer).sha256
+    if recorded is None:
+        report.add("WARN", "data/tokenizer", f"{config.data.blend_file} records no tokenizer; cannot check")
+    elif recorded != current:
+        report.add("FAIL", "data/tokenizer", f"datasets in {config.data.blend_file} were tokenized with another "
+                   f"tokenizer (sha256 {recorded[:12]}... vs {current[:12]}...); retokenize or fix data.tokenizer")
+    else:
+        report.add("OK", "data/tokenizer", "datasets were made with data.tokenizer")
+
+
+def check_disk(report: Report, config) -> None:
+    target = Path(config.checkpoint.save if config and config.checkpoint.save else ".").resolve()
+    while not target.exists():
+        target = target.parent
+    free_gb = shutil.disk_usage(target).free / 2**30
+    report.add("OK" if free_gb >= MIN_FREE_GB else "WARN", "disk", f"{free_gb:,.0f} GiB free at {target}")
+
+
+def check_communication(report: Report, config) -> None:
+    """All-reduce across the job's ranks (or a one-process gloo group) and measure bus bandwidth."""
+    import torch
+    import torch.distributed as dist
+
+    from pretrain.distributed import init_process_group, process_info
+
+    info = process_info()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        init_process_group(device, timeout_minutes=5)
+        tensor = torch.ones(16 * 2**20 // 4, device=device)  # 16 MiB of fp32
+        dist.all_reduce(tensor)
+        iterations = 5
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iterations):
+            dist.all_reduce(tensor)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elapsed = (time.perf_counter() - start) / iterations
+        ok = bool(tensor[0].item() == float(info.world_size) ** (iterations + 1))
+        size = tensor.numel() * 4
+        bus_gbps = 2 * (info.world_size - 1) / info.world_size * size / elapsed / 1e9 if info.world_size > 1 else 0
+        detail = (f"{dist.get_backend()} all-reduce over {info.world_size} rank(s): "
+                  + (f"{bus_gbps:.1f} GB/s bus bandwidth" if info.world_size > 1 else "works (single process)"))
+        report.add("OK" if ok else "FAIL", "communication", detail if ok else "all-reduce gave a wrong sum")
+    except Exception as exc:  # any failure here is what the user needs to see, whatever its type
+        report.add("FAIL", "communication", f"{type(exc).__name__}: {exc}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
