@@ -186,3 +186,14 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
 
         set_rng_state(loaded["rng_state"])
     return TrainState(**loaded["train_state"])
+
+
+def load_weights(folder: Path, model_chunks) -> None:
+    """Load only the model weights (any TP/PP), e.g. from a `kumihimo convert from-hf` checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    sharded = _model_sharded_state_dict(model_chunks)
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(sharded, str(folder))
+    for name, chunk in zip(sharded, model_chunks):
+        unwrap(chunk).load_state_dict(loaded[name])

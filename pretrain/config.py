@@ -289,6 +289,10 @@ class CheckpointConfig:
     """Folder for checkpoints (iter_NNNNNNN/ plus latest_checkpointed_iteration.txt); null saves none."""
     load: str | None = None
     """Folder to resume from; null means the save folder when it holds a checkpoint."""
+    pretrained: str | None = None
+    """Weights-only checkpoint to start from (e.g. written by `kumihimo convert from-hf`) when neither
+    checkpoint.load nor checkpoint.save holds a checkpoint yet: weights load at any TP/PP; optimizer,
+    schedule, step and data position start fresh (continual pretraining)."""
     save_interval: int = 0
     """Save every this many steps (0: only at the end)."""
     save_at_end: bool = True

@@ -51,7 +51,8 @@ class _CudaToCpuMode(TorchFunctionMode):
             return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
-        if func in (torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros) and len(args) > 1:
+        if func is torch.Tensor.to and len(args) > 1:
+            # Only .to() takes a device positionally; other methods' positional ints are sizes.
             args = (args[0], *(_to_cpu_device(a) for a in args[1:]))
         return func(*args, **kwargs)
 

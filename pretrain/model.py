@@ -192,7 +192,7 @@ def _tensor_seed(seed: int, key: str, layer_offsets: tuple[int, ...]) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _sharded_tensors(sharded_sd):
+def sharded_tensors(sharded_sd):
     """Flatten a sharded state dict into its ShardedTensors, building factories (e.g. SwiGLU fc1)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
@@ -221,7 +221,7 @@ def init_parameters(chunk: GPTModel, config: TrainConfig) -> None:
     std = model.init_method_std
     out_std = std / math.sqrt(2.0 * model.num_layers) if model.scale_output_init else std
     seen: set[tuple] = set()
-    for st in _sharded_tensors(chunk.sharded_state_dict()):
+    for st in sharded_tensors(chunk.sharded_state_dict()):
         data = st.data
         if data is None or not data.is_floating_point():
             continue

@@ -184,15 +184,35 @@ class Trainer:
             if ckpt.load is not None:
                 raise configtree.ConfigError(
                     f"checkpoint.load={ckpt.load!r} holds no complete checkpoint; check the path or unset it")
+            if ckpt.pretrained is not None:
+                self._load_pretrained(Path(ckpt.pretrained))
             return
         folder = checkpointing.find_checkpoint(Path(root))
         meta = checkpointing.read_meta(folder)
+        if meta.get("weights_only"):
+            raise configtree.ConfigError(
+                f"{folder} holds weights only (no optimizer state) and cannot be resumed; pass it as "
+                f"checkpoint.pretrained={root} with a new checkpoint.save")
         self._check_resume_compatible(meta)
         self.state = checkpointing.load_checkpoint(folder, self.model, self.optimizer, self.scheduler,
                                                    self.layout)
         if self.is_logger:
             say(f"[train] resumed from {folder} at step {self.state.iteration} "
                 f"({self.state.consumed_samples} samples consumed)")
+
+    def _load_pretrained(self, root: Path) -> None:
+        folder = checkpointing.find_checkpoint(root)
+        meta = checkpointing.read_meta(folder)
+        if meta.get("padded_vocab_size") != self.padded_vocab:
+            raise configtree.ConfigError(
+                f"checkpoint.pretrained={str(root)!r} has a padded vocabulary of {meta.get('padded_vocab_size')} "
+                f"but this run pads to {self.padded_vocab}; use the tokenizer the weights were trained with "
+                "and the same model.make_vocab_size_divisible_by x TP")
+        checkpointing.load_weights(folder, self.model)
+        # bf16 runs keep fp32 main weights inside the optimizer, copied when it was built.
+        self.optimizer.reload_model_params()
+        if self.is_logger:
+            say(f"[train] initialised weights from {folder} (optimizer, schedule and data start fresh)")
 
     def _check_resume_compatible(self, meta: dict) -> None:
         saved = meta.get("data", {})
@@ -268,9 +288,10 @@ class Trainer:
         tokens_per_s = gbs * self.config.model.seq_length / elapsed
         tflops = self.flops_per_token * tokens_per_s / self.info.world_size / 1e12
         values = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                  "step_time_s": elapsed, "tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops,
-                  "mfu": tflops / self.config.logging.peak_tflops, "consumed_tokens": self.state.consumed_tokens}
-        if self.device.type == "cuda":
+                  "step_time_s": elapsed, "tokens_per_s": tokens_per_s, "consumed_tokens": self.state.consumed_tokens}
+        if self.device.type == "cuda":  # FLOP rates against a GPU peak mean nothing on CPU
+            values["tflops_per_gpu"] = tflops
+            values["mfu"] = tflops / self.config.logging.peak_tflops
             values["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         return values
 

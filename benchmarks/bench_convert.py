@@ -1,0 +1,165 @@
+"""Throughput and peak memory of `convert to-hf` on tensors of LLM-jp-3 172B's shapes.
+
+A torch_dist checkpoint with the 172B layer shapes (hidden 12288, FFN 38464, 96 heads in 16 query
+groups, head_dim 128, vocabulary 99,487 padded to 99,840 for TP=4) but only a few layers is
+synthesised chunk by chunk, laid out as Megatron saves it at TP=4 (one chunk per layer and TP rank;
+SwiGLU fc1 as 2 x TP gate/up fragments), with run_config.yaml and kumihimo.json beside it. Then
+`convert_to_hf` runs in a fresh process, which reports its peak RSS. Two layers are ~12 GB of bf16
+on disk each way; peak RSS should stay near two copies of the largest tensor (the 2.45 GB embedding),
+whatever the layer count.
+
+    python benchmarks/bench_convert.py --workdir /tmp/bench-convert [--layers 2] [--dtype bf16]
+
+Reads come from the page cache when the machine has the RAM to keep the fresh checkpoint there:
+the figure is then conversion + write speed, not the read speed of a cold parallel file system.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+HIDDEN, FFN, HEADS, GROUPS, HEAD_DIM = 12288, 38464, 96, 16, 128
+VOCAB, PADDED_VOCAB, TP = 99487, 99840, 4
+
+
+def tensor_layout(num_layers: int) -> dict[str, tuple[tuple[int, ...], int | None, int]]:
+    """Megatron key -> (global shape, TP-split axis or None, fragments along it)."""
+    qkv_rows = (HEADS + 2 * GROUPS) * HEAD_DIM
+    layers = {
+        "self_attention.linear_qkv.layer_norm_weight": ((HIDDEN,), None, 1),
+        "self_attention.linear_qkv.weight": ((qkv_rows, HIDDEN), 1, TP),
+        "self_attention.linear_proj.weight": ((HIDDEN, HEADS * HEAD_DIM), 2, TP),
+        "mlp.linear_fc1.layer_norm_weight": ((HIDDEN,), None, 1),
+        "mlp.linear_fc1.weight": ((2 * FFN, HIDDEN), 1, 2 * TP),  # gate and up, each split over TP
+        "mlp.linear_fc2.weight": ((HIDDEN, FFN), 2, TP),
+    }
+    layout = {f"decoder.layers.{name}": ((num_layers, *shape), axis, parts) for name, (shape, axis, parts)
+              in layers.items()}
+    layout["embedding.word_embeddings.weight"] = ((PADDED_VOCAB, HIDDEN), 0, TP)
+    layout["decoder.final_layernorm.weight"] = ((HIDDEN,), None, 1)
+    layout["output_layer.weight"] = ((PADDED_VOCAB, HIDDEN), 0, TP)
+    return layout
+
+
+def chunks_of(shape: tuple[int, ...], axis: int | None, parts: int, stacked: bool) -> list[ChunkStorageMetadata]:
+    """One chunk per layer (stacked tensors) and per TP fragment, as Megatron's torch_dist writes them."""
+    layers = range(shape[0]) if stacked else [None]
+    chunks = []
+    for layer in layers:
+        for part in range(parts):
+            offsets, sizes = [0] * len(shape), list(shape)
+            if layer is not None:
+                offsets[0], sizes[0] = layer, 1
+            if axis is not None:
+                sizes[axis] = shape[axis] // parts
+                offsets[axis] = part * sizes[axis]
+            chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
+    return chunks
+
+
+class SyntheticSavePlanner(DefaultSavePlanner):
+    """Plans the chunks above and creates each one only when the writer asks for it (bounded memory)."""
+
+    def __init__(self, layout, dtype: torch.dtype):
+        super().__init__()
+        self.layout, self.dtype = layout, dtype
+
+    def create_local_plan(self) -> SavePlan:
+        items = []
+        for key, (shape, axis, parts) in self.layout.items():
+            for chunk in chunks_of(shape, axis, parts, key.startswith("decoder.layers.")):
+                items.append(WriteItem(index=MetadataIndex(key, chunk.offsets), type=WriteItemType.SHARD,
+                                       tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties(
+                                           dtype=self.dtype), size=torch.Size(shape))))
+        self.plan = SavePlan(items, planner_data={})  # no flattened-key mappings: keys are already flat
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
+        offsets = write_item.tensor_data.chunk.offsets
+        # Content does not matter for throughput; a chunk-dependent constant keeps it cheap to make.
+        return torch.full(tuple(write_item.tensor_data.chunk.sizes), 0.01 * (1 + sum(offsets) % 97), dtype=self.dtype)
+
+
+def synthesise(root: Path, num_layers: int) -> Path:
+    """A checkpoint root as `kumihimo train` leaves it, with synthetic weights."""
+    from kumihimo import configtree
+    from pretrain.config import TrainConfig
+
+    folder = root / "iter_0000001"
+    folder.mkdir(parents=True)
+    dcp.save({}, storage_writer=FileSystemWriter(str(folder)),
+             planner=SyntheticSavePlanner(tensor_layout(num_layers), torch.bfloat16), no_dist=True)
+    (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist",
+                                                      "sharded_backend_version": 1}))
+    config = configtree.from_dict(TrainConfig, {
+        "name": "bench-172b-shapes",
+        "model": {"num_layers": num_layers, "hidden_size": HIDDEN, "ffn_hidden_size": FFN,
+                  "num_attention_heads": HEADS, "num_query_groups": GROUPS, "seq_length": 4096},
+        "parallelism": {"tensor_model_parallel_size": TP},
+        "precision": {"params_dtype": "bf16"},
+        "data": {"mock": True, "mock_vocab_size": VOCAB}})
+    configtree.save(config, folder / "run_config.yaml")
+    meta = {"format": "kumihimo-torch_dist-v1", "vocab_size": VOCAB, "padded_vocab_size": PADDED_VOCAB,
+            "tokenizer": None, "train_state": {"iteration": 1}, "layout": {"tp": TP, "pp": 1}}
+    (folder / "kumihimo.json").write_text(json.dumps(meta))
+    (root / "latest_checkpointed_iteration.txt").write_text("1\n")
+    return root
+
+
+CHILD = """
+import json, resource, sys, time
+from pretrain.convert.to_hf import convert_to_hf
+start = time.monotonic()
+out = convert_to_hf(sys.argv[1], sys.argv[2], dtype=sys.argv[3])
+seconds = time.monotonic() - start
+index = json.loads((out / "model.safetensors.index.json").read_text())
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": seconds, "bytes": index["metadata"]["total_size"],
+                  "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": usage.ru_maxrss * 1024}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-convert"))
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and the output")
+    args = parser.parse_args()
+    if args.workdir.exists():
+        sys.exit(f"{args.workdir} exists; pass a new --workdir (it gets ~{6 * args.layers + 5} GB per direction)")
+    try:
+        start = time.monotonic()
+        root = synthesise(args.workdir / "megatron", args.layers)
+        ckpt_bytes = sum(p.stat().st_size for p in root.rglob("*.distcp"))
+        print(f"synthesised {ckpt_bytes / 1e9:.2f} GB torch_dist checkpoint ({args.layers} layers of 172B shapes, "
+              f"TP={TP} chunks) in {time.monotonic() - start:.1f} s")
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(root), str(args.workdir / "hf"), args.dtype],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(proc.stderr[-3000:])
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        largest = PADDED_VOCAB * HIDDEN * 2  # the bf16 embedding, as stored
+        print(f"to-hf --dtype {args.dtype}: wrote {result['bytes'] / 1e9:.2f} GB in {result['seconds']:.1f} s = "
+              f"{result['bytes'] / 1e9 / result['seconds']:.2f} GB/s; peak RSS {result['peak_rss_bytes'] / 2**30:.2f} "
+              f"GiB (largest stored tensor {largest / 2**30:.2f} GiB); {result['cpu_seconds']:.1f} CPU-s (the rest "
+              "is waiting for the disk)")
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Megatron-Core GPTModel <-> Hugging Face LlamaForCausalLM: one name table plus named transforms.
+
+Every tensor of the model appears once in `RULES`: its Megatron checkpoint key (per-layer tensors
+are stacked as [num_layers, ...] under one key, independent of TP/PP), the Hugging Face name(s) it
+becomes and the transform between the two. Both directions (`to_hf.py`, `from_hf.py`) read only this
+table, so a new tensor or a renamed one is a one-line change here.
+
+The two non-trivial transforms (checked against logits, see tests/test_convert_to_hf.py):
+- `qkv_per_group`: Megatron's fused QKV rows are grouped per query group — for each of G groups,
+  H/G query heads, then one key head, then one value head, each head_dim rows. A split into thirds
+  is wrong as soon as H != G.
+- `gate_up`: linear_fc1 of SwiGLU is [gate; up] along dim 0 (global, after the TP gather).
+RoPE needs no permutation: Megatron's default rotate-half matches HF Llama.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# Megatron-LM and older kumihimo checkpoints prefix keys with DDP/Float16Module wrapper names.
+WRAPPER_PREFIX = "module."
+LAYER_PREFIX = "decoder.layers."
+LAYER = "{layer}"
+
+
+@dataclass(frozen=True)
+class LlamaDims:
+    """The shapes conversion needs, from the model config and the vocabulary sizes."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    megatron_vocab_size: int
+    """Rows of the Megatron embedding and output layer (padded for TP)."""
+    hf_vocab_size: int
+    """Rows on the Hugging Face side (the tokenizer's size, or the padded size when kept)."""
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A named, invertible mapping between one Megatron tensor and its Hugging Face tensor(s)."""
+
+    name: str
+    to_hf: Callable[[torch.Tensor, LlamaDims], list[torch.Tensor]]
+    from_hf: Callable[[list[torch.Tensor], LlamaDims], torch.Tensor]
+
+
+def _identity_to_hf(tensor: torch.Tensor, dims: LlamaDims) -> list[torch.Tensor]:
+    return [tensor]
+
+
+def _identity_from_hf(tensors: list[torch.Tensor], dims: LlamaDims) -> torch.Tensor:
+    return tensors[0]
+
+
+def _vocab_to_hf(tensor: torch.Tensor, dims: LlamaDims) -> list[torch.Tensor]:
+    # Padding rows exist only so each TP rank holds an equal slice; they are never trained on.
+    return [tensor[: dims.hf_vocab_size]]
+
+
+def _vocab_from_hf(tensors: list[torch.Tensor], dims: LlamaDims) -> torch.Tensor:
+    (tensor,) = tensors
+    missing = dims.megatron_vocab_size - tensor.shape[0]
+    if missing == 0:
+        return tensor
+    # Zero rows: the padded ids never occur in data; zeros keep the padding easy to recognise.
+    return torch.cat([tensor, tensor.new_zeros((missing, tensor.shape[1]))])
+
+
+def _qkv_to_hf(tensor: torch.Tensor, dims: LlamaDims) -> list[torch.Tensor]:
+    per_group = dims.heads_per_group
+    grouped = tensor.view(dims.num_query_groups, per_group + 2, dims.head_dim, tensor.shape[-1])
+    hidden = tensor.shape[-1]
+    query = grouped[:, :per_group].reshape(dims.num_attention_heads * dims.head_dim, hidden)
+    key = grouped[:, per_group].reshape(dims.num_query_groups * dims.head_dim, hidden)
+    value = grouped[:, per_group + 1].reshape(dims.num_query_groups * dims.head_dim, hidden)
+    return [query, key, value]
+
+
+def _qkv_from_hf(tensors: list[torch.Tensor], dims: LlamaDims) -> torch.Tensor:
+    query, key, value = tensors
+    groups, head_dim, hidden = dims.num_query_groups, dims.head_dim, query.shape[-1]
+    grouped = torch.cat([query.reshape(groups, dims.heads_per_group, head_dim, hidden),
+                         key.reshape(groups, 1, head_dim, hidden),
+                         value.reshape(groups, 1, head_dim, hidden)], dim=1)
+    return grouped.reshape(-1, hidden)
+
+
+def _gate_up_to_hf(tensor: torch.Tensor, dims: LlamaDims) -> list[torch.Tensor]:
+    gate, up = tensor.chunk(2, dim=0)
+    return [gate, up]
+
+
+def _gate_up_from_hf(tensors: list[torch.Tensor], dims: LlamaDims) -> torch.Tensor:
+    return torch.cat(tensors, dim=0)
+
+
+TRANSFORMS = {t.name: t for t in (
+    Transform("identity", _identity_to_hf, _identity_from_hf),
+    Transform("vocab_rows", _vocab_to_hf, _vocab_from_hf),
+    Transform("qkv_per_group", _qkv_to_hf, _qkv_from_hf),
+    Transform("gate_up", _gate_up_to_hf, _gate_up_from_hf),
+)}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One Megatron tensor (key without wrapper prefix) and the Hugging Face tensors it becomes."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    transform: str = "identity"
+
+    @property
+    def per_layer(self) -> bool:
+        return self.megatron.startswith(LAYER_PREFIX)
+
+    def hf_names(self, layer: int | None = None) -> list[str]:
+        return [name.replace(LAYER, str(layer)) for name in self.hf]
+
+
+_ATTN = "model.layers.{layer}.self_attn."
+_MLP = "model.layers.{layer}.mlp."
+
+# Order is the order tensors are read and written (embedding, layer by layer, final norm, head).
+RULES: tuple[Rule, ...] = (
+    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab_rows"),
+    Rule("decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+         ("model.layers.{layer}.input_layernorm.weight",)),
+    Rule("decoder.layers.self_attention.linear_qkv.weight",
+         (_ATTN + "q_proj.weight", _ATTN + "k_proj.weight", _ATTN + "v_proj.weight"), "qkv_per_group"),
+    Rule("decoder.layers.self_attention.linear_proj.weight", (_ATTN + "o_proj.weight",)),
+    Rule("decoder.layers.mlp.linear_fc1.layer_norm_weight",
+         ("model.layers.{layer}.post_attention_layernorm.weight",)),
+    Rule("decoder.layers.mlp.linear_fc1.weight", (_MLP + "gate_proj.weight", _MLP + "up_proj.weight"), "gate_up"),
+    Rule("decoder.layers.mlp.linear_fc2.weight", (_MLP + "down_proj.weight",)),
+    Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
+    Rule("output_layer.weight", ("lm_head.weight",), "vocab_rows"),
+)
+GLOBAL_RULES = tuple(r for r in RULES if not r.per_layer)
+LAYER_RULES = tuple(r for r in RULES if r.per_layer)
+
+
+def megatron_shape(rule: Rule, dims: LlamaDims) -> tuple[int, ...]:
+    """Shape of one layer's slice (per-layer rules) or of the whole tensor (global rules)."""
+    hidden = dims.hidden_size
+    qkv_rows = (dims.num_attention_heads + 2 * dims.num_query_groups) * dims.head_dim
+    shapes = {
+        "embedding.word_embeddings.weight": (dims.megatron_vocab_size, hidden),
+        "output_layer.weight": (dims.megatron_vocab_size, hidden),
+        "decoder.final_layernorm.weight": (hidden,),
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight": (hidden,),
+        "decoder.layers.self_attention.linear_qkv.weight": (qkv_rows, hidden),
+        "decoder.layers.self_attention.linear_proj.weight": (hidden, dims.num_attention_heads * dims.head_dim),
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight": (hidden,),
+        "decoder.layers.mlp.linear_fc1.weight": (2 * dims.ffn_hidden_size, hidden),
+        "decoder.layers.mlp.linear_fc2.weight": (hidden, dims.ffn_hidden_size),
+    }
+    return shapes[rule.megatron]
+
+
+def hf_shapes(rule: Rule, dims: LlamaDims) -> list[tuple[int, ...]]:
+    """Shapes of the Hugging Face tensors `rule` produces (one layer's for per-layer rules)."""
+    meta = torch.empty(megatron_shape(rule, dims), device="meta")
+    return [tuple(t.shape) for t in TRANSFORMS[rule.transform].to_hf(meta, dims)]
+
+
+def strip_wrapper_prefix(key: str) -> str:
+    while key.startswith(WRAPPER_PREFIX):
+        key = key[len(WRAPPER_PREFIX):]
+    return key

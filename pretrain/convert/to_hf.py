@@ -1,0 +1,542 @@
+"""Megatron torch_dist checkpoint -> Hugging Face LlamaForCausalLM folder, on CPU, with no model.
+
+The checkpoint's own run_config.yaml (the resolved TrainConfig) and kumihimo.json (vocabulary sizes,
+tokenizer identity) say what the model is; nothing is guessed. Tensors are read straight from the
+torch_dist files with torch.distributed.checkpoint (no process group, no Megatron model, any saved
+TP/PP): one layer of the stacked [num_layers, ...] tensors at a time, transformed by the table in
+`pretrain.convert.mapping` and appended to safetensors shards whose headers are planned up front.
+Peak memory is therefore about two copies of the largest single tensor (the embedding), whatever the
+model size. The folder is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+from kumihimo import configtree
+from kumihimo.errors import UserError
+from kumihimo.progress import Progress, say
+from pretrain import checkpointing
+from pretrain.convert.mapping import (
+    GLOBAL_RULES,
+    LAYER_RULES,
+    TRANSFORMS,
+    LlamaDims,
+    Rule,
+    hf_shapes,
+    megatron_shape,
+    strip_wrapper_prefix,
+)
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
+HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's usual shard size
+INDEX_FILE = "model.safetensors.index.json"
+WRITE_BLOCK_ELEMENTS = 64 * 2**20
+# Keys of model tensors (after stripping wrapper prefixes); everything else is optimizer/RNG state.
+MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading regions of torch_dist tensors without a process group
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Region:
+    """A rectangular part of a saved tensor, read into `tensor` (shape = the region's size)."""
+
+    key: str
+    offsets: tuple[int, ...]
+    tensor: torch.Tensor
+
+
+def _overlap(start_a, size_a, start_b, size_b) -> tuple[list[int], list[int]] | None:
+    starts = [max(a, b) for a, b in zip(start_a, start_b)]
+    ends = [min(a + n, b + m) for a, n, b, m in zip(start_a, size_a, start_b, size_b)]
+    if any(e <= s for s, e in zip(starts, ends)):
+        return None
+    return starts, [e - s for s, e in zip(starts, ends)]
+
+
+class _RegionLoadPlanner(DefaultLoadPlanner):
+    """Plans reads of arbitrary regions (e.g. one layer of a stacked tensor): only the saved chunks
+    that overlap a region are read, each straight into a view of the destination tensor."""
+
+    def __init__(self, regions: dict[str, Region]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.regions = regions
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for name, region in self.regions.items():
+            chunks = self.metadata.state_dict_metadata[region.key].chunks
+            covered = 0
+            for index, chunk in enumerate(chunks):
+                found = _overlap(region.offsets, region.tensor.shape, chunk.offsets, chunk.sizes)
+                if found is None:
+                    continue
+                starts, lengths = found
+                covered += torch.Size(lengths).numel()
+                items.append(ReadItem(
+                    type=LoadItemType.TENSOR,
+                    dest_index=MetadataIndex(name, region.offsets),
+                    dest_offsets=torch.Size(s - o for s, o in zip(starts, region.offsets)),
+                    storage_index=MetadataIndex(region.key, chunk.offsets, index),
+                    storage_offsets=torch.Size(s - o for s, o in zip(starts, chunk.offsets)),
+                    lengths=torch.Size(lengths)))
+            if covered != region.tensor.numel():  # chunks never overlap, so volumes add up
+                raise UserError(f"tensor {region.key} at offsets {region.offsets} is only partly stored in the "
+                                "checkpoint (a shard is missing); the checkpoint is incomplete, use another one")
+        return LoadPlan(items)
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        tensor = self.regions[read_item.dest_index.fqn].tensor
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            tensor = tensor.narrow(dim, start, length)
+        return tensor
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        pass  # resolve_tensor handed out a view, so the data is already in place
+
+
+class _CachedMetadataReader(FileSystemReader):
+    """Reads the (possibly large) .metadata file once instead of once per layer."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self._metadata = super().read_metadata()
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        return self._metadata
+
+
+class TorchDistReader:
+    """Model tensors of one torch_dist checkpoint folder, by key without wrapper prefixes."""
+
+    def __init__(self, folder: Path):
+        if not (folder / ".metadata").is_file():
+            raise UserError(f"{folder} has no torch_dist .metadata file: the checkpoint is incomplete or not a "
+                            "torch_dist checkpoint; pick another iteration")
+        self.folder = folder
+        self._storage = _CachedMetadataReader(folder)
+        entries = self._storage.read_metadata().state_dict_metadata
+        self.tensors: dict[str, TensorStorageMetadata] = {}
+        self._saved_keys: dict[str, str] = {}
+        for saved_key, entry in entries.items():
+            key = strip_wrapper_prefix(saved_key)
+            if isinstance(entry, TensorStorageMetadata) and key.startswith(MODEL_KEY_PREFIXES):
+                self.tensors[key] = entry
+                self._saved_keys[key] = saved_key
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key].properties.dtype
+
+    def read(self, requests: dict[str, tuple[str, int | None]]) -> dict[str, torch.Tensor]:
+        """{name: (key, layer)} -> {name: tensor}; layer=None reads the whole tensor, else one layer of it."""
+        regions = {}
+        for name, (key, layer) in requests.items():
+            shape = self.shape(key)
+            if layer is None:
+                regions[name] = Region(self._saved_keys[key], (0,) * len(shape),
+                                       torch.empty(shape, dtype=self.dtype(key)))
+            else:
+                regions[name] = Region(self._saved_keys[key], (layer,) + (0,) * (len(shape) - 1),
+                                       torch.empty((1, *shape[1:]), dtype=self.dtype(key)))
+        try:
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+                dcp.load({name: r.tensor for name, r in regions.items()}, storage_reader=self._storage,
+                         planner=_RegionLoadPlanner(regions), no_dist=True)
+        except CheckpointException as exc:  # DCP wraps what went wrong, per rank
+            cause = next(iter(exc.failures.values()), exc)
+            if isinstance(cause, UserError):
+                raise cause from None
+            raise UserError(f"{self.folder} is incomplete or damaged ({cause}); use another checkpoint") from exc
+        return {name: r.tensor[0] if requests[name][1] is not None else r.tensor for name, r in regions.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming safetensors shards
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def num_bytes(self) -> int:
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Consecutive tensors grouped into shards of at most max_shard_bytes (a larger tensor gets its own)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.num_bytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.num_bytes
+    return shards
+
+
+class StreamingSafetensorsWriter:
+    """Writes planned tensors, in plan order, into sharded safetensors files plus the index.
+
+    Because every name, shape and dtype is known before any data is read, each shard's header is
+    written first and tensor bytes are appended as they arrive: nothing is buffered."""
+
+    def __init__(self, folder: Path, tensors: list[PlannedTensor], max_shard_bytes: int):
+        if sys.byteorder != "little":  # safetensors stores little-endian bytes
+            raise UserError("converting to safetensors needs a little-endian machine")
+        self.folder = folder
+        self.shards = plan_shards(tensors, max_shard_bytes)
+        count = len(self.shards)
+        self.file_names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        self._queue = [(shard_index, t) for shard_index, shard in enumerate(self.shards) for t in shard]
+        self._position = 0
+        self._handle = None
+        self._open_shard = -1
+        self.bytes_written = 0
+
+    def _start_shard(self, shard_index: int) -> None:
+        self._close()
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for tensor in self.shards[shard_index]:
+            header[tensor.name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                                   "data_offsets": [offset, offset + tensor.num_bytes]}
+            offset += tensor.num_bytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
+        self._handle = open(self.folder / self.file_names[shard_index], "wb")  # noqa: SIM115 (closed in _close)
+        self._handle.write(len(encoded).to_bytes(8, "little"))
+        self._handle.write(encoded)
+        self._open_shard = shard_index
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard_index, planned = self._queue[self._position]
+        assert planned.name == name, f"tensors out of plan order: got {name}, expected {planned.name}"
+        assert tuple(tensor.shape) == planned.shape, f"{name}: shape {tuple(tensor.shape)} != {planned.shape}"
+        if shard_index != self._open_shard:
+            self._start_shard(shard_index)
+        # In blocks: a dtype change (or a non-contiguous view) then never copies the whole tensor.
+        for block in tensor.reshape(-1).split(WRITE_BLOCK_ELEMENTS):
+            self._handle.write(block.to(planned.dtype).contiguous().view(torch.uint8).numpy().data)
+        self.bytes_written += planned.num_bytes
+        self._position += 1
+
+    def _close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def finish(self) -> None:
+        assert self._position == len(self._queue), "not every planned tensor was written"
+        self._close()
+        weight_map = {t.name: self.file_names[i] for i, shard in enumerate(self.shards) for t in shard}
+        index = {"metadata": {"total_size": self.bytes_written}, "weight_map": weight_map}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The source checkpoint: folder, config, metadata, tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    folder: Path
+    iteration: int
+    config: Any  # pretrain.config.TrainConfig
+    meta: dict[str, Any]
+    reader: TorchDistReader
+
+
+def open_checkpoint(root: Path, iteration: int | None = None) -> Source:
+    """The checkpoint folder under `root` (or `root` itself if it is an iter_NNNNNNN folder)."""
+    from pretrain.config import TrainConfig
+
+    if not root.exists():
+        raise UserError(f"checkpoint folder {str(root)!r} does not exist; pass the checkpoint.save folder")
+    if iteration is None and (root / checkpointing.META_FILE).is_file():
+        folder = root
+    else:
+        folder = checkpointing.find_checkpoint(root, iteration)
+    meta = checkpointing.read_meta(folder)
+    config_path = folder / checkpointing.CONFIG_FILE
+    if not config_path.is_file():
+        raise UserError(f"{folder} has no {checkpointing.CONFIG_FILE}: the model cannot be described without it; "
+                        "use a checkpoint saved by `kumihimo train`")
+    try:
+        config = configtree.from_dict(TrainConfig, configtree.read_yaml(config_path))
+        config.model.validate()
+    except UserError as exc:
+        raise UserError(f"{config_path} does not describe a model this version can read: {exc}") from exc
+    for field in ("vocab_size", "padded_vocab_size"):
+        if not isinstance(meta.get(field), int):
+            raise UserError(f"{folder / checkpointing.META_FILE} lacks {field}; the checkpoint is incomplete")
+    state = meta.get("train_state") or {}
+    return Source(folder, int(state.get("iteration", -1)), config, meta, TorchDistReader(folder))
+
+
+@dataclass
+class TokenizerInfo:
+    path: Path | None
+    identity: dict[str, Any] | None
+    vocab_size: int
+
+
+def resolve_tokenizer(source: Source, override: str | Path | None) -> TokenizerInfo:
+    """The SentencePiece model the checkpoint was trained with, checked by sha256 and size."""
+    from tokenizer.spm import Tokenizer
+
+    identity = source.meta.get("tokenizer")
+    recorded = (identity or {}).get("path") or source.config.data.tokenizer
+    vocab_size = source.meta["vocab_size"]
+    if override is None and recorded is None:
+        return TokenizerInfo(None, None, vocab_size)  # mock data: no tokenizer to export
+    try:
+        tokenizer = Tokenizer.load(override if override is not None else recorded)
+    except UserError as exc:
+        raise UserError(f"the tokenizer the checkpoint was trained with ({recorded}) cannot be read ({exc}); "
+                        "pass --tokenizer PATH to the same SentencePiece model") from exc
+    if identity and identity.get("sha256") and tokenizer.sha256 != identity["sha256"]:
+        raise UserError(f"tokenizer mismatch: {tokenizer.path} has sha256 {tokenizer.sha256[:12]}... but the "
+                        f"checkpoint was trained with {identity['sha256'][:12]}... ({recorded}); pass the "
+                        "same model with --tokenizer")
+    if tokenizer.vocab_size != vocab_size:
+        raise UserError(f"vocab mismatch: tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the "
+                        f"checkpoint's vocab_size is {vocab_size}; pass the tokenizer it was trained with")
+    return TokenizerInfo(tokenizer.path, identity or tokenizer.identity(), vocab_size)
+
+
+def dims_for(source: Source, keep_vocab_padding: bool) -> LlamaDims:
+    model = source.config.model
+    padded = source.meta["padded_vocab_size"]
+    return LlamaDims(num_layers=model.num_layers, hidden_size=model.hidden_size,
+                     ffn_hidden_size=model.ffn_hidden_size, num_attention_heads=model.num_attention_heads,
+                     num_query_groups=model.query_groups, head_dim=model.head_dim, megatron_vocab_size=padded,
+                     hf_vocab_size=padded if keep_vocab_padding else source.meta["vocab_size"])
+
+
+def check_architecture(reader: TorchDistReader, dims: LlamaDims) -> None:
+    """Every model tensor must be in the table with the shape the config implies, and vice versa."""
+    known = {rule.megatron: rule for rule in (*GLOBAL_RULES, *LAYER_RULES)}
+    extra = sorted(set(reader.tensors) - set(known))
+    if extra:
+        raise UserError(f"unsupported architecture: checkpoint tensor(s) {', '.join(extra[:3])} have no "
+                        "Hugging Face Llama counterpart (biases, MoE, tied or extra layers are not supported)")
+    for key, rule in known.items():
+        if key not in reader.tensors:
+            raise UserError(f"checkpoint {reader.folder} lacks tensor {key}; it is incomplete or not a "
+                            "Llama-style GPTModel with untied embeddings")
+        expected = megatron_shape(rule, dims)
+        if rule.per_layer:
+            expected = (dims.num_layers, *expected)
+        if reader.shape(key) != expected:
+            raise UserError(f"tensor {key} has shape {list(reader.shape(key))} but run_config.yaml and "
+                            f"kumihimo.json imply {list(expected)}; the files do not belong together")
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------------------------
+
+
+def production_order(dims: LlamaDims) -> list[tuple[Rule, int | None]]:
+    """(rule, layer) in the order tensors are read and written: the embedding, layer by layer, the
+    final norm, the head. One tensor (one layer's slice) at a time keeps peak memory near the
+    largest single tensor; chunks are per layer and TP rank, so no file region is read twice."""
+    first, *last = GLOBAL_RULES
+    return [(first, None), *((rule, layer) for layer in range(dims.num_layers) for rule in LAYER_RULES),
+            *((rule, None) for rule in last)]
+
+
+def planned_tensors(dims: LlamaDims, dtype: torch.dtype) -> list[PlannedTensor]:
+    return [PlannedTensor(name, shape, dtype) for rule, layer in production_order(dims)
+            for name, shape in zip(rule.hf_names(layer), hf_shapes(rule, dims))]
+
+
+def write_weights(reader: TorchDistReader, dims: LlamaDims, folder: Path, dtype: torch.dtype,
+                  max_shard_bytes: int) -> int:
+    """Stream every tensor through its transform into safetensors shards; returns bytes written."""
+    writer = StreamingSafetensorsWriter(folder, planned_tensors(dims, dtype), max_shard_bytes)
+    with Progress("convert", total=dims.num_layers, unit="layers") as progress:
+        for rule, layer in production_order(dims):
+            tensor = reader.read({rule.megatron: (rule.megatron, layer)})[rule.megatron]
+            for name, part in zip(rule.hf_names(layer), TRANSFORMS[rule.transform].to_hf(tensor, dims)):
+                writer.write(name, part)
+            del tensor, part  # free before the next read allocates (peak = one tensor, not two)
+            if rule is LAYER_RULES[-1]:
+                progress.update()
+    writer.finish()
+    return writer.bytes_written
+
+
+def hf_config(source: Source, dims: LlamaDims, tokenizer: TokenizerInfo, dtype: torch.dtype) -> dict[str, Any]:
+    model = source.config.model
+    identity = tokenizer.identity or {}
+    dtype_name = HF_DTYPE_NAMES[dtype]
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": dims.hidden_size,
+        "intermediate_size": dims.ffn_hidden_size,
+        "num_hidden_layers": dims.num_layers,
+        "num_attention_heads": dims.num_attention_heads,
+        "num_key_value_heads": dims.num_query_groups,
+        "head_dim": dims.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": model.seq_length,
+        "rms_norm_eps": model.norm_epsilon,
+        # Both spellings: transformers < 5 and most serving stacks read rope_theta, 5.x rope_parameters.
+        "rope_theta": float(model.rotary_base),
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(model.rotary_base)},
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": model.init_method_std,
+        "vocab_size": dims.hf_vocab_size,
+        "bos_token_id": identity.get("bos_id"),
+        "eos_token_id": identity.get("eos_id"),
+        "pad_token_id": identity.get("pad_id"),
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+        "kumihimo": provenance(source, dims, tokenizer),
+    }
+    return config
+
+
+def provenance(source: Source, dims: LlamaDims, tokenizer: TokenizerInfo) -> dict[str, Any]:
+    """Where the weights came from, and why the vocabulary has the size it has."""
+    info: dict[str, Any] = {
+        "source_checkpoint": str(source.folder.resolve()),
+        "iteration": source.iteration,
+        "consumed_tokens": (source.meta.get("train_state") or {}).get("consumed_tokens"),
+        "tokenizer_vocab_size": tokenizer.vocab_size,
+        "megatron_padded_vocab_size": dims.megatron_vocab_size,
+        "tokenizer_sha256": (tokenizer.identity or {}).get("sha256"),
+    }
+    if dims.hf_vocab_size != tokenizer.vocab_size:
+        info["vocab_padding_kept"] = (
+            f"rows {tokenizer.vocab_size}..{dims.hf_vocab_size - 1} of embed_tokens and lm_head are Megatron's "
+            "tensor-parallel padding (never trained on; no token maps to them). Kept on request "
+            "(--keep-vocab-padding), e.g. for kernels that want a vocabulary multiple of 128.")
+    return info
+
+
+def generation_config(tokenizer: TokenizerInfo) -> dict[str, Any]:
+    identity = tokenizer.identity or {}
+    config = {"_from_model_config": True}
+    for name, key in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"), ("pad_token_id", "pad_id")):
+        if identity.get(key) is not None:
+            config[name] = identity[key]
+    return config
+
+
+def write_tokenizer(tokenizer: TokenizerInfo, folder: Path) -> str:
+    """Hugging Face tokenizer files when the exporter is available, else tokenizer.model alone."""
+    from tokenizer.spm import MODEL_FILENAME
+
+    if tokenizer.path is None:
+        say("[convert] warning: the checkpoint was trained on mock data without a tokenizer; no tokenizer "
+            "files are written and config.json has no bos/eos ids")
+        return "none (mock data)"
+    try:
+        from tokenizer.export_hf import export_hf
+    except ImportError as exc:
+        shutil.copyfile(tokenizer.path, folder / MODEL_FILENAME)
+        say(f"[convert] warning: tokenizer.export_hf is unavailable ({exc}); copied {MODEL_FILENAME} only, "
+            "so AutoTokenizer cannot load this folder until the HF tokenizer files are exported")
+        return f"{MODEL_FILENAME} only"
+    export_hf(tokenizer.path, folder)
+    return "tokenizer.json, tokenizer_config.json, special_tokens_map.json, tokenizer.model"
+
+
+def write_readme(folder: Path, config: dict[str, Any], tokenizer_files: str) -> None:
+    origin = config["kumihimo"]
+    lines = [
+        "# Converted by kumihimo",
+        "",
+        f"LlamaForCausalLM from the Megatron-Core checkpoint `{origin['source_checkpoint']}` "
+        f"(iteration {origin['iteration']}), converted by `kumihimo convert to-hf`.",
+        "",
+        f"- weights: {config['torch_dtype']}, vocab_size {config['vocab_size']} "
+        f"(tokenizer: {origin['tokenizer_vocab_size']}, Megatron padded: {origin['megatron_padded_vocab_size']})",
+        f"- tokenizer files: {tokenizer_files}",
+    ]
+    if "vocab_padding_kept" in origin:
+        lines.append(f"- vocabulary padding kept: {origin['vocab_padding_kept']}")
+    (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _prepare_output(output_dir: Path) -> None:
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise UserError(f"output {str(output_dir)!r} already exists and is not an empty folder; choose a new "
+                        "folder or delete it")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+
+
+def convert_to_hf(checkpoint_root: str | Path, output_dir: str | Path, iteration: int | None = None,
+                  dtype: str = "bf16", keep_vocab_padding: bool = False, tokenizer: str | Path | None = None,
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write a Hugging Face LlamaForCausalLM folder for a kumihimo checkpoint; returns the folder.
+
+    `checkpoint_root` is a checkpoint.save folder (latest iteration unless `iteration` is given) or
+    one iter_NNNNNNN folder. `tokenizer` replaces the recorded tokenizer path (the file must be the
+    same model: its sha256 is checked) when the checkpoint was moved to another machine.
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    output_dir = Path(output_dir)
+    source = open_checkpoint(Path(checkpoint_root), iteration)
+    tokenizer_info = resolve_tokenizer(source, tokenizer)
+    dims = dims_for(source, keep_vocab_padding)
+    check_architecture(source.reader, dims)
+    _prepare_output(output_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    started = time.monotonic()
+    try:
+        num_bytes = write_weights(source.reader, dims, staging, DTYPES[dtype], max_shard_bytes)
+        config = hf_config(source, dims, tokenizer_info, DTYPES[dtype])
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (staging / "generation_config.json").write_text(json.dumps(generation_config(tokenizer_info), indent=2) + "\n")
+        write_readme(staging, config, write_tokenizer(tokenizer_info, staging))
+        staging.chmod(0o755)  # mkdtemp makes it private; the model folder is meant to be shared
+        if output_dir.exists():
+            output_dir.rmdir()  # empty (checked above)
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    elapsed = time.monotonic() - started
+    say(f"[convert] wrote {output_dir} ({num_bytes / 1e9:.2f} GB of weights in {elapsed:.1f} s, "
+        f"{num_bytes / 1e9 / max(elapsed, 1e-9):.2f} GB/s) from {source.folder}")
+    return output_dir
