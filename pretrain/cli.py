@@ -72,8 +72,7 @@ def run(args: argparse.Namespace) -> int:
         return _spawn_local(args)
     from pretrain.training import run_training
 
-    run_training(config)
-    return 0
+    return run_training(config).exit_code
 
 
 def _spawn_local(args: argparse.Namespace) -> int:

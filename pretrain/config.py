@@ -324,6 +324,29 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class ResilienceConfig:
+    """What to do about bad losses (stop signals always save and exit with the requeue code)."""
+
+    on_bad_loss: Literal["skip", "stop"] = "skip"
+    """A NaN/Inf loss or a spike: skip the optimizer step (the batch is consumed) or stop the run
+    (exit code 4, the last checkpoint stays the newest)."""
+    spike_factor: float | None = None
+    """A loss above this many times the running mean of recent good losses counts as a spike; null
+    checks only NaN/Inf."""
+    spike_warmup_steps: int = 50
+    """Good steps to see before spikes are judged (early losses fall fast)."""
+    max_consecutive_skips: int = 5
+    """Stop (exit code 4) after this many skipped steps in a row: the run is diverging."""
+
+    def validate(self) -> None:
+        if self.spike_factor is not None and self.spike_factor <= 1:
+            raise bad_value("resilience.spike_factor", self.spike_factor, "must be > 1",
+                            "use e.g. 3.0, or null to check NaN/Inf only")
+        if self.max_consecutive_skips < 1 or self.spike_warmup_steps < 0:
+            raise ConfigError("resilience.max_consecutive_skips must be >= 1 and spike_warmup_steps >= 0; fix them")
+
+
+@dataclass(kw_only=True)
 class RuntimeConfig:
     """Process-level settings."""
 
@@ -361,6 +384,8 @@ class TrainConfig:
     """Checkpointing."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics."""
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    """Bad-loss handling."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     """Process settings."""
 

@@ -67,12 +67,13 @@ class MetricsSink:
         record = {"step": step, **values}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
+        scalars = {k: v for k, v in values.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
         if self._wandb is not None:
-            self._wandb.log(values, step=step)
+            self._wandb.log(scalars, step=step)
         if force or step % self.interval == 0:
             say(format_line(step, values))
 

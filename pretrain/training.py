@@ -23,6 +23,7 @@ from pretrain.data import Datasets, batch_indices, build_datasets, microbatches
 from pretrain.distributed import ProcessInfo, init_process_group, seed_everything
 from pretrain.metrics import MetricsSink, training_flops_per_token
 from pretrain.parallel import ParallelLayout
+from pretrain.signals import EXIT_BAD_LOSS, EXIT_REQUEUE, LossGuard, StopRequest
 
 
 @dataclass
@@ -31,6 +32,7 @@ class TrainResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     last_checkpoint: Path | None = None
     state: TrainState | None = None
+    exit_code: int = 0
 
 
 def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -53,6 +55,9 @@ class Trainer:
         self.config = config
         self.run_dir = Path(config.runtime.run_dir)
         self.state = TrainState()
+        res = config.resilience
+        self.loss_guard = LossGuard(res.spike_factor, res.spike_warmup_steps)
+        self.consecutive_skips = 0
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -196,6 +201,7 @@ class Trainer:
         self._check_resume_compatible(meta)
         self.state = checkpointing.load_checkpoint(folder, self.model, self.optimizer, self.scheduler,
                                                    self.layout)
+        self.loss_guard.load_state_dict(self.state.extra.get("loss_guard", {}))
         if self.is_logger:
             say(f"[train] resumed from {folder} at step {self.state.iteration} "
                 f"({self.state.consumed_samples} samples consumed)")
@@ -234,6 +240,7 @@ class Trainer:
         save_root = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
         last_step = sched.exit_after_iters or sched.train_iters
         first_step = self.state.iteration
+        stop = StopRequest()
         while self.state.iteration < last_step:
             values = self.train_step()
             result.losses.append(values["loss"])
@@ -242,14 +249,38 @@ class Trainer:
                 values["val_loss"] = self.evaluate()
                 result.val_losses.append((step, values["val_loss"]))
             self.metrics.log(step, values, force=step in (1, last_step))
+            if self._gives_up(values):
+                result.exit_code = EXIT_BAD_LOSS
+                break
+            if stop.agreed(self.device):
+                if self.is_logger:
+                    say(f"[train] stop signal received: saving at step {step} and exiting for requeue")
+                if save_root:
+                    result.last_checkpoint = self.save(save_root)
+                result.exit_code = EXIT_REQUEUE
+                break
             interval = cfg.checkpoint.save_interval
             if save_root and interval and step % interval == 0 and step != last_step:
                 result.last_checkpoint = self.save(save_root)
-        if save_root and cfg.checkpoint.save_at_end and self.state.iteration > first_step:
+        stop.restore()
+        finished = result.exit_code == 0
+        if finished and save_root and cfg.checkpoint.save_at_end and self.state.iteration > first_step:
             result.last_checkpoint = self.save(save_root)
         self.metrics.close()
         result.state = self.state
         return result
+
+    def _gives_up(self, values: dict) -> bool:
+        """After a bad step: stop now (policy `stop`) or after too many bad steps in a row."""
+        res = self.config.resilience
+        if not values.get("skipped"):
+            return False
+        if res.on_bad_loss == "stop" or self.consecutive_skips >= res.max_consecutive_skips:
+            if self.is_logger:
+                say(f"[train] stopping at step {self.state.iteration}: {values['skipped']} "
+                    f"({self.consecutive_skips} bad step(s) in a row); the newest checkpoint is untouched")
+            return True
+        return False
 
     def train_step(self) -> dict[str, float]:
         from megatron.core import parallel_state
@@ -271,24 +302,36 @@ class Trainer:
             micro_batch_size=self.layout.micro_batch_size,
             forward_only=False,
         )
-        ok, grad_norm, _zeros = self.optimizer.step()
+        loss = self._reduce_loss(losses)
+        verdict = self.loss_guard.check(loss)  # same loss on every rank, so the same decision
+        grad_norm, skipped = None, None
+        if verdict.ok:
+            ok, grad_norm, _zeros = self.optimizer.step()
+            skipped = None if ok else "optimizer skipped the step (overflow)"
+        else:
+            skipped = verdict.reason
         lr = self.optimizer.param_groups[0]["lr"]
-        if ok:
+        if skipped is None:
             self.scheduler.step(increment=1)
+            self.consecutive_skips = 0
         else:
             self.state.skipped_iterations += 1
+            self.consecutive_skips += 1
+            if self.is_logger:
+                say(f"[train] step {self.state.iteration + 1} skipped: {skipped}")
         self.state.iteration += 1
+        self.state.extra["loss_guard"] = self.loss_guard.state_dict()
         gbs = self.layout.global_batch_size
         self.state.consumed_samples += gbs
         self.state.consumed_tokens += gbs * self.config.model.seq_length
-        loss = self._reduce_loss(losses)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         tokens_per_s = gbs * self.config.model.seq_length / elapsed
         tflops = self.flops_per_token * tokens_per_s / self.info.world_size / 1e12
         values = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                  "step_time_s": elapsed, "tokens_per_s": tokens_per_s, "consumed_tokens": self.state.consumed_tokens}
+                  "step_time_s": elapsed, "tokens_per_s": tokens_per_s, "consumed_tokens": self.state.consumed_tokens,
+                  "skipped": skipped}
         if self.device.type == "cuda":  # FLOP rates against a GPU peak mean nothing on CPU
             values["tflops_per_gpu"] = tflops
             values["mfu"] = tflops / self.config.logging.peak_tflops

@@ -1,0 +1,77 @@
+"""Stop signals save and exit with the requeue code; the resumed run ends where an uninterrupted one
+does. Bad losses are skipped or stop the run, as configured."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pretrain.signals import EXIT_BAD_LOSS, EXIT_REQUEUE, LossGuard
+from tests.conftest import REPO, read_metrics, run_cli
+
+TINY = "configs/pretrain/tiny-cpu.yaml"
+BASE = ("schedule.lr_warmup_iters=1", "schedule.eval_interval=0", "logging.log_interval=1")
+
+
+def test_loss_guard_flags_nan_inf_and_spikes():
+    guard = LossGuard(spike_factor=2.0, warmup_steps=2)
+    assert not guard.check(float("nan")).ok
+    assert not guard.check(float("inf")).ok
+    assert guard.check(5.0).ok and guard.check(4.0).ok
+    verdict = guard.check(20.0)
+    assert not verdict.ok and "over 2.0 x the running mean" in verdict.reason
+    assert guard.check(4.5).ok  # a spike does not move the running mean
+    assert LossGuard(None, 0).check(1e9).ok  # no spike check without a factor
+
+
+def test_sigusr1_saves_exits_for_requeue_and_resume_finishes_the_same(tmp_path):
+    straight = tmp_path / "straight"
+    proc = run_cli("train", TINY, *BASE, "schedule.train_iters=40", f"runtime.run_dir={straight}",
+                   "checkpoint.save=null", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    run_dir = tmp_path / "signalled"
+    args = [sys.executable, "-m", "kumihimo.cli", "train", TINY, *BASE, "schedule.train_iters=40",
+            f"runtime.run_dir={run_dir}", f"checkpoint.save={run_dir}/ckpt"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    child = subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        assert time.monotonic() < deadline and child.poll() is None, "training did not start"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGUSR1)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == EXIT_REQUEUE, stderr[-2000:]
+    assert "stop signal received" in stderr
+    stopped_at = int((run_dir / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= stopped_at < 40
+
+    proc = run_cli("train", TINY, *BASE, "schedule.train_iters=40", f"runtime.run_dir={run_dir}",
+                   f"checkpoint.save={run_dir}/ckpt", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resumed, reference = read_metrics(run_dir), read_metrics(straight)
+    assert [m["step"] for m in resumed] == list(range(1, 41))
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in reference]
+
+
+@pytest.mark.parametrize(("policy", "expect_skips"), [("stop", 0), ("skip", 2)])
+def test_diverging_run_is_skipped_then_stopped(tmp_path, policy, expect_skips):
+    """A learning rate of 50 makes the loss explode; the guard skips (then gives up) or stops at once."""
+    proc = run_cli("train", TINY, *BASE, "schedule.train_iters=30", "optimizer.lr=50", "optimizer.min_lr=0",
+                   "optimizer.clip_grad=0", "resilience.spike_factor=1.5", "resilience.spike_warmup_steps=1",
+                   f"resilience.on_bad_loss={policy}", "resilience.max_consecutive_skips=3",
+                   f"runtime.run_dir={tmp_path}", f"checkpoint.save={tmp_path}/ckpt", timeout=240)
+    assert proc.returncode == EXIT_BAD_LOSS, proc.stderr[-2000:]
+    assert "stopping at step" in proc.stderr
+    metrics = read_metrics(tmp_path)
+    skipped = [m for m in metrics if m["skipped"]]
+    assert skipped, "no step was judged bad"
+    assert len(skipped) == (1 if policy == "stop" else 3)
+    assert not (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").exists()
+    del expect_skips
