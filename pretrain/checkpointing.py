@@ -94,7 +94,8 @@ def _rng_sharded_object(layout) -> Any:
 
 
 def save_checkpoint(root: Path, state: TrainState, model_chunks, optimizer, scheduler, config,
-                    layout, meta: dict[str, Any], keep_last: int | None) -> Path:
+                    layout, meta: dict[str, Any], keep_last: int | None,
+                    keep_multiples_of: int | None = None) -> Path:
     """Save on every rank; returns the final folder."""
     from megatron.core import dist_checkpointing
 
@@ -122,19 +123,24 @@ def save_checkpoint(root: Path, state: TrainState, model_chunks, optimizer, sche
         tmp.rename(final)
         configtree.write_text_atomic(root / LATEST_FILE, f"{state.iteration}\n")
         if keep_last:
-            prune(root, keep_last)
+            prune(root, keep_last, keep_multiples_of)
     dist.barrier()
     return final
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest keep_last checkpoints (never the one `latest` points at)."""
+def prune(root: Path, keep_last: int, keep_multiples_of: int | None = None) -> list[Path]:
+    """Delete all but the newest keep_last checkpoints, except multiples of keep_multiples_of and the
+    one `latest` points at. Returns the deleted folders."""
     latest = read_latest(root)
     done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    deleted = []
     for old in done[:-keep_last]:
-        if latest is not None and old == iteration_dir(root, latest):
+        step = int(old.name.removeprefix("iter_"))
+        if step == latest or (keep_multiples_of and step % keep_multiples_of == 0):
             continue
         shutil.rmtree(old, ignore_errors=True)
+        deleted.append(old)
+    return deleted
 
 
 def read_meta(checkpoint: Path) -> dict[str, Any]:

@@ -294,17 +294,39 @@ class CheckpointConfig:
     checkpoint.load nor checkpoint.save holds a checkpoint yet: weights load at any TP/PP; optimizer,
     schedule, step and data position start fresh (continual pretraining)."""
     save_interval: int = 0
-    """Save every this many steps (0: only at the end)."""
+    """Save every this many steps (0: only at the end) once past every dense_intervals phase."""
+    dense_intervals: list[list[int]] = field(default_factory=list)
+    """Denser saving early in a run, as [[until_step, interval], ...] in increasing order: while the step
+    is <= until_step, save every interval steps (LLM-jp: [[9, 1], [100, 10], [1000, 100]])."""
     save_at_end: bool = True
     """Save after the last step."""
     keep_last: int | None = None
     """Keep only the newest this many checkpoints; null keeps all."""
+    keep_multiples_of: int | None = None
+    """Never prune checkpoints whose step is a multiple of this (LLM-jp kept every 1000th)."""
 
     def validate(self) -> None:
         if self.save_interval < 0:
             raise bad_value("checkpoint.save_interval", self.save_interval, "is negative", "set 0 or more")
         if self.keep_last is not None and self.keep_last < 1:
             raise bad_value("checkpoint.keep_last", self.keep_last, "must be >= 1", "set null to keep all")
+        if self.keep_multiples_of is not None and self.keep_multiples_of < 1:
+            raise bad_value("checkpoint.keep_multiples_of", self.keep_multiples_of, "must be >= 1",
+                            "set null to prune by keep_last alone")
+        previous = 0
+        for i, phase in enumerate(self.dense_intervals):
+            if len(phase) != 2 or phase[0] <= previous or phase[1] < 1:
+                raise bad_value(f"checkpoint.dense_intervals[{i}]", phase,
+                                "is not [until_step, interval] with until_step increasing and interval >= 1",
+                                "write e.g. [[9, 1], [100, 10]]")
+            previous = phase[0]
+
+    def should_save(self, step: int) -> bool:
+        """Whether the schedule saves after `step` (the final step is handled by save_at_end)."""
+        for until_step, interval in self.dense_intervals:
+            if step <= until_step:
+                return step % interval == 0
+        return self.save_interval > 0 and step % self.save_interval == 0
 
 
 @dataclass(kw_only=True)

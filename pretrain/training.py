@@ -259,8 +259,7 @@ class Trainer:
                     result.last_checkpoint = self.save(save_root)
                 result.exit_code = EXIT_REQUEUE
                 break
-            interval = cfg.checkpoint.save_interval
-            if save_root and interval and step % interval == 0 and step != last_step:
+            if save_root and step != last_step and cfg.checkpoint.should_save(step):
                 result.last_checkpoint = self.save(save_root)
         stop.restore()
         finished = result.exit_code == 0
@@ -377,7 +376,7 @@ class Trainer:
     def save(self, root: Path) -> Path:
         folder = checkpointing.save_checkpoint(
             root, self.state, self.model, self.optimizer, self.scheduler, self.config, self.layout,
-            self._checkpoint_meta(), self.config.checkpoint.keep_last)
+            self._checkpoint_meta(), self.config.checkpoint.keep_last, self.config.checkpoint.keep_multiples_of)
         if self.is_logger:
             say(f"[train] saved checkpoint {folder}")
         return folder
