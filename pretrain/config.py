@@ -40,6 +40,9 @@ class ModelConfig:
     """Standard deviation of the normal initialisation."""
     scale_output_init: bool = True
     """Scale the init std of attention and MLP output projections by 1/sqrt(2 * num_layers)."""
+    z_loss_coeff: float = 0.0
+    """Weight of the z-loss coeff * logsumexp(logits)^2 per token (LLM-jp-3: 1e-4); 0 disables it.
+    The logged loss is the cross entropy alone."""
     make_vocab_size_divisible_by: int = 128
     """The vocabulary is padded to a multiple of this times the tensor-parallel size (LLM-jp: 128)."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
@@ -71,6 +74,8 @@ class ModelConfig:
             raise bad_value("model.num_query_groups", self.num_query_groups,
                             f"does not divide model.num_attention_heads={self.num_attention_heads}",
                             "choose a divisor of the head count")
+        if self.z_loss_coeff < 0:
+            raise bad_value("model.z_loss_coeff", self.z_loss_coeff, "is negative", "use 0 (off) or e.g. 1e-4")
         if self.init_method_std <= 0 or self.norm_epsilon <= 0:
             raise ConfigError("model.init_method_std and model.norm_epsilon must be positive; fix them")
 
@@ -123,6 +128,36 @@ class PrecisionConfig:
     """Dtype of weights and activations; the optimizer keeps fp32 master weights for bf16."""
     grad_reduce_in_fp32: bool = True
     """Accumulate and all-reduce gradients in fp32 (recommended with bf16)."""
+    fp8: Literal["hybrid", "e4m3"] | None = None
+    """FP8 matrix multiplies through Transformer Engine: hybrid (e4m3 forward, e5m2 gradients; what LLM-jp
+    used) or e4m3 everywhere; null trains in BF16. Needs transformer_engine on Hopper or newer."""
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    """Scaling: delayed (amax history), tensorwise (current scaling), blockwise (emulated on Hopper) or
+    mxfp8 (Blackwell only)."""
+    fp8_amax_history_len: int = 1
+    """Steps of amax history for delayed scaling (Megatron and LLM-jp: 1)."""
+    fp8_amax_compute_algo: Literal["most_recent", "max"] = "most_recent"
+    """How delayed scaling picks the amax from its history."""
+    fp8_margin: int = 0
+    """Extra power-of-two head-room of the FP8 scale."""
+    first_last_layers_bf16: bool = False
+    """Keep the first and last transformer layers in BF16 (not with the delayed recipe)."""
+    num_layers_at_start_in_bf16: int = 1
+    """Layers at the start kept in BF16 when first_last_layers_bf16."""
+    num_layers_at_end_in_bf16: int = 1
+    """Layers at the end kept in BF16 when first_last_layers_bf16."""
+
+    def validate(self) -> None:
+        if self.fp8 is None:
+            return
+        if self.params_dtype != "bf16":
+            raise bad_value("precision.params_dtype", self.params_dtype, "must be bf16 with precision.fp8",
+                            "set precision.params_dtype=bf16 (FP8 is applied to the matrix multiplies)")
+        if self.first_last_layers_bf16 and self.fp8_recipe == "delayed":
+            raise bad_value("precision.first_last_layers_bf16", True, "is not supported with fp8_recipe=delayed",
+                            "use fp8_recipe=tensorwise or turn it off")
+        if self.fp8_amax_history_len < 1 or self.fp8_margin < 0:
+            raise ConfigError("precision.fp8_amax_history_len must be >= 1 and precision.fp8_margin >= 0; fix them")
 
 
 @dataclass(kw_only=True)
@@ -420,12 +455,20 @@ class TrainConfig:
         if model.transformer_impl == "transformer_engine" and self.runtime.device == "cpu":
             raise bad_value("model.transformer_impl", "transformer_engine", "needs a GPU",
                             "use local (or auto) with runtime.device=cpu")
+        prec = self.precision
+        if prec.fp8 is not None and self.runtime.device == "cpu":
+            raise bad_value("precision.fp8", prec.fp8, "needs a Hopper GPU", "set precision.fp8=null for CPU runs")
+        if prec.first_last_layers_bf16 and (
+                prec.num_layers_at_start_in_bf16 + prec.num_layers_at_end_in_bf16 > model.num_layers):
+            raise ConfigError(f"precision.num_layers_at_start_in_bf16 + num_layers_at_end_in_bf16 exceeds "
+                              f"model.num_layers={model.num_layers}; keep fewer layers in BF16")
         needs_te = {"parallelism.context_parallel_size": par.context_parallel_size > 1,
-                    "parallelism.sequence_parallel": par.sequence_parallel}
+                    "parallelism.sequence_parallel": par.sequence_parallel,
+                    "precision.fp8": prec.fp8 is not None}
         for key, needed in needs_te.items():
             if needed and model.transformer_impl == "local":
-                raise ConfigError(f"{key} needs model.transformer_impl=transformer_engine (the local RMSNorm "
-                                  "and attention do not support it); install the te extra or turn it off")
+                raise ConfigError(f"{key} needs model.transformer_impl=transformer_engine (Megatron's local "
+                                  "layers do not implement it); install the te extra or turn it off")
         exit_after = self.schedule.exit_after_iters
         if exit_after is not None and not 0 < exit_after <= self.schedule.train_iters:
             raise bad_value("schedule.exit_after_iters", exit_after,

@@ -95,12 +95,40 @@ def resolve_transformer_impl(config: TrainConfig) -> str:
     return impl
 
 
+def check_fp8_possible(config: TrainConfig) -> None:
+    """FP8 needs the Transformer Engine layers and a Hopper (sm_90) or newer GPU: say so before building."""
+    if config.precision.fp8 is None:
+        return
+    if resolve_transformer_impl(config) != "transformer_engine":
+        raise UserError("precision.fp8 needs Transformer Engine, which is not installed here; "
+                        "pip install 'kumihimo[te]' on the GPU nodes or set precision.fp8=null")
+    major, minor = torch.cuda.get_device_capability()
+    if major < 9:
+        raise UserError(f"precision.fp8 needs a Hopper (sm_90) or newer GPU; this one is sm_{major}{minor}. "
+                        "Set precision.fp8=null to train in BF16")
+    if config.precision.fp8_recipe == "mxfp8" and major < 10:
+        raise UserError(f"precision.fp8_recipe=mxfp8 needs a Blackwell GPU; this one is sm_{major}{minor}. "
+                        "Use delayed or tensorwise on Hopper")
+
+
+def _fp8_fields(config: TrainConfig) -> dict:
+    prec = config.precision
+    if prec.fp8 is None:
+        return {}
+    return {"fp8": prec.fp8, "fp8_recipe": prec.fp8_recipe, "fp8_margin": prec.fp8_margin,
+            "fp8_amax_history_len": prec.fp8_amax_history_len, "fp8_amax_compute_algo": prec.fp8_amax_compute_algo,
+            "first_last_layers_bf16": prec.first_last_layers_bf16,
+            "num_layers_at_start_in_bf16": prec.num_layers_at_start_in_bf16,
+            "num_layers_at_end_in_bf16": prec.num_layers_at_end_in_bf16}
+
+
 def transformer_config(config: TrainConfig, layout: ParallelLayout) -> TransformerConfig:
     """Map our config onto Megatron's TransformerConfig (fusions off unless TE provides them)."""
     model, precision = config.model, config.precision
     dtype = DTYPES[precision.params_dtype]
     on_cpu = config.runtime.device == "cpu"
     return TransformerConfig(
+        **_fp8_fields(config),
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,
@@ -151,6 +179,7 @@ def layer_spec(config: TrainConfig):
 
 def build_model(config: TrainConfig, layout: ParallelLayout, padded_vocab_size: int) -> list[GPTModel]:
     """This rank's model chunks (one, or VPP of them with interleaved pipelining), initialised."""
+    check_fp8_possible(config)
     tconfig = transformer_config(config, layout)
     spec = layer_spec(config)
     num_chunks = layout.vpp or 1

@@ -35,17 +35,30 @@ class TrainResult:
     exit_code: int = 0
 
 
-def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
-    """Token-mean loss of one micro-batch; also returns (sum, count) for exact reporting."""
-    losses = output.float().reshape(-1)
+def loss_func(loss_mask: torch.Tensor, output: torch.Tensor, extra: torch.Tensor | None = None):
+    """Token-mean loss of one micro-batch (+ an extra per-token term such as z-loss); the reported
+    (sum, count) is the cross entropy alone, so curves compare across z-loss settings."""
     mask = loss_mask.float().reshape(-1)
-    loss_sum = torch.sum(losses * mask)
+    losses = output.float().reshape(-1)
+    reported = torch.sum(losses * mask)
+    loss_sum = reported if extra is None else reported + torch.sum(extra.reshape(-1) * mask)
     num_tokens = mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+    return loss_sum, num_tokens, {"lm loss": torch.stack([reported.detach(), mask.sum()])}
 
 
-def forward_step(data_iterator, model):
+def z_loss_func(loss_mask: torch.Tensor, labels: torch.Tensor, z_loss_coeff: float, logits: torch.Tensor):
+    from pretrain.loss import cross_entropy_and_z
+
+    cross_entropy, z_term = cross_entropy_and_z(logits, labels, z_loss_coeff)
+    return loss_func(loss_mask, cross_entropy, z_term)
+
+
+def forward_step(data_iterator, model, z_loss_coeff: float = 0.0):
     batch = next(data_iterator)
+    if z_loss_coeff:
+        # The model returns [b, s, vocab/TP] logits (hidden states on earlier pipeline stages).
+        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        return output, partial(z_loss_func, batch["loss_mask"], batch["labels"], z_loss_coeff)
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])
 
@@ -269,6 +282,10 @@ class Trainer:
         result.state = self.state
         return result
 
+    @property
+    def forward_step(self):
+        return partial(forward_step, z_loss_coeff=self.config.model.z_loss_coeff)
+
     def _gives_up(self, values: dict) -> bool:
         """After a bad step: stop now (policy `stop`) or after too many bad steps in a row."""
         res = self.config.resilience
@@ -293,7 +310,7 @@ class Trainer:
         indices = batch_indices(self.state.consumed_samples, self.layout, dp_rank)
         iterators = [microbatches(self.datasets.train, indices, self.device) for _ in self.model]
         losses = get_forward_backward_func()(
-            forward_step_func=forward_step,
+            forward_step_func=self.forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=self.layout.num_microbatches,
@@ -364,7 +381,7 @@ class Trainer:
             indices = batch_indices(i * self.layout.global_batch_size, self.layout, dp_rank)
             iterators = [microbatches(self.datasets.valid, indices, self.device) for _ in self.model]
             gathered += get_forward_backward_func()(
-                forward_step_func=forward_step,
+                forward_step_func=self.forward_step,
                 data_iterator=iterators if len(iterators) > 1 else iterators[0],
                 model=self.model if len(self.model) > 1 else self.model[0],
                 num_microbatches=self.layout.num_microbatches, seq_length=self.config.model.seq_length,

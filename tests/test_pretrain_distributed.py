@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import read_metrics, run_cli
 
 TINY = "configs/pretrain/tiny-cpu.yaml"
-BASE = ("schedule.lr_warmup_iters=1", "schedule.eval_interval=0", "schedule.train_iters=4",
+BASE = ("schedule.lr_warmup_iters=1", "schedule.eval_interval=0", "schedule.train_iters=4", "model.z_loss_coeff=1e-4",
         "logging.log_interval=1")
 
 

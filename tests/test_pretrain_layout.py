@@ -50,6 +50,13 @@ def test_vocab_padding_follows_tp():
     (["parallelism.sequence_parallel=true", "parallelism.tensor_model_parallel_size=2"],
      "needs model.transformer_impl=transformer_engine"),
     (["schedule.lr_warmup_iters=500"], "schedule.lr_warmup_iters=500 is not within"),
+    (["precision.fp8=hybrid", "precision.params_dtype=bf16"], "precision.fp8='hybrid' needs a Hopper GPU"),
+    (["precision.fp8=hybrid", "precision.params_dtype=bf16", "runtime.device=cuda", "model.transformer_impl=local"],
+     "precision.fp8 needs model.transformer_impl=transformer_engine"),
+    (["precision.fp8=e4m3", "runtime.device=cuda"], "precision.params_dtype='fp32' must be bf16 with precision.fp8"),
+    (["precision.fp8=hybrid", "precision.params_dtype=bf16", "runtime.device=cuda",
+      "precision.first_last_layers_bf16=true"], "is not supported with fp8_recipe=delayed"),
+    (["model.z_loss_coeff=-1"], "model.z_loss_coeff=-1.0 is negative"),
 ])
 def test_invalid_values_raise_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as info:
