@@ -4,6 +4,7 @@
     kumihimo data ...              curate raw JSONL and build Megatron datasets + blend
     kumihimo tokenizer ...         train / evaluate / export a SentencePiece tokenizer
     kumihimo train CONFIG ...      pretrain with Megatron-Core (one process, torchrun, or srun)
+    kumihimo plan CONFIG --nodes N memory per GPU, pipeline bubble, fits-or-not, before launching
     kumihimo convert ...           Megatron checkpoint <-> Hugging Face
     kumihimo doctor                check the environment (and a config) before a long run
 
@@ -28,6 +29,7 @@ _VERBS = {
     "data": ("data_prep.cli", "curate raw JSONL and build Megatron .bin/.idx datasets with blend weights"),
     "tokenizer": ("tokenizer.cli", "train, evaluate and export SentencePiece tokenizers"),
     "train": ("pretrain.cli", "pretrain a Llama-style model with Megatron-Core"),
+    "plan": ("pretrain.plan", "per-GPU parameters, memory and pipeline bubble of a recipe before launching"),
     "convert": ("pretrain.convert.cli", "convert checkpoints between Megatron (torch_dist) and Hugging Face"),
     "quickstart": ("kumihimo.quickstart", "run the whole pipeline on the bundled sample corpus, on CPU"),
     "doctor": ("kumihimo.doctor", "check Python, torch, megatron-core, devices, communication and a config"),

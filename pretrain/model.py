@@ -161,6 +161,8 @@ def transformer_config(config: TrainConfig, layout: ParallelLayout) -> Transform
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         deterministic_mode=config.runtime.deterministic,
+        **({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+           if model.recompute == "full" else {}),
     )
 
 

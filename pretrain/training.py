@@ -110,6 +110,7 @@ class Trainer:
         self.padded_vocab = self.layout.padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by)
         self._build_model_and_optimizer()
         self.flops_per_token = training_flops_per_token(cfg, self.padded_vocab)
+        self._record_parameter_counts()
         self.metrics = MetricsSink(cfg, self.run_dir, enabled=self.is_logger)
         self._maybe_resume()
 
@@ -172,6 +173,21 @@ class Trainer:
         if cfg.parallelism.overlap_param_gather:
             params = [m.start_param_sync for m in self.model]
             tconfig.param_sync_func = params[0] if len(params) == 1 else params
+
+    def _record_parameter_counts(self) -> None:
+        """Parameters held by each rank, to parameters_per_rank.json (`kumihimo plan` predicts them)."""
+        from megatron.core import parallel_state
+
+        local = sum(p.numel() for chunk in self.model for p in checkpointing.unwrap(chunk).parameters())
+        row = {"rank": self.info.rank, "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+               "pp_rank": parallel_state.get_pipeline_model_parallel_rank(), "parameters": local}
+        rows = [None] * self.info.world_size
+        dist.all_gather_object(rows, row)
+        if self.is_logger:
+            import json
+
+            configtree.write_text_atomic(self.run_dir / "parameters_per_rank.json", json.dumps(rows, indent=1))
+            say(f"[train] {max(r['parameters'] for r in rows):,} parameters on the most loaded rank")
 
     def _checkpoint_meta(self) -> dict:
         import megatron.core

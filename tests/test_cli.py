@@ -5,7 +5,7 @@ import pytest
 from kumihimo.cli import main
 from tests.conftest import run_cli
 
-VERBS = ["data", "tokenizer", "train", "convert", "quickstart", "doctor"]
+VERBS = ["data", "tokenizer", "train", "plan", "convert", "quickstart", "doctor"]
 
 
 def test_top_level_help_lists_every_verb(capsys):
@@ -66,3 +66,14 @@ def test_doctor_reports_and_validates_a_config():
     assert "gloo all-reduce" in proc.stdout
     bad = run_cli("doctor", "--config", "configs/pretrain/tiny-cpu.yaml", "data.mock=false", timeout=120)
     assert bad.returncode == 1 and "[FAIL] config" in bad.stdout
+
+
+def test_plan_reproduces_the_172b_reference_layout(capsys):
+    """LLM-jp-3 172B on 64 x 8 H100: 172B parameters, 216 micro-batches, ~6.9% bubble, fits in 80 GB."""
+    assert main(["plan", "configs/pretrain/llmjp3-172b.yaml", "--nodes", "64", "--vocab-size", "99574"]) == 0
+    out = capsys.readouterr().out
+    assert "172.41B parameters (vocabulary padded to 99,840)" in out
+    assert "TP=4 PP=16 CP=1 DP=8" in out and "216 micro-batches" in out
+    assert "pipeline bubble: 6.9%" in out and "-> fits" in out
+    assert main(["plan", "configs/pretrain/llmjp3-13b.yaml", "--nodes", "1", "--vocab-size", "99574"]) == 0
+    assert "does NOT fit" in capsys.readouterr().out

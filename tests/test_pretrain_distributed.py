@@ -6,6 +6,8 @@ the tiny recipe with mock data, so these tests cover the launcher, the trainer a
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import read_metrics, run_cli
@@ -55,6 +57,25 @@ def test_pp2_first_step_loss_equals_single_process(single, tmp_path):
     pp2 = read_metrics(tmp_path)
     assert abs(pp2[0]["loss"] - single[0]["loss"]) < 1e-5
     assert losses(pp2) == pytest.approx(losses(single), abs=1e-4)
+    assert_plan_counts_parameters(tmp_path, "parallelism.pipeline_model_parallel_size=2", world=2)
+
+
+def test_plan_counts_parameters_exactly(tp2):
+    assert_plan_counts_parameters(tp2, "parallelism.tensor_model_parallel_size=2", world=2)
+
+
+def assert_plan_counts_parameters(run_dir, override, world):
+    """`kumihimo plan`'s per-GPU parameter count equals what each rank of the real run held."""
+    from kumihimo import configtree
+    from pretrain.config import TrainConfig
+    from pretrain.parallel import ParallelLayout
+    from pretrain.plan import stage_params
+
+    config = configtree.load(TrainConfig, TINY, [override])
+    layout = ParallelLayout.from_config(config, world)
+    padded = layout.padded_vocab_size(config.data.mock_vocab_size, config.model.make_vocab_size_divisible_by)
+    for row in json.loads((run_dir / "parameters_per_rank.json").read_text()):
+        assert row["parameters"] == stage_params(config, layout, padded, row["pp_rank"]), row
 
 
 def test_loss_falls(single):

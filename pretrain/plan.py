@@ -1,0 +1,166 @@
+"""`kumihimo plan CONFIG --nodes N`: what one GPU holds before you launch, and whether it fits.
+
+Counted per GPU of the most loaded pipeline stage (the first stage holds the embedding and, in 1F1B,
+the most micro-batches in flight; the last holds the output layer and the logits):
+
+* parameters: exact counts of this repo's Llama layout (checked against built models in the tests);
+* weights + gradients + optimizer states, Megatron mixed precision: bf16 weights (2 B/param), fp32
+  gradients (4 B, or 2 B without grad_reduce_in_fp32), and fp32 main weights + Adam m + v (12 B) which
+  the distributed optimizer splits over DP. fp32 runs: 4 B weights, 4 B gradients, 8 B Adam states;
+* activations of one layer for one micro-batch, in bf16, with flash attention (no s x s scores) and no
+  dropout masks (dropout is 0):  2*s*b * [4h / sp + (2q + 2kv + 3f) / t]  bytes, where t = TP and
+  sp = t with sequence parallelism (the norm inputs/outputs are split too) or 1 without: the norm
+  inputs and outputs (4h), Q, K, V and the attention context (2q + 2kv), the SwiGLU gate/up outputs and
+  their product (3f). With full recompute only the layer input (2*s*b*h / sp) stays per layer, plus one
+  layer's working set. In 1F1B the first stage holds PP micro-batches of L/PP layers, i.e. L layers'
+  worth for one micro-batch (x (1 + (PP-1)/(PP*VPP)) with interleaving);
+* logits on the last stage: s*b*V/t in fp32, twice (the logits and their gradient);
+* a fixed reserve (CUDA context, NCCL buffers, allocator fragmentation), 6 GB by default.
+
+Pipeline bubble (1F1B): (PP - 1) / (micro-batches per step x VPP), as a share of the compute time.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from kumihimo import configtree
+from kumihimo.errors import UserError
+from pretrain.config import TrainConfig
+from pretrain.parallel import ParallelLayout
+
+GB = 1e9
+
+
+@dataclass
+class Plan:
+    layout: ParallelLayout
+    padded_vocab: int
+    total_params: int
+    params_per_gpu: int
+    weights_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    activations_gb: float
+    logits_gb: float
+    reserve_gb: float
+    bubble: float
+
+    @property
+    def total_gb(self) -> float:
+        return (self.weights_gb + self.grads_gb + self.optimizer_gb + self.activations_gb + self.logits_gb
+                + self.reserve_gb)
+
+
+def layer_params(config: TrainConfig) -> int:
+    m = config.model
+    h, f = m.hidden_size, m.ffn_hidden_size
+    q, kv = m.num_attention_heads * m.head_dim, m.query_groups * m.head_dim
+    return h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h  # QKV, proj, fc1 (gate+up), fc2, two RMSNorms
+
+
+def stage_params(config: TrainConfig, layout: ParallelLayout, padded_vocab: int, stage: int) -> int:
+    """Parameters on one GPU (one TP rank) of pipeline stage `stage`."""
+    m = config.model
+    h, f = m.hidden_size, m.ffn_hidden_size
+    q, kv = m.num_attention_heads * m.head_dim, m.query_groups * m.head_dim
+    # KV heads are replicated when there are fewer query groups than TP ranks.
+    kv_per_rank = kv * max(1, layout.tp // m.query_groups) // layout.tp
+    per_layer = h * (q // layout.tp + 2 * kv_per_rank) + (q // layout.tp) * h + 3 * h * f // layout.tp + 2 * h
+    count = per_layer * m.num_layers // layout.pp
+    if stage == 0:
+        count += padded_vocab * h // layout.tp
+    if stage == layout.pp - 1:
+        count += padded_vocab * h // layout.tp + h  # output layer and final norm
+    return count
+
+
+def activation_bytes_per_layer(config: TrainConfig, layout: ParallelLayout, recompute: str) -> float:
+    m = config.model
+    s, b, h, f = m.seq_length // layout.cp, config.schedule.micro_batch_size, m.hidden_size, m.ffn_hidden_size
+    q, kv = m.num_attention_heads * m.head_dim, m.query_groups * m.head_dim
+    sp = layout.tp if config.parallelism.sequence_parallel else 1
+    if recompute == "full":
+        return 2 * s * b * h / sp
+    return 2 * s * b * (4 * h / sp + (2 * q + 2 * kv + 3 * f) / layout.tp)
+
+
+def make_plan(config: TrainConfig, world_size: int, vocab_size: int, reserve_gb: float = 6.0) -> Plan:
+    layout = ParallelLayout.from_config(config, world_size)
+    padded = layout.padded_vocab_size(vocab_size, config.model.make_vocab_size_divisible_by)
+    per_stage = [stage_params(config, layout, padded, stage) for stage in range(layout.pp)]
+    params = max(per_stage)
+    bf16 = config.precision.params_dtype == "bf16"
+    dp_split = layout.dp if config.parallelism.use_distributed_optimizer else 1
+    weight_bytes = 2 if bf16 else 4
+    grad_bytes = 4 if (config.precision.grad_reduce_in_fp32 or not bf16) else 2
+    optimizer_bytes = (12 if bf16 else 8) / dp_split
+    m = config.model
+    vpp = layout.vpp or 1
+    interleave = 1 + (layout.pp - 1) / (layout.pp * vpp) if layout.vpp else 1.0
+    activations = activation_bytes_per_layer(config, layout, m.recompute) * m.num_layers * interleave
+    if m.recompute == "full":  # plus one layer's full working set while it is recomputed
+        activations += activation_bytes_per_layer(config, layout, "none")
+    logits = 2 * 4 * m.seq_length // layout.cp * config.schedule.micro_batch_size * padded / layout.tp
+    bubble = (layout.pp - 1) / (layout.num_microbatches * vpp) if layout.pp > 1 else 0.0
+    total = sum(stage_params(config, layout, padded, st) for st in range(layout.pp)) * layout.tp
+    return Plan(layout=layout, padded_vocab=padded, total_params=total, params_per_gpu=params,
+                weights_gb=params * weight_bytes / GB, grads_gb=params * grad_bytes / GB,
+                optimizer_gb=params * optimizer_bytes / GB, activations_gb=activations / GB,
+                logits_gb=logits / GB, reserve_gb=reserve_gb, bubble=bubble)
+
+
+def format_plan(config: TrainConfig, plan: Plan, gpu_memory_gb: float) -> str:
+    fits = plan.total_gb <= gpu_memory_gb
+    rows = [
+        f"{config.name}: {plan.total_params / 1e9:.2f}B parameters (vocabulary padded to {plan.padded_vocab:,})",
+        f"layout: {plan.layout.describe()}",
+        f"per GPU (most loaded stage): {plan.params_per_gpu / 1e9:.3f}B parameters",
+        f"  weights          {plan.weights_gb:8.1f} GB",
+        f"  gradients        {plan.grads_gb:8.1f} GB",
+        f"  optimizer states {plan.optimizer_gb:8.1f} GB"
+        + (f"  (distributed over DP={plan.layout.dp})" if config.parallelism.use_distributed_optimizer else ""),
+        f"  activations      {plan.activations_gb:8.1f} GB  (recompute: {config.model.recompute})",
+        f"  logits           {plan.logits_gb:8.1f} GB",
+        f"  reserve          {plan.reserve_gb:8.1f} GB",
+        f"  total            {plan.total_gb:8.1f} GB of {gpu_memory_gb:.0f} GB -> "
+        + ("fits" if fits else "does NOT fit: raise TP/PP, use the distributed optimizer or full recompute"),
+        f"pipeline bubble: {plan.bubble:.1%} of compute time",
+    ]
+    return "\n".join(rows)
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Before launching: per-GPU parameters, memory (weights, gradients, optimizer states, "
+                          "activations, logits), pipeline bubble, and whether the run fits the GPU.")
+    parser.epilog = "example:\n  kumihimo plan configs/pretrain/llmjp3-172b.yaml --nodes 64"
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("config", help="training recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides")
+    parser.add_argument("--nodes", type=int, default=1, help="number of nodes (default: %(default)s)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default: %(default)s)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="GPU memory (default: H100 80 GB)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="unpadded vocabulary size (default: read from data.tokenizer)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = configtree.load(TrainConfig, args.config, args.overrides)
+    vocab = args.vocab_size
+    if vocab is None:
+        if config.data.mock or config.data.tokenizer is None:
+            vocab = config.data.mock_vocab_size
+        else:
+            from tokenizer.spm import Tokenizer
+
+            try:
+                vocab = Tokenizer.load(config.data.tokenizer).vocab_size
+            except UserError as exc:
+                raise UserError(f"{exc} (or pass --vocab-size N to plan without the tokenizer)") from exc
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise UserError("--nodes and --gpus-per-node must be >= 1")
+    plan = make_plan(config, args.nodes * args.gpus_per_node, vocab)
+    print(format_plan(config, plan, args.gpu_memory_gb))
+    return 0
