@@ -69,6 +69,26 @@ def register(parser: argparse.ArgumentParser) -> None:
     export.add_argument("--output", required=True, metavar="DIR", help="output directory")
     export.set_defaults(handler=run_export)
 
+    merge = commands.add_parser(
+        "merge",
+        help="merge per-language Unigram vocabularies and re-estimate their scores",
+        description=("Unite the pieces of separately trained Unigram models (the first keeps its special and "
+                     "byte ids), re-estimate every score by hard EM on mixed text, optionally prune to a "
+                     "vocabulary size: how llm-jp-tokenizer v3 combined its per-language vocabularies."),
+        epilog=("example:\n  kumihimo tokenizer merge --base en/tokenizer.model --add ja/tokenizer.model \\\n"
+                "      --text curated/en.jsonl --text curated/ja.jsonl --vocab-size 99584 --output merged/"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    merge.add_argument("--base", required=True, metavar="MODEL", help="model whose special/byte ids are kept")
+    merge.add_argument("--add", action="append", required=True, metavar="MODEL", help="model to merge in")
+    merge.add_argument("--text", action="append", required=True, metavar="FILE",
+                       help="JSONL(.gz) with a text field, for re-estimating scores (repeatable)")
+    merge.add_argument("--text-field", default="text", help="JSON key of the text")
+    merge.add_argument("--max-documents", type=int, default=20000, help="documents read per --text file")
+    merge.add_argument("--vocab-size", type=int, default=None, help="prune the union to this many pieces")
+    merge.add_argument("--iterations", type=int, default=3, help="hard-EM iterations")
+    merge.add_argument("--output", required=True, metavar="DIR", help="output directory")
+    merge.set_defaults(handler=run_merge)
+
 
 def _settings_help() -> str:
     rows = configtree.describe(TokenizerTrainConfig)
@@ -107,4 +127,19 @@ def run_export(args: argparse.Namespace) -> int:
 
     output_dir = export_hf(args.tokenizer, args.output)
     print(output_dir)
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from itertools import islice
+    from pathlib import Path
+
+    from tokenizer.merge import merge_models
+    from tokenizer.train import iter_documents
+
+    texts = []
+    for path in args.text:
+        texts += islice(iter_documents(Path(path), args.text_field, None), args.max_documents)
+    merge_models([Path(args.base), *map(Path, args.add)], texts, Path(args.output), args.vocab_size,
+                 args.iterations)
     return 0

@@ -16,6 +16,7 @@ from kumihimo.configtree import bad_value
 
 NUM_BYTE_PIECES = 256
 NEWLINE = "\n"
+WHITESPACE = "\u2581"  # SentencePiece's escaped space
 
 
 @dataclass(kw_only=True)
@@ -157,11 +158,14 @@ class TokenizerTrainConfig:
         return [piece for piece in self.all_required_pieces() if len(piece) > 1]
 
     def required_chars(self) -> str:
-        """Newline and single-character required pieces, kept whatever character_coverage says.
+        """Whitespace, newline and single-character required pieces, kept whatever character_coverage says.
         (Newline is a required character, not a user-defined symbol: SentencePiece scores
         user-defined symbols with an inexact bonus, which makes its float32 Viterbi break exact ties
         differently from Hugging Face's; see export_hf.)"""
-        chars = ([NEWLINE] if self.newline_piece else []) + [p for p in self.all_required_pieces() if len(p) == 1]
+        # The whitespace symbol too: a corpus without spaces (Japanese-only, say) would otherwise leave
+        # it out, and a space would byte-fall-back to the bytes of U+2581 and decode as "▁", not " ".
+        chars = ([WHITESPACE] + ([NEWLINE] if self.newline_piece else [])
+                 + [p for p in self.all_required_pieces() if len(p) == 1])
         return "".join(dict.fromkeys(chars))
 
     def all_required_pieces(self) -> list[str]:
