@@ -124,7 +124,7 @@ def test_required_pieces_file_splits_chars_and_symbols(tmp_path):
     pieces = tmp_path / "kanji.txt"
     pieces.write_text("鰻\n鰯\r\n\n言語モデル\n鰻\n", encoding="utf-8")
     config = make_config(recipe(tmp_path, tmp_path / "o", required_pieces=[], required_pieces_file=str(pieces)))
-    assert config.required_chars() == "\n鰻鰯"
+    assert config.required_chars() == "\u2581\n鰻鰯"  # whitespace symbol and newline always
     assert config.user_defined_pieces() == ["言語モデル"]
 
 
