@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from data_prep.config import load_config
+from kumihimo.errors import UserError
 from kumihimo.progress import say
 
 _EXAMPLES = {
@@ -12,6 +13,8 @@ _EXAMPLES = {
   kumihimo data curate configs/data_prep/quickstart.yaml
   kumihimo data curate configs/data_prep/llmjp-web.yaml output_dir=/data/curated num_workers=64
   kumihimo data curate my.yaml 'input.sources=[{name: ja, paths: [raw/ja/*.jsonl.gz]}]' dedup.num_bands=40
+  kumihimo data curate configs/data_prep/llmjp-web.yaml executor.kind=datatrove-slurm executor.tasks=512 \
+      executor.slurm_partition=cpu 'executor.slurm_env_command=source ~/kumihimo/.venv/bin/activate'
 
 A killed run resumes where it stopped when started again with the same config and output_dir.""",
     "tokenize": """examples:
@@ -52,6 +55,9 @@ def _curate(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     result = curate(config)
+    if result is None:
+        say("[data_prep] Slurm jobs submitted; when they have finished, `kumihimo data tokenize` builds the datasets")
+        return 0
     say(f"[data_prep] kept {result.num_kept} of {result.num_input_lines} input lines "
         f"({result.num_dropped} dropped, {result.num_quarantined} quarantined); report: {result.report_path}")
     return 0
@@ -70,6 +76,9 @@ def _tokenize(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if load_config(args.config, args.overrides).executor.kind == "datatrove-slurm":
+        raise UserError("`kumihimo data run` cannot wait for Slurm jobs; run `kumihimo data curate` "
+                        "(it submits them), then `kumihimo data tokenize` once they have finished")
     _curate(args)
     return _tokenize(args)
 

@@ -373,6 +373,47 @@ class ReportConfig:
     """Characters of text kept in dropped/quarantine records and report examples."""
 
 
+ExecutorKind = Literal["local", "datatrove-local", "datatrove-slurm"]
+
+
+@dataclass(kw_only=True)
+class ExecutorConfig:
+    kind: ExecutorKind = "local"
+    """local: a process pool on this machine. datatrove-local / datatrove-slurm: per-shard curation as
+    `executor.tasks` datatrove tasks (LocalPipelineExecutor / SlurmPipelineExecutor, needs
+    `pip install datatrove`), then global dedup, merge and report as one task that depends on them."""
+    tasks: int = 1
+    """Number of datatrove tasks the shards are dealt to (task i curates shards i, i+tasks, ...)."""
+    workers: int | None = None
+    """Tasks run at once by datatrove-local (null = num_workers); datatrove-slurm: array jobs at once (null = all)."""
+    logging_dir: str | None = None
+    """datatrove's logs and completion markers; null = <output_dir>/work/datatrove."""
+    slurm_partition: str | None = None
+    """Slurm partition for datatrove-slurm (required there)."""
+    slurm_time: str = "24:00:00"
+    """Time limit of each Slurm job."""
+    slurm_cpus_per_task: int = 1
+    """CPUs per Slurm task; a task curates its shards one at a time, so 1 is enough."""
+    slurm_mem_per_cpu_gb: int = 4
+    """Memory per CPU in GB (a worker holds ~300 MB of models and tables plus one shard's buffers)."""
+    slurm_env_command: str | None = None
+    """Shell command run before each job, e.g. `source /path/to/.venv/bin/activate`."""
+    slurm_sbatch_args: list[str] = field(default_factory=list)
+    """Extra #SBATCH options as key=value, e.g. [account=myproj, qos=high]."""
+
+    def validate(self) -> None:
+        if self.tasks < 1:
+            raise bad_value("executor.tasks", self.tasks, "is below 1", "use 1 or more (e.g. one per 1-10 shards)")
+        if self.workers is not None and self.workers < 1:
+            raise bad_value("executor.workers", self.workers, "is below 1", "use null or >= 1")
+        if self.kind == "datatrove-slurm" and not self.slurm_partition:
+            raise bad_value("executor.slurm_partition", self.slurm_partition, "is not set for datatrove-slurm",
+                            "name the Slurm partition to run on, e.g. executor.slurm_partition=cpu")
+        for arg in self.slurm_sbatch_args:
+            if "=" not in arg:
+                raise bad_value("executor.slurm_sbatch_args", arg, "is not key=value", "write e.g. account=myproj")
+
+
 @dataclass(kw_only=True)
 class DataPrepConfig:
     output_dir: str = "data_prep_out"
@@ -397,6 +438,8 @@ class DataPrepConfig:
     """Megatron .bin/.idx building."""
     report: ReportConfig = field(default_factory=ReportConfig)
     """report.md / report.json."""
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    """Where curation runs: this machine's process pool, or datatrove tasks (local or Slurm)."""
 
     def validate(self) -> None:
         if self.num_workers is not None and self.num_workers < 1:

@@ -11,14 +11,13 @@ import glob
 import json
 import re
 import unicodedata
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from data_prep.config import DecontamConfig
-from data_prep.ngrams import codepoints, window_hashes
+from data_prep.ngrams import codepoints, mix64, window_hashes
 from kumihimo.errors import UserError
 
 _WORD = re.compile(r"\w+")
@@ -45,11 +44,35 @@ def word_ngram_hashes(text: str, n: int) -> np.ndarray:
     words = _WORD.findall(_normalize(text))
     if len(words) < n:
         return np.empty(0, dtype=np.uint64)
-    # crc32 + adler32: deterministic across processes (str hash() is salted per process)
-    encoded = [w.encode("utf-8") for w in words]
-    vocab_ids = np.fromiter((zlib.crc32(b) | (zlib.adler32(b) << 32) for b in encoded),
-                            dtype=np.uint64, count=len(words))
-    return window_hashes(vocab_ids, n) ^ _WORD_TAG
+    return window_hashes(word_hashes(words), n) ^ _WORD_TAG
+
+
+def word_hashes(words: list[str]) -> np.ndarray:
+    """64-bit hash of each word, all words at once: a polynomial hash over code points from prefix sums
+    (deterministic across processes, unlike str hash(), which is salted per process)."""
+    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    values = codepoints("".join(words)).astype(np.uint64) + np.uint64(1)
+    powers, inverse_powers = _powers(len(values) + 1)
+    prefix = np.concatenate(([np.uint64(0)], np.cumsum(values * powers[:len(values)], dtype=np.uint64)))
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    # sum of values[k] * P**(k - start) over the word: arithmetic modulo 2**64, P odd hence invertible
+    return mix64((prefix[ends] - prefix[starts]) * inverse_powers[starts] ^ lengths.astype(np.uint64))
+
+
+_POWER_BASE = 0x100000001B3
+_POWER_CACHE: list[np.ndarray] = []
+
+
+def _powers(num: int) -> tuple[np.ndarray, np.ndarray]:
+    """(P**k, P**-k) modulo 2**64 for k < num (cached, grown by doubling)."""
+    if not _POWER_CACHE or len(_POWER_CACHE[0]) < num:
+        size = max(num, 2 * len(_POWER_CACHE[0]) if _POWER_CACHE else 4096)
+        forward = np.full(size, _POWER_BASE, dtype=np.uint64)
+        backward = np.full(size, pow(_POWER_BASE, -1, 2**64), dtype=np.uint64)
+        forward[0] = backward[0] = 1
+        _POWER_CACHE[:] = [np.cumprod(forward, dtype=np.uint64), np.cumprod(backward, dtype=np.uint64)]
+    return _POWER_CACHE[0], _POWER_CACHE[1]
 
 
 def _eval_texts(path: str, fields: list[str]) -> Iterator[str]:

@@ -42,7 +42,7 @@ class IndexedDatasetWriter:
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents given as one flat token array and their lengths."""
         assert int(lengths.sum()) == len(tokens), "lengths must add up to the token count"
-        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes(order="C"))
+        self._bin.write(memoryview(np.ascontiguousarray(tokens, dtype=self.dtype)))  # no bytes copy
         self._lengths.append(np.asarray(lengths, dtype=np.int32))
         self.num_tokens += len(tokens)
 

@@ -15,8 +15,9 @@ _M2 = np.uint64(0x94D049BB133111EB)
 
 
 def codepoints(text: str) -> np.ndarray:
-    """The text as a uint32 array of code points (no copy of the encoded buffer)."""
-    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    """The text as a uint32 array of code points (no copy of the encoded buffer); lone surrogates, which a
+    Python str can hold (JSON escapes), pass through instead of raising."""
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
 def mix64(values: np.ndarray) -> np.ndarray:
@@ -43,33 +44,107 @@ def window_hashes(items: np.ndarray, n: int) -> np.ndarray:
     return mix64(acc)
 
 
-def top_ngram_coverage(items: np.ndarray, weights: np.ndarray, n: int) -> float:
-    """Share of total weight covered by occurrences of the most frequent n-gram (Gopher's rule)."""
-    hashes = window_hashes(items, n)
-    total = float(weights.sum())
-    if len(hashes) == 0 or total <= 0:
-        return 0.0
-    uniq, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
-    if counts.max() < 2:
-        return 0.0
-    top = np.argmax(counts)
+def _extend(values: np.ndarray, acc: np.ndarray, n: int) -> np.ndarray:
+    """Unmixed polynomial hashes of the n-grams from those of the (n-1)-grams (`acc`)."""
+    num_windows = len(values) - n + 1
+    out = acc[:num_windows] * _POLY
+    out += values[n - 1:n - 1 + num_windows]
+    return out
+
+
+def _raw_hashes(items: np.ndarray, n: int) -> np.ndarray:
+    values = items.astype(np.uint64) + np.uint64(1)
+    acc = values
+    for k in range(2, n + 1):
+        acc = _extend(values, acc, k)
+    return acc
+
+
+def _top_coverage(raw: np.ndarray, weights: np.ndarray, n: int, total: float) -> tuple[float, int]:
+    """(coverage of the most frequent n-gram, its count) from unmixed window hashes.
+
+    Among n-grams tied for the top count, the one with the smallest mixed hash is taken (what a sort
+    of the mixed hashes picks first); the mixer is applied to the tied few only.
+    """
+    if len(raw) == 0 or total <= 0:
+        return 0.0, 0
+    ordered = np.sort(raw)
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    runs = np.diff(np.append(starts, len(ordered)))
+    top_count = int(runs.max())
+    if top_count < 2:
+        return 0.0, top_count
+    tied = ordered[starts[runs == top_count]]
+    top = tied[np.argmin(mix64(tied))] if len(tied) > 1 else tied[0]
     cum = np.concatenate(([0], np.cumsum(weights, dtype=np.float64)))
     window_weight = cum[n:] - cum[:-n]
-    return float(window_weight[inverse == top].sum()) / total
+    return float(window_weight[raw == top].sum()) / total, top_count
+
+
+def _duplicate_coverage(raw: np.ndarray, weights: np.ndarray, n: int, total: float) -> float:
+    if len(raw) == 0 or total <= 0:
+        return 0.0
+    order = np.argsort(raw, kind="stable")  # equal hashes keep text order: all but the first are repeats
+    ordered = raw[order]
+    starts = order[1:][ordered[1:] == ordered[:-1]]
+    if len(starts) == 0:
+        return 0.0
+    length = len(weights)
+    depth = np.cumsum(np.bincount(starts, minlength=length + 1) - np.bincount(starts + n, minlength=length + 1))
+    covered = depth[:length] > 0
+    return float(weights[covered].sum()) / total
+
+
+def top_ngram_coverage(items: np.ndarray, weights: np.ndarray, n: int) -> float:
+    """Share of total weight covered by occurrences of the most frequent n-gram (Gopher's rule)."""
+    return _top_coverage(_raw_hashes(items, n), weights, n, float(weights.sum()))[0]
 
 
 def duplicate_ngram_coverage(items: np.ndarray, weights: np.ndarray, n: int) -> float:
     """Share of total weight inside n-grams that repeat an earlier n-gram (first occurrences do not
     count, overlapping repeats count each item once), as in Gopher's duplicate n-gram fraction."""
-    hashes = window_hashes(items, n)
+    return _duplicate_coverage(_raw_hashes(items, n), weights, n, float(weights.sum()))
+
+
+def _hashes_up_to(values: np.ndarray, acc: np.ndarray, acc_n: int, n: int) -> tuple[np.ndarray, int]:
+    if acc_n > n:
+        acc, acc_n = values, 1
+    while acc_n < n:
+        acc_n += 1
+        acc = _extend(values, acc, acc_n)
+    return acc, acc_n
+
+
+def first_ngram_violation(items: np.ndarray, weights: np.ndarray, top_limits: dict[int, float],
+                          duplicate_limits: dict[int, float]) -> tuple[str, int, float] | None:
+    """The first rule broken, in order (top n-gram rules by n, then duplicate n-gram rules by n), as
+    ("top" | "duplicate", n, coverage); None when all hold.
+
+    Gives what calling the two coverage functions for every n would, with less work: window hashes
+    are extended n by n, and rules that provably hold are skipped. Positions covered by repeated
+    (n+1)-grams are covered by repeated n-grams too, so duplicate coverage never grows with n; with
+    unit weights the top m-gram covers at most (top 2-gram count) x m items.
+    """
+    values = items.astype(np.uint64) + np.uint64(1)
     total = float(weights.sum())
-    if len(hashes) == 0 or total <= 0:
-        return 0.0
-    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-    starts = np.nonzero(first[inverse] != np.arange(len(hashes)))[0]
-    if len(starts) == 0:
-        return 0.0
-    length = len(items)
-    depth = np.cumsum(np.bincount(starts, minlength=length + 1) - np.bincount(starts + n, minlength=length + 1))
-    covered = depth[:length] > 0
-    return float(weights[covered].sum()) / total
+    uniform = bool(np.all(weights == 1.0))
+    acc, acc_n = values, 1
+    top2_count: int | None = None
+    for n, limit in sorted(top_limits.items()):
+        if uniform and top2_count is not None and n > 2 and total > 0 and top2_count * n / total <= limit:
+            continue
+        acc, acc_n = _hashes_up_to(values, acc, acc_n, n)
+        share, count = _top_coverage(acc, weights, n, total)
+        if n == 2:
+            top2_count = count
+        if share > limit:
+            return "top", n, share
+    bound: float | None = None
+    for n, limit in sorted(duplicate_limits.items()):
+        if bound is not None and bound <= limit:
+            continue
+        acc, acc_n = _hashes_up_to(values, acc, acc_n, n)
+        bound = _duplicate_coverage(acc, weights, n, total)
+        if bound > limit:
+            return "duplicate", n, bound
+    return None

@@ -108,19 +108,38 @@ _RULES: list[tuple[str, re.Pattern[str], Callable[[str], bool]]] = [
     ("ip_address", IPV6, _ipv6),
 ]
 
+# What a text must contain for a rule to redact anything: (digits at least, a character that must occur).
+# Checked once per text before any regex runs (most texts have few digits and no '@'); the counts hold for
+# every rule's pattern plus its validator (a card has >= 13 digits, a JP phone 10-11, an IPv6 two ':').
+_NEEDS: dict[re.Pattern[str], tuple[int, str | None]] = {
+    EMAIL: (0, "@"), CREDIT_CARD: (13, None), MY_NUMBER: (12, None), PHONE_INTL: (8, "+"),
+    PHONE_JP: (10, None), POSTAL: (7, None), IPV4: (4, "."), IPV6: (0, ":"),
+}
+_DIGIT = re.compile(_D)
+_PRECHECK_CHARS = set("0123456789\uff10\uff11\uff12\uff13\uff14\uff15\uff16\uff17\uff18\uff19@+.:")
+
 
 class PiiRedactor:
     def __init__(self, config: PiiConfig):
         self.enabled = config.enabled
         self.rules = [(kind, pattern, valid, config.placeholder.format(type=kind.upper()))
                       for kind, pattern, valid in _RULES if kind in config.types]
+        # a placeholder holding digits or anchor characters could enable a later rule: no prechecks then
+        self._precheck = not any(set(placeholder) & _PRECHECK_CHARS for *_, placeholder in self.rules)
+
+    def _applicable(self, text: str) -> list:
+        if not self._precheck:
+            return self.rules
+        num_digits = len(_DIGIT.findall(text))
+        return [rule for rule in self.rules
+                if num_digits >= _NEEDS[rule[1]][0] and (_NEEDS[rule[1]][1] is None or _NEEDS[rule[1]][1] in text)]
 
     def redact(self, text: str) -> tuple[str, Counter[str]]:
         """(redacted text, count per PII type)."""
         counts: Counter[str] = Counter()
         if not self.enabled:
             return text, counts
-        for kind, pattern, valid, placeholder in self.rules:
+        for kind, pattern, valid, placeholder in self._applicable(text):
             def replace(match: re.Match[str], kind=kind, valid=valid, placeholder=placeholder) -> str:
                 if valid(match.group(0)):
                     counts[kind] += 1

@@ -69,7 +69,7 @@ class RunLayout:
 
     @property
     def eval_index(self) -> Path:
-        return self.work / "eval_index.npy"
+        return self.work / "eval_index_v2.npy"  # v2: vectorised word hashes (v1 files are not reused)
 
     def merged_marker(self, source: str) -> Path:
         return self.work / "merged" / f"{source}.json"
@@ -126,8 +126,9 @@ def _run_shard(task: tuple[Shard, Path]) -> int:
 
 def _curate_shards(config: DataPrepConfig, layout: RunLayout, shards: list[Shard]) -> None:
     layout.shards.mkdir(parents=True, exist_ok=True)
-    for stale in layout.shards.glob(".*.tmp-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+    for shard in shards:  # left by a killed run; only this task's shards (others may be in progress)
+        for stale in layout.shards.glob(f".{shard.shard_id}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     todo = [s for s in shards if not (layout.shards / s.shard_id).is_dir()]
     if len(todo) < len(shards):
         say(f"[data_prep] resuming: {len(shards) - len(todo)} of {len(shards)} shards already done")
@@ -256,16 +257,46 @@ def _merge_all(config: DataPrepConfig, layout: RunLayout, shards: list[Shard]) -
     return summaries
 
 
-def curate(config: DataPrepConfig) -> CurationResult:
-    """Raw JSONL of every source -> `<out>/curated/<source>.jsonl` (+ dropped/, quarantine/, report)."""
+def prepare_run(config: DataPrepConfig) -> tuple[RunLayout, list[Shard]]:
+    """Plan the shards, record (or check) the run manifest and build the evaluation index; idempotent."""
     layout = RunLayout(Path(config.output_dir))
     shards = plan_shards(config)
     layout.work.mkdir(parents=True, exist_ok=True)
     _check_or_record_run(layout, config, shards)
-    say(f"[data_prep] {len(shards)} shards from {len(config.input.sources)} sources -> {layout.out}")
     if not layout.eval_index.is_file():
         save_eval_index(build_eval_index(config.decontam), layout.eval_index)
-    _curate_shards(config, layout, shards)
+    return layout, shards
+
+
+def task_shards(shards: list[Shard], task_index: int, num_tasks: int) -> list[Shard]:
+    """The shards task `task_index` of `num_tasks` curates: every num_tasks-th, so sizes stay balanced."""
+    if not 0 <= task_index < num_tasks:
+        raise UserError(f"task index {task_index} is outside 0..{num_tasks - 1}")
+    return shards[task_index::num_tasks]
+
+
+def curate_task(config: DataPrepConfig, task_index: int, num_tasks: int) -> int:
+    """Phase 1 for one task of a multi-task run (a Slurm array element, a datatrove task); returns the
+    number of shards it owns. Needs `prepare_run` to have run once; the shard plan is recomputed here
+    and is the same in every task (sorted globs, fixed sizes)."""
+    layout = RunLayout(Path(config.output_dir))
+    shards = plan_shards(config)
+    _check_or_record_run(layout, config, shards)
+    mine = task_shards(shards, task_index, num_tasks)
+    _curate_shards(config, layout, mine)
+    return len(mine)
+
+
+def finish_curation(config: DataPrepConfig) -> CurationResult:
+    """Phases 2 and 3 (global dedup over every shard's keys and signatures, per-source merge) and the
+    report; refuses to start while a shard is missing."""
+    layout = RunLayout(Path(config.output_dir))
+    shards = plan_shards(config)
+    _check_or_record_run(layout, config, shards)
+    missing = [s.shard_id for s in shards if not (layout.shards / s.shard_id).is_dir()]
+    if missing:
+        raise UserError(f"{len(missing)} of {len(shards)} shards are not curated yet (first: {missing[0]}); "
+                        "run or re-run the per-shard tasks first")
     _global_dedup(config, layout, shards)
     merged = _merge_all(config, layout, shards)
     shard_stats = [json.loads((layout.shards / s.shard_id / shard_stage.STATS).read_text(encoding="utf-8"))
@@ -281,6 +312,26 @@ def curate(config: DataPrepConfig) -> CurationResult:
         num_dropped=totals["num_dropped"], num_quarantined=totals["num_quarantined"],
         dropped=report["dropped"], quarantined=report["quarantined"], report_path=report_path,
         pii=report["pii"])
+
+
+def curate(config: DataPrepConfig) -> CurationResult | None:
+    """Raw JSONL of every source -> `<out>/curated/<source>.jsonl` (+ dropped/, quarantine/, report).
+
+    executor.kind=local runs every phase here with a process pool; the datatrove kinds run phase 1 as
+    datatrove tasks and phases 2-3 as a dependent single task (data_prep/cluster.py). With
+    datatrove-slurm the jobs are only submitted and None is returned.
+    """
+    if config.executor.kind != "local":
+        try:
+            from data_prep.cluster import curate_with_datatrove
+        except ImportError as exc:
+            raise UserError(f"executor.kind={config.executor.kind} needs datatrove ({exc}); "
+                            "run `pip install datatrove` or use executor.kind=local") from exc
+        return curate_with_datatrove(config)
+    layout, shards = prepare_run(config)
+    say(f"[data_prep] {len(shards)} shards from {len(config.input.sources)} sources -> {layout.out}")
+    _curate_shards(config, layout, shards)
+    return finish_curation(config)
 
 
 def build_datasets(config: DataPrepConfig, tokenizer_path: str | Path):

@@ -14,13 +14,14 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from data_prep import charclass
 from data_prep.config import (
     EnglishFilterConfig,
     FiltersConfig,
     JapaneseFilterConfig,
     RepetitionConfig,
 )
-from data_prep.ngrams import codepoints, duplicate_ngram_coverage, top_ngram_coverage
+from data_prep.ngrams import codepoints, first_ngram_violation
 
 Verdict = tuple[str, str] | None  # (reason, detail) when the document is dropped
 
@@ -53,14 +54,10 @@ class JapaneseCounts:
 
 def japanese_counts(cps: np.ndarray) -> JapaneseCounts:
     """Character class counts over a code point array (kana, kanji, Japanese punctuation)."""
-    hira = (cps >= 0x3041) & (cps <= 0x309F)
-    kata = ((cps >= 0x30A0) & (cps <= 0x30FF)) | ((cps >= 0x31F0) & (cps <= 0x31FF)) | (
-        (cps >= 0xFF66) & (cps <= 0xFF9F))
-    kanji = ((cps >= 0x4E00) & (cps <= 0x9FFF)) | ((cps >= 0x3400) & (cps <= 0x4DBF)) | (
-        (cps >= 0xF900) & (cps <= 0xFAFF)) | (cps == 0x3005)
-    punct = ((cps >= 0x3000) & (cps <= 0x303F) & (cps != 0x3005)) | ((cps >= 0xFF01) & (cps <= 0xFF65)) | (
-        (cps == 0x2025) | (cps == 0x2026))  # ‥ …
-    return JapaneseCounts(len(cps), int(hira.sum()), int(kata.sum()), int(kanji.sum()), int(punct.sum()))
+    hist = charclass.flag_counts(cps)
+    return JapaneseCounts(len(cps), charclass.count(hist, charclass.HIRAGANA),
+                          charclass.count(hist, charclass.KATAKANA), charclass.count(hist, charclass.KANJI),
+                          charclass.count(hist, charclass.JA_PUNCT))
 
 
 def _duplicate_shares(units: list[str]) -> tuple[float, float]:
@@ -95,15 +92,15 @@ def check_repetition(lines: list[str], paragraphs: list[str], items: np.ndarray,
     if para_char_share > config.max_duplicate_paragraph_char_ratio:
         return (f"{prefix}_duplicate_paragraph_chars",
                 f"{para_char_share:.2f} of chars in repeated paragraphs > {config.max_duplicate_paragraph_char_ratio}")
-    for n, limit in zip((2, 3, 4), config.max_top_ngram_ratio):
-        share = top_ngram_coverage(items, weights, n)
-        if share > limit:
-            return f"{prefix}_top_{n}gram", f"most frequent {n}-gram covers {share:.2f} > {limit}"
-    for n, limit in zip(range(5, 11), config.max_duplicate_ngram_ratio):
-        share = duplicate_ngram_coverage(items, weights, n)
-        if share > limit:
-            return f"{prefix}_duplicate_{n}grams", f"repeated {n}-grams cover {share:.2f} > {limit}"
-    return None
+    violation = first_ngram_violation(items, weights, dict(zip((2, 3, 4), config.max_top_ngram_ratio)),
+                                      dict(zip(range(5, 11), config.max_duplicate_ngram_ratio)))
+    if violation is None:
+        return None
+    kind, n, share = violation
+    if kind == "top":
+        return f"{prefix}_top_{n}gram", f"most frequent {n}-gram covers {share:.2f} > {config.max_top_ngram_ratio[n - 2]}"
+    return (f"{prefix}_duplicate_{n}grams",
+            f"repeated {n}-grams cover {share:.2f} > {config.max_duplicate_ngram_ratio[n - 5]}")
 
 
 def japanese_sentences(text: str) -> list[str]:
@@ -151,7 +148,7 @@ def check_english(text: str, config: EnglishFilterConfig) -> Verdict:
         return "en_few_words", f"{num_words} words < {config.min_words}"
     if num_words > config.max_words:
         return "en_too_many_words", f"{num_words} words > {config.max_words}"
-    mean_len = sum(len(w) for w in words) / num_words
+    mean_len = sum(map(len, words)) / num_words
     if not config.min_mean_word_length <= mean_len <= config.max_mean_word_length:
         return ("en_mean_word_length",
                 f"{mean_len:.1f} outside [{config.min_mean_word_length}, {config.max_mean_word_length}]")
@@ -165,16 +162,20 @@ def check_english(text: str, config: EnglishFilterConfig) -> Verdict:
     ellipsis_share = sum(ln.endswith(("...", "…")) for ln in lines) / len(lines)
     if ellipsis_share > config.max_ellipsis_line_ratio:
         return "en_ellipsis_lines", f"{ellipsis_share:.2f} of lines end in ... > {config.max_ellipsis_line_ratio}"
-    alpha_share = sum(any(c.isalpha() for c in w) for w in words) / num_words
+    # str.isalpha (C) settles most words; only the rest are scanned character by character
+    num_alpha = sum(map(str.isalpha, words))
+    if num_alpha < num_words:
+        num_alpha += sum(any(c.isalpha() for c in w) for w in words if not w.isalpha())
+    alpha_share = num_alpha / num_words
     if alpha_share < config.min_alpha_word_ratio:
         return "en_non_alpha_words", f"{alpha_share:.2f} of words have a letter < {config.min_alpha_word_ratio}"
     cleaned = [w.strip(_WORD_STRIP).lower() for w in words]
     num_stop = len(STOP_WORDS.intersection(cleaned))
     if num_stop < config.min_stop_words:
         return "en_few_stop_words", f"{num_stop} distinct stop words < {config.min_stop_words}"
-    vocab: dict[str, int] = {}
-    ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in cleaned), dtype=np.uint32, count=num_words)
-    weights = np.fromiter((len(w) for w in cleaned), dtype=np.float64, count=num_words)
+    vocab = {word: i for i, word in enumerate(dict.fromkeys(cleaned))}  # ids in order of first use
+    ids = np.fromiter(map(vocab.__getitem__, cleaned), dtype=np.uint32, count=num_words)
+    weights = np.fromiter(map(len, cleaned), dtype=np.float64, count=num_words)
     paragraphs = [p.strip() for p in _PARAGRAPH_SPLIT.split(text) if p.strip()]
     return check_repetition(lines, paragraphs, ids, weights, config.repetition, "en")
 
@@ -203,10 +204,13 @@ class QualityFilter:
                 return host
         return None
 
-    def strip_boilerplate(self, text: str) -> tuple[str, int, int]:
-        """(text without boilerplate lines, lines removed, lines before)."""
+    def strip_boilerplate(self, text: str, lowered: str | None = None) -> tuple[str, int, int]:
+        """(text without boilerplate lines, lines removed, lines before); `lowered` = text.lower() if known."""
         if not self._line_patterns:
             return text, 0, 0
+        lowered = text.lower() if lowered is None else lowered
+        if not any(p in lowered for p in self._line_patterns):  # no line can hold one: skip the line scan
+            return text.strip(), 0, text.count("\n") + 1
         lines = text.split("\n")
         kept = [ln for ln in lines if not any(p in ln.lower() for p in self._line_patterns)]
         return "\n".join(kept).strip(), len(lines) - len(kept), len(lines)
@@ -221,7 +225,7 @@ class QualityFilter:
         for pattern in self._doc_patterns:
             if pattern in lowered:
                 return text, ("boilerplate_document", f"contains {pattern!r}"), 0
-        text, num_removed, num_lines = self.strip_boilerplate(text)
+        text, num_removed, num_lines = self.strip_boilerplate(text, lowered)
         if num_removed and (not text or num_removed / num_lines > config.boilerplate.max_removed_line_ratio):
             return text, ("boilerplate_lines", f"{num_removed} of {num_lines} lines are boilerplate"), num_removed
         if config.min_compression_ratio is not None or config.max_compression_ratio is not None:

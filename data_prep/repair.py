@@ -24,6 +24,7 @@ _SUSPICIOUS = re.compile(
 _REMOVE = {c: None for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F, *range(0x80, 0xA0),
                              0x200B, 0x2060, 0xFEFF, 0x00AD]}
 _REMOVE[0x09] = " "
+_REMOVABLE = re.compile("[" + "".join(re.escape(chr(c)) for c in sorted(_REMOVE)) + "]")
 _SPACE_RUNS = re.compile(r"[ \u00a0]{2,}")
 _TRAILING_SPACE = re.compile(r"[ \t\u00a0]+\n")
 _BLANK_RUNS = re.compile(r"\n{3,}")
@@ -37,7 +38,8 @@ def looks_suspicious(text: str) -> bool:
 def clean_whitespace(text: str) -> str:
     """Unify line breaks, drop control/invisible characters, trim spaces; newlines are kept."""
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
-    text = text.translate(_REMOVE)
+    if _REMOVABLE.search(text):  # translate() with a dict costs a lookup per character; most texts need none
+        text = text.translate(_REMOVE)
     text = _SPACE_RUNS.sub(" ", text)
     text = _TRAILING_SPACE.sub("\n", text)
     text = _BLANK_RUNS.sub("\n\n", text)

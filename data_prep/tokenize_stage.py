@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +53,27 @@ def _encode_lines(task: tuple[list[str], bool, bool]) -> tuple[np.ndarray, np.nd
     tokenizer = _TOKENIZER
     assert tokenizer is not None, "worker not initialised"
     encoded = tokenizer.encode_batch([json.loads(line)["text"] for line in lines], num_threads=1)
-    prefix = [tokenizer.bos_id] if add_bos else []
-    suffix = [tokenizer.eod_id] if append_eod else []
-    lengths = np.array([len(ids) + len(prefix) + len(suffix) for ids in encoded], dtype=np.int64)
-    flat = np.empty(int(lengths.sum()), dtype=np.int64)
-    position = 0
-    for ids in encoded:
-        piece = prefix + ids + suffix
-        flat[position:position + len(piece)] = piece
-        position += len(piece)
+    return _flatten(encoded, tokenizer.bos_id if add_bos else None, tokenizer.eod_id if append_eod else None)
+
+
+def _flatten(encoded: list[list[int]], bos_id: int | None, eod_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """One flat array [bos] + ids + [eod] per document, built in numpy rather than list by list."""
+    raw_lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    ids = np.fromiter(chain.from_iterable(encoded), dtype=np.int64, count=int(raw_lengths.sum()))
+    extra = (bos_id is not None) + (eod_id is not None)
+    lengths = raw_lengths + extra
+    if not extra:
+        return ids, lengths
+    ends = np.cumsum(lengths)
+    flat = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
+    is_special = np.zeros(len(flat), dtype=bool)
+    if bos_id is not None:
+        flat[ends - lengths] = bos_id
+        is_special[ends - lengths] = True
+    if eod_id is not None:
+        flat[ends - 1] = eod_id
+        is_special[ends - 1] = True
+    flat[~is_special] = ids
     return flat, lengths
 
 
