@@ -188,6 +188,13 @@ def _parse(line: str, line_no: int, shard: Shard, fields: InputConfig) -> Docume
     doc_id = str(doc_id) if doc_id is not None else f"{shard.source}:{os.path.basename(shard.path)}:{line_no}"
     url = record.get(fields.url_field) if fields.url_field else None
     meta = {k: record[k] for k in fields.meta_fields if k in record}
+    # A JSON escape of half a surrogate pair ("\ud800") parses but can never be written as UTF-8.
+    for name, value in ((fields.text_field, text), (fields.id_field, doc_id), (fields.url_field, url)):
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return bad("invalid_unicode", f"{name!r} holds an unpaired surrogate at {exc.start}")
     return Document(shard.source, shard.path, line_no, doc_id, text, url if isinstance(url, str) else None, meta)
 
 

@@ -219,6 +219,15 @@ def test_corrupt_gzip_is_quarantined_and_the_run_goes_on(tmp_path):
     assert result.num_kept > 0
 
 
+def test_unpaired_surrogate_is_quarantined_and_the_run_goes_on(tmp_path):
+    config = write_corpus(tmp_path)
+    with (tmp_path / "ja_a.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write('{"id": "bad-surrogate", "text": "壊れた文字\\ud800です"}\n')
+    result = curate(config)
+    assert result.quarantined.get("invalid_unicode") == 1
+    assert result.num_kept > 0
+
+
 def test_missing_inputs_and_zstd_give_user_errors(tmp_path, monkeypatch):
     config = write_corpus(tmp_path)
     config.input.sources[0].paths = [str(tmp_path / "nothing-*.jsonl")]
