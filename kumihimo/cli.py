@@ -33,6 +33,7 @@ _VERBS = {
     "convert": ("pretrain.convert.cli", "convert checkpoints between Megatron (torch_dist) and Hugging Face"),
     "quickstart": ("kumihimo.quickstart", "run the whole pipeline on the bundled sample corpus, on CPU"),
     "doctor": ("kumihimo.doctor", "check Python, torch, megatron-core, devices, communication and a config"),
+    "slurm": ("kumihimo.slurm", "submit training to Slurm from a recipe (batch scripts in slurm/)"),
 }
 
 

@@ -71,6 +71,8 @@ class Trainer:
         res = config.resilience
         self.loss_guard = LossGuard(res.spike_factor, res.spike_warmup_steps)
         self.consecutive_skips = 0
+        # Listen from the start: Slurm's warning may come while the model is still being built.
+        self.stop = StopRequest()
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -269,7 +271,7 @@ class Trainer:
         save_root = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
         last_step = sched.exit_after_iters or sched.train_iters
         first_step = self.state.iteration
-        stop = StopRequest()
+        stop = self.stop
         while self.state.iteration < last_step:
             values = self.train_step()
             result.losses.append(values["loss"])
@@ -424,4 +426,5 @@ def run_training(config: TrainConfig) -> TrainResult:
         trainer.setup()
         return trainer.train()
     finally:
+        trainer.stop.restore()
         destroy()
