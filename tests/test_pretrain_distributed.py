@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.conftest import read_metrics, run_cli
 
@@ -27,11 +28,17 @@ def train(run_dir, *overrides, nproc=1):
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """TP=1, PP=1, one process: the reference loss curve."""
+def single_dir(tmp_path_factory):
+    """TP=1, PP=1, one process: the reference run."""
     run_dir = tmp_path_factory.mktemp("single")
     train(run_dir)
-    return read_metrics(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def single(single_dir):
+    """The reference loss curve."""
+    return read_metrics(single_dir)
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +114,28 @@ def test_resume_with_other_data_is_refused(tmp_path):
                    "runtime.seed=7")
     assert proc.returncode == 2
     assert "the checkpoint was trained on data" in proc.stderr
+
+
+def test_interleaved_pipeline_matches_and_converts_like_single_process(single, single_dir, tmp_path):
+    """PP=2 with 2 virtual stages per rank: same losses, and its checkpoint (two model chunks per rank)
+    converts to the same Hugging Face weights as the one-process run's."""
+    from safetensors.torch import load_file
+
+    from pretrain.convert.to_hf import convert_to_hf
+
+    vpp_dir = tmp_path / "vpp"
+    train(vpp_dir, "parallelism.pipeline_model_parallel_size=2",
+          "parallelism.virtual_pipeline_model_parallel_size=2", nproc=2)
+    assert losses(read_metrics(vpp_dir)) == pytest.approx(losses(single), abs=1e-4)
+
+    def weights(run_dir):
+        out = convert_to_hf(run_dir / "ckpt", tmp_path / f"hf-{run_dir.name}", dtype="fp32")
+        tensors = {}
+        for shard in sorted(out.glob("*.safetensors")):
+            tensors.update(load_file(shard))
+        return tensors
+
+    vpp, reference = weights(vpp_dir), weights(single_dir)
+    assert vpp.keys() == reference.keys() and len(vpp) > 10
+    for name, tensor in reference.items():
+        assert torch.allclose(vpp[name], tensor, atol=1e-5), name
