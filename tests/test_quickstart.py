@@ -60,3 +60,17 @@ def test_rerun_reuses_finished_stages(quickstart):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count("reusing the finished stage") == 6
     assert "loss" in proc.stdout
+
+
+def test_dataset_index_cache_is_built_once_and_reused(quickstart, tmp_path):
+    """A second run on the same blend loads Megatron's index cache instead of rebuilding it."""
+    workdir, _ = quickstart
+    cache = workdir / "train" / "data_cache"
+    built = {p.name: p.stat().st_mtime_ns for p in cache.rglob("*.npy")}
+    assert built, "the first run left no index cache"
+    proc = run_cli("train", "configs/pretrain/quickstart.yaml", f"data.blend_file={workdir}/data_prep/blend.yaml",
+                   f"data.tokenizer={workdir}/tokenizer/tokenizer.model", f"data.cache_dir={cache}",
+                   "schedule.train_iters=150", "schedule.exit_after_iters=2", f"runtime.run_dir={tmp_path}",
+                   "checkpoint.save=null", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in cache.rglob("*.npy")} == built
