@@ -12,6 +12,7 @@ get_shingles needs a spaCy word tokenizer, which is not installed here. Best of 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -27,7 +28,9 @@ def _texts(corpus: str) -> list[str]:
                                                                              encoding="utf-8")]
 
 
-def ours(corpus: str, bands: int, rows: int) -> dict:
+def ours(corpus: str, bands: int, rows: int, src: str | None = None) -> dict:
+    if src:
+        sys.path.insert(0, src)
     from data_prep.config import DedupConfig
     from data_prep.minhash import MinHasher
 
@@ -73,6 +76,8 @@ def main() -> None:
         print(f"# {machine()}; corpus {args.mb:.0f} MB, best of {args.repeats} isolated runs")
         print("| implementation | permutations | MB/s per core | CPU s | peak RSS MiB |\n|---|---|---:|---:|---:|")
         runs = [("kumihimo", ours)]
+        if args.baseline_src:
+            runs.append(("kumihimo baseline", functools.partial(ours, src=args.baseline_src)))
         try:
             import datatrove  # noqa: F401
 

@@ -6,7 +6,8 @@ Input: the curated-style JSONL of the web-like corpus (bench_data_prep_corpus.py
 the same documents with the same .model on one core:
   kumihimo      `build_datasets` with num_workers=1 and tokenize.add_bos=false, append_eod=true
   sentencepiece SentencePieceProcessor.Encode(batch, num_threads=1) on texts already in memory
-                (no JSON parsing, no writing: the ceiling for any tool)
+                (no JSON parsing, no writing: the ceiling for any tool), returning lists of Python
+                ints (out_type=int) and int32 arrays (out_type="numpy", what kumihimo uses)
   megatron      DIR/tools/preprocess_data.py --tokenizer-type SentencePieceTokenizer --append-eod
                 --workers 1, with PYTHONPATH=DIR (a Megatron-LM checkout outside this repository)
 MB/s are JSONL bytes per CPU second (process + children), best of --repeats runs; the .bin/.idx of
@@ -51,7 +52,7 @@ def kumihimo(tmp: str, model: str, out: str) -> dict:
     return {"cpu_s": cpu_seconds() - start, "mb": _jsonl(tmp).stat().st_size / 1e6}
 
 
-def sentencepiece_alone(tmp: str, model: str, _out: str) -> dict:
+def sentencepiece_alone(tmp: str, model: str, _out: str, out_type: str = "int") -> dict:
     import sentencepiece as spm
 
     processor = spm.SentencePieceProcessor(model_file=model)
@@ -59,7 +60,7 @@ def sentencepiece_alone(tmp: str, model: str, _out: str) -> dict:
         texts = [json.loads(line)["text"] for line in handle]
     start = time.process_time()
     for i in range(0, len(texts), 512):
-        processor.Encode(texts[i:i + 512], out_type=int, num_threads=1)
+        processor.Encode(texts[i:i + 512], out_type=int if out_type == "int" else out_type, num_threads=1)
     return {"cpu_s": time.process_time() - start, "mb": _jsonl(tmp).stat().st_size / 1e6}
 
 
@@ -90,7 +91,9 @@ def main() -> None:
                 out.write(path.read_text(encoding="utf-8"))
         print(f"# {machine()}; {_jsonl(tmp).stat().st_size / 1e6:.0f} MB JSONL, best of {args.repeats} runs")
         print("| tool | MB/s per core | CPU s | peak RSS MiB |\n|---|---:|---:|---:|")
-        runs = [("SentencePiece Encode alone", sentencepiece_alone, ()), ("kumihimo data tokenize", kumihimo, ())]
+        runs = [("SentencePiece Encode alone (out_type=int)", sentencepiece_alone, ("int",)),
+                ("SentencePiece Encode alone (out_type=numpy)", sentencepiece_alone, ("numpy",)),
+                ("kumihimo data tokenize", kumihimo, ())]
         if args.megatron:
             runs.append(("Megatron-LM preprocess_data.py", megatron, (args.megatron,)))
         for label, fn, extra in runs:

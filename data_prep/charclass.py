@@ -1,8 +1,8 @@
 """Per-code-point class flags, so that a text's letters, kana, kanji... are counted in one numpy pass.
 
-One uint8 table over all of Unicode (1.1 MiB, built once per process in ~0.1 s): indexing it with a
-text's code points and counting flags replaces a regex findall per class, which builds a list of
-one-character strings and is several times slower.
+One uint8 table over all of Unicode (1.1 MiB, built once per process in ~0.2 s from the regexes
+themselves): indexing it with a text's code points and counting flags replaces a regex findall per
+class, which builds a list of one-character strings and is several times slower.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ HIRAGANA = 8  # U+3041..U+309F
 KATAKANA = 16  # U+30A0..U+30FF, U+31F0..U+31FF, U+FF66..U+FF9F
 KANJI = 32  # CJK unified ideographs (+ extension A, compatibility) and 々
 JA_PUNCT = 64  # CJK symbols and punctuation (but 々), full-width forms up to U+FF65, ‥ …
+WORD = 128  # what the regex \w matches (decontamination's words)
 
 _RANGES = {
     KANA: [(0x3041, 0x30FF), (0x31F0, 0x31FF), (0xFF66, 0xFF9D)],
@@ -28,7 +29,9 @@ _RANGES = {
     KANJI: [(0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0xF900, 0xFAFF), (0x3005, 0x3005)],
     JA_PUNCT: [(0x3000, 0x3004), (0x3006, 0x303F), (0xFF01, 0xFF65), (0x2025, 0x2026)],
 }
-_LETTER = re.compile(r"[^\W\d_]")
+# runs of matching characters: one match object per run instead of per character (4x faster to build)
+_LETTER_RUNS = re.compile(r"[^\W\d_]+")
+_WORD_RUNS = re.compile(r"\w+")
 
 
 @lru_cache(maxsize=1)
@@ -36,8 +39,9 @@ def table() -> np.ndarray:
     """uint8 flags for every code point 0..0x10FFFF."""
     flags = np.zeros(0x110000, dtype=np.uint8)
     every_char = "".join(map(chr, range(0x110000)))
-    letters = np.fromiter((m.start() for m in _LETTER.finditer(every_char)), dtype=np.int64)
-    flags[letters] |= LETTER
+    for flag, runs in ((LETTER, _LETTER_RUNS), (WORD, _WORD_RUNS)):
+        for match in runs.finditer(every_char):
+            flags[match.start():match.end()] |= flag
     for flag, ranges in _RANGES.items():
         for first, last in ranges:
             flags[first:last + 1] |= flag
@@ -50,7 +54,7 @@ def flag_counts(cps: np.ndarray) -> np.ndarray:
 
 
 _BINS_WITH = {flag: np.flatnonzero(np.arange(256) & flag) for flag in (LETTER, KANA, HANGUL, HIRAGANA, KATAKANA,
-                                                                        KANJI, JA_PUNCT)}
+                                                                        KANJI, JA_PUNCT, WORD)}
 
 
 def count(hist: np.ndarray, flag: int) -> int:

@@ -91,7 +91,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         ("curate", _curate, False, "raw JSONL -> curated JSONL (repair, langid, filters, dedup, PII, decontam)",
          "Read every source's JSONL, repair and filter it, deduplicate across sources, redact PII and drop "
          "documents overlapping evaluation data. Writes <output_dir>/curated/<source>.jsonl, dropped/, "
-         "quarantine/ and report.md."),
+         "quarantine/, report.md and report.html."),
         ("tokenize", _tokenize, True, "curated JSONL -> Megatron .bin/.idx per source + blend.yaml",
          "Encode the curated documents with a SentencePiece model as [<s>] + ids + [</s>] into one Megatron "
          "indexed dataset per source and write blend.yaml with token-share weights."),

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep import charclass
 from data_prep.config import DecontamConfig
-from data_prep.ngrams import codepoints, mix64, window_hashes
+from data_prep.ngrams import codepoints, mix64, powers, window_hashes
 from kumihimo.errors import UserError
 
-_WORD = re.compile(r"\w+")
 _CJK = re.compile("[\u3041-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7a3]")
 _WORD_TAG = np.uint64(0x5BD1E995)  # keeps word- and char-n-gram hashes in different value sets
 
@@ -34,45 +34,43 @@ def uses_char_ngrams(text: str) -> bool:
     return _CJK.search(text[:2000]) is not None
 
 
+def _word_characters(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """(code points of the words of the normalised text back to back, each word's length): the words
+    re.findall(r"\\w+") gives, read from the class table instead of built as strings."""
+    cps = codepoints(_normalize(text))
+    is_word = (charclass.table()[cps] & charclass.WORD) != 0
+    edges = np.diff(is_word, prepend=False, append=False).nonzero()[0]  # word starts and ends, alternating
+    return cps[is_word], edges[1::2] - edges[::2]
+
+
 def char_ngram_hashes(text: str, n: int) -> np.ndarray:
     """Hashes of character n-grams over the text without whitespace and punctuation."""
-    kept = "".join(_WORD.findall(_normalize(text)))
-    return window_hashes(codepoints(kept), n)
+    return window_hashes(_word_characters(text)[0], n)
 
 
 def word_ngram_hashes(text: str, n: int) -> np.ndarray:
-    words = _WORD.findall(_normalize(text))
-    if len(words) < n:
+    chars, lengths = _word_characters(text)
+    if len(lengths) < n:
         return np.empty(0, dtype=np.uint64)
-    return window_hashes(word_hashes(words), n) ^ _WORD_TAG
+    return window_hashes(_run_hashes(chars, lengths), n) ^ _WORD_TAG
 
 
 def word_hashes(words: list[str]) -> np.ndarray:
     """64-bit hash of each word, all words at once: a polynomial hash over code points from prefix sums
     (deterministic across processes, unlike str hash(), which is salted per process)."""
     lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-    values = codepoints("".join(words)).astype(np.uint64) + np.uint64(1)
-    powers, inverse_powers = _powers(len(values) + 1)
-    prefix = np.concatenate(([np.uint64(0)], np.cumsum(values * powers[:len(values)], dtype=np.uint64)))
+    return _run_hashes(codepoints("".join(words)), lengths)
+
+
+def _run_hashes(chars: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """word_hashes of the words given as their code points back to back and their lengths."""
+    values = chars.astype(np.uint64) + np.uint64(1)
+    forward, inverse = powers(len(values) + 1)
+    prefix = np.concatenate(([np.uint64(0)], np.cumsum(values * forward[:len(values)], dtype=np.uint64)))
     ends = np.cumsum(lengths)
     starts = ends - lengths
     # sum of values[k] * P**(k - start) over the word: arithmetic modulo 2**64, P odd hence invertible
-    return mix64((prefix[ends] - prefix[starts]) * inverse_powers[starts] ^ lengths.astype(np.uint64))
-
-
-_POWER_BASE = 0x100000001B3
-_POWER_CACHE: list[np.ndarray] = []
-
-
-def _powers(num: int) -> tuple[np.ndarray, np.ndarray]:
-    """(P**k, P**-k) modulo 2**64 for k < num (cached, grown by doubling)."""
-    if not _POWER_CACHE or len(_POWER_CACHE[0]) < num:
-        size = max(num, 2 * len(_POWER_CACHE[0]) if _POWER_CACHE else 4096)
-        forward = np.full(size, _POWER_BASE, dtype=np.uint64)
-        backward = np.full(size, pow(_POWER_BASE, -1, 2**64), dtype=np.uint64)
-        forward[0] = backward[0] = 1
-        _POWER_CACHE[:] = [np.cumprod(forward, dtype=np.uint64), np.cumprod(backward, dtype=np.uint64)]
-    return _POWER_CACHE[0], _POWER_CACHE[1]
+    return mix64((prefix[ends] - prefix[starts]) * inverse[starts] ^ lengths.astype(np.uint64))
 
 
 def _eval_texts(path: str, fields: list[str]) -> Iterator[str]:

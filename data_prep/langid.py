@@ -68,17 +68,23 @@ class FeatureCounter:
         return states
 
     def counts(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
-        """(feature ids, counts), features in order of first occurrence."""
+        """(feature ids, counts), features in order of first occurrence.
+
+        One plain sort of (feature, position) keys replaces a stable argsort: within a feature the
+        first key holds its first position, and run lengths are the counts.
+        """
         features = self.output[self.states(data)]
-        features = features[features >= 0]
-        if len(features) == 0:
-            return features, features
-        order = np.argsort(features, kind="stable")
-        ordered = features[order]
-        starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
-        counts = np.diff(np.append(starts, len(ordered)))
-        by_first = np.argsort(order[starts])
-        return ordered[starts][by_first], counts[by_first]
+        positions = np.flatnonzero(features >= 0)
+        if len(positions) == 0:
+            return positions, positions
+        num = len(data)
+        keys = features[positions] * num + positions
+        keys.sort()
+        ids = keys // num
+        starts = np.flatnonzero(np.diff(ids, prepend=-1))
+        counts = np.diff(starts, append=len(keys))
+        by_first = np.argsort(keys[starts] - ids[starts] * num)  # first positions: distinct
+        return ids[starts][by_first], counts[by_first]
 
 
 @lru_cache(maxsize=1)

@@ -3,8 +3,8 @@
 Per shard, each document gets a 64-bit exact key and a MinHash signature over character n-grams;
 one global pass then groups equal keys, and LSH bands over the signatures of what is left. Within a
 group (connected component) the document with the smallest global index (source order, file, line)
-is kept. n-grams are hashed once per document; the bands x rows permutations are arrays
-(multiply-add-shift hashing), applied to blocks of n-grams of many documents at once.
+is kept. n-grams are hashed once per document; the bands x rows permutations (multiply-add-shift
+hashing) are applied one at a time to the n-grams of a cache-sized group of documents.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from data_prep.config import DedupConfig
 from data_prep.ngrams import codepoints, mix64, window_hashes
 
 KEEP = -1
-# n-grams x permutations per block: 1 MiB of uint64 stays in the L2 cache through multiply, add and
-# reduce (4x faster than 32 MiB blocks on a 2-core VM; measured in benchmarks/bench_minhash.py)
-_BLOCK_ELEMENTS = 1 << 17
+# shingles hashed per permutation pass: 512 KiB of uint64 stays in the L2 cache through multiply, add
+# and min (2^16 measured fastest in benchmarks/bench_minhash.py; 2^12 is 2.5x slower from call overhead)
+_GROUP_SHINGLES = 1 << 16
 _BAND_MULT = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -55,25 +55,34 @@ class MinHasher:
     def signatures(self, texts: list[str]) -> np.ndarray:
         """(len(texts), bands x rows) uint32 signatures."""
         per_doc = [self.shingles(t) for t in texts]
-        num_docs = len(per_doc)
-        sig = np.full((num_docs, self.num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
-        if num_docs == 0:
-            return sig.astype(np.uint32)
-        lengths = np.fromiter((len(h) for h in per_doc), dtype=np.int64, count=num_docs)
+        sig = np.empty((len(per_doc), self.num_perm), dtype=np.uint32)
+        d0 = 0
+        while d0 < len(per_doc):
+            d1, num_shingles = d0 + 1, len(per_doc[d0])
+            while d1 < len(per_doc) and num_shingles + len(per_doc[d1]) <= _GROUP_SHINGLES:
+                num_shingles += len(per_doc[d1])
+                d1 += 1
+            sig[d0:d1] = self._group_signatures(per_doc[d0:d1])
+            d0 = d1
+        return sig
+
+    def _group_signatures(self, per_doc: list[np.ndarray]) -> np.ndarray:
+        """Signatures of a few documents whose shingles fit in the cache, one permutation at a time.
+
+        Every document has at least one shingle, so the reduceat segments are never empty. A scalar
+        multiply-add over one contiguous array and a 1-D segmented min run at SIMD speed; the former
+        (shingles x permutations) blocks spent most of their time in a 2-D reduceat.
+        """
+        lengths = np.fromiter(map(len, per_doc), dtype=np.int64, count=len(per_doc))
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         flat = np.concatenate(per_doc)
-        block_rows = max(1, _BLOCK_ELEMENTS // self.num_perm)
-        buffer = np.empty((min(block_rows, len(flat)), self.num_perm), dtype=np.uint64)
-        for r0 in range(0, len(flat), block_rows):
-            r1 = min(r0 + block_rows, len(flat))
-            block = np.multiply(flat[r0:r1, None], self.mult[None, :], out=buffer[:r1 - r0])
-            block += self.add[None, :]
-            # documents overlapping [r0, r1): one reduceat segment each (clipped to the block)
-            d0 = int(np.searchsorted(starts, r0, side="right")) - 1
-            d1 = int(np.searchsorted(starts, r1, side="left"))
-            offsets = np.maximum(starts[d0:d1], r0) - r0
-            np.minimum(sig[d0:d1], np.minimum.reduceat(block, offsets, axis=0), out=sig[d0:d1])
-        return (sig >> np.uint64(32)).astype(np.uint32)
+        values = np.empty_like(flat)
+        mins = np.empty((self.num_perm, len(per_doc)), dtype=np.uint64)
+        for i, (mult, add) in enumerate(zip(self.mult, self.add)):
+            np.multiply(flat, mult, out=values)
+            values += add
+            np.minimum.reduceat(values, starts, out=mins[i])
+        return (mins.T >> np.uint64(32)).astype(np.uint32)
 
 
 def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:

@@ -37,11 +37,46 @@ def window_hashes(items: np.ndarray, n: int) -> np.ndarray:
     if num_windows <= 0:
         return np.empty(0, dtype=np.uint64)
     values = items.astype(np.uint64) + np.uint64(1)  # +1 so that item 0 still changes the hash
+    if n > _PREFIX_FROM:
+        return mix64(_window_sums(values, n))
     acc = values[:num_windows].copy()
     for k in range(1, n):
         acc *= _POLY
         acc += values[k:k + num_windows]
     return mix64(acc)
+
+
+# Above this n, window sums come from prefix sums (4 passes) instead of n - 1 multiply-add passes.
+_PREFIX_FROM = 6
+
+
+def _window_sums(values: np.ndarray, n: int) -> np.ndarray:
+    """The Horner sums of the n-windows, sum_k values[i+k] * P**(n-1-k), from prefix sums.
+
+    With S_j = sum_{k<j} values[k] * P**-k, (S_{i+n} - S_i) * P**(i+n-1) is that sum exactly: the
+    arithmetic is modulo 2**64 and P is odd, hence invertible.
+    """
+    forward, inverse = powers(len(values))
+    prefix = np.empty(len(values) + 1, dtype=np.uint64)
+    prefix[0] = 0
+    np.cumsum(values * inverse[:len(values)], dtype=np.uint64, out=prefix[1:])
+    sums = prefix[n:] - prefix[:-n]
+    sums *= forward[n - 1:len(values)]
+    return sums
+
+
+_POWER_CACHE: list[np.ndarray] = []
+
+
+def powers(num: int) -> tuple[np.ndarray, np.ndarray]:
+    """(P**k, P**-k) modulo 2**64 for k < num, P the window-hash multiplier (cached, grown by doubling)."""
+    if not _POWER_CACHE or len(_POWER_CACHE[0]) < num:
+        size = max(num, 2 * len(_POWER_CACHE[0]) if _POWER_CACHE else 4096)
+        forward = np.full(size, _POLY, dtype=np.uint64)
+        backward = np.full(size, pow(int(_POLY), -1, 2**64), dtype=np.uint64)
+        forward[0] = backward[0] = 1
+        _POWER_CACHE[:] = [np.cumprod(forward, dtype=np.uint64), np.cumprod(backward, dtype=np.uint64)]
+    return _POWER_CACHE[0], _POWER_CACHE[1]
 
 
 def _extend(values: np.ndarray, acc: np.ndarray, n: int) -> np.ndarray:
@@ -60,11 +95,13 @@ def _raw_hashes(items: np.ndarray, n: int) -> np.ndarray:
     return acc
 
 
-def _top_coverage(raw: np.ndarray, weights: np.ndarray, n: int, total: float) -> tuple[float, int]:
+def _top_coverage(raw: np.ndarray, weights: np.ndarray, n: int, total: float,
+                  uniform: bool = False) -> tuple[float, int]:
     """(coverage of the most frequent n-gram, its count) from unmixed window hashes.
 
     Among n-grams tied for the top count, the one with the smallest mixed hash is taken (what a sort
-    of the mixed hashes picks first); the mixer is applied to the tied few only.
+    of the mixed hashes picks first); the mixer is applied to the tied few only. With unit weights
+    (`uniform`) every occurrence weighs exactly n, so the coverage is n x count whichever is taken.
     """
     if len(raw) == 0 or total <= 0:
         return 0.0, 0
@@ -74,6 +111,8 @@ def _top_coverage(raw: np.ndarray, weights: np.ndarray, n: int, total: float) ->
     top_count = int(runs.max())
     if top_count < 2:
         return 0.0, top_count
+    if uniform:  # the same float as summing top_count window weights of n.0 (integers, exact)
+        return float(n * top_count) / total, top_count
     tied = ordered[starts[runs == top_count]]
     top = tied[np.argmin(mix64(tied))] if len(tied) > 1 else tied[0]
     cum = np.concatenate(([0], np.cumsum(weights, dtype=np.float64)))
@@ -134,7 +173,7 @@ def first_ngram_violation(items: np.ndarray, weights: np.ndarray, top_limits: di
         if uniform and top2_count is not None and n > 2 and total > 0 and top2_count * n / total <= limit:
             continue
         acc, acc_n = _hashes_up_to(values, acc, acc_n, n)
-        share, count = _top_coverage(acc, weights, n, total)
+        share, count = _top_coverage(acc, weights, n, total, uniform)
         if n == 2:
             top2_count = count
         if share > limit:

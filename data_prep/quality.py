@@ -165,11 +165,13 @@ def check_english(text: str, config: EnglishFilterConfig) -> Verdict:
     # str.isalpha (C) settles most words; only the rest are scanned character by character
     num_alpha = sum(map(str.isalpha, words))
     if num_alpha < num_words:
-        num_alpha += sum(any(c.isalpha() for c in w) for w in words if not w.isalpha())
+        num_alpha += sum(any(map(str.isalpha, w)) for w in words if not w.isalpha())
     alpha_share = num_alpha / num_words
     if alpha_share < config.min_alpha_word_ratio:
         return "en_non_alpha_words", f"{alpha_share:.2f} of words have a letter < {config.min_alpha_word_ratio}"
-    cleaned = [w.strip(_WORD_STRIP).lower() for w in words]
+    # lower() then split() gives the same words lowered: no character lowercases to or from whitespace,
+    # and none of _WORD_STRIP is cased (nor any character's lower case)
+    cleaned = [w.strip(_WORD_STRIP) for w in text.lower().split()]
     num_stop = len(STOP_WORDS.intersection(cleaned))
     if num_stop < config.min_stop_words:
         return "en_few_stop_words", f"{num_stop} distinct stop words < {config.min_stop_words}"

@@ -40,9 +40,14 @@ def clean_whitespace(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
     if _REMOVABLE.search(text):  # translate() with a dict costs a lookup per character; most texts need none
         text = text.translate(_REMOVE)
-    text = _SPACE_RUNS.sub(" ", text)
-    text = _TRAILING_SPACE.sub("\n", text)
-    text = _BLANK_RUNS.sub("\n\n", text)
+    # each regex runs only when the substring every one of its matches contains is there (str.__contains__
+    # is a fast scan; most texts need none of the three); tabs are spaces by now
+    if "  " in text or "\u00a0" in text:
+        text = _SPACE_RUNS.sub(" ", text)
+    if " \n" in text or "\u00a0\n" in text:
+        text = _TRAILING_SPACE.sub("\n", text)
+    if "\n\n\n" in text:
+        text = _BLANK_RUNS.sub("\n\n", text)
     return text.strip()
 
 

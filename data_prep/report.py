@@ -1,4 +1,4 @@
-"""report.json and report.md: where every input line went, with counts, histograms and examples."""
+"""report.json, report.md and report.html: where every input line went, with counts, histograms and examples."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.config import DataPrepConfig
+from data_prep.report_html import render_html
 from kumihimo.configtree import write_text_atomic
 
 STAGE_ORDER = ("read", "repair", "langid", "quality", "decontam", "dedup")
@@ -161,6 +162,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
     write_text_atomic(out_dir / "report.json", json.dumps(report, ensure_ascii=False, indent=1))
+    write_text_atomic(out_dir / "report.html", render_html(report, STAGE_ORDER))
     path = out_dir / "report.md"
     write_text_atomic(path, render_markdown(report))
     return path

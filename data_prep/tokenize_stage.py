@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from kumihimo.progress import Progress, say
 from tokenizer.spm import Tokenizer
 
 _TOKENIZER: Tokenizer | None = None
+_NUMPY_OUTPUT = True  # cleared when the installed SentencePiece has no out_type="numpy"
 
 
 @dataclass
@@ -52,29 +52,37 @@ def _encode_lines(task: tuple[list[str], bool, bool]) -> tuple[np.ndarray, np.nd
     lines, add_bos, append_eod = task
     tokenizer = _TOKENIZER
     assert tokenizer is not None, "worker not initialised"
-    encoded = tokenizer.encode_batch([json.loads(line)["text"] for line in lines], num_threads=1)
+    encoded = encode_as_arrays(tokenizer, [json.loads(line)["text"] for line in lines])
     return _flatten(encoded, tokenizer.bos_id if add_bos else None, tokenizer.eod_id if append_eod else None)
 
 
-def _flatten(encoded: list[list[int]], bos_id: int | None, eod_id: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """One flat array [bos] + ids + [eod] per document, built in numpy rather than list by list."""
-    raw_lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    ids = np.fromiter(chain.from_iterable(encoded), dtype=np.int64, count=int(raw_lengths.sum()))
+def encode_as_arrays(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text as an int32 array, on one thread.
+
+    SentencePiece >= 0.2.1 fills numpy buffers directly (out_type="numpy"), which spares building a
+    Python int per token and reading it back (~20% of the encode time); the ids are the same as
+    out_type=int. Older 0.2.x releases reject the type and get the list path.
+    """
+    global _NUMPY_OUTPUT
+    if _NUMPY_OUTPUT:
+        try:
+            return tokenizer.sp.Encode(texts, out_type="numpy", num_threads=1)
+        except ValueError:  # "unknown return_type=numpy"
+            _NUMPY_OUTPUT = False
+    return [np.asarray(ids, dtype=np.int32) for ids in tokenizer.encode_batch(texts, num_threads=1)]
+
+
+def _flatten(encoded: list[np.ndarray], bos_id: int | None, eod_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """One flat array [bos] + ids + [eod] per document, concatenated in one numpy call."""
     extra = (bos_id is not None) + (eod_id is not None)
-    lengths = raw_lengths + extra
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + extra
+    if not encoded:
+        return np.empty(0, dtype=np.int32), lengths
     if not extra:
-        return ids, lengths
-    ends = np.cumsum(lengths)
-    flat = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
-    is_special = np.zeros(len(flat), dtype=bool)
-    if bos_id is not None:
-        flat[ends - lengths] = bos_id
-        is_special[ends - lengths] = True
-    if eod_id is not None:
-        flat[ends - 1] = eod_id
-        is_special[ends - 1] = True
-    flat[~is_special] = ids
-    return flat, lengths
+        return np.concatenate(encoded), lengths
+    bos = [np.array([bos_id], dtype=np.int32)] if bos_id is not None else []
+    eod = [np.array([eod_id], dtype=np.int32)] if eod_id is not None else []
+    return np.concatenate([part for ids in encoded for part in (*bos, ids, *eod)]), lengths
 
 
 def _batches(path: Path, size: int) -> Iterator[list[str]]:

@@ -78,12 +78,24 @@ def test_signatures_do_not_depend_on_batching(monkeypatch):
     texts = ["東京都の天気は晴れ", "abc", "", "短", "長い" * 300, "Hello   World  again and again"]
     hasher = MinHasher(DedupConfig())
     together = hasher.signatures(texts)
-    monkeypatch.setattr(minhash, "_BLOCK_ELEMENTS", 1000)  # blocks of 5 rows: documents span blocks
+    monkeypatch.setattr(minhash, "_GROUP_SHINGLES", 10)  # groups of one or two documents
     split = hasher.signatures(texts)
     one_by_one = np.concatenate([hasher.signatures([t]) for t in texts])
     assert np.array_equal(together, split) and np.array_equal(together, one_by_one)
     # case and whitespace do not matter to shingles
     assert np.array_equal(hasher.signatures(["hello world"]), hasher.signatures(["Hello  World"]))
+
+
+def test_signatures_are_the_multiply_add_shift_minimum(monkeypatch):
+    # the definition, one document at a time: min over shingles of (a*h + b mod 2**64), top 32 bits
+    texts = ["", "短", "東京都の天気は晴れ。" * 40, "abc def", "x" * 5000]
+    hasher = MinHasher(DedupConfig(num_bands=4, rows_per_band=3))
+    expected = np.stack([((hasher.shingles(t)[:, None] * hasher.mult + hasher.add).min(axis=0)
+                          >> np.uint64(32)).astype(np.uint32) for t in texts])
+    assert np.array_equal(hasher.signatures(texts), expected)
+    monkeypatch.setattr(minhash, "_GROUP_SHINGLES", 1)  # every document its own group
+    assert np.array_equal(hasher.signatures(texts), expected)
+    assert hasher.signatures([]).shape == (0, 12)
 
 
 def test_exact_dedup_keeps_the_first_and_ignores_width_case_and_spacing():

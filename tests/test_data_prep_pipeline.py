@@ -121,6 +121,9 @@ def test_every_input_line_ends_in_exactly_one_place(curated_run):
     assert report["dropped"]["dedup"] == {"exact_duplicate": 2, "near_duplicate": 1}
     assert report["totals"]["num_repaired_mojibake"] == 1
     assert "## Funnel" in (out / "report.md").read_text(encoding="utf-8")
+    page = (out / "report.html").read_text(encoding="utf-8")  # self-contained: inline SVG, nothing fetched
+    assert page.count("<svg") == 5 and "dedup/near_duplicate" in page
+    assert "<script" not in page and "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
 
 
 def test_quarantine_records_file_line_and_reason(curated_run):
@@ -291,6 +294,27 @@ def test_megatron_datasets_read_back_with_megatron_core(curated_run, tiny_tokeni
     assert build_datasets(config, tiny_tokenizer).num_tokens == result.num_tokens
     assert (out / "datasets/ja_text_document.bin").stat().st_mtime_ns == before
     assert "## Tokens" in (out / "report.md").read_text(encoding="utf-8")
+    assert "<h2>Tokens</h2>" in (out / "report.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+@pytest.mark.parametrize("append_eod", [True, False])
+def test_encoded_batches_match_plain_encode_with_and_without_numpy_output(tiny_tokenizer, monkeypatch,
+                                                                         add_bos, append_eod):
+    from data_prep import tokenize_stage
+    from tokenizer.spm import Tokenizer
+
+    tokenize_stage._init_tokenizer(str(tiny_tokenizer))
+    tokenizer = Tokenizer.load(tiny_tokenizer)
+    texts = [JA[0], "", EN[1], "a"]
+    lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
+    expected = [[tokenizer.bos_id] * add_bos + tokenizer.encode(t) + [tokenizer.eod_id] * append_eod for t in texts]
+    for numpy_output in (True, False):  # sentencepiece's out_type="numpy", and the list path of older 0.2.x
+        monkeypatch.setattr(tokenize_stage, "_NUMPY_OUTPUT", numpy_output)
+        tokens, lengths = tokenize_stage._encode_lines((lines, add_bos, append_eod))
+        assert lengths.tolist() == [len(e) for e in expected]
+        assert tokens.tolist() == [i for e in expected for i in e]
+    assert tokenize_stage._encode_lines(([], add_bos, append_eod))[0].size == 0
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -326,3 +350,12 @@ def test_shipped_configs_load(name):
 def test_config_fields_are_documented():
     assert check_documented(DataPrepConfig) == []
     assert check_documented(SourceConfig) == []
+
+
+def test_html_report_bars_scale_and_escape():
+    from data_prep.report_html import bar_chart
+
+    svg = bar_chart([("<b>&", 10), ("half", 5), ("zero", 0)])
+    assert "&lt;b&gt;&amp;" in svg and "<b>" not in svg
+    assert 'width="520"' in svg and 'width="260"' in svg and 'width="0"' in svg
+    assert bar_chart([]) == "<p>(none)</p>"
