@@ -35,14 +35,15 @@ def curate_shards(corpus: str, src: str | None, fuzzy: bool) -> dict:
     config = load_config(REPO / "configs/data_prep/quickstart.yaml",
                          [f"input.sources={sources}", f"dedup.fuzzy={str(fuzzy).lower()}",
                           "decontam.eval_paths=[" + str(REPO / "kumihimo/sample/eval.jsonl") + "]"])
-    out = Path(tempfile.mkdtemp(prefix="bench_curate_"))
-    start = cpu_seconds()
-    save_eval_index(build_eval_index(config.decontam), out / "eval.npy")
-    tools = shard_stage.build_tools(config, out / "eval.npy")
-    shards = plan_shards(config)
-    for shard in shards:
-        shard_stage.process_shard(shard, tools, out)
-    cpu = cpu_seconds() - start
+    with tempfile.TemporaryDirectory(prefix="bench_curate_") as tmp:
+        out = Path(tmp)
+        start = cpu_seconds()
+        save_eval_index(build_eval_index(config.decontam), out / "eval.npy")
+        tools = shard_stage.build_tools(config, out / "eval.npy")
+        shards = plan_shards(config)
+        for shard in shards:
+            shard_stage.process_shard(shard, tools, out)
+        cpu = cpu_seconds() - start
     num_bytes = sum(Path(corpus, f"{lang}.jsonl").stat().st_size for lang in ("ja", "en"))
     return {"cpu_s": cpu, "mb": num_bytes / 1e6, "module": shard_stage.__file__}
 
