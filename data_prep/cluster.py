@@ -21,15 +21,20 @@ from data_prep.pipeline import CurationResult, curate_task, finish_curation, pre
 from kumihimo.progress import say
 
 
-class CurateShardsStep(PipelineStep):
-    """Per-shard curation (read .. PII, dedup keys, signatures) of this task's share of the shards."""
+class _ConfigStep(PipelineStep):
+    """A datatrove step that runs part of kumihimo's pipeline for one DataPrepConfig."""
 
-    name = "kumihimo curate shards"
     type = "kumihimo"
 
     def __init__(self, config: DataPrepConfig):
         super().__init__()
         self.config = config
+
+
+class CurateShardsStep(_ConfigStep):
+    """Per-shard curation (read .. PII, dedup keys, signatures) of this task's share of the shards."""
+
+    name = "kumihimo curate shards"
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         if data:
@@ -38,15 +43,10 @@ class CurateShardsStep(PipelineStep):
         self.stat_update("shards", value=num_shards)
 
 
-class FinishStep(PipelineStep):
+class FinishStep(_ConfigStep):
     """Global exact + fuzzy dedup over every shard, per-source merge and report (one task)."""
 
     name = "kumihimo dedup, merge, report"
-    type = "kumihimo"
-
-    def __init__(self, config: DataPrepConfig):
-        super().__init__()
-        self.config = config
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         if data:
