@@ -27,18 +27,20 @@ from tokenizer.spm import Tokenizer
 class MegatronTokenizerView:
     """The few attributes Megatron's GPTDataset asks of a tokenizer."""
 
-    def __init__(self, vocab_size: int, eod: int, pad: int | None, identity: str):
+    def __init__(self, vocab_size: int, eod: int, pad: int | None, identity: dict | None):
         self.vocab_size = vocab_size
         self.eod = eod
         self.pad = -1 if pad is None else pad
-        self.unique_identifiers = OrderedDict(tokenizer=identity)
+        self.identity = identity
+        """`Tokenizer.identity()` (path, sha256, special ids) for checkpoints; None for mock data."""
+        self.unique_identifiers = OrderedDict(tokenizer=identity["sha256"] if identity else "mock")
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> MegatronTokenizerView:
         if config.data.tokenizer is None:  # mock data without a tokenizer
-            return cls(config.data.mock_vocab_size, config.data.mock_vocab_size - 1, None, "mock")
+            return cls(config.data.mock_vocab_size, config.data.mock_vocab_size - 1, None, None)
         tok = Tokenizer.load(config.data.tokenizer)
-        return cls(tok.vocab_size, tok.eod_id, tok.pad_id, tok.sha256)
+        return cls(tok.vocab_size, tok.eod_id, tok.pad_id, tok.identity())
 
 
 def read_blend(config: TrainConfig) -> tuple[list[str], list[float]]:

@@ -114,6 +114,7 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(cfg, self.padded_vocab)
         self._record_parameter_counts()
         self.metrics = MetricsSink(cfg, self.run_dir, enabled=self.is_logger)
+        self.checkpoint_meta = self._build_checkpoint_meta()
         self._maybe_resume()
 
     def _build_model_and_optimizer(self) -> None:
@@ -191,22 +192,18 @@ class Trainer:
             configtree.write_text_atomic(self.run_dir / "parameters_per_rank.json", json.dumps(rows, indent=1))
             say(f"[train] {max(r['parameters'] for r in rows):,} parameters on the most loaded rank")
 
-    def _checkpoint_meta(self) -> dict:
+    def _build_checkpoint_meta(self) -> dict:
+        """What every checkpoint of this run records beside its state (fixed for the run)."""
         import megatron.core
 
         from kumihimo import __version__
 
         cfg = self.config
-        tokenizer = None
-        if cfg.data.tokenizer:
-            from tokenizer.spm import Tokenizer
-
-            tokenizer = Tokenizer.load(cfg.data.tokenizer).identity()
         return {
             "format": "kumihimo-torch_dist-v1",
             "vocab_size": self.datasets.tokenizer.vocab_size,
             "padded_vocab_size": self.padded_vocab,
-            "tokenizer": tokenizer,
+            "tokenizer": self.datasets.tokenizer.identity,
             "data": {"blend_file": cfg.data.blend_file, "mock": cfg.data.mock, "split": cfg.data.split,
                      "seed": cfg.runtime.seed},
             "versions": {"kumihimo": __version__, "megatron.core": megatron.core.__version__,
@@ -253,7 +250,7 @@ class Trainer:
 
     def _check_resume_compatible(self, meta: dict) -> None:
         saved = meta.get("data", {})
-        now = self._checkpoint_meta()["data"]
+        now = self.checkpoint_meta["data"]
         if (saved.get("blend_file"), saved.get("mock"), saved.get("seed")) != (
                 now["blend_file"], now["mock"], now["seed"]):
             raise configtree.ConfigError(
@@ -411,7 +408,7 @@ class Trainer:
     def save(self, root: Path) -> Path:
         folder = checkpointing.save_checkpoint(
             root, self.state, self.model, self.optimizer, self.scheduler, self.config, self.layout,
-            self._checkpoint_meta(), self.config.checkpoint.keep_last, self.config.checkpoint.keep_multiples_of)
+            self.checkpoint_meta, self.config.checkpoint.keep_last, self.config.checkpoint.keep_multiples_of)
         if self.is_logger:
             say(f"[train] saved checkpoint {folder}")
         return folder
