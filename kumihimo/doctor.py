@@ -134,12 +134,15 @@ def check_data_matches_tokenizer(report: Report, config) -> None:
     """The blend.yaml records the tokenizer its datasets were made with; it must be the one trained on."""
     if config.data.mock or not config.data.blend_file or not config.data.tokenizer:
         return
-    import yaml
-
+    from data_prep.blend import read_blend
     from tokenizer.spm import Tokenizer
 
-    blend = yaml.safe_load(Path(config.data.blend_file).read_text(encoding="utf-8")) or {}
-    recorded = (blend.get("tokenizer") or {}).get("sha256")
+    try:
+        _datasets, recorded_tokenizer = read_blend(config.data.blend_file)
+    except UserError as exc:
+        report.add("FAIL", "data/tokenizer", str(exc))
+        return
+    recorded = (recorded_tokenizer or {}).get("sha256")
     current = Tokenizer.load(config.data.tokenizer).sha256
     if recorded is None:
         report.add("WARN", "data/tokenizer", f"{config.data.blend_file} records no tokenizer; cannot check")
