@@ -76,10 +76,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _spawn_local(args: argparse.Namespace) -> int:
-    from pretrain.distributed import _free_port
+    from pretrain.distributed import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
-           "--nnodes=1", f"--master-port={_free_port()}", "-m", "kumihimo.cli", "train", args.config,
+           "--nnodes=1", f"--master-port={free_port()}", "-m", "kumihimo.cli", "train", args.config,
            *args.overrides]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return subprocess.call(cmd, env=env)

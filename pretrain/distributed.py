@@ -55,7 +55,7 @@ def init_process_group(device: str, timeout_minutes: int) -> ProcessInfo:
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if info.world_size == 1:
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     elif "MASTER_PORT" not in os.environ:
         raise UserError("MASTER_PORT is not set for a multi-process run; launch with torchrun, "
                         "`kumihimo train --nproc-per-node N`, or the slurm/ scripts")
@@ -68,7 +68,7 @@ def init_process_group(device: str, timeout_minutes: int) -> ProcessInfo:
     return info
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:

@@ -20,7 +20,8 @@ import torch
 from kumihimo.errors import UserError
 from pretrain.convert.from_hf import HFModel, HFTensors, check_supported, convert_from_hf, read_hf_model
 from pretrain.convert.to_hf import convert_to_hf
-from tests.test_convert_to_hf import VOCAB, _free_port, _launch, load_hf, train_spm
+from pretrain.distributed import free_port
+from tests.test_convert_to_hf import VOCAB, _launch, load_hf, train_spm
 
 HF_CONFIG = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=128,
@@ -86,7 +87,7 @@ def megatron(converted, work):
         "reference": _launch(["-m", "tests.test_convert_to_hf", str(work / "prompt.pt"), str(work / "ref.pt"),
                               str(converted["fp32"])]),
         "trainer": _launch(["-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
-                            f"--master-port={_free_port()}", "-m", "tests.test_convert_from_hf",
+                            f"--master-port={free_port()}", "-m", "tests.test_convert_from_hf",
                             str(converted["fp32"]), str(run_dir)]),
     }
     for name, proc in procs.items():

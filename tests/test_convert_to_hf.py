@@ -30,6 +30,7 @@ from pretrain.convert.to_hf import (
     open_checkpoint,
     plan_shards,
 )
+from pretrain.distributed import free_port
 from tests.conftest import REPO
 
 TINY = "configs/pretrain/tiny-cpu.yaml"
@@ -68,13 +69,6 @@ def spm_model(work) -> Path:
     return train_spm(work / "tok", seed=1)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _launch(args: list[str], threads: int = 1) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
@@ -97,7 +91,7 @@ def megatron(work, spm_model, prompt) -> tuple[dict[str, Path], dict[str, dict[s
     for name, (overrides, nproc) in LAYOUTS.items():
         # torchrun directly (not `kumihimo train --nproc-per-node`) spares a launcher process.
         launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-                    f"--master-port={_free_port()}"] if nproc > 1 else []
+                    f"--master-port={free_port()}"] if nproc > 1 else []
         procs[name] = _launch([*launcher, "-m", "kumihimo.cli", "train", TINY, "model.num_layers=2",
                                "model.rotary_base=50000", "schedule.train_iters=1", "schedule.lr_warmup_iters=0",
                                "schedule.eval_interval=0", "data.mock=true", f"data.tokenizer={spm_model}",

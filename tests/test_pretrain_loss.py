@@ -13,9 +13,9 @@ def single_process_groups():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from pretrain.distributed import _free_port
+    from pretrain.distributed import free_port
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     yield
     parallel_state.destroy_model_parallel()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from pretrain.distributed import free_port
 from tests.conftest import REPO, read_metrics
 
 pytestmark = pytest.mark.slow
@@ -65,11 +65,6 @@ def install_slurm() -> None:
     assert not missing, f"installed {APT_PACKAGES} but {missing} are not on PATH"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def write_slurm_conf(root: Path, munge_socket: Path) -> Path:
     """One node, `localhost` (always resolvable: the job's rendezvous host), with this machine's CPUs."""
@@ -77,8 +72,8 @@ def write_slurm_conf(root: Path, munge_socket: Path) -> Path:
     conf.write_text(f"""\
 ClusterName=kumihimo-test
 SlurmctldHost=localhost(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 # cred_expire also delays a requeued job's restart (default 120 s).
 AuthType=auth/munge
 AuthInfo=socket={munge_socket},cred_expire=10
