@@ -88,7 +88,8 @@ def _rng_sharded_object(layout) -> Any:
 
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    dp_rank = parallel_state.get_data_parallel_rank()
+    # CP ranks hold replicas of the same (PP, TP) shard, like DP ranks do
+    dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
     return ShardedObject("rng_state", rng_state(), (layout.pp, layout.tp), (pp_rank, tp_rank),
                          replica_id=dp_rank)
 

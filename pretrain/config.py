@@ -49,8 +49,9 @@ class ModelConfig:
     """Activation recomputation: none, or full (keep only each layer's input and recompute the layer
     in the backward pass: ~1/3 more compute for far less activation memory)."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
-    """Layer implementation: Transformer Engine (fused kernels, FP8, sequence/context parallel) or
-    Megatron-Core's local modules; auto picks TE when it is installed and runtime.device is cuda."""
+    """Layer implementation: Transformer Engine (fused kernels, FP8) or Megatron-Core's local modules
+    (with this repo's SDPA attention and sequence/context-parallel support); auto picks TE when it is
+    installed and runtime.device is cuda."""
     local_attention: Literal["sdpa", "unfused"] = "sdpa"
     """Core attention of the local implementation: torch scaled_dot_product_attention (flash/efficient
     kernels, fast on a GPU without TE) or Megatron's unfused softmax attention."""
@@ -94,7 +95,8 @@ class ParallelismConfig:
     virtual_pipeline_model_parallel_size: int | None = None
     """Model chunks per pipeline stage (interleaved 1F1B); null disables interleaving."""
     context_parallel_size: int = 1
-    """Context parallel size (CP): splits the sequence in attention; needs Transformer Engine."""
+    """Context parallel size (CP): splits every sequence over CP ranks (2 x CP zigzag chunks); attention
+    runs as TE's ring exchange, or with the local spec as an all-gather of keys/values (sdpa only)."""
     sequence_parallel: bool = False
     """Shard activations along the sequence between tensor-parallel regions (needs TP > 1)."""
     use_distributed_optimizer: bool = False
@@ -465,13 +467,14 @@ class TrainConfig:
                 prec.num_layers_at_start_in_bf16 + prec.num_layers_at_end_in_bf16 > model.num_layers):
             raise ConfigError(f"precision.num_layers_at_start_in_bf16 + num_layers_at_end_in_bf16 exceeds "
                               f"model.num_layers={model.num_layers}; keep fewer layers in BF16")
-        needs_te = {"parallelism.context_parallel_size": par.context_parallel_size > 1,
-                    "parallelism.sequence_parallel": par.sequence_parallel,
-                    "precision.fp8": prec.fp8 is not None}
-        for key, needed in needs_te.items():
-            if needed and model.transformer_impl == "local":
-                raise ConfigError(f"{key} needs model.transformer_impl=transformer_engine (Megatron's local "
-                                  "layers do not implement it); install the te extra or turn it off")
+        if prec.fp8 is not None and model.transformer_impl == "local":
+            raise ConfigError("precision.fp8 needs model.transformer_impl=transformer_engine (Megatron's local "
+                              "layers have no FP8 GEMMs); install the te extra or set precision.fp8=null")
+        if par.context_parallel_size > 1 and model.transformer_impl != "transformer_engine" \
+                and model.local_attention != "sdpa":
+            raise bad_value("model.local_attention", model.local_attention,
+                            f"cannot run context_parallel_size={par.context_parallel_size} (only sdpa gathers "
+                            "keys/values over the CP group)", "set model.local_attention=sdpa")
         exit_after = self.schedule.exit_after_iters
         if exit_after is not None and not 0 < exit_after <= self.schedule.train_iters:
             raise bad_value("schedule.exit_after_iters", exit_after,

@@ -7,7 +7,8 @@ device-agnostic. This module makes those calls land on the CPU:
 
 * a `TorchFunctionMode` rewrites every cuda device argument (strings, `torch.device`, bare ordinals) to
   `cpu`, turns `Tensor.cuda()` into a no-op and reports CPU float tensors with their CUDA type name;
-* `torch.cuda.current_device/synchronize/current_stream/Stream/Event/...` become harmless stand-ins.
+* `torch.cuda.current_device/synchronize/current_stream/Stream/Event/...` become harmless stand-ins;
+* custom autograd backward functions run inside the same mode (the autograd engine drops it).
 
 `activate()` is called by the trainer only when `runtime.device == "cpu"` (tests, the quickstart) and
 never on GPU runs; nothing here is imported by the GPU path. Dropout is zero in every recipe we run on
@@ -21,7 +22,8 @@ import contextlib
 import threading
 
 import torch
-from torch.overrides import TorchFunctionMode
+from torch.autograd.function import BackwardCFunction
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 _CPU = torch.device("cpu")
 _lock = threading.Lock()
@@ -51,6 +53,8 @@ class _CudaToCpuMode(TorchFunctionMode):
             return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if kwargs.get("pin_memory"):  # page-locking needs a CUDA driver (CP's rotary slicing asks for it)
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1:
             # Only .to() takes a device positionally; other methods' positional ints are sizes.
             args = (args[0], *(_to_cpu_device(a) for a in args[1:]))
@@ -120,6 +124,17 @@ _CUDA_STUBS = {
     "reset_peak_memory_stats": lambda *a, **k: None,
 }
 _saved_cuda_attrs: dict[str, object] = {}
+_original_backward_apply = BackwardCFunction.apply
+
+
+def _backward_apply_on_cpu(self, *args):
+    """The autograd engine runs custom backward functions with an empty torch-function mode stack, so
+    device="cuda" in e.g. Megatron's reduce-scatter backward (sequence/context parallel) would escape
+    the redirect; re-enter it around each of them."""
+    if _get_current_function_mode_stack():
+        return _original_backward_apply(self, *args)
+    with _CudaToCpuMode():
+        return _original_backward_apply(self, *args)
 
 
 def activate() -> None:
@@ -131,6 +146,7 @@ def activate() -> None:
         for name, stub in _CUDA_STUBS.items():
             _saved_cuda_attrs[name] = getattr(torch.cuda, name)
             setattr(torch.cuda, name, stub)
+        BackwardCFunction.apply = _backward_apply_on_cpu
         _mode = _CudaToCpuMode()
         _mode.__enter__()
 
@@ -143,6 +159,7 @@ def deactivate() -> None:
             return
         _mode.__exit__(None, None, None)
         _mode = None
+        BackwardCFunction.apply = _original_backward_apply
         for name, original in _saved_cuda_attrs.items():
             setattr(torch.cuda, name, original)
         _saved_cuda_attrs.clear()

@@ -8,9 +8,9 @@ checkpoint of the LLM-jp-3 family uses and the ones our Hugging Face mapping is 
 against; continual pretraining from those checkpoints needs them. The switch is one function
 (`build_model`) and one name table (`pretrain.convert.mapping`) if a later core release removes it.
 
-Layer spec: Transformer Engine when selected (fused kernels, FP8, sequence/context parallel);
-otherwise Megatron's local modules with `SDPAttention` below, so a GPU without TE still gets
-flash/memory-efficient attention kernels.
+Layer spec: Transformer Engine when selected (fused kernels, FP8); otherwise Megatron's local modules
+with `SDPAttention` and `RMSNorm` below, so a GPU without TE still gets flash/memory-efficient
+attention kernels, sequence parallelism and context parallelism.
 
 Initialisation is a function of (seed, parameter name, layer number) only, never of the parallel
 layout: the same seed gives the same model at TP=1 and TP=2, PP=1 and PP=2 (checked by tests). Each
@@ -30,6 +30,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from kumihimo.errors import UserError
@@ -42,38 +43,104 @@ if TYPE_CHECKING:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm for the local spec, usable with sequence parallelism.
+
+    Megatron's WrappedTorchNorm refuses sequence_parallel only because nobody marks the weight: with
+    SP each TP rank normalises its own slice of the sequence, so the weight's gradient is partial and
+    must be summed over TP. Marking it `sequence_parallel` makes finalize_model_grads do exactly that
+    (as Transformer Engine's norms do). The arithmetic is torch.nn.RMSNorm's, unchanged.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def context_parallel_positions(seq_length: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
+    """Global token positions held by one CP rank, in its local order.
+
+    The sequence is cut into 2 x CP chunks and rank r holds chunks r and 2CP-1-r (Megatron's
+    load-balanced "zigzag"), so every rank gets the same share of causal-attention work.
+    """
+    chunk = seq_length // (2 * cp_size)
+    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device)
+    second = torch.arange((2 * cp_size - 1 - cp_rank) * chunk, (2 * cp_size - cp_rank) * chunk, device=device)
+    return torch.cat([first, second])
+
+
+def slice_for_context_parallel(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This CP rank's share of a micro-batch ([b, s] tensors; [b, 1, s, s] masks keep every key)."""
+    cp_size = parallel_state.get_context_parallel_world_size()
+    if cp_size == 1:
+        return batch
+    out = {}
+    for key, value in batch.items():
+        seq_dim = 2 if key == "attention_mask" else 1
+        index = context_parallel_positions(value.shape[seq_dim], cp_size,
+                                           parallel_state.get_context_parallel_rank(), value.device)
+        out[key] = value.index_select(seq_dim, index)
+    return out
+
+
 class SDPAttention(MegatronModule):
     """Core attention with torch's scaled_dot_product_attention, for the local (non-TE) spec.
 
     Takes Megatron's [seq, batch, heads, head_dim] query/key/value of this TP rank and returns
     [seq, batch, heads * head_dim]. Causal by default (no mask tensor is built); an explicit boolean
     mask (Megatron convention: True = masked out) is honoured for document-level masking.
+
+    Context parallelism by all-gathering keys and values over the CP group (whose backward is a
+    reduce-scatter): each rank attends its zigzag query chunks against the whole sequence with a
+    position-based causal mask. That costs CP x the K/V memory of a ring exchange (Transformer
+    Engine's choice) but needs no custom kernel, so long sequences also train without TE.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: float | None = None,
                  softmax_scale: float | None = None, cp_comm_type: str | None = None, pg_collection=None):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise UserError("SDPA attention does not support context parallelism; use transformer_engine")
         self.attn_mask_type = attn_mask_type
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
+        self.cp_size = config.context_parallel_size
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if packed_seq_params is not None or attention_bias is not None:
             raise UserError("packed sequences and attention bias need transformer_impl=transformer_engine")
         seq_q, batch, num_heads, head_dim = query.shape
+        mask_type = attn_mask_type or self.attn_mask_type
+        keep = None if attention_mask is None else ~attention_mask
+        if self.cp_size > 1:
+            key, value, keep = self._gather_context(key, value, keep, mask_type == AttnMaskType.causal)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        mask_type = attn_mask_type or self.attn_mask_type
-        mask = None if attention_mask is None else ~attention_mask
-        is_causal = mask is None and mask_type == AttnMaskType.causal
+        is_causal = keep is None and mask_type == AttnMaskType.causal
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0,
+            q, k, v, attn_mask=keep, dropout_p=self.dropout_p if self.training else 0.0,
             is_causal=is_causal, scale=self.softmax_scale, enable_gqa=k.shape[1] != num_heads)
         return out.permute(2, 0, 1, 3).reshape(seq_q, batch, num_heads * head_dim)
+
+    def _gather_context(self, key, value, keep, causal: bool):
+        """Whole-sequence keys/values in global order, and the mask of this rank's queries over them."""
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        group = parallel_state.get_context_parallel_group()
+        cp_rank = parallel_state.get_context_parallel_rank()
+        local = key.shape[0]
+        full = local * self.cp_size
+        # rank order [r0's chunks, r1's chunks, ...] -> global position order
+        held = torch.cat([context_parallel_positions(full, self.cp_size, r, key.device)
+                          for r in range(self.cp_size)])
+        order = torch.argsort(held)
+        key, value = (gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=True, group=group)
+                      .index_select(0, order) for t in (key, value))
+        if causal:
+            q_pos = context_parallel_positions(full, self.cp_size, cp_rank, key.device)
+            causal_keep = q_pos[:, None] >= torch.arange(full, device=key.device)[None, :]
+            keep = causal_keep if keep is None else keep & causal_keep
+        return key, value, keep
 
 
 def transformer_engine_available() -> bool:
@@ -174,16 +241,28 @@ def layer_spec(config: TrainConfig):
         return get_gpt_layer_with_transformer_engine_spec()
     # normalization= is required: without it the local spec silently builds LayerNorm.
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
     if config.model.local_attention == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
+
+
+def block_spec(config: TrainConfig, tconfig: TransformerConfig, vp_stage: int | None):
+    """The decoder block of one model chunk: the layer spec, plus our RMSNorm as the final norm for the
+    local spec (Megatron would pick its torch wrapper, which refuses sequence parallelism)."""
+    spec = layer_spec(config)
+    if resolve_transformer_impl(config) == "transformer_engine":
+        return spec
+    num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage,
+                                         pp_rank=parallel_state.get_pipeline_model_parallel_rank())
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)
 
 
 def build_model(config: TrainConfig, layout: ParallelLayout, padded_vocab_size: int) -> list[GPTModel]:
     """This rank's model chunks (one, or VPP of them with interleaved pipelining), initialised."""
     check_fp8_possible(config)
     tconfig = transformer_config(config, layout)
-    spec = layer_spec(config)
     num_chunks = layout.vpp or 1
     chunks = []
     for vp_stage in range(num_chunks):
@@ -191,7 +270,7 @@ def build_model(config: TrainConfig, layout: ParallelLayout, padded_vocab_size: 
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         chunk = GPTModel(
             config=tconfig,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=block_spec(config, tconfig, vp_stage if layout.vpp else None),
             vocab_size=padded_vocab_size,
             max_sequence_length=config.model.seq_length,
             pre_process=pre,

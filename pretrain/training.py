@@ -42,8 +42,18 @@ def loss_func(loss_mask: torch.Tensor, output: torch.Tensor, extra: torch.Tensor
     losses = output.float().reshape(-1)
     reported = torch.sum(losses * mask)
     loss_sum = reported if extra is None else reported + torch.sum(extra.reshape(-1) * mask)
-    num_tokens = mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm loss": torch.stack([reported.detach(), mask.sum()])}
+    num_tokens = mask.sum()
+    from megatron.core import parallel_state
+
+    cp_size = parallel_state.get_context_parallel_world_size()
+    if cp_size > 1:
+        # Each CP rank holds part of every sequence. Megatron divides this rank's sum by the count we
+        # return and DDP averages gradients over DP x CP, so return the whole sequence's count and scale
+        # by CP: the gradient is then exactly that of the token mean over the whole sequence.
+        num_tokens = num_tokens.detach().clone()
+        dist.all_reduce(num_tokens, group=parallel_state.get_context_parallel_group())
+        loss_sum = loss_sum * cp_size
+    return loss_sum, num_tokens.to(torch.int), {"lm loss": torch.stack([reported.detach(), mask.sum()])}
 
 
 def z_loss_func(loss_mask: torch.Tensor, labels: torch.Tensor, z_loss_coeff: float, logits: torch.Tensor):
@@ -54,7 +64,9 @@ def z_loss_func(loss_mask: torch.Tensor, labels: torch.Tensor, z_loss_coeff: flo
 
 
 def forward_step(data_iterator, model, z_loss_coeff: float = 0.0):
-    batch = next(data_iterator)
+    from pretrain.model import slice_for_context_parallel
+
+    batch = slice_for_context_parallel(next(data_iterator))
     if z_loss_coeff:
         # The model returns [b, s, vocab/TP] logits (hidden states on earlier pipeline stages).
         output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
@@ -374,9 +386,9 @@ class Trainer:
         from megatron.core import parallel_state
 
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        # every CP rank reports its own tokens' share; TP ranks hold the same numbers
         is_reporter = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-                       and parallel_state.get_tensor_model_parallel_rank() == 0
-                       and parallel_state.get_context_parallel_rank() == 0)
+                       and parallel_state.get_tensor_model_parallel_rank() == 0)
         if is_reporter:
             for item in losses:
                 total += item["lm loss"].to(torch.float64)
