@@ -123,7 +123,11 @@ _CUDA_STUBS = {
     "memory_reserved": lambda *a, **k: 0,
     "reset_peak_memory_stats": lambda *a, **k: None,
 }
+# Full activation recompute saves and restores the CUDA generator around each layer; there is none
+# (CPU randomness is restored by Megatron from torch.get_rng_state), so an empty state stands in.
+_CUDA_RANDOM_STUBS = {"get_rng_state": lambda *a, **k: torch.empty(0, dtype=torch.uint8)}
 _saved_cuda_attrs: dict[str, object] = {}
+_saved_cuda_random_attrs: dict[str, object] = {}
 _original_backward_apply = BackwardCFunction.apply
 
 
@@ -146,6 +150,9 @@ def activate() -> None:
         for name, stub in _CUDA_STUBS.items():
             _saved_cuda_attrs[name] = getattr(torch.cuda, name)
             setattr(torch.cuda, name, stub)
+        for name, stub in _CUDA_RANDOM_STUBS.items():
+            _saved_cuda_random_attrs[name] = getattr(torch.cuda.random, name)
+            setattr(torch.cuda.random, name, stub)
         BackwardCFunction.apply = _backward_apply_on_cpu
         _mode = _CudaToCpuMode()
         _mode.__enter__()
@@ -163,6 +170,9 @@ def deactivate() -> None:
         for name, original in _saved_cuda_attrs.items():
             setattr(torch.cuda, name, original)
         _saved_cuda_attrs.clear()
+        for name, original in _saved_cuda_random_attrs.items():
+            setattr(torch.cuda.random, name, original)
+        _saved_cuda_random_attrs.clear()
 
 
 def is_active() -> bool:

@@ -7,13 +7,23 @@ the most micro-batches in flight; the last holds the output layer and the logits
 * weights + gradients + optimizer states, Megatron mixed precision: bf16 weights (2 B/param), fp32
   gradients (4 B, or 2 B without grad_reduce_in_fp32), and fp32 main weights + Adam m + v (12 B) which
   the distributed optimizer splits over DP. fp32 runs: 4 B weights, 4 B gradients, 8 B Adam states;
-* activations of one layer for one micro-batch, in bf16, with flash attention (no s x s scores) and no
-  dropout masks (dropout is 0):  2*s*b * [4h / sp + (2q + 2kv + 3f) / t]  bytes, where t = TP and
-  sp = t with sequence parallelism (the norm inputs/outputs are split too) or 1 without: the norm
-  inputs and outputs (4h), Q, K, V and the attention context (2q + 2kv), the SwiGLU gate/up outputs and
-  their product (3f). With full recompute only the layer input (2*s*b*h / sp) stays per layer, plus one
-  layer's working set. In 1F1B the first stage holds PP micro-batches of L/PP layers, i.e. L layers'
-  worth for one micro-batch (x (1 + (PP-1)/(PP*VPP)) with interleaving);
+* activations saved for the backward pass, per layer and micro-batch, in the parameter dtype
+  (e bytes), counted per token (x s*b tokens, s = seq / CP); t = TP, sp = t with sequence
+  parallelism (norm inputs/outputs are split too) or 1 without:
+  - Transformer Engine layers, flash attention (no s x s scores), no dropout masks:
+    e * [4h / sp + (2q + 2kv + 3f) / t]: norm inputs and outputs, Q, K, V and the context, the SwiGLU
+    gate/up outputs and their product (TE's saved tensors; not measured here, no TE on our machines).
+  - local layers (Megatron's modules + our SDPA attention and RMSNorm), as measured tensor by tensor
+    with `pretrain/memory.py` (exact for the tiny recipe at TP=1, TP=2+SP and PP=2; tests check it):
+    e * [6h / sp + (3q + 3kv + 5f) / t] + 4 * (2 / sp + a / t) plus 4 * 4 * s * d per layer: each
+    RMSNorm keeps its input, the normalised value and its output (3h) and an fp32 1/rms; attention keeps
+    the fused QKV output (V is a view of it), rotated Q and K, the context and a per-head log-sum-exp
+    (a heads); the MLP keeps the fused gate/up output (2f), the SiLU output, the product and the fc2
+    input; RoPE keeps fp32 cos/sin for Q and K. Context parallelism on the local path also keeps the
+    gathered keys and values: + 2kv (CP - 1) / t (an estimate).
+  With full recompute only the layer input (e*s*b*h / sp) stays per layer, plus one layer's working set.
+  In 1F1B the first stage holds PP micro-batches of L/PP layers, i.e. L layers' worth for one
+  micro-batch (x (1 + (PP-1)/(PP*VPP)) with interleaving);
 * logits on the last stage: s*b*V/t in fp32, twice (the logits and their gradient);
 * a fixed reserve (CUDA context, NCCL buffers, allocator fragmentation), 6 GB by default.
 
@@ -76,14 +86,44 @@ def stage_params(config: TrainConfig, layout: ParallelLayout, padded_vocab: int,
     return count
 
 
+def uses_transformer_engine(config: TrainConfig) -> bool:
+    """Which layers the plan counts: `auto` means Transformer Engine on GPU nodes (the te extra)."""
+    impl = config.model.transformer_impl
+    return impl == "transformer_engine" or (impl == "auto" and config.runtime.device == "cuda")
+
+
 def activation_bytes_per_layer(config: TrainConfig, layout: ParallelLayout, recompute: str) -> float:
+    """Bytes one layer keeps for backward for one micro-batch on one GPU (see the module docstring)."""
     m = config.model
     s, b, h, f = m.seq_length // layout.cp, config.schedule.micro_batch_size, m.hidden_size, m.ffn_hidden_size
-    q, kv = m.num_attention_heads * m.head_dim, m.query_groups * m.head_dim
-    sp = layout.tp if config.parallelism.sequence_parallel else 1
+    q, kv, t = m.num_attention_heads * m.head_dim, m.query_groups * m.head_dim, layout.tp
+    e = 2 if config.precision.params_dtype == "bf16" else 4
+    sp = t if config.parallelism.sequence_parallel else 1
+    tokens = s * b
     if recompute == "full":
-        return 2 * s * b * h / sp
-    return 2 * s * b * (4 * h / sp + (2 * q + 2 * kv + 3 * f) / layout.tp)
+        return e * tokens * h / sp
+    if uses_transformer_engine(config):
+        return e * tokens * (4 * h / sp + (2 * q + 2 * kv + 3 * f) / t)
+    per_token = e * (6 * h / sp + (3 * q + 3 * kv + 5 * f + 2 * kv * (layout.cp - 1)) / t)
+    per_token += 4 * (2 / sp + m.num_attention_heads / t)  # fp32 1/rms of two norms, log-sum-exp
+    return tokens * per_token + 4 * 4 * m.seq_length * m.head_dim // layout.cp  # RoPE cos/sin
+
+
+def microbatch_activation_bytes(config: TrainConfig, layout: ParallelLayout, padded_vocab: int,
+                                stage: int) -> float:
+    """Saved-for-backward bytes of one micro-batch through one pipeline stage (all its model chunks):
+    what `pretrain/memory.py` measures in a run."""
+    m = config.model
+    tokens = m.seq_length // layout.cp * config.schedule.micro_batch_size
+    sp = layout.tp if config.parallelism.sequence_parallel else 1
+    e = 2 if config.precision.params_dtype == "bf16" else 4
+    total = activation_bytes_per_layer(config, layout, m.recompute) * (m.num_layers // layout.pp)
+    if stage == 0:
+        total += 8 * tokens  # the embedding's int64 token ids
+    if stage == layout.pp - 1:
+        total += tokens * (3 * e * m.hidden_size + 4) / sp  # final RMSNorm
+        total += 4 * tokens * padded_vocab / layout.tp + 9 * tokens  # fp32 softmax, int64 targets, mask
+    return total
 
 
 def make_plan(config: TrainConfig, world_size: int, vocab_size: int, reserve_gb: float = 6.0) -> Plan:
@@ -121,7 +161,8 @@ def format_plan(config: TrainConfig, plan: Plan, gpu_memory_gb: float) -> str:
         f"  gradients        {plan.grads_gb:8.1f} GB",
         f"  optimizer states {plan.optimizer_gb:8.1f} GB"
         + (f"  (distributed over DP={plan.layout.dp})" if config.parallelism.use_distributed_optimizer else ""),
-        f"  activations      {plan.activations_gb:8.1f} GB  (recompute: {config.model.recompute})",
+        f"  activations      {plan.activations_gb:8.1f} GB  (recompute: {config.model.recompute}; "
+        + ("Transformer Engine layers)" if uses_transformer_engine(config) else "local layers)"),
         f"  logits           {plan.logits_gb:8.1f} GB",
         f"  reserve          {plan.reserve_gb:8.1f} GB",
         f"  total            {plan.total_gb:8.1f} GB of {gpu_memory_gb:.0f} GB -> "

@@ -6,6 +6,7 @@ bottom. Run it through `kumihimo train` (one process, or torchrun / srun for sev
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,6 +22,7 @@ from pretrain.checkpointing import TrainState
 from pretrain.config import TrainConfig
 from pretrain.data import Datasets, batch_indices, build_datasets, microbatches
 from pretrain.distributed import ProcessInfo, init_process_group, seed_everything
+from pretrain.memory import ActivationMeter, state_bytes
 from pretrain.metrics import MetricsSink, training_flops_per_token
 from pretrain.parallel import ParallelLayout
 from pretrain.signals import EXIT_BAD_LOSS, EXIT_REQUEUE, LossGuard, StopRequest
@@ -63,16 +65,17 @@ def z_loss_func(loss_mask: torch.Tensor, labels: torch.Tensor, z_loss_coeff: flo
     return loss_func(loss_mask, cross_entropy, z_term)
 
 
-def forward_step(data_iterator, model, z_loss_coeff: float = 0.0):
+def forward_step(data_iterator, model, z_loss_coeff: float = 0.0, meter: ActivationMeter | None = None):
     from pretrain.model import slice_for_context_parallel
 
     batch = slice_for_context_parallel(next(data_iterator))
-    if z_loss_coeff:
-        # The model returns [b, s, vocab/TP] logits (hidden states on earlier pipeline stages).
-        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
-        return output, partial(z_loss_func, batch["loss_mask"], batch["labels"], z_loss_coeff)
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
-    return output, partial(loss_func, batch["loss_mask"])
+    with meter.record(model) if meter else contextlib.nullcontext():
+        if z_loss_coeff:
+            # The model returns [b, s, vocab/TP] logits (hidden states on earlier pipeline stages).
+            output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+            return output, partial(z_loss_func, batch["loss_mask"], batch["labels"], z_loss_coeff)
+        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+        return output, partial(loss_func, batch["loss_mask"])
 
 
 class Trainer:
@@ -125,6 +128,7 @@ class Trainer:
         self._build_model_and_optimizer()
         self.flops_per_token = training_flops_per_token(cfg, self.padded_vocab)
         self._record_parameter_counts()
+        self.memory_meter: ActivationMeter | None = ActivationMeter(self.model)
         self.metrics = MetricsSink(cfg, self.run_dir, enabled=self.is_logger)
         self.checkpoint_meta = self._build_checkpoint_meta()
         self._maybe_resume()
@@ -203,6 +207,25 @@ class Trainer:
 
             configtree.write_text_atomic(self.run_dir / "parameters_per_rank.json", json.dumps(rows, indent=1))
             say(f"[train] {max(r['parameters'] for r in rows):,} parameters on the most loaded rank")
+
+    def _record_memory(self) -> None:
+        """What each rank holds after its first step, to memory_per_rank.json (`kumihimo plan` predicts it)."""
+        import json
+
+        from megatron.core import parallel_state
+
+        row = {"rank": self.info.rank, "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+               "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+               "cp_rank": parallel_state.get_context_parallel_rank(),
+               **state_bytes(self.model, self.optimizer),
+               "activation_bytes_per_microbatch": self.memory_meter.activation_bytes}
+        if self.device.type == "cuda":
+            row["max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        self.memory_meter = None
+        rows = [None] * self.info.world_size
+        dist.all_gather_object(rows, row)
+        if self.is_logger:
+            configtree.write_text_atomic(self.run_dir / "memory_per_rank.json", json.dumps(rows, indent=1))
 
     def _build_checkpoint_meta(self) -> dict:
         """What every checkpoint of this run records beside its state (fixed for the run)."""
@@ -311,7 +334,7 @@ class Trainer:
 
     @property
     def forward_step(self):
-        return partial(forward_step, z_loss_coeff=self.config.model.z_loss_coeff)
+        return partial(forward_step, z_loss_coeff=self.config.model.z_loss_coeff, meter=self.memory_meter)
 
     def _gives_up(self, values: dict) -> bool:
         """After a bad step: stop now (policy `stop`) or after too many bad steps in a row."""
@@ -353,6 +376,8 @@ class Trainer:
             skipped = None if ok else "optimizer skipped the step (overflow)"
         else:
             skipped = verdict.reason
+        if self.memory_meter is not None:  # after the optimizer's first step has created its states
+            self._record_memory()
         lr = self.optimizer.param_groups[0]["lr"]
         if skipped is None:
             self.scheduler.step(increment=1)

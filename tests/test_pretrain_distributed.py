@@ -180,3 +180,8 @@ def test_overlapped_grad_reduce_and_param_gather_match_single_process(single, tm
 def test_four_process_layouts_match_single_process(single, tmp_path, layout):
     train(tmp_path, *layout, nproc=4)
     assert_matches_single(tmp_path, single)
+
+
+def test_full_recompute_matches_single_process(single, tmp_path):
+    train(tmp_path, "model.recompute=full")
+    assert_matches_single(tmp_path, single)
