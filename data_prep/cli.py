@@ -56,7 +56,8 @@ def _curate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     result = curate(config)
     if result is None:
-        say("[data_prep] Slurm jobs submitted; when they have finished, `kumihimo data tokenize` builds the datasets")
+        say("[data_prep] Slurm jobs submitted; when they have finished, run this command again to print the "
+            "result, and `kumihimo data tokenize` to build the datasets")
         return 0
     say(f"[data_prep] kept {result.num_kept} of {result.num_input_lines} input lines "
         f"({result.num_dropped} dropped, {result.num_quarantined} quarantined); report: {result.report_path}")
@@ -88,8 +89,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     subs = parser.add_subparsers(dest="data_prep_command", required=True, metavar="{curate,tokenize,run}",
                                  parser_class=_OverridesParser)
     specs = [
-        ("curate", _curate, False, "raw JSONL -> curated JSONL (repair, langid, filters, dedup, PII, decontam)",
-         "Read every source's JSONL, repair and filter it, deduplicate across sources, redact PII and drop "
+        ("curate", _curate, False, "raw JSONL or Parquet -> curated JSONL (repair, langid, filters, dedup, PII, decontam)",
+         "Read every source's JSONL or Parquet files, repair and filter it, deduplicate across sources, redact PII and drop "
          "documents overlapping evaluation data. Writes <output_dir>/curated/<source>.jsonl, dropped/, "
          "quarantine/, report.md and report.html."),
         ("tokenize", _tokenize, True, "curated JSONL -> Megatron .bin/.idx per source + blend.yaml",

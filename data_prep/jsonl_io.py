@@ -1,8 +1,9 @@
-"""Reading input JSONL (plain, gzip, zstd) into shards, and writing JSONL atomically.
+"""Reading input JSONL (plain, gzip, zstd) and Parquet into shards, and writing JSONL atomically.
 
-A shard is one compressed file, or a byte range of a large plain file cut at line starts; shards are
-the unit of parallel work and of resume. Reading never stops on bad input: each bad line comes back as
-a quarantine event carrying the file, the line number and the reason.
+A shard is one compressed file, a byte range of a large plain file cut at line starts, or a run of
+row groups of a Parquet file (data_prep/parquet_io.py); shards are the unit of parallel work and of
+resume. Reading never stops on bad input: each bad line (or Parquet row) comes back as a quarantine
+event carrying the file, the line (row) number and the reason.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from data_prep.config import DataPrepConfig, InputConfig
 from kumihimo.errors import UserError
 
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
+PARQUET_SUFFIX = ".parquet"
 READ_BLOCK_BYTES = 1 << 20
 
 
@@ -35,7 +37,8 @@ class Shard:
     path: str
     start_byte: int
     end_byte: int | None  # None: to the end of the file
-    first_line: int  # 1-based number of the shard's first line
+    first_line: int  # 1-based number of the shard's first line (Parquet: of its first row in the file)
+    row_groups: tuple[int, int] | None = None  # Parquet: row groups [first, end); None for JSONL
 
     @property
     def shard_id(self) -> str:
@@ -119,6 +122,12 @@ def plan_shards(config: DataPrepConfig) -> list[Shard]:
     shards: list[Shard] = []
     for source in config.input.sources:
         for path in expand_source_paths(source.paths, source.name):
+            if path.endswith(PARQUET_SUFFIX):
+                from data_prep.parquet_io import row_group_runs  # pyarrow is loaded only when needed
+
+                for first, end, first_row in row_group_runs(path, config.input, config.input.shard_bytes):
+                    shards.append(Shard(len(shards), source.name, path, 0, None, first_row, (first, end)))
+                continue
             if path.endswith((".zst", ".zstd")):
                 _open_binary(path).close()  # fail now, not in a worker, if zstandard is missing
             size = os.path.getsize(path)
@@ -152,6 +161,11 @@ def _iter_raw_lines(shard: Shard) -> Iterator[tuple[int, bytes | None, str]]:
 
 def read_shard(shard: Shard, fields: InputConfig) -> Iterator[Document | BadLine]:
     """Parse a shard's lines; every line gives exactly one Document or BadLine (blank lines: none)."""
+    if shard.row_groups is not None:
+        from data_prep.parquet_io import read_parquet_shard
+
+        yield from read_parquet_shard(shard, fields)
+        return
     for line_no, raw, error in _iter_raw_lines(shard):
         if raw is None:
             yield BadLine(shard.source, shard.path, line_no, "corrupt_file", error, "")
@@ -168,20 +182,30 @@ def read_shard(shard: Shard, fields: InputConfig) -> Iterator[Document | BadLine
 
 
 def _parse(line: str, line_no: int, shard: Shard, fields: InputConfig) -> Document | BadLine:
-    def bad(reason: str, detail: str) -> BadLine:
-        return BadLine(shard.source, shard.path, line_no, reason, detail, line[:300])
-
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        return bad("malformed_json", str(exc))
+        return BadLine(shard.source, shard.path, line_no, "malformed_json", str(exc), line[:300])
     if not isinstance(record, dict):
-        return bad("not_an_object", f"a JSON {type(record).__name__}, not an object")
+        return BadLine(shard.source, shard.path, line_no, "not_an_object",
+                       f"a JSON {type(record).__name__}, not an object", line[:300])
+    return document_from_record(record, line_no, shard, fields, line[:300])
+
+
+def document_from_record(record: dict[str, Any], line_no: int, shard: Shard, fields: InputConfig,
+                         raw: str) -> Document | BadLine:
+    """One input record (a JSON object, a Parquet row) -> a Document, or a BadLine saying what is wrong.
+    A missing key and a missing Parquet column are the same case."""
+
+    def bad(reason: str, detail: str) -> BadLine:
+        return BadLine(shard.source, shard.path, line_no, reason, detail, raw)
+
     if fields.text_field not in record:
         return bad("missing_text_field", f"no {fields.text_field!r} field")
     text = record[fields.text_field]
     if not isinstance(text, str):
-        return bad("text_not_string", f"{fields.text_field!r} is a {type(text).__name__}")
+        kind = "null" if text is None else f"a {type(text).__name__}"
+        return bad("text_not_string", f"{fields.text_field!r} is {kind}")
     if not text.strip():
         return bad("empty_text", f"{fields.text_field!r} is empty")
     doc_id = record.get(fields.id_field)
