@@ -11,13 +11,21 @@ stage 2 with `--dependency=afterok` on it, and this process returns at once.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 
-from data_prep.config import DataPrepConfig
+from data_prep.config import DataPrepConfig, ExecutorConfig
 from data_prep.pipeline import CurationResult, curate_task, finish_curation, prepare_run
+from kumihimo import configtree
+from kumihimo.errors import UserError
 from kumihimo.progress import say
 
 
@@ -56,35 +64,91 @@ class FinishStep(_ConfigStep):
         self.stat_update("dropped", value=result.num_dropped)
 
 
+def _env_command(ex: ExecutorConfig) -> str:
+    """What each job runs first so that `launch_pickled_pipeline` (and the Python and kumihimo beside it)
+    is the one of this environment: a job starts with the submitting shell's PATH, which often lacks the
+    venv (`.venv/bin/kumihimo` run without activating it) or holds another one."""
+    if ex.slurm_env_command:
+        return ex.slurm_env_command
+    here = Path(sys.executable).parent
+    found = shutil.which("launch_pickled_pipeline")
+    bin_dir = here if (here / "launch_pickled_pipeline").is_file() else Path(found).parent if found else None
+    if bin_dir is None:
+        raise UserError(f"datatrove's launch_pickled_pipeline is neither beside {sys.executable} nor on PATH; "
+                        "set executor.slurm_env_command to the command that activates kumihimo's environment, "
+                        "e.g. 'executor.slurm_env_command=source /path/to/.venv/bin/activate'")
+    return f'export PATH={shlex.quote(str(bin_dir))}:"$PATH"'
+
+
 def _slurm_executors(config: DataPrepConfig, logs: Path, num_tasks: int) -> SlurmPipelineExecutor:
     ex = config.executor
     sbatch_args = dict(arg.split("=", 1) for arg in ex.slurm_sbatch_args)
     # datatrove asks for qos=normal unless told otherwise, which clusters without that QOS reject
     common = {"time": ex.slurm_time, "partition": ex.slurm_partition, "mem_per_cpu_gb": ex.slurm_mem_per_cpu_gb,
-              "env_command": ex.slurm_env_command, "qos": sbatch_args.pop("qos", ""), "sbatch_args": sbatch_args}
-    shards = SlurmPipelineExecutor([CurateShardsStep(config)], tasks=num_tasks, workers=ex.workers or -1,
+              "env_command": _env_command(ex), "qos": sbatch_args.pop("qos", ""), "sbatch_args": sbatch_args}
+    # an array task's pool is its own CPUs, not the node's (os.cpu_count() there counts every core)
+    task_config = dataclasses.replace(config, num_workers=ex.slurm_cpus_per_task)
+    shards = SlurmPipelineExecutor([CurateShardsStep(task_config)], tasks=num_tasks, workers=ex.workers or -1,
                                    cpus_per_task=ex.slurm_cpus_per_task, job_name="kumihimo-curate",
                                    logging_dir=str(logs / "curate"), **common)
-    # the dedup task holds every signature in one memory map and the exact keys in RAM: give it a node's CPUs
-    return SlurmPipelineExecutor([FinishStep(config)], tasks=1, cpus_per_task=max(ex.slurm_cpus_per_task, 4),
+    return SlurmPipelineExecutor([FinishStep(config)], tasks=1, cpus_per_task=ex.slurm_dedup_cpus,
                                  job_name="kumihimo-dedup", logging_dir=str(logs / "finish"), depends=shards,
                                  **common)
 
 
+def _jobs_in_queue(record: Path) -> list[str]:
+    """squeue lines of the jobs a previous submission recorded that are still pending or running."""
+    if not record.is_file():
+        return []
+    job_ids = json.loads(record.read_text(encoding="utf-8"))
+    if not job_ids:
+        return []
+    try:
+        proc = subprocess.run(["squeue", "-h", "-o", "%i %j %T %r", "-j", ",".join(job_ids)],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UserError(f"cannot ask Slurm whether jobs {job_ids} are still queued (squeue: {exc}); "
+                        f"run this on a node with the Slurm commands, or delete {record}") from exc
+    return proc.stdout.splitlines() if proc.returncode == 0 else []  # ids Slurm forgot: not queued
+
+
+def _submit_or_collect(config: DataPrepConfig, logs: Path, num_tasks: int, num_shards: int) -> CurationResult | None:
+    record = logs / "slurm_jobs.json"
+    queued = _jobs_in_queue(record)
+    if queued:
+        # a second submission would curate the same shards twice at once
+        raise UserError(f"the jobs of the previous submission are still in the Slurm queue ({'; '.join(queued)}); "
+                        "wait for them to end, or scancel them (a dedup job left pending with "
+                        "DependencyNeverSatisfied after a failed task), then run this command again")
+    finish = _slurm_executors(config, logs, num_tasks)
+    shards_stage = finish.depends
+    if not finish.get_incomplete_ranks():
+        say(f"[data_prep] the Slurm jobs have completed (markers under {logs}); reading their result")
+        return finish_curation(config)
+    say(f"[data_prep] {num_shards} shards in {num_tasks} Slurm array tasks + 1 dedup job -> {config.output_dir}")
+    finish.run()
+    job_ids = [str(j) for j in (shards_stage.job_id, finish.job_id) if j not in (None, -1)]
+    configtree.write_text_atomic(record, json.dumps(job_ids))
+    say(f"[data_prep] submitted jobs {', '.join(job_ids)}; logs and completion markers under {logs}")
+    return None
+
+
 def curate_with_datatrove(config: DataPrepConfig) -> CurationResult | None:
-    """Run curation with executor.kind = datatrove-local (returns the result) or datatrove-slurm (submits
-    the jobs and returns None; `kumihimo data curate` again after they finish prints the result)."""
+    """Run curation with executor.kind = datatrove-local (returns the result) or datatrove-slurm: submit
+    the jobs that are not complete yet and return None, or, once the dedup job has completed, read the
+    result back and return it (so `kumihimo data curate` run again after the jobs prints the result)."""
     layout, shards = prepare_run(config)  # once, before any task: manifest and evaluation index
-    logs = Path(config.executor.logging_dir or layout.work / "datatrove")
+    logs = Path(config.executor.logging_dir or layout.work / "datatrove").absolute()
     num_tasks = max(1, min(config.executor.tasks, len(shards)))
-    say(f"[data_prep] {len(shards)} shards in {num_tasks} datatrove tasks ({config.executor.kind}) -> {layout.out}")
     if config.executor.kind == "datatrove-slurm":
-        _slurm_executors(config, logs, num_tasks).run()
-        say(f"[data_prep] submitted; logs and completion markers under {logs}")
-        return None
+        return _submit_or_collect(config, logs, num_tasks, len(shards))
+    say(f"[data_prep] {len(shards)} shards in {num_tasks} datatrove tasks ({config.executor.kind}) -> {layout.out}")
     workers = config.executor.workers or config.resolved_num_workers
-    shards_stage = LocalPipelineExecutor([CurateShardsStep(config)], tasks=num_tasks, workers=min(workers, num_tasks),
-                                         logging_dir=str(logs / "curate"), start_method="spawn")
+    # `workers` tasks run side by side, each curating its shards one at a time
+    task_config = dataclasses.replace(config, num_workers=1)
+    shards_stage = LocalPipelineExecutor([CurateShardsStep(task_config)], tasks=num_tasks,
+                                         workers=min(workers, num_tasks), logging_dir=str(logs / "curate"),
+                                         start_method="spawn")
     LocalPipelineExecutor([FinishStep(config)], tasks=1, workers=1, logging_dir=str(logs / "finish"),
                           depends=shards_stage, start_method="spawn").run()
     return finish_curation(config)  # already done by the last stage; this reads its outputs back

@@ -27,7 +27,8 @@ class SourceConfig:
     name: str
     """Name of the source; it names the outputs (`curated/<name>.jsonl`, `<name>_text_document`)."""
     paths: list[str]
-    """Glob patterns of input files (.jsonl, .jsonl.gz, .jsonl.zst), e.g. `/data/cc/ja/*.jsonl.gz`."""
+    """Glob patterns of input files: JSONL (.jsonl, .jsonl.gz, .jsonl.zst) or Parquet (.parquet, read by
+    row groups), e.g. `/data/cc/ja/*.jsonl.gz` or `/data/fineweb2/jpn_Jpan/*.parquet`."""
     weight_multiplier: float = 1.0
     """Blend weight = this source's token share x this multiplier (then normalised); 2.0 = two epochs."""
 
@@ -37,7 +38,7 @@ class SourceConfig:
                             "use letters, digits, '-', '_' or '.'")
         if not self.paths:
             raise bad_value(f"input.sources[{self.name}].paths", self.paths, "is empty",
-                            "list at least one glob of JSONL files")
+                            "list at least one glob of JSONL or Parquet files")
         if self.weight_multiplier < 0:
             raise bad_value(f"input.sources[{self.name}].weight_multiplier", self.weight_multiplier,
                             "is negative", "use 0 (leave out of the blend) or a positive number")
@@ -48,16 +49,19 @@ class InputConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     """Named sources in priority order: when documents are duplicates, the earliest source keeps its copy."""
     text_field: str = "text"
-    """JSON field holding the document text."""
+    """JSON field (Parquet column) holding the document text."""
     id_field: str = "id"
-    """JSON field holding the document id; without one the id is `<source>:<file>:<line>`."""
+    """JSON field (Parquet column) holding the document id; without one the id is `<source>:<file>:<line>`
+    (for Parquet the line is the 1-based row number in the file)."""
     url_field: str | None = "url"
-    """JSON field holding the page URL (used by the host block list); null when there is none."""
+    """JSON field (Parquet column) holding the page URL (used by the host block list); null when there is none."""
     meta_fields: list[str] = field(default_factory=list)
-    """Other input fields copied into the `meta` of kept documents."""
+    """Other input fields (Parquet columns) copied into the `meta` of kept documents."""
     shard_bytes: int = 256 * 1024 * 1024
     """Uncompressed .jsonl files larger than this are split into shards of about this size;
-    compressed files are one shard each. Shards are the unit of parallel work and of resume."""
+    compressed files are one shard each; Parquet files are split into runs of whole row groups holding
+    about this many bytes of the columns read (uncompressed). Shards are the unit of parallel work and
+    of resume."""
 
     def validate(self) -> None:
         if not self.sources:
@@ -393,11 +397,17 @@ class ExecutorConfig:
     slurm_time: str = "24:00:00"
     """Time limit of each Slurm job."""
     slurm_cpus_per_task: int = 1
-    """CPUs per Slurm task; a task curates its shards one at a time, so 1 is enough."""
+    """CPUs per Slurm array task; the task curates its shards with this many worker processes (1: one shard
+    at a time), whatever `num_workers` says (that is the local pool's size)."""
+    slurm_dedup_cpus: int = 4
+    """CPUs of the single dedup, merge and report job; it gets this x slurm_mem_per_cpu_gb of memory and
+    holds every exact key in RAM and every MinHash signature in one memory map."""
     slurm_mem_per_cpu_gb: int = 4
     """Memory per CPU in GB (a worker holds ~300 MB of models and tables plus one shard's buffers)."""
     slurm_env_command: str | None = None
-    """Shell command run before each job, e.g. `source /path/to/.venv/bin/activate`."""
+    """Shell command run at the start of each job, e.g. `source /path/to/.venv/bin/activate`; null = put
+    the bin folder of the Python that runs `kumihimo data curate` first on PATH (the jobs start datatrove's
+    `launch_pickled_pipeline` from there, so they use the same environment)."""
     slurm_sbatch_args: list[str] = field(default_factory=list)
     """Extra #SBATCH options as key=value, e.g. [account=myproj, qos=high]."""
 
@@ -406,6 +416,9 @@ class ExecutorConfig:
             raise bad_value("executor.tasks", self.tasks, "is below 1", "use 1 or more (e.g. one per 1-10 shards)")
         if self.workers is not None and self.workers < 1:
             raise bad_value("executor.workers", self.workers, "is below 1", "use null or >= 1")
+        for name in ("slurm_cpus_per_task", "slurm_dedup_cpus", "slurm_mem_per_cpu_gb"):
+            if getattr(self, name) < 1:
+                raise bad_value(f"executor.{name}", getattr(self, name), "is below 1", "use 1 or more")
         if self.kind == "datatrove-slurm" and not self.slurm_partition:
             raise bad_value("executor.slurm_partition", self.slurm_partition, "is not set for datatrove-slurm",
                             "name the Slurm partition to run on, e.g. executor.slurm_partition=cpu")

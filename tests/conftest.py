@@ -1,4 +1,4 @@
-"""Shared test helpers: run the real CLI in a subprocess, skip GPU tests without a GPU."""
+"""Shared test helpers: run the real CLI in a subprocess, skip GPU tests without a GPU, a real Slurm."""
 
 from __future__ import annotations
 
@@ -37,3 +37,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A running one-node Slurm cluster on localhost (tests/slurm_cluster.py), one per test module."""
+    from tests.slurm_cluster import running_cluster
+
+    with running_cluster(tmp_path_factory.mktemp("slurm")) as slurm:
+        yield slurm
