@@ -12,13 +12,19 @@ A checkpoint is first written to `iter_NNNNNNN.tmp` and renamed once every rank 
 run killed mid-save never leaves a folder that looks complete. Tensor keys do not depend on TP/PP,
 so a checkpoint loads at another layout (and `dist_checkpointing.load_plain_tensors` reads it with no
 model at all, which is how conversion to Hugging Face works).
+
+With `checkpoint.async_save` the shards are written by a background process per rank while training
+goes on (`AsyncSaves`); the rename, metadata and `latest` follow once every rank's write is done.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
+import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +100,70 @@ def _rng_sharded_object(layout) -> Any:
                          replica_id=dp_rank)
 
 
+@dataclass
+class PendingSave:
+    """A checkpoint whose shards a background process is writing."""
+
+    folder: Path
+    blocking_s: float
+    """Seconds training stood still: building the state dict, planning, staging tensors, forking."""
+    scheduled_at: float
+    background_s: float | None = None
+    """Seconds from the end of the blocking part until the checkpoint was complete on every rank."""
+
+
+class AsyncSaves:
+    """Checkpoints being written in the background (`checkpoint.async_save`).
+
+    Megatron-Core's `dist_checkpointing.save(..., async_sharded_save=True)` returns an AsyncRequest
+    whose write runs in a process forked per rank (`AsyncCallsQueue(persistent=False)`). The fork is
+    the snapshot: staging copies GPU tensors to host memory before it, and on CPU, where that staging
+    is a no-op, the child's copy-on-write view of memory still holds the values of the moment of the
+    fork, so training may change weights at once. (The persistent worker is not used: it is spawned,
+    calls torch.cuda.set_device, which fails without a GPU, and receives CPU tensors through shared
+    memory, i.e. the live weights, not a copy.)
+
+    `finalize` must be called on every rank at the same points; it runs the request's finalize steps
+    (global shard metadata, then `_publish`) once the write has finished on every rank.
+    """
+
+    def __init__(self) -> None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self._queue = AsyncCallsQueue(persistent=False)
+        self.pending: dict[int, PendingSave] = {}
+
+    def schedule(self, request, folder: Path, started: float) -> PendingSave:
+        index = self._queue.schedule_async_request(request)
+        now = time.perf_counter()
+        self.pending[index] = PendingSave(folder, blocking_s=now - started, scheduled_at=now)
+        return self.pending[index]
+
+    @property
+    def newest(self) -> PendingSave | None:
+        return next(reversed(self.pending.values()), None)
+
+    def finalize(self, blocking: bool) -> list[PendingSave]:
+        """Complete the saves that every rank has finished writing (with blocking=True: wait for all);
+        returns them, oldest first."""
+        if not self.pending:
+            return []
+        done = []
+        for index in self._queue.maybe_finalize_async_calls(blocking=blocking):
+            save = self.pending.pop(index)
+            save.background_s = time.perf_counter() - save.scheduled_at
+            done.append(save)
+        return done
+
+
 def save_checkpoint(root: Path, state: TrainState, model_chunks, optimizer, scheduler, config,
                     layout, meta: dict[str, Any], keep_last: int | None,
-                    keep_multiples_of: int | None = None) -> Path:
-    """Save on every rank; returns the final folder."""
+                    keep_multiples_of: int | None = None, async_saves: AsyncSaves | None = None) -> Path:
+    """Save on every rank; returns the final folder. With `async_saves` the shards are written in the
+    background and the folder appears (with `latest` pointing at it) at a later `async_saves.finalize`."""
     from megatron.core import dist_checkpointing
 
+    started = time.perf_counter()
     final = iteration_dir(root, state.iteration)
     tmp = final.with_name(final.name + ".tmp")
     rank = dist.get_rank()
@@ -107,26 +171,41 @@ def save_checkpoint(root: Path, state: TrainState, model_chunks, optimizer, sche
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
+    train_state = copy.deepcopy(state.__dict__)  # training goes on while an async save completes
     sharded = _model_sharded_state_dict(model_chunks)
     model_sd = sharded["model"] if "model" in sharded else sharded
     sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=SHARDING_METADATA)
     sharded["rng_state"] = _rng_sharded_object(layout)
     sharded["scheduler"] = scheduler.state_dict()
-    sharded["train_state"] = state.__dict__.copy()
-    dist_checkpointing.save(sharded, str(tmp), content_metadata=SHARDING_METADATA)
+    sharded["train_state"] = train_state
+    meta_text = json.dumps({**meta, "train_state": train_state, "layout": layout.__dict__}, indent=2, default=str)
+    publish = partial(_publish, root, tmp, final, state.iteration, config, meta_text, keep_last, keep_multiples_of)
+    if async_saves is None:
+        dist_checkpointing.save(sharded, str(tmp), content_metadata=SHARDING_METADATA)
+        publish()
+        return final
+    request = dist_checkpointing.save(sharded, str(tmp), content_metadata=SHARDING_METADATA,
+                                      async_sharded_save=True, async_strategy="mcore")
+    request.add_finalize_fn(publish)
+    async_saves.schedule(request, final, started)
+    return final
+
+
+def _publish(root: Path, tmp: Path, final: Path, iteration: int, config, meta_text: str,
+             keep_last: int | None, keep_multiples_of: int | None) -> None:
+    """On every rank, once all shards are written: rank 0 adds the config and metadata, renames tmp
+    to final, points `latest` at it and prunes."""
     dist.barrier()
-    if rank == 0:
+    if dist.get_rank() == 0:
         configtree.save(config, tmp / CONFIG_FILE)
-        configtree.write_text_atomic(tmp / META_FILE, json.dumps(
-            {**meta, "train_state": state.__dict__, "layout": layout.__dict__}, indent=2, default=str))
+        configtree.write_text_atomic(tmp / META_FILE, meta_text)
         if final.exists():  # re-saving the same step (e.g. after a resume) replaces it
             shutil.rmtree(final)
         tmp.rename(final)
-        configtree.write_text_atomic(root / LATEST_FILE, f"{state.iteration}\n")
+        configtree.write_text_atomic(root / LATEST_FILE, f"{iteration}\n")
         if keep_last:
             prune(root, keep_last, keep_multiples_of)
     dist.barrier()
-    return final
 
 
 def prune(root: Path, keep_last: int, keep_multiples_of: int | None = None) -> list[Path]:

@@ -344,6 +344,11 @@ class CheckpointConfig:
     """Keep only the newest this many checkpoints; null keeps all."""
     keep_multiples_of: int | None = None
     """Never prune checkpoints whose step is a multiple of this (LLM-jp kept every 1000th)."""
+    async_save: bool = False
+    """Write checkpoint shards from a background process while training goes on: training stops only
+    to snapshot the state (copy to host memory, then fork); the folder is renamed and
+    latest_checkpointed_iteration.txt updated once every rank has finished writing, at the latest
+    before the next save and before the run exits."""
 
     def validate(self) -> None:
         if self.save_interval < 0:

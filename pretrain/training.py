@@ -88,6 +88,7 @@ class Trainer:
         self.consecutive_skips = 0
         # Listen from the start: Slurm's warning may come while the model is still being built.
         self.stop = StopRequest()
+        self.async_saves = checkpointing.AsyncSaves() if config.checkpoint.async_save else None
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -120,6 +121,9 @@ class Trainer:
             say(f"[train] resolved config (saved to {self.run_dir / 'run_config.yaml'}):\n"
                 + configtree.dump_yaml(cfg).rstrip())
             say(f"[train] layout {self.layout.describe()}")
+            if cfg.checkpoint.async_save and not cfg.checkpoint.save:
+                say("[train] warning: checkpoint.async_save=true is ignored: checkpoint.save is null, so this run "
+                    "saves nothing")
 
         cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir / "data_cache"
         self.datasets: Datasets = build_datasets(cfg, cache_dir)
@@ -324,10 +328,12 @@ class Trainer:
                 break
             if save_root and step != last_step and cfg.checkpoint.should_save(step):
                 result.last_checkpoint = self.save(save_root)
+            self.finish_saves(blocking=False)
         stop.restore()
         finished = result.exit_code == 0
         if finished and save_root and cfg.checkpoint.save_at_end and self.state.iteration > first_step:
             result.last_checkpoint = self.save(save_root)
+        self.finish_saves(blocking=True)  # every exit (end, requeue, bad loss): `latest` is final
         self.metrics.close()
         result.state = self.state
         return result
@@ -443,12 +449,30 @@ class Trainer:
         return self._reduce_loss(gathered)
 
     def save(self, root: Path) -> Path:
+        """Save a checkpoint; with checkpoint.async_save, start writing it in the background (after the
+        previous one is complete: one save in flight at a time)."""
+        self.finish_saves(blocking=True)
         folder = checkpointing.save_checkpoint(
             root, self.state, self.model, self.optimizer, self.scheduler, self.config, self.layout,
-            self.checkpoint_meta, self.config.checkpoint.keep_last, self.config.checkpoint.keep_multiples_of)
+            self.checkpoint_meta, self.config.checkpoint.keep_last, self.config.checkpoint.keep_multiples_of,
+            async_saves=self.async_saves)
         if self.is_logger:
-            say(f"[train] saved checkpoint {folder}")
+            if self.async_saves is None:
+                say(f"[train] saved checkpoint {folder}")
+            else:
+                say(f"[train] writing checkpoint {folder} in the background "
+                    f"(training blocked {self.async_saves.newest.blocking_s:.2f} s)")
         return folder
+
+    def finish_saves(self, blocking: bool) -> None:
+        """Complete the background saves every rank has finished writing (all of them when blocking).
+        Call on every rank at the same points."""
+        if self.async_saves is None:
+            return
+        for done in self.async_saves.finalize(blocking):
+            if self.is_logger:
+                say(f"[train] saved checkpoint {done.folder} (training blocked {done.blocking_s:.2f} s, "
+                    f"written in the background in {done.background_s:.2f} s)")
 
 
 def run_training(config: TrainConfig) -> TrainResult:
