@@ -18,11 +18,12 @@ import numpy as np
 
 from data_prep import charclass
 from data_prep.config import DecontamConfig
-from data_prep.ngrams import codepoints, mix64, powers, window_hashes
+from data_prep.ngrams import bounded_runs, codepoints, mix64, powers, window_hashes
 from kumihimo.errors import UserError
 
 _CJK = re.compile("[\u3041-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7a3]")
 _WORD_TAG = np.uint64(0x5BD1E995)  # keeps word- and char-n-gram hashes in different value sets
+_BATCH_CHARS = 1 << 22  # characters hashed in one pass by Decontaminator.check_batch (~200 MB of arrays)
 
 
 def _normalize(text: str) -> str:
@@ -122,20 +123,64 @@ class Decontaminator:
 
     def check(self, text: str) -> str | None:
         """A detail string when the document overlaps evaluation data, else None."""
-        if len(self.eval_hashes) == 0:
-            return None
-        if uses_char_ngrams(text):
-            hashes, unit, n = char_ngram_hashes(text, self.config.char_ngram_size), "char", self.config.char_ngram_size
-        else:
-            hashes, unit, n = word_ngram_hashes(text, self.config.word_ngram_size), "word", self.config.word_ngram_size
-        if len(hashes) == 0:
-            return None
+        return self.check_batch([text])[0]
+
+    def check_batch(self, texts: list[str]) -> list[str | None]:
+        """check() of every text. The texts of each kind (character or word n-grams) are hashed together,
+        joined by a space (not a word character, so no word spans two texts); only windows that lie
+        within one text are looked up."""
+        results: list[str | None] = [None] * len(texts)
+        if len(self.eval_hashes) == 0 or not texts:
+            return results
+        by_chars = [uses_char_ngrams(text) for text in texts]
+        config = self.config
+        for chars, unit, n in ((True, "char", config.char_ngram_size), (False, "word", config.word_ngram_size)):
+            of_kind = [i for i, flag in enumerate(by_chars) if flag == chars]
+            for start, end in bounded_runs([len(texts[i]) for i in of_kind], _BATCH_CHARS):
+                indices = of_kind[start:end]
+                for k, num_shared in self._shared_counts([texts[i] for i in indices], n, chars):
+                    results[indices[k]] = f"{num_shared} {unit} {n}-grams shared with evaluation data"
+        return results
+
+    def _shared_counts(self, texts: list[str], n: int, chars: bool) -> list[tuple[int, int]]:
+        """(index, distinct n-grams shared) for the texts sharing at least min_matches with the evaluation
+        data; their n-grams are hashed and looked up together."""
+        hashes, owner = _joined_ngram_hashes(texts, n, chars)
         positions = np.searchsorted(self.eval_hashes, hashes)
         positions[positions == len(self.eval_hashes)] = 0
-        num_shared = len(np.unique(hashes[self.eval_hashes[positions] == hashes]))
-        if num_shared >= self.config.min_matches:
-            return f"{num_shared} {unit} {n}-grams shared with evaluation data"
-        return None
+        hits = np.flatnonzero(self.eval_hashes[positions] == hashes)
+        hit_owner = owner[hits]
+        shared = []
+        for k in np.unique(hit_owner).tolist():  # few: most texts share nothing
+            num_shared = len(np.unique(hashes[hits[hit_owner == k]]))
+            if num_shared >= self.config.min_matches:
+                shared.append((k, num_shared))
+        return shared
+
+
+def _joined_ngram_hashes(texts: list[str], n: int, chars: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(hashes of the character or word n-grams of all texts, the index of the text each belongs to):
+    char_ngram_hashes / word_ngram_hashes of each text, back to back."""
+    normalized = [_normalize(text) for text in texts]
+    cps = codepoints(" ".join(normalized))
+    is_word = (charclass.table()[cps] & charclass.WORD) != 0
+    # which text each code point belongs to (separators: the text before them; they are not word characters)
+    text_ends = np.cumsum(np.fromiter(map(len, normalized), dtype=np.int64, count=len(normalized)) + 1)
+    if chars:
+        items = cps[is_word]
+        counts = np.diff(np.concatenate(([0], np.cumsum(is_word)))[np.minimum(text_ends, len(cps))], prepend=0)
+        item_owner = np.repeat(np.arange(len(texts)), counts)
+        hashes = window_hashes(items, n)
+    else:
+        edges = np.diff(is_word, prepend=False, append=False).nonzero()[0]  # word starts and ends, alternating
+        starts, lengths = edges[::2], edges[1::2] - edges[::2]
+        items = _run_hashes(cps[is_word], lengths)
+        item_owner = np.searchsorted(text_ends, starts, side="right")
+        hashes = window_hashes(items, n) ^ _WORD_TAG if len(items) >= n else np.empty(0, dtype=np.uint64)
+    if len(hashes) == 0:
+        return hashes, np.empty(0, dtype=np.int64)
+    within = item_owner[:len(hashes)] == item_owner[n - 1:]
+    return hashes[within], item_owner[:len(hashes)][within]
 
 
 def save_eval_index(hashes: np.ndarray, path: Path) -> None:

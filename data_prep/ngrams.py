@@ -14,6 +14,20 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
+def bounded_runs(sizes: list[int], budget: int) -> list[tuple[int, int]]:
+    """(start, end) of consecutive runs of items whose sizes add up to at most `budget` (an item larger
+    than that alone), so that work vectorised over joined items needs bounded memory."""
+    runs, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > budget:
+            runs.append((start, i))
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        runs.append((start, len(sizes)))
+    return runs
+
+
 def codepoints(text: str) -> np.ndarray:
     """The text as a uint32 array of code points (no copy of the encoded buffer); lone surrogates, which a
     Python str can hold (JSON escapes), pass through instead of raising."""
@@ -154,22 +168,39 @@ def _hashes_up_to(values: np.ndarray, acc: np.ndarray, acc_n: int, n: int) -> tu
     return acc, acc_n
 
 
+def _max_item_weight(items: np.ndarray, weights: np.ndarray) -> float:
+    """The largest total weight of all occurrences of one item value."""
+    if len(items) == 0:
+        return 0.0
+    if int(items.max()) < 4 * len(items) + 1024:  # small ids (per-document word ids): count directly
+        return float(np.bincount(items, weights=weights).max())
+    _, inverse = np.unique(items, return_inverse=True)
+    return float(np.bincount(inverse, weights=weights).max())
+
+
 def first_ngram_violation(items: np.ndarray, weights: np.ndarray, top_limits: dict[int, float],
                           duplicate_limits: dict[int, float]) -> tuple[str, int, float] | None:
     """The first rule broken, in order (top n-gram rules by n, then duplicate n-gram rules by n), as
-    ("top" | "duplicate", n, coverage); None when all hold.
+    ("top" | "duplicate", n, coverage); None when all hold. Weights are whole numbers (characters), so
+    every weight sum below is exact.
 
     Gives what calling the two coverage functions for every n would, with less work: window hashes
-    are extended n by n, and rules that provably hold are skipped. Positions covered by repeated
-    (n+1)-grams are covered by repeated n-grams too, so duplicate coverage never grows with n; with
-    unit weights the top m-gram covers at most (top 2-gram count) x m items.
+    are extended n by n, and rules that provably hold are skipped. The i-th items of all occurrences
+    of an n-gram are occurrences of one item value, so any n-gram covers at most n x the largest total
+    weight of one item value. Positions covered by repeated (n+1)-grams are covered by repeated n-grams
+    too, so duplicate coverage never grows with n; with unit weights the top m-gram covers at most
+    (top 2-gram count) x m items.
     """
     values = items.astype(np.uint64) + np.uint64(1)
     total = float(weights.sum())
     uniform = bool(np.all(weights == 1.0))
+    # with unit weights the top 2-gram count below bounds better (and a character count costs a sort)
+    item_cover = None if uniform else _max_item_weight(items, weights)
     acc, acc_n = values, 1
     top2_count: int | None = None
     for n, limit in sorted(top_limits.items()):
+        if item_cover is not None and total > 0 and n * item_cover / total <= limit:
+            continue
         if uniform and top2_count is not None and n > 2 and total > 0 and top2_count * n / total <= limit:
             continue
         acc, acc_n = _hashes_up_to(values, acc, acc_n, n)

@@ -25,6 +25,7 @@ _REMOVE = {c: None for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20),
                              0x200B, 0x2060, 0xFEFF, 0x00AD]}
 _REMOVE[0x09] = " "
 _REMOVABLE = re.compile("[" + "".join(re.escape(chr(c)) for c in sorted(_REMOVE)) + "]")
+_DELETABLE = re.compile("[" + "".join(re.escape(chr(c)) for c, to in sorted(_REMOVE.items()) if to is None) + "]")
 _SPACE_RUNS = re.compile(r"[ \u00a0]{2,}")
 _TRAILING_SPACE = re.compile(r"[ \t\u00a0]+\n")
 _BLANK_RUNS = re.compile(r"\n{3,}")
@@ -38,8 +39,9 @@ def looks_suspicious(text: str) -> bool:
 def clean_whitespace(text: str) -> str:
     """Unify line breaks, drop control/invisible characters, trim spaces; newlines are kept."""
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
-    if _REMOVABLE.search(text):  # translate() with a dict costs a lookup per character; most texts need none
-        text = text.translate(_REMOVE)
+    if _REMOVABLE.search(text):  # most texts need neither; when one does, it has few such characters
+        # what text.translate(_REMOVE) does, without its dict lookup per character (6x slower)
+        text = _DELETABLE.sub("", text.replace("\t", " "))
     # each regex runs only when the substring every one of its matches contains is there (str.__contains__
     # is a fast scan; most texts need none of the three); tabs are spaces by now
     if "  " in text or "\u00a0" in text:

@@ -3,6 +3,8 @@
 One call handles one shard and leaves one directory `work/shards/<id>/` with the surviving candidates,
 the drops, the quarantined lines, exact keys and MinHash signatures, and stats. The directory is
 built under a temporary name and renamed when complete, so its existence is the done-marker.
+Documents go through the stages in batches of DOC_BATCH; what was decided for each is recorded in
+input order, so the outputs and stats are those of curating one document at a time.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from itertools import batched
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +23,14 @@ import numpy as np
 from data_prep.config import DataPrepConfig
 from data_prep.decontam import Decontaminator, load_eval_index
 from data_prep.jsonl_io import AtomicJsonlWriter, BadLine, Document, Shard, read_shard
-from data_prep.langid import identify
+from data_prep.langid import identify_batch
 from data_prep.minhash import MinHasher, exact_key
 from data_prep.pii import PiiRedactor
 from data_prep.quality import QualityFilter
 from data_prep.repair import repair_text
 
 SIGNATURE_BATCH = 256
+DOC_BATCH = 256  # documents curated together (language ID and decontamination vectorise across them)
 CANDIDATES = "candidates.jsonl"
 DROPPED = "dropped.jsonl"
 QUARANTINE = "quarantine.jsonl"
@@ -88,44 +92,79 @@ def _drop_record(doc: Document, stage: str, reason: str, detail: str, text: str,
             "reason": reason, "detail": detail, "lang": lang, "excerpt": text[:excerpt_chars]}
 
 
-def _curate_document(doc: Document, tools: StageTools, stats: ShardStats) -> tuple[dict | None, dict | None]:
-    """(candidate record, drop record): exactly one of them is not None."""
+@dataclass
+class _Outcome:
+    """What curation decided for one document; recorded in input order by process_shard."""
+
+    repaired: bool = False
+    num_boilerplate_removed: int = 0
+    candidate: dict[str, Any] | None = None
+    drop: tuple[str, str, str, str, str | None] | None = None  # (stage, reason, detail, text, lang)
+
+
+def _curate_batch(docs: list[Document], tools: StageTools) -> list[_Outcome]:
+    """One outcome per document. Each stage runs on what the previous ones kept; language ID and
+    decontamination take the whole batch at once (their numpy work is vectorised across documents)."""
     config = tools.config
-    excerpt = config.report.excerpt_chars
+    outcomes = [_Outcome() for _ in docs]
+    repaired: list[tuple[_Outcome, Document, str]] = []
+    for doc, outcome in zip(docs, outcomes):
+        text, reason, outcome.repaired = repair_text(doc.text, config.repair)
+        if reason:
+            detail = "text is still garbled after repair" if reason != "empty_after_cleanup" \
+                else "nothing left after removing control characters and spaces"
+            outcome.drop = ("repair", reason, detail, text, None)
+        else:
+            repaired.append((outcome, doc, text))
+    labels = identify_batch([text for _, _, text in repaired], config.langid)
+    passed: list[tuple[_Outcome, Document, str, str]] = []
+    for (outcome, doc, text), (lang, confidence) in zip(repaired, labels):
+        text = _language_and_quality(outcome, doc, text, lang, confidence, tools)
+        if text is not None:
+            passed.append((outcome, doc, text, lang))
+    overlaps = tools.decontaminator.check_batch([text for _, _, text, _ in passed])
+    for (outcome, doc, text, lang), overlap in zip(passed, overlaps):
+        if overlap:
+            outcome.drop = ("decontam", "eval_overlap", overlap, text, lang)
+            continue
+        text, pii_counts = tools.redactor.redact(text)
+        meta: dict[str, Any] = {"file": doc.path, "line": doc.line}
+        if doc.url is not None:
+            meta["url"] = doc.url
+        if pii_counts:
+            meta["pii"] = dict(pii_counts)
+        meta.update(doc.meta)
+        outcome.candidate = {"id": doc.doc_id, "text": text, "lang": lang, "source": doc.source, "meta": meta}
+    return outcomes
 
-    def drop(stage: str, reason: str, detail: str, text: str, lang: str | None = None):
-        stats.dropped[stage][reason] += 1
-        record = _drop_record(doc, stage, reason, detail, text, lang, excerpt)
-        stats.example(f"{stage}/{reason}", record)
-        return None, record
 
-    text, reason, repaired = repair_text(doc.text, config.repair)
-    stats.num_repaired += repaired
-    if reason:
-        return drop("repair", reason, "text is still garbled after repair" if reason != "empty_after_cleanup"
-                    else "nothing left after removing control characters and spaces", text)
-    lang, confidence = identify(text, config.langid)
+def _language_and_quality(outcome: _Outcome, doc: Document, text: str, lang: str, confidence: float,
+                          tools: StageTools) -> str | None:
+    """The language and quality verdicts for one document: its text after boilerplate removal if it
+    passes, else None (and the drop is in `outcome`)."""
+    config = tools.config
     if lang not in config.langid.keep:
-        stats.dropped_languages[lang] += 1
-        return drop("langid", "language_not_kept", f"{lang} ({confidence:.2f})", text, lang)
+        outcome.drop = ("langid", "language_not_kept", f"{lang} ({confidence:.2f})", text, lang)
+        return None
     if confidence < config.langid.min_confidence:
-        return drop("langid", "low_confidence", f"{lang} ({confidence:.2f}) < {config.langid.min_confidence}",
-                    text, lang)
-    text, verdict, num_removed = tools.quality.check(text, lang, doc.url)
-    stats.num_boilerplate_lines_removed += num_removed
+        outcome.drop = ("langid", "low_confidence", f"{lang} ({confidence:.2f}) < {config.langid.min_confidence}",
+                        text, lang)
+        return None
+    text, verdict, outcome.num_boilerplate_removed = tools.quality.check(text, lang, doc.url)
     if verdict:
-        return drop("quality", verdict[0], verdict[1], text, lang)
-    overlap = tools.decontaminator.check(text)
-    if overlap:
-        return drop("decontam", "eval_overlap", overlap, text, lang)
-    text, pii_counts = tools.redactor.redact(text)
-    meta: dict[str, Any] = {"file": doc.path, "line": doc.line}
-    if doc.url is not None:
-        meta["url"] = doc.url
-    if pii_counts:
-        meta["pii"] = dict(pii_counts)
-    meta.update(doc.meta)
-    return {"id": doc.doc_id, "text": text, "lang": lang, "source": doc.source, "meta": meta}, None
+        outcome.drop = ("quality", verdict[0], verdict[1], text, lang)
+        return None
+    return text
+
+
+def _record_drop(doc: Document, outcome: _Outcome, stats: ShardStats, excerpt_chars: int) -> dict[str, Any]:
+    stage, reason, detail, text, lang = outcome.drop
+    if reason == "language_not_kept":
+        stats.dropped_languages[lang] += 1
+    stats.dropped[stage][reason] += 1
+    record = _drop_record(doc, stage, reason, detail, text, lang, excerpt_chars)
+    stats.example(f"{stage}/{reason}", record)
+    return record
 
 
 def process_shard(shard: Shard, tools: StageTools, shards_dir: Path) -> None:
@@ -147,26 +186,31 @@ def process_shard(shard: Shard, tools: StageTools, shards_dir: Path) -> None:
 
     with (AtomicJsonlWriter(tmp / CANDIDATES) as candidates, AtomicJsonlWriter(tmp / DROPPED) as dropped,
           AtomicJsonlWriter(tmp / QUARANTINE) as quarantine, open(tmp / IDS, "w", encoding="utf-8") as ids):
-        for item in read_shard(shard, config.input):
-            if isinstance(item, BadLine):
-                stats.quarantined[item.reason] += 1
-                record = {"source": item.source, "file": item.path, "line": item.line, "reason": item.reason,
-                          "detail": item.detail, "raw": item.raw[: config.report.excerpt_chars]}
-                quarantine.write(record)
-                stats.example(f"read/{item.reason}", record)
-                continue
-            stats.num_input += 1
-            candidate, drop_record = _curate_document(item, tools, stats)
-            if drop_record is not None:
-                dropped.write(drop_record)
-                continue
-            stats.num_candidates += 1
-            candidates.write(candidate)
-            ids.write(json.dumps(candidate["id"], ensure_ascii=False) + "\n")
-            exact_keys.append(exact_key(candidate["text"]))
-            pending.append(candidate["text"])
-            if len(pending) >= SIGNATURE_BATCH:
-                flush_signatures()
+        for batch in batched(read_shard(shard, config.input), DOC_BATCH):
+            outcomes = iter(_curate_batch([item for item in batch if not isinstance(item, BadLine)], tools))
+            for item in batch:
+                if isinstance(item, BadLine):
+                    stats.quarantined[item.reason] += 1
+                    record = {"source": item.source, "file": item.path, "line": item.line, "reason": item.reason,
+                              "detail": item.detail, "raw": item.raw[: config.report.excerpt_chars]}
+                    quarantine.write(record)
+                    stats.example(f"read/{item.reason}", record)
+                    continue
+                stats.num_input += 1
+                outcome = next(outcomes)
+                stats.num_repaired += outcome.repaired
+                stats.num_boilerplate_lines_removed += outcome.num_boilerplate_removed
+                if outcome.candidate is None:
+                    dropped.write(_record_drop(item, outcome, stats, config.report.excerpt_chars))
+                    continue
+                candidate = outcome.candidate
+                stats.num_candidates += 1
+                candidates.write(candidate)
+                ids.write(json.dumps(candidate["id"], ensure_ascii=False) + "\n")
+                exact_keys.append(exact_key(candidate["text"]))
+                pending.append(candidate["text"])
+                if len(pending) >= SIGNATURE_BATCH:
+                    flush_signatures()
         flush_signatures()
     np.save(tmp / EXACT_KEYS, np.array(exact_keys, dtype=np.uint64))
     if tools.minhasher is not None:
