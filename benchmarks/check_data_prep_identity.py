@@ -1,0 +1,126 @@
+"""Check that this tree's data_prep curates byte-identically to a baseline copy of the package.
+
+    mkdir -p /tmp/base && git archive HEAD data_prep | tar -x -C /tmp/base
+    python benchmarks/check_data_prep_identity.py --baseline-src /tmp/base [--mb 20] [--keep DIR]
+
+Builds the web-like corpus of bench_data_prep_corpus.py plus planted bad lines (broken JSON, a missing
+or non-string text, a non-object line, a German/English mix), so the quarantine and language paths run.
+Then runs the full `curate` (shards, global dedup, merge, reports) of the quickstart and llmjp-web
+recipes, once with this tree's data_prep and once with the baseline's, each in its own subprocess with
+its package first on sys.path. Every output file is compared by SHA-256: curated, dropped and quarantine
+files, report.md/.json/.html, the dedup decision, each shard's candidates, drops, ids, exact keys, MinHash
+signatures and stats. Prints a summary per recipe; exits 1 if any file differs or exists on one side only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_data_prep_corpus import make_corpus  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = ("quickstart", "llmjp-web")
+# The one file skipped: data_prep_config.yaml, the resolved config saved beside the outputs, holds
+# output_dir (<work>/current/<recipe> vs <work>/baseline/<recipe>). No output holds a timestamp, and no
+# other holds a path of the output tree. Input paths (in records, reports, work/run.json with the inputs'
+# mtimes) are the same for both runs, which read one corpus, so those files are compared; run.json also
+# holds a digest of the curation config, so a baseline whose config defaults differ shows up there.
+SKIPPED = {"data_prep_config.yaml"}
+BAD_LINES = [
+    '{"id": "bad1", "text": \n',  # truncated JSON
+    '{"id": "bad2"}\n',  # no text field
+    "[1, 2]\n",  # not an object
+    '{"id": "bad3", "text": 5}\n',  # text is not a string
+]
+
+
+def build_corpus(corpus: Path, mb: float, seed: int) -> None:
+    for lang, path in make_corpus(corpus, mb, seed=seed).items():
+        mixed = ("Das Wetter ist heute sehr schön und wir gehen spazieren. " * 5
+                 + "The weather is nice today and we go for a walk in the park. " * 5)
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.writelines(BAD_LINES)
+            handle.write(json.dumps({"id": f"{lang}-mix", "text": mixed}) + "\n")
+
+
+def run_curate(src: str, corpus: str, out: str) -> None:
+    """Subprocess side: curate every recipe with the data_prep package under `src`."""
+    sys.path.insert(0, src)
+    import data_prep
+    from data_prep.config import load_config
+    from data_prep.pipeline import curate
+
+    package = Path(data_prep.__file__).resolve().parent
+    if package != Path(src).resolve() / "data_prep":
+        raise SystemExit(f"imported data_prep from {package}, not from {src}")
+    sources = f"[{{name: ja, paths: [{corpus}/ja.jsonl]}}, {{name: en, paths: [{corpus}/en.jsonl]}}]"
+    for recipe in RECIPES:
+        overrides = [f"input.sources={sources}", f"output_dir={Path(out) / recipe}", "num_workers=1",
+                     "input.shard_bytes=8000000", f"decontam.eval_paths=[{REPO / 'kumihimo/sample/eval.jsonl'}]"]
+        if recipe == "llmjp-web":  # the sample eval set's fields, not the recipe's
+            overrides.append("decontam.eval_fields=[question, passage, answer]")
+        result = curate(load_config(REPO / f"configs/data_prep/{recipe}.yaml", overrides))
+        print(f"  {recipe}: kept {result.num_kept}, dropped {result.num_dropped}, "
+              f"quarantined {result.num_quarantined}", flush=True)
+
+
+def digests(root: Path) -> dict[str, str]:
+    files = (p for p in sorted(root.rglob("*")) if p.is_file() and str(p.relative_to(root)) not in SKIPPED)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def compare(work: Path) -> int:
+    """Print a summary per recipe; the number of differing files in all."""
+    num_differing = 0
+    for recipe in RECIPES:
+        current, baseline = digests(work / "current" / recipe), digests(work / "baseline" / recipe)
+        differing = sorted(k for k in current.keys() | baseline.keys() if current.get(k) != baseline.get(k))
+        num_differing += len(differing)
+        print(f"{recipe}: {len(current.keys() | baseline.keys())} files compared, {len(differing)} differ")
+        for name in differing:
+            where = "" if name in current and name in baseline else \
+                " (only in current)" if name in current else " (only in baseline)"
+            print(f"  DIFFERS {recipe}/{name}{where}")
+    return num_differing
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline-src", type=Path,
+                        help="directory holding the baseline data_prep/ package (e.g. from git archive)")
+    parser.add_argument("--mb", type=float, default=20.0, help="corpus size in MB of JSONL (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
+    parser.add_argument("--keep", type=Path, help="write corpus and outputs here (new or empty) and keep them")
+    parser.add_argument("--run-curate", nargs=3, metavar=("SRC", "CORPUS", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run_curate:
+        run_curate(*args.run_curate)
+        return
+    if args.baseline_src is None:
+        parser.error("--baseline-src DIR is required (a directory holding the baseline data_prep/)")
+    if not (args.baseline_src / "data_prep" / "__init__.py").is_file():
+        parser.error(f"--baseline-src={args.baseline_src} holds no data_prep/__init__.py")
+    if args.keep and args.keep.exists() and any(args.keep.iterdir()):
+        parser.error(f"--keep={args.keep} is not empty; curate would resume the runs found there")
+    with tempfile.TemporaryDirectory(prefix="data_prep_identity_") as tmp:
+        work = (args.keep or Path(tmp)).resolve()
+        print(f"corpus: {args.mb:g} MB, seed {args.seed}, {len(BAD_LINES) + 1} planted lines per language, in {work}")
+        build_corpus(work / "corpus", args.mb, args.seed)
+        for label, src in (("current", REPO), ("baseline", args.baseline_src.resolve())):
+            print(f"{label}: {src / 'data_prep'}", flush=True)
+            subprocess.run([sys.executable, __file__, "--run-curate", str(src), str(work / "corpus"),
+                            str(work / label)], check=True)
+        num_differing = compare(work)
+    print("IDENTICAL" if num_differing == 0 else f"DIFFERENT: {num_differing} files differ")
+    sys.exit(1 if num_differing else 0)
+
+
+if __name__ == "__main__":
+    main()
