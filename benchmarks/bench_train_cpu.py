@@ -1,7 +1,7 @@
 """CPU training throughput of the tiny recipe, for catching regressions (not a performance claim).
 
 Runs `kumihimo train configs/pretrain/tiny-cpu.yaml` on mock data with 1 process, 2 processes (DP=2)
-and 2 processes with TP=2 and PP=2, and prints steps/s and tokens/s over the steps after warm-up
+and 2 processes with TP=2, PP=2, TP=2 + sequence parallel and CP=2, and prints steps/s and tokens/s over the steps after warm-up
 (median step time). Usage:
 
     python benchmarks/bench_train_cpu.py [--steps 40]
@@ -24,6 +24,8 @@ LAYOUTS = {
     "2 processes, DP=2": (2, []),
     "2 processes, TP=2": (2, ["parallelism.tensor_model_parallel_size=2"]),
     "2 processes, PP=2": (2, ["parallelism.pipeline_model_parallel_size=2"]),
+    "2 processes, TP=2+SP": (2, ["parallelism.tensor_model_parallel_size=2", "parallelism.sequence_parallel=true"]),
+    "2 processes, CP=2": (2, ["parallelism.context_parallel_size=2"]),
 }
 WARMUP_STEPS = 5
 
@@ -48,10 +50,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     print(f"tiny-cpu recipe (4 layers, hidden 64, seq 128, global batch 8), {os.cpu_count()} CPU cores")
-    print(f"{'layout':<22}{'steps/s':>10}{'tokens/s':>12}")
+    print(f"{'layout':<24}{'steps/s':>10}{'tokens/s':>12}")
     for layout in LAYOUTS:
         result = run(layout, args.steps)
-        print(f"{layout:<22}{result['steps_per_s']:>10.2f}{result['tokens_per_s']:>12,.0f}")
+        print(f"{layout:<24}{result['steps_per_s']:>10.2f}{result['tokens_per_s']:>12,.0f}")
 
 
 if __name__ == "__main__":
