@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,23 @@ def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subpro
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
     return subprocess.run([sys.executable, "-m", "kumihimo.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd or REPO, env=env)
+
+
+def signal_training(run_dir: Path, *train_args: str, after_steps: int = 3,
+                    sig: signal.Signals = signal.SIGUSR1) -> tuple[int, str]:
+    """Start `kumihimo train TRAIN_ARGS...` (logging to run_dir), send `sig` once it has logged
+    `after_steps` steps, and return its exit code and stderr."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    child = subprocess.Popen([sys.executable, "-m", "kumihimo.cli", "train", *train_args], cwd=REPO, env=env,
+                             stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= after_steps):
+        assert time.monotonic() < deadline and child.poll() is None, "training did not start"
+        time.sleep(0.05)
+    child.send_signal(sig)
+    _, stderr = child.communicate(timeout=120)
+    return child.returncode, stderr
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

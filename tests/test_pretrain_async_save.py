@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from pretrain.signals import EXIT_BAD_LOSS, EXIT_REQUEUE
-from tests.conftest import REPO, read_metrics, run_cli
+from tests.conftest import REPO, read_metrics, run_cli, signal_training
 
 TINY = "configs/pretrain/tiny-cpu.yaml"
 BASE = ("schedule.lr_warmup_iters=1", "schedule.eval_interval=0", "schedule.train_iters=4", "logging.log_interval=1",
@@ -75,18 +74,9 @@ def test_async_save_is_a_snapshot(tmp_path):
 def test_requeue_signal_waits_for_the_background_save(tmp_path):
     """SIGUSR1 while saves are in flight: the run saves, finishes writing, points `latest` at that
     step and exits with the requeue code."""
-    args = [sys.executable, "-m", "kumihimo.cli", "train", TINY, *BASE, "schedule.train_iters=40",
-            "checkpoint.save_interval=1", f"runtime.run_dir={tmp_path}", f"checkpoint.save={tmp_path}/ckpt"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    child = subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
-        assert time.monotonic() < deadline and child.poll() is None, "training did not start"
-        time.sleep(0.05)
-    child.send_signal(signal.SIGUSR1)
-    _, stderr = child.communicate(timeout=120)
-    assert child.returncode == EXIT_REQUEUE, stderr[-2000:]
+    returncode, stderr = signal_training(tmp_path, TINY, *BASE, "schedule.train_iters=40", "checkpoint.save_interval=1",
+                                         f"runtime.run_dir={tmp_path}", f"checkpoint.save={tmp_path}/ckpt")
+    assert returncode == EXIT_REQUEUE, stderr[-2000:]
     stopped_at = read_metrics(tmp_path)[-1]["step"]
     assert 3 <= stopped_at < 40
     assert_complete(tmp_path / "ckpt", stopped_at)

@@ -3,16 +3,10 @@ does. Bad losses are skipped or stop the run, as configured."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 
 from pretrain.signals import EXIT_BAD_LOSS, EXIT_REQUEUE, LossGuard
-from tests.conftest import REPO, read_metrics, run_cli
+from tests.conftest import read_metrics, run_cli, signal_training
 
 TINY = "configs/pretrain/tiny-cpu.yaml"
 BASE = ("schedule.lr_warmup_iters=1", "schedule.eval_interval=0", "logging.log_interval=1")
@@ -36,18 +30,9 @@ def test_sigusr1_saves_exits_for_requeue_and_resume_finishes_the_same(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     run_dir = tmp_path / "signalled"
-    args = [sys.executable, "-m", "kumihimo.cli", "train", TINY, *BASE, "schedule.train_iters=40",
-            f"runtime.run_dir={run_dir}", f"checkpoint.save={run_dir}/ckpt"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    child = subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
-        assert time.monotonic() < deadline and child.poll() is None, "training did not start"
-        time.sleep(0.05)
-    child.send_signal(signal.SIGUSR1)
-    _, stderr = child.communicate(timeout=120)
-    assert child.returncode == EXIT_REQUEUE, stderr[-2000:]
+    returncode, stderr = signal_training(run_dir, TINY, *BASE, "schedule.train_iters=40",
+                                         f"runtime.run_dir={run_dir}", f"checkpoint.save={run_dir}/ckpt")
+    assert returncode == EXIT_REQUEUE, stderr[-2000:]
     assert "stop signal received" in stderr
     stopped_at = int((run_dir / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
     assert 3 <= stopped_at < 40
