@@ -16,9 +16,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_data_prep_pipeline import EXPECTED, output_files, read_records, write_corpus
+from test_data_prep_pipeline import EXPECTED, crash_then_resume, output_files, read_records, write_corpus
 
-from data_prep import parquet_io, shard_stage
+from data_prep import parquet_io
 from data_prep.config import DataPrepConfig, SourceConfig
 from data_prep.jsonl_io import BadLine, Document, plan_shards, read_shard
 from data_prep.pipeline import curate
@@ -183,27 +183,7 @@ def test_row_groups_are_split_into_shards_reading_only_the_needed_columns(tmp_pa
 
 def test_resume_after_crash_redoes_only_unfinished_parquet_shards(tmp_path, monkeypatch, parquet_run):
     config, _ = write_parquet_and_jsonl(tmp_path)
-    real = shard_stage.process_shard
-    calls = []
-
-    def crash_after_two(shard, tools, shards_dir):
-        if len(calls) == 2:
-            raise RuntimeError("simulated crash")
-        calls.append(shard.index)
-        real(shard, tools, shards_dir)
-
-    monkeypatch.setattr(shard_stage, "process_shard", crash_after_two)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        curate(config)
-
-    def counting(shard, tools, shards_dir):
-        calls.append(shard.index)
-        real(shard, tools, shards_dir)
-
-    monkeypatch.setattr(shard_stage, "process_shard", counting)
-    curate(config)
-    num_shards = len(plan_shards(config))
-    assert len(calls) == num_shards and len(set(calls)) == num_shards, "finished shards were redone"
+    crash_then_resume(config, monkeypatch)
     reference_config, _, _ = parquet_run
     assert normalised(config) == normalised(reference_config)
 

@@ -162,8 +162,9 @@ def test_shards_split_large_plain_files_at_line_starts(tmp_path):
     assert [s.index for s in shards] == list(range(len(shards)))
 
 
-def test_resume_after_crash_redoes_only_unfinished_shards(tmp_path, monkeypatch, curated_run):
-    config = write_corpus(tmp_path)
+def crash_then_resume(config, monkeypatch) -> None:
+    """Curate, crash after two shards, curate again: every shard is processed exactly once overall and
+    nothing looks finished after the crash."""
     real = shard_stage.process_shard
     calls = []
 
@@ -186,6 +187,11 @@ def test_resume_after_crash_redoes_only_unfinished_shards(tmp_path, monkeypatch,
     curate(config)
     num_shards = len(plan_shards(config))
     assert len(calls) == num_shards and len(set(calls)) == num_shards, "finished shards were redone"
+
+
+def test_resume_after_crash_redoes_only_unfinished_shards(tmp_path, monkeypatch, curated_run):
+    config = write_corpus(tmp_path)
+    crash_then_resume(config, monkeypatch)
     reference_config, _ = curated_run
     assert output_files(Path(config.output_dir)).keys() == output_files(Path(reference_config.output_dir)).keys()
     mine, reference = output_files(Path(config.output_dir)), output_files(Path(reference_config.output_dir))
