@@ -1,17 +1,23 @@
-"""Throughput and peak memory of `convert to-hf` on tensors of LLM-jp-3 172B's shapes.
+"""Throughput and peak memory of `convert to-hf` and `convert from-hf` on tensors of LLM-jp-3 172B's shapes.
 
-A torch_dist checkpoint with the 172B layer shapes (hidden 12288, FFN 38464, 96 heads in 16 query
-groups, head_dim 128, vocabulary 99,487 padded to 99,840 for TP=4) but only a few layers is
+to-hf: a torch_dist checkpoint with the 172B layer shapes (hidden 12288, FFN 38464, 96 heads in 16
+query groups, head_dim 128, vocabulary 99,487 padded to 99,840 for TP=4) but only a few layers is
 synthesised chunk by chunk, laid out as Megatron saves it at TP=4 (one chunk per layer and TP rank;
 SwiGLU fc1 as 2 x TP gate/up fragments), with run_config.yaml and kumihimo.json beside it. Then
 `convert_to_hf` runs in a fresh process, which reports its peak RSS. Two layers are ~12 GB of bf16
 on disk each way; peak RSS should stay near two copies of the largest tensor (the 2.45 GB embedding),
 whatever the layer count.
 
-    python benchmarks/bench_convert.py --workdir /tmp/bench-convert [--layers 2] [--dtype bf16]
+from-hf: a Hugging Face LlamaForCausalLM folder of the same shapes (random bf16 weights in ~5 GB
+safetensors shards, written a tensor at a time) is converted with `convert_from_hf(..., tp=4)` in a
+fresh process. Peak RSS should stay near one copy of the largest tensor (the padded embedding) above
+the interpreter's baseline, whatever the layer count.
 
-Reads come from the page cache when the machine has the RAM to keep the fresh checkpoint there:
-the figure is then conversion + write speed, not the read speed of a cold parallel file system.
+    python benchmarks/bench_convert.py --workdir /tmp/bench-convert [--layers 2] [--dtype bf16]
+        [--direction both|to-hf|from-hf]
+
+Reads come from the page cache when the machine has the RAM to keep the fresh files there: the
+figure is then conversion + write speed, not the read speed of a cold parallel file system.
 """
 
 from __future__ import annotations
@@ -131,31 +137,104 @@ print(json.dumps({"seconds": seconds, "bytes": index["metadata"]["total_size"],
 """
 
 
+def synthesise_hf(folder: Path, num_layers: int) -> tuple[Path, int]:
+    """A Hugging Face Llama folder of the 172B shapes with random bf16 weights; returns (folder, bytes)."""
+    from pretrain.convert.from_hf import expected_hf_tensors
+    from pretrain.convert.mapping import LlamaDims
+    from pretrain.convert.to_hf import DEFAULT_MAX_SHARD_BYTES, PlannedTensor, StreamingSafetensorsWriter
+
+    dims = LlamaDims(num_layers=num_layers, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=HEADS,
+                     num_query_groups=GROUPS, head_dim=HEAD_DIM, megatron_vocab_size=PADDED_VOCAB,
+                     hf_vocab_size=VOCAB)
+    shapes = expected_hf_tensors(dims)
+    folder.mkdir(parents=True)
+    planned = [PlannedTensor(name, shape, torch.bfloat16) for name, shape in shapes.items()]
+    writer = StreamingSafetensorsWriter(folder, planned, DEFAULT_MAX_SHARD_BYTES)
+    generator = torch.Generator().manual_seed(0)
+    for tensor in planned:
+        data = torch.empty(tensor.shape, dtype=torch.bfloat16)
+        data.normal_(1.0 if data.dim() == 1 else 0.0, 0.02, generator=generator)
+        writer.write(tensor.name, data)
+        del data
+    writer.finish()
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+              "intermediate_size": FFN, "num_hidden_layers": num_layers, "num_attention_heads": HEADS,
+              "num_key_value_heads": GROUPS, "head_dim": HEAD_DIM, "hidden_act": "silu",
+              "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "vocab_size": VOCAB, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder, writer.bytes_written
+
+
+CHILD_FROM_HF = """
+import json, resource, sys, time
+import megatron.core, pretrain.config, pretrain.parallel, tokenizer.spm  # imported before the baseline
+from pretrain.convert.from_hf import convert_from_hf
+baseline = int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS:')).split()[1]) * 1024
+start = time.monotonic()
+out = convert_from_hf(sys.argv[1], sys.argv[2], tp=int(sys.argv[3]))
+seconds = time.monotonic() - start
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": seconds, "bytes": sum(p.stat().st_size for p in out.rglob("*.distcp")),
+                  "cpu_seconds": usage.ru_utime + usage.ru_stime, "baseline_rss_bytes": baseline,
+                  "peak_rss_bytes": usage.ru_maxrss * 1024}))
+"""
+
+
+def bench_to_hf(workdir: Path, num_layers: int, dtype: str) -> None:
+    start = time.monotonic()
+    root = synthesise(workdir / "megatron", num_layers)
+    ckpt_bytes = sum(p.stat().st_size for p in root.rglob("*.distcp"))
+    print(f"synthesised {ckpt_bytes / 1e9:.2f} GB torch_dist checkpoint ({num_layers} layers of 172B shapes, "
+          f"TP={TP} chunks) in {time.monotonic() - start:.1f} s")
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(root), str(workdir / "hf"), dtype],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(proc.stderr[-3000:])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    largest = PADDED_VOCAB * HIDDEN * 2  # the bf16 embedding, as stored
+    print(f"to-hf --dtype {dtype}: wrote {result['bytes'] / 1e9:.2f} GB in {result['seconds']:.1f} s = "
+          f"{result['bytes'] / 1e9 / result['seconds']:.2f} GB/s; peak RSS {result['peak_rss_bytes'] / 2**30:.2f} "
+          f"GiB (largest stored tensor {largest / 2**30:.2f} GiB); {result['cpu_seconds']:.1f} CPU-s (the rest "
+          "is waiting for the disk)")
+
+
+def bench_from_hf(workdir: Path, num_layers: int) -> None:
+    start = time.monotonic()
+    folder, hf_bytes = synthesise_hf(workdir / "hf-source", num_layers)
+    print(f"synthesised {hf_bytes / 1e9:.2f} GB Hugging Face folder ({num_layers} layers of 172B shapes, bf16) "
+          f"in {time.monotonic() - start:.1f} s")
+    proc = subprocess.run([sys.executable, "-c", CHILD_FROM_HF, str(folder), str(workdir / "megatron-out"),
+                           str(TP)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(proc.stderr[-3000:])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    largest = PADDED_VOCAB * HIDDEN * 2  # the padded bf16 embedding (and output layer), one chunk each
+    growth = result["peak_rss_bytes"] - result["baseline_rss_bytes"]
+    print(f"from-hf --tp {TP}: wrote {result['bytes'] / 1e9:.2f} GB in {result['seconds']:.1f} s = "
+          f"{result['bytes'] / 1e9 / result['seconds']:.2f} GB/s; peak RSS {result['peak_rss_bytes'] / 2**30:.2f} "
+          f"GiB = baseline {result['baseline_rss_bytes'] / 2**30:.2f} GiB + {growth / 2**30:.2f} GiB "
+          f"(largest tensor {largest / 2**30:.2f} GiB, model {hf_bytes / 2**30:.2f} GiB); "
+          f"{result['cpu_seconds']:.1f} CPU-s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-convert"))
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and the output")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="to-hf output dtype")
+    parser.add_argument("--direction", choices=("both", "to-hf", "from-hf"), default="both")
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic inputs and the outputs")
     args = parser.parse_args()
     if args.workdir.exists():
         sys.exit(f"{args.workdir} exists; pass a new --workdir (it gets ~{6 * args.layers + 5} GB per direction)")
     try:
-        start = time.monotonic()
-        root = synthesise(args.workdir / "megatron", args.layers)
-        ckpt_bytes = sum(p.stat().st_size for p in root.rglob("*.distcp"))
-        print(f"synthesised {ckpt_bytes / 1e9:.2f} GB torch_dist checkpoint ({args.layers} layers of 172B shapes, "
-              f"TP={TP} chunks) in {time.monotonic() - start:.1f} s")
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(root), str(args.workdir / "hf"), args.dtype],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(proc.stderr[-3000:])
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        largest = PADDED_VOCAB * HIDDEN * 2  # the bf16 embedding, as stored
-        print(f"to-hf --dtype {args.dtype}: wrote {result['bytes'] / 1e9:.2f} GB in {result['seconds']:.1f} s = "
-              f"{result['bytes'] / 1e9 / result['seconds']:.2f} GB/s; peak RSS {result['peak_rss_bytes'] / 2**30:.2f} "
-              f"GiB (largest stored tensor {largest / 2**30:.2f} GiB); {result['cpu_seconds']:.1f} CPU-s (the rest "
-              "is waiting for the disk)")
+        if args.direction in ("both", "to-hf"):
+            bench_to_hf(args.workdir / "to-hf", args.layers, args.dtype)
+            if not args.keep:  # one direction's files at a time
+                shutil.rmtree(args.workdir / "to-hf", ignore_errors=True)
+        if args.direction in ("both", "from-hf"):
+            bench_from_hf(args.workdir / "from-hf", args.layers)
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)

@@ -10,8 +10,8 @@ Layout of a checkpoint folder:
 
 A checkpoint is first written to `iter_NNNNNNN.tmp` and renamed once every rank has finished, so a
 run killed mid-save never leaves a folder that looks complete. Tensor keys do not depend on TP/PP,
-so a checkpoint loads at another layout (and `dist_checkpointing.load_plain_tensors` reads it with no
-model at all, which is how conversion to Hugging Face works).
+so a checkpoint loads at another layout, and `pretrain/convert/` reads and writes these files with
+torch.distributed.checkpoint alone, one tensor at a time and with no model.
 
 With `checkpoint.async_save` the shards are written by a background process per rank while training
 goes on (`AsyncSaves`); the rename, metadata and `latest` follow once every rank's write is done.

@@ -1,15 +1,18 @@
 """`kumihimo convert from-hf`: HF -> Megatron -> HF is bit-identical, and the trainer starts from it.
 
 Random LlamaForCausalLM models (GQA 4 heads / 2 groups, every weight random including the norms, a
-1000-piece SentencePiece tokenizer) are converted in one subprocess (conversion owns
-torch.distributed while it runs). Then, at the same time: the Megatron model (TP=1) computes
-logits from the fp32 checkpoint, and the trainer at TP=2 (torchrun, 2 processes) loads its weights
-through `checkpoint.pretrained` (weights only), saves a full checkpoint before any step, and trains one.
+1000-piece SentencePiece tokenizer) are converted in one subprocess (the first through the CLI).
+Then, at the same time: the Megatron model (TP=1) computes logits from the fp32 checkpoint, the
+trainer at TP=2 (torchrun, 2 processes) loads its weights through `checkpoint.pretrained` (weights
+only), saves a full checkpoint before any step, and trains one, and the trainer's GPTModel at TP=1
+is saved by `dist_checkpointing.save` as the reference layout the streaming writer must reproduce.
+The writer's memory bound is checked on a 16-layer model in a subprocess.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -18,7 +21,17 @@ import pytest
 import torch
 
 from kumihimo.errors import UserError
-from pretrain.convert.from_hf import HFModel, HFTensors, check_supported, convert_from_hf, read_hf_model
+from pretrain.convert import from_hf
+from pretrain.convert.from_hf import (
+    HFTensors,
+    check_supported,
+    convert_from_hf,
+    expected_hf_tensors,
+    plan_chunks,
+    produce,
+    read_hf_model,
+)
+from pretrain.convert.mapping import TRANSFORMS, LlamaDims
 from pretrain.convert.to_hf import convert_to_hf
 from pretrain.distributed import free_port
 from tests.test_convert_to_hf import VOCAB, _launch, load_hf, train_spm
@@ -79,22 +92,26 @@ def converted(hf_models, work) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def megatron(converted, work):
-    """(Megatron TP=1 logits for the fp32 checkpoint, the trainer's TP=2 run dir), run concurrently."""
+    """(Megatron TP=1 logits for the fp32 checkpoint, the trainer's TP=2 run dir, {name: the trainer's
+    model saved by dist_checkpointing at TP=1}), run concurrently."""
     prompt = torch.randint(4, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
     torch.save(prompt, work / "prompt.pt")
     run_dir = work / "continued"
+    saved = {name: work / f"megatron-save-{name}" for name in ("fp32", "bf16")}
     procs = {
         "reference": _launch(["-m", "tests.test_convert_to_hf", str(work / "prompt.pt"), str(work / "ref.pt"),
                               str(converted["fp32"])]),
         "trainer": _launch(["-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
-                            f"--master-port={free_port()}", "-m", "tests.test_convert_from_hf",
+                            f"--master-port={free_port()}", "-m", "tests.test_convert_from_hf", "train",
                             str(converted["fp32"]), str(run_dir)]),
+        "save": _launch(["-m", "tests.test_convert_from_hf", "save",
+                         *(str(path) for name in saved for path in (converted[name], saved[name]))]),
     }
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=400)
         assert proc.returncode == 0, f"{name} failed:\n{out[-3000:]}"
     (reference,) = torch.load(work / "ref.pt")
-    return prompt, reference, run_dir
+    return prompt, reference, run_dir, saved
 
 
 # ------------------------------------------------------------------------------------------ round trip
@@ -138,7 +155,7 @@ def test_checkpoint_layout_and_metadata(converted):
 
 
 def test_megatron_logits_match_hf(hf_models, megatron):
-    prompt, reference, _run_dir = megatron
+    prompt, reference, _run_dir, _saved = megatron
     with torch.no_grad():
         logits = load_hf(hf_models["fp32"])(prompt).logits
     assert (reference["logits"][..., :VOCAB] - logits).abs().max().item() < 1e-4
@@ -147,13 +164,138 @@ def test_megatron_logits_match_hf(hf_models, megatron):
 def test_trainer_at_tp2_starts_from_the_weights(hf_models, megatron, work):
     """The trainer's TP=2 model holds exactly the HF weights (saved before any step, converted back
     bit-identically) and trains on from them (step 1 saved, finite loss)."""
-    _prompt, _reference, run_dir = megatron
+    _prompt, _reference, run_dir, _saved = megatron
     back = convert_to_hf(run_dir / "ckpt", work / "continued-hf", iteration=0, dtype="fp32")
     original, restored = hf_weights(hf_models["fp32"]), hf_weights(back)
     assert all(torch.equal(restored[key], tensor) for key, tensor in original.items())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 1 and 0 < metrics[-1]["loss"] < 20
     assert (run_dir / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+
+
+def _stored_objects(folder: Path) -> dict[str, object]:
+    """The non-tensor entries of a torch_dist folder (`_extra_state` objects, common state), unpickled."""
+    import io
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    objects = {}
+    for index, info in metadata.storage_data.items():
+        if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata):
+            with open(folder / info.relative_path, "rb") as handle:
+                handle.seek(info.offset)
+                objects[index.fqn] = torch.load(io.BytesIO(handle.read(info.length)), weights_only=False)
+    return objects
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16"])
+def test_checkpoint_is_what_megatron_saves_for_the_model(name, converted, megatron):
+    """Keys, global shapes, dtypes, chunks, `_extra_state` objects and common state equal those of
+    `dist_checkpointing.save` on the trainer's GPTModel (TP=1, Float16Module for bf16, as the trainer
+    builds it), although the streaming writer never builds the model."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ours, reference = converted[name] / "iter_0000000", megatron[3][name]
+    planned, saved = (FileSystemReader(str(folder)).read_metadata() for folder in (ours, reference))
+    assert planned.state_dict_metadata.keys() == saved.state_dict_metadata.keys()
+    for key, entry in saved.state_dict_metadata.items():
+        assert planned.state_dict_metadata[key] == entry, key
+    assert _stored_objects(ours) == _stored_objects(reference)
+    assert json.loads((ours / "metadata.json").read_text()) == json.loads((reference / "metadata.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ streaming
+
+
+@pytest.mark.parametrize("groups,stored_dtype", [(2, torch.float32), (1, torch.float16)])
+def test_chunks_read_in_place_equal_the_transforms(groups, stored_dtype, tmp_path, monkeypatch):
+    """Each chunk equals the table's from_hf transform on the whole tensors, whether its rows are read
+    straight into place (identity, gate/up halves, padded vocabulary, QKV with one group) or not
+    (QKV with two groups), also when fp16 rows are converted to fp32 block by block."""
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(from_hf, "CONVERT_BLOCK_BYTES", 1000)
+    dims = LlamaDims(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                     num_query_groups=groups, head_dim=16, megatron_vocab_size=128, hf_vocab_size=100)
+    generator = torch.Generator().manual_seed(0)
+    weights = {name: torch.randn(shape, generator=generator).to(stored_dtype)
+               for name, shape in expected_hf_tensors(dims).items()}
+    save_file(weights, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    tensors = HFTensors(read_hf_model(tmp_path))
+    tensors.check(expected_hf_tensors(dims))
+    for chunk in plan_chunks(dims):
+        if chunk.rule is None:
+            continue
+        parts = [weights[name].float() for name in chunk.rule.hf_names(chunk.layer)]
+        expected = TRANSFORMS[chunk.rule.transform].from_hf(parts, dims)[chunk.rows[0]:chunk.rows[1]]
+        data = produce(chunk, tensors, dims, torch.float32)
+        assert torch.equal(data if chunk.layer is None else data[0], expected), (chunk.key, chunk.layer)
+        assert data.untyped_storage().nbytes() == data.nbytes  # torch.save writes the whole storage
+
+
+MEMORY_LAYERS = 16
+MEMORY_CONFIG = dict(HF_CONFIG, hidden_size=512, intermediate_size=2048, num_hidden_layers=MEMORY_LAYERS,
+                     num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=1024,
+                     torch_dtype="float32", model_type="llama")
+# A one-layer model converted first pays for lazy imports and one-time setup before the baseline.
+WARMUP_CONFIG = dict(MEMORY_CONFIG, hidden_size=64, intermediate_size=128, num_hidden_layers=1, head_dim=8)
+MEMORY_CHILD = """
+import json, sys
+from pretrain.convert.from_hf import convert_from_hf
+def status(field):
+    return int(next(line for line in open('/proc/self/status') if line.startswith(field)).split()[1]) * 1024
+convert_from_hf(sys.argv[1], sys.argv[2])
+open('/proc/self/clear_refs', 'w').write('5')  # the peak (VmHWM) restarts from the current RSS
+before = status('VmRSS:')
+convert_from_hf(sys.argv[3], sys.argv[4])
+print(json.dumps({'before': before, 'peak': status('VmHWM:')}))
+"""
+
+
+def write_layered_hf_model(folder: Path, config: dict) -> tuple[int, int]:
+    """A random fp32 Llama folder, one safetensors file per layer (plus one for the rest), written a
+    layer at a time; returns (bytes of weights, bytes of the largest layer)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    dims = LlamaDims(num_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"],
+                     ffn_hidden_size=config["intermediate_size"], num_attention_heads=config["num_attention_heads"],
+                     num_query_groups=config["num_key_value_heads"], head_dim=config["head_dim"],
+                     megatron_vocab_size=config["vocab_size"], hf_vocab_size=config["vocab_size"])
+    shapes = expected_hf_tensors(dims)
+    groups: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, shape in shapes.items():
+        file = f"layer-{name.split('.')[2]}.safetensors" if name.startswith("model.layers.") else "rest.safetensors"
+        groups.setdefault(file, {})[name] = shape
+    generator = torch.Generator().manual_seed(0)
+    sizes = []
+    for file, group in groups.items():
+        tensors = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in group.items()}
+        save_file(tensors, folder / file)
+        sizes.append(sum(t.nbytes for t in tensors.values()))
+    index = {"metadata": {"total_size": sum(sizes)},
+             "weight_map": {name: file for file, group in groups.items() for name in group}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps(config))
+    return sum(sizes), max(sizes)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_conversion_memory_stays_near_one_layer_not_the_model(tmp_path):
+    """Peak RSS grows by well under two layers' worth while a 16-layer model (~250 MB) is converted,
+    so the model is never held whole (building it, or reading every tensor first, adds >= its size)."""
+    write_layered_hf_model(tmp_path / "warmup", WARMUP_CONFIG)
+    model_bytes, layer_bytes = write_layered_hf_model(tmp_path / "hf", MEMORY_CONFIG)
+    proc = _launch(["-c", MEMORY_CHILD, *(str(tmp_path / name) for name in ("warmup", "warmup-ckpt", "hf", "ckpt"))])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    growth = result["peak"] - result["before"]
+    assert growth < 2 * layer_bytes, (f"peak RSS grew by {growth / 2**20:.0f} MiB converting a "
+                                      f"{model_bytes / 2**20:.0f} MiB model ({layer_bytes / 2**20:.0f} MiB a layer)")
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -178,16 +320,31 @@ def test_unsupported_models_are_refused(hf_models, work):
         convert_from_hf(hf_models["fp32"], hf_models["bf16"])
 
 
-def test_unknown_tensors_are_refused(hf_models):
-    model = read_hf_model(hf_models["fp32"])
-    extra = HFModel(model.folder, model.config, {**model.weight_files,
-                                                  "model.layers.0.self_attn.q_proj.bias": model.folder})
-    tensors = HFTensors(extra)
-    tensors.used = set(model.weight_files)
-    with pytest.raises(UserError, match="unsupported architecture: model.layers.0.self_attn.q_proj.bias"):
-        tensors.check_all_used()
-    with pytest.raises(UserError, match="has shape"):
-        HFTensors(model).get("model.norm.weight", (32,))
+def test_bad_weights_are_refused_and_leave_no_output(hf_models, work):
+    """Unknown, missing or misshapen tensors are refused before anything is written; a file that
+    ends early fails mid-write. Either way no output folder (nor its staging folder) is left."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(hf_models["fp32"] / "model.safetensors")
+    config = json.loads((hf_models["fp32"] / "config.json").read_text())
+    cases = {
+        "extra": ({**weights, "model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}, config,
+                  "unsupported architecture: model.layers.0.self_attn.q_proj.bias"),
+        "missing": ({k: v for k, v in weights.items() if k != "model.norm.weight"}, config,
+                    "lacks tensor model.norm.weight"),
+        "shape": (weights, {**config, "intermediate_size": 128}, r"has shape \[192, 64\] but config.json implies"),
+        "truncated": (weights, config, "truncated"),
+    }
+    for name, (tensors, model_config, message) in cases.items():
+        folder = work / f"bad-{name}"
+        folder.mkdir()
+        save_file(tensors, folder / "model.safetensors")
+        if name == "truncated":
+            os.truncate(folder / "model.safetensors", (folder / "model.safetensors").stat().st_size - 100)
+        (folder / "config.json").write_text(json.dumps(model_config))
+        with pytest.raises(UserError, match=message):
+            convert_from_hf(folder, work / f"out-{name}")
+        assert not (work / f"out-{name}").exists() and not list(work.glob(f".out-{name}.tmp-*")), name
 
 
 # ------------------------------------------------------------------------------------------ trainer run
@@ -217,5 +374,45 @@ def _continue_pretraining(root: str, run_dir: str) -> None:
         destroy()
 
 
+def _save_megatron_model(pairs: list[str]) -> None:
+    """For each (converted root, output folder): build the trainer's GPTModel at TP=1/PP=1 from the
+    root's run_config.yaml as the trainer builds it and save it with dist_checkpointing.save, as
+    conversion did before it streamed. Weights stay random: only the layout is compared."""
+    import torch.distributed as dist
+
+    from pretrain import cpu_compat
+
+    cpu_compat.activate()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.module import Float16Module
+
+    from kumihimo import configtree
+    from pretrain import checkpointing
+    from pretrain.config import TrainConfig
+    from pretrain.model import build_model
+    from pretrain.parallel import ParallelLayout
+
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
+    for root, out in zip(pairs[::2], pairs[1::2]):
+        folder = checkpointing.find_checkpoint(Path(root))
+        config = configtree.load(TrainConfig, folder / "run_config.yaml", [
+            "data.mock=true", "runtime.device=cpu", "model.transformer_impl=local",
+            "parallelism.tensor_model_parallel_size=1", "parallelism.pipeline_model_parallel_size=1"])
+        padded = checkpointing.read_meta(folder)["padded_vocab_size"]
+        (model,) = build_model(config, ParallelLayout.from_config(config, 1), padded)
+        if config.precision.params_dtype == "bf16":
+            model = Float16Module(model.config, model)
+        Path(out).mkdir()
+        dist_checkpointing.save(checkpointing._model_sharded_state_dict([model]), out,
+                                content_metadata=checkpointing.SHARDING_METADATA)
+
+
 if __name__ == "__main__":
-    _continue_pretraining(sys.argv[1], sys.argv[2])
+    command, *arguments = sys.argv[1:]
+    if command == "train":
+        _continue_pretraining(*arguments)
+    else:
+        _save_megatron_model(arguments)

@@ -35,7 +35,8 @@ def register(parser: argparse.ArgumentParser) -> None:
         "from-hf", help="Hugging Face Llama folder -> weights-only kumihimo checkpoint for continual pretraining",
         description="Write a kumihimo checkpoint root (iter_0000000 with model weights only, run_config.yaml "
                     "derived from config.json and laid out for --tp/--pp, kumihimo.json, the SentencePiece "
-                    "tokenizer.model if the folder has one). Needs host RAM for one copy of the model.")
+                    "tokenizer.model if the folder has one). Streams tensor by tensor with no model built: host "
+                    "RAM stays near the largest tensor (the embedding), whatever the model size.")
     from_hf.add_argument("--model", required=True, help="Hugging Face model folder (config.json + safetensors)")
     from_hf.add_argument("--output", required=True, help="new folder for the checkpoint root")
     from_hf.add_argument("--tp", type=int, default=1, help="tensor-parallel size the run will use (vocab padding)")

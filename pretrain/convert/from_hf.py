@@ -6,30 +6,56 @@ holding model weights only (no optimizer, scheduler or RNG state; kumihimo.json 
 parallelism is the target TP/PP, and the tokenizer when the Hugging Face folder has a SentencePiece
 `tokenizer.model`. The vocabulary is padded for the target TP as the trainer pads it.
 
-Tensors are written through the GPTModel the trainer builds (at TP=1/PP=1, on CPU), via its own
-sharded state dict: the checkpoint therefore has exactly the keys (including per-layer
-`_extra_state` objects) the trainer loads, and loads at any TP/PP. This keeps one copy of the model
-in memory; it is meant for models that fit in host RAM. While it runs it owns torch.distributed (a
-one-process gloo group) and redirects CUDA calls to the CPU, so call it where no process group exists
-(the CLI runs it in its own process); both are torn down when it returns.
+No model is built and no process group is started. The torch_dist files are what
+`dist_checkpointing.save` writes for the trainer's GPTModel at TP=1/PP=1 (same keys, stacked
+[num_layers, ...] shapes, dtypes, chunks, per-layer `_extra_state` objects and common state; a test
+compares them with a save from the real model), so the checkpoint loads at any TP/PP. Every name,
+shape and chunk follows from config.json and the table in `pretrain.convert.mapping`, so the
+torch.distributed.checkpoint metadata is planned up front; the data of each chunk (one layer's slice
+of a tensor, or the embedding) is read from the safetensors files only when the writer asks for it,
+written, and dropped. Host memory therefore stays near the largest single tensor (the embedding),
+whatever the model size. The folder is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
+import struct
+import sys
 import tempfile
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from kumihimo import configtree
 from kumihimo.errors import UserError
-from kumihimo.progress import say
+from kumihimo.progress import Progress, say
 from pretrain import checkpointing
-from pretrain.convert.mapping import LAYER_PREFIX, RULES, TRANSFORMS, LlamaDims, Rule
+from pretrain.convert.mapping import (
+    GLOBAL_RULES,
+    LAYER_RULES,
+    TRANSFORMS,
+    LlamaDims,
+    Rule,
+    hf_row_blocks,
+    hf_shapes,
+    megatron_shape,
+)
 
 HF_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -58,10 +84,7 @@ def read_hf_model(folder: Path) -> HFModel:
         weight_map = json.loads(index.read_text())["weight_map"]
         files = {name: folder / file for name, file in weight_map.items()}
     elif (folder / "model.safetensors").is_file():
-        from safetensors import safe_open
-
-        with safe_open(folder / "model.safetensors", "pt") as handle:
-            files = {name: folder / "model.safetensors" for name in handle.keys()}  # noqa: SIM118
+        files = {name: folder / "model.safetensors" for name in read_safetensors_header(folder / "model.safetensors")}
     else:
         raise UserError(f"{folder} has no safetensors weights (model.safetensors or its index); convert "
                         "pytorch_model.bin to safetensors first")
@@ -158,109 +181,316 @@ def vocab_sizes(hf: HFModel, tokenizer, tp: int, divisible_by: int) -> tuple[int
     return vocab, padded
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading Hugging Face safetensors one tensor (or a block of its rows) at a time
+# ---------------------------------------------------------------------------------------------
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+MAX_HEADER_BYTES = 100 * 2**20
+CONVERT_BLOCK_BYTES = 64 * 2**20  # rows converted at a time when the file's dtype is not the output's
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's bytes are in a safetensors file."""
+
+    path: Path
+    dtype_name: str
+    shape: tuple[int, ...]
+    offset: int  # of the first byte, from the start of the file
+    num_bytes: int
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return SAFETENSORS_DTYPES.get(self.dtype_name)
+
+
+def read_safetensors_header(path: Path) -> dict[str, StoredTensor]:
+    """The tensors of one safetensors file (8-byte little-endian header size, JSON header, data)."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        raw = handle.read(size) if 0 < size <= MAX_HEADER_BYTES else b""
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is not a safetensors file (its header cannot be read); download it again")
+    header.pop("__metadata__", None)
+    return {name: StoredTensor(path, info["dtype"], tuple(info["shape"]), 8 + size + info["data_offsets"][0],
+                               info["data_offsets"][1] - info["data_offsets"][0])
+            for name, info in header.items()}
+
+
+def _read_exactly(handle, tensor: torch.Tensor, what: str) -> None:
+    """Fill the contiguous `tensor` with the next bytes of the file (reads may come back short)."""
+    buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    filled = 0
+    while filled < len(buffer):
+        count = handle.readinto(buffer[filled:])
+        if not count:
+            raise UserError(f"{handle.name} ends inside {what}; the file is truncated, download it again")
+        filled += count
+
+
 class HFTensors:
-    """Tensors of a Hugging Face model, read one at a time from its safetensors files."""
+    """Tensors of a Hugging Face model: names, shapes and dtypes from the safetensors headers, data
+    read on request straight into the caller's buffer (no memory map, no intermediate copy)."""
 
     # Buffers some exporters save; they are recomputed, not weights.
     IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
     def __init__(self, hf: HFModel):
+        if sys.byteorder != "little":  # safetensors stores little-endian bytes
+            raise UserError("converting from safetensors needs a little-endian machine")
         self.hf = hf
-        self.used: set[str] = set()
-        self._handles: dict[Path, Any] = {}
+        headers = {path: read_safetensors_header(path) for path in sorted(set(hf.weight_files.values()))}
+        self.stored: dict[str, StoredTensor] = {}
+        for name, path in hf.weight_files.items():
+            if name not in headers[path]:
+                raise UserError(f"{path} lacks tensor {name} that its index names; download the model again")
+            self.stored[name] = headers[path][name]
+        self.aliases: dict[str, str] = {}
 
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if name == "lm_head.weight" and name not in self.hf.weight_files and self.hf.config.get("tie_word_embeddings"):
+    def check(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Before anything is written: every expected tensor is there with its shape and a float
+        dtype, and nothing else is (extra tensors mean an architecture the table cannot hold)."""
+        if ("lm_head.weight" in expected and "lm_head.weight" not in self.stored
+                and self.hf.config.get("tie_word_embeddings")):
             say("[convert] note: tied embeddings are untied (lm_head starts as a copy of embed_tokens), as the "
                 "kumihimo model has a separate output layer")
-            name = "model.embed_tokens.weight"
-        if name not in self.hf.weight_files:
-            raise UserError(f"{self.hf.folder} lacks tensor {name}; it is not a complete Llama model")
-        from safetensors import safe_open
-
-        path = self.hf.weight_files[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, "pt")
-        tensor = self._handles[path].get_tensor(name)
-        if tuple(tensor.shape) != tuple(shape):
-            raise UserError(f"{name} has shape {list(tensor.shape)} but config.json implies {list(shape)}")
-        self.used.add(name)
-        return tensor
-
-    def check_all_used(self) -> None:
-        unused = sorted(n for n in self.hf.weight_files if n not in self.used and not n.endswith(self.IGNORED_SUFFIXES))
+            self.aliases["lm_head.weight"] = "model.embed_tokens.weight"
+        unused = sorted(n for n in self.stored if n not in expected and not n.endswith(self.IGNORED_SUFFIXES))
         if unused:
             raise UserError(f"unsupported architecture: {', '.join(unused[:3])} have no place in the kumihimo "
                             "model (biases, MoE or extra modules cannot be converted)")
+        for name, shape in expected.items():
+            stored = self.stored.get(self.aliases.get(name, name))
+            if stored is None:
+                raise UserError(f"{self.hf.folder} lacks tensor {name}; it is not a complete Llama model")
+            if stored.shape != tuple(shape):
+                raise UserError(f"{name} has shape {list(stored.shape)} but config.json implies {list(shape)}")
+            if stored.dtype is None:
+                raise UserError(f"{name} is stored as {stored.dtype_name}; only {', '.join(SAFETENSORS_DTYPES)} "
+                                "weights can be converted")
+            if stored.num_bytes != torch.Size(shape).numel() * stored.dtype.itemsize:
+                raise UserError(f"{stored.path} is damaged: {name} spans {stored.num_bytes} bytes, not what its "
+                                "shape and dtype need; download it again")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.stored[self.aliases.get(name, name)].shape
+
+    def read_rows(self, name: str, first_row: int, out: torch.Tensor) -> None:
+        """Rows [first_row, first_row + len(out)) of tensor `name` into the contiguous `out`, converted
+        to out's dtype (in blocks, so a conversion never holds a second copy of the whole tensor)."""
+        stored = self.stored[self.aliases.get(name, name)]
+        assert out.is_contiguous() and tuple(out.shape[1:]) == stored.shape[1:], (name, out.shape, stored.shape)
+        row_bytes = out[0].numel() * stored.dtype.itemsize
+        with open(stored.path, "rb", buffering=0) as handle:
+            handle.seek(stored.offset + first_row * row_bytes)
+            if stored.dtype == out.dtype:
+                _read_exactly(handle, out, name)
+                return
+            flat = out.reshape(-1)
+            for block in flat.split(max(1, CONVERT_BLOCK_BYTES // stored.dtype.itemsize)):
+                raw = torch.empty(block.numel(), dtype=stored.dtype)
+                _read_exactly(handle, raw, name)
+                block.copy_(raw)
+
+    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        tensor = torch.empty(self.shape(name), dtype=dtype)
+        self.read_rows(name, 0, tensor)
+        return tensor
 
 
-@torch.no_grad()
-def fill_model(model, tensors: HFTensors, dims: LlamaDims) -> None:
-    """Copy the Hugging Face weights into the GPTModel, through its own sharded state dict (the keys,
-    stacked layer offsets and SwiGLU gate/up halves the trainer saves and loads)."""
-    from pretrain.checkpointing import SHARDING_METADATA
-    from pretrain.convert.mapping import hf_shapes
-    from pretrain.model import sharded_tensors
+# ---------------------------------------------------------------------------------------------
+# The checkpoint plan: every chunk Megatron's save of the GPTModel at TP=1/PP=1 writes
+# ---------------------------------------------------------------------------------------------
 
-    rules: dict[str, Rule] = {rule.megatron: rule for rule in RULES}
-    cached: dict[tuple[str, int | None], torch.Tensor] = {}
-    for st in sharded_tensors(model.sharded_state_dict(metadata=SHARDING_METADATA)):
-        rule = rules.get(st.key)
-        assert rule is not None, f"GPTModel tensor {st.key} is missing from pretrain.convert.mapping.RULES"
-        layer = st.global_offset[0] if st.prepend_axis_num else None
-        assert (layer is not None) == st.key.startswith(LAYER_PREFIX), st.key
-        if (st.key, layer) not in cached:
-            cached.clear()  # shards of one tensor come together (gate/up halves): keep only the current one
-            parts = [tensors.get(name, shape) for name, shape in zip(rule.hf_names(layer), hf_shapes(rule, dims))]
-            cached[(st.key, layer)] = TRANSFORMS[rule.transform].from_hf(parts, dims)
-        full = cached[(st.key, layer)]
-        offsets = st.global_offset[st.prepend_axis_num:]
-        st.data.copy_(full[tuple(slice(o, o + n) for o, n in zip(offsets, st.data.shape))])
-    tensors.check_all_used()
+# Megatron saves SwiGLU's fc1 as its gate and up halves (a sharded-tensor factory): two chunks per layer.
+ROW_SPLITS = {"decoder.layers.mlp.linear_fc1.weight": 2}
+# Per-layer linear layers with an `_extra_state` object (None for Megatron's local layers; GPTModel
+# drops the output layer's). Stored pickled, as [object], under `<key>/shard_<layer>_<num_layers>`.
+EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
+                       "mlp.linear_fc2")
+# dist_checkpointing.save stores what is not sharded (here only the content metadata) as this object.
+COMMON_STATE_KEY = "common_state/shard_0_1"
 
 
-class _OneProcessMegatron:
-    """A world-size-1 gloo group and TP=PP=1 model-parallel state, torn down on exit."""
+@dataclass(frozen=True)
+class Chunk:
+    """One stored piece of the checkpoint: rows [start, stop) of `rule`'s tensor (of one layer's
+    slice for per-layer rules), or, when `rule` is None, a pickled object."""
 
-    def __enter__(self) -> _OneProcessMegatron:
-        import torch.distributed as dist
-
-        from pretrain import cpu_compat
-
-        if dist.is_initialized():
-            raise UserError("convert from-hf starts its own one-process group; run it in a separate process "
-                            "(the `kumihimo convert from-hf` CLI does)")
-        cpu_compat.activate()
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        from megatron.core import parallel_state
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-        parallel_state.initialize_model_parallel(1, 1)
-        model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        from pretrain import cpu_compat
-        from pretrain.distributed import destroy
-
-        destroy()
-        cpu_compat.deactivate()
+    key: str
+    rule: Rule | None = None
+    layer: int | None = None
+    rows: tuple[int, int] = (0, 0)
+    payload: Any = None
+    ends_layer: bool = False
 
 
-def _build_model(config, padded_vocab: int, dtype: torch.dtype):
-    """The trainer's GPTModel at TP=1/PP=1 on CPU, holding `dtype` weights."""
-    import copy
+def plan_chunks(dims: LlamaDims) -> list[Chunk]:
+    """Chunks in the order they are written (and the safetensors read): the embedding, layer by
+    layer, the final norm, the head, the common state."""
+    def tensor_chunks(rule: Rule, layer: int | None) -> list[Chunk]:
+        rows = megatron_shape(rule, dims)[0]
+        parts = ROW_SPLITS.get(rule.megatron, 1)
+        return [Chunk(rule.megatron, rule, layer, (i * rows // parts, (i + 1) * rows // parts)) for i in range(parts)]
 
-    from pretrain.model import build_model
-    from pretrain.parallel import ParallelLayout
+    first, *last = GLOBAL_RULES
+    chunks = tensor_chunks(first, None)
+    for layer in range(dims.num_layers):
+        for rule in LAYER_RULES:
+            chunks += tensor_chunks(rule, layer)
+        chunks += [Chunk(f"decoder.layers.{module}._extra_state/shard_{layer}_{dims.num_layers}", payload=None,
+                         ends_layer=module == EXTRA_STATE_MODULES[-1]) for module in EXTRA_STATE_MODULES]
+    for rule in last:
+        chunks += tensor_chunks(rule, None)
+    chunks.append(Chunk(COMMON_STATE_KEY, payload={"content_metadata": dict(checkpointing.SHARDING_METADATA)}))
+    return chunks
 
-    local = copy.deepcopy(config)
-    local.parallelism = type(config.parallelism)()
-    local.runtime.device = "cpu"
-    local.model.transformer_impl = "local"
-    local.precision.params_dtype = "bf16" if dtype == torch.bfloat16 else "fp32"
-    (model,) = build_model(local, ParallelLayout.from_config(local, 1), padded_vocab)
-    return model
+
+def write_item_for(chunk: Chunk, dims: LlamaDims, dtype: torch.dtype) -> WriteItem:
+    if chunk.rule is None:
+        return WriteItem(index=MetadataIndex(chunk.key), type=WriteItemType.BYTE_IO)
+    shape = megatron_shape(chunk.rule, dims)
+    start, stop = chunk.rows
+    if chunk.layer is None:  # recorded as Megatron records a plain tensor (with its strides)
+        size, offsets, sizes = shape, (start, *[0] * (len(shape) - 1)), (stop - start, *shape[1:])
+        properties = TensorProperties(dtype=dtype, strides=torch.empty(shape, device="meta").stride())
+    else:  # a stacked [num_layers, ...] tensor, recorded like Megatron's (strides unset)
+        size = (dims.num_layers, *shape)
+        offsets, sizes = (chunk.layer, start, *[0] * (len(shape) - 1)), (1, stop - start, *shape[1:])
+        properties = TensorProperties(dtype=dtype)
+    offsets = torch.Size(offsets)
+    return WriteItem(index=MetadataIndex(chunk.key, offsets), type=WriteItemType.SHARD,
+                     tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets, torch.Size(sizes)),
+                                                 properties=properties, size=torch.Size(size)))
+
+
+def expected_hf_tensors(dims: LlamaDims) -> dict[str, tuple[int, ...]]:
+    """Every Hugging Face tensor the table reads, with the shape config.json implies."""
+    expected = {}
+    for rule in GLOBAL_RULES:
+        expected.update(zip(rule.hf_names(), hf_shapes(rule, dims)))
+    for layer in range(dims.num_layers):
+        for rule in LAYER_RULES:
+            expected.update(zip(rule.hf_names(layer), hf_shapes(rule, dims)))
+    return expected
+
+
+def produce(chunk: Chunk, tensors: HFTensors, dims: LlamaDims, dtype: torch.dtype) -> torch.Tensor:
+    """The data of one tensor chunk, in a tensor that owns exactly its own memory."""
+    rule, (start, stop) = chunk.rule, chunk.rows
+    shape = megatron_shape(rule, dims)
+    names = rule.hf_names(chunk.layer)
+    blocks = hf_row_blocks(rule, dims)
+    if blocks is None:  # rows interleave (QKV per group): read the parts, transform, keep the chunk's rows
+        parts = [tensors.read(name, dtype) for name in names]
+        data = TRANSFORMS[rule.transform].from_hf(parts, dims)
+        del parts
+        if (start, stop) != (0, shape[0]):
+            data = data[start:stop].clone()
+    else:  # each Hugging Face tensor is a block of rows: read it straight into place
+        data = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        covered = sum(max(0, min(first + count, stop) - max(first, start)) for first, count in blocks)
+        if covered < stop - start:
+            data.zero_()  # rows no tensor fills (vocabulary padding) are zeros, as from_hf makes them
+        for name, (first, count) in zip(names, blocks):
+            low, high = max(first, start), min(first + count, stop)
+            if low < high:
+                tensors.read_rows(name, low - first, data[low - start:high - start])
+    return data if chunk.layer is None else data.unsqueeze(0)
+
+
+def _pickled(value: Any) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save([value], buffer)  # how Megatron stores each sharded object: a list of the rank's values
+    return buffer
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing with torch.distributed.checkpoint, one chunk in memory at a time
+# ---------------------------------------------------------------------------------------------
+
+
+class _StreamingSavePlanner(DefaultSavePlanner):
+    """Plans the chunks above without a state dict and makes each chunk's data only when asked."""
+
+    def __init__(self, chunks: list[Chunk], tensors: HFTensors, dims: LlamaDims, dtype: torch.dtype,
+                 progress: Progress):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.items = [write_item_for(chunk, dims, dtype) for chunk in chunks]
+        self.chunks = {item.index: chunk for item, chunk in zip(self.items, chunks)}
+        self.tensors, self.dims, self.dtype, self.progress = tensors, dims, dtype, progress
+
+    def create_local_plan(self) -> SavePlan:
+        self.plan = SavePlan(self.items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+        chunk = self.chunks[write_item.index]  # MetadataIndex equality ignores the index hint
+        if chunk.ends_layer:
+            self.progress.update()
+        if chunk.rule is None:
+            return _pickled(chunk.payload)
+        return produce(chunk, self.tensors, self.dims, self.dtype)
+
+
+class _SequentialWriter(FileSystemWriter):
+    """A FileSystemWriter that writes the plan's items in plan order into one file (as Megatron's
+    writer does, one file per rank), asking for each item's data just before writing it and dropping
+    it right after. The stock writer keeps every tensor of a file referenced until the file is
+    closed (for its safetensors format), which would hold the whole model in memory."""
+
+    def write_data(self, plan: SavePlan, planner: _StreamingSavePlanner) -> Future[list[WriteResult]]:
+        file_name = f"{plan.storage_data.prefix}0.distcp"
+        results = []
+        with open(Path(self.path) / file_name, "wb") as stream:
+            for item in plan.items:
+                offset = stream.tell()
+                data = planner.resolve_data(item)
+                if item.type == WriteItemType.BYTE_IO:
+                    stream.write(data.getbuffer())
+                else:
+                    torch.save(data, stream)  # what FileSystemReader reads back (torch.load per item)
+                del data
+                length = stream.tell() - offset
+                results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                           storage_data=_StorageInfo(file_name, offset, length)))
+            stream.flush()
+            os.fsync(stream.fileno())
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+
+def write_checkpoint(folder: Path, tensors: HFTensors, dims: LlamaDims, dtype: torch.dtype) -> int:
+    """The torch_dist files and metadata.json of the weights; returns the bytes written."""
+    with Progress("convert", total=dims.num_layers, unit="layers") as progress:
+        planner = _StreamingSavePlanner(plan_chunks(dims), tensors, dims, dtype, progress)
+        try:
+            with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+                warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+                dcp.save({}, storage_writer=_SequentialWriter(str(folder)), planner=planner, no_dist=True)
+        except CheckpointException as exc:  # DCP wraps what went wrong as {rank: (exception, trace)}
+            cause = next(iter(exc.failures.values()), (exc, None))[0]
+            if isinstance(cause, UserError):
+                raise cause from None
+            raise
+    # What dist_checkpointing.save writes last; its loader checks it.
+    (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist",
+                                                      "sharded_backend_version": 1}))
+    return sum(path.stat().st_size for path in folder.glob("*.distcp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------------------------
 
 
 def _meta(hf: HFModel, vocab: int, padded: int, tokenizer, tokenizer_path: Path | None) -> dict[str, Any]:
@@ -291,16 +521,18 @@ def convert_from_hf(model_dir: str | Path, output_dir: str | Path, tp: int = 1, 
     """Write a weights-only kumihimo checkpoint root for a Hugging Face Llama model; returns it.
 
     The run_config.yaml inside is laid out for TP x PP (the vocabulary padded for TP); the tensors
-    themselves load at any layout. Run in its own process (see the module docstring).
+    themselves load at any layout.
     """
     hf = read_hf_model(Path(model_dir))
     check_supported(hf.config)
+    tensors = HFTensors(hf)
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise UserError(f"output {str(output_dir)!r} already exists and is not an empty folder; choose a new "
                         "folder or delete it")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    started = time.monotonic()
     try:
         tokenizer, tokenizer_path = resolve_tokenizer(hf, output_dir, staging)
         config = train_config(hf, tp, pp, tokenizer_path)
@@ -310,17 +542,12 @@ def convert_from_hf(model_dir: str | Path, output_dir: str | Path, tp: int = 1, 
                          num_attention_heads=config.model.num_attention_heads,
                          num_query_groups=config.model.query_groups, head_dim=config.model.head_dim,
                          megatron_vocab_size=padded, hf_vocab_size=hf.config["vocab_size"])
+        tensors.check(expected_hf_tensors(dims))
         # fp16 is stored as fp32 (exact); bf16 and fp32 as they are, so a round trip is bit-identical.
         dtype = torch.bfloat16 if hf.dtype == torch.bfloat16 else torch.float32
         folder = checkpointing.iteration_dir(staging, 0)
         folder.mkdir()
-        with _OneProcessMegatron():
-            from megatron.core import dist_checkpointing
-
-            model = _build_model(config, padded, dtype)
-            fill_model(model, HFTensors(hf), dims)
-            sharded = {"model": model.sharded_state_dict(metadata=checkpointing.SHARDING_METADATA)}
-            dist_checkpointing.save(sharded, str(folder), content_metadata=checkpointing.SHARDING_METADATA)
+        num_bytes = write_checkpoint(folder, tensors, dims, dtype)
         configtree.save(config, folder / checkpointing.CONFIG_FILE)
         meta = _meta(hf, vocab, padded, tokenizer, tokenizer_path)
         (folder / checkpointing.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -332,6 +559,8 @@ def convert_from_hf(model_dir: str | Path, output_dir: str | Path, tp: int = 1, 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    say(f"[convert] wrote weights-only checkpoint {output_dir} (vocab {vocab} padded to {padded} for TP={tp}); "
-        f"continue pretraining from it with its {checkpointing.CONFIG_FILE} plus your data.* settings")
+    elapsed = time.monotonic() - started
+    say(f"[convert] wrote weights-only checkpoint {output_dir} ({num_bytes / 1e9:.2f} GB in {elapsed:.1f} s; "
+        f"vocab {vocab} padded to {padded} for TP={tp}); continue pretraining from it with its "
+        f"{checkpointing.CONFIG_FILE} plus your data.* settings")
     return output_dir

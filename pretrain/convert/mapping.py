@@ -48,7 +48,11 @@ class LlamaDims:
 
 @dataclass(frozen=True)
 class Transform:
-    """A named, invertible mapping between one Megatron tensor and its Hugging Face tensor(s)."""
+    """A named, invertible mapping between one Megatron tensor and its Hugging Face tensor(s).
+
+    `to_hf` returns views of its input where it can (from_hf.py then reads the Hugging Face tensors
+    straight into those rows, see `hf_row_blocks`); rows of the Megatron tensor that `to_hf` drops
+    (vocabulary padding) are zeros in what `from_hf` returns."""
 
     name: str
     to_hf: Callable[[torch.Tensor, LlamaDims], list[torch.Tensor]]
@@ -173,6 +177,21 @@ def hf_shapes(rule: Rule, dims: LlamaDims) -> list[tuple[int, ...]]:
     """Shapes of the Hugging Face tensors `rule` produces (one layer's for per-layer rules)."""
     meta = torch.empty(megatron_shape(rule, dims), device="meta")
     return [tuple(t.shape) for t in TRANSFORMS[rule.transform].to_hf(meta, dims)]
+
+
+def hf_row_blocks(rule: Rule, dims: LlamaDims) -> list[tuple[int, int]] | None:
+    """Where each Hugging Face tensor of `rule` sits in the Megatron tensor (one layer's slice), as
+    (first row, number of rows), when every one is a block of consecutive rows (identity, gate_up,
+    vocab_rows; qkv_per_group with one query group); None when rows interleave (qkv_per_group)."""
+    full = torch.empty(megatron_shape(rule, dims), device="meta")
+    row_elements = full[0].numel()
+    blocks = []
+    for part in TRANSFORMS[rule.transform].to_hf(full, dims):
+        is_view = part is full or part._base is full  # a reshape that had to copy has no base
+        if not (is_view and part.is_contiguous() and part.shape[1:] == full.shape[1:]):
+            return None
+        blocks.append((part.storage_offset() // row_elements, part.shape[0]))
+    return blocks
 
 
 def strip_wrapper_prefix(key: str) -> str:

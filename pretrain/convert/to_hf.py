@@ -167,8 +167,8 @@ class TorchDistReader:
                 warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
                 dcp.load({name: r.tensor for name, r in regions.items()}, storage_reader=self._storage,
                          planner=_RegionLoadPlanner(regions), no_dist=True)
-        except CheckpointException as exc:  # DCP wraps what went wrong, per rank
-            cause = next(iter(exc.failures.values()), exc)
+        except CheckpointException as exc:  # DCP wraps what went wrong as {rank: (exception, trace)}
+            cause = next(iter(exc.failures.values()), (exc, None))[0]
             if isinstance(cause, UserError):
                 raise cause from None
             raise UserError(f"{self.folder} is incomplete or damaged ({cause}); use another checkpoint") from exc
