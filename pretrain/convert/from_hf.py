@@ -25,7 +25,6 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from kumihimo import configtree
 from kumihimo.errors import UserError
 from kumihimo.progress import Progress, say
 from pretrain import checkpointing
+from pretrain.convert.dcp_files import failure_cause, staged_output
 from pretrain.convert.mapping import (
     GLOBAL_RULES,
     LAYER_RULES,
@@ -477,8 +477,8 @@ def write_checkpoint(folder: Path, tensors: HFTensors, dims: LlamaDims, dtype: t
             with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
                 warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
                 dcp.save({}, storage_writer=_SequentialWriter(str(folder)), planner=planner, no_dist=True)
-        except CheckpointException as exc:  # DCP wraps what went wrong as {rank: (exception, trace)}
-            cause = next(iter(exc.failures.values()), (exc, None))[0]
+        except CheckpointException as exc:
+            cause = failure_cause(exc)
             if isinstance(cause, UserError):
                 raise cause from None
             raise
@@ -527,13 +527,8 @@ def convert_from_hf(model_dir: str | Path, output_dir: str | Path, tp: int = 1, 
     check_supported(hf.config)
     tensors = HFTensors(hf)
     output_dir = Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise UserError(f"output {str(output_dir)!r} already exists and is not an empty folder; choose a new "
-                        "folder or delete it")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     started = time.monotonic()
-    try:
+    with staged_output(output_dir) as staging:
         tokenizer, tokenizer_path = resolve_tokenizer(hf, output_dir, staging)
         config = train_config(hf, tp, pp, tokenizer_path)
         vocab, padded = vocab_sizes(hf, tokenizer, tp, config.model.make_vocab_size_divisible_by)
@@ -552,13 +547,6 @@ def convert_from_hf(model_dir: str | Path, output_dir: str | Path, tp: int = 1, 
         meta = _meta(hf, vocab, padded, tokenizer, tokenizer_path)
         (folder / checkpointing.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (staging / checkpointing.LATEST_FILE).write_text("0\n")
-        staging.chmod(0o755)  # mkdtemp makes it private
-        if output_dir.exists():
-            output_dir.rmdir()
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     elapsed = time.monotonic() - started
     say(f"[convert] wrote weights-only checkpoint {output_dir} ({num_bytes / 1e9:.2f} GB in {elapsed:.1f} s; "
         f"vocab {vocab} padded to {padded} for TP={tp}); continue pretraining from it with its "

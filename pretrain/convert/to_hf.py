@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from kumihimo import configtree
 from kumihimo.errors import UserError
 from kumihimo.progress import Progress, say
 from pretrain import checkpointing
+from pretrain.convert.dcp_files import failure_cause, staged_output
 from pretrain.convert.mapping import (
     GLOBAL_RULES,
     LAYER_RULES,
@@ -167,8 +167,8 @@ class TorchDistReader:
                 warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
                 dcp.load({name: r.tensor for name, r in regions.items()}, storage_reader=self._storage,
                          planner=_RegionLoadPlanner(regions), no_dist=True)
-        except CheckpointException as exc:  # DCP wraps what went wrong as {rank: (exception, trace)}
-            cause = next(iter(exc.failures.values()), (exc, None))[0]
+        except CheckpointException as exc:
+            cause = failure_cause(exc)
             if isinstance(cause, UserError):
                 raise cause from None
             raise UserError(f"{self.folder} is incomplete or damaged ({cause}); use another checkpoint") from exc
@@ -497,13 +497,6 @@ def write_readme(folder: Path, config: dict[str, Any], tokenizer_files: str) -> 
     (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _prepare_output(output_dir: Path) -> None:
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise UserError(f"output {str(output_dir)!r} already exists and is not an empty folder; choose a new "
-                        "folder or delete it")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-
-
 def convert_to_hf(checkpoint_root: str | Path, output_dir: str | Path, iteration: int | None = None,
                   dtype: str = "bf16", keep_vocab_padding: bool = False, tokenizer: str | Path | None = None,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
@@ -520,22 +513,13 @@ def convert_to_hf(checkpoint_root: str | Path, output_dir: str | Path, iteration
     tokenizer_info = resolve_tokenizer(source, tokenizer)
     dims = dims_for(source, keep_vocab_padding)
     check_architecture(source.reader, dims)
-    _prepare_output(output_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     started = time.monotonic()
-    try:
+    with staged_output(output_dir) as staging:
         num_bytes = write_weights(source.reader, dims, staging, DTYPES[dtype], max_shard_bytes)
         config = hf_config(source, dims, tokenizer_info, DTYPES[dtype])
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (staging / "generation_config.json").write_text(json.dumps(generation_config(tokenizer_info), indent=2) + "\n")
         write_readme(staging, config, write_tokenizer(tokenizer_info, staging))
-        staging.chmod(0o755)  # mkdtemp makes it private; the model folder is meant to be shared
-        if output_dir.exists():
-            output_dir.rmdir()  # empty (checked above)
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     elapsed = time.monotonic() - started
     say(f"[convert] wrote {output_dir} ({num_bytes / 1e9:.2f} GB of weights in {elapsed:.1f} s, "
         f"{num_bytes / 1e9 / max(elapsed, 1e-9):.2f} GB/s) from {source.folder}")
