@@ -123,11 +123,6 @@ _CUDA_STUBS = {
     "memory_reserved": lambda *a, **k: 0,
     "reset_peak_memory_stats": lambda *a, **k: None,
 }
-# Full activation recompute saves and restores the CUDA generator around each layer; there is none
-# (CPU randomness is restored by Megatron from torch.get_rng_state), so an empty state stands in.
-_CUDA_RANDOM_STUBS = {"get_rng_state": lambda *a, **k: torch.empty(0, dtype=torch.uint8)}
-_saved_cuda_attrs: dict[str, object] = {}
-_saved_cuda_random_attrs: dict[str, object] = {}
 _original_backward_apply = BackwardCFunction.apply
 
 
@@ -141,19 +136,29 @@ def _backward_apply_on_cpu(self, *args):
         return _original_backward_apply(self, *args)
 
 
+def _patches() -> list[tuple[object, str, object]]:
+    """(owner, attribute, replacement) of everything `activate` swaps in."""
+    return [
+        *((torch.cuda, name, stub) for name, stub in _CUDA_STUBS.items()),
+        # Full activation recompute saves and restores the CUDA generator around each layer; there is
+        # none (Megatron restores CPU randomness from torch.get_rng_state), so an empty state stands in.
+        (torch.cuda.random, "get_rng_state", lambda *a, **k: torch.empty(0, dtype=torch.uint8)),
+        (BackwardCFunction, "apply", _backward_apply_on_cpu),
+    ]
+
+
+_saved_attrs: list[tuple[object, str, object]] = []
+
+
 def activate() -> None:
     """Redirect CUDA calls to the CPU for the rest of the process (idempotent)."""
     global _mode
     with _lock:
         if _mode is not None:
             return
-        for name, stub in _CUDA_STUBS.items():
-            _saved_cuda_attrs[name] = getattr(torch.cuda, name)
-            setattr(torch.cuda, name, stub)
-        for name, stub in _CUDA_RANDOM_STUBS.items():
-            _saved_cuda_random_attrs[name] = getattr(torch.cuda.random, name)
-            setattr(torch.cuda.random, name, stub)
-        BackwardCFunction.apply = _backward_apply_on_cpu
+        for owner, name, replacement in _patches():
+            _saved_attrs.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, replacement)
         _mode = _CudaToCpuMode()
         _mode.__enter__()
 
@@ -166,14 +171,6 @@ def deactivate() -> None:
             return
         _mode.__exit__(None, None, None)
         _mode = None
-        BackwardCFunction.apply = _original_backward_apply
-        for name, original in _saved_cuda_attrs.items():
-            setattr(torch.cuda, name, original)
-        _saved_cuda_attrs.clear()
-        for name, original in _saved_cuda_random_attrs.items():
-            setattr(torch.cuda.random, name, original)
-        _saved_cuda_random_attrs.clear()
-
-
-def is_active() -> bool:
-    return _mode is not None
+        for owner, name, original in reversed(_saved_attrs):
+            setattr(owner, name, original)
+        _saved_attrs.clear()
