@@ -22,6 +22,13 @@ def _check_ratio(key: str, value: float | None) -> None:
         raise bad_value(key, value, "is not a ratio", "use a number between 0 and 1")
 
 
+def _check_min_max(section: str, config, minimum: str, maximum: str) -> None:
+    low, high = getattr(config, minimum), getattr(config, maximum)
+    if low > high:
+        raise bad_value(f"{section}.{minimum}", low, f"is above {maximum}={high}",
+                        "make the minimum smaller than the maximum")
+
+
 @dataclass(kw_only=True)
 class SourceConfig:
     name: str
@@ -177,13 +184,8 @@ class JapaneseFilterConfig:
         for name in ("min_hiragana_ratio", "max_katakana_ratio", "min_japanese_ratio",
                      "max_ellipsis_sentence_ratio"):
             _check_ratio(f"filters.ja.{name}", getattr(self, name))
-        if self.min_mean_sentence_chars > self.max_mean_sentence_chars:
-            raise bad_value("filters.ja.min_mean_sentence_chars", self.min_mean_sentence_chars,
-                            f"is above max_mean_sentence_chars={self.max_mean_sentence_chars}",
-                            "make the minimum smaller than the maximum")
-        if self.min_chars > self.max_chars:
-            raise bad_value("filters.ja.min_chars", self.min_chars, f"is above max_chars={self.max_chars}",
-                            "make the minimum smaller than the maximum")
+        _check_min_max("filters.ja", self, "min_mean_sentence_chars", "max_mean_sentence_chars")
+        _check_min_max("filters.ja", self, "min_chars", "max_chars")
         self.repetition.check("filters.ja.repetition")
 
 
@@ -215,9 +217,7 @@ class EnglishFilterConfig:
     def validate(self) -> None:
         for name in ("max_bullet_line_ratio", "max_ellipsis_line_ratio", "min_alpha_word_ratio"):
             _check_ratio(f"filters.en.{name}", getattr(self, name))
-        if self.min_words > self.max_words:
-            raise bad_value("filters.en.min_words", self.min_words, f"is above max_words={self.max_words}",
-                            "make the minimum smaller than the maximum")
+        _check_min_max("filters.en", self, "min_words", "max_words")
         self.repetition.check("filters.en.repetition")
 
 
