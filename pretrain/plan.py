@@ -86,6 +86,11 @@ def stage_params(config: TrainConfig, layout: ParallelLayout, padded_vocab: int,
     return count
 
 
+def param_dtype_bytes(config: TrainConfig) -> int:
+    """Bytes per element of weights and activations in the run's parameter dtype."""
+    return 2 if config.precision.params_dtype == "bf16" else 4
+
+
 def uses_transformer_engine(config: TrainConfig) -> bool:
     """Which layers the plan counts: `auto` means Transformer Engine on GPU nodes (the te extra)."""
     impl = config.model.transformer_impl
@@ -97,7 +102,7 @@ def activation_bytes_per_layer(config: TrainConfig, layout: ParallelLayout, reco
     m = config.model
     s, b, h, f = m.seq_length // layout.cp, config.schedule.micro_batch_size, m.hidden_size, m.ffn_hidden_size
     q, kv, t = m.num_attention_heads * m.head_dim, m.query_groups * m.head_dim, layout.tp
-    e = 2 if config.precision.params_dtype == "bf16" else 4
+    e = param_dtype_bytes(config)
     sp = t if config.parallelism.sequence_parallel else 1
     tokens = s * b
     if recompute == "full":
@@ -116,7 +121,7 @@ def microbatch_activation_bytes(config: TrainConfig, layout: ParallelLayout, pad
     m = config.model
     tokens = m.seq_length // layout.cp * config.schedule.micro_batch_size
     sp = layout.tp if config.parallelism.sequence_parallel else 1
-    e = 2 if config.precision.params_dtype == "bf16" else 4
+    e = param_dtype_bytes(config)
     total = activation_bytes_per_layer(config, layout, m.recompute) * (m.num_layers // layout.pp)
     if stage == 0:
         total += 8 * tokens  # the embedding's int64 token ids
@@ -133,7 +138,7 @@ def make_plan(config: TrainConfig, world_size: int, vocab_size: int, reserve_gb:
     params = max(per_stage)
     bf16 = config.precision.params_dtype == "bf16"
     dp_split = layout.dp if config.parallelism.use_distributed_optimizer else 1
-    weight_bytes = 2 if bf16 else 4
+    weight_bytes = param_dtype_bytes(config)
     grad_bytes = 4 if (config.precision.grad_reduce_in_fp32 or not bf16) else 2
     optimizer_bytes = (12 if bf16 else 8) / dp_split
     m = config.model
