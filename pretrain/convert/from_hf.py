@@ -270,12 +270,14 @@ class HFTensors:
         for name, shape in expected.items():
             stored = self.stored.get(self.aliases.get(name, name))
             if stored is None:
-                raise UserError(f"{self.hf.folder} lacks tensor {name}; it is not a complete Llama model")
+                raise UserError(f"{self.hf.folder} lacks tensor {name}; it is not a complete Llama model: "
+                                "download all its weight files again")
             if stored.shape != tuple(shape):
-                raise UserError(f"{name} has shape {list(stored.shape)} but config.json implies {list(shape)}")
+                raise UserError(f"{name} has shape {list(stored.shape)} but config.json implies {list(shape)}; "
+                                "use the config.json that came with these weights")
             if stored.dtype is None:
                 raise UserError(f"{name} is stored as {stored.dtype_name}; only {', '.join(SAFETENSORS_DTYPES)} "
-                                "weights can be converted")
+                                "weights can be converted; save the model in one of those dtypes first")
             if stored.num_bytes != torch.Size(shape).numel() * stored.dtype.itemsize:
                 raise UserError(f"{stored.path} is damaged: {name} spans {stored.num_bytes} bytes, not what its "
                                 "shape and dtype need; download it again")
