@@ -51,15 +51,19 @@ def tensor_layout(num_layers: int) -> dict[str, tuple[tuple[int, ...], int | Non
         "mlp.linear_fc1.weight": ((2 * FFN, HIDDEN), 1, 2 * TP),  # gate and up, each split over TP
         "mlp.linear_fc2.weight": ((HIDDEN, FFN), 2, TP),
     }
-    layout = {f"decoder.layers.{name}": ((num_layers, *shape), axis, parts) for name, (shape, axis, parts)
-              in layers.items()}
+    layout = {
+        f"decoder.layers.{name}": ((num_layers, *shape), axis, parts)
+        for name, (shape, axis, parts) in layers.items()
+    }
     layout["embedding.word_embeddings.weight"] = ((PADDED_VOCAB, HIDDEN), 0, TP)
     layout["decoder.final_layernorm.weight"] = ((HIDDEN,), None, 1)
     layout["output_layer.weight"] = ((PADDED_VOCAB, HIDDEN), 0, TP)
     return layout
 
 
-def chunks_of(shape: tuple[int, ...], axis: int | None, parts: int, stacked: bool) -> list[ChunkStorageMetadata]:
+def chunks_of(
+    shape: tuple[int, ...], axis: int | None, parts: int, stacked: bool
+) -> list[ChunkStorageMetadata]:
     """One chunk per layer (stacked tensors) and per TP fragment, as Megatron's torch_dist writes them."""
     layers = range(shape[0]) if stacked else [None]
     chunks = []
@@ -86,39 +90,68 @@ class SyntheticSavePlanner(DefaultSavePlanner):
         items = []
         for key, (shape, axis, parts) in self.layout.items():
             for chunk in chunks_of(shape, axis, parts, key.startswith("decoder.layers.")):
-                items.append(WriteItem(index=MetadataIndex(key, chunk.offsets), type=WriteItemType.SHARD,
-                                       tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties(
-                                           dtype=self.dtype), size=torch.Size(shape))))
+                items.append(
+                    WriteItem(
+                        index=MetadataIndex(key, chunk.offsets),
+                        type=WriteItemType.SHARD,
+                        tensor_data=TensorWriteData(
+                            chunk=chunk, properties=TensorProperties(dtype=self.dtype), size=torch.Size(shape)
+                        ),
+                    )
+                )
         self.plan = SavePlan(items, planner_data={})  # no flattened-key mappings: keys are already flat
         return self.plan
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
         offsets = write_item.tensor_data.chunk.offsets
         # Content does not matter for throughput; a chunk-dependent constant keeps it cheap to make.
-        return torch.full(tuple(write_item.tensor_data.chunk.sizes), 0.01 * (1 + sum(offsets) % 97), dtype=self.dtype)
+        return torch.full(
+            tuple(write_item.tensor_data.chunk.sizes), 0.01 * (1 + sum(offsets) % 97), dtype=self.dtype
+        )
 
 
 def synthesise(root: Path, num_layers: int) -> Path:
     """A checkpoint root as `kumihimo train` leaves it, with synthetic weights."""
-    from kumihimo import configtree
-    from pretrain.config import TrainConfig
+    from kumihimo.core import configtree
+    from kumihimo.pretrain.config import TrainConfig
 
     folder = root / "iter_0000001"
     folder.mkdir(parents=True)
-    dcp.save({}, storage_writer=FileSystemWriter(str(folder)),
-             planner=SyntheticSavePlanner(tensor_layout(num_layers), torch.bfloat16), no_dist=True)
-    (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist",
-                                                      "sharded_backend_version": 1}))
-    config = configtree.from_dict(TrainConfig, {
-        "name": "bench-172b-shapes",
-        "model": {"num_layers": num_layers, "hidden_size": HIDDEN, "ffn_hidden_size": FFN,
-                  "num_attention_heads": HEADS, "num_query_groups": GROUPS, "seq_length": 4096},
-        "parallelism": {"tensor_model_parallel_size": TP},
-        "precision": {"params_dtype": "bf16"},
-        "data": {"mock": True, "mock_vocab_size": VOCAB}})
+    dcp.save(
+        {},
+        storage_writer=FileSystemWriter(str(folder)),
+        planner=SyntheticSavePlanner(tensor_layout(num_layers), torch.bfloat16),
+        no_dist=True,
+    )
+    (folder / "metadata.json").write_text(
+        json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1})
+    )
+    config = configtree.from_dict(
+        TrainConfig,
+        {
+            "name": "bench-172b-shapes",
+            "model": {
+                "num_layers": num_layers,
+                "hidden_size": HIDDEN,
+                "ffn_hidden_size": FFN,
+                "num_attention_heads": HEADS,
+                "num_query_groups": GROUPS,
+                "seq_length": 4096,
+            },
+            "parallelism": {"tensor_model_parallel_size": TP},
+            "precision": {"params_dtype": "bf16"},
+            "data": {"mock": True, "mock_vocab_size": VOCAB},
+        },
+    )
     configtree.save(config, folder / "run_config.yaml")
-    meta = {"format": "kumihimo-torch_dist-v1", "vocab_size": VOCAB, "padded_vocab_size": PADDED_VOCAB,
-            "tokenizer": None, "train_state": {"iteration": 1}, "layout": {"tp": TP, "pp": 1}}
+    meta = {
+        "format": "kumihimo-torch_dist-v1",
+        "vocab_size": VOCAB,
+        "padded_vocab_size": PADDED_VOCAB,
+        "tokenizer": None,
+        "train_state": {"iteration": 1},
+        "layout": {"tp": TP, "pp": 1},
+    }
     (folder / "kumihimo.json").write_text(json.dumps(meta))
     (root / "latest_checkpointed_iteration.txt").write_text("1\n")
     return root
@@ -126,7 +159,7 @@ def synthesise(root: Path, num_layers: int) -> Path:
 
 CHILD = """
 import json, resource, sys, time
-from pretrain.convert.to_hf import convert_to_hf
+from kumihimo.pretrain.convert.to_hf import convert_to_hf
 start = time.monotonic()
 out = convert_to_hf(sys.argv[1], sys.argv[2], dtype=sys.argv[3])
 seconds = time.monotonic() - start
@@ -139,13 +172,24 @@ print(json.dumps({"seconds": seconds, "bytes": index["metadata"]["total_size"],
 
 def synthesise_hf(folder: Path, num_layers: int) -> tuple[Path, int]:
     """A Hugging Face Llama folder of the 172B shapes with random bf16 weights; returns (folder, bytes)."""
-    from pretrain.convert.from_hf import expected_hf_tensors
-    from pretrain.convert.mapping import LlamaDims
-    from pretrain.convert.to_hf import DEFAULT_MAX_SHARD_BYTES, PlannedTensor, StreamingSafetensorsWriter
+    from kumihimo.pretrain.convert.from_hf import expected_hf_tensors
+    from kumihimo.pretrain.convert.mapping import LlamaDims
+    from kumihimo.pretrain.convert.to_hf import (
+        DEFAULT_MAX_SHARD_BYTES,
+        PlannedTensor,
+        StreamingSafetensorsWriter,
+    )
 
-    dims = LlamaDims(num_layers=num_layers, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=HEADS,
-                     num_query_groups=GROUPS, head_dim=HEAD_DIM, megatron_vocab_size=PADDED_VOCAB,
-                     hf_vocab_size=VOCAB)
+    dims = LlamaDims(
+        num_layers=num_layers,
+        hidden_size=HIDDEN,
+        ffn_hidden_size=FFN,
+        num_attention_heads=HEADS,
+        num_query_groups=GROUPS,
+        head_dim=HEAD_DIM,
+        megatron_vocab_size=PADDED_VOCAB,
+        hf_vocab_size=VOCAB,
+    )
     shapes = expected_hf_tensors(dims)
     folder.mkdir(parents=True)
     planned = [PlannedTensor(name, shape, torch.bfloat16) for name, shape in shapes.items()]
@@ -157,11 +201,23 @@ def synthesise_hf(folder: Path, num_layers: int) -> tuple[Path, int]:
         writer.write(tensor.name, data)
         del data
     writer.finish()
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-              "intermediate_size": FFN, "num_hidden_layers": num_layers, "num_attention_heads": HEADS,
-              "num_key_value_heads": GROUPS, "head_dim": HEAD_DIM, "hidden_act": "silu",
-              "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-              "vocab_size": VOCAB, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": FFN,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": GROUPS,
+        "head_dim": HEAD_DIM,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "vocab_size": VOCAB,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder, writer.bytes_written
 
@@ -169,7 +225,7 @@ def synthesise_hf(folder: Path, num_layers: int) -> tuple[Path, int]:
 CHILD_FROM_HF = """
 import json, resource, sys, time
 import megatron.core, pretrain.config, pretrain.parallel, tokenizer.spm  # imported before the baseline
-from pretrain.convert.from_hf import convert_from_hf
+from kumihimo.pretrain.convert.from_hf import convert_from_hf
 baseline = int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS:')).split()[1]) * 1024
 start = time.monotonic()
 out = convert_from_hf(sys.argv[1], sys.argv[2], tp=int(sys.argv[3]))
@@ -185,41 +241,55 @@ def bench_to_hf(workdir: Path, num_layers: int, dtype: str) -> None:
     start = time.monotonic()
     root = synthesise(workdir / "megatron", num_layers)
     ckpt_bytes = sum(p.stat().st_size for p in root.rglob("*.distcp"))
-    print(f"synthesised {ckpt_bytes / 1e9:.2f} GB torch_dist checkpoint ({num_layers} layers of 172B shapes, "
-          f"TP={TP} chunks) in {time.monotonic() - start:.1f} s")
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(root), str(workdir / "hf"), dtype],
-                          capture_output=True, text=True)
+    print(
+        f"synthesised {ckpt_bytes / 1e9:.2f} GB torch_dist checkpoint ({num_layers} layers of 172B shapes, "
+        f"TP={TP} chunks) in {time.monotonic() - start:.1f} s"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(root), str(workdir / "hf"), dtype], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     largest = PADDED_VOCAB * HIDDEN * 2  # the bf16 embedding, as stored
-    print(f"to-hf --dtype {dtype}: wrote {result['bytes'] / 1e9:.2f} GB in {result['seconds']:.1f} s = "
-          f"{result['bytes'] / 1e9 / result['seconds']:.2f} GB/s; peak RSS {result['peak_rss_bytes'] / 2**30:.2f} "
-          f"GiB (largest stored tensor {largest / 2**30:.2f} GiB); {result['cpu_seconds']:.1f} CPU-s (the rest "
-          "is waiting for the disk)")
+    print(
+        f"to-hf --dtype {dtype}: wrote {result['bytes'] / 1e9:.2f} GB in {result['seconds']:.1f} s = "
+        f"{result['bytes'] / 1e9 / result['seconds']:.2f} GB/s; peak RSS {result['peak_rss_bytes'] / 2**30:.2f} "
+        f"GiB (largest stored tensor {largest / 2**30:.2f} GiB); {result['cpu_seconds']:.1f} CPU-s (the rest "
+        "is waiting for the disk)"
+    )
 
 
 def bench_from_hf(workdir: Path, num_layers: int) -> None:
     start = time.monotonic()
     folder, hf_bytes = synthesise_hf(workdir / "hf-source", num_layers)
-    print(f"synthesised {hf_bytes / 1e9:.2f} GB Hugging Face folder ({num_layers} layers of 172B shapes, bf16) "
-          f"in {time.monotonic() - start:.1f} s")
-    proc = subprocess.run([sys.executable, "-c", CHILD_FROM_HF, str(folder), str(workdir / "megatron-out"),
-                           str(TP)], capture_output=True, text=True)
+    print(
+        f"synthesised {hf_bytes / 1e9:.2f} GB Hugging Face folder ({num_layers} layers of 172B shapes, bf16) "
+        f"in {time.monotonic() - start:.1f} s"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD_FROM_HF, str(folder), str(workdir / "megatron-out"), str(TP)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     largest = PADDED_VOCAB * HIDDEN * 2  # the padded bf16 embedding (and output layer), one chunk each
     growth = result["peak_rss_bytes"] - result["baseline_rss_bytes"]
-    print(f"from-hf --tp {TP}: wrote {result['bytes'] / 1e9:.2f} GB in {result['seconds']:.1f} s = "
-          f"{result['bytes'] / 1e9 / result['seconds']:.2f} GB/s; peak RSS {result['peak_rss_bytes'] / 2**30:.2f} "
-          f"GiB = baseline {result['baseline_rss_bytes'] / 2**30:.2f} GiB + {growth / 2**30:.2f} GiB "
-          f"(largest tensor {largest / 2**30:.2f} GiB, model {hf_bytes / 2**30:.2f} GiB); "
-          f"{result['cpu_seconds']:.1f} CPU-s")
+    print(
+        f"from-hf --tp {TP}: wrote {result['bytes'] / 1e9:.2f} GB in {result['seconds']:.1f} s = "
+        f"{result['bytes'] / 1e9 / result['seconds']:.2f} GB/s; peak RSS {result['peak_rss_bytes'] / 2**30:.2f} "
+        f"GiB = baseline {result['baseline_rss_bytes'] / 2**30:.2f} GiB + {growth / 2**30:.2f} GiB "
+        f"(largest tensor {largest / 2**30:.2f} GiB, model {hf_bytes / 2**30:.2f} GiB); "
+        f"{result['cpu_seconds']:.1f} CPU-s"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-convert"))
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="to-hf output dtype")
@@ -227,7 +297,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the synthetic inputs and the outputs")
     args = parser.parse_args()
     if args.workdir.exists():
-        sys.exit(f"{args.workdir} exists; pass a new --workdir (it gets ~{6 * args.layers + 5} GB per direction)")
+        sys.exit(
+            f"{args.workdir} exists; pass a new --workdir (it gets ~{6 * args.layers + 5} GB per direction)"
+        )
     try:
         if args.direction in ("both", "to-hf"):
             bench_to_hf(args.workdir / "to-hf", args.layers, args.dtype)

@@ -26,15 +26,20 @@ REPO = Path(__file__).resolve().parent.parent
 def curate_shards(corpus: str, src: str | None, fuzzy: bool) -> dict:
     if src:
         sys.path.insert(0, src)
-    from data_prep import shard_stage
-    from data_prep.config import load_config
-    from data_prep.decontam import build_eval_index, save_eval_index
-    from data_prep.jsonl_io import plan_shards
+    from kumihimo.data_prep import shard_stage
+    from kumihimo.data_prep.config import load_config
+    from kumihimo.data_prep.decontam import build_eval_index, save_eval_index
+    from kumihimo.data_prep.jsonl_io import plan_shards
 
     sources = f"[{{name: ja, paths: [{corpus}/ja.jsonl]}}, {{name: en, paths: [{corpus}/en.jsonl]}}]"
-    config = load_config(REPO / "configs/data_prep/quickstart.yaml",
-                         [f"input.sources={sources}", f"dedup.fuzzy={str(fuzzy).lower()}",
-                          "decontam.eval_paths=[" + str(REPO / "kumihimo/sample/eval.jsonl") + "]"])
+    config = load_config(
+        REPO / "configs/data_prep/quickstart.yaml",
+        [
+            f"input.sources={sources}",
+            f"dedup.fuzzy={str(fuzzy).lower()}",
+            "decontam.eval_paths=[" + str(REPO / "kumihimo/sample/eval.jsonl") + "]",
+        ],
+    )
     with tempfile.TemporaryDirectory(prefix="bench_curate_") as tmp:
         out = Path(tmp)
         start = cpu_seconds()
@@ -49,7 +54,9 @@ def curate_shards(corpus: str, src: str | None, fuzzy: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mb", type=float, default=60.0, help="corpus size (MB of JSONL)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline-src", help="a directory holding another data_prep package to compare")
@@ -62,8 +69,10 @@ def main() -> None:
         for label, src in variants:
             for fuzzy, what in ((False, "curation (no MinHash)"), (True, "curation + MinHash 20x10")):
                 r = best_of(args.repeats, curate_shards, tmp, src, fuzzy)
-                print(f"| {label} | {what} | {r['mb'] / r['cpu_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_rss_mib']:.0f} |",
-                      flush=True)
+                print(
+                    f"| {label} | {what} | {r['mb'] / r['cpu_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_rss_mib']:.0f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,11 @@ def _compose(rng: random.Random, pool: list[dict], serial: int, lang: str) -> di
     donors = rng.sample(pool, rng.randint(2, 4))
     lines = [ln for doc in donors for ln in doc["text"].split("\n") if ln.strip()]
     chosen = rng.sample(lines, min(len(lines), rng.randint(5, 12)))
-    return {"id": f"{lang}-b{serial}", "text": "\n".join(chosen), "url": f"https://site{serial % 997}.example.jp/p/{serial}"}
+    return {
+        "id": f"{lang}-b{serial}",
+        "text": "\n".join(chosen),
+        "url": f"https://site{serial % 997}.example.jp/p/{serial}",
+    }
 
 
 def make_corpus(out_dir: Path, target_mb: float, seed: int = 0, ja_share: float = 0.66) -> dict[str, Path]:
@@ -67,7 +71,9 @@ def run_isolated(fn: Callable[..., dict], *args: Any) -> dict:
 
 def _with_peak_rss(fn: Callable[..., dict], *args: Any) -> dict:
     result = fn(*args)
-    peak_kib = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    peak_kib = max(
+        resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
     result["peak_rss_mib"] = peak_kib / 1024
     return result
 
@@ -76,7 +82,11 @@ def best_of(repeats: int, fn: Callable[..., dict], *args: Any) -> dict:
     """The fastest of `repeats` isolated runs (each result must hold 'cpu_s'); peak RSS is the largest."""
     runs = [run_isolated(fn, *args) for _ in range(repeats)]
     best = min(runs, key=lambda r: r["cpu_s"])
-    return {**best, "peak_rss_mib": max(r["peak_rss_mib"] for r in runs), "all_cpu_s": [r["cpu_s"] for r in runs]}
+    return {
+        **best,
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+        "all_cpu_s": [r["cpu_s"] for r in runs],
+    }
 
 
 def cpu_seconds() -> float:
@@ -86,8 +96,10 @@ def cpu_seconds() -> float:
 
 
 def machine() -> str:
-    return f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, " \
-           f"Python {platform.python_version()}"
+    return (
+        f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,29 +24,32 @@ from bench_data_prep_corpus import best_of, machine, make_corpus  # noqa: E402
 
 
 def _texts(corpus: str) -> list[str]:
-    return [json.loads(line)["text"] for lang in ("ja", "en") for line in open(Path(corpus, f"{lang}.jsonl"),
-                                                                             encoding="utf-8")]
+    return [
+        json.loads(line)["text"]
+        for lang in ("ja", "en")
+        for line in open(Path(corpus, f"{lang}.jsonl"), encoding="utf-8")
+    ]
 
 
 def ours(corpus: str, bands: int, rows: int, src: str | None = None) -> dict:
     if src:
         sys.path.insert(0, src)
-    from data_prep.config import DedupConfig
-    from data_prep.minhash import MinHasher
+    from kumihimo.data_prep.config import DedupConfig
+    from kumihimo.data_prep.minhash import MinHasher
 
     texts = _texts(corpus)
     hasher = MinHasher(DedupConfig(num_bands=bands, rows_per_band=rows))
     start = time.process_time()
     for i in range(0, len(texts), 256):
-        hasher.signatures(texts[i:i + 256])
+        hasher.signatures(texts[i : i + 256])
     return {"cpu_s": time.process_time() - start, "mb": sum(len(t.encode()) for t in texts) / 1e6}
 
 
 def datatrove_peer(corpus: str, bands: int, rows: int) -> dict:
     from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
 
-    from data_prep.config import DedupConfig
-    from data_prep.minhash import MinHasher
+    from kumihimo.data_prep.config import DedupConfig
+    from kumihimo.data_prep.minhash import MinHasher
 
     texts = _texts(corpus)
     shingler = MinHasher(DedupConfig(num_bands=1, rows_per_band=1))
@@ -66,15 +69,21 @@ def datatrove_peer(corpus: str, bands: int, rows: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mb", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--baseline-src", help="another data_prep package to compare (see bench_data_prep.py)")
+    parser.add_argument(
+        "--baseline-src", help="another data_prep package to compare (see bench_data_prep.py)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_minhash_") as tmp:
         make_corpus(Path(tmp), args.mb)
         print(f"# {machine()}; corpus {args.mb:.0f} MB, best of {args.repeats} isolated runs")
-        print("| implementation | permutations | MB/s per core | CPU s | peak RSS MiB |\n|---|---|---:|---:|---:|")
+        print(
+            "| implementation | permutations | MB/s per core | CPU s | peak RSS MiB |\n|---|---|---:|---:|---:|"
+        )
         runs = [("kumihimo", ours)]
         if args.baseline_src:
             runs.append(("kumihimo baseline", functools.partial(ours, src=args.baseline_src)))
@@ -87,8 +96,11 @@ def main() -> None:
         for bands, rows in ((20, 10), (40, 20)):
             for label, fn in runs:
                 r = best_of(args.repeats, fn, tmp, bands, rows)
-                print(f"| {label} | {bands}x{rows} | {r['mb'] / r['cpu_s']:.2f} | {r['cpu_s']:.2f} "
-                      f"| {r['peak_rss_mib']:.0f} |", flush=True)
+                print(
+                    f"| {label} | {bands}x{rows} | {r['mb'] / r['cpu_s']:.2f} | {r['cpu_s']:.2f} "
+                    f"| {r['peak_rss_mib']:.0f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

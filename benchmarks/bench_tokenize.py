@@ -37,16 +37,25 @@ def _jsonl(tmp: str) -> Path:
 
 
 def kumihimo(tmp: str, model: str, out: str) -> dict:
-    from data_prep.config import load_config
-    from data_prep.tokenize_stage import build_datasets
+    from kumihimo.data_prep.config import load_config
+    from kumihimo.data_prep.tokenize_stage import build_datasets
 
     Path(out, "curated").mkdir(parents=True, exist_ok=True)
-    os.link(_jsonl(tmp), Path(out, "curated", "all.jsonl")) if not Path(out, "curated", "all.jsonl").exists() else None
+    os.link(_jsonl(tmp), Path(out, "curated", "all.jsonl")) if not Path(
+        out, "curated", "all.jsonl"
+    ).exists() else None
     for stale in Path(out).glob("work/tokenize/*.json"):
         stale.unlink()
-    config = load_config(REPO / "configs/data_prep/quickstart.yaml",
-                         [f"output_dir={out}", f"input.sources=[{{name: all, paths: [{_jsonl(tmp)}]}}]",
-                          "tokenize.add_bos=false", "tokenize.append_eod=true", "num_workers=1"])
+    config = load_config(
+        REPO / "configs/data_prep/quickstart.yaml",
+        [
+            f"output_dir={out}",
+            f"input.sources=[{{name: all, paths: [{_jsonl(tmp)}]}}]",
+            "tokenize.add_bos=false",
+            "tokenize.append_eod=true",
+            "num_workers=1",
+        ],
+    )
     start = cpu_seconds()
     build_datasets(config, model)
     return {"cpu_s": cpu_seconds() - start, "mb": _jsonl(tmp).stat().st_size / 1e6}
@@ -60,25 +69,43 @@ def sentencepiece_alone(tmp: str, model: str, _out: str, out_type: str = "int") 
         texts = [json.loads(line)["text"] for line in handle]
     start = time.process_time()
     for i in range(0, len(texts), 512):
-        processor.Encode(texts[i:i + 512], out_type=int if out_type == "int" else out_type, num_threads=1)
+        processor.Encode(texts[i : i + 512], out_type=int if out_type == "int" else out_type, num_threads=1)
     return {"cpu_s": time.process_time() - start, "mb": _jsonl(tmp).stat().st_size / 1e6}
 
 
 def megatron(tmp: str, model: str, out: str, checkout: str) -> dict:
-    command = [sys.executable, f"{checkout}/tools/preprocess_data.py", "--input", str(_jsonl(tmp)),
-               "--output-prefix", f"{out}/megatron", "--tokenizer-type", "SentencePieceTokenizer",
-               "--tokenizer-model", model, "--append-eod", "--workers", "1"]
+    command = [
+        sys.executable,
+        f"{checkout}/tools/preprocess_data.py",
+        "--input",
+        str(_jsonl(tmp)),
+        "--output-prefix",
+        f"{out}/megatron",
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        model,
+        "--append-eod",
+        "--workers",
+        "1",
+    ]
     start = cpu_seconds()
-    done = subprocess.run(command, check=True, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": checkout})
+    done = subprocess.run(
+        command, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": checkout}
+    )
     # its own progress lines give the encoding rate without the ~8 s of importing torch and megatron
     rates = [line for line in (done.stdout + done.stderr).splitlines() if "MB/s" in line]
-    return {"cpu_s": cpu_seconds() - start, "mb": _jsonl(tmp).stat().st_size / 1e6,
-            "note": rates[-1].strip() if rates else ""}
+    return {
+        "cpu_s": cpu_seconds() - start,
+        "mb": _jsonl(tmp).stat().st_size / 1e6,
+        "note": rates[-1].strip() if rates else "",
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokenizer", required=True, help="SentencePiece .model")
     parser.add_argument("--mb", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=3)
@@ -91,19 +118,30 @@ def main() -> None:
                 out.write(path.read_text(encoding="utf-8"))
         print(f"# {machine()}; {_jsonl(tmp).stat().st_size / 1e6:.0f} MB JSONL, best of {args.repeats} runs")
         print("| tool | MB/s per core | CPU s | peak RSS MiB |\n|---|---:|---:|---:|")
-        runs = [("SentencePiece Encode alone (out_type=int)", sentencepiece_alone, ("int",)),
-                ("SentencePiece Encode alone (out_type=numpy)", sentencepiece_alone, ("numpy",)),
-                ("kumihimo data tokenize", kumihimo, ())]
+        runs = [
+            ("SentencePiece Encode alone (out_type=int)", sentencepiece_alone, ("int",)),
+            ("SentencePiece Encode alone (out_type=numpy)", sentencepiece_alone, ("numpy",)),
+            ("kumihimo data tokenize", kumihimo, ()),
+        ]
         if args.megatron:
             runs.append(("Megatron-LM preprocess_data.py", megatron, (args.megatron,)))
         for label, fn, extra in runs:
             r = best_of(args.repeats, fn, tmp, str(Path(args.tokenizer).resolve()), tmp, *extra)
-            print(f"| {label} | {r['mb'] / r['cpu_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_rss_mib']:.0f} |", flush=True)
+            print(
+                f"| {label} | {r['mb'] / r['cpu_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_rss_mib']:.0f} |",
+                flush=True,
+            )
             if r.get("note"):
                 print(f"  ({label}, its last progress line: {r['note']})")
         if args.megatron:
-            same = all(filecmp.cmp(f"{tmp}/datasets/all_text_document.{ext}", f"{tmp}/megatron_text_document.{ext}",
-                                   shallow=False) for ext in ("bin", "idx"))
+            same = all(
+                filecmp.cmp(
+                    f"{tmp}/datasets/all_text_document.{ext}",
+                    f"{tmp}/megatron_text_document.{ext}",
+                    shallow=False,
+                )
+                for ext in ("bin", "idx")
+            )
             print(f"kumihimo and Megatron-LM .bin/.idx byte-identical: {same}")
 
 

@@ -70,13 +70,17 @@ def write_corpus(folder: Path, size_mb: int, seed: int = 0) -> dict[str, Path]:
                 if lang == "ja":
                     text = "\n".join("".join(pick_ja(rng.randint(8, 30))) + "。" for _ in range(8))
                 elif lang == "en":
-                    text = "\n".join(" ".join(pick_en(rng.randint(6, 20))).capitalize() + "." for _ in range(8))
+                    text = "\n".join(
+                        " ".join(pick_en(rng.randint(6, 20))).capitalize() + "." for _ in range(8)
+                    )
                 else:
                     names = pick_en(6)
-                    text = (f"def {names[0]}_{names[1]}({names[2]}, {names[3]}=None):\n"
-                            f"    for {names[4]} in range({rng.randint(1, 999)}):\n"
-                            f"        {names[5]} = {names[2]}[{names[4]}] * {rng.randint(2, 64)}\n"
-                            f"    return {names[5]}\n")
+                    text = (
+                        f"def {names[0]}_{names[1]}({names[2]}, {names[3]}=None):\n"
+                        f"    for {names[4]} in range({rng.randint(1, 999)}):\n"
+                        f"        {names[5]} = {names[2]}[{names[4]}] * {rng.randint(2, 64)}\n"
+                        f"    return {names[5]}\n"
+                    )
                 line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
                 out.write(line)
                 written += len(line.encode())
@@ -84,9 +88,19 @@ def write_corpus(folder: Path, size_mb: int, seed: int = 0) -> dict[str, Path]:
 
 
 def train(corpus: dict[str, Path], output: Path, vocab_size: int, sentences: int) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "kumihimo.cli", "tokenizer", "train", "configs/tokenizer/llmjp3-100k.yaml",
-           f"output_dir={output}", f"vocab_size={vocab_size}", f"input_sentence_size={sentences}",
-           "num_threads=2", "overwrite=true"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kumihimo.cli",
+        "tokenizer",
+        "train",
+        "configs/tokenizer/llmjp3-100k.yaml",
+        f"output_dir={output}",
+        f"vocab_size={vocab_size}",
+        f"input_sentence_size={sentences}",
+        "num_threads=2",
+        "overwrite=true",
+    ]
     cmd += [f"sources.{lang}.paths=[{json.dumps(str(path))}]" for lang, path in corpus.items()]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -101,8 +115,8 @@ def encode_throughput(model_dir: Path, corpus: dict[str, Path], num_texts: int =
     import torch
     from transformers import AutoTokenizer
 
-    from tokenizer.export_hf import export_hf
-    from tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.export_hf import export_hf
+    from kumihimo.tokenizer.spm import Tokenizer
 
     torch.set_num_threads(1)
     texts = []
@@ -133,14 +147,22 @@ def _timed(fn) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--vocab-size", type=int, default=99574)
-    parser.add_argument("--input-sentence-size", type=int, default=2_000_000,
-                        help="lines SentencePiece samples (bounds memory on large corpora)")
+    parser.add_argument(
+        "--input-sentence-size",
+        type=int,
+        default=2_000_000,
+        help="lines SentencePiece samples (bounds memory on large corpora)",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-tokenizer"))
     args = parser.parse_args()
-    print(f"{os.cpu_count()} CPU cores; vocab {args.vocab_size:,}; input_sentence_size {args.input_sentence_size:,}")
+    print(
+        f"{os.cpu_count()} CPU cores; vocab {args.vocab_size:,}; input_sentence_size {args.input_sentence_size:,}"
+    )
     last_model = None
     for size in sorted(args.sizes_mb):  # ascending: RUSAGE_CHILDREN keeps the largest child so far
         corpus = write_corpus(args.workdir / f"corpus-{size}mb", size)

@@ -24,7 +24,10 @@ LAYOUTS = {
     "2 processes, DP=2": (2, []),
     "2 processes, TP=2": (2, ["parallelism.tensor_model_parallel_size=2"]),
     "2 processes, PP=2": (2, ["parallelism.pipeline_model_parallel_size=2"]),
-    "2 processes, TP=2+SP": (2, ["parallelism.tensor_model_parallel_size=2", "parallelism.sequence_parallel=true"]),
+    "2 processes, TP=2+SP": (
+        2,
+        ["parallelism.tensor_model_parallel_size=2", "parallelism.sequence_parallel=true"],
+    ),
     "2 processes, CP=2": (2, ["parallelism.context_parallel_size=2"]),
 }
 WARMUP_STEPS = 5
@@ -33,9 +36,21 @@ WARMUP_STEPS = 5
 def run(layout: str, steps: int) -> dict[str, float]:
     nproc, overrides = LAYOUTS[layout]
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "kumihimo.cli", "train", "configs/pretrain/tiny-cpu.yaml",
-               f"schedule.train_iters={steps}", "schedule.lr_warmup_iters=1", "schedule.eval_interval=0",
-               f"runtime.run_dir={tmp}", "checkpoint.save=null", *overrides, "--nproc-per-node", str(nproc)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kumihimo.cli",
+            "train",
+            "configs/pretrain/tiny-cpu.yaml",
+            f"schedule.train_iters={steps}",
+            "schedule.lr_warmup_iters=1",
+            "schedule.eval_interval=0",
+            f"runtime.run_dir={tmp}",
+            "checkpoint.save=null",
+            *overrides,
+            "--nproc-per-node",
+            str(nproc),
+        ]
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)))
         subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
         metrics = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
@@ -46,7 +61,9 @@ def run(layout: str, steps: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     print(f"tiny-cpu recipe (4 layers, hidden 64, seq 128, global batch 8), {os.cpu_count()} CPU cores")

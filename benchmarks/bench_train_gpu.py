@@ -51,7 +51,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.qkv(self.norm1(x)).split(
-            [self.heads * self.head_dim, self.groups * self.head_dim, self.groups * self.head_dim], dim=-1)
+            [self.heads * self.head_dim, self.groups * self.head_dim, self.groups * self.head_dim], dim=-1
+        )
         q = rope(q.view(b, s, self.heads, self.head_dim).transpose(1, 2), cos, sin)
         k = rope(k.view(b, s, self.groups, self.head_dim).transpose(1, 2), cos, sin)
         v = v.view(b, s, self.groups, self.head_dim).transpose(1, 2)
@@ -109,25 +110,52 @@ def plain_step_times(shape: dict, layers: int, steps: int, device: str) -> list[
 
 
 def kumihimo_step_times(shape: dict, layers: int, steps: int, device: str) -> list[float]:
-    overrides = [f"model.num_layers={layers}", f"model.hidden_size={shape['hidden']}",
-                 f"model.ffn_hidden_size={shape['ffn']}", f"model.num_attention_heads={shape['heads']}",
-                 f"model.num_query_groups={shape['groups']}", f"model.seq_length={shape['seq']}",
-                 f"data.mock_vocab_size={shape['vocab']}", "model.make_vocab_size_divisible_by=128",
-                 f"runtime.device={device}", f"precision.params_dtype={'bf16' if device == 'cuda' else 'fp32'}",
-                 f"schedule.train_iters={steps}", "schedule.micro_batch_size=1", "schedule.global_batch_size=1",
-                 "schedule.lr_warmup_iters=1", "schedule.eval_interval=0", "checkpoint.save=null",
-                 "model.transformer_impl=auto", "logging.log_interval=1000"]
+    overrides = [
+        f"model.num_layers={layers}",
+        f"model.hidden_size={shape['hidden']}",
+        f"model.ffn_hidden_size={shape['ffn']}",
+        f"model.num_attention_heads={shape['heads']}",
+        f"model.num_query_groups={shape['groups']}",
+        f"model.seq_length={shape['seq']}",
+        f"data.mock_vocab_size={shape['vocab']}",
+        "model.make_vocab_size_divisible_by=128",
+        f"runtime.device={device}",
+        f"precision.params_dtype={'bf16' if device == 'cuda' else 'fp32'}",
+        f"schedule.train_iters={steps}",
+        "schedule.micro_batch_size=1",
+        "schedule.global_batch_size=1",
+        "schedule.lr_warmup_iters=1",
+        "schedule.eval_interval=0",
+        "checkpoint.save=null",
+        "model.transformer_impl=auto",
+        "logging.log_interval=1000",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "kumihimo.cli", "train", "configs/pretrain/tiny-cpu.yaml", *overrides,
-               f"runtime.run_dir={tmp}"]
-        subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       env=dict(os.environ, WANDB_MODE="disabled"))
+        cmd = [
+            sys.executable,
+            "-m",
+            "kumihimo.cli",
+            "train",
+            "configs/pretrain/tiny-cpu.yaml",
+            *overrides,
+            f"runtime.run_dir={tmp}",
+        ]
+        subprocess.run(
+            cmd,
+            cwd=REPO,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=dict(os.environ, WANDB_MODE="disabled"),
+        )
         metrics = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     return [m["step_time_s"] for m in metrics]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -138,22 +166,37 @@ def main() -> None:
         parser.error(f"--steps must exceed the {WARMUP} warm-up steps")
     shape = SHAPES["tiny" if args.tiny else "172b-layer"]
 
-    from kumihimo import configtree
-    from pretrain.config import TrainConfig
-    from pretrain.metrics import training_flops_per_token
+    from kumihimo.core import configtree
+    from kumihimo.pretrain.config import TrainConfig
+    from kumihimo.pretrain.metrics import training_flops_per_token
 
-    config = configtree.load(TrainConfig, REPO / "configs/pretrain/tiny-cpu.yaml", [
-        f"model.num_layers={args.layers}", f"model.hidden_size={shape['hidden']}",
-        f"model.ffn_hidden_size={shape['ffn']}", f"model.num_attention_heads={shape['heads']}",
-        f"model.num_query_groups={shape['groups']}", f"model.seq_length={shape['seq']}"])
+    config = configtree.load(
+        TrainConfig,
+        REPO / "configs/pretrain/tiny-cpu.yaml",
+        [
+            f"model.num_layers={args.layers}",
+            f"model.hidden_size={shape['hidden']}",
+            f"model.ffn_hidden_size={shape['ffn']}",
+            f"model.num_attention_heads={shape['heads']}",
+            f"model.num_query_groups={shape['groups']}",
+            f"model.seq_length={shape['seq']}",
+        ],
+    )
     flops_per_step = training_flops_per_token(config, shape["vocab"]) * shape["seq"]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"{device_name}; {args.layers} layers of shape {shape}; micro-batch 1; median of steps after {WARMUP}")
-    for name, runner in (("kumihimo (Megatron-Core)", kumihimo_step_times), ("plain PyTorch", plain_step_times)):
+    print(
+        f"{device_name}; {args.layers} layers of shape {shape}; micro-batch 1; median of steps after {WARMUP}"
+    )
+    for name, runner in (
+        ("kumihimo (Megatron-Core)", kumihimo_step_times),
+        ("plain PyTorch", plain_step_times),
+    ):
         times = runner(shape, args.layers, args.steps, args.device)[WARMUP:]
         tflops = flops_per_step / statistics.median(times) / 1e12
-        print(f"{name:<26} {statistics.median(times) * 1e3:9.1f} ms/step  {tflops:8.1f} TFLOP/s  "
-              f"MFU {tflops / args.peak_tflops:6.1%}")
+        print(
+            f"{name:<26} {statistics.median(times) * 1e3:9.1f} ms/step  {tflops:8.1f} TFLOP/s  "
+            f"MFU {tflops / args.peak_tflops:6.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Check that this tree's data_prep curates byte-identically to a baseline copy of the package.
+"""Check that this tree's data_prep curates byte-identically to a baseline checkout of kumihimo.
 
-    mkdir -p /tmp/base && git archive HEAD data_prep | tar -x -C /tmp/base
+    mkdir -p /tmp/base && git archive HEAD | tar -x -C /tmp/base
     python benchmarks/check_data_prep_identity.py --baseline-src /tmp/base [--mb 20] [--keep DIR]
 
 Builds the web-like corpus of bench_data_prep_corpus.py plus planted bad lines (broken JSON, a missing
@@ -43,32 +43,43 @@ BAD_LINES = [
 
 def build_corpus(corpus: Path, mb: float, seed: int) -> None:
     for lang, path in make_corpus(corpus, mb, seed=seed).items():
-        mixed = ("Das Wetter ist heute sehr schön und wir gehen spazieren. " * 5
-                 + "The weather is nice today and we go for a walk in the park. " * 5)
+        mixed = (
+            "Das Wetter ist heute sehr schön und wir gehen spazieren. " * 5
+            + "The weather is nice today and we go for a walk in the park. " * 5
+        )
         with open(path, "a", encoding="utf-8") as handle:
             handle.writelines(BAD_LINES)
             handle.write(json.dumps({"id": f"{lang}-mix", "text": mixed}) + "\n")
 
 
 def run_curate(src: str, corpus: str, out: str) -> None:
-    """Subprocess side: curate every recipe with the data_prep package under `src`."""
+    """Subprocess side: curate every recipe with the kumihimo checkout under `src` (first on sys.path; its
+    kumihimo/data_prep link leads to its own data_prep/ folder)."""
     sys.path.insert(0, src)
-    import data_prep
-    from data_prep.config import load_config
-    from data_prep.pipeline import curate
+    import kumihimo.data_prep
+    from kumihimo.data_prep.config import load_config
+    from kumihimo.data_prep.pipeline import curate
 
-    package = Path(data_prep.__file__).resolve().parent
+    package = Path(kumihimo.data_prep.__file__).resolve().parent
     if package != Path(src).resolve() / "data_prep":
-        raise SystemExit(f"imported data_prep from {package}, not from {src}")
+        raise SystemExit(f"imported data_prep from {package}, not from {src}; pass the root of a checkout")
     sources = f"[{{name: ja, paths: [{corpus}/ja.jsonl]}}, {{name: en, paths: [{corpus}/en.jsonl]}}]"
     for recipe in RECIPES:
-        overrides = [f"input.sources={sources}", f"output_dir={Path(out) / recipe}", "num_workers=1",
-                     "input.shard_bytes=8000000", f"decontam.eval_paths=[{REPO / 'kumihimo/sample/eval.jsonl'}]"]
+        overrides = [
+            f"input.sources={sources}",
+            f"output_dir={Path(out) / recipe}",
+            "num_workers=1",
+            "input.shard_bytes=8000000",
+            f"decontam.eval_paths=[{REPO / 'kumihimo/sample/eval.jsonl'}]",
+        ]
         if recipe == "llmjp-web":  # the sample eval set's fields, not the recipe's
             overrides.append("decontam.eval_fields=[question, passage, answer]")
         result = curate(load_config(REPO / f"configs/data_prep/{recipe}.yaml", overrides))
-        print(f"  {recipe}: kept {result.num_kept}, dropped {result.num_dropped}, "
-              f"quarantined {result.num_quarantined}", flush=True)
+        print(
+            f"  {recipe}: kept {result.num_kept}, dropped {result.num_dropped}, "
+            f"quarantined {result.num_quarantined}",
+            flush=True,
+        )
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -85,38 +96,56 @@ def compare(work: Path) -> int:
         num_differing += len(differing)
         print(f"{recipe}: {len(current.keys() | baseline.keys())} files compared, {len(differing)} differ")
         for name in differing:
-            where = "" if name in current and name in baseline else \
-                " (only in current)" if name in current else " (only in baseline)"
+            where = (
+                ""
+                if name in current and name in baseline
+                else " (only in current)"
+                if name in current
+                else " (only in baseline)"
+            )
             print(f"  DIFFERS {recipe}/{name}{where}")
     return num_differing
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline-src", type=Path,
-                        help="directory holding the baseline data_prep/ package (e.g. from git archive)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="directory holding the baseline data_prep/ package (e.g. from git archive)",
+    )
     parser.add_argument("--mb", type=float, default=20.0, help="corpus size in MB of JSONL (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
-    parser.add_argument("--keep", type=Path, help="write corpus and outputs here (new or empty) and keep them")
+    parser.add_argument(
+        "--keep", type=Path, help="write corpus and outputs here (new or empty) and keep them"
+    )
     parser.add_argument("--run-curate", nargs=3, metavar=("SRC", "CORPUS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_curate:
         run_curate(*args.run_curate)
         return
     if args.baseline_src is None:
-        parser.error("--baseline-src DIR is required (a directory holding the baseline data_prep/)")
-    if not (args.baseline_src / "data_prep" / "__init__.py").is_file():
-        parser.error(f"--baseline-src={args.baseline_src} holds no data_prep/__init__.py")
+        parser.error("--baseline-src DIR is required (the root of a baseline checkout of kumihimo)")
+    if not (args.baseline_src / "kumihimo" / "data_prep" / "__init__.py").is_file():
+        parser.error(
+            f"--baseline-src={args.baseline_src} holds no kumihimo/data_prep/__init__.py (not a checkout root)"
+        )
     if args.keep and args.keep.exists() and any(args.keep.iterdir()):
         parser.error(f"--keep={args.keep} is not empty; curate would resume the runs found there")
     with tempfile.TemporaryDirectory(prefix="data_prep_identity_") as tmp:
         work = (args.keep or Path(tmp)).resolve()
-        print(f"corpus: {args.mb:g} MB, seed {args.seed}, {len(BAD_LINES) + 1} planted lines per language, in {work}")
+        print(
+            f"corpus: {args.mb:g} MB, seed {args.seed}, {len(BAD_LINES) + 1} planted lines per language, in {work}"
+        )
         build_corpus(work / "corpus", args.mb, args.seed)
         for label, src in (("current", REPO), ("baseline", args.baseline_src.resolve())):
             print(f"{label}: {src / 'data_prep'}", flush=True)
-            subprocess.run([sys.executable, __file__, "--run-curate", str(src), str(work / "corpus"),
-                            str(work / label)], check=True)
+            subprocess.run(
+                [sys.executable, __file__, "--run-curate", str(src), str(work / "corpus"), str(work / label)],
+                check=True,
+            )
         num_differing = compare(work)
     print("IDENTICAL" if num_differing == 0 else f"DIFFERENT: {num_differing} files differ")
     sys.exit(1 if num_differing else 0)

@@ -12,13 +12,15 @@ from typing import Any
 
 import yaml
 
-from kumihimo.configtree import write_text_atomic
-from kumihimo.errors import UserError
+from kumihimo.core.configtree import write_text_atomic
+from kumihimo.core.errors import UserError
 
 BLEND_FORMAT_VERSION = 1
-_HEADER = ("# kumihimo data blend, written by `kumihimo data tokenize`.\n"
-           "# `prefix` paths are relative to the directory of this file (Megatron prefixes: <prefix>.bin/.idx).\n"
-           "# weight = token share x the source's weight_multiplier, normalised to sum to 1.\n")
+_HEADER = (
+    "# kumihimo data blend, written by `kumihimo data tokenize`.\n"
+    "# `prefix` paths are relative to the directory of this file (Megatron prefixes: <prefix>.bin/.idx).\n"
+    "# weight = token share x the source's weight_multiplier, normalised to sum to 1.\n"
+)
 
 
 @dataclass
@@ -40,11 +42,23 @@ def blend_weights(entries: list[BlendEntry]) -> list[float]:
 def write_blend(path: Path, entries: list[BlendEntry], tokenizer_identity: dict[str, Any]) -> None:
     base = path.parent.resolve()
     weights = blend_weights(entries)
-    datasets = [{"prefix": Path(e.prefix).resolve().relative_to(base).as_posix(), "weight": round(w, 10),
-                 "num_tokens": e.num_tokens, "num_documents": e.num_documents, "source": e.source}
-                for e, w in zip(entries, weights) if w > 0]
-    body = {"format_version": BLEND_FORMAT_VERSION, "prefix_base": "blend_file_directory",
-            "tokenizer": tokenizer_identity, "datasets": datasets}
+    datasets = [
+        {
+            "prefix": Path(e.prefix).resolve().relative_to(base).as_posix(),
+            "weight": round(w, 10),
+            "num_tokens": e.num_tokens,
+            "num_documents": e.num_documents,
+            "source": e.source,
+        }
+        for e, w in zip(entries, weights)
+        if w > 0
+    ]
+    body = {
+        "format_version": BLEND_FORMAT_VERSION,
+        "prefix_base": "blend_file_directory",
+        "tokenizer": tokenizer_identity,
+        "datasets": datasets,
+    }
     write_text_atomic(path, _HEADER + yaml.safe_dump(body, sort_keys=False, allow_unicode=True))
 
 
@@ -55,8 +69,10 @@ def read_blend(path: str | Path) -> tuple[list[tuple[str, float]], dict[str, Any
         raise UserError(f"blend file {str(path)!r} does not exist; run `kumihimo data tokenize` first")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if data.get("format_version") != BLEND_FORMAT_VERSION or not isinstance(data.get("datasets"), list):
-        raise UserError(f"{path} is not a kumihimo blend file (format_version {BLEND_FORMAT_VERSION}); "
-                        "regenerate it with `kumihimo data tokenize`")
+        raise UserError(
+            f"{path} is not a kumihimo blend file (format_version {BLEND_FORMAT_VERSION}); "
+            "regenerate it with `kumihimo data tokenize`"
+        )
     base = path.parent.resolve()
     pairs = [(str(base / entry["prefix"]), float(entry["weight"])) for entry in data["datasets"]]
     return pairs, data.get("tokenizer", {})

@@ -47,10 +47,10 @@ def table() -> np.ndarray:
     every_char = every_character()
     for flag, runs in ((LETTER, _LETTER_RUNS), (WORD, _WORD_RUNS)):
         for match in runs.finditer(every_char):
-            flags[match.start():match.end()] |= flag
+            flags[match.start() : match.end()] |= flag
     for flag, ranges in _RANGES.items():
         for first, last in ranges:
-            flags[first:last + 1] |= flag
+            flags[first : last + 1] |= flag
     return flags
 
 
@@ -59,8 +59,10 @@ def flag_counts(cps: np.ndarray) -> np.ndarray:
     return np.bincount(table()[cps], minlength=256)
 
 
-_BINS_WITH = {flag: np.flatnonzero(np.arange(256) & flag) for flag in (LETTER, KANA, HANGUL, HIRAGANA, KATAKANA,
-                                                                        KANJI, JA_PUNCT, WORD)}
+_BINS_WITH = {
+    flag: np.flatnonzero(np.arange(256) & flag)
+    for flag in (LETTER, KANA, HANGUL, HIRAGANA, KATAKANA, KANJI, JA_PUNCT, WORD)
+}
 
 
 def count(hist: np.ndarray, flag: int) -> int:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from data_prep.config import load_config
-from kumihimo.errors import UserError
-from kumihimo.progress import say
+from kumihimo.core.errors import UserError
+from kumihimo.core.progress import say
+from kumihimo.data_prep.config import load_config
 
 _EXAMPLES = {
     "curate": """examples:
@@ -44,62 +44,97 @@ class _OverridesParser(argparse.ArgumentParser):
 def _add_common(sub: argparse.ArgumentParser, needs_tokenizer: bool) -> None:
     sub.add_argument("config", help="data_prep YAML recipe (see configs/data_prep/)")
     if needs_tokenizer:
-        sub.add_argument("--tokenizer", required=True, metavar="MODEL",
-                         help="SentencePiece .model file (or a directory holding tokenizer.model)")
-    sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                     help="dotted config overrides, e.g. num_workers=8 filters.ja.min_chars=200")
+        sub.add_argument(
+            "--tokenizer",
+            required=True,
+            metavar="MODEL",
+            help="SentencePiece .model file (or a directory holding tokenizer.model)",
+        )
+    sub.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted config overrides, e.g. num_workers=8 filters.ja.min_chars=200",
+    )
 
 
 def _curate(args: argparse.Namespace) -> int:
-    from data_prep.pipeline import curate
+    from kumihimo.data_prep.pipeline import curate
 
     config = load_config(args.config, args.overrides)
     result = curate(config)
     if result is None:
-        say("[data_prep] Slurm jobs submitted; when they have finished, run this command again to print the "
-            "result, and `kumihimo data tokenize` to build the datasets")
+        say(
+            "[data_prep] Slurm jobs submitted; when they have finished, run this command again to print the "
+            "result, and `kumihimo data tokenize` to build the datasets"
+        )
         return 0
-    say(f"[data_prep] kept {result.num_kept} of {result.num_input_lines} input lines "
-        f"({result.num_dropped} dropped, {result.num_quarantined} quarantined); report: {result.report_path}")
+    say(
+        f"[data_prep] kept {result.num_kept} of {result.num_input_lines} input lines "
+        f"({result.num_dropped} dropped, {result.num_quarantined} quarantined); report: {result.report_path}"
+    )
     return 0
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    from data_prep.pipeline import build_datasets
+    from kumihimo.data_prep.pipeline import build_datasets
 
     config = load_config(args.config, args.overrides)
     result = build_datasets(config, args.tokenizer)
     for source, prefix in result.prefixes.items():
-        say(f"[tokenize] {source}: {result.num_documents[source]} documents, {result.num_tokens[source]} tokens "
-            f"-> {prefix}")
+        say(
+            f"[tokenize] {source}: {result.num_documents[source]} documents, {result.num_tokens[source]} tokens "
+            f"-> {prefix}"
+        )
     say(f"[tokenize] blend: {result.blend_path}")
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     if load_config(args.config, args.overrides).executor.kind == "datatrove-slurm":
-        raise UserError("`kumihimo data run` cannot wait for Slurm jobs; run `kumihimo data curate` "
-                        "(it submits them), then `kumihimo data tokenize` once they have finished")
+        raise UserError(
+            "`kumihimo data run` cannot wait for Slurm jobs; run `kumihimo data curate` "
+            "(it submits them), then `kumihimo data tokenize` once they have finished"
+        )
     _curate(args)
     return _tokenize(args)
 
 
 def register(parser: argparse.ArgumentParser) -> None:
     """Add curate / tokenize / run under the `data_prep` verb's parser."""
-    subs = parser.add_subparsers(dest="data_prep_command", required=True, metavar="{curate,tokenize,run}",
-                                 parser_class=_OverridesParser)
+    subs = parser.add_subparsers(
+        dest="data_prep_command",
+        required=True,
+        metavar="{curate,tokenize,run}",
+        parser_class=_OverridesParser,
+    )
     specs = [
-        ("curate", _curate, False, "raw JSONL or Parquet -> curated JSONL (repair, langid, filters, dedup, PII, decontam)",
-         "Read every source's JSONL or Parquet files, repair and filter it, deduplicate across sources, redact PII and drop "
-         "documents overlapping evaluation data. Writes <output_dir>/curated/<source>.jsonl, dropped/, "
-         "quarantine/, report.md and report.html."),
-        ("tokenize", _tokenize, True, "curated JSONL -> Megatron .bin/.idx per source + blend.yaml",
-         "Encode the curated documents with a SentencePiece model as [<s>] + ids + [</s>] into one Megatron "
-         "indexed dataset per source and write blend.yaml with token-share weights."),
+        (
+            "curate",
+            _curate,
+            False,
+            "raw JSONL or Parquet -> curated JSONL (repair, langid, filters, dedup, PII, decontam)",
+            "Read every source's JSONL or Parquet files, repair and filter it, deduplicate across sources, redact PII and drop "
+            "documents overlapping evaluation data. Writes <output_dir>/curated/<source>.jsonl, dropped/, "
+            "quarantine/, report.md and report.html.",
+        ),
+        (
+            "tokenize",
+            _tokenize,
+            True,
+            "curated JSONL -> Megatron .bin/.idx per source + blend.yaml",
+            "Encode the curated documents with a SentencePiece model as [<s>] + ids + [</s>] into one Megatron "
+            "indexed dataset per source and write blend.yaml with token-share weights.",
+        ),
         ("run", _run, True, "curate, then tokenize", "Run curate and tokenize back to back."),
     ]
     for name, handler, needs_tokenizer, summary, description in specs:
-        sub = subs.add_parser(name, help=summary, description=description, epilog=_EXAMPLES[name],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = subs.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=_EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _add_common(sub, needs_tokenizer)
         sub.set_defaults(handler=handler)

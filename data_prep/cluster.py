@@ -22,11 +22,11 @@ from pathlib import Path
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 
-from data_prep.config import DataPrepConfig, ExecutorConfig
-from data_prep.pipeline import CurationResult, curate_task, finish_curation, prepare_run
-from kumihimo import configtree
-from kumihimo.errors import UserError
-from kumihimo.progress import say
+from kumihimo.core import configtree
+from kumihimo.core.errors import UserError
+from kumihimo.core.progress import say
+from kumihimo.data_prep.config import DataPrepConfig, ExecutorConfig
+from kumihimo.data_prep.pipeline import CurationResult, curate_task, finish_curation, prepare_run
 
 
 class _ConfigStep(PipelineStep):
@@ -74,9 +74,11 @@ def _env_command(ex: ExecutorConfig) -> str:
     found = shutil.which("launch_pickled_pipeline")
     bin_dir = here if (here / "launch_pickled_pipeline").is_file() else Path(found).parent if found else None
     if bin_dir is None:
-        raise UserError(f"datatrove's launch_pickled_pipeline is neither beside {sys.executable} nor on PATH; "
-                        "set executor.slurm_env_command to the command that activates kumihimo's environment, "
-                        "e.g. 'executor.slurm_env_command=source /path/to/.venv/bin/activate'")
+        raise UserError(
+            f"datatrove's launch_pickled_pipeline is neither beside {sys.executable} nor on PATH; "
+            "set executor.slurm_env_command to the command that activates kumihimo's environment, "
+            "e.g. 'executor.slurm_env_command=source /path/to/.venv/bin/activate'"
+        )
     return f'export PATH={shlex.quote(str(bin_dir))}:"$PATH"'
 
 
@@ -84,16 +86,34 @@ def _slurm_executors(config: DataPrepConfig, logs: Path, num_tasks: int) -> Slur
     ex = config.executor
     sbatch_args = dict(arg.split("=", 1) for arg in ex.slurm_sbatch_args)
     # datatrove asks for qos=normal unless told otherwise, which clusters without that QOS reject
-    common = {"time": ex.slurm_time, "partition": ex.slurm_partition, "mem_per_cpu_gb": ex.slurm_mem_per_cpu_gb,
-              "env_command": _env_command(ex), "qos": sbatch_args.pop("qos", ""), "sbatch_args": sbatch_args}
+    common = {
+        "time": ex.slurm_time,
+        "partition": ex.slurm_partition,
+        "mem_per_cpu_gb": ex.slurm_mem_per_cpu_gb,
+        "env_command": _env_command(ex),
+        "qos": sbatch_args.pop("qos", ""),
+        "sbatch_args": sbatch_args,
+    }
     # an array task's pool is its own CPUs, not the node's (os.cpu_count() there counts every core)
     task_config = dataclasses.replace(config, num_workers=ex.slurm_cpus_per_task)
-    shards = SlurmPipelineExecutor([CurateShardsStep(task_config)], tasks=num_tasks, workers=ex.workers or -1,
-                                   cpus_per_task=ex.slurm_cpus_per_task, job_name="kumihimo-curate",
-                                   logging_dir=str(logs / "curate"), **common)
-    return SlurmPipelineExecutor([FinishStep(config)], tasks=1, cpus_per_task=ex.slurm_dedup_cpus,
-                                 job_name="kumihimo-dedup", logging_dir=str(logs / "finish"), depends=shards,
-                                 **common)
+    shards = SlurmPipelineExecutor(
+        [CurateShardsStep(task_config)],
+        tasks=num_tasks,
+        workers=ex.workers or -1,
+        cpus_per_task=ex.slurm_cpus_per_task,
+        job_name="kumihimo-curate",
+        logging_dir=str(logs / "curate"),
+        **common,
+    )
+    return SlurmPipelineExecutor(
+        [FinishStep(config)],
+        tasks=1,
+        cpus_per_task=ex.slurm_dedup_cpus,
+        job_name="kumihimo-dedup",
+        logging_dir=str(logs / "finish"),
+        depends=shards,
+        **common,
+    )
 
 
 def _jobs_in_queue(record: Path) -> list[str]:
@@ -104,28 +124,40 @@ def _jobs_in_queue(record: Path) -> list[str]:
     if not job_ids:
         return []
     try:
-        proc = subprocess.run(["squeue", "-h", "-o", "%i %j %T %r", "-j", ",".join(job_ids)],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            ["squeue", "-h", "-o", "%i %j %T %r", "-j", ",".join(job_ids)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise UserError(f"cannot ask Slurm whether jobs {job_ids} are still queued (squeue: {exc}); "
-                        f"run this on a node with the Slurm commands, or delete {record}") from exc
+        raise UserError(
+            f"cannot ask Slurm whether jobs {job_ids} are still queued (squeue: {exc}); "
+            f"run this on a node with the Slurm commands, or delete {record}"
+        ) from exc
     return proc.stdout.splitlines() if proc.returncode == 0 else []  # ids Slurm forgot: not queued
 
 
-def _submit_or_collect(config: DataPrepConfig, logs: Path, num_tasks: int, num_shards: int) -> CurationResult | None:
+def _submit_or_collect(
+    config: DataPrepConfig, logs: Path, num_tasks: int, num_shards: int
+) -> CurationResult | None:
     record = logs / "slurm_jobs.json"
     queued = _jobs_in_queue(record)
     if queued:
         # a second submission would curate the same shards twice at once
-        raise UserError(f"the jobs of the previous submission are still in the Slurm queue ({'; '.join(queued)}); "
-                        "wait for them to end, or scancel them (a dedup job left pending with "
-                        "DependencyNeverSatisfied after a failed task), then run this command again")
+        raise UserError(
+            f"the jobs of the previous submission are still in the Slurm queue ({'; '.join(queued)}); "
+            "wait for them to end, or scancel them (a dedup job left pending with "
+            "DependencyNeverSatisfied after a failed task), then run this command again"
+        )
     finish = _slurm_executors(config, logs, num_tasks)
     shards_stage = finish.depends
     if not finish.get_incomplete_ranks():
         say(f"[data_prep] the Slurm jobs have completed (markers under {logs}); reading their result")
         return finish_curation(config)
-    say(f"[data_prep] {num_shards} shards in {num_tasks} Slurm array tasks + 1 dedup job -> {config.output_dir}")
+    say(
+        f"[data_prep] {num_shards} shards in {num_tasks} Slurm array tasks + 1 dedup job -> {config.output_dir}"
+    )
     finish.run()
     job_ids = [str(j) for j in (shards_stage.job_id, finish.job_id) if j not in (None, -1)]
     configtree.write_text_atomic(record, json.dumps(job_ids))
@@ -142,13 +174,25 @@ def curate_with_datatrove(config: DataPrepConfig) -> CurationResult | None:
     num_tasks = max(1, min(config.executor.tasks, len(shards)))
     if config.executor.kind == "datatrove-slurm":
         return _submit_or_collect(config, logs, num_tasks, len(shards))
-    say(f"[data_prep] {len(shards)} shards in {num_tasks} datatrove tasks ({config.executor.kind}) -> {layout.out}")
+    say(
+        f"[data_prep] {len(shards)} shards in {num_tasks} datatrove tasks ({config.executor.kind}) -> {layout.out}"
+    )
     workers = config.executor.workers or config.resolved_num_workers
     # `workers` tasks run side by side, each curating its shards one at a time
     task_config = dataclasses.replace(config, num_workers=1)
-    shards_stage = LocalPipelineExecutor([CurateShardsStep(task_config)], tasks=num_tasks,
-                                         workers=min(workers, num_tasks), logging_dir=str(logs / "curate"),
-                                         start_method="spawn")
-    LocalPipelineExecutor([FinishStep(config)], tasks=1, workers=1, logging_dir=str(logs / "finish"),
-                          depends=shards_stage, start_method="spawn").run()
+    shards_stage = LocalPipelineExecutor(
+        [CurateShardsStep(task_config)],
+        tasks=num_tasks,
+        workers=min(workers, num_tasks),
+        logging_dir=str(logs / "curate"),
+        start_method="spawn",
+    )
+    LocalPipelineExecutor(
+        [FinishStep(config)],
+        tasks=1,
+        workers=1,
+        logging_dir=str(logs / "finish"),
+        depends=shards_stage,
+        start_method="spawn",
+    ).run()
     return finish_curation(config)  # already done by the last stage; this reads its outputs back

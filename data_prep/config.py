@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from kumihimo import configtree
-from kumihimo.configtree import ConfigError, bad_value
+from kumihimo.core import configtree
+from kumihimo.core.configtree import ConfigError, bad_value
 
 PiiType = Literal["email", "phone", "my_number", "credit_card", "postal_code", "ip_address"]
 ALL_PII_TYPES: list[PiiType] = ["email", "phone", "my_number", "credit_card", "postal_code", "ip_address"]
@@ -25,8 +25,12 @@ def _check_ratio(key: str, value: float | None) -> None:
 def _check_min_max(section: str, config, minimum: str, maximum: str) -> None:
     low, high = getattr(config, minimum), getattr(config, maximum)
     if low > high:
-        raise bad_value(f"{section}.{minimum}", low, f"is above {maximum}={high}",
-                        "make the minimum smaller than the maximum")
+        raise bad_value(
+            f"{section}.{minimum}",
+            low,
+            f"is above {maximum}={high}",
+            "make the minimum smaller than the maximum",
+        )
 
 
 @dataclass(kw_only=True)
@@ -41,14 +45,26 @@ class SourceConfig:
 
     def validate(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
-            raise bad_value("input.sources[].name", self.name, "is not a usable file name",
-                            "use letters, digits, '-', '_' or '.'")
+            raise bad_value(
+                "input.sources[].name",
+                self.name,
+                "is not a usable file name",
+                "use letters, digits, '-', '_' or '.'",
+            )
         if not self.paths:
-            raise bad_value(f"input.sources[{self.name}].paths", self.paths, "is empty",
-                            "list at least one glob of JSONL or Parquet files")
+            raise bad_value(
+                f"input.sources[{self.name}].paths",
+                self.paths,
+                "is empty",
+                "list at least one glob of JSONL or Parquet files",
+            )
         if self.weight_multiplier < 0:
-            raise bad_value(f"input.sources[{self.name}].weight_multiplier", self.weight_multiplier,
-                            "is negative", "use 0 (leave out of the blend) or a positive number")
+            raise bad_value(
+                f"input.sources[{self.name}].weight_multiplier",
+                self.weight_multiplier,
+                "is negative",
+                "use 0 (leave out of the blend) or a positive number",
+            )
 
 
 @dataclass(kw_only=True)
@@ -76,9 +92,13 @@ class InputConfig:
         names = [s.name for s in self.sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise bad_value("input.sources[].name", dupes[0], "is used twice", "give every source its own name")
+            raise bad_value(
+                "input.sources[].name", dupes[0], "is used twice", "give every source its own name"
+            )
         if self.shard_bytes < 1024:
-            raise bad_value("input.shard_bytes", self.shard_bytes, "is too small", "use at least 1048576 (1 MiB)")
+            raise bad_value(
+                "input.shard_bytes", self.shard_bytes, "is too small", "use at least 1048576 (1 MiB)"
+            )
         for source in self.sources:  # validate_tree does not descend into lists
             source.validate()
 
@@ -96,8 +116,9 @@ class RepairConfig:
 
     def validate(self) -> None:
         if self.max_replacement_chars < 0:
-            raise bad_value("repair.max_replacement_chars", self.max_replacement_chars, "is negative",
-                            "use 0 or more")
+            raise bad_value(
+                "repair.max_replacement_chars", self.max_replacement_chars, "is negative", "use 0 or more"
+            )
 
 
 @dataclass(kw_only=True)
@@ -136,19 +157,32 @@ class RepetitionConfig:
     """For n = 2, 3, 4: drop when the most frequent n-gram covers more than this share of the text
     (characters for Japanese, words weighted by length for English)."""
     max_duplicate_ngram_ratio: list[float] = field(
-        default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10])
+        default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10]
+    )
     """For n = 5..10: drop when n-grams that occur more than once cover more than this share of the text."""
 
     def check(self, prefix: str) -> None:
-        for name in ("max_duplicate_line_ratio", "max_duplicate_line_char_ratio",
-                     "max_duplicate_paragraph_ratio", "max_duplicate_paragraph_char_ratio"):
+        for name in (
+            "max_duplicate_line_ratio",
+            "max_duplicate_line_char_ratio",
+            "max_duplicate_paragraph_ratio",
+            "max_duplicate_paragraph_char_ratio",
+        ):
             _check_ratio(f"{prefix}.{name}", getattr(self, name))
         if len(self.max_top_ngram_ratio) != 3:
-            raise bad_value(f"{prefix}.max_top_ngram_ratio", self.max_top_ngram_ratio,
-                            "does not have 3 entries", "give one ratio each for n = 2, 3, 4")
+            raise bad_value(
+                f"{prefix}.max_top_ngram_ratio",
+                self.max_top_ngram_ratio,
+                "does not have 3 entries",
+                "give one ratio each for n = 2, 3, 4",
+            )
         if len(self.max_duplicate_ngram_ratio) != 6:
-            raise bad_value(f"{prefix}.max_duplicate_ngram_ratio", self.max_duplicate_ngram_ratio,
-                            "does not have 6 entries", "give one ratio each for n = 5, 6, 7, 8, 9, 10")
+            raise bad_value(
+                f"{prefix}.max_duplicate_ngram_ratio",
+                self.max_duplicate_ngram_ratio,
+                "does not have 6 entries",
+                "give one ratio each for n = 5, 6, 7, 8, 9, 10",
+            )
         for i, ratio in enumerate([*self.max_top_ngram_ratio, *self.max_duplicate_ngram_ratio]):
             _check_ratio(f"{prefix}.ngram_ratio[{i}]", ratio)
 
@@ -181,8 +215,12 @@ class JapaneseFilterConfig:
     """Repetition rules over sentences, paragraphs and character n-grams."""
 
     def validate(self) -> None:
-        for name in ("min_hiragana_ratio", "max_katakana_ratio", "min_japanese_ratio",
-                     "max_ellipsis_sentence_ratio"):
+        for name in (
+            "min_hiragana_ratio",
+            "max_katakana_ratio",
+            "min_japanese_ratio",
+            "max_ellipsis_sentence_ratio",
+        ):
             _check_ratio(f"filters.ja.{name}", getattr(self, name))
         _check_min_max("filters.ja", self, "min_mean_sentence_chars", "max_mean_sentence_chars")
         _check_min_max("filters.ja", self, "min_chars", "max_chars")
@@ -223,10 +261,24 @@ class EnglishFilterConfig:
 
 @dataclass(kw_only=True)
 class BoilerplateConfig:
-    line_patterns: list[str] = field(default_factory=lambda: [
-        "javascript", "cookie policy", "uses cookies", "use of cookies", "accept cookies",
-        "terms of use", "privacy policy", "cookieを使用", "クッキーを使用", "cookieの使用",
-        "javascriptを有効", "javascriptが無効", "プライバシーポリシー", "利用規約"])
+    line_patterns: list[str] = field(
+        default_factory=lambda: [
+            "javascript",
+            "cookie policy",
+            "uses cookies",
+            "use of cookies",
+            "accept cookies",
+            "terms of use",
+            "privacy policy",
+            "cookieを使用",
+            "クッキーを使用",
+            "cookieの使用",
+            "javascriptを有効",
+            "javascriptが無効",
+            "プライバシーポリシー",
+            "利用規約",
+        ]
+    )
     """Lines containing any of these (case-insensitive) are removed from the text (C4 style)."""
     max_removed_line_ratio: float = 0.50
     """Drop the document when more than this share of its lines were boilerplate."""
@@ -250,8 +302,12 @@ class NgWordConfig:
 
     def validate(self) -> None:
         if self.words_file is not None and not os.path.isfile(self.words_file):
-            raise bad_value("filters.ng_words.words_file", self.words_file, "does not exist",
-                            "give the path of a UTF-8 word list or null")
+            raise bad_value(
+                "filters.ng_words.words_file",
+                self.words_file,
+                "does not exist",
+                "give the path of a UTF-8 word list or null",
+            )
         if self.max_matches < 0:
             raise bad_value("filters.ng_words.max_matches", self.max_matches, "is negative", "use 0 or more")
         _check_ratio("filters.ng_words.max_char_ratio", self.max_char_ratio)
@@ -266,8 +322,12 @@ class UrlFilterConfig:
 
     def validate(self) -> None:
         if self.blocked_hosts_file is not None and not os.path.isfile(self.blocked_hosts_file):
-            raise bad_value("filters.urls.blocked_hosts_file", self.blocked_hosts_file, "does not exist",
-                            "give the path of a host list or null")
+            raise bad_value(
+                "filters.urls.blocked_hosts_file",
+                self.blocked_hosts_file,
+                "does not exist",
+                "give the path of a host list or null",
+            )
 
 
 @dataclass(kw_only=True)
@@ -313,8 +373,12 @@ class DedupConfig:
         if self.ngram_size < 1:
             raise bad_value("dedup.ngram_size", self.ngram_size, "is below 1", "use 5 (the reference)")
         if self.num_bands < 1 or self.rows_per_band < 1:
-            raise bad_value("dedup.num_bands", f"{self.num_bands}x{self.rows_per_band}", "has a zero",
-                            "use positive bands and rows, e.g. 20 x 10")
+            raise bad_value(
+                "dedup.num_bands",
+                f"{self.num_bands}x{self.rows_per_band}",
+                "has a zero",
+                "use positive bands and rows, e.g. 20 x 10",
+            )
         _check_ratio("dedup.min_jaccard", self.min_jaccard)
 
 
@@ -329,8 +393,12 @@ class PiiConfig:
 
     def validate(self) -> None:
         if "{type}" not in self.placeholder:
-            raise bad_value("pii.placeholder", self.placeholder, "does not contain {type}",
-                            "write e.g. '<{type}>' so the kind of redaction stays visible")
+            raise bad_value(
+                "pii.placeholder",
+                self.placeholder,
+                "does not contain {type}",
+                "write e.g. '<{type}>' so the kind of redaction stays visible",
+            )
 
 
 @dataclass(kw_only=True)
@@ -349,8 +417,12 @@ class DecontamConfig:
 
     def validate(self) -> None:
         if self.word_ngram_size < 3 or self.char_ngram_size < 5:
-            raise bad_value("decontam.word_ngram_size", f"{self.word_ngram_size}/{self.char_ngram_size}",
-                            "is too small (ordinary phrases would match)", "use >= 8 words and >= 15 chars")
+            raise bad_value(
+                "decontam.word_ngram_size",
+                f"{self.word_ngram_size}/{self.char_ngram_size}",
+                "is too small (ordinary phrases would match)",
+                "use >= 8 words and >= 15 chars",
+            )
         if self.min_matches < 1:
             raise bad_value("decontam.min_matches", self.min_matches, "is below 1", "use 1 or more")
 
@@ -413,22 +485,35 @@ class ExecutorConfig:
 
     def validate(self) -> None:
         if self.tasks < 1:
-            raise bad_value("executor.tasks", self.tasks, "is below 1", "use 1 or more (e.g. one per 1-10 shards)")
+            raise bad_value(
+                "executor.tasks", self.tasks, "is below 1", "use 1 or more (e.g. one per 1-10 shards)"
+            )
         if self.workers is not None and self.workers < 1:
             raise bad_value("executor.workers", self.workers, "is below 1", "use null or >= 1")
         for name in ("slurm_cpus_per_task", "slurm_dedup_cpus", "slurm_mem_per_cpu_gb"):
             if getattr(self, name) < 1:
                 raise bad_value(f"executor.{name}", getattr(self, name), "is below 1", "use 1 or more")
         if self.kind == "datatrove-slurm" and not self.slurm_partition:
-            raise bad_value("executor.slurm_partition", self.slurm_partition, "is not set for datatrove-slurm",
-                            "name the Slurm partition to run on, e.g. executor.slurm_partition=cpu")
+            raise bad_value(
+                "executor.slurm_partition",
+                self.slurm_partition,
+                "is not set for datatrove-slurm",
+                "name the Slurm partition to run on, e.g. executor.slurm_partition=cpu",
+            )
         for arg in self.slurm_sbatch_args:
             if "=" not in arg:
-                raise bad_value("executor.slurm_sbatch_args", arg, "is not key=value", "write e.g. account=myproj")
+                raise bad_value(
+                    "executor.slurm_sbatch_args", arg, "is not key=value", "write e.g. account=myproj"
+                )
 
 
 @dataclass(kw_only=True)
 class DataPrepConfig:
+    """A curation and dataset-building run: sources in, curated JSONL, .bin/.idx, blend and report out."""
+
+    RECIPE_FOLDER: ClassVar[str] = "data_prep"
+    """Shipped recipes for this tree live in configs/data_prep/ (a recipe argument may name one)."""
+
     output_dir: str = "data_prep_out"
     """Where curated/, dropped/, quarantine/, datasets/, blend.yaml and report.md are written."""
     num_workers: int | None = None

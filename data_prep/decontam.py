@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import charclass
-from data_prep.config import DecontamConfig
-from data_prep.ngrams import bounded_runs, codepoints, mix64, powers, window_hashes
-from kumihimo.errors import UserError
+from kumihimo.core.errors import UserError
+from kumihimo.data_prep import charclass
+from kumihimo.data_prep.config import DecontamConfig
+from kumihimo.data_prep.ngrams import bounded_runs, codepoints, mix64, powers, window_hashes
 
 _CJK = re.compile("[\u3041-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7a3]")
 _WORD_TAG = np.uint64(0x5BD1E995)  # keeps word- and char-n-gram hashes in different value sets
@@ -67,7 +67,7 @@ def _run_hashes(chars: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """word_hashes of the words given as their code points back to back and their lengths."""
     values = chars.astype(np.uint64) + np.uint64(1)
     forward, inverse = powers(len(values) + 1)
-    prefix = np.concatenate(([np.uint64(0)], np.cumsum(values * forward[:len(values)], dtype=np.uint64)))
+    prefix = np.concatenate(([np.uint64(0)], np.cumsum(values * forward[: len(values)], dtype=np.uint64)))
     ends = np.cumsum(lengths)
     starts = ends - lengths
     # sum of values[k] * P**(k - start) over the word: arithmetic modulo 2**64, P odd hence invertible
@@ -85,10 +85,15 @@ def _eval_texts(path: str, fields: list[str]) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"evaluation file {path} line {line_no} is not JSON ({exc}); "
-                                "fix it or list it as a plain-text file") from exc
-            values = record.values() if isinstance(record, dict) and not fields else (
-                [record.get(f) for f in fields] if isinstance(record, dict) else [record])
+                raise UserError(
+                    f"evaluation file {path} line {line_no} is not JSON ({exc}); "
+                    "fix it or list it as a plain-text file"
+                ) from exc
+            values = (
+                record.values()
+                if isinstance(record, dict) and not fields
+                else ([record.get(f) for f in fields] if isinstance(record, dict) else [record])
+            )
             yield from _strings(values)
 
 
@@ -134,7 +139,10 @@ class Decontaminator:
             return results
         by_chars = [uses_char_ngrams(text) for text in texts]
         config = self.config
-        for chars, unit, n in ((True, "char", config.char_ngram_size), (False, "word", config.word_ngram_size)):
+        for chars, unit, n in (
+            (True, "char", config.char_ngram_size),
+            (False, "word", config.word_ngram_size),
+        ):
             of_kind = [i for i, flag in enumerate(by_chars) if flag == chars]
             for start, end in bounded_runs([len(texts[i]) for i in of_kind], _BATCH_CHARS):
                 indices = of_kind[start:end]
@@ -168,19 +176,23 @@ def _joined_ngram_hashes(texts: list[str], n: int, chars: bool) -> tuple[np.ndar
     text_ends = np.cumsum(np.fromiter(map(len, normalized), dtype=np.int64, count=len(normalized)) + 1)
     if chars:
         items = cps[is_word]
-        counts = np.diff(np.concatenate(([0], np.cumsum(is_word)))[np.minimum(text_ends, len(cps))], prepend=0)
+        counts = np.diff(
+            np.concatenate(([0], np.cumsum(is_word)))[np.minimum(text_ends, len(cps))], prepend=0
+        )
         item_owner = np.repeat(np.arange(len(texts)), counts)
         hashes = window_hashes(items, n)
     else:
-        edges = np.diff(is_word, prepend=False, append=False).nonzero()[0]  # word starts and ends, alternating
+        edges = np.diff(is_word, prepend=False, append=False).nonzero()[
+            0
+        ]  # word starts and ends, alternating
         starts, lengths = edges[::2], edges[1::2] - edges[::2]
         items = _run_hashes(cps[is_word], lengths)
         item_owner = np.searchsorted(text_ends, starts, side="right")
         hashes = window_hashes(items, n) ^ _WORD_TAG if len(items) >= n else np.empty(0, dtype=np.uint64)
     if len(hashes) == 0:
         return hashes, np.empty(0, dtype=np.int64)
-    within = item_owner[:len(hashes)] == item_owner[n - 1:]
-    return hashes[within], item_owner[:len(hashes)][within]
+    within = item_owner[: len(hashes)] == item_owner[n - 1 :]
+    return hashes[within], item_owner[: len(hashes)][within]
 
 
 def save_eval_index(hashes: np.ndarray, path: Path) -> None:

@@ -14,10 +14,16 @@ from typing import Any
 
 
 @contextmanager
-def process_pool(num_workers: int, initializer: Callable[..., None], initargs: tuple) -> Iterator[ProcessPoolExecutor]:
+def process_pool(
+    num_workers: int, initializer: Callable[..., None], initargs: tuple
+) -> Iterator[ProcessPoolExecutor]:
     # spawn: workers must not inherit locks or threads of the parent (sentencepiece, numpy)
-    pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=initializer, initargs=initargs)
+    pool = ProcessPoolExecutor(
+        num_workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=initializer,
+        initargs=initargs,
+    )
     try:
         yield pool
     except BaseException:
@@ -33,8 +39,9 @@ def run_unordered(pool: ProcessPoolExecutor, fn: Callable[[Any], Any], tasks: It
         yield future.result()
 
 
-def run_ordered(pool: ProcessPoolExecutor, fn: Callable[[Any], Any], tasks: Iterable[Any],
-                window: int) -> Iterator[Any]:
+def run_ordered(
+    pool: ProcessPoolExecutor, fn: Callable[[Any], Any], tasks: Iterable[Any], window: int
+) -> Iterator[Any]:
     """Results in task order, with at most `window` tasks in flight (bounded memory)."""
     in_flight: list[Future] = []
     for task in tasks:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from data_prep.config import DataPrepConfig, InputConfig
-from kumihimo.errors import UserError
+from kumihimo.core.errors import UserError
+from kumihimo.data_prep.config import DataPrepConfig, InputConfig
 
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
 PARQUET_SUFFIX = ".parquet"
@@ -73,8 +73,10 @@ def _open_binary(path: str) -> IO[bytes]:
         try:
             import zstandard
         except ImportError as exc:
-            raise UserError(f"{path} is zstd-compressed but the zstandard module is not installed; "
-                            "run `pip install zstandard` or decompress the file") from exc
+            raise UserError(
+                f"{path} is zstd-compressed but the zstandard module is not installed; "
+                "run `pip install zstandard` or decompress the file"
+            ) from exc
         raw = open(path, "rb")  # noqa: SIM115 - closed through the wrapper
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
     return open(path, "rb")  # noqa: SIM115
@@ -109,10 +111,13 @@ def _line_starts(path: str, size: int, shard_bytes: int) -> list[tuple[int, int]
 def expand_source_paths(patterns: list[str], source: str) -> list[str]:
     paths: list[str] = []
     for pattern in patterns:
-        matched = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+        matched = sorted(
+            p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+        )
         if not matched:
-            raise UserError(f"input.sources[{source}].paths: {pattern!r} matches no file; "
-                            "fix the glob or remove it")
+            raise UserError(
+                f"input.sources[{source}].paths: {pattern!r} matches no file; fix the glob or remove it"
+            )
         paths.extend(p for p in matched if p not in paths)
     return paths
 
@@ -123,7 +128,7 @@ def plan_shards(config: DataPrepConfig) -> list[Shard]:
     for source in config.input.sources:
         for path in expand_source_paths(source.paths, source.name):
             if path.endswith(PARQUET_SUFFIX):
-                from data_prep.parquet_io import row_group_runs  # pyarrow is loaded only when needed
+                from kumihimo.data_prep.parquet_io import row_group_runs  # pyarrow is loaded only when needed
 
                 for first, end, first_row in row_group_runs(path, config.input, config.input.shard_bytes):
                     shards.append(Shard(len(shards), source.name, path, 0, None, first_row, (first, end)))
@@ -162,7 +167,7 @@ def _iter_raw_lines(shard: Shard) -> Iterator[tuple[int, bytes | None, str]]:
 def read_shard(shard: Shard, fields: InputConfig) -> Iterator[Document | BadLine]:
     """Parse a shard's lines; every line gives exactly one Document or BadLine (blank lines: none)."""
     if shard.row_groups is not None:
-        from data_prep.parquet_io import read_parquet_shard
+        from kumihimo.data_prep.parquet_io import read_parquet_shard
 
         yield from read_parquet_shard(shard, fields)
         return
@@ -175,8 +180,14 @@ def read_shard(shard: Shard, fields: InputConfig) -> Iterator[Document | BadLine
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            yield BadLine(shard.source, shard.path, line_no, "invalid_utf8", str(exc),
-                          raw[:300].decode("utf-8", "replace"))
+            yield BadLine(
+                shard.source,
+                shard.path,
+                line_no,
+                "invalid_utf8",
+                str(exc),
+                raw[:300].decode("utf-8", "replace"),
+            )
             continue
         yield _parse(line, line_no, shard, fields)
 
@@ -187,13 +198,20 @@ def _parse(line: str, line_no: int, shard: Shard, fields: InputConfig) -> Docume
     except json.JSONDecodeError as exc:
         return BadLine(shard.source, shard.path, line_no, "malformed_json", str(exc), line[:300])
     if not isinstance(record, dict):
-        return BadLine(shard.source, shard.path, line_no, "not_an_object",
-                       f"a JSON {type(record).__name__}, not an object", line[:300])
+        return BadLine(
+            shard.source,
+            shard.path,
+            line_no,
+            "not_an_object",
+            f"a JSON {type(record).__name__}, not an object",
+            line[:300],
+        )
     return document_from_record(record, line_no, shard, fields, line[:300])
 
 
-def document_from_record(record: dict[str, Any], line_no: int, shard: Shard, fields: InputConfig,
-                         raw: str) -> Document | BadLine:
+def document_from_record(
+    record: dict[str, Any], line_no: int, shard: Shard, fields: InputConfig, raw: str
+) -> Document | BadLine:
     """One input record (a JSON object, a Parquet row) -> a Document, or a BadLine saying what is wrong.
     A missing key and a missing Parquet column are the same case."""
 
@@ -219,7 +237,9 @@ def document_from_record(record: dict[str, Any], line_no: int, shard: Shard, fie
                 value.encode("utf-8")
             except UnicodeEncodeError as exc:
                 return bad("invalid_unicode", f"{name!r} holds an unpaired surrogate at {exc.start}")
-    return Document(shard.source, shard.path, line_no, doc_id, text, url if isinstance(url, str) else None, meta)
+    return Document(
+        shard.source, shard.path, line_no, doc_id, text, url if isinstance(url, str) else None, meta
+    )
 
 
 class AtomicJsonlWriter:

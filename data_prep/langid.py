@@ -12,13 +12,15 @@ from functools import lru_cache
 
 import numpy as np
 
-from data_prep import charclass
-from data_prep.config import LangIdConfig
-from data_prep.ngrams import bounded_runs, codepoints
+from kumihimo.data_prep import charclass
+from kumihimo.data_prep.config import LangIdConfig
+from kumihimo.data_prep.ngrams import bounded_runs, codepoints
 
 _BATCH_BYTES = 1 << 22  # bytes counted in one pass by FeatureCounter.counts_batch (~200 MB of int64 arrays)
-_SELF_TEST = ("Das Wetter ist heute schön. The weather is nice today. 今日はいい天気です。 Ça va très bien, merci! "
-              "Сегодня хорошая погода. 오늘은 날씨가 좋다.")
+_SELF_TEST = (
+    "Das Wetter ist heute schön. The weather is nice today. 今日はいい天気です。 Ça va très bien, merci! "
+    "Сегодня хорошая погода. 오늘은 날씨가 좋다."
+)
 
 
 class FeatureCounter:
@@ -33,8 +35,11 @@ class FeatureCounter:
     """
 
     def __init__(self, nextmove, rows, output):
-        self.nextmove = np.frombuffer(nextmove, dtype=np.uint32) if isinstance(nextmove, array) \
+        self.nextmove = (
+            np.frombuffer(nextmove, dtype=np.uint32)
+            if isinstance(nextmove, array)
             else np.asarray(nextmove, dtype=np.uint32)
+        )
         self.rowbase = np.asarray(rows, dtype=np.int64) << 8
         self.output = np.asarray(output, dtype=np.int64)
         self.num_features = int(self.output.max()) + 1
@@ -47,7 +52,7 @@ class FeatureCounter:
         expanded at most once (25 ms instead of 0.2 s for every state's 256 transitions)."""
         rows = self.rowbase >> 8
         num_rows = len(self.nextmove) // 256
-        transitions = self.nextmove[:num_rows * 256].reshape(num_rows, 256)
+        transitions = self.nextmove[: num_rows * 256].reshape(num_rows, 256)
         seen = np.zeros(len(rows), dtype=bool)
         seen[0] = True
         expanded = np.zeros(num_rows, dtype=bool)
@@ -77,8 +82,10 @@ class FeatureCounter:
         if num >= depth:
             current = np.zeros(num - depth + 1, dtype=np.int64)
             for k in range(depth):
-                current = self.nextmove[self.rowbase[current] + values[k:num - depth + 1 + k]].astype(np.int64)
-            states[depth - 1:] = current
+                current = self.nextmove[self.rowbase[current] + values[k : num - depth + 1 + k]].astype(
+                    np.int64
+                )
+            states[depth - 1 :] = current
         return states
 
     def counts(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +130,7 @@ class FeatureCounter:
         values = np.frombuffer(joined, dtype=np.uint8).astype(np.int64)
         current = np.zeros(num - depth + 1, dtype=np.int64)
         for k in range(depth):
-            current = self.nextmove[self.rowbase[current] + values[k:num - depth + 1 + k]].astype(np.int64)
+            current = self.nextmove[self.rowbase[current] + values[k : num - depth + 1 + k]].astype(np.int64)
         features = self.output[current]  # the state of position depth - 1 + i; pads have none
         positions = np.flatnonzero(features >= 0)
         lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)) + (depth - 1)
@@ -202,18 +209,22 @@ def _identifier():
         pieces = [sample[:40], b"", sample, sample[7:]]
         counter.batchable = counter.batchable and all(
             np.array_equal(f, g) and np.array_equal(c, d)
-            for (f, c), (g, d) in zip(counter.counts_batch(pieces), map(counter.counts, pieces)))
+            for (f, c), (g, d) in zip(counter.counts_batch(pieces), map(counter.counts, pieces))
+        )
     except (AttributeError, TypeError, ValueError):
         pass
     if identifier.counter is None:
-        warnings.warn("py3langid internals changed: language ID falls back to its slower byte loop", stacklevel=2)
+        warnings.warn(
+            "py3langid internals changed: language ID falls back to its slower byte loop", stacklevel=2
+        )
     return identifier
 
 
 def script_counts(text: str) -> tuple[int, int, int]:
     """(letters, kana, hangul) in `text`: one lookup of every code point in a class table."""
-    num_letters, num_kana, num_hangul = charclass.counts(charclass.flag_counts(codepoints(text)),
-                                                         (charclass.LETTER, charclass.KANA, charclass.HANGUL))
+    num_letters, num_kana, num_hangul = charclass.counts(
+        charclass.flag_counts(codepoints(text)), (charclass.LETTER, charclass.KANA, charclass.HANGUL)
+    )
     return num_letters, num_kana, num_hangul
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep.config import DedupConfig
-from data_prep.ngrams import codepoints, mix64, window_hashes
+from kumihimo.data_prep.config import DedupConfig
+from kumihimo.data_prep.ngrams import codepoints, mix64, window_hashes
 
 KEEP = -1
 # shingles hashed per permutation pass: 512 KiB of uint64 stays in the L2 cache through multiply, add
@@ -31,8 +31,9 @@ def normalize_for_dedup(text: str) -> str:
 
 
 def exact_key(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(normalize_for_dedup(text).encode("utf-8"), digest_size=8).digest(),
-                          "little")
+    return int.from_bytes(
+        hashlib.blake2b(normalize_for_dedup(text).encode("utf-8"), digest_size=8).digest(), "little"
+    )
 
 
 class MinHasher:
@@ -125,7 +126,9 @@ def _components(num: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
         labels = new
 
 
-def find_duplicates(exact_keys: np.ndarray, signatures: np.ndarray | None, config: DedupConfig) -> DedupDecision:
+def find_duplicates(
+    exact_keys: np.ndarray, signatures: np.ndarray | None, config: DedupConfig
+) -> DedupDecision:
     """Global decision over all candidates in global-index order (rows of both arrays)."""
     num_docs = len(exact_keys)
     duplicate_of = np.full(num_docs, KEEP, dtype=np.int64)
@@ -141,7 +144,7 @@ def find_duplicates(exact_keys: np.ndarray, signatures: np.ndarray | None, confi
         rows = config.rows_per_band
         lefts, rights = [], []
         for band in range(config.num_bands):
-            cols = np.asarray(signatures[alive, band * rows:(band + 1) * rows], dtype=np.uint64)
+            cols = np.asarray(signatures[alive, band * rows : (band + 1) * rows], dtype=np.uint64)
             key = np.zeros(len(alive), dtype=np.uint64)
             for j in range(rows):
                 key = mix64(key * _BAND_MULT + cols[:, j])
@@ -155,8 +158,10 @@ def find_duplicates(exact_keys: np.ndarray, signatures: np.ndarray | None, confi
             left, right = pairs[:, 0], pairs[:, 1]
         num_pairs = len(left)
         if config.min_jaccard is not None and num_pairs:
-            similar = estimated_jaccard(np.asarray(signatures[alive[left]]),
-                                        np.asarray(signatures[alive[right]])) >= config.min_jaccard
+            similar = (
+                estimated_jaccard(np.asarray(signatures[alive[left]]), np.asarray(signatures[alive[right]]))
+                >= config.min_jaccard
+            )
             left, right = left[similar], right[similar]
         labels = _components(len(alive), left, right)
         near = labels != np.arange(len(alive))

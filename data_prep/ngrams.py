@@ -56,7 +56,7 @@ def window_hashes(items: np.ndarray, n: int) -> np.ndarray:
     acc = values[:num_windows].copy()
     for k in range(1, n):
         acc *= _POLY
-        acc += values[k:k + num_windows]
+        acc += values[k : k + num_windows]
     return mix64(acc)
 
 
@@ -73,9 +73,9 @@ def _window_sums(values: np.ndarray, n: int) -> np.ndarray:
     forward, inverse = powers(len(values))
     prefix = np.empty(len(values) + 1, dtype=np.uint64)
     prefix[0] = 0
-    np.cumsum(values * inverse[:len(values)], dtype=np.uint64, out=prefix[1:])
+    np.cumsum(values * inverse[: len(values)], dtype=np.uint64, out=prefix[1:])
     sums = prefix[n:] - prefix[:-n]
-    sums *= forward[n - 1:len(values)]
+    sums *= forward[n - 1 : len(values)]
     return sums
 
 
@@ -97,7 +97,7 @@ def _extend(values: np.ndarray, acc: np.ndarray, n: int) -> np.ndarray:
     """Unmixed polynomial hashes of the n-grams from those of the (n-1)-grams (`acc`)."""
     num_windows = len(values) - n + 1
     out = acc[:num_windows] * _POLY
-    out += values[n - 1:n - 1 + num_windows]
+    out += values[n - 1 : n - 1 + num_windows]
     return out
 
 
@@ -109,8 +109,9 @@ def _raw_hashes(items: np.ndarray, n: int) -> np.ndarray:
     return acc
 
 
-def _top_coverage(raw: np.ndarray, weights: np.ndarray, n: int, total: float,
-                  uniform: bool = False) -> tuple[float, int]:
+def _top_coverage(
+    raw: np.ndarray, weights: np.ndarray, n: int, total: float, uniform: bool = False
+) -> tuple[float, int]:
     """(coverage of the most frequent n-gram, its count) from unmixed window hashes.
 
     Among n-grams tied for the top count, the one with the smallest mixed hash is taken (what a sort
@@ -143,7 +144,9 @@ def _duplicate_coverage(raw: np.ndarray, weights: np.ndarray, n: int, total: flo
     if len(starts) == 0:
         return 0.0
     length = len(weights)
-    depth = np.cumsum(np.bincount(starts, minlength=length + 1) - np.bincount(starts + n, minlength=length + 1))
+    depth = np.cumsum(
+        np.bincount(starts, minlength=length + 1) - np.bincount(starts + n, minlength=length + 1)
+    )
     covered = depth[:length] > 0
     return float(weights[covered].sum()) / total
 
@@ -178,8 +181,9 @@ def _max_item_weight(items: np.ndarray, weights: np.ndarray) -> float:
     return float(np.bincount(inverse, weights=weights).max())
 
 
-def first_ngram_violation(items: np.ndarray, weights: np.ndarray, top_limits: dict[int, float],
-                          duplicate_limits: dict[int, float]) -> tuple[str, int, float] | None:
+def first_ngram_violation(
+    items: np.ndarray, weights: np.ndarray, top_limits: dict[int, float], duplicate_limits: dict[int, float]
+) -> tuple[str, int, float] | None:
     """The first rule broken, in order (top n-gram rules by n, then duplicate n-gram rules by n), as
     ("top" | "duplicate", n, coverage); None when all hold. Weights are whole numbers (characters), so
     every weight sum below is exact.

@@ -17,8 +17,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep.config import InputConfig
-from data_prep.jsonl_io import BadLine, Document, Shard, document_from_record
+from kumihimo.data_prep.config import InputConfig
+from kumihimo.data_prep.jsonl_io import BadLine, Document, Shard, document_from_record
 
 BATCH_ROWS = 1024
 RAW_EXCERPT_CHARS = 300
@@ -48,8 +48,11 @@ def row_group_runs(path: str, fields: InputConfig, shard_bytes: int) -> list[tup
     first_group, first_row, row, run_bytes = 0, 1, 1, 0
     for index in range(metadata.num_row_groups):
         group = metadata.row_group(index)
-        run_bytes += sum(group.column(c).total_uncompressed_size for c in range(group.num_columns)
-                         if group.column(c).path_in_schema.split(".")[0] in wanted)
+        run_bytes += sum(
+            group.column(c).total_uncompressed_size
+            for c in range(group.num_columns)
+            if group.column(c).path_in_schema.split(".")[0] in wanted
+        )
         row += group.num_rows
         if run_bytes >= shard_bytes:
             runs.append((first_group, index + 1, first_row))
@@ -88,8 +91,9 @@ def _row_to_item(record: dict[str, Any], row: int, shard: Shard, fields: InputCo
 
 def _iter_row_group(parquet: pq.ParquetFile, group: int, columns: list[str]) -> Iterator[dict[str, Any]]:
     """The rows of one row group as {column: value}; nulls stay as None, absent columns are left out."""
-    for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=columns,
-                                      use_threads=False):
+    for batch in parquet.iter_batches(
+        batch_size=BATCH_ROWS, row_groups=[group], columns=columns, use_threads=False
+    ):
         values = [_column_values(batch.column(i)) for i in range(batch.num_columns)]
         names = batch.schema.names
         for row in range(batch.num_rows):
@@ -108,8 +112,14 @@ def read_parquet_shard(shard: Shard, fields: InputConfig) -> Iterator[Document |
     try:
         parquet = pq.ParquetFile(shard.path)
     except _READ_ERRORS as exc:
-        yield BadLine(shard.source, shard.path, shard.first_line, "corrupt_file",
-                      f"not a readable Parquet file: {type(exc).__name__}: {exc}", "")
+        yield BadLine(
+            shard.source,
+            shard.path,
+            shard.first_line,
+            "corrupt_file",
+            f"not a readable Parquet file: {type(exc).__name__}: {exc}",
+            "",
+        )
         return
     present = set(parquet.schema_arrow.names)
     columns = [name for name in wanted_columns(fields) if name in present]
@@ -122,7 +132,13 @@ def read_parquet_shard(shard: Shard, fields: InputConfig) -> Iterator[Document |
                 yield _row_to_item(record, row, shard, fields)
                 row += 1
         except _READ_ERRORS as exc:
-            yield BadLine(shard.source, shard.path, row, "corrupt_file",
-                          f"row group {group} (rows {group_first_row}-{group_first_row + num_rows - 1}) "
-                          f"is unreadable from row {row}: {type(exc).__name__}: {exc}", "")
+            yield BadLine(
+                shard.source,
+                shard.path,
+                row,
+                "corrupt_file",
+                f"row group {group} (rows {group_first_row}-{group_first_row + num_rows - 1}) "
+                f"is unreadable from row {row}: {type(exc).__name__}: {exc}",
+                "",
+            )
         row = group_first_row + num_rows

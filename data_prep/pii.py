@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 
-from data_prep.config import PiiConfig
+from kumihimo.data_prep.config import PiiConfig
 
 _D = "[0-9\uff10-\uff19]"  # ASCII and full-width digits
 _NOT_D_BEFORE = "(?<![0-9\uff10-\uff19])"
@@ -23,8 +23,10 @@ _NOT_GROUP_AFTER = "(?![ -]?[0-9\uff10-\uff19])"
 _HYPHEN = "[-\u2010\u2011\u2012\u2013\u2014\u2212\uff0d\u30fc]"  # ASCII, Unicode and full-width dashes, ー
 _TO_ASCII = str.maketrans("０１２３４５６７８９", "0123456789")
 
-EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-                   r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}")
+EMAIL = re.compile(
+    r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}"
+)
 CREDIT_CARD = re.compile(f"{_NOT_GROUP_BEFORE}(?:{_D}[ -]?){{12,18}}{_D}{_NOT_GROUP_AFTER}")
 MY_NUMBER = re.compile(f"{_NOT_GROUP_BEFORE}{_D}{{4}}[ -]?{_D}{{4}}[ -]?{_D}{{4}}{_NOT_GROUP_AFTER}")
 PHONE_INTL = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}(?!\d)")
@@ -33,10 +35,14 @@ PHONE_JP = re.compile(
     f"|[(（][0\uff10]{_D}{{1,4}}[)）]\\s?{_D}{{1,4}}{_HYPHEN}{_D}{{4}}"  # (03) 1234-5678
     f"|0[5789]0{_D}{{8}}){_NOT_D_AFTER}"  # 09012345678 (mobile, no separators)
 )
-POSTAL = re.compile(f"〒\\s?{_D}{{3}}{_HYPHEN}?{_D}{{4}}(?!{_D})"
-                    f"|(?<![0-9\uff10-\uff19-]){_D}{{3}}{_HYPHEN}{_D}{{4}}(?![0-9\uff10-\uff19-])")
-IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-                  r"(?!\.?\d)")
+POSTAL = re.compile(
+    f"〒\\s?{_D}{{3}}{_HYPHEN}?{_D}{{4}}(?!{_D})"
+    f"|(?<![0-9\uff10-\uff19-]){_D}{{3}}{_HYPHEN}{_D}{{4}}(?![0-9\uff10-\uff19-])"
+)
+IPV4 = re.compile(
+    r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+    r"(?!\.?\d)"
+)
 IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 
 
@@ -71,7 +77,9 @@ def _card(match: str) -> bool:
 
 def _my_number(match: str) -> bool:
     digits = digits_of(match)
-    return len(digits) == 12 and my_number_check_digit(digits[:11]) == int(digits[11]) and len(set(digits)) > 1
+    return (
+        len(digits) == 12 and my_number_check_digit(digits[:11]) == int(digits[11]) and len(set(digits)) > 1
+    )
 
 
 def _phone_jp(match: str) -> bool:
@@ -112,8 +120,14 @@ _RULES: list[tuple[str, re.Pattern[str], Callable[[str], bool]]] = [
 # Checked once per text before any regex runs (most texts have few digits and no '@'); the counts hold for
 # every rule's pattern plus its validator (a card has >= 13 digits, a JP phone 10-11, an IPv6 two ':').
 _NEEDS: dict[re.Pattern[str], tuple[int, str | None]] = {
-    EMAIL: (0, "@"), CREDIT_CARD: (13, None), MY_NUMBER: (12, None), PHONE_INTL: (8, "+"),
-    PHONE_JP: (10, None), POSTAL: (7, None), IPV4: (4, "."), IPV6: (0, ":"),
+    EMAIL: (0, "@"),
+    CREDIT_CARD: (13, None),
+    MY_NUMBER: (12, None),
+    PHONE_INTL: (8, "+"),
+    PHONE_JP: (10, None),
+    POSTAL: (7, None),
+    IPV4: (4, "."),
+    IPV6: (0, ":"),
 }
 _DIGIT = re.compile(_D)
 _PRECHECK_CHARS = set("0123456789\uff10\uff11\uff12\uff13\uff14\uff15\uff16\uff17\uff18\uff19@+.:")
@@ -122,8 +136,11 @@ _PRECHECK_CHARS = set("0123456789\uff10\uff11\uff12\uff13\uff14\uff15\uff16\uff1
 class PiiRedactor:
     def __init__(self, config: PiiConfig):
         self.enabled = config.enabled
-        self.rules = [(kind, pattern, valid, config.placeholder.format(type=kind.upper()))
-                      for kind, pattern, valid in _RULES if kind in config.types]
+        self.rules = [
+            (kind, pattern, valid, config.placeholder.format(type=kind.upper()))
+            for kind, pattern, valid in _RULES
+            if kind in config.types
+        ]
         # a placeholder holding digits or anchor characters could enable a later rule: no prechecks then
         self._precheck = not any(set(placeholder) & _PRECHECK_CHARS for *_, placeholder in self.rules)
 
@@ -131,8 +148,11 @@ class PiiRedactor:
         if not self._precheck:
             return self.rules
         num_digits = len(_DIGIT.findall(text))
-        return [rule for rule in self.rules
-                if num_digits >= _NEEDS[rule[1]][0] and (_NEEDS[rule[1]][1] is None or _NEEDS[rule[1]][1] in text)]
+        return [
+            rule
+            for rule in self.rules
+            if num_digits >= _NEEDS[rule[1]][0] and (_NEEDS[rule[1]][1] is None or _NEEDS[rule[1]][1] in text)
+        ]
 
     def redact(self, text: str) -> tuple[str, Counter[str]]:
         """(redacted text, count per PII type)."""
@@ -140,6 +160,7 @@ class PiiRedactor:
         if not self.enabled:
             return text, counts
         for kind, pattern, valid, placeholder in self._applicable(text):
+
             def replace(match: re.Match[str], kind=kind, valid=valid, placeholder=placeholder) -> str:
                 if valid(match.group(0)):
                     counts[kind] += 1

@@ -22,16 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from data_prep import shard_stage
-from data_prep.config import DataPrepConfig
-from data_prep.decontam import build_eval_index, save_eval_index
-from data_prep.executor import process_pool, run_unordered
-from data_prep.jsonl_io import AtomicJsonlWriter, Shard, plan_shards
-from data_prep.minhash import KEEP, find_duplicates
-from data_prep.report import KeptStats, build_report, write_report
-from kumihimo import configtree
-from kumihimo.errors import UserError
-from kumihimo.progress import Progress, say
+from kumihimo.core import configtree
+from kumihimo.core.errors import UserError
+from kumihimo.core.progress import Progress, say
+from kumihimo.data_prep import shard_stage
+from kumihimo.data_prep.config import DataPrepConfig
+from kumihimo.data_prep.decontam import build_eval_index, save_eval_index
+from kumihimo.data_prep.executor import process_pool, run_unordered
+from kumihimo.data_prep.jsonl_io import AtomicJsonlWriter, Shard, plan_shards
+from kumihimo.data_prep.minhash import KEEP, find_duplicates
+from kumihimo.data_prep.report import KeptStats, build_report, write_report
 
 # Sections whose values change what curate produces; the others (workers, report, tokenize) do not.
 _CURATION_SECTIONS = ("input", "repair", "langid", "filters", "decontam", "pii", "dedup")
@@ -98,10 +98,15 @@ def _check_or_record_run(layout: RunLayout, config: DataPrepConfig, shards: list
     if manifest.is_file():
         previous = json.loads(manifest.read_text(encoding="utf-8"))
         if previous != current:
-            what = "the curation config" if previous.get("config_sha256") != current["config_sha256"] \
+            what = (
+                "the curation config"
+                if previous.get("config_sha256") != current["config_sha256"]
                 else "the input files"
-            raise UserError(f"output_dir={str(layout.out)!r} holds an unfinished or finished run with different "
-                            f"{what}; choose a new output_dir or delete {layout.work} to start over")
+            )
+            raise UserError(
+                f"output_dir={str(layout.out)!r} holds an unfinished or finished run with different "
+                f"{what}; choose a new output_dir or delete {layout.work} to start over"
+            )
         return
     configtree.write_text_atomic(manifest, json.dumps(current, indent=1))
     configtree.save(config, layout.out / "data_prep_config.yaml")
@@ -161,23 +166,31 @@ def _global_dedup(config: DataPrepConfig, layout: RunLayout, shards: list[Shard]
     layout.dedup_decision.parent.mkdir(parents=True, exist_ok=True)
     sizes = _shard_sizes(layout, shards)
     offsets = np.concatenate(([0], np.cumsum(sizes)))
-    keys = np.concatenate([np.load(layout.shards / s.shard_id / shard_stage.EXACT_KEYS) for s in shards]
-                          + [np.empty(0, np.uint64)])
+    keys = np.concatenate(
+        [np.load(layout.shards / s.shard_id / shard_stage.EXACT_KEYS) for s in shards]
+        + [np.empty(0, np.uint64)]
+    )
     signatures = None
     sig_path = layout.dedup_decision.parent / "signatures.npy"
     if config.dedup.fuzzy:
         num_perm = config.dedup.num_bands * config.dedup.rows_per_band
         # one memory-mapped array over all shards: the band pass reads columns, not whole corpora
-        signatures = np.lib.format.open_memmap(sig_path, mode="w+", dtype=np.uint32,
-                                               shape=(int(offsets[-1]), num_perm))
+        signatures = np.lib.format.open_memmap(
+            sig_path, mode="w+", dtype=np.uint32, shape=(int(offsets[-1]), num_perm)
+        )
         for shard, start, end in zip(shards, offsets[:-1], offsets[1:]):
             signatures[start:end] = np.load(layout.shards / shard.shard_id / shard_stage.SIGNATURES)
         signatures.flush()
     say(f"[dedup] {int(offsets[-1])} candidate documents, {len(shards)} shards")
     decision = find_duplicates(keys, signatures, config.dedup)
     tmp = layout.dedup_decision.with_name("decision.tmp.npz")
-    np.savez(tmp, duplicate_of=decision.duplicate_of, is_exact=decision.is_exact, offsets=offsets,
-             num_candidate_pairs=np.array(decision.num_candidate_pairs))
+    np.savez(
+        tmp,
+        duplicate_of=decision.duplicate_of,
+        is_exact=decision.is_exact,
+        offsets=offsets,
+        num_candidate_pairs=np.array(decision.num_candidate_pairs),
+    )
     os.replace(tmp, layout.dedup_decision)
     del signatures
     sig_path.unlink(missing_ok=True)
@@ -186,7 +199,9 @@ def _global_dedup(config: DataPrepConfig, layout: RunLayout, shards: list[Shard]
 # ---- phase 3: per-source merge --------------------------------------------------------------------
 
 
-def _kept_ids(layout: RunLayout, shards: list[Shard], offsets: np.ndarray, targets: np.ndarray) -> dict[int, str]:
+def _kept_ids(
+    layout: RunLayout, shards: list[Shard], offsets: np.ndarray, targets: np.ndarray
+) -> dict[int, str]:
     """Document ids of the kept copies that dropped duplicates point at."""
     wanted = set(targets.tolist())
     found: dict[int, str] = {}
@@ -200,15 +215,24 @@ def _kept_ids(layout: RunLayout, shards: list[Shard], offsets: np.ndarray, targe
     return found
 
 
-def _merge_source(source: str, config: DataPrepConfig, layout: RunLayout, shards: list[Shard],
-                  decision: dict[str, np.ndarray], kept_ids: dict[int, str]) -> dict[str, Any]:
+def _merge_source(
+    source: str,
+    config: DataPrepConfig,
+    layout: RunLayout,
+    shards: list[Shard],
+    decision: dict[str, np.ndarray],
+    kept_ids: dict[int, str],
+) -> dict[str, Any]:
     duplicate_of, is_exact, offsets = decision["duplicate_of"], decision["is_exact"], decision["offsets"]
     kept = KeptStats()
     dedup_drops: dict[str, int] = {}
     examples: dict[str, list[dict[str, Any]]] = {}
     excerpt = config.report.excerpt_chars
-    with (AtomicJsonlWriter(layout.curated(source)) as curated, AtomicJsonlWriter(layout.dropped(source)) as dropped,
-          AtomicJsonlWriter(layout.quarantine(source)) as quarantine):
+    with (
+        AtomicJsonlWriter(layout.curated(source)) as curated,
+        AtomicJsonlWriter(layout.dropped(source)) as dropped,
+        AtomicJsonlWriter(layout.quarantine(source)) as quarantine,
+    ):
         for shard in shards:
             if shard.source != source:
                 continue
@@ -227,10 +251,17 @@ def _merge_source(source: str, config: DataPrepConfig, layout: RunLayout, shards
                         kept.add(record)
                         continue
                     reason = "exact_duplicate" if is_exact[start + row] else "near_duplicate"
-                    drop = {"id": record["id"], "source": source, "file": record["meta"]["file"],
-                            "line": record["meta"]["line"], "stage": "dedup", "reason": reason,
-                            "detail": f"duplicate of {kept_ids.get(target, '?')}", "lang": record["lang"],
-                            "excerpt": record["text"][:excerpt]}
+                    drop = {
+                        "id": record["id"],
+                        "source": source,
+                        "file": record["meta"]["file"],
+                        "line": record["meta"]["line"],
+                        "stage": "dedup",
+                        "reason": reason,
+                        "detail": f"duplicate of {kept_ids.get(target, '?')}",
+                        "lang": record["lang"],
+                        "excerpt": record["text"][:excerpt],
+                    }
                     dropped.write(drop)
                     dedup_drops[reason] = dedup_drops.get(reason, 0) + 1
                     bucket = examples.setdefault(f"dedup/{reason}", [])
@@ -245,8 +276,11 @@ def _merge_all(config: DataPrepConfig, layout: RunLayout, shards: list[Shard]) -
     with np.load(layout.dedup_decision) as data:
         decision = {k: data[k] for k in data.files}
     summaries: dict[str, dict[str, Any]] = {}
-    todo = [s.name for s in config.input.sources if not layout.merged_marker(s.name).is_file()
-            or not layout.curated(s.name).is_file()]
+    todo = [
+        s.name
+        for s in config.input.sources
+        if not layout.merged_marker(s.name).is_file() or not layout.curated(s.name).is_file()
+    ]
     targets = np.unique(decision["duplicate_of"][decision["duplicate_of"] != KEEP]) if todo else np.empty(0)
     kept_ids = _kept_ids(layout, shards, decision["offsets"], targets) if len(targets) else {}
     for source in config.input.sources:
@@ -295,12 +329,16 @@ def finish_curation(config: DataPrepConfig) -> CurationResult:
     _check_or_record_run(layout, config, shards)
     missing = [s.shard_id for s in shards if not (layout.shards / s.shard_id).is_dir()]
     if missing:
-        raise UserError(f"{len(missing)} of {len(shards)} shards are not curated yet (first: {missing[0]}); "
-                        "run or re-run the per-shard tasks first")
+        raise UserError(
+            f"{len(missing)} of {len(shards)} shards are not curated yet (first: {missing[0]}); "
+            "run or re-run the per-shard tasks first"
+        )
     _global_dedup(config, layout, shards)
     merged = _merge_all(config, layout, shards)
-    shard_stats = [json.loads((layout.shards / s.shard_id / shard_stage.STATS).read_text(encoding="utf-8"))
-                   for s in shards]
+    shard_stats = [
+        json.loads((layout.shards / s.shard_id / shard_stage.STATS).read_text(encoding="utf-8"))
+        for s in shards
+    ]
     source_of = [s.source for s in shards]
     report = build_report(config, shard_stats, source_of, merged)
     report_path = write_report(layout.out, report)
@@ -308,10 +346,15 @@ def finish_curation(config: DataPrepConfig) -> CurationResult:
     return CurationResult(
         output_dir=layout.out,
         curated_paths={s.name: layout.curated(s.name) for s in config.input.sources},
-        num_input_lines=totals["num_input_lines"], num_kept=totals["num_kept"],
-        num_dropped=totals["num_dropped"], num_quarantined=totals["num_quarantined"],
-        dropped=report["dropped"], quarantined=report["quarantined"], report_path=report_path,
-        pii=report["pii"])
+        num_input_lines=totals["num_input_lines"],
+        num_kept=totals["num_kept"],
+        num_dropped=totals["num_dropped"],
+        num_quarantined=totals["num_quarantined"],
+        dropped=report["dropped"],
+        quarantined=report["quarantined"],
+        report_path=report_path,
+        pii=report["pii"],
+    )
 
 
 def curate(config: DataPrepConfig) -> CurationResult | None:
@@ -323,10 +366,12 @@ def curate(config: DataPrepConfig) -> CurationResult | None:
     """
     if config.executor.kind != "local":
         try:
-            from data_prep.cluster import curate_with_datatrove
+            from kumihimo.data_prep.cluster import curate_with_datatrove
         except ImportError as exc:
-            raise UserError(f"executor.kind={config.executor.kind} needs datatrove ({exc}); "
-                            "run `pip install datatrove` or use executor.kind=local") from exc
+            raise UserError(
+                f"executor.kind={config.executor.kind} needs datatrove ({exc}); "
+                "run `pip install datatrove` or use executor.kind=local"
+            ) from exc
         return curate_with_datatrove(config)
     layout, shards = prepare_run(config)
     say(f"[data_prep] {len(shards)} shards from {len(config.input.sources)} sources -> {layout.out}")
@@ -336,6 +381,6 @@ def curate(config: DataPrepConfig) -> CurationResult | None:
 
 def build_datasets(config: DataPrepConfig, tokenizer_path: str | Path):
     """Curated JSONL -> `<out>/datasets/<source>_text_document.{bin,idx}` + `<out>/blend.yaml`."""
-    from data_prep.tokenize_stage import build_datasets as build
+    from kumihimo.data_prep.tokenize_stage import build_datasets as build
 
     return build(config, tokenizer_path)

@@ -15,14 +15,14 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from data_prep import charclass
-from data_prep.config import (
+from kumihimo.data_prep import charclass
+from kumihimo.data_prep.config import (
     EnglishFilterConfig,
     FiltersConfig,
     JapaneseFilterConfig,
     RepetitionConfig,
 )
-from data_prep.ngrams import codepoints, first_ngram_violation
+from kumihimo.data_prep.ngrams import codepoints, first_ngram_violation
 
 Verdict = tuple[str, str] | None  # (reason, detail) when the document is dropped
 
@@ -76,31 +76,55 @@ def _duplicate_shares(units: list[str]) -> tuple[float, float]:
     return num_dup / len(units), num_dup_chars / total_chars
 
 
-def check_repetition(lines: list[str], paragraphs: list[str], items: np.ndarray, weights: np.ndarray,
-                     config: RepetitionConfig, prefix: str) -> Verdict:
+def check_repetition(
+    lines: list[str],
+    paragraphs: list[str],
+    items: np.ndarray,
+    weights: np.ndarray,
+    config: RepetitionConfig,
+    prefix: str,
+) -> Verdict:
     """Gopher repetition rules over lines, paragraphs and n-grams of `items` (chars or word ids)."""
     line_share, line_char_share = _duplicate_shares(lines)
     if line_share > config.max_duplicate_line_ratio:
-        return f"{prefix}_duplicate_lines", f"{line_share:.2f} of lines repeat > {config.max_duplicate_line_ratio}"
+        return (
+            f"{prefix}_duplicate_lines",
+            f"{line_share:.2f} of lines repeat > {config.max_duplicate_line_ratio}",
+        )
     if line_char_share > config.max_duplicate_line_char_ratio:
-        return (f"{prefix}_duplicate_line_chars",
-                f"{line_char_share:.2f} of chars in repeated lines > {config.max_duplicate_line_char_ratio}")
+        return (
+            f"{prefix}_duplicate_line_chars",
+            f"{line_char_share:.2f} of chars in repeated lines > {config.max_duplicate_line_char_ratio}",
+        )
     para_share, para_char_share = _duplicate_shares(paragraphs)
     if para_share > config.max_duplicate_paragraph_ratio:
-        return (f"{prefix}_duplicate_paragraphs",
-                f"{para_share:.2f} of paragraphs repeat > {config.max_duplicate_paragraph_ratio}")
+        return (
+            f"{prefix}_duplicate_paragraphs",
+            f"{para_share:.2f} of paragraphs repeat > {config.max_duplicate_paragraph_ratio}",
+        )
     if para_char_share > config.max_duplicate_paragraph_char_ratio:
-        return (f"{prefix}_duplicate_paragraph_chars",
-                f"{para_char_share:.2f} of chars in repeated paragraphs > {config.max_duplicate_paragraph_char_ratio}")
-    violation = first_ngram_violation(items, weights, dict(zip((2, 3, 4), config.max_top_ngram_ratio)),
-                                      dict(zip(range(5, 11), config.max_duplicate_ngram_ratio)))
+        return (
+            f"{prefix}_duplicate_paragraph_chars",
+            f"{para_char_share:.2f} of chars in repeated paragraphs > {config.max_duplicate_paragraph_char_ratio}",
+        )
+    violation = first_ngram_violation(
+        items,
+        weights,
+        dict(zip((2, 3, 4), config.max_top_ngram_ratio)),
+        dict(zip(range(5, 11), config.max_duplicate_ngram_ratio)),
+    )
     if violation is None:
         return None
     kind, n, share = violation
     if kind == "top":
-        return f"{prefix}_top_{n}gram", f"most frequent {n}-gram covers {share:.2f} > {config.max_top_ngram_ratio[n - 2]}"
-    return (f"{prefix}_duplicate_{n}grams",
-            f"repeated {n}-grams cover {share:.2f} > {config.max_duplicate_ngram_ratio[n - 5]}")
+        return (
+            f"{prefix}_top_{n}gram",
+            f"most frequent {n}-gram covers {share:.2f} > {config.max_top_ngram_ratio[n - 2]}",
+        )
+    return (
+        f"{prefix}_duplicate_{n}grams",
+        f"repeated {n}-grams cover {share:.2f} > {config.max_duplicate_ngram_ratio[n - 5]}",
+    )
 
 
 def japanese_sentences(text: str) -> list[str]:
@@ -113,7 +137,9 @@ def japanese_sentences(text: str) -> list[str]:
     return [s for s in (p.strip() for p in text.split("\n")) if s]
 
 
-def check_japanese(text: str, cps: np.ndarray, counts: JapaneseCounts, config: JapaneseFilterConfig) -> Verdict:
+def check_japanese(
+    text: str, cps: np.ndarray, counts: JapaneseCounts, config: JapaneseFilterConfig
+) -> Verdict:
     n = counts.num_chars
     if n < config.min_chars:
         return "ja_too_short", f"{n} chars < {config.min_chars}"
@@ -140,11 +166,14 @@ def check_japanese(text: str, cps: np.ndarray, counts: JapaneseCounts, config: J
         return "ja_sentence_too_long", f"a sentence of {max(lengths)} chars > {config.max_sentence_chars}"
     num_ellipsis = sum(1 for s in sentences if s.endswith(("…", "・")))
     if sentences and num_ellipsis / len(sentences) > config.max_ellipsis_sentence_ratio:
-        return ("ja_ellipsis_sentences",
-                f"{num_ellipsis / len(sentences):.2f} of sentences end in …/・ > {config.max_ellipsis_sentence_ratio}")
+        return (
+            "ja_ellipsis_sentences",
+            f"{num_ellipsis / len(sentences):.2f} of sentences end in …/・ > {config.max_ellipsis_sentence_ratio}",
+        )
     paragraphs = [p.strip() for p in _PARAGRAPH_SPLIT.split(text) if p.strip()]
-    return check_repetition(sentences, paragraphs, cps, np.ones(len(cps), dtype=np.float64),
-                            config.repetition, "ja")
+    return check_repetition(
+        sentences, paragraphs, cps, np.ones(len(cps), dtype=np.float64), config.repetition, "ja"
+    )
 
 
 def check_english(text: str, config: EnglishFilterConfig) -> Verdict:
@@ -159,18 +188,26 @@ def check_english(text: str, config: EnglishFilterConfig) -> Verdict:
         return "en_too_many_words", f"{num_words} words > {config.max_words}"
     mean_len = sum(map(len, lowered_words if "\u0130" not in text else text.split())) / num_words
     if not config.min_mean_word_length <= mean_len <= config.max_mean_word_length:
-        return ("en_mean_word_length",
-                f"{mean_len:.1f} outside [{config.min_mean_word_length}, {config.max_mean_word_length}]")
+        return (
+            "en_mean_word_length",
+            f"{mean_len:.1f} outside [{config.min_mean_word_length}, {config.max_mean_word_length}]",
+        )
     num_symbols = text.count("#") + text.count("...") + text.count("…")
     if num_symbols / num_words > config.max_symbol_word_ratio:
-        return "en_symbol_ratio", f"{num_symbols / num_words:.3f} symbols per word > {config.max_symbol_word_ratio}"
+        return (
+            "en_symbol_ratio",
+            f"{num_symbols / num_words:.3f} symbols per word > {config.max_symbol_word_ratio}",
+        )
     lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
     bullet_share = sum(ln.startswith(_BULLETS) for ln in lines) / len(lines)
     if bullet_share > config.max_bullet_line_ratio:
         return "en_bullet_lines", f"{bullet_share:.2f} of lines are bullets > {config.max_bullet_line_ratio}"
     ellipsis_share = sum(ln.endswith(("...", "…")) for ln in lines) / len(lines)
     if ellipsis_share > config.max_ellipsis_line_ratio:
-        return "en_ellipsis_lines", f"{ellipsis_share:.2f} of lines end in ... > {config.max_ellipsis_line_ratio}"
+        return (
+            "en_ellipsis_lines",
+            f"{ellipsis_share:.2f} of lines end in ... > {config.max_ellipsis_line_ratio}",
+        )
     # stripping the lowered words gives the stripped words lowered: none of _WORD_STRIP is cased (nor any
     # character's lower case)
     cleaned = [w.strip(_WORD_STRIP) for w in lowered_words]
@@ -181,7 +218,10 @@ def check_english(text: str, config: EnglishFilterConfig) -> Verdict:
         num_alpha += sum(any(map(str.isalpha, w)) for w in filterfalse(str.isalpha, cleaned))
     alpha_share = num_alpha / num_words
     if alpha_share < config.min_alpha_word_ratio:
-        return "en_non_alpha_words", f"{alpha_share:.2f} of words have a letter < {config.min_alpha_word_ratio}"
+        return (
+            "en_non_alpha_words",
+            f"{alpha_share:.2f} of words have a letter < {config.min_alpha_word_ratio}",
+        )
     first_use: dict[str, int] = {}  # word -> position of its first use
     first = np.fromiter(map(first_use.setdefault, cleaned, range(num_words)), dtype=np.int64, count=num_words)
     num_stop = sum(word in first_use for word in STOP_WORDS)
@@ -202,10 +242,17 @@ def _case_unsafe_characters(words: list[str]) -> str:
     chars = sorted(set("".join(words)))
     if not chars:
         return ""
-    candidates = set(re.findall("[" + "".join(map(re.escape, chars)) + "]", charclass.every_character(),
-                                re.IGNORECASE))
-    return "".join(sorted(c for c in candidates if c == "\u03a3" or any(
-        re.fullmatch(re.escape(p), c, re.IGNORECASE) and c.lower() != p for p in chars)))
+    candidates = set(
+        re.findall("[" + "".join(map(re.escape, chars)) + "]", charclass.every_character(), re.IGNORECASE)
+    )
+    return "".join(
+        sorted(
+            c
+            for c in candidates
+            if c == "\u03a3"
+            or any(re.fullmatch(re.escape(p), c, re.IGNORECASE) and c.lower() != p for p in chars)
+        )
+    )
 
 
 class QualityFilter:
@@ -216,8 +263,11 @@ class QualityFilter:
         bp = config.boilerplate
         self._line_patterns = [p.lower() for p in bp.line_patterns]
         self._doc_patterns = [p.lower() for p in bp.document_patterns]
-        words = sorted({w.lower() for w in [*config.ng_words.words, *_read_list(config.ng_words.words_file)]},
-                       key=len, reverse=True)
+        words = sorted(
+            {w.lower() for w in [*config.ng_words.words, *_read_list(config.ng_words.words_file)]},
+            key=len,
+            reverse=True,
+        )
         self._ng = re.compile("|".join(map(re.escape, words)), re.IGNORECASE) if words else None
         self._ng_words = words
         self._ng_unsafe = _case_unsafe_characters(words)
@@ -263,14 +313,26 @@ class QualityFilter:
                 return text, ("boilerplate_document", f"contains {pattern!r}"), 0
         text, num_removed, num_lines = self.strip_boilerplate(text, lowered)
         if num_removed and (not text or num_removed / num_lines > config.boilerplate.max_removed_line_ratio):
-            return text, ("boilerplate_lines", f"{num_removed} of {num_lines} lines are boilerplate"), num_removed
+            return (
+                text,
+                ("boilerplate_lines", f"{num_removed} of {num_lines} lines are boilerplate"),
+                num_removed,
+            )
         if config.min_compression_ratio is not None or config.max_compression_ratio is not None:
             raw = text.encode("utf-8")
             ratio = len(zlib.compress(raw, 6)) / max(len(raw), 1)
             if config.min_compression_ratio is not None and ratio < config.min_compression_ratio:
-                return text, ("low_compression_ratio", f"{ratio:.2f} < {config.min_compression_ratio}"), num_removed
+                return (
+                    text,
+                    ("low_compression_ratio", f"{ratio:.2f} < {config.min_compression_ratio}"),
+                    num_removed,
+                )
             if config.max_compression_ratio is not None and ratio > config.max_compression_ratio:
-                return text, ("high_compression_ratio", f"{ratio:.2f} > {config.max_compression_ratio}"), num_removed
+                return (
+                    text,
+                    ("high_compression_ratio", f"{ratio:.2f} > {config.max_compression_ratio}"),
+                    num_removed,
+                )
         cps = codepoints(text)
         counts = japanese_counts(cps) if lang == "ja" else None
         # text is the stripped input unless lines were removed; then lowered no longer matches it
@@ -299,5 +361,8 @@ class QualityFilter:
             denominator = counts.num_japanese if counts and counts.num_japanese else len(text)
             share = sum(len(m) for m in matches) / max(denominator, 1)
             if share >= self.config.ng_words.max_char_ratio:
-                return "ng_word_chars", f"NG words are {share:.3f} of the text >= {self.config.ng_words.max_char_ratio}"
+                return (
+                    "ng_word_chars",
+                    f"NG words are {share:.3f} of the text >= {self.config.ng_words.max_char_ratio}",
+                )
         return None

@@ -12,7 +12,7 @@ import unicodedata
 import ftfy
 from ftfy.badness import is_bad
 
-from data_prep.config import RepairConfig
+from kumihimo.data_prep.config import RepairConfig
 
 # UTF-8 read as cp1252/latin-1 turns every multi-byte character into a lead byte U+00C2..U+00F4
 # followed by continuation bytes U+0080..U+00BF or cp1252 punctuation; real text rarely has that pair.
@@ -21,11 +21,26 @@ _SUSPICIOUS = re.compile(
     "\u2013\u2014\u2018-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a\u20ac\u2122]"
 )
 # C0/C1 controls except tab and newline, and invisible format characters that only confuse tokenizers.
-_REMOVE = {c: None for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F, *range(0x80, 0xA0),
-                             0x200B, 0x2060, 0xFEFF, 0x00AD]}
+_REMOVE = {
+    c: None
+    for c in [
+        *range(0x00, 0x09),
+        0x0B,
+        0x0C,
+        *range(0x0E, 0x20),
+        0x7F,
+        *range(0x80, 0xA0),
+        0x200B,
+        0x2060,
+        0xFEFF,
+        0x00AD,
+    ]
+}
 _REMOVE[0x09] = " "
 _REMOVABLE = re.compile("[" + "".join(re.escape(chr(c)) for c in sorted(_REMOVE)) + "]")
-_DELETABLE = re.compile("[" + "".join(re.escape(chr(c)) for c, to in sorted(_REMOVE.items()) if to is None) + "]")
+_DELETABLE = re.compile(
+    "[" + "".join(re.escape(chr(c)) for c, to in sorted(_REMOVE.items()) if to is None) + "]"
+)
 _SPACE_RUNS = re.compile(r"[ \u00a0]{2,}")
 _TRAILING_SPACE = re.compile(r"[ \t\u00a0]+\n")
 _BLANK_RUNS = re.compile(r"\n{3,}")
@@ -57,8 +72,14 @@ def repair_text(text: str, config: RepairConfig) -> tuple[str, str | None, bool]
     """(clean text, drop reason or None, whether mojibake was repaired)."""
     repaired = False
     if config.fix_mojibake and looks_suspicious(text):
-        fixed = ftfy.fix_text(text, normalization=None, fix_line_breaks=False, uncurl_quotes=False,
-                              fix_latin_ligatures=False, fix_character_width=False)
+        fixed = ftfy.fix_text(
+            text,
+            normalization=None,
+            fix_line_breaks=False,
+            uncurl_quotes=False,
+            fix_latin_ligatures=False,
+            fix_character_width=False,
+        )
         repaired = fixed != text
         text = fixed
         if config.drop_residual_mojibake and looks_suspicious(text) and is_bad(text):

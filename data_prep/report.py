@@ -7,9 +7,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from data_prep.config import DataPrepConfig
-from data_prep.report_html import render_html
-from kumihimo.configtree import write_text_atomic
+from kumihimo.core.configtree import write_text_atomic
+from kumihimo.data_prep.config import DataPrepConfig
+from kumihimo.data_prep.report_html import render_html
 
 STAGE_ORDER = ("read", "repair", "langid", "quality", "decontam", "dedup")
 LENGTH_BINS = (100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600)
@@ -46,8 +46,13 @@ class KeptStats:
         self.pii.update(record.get("meta", {}).get("pii", {}))
 
     def to_json(self) -> dict[str, Any]:
-        return {"num_kept": self.num_kept, "num_chars": self.num_chars, "languages": dict(self.languages),
-                "lengths": dict(self.lengths), "pii": dict(self.pii)}
+        return {
+            "num_kept": self.num_kept,
+            "num_chars": self.num_chars,
+            "languages": dict(self.languages),
+            "lengths": dict(self.lengths),
+            "pii": dict(self.pii),
+        }
 
 
 def _add_nested(total: dict[str, dict[str, int]], part: dict[str, dict[str, int]]) -> None:
@@ -57,8 +62,12 @@ def _add_nested(total: dict[str, dict[str, int]], part: dict[str, dict[str, int]
             bucket[reason] = bucket.get(reason, 0) + count
 
 
-def build_report(config: DataPrepConfig, shard_stats: list[dict[str, Any]], source_of: list[str],
-                 merged: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def build_report(
+    config: DataPrepConfig,
+    shard_stats: list[dict[str, Any]],
+    source_of: list[str],
+    merged: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
     """Fold per-shard stats (phase 1) and per-source merge summaries (phase 3) into one report."""
     k = config.report.examples_per_reason
     per_source: dict[str, dict[str, Any]] = {}
@@ -87,25 +96,47 @@ def build_report(config: DataPrepConfig, shard_stats: list[dict[str, Any]], sour
         row = per_source.setdefault(source, {"num_documents": 0, "num_quarantined": 0, "num_dropped": 0})
         kept = summary["kept"]
         row["num_dropped"] += sum(summary["dedup_dropped"].values())
-        row.update({"num_input_lines": row["num_documents"] + row["num_quarantined"], "num_kept": kept["num_kept"],
-                    "num_chars": kept["num_chars"], "languages": kept["languages"], "pii": kept["pii"]})
+        row.update(
+            {
+                "num_input_lines": row["num_documents"] + row["num_quarantined"],
+                "num_kept": kept["num_kept"],
+                "num_chars": kept["num_chars"],
+                "languages": kept["languages"],
+                "pii": kept["pii"],
+            }
+        )
         _add_nested(dropped, {"dedup": summary["dedup_dropped"]} if summary["dedup_dropped"] else {})
         languages.update(kept["languages"])
         lengths.update(kept["lengths"])
         pii.update(kept["pii"])
         examples.update(summary["examples"])
-    totals = {key: sum(r.get(key, 0) for r in per_source.values())
-              for key in ("num_input_lines", "num_documents", "num_kept", "num_dropped", "num_quarantined",
-                          "num_chars")}
+    totals = {
+        key: sum(r.get(key, 0) for r in per_source.values())
+        for key in (
+            "num_input_lines",
+            "num_documents",
+            "num_kept",
+            "num_dropped",
+            "num_quarantined",
+            "num_chars",
+        )
+    }
     totals["num_repaired_mojibake"] = num_repaired
     totals["num_boilerplate_lines_removed"] = num_boilerplate
-    assert totals["num_input_lines"] == totals["num_kept"] + totals["num_dropped"] + totals["num_quarantined"], \
-        "every input line must end in exactly one place"
-    return {"totals": totals, "quarantined": dict(quarantined),
-            "dropped": {s: dropped[s] for s in STAGE_ORDER if s in dropped},
-            "dropped_languages": dict(dropped_languages), "languages": dict(languages),
-            "length_histogram": {label: lengths.get(label, 0) for label in _bin_labels()},
-            "pii": dict(pii), "per_source": per_source, "examples": examples}
+    assert (
+        totals["num_input_lines"] == totals["num_kept"] + totals["num_dropped"] + totals["num_quarantined"]
+    ), "every input line must end in exactly one place"
+    return {
+        "totals": totals,
+        "quarantined": dict(quarantined),
+        "dropped": {s: dropped[s] for s in STAGE_ORDER if s in dropped},
+        "dropped_languages": dict(dropped_languages),
+        "languages": dict(languages),
+        "length_histogram": {label: lengths.get(label, 0) for label in _bin_labels()},
+        "pii": dict(pii),
+        "per_source": per_source,
+        "examples": examples,
+    }
 
 
 def _bar(count: int, largest: int, width: int = 40) -> str:
@@ -114,15 +145,25 @@ def _bar(count: int, largest: int, width: int = 40) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     t = report["totals"]
-    out = ["# data_prep report", "",
-           f"{t['num_input_lines']} input lines -> {t['num_kept']} kept, {t['num_dropped']} dropped, "
-           f"{t['num_quarantined']} quarantined. Mojibake repaired in {t['num_repaired_mojibake']} documents; "
-           f"{t['num_boilerplate_lines_removed']} boilerplate lines removed.", "", "## Funnel", "",
-           "| stage | removed | remaining |", "|---|---:|---:|"]
+    out = [
+        "# data_prep report",
+        "",
+        f"{t['num_input_lines']} input lines -> {t['num_kept']} kept, {t['num_dropped']} dropped, "
+        f"{t['num_quarantined']} quarantined. Mojibake repaired in {t['num_repaired_mojibake']} documents; "
+        f"{t['num_boilerplate_lines_removed']} boilerplate lines removed.",
+        "",
+        "## Funnel",
+        "",
+        "| stage | removed | remaining |",
+        "|---|---:|---:|",
+    ]
     remaining = t["num_input_lines"]
     for stage in STAGE_ORDER:
-        removed = sum(report["quarantined"].values()) if stage == "read" else sum(
-            report["dropped"].get(stage, {}).values())
+        removed = (
+            sum(report["quarantined"].values())
+            if stage == "read"
+            else sum(report["dropped"].get(stage, {}).values())
+        )
         remaining -= removed
         out.append(f"| {stage} | {removed} | {remaining} |")
     out += ["", "## Reasons", "", "| stage | reason | documents |", "|---|---|---:|"]
@@ -130,14 +171,23 @@ def render_markdown(report: dict[str, Any]) -> str:
     for stage, reasons in report["dropped"].items():
         out += [f"| {stage} | {r} | {n} |" for r, n in sorted(reasons.items(), key=lambda x: -x[1])]
     if report["dropped_languages"]:
-        langs = ", ".join(f"{k} {v}" for k, v in sorted(report["dropped_languages"].items(), key=lambda x: -x[1]))
+        langs = ", ".join(
+            f"{k} {v}" for k, v in sorted(report["dropped_languages"].items(), key=lambda x: -x[1])
+        )
         out += ["", f"Languages dropped: {langs}"]
-    out += ["", "## Sources", "", "| source | input lines | kept | dropped | quarantined | kept chars | languages |",
-            "|---|---:|---:|---:|---:|---:|---|"]
+    out += [
+        "",
+        "## Sources",
+        "",
+        "| source | input lines | kept | dropped | quarantined | kept chars | languages |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for name, row in report["per_source"].items():
         langs = ", ".join(f"{k} {v}" for k, v in sorted(row.get("languages", {}).items()))
-        out.append(f"| {name} | {row.get('num_input_lines', 0)} | {row.get('num_kept', 0)} | {row['num_dropped']} "
-                   f"| {row['num_quarantined']} | {row.get('num_chars', 0)} | {langs} |")
+        out.append(
+            f"| {name} | {row.get('num_input_lines', 0)} | {row.get('num_kept', 0)} | {row['num_dropped']} "
+            f"| {row['num_quarantined']} | {row.get('num_chars', 0)} | {langs} |"
+        )
     hist = report["length_histogram"]
     largest = max(hist.values(), default=0)
     out += ["", "## Kept document length (characters)", "", "```"]
@@ -145,10 +195,18 @@ def render_markdown(report: dict[str, Any]) -> str:
     out += ["```", "", "## PII redacted (kept documents)", ""]
     out += [f"- {kind}: {n}" for kind, n in sorted(report["pii"].items())] or ["- none"]
     if report.get("tokens"):
-        out += ["", "## Tokens", "", "| source | prefix | documents | tokens | weight |", "|---|---|---:|---:|---:|"]
+        out += [
+            "",
+            "## Tokens",
+            "",
+            "| source | prefix | documents | tokens | weight |",
+            "|---|---|---:|---:|---:|",
+        ]
         for name, row in report["tokens"].items():
-            out.append(f"| {name} | {row['prefix']} | {row['num_documents']} | {row['num_tokens']} "
-                       f"| {row['weight']:.4f} |")
+            out.append(
+                f"| {name} | {row['prefix']} | {row['num_documents']} | {row['num_tokens']} "
+                f"| {row['weight']:.4f} |"
+            )
     out += ["", "## Examples per reason", ""]
     for key, items in sorted(report["examples"].items()):
         out.append(f"### {key}")

@@ -20,14 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.config import DataPrepConfig
-from data_prep.decontam import Decontaminator, load_eval_index
-from data_prep.jsonl_io import AtomicJsonlWriter, BadLine, Document, Shard, read_shard
-from data_prep.langid import identify_batch
-from data_prep.minhash import MinHasher, exact_key
-from data_prep.pii import PiiRedactor
-from data_prep.quality import QualityFilter
-from data_prep.repair import repair_text
+from kumihimo.data_prep.config import DataPrepConfig
+from kumihimo.data_prep.decontam import Decontaminator, load_eval_index
+from kumihimo.data_prep.jsonl_io import AtomicJsonlWriter, BadLine, Document, Shard, read_shard
+from kumihimo.data_prep.langid import identify_batch
+from kumihimo.data_prep.minhash import MinHasher, exact_key
+from kumihimo.data_prep.pii import PiiRedactor
+from kumihimo.data_prep.quality import QualityFilter
+from kumihimo.data_prep.repair import repair_text
 
 SIGNATURE_BATCH = 256
 DOC_BATCH = 256  # documents curated together (language ID and decontamination vectorise across them)
@@ -54,7 +54,9 @@ class StageTools:
 def build_tools(config: DataPrepConfig, eval_index_path: Path) -> StageTools:
     minhasher = MinHasher(config.dedup) if config.dedup.fuzzy else None
     decontaminator = Decontaminator(load_eval_index(eval_index_path), config.decontam)
-    return StageTools(config, QualityFilter(config.filters), PiiRedactor(config.pii), decontaminator, minhasher)
+    return StageTools(
+        config, QualityFilter(config.filters), PiiRedactor(config.pii), decontaminator, minhasher
+    )
 
 
 class ShardStats:
@@ -77,19 +79,32 @@ class ShardStats:
             self.examples[key].append(record)
 
     def to_json(self) -> dict[str, Any]:
-        return {"num_input": self.num_input, "num_candidates": self.num_candidates,
-                "num_repaired": self.num_repaired,
-                "num_boilerplate_lines_removed": self.num_boilerplate_lines_removed,
-                "quarantined": dict(self.quarantined),
-                "dropped": {stage: dict(c) for stage, c in self.dropped.items()},
-                "dropped_languages": dict(self.dropped_languages),
-                "examples": dict(self.examples)}
+        return {
+            "num_input": self.num_input,
+            "num_candidates": self.num_candidates,
+            "num_repaired": self.num_repaired,
+            "num_boilerplate_lines_removed": self.num_boilerplate_lines_removed,
+            "quarantined": dict(self.quarantined),
+            "dropped": {stage: dict(c) for stage, c in self.dropped.items()},
+            "dropped_languages": dict(self.dropped_languages),
+            "examples": dict(self.examples),
+        }
 
 
-def _drop_record(doc: Document, stage: str, reason: str, detail: str, text: str, lang: str | None,
-                 excerpt_chars: int) -> dict[str, Any]:
-    return {"id": doc.doc_id, "source": doc.source, "file": doc.path, "line": doc.line, "stage": stage,
-            "reason": reason, "detail": detail, "lang": lang, "excerpt": text[:excerpt_chars]}
+def _drop_record(
+    doc: Document, stage: str, reason: str, detail: str, text: str, lang: str | None, excerpt_chars: int
+) -> dict[str, Any]:
+    return {
+        "id": doc.doc_id,
+        "source": doc.source,
+        "file": doc.path,
+        "line": doc.line,
+        "stage": stage,
+        "reason": reason,
+        "detail": detail,
+        "lang": lang,
+        "excerpt": text[:excerpt_chars],
+    }
 
 
 @dataclass
@@ -111,8 +126,11 @@ def _curate_batch(docs: list[Document], tools: StageTools) -> list[_Outcome]:
     for doc, outcome in zip(docs, outcomes):
         text, reason, outcome.repaired = repair_text(doc.text, config.repair)
         if reason:
-            detail = "text is still garbled after repair" if reason != "empty_after_cleanup" \
+            detail = (
+                "text is still garbled after repair"
+                if reason != "empty_after_cleanup"
                 else "nothing left after removing control characters and spaces"
+            )
             outcome.drop = ("repair", reason, detail, text, None)
         else:
             repaired.append((outcome, doc, text))
@@ -138,8 +156,9 @@ def _curate_batch(docs: list[Document], tools: StageTools) -> list[_Outcome]:
     return outcomes
 
 
-def _language_and_quality(outcome: _Outcome, doc: Document, text: str, lang: str, confidence: float,
-                          tools: StageTools) -> str | None:
+def _language_and_quality(
+    outcome: _Outcome, doc: Document, text: str, lang: str, confidence: float, tools: StageTools
+) -> str | None:
     """The language and quality verdicts for one document: its text after boilerplate removal if it
     passes, else None (and the drop is in `outcome`)."""
     config = tools.config
@@ -147,8 +166,13 @@ def _language_and_quality(outcome: _Outcome, doc: Document, text: str, lang: str
         outcome.drop = ("langid", "language_not_kept", f"{lang} ({confidence:.2f})", text, lang)
         return None
     if confidence < config.langid.min_confidence:
-        outcome.drop = ("langid", "low_confidence", f"{lang} ({confidence:.2f}) < {config.langid.min_confidence}",
-                        text, lang)
+        outcome.drop = (
+            "langid",
+            "low_confidence",
+            f"{lang} ({confidence:.2f}) < {config.langid.min_confidence}",
+            text,
+            lang,
+        )
         return None
     text, verdict, outcome.num_boilerplate_removed = tools.quality.check(text, lang, doc.url)
     if verdict:
@@ -184,15 +208,25 @@ def process_shard(shard: Shard, tools: StageTools, shards_dir: Path) -> None:
             signatures.append(tools.minhasher.signatures(pending))
         pending.clear()
 
-    with (AtomicJsonlWriter(tmp / CANDIDATES) as candidates, AtomicJsonlWriter(tmp / DROPPED) as dropped,
-          AtomicJsonlWriter(tmp / QUARANTINE) as quarantine, open(tmp / IDS, "w", encoding="utf-8") as ids):
+    with (
+        AtomicJsonlWriter(tmp / CANDIDATES) as candidates,
+        AtomicJsonlWriter(tmp / DROPPED) as dropped,
+        AtomicJsonlWriter(tmp / QUARANTINE) as quarantine,
+        open(tmp / IDS, "w", encoding="utf-8") as ids,
+    ):
         for batch in batched(read_shard(shard, config.input), DOC_BATCH):
             outcomes = iter(_curate_batch([item for item in batch if not isinstance(item, BadLine)], tools))
             for item in batch:
                 if isinstance(item, BadLine):
                     stats.quarantined[item.reason] += 1
-                    record = {"source": item.source, "file": item.path, "line": item.line, "reason": item.reason,
-                              "detail": item.detail, "raw": item.raw[: config.report.excerpt_chars]}
+                    record = {
+                        "source": item.source,
+                        "file": item.path,
+                        "line": item.line,
+                        "reason": item.reason,
+                        "detail": item.detail,
+                        "raw": item.raw[: config.report.excerpt_chars],
+                    }
                     quarantine.write(record)
                     stats.example(f"read/{item.reason}", record)
                     continue
@@ -215,7 +249,9 @@ def process_shard(shard: Shard, tools: StageTools, shards_dir: Path) -> None:
     np.save(tmp / EXACT_KEYS, np.array(exact_keys, dtype=np.uint64))
     if tools.minhasher is not None:
         num_perm = tools.minhasher.num_perm
-        np.save(tmp / SIGNATURES, np.concatenate(signatures) if signatures
-                else np.empty((0, num_perm), dtype=np.uint32))
+        np.save(
+            tmp / SIGNATURES,
+            np.concatenate(signatures) if signatures else np.empty((0, num_perm), dtype=np.uint32),
+        )
     (tmp / STATS).write_text(json.dumps(stats.to_json(), ensure_ascii=False), encoding="utf-8")
     os.rename(tmp, final)

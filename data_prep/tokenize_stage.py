@@ -15,15 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.blend import BlendEntry, blend_weights, write_blend
-from data_prep.config import DataPrepConfig
-from data_prep.executor import process_pool, run_ordered
-from data_prep.indexed import IndexedDatasetWriter, token_dtype
-from data_prep.report import add_tokens
-from kumihimo.configtree import write_text_atomic
-from kumihimo.errors import UserError
-from kumihimo.progress import Progress, say
-from tokenizer.spm import Tokenizer
+from kumihimo.core.configtree import write_text_atomic
+from kumihimo.core.errors import UserError
+from kumihimo.core.progress import Progress, say
+from kumihimo.data_prep.blend import BlendEntry, blend_weights, write_blend
+from kumihimo.data_prep.config import DataPrepConfig
+from kumihimo.data_prep.executor import process_pool, run_ordered
+from kumihimo.data_prep.indexed import IndexedDatasetWriter, token_dtype
+from kumihimo.data_prep.report import add_tokens
+from kumihimo.tokenizer.spm import Tokenizer
 
 _TOKENIZER: Tokenizer | None = None
 _NUMPY_OUTPUT = True  # cleared when the installed SentencePiece has no out_type="numpy"
@@ -72,7 +72,9 @@ def encode_as_arrays(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]
     return [np.asarray(ids, dtype=np.int32) for ids in tokenizer.encode_batch(texts, num_threads=1)]
 
 
-def _flatten(encoded: list[np.ndarray], bos_id: int | None, eod_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _flatten(
+    encoded: list[np.ndarray], bos_id: int | None, eod_id: int | None
+) -> tuple[np.ndarray, np.ndarray]:
     """One flat array [bos] + ids + [eod] per document, concatenated in one numpy call."""
     extra = (bos_id is not None) + (eod_id is not None)
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + extra
@@ -98,8 +100,14 @@ def _batches(path: Path, size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _encode_source(curated: Path, writer: IndexedDatasetWriter, config: DataPrepConfig, tokenizer_path: str,
-                   num_workers: int, progress: Progress) -> None:
+def _encode_source(
+    curated: Path,
+    writer: IndexedDatasetWriter,
+    config: DataPrepConfig,
+    tokenizer_path: str,
+    num_workers: int,
+    progress: Progress,
+) -> None:
     flags = (config.tokenize.add_bos, config.tokenize.append_eod)
     tasks = ((batch, *flags) for batch in _batches(curated, config.tokenize.batch_documents))
     if num_workers == 1:
@@ -117,17 +125,23 @@ def _encode_source(curated: Path, writer: IndexedDatasetWriter, config: DataPrep
 
 def _marker_for(curated: Path, tokenizer: Tokenizer, config: DataPrepConfig) -> dict[str, Any]:
     stat = curated.stat()
-    return {"curated_size": stat.st_size, "curated_mtime_ns": stat.st_mtime_ns,
-            "tokenizer_sha256": tokenizer.sha256, "add_bos": config.tokenize.add_bos,
-            "append_eod": config.tokenize.append_eod}
+    return {
+        "curated_size": stat.st_size,
+        "curated_mtime_ns": stat.st_mtime_ns,
+        "tokenizer_sha256": tokenizer.sha256,
+        "add_bos": config.tokenize.add_bos,
+        "append_eod": config.tokenize.append_eod,
+    }
 
 
 def build_datasets(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildResult:
     out = Path(config.output_dir)
     tokenizer = Tokenizer.load(tokenizer_path)
     if config.tokenize.add_bos and tokenizer.bos_id is None:
-        raise UserError(f"tokenize.add_bos=True but {tokenizer.path} has no <s> piece; "
-                        "set tokenize.add_bos=false or use a model with a BOS piece")
+        raise UserError(
+            f"tokenize.add_bos=True but {tokenizer.path} has no <s> piece; "
+            "set tokenize.add_bos=false or use a model with a BOS piece"
+        )
     entries: list[BlendEntry] = []
     for source in config.input.sources:
         curated = out / "curated" / f"{source.name}.jsonl"
@@ -144,23 +158,37 @@ def build_datasets(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildR
             writer = IndexedDatasetWriter(prefix, tokenizer.vocab_size)
             try:
                 with Progress(f"tokenize {source.name}", None, "documents") as progress:
-                    _encode_source(curated, writer, config, str(tokenizer.path),
-                                   config.resolved_num_workers, progress)
+                    _encode_source(
+                        curated, writer, config, str(tokenizer.path), config.resolved_num_workers, progress
+                    )
                 writer.finish()
             except BaseException:
                 writer.abort()
                 raise
             num_tokens, num_documents = writer.num_tokens, writer.num_documents
-            write_text_atomic(marker_path, json.dumps({**wanted, "num_tokens": num_tokens,
-                                                       "num_documents": num_documents}))
+            write_text_atomic(
+                marker_path, json.dumps({**wanted, "num_tokens": num_tokens, "num_documents": num_documents})
+            )
         entries.append(BlendEntry(source.name, prefix, num_tokens, num_documents, source.weight_multiplier))
     blend_path = out / "blend.yaml"
     write_blend(blend_path, entries, tokenizer.identity())
     weights = blend_weights(entries)
-    add_tokens(out, {e.source: {"prefix": str(e.prefix), "num_tokens": e.num_tokens,
-                                "num_documents": e.num_documents, "weight": w} for e, w in zip(entries, weights)})
-    return BuildResult(prefixes={e.source: e.prefix for e in entries},
-                       num_tokens={e.source: e.num_tokens for e in entries},
-                       num_documents={e.source: e.num_documents for e in entries},
-                       blend_path=blend_path, dtype=token_dtype(tokenizer.vocab_size).name)
-
+    add_tokens(
+        out,
+        {
+            e.source: {
+                "prefix": str(e.prefix),
+                "num_tokens": e.num_tokens,
+                "num_documents": e.num_documents,
+                "weight": w,
+            }
+            for e, w in zip(entries, weights)
+        },
+    )
+    return BuildResult(
+        prefixes={e.source: e.prefix for e in entries},
+        num_tokens={e.source: e.num_tokens for e in entries},
+        num_documents={e.source: e.num_documents for e in entries},
+        blend_path=blend_path,
+        dtype=token_dtype(tokenizer.vocab_size).name,
+    )

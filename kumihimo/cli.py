@@ -20,17 +20,26 @@ import os
 import sys
 from collections.abc import Sequence
 
-from kumihimo.errors import UserError
+from kumihimo.core.errors import UserError
 
 EXIT_USER_ERROR = 2
 
 # verb -> (module with register(parser), one-line help)
 _VERBS = {
-    "data": ("data_prep.cli", "curate raw JSONL and build Megatron .bin/.idx datasets with blend weights"),
-    "tokenizer": ("tokenizer.cli", "train, evaluate and export SentencePiece tokenizers"),
-    "train": ("pretrain.cli", "pretrain a Llama-style model with Megatron-Core"),
-    "plan": ("pretrain.plan", "per-GPU parameters, memory and pipeline bubble of a recipe before launching"),
-    "convert": ("pretrain.convert.cli", "convert checkpoints between Megatron (torch_dist) and Hugging Face"),
+    "data": (
+        "kumihimo.data_prep.cli",
+        "curate raw JSONL and build Megatron .bin/.idx datasets with blend weights",
+    ),
+    "tokenizer": ("kumihimo.tokenizer.cli", "train, evaluate and export SentencePiece tokenizers"),
+    "train": ("kumihimo.pretrain.cli", "pretrain a Llama-style model with Megatron-Core"),
+    "plan": (
+        "kumihimo.pretrain.plan",
+        "per-GPU parameters, memory and pipeline bubble of a recipe before launching",
+    ),
+    "convert": (
+        "kumihimo.pretrain.convert.cli",
+        "convert checkpoints between Megatron (torch_dist) and Hugging Face",
+    ),
     "quickstart": ("kumihimo.quickstart", "run the whole pipeline on the bundled sample corpus, on CPU"),
     "doctor": ("kumihimo.doctor", "check Python, torch, megatron-core, devices, communication and a config"),
     "slurm": ("kumihimo.slurm", "submit training to Slurm from a recipe (batch scripts in slurm/)"),

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kumihimo.errors import UserError
+from kumihimo.core.errors import UserError
 
 MIN_FREE_GB = 20.0
 
@@ -37,10 +37,14 @@ class Report:
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Check Python, torch, megatron-core, Transformer Engine, GPUs, communication, disk "
-                          "space and (with --config) a training recipe, its data and tokenizer.")
-    parser.epilog = ("examples:\n  kumihimo doctor\n  kumihimo doctor --config configs/pretrain/tiny-cpu.yaml\n"
-                     "  srun kumihimo doctor --config run.yaml     # inside a job: all-reduce bandwidth too")
+    parser.description = (
+        "Check Python, torch, megatron-core, Transformer Engine, GPUs, communication, disk "
+        "space and (with --config) a training recipe, its data and tokenizer."
+    )
+    parser.epilog = (
+        "examples:\n  kumihimo doctor\n  kumihimo doctor --config configs/pretrain/tiny-cpu.yaml\n"
+        "  srun kumihimo doctor --config run.yaml     # inside a job: all-reduce bandwidth too"
+    )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", help="training recipe to validate against this machine")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for --config")
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     config = check_config(report, args.config, args.overrides) if args.config else None
     check_disk(report, config)
     check_communication(report, config)
-    from pretrain.distributed import process_info
+    from kumihimo.pretrain.distributed import process_info
 
     if process_info().rank == 0:
         print(report.render())
@@ -72,20 +76,37 @@ def _version(module: str) -> str | None:
 
 def check_software(report: Report) -> None:
     py = sys.version_info
-    report.add("OK" if py >= (3, 12) else "FAIL", "python", f"{py.major}.{py.minor}.{py.micro}"
-               + ("" if py >= (3, 12) else " (megatron-core >= 0.17 needs 3.12)"))
-    for module, required in (("torch", True), ("megatron.core", True), ("transformers", True),
-                             ("sentencepiece", True), ("tokenizers", True), ("numpy", True),
-                             ("transformer_engine", False), ("apex", False), ("wandb", False),
-                             ("tensorboard", False)):
+    report.add(
+        "OK" if py >= (3, 12) else "FAIL",
+        "python",
+        f"{py.major}.{py.minor}.{py.micro}"
+        + ("" if py >= (3, 12) else " (megatron-core >= 0.17 needs 3.12)"),
+    )
+    for module, required in (
+        ("torch", True),
+        ("megatron.core", True),
+        ("transformers", True),
+        ("sentencepiece", True),
+        ("tokenizers", True),
+        ("numpy", True),
+        ("transformer_engine", False),
+        ("apex", False),
+        ("wandb", False),
+        ("tensorboard", False),
+    ):
         start = time.perf_counter()
         version = _version(module)
         took = time.perf_counter() - start
         if version is None:
             status = "FAIL" if required else "WARN"
-            hint = "pip install -e ." if required else {
-                "transformer_engine": "needed for FP8 and sequence/context parallel (pip install 'kumihimo[te]')",
-                "apex": "optional; TE covers what apex did"}.get(module, "optional")
+            hint = (
+                "pip install -e ."
+                if required
+                else {
+                    "transformer_engine": "needed for FP8 and sequence/context parallel (pip install 'kumihimo[te]')",
+                    "apex": "optional; TE covers what apex did",
+                }.get(module, "optional")
+            )
             report.add(status, module, f"not importable; {hint}")
         else:
             report.add("OK", module, f"{version} (import {took:.1f} s)")
@@ -101,13 +122,18 @@ def check_devices(report: Report) -> None:
     caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
     report.add("OK", "gpus", f"{len(names)} visible: {', '.join(sorted(set(names)))}")
     hopper = all(major >= 9 for major, _ in caps)
-    report.add("OK" if hopper else "WARN", "fp8", "Hopper or newer: FP8 possible with TE" if hopper
-               else f"compute capability {sorted(caps)}: FP8 needs Hopper (9.0) or newer")
+    report.add(
+        "OK" if hopper else "WARN",
+        "fp8",
+        "Hopper or newer: FP8 possible with TE"
+        if hopper
+        else f"compute capability {sorted(caps)}: FP8 needs Hopper (9.0) or newer",
+    )
 
 
 def check_config(report: Report, path: str, overrides: list[str]):
-    from kumihimo import configtree
-    from pretrain.config import TrainConfig
+    from kumihimo.core import configtree
+    from kumihimo.pretrain.config import TrainConfig
 
     try:
         config = configtree.load(TrainConfig, path, overrides)
@@ -116,16 +142,20 @@ def check_config(report: Report, path: str, overrides: list[str]):
         report.add("FAIL", "config", str(exc))
         return None
     report.add("OK", "config", f"{path} is valid")
-    from pretrain.distributed import process_info
-    from pretrain.parallel import ParallelLayout
+    from kumihimo.pretrain.distributed import process_info
+    from kumihimo.pretrain.parallel import ParallelLayout
 
     world = process_info().world_size
     try:
         layout = ParallelLayout.from_config(config, world)
         report.add("OK", "layout", layout.describe())
     except UserError as exc:
-        report.add("WARN" if world == 1 else "FAIL", "layout",
-                   f"{exc}" + (" (checked for 1 process; run inside the job for its world size)" if world == 1 else ""))
+        report.add(
+            "WARN" if world == 1 else "FAIL",
+            "layout",
+            f"{exc}"
+            + (" (checked for 1 process; run inside the job for its world size)" if world == 1 else ""),
+        )
     check_data_matches_tokenizer(report, config)
     return config
 
@@ -134,8 +164,8 @@ def check_data_matches_tokenizer(report: Report, config) -> None:
     """The blend.yaml records the tokenizer its datasets were made with; it must be the one trained on."""
     if config.data.mock or not config.data.blend_file or not config.data.tokenizer:
         return
-    from data_prep.blend import read_blend
-    from tokenizer.spm import Tokenizer
+    from kumihimo.data_prep.blend import read_blend
+    from kumihimo.tokenizer.spm import Tokenizer
 
     try:
         _datasets, recorded_tokenizer = read_blend(config.data.blend_file)
@@ -147,8 +177,12 @@ def check_data_matches_tokenizer(report: Report, config) -> None:
     if recorded is None:
         report.add("WARN", "data/tokenizer", f"{config.data.blend_file} records no tokenizer; cannot check")
     elif recorded != current:
-        report.add("FAIL", "data/tokenizer", f"datasets in {config.data.blend_file} were tokenized with another "
-                   f"tokenizer (sha256 {recorded[:12]}... vs {current[:12]}...); retokenize or fix data.tokenizer")
+        report.add(
+            "FAIL",
+            "data/tokenizer",
+            f"datasets in {config.data.blend_file} were tokenized with another "
+            f"tokenizer (sha256 {recorded[:12]}... vs {current[:12]}...); retokenize or fix data.tokenizer",
+        )
     else:
         report.add("OK", "data/tokenizer", "datasets were made with data.tokenizer")
 
@@ -166,7 +200,7 @@ def check_communication(report: Report, config) -> None:
     import torch
     import torch.distributed as dist
 
-    from pretrain.distributed import init_process_group, process_info
+    from kumihimo.pretrain.distributed import init_process_group, process_info
 
     info = process_info()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -185,9 +219,12 @@ def check_communication(report: Report, config) -> None:
         elapsed = (time.perf_counter() - start) / iterations
         ok = bool(tensor[0].item() == float(info.world_size) ** (iterations + 1))
         size = tensor.numel() * 4
-        bus_gbps = 2 * (info.world_size - 1) / info.world_size * size / elapsed / 1e9 if info.world_size > 1 else 0
-        detail = (f"{dist.get_backend()} all-reduce over {info.world_size} rank(s): "
-                  + (f"{bus_gbps:.1f} GB/s bus bandwidth" if info.world_size > 1 else "works (single process)"))
+        bus_gbps = (
+            2 * (info.world_size - 1) / info.world_size * size / elapsed / 1e9 if info.world_size > 1 else 0
+        )
+        detail = f"{dist.get_backend()} all-reduce over {info.world_size} rank(s): " + (
+            f"{bus_gbps:.1f} GB/s bus bandwidth" if info.world_size > 1 else "works (single process)"
+        )
         report.add("OK" if ok else "FAIL", "communication", detail if ok else "all-reduce gave a wrong sum")
     except Exception as exc:  # any failure here is what the user needs to see, whatever its type
         report.add("FAIL", "communication", f"{type(exc).__name__}: {exc}")

@@ -21,30 +21,43 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kumihimo import configtree
-from kumihimo.errors import UserError
-from kumihimo.progress import say
+from kumihimo.core import configtree
+from kumihimo.core.errors import UserError
+from kumihimo.core.progress import say
+from kumihimo.core.recipes import shipped_root
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+CONFIGS = shipped_root()
 STAGES = ("curate", "tokenizer", "datasets", "train", "convert", "generate")
 PROMPTS = ("今日は天気が良いので、", "駅前の図書館では、")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Run the whole pipeline on the bundled ja/en sample corpus on CPU: curate, train a "
-                          "tokenizer, build Megatron datasets, train a tiny Llama with Megatron-Core, convert "
-                          "it to Hugging Face and generate Japanese text. Takes a few minutes on 2 cores.")
-    parser.epilog = ("examples:\n  kumihimo quickstart\n  kumihimo quickstart --redo train --train-iters 600\n"
-                     "  kumihimo quickstart --workdir /tmp/qs --force")
+    parser.description = (
+        "Run the whole pipeline on the bundled ja/en sample corpus on CPU: curate, train a "
+        "tokenizer, build Megatron datasets, train a tiny Llama with Megatron-Core, convert "
+        "it to Hugging Face and generate Japanese text. Takes a few minutes on 2 cores."
+    )
+    parser.epilog = (
+        "examples:\n  kumihimo quickstart\n  kumihimo quickstart --redo train --train-iters 600\n"
+        "  kumihimo quickstart --workdir /tmp/qs --force"
+    )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--workdir", default="runs/quickstart", help="where every stage writes (default: %(default)s)")
+    parser.add_argument(
+        "--workdir", default="runs/quickstart", help="where every stage writes (default: %(default)s)"
+    )
     parser.add_argument("--force", action="store_true", help="redo every stage even if it finished before")
-    parser.add_argument("--redo", nargs="+", choices=STAGES, default=[],
-                        help="redo these stages (and the ones after them)")
-    parser.add_argument("--train-iters", type=int, default=None, help="training steps (default: the recipe's)")
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="training processes; 2 with --tp 2 shows tensor parallelism on CPU")
+    parser.add_argument(
+        "--redo", nargs="+", choices=STAGES, default=[], help="redo these stages (and the ones after them)"
+    )
+    parser.add_argument(
+        "--train-iters", type=int, default=None, help="training steps (default: the recipe's)"
+    )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="training processes; 2 with --tp 2 shows tensor parallelism on CPU",
+    )
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size for training")
     parser.set_defaults(handler=run)
 
@@ -75,26 +88,36 @@ class StageCache:
         start = time.perf_counter()
         result = fn()
         result["seconds"] = round(time.perf_counter() - start, 1)
-        configtree.write_text_atomic(record, json.dumps({"fingerprint": fingerprint, "result": result},
-                                                        ensure_ascii=False, indent=2, default=str))
+        configtree.write_text_atomic(
+            record,
+            json.dumps(
+                {"fingerprint": fingerprint, "result": result}, ensure_ascii=False, indent=2, default=str
+            ),
+        )
         say(f"{number} {stage} done in {result['seconds']} s")
         return result
 
 
 def run(args: argparse.Namespace) -> int:
     if not CONFIGS.is_dir():
-        raise UserError(f"recipes not found at {CONFIGS}; install kumihimo from a checkout with `pip install -e .`")
+        raise UserError(
+            f"recipes not found at {CONFIGS}; install kumihimo from a checkout with `pip install -e .`"
+        )
     workdir = Path(args.workdir).resolve()
     cache = StageCache(workdir, args.force, args.redo)
     data_cfg = _data_config(workdir)
     curated = cache.run("curate", {"config": configtree.to_dict(data_cfg)}, lambda: _curate(data_cfg))
     tok_cfg = _tokenizer_config(workdir, curated)
-    tokenizer = cache.run("tokenizer", {"config": configtree.to_dict(tok_cfg)}, lambda: _train_tokenizer(tok_cfg))
-    datasets = cache.run("datasets", {"tokenizer": tokenizer["sha256"]},
-                         lambda: _build_datasets(data_cfg, tokenizer["model"]))
+    tokenizer = cache.run(
+        "tokenizer", {"config": configtree.to_dict(tok_cfg)}, lambda: _train_tokenizer(tok_cfg)
+    )
+    datasets = cache.run(
+        "datasets", {"tokenizer": tokenizer["sha256"]}, lambda: _build_datasets(data_cfg, tokenizer["model"])
+    )
     train_args = _train_args(workdir, tokenizer, datasets, args)
-    trained = cache.run("train", {"args": train_args, "nproc": args.nproc},
-                        lambda: _train(workdir, train_args, args.nproc))
+    trained = cache.run(
+        "train", {"args": train_args, "nproc": args.nproc}, lambda: _train(workdir, train_args, args.nproc)
+    )
     hf = cache.run("convert", {"checkpoint": trained["checkpoint"]}, lambda: _convert(workdir, trained))
     generated = cache.run("generate", {"prompts": PROMPTS}, lambda: _generate(hf["output"]))
     print(_summary(curated, tokenizer, datasets, trained, hf, generated))
@@ -105,27 +128,36 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _data_config(workdir: Path):
-    from data_prep.config import DataPrepConfig
+    from kumihimo.data_prep.config import DataPrepConfig
     from kumihimo.sample import sample_paths
 
     paths = sample_paths()
     sources = [{"name": "ja", "paths": [str(paths["ja"])]}, {"name": "en", "paths": [str(paths["en"])]}]
-    overrides = [f"output_dir={workdir / 'data_prep'}", f"input.sources={json.dumps(sources)}",
-                 f"decontam.eval_paths=[{json.dumps(str(paths['eval']))}]"]
+    overrides = [
+        f"output_dir={workdir / 'data_prep'}",
+        f"input.sources={json.dumps(sources)}",
+        f"decontam.eval_paths=[{json.dumps(str(paths['eval']))}]",
+    ]
     return configtree.load(DataPrepConfig, CONFIGS / "data_prep" / "quickstart.yaml", overrides)
 
 
 def _curate(config) -> dict[str, Any]:
-    from data_prep.pipeline import curate
+    from kumihimo.data_prep.pipeline import curate
 
     result = curate(config)
-    return {"input": result.num_input_lines, "kept": result.num_kept, "dropped": result.dropped,
-            "quarantined": result.num_quarantined, "pii": result.pii, "report": str(result.report_path),
-            "curated": {name: str(path) for name, path in result.curated_paths.items()}}
+    return {
+        "input": result.num_input_lines,
+        "kept": result.num_kept,
+        "dropped": result.dropped,
+        "quarantined": result.num_quarantined,
+        "pii": result.pii,
+        "report": str(result.report_path),
+        "curated": {name: str(path) for name, path in result.curated_paths.items()},
+    }
 
 
 def _tokenizer_config(workdir: Path, curated: dict[str, Any]):
-    from tokenizer.config import TokenizerTrainConfig
+    from kumihimo.tokenizer.config import TokenizerTrainConfig
 
     overrides = [f"output_dir={workdir / 'tokenizer'}"]
     for lang in ("ja", "en"):
@@ -134,8 +166,8 @@ def _tokenizer_config(workdir: Path, curated: dict[str, Any]):
 
 
 def _train_tokenizer(config) -> dict[str, Any]:
-    from tokenizer.spm import Tokenizer
-    from tokenizer.train import train_tokenizer
+    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.train import train_tokenizer
 
     model = train_tokenizer(config)
     tok = Tokenizer.load(model)
@@ -143,7 +175,7 @@ def _train_tokenizer(config) -> dict[str, Any]:
 
 
 def _build_datasets(config, tokenizer_model: str) -> dict[str, Any]:
-    from data_prep.pipeline import build_datasets
+    from kumihimo.data_prep.pipeline import build_datasets
 
     result = build_datasets(config, tokenizer_model)
     return _plain(result)
@@ -158,9 +190,13 @@ def _plain(result) -> dict[str, Any]:
 
 def _train_args(workdir: Path, tokenizer: dict, datasets: dict, args: argparse.Namespace) -> list[str]:
     run_dir = workdir / "train"
-    overrides = [f"data.blend_file={datasets['blend_path']}", f"data.tokenizer={tokenizer['model']}",
-                 f"runtime.run_dir={run_dir}", f"checkpoint.save={run_dir / 'checkpoints'}",
-                 f"parallelism.tensor_model_parallel_size={args.tp}"]
+    overrides = [
+        f"data.blend_file={datasets['blend_path']}",
+        f"data.tokenizer={tokenizer['model']}",
+        f"runtime.run_dir={run_dir}",
+        f"checkpoint.save={run_dir / 'checkpoints'}",
+        f"parallelism.tensor_model_parallel_size={args.tp}",
+    ]
     if args.train_iters:
         overrides.append(f"schedule.train_iters={args.train_iters}")
     return [str(CONFIGS / "pretrain" / "quickstart.yaml"), *overrides]
@@ -178,14 +214,19 @@ def _train(workdir: Path, train_args: list[str], nproc: int) -> dict[str, Any]:
         raise UserError(f"training failed (exit code {code}); its log is above. Rerun with --redo train")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [m["val_loss"] for m in metrics if "val_loss" in m]
-    return {"checkpoint": str(run_dir / "checkpoints"), "steps": metrics[-1]["step"],
-            "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"],
-            "val_loss_last": val[-1] if val else None, "tokens": metrics[-1]["consumed_tokens"],
-            "tokens_per_s": sum(m["tokens_per_s"] for m in metrics[1:]) / max(1, len(metrics) - 1)}
+    return {
+        "checkpoint": str(run_dir / "checkpoints"),
+        "steps": metrics[-1]["step"],
+        "loss_first": metrics[0]["loss"],
+        "loss_last": metrics[-1]["loss"],
+        "val_loss_last": val[-1] if val else None,
+        "tokens": metrics[-1]["consumed_tokens"],
+        "tokens_per_s": sum(m["tokens_per_s"] for m in metrics[1:]) / max(1, len(metrics) - 1),
+    }
 
 
 def _convert(workdir: Path, trained: dict[str, Any]) -> dict[str, Any]:
-    from pretrain.convert.to_hf import convert_to_hf
+    from kumihimo.pretrain.convert.to_hf import convert_to_hf
 
     output = convert_to_hf(trained["checkpoint"], workdir / "hf", dtype="fp32")
     return {"output": str(output)}
@@ -202,9 +243,14 @@ def _generate(hf_dir: str) -> dict[str, Any]:
     for prompt in PROMPTS:
         inputs = tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=40, do_sample=False, repetition_penalty=1.3,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        samples[prompt] = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                **inputs,
+                max_new_tokens=40,
+                do_sample=False,
+                repetition_penalty=1.3,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+        samples[prompt] = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return {"samples": samples, "model_class": type(model).__name__}
 
 
@@ -221,7 +267,9 @@ def _summary(curated, tokenizer, datasets, trained, hf, generated) -> str:
     for stage, reasons in curated["dropped"].items():
         dropped = sum(reasons.values())
         remaining -= dropped
-        detail = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items(), key=lambda x: -x[1]))
+        detail = ", ".join(
+            f"{reason} {count}" for reason, count in sorted(reasons.items(), key=lambda x: -x[1])
+        )
         lines.append(f"  {'after ' + stage:<28}{remaining:>8}   (-{dropped}: {detail})")
     lines.append(f"  {'kept':<28}{curated['kept']:>8}")
     if curated["pii"]:
@@ -229,12 +277,18 @@ def _summary(curated, tokenizer, datasets, trained, hf, generated) -> str:
     lines.append(f"Tokenizer: {tokenizer['vocab_size']} pieces -> {tokenizer['model']}")
     for name, count in datasets.get("num_tokens", {}).items():
         lines.append(f"Tokens: {name} {count:,}")
-    lines.append(f"Training: {trained['steps']} steps, {trained['tokens']:,} tokens, loss "
-                 f"{trained['loss_first']:.3f} -> {trained['loss_last']:.3f}"
-                 + (f" (validation {trained['val_loss_last']:.3f})" if trained["val_loss_last"] else "")
-                 + f", ~{trained['tokens_per_s']:,.0f} tokens/s")
-    lines += [f"Checkpoint: {trained['checkpoint']}", f"Hugging Face model: {hf['output']}",
-              f"Report: {curated['report']}", "Generated by the converted model with transformers (greedy; [continuation], ⏎ = newline):"]
+    lines.append(
+        f"Training: {trained['steps']} steps, {trained['tokens']:,} tokens, loss "
+        f"{trained['loss_first']:.3f} -> {trained['loss_last']:.3f}"
+        + (f" (validation {trained['val_loss_last']:.3f})" if trained["val_loss_last"] else "")
+        + f", ~{trained['tokens_per_s']:,.0f} tokens/s"
+    )
+    lines += [
+        f"Checkpoint: {trained['checkpoint']}",
+        f"Hugging Face model: {hf['output']}",
+        f"Report: {curated['report']}",
+        "Generated by the converted model with transformers (greedy; [continuation], ⏎ = newline):",
+    ]
     for prompt, text in generated["samples"].items():
         lines.append(f"  {prompt}[{text.replace(chr(10), ' ⏎ ')}]")
     return "\n".join(lines)

@@ -25,10 +25,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kumihimo.errors import UserError
+from kumihimo.core.errors import UserError
+from kumihimo.core.recipes import templates_root
 
-SLURM_DIR = Path(__file__).resolve().parents[1] / "slurm"
-"""The batch scripts and profiles of this checkout (kumihimo is installed editable from it)."""
+SLURM_DIR = templates_root()
+"""The shipped batch scripts and profiles (the checkout's slurm/ folder, package data when installed)."""
 PROFILE_DIR = SLURM_DIR / "profiles"
 LAUNCHERS = {"srun": SLURM_DIR / "train.sbatch", "torchrun": SLURM_DIR / "train-torchrun.sbatch"}
 """The batch script each launcher renders: one srun task per GPU, or one launcher per node."""
@@ -52,41 +53,71 @@ def register(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="slurm_command", metavar="COMMAND", required=True)
     formatter = argparse.RawDescriptionHelpFormatter
     submit = commands.add_parser(
-        "submit", help="render the training batch script from a recipe and submit it (or print it)",
+        "submit",
+        help="render the training batch script from a recipe and submit it (or print it)",
         description="Render slurm/train.sbatch for a recipe on N nodes (one task per GPU; or "
-                    "train-torchrun.sbatch), check the parallel layout for that world size, and submit it "
-                    "with sbatch.",
-        epilog=SUBMIT_EXAMPLES, formatter_class=formatter)
+        "train-torchrun.sbatch), check the parallel layout for that world size, and submit it "
+        "with sbatch.",
+        epilog=SUBMIT_EXAMPLES,
+        formatter_class=formatter,
+    )
     submit.add_argument("config", help="training recipe (configs/pretrain/*.yaml)")
     submit.add_argument("overrides", nargs="*", help="dotted overrides, passed to the trainer too")
     submit.add_argument("--nodes", type=int, required=True, help="number of nodes")
-    submit.add_argument("--gpus-per-node", type=int, default=None,
-                        help="processes (GPUs) per node; default: the profile's KUMIHIMO_GPUS_PER_NODE or 8. "
-                             "With a CPU profile (KUMIHIMO_DEVICE=cpu) these are CPU processes")
-    submit.add_argument("--time", default=None, metavar="[D-]HH:MM:SS",
-                        help="time limit of each allocation (default: the partition's)")
-    submit.add_argument("--signal-before", type=int, default=None, metavar="SECONDS",
-                        help="send USR1 this long before the time limit so the trainer saves and requeues; "
-                             f"default {DEFAULT_SIGNAL_BEFORE_S}, or a tenth of a shorter --time (Slurm may "
-                             "send it up to a minute earlier)")
-    submit.add_argument("--profile", default=None,
-                        help="cluster profile: a name in slurm/profiles/ (h100-ib, local-cpu) or a path")
-    submit.add_argument("--launcher", choices=sorted(LAUNCHERS), default="srun",
-                        help="srun: one task per GPU (slurm/train.sbatch); torchrun: one per-node launcher "
-                             "starting a process per GPU (slurm/train-torchrun.sbatch)")
-    submit.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
-                        help="extra #SBATCH option, e.g. --sbatch=--qos=high; repeatable")
+    submit.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="processes (GPUs) per node; default: the profile's KUMIHIMO_GPUS_PER_NODE or 8. "
+        "With a CPU profile (KUMIHIMO_DEVICE=cpu) these are CPU processes",
+    )
+    submit.add_argument(
+        "--time",
+        default=None,
+        metavar="[D-]HH:MM:SS",
+        help="time limit of each allocation (default: the partition's)",
+    )
+    submit.add_argument(
+        "--signal-before",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="send USR1 this long before the time limit so the trainer saves and requeues; "
+        f"default {DEFAULT_SIGNAL_BEFORE_S}, or a tenth of a shorter --time (Slurm may "
+        "send it up to a minute earlier)",
+    )
+    submit.add_argument(
+        "--profile",
+        default=None,
+        help="cluster profile: a name in slurm/profiles/ (h100-ib, local-cpu) or a path",
+    )
+    submit.add_argument(
+        "--launcher",
+        choices=sorted(LAUNCHERS),
+        default="srun",
+        help="srun: one task per GPU (slurm/train.sbatch); torchrun: one per-node launcher "
+        "starting a process per GPU (slurm/train-torchrun.sbatch)",
+    )
+    submit.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="extra #SBATCH option, e.g. --sbatch=--qos=high; repeatable",
+    )
     submit.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command only")
     submit.set_defaults(handler=run_submit)
 
     launch = commands.add_parser(
-        "launch-node", help="start this node's processes (torchrun's engine) and return the trainer's exit code",
+        "launch-node",
+        help="start this node's processes (torchrun's engine) and return the trainer's exit code",
         description="Run `kumihimo COMMAND ...` in N processes on this node under torch's elastic launcher "
-                    "with a static rendezvous at MASTER_ADDR:MASTER_PORT, node rank SLURM_NODEID of "
-                    "SLURM_JOB_NUM_NODES. Used by slurm/train-torchrun.sbatch.",
+        "with a static rendezvous at MASTER_ADDR:MASTER_PORT, node rank SLURM_NODEID of "
+        "SLURM_JOB_NUM_NODES. Used by slurm/train-torchrun.sbatch.",
         epilog="example (inside a job, one task per node):\n"
-               "  srun --ntasks-per-node=1 kumihimo slurm launch-node --nproc-per-node 8 train CONFIG",
-        formatter_class=formatter)
+        "  srun --ntasks-per-node=1 kumihimo slurm launch-node --nproc-per-node 8 train CONFIG",
+        formatter_class=formatter,
+    )
     launch.add_argument("--nproc-per-node", type=int, required=True, help="processes to start on this node")
     launch.add_argument("command", nargs=argparse.REMAINDER, help="kumihimo verb and its arguments")
     launch.set_defaults(handler=run_launch_node)
@@ -108,8 +139,10 @@ def find_profile(name: str) -> Path:
     if named.is_file():
         return named
     known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.env"))) or "none"
-    raise UserError(f"--profile={name!r} is neither a file nor a profile in {PROFILE_DIR} (known: {known}); "
-                    "pass a path or one of those names")
+    raise UserError(
+        f"--profile={name!r} is neither a file nor a profile in {PROFILE_DIR} (known: {known}); "
+        "pass a path or one of those names"
+    )
 
 
 def read_profile(path: Path) -> dict[str, str]:
@@ -132,7 +165,9 @@ def parse_time(text: str) -> int:
     if first is None:  # a bare number is minutes, as in sbatch
         return int(days or 0) * 86400 + int(last) * 60
     if second is None:  # MM:SS, or D-HH:MM after a day
-        return (int(days) * 86400 + int(first) * 3600 + int(last) * 60) if days else int(first) * 60 + int(last)
+        return (
+            (int(days) * 86400 + int(first) * 3600 + int(last) * 60) if days else int(first) * 60 + int(last)
+        )
     return int(days or 0) * 86400 + int(first) * 3600 + int(second) * 60 + int(last)
 
 
@@ -165,15 +200,25 @@ class JobSpec:
     """The script's arguments: the recipe and its overrides."""
 
     def directives(self) -> list[str]:
-        lines = [f"--job-name={self.job_name}", f"--nodes={self.nodes}", f"--ntasks-per-node={self.tasks_per_node}"]
+        lines = [
+            f"--job-name={self.job_name}",
+            f"--nodes={self.nodes}",
+            f"--ntasks-per-node={self.tasks_per_node}",
+        ]
         if self.gpus_per_node:
             lines.append(f"--gpus-per-node={self.gpus_per_node}")
         if self.cpus_per_task:
             lines.append(f"--cpus-per-task={self.cpus_per_task}")
         if self.time:
             lines.append(f"--time={self.time}")
-        lines += ["--exclusive", "--requeue", f"--signal=USR1@{self.signal_before_s}", "--open-mode=append",
-                  f"--output={self.output}", *self.options]
+        lines += [
+            "--exclusive",
+            "--requeue",
+            f"--signal=USR1@{self.signal_before_s}",
+            "--open-mode=append",
+            f"--output={self.output}",
+            *self.options,
+        ]
         return lines
 
 
@@ -181,32 +226,45 @@ def script_body(template: Path) -> str:
     """The part of a batch script after its #SBATCH block (the header is what `submit` renders)."""
     lines = template.read_text(encoding="utf-8").splitlines(keepends=True)
     last = max(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
-    return "".join(lines[last + 1:])
+    return "".join(lines[last + 1 :])
 
 
 def render(spec: JobSpec) -> str:
     """A self-contained batch script: header, inlined profile, arguments, then the template's body."""
-    out = ["#!/bin/bash",
-           f"# Rendered by `kumihimo slurm submit` on {datetime.datetime.now().isoformat(timespec='seconds')} "
-           f"from {spec.template.name}: {spec.nodes} node(s) x {spec.processes_per_node} process(es).",
-           *(f"#SBATCH {line}" for line in spec.directives())]
+    out = [
+        "#!/bin/bash",
+        f"# Rendered by `kumihimo slurm submit` on {datetime.datetime.now().isoformat(timespec='seconds')} "
+        f"from {spec.template.name}: {spec.nodes} node(s) x {spec.processes_per_node} process(es).",
+        *(f"#SBATCH {line}" for line in spec.directives()),
+    ]
     out += [f"export {key}={shlex.quote(value)}" for key, value in spec.environment.items()]
     if spec.profile:
         # Inlined rather than sourced, so the script in the run directory records the exact environment.
-        out += [f"# ---- cluster profile {spec.profile} ----", "set -a",
-                spec.profile.read_text(encoding="utf-8").rstrip("\n"), "set +a", "unset KUMIHIMO_PROFILE"]
-    out += ["# ---- recipe and overrides ----", "set -- " + shlex.join(spec.arguments),
-            f"# ---- {spec.template.name} ----", script_body(spec.template).rstrip("\n")]
+        out += [
+            f"# ---- cluster profile {spec.profile} ----",
+            "set -a",
+            spec.profile.read_text(encoding="utf-8").rstrip("\n"),
+            "set +a",
+            "unset KUMIHIMO_PROFILE",
+        ]
+    out += [
+        "# ---- recipe and overrides ----",
+        "set -- " + shlex.join(spec.arguments),
+        f"# ---- {spec.template.name} ----",
+        script_body(spec.template).rstrip("\n"),
+    ]
     return "\n".join(out) + "\n"
 
 
 def job_spec(args: argparse.Namespace, config, profile: Path | None) -> JobSpec:
     """The job's shape from the CLI, the profile and the recipe, refusing what cannot run."""
-    from pretrain.parallel import ParallelLayout
+    from kumihimo.pretrain.parallel import ParallelLayout
 
     env = read_profile(profile) if profile else {}
     on_cpu = env.get("KUMIHIMO_DEVICE", "cuda") == "cpu"
-    per_node = args.gpus_per_node if args.gpus_per_node is not None else int(env.get("KUMIHIMO_GPUS_PER_NODE", 8))
+    per_node = (
+        args.gpus_per_node if args.gpus_per_node is not None else int(env.get("KUMIHIMO_GPUS_PER_NODE", 8))
+    )
     if args.nodes < 1 or per_node < 1:
         raise UserError(f"--nodes={args.nodes} and --gpus-per-node={per_node} must both be >= 1")
     try:
@@ -219,27 +277,41 @@ def job_spec(args: argparse.Namespace, config, profile: Path | None) -> JobSpec:
         if args.signal_before is None:
             signal_before = min(DEFAULT_SIGNAL_BEFORE_S, limit_s // 10)
         if not 0 < signal_before < limit_s:
-            raise UserError(f"--signal-before={signal_before} s is not within (0, --time={args.time} = {limit_s} s); "
-                            "the job would be told to stop at once or never; choose a value in that range")
-    options = [f"--{key[len('SBATCH_'):].lower().replace('_', '-')}={value}"
-               for key, value in env.items() if key.startswith("SBATCH_") and value]
+            raise UserError(
+                f"--signal-before={signal_before} s is not within (0, --time={args.time} = {limit_s} s); "
+                "the job would be told to stop at once or never; choose a value in that range"
+            )
+    options = [
+        f"--{key[len('SBATCH_') :].lower().replace('_', '-')}={value}"
+        for key, value in env.items()
+        if key.startswith("SBATCH_") and value
+    ]
     per_node_launcher = args.launcher == "torchrun"
     cpus = int(env["KUMIHIMO_CPUS_PER_TASK"]) if env.get("KUMIHIMO_CPUS_PER_TASK") else None
     if cpus and per_node_launcher:
         cpus *= per_node  # one task holds every process of its node
     run_dir = Path(config.runtime.run_dir).resolve()
-    return JobSpec(job_name=config.name, template=LAUNCHERS[args.launcher], nodes=args.nodes,
-                   tasks_per_node=1 if per_node_launcher else per_node, processes_per_node=per_node,
-                   gpus_per_node=0 if on_cpu else per_node, cpus_per_task=cpus, time=args.time,
-                   signal_before_s=signal_before, output=run_dir / "slurm-%j.out",
-                   environment={"KUMIHIMO_PROCS_PER_NODE": str(per_node)} if per_node_launcher else {},
-                   options=[*options, *args.sbatch], profile=profile,
-                   arguments=[str(Path(args.config).resolve()), *args.overrides])
+    return JobSpec(
+        job_name=config.name,
+        template=LAUNCHERS[args.launcher],
+        nodes=args.nodes,
+        tasks_per_node=1 if per_node_launcher else per_node,
+        processes_per_node=per_node,
+        gpus_per_node=0 if on_cpu else per_node,
+        cpus_per_task=cpus,
+        time=args.time,
+        signal_before_s=signal_before,
+        output=run_dir / "slurm-%j.out",
+        environment={"KUMIHIMO_PROCS_PER_NODE": str(per_node)} if per_node_launcher else {},
+        options=[*options, *args.sbatch],
+        profile=profile,
+        arguments=[str(Path(args.config).resolve()), *args.overrides],
+    )
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from kumihimo import configtree
-    from pretrain.config import TrainConfig
+    from kumihimo.core import configtree
+    from kumihimo.pretrain.config import TrainConfig
 
     config = configtree.load(TrainConfig, args.config, args.overrides)
     profile = find_profile(args.profile) if args.profile else None
@@ -253,15 +325,19 @@ def run_submit(args: argparse.Namespace) -> int:
         return 0
     sbatch = shutil.which("sbatch")
     if sbatch is None:
-        raise UserError("sbatch is not on PATH; run this on a Slurm login node, or use --dry-run to see the script")
+        raise UserError(
+            "sbatch is not on PATH; run this on a Slurm login node, or use --dry-run to see the script"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the folder of --output
     configtree.write_text_atomic(path, script)
     proc = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise UserError(f"sbatch refused {path}: {proc.stderr.strip() or proc.stdout.strip()}")
     job_id = proc.stdout.strip().split(";")[0]
-    print(f"submitted job {job_id} ({spec.job_name}, {spec.nodes} node(s) x {spec.processes_per_node}); "
-          f"script {path}; log {str(spec.output).replace('%j', job_id)}")
+    print(
+        f"submitted job {job_id} ({spec.job_name}, {spec.nodes} node(s) x {spec.processes_per_node}); "
+        f"script {path}; log {str(spec.output).replace('%j', job_id)}"
+    )
     return 0
 
 
@@ -276,17 +352,28 @@ def run_launch_node(args: argparse.Namespace) -> int:
 
     command = [word for word in args.command if word != "--"]
     if not command:
-        raise UserError("launch-node needs a kumihimo command, e.g. `launch-node --nproc-per-node 8 train CONFIG`")
+        raise UserError(
+            "launch-node needs a kumihimo command, e.g. `launch-node --nproc-per-node 8 train CONFIG`"
+        )
     if args.nproc_per_node < 1:
         raise UserError(f"--nproc-per-node={args.nproc_per_node} must be >= 1")
     num_nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
     if num_nodes > 1 and "MASTER_PORT" not in os.environ:
-        raise UserError("MASTER_ADDR/MASTER_PORT are not set; launch-node runs inside slurm/train-torchrun.sbatch")
+        raise UserError(
+            "MASTER_ADDR/MASTER_PORT are not set; launch-node runs inside slurm/train-torchrun.sbatch"
+        )
     endpoint = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '29500')}"
     config = LaunchConfig(
-        min_nodes=num_nodes, max_nodes=num_nodes, nproc_per_node=args.nproc_per_node,
-        run_id=os.environ.get("SLURM_JOB_ID", "local"), rdzv_backend="static", rdzv_endpoint=endpoint,
-        rdzv_configs={"rank": int(os.environ.get("SLURM_NODEID", "0"))}, max_restarts=0, monitor_interval=1)
+        min_nodes=num_nodes,
+        max_nodes=num_nodes,
+        nproc_per_node=args.nproc_per_node,
+        run_id=os.environ.get("SLURM_JOB_ID", "local"),
+        rdzv_backend="static",
+        rdzv_endpoint=endpoint,
+        rdzv_configs={"rank": int(os.environ.get("SLURM_NODEID", "0"))},
+        max_restarts=0,
+        monitor_interval=1,
+    )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # Slurm's warning signal reaches every process of the step. The trainers catch it and save; this
     # launcher must outlive them to collect their exit codes, so it ignores it (the workers inherit the

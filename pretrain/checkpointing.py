@@ -31,8 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kumihimo import configtree
-from kumihimo.errors import UserError
+from kumihimo.core import configtree
+from kumihimo.core.errors import UserError
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 META_FILE = "kumihimo.json"
@@ -82,22 +82,25 @@ def _model_sharded_state_dict(model_chunks) -> dict[str, Any]:
     model_chunks = [unwrap(chunk) for chunk in model_chunks]
     if len(model_chunks) == 1:
         return {"model": model_chunks[0].sharded_state_dict(metadata=SHARDING_METADATA)}
-    return {f"model{i}": chunk.sharded_state_dict(metadata=SHARDING_METADATA)
-            for i, chunk in enumerate(model_chunks)}
+    return {
+        f"model{i}": chunk.sharded_state_dict(metadata=SHARDING_METADATA)
+        for i, chunk in enumerate(model_chunks)
+    }
 
 
 def _rng_sharded_object(layout) -> Any:
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from pretrain.distributed import rng_state
+    from kumihimo.pretrain.distributed import rng_state
 
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     # CP ranks hold replicas of the same (PP, TP) shard, like DP ranks do
     dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
-    return ShardedObject("rng_state", rng_state(), (layout.pp, layout.tp), (pp_rank, tp_rank),
-                         replica_id=dp_rank)
+    return ShardedObject(
+        "rng_state", rng_state(), (layout.pp, layout.tp), (pp_rank, tp_rank), replica_id=dp_rank
+    )
 
 
 @dataclass
@@ -156,9 +159,19 @@ class AsyncSaves:
         return done
 
 
-def save_checkpoint(root: Path, state: TrainState, model_chunks, optimizer, scheduler, config,
-                    layout, meta: dict[str, Any], keep_last: int | None,
-                    keep_multiples_of: int | None = None, async_saves: AsyncSaves | None = None) -> Path:
+def save_checkpoint(
+    root: Path,
+    state: TrainState,
+    model_chunks,
+    optimizer,
+    scheduler,
+    config,
+    layout,
+    meta: dict[str, Any],
+    keep_last: int | None,
+    keep_multiples_of: int | None = None,
+    async_saves: AsyncSaves | None = None,
+) -> Path:
     """Save on every rank; returns the final folder. With `async_saves` the shards are written in the
     background and the folder appears (with `latest` pointing at it) at a later `async_saves.finalize`."""
     from megatron.core import dist_checkpointing
@@ -178,21 +191,34 @@ def save_checkpoint(root: Path, state: TrainState, model_chunks, optimizer, sche
     sharded["rng_state"] = _rng_sharded_object(layout)
     sharded["scheduler"] = scheduler.state_dict()
     sharded["train_state"] = train_state
-    meta_text = json.dumps({**meta, "train_state": train_state, "layout": layout.__dict__}, indent=2, default=str)
-    publish = partial(_publish, root, tmp, final, state.iteration, config, meta_text, keep_last, keep_multiples_of)
+    meta_text = json.dumps(
+        {**meta, "train_state": train_state, "layout": layout.__dict__}, indent=2, default=str
+    )
+    publish = partial(
+        _publish, root, tmp, final, state.iteration, config, meta_text, keep_last, keep_multiples_of
+    )
     if async_saves is None:
         dist_checkpointing.save(sharded, str(tmp), content_metadata=SHARDING_METADATA)
         publish()
         return final
-    request = dist_checkpointing.save(sharded, str(tmp), content_metadata=SHARDING_METADATA,
-                                      async_sharded_save=True, async_strategy="mcore")
+    request = dist_checkpointing.save(
+        sharded, str(tmp), content_metadata=SHARDING_METADATA, async_sharded_save=True, async_strategy="mcore"
+    )
     request.add_finalize_fn(publish)
     async_saves.schedule(request, final, started)
     return final
 
 
-def _publish(root: Path, tmp: Path, final: Path, iteration: int, config, meta_text: str,
-             keep_last: int | None, keep_multiples_of: int | None) -> None:
+def _publish(
+    root: Path,
+    tmp: Path,
+    final: Path,
+    iteration: int,
+    config,
+    meta_text: str,
+    keep_last: int | None,
+    keep_multiples_of: int | None,
+) -> None:
     """On every rank, once all shards are written: rank 0 adds the config and metadata, renames tmp
     to final, points `latest` at it and prunes."""
     dist.barrier()
@@ -226,8 +252,10 @@ def prune(root: Path, keep_last: int, keep_multiples_of: int | None = None) -> l
 def read_meta(checkpoint: Path) -> dict[str, Any]:
     path = checkpoint / META_FILE
     if not path.is_file():
-        raise UserError(f"{checkpoint} has no {META_FILE}: not a complete kumihimo checkpoint; pick another "
-                        "iteration or resave it")
+        raise UserError(
+            f"{checkpoint} has no {META_FILE}: not a complete kumihimo checkpoint; pick another "
+            "iteration or resave it"
+        )
     return json.loads(path.read_text())
 
 
@@ -240,8 +268,9 @@ def find_checkpoint(root: Path, iteration: int | None = None) -> Path:
     folder = iteration_dir(root, iteration)
     if not folder.is_dir():
         found = sorted(p.name for p in root.glob("iter_*") if not p.name.endswith(".tmp"))
-        raise UserError(f"iteration {iteration} is not in {root} (found: {', '.join(found) or 'none'}); "
-                        "pick one of those")
+        raise UserError(
+            f"iteration {iteration} is not in {root} (found: {', '.join(found) or 'none'}); pick one of those"
+        )
     return folder
 
 
@@ -268,7 +297,7 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
         optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
-        from pretrain.distributed import set_rng_state
+        from kumihimo.pretrain.distributed import set_rng_state
 
         set_rng_state(loaded["rng_state"])
     return TrainState(**loaded["train_state"])

@@ -13,8 +13,8 @@ import os
 import subprocess
 import sys
 
-from kumihimo import configtree
-from kumihimo.errors import UserError
+from kumihimo.core import configtree
+from kumihimo.core.errors import UserError
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -33,21 +33,25 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("config", nargs="?", help="YAML recipe (configs/pretrain/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-4")
-    parser.add_argument("--nproc-per-node", type=int, default=1,
-                        help="start this many local processes (torchrun) when not already under a launcher")
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        help="start this many local processes (torchrun) when not already under a launcher",
+    )
     parser.add_argument("--check", action="store_true", help="validate the config and layout, then exit")
     parser.add_argument("--help-config", action="store_true", help="list every config field and exit")
     parser.set_defaults(handler=run)
 
 
 def _under_launcher() -> bool:
-    from pretrain.distributed import process_info
+    from kumihimo.pretrain.distributed import process_info
 
     return process_info().world_size > 1 or "RANK" in os.environ
 
 
 def run(args: argparse.Namespace) -> int:
-    from pretrain.config import TrainConfig
+    from kumihimo.pretrain.config import TrainConfig
 
     if args.help_config:
         for key, type_name, doc in configtree.describe(TrainConfig):
@@ -56,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.config:
         raise UserError("kumihimo train needs a CONFIG (e.g. configs/pretrain/tiny-cpu.yaml)")
     config = configtree.load(TrainConfig, args.config, args.overrides)
-    from pretrain.distributed import process_info
-    from pretrain.parallel import ParallelLayout
+    from kumihimo.pretrain.distributed import process_info
+    from kumihimo.pretrain.parallel import ParallelLayout
 
     launched = _under_launcher()
     world = process_info().world_size if launched else args.nproc_per_node
@@ -70,16 +74,26 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not launched and args.nproc_per_node > 1:
         return _spawn_local(args)
-    from pretrain.training import run_training
+    from kumihimo.pretrain.training import run_training
 
     return run_training(config).exit_code
 
 
 def _spawn_local(args: argparse.Namespace) -> int:
-    from pretrain.distributed import free_port
+    from kumihimo.pretrain.distributed import free_port
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
-           "--nnodes=1", f"--master-port={free_port()}", "-m", "kumihimo.cli", "train", args.config,
-           *args.overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={args.nproc_per_node}",
+        "--nnodes=1",
+        f"--master-port={free_port()}",
+        "-m",
+        "kumihimo.cli",
+        "train",
+        args.config,
+        *args.overrides,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return subprocess.call(cmd, env=env)

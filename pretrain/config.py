@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from kumihimo.configtree import ConfigError, bad_value
+from kumihimo.core.configtree import ConfigError, bad_value
 
 
 @dataclass(kw_only=True)
@@ -65,21 +65,37 @@ class ModelConfig:
         return self.num_query_groups or self.num_attention_heads
 
     def validate(self) -> None:
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "seq_length",
-                     "make_vocab_size_divisible_by", "rotary_base"):
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "seq_length",
+            "make_vocab_size_divisible_by",
+            "rotary_base",
+        ):
             if getattr(self, name) <= 0:
                 raise bad_value(f"model.{name}", getattr(self, name), "must be positive", "set a value > 0")
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
-            raise bad_value("model.hidden_size", self.hidden_size,
-                            f"is not divisible by model.num_attention_heads={self.num_attention_heads}",
-                            "choose a multiple of the head count or set model.kv_channels")
+            raise bad_value(
+                "model.hidden_size",
+                self.hidden_size,
+                f"is not divisible by model.num_attention_heads={self.num_attention_heads}",
+                "choose a multiple of the head count or set model.kv_channels",
+            )
         if self.num_query_groups is not None and (
-                self.num_query_groups <= 0 or self.num_attention_heads % self.num_query_groups):
-            raise bad_value("model.num_query_groups", self.num_query_groups,
-                            f"does not divide model.num_attention_heads={self.num_attention_heads}",
-                            "choose a divisor of the head count")
+            self.num_query_groups <= 0 or self.num_attention_heads % self.num_query_groups
+        ):
+            raise bad_value(
+                "model.num_query_groups",
+                self.num_query_groups,
+                f"does not divide model.num_attention_heads={self.num_attention_heads}",
+                "choose a divisor of the head count",
+            )
         if self.z_loss_coeff < 0:
-            raise bad_value("model.z_loss_coeff", self.z_loss_coeff, "is negative", "use 0 (off) or e.g. 1e-4")
+            raise bad_value(
+                "model.z_loss_coeff", self.z_loss_coeff, "is negative", "use 0 (off) or e.g. 1e-4"
+            )
         if self.init_method_std <= 0 or self.norm_epsilon <= 0:
             raise ConfigError("model.init_method_std and model.norm_epsilon must be positive; fix them")
 
@@ -112,17 +128,33 @@ class ParallelismConfig:
                 raise bad_value(f"parallelism.{name}", getattr(self, name), "must be >= 1", "set 1 or more")
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None and vpp < 1:
-            raise bad_value("parallelism.virtual_pipeline_model_parallel_size", vpp, "must be >= 1",
-                            "set null (no interleaving) or a count of chunks per stage")
+            raise bad_value(
+                "parallelism.virtual_pipeline_model_parallel_size",
+                vpp,
+                "must be >= 1",
+                "set null (no interleaving) or a count of chunks per stage",
+            )
         if vpp is not None and vpp > 1 and self.pipeline_model_parallel_size < 2:
-            raise bad_value("parallelism.virtual_pipeline_model_parallel_size", vpp,
-                            "needs pipeline_model_parallel_size > 1", "raise PP or set null")
+            raise bad_value(
+                "parallelism.virtual_pipeline_model_parallel_size",
+                vpp,
+                "needs pipeline_model_parallel_size > 1",
+                "raise PP or set null",
+            )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
-            raise bad_value("parallelism.sequence_parallel", True, "needs tensor_model_parallel_size > 1",
-                            "set it false or raise TP")
+            raise bad_value(
+                "parallelism.sequence_parallel",
+                True,
+                "needs tensor_model_parallel_size > 1",
+                "set it false or raise TP",
+            )
         if self.overlap_param_gather and not self.use_distributed_optimizer:
-            raise bad_value("parallelism.overlap_param_gather", True, "needs use_distributed_optimizer",
-                            "set parallelism.use_distributed_optimizer=true or turn it off")
+            raise bad_value(
+                "parallelism.overlap_param_gather",
+                True,
+                "needs use_distributed_optimizer",
+                "set parallelism.use_distributed_optimizer=true or turn it off",
+            )
 
 
 @dataclass(kw_only=True)
@@ -156,13 +188,23 @@ class PrecisionConfig:
         if self.fp8 is None:
             return
         if self.params_dtype != "bf16":
-            raise bad_value("precision.params_dtype", self.params_dtype, "must be bf16 with precision.fp8",
-                            "set precision.params_dtype=bf16 (FP8 is applied to the matrix multiplies)")
+            raise bad_value(
+                "precision.params_dtype",
+                self.params_dtype,
+                "must be bf16 with precision.fp8",
+                "set precision.params_dtype=bf16 (FP8 is applied to the matrix multiplies)",
+            )
         if self.first_last_layers_bf16 and self.fp8_recipe == "delayed":
-            raise bad_value("precision.first_last_layers_bf16", True, "is not supported with fp8_recipe=delayed",
-                            "use fp8_recipe=tensorwise or turn it off")
+            raise bad_value(
+                "precision.first_last_layers_bf16",
+                True,
+                "is not supported with fp8_recipe=delayed",
+                "use fp8_recipe=tensorwise or turn it off",
+            )
         if self.fp8_amax_history_len < 1 or self.fp8_margin < 0:
-            raise ConfigError("precision.fp8_amax_history_len must be >= 1 and precision.fp8_margin >= 0; fix them")
+            raise ConfigError(
+                "precision.fp8_amax_history_len must be >= 1 and precision.fp8_margin >= 0; fix them"
+            )
 
 
 @dataclass(kw_only=True)
@@ -186,13 +228,19 @@ class OptimizerConfig:
 
     def validate(self) -> None:
         if not 0 <= self.min_lr <= self.lr:
-            raise bad_value("optimizer.min_lr", self.min_lr, f"is not within [0, optimizer.lr={self.lr}]",
-                            "set a floor between 0 and the peak learning rate")
+            raise bad_value(
+                "optimizer.min_lr",
+                self.min_lr,
+                f"is not within [0, optimizer.lr={self.lr}]",
+                "set a floor between 0 and the peak learning rate",
+            )
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise bad_value(f"optimizer.{name}", getattr(self, name), "is not in [0, 1)", "use e.g. 0.9")
         if self.clip_grad < 0:
-            raise bad_value("optimizer.clip_grad", self.clip_grad, "is negative", "set 0 to disable or e.g. 1.0")
+            raise bad_value(
+                "optimizer.clip_grad", self.clip_grad, "is negative", "set 0 to disable or e.g. 1.0"
+            )
 
 
 @dataclass(kw_only=True)
@@ -224,22 +272,36 @@ class ScheduleConfig:
     def validate(self) -> None:
         for name in ("train_iters", "micro_batch_size", "global_batch_size"):
             if getattr(self, name) < 1:
-                raise bad_value(f"schedule.{name}", getattr(self, name), "must be >= 1", "set a positive count")
+                raise bad_value(
+                    f"schedule.{name}", getattr(self, name), "must be >= 1", "set a positive count"
+                )
         if self.global_batch_size % self.micro_batch_size:
-            raise bad_value("schedule.global_batch_size", self.global_batch_size,
-                            f"is not divisible by schedule.micro_batch_size={self.micro_batch_size}",
-                            f"choose a multiple of {self.micro_batch_size}")
+            raise bad_value(
+                "schedule.global_batch_size",
+                self.global_batch_size,
+                f"is not divisible by schedule.micro_batch_size={self.micro_batch_size}",
+                f"choose a multiple of {self.micro_batch_size}",
+            )
         decay_iters = self.lr_decay_iters or self.train_iters
         if not 0 <= self.lr_warmup_iters < decay_iters:
-            raise bad_value("schedule.lr_warmup_iters", self.lr_warmup_iters,
-                            f"is not within [0, lr_decay_iters (or train_iters) = {decay_iters})",
-                            "shorten the warm-up or lengthen the decay")
+            raise bad_value(
+                "schedule.lr_warmup_iters",
+                self.lr_warmup_iters,
+                f"is not within [0, lr_decay_iters (or train_iters) = {decay_iters})",
+                "shorten the warm-up or lengthen the decay",
+            )
         if self.lr_wsd_decay_iters is not None and not 0 < self.lr_wsd_decay_iters <= decay_iters:
-            raise bad_value("schedule.lr_wsd_decay_iters", self.lr_wsd_decay_iters,
-                            f"is not within (0, {decay_iters}]", "choose a shorter final decay")
+            raise bad_value(
+                "schedule.lr_wsd_decay_iters",
+                self.lr_wsd_decay_iters,
+                f"is not within (0, {decay_iters}]",
+                "choose a shorter final decay",
+            )
         if self.eval_interval < 0 or self.eval_iters < 1:
-            raise ConfigError(f"schedule.eval_interval={self.eval_interval} must be >= 0 and schedule.eval_iters="
-                              f"{self.eval_iters} >= 1; fix them")
+            raise ConfigError(
+                f"schedule.eval_interval={self.eval_interval} must be >= 0 and schedule.eval_iters="
+                f"{self.eval_iters} >= 1; fix them"
+            )
 
 
 @dataclass(kw_only=True)
@@ -281,44 +343,64 @@ class DataConfig:
 
     def validate(self) -> None:
         if not self.mock and self.blend_file is None and not self.blend:
-            raise ConfigError("data.blend_file is missing (and data.blend is empty); point data.blend_file "
-                              "at the blend.yaml written by `kumihimo data tokenize`, or set data.mock=true")
+            raise ConfigError(
+                "data.blend_file is missing (and data.blend is empty); point data.blend_file "
+                "at the blend.yaml written by `kumihimo data tokenize`, or set data.mock=true"
+            )
         if self.blend_file is not None and self.blend:
-            raise bad_value("data.blend", "[...]", "is set together with data.blend_file",
-                            "use one of them")
+            raise bad_value("data.blend", "[...]", "is set together with data.blend_file", "use one of them")
         for i, entry in enumerate(self.blend):
             if entry.weight <= 0:
-                raise bad_value(f"data.blend[{i}].weight", entry.weight, "must be positive", "set a weight > 0")
+                raise bad_value(
+                    f"data.blend[{i}].weight", entry.weight, "must be positive", "set a weight > 0"
+                )
         try:
             parts = [float(p) for p in self.split.split(",")]
         except ValueError:
             parts = []
         if len(parts) != 3 or min(parts) < 0 or parts[0] <= 0:
-            raise bad_value("data.split", self.split, "is not three non-negative weights with train > 0",
-                            'write e.g. "98,2,0"')
+            raise bad_value(
+                "data.split",
+                self.split,
+                "is not three non-negative weights with train > 0",
+                'write e.g. "98,2,0"',
+            )
         if self.tokenizer is None and not self.mock:
-            raise ConfigError("data.tokenizer is missing; set it to the SentencePiece model the data was "
-                              "tokenized with")
+            raise ConfigError(
+                "data.tokenizer is missing; set it to the SentencePiece model the data was tokenized with"
+            )
 
     def check_paths(self) -> None:
         """Existence checks, run at launch (recipes for a cluster validate anywhere)."""
         if self.mock:
             return
         if self.blend_file is not None and not Path(self.blend_file).is_file():
-            raise bad_value("data.blend_file", self.blend_file, "does not exist",
-                            "run `kumihimo data tokenize` first or fix the path")
+            raise bad_value(
+                "data.blend_file",
+                self.blend_file,
+                "does not exist",
+                "run `kumihimo data tokenize` first or fix the path",
+            )
         for i, entry in enumerate(self.blend):
             if not Path(entry.prefix + ".idx").is_file():
-                raise bad_value(f"data.blend[{i}].prefix", entry.prefix, "has no .idx file",
-                                "give the prefix (without .bin/.idx) of a dataset that exists")
+                raise bad_value(
+                    f"data.blend[{i}].prefix",
+                    entry.prefix,
+                    "has no .idx file",
+                    "give the prefix (without .bin/.idx) of a dataset that exists",
+                )
         if self.tokenizer is not None:
-            from tokenizer.spm import resolve_model_path
+            from kumihimo.tokenizer.spm import resolve_model_path
 
             try:
                 resolve_model_path(self.tokenizer)
             except ValueError as exc:
-                raise bad_value("data.tokenizer", self.tokenizer, "is not a SentencePiece model",
-                                "train one with `kumihimo tokenizer train` or fix the path") from exc
+                raise bad_value(
+                    "data.tokenizer",
+                    self.tokenizer,
+                    "is not a SentencePiece model",
+                    "train one with `kumihimo tokenizer train` or fix the path",
+                ) from exc
 
 
 @dataclass(kw_only=True)
@@ -356,14 +438,21 @@ class CheckpointConfig:
         if self.keep_last is not None and self.keep_last < 1:
             raise bad_value("checkpoint.keep_last", self.keep_last, "must be >= 1", "set null to keep all")
         if self.keep_multiples_of is not None and self.keep_multiples_of < 1:
-            raise bad_value("checkpoint.keep_multiples_of", self.keep_multiples_of, "must be >= 1",
-                            "set null to prune by keep_last alone")
+            raise bad_value(
+                "checkpoint.keep_multiples_of",
+                self.keep_multiples_of,
+                "must be >= 1",
+                "set null to prune by keep_last alone",
+            )
         previous = 0
         for i, phase in enumerate(self.dense_intervals):
             if len(phase) != 2 or phase[0] <= previous or phase[1] < 1:
-                raise bad_value(f"checkpoint.dense_intervals[{i}]", phase,
-                                "is not [until_step, interval] with until_step increasing and interval >= 1",
-                                "write e.g. [[9, 1], [100, 10]]")
+                raise bad_value(
+                    f"checkpoint.dense_intervals[{i}]",
+                    phase,
+                    "is not [until_step, interval] with until_step increasing and interval >= 1",
+                    "write e.g. [[9, 1], [100, 10]]",
+                )
             previous = phase[0]
 
     def should_save(self, step: int) -> bool:
@@ -407,10 +496,16 @@ class ResilienceConfig:
 
     def validate(self) -> None:
         if self.spike_factor is not None and self.spike_factor <= 1:
-            raise bad_value("resilience.spike_factor", self.spike_factor, "must be > 1",
-                            "use e.g. 3.0, or null to check NaN/Inf only")
+            raise bad_value(
+                "resilience.spike_factor",
+                self.spike_factor,
+                "must be > 1",
+                "use e.g. 3.0, or null to check NaN/Inf only",
+            )
         if self.max_consecutive_skips < 1 or self.spike_warmup_steps < 0:
-            raise ConfigError("resilience.max_consecutive_skips must be >= 1 and spike_warmup_steps >= 0; fix them")
+            raise ConfigError(
+                "resilience.max_consecutive_skips must be >= 1 and spike_warmup_steps >= 0; fix them"
+            )
 
 
 @dataclass(kw_only=True)
@@ -432,6 +527,9 @@ class RuntimeConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     """A whole training run."""
+
+    RECIPE_FOLDER: ClassVar[str] = "pretrain"
+    """Shipped recipes for this tree live in configs/pretrain/ (a recipe argument may name one)."""
 
     name: str = "run"
     """Run name (logs, W&B)."""
@@ -463,29 +561,50 @@ class TrainConfig:
     def validate(self) -> None:
         model, par = self.model, self.parallelism
         if model.transformer_impl == "transformer_engine" and self.runtime.device == "cpu":
-            raise bad_value("model.transformer_impl", "transformer_engine", "needs a GPU",
-                            "use local (or auto) with runtime.device=cpu")
+            raise bad_value(
+                "model.transformer_impl",
+                "transformer_engine",
+                "needs a GPU",
+                "use local (or auto) with runtime.device=cpu",
+            )
         prec = self.precision
         if prec.fp8 is not None and self.runtime.device == "cpu":
-            raise bad_value("precision.fp8", prec.fp8, "needs a Hopper GPU", "set precision.fp8=null for CPU runs")
+            raise bad_value(
+                "precision.fp8", prec.fp8, "needs a Hopper GPU", "set precision.fp8=null for CPU runs"
+            )
         if prec.first_last_layers_bf16 and (
-                prec.num_layers_at_start_in_bf16 + prec.num_layers_at_end_in_bf16 > model.num_layers):
-            raise ConfigError(f"precision.num_layers_at_start_in_bf16 + num_layers_at_end_in_bf16 exceeds "
-                              f"model.num_layers={model.num_layers}; keep fewer layers in BF16")
+            prec.num_layers_at_start_in_bf16 + prec.num_layers_at_end_in_bf16 > model.num_layers
+        ):
+            raise ConfigError(
+                f"precision.num_layers_at_start_in_bf16 + num_layers_at_end_in_bf16 exceeds "
+                f"model.num_layers={model.num_layers}; keep fewer layers in BF16"
+            )
         if prec.fp8 is not None and model.transformer_impl == "local":
-            raise ConfigError("precision.fp8 needs model.transformer_impl=transformer_engine (Megatron's local "
-                              "layers have no FP8 GEMMs); install the te extra or set precision.fp8=null")
-        if par.context_parallel_size > 1 and model.transformer_impl != "transformer_engine" \
-                and model.local_attention != "sdpa":
-            raise bad_value("model.local_attention", model.local_attention,
-                            f"cannot run context_parallel_size={par.context_parallel_size} (only sdpa gathers "
-                            "keys/values over the CP group)", "set model.local_attention=sdpa")
+            raise ConfigError(
+                "precision.fp8 needs model.transformer_impl=transformer_engine (Megatron's local "
+                "layers have no FP8 GEMMs); install the te extra or set precision.fp8=null"
+            )
+        if (
+            par.context_parallel_size > 1
+            and model.transformer_impl != "transformer_engine"
+            and model.local_attention != "sdpa"
+        ):
+            raise bad_value(
+                "model.local_attention",
+                model.local_attention,
+                f"cannot run context_parallel_size={par.context_parallel_size} (only sdpa gathers "
+                "keys/values over the CP group)",
+                "set model.local_attention=sdpa",
+            )
         exit_after = self.schedule.exit_after_iters
         if exit_after is not None and not 0 < exit_after <= self.schedule.train_iters:
-            raise bad_value("schedule.exit_after_iters", exit_after,
-                            f"is not within (0, schedule.train_iters={self.schedule.train_iters}]",
-                            "set a step inside the run or null")
+            raise bad_value(
+                "schedule.exit_after_iters",
+                exit_after,
+                f"is not within (0, schedule.train_iters={self.schedule.train_iters}]",
+                "set a step inside the run or null",
+            )
         # Layout checks that do not need the world size (it is known only at launch).
-        from pretrain.parallel import check_model_fits_layout
+        from kumihimo.pretrain.parallel import check_model_fits_layout
 
         check_model_fits_layout(self)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from kumihimo.errors import UserError
-from pretrain.config import TrainConfig
-from pretrain.parallel import ParallelLayout
-from tokenizer.spm import Tokenizer
+from kumihimo.core.errors import UserError
+from kumihimo.pretrain.config import TrainConfig
+from kumihimo.pretrain.parallel import ParallelLayout
+from kumihimo.tokenizer.spm import Tokenizer
 
 
 class MegatronTokenizerView:
@@ -47,13 +47,15 @@ def read_blend(config: TrainConfig) -> tuple[list[str], list[float]]:
     """Prefixes and weights of the blend (blend.yaml prefixes are relative to the file's folder)."""
     if config.data.blend_file is None:
         return [e.prefix for e in config.data.blend], [e.weight for e in config.data.blend]
-    from data_prep.blend import read_blend as read_blend_file
+    from kumihimo.data_prep.blend import read_blend as read_blend_file
 
     pairs, _tokenizer = read_blend_file(config.data.blend_file)
     for prefix, _weight in pairs:
         if not Path(f"{prefix}.idx").is_file():
-            raise UserError(f"{config.data.blend_file}: dataset prefix {prefix!r} has no .idx file; rerun "
-                            "`kumihimo data tokenize` or fix the path")
+            raise UserError(
+                f"{config.data.blend_file}: dataset prefix {prefix!r} has no .idx file; rerun "
+                "`kumihimo data tokenize` or fix the path"
+            )
     return [p for p, _ in pairs], [w for _, w in pairs]
 
 
@@ -94,8 +96,10 @@ def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
     )
     sizes = [sched.train_iters * sched.global_batch_size, num_valid_samples(config), 0]
     if sizes[1] and float(data.split.split(",")[1]) == 0 and not data.mock:
-        raise UserError(f"schedule.eval_interval={sched.eval_interval} needs a validation split but "
-                        f"data.split={data.split!r} gives it weight 0; e.g. data.split=98,2,0")
+        raise UserError(
+            f"schedule.eval_interval={sched.eval_interval} needs a validation split but "
+            f"data.split={data.split!r} gives it weight 0; e.g. data.split=98,2,0"
+        )
     cls = MockGPTDataset if data.mock else GPTDataset
     train, valid, _test = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, dataset_config).build()
     return Datasets(train=train, valid=valid, tokenizer=tokenizer)
@@ -116,11 +120,16 @@ BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack the model inputs; the blend's extra fields (e.g. dataset_id) are not model inputs."""
-    return {key: torch.stack([s[key] for s in samples]) for key in BATCH_KEYS
-            if isinstance(samples[0].get(key), torch.Tensor)}
+    return {
+        key: torch.stack([s[key] for s in samples])
+        for key in BATCH_KEYS
+        if isinstance(samples[0].get(key), torch.Tensor)
+    }
 
 
-def microbatches(dataset, indices: list[list[int]], device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+def microbatches(
+    dataset, indices: list[list[int]], device: torch.device
+) -> Iterator[dict[str, torch.Tensor]]:
     """The micro-batches of one step, moved to the device (tokens, labels, loss_mask, position_ids)."""
     for batch in indices:
         tensors = collate([dataset[i] for i in batch])

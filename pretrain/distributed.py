@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kumihimo.errors import UserError
+from kumihimo.core.errors import UserError
 
 # (rank, world size, local rank) variables of the launchers we support, in order of preference.
 _LAUNCHER_ENV = (
@@ -39,8 +39,9 @@ class ProcessInfo:
 def process_info() -> ProcessInfo:
     for rank_var, world_var, local_var in _LAUNCHER_ENV:
         if rank_var in os.environ and world_var in os.environ:
-            return ProcessInfo(int(os.environ[rank_var]), int(os.environ[world_var]),
-                               int(os.environ.get(local_var, "0")))
+            return ProcessInfo(
+                int(os.environ[rank_var]), int(os.environ[world_var]), int(os.environ.get(local_var, "0"))
+            )
     return ProcessInfo(0, 1, 0)
 
 
@@ -57,8 +58,10 @@ def init_process_group(device: str, timeout_minutes: int) -> ProcessInfo:
     if info.world_size == 1:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     elif "MASTER_PORT" not in os.environ:
-        raise UserError("MASTER_PORT is not set for a multi-process run; launch with torchrun, "
-                        "`kumihimo train --nproc-per-node N`, or the slurm/ scripts")
+        raise UserError(
+            "MASTER_PORT is not set for a multi-process run; launch with torchrun, "
+            "`kumihimo train --nproc-per-node N`, or the slurm/ scripts"
+        )
     dist.init_process_group(
         backend="nccl" if device == "cuda" else "gloo",
         rank=info.rank,

@@ -23,8 +23,9 @@ def cross_entropy_and_z(logits: torch.Tensor, labels: torch.Tensor, z_loss_coeff
         # Computed before the cross entropy, which shifts `logits` in place.
         global_max = logits.detach().max(dim=-1).values
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
-            dist.all_reduce(global_max, op=dist.ReduceOp.MAX,
-                            group=parallel_state.get_tensor_model_parallel_group())
+            dist.all_reduce(
+                global_max, op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group()
+            )
         sum_exp = torch.exp(logits - global_max.unsqueeze(-1)).sum(dim=-1)
         log_z = global_max + torch.log(reduce_from_tensor_model_parallel_region(sum_exp))
         z_term = z_loss_coeff * log_z.square()

@@ -48,8 +48,11 @@ def state_bytes(model_chunks, optimizer) -> dict[str, int]:
     """Bytes of weights, gradient buffers and optimizer states held by this rank."""
     params = [p for chunk in model_chunks for p in chunk.parameters()]
     param_keys = {_storage_key(p) for p in params}
-    buffers = [buf for chunk in model_chunks
-               for buf in getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers", [])]
+    buffers = [
+        buf
+        for chunk in model_chunks
+        for buf in getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers", [])
+    ]
     grads = [buf.grad_data for buf in buffers if getattr(buf, "grad_data", None) is not None]
     if not grads:  # no DDP gradient buffers: plain .grad tensors
         grads = [p.grad for p in params if p.grad is not None]
@@ -59,9 +62,11 @@ def state_bytes(model_chunks, optimizer) -> dict[str, int]:
             optimizer_tensors += group["params"]  # fp32 master copies (the model's own params are excluded)
         for state in inner.state.values():
             optimizer_tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    return {"weights_bytes": _unique_bytes(params),
-            "grads_bytes": _unique_bytes(grads),
-            "optimizer_bytes": _unique_bytes(optimizer_tensors, exclude=param_keys)}
+    return {
+        "weights_bytes": _unique_bytes(params),
+        "grads_bytes": _unique_bytes(grads),
+        "optimizer_bytes": _unique_bytes(optimizer_tensors, exclude=param_keys),
+    }
 
 
 class ActivationMeter:

@@ -21,8 +21,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from kumihimo.progress import say
-from pretrain.config import TrainConfig
+from kumihimo.core.progress import say
+from kumihimo.pretrain.config import TrainConfig
 
 
 def training_flops_per_token(config: TrainConfig, padded_vocab_size: int) -> float:
@@ -55,11 +55,15 @@ class MetricsSink:
         if config.logging.wandb_project and config.logging.wandb_mode != "disabled":
             import wandb
 
-            from kumihimo import configtree
+            from kumihimo.core import configtree
 
-            self._wandb = wandb.init(project=config.logging.wandb_project, name=config.name,
-                                     mode=config.logging.wandb_mode, dir=str(run_dir),
-                                     config=configtree.to_dict(config))
+            self._wandb = wandb.init(
+                project=config.logging.wandb_project,
+                name=config.name,
+                mode=config.logging.wandb_mode,
+                dir=str(run_dir),
+                config=configtree.to_dict(config),
+            )
 
     def log(self, step: int, values: dict[str, Any], force: bool = False) -> None:
         if not self.enabled:
@@ -67,8 +71,11 @@ class MetricsSink:
         record = {"step": step, **values}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        scalars = {k: v for k, v in values.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        scalars = {
+            k: v
+            for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, step)
@@ -88,10 +95,17 @@ class MetricsSink:
 
 def format_line(step: int, values: dict[str, Any]) -> str:
     parts = [f"step {step}"]
-    formats = {"loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "lr": "lr {:.3e}",
-               "grad_norm": "grad_norm {:.3f}", "tokens_per_s": "{:,.0f} tok/s",
-               "tflops_per_gpu": "{:.1f} TFLOP/s/GPU", "mfu": "MFU {:.1%}", "step_time_s": "{:.3f} s/step",
-               "mem_gb": "mem {:.1f} GB"}
+    formats = {
+        "loss": "loss {:.4f}",
+        "val_loss": "val_loss {:.4f}",
+        "lr": "lr {:.3e}",
+        "grad_norm": "grad_norm {:.3f}",
+        "tokens_per_s": "{:,.0f} tok/s",
+        "tflops_per_gpu": "{:.1f} TFLOP/s/GPU",
+        "mfu": "MFU {:.1%}",
+        "step_time_s": "{:.3f} s/step",
+        "mem_gb": "mem {:.1f} GB",
+    }
     for key, fmt in formats.items():
         if key in values and values[key] is not None:
             parts.append(fmt.format(values[key]))

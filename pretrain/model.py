@@ -33,11 +33,11 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from kumihimo.errors import UserError
+from kumihimo.core.errors import UserError
 
 if TYPE_CHECKING:
-    from pretrain.config import TrainConfig
-    from pretrain.parallel import ParallelLayout
+    from kumihimo.pretrain.config import TrainConfig
+    from kumihimo.pretrain.parallel import ParallelLayout
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -77,8 +77,9 @@ def slice_for_context_parallel(batch: dict[str, torch.Tensor]) -> dict[str, torc
     out = {}
     for key, value in batch.items():
         seq_dim = 2 if key == "attention_mask" else 1
-        index = context_parallel_positions(value.shape[seq_dim], cp_size,
-                                           parallel_state.get_context_parallel_rank(), value.device)
+        index = context_parallel_positions(
+            value.shape[seq_dim], cp_size, parallel_state.get_context_parallel_rank(), value.device
+        )
         out[key] = value.index_select(seq_dim, index)
     return out
 
@@ -96,17 +97,33 @@ class SDPAttention(MegatronModule):
     Engine's choice) but needs no custom kernel, so long sequences also train without TE.
     """
 
-    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
-                 attention_type: str, attention_dropout: float | None = None,
-                 softmax_scale: float | None = None, cp_comm_type: str | None = None, pg_collection=None):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
         super().__init__(config=config)
         self.attn_mask_type = attn_mask_type
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
         self.cp_size = config.context_parallel_size
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
         if packed_seq_params is not None or attention_bias is not None:
             raise UserError("packed sequences and attention bias need transformer_impl=transformer_engine")
         seq_q, batch, num_heads, head_dim = query.shape
@@ -118,8 +135,15 @@ class SDPAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         is_causal = keep is None and mask_type == AttnMaskType.causal
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=keep, dropout_p=self.dropout_p if self.training else 0.0,
-            is_causal=is_causal, scale=self.softmax_scale, enable_gqa=k.shape[1] != num_heads)
+            q,
+            k,
+            v,
+            attn_mask=keep,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            is_causal=is_causal,
+            scale=self.softmax_scale,
+            enable_gqa=k.shape[1] != num_heads,
+        )
         return out.permute(2, 0, 1, 3).reshape(seq_q, batch, num_heads * head_dim)
 
     def _gather_context(self, key, value, keep, causal: bool):
@@ -131,11 +155,16 @@ class SDPAttention(MegatronModule):
         local = key.shape[0]
         full = local * self.cp_size
         # rank order [r0's chunks, r1's chunks, ...] -> global position order
-        held = torch.cat([context_parallel_positions(full, self.cp_size, r, key.device)
-                          for r in range(self.cp_size)])
+        held = torch.cat(
+            [context_parallel_positions(full, self.cp_size, r, key.device) for r in range(self.cp_size)]
+        )
         order = torch.argsort(held)
-        key, value = (gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=True, group=group)
-                      .index_select(0, order) for t in (key, value))
+        key, value = (
+            gather_from_sequence_parallel_region(
+                t, tensor_parallel_output_grad=True, group=group
+            ).index_select(0, order)
+            for t in (key, value)
+        )
         if causal:
             q_pos = context_parallel_positions(full, self.cp_size, cp_rank, key.device)
             causal_keep = q_pos[:, None] >= torch.arange(full, device=key.device)[None, :]
@@ -154,11 +183,16 @@ def transformer_engine_available() -> bool:
 def resolve_transformer_impl(config: TrainConfig) -> str:
     impl = config.model.transformer_impl
     if impl == "auto":
-        return ("transformer_engine" if config.runtime.device == "cuda" and transformer_engine_available()
-                else "local")
+        return (
+            "transformer_engine"
+            if config.runtime.device == "cuda" and transformer_engine_available()
+            else "local"
+        )
     if impl == "transformer_engine" and not transformer_engine_available():
-        raise UserError("model.transformer_impl=transformer_engine but Transformer Engine is not installed; "
-                        "pip install 'kumihimo[te]' on the GPU nodes or set model.transformer_impl=local")
+        raise UserError(
+            "model.transformer_impl=transformer_engine but Transformer Engine is not installed; "
+            "pip install 'kumihimo[te]' on the GPU nodes or set model.transformer_impl=local"
+        )
     return impl
 
 
@@ -167,26 +201,37 @@ def check_fp8_possible(config: TrainConfig) -> None:
     if config.precision.fp8 is None:
         return
     if resolve_transformer_impl(config) != "transformer_engine":
-        raise UserError("precision.fp8 needs Transformer Engine, which is not installed here; "
-                        "pip install 'kumihimo[te]' on the GPU nodes or set precision.fp8=null")
+        raise UserError(
+            "precision.fp8 needs Transformer Engine, which is not installed here; "
+            "pip install 'kumihimo[te]' on the GPU nodes or set precision.fp8=null"
+        )
     major, minor = torch.cuda.get_device_capability()
     if major < 9:
-        raise UserError(f"precision.fp8 needs a Hopper (sm_90) or newer GPU; this one is sm_{major}{minor}. "
-                        "Set precision.fp8=null to train in BF16")
+        raise UserError(
+            f"precision.fp8 needs a Hopper (sm_90) or newer GPU; this one is sm_{major}{minor}. "
+            "Set precision.fp8=null to train in BF16"
+        )
     if config.precision.fp8_recipe == "mxfp8" and major < 10:
-        raise UserError(f"precision.fp8_recipe=mxfp8 needs a Blackwell GPU; this one is sm_{major}{minor}. "
-                        "Use delayed or tensorwise on Hopper")
+        raise UserError(
+            f"precision.fp8_recipe=mxfp8 needs a Blackwell GPU; this one is sm_{major}{minor}. "
+            "Use delayed or tensorwise on Hopper"
+        )
 
 
 def _fp8_fields(config: TrainConfig) -> dict:
     prec = config.precision
     if prec.fp8 is None:
         return {}
-    return {"fp8": prec.fp8, "fp8_recipe": prec.fp8_recipe, "fp8_margin": prec.fp8_margin,
-            "fp8_amax_history_len": prec.fp8_amax_history_len, "fp8_amax_compute_algo": prec.fp8_amax_compute_algo,
-            "first_last_layers_bf16": prec.first_last_layers_bf16,
-            "num_layers_at_start_in_bf16": prec.num_layers_at_start_in_bf16,
-            "num_layers_at_end_in_bf16": prec.num_layers_at_end_in_bf16}
+    return {
+        "fp8": prec.fp8,
+        "fp8_recipe": prec.fp8_recipe,
+        "fp8_margin": prec.fp8_margin,
+        "fp8_amax_history_len": prec.fp8_amax_history_len,
+        "fp8_amax_compute_algo": prec.fp8_amax_compute_algo,
+        "first_last_layers_bf16": prec.first_last_layers_bf16,
+        "num_layers_at_start_in_bf16": prec.num_layers_at_start_in_bf16,
+        "num_layers_at_end_in_bf16": prec.num_layers_at_end_in_bf16,
+    }
 
 
 def transformer_config(config: TrainConfig, layout: ParallelLayout) -> TransformerConfig:
@@ -228,8 +273,11 @@ def transformer_config(config: TrainConfig, layout: ParallelLayout) -> Transform
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         deterministic_mode=config.runtime.deterministic,
-        **({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
-           if model.recompute == "full" else {}),
+        **(
+            {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+            if model.recompute == "full"
+            else {}
+        ),
     )
 
 
@@ -254,8 +302,9 @@ def block_spec(config: TrainConfig, tconfig: TransformerConfig, vp_stage: int | 
     spec = layer_spec(config)
     if resolve_transformer_impl(config) == "transformer_engine":
         return spec
-    num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage,
-                                         pp_rank=parallel_state.get_pipeline_model_parallel_rank())
+    num_layers = get_num_layers_to_build(
+        tconfig, vp_stage=vp_stage, pp_rank=parallel_state.get_pipeline_model_parallel_rank()
+    )
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)
 
 
@@ -281,8 +330,11 @@ def build_model(config: TrainConfig, layout: ParallelLayout, padded_vocab_size: 
             rotary_base=config.model.rotary_base,
             vp_stage=vp_stage if layout.vpp else None,
         )
-        device = torch.device("cpu") if config.runtime.device == "cpu" else torch.device(
-            "cuda", torch.cuda.current_device())
+        device = (
+            torch.device("cpu")
+            if config.runtime.device == "cpu"
+            else torch.device("cuda", torch.cuda.current_device())
+        )
         chunk.to(device)
         init_parameters(chunk, config)
         chunks.append(chunk)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kumihimo.configtree import ConfigError
+from kumihimo.core.configtree import ConfigError
 
 if TYPE_CHECKING:
-    from pretrain.config import TrainConfig
+    from kumihimo.pretrain.config import TrainConfig
 
 
 def check_model_fits_layout(config: TrainConfig) -> None:
@@ -24,29 +24,37 @@ def check_model_fits_layout(config: TrainConfig) -> None:
     if model.num_attention_heads % tp:
         raise ConfigError(
             f"parallelism.tensor_model_parallel_size={tp} does not divide model.num_attention_heads="
-            f"{model.num_attention_heads}; choose a TP that divides the head count")
+            f"{model.num_attention_heads}; choose a TP that divides the head count"
+        )
     groups = model.query_groups
     if groups % tp and tp % groups:
         raise ConfigError(
             f"parallelism.tensor_model_parallel_size={tp} and model.num_query_groups={groups} must divide "
-            "one another; choose a TP that divides the number of query groups (or a multiple of it)")
+            "one another; choose a TP that divides the number of query groups (or a multiple of it)"
+        )
     if model.ffn_hidden_size % tp:
         raise ConfigError(
             f"parallelism.tensor_model_parallel_size={tp} does not divide model.ffn_hidden_size="
-            f"{model.ffn_hidden_size}; choose an FFN size that is a multiple of TP")
+            f"{model.ffn_hidden_size}; choose an FFN size that is a multiple of TP"
+        )
     if model.num_layers % (pp * vpp):
         raise ConfigError(
             f"model.num_layers={model.num_layers} is not divisible by pipeline_model_parallel_size x "
             f"virtual_pipeline_model_parallel_size = {pp} x {vpp}; choose a layer count that is a multiple of "
-            f"{pp * vpp} or change PP/VPP")
+            f"{pp * vpp} or change PP/VPP"
+        )
     seq = model.seq_length
     cp = par.context_parallel_size
     if cp > 1 and seq % (2 * cp):
-        raise ConfigError(f"model.seq_length={seq} is not divisible by 2 x context_parallel_size={cp}; "
-                          f"choose a multiple of {2 * cp}")
+        raise ConfigError(
+            f"model.seq_length={seq} is not divisible by 2 x context_parallel_size={cp}; "
+            f"choose a multiple of {2 * cp}"
+        )
     if par.sequence_parallel and (seq // cp) % tp:
-        raise ConfigError(f"model.seq_length={seq} / CP={cp} is not divisible by TP={tp} as sequence parallel "
-                          "needs; change the sequence length or TP")
+        raise ConfigError(
+            f"model.seq_length={seq} / CP={cp} is not divisible by TP={tp} as sequence parallel "
+            "needs; change the sequence length or TP"
+        )
 
 
 @dataclass(frozen=True)
@@ -70,28 +78,43 @@ class ParallelLayout:
     @classmethod
     def from_config(cls, config: TrainConfig, world_size: int) -> ParallelLayout:
         par, sched = config.parallelism, config.schedule
-        tp, pp, cp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size
+        tp, pp, cp = (
+            par.tensor_model_parallel_size,
+            par.pipeline_model_parallel_size,
+            par.context_parallel_size,
+        )
         model_parallel = tp * pp * cp
         if world_size % model_parallel:
             raise ConfigError(
                 f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = "
-                f"{model_parallel}; launch a multiple of {model_parallel} processes or change the layout")
+                f"{model_parallel}; launch a multiple of {model_parallel} processes or change the layout"
+            )
         dp = world_size // model_parallel
         per_step = sched.micro_batch_size * dp
         if sched.global_batch_size % per_step:
             raise ConfigError(
                 f"schedule.global_batch_size={sched.global_batch_size} is not divisible by "
                 f"micro_batch_size x DP = {sched.micro_batch_size} x {dp} = {per_step}; choose a multiple "
-                f"of {per_step}")
+                f"of {per_step}"
+            )
         vpp = par.virtual_pipeline_model_parallel_size
         if vpp and vpp > 1 and (sched.global_batch_size // per_step) % pp:
             raise ConfigError(
                 f"interleaved pipelining needs the number of micro-batches per step "
                 f"({sched.global_batch_size // per_step}) to be a multiple of PP={pp}; change "
-                "schedule.global_batch_size")
+                "schedule.global_batch_size"
+            )
         check_model_fits_layout(config)
-        return cls(world_size=world_size, tp=tp, pp=pp, cp=cp, dp=dp, vpp=vpp if vpp and vpp > 1 else None,
-                   micro_batch_size=sched.micro_batch_size, global_batch_size=sched.global_batch_size)
+        return cls(
+            world_size=world_size,
+            tp=tp,
+            pp=pp,
+            cp=cp,
+            dp=dp,
+            vpp=vpp if vpp and vpp > 1 else None,
+            micro_batch_size=sched.micro_batch_size,
+            global_batch_size=sched.global_batch_size,
+        )
 
     def padded_vocab_size(self, vocab_size: int, divisible_by: int) -> int:
         """Megatron pads the vocabulary so every TP rank holds an equal slice (LLM-jp: 128 x TP)."""
@@ -100,6 +123,8 @@ class ParallelLayout:
 
     def describe(self) -> str:
         vpp = f" VPP={self.vpp}" if self.vpp else ""
-        return (f"world={self.world_size}: TP={self.tp} PP={self.pp}{vpp} CP={self.cp} DP={self.dp}; "
-                f"micro-batch {self.micro_batch_size}, global batch {self.global_batch_size} "
-                f"({self.num_microbatches} micro-batches per step per DP rank)")
+        return (
+            f"world={self.world_size}: TP={self.tp} PP={self.pp}{vpp} CP={self.cp} DP={self.dp}; "
+            f"micro-batch {self.micro_batch_size}, global batch {self.global_batch_size} "
+            f"({self.num_microbatches} micro-batches per step per DP rank)"
+        )

@@ -35,10 +35,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from kumihimo import configtree
-from kumihimo.errors import UserError
-from pretrain.config import TrainConfig
-from pretrain.parallel import ParallelLayout
+from kumihimo.core import configtree
+from kumihimo.core.errors import UserError
+from kumihimo.pretrain.config import TrainConfig
+from kumihimo.pretrain.parallel import ParallelLayout
 
 GB = 1e9
 
@@ -59,8 +59,14 @@ class Plan:
 
     @property
     def total_gb(self) -> float:
-        return (self.weights_gb + self.grads_gb + self.optimizer_gb + self.activations_gb + self.logits_gb
-                + self.reserve_gb)
+        return (
+            self.weights_gb
+            + self.grads_gb
+            + self.optimizer_gb
+            + self.activations_gb
+            + self.logits_gb
+            + self.reserve_gb
+        )
 
 
 def layer_params(config: TrainConfig) -> int:
@@ -114,8 +120,9 @@ def activation_bytes_per_layer(config: TrainConfig, layout: ParallelLayout, reco
     return tokens * per_token + 4 * 4 * m.seq_length * m.head_dim // layout.cp  # RoPE cos/sin
 
 
-def microbatch_activation_bytes(config: TrainConfig, layout: ParallelLayout, padded_vocab: int,
-                                stage: int) -> float:
+def microbatch_activation_bytes(
+    config: TrainConfig, layout: ParallelLayout, padded_vocab: int, stage: int
+) -> float:
     """Saved-for-backward bytes of one micro-batch through one pipeline stage (all its model chunks):
     what `pretrain/memory.py` measures in a run."""
     m = config.model
@@ -150,10 +157,19 @@ def make_plan(config: TrainConfig, world_size: int, vocab_size: int, reserve_gb:
     logits = 2 * 4 * m.seq_length // layout.cp * config.schedule.micro_batch_size * padded / layout.tp
     bubble = (layout.pp - 1) / (layout.num_microbatches * vpp) if layout.pp > 1 else 0.0
     total = sum(stage_params(config, layout, padded, st) for st in range(layout.pp)) * layout.tp
-    return Plan(layout=layout, padded_vocab=padded, total_params=total, params_per_gpu=params,
-                weights_gb=params * weight_bytes / GB, grads_gb=params * grad_bytes / GB,
-                optimizer_gb=params * optimizer_bytes / GB, activations_gb=activations / GB,
-                logits_gb=logits / GB, reserve_gb=reserve_gb, bubble=bubble)
+    return Plan(
+        layout=layout,
+        padded_vocab=padded,
+        total_params=total,
+        params_per_gpu=params,
+        weights_gb=params * weight_bytes / GB,
+        grads_gb=params * grad_bytes / GB,
+        optimizer_gb=params * optimizer_bytes / GB,
+        activations_gb=activations / GB,
+        logits_gb=logits / GB,
+        reserve_gb=reserve_gb,
+        bubble=bubble,
+    )
 
 
 def format_plan(config: TrainConfig, plan: Plan, gpu_memory_gb: float) -> str:
@@ -165,7 +181,11 @@ def format_plan(config: TrainConfig, plan: Plan, gpu_memory_gb: float) -> str:
         f"  weights          {plan.weights_gb:8.1f} GB",
         f"  gradients        {plan.grads_gb:8.1f} GB",
         f"  optimizer states {plan.optimizer_gb:8.1f} GB"
-        + (f"  (distributed over DP={plan.layout.dp})" if config.parallelism.use_distributed_optimizer else ""),
+        + (
+            f"  (distributed over DP={plan.layout.dp})"
+            if config.parallelism.use_distributed_optimizer
+            else ""
+        ),
         f"  activations      {plan.activations_gb:8.1f} GB  (recompute: {config.model.recompute}; "
         + ("Transformer Engine layers)" if uses_transformer_engine(config) else "local layers)"),
         f"  logits           {plan.logits_gb:8.1f} GB",
@@ -178,8 +198,10 @@ def format_plan(config: TrainConfig, plan: Plan, gpu_memory_gb: float) -> str:
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Before launching: per-GPU parameters, memory (weights, gradients, optimizer states, "
-                          "activations, logits), pipeline bubble, and whether the run fits the GPU.")
+    parser.description = (
+        "Before launching: per-GPU parameters, memory (weights, gradients, optimizer states, "
+        "activations, logits), pipeline bubble, and whether the run fits the GPU."
+    )
     parser.epilog = "example:\n  kumihimo plan configs/pretrain/llmjp3-172b.yaml --nodes 64"
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("config", help="training recipe")
@@ -187,8 +209,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=1, help="number of nodes (default: %(default)s)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default: %(default)s)")
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="GPU memory (default: H100 80 GB)")
-    parser.add_argument("--vocab-size", type=int, default=None,
-                        help="unpadded vocabulary size (default: read from data.tokenizer)")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="unpadded vocabulary size (default: read from data.tokenizer)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -199,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
         if config.data.mock or config.data.tokenizer is None:
             vocab = config.data.mock_vocab_size
         else:
-            from tokenizer.spm import Tokenizer
+            from kumihimo.tokenizer.spm import Tokenizer
 
             try:
                 vocab = Tokenizer.load(config.data.tokenizer).vocab_size

@@ -66,10 +66,15 @@ class LossGuard:
     def check(self, loss: float) -> LossVerdict:
         if not math.isfinite(loss):
             return LossVerdict(False, f"loss is {loss}")
-        if (self.spike_factor is not None and self.mean is not None and self.num_good >= self.warmup_steps
-                and loss > self.spike_factor * self.mean):
-            return LossVerdict(False, f"loss {loss:.4f} is over {self.spike_factor} x the running mean "
-                                      f"{self.mean:.4f}")
+        if (
+            self.spike_factor is not None
+            and self.mean is not None
+            and self.num_good >= self.warmup_steps
+            and loss > self.spike_factor * self.mean
+        ):
+            return LossVerdict(
+                False, f"loss {loss:.4f} is over {self.spike_factor} x the running mean {self.mean:.4f}"
+            )
         self.mean = loss if self.mean is None else self.ema * self.mean + (1 - self.ema) * loss
         self.num_good += 1
         return LossVerdict(True)

@@ -15,17 +15,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kumihimo import configtree
-from kumihimo.progress import say
-from pretrain import checkpointing
-from pretrain.checkpointing import TrainState
-from pretrain.config import TrainConfig
-from pretrain.data import Datasets, batch_indices, build_datasets, microbatches
-from pretrain.distributed import ProcessInfo, init_process_group, seed_everything
-from pretrain.memory import ActivationMeter, state_bytes
-from pretrain.metrics import MetricsSink, training_flops_per_token
-from pretrain.parallel import ParallelLayout
-from pretrain.signals import EXIT_BAD_LOSS, EXIT_REQUEUE, LossGuard, StopRequest
+from kumihimo.core import configtree
+from kumihimo.core.progress import say
+from kumihimo.pretrain import checkpointing
+from kumihimo.pretrain.checkpointing import TrainState
+from kumihimo.pretrain.config import TrainConfig
+from kumihimo.pretrain.data import Datasets, batch_indices, build_datasets, microbatches
+from kumihimo.pretrain.distributed import ProcessInfo, init_process_group, seed_everything
+from kumihimo.pretrain.memory import ActivationMeter, state_bytes
+from kumihimo.pretrain.metrics import MetricsSink, training_flops_per_token
+from kumihimo.pretrain.parallel import ParallelLayout
+from kumihimo.pretrain.signals import EXIT_BAD_LOSS, EXIT_REQUEUE, LossGuard, StopRequest
 
 
 @dataclass
@@ -59,14 +59,14 @@ def loss_func(loss_mask: torch.Tensor, output: torch.Tensor, extra: torch.Tensor
 
 
 def z_loss_func(loss_mask: torch.Tensor, labels: torch.Tensor, z_loss_coeff: float, logits: torch.Tensor):
-    from pretrain.loss import cross_entropy_and_z
+    from kumihimo.pretrain.loss import cross_entropy_and_z
 
     cross_entropy, z_term = cross_entropy_and_z(logits, labels, z_loss_coeff)
     return loss_func(loss_mask, cross_entropy, z_term)
 
 
 def forward_step(data_iterator, model, z_loss_coeff: float = 0.0, meter: ActivationMeter | None = None):
-    from pretrain.model import slice_for_context_parallel
+    from kumihimo.pretrain.model import slice_for_context_parallel
 
     batch = slice_for_context_parallel(next(data_iterator))
     with meter.record(model) if meter else contextlib.nullcontext():
@@ -74,7 +74,9 @@ def forward_step(data_iterator, model, z_loss_coeff: float = 0.0, meter: Activat
             # The model returns [b, s, vocab/TP] logits (hidden states on earlier pipeline stages).
             output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
             return output, partial(z_loss_func, batch["loss_mask"], batch["labels"], z_loss_coeff)
-        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+        output = model(
+            batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
+        )
         return output, partial(loss_func, batch["loss_mask"])
 
 
@@ -94,10 +96,12 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.config
         if cfg.runtime.device == "cpu":
-            from pretrain import cpu_compat
+            from kumihimo.pretrain import cpu_compat
 
             cpu_compat.activate()
-        self.info: ProcessInfo = init_process_group(cfg.runtime.device, cfg.runtime.distributed_timeout_minutes)
+        self.info: ProcessInfo = init_process_group(
+            cfg.runtime.device, cfg.runtime.distributed_timeout_minutes
+        )
         self.layout = ParallelLayout.from_config(cfg, self.info.world_size)
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -112,18 +116,25 @@ class Trainer:
         model_parallel_cuda_manual_seed(cfg.runtime.seed, inference_rng_tracker=cfg.runtime.device == "cpu")
         if cfg.runtime.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.device = torch.device("cpu") if cfg.runtime.device == "cpu" else torch.device(
-            "cuda", torch.cuda.current_device())
+        self.device = (
+            torch.device("cpu")
+            if cfg.runtime.device == "cpu"
+            else torch.device("cuda", torch.cuda.current_device())
+        )
         self.is_logger = self.info.is_main
         if self.is_logger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             configtree.save(cfg, self.run_dir / "run_config.yaml")
-            say(f"[train] resolved config (saved to {self.run_dir / 'run_config.yaml'}):\n"
-                + configtree.dump_yaml(cfg).rstrip())
+            say(
+                f"[train] resolved config (saved to {self.run_dir / 'run_config.yaml'}):\n"
+                + configtree.dump_yaml(cfg).rstrip()
+            )
             say(f"[train] layout {self.layout.describe()}")
             if cfg.checkpoint.async_save and not cfg.checkpoint.save:
-                say("[train] warning: checkpoint.async_save=true is ignored: checkpoint.save is null, so this run "
-                    "saves nothing")
+                say(
+                    "[train] warning: checkpoint.async_save=true is ignored: checkpoint.save is null, so this run "
+                    "saves nothing"
+                )
 
         cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir / "data_cache"
         self.datasets: Datasets = build_datasets(cfg, cache_dir)
@@ -147,7 +158,7 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from megatron.core.transformer.module import Float16Module
 
-        from pretrain.model import build_model
+        from kumihimo.pretrain.model import build_model
 
         cfg = self.config
         chunks = build_model(cfg, self.layout, self.padded_vocab)
@@ -162,27 +173,45 @@ class Trainer:
             check_for_nan_in_grad=False,
         )
         self.model = [
-            DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
-                                    disable_bucketing=i > 0)
+            DistributedDataParallel(
+                config=chunk.config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0
+            )
             for i, chunk in enumerate(chunks)
         ]
         opt = cfg.optimizer
         self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
-                            adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
-                            clip_grad=opt.clip_grad, bf16=bf16, params_dtype=chunks[0].config.params_dtype,
-                            use_distributed_optimizer=cfg.parallelism.use_distributed_optimizer),
+            OptimizerConfig(
+                optimizer="adam",
+                lr=opt.lr,
+                min_lr=opt.min_lr,
+                weight_decay=opt.weight_decay,
+                adam_beta1=opt.adam_beta1,
+                adam_beta2=opt.adam_beta2,
+                adam_eps=opt.adam_eps,
+                clip_grad=opt.clip_grad,
+                bf16=bf16,
+                params_dtype=chunks[0].config.params_dtype,
+                use_distributed_optimizer=cfg.parallelism.use_distributed_optimizer,
+            ),
             self.model,
         )
         sched = cfg.schedule
         decay_iters = sched.lr_decay_iters or sched.train_iters
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=opt.lr, min_lr=opt.min_lr,
-            lr_warmup_steps=sched.lr_warmup_iters, lr_decay_steps=decay_iters,
-            lr_decay_style=sched.lr_decay_style, start_wd=opt.weight_decay, end_wd=opt.weight_decay,
-            wd_incr_steps=decay_iters, wd_incr_style="constant",
-            wsd_decay_steps=sched.lr_wsd_decay_iters or max(1, decay_iters // 10) if
-            sched.lr_decay_style == "WSD" else None,
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=opt.lr,
+            min_lr=opt.min_lr,
+            lr_warmup_steps=sched.lr_warmup_iters,
+            lr_decay_steps=decay_iters,
+            lr_decay_style=sched.lr_decay_style,
+            start_wd=opt.weight_decay,
+            end_wd=opt.weight_decay,
+            wd_incr_steps=decay_iters,
+            wd_incr_style="constant",
+            wsd_decay_steps=sched.lr_wsd_decay_iters or max(1, decay_iters // 10)
+            if sched.lr_decay_style == "WSD"
+            else None,
             lr_wsd_decay_style="linear" if sched.lr_decay_style == "WSD" else None,
         )
         tconfig = self.model[0].config
@@ -202,14 +231,20 @@ class Trainer:
         from megatron.core import parallel_state
 
         local = sum(p.numel() for chunk in self.model for p in checkpointing.unwrap(chunk).parameters())
-        row = {"rank": self.info.rank, "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
-               "pp_rank": parallel_state.get_pipeline_model_parallel_rank(), "parameters": local}
+        row = {
+            "rank": self.info.rank,
+            "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+            "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+            "parameters": local,
+        }
         rows = [None] * self.info.world_size
         dist.all_gather_object(rows, row)
         if self.is_logger:
             import json
 
-            configtree.write_text_atomic(self.run_dir / "parameters_per_rank.json", json.dumps(rows, indent=1))
+            configtree.write_text_atomic(
+                self.run_dir / "parameters_per_rank.json", json.dumps(rows, indent=1)
+            )
             say(f"[train] {max(r['parameters'] for r in rows):,} parameters on the most loaded rank")
 
     def _record_memory(self) -> None:
@@ -218,11 +253,14 @@ class Trainer:
 
         from megatron.core import parallel_state
 
-        row = {"rank": self.info.rank, "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
-               "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
-               "cp_rank": parallel_state.get_context_parallel_rank(),
-               **state_bytes(self.model, self.optimizer),
-               "activation_bytes_per_microbatch": self.memory_meter.activation_bytes}
+        row = {
+            "rank": self.info.rank,
+            "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+            "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+            "cp_rank": parallel_state.get_context_parallel_rank(),
+            **state_bytes(self.model, self.optimizer),
+            "activation_bytes_per_microbatch": self.memory_meter.activation_bytes,
+        }
         if self.device.type == "cuda":
             row["max_allocated_bytes"] = torch.cuda.max_memory_allocated()
         self.memory_meter = None
@@ -243,10 +281,17 @@ class Trainer:
             "vocab_size": self.datasets.tokenizer.vocab_size,
             "padded_vocab_size": self.padded_vocab,
             "tokenizer": self.datasets.tokenizer.identity,
-            "data": {"blend_file": cfg.data.blend_file, "mock": cfg.data.mock, "split": cfg.data.split,
-                     "seed": cfg.runtime.seed},
-            "versions": {"kumihimo": __version__, "megatron.core": megatron.core.__version__,
-                         "torch": torch.__version__},
+            "data": {
+                "blend_file": cfg.data.blend_file,
+                "mock": cfg.data.mock,
+                "split": cfg.data.split,
+                "seed": cfg.runtime.seed,
+            },
+            "versions": {
+                "kumihimo": __version__,
+                "megatron.core": megatron.core.__version__,
+                "torch": torch.__version__,
+            },
         }
 
     def _maybe_resume(self) -> None:
@@ -255,7 +300,8 @@ class Trainer:
         if root is None or checkpointing.read_latest(Path(root)) is None:
             if ckpt.load is not None:
                 raise configtree.ConfigError(
-                    f"checkpoint.load={ckpt.load!r} holds no complete checkpoint; check the path or unset it")
+                    f"checkpoint.load={ckpt.load!r} holds no complete checkpoint; check the path or unset it"
+                )
             if ckpt.pretrained is not None:
                 self._load_pretrained(Path(ckpt.pretrained))
             return
@@ -264,14 +310,18 @@ class Trainer:
         if meta.get("weights_only"):
             raise configtree.ConfigError(
                 f"{folder} holds weights only (no optimizer state) and cannot be resumed; pass it as "
-                f"checkpoint.pretrained={root} with a new checkpoint.save")
+                f"checkpoint.pretrained={root} with a new checkpoint.save"
+            )
         self._check_resume_compatible(meta)
-        self.state = checkpointing.load_checkpoint(folder, self.model, self.optimizer, self.scheduler,
-                                                   self.layout)
+        self.state = checkpointing.load_checkpoint(
+            folder, self.model, self.optimizer, self.scheduler, self.layout
+        )
         self.loss_guard.load_state_dict(self.state.extra.get("loss_guard", {}))
         if self.is_logger:
-            say(f"[train] resumed from {folder} at step {self.state.iteration} "
-                f"({self.state.consumed_samples} samples consumed)")
+            say(
+                f"[train] resumed from {folder} at step {self.state.iteration} "
+                f"({self.state.consumed_samples} samples consumed)"
+            )
 
     def _load_pretrained(self, root: Path) -> None:
         folder = checkpointing.find_checkpoint(root)
@@ -280,7 +330,8 @@ class Trainer:
             raise configtree.ConfigError(
                 f"checkpoint.pretrained={str(root)!r} has a padded vocabulary of {meta.get('padded_vocab_size')} "
                 f"but this run pads to {self.padded_vocab}; use the tokenizer the weights were trained with "
-                "and the same model.make_vocab_size_divisible_by x TP")
+                "and the same model.make_vocab_size_divisible_by x TP"
+            )
         checkpointing.load_weights(folder, self.model)
         # bf16 runs keep fp32 main weights inside the optimizer, copied when it was built.
         self.optimizer.reload_model_params()
@@ -291,14 +342,20 @@ class Trainer:
         saved = meta.get("data", {})
         now = self.checkpoint_meta["data"]
         if (saved.get("blend_file"), saved.get("mock"), saved.get("seed")) != (
-                now["blend_file"], now["mock"], now["seed"]):
+            now["blend_file"],
+            now["mock"],
+            now["seed"],
+        ):
             raise configtree.ConfigError(
                 f"the checkpoint was trained on data {saved} but this run uses {now}; resuming would not "
-                "continue the same sample order. Start a new run (new checkpoint.save) to change the data")
+                "continue the same sample order. Start a new run (new checkpoint.save) to change the data"
+            )
         saved_dp = meta.get("layout", {}).get("dp")
         if saved_dp is not None and saved_dp != self.layout.dp and self.is_logger:
-            say(f"[train] warning: data-parallel size changed {saved_dp} -> {self.layout.dp}; samples continue "
-                "in order but per-rank batches differ, so the loss curve will not match bit for bit")
+            say(
+                f"[train] warning: data-parallel size changed {saved_dp} -> {self.layout.dp}; samples continue "
+                "in order but per-rank batches differ, so the loss curve will not match bit for bit"
+            )
 
     # ---------------------------------------------------------------- loop
     def train(self) -> TrainResult:
@@ -349,8 +406,10 @@ class Trainer:
             return False
         if res.on_bad_loss == "stop" or self.consecutive_skips >= res.max_consecutive_skips:
             if self.is_logger:
-                say(f"[train] stopping at step {self.state.iteration}: {values['skipped']} "
-                    f"({self.consecutive_skips} bad step(s) in a row); the newest checkpoint is untouched")
+                say(
+                    f"[train] stopping at step {self.state.iteration}: {values['skipped']} "
+                    f"({self.consecutive_skips} bad step(s) in a row); the newest checkpoint is untouched"
+                )
             return True
         return False
 
@@ -403,9 +462,15 @@ class Trainer:
         elapsed = time.perf_counter() - start
         tokens_per_s = gbs * self.config.model.seq_length / elapsed
         tflops = self.flops_per_token * tokens_per_s / self.info.world_size / 1e12
-        values = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                  "step_time_s": elapsed, "tokens_per_s": tokens_per_s, "consumed_tokens": self.state.consumed_tokens,
-                  "skipped": skipped}
+        values = {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "step_time_s": elapsed,
+            "tokens_per_s": tokens_per_s,
+            "consumed_tokens": self.state.consumed_tokens,
+            "skipped": skipped,
+        }
         if self.device.type == "cuda":  # FLOP rates against a GPU peak mean nothing on CPU
             values["tflops_per_gpu"] = tflops
             values["mfu"] = tflops / self.config.logging.peak_tflops
@@ -418,8 +483,10 @@ class Trainer:
 
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         # every CP rank reports its own tokens' share; TP ranks hold the same numbers
-        is_reporter = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-                       and parallel_state.get_tensor_model_parallel_rank() == 0)
+        is_reporter = (
+            parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+        )
         if is_reporter:
             for item in losses:
                 total += item["lm loss"].to(torch.float64)
@@ -442,8 +509,11 @@ class Trainer:
                 forward_step_func=self.forward_step,
                 data_iterator=iterators if len(iterators) > 1 else iterators[0],
                 model=self.model if len(self.model) > 1 else self.model[0],
-                num_microbatches=self.layout.num_microbatches, seq_length=self.config.model.seq_length,
-                micro_batch_size=self.layout.micro_batch_size, forward_only=True)
+                num_microbatches=self.layout.num_microbatches,
+                seq_length=self.config.model.seq_length,
+                micro_batch_size=self.layout.micro_batch_size,
+                forward_only=True,
+            )
         for chunk in self.model:
             chunk.train()
         return self._reduce_loss(gathered)
@@ -453,15 +523,26 @@ class Trainer:
         previous one is complete: one save in flight at a time)."""
         self.finish_saves(blocking=True)
         folder = checkpointing.save_checkpoint(
-            root, self.state, self.model, self.optimizer, self.scheduler, self.config, self.layout,
-            self.checkpoint_meta, self.config.checkpoint.keep_last, self.config.checkpoint.keep_multiples_of,
-            async_saves=self.async_saves)
+            root,
+            self.state,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.config,
+            self.layout,
+            self.checkpoint_meta,
+            self.config.checkpoint.keep_last,
+            self.config.checkpoint.keep_multiples_of,
+            async_saves=self.async_saves,
+        )
         if self.is_logger:
             if self.async_saves is None:
                 say(f"[train] saved checkpoint {folder}")
             else:
-                say(f"[train] writing checkpoint {folder} in the background "
-                    f"(training blocked {self.async_saves.newest.blocking_s:.2f} s)")
+                say(
+                    f"[train] writing checkpoint {folder} in the background "
+                    f"(training blocked {self.async_saves.newest.blocking_s:.2f} s)"
+                )
         return folder
 
     def finish_saves(self, blocking: bool) -> None:
@@ -471,13 +552,15 @@ class Trainer:
             return
         for done in self.async_saves.finalize(blocking):
             if self.is_logger:
-                say(f"[train] saved checkpoint {done.folder} (training blocked {done.blocking_s:.2f} s, "
-                    f"written in the background in {done.background_s:.2f} s)")
+                say(
+                    f"[train] saved checkpoint {done.folder} (training blocked {done.blocking_s:.2f} s, "
+                    f"written in the background in {done.background_s:.2f} s)"
+                )
 
 
 def run_training(config: TrainConfig) -> TrainResult:
     """Set up, train, tear down; the entry point of `kumihimo train` in every process."""
-    from pretrain.distributed import destroy
+    from kumihimo.pretrain.distributed import destroy
 
     trainer = Trainer(config)
     try:

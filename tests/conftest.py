@@ -18,17 +18,29 @@ REPO = Path(__file__).resolve().parents[1]
 def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`kumihimo ARGS...` as a user runs it; returns the completed process (text output)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
-    return subprocess.run([sys.executable, "-m", "kumihimo.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd or REPO, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "kumihimo.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd or REPO,
+        env=env,
+    )
 
 
-def signal_training(run_dir: Path, *train_args: str, after_steps: int = 3,
-                    sig: signal.Signals = signal.SIGUSR1) -> tuple[int, str]:
+def signal_training(
+    run_dir: Path, *train_args: str, after_steps: int = 3, sig: signal.Signals = signal.SIGUSR1
+) -> tuple[int, str]:
     """Start `kumihimo train TRAIN_ARGS...` (logging to run_dir), send `sig` once it has logged
     `after_steps` steps, and return its exit code and stderr."""
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    child = subprocess.Popen([sys.executable, "-m", "kumihimo.cli", "train", *train_args], cwd=REPO, env=env,
-                             stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "kumihimo.cli", "train", *train_args],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and metrics.read_text().count("\n") >= after_steps):

@@ -22,14 +22,23 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.distributed import free_port
+from kumihimo.pretrain.distributed import free_port
 from tests.conftest import REPO
 
 APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 SLURM_PROGRAMS = ("sbatch", "scontrol", "squeue", "sinfo", "scancel", "slurmctld", "slurmd", "munged")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 PARTITION = "debug"
 
 
@@ -50,7 +59,9 @@ def install_slurm() -> None:
         if update.returncode != 0:
             pytest.skip(f"apt-get update failed (no network or mirror?): {update.stderr.strip()[-300:]}")
         proc = subprocess.run(install, env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, f"apt-get install {' '.join(APT_PACKAGES)} failed:\n{proc.stderr[-2000:]}"
+        assert proc.returncode == 0, (
+            f"apt-get install {' '.join(APT_PACKAGES)} failed:\n{proc.stderr[-2000:]}"
+        )
     missing = [p for p in SLURM_PROGRAMS if not _which(p)]
     assert not missing, f"installed {APT_PACKAGES} but {missing} are not on PATH"
 
@@ -108,10 +119,12 @@ class SlurmCluster:
     env: dict[str, str]
     daemons: list[subprocess.Popen] = field(default_factory=list)
 
-    def run(self, *command: str, check: bool = True, timeout: float = 120,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        proc = subprocess.run(command, env=env or self.env, capture_output=True, text=True, timeout=timeout,
-                              cwd=REPO)
+    def run(
+        self, *command: str, check: bool = True, timeout: float = 120, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            command, env=env or self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+        )
         assert not check or proc.returncode == 0, f"{' '.join(command)} failed:\n{proc.stdout}\n{proc.stderr}"
         return proc
 
@@ -151,8 +164,10 @@ def _wait_for(condition: Callable[[], bool], what: str, cluster: SlurmCluster, t
     while not condition():
         dead = [p.args[0] for p in cluster.daemons if p.poll() is not None]
         if dead or time.monotonic() > deadline:
-            logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(cluster.root.glob("*.log"))
-                             + sorted(cluster.root.glob("*.out")))
+            logs = "\n".join(
+                f"--- {p.name}\n{p.read_text()[-1500:]}"
+                for p in sorted(cluster.root.glob("*.log")) + sorted(cluster.root.glob("*.out"))
+            )
             pytest.fail(f"{what}: not ready after {timeout} s (exited: {dead})\n{logs}")
         time.sleep(0.2)
 
@@ -188,22 +203,44 @@ def running_cluster(root: Path) -> Iterator[SlurmCluster]:
     conf = write_slurm_conf(root, munge_socket)
     # The job inherits this environment (sbatch exports it): the venv's `kumihimo` first, no launcher
     # variables from an enclosing job, our slurm.conf for the clients (scontrol requeue inside the job too).
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k not in ("MASTER_ADDR", "MASTER_PORT", "RANK",
-                                                                            "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(SLURM_CONF=str(conf), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-               f"{os.pathsep}{SYSTEM_PATH}", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
+        and k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
+    env.update(
+        SLURM_CONF=str(conf),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}{os.pathsep}{SYSTEM_PATH}",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        WANDB_MODE="disabled",
+    )
     cluster = SlurmCluster(root, env)
     try:
-        _start(cluster, "munged", _which("munged"), "--foreground", "--force", f"--socket={munge_socket}",
-               f"--key-file={key}", f"--pid-file={root}/munged.pid", f"--log-file={root}/munged.log",
-               f"--seed-file={root}/munged.seed")
+        _start(
+            cluster,
+            "munged",
+            _which("munged"),
+            "--foreground",
+            "--force",
+            f"--socket={munge_socket}",
+            f"--key-file={key}",
+            f"--pid-file={root}/munged.pid",
+            f"--log-file={root}/munged.log",
+            f"--seed-file={root}/munged.seed",
+        )
         _wait_for(munge_socket.exists, "munged", cluster)
         _start(cluster, "slurmctld", _which("slurmctld"), "-D", "-f", str(conf))
         _start(cluster, "slurmd", _which("slurmd"), "-D", "-f", str(conf), "-N", "localhost")
-        _wait_for(lambda: cluster.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle",
-                  "the node to be idle", cluster)
-        print(f"\nslurm: installed in {installed - start:.1f} s, cluster up in {time.monotonic() - installed:.1f} s")
+        _wait_for(
+            lambda: cluster.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle",
+            "the node to be idle",
+            cluster,
+        )
+        print(
+            f"\nslurm: installed in {installed - start:.1f} s, cluster up in {time.monotonic() - installed:.1f} s"
+        )
         yield cluster
     finally:
         _stop(cluster)

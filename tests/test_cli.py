@@ -25,14 +25,21 @@ def test_each_verb_has_help(verb, capsys):
     assert "usage: kumihimo" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["model.hiden_size=3"], "unknown key 'model.hiden_size'; did you mean 'model.hidden_size'?"),
-    (["parallelism.tensor_model_parallel_size=3"],
-     "parallelism.tensor_model_parallel_size=3 does not divide model.num_attention_heads=4"),
-    (["data.mock=false", "data.tokenizer=t.model", "data.blend_file=/nonexistent/blend.yaml"],
-     "data.blend_file='/nonexistent/blend.yaml' does not exist"),
-    (["data.mock=false"], "data.blend_file is missing"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.hiden_size=3"], "unknown key 'model.hiden_size'; did you mean 'model.hidden_size'?"),
+        (
+            ["parallelism.tensor_model_parallel_size=3"],
+            "parallelism.tensor_model_parallel_size=3 does not divide model.num_attention_heads=4",
+        ),
+        (
+            ["data.mock=false", "data.tokenizer=t.model", "data.blend_file=/nonexistent/blend.yaml"],
+            "data.blend_file='/nonexistent/blend.yaml' does not exist",
+        ),
+        (["data.mock=false"], "data.blend_file is missing"),
+    ],
+)
 def test_bad_train_config_is_one_line_exit_2(overrides, message):
     proc = run_cli("train", "configs/pretrain/tiny-cpu.yaml", *overrides, "--check", timeout=60)
     assert proc.returncode == 2, proc.stderr
@@ -48,8 +55,15 @@ def test_missing_config_file_is_exit_2():
 
 
 def test_check_prints_the_layout():
-    proc = run_cli("train", "configs/pretrain/tiny-cpu.yaml", "--check", "--nproc-per-node", "2",
-                   "parallelism.tensor_model_parallel_size=2", timeout=60)
+    proc = run_cli(
+        "train",
+        "configs/pretrain/tiny-cpu.yaml",
+        "--check",
+        "--nproc-per-node",
+        "2",
+        "parallelism.tensor_model_parallel_size=2",
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "TP=2 PP=1 CP=1 DP=1" in proc.stdout
 

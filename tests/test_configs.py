@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.config import DataPrepConfig
-from kumihimo import configtree
-from pretrain.config import TrainConfig
+from kumihimo.core import configtree
+from kumihimo.data_prep.config import DataPrepConfig
+from kumihimo.pretrain.config import TrainConfig
+from kumihimo.tokenizer.config import TokenizerTrainConfig
 from tests.conftest import REPO
-from tokenizer.config import TokenizerTrainConfig
 
 KINDS = {"pretrain": TrainConfig, "tokenizer": TokenizerTrainConfig, "data_prep": DataPrepConfig}
 RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
@@ -45,9 +45,17 @@ def test_extends_merges_and_detects_cycles(tmp_path):
 
 
 def test_overrides_parse_yaml_values():
-    config = configtree.load(TrainConfig, REPO / "configs/pretrain/tiny-cpu.yaml",
-                             ["optimizer.lr=1e-3", "data.blend=[{prefix: /x, weight: 2}]", "data.mock=false",
-                              "data.tokenizer=t.model", "checkpoint.keep_last=null"])
+    config = configtree.load(
+        TrainConfig,
+        REPO / "configs/pretrain/tiny-cpu.yaml",
+        [
+            "optimizer.lr=1e-3",
+            "data.blend=[{prefix: /x, weight: 2}]",
+            "data.mock=false",
+            "data.tokenizer=t.model",
+            "checkpoint.keep_last=null",
+        ],
+    )
     assert config.optimizer.lr == 1e-3
     assert config.data.blend[0].prefix == "/x" and config.data.blend[0].weight == 2.0
     assert config.checkpoint.keep_last is None

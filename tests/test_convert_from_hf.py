@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kumihimo.errors import UserError
-from pretrain.convert import from_hf
-from pretrain.convert.from_hf import (
+from kumihimo.core.errors import UserError
+from kumihimo.pretrain.convert import from_hf
+from kumihimo.pretrain.convert.from_hf import (
     HFTensors,
     check_supported,
     convert_from_hf,
@@ -31,24 +31,50 @@ from pretrain.convert.from_hf import (
     produce,
     read_hf_model,
 )
-from pretrain.convert.mapping import TRANSFORMS, LlamaDims
-from pretrain.convert.to_hf import convert_to_hf
-from pretrain.distributed import free_port
+from kumihimo.pretrain.convert.mapping import TRANSFORMS, LlamaDims
+from kumihimo.pretrain.convert.to_hf import convert_to_hf
+from kumihimo.pretrain.distributed import free_port
 from tests.test_convert_to_hf import VOCAB, _launch, load_hf, train_spm
 
-HF_CONFIG = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=128,
-                 rope_theta=50000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-# name -> (dtype, tied embeddings, --tp, --pp)
-MODELS = {"fp32": (torch.float32, False, 2, 1), "bf16": (torch.bfloat16, False, 1, 2),
-          "tied": (torch.float32, True, 1, 1)}
+HF_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=VOCAB,
+    max_position_embeddings=128,
+    rope_theta=50000.0,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=3,
+)
+# Odd sizes at TP=3 x PP=2: every split (heads, query groups, FFN rows, padded vocabulary) is uneven
+# somewhere, and the vocabulary (1001 > the tokenizer's 1000) keeps an extra row through padding.
+ODD_SHAPES = dict(
+    hidden_size=96,
+    num_attention_heads=6,
+    num_key_value_heads=3,
+    head_dim=16,
+    intermediate_size=201,
+    vocab_size=VOCAB + 1,
+)
+# name -> (dtype, tied embeddings, --tp, --pp, config.json changes)
+MODELS = {
+    "fp32": (torch.float32, False, 2, 1, {}),
+    "bf16": (torch.bfloat16, False, 1, 2, {}),
+    "tied": (torch.float32, True, 1, 1, {}),
+    "tp3pp2": (torch.float32, False, 3, 2, ODD_SHAPES),
+}
 
 
-def make_hf_model(folder: Path, dtype: torch.dtype, tied: bool, spm_model: Path) -> Path:
+def make_hf_model(folder: Path, dtype: torch.dtype, tied: bool, spm_model: Path, changes: dict) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**HF_CONFIG, tie_word_embeddings=tied))
+    model = LlamaForCausalLM(LlamaConfig(**{**HF_CONFIG, **changes}, tie_word_embeddings=tied))
     with torch.no_grad():
         for param in model.parameters():  # norms too, so a swapped norm cannot hide
             param.normal_(1.0 if param.dim() == 1 else 0.0, 0.05)
@@ -71,19 +97,25 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def hf_models(work) -> dict[str, Path]:
     spm_model = train_spm(work / "tok", seed=1)
-    return {name: make_hf_model(work / f"hf-{name}", dtype, tied, spm_model)
-            for name, (dtype, tied, _tp, _pp) in MODELS.items()}
+    return {
+        name: make_hf_model(work / f"hf-{name}", dtype, tied, spm_model, changes)
+        for name, (dtype, tied, _tp, _pp, changes) in MODELS.items()
+    }
 
 
 @pytest.fixture(scope="module")
 def converted(hf_models, work) -> dict[str, Path]:
     """Checkpoint roots from `kumihimo convert from-hf` (one process; the first by the CLI)."""
     roots = {name: work / f"ckpt-{name}" for name in MODELS}
-    calls = [f"convert_from_hf({str(hf_models[n])!r}, {str(roots[n])!r}, tp={tp}, pp={pp})"
-             for n, (_dtype, _tied, tp, pp) in MODELS.items()]
-    code = ("import sys\nfrom kumihimo.cli import main\nfrom pretrain.convert.from_hf import convert_from_hf\n"
-            f"assert main(['convert', 'from-hf', '--model', {str(hf_models['fp32'])!r}, '--output', "
-            f"{str(roots['fp32'])!r}, '--tp', '2']) == 0\n" + "\n".join(calls[1:]))
+    calls = [
+        f"convert_from_hf({str(hf_models[n])!r}, {str(roots[n])!r}, tp={tp}, pp={pp})"
+        for n, (_dtype, _tied, tp, pp, _changes) in MODELS.items()
+    ]
+    code = (
+        "import sys\nfrom kumihimo.cli import main\nfrom kumihimo.pretrain.convert.from_hf import convert_from_hf\n"
+        f"assert main(['convert', 'from-hf', '--model', {str(hf_models['fp32'])!r}, '--output', "
+        f"{str(roots['fp32'])!r}, '--tp', '2']) == 0\n" + "\n".join(calls[1:])
+    )
     proc = _launch(["-c", code])
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
@@ -99,13 +131,37 @@ def megatron(converted, work):
     run_dir = work / "continued"
     saved = {name: work / f"megatron-save-{name}" for name in ("fp32", "bf16")}
     procs = {
-        "reference": _launch(["-m", "tests.test_convert_to_hf", str(work / "prompt.pt"), str(work / "ref.pt"),
-                              str(converted["fp32"])]),
-        "trainer": _launch(["-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
-                            f"--master-port={free_port()}", "-m", "tests.test_convert_from_hf", "train",
-                            str(converted["fp32"]), str(run_dir)]),
-        "save": _launch(["-m", "tests.test_convert_from_hf", "save",
-                         *(str(path) for name in saved for path in (converted[name], saved[name]))]),
+        "reference": _launch(
+            [
+                "-m",
+                "tests.test_convert_to_hf",
+                str(work / "prompt.pt"),
+                str(work / "ref.pt"),
+                str(converted["fp32"]),
+            ]
+        ),
+        "trainer": _launch(
+            [
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node=2",
+                "--nnodes=1",
+                f"--master-port={free_port()}",
+                "-m",
+                "tests.test_convert_from_hf",
+                "train",
+                str(converted["fp32"]),
+                str(run_dir),
+            ]
+        ),
+        "save": _launch(
+            [
+                "-m",
+                "tests.test_convert_from_hf",
+                "save",
+                *(str(path) for name in saved for path in (converted[name], saved[name])),
+            ]
+        ),
     }
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=400)
@@ -119,8 +175,10 @@ def megatron(converted, work):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_hf_megatron_hf_round_trip_is_bit_identical(name, hf_models, converted, work):
-    dtype, tied, tp, _pp = MODELS[name]
-    back = convert_to_hf(converted[name], work / f"back-{name}", dtype="fp32" if dtype == torch.float32 else "bf16")
+    dtype, tied, tp, _pp, _changes = MODELS[name]
+    back = convert_to_hf(
+        converted[name], work / f"back-{name}", dtype="fp32" if dtype == torch.float32 else "bf16"
+    )
     original, restored = hf_weights(hf_models[name]), hf_weights(back)
     if tied:  # the kumihimo model has its own output layer, which starts as the embedding
         original["lm_head.weight"] = original["model.embed_tokens.weight"]
@@ -128,9 +186,20 @@ def test_hf_megatron_hf_round_trip_is_bit_identical(name, hf_models, converted, 
     for key, tensor in original.items():
         assert restored[key].dtype == tensor.dtype and torch.equal(restored[key], tensor), key
     source, config = (json.loads((folder / "config.json").read_text()) for folder in (hf_models[name], back))
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "vocab_size",
-                "bos_token_id", "eos_token_id", "pad_token_id"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "vocab_size",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    ):
         assert config[key] == source[key], key
     assert config["rope_parameters"]["rope_theta"] == source["rope_parameters"]["rope_theta"]
 
@@ -146,9 +215,15 @@ def test_checkpoint_layout_and_metadata(converted):
     config = yaml.safe_load((root / "iter_0000000" / "run_config.yaml").read_text())
     assert config["parallelism"]["tensor_model_parallel_size"] == 2
     assert config["model"]["num_query_groups"] == 2 and config["model"]["rotary_base"] == 50000
-    assert config["precision"]["params_dtype"] == "fp32" and config["data"]["tokenizer"] == meta["tokenizer"]["path"]
+    assert (
+        config["precision"]["params_dtype"] == "fp32"
+        and config["data"]["tokenizer"] == meta["tokenizer"]["path"]
+    )
     bf16 = yaml.safe_load((converted["bf16"] / "iter_0000000" / "run_config.yaml").read_text())
-    assert bf16["precision"]["params_dtype"] == "bf16" and bf16["parallelism"]["pipeline_model_parallel_size"] == 2
+    assert (
+        bf16["precision"]["params_dtype"] == "bf16"
+        and bf16["parallelism"]["pipeline_model_parallel_size"] == 2
+    )
 
 
 # ------------------------------------------------------------------------------------------ Megatron side
@@ -203,7 +278,9 @@ def test_checkpoint_is_what_megatron_saves_for_the_model(name, converted, megatr
     for key, entry in saved.state_dict_metadata.items():
         assert planned.state_dict_metadata[key] == entry, key
     assert _stored_objects(ours) == _stored_objects(reference)
-    assert json.loads((ours / "metadata.json").read_text()) == json.loads((reference / "metadata.json").read_text())
+    assert json.loads((ours / "metadata.json").read_text()) == json.loads(
+        (reference / "metadata.json").read_text()
+    )
 
 
 # ------------------------------------------------------------------------------------------ streaming
@@ -217,11 +294,21 @@ def test_chunks_read_in_place_equal_the_transforms(groups, stored_dtype, tmp_pat
     from safetensors.torch import save_file
 
     monkeypatch.setattr(from_hf, "CONVERT_BLOCK_BYTES", 1000)
-    dims = LlamaDims(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
-                     num_query_groups=groups, head_dim=16, megatron_vocab_size=128, hf_vocab_size=100)
+    dims = LlamaDims(
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=96,
+        num_attention_heads=4,
+        num_query_groups=groups,
+        head_dim=16,
+        megatron_vocab_size=128,
+        hf_vocab_size=100,
+    )
     generator = torch.Generator().manual_seed(0)
-    weights = {name: torch.randn(shape, generator=generator).to(stored_dtype)
-               for name, shape in expected_hf_tensors(dims).items()}
+    weights = {
+        name: torch.randn(shape, generator=generator).to(stored_dtype)
+        for name, shape in expected_hf_tensors(dims).items()
+    }
     save_file(weights, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text("{}")
     tensors = HFTensors(read_hf_model(tmp_path))
@@ -230,21 +317,30 @@ def test_chunks_read_in_place_equal_the_transforms(groups, stored_dtype, tmp_pat
         if chunk.rule is None:
             continue
         parts = [weights[name].float() for name in chunk.rule.hf_names(chunk.layer)]
-        expected = TRANSFORMS[chunk.rule.transform].from_hf(parts, dims)[chunk.rows[0]:chunk.rows[1]]
+        expected = TRANSFORMS[chunk.rule.transform].from_hf(parts, dims)[chunk.rows[0] : chunk.rows[1]]
         data = produce(chunk, tensors, dims, torch.float32)
         assert torch.equal(data if chunk.layer is None else data[0], expected), (chunk.key, chunk.layer)
         assert data.untyped_storage().nbytes() == data.nbytes  # torch.save writes the whole storage
 
 
 MEMORY_LAYERS = 16
-MEMORY_CONFIG = dict(HF_CONFIG, hidden_size=512, intermediate_size=2048, num_hidden_layers=MEMORY_LAYERS,
-                     num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=1024,
-                     torch_dtype="float32", model_type="llama")
+MEMORY_CONFIG = dict(
+    HF_CONFIG,
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=MEMORY_LAYERS,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=64,
+    vocab_size=1024,
+    torch_dtype="float32",
+    model_type="llama",
+)
 # A one-layer model converted first pays for lazy imports and one-time setup before the baseline.
 WARMUP_CONFIG = dict(MEMORY_CONFIG, hidden_size=64, intermediate_size=128, num_hidden_layers=1, head_dim=8)
 MEMORY_CHILD = """
 import json, sys
-from pretrain.convert.from_hf import convert_from_hf
+from kumihimo.pretrain.convert.from_hf import convert_from_hf
 def status(field):
     return int(next(line for line in open('/proc/self/status') if line.startswith(field)).split()[1]) * 1024
 convert_from_hf(sys.argv[1], sys.argv[2])
@@ -261,14 +357,24 @@ def write_layered_hf_model(folder: Path, config: dict) -> tuple[int, int]:
     from safetensors.torch import save_file
 
     folder.mkdir()
-    dims = LlamaDims(num_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"],
-                     ffn_hidden_size=config["intermediate_size"], num_attention_heads=config["num_attention_heads"],
-                     num_query_groups=config["num_key_value_heads"], head_dim=config["head_dim"],
-                     megatron_vocab_size=config["vocab_size"], hf_vocab_size=config["vocab_size"])
+    dims = LlamaDims(
+        num_layers=config["num_hidden_layers"],
+        hidden_size=config["hidden_size"],
+        ffn_hidden_size=config["intermediate_size"],
+        num_attention_heads=config["num_attention_heads"],
+        num_query_groups=config["num_key_value_heads"],
+        head_dim=config["head_dim"],
+        megatron_vocab_size=config["vocab_size"],
+        hf_vocab_size=config["vocab_size"],
+    )
     shapes = expected_hf_tensors(dims)
     groups: dict[str, dict[str, tuple[int, ...]]] = {}
     for name, shape in shapes.items():
-        file = f"layer-{name.split('.')[2]}.safetensors" if name.startswith("model.layers.") else "rest.safetensors"
+        file = (
+            f"layer-{name.split('.')[2]}.safetensors"
+            if name.startswith("model.layers.")
+            else "rest.safetensors"
+        )
         groups.setdefault(file, {})[name] = shape
     generator = torch.Generator().manual_seed(0)
     sizes = []
@@ -276,8 +382,10 @@ def write_layered_hf_model(folder: Path, config: dict) -> tuple[int, int]:
         tensors = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in group.items()}
         save_file(tensors, folder / file)
         sizes.append(sum(t.nbytes for t in tensors.values()))
-    index = {"metadata": {"total_size": sum(sizes)},
-             "weight_map": {name: file for file, group in groups.items() for name in group}}
+    index = {
+        "metadata": {"total_size": sum(sizes)},
+        "weight_map": {name: file for file, group in groups.items() for name in group},
+    }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     (folder / "config.json").write_text(json.dumps(config))
     return sum(sizes), max(sizes)
@@ -289,13 +397,17 @@ def test_conversion_memory_stays_near_one_layer_not_the_model(tmp_path):
     so the model is never held whole (building it, or reading every tensor first, adds >= its size)."""
     write_layered_hf_model(tmp_path / "warmup", WARMUP_CONFIG)
     model_bytes, layer_bytes = write_layered_hf_model(tmp_path / "hf", MEMORY_CONFIG)
-    proc = _launch(["-c", MEMORY_CHILD, *(str(tmp_path / name) for name in ("warmup", "warmup-ckpt", "hf", "ckpt"))])
+    proc = _launch(
+        ["-c", MEMORY_CHILD, *(str(tmp_path / name) for name in ("warmup", "warmup-ckpt", "hf", "ckpt"))]
+    )
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
     growth = result["peak"] - result["before"]
-    assert growth < 2 * layer_bytes, (f"peak RSS grew by {growth / 2**20:.0f} MiB converting a "
-                                      f"{model_bytes / 2**20:.0f} MiB model ({layer_bytes / 2**20:.0f} MiB a layer)")
+    assert growth < 2 * layer_bytes, (
+        f"peak RSS grew by {growth / 2**20:.0f} MiB converting a "
+        f"{model_bytes / 2**20:.0f} MiB model ({layer_bytes / 2**20:.0f} MiB a layer)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -305,10 +417,12 @@ def test_unsupported_models_are_refused(hf_models, work):
     with pytest.raises(UserError, match="no config.json"):
         read_hf_model(work)
     base = json.loads((hf_models["fp32"] / "config.json").read_text())
-    for change, message in (({"model_type": "mistral"}, "model_type='mistral'"),
-                            ({"attention_bias": True}, "attention_bias"),
-                            ({"hidden_act": "gelu"}, "hidden_act"),
-                            ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "rope_scaling")):
+    for change, message in (
+        ({"model_type": "mistral"}, "model_type='mistral'"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "rope_scaling"),
+    ):
         with pytest.raises(UserError, match=message):
             check_supported({**base, **change})
     empty = work / "no-weights"
@@ -328,11 +442,21 @@ def test_bad_weights_are_refused_and_leave_no_output(hf_models, work):
     weights = load_file(hf_models["fp32"] / "model.safetensors")
     config = json.loads((hf_models["fp32"] / "config.json").read_text())
     cases = {
-        "extra": ({**weights, "model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}, config,
-                  "unsupported architecture: model.layers.0.self_attn.q_proj.bias"),
-        "missing": ({k: v for k, v in weights.items() if k != "model.norm.weight"}, config,
-                    "lacks tensor model.norm.weight"),
-        "shape": (weights, {**config, "intermediate_size": 128}, r"has shape \[192, 64\] but config.json implies"),
+        "extra": (
+            {**weights, "model.layers.0.self_attn.q_proj.bias": torch.zeros(64)},
+            config,
+            "unsupported architecture: model.layers.0.self_attn.q_proj.bias",
+        ),
+        "missing": (
+            {k: v for k, v in weights.items() if k != "model.norm.weight"},
+            config,
+            "lacks tensor model.norm.weight",
+        ),
+        "shape": (
+            weights,
+            {**config, "intermediate_size": 128},
+            r"has shape \[192, 64\] but config.json implies",
+        ),
         "truncated": (weights, config, "truncated"),
     }
     for name, (tensors, model_config, message) in cases.items():
@@ -353,17 +477,29 @@ def test_bad_weights_are_refused_and_leave_no_output(hf_models, work):
 def _continue_pretraining(root: str, run_dir: str) -> None:
     """In every torchrun process: the trainer at the checkpoint's TP=2 layout starts from it through
     `checkpoint.pretrained` (weights only), saves at step 0, then trains one step."""
-    from kumihimo import configtree
-    from pretrain.checkpointing import find_checkpoint
-    from pretrain.config import TrainConfig
-    from pretrain.distributed import destroy
-    from pretrain.training import Trainer
+    from kumihimo.core import configtree
+    from kumihimo.pretrain.checkpointing import find_checkpoint
+    from kumihimo.pretrain.config import TrainConfig
+    from kumihimo.pretrain.distributed import destroy
+    from kumihimo.pretrain.training import Trainer
 
     folder = find_checkpoint(Path(root))
-    config = configtree.load(TrainConfig, folder / "run_config.yaml", [
-        "data.mock=true", "runtime.device=cpu", f"runtime.run_dir={run_dir}", f"checkpoint.save={run_dir}/ckpt",
-        f"checkpoint.pretrained={root}", "schedule.train_iters=1", "schedule.lr_warmup_iters=0",
-        "schedule.global_batch_size=2", "schedule.micro_batch_size=1", "schedule.eval_interval=0"])
+    config = configtree.load(
+        TrainConfig,
+        folder / "run_config.yaml",
+        [
+            "data.mock=true",
+            "runtime.device=cpu",
+            f"runtime.run_dir={run_dir}",
+            f"checkpoint.save={run_dir}/ckpt",
+            f"checkpoint.pretrained={root}",
+            "schedule.train_iters=1",
+            "schedule.lr_warmup_iters=0",
+            "schedule.global_batch_size=2",
+            "schedule.micro_batch_size=1",
+            "schedule.eval_interval=0",
+        ],
+    )
     trainer = Trainer(config)
     try:
         trainer.setup()
@@ -380,7 +516,7 @@ def _save_megatron_model(pairs: list[str]) -> None:
     conversion did before it streamed. Weights stay random: only the layout is compared."""
     import torch.distributed as dist
 
-    from pretrain import cpu_compat
+    from kumihimo.pretrain import cpu_compat
 
     cpu_compat.activate()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -388,26 +524,37 @@ def _save_megatron_model(pairs: list[str]) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer.module import Float16Module
 
-    from kumihimo import configtree
-    from pretrain import checkpointing
-    from pretrain.config import TrainConfig
-    from pretrain.model import build_model
-    from pretrain.parallel import ParallelLayout
+    from kumihimo.core import configtree
+    from kumihimo.pretrain import checkpointing
+    from kumihimo.pretrain.config import TrainConfig
+    from kumihimo.pretrain.model import build_model
+    from kumihimo.pretrain.parallel import ParallelLayout
 
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
     for root, out in zip(pairs[::2], pairs[1::2]):
         folder = checkpointing.find_checkpoint(Path(root))
-        config = configtree.load(TrainConfig, folder / "run_config.yaml", [
-            "data.mock=true", "runtime.device=cpu", "model.transformer_impl=local",
-            "parallelism.tensor_model_parallel_size=1", "parallelism.pipeline_model_parallel_size=1"])
+        config = configtree.load(
+            TrainConfig,
+            folder / "run_config.yaml",
+            [
+                "data.mock=true",
+                "runtime.device=cpu",
+                "model.transformer_impl=local",
+                "parallelism.tensor_model_parallel_size=1",
+                "parallelism.pipeline_model_parallel_size=1",
+            ],
+        )
         padded = checkpointing.read_meta(folder)["padded_vocab_size"]
         (model,) = build_model(config, ParallelLayout.from_config(config, 1), padded)
         if config.precision.params_dtype == "bf16":
             model = Float16Module(model.config, model)
         Path(out).mkdir()
-        dist_checkpointing.save(checkpointing._model_sharded_state_dict([model]), out,
-                                content_metadata=checkpointing.SHARDING_METADATA)
+        dist_checkpointing.save(
+            checkpointing._model_sharded_state_dict([model]),
+            out,
+            content_metadata=checkpointing.SHARDING_METADATA,
+        )
 
 
 if __name__ == "__main__":

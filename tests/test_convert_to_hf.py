@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kumihimo.errors import UserError
-from pretrain.convert import mapping
-from pretrain.convert.to_hf import (
+from kumihimo.core.errors import UserError
+from kumihimo.pretrain.convert import mapping
+from kumihimo.pretrain.convert.to_hf import (
     PlannedTensor,
     TorchDistReader,
     check_architecture,
@@ -30,7 +30,7 @@ from pretrain.convert.to_hf import (
     open_checkpoint,
     plan_shards,
 )
-from pretrain.distributed import free_port
+from kumihimo.pretrain.distributed import free_port
 from tests.conftest import REPO
 
 TINY = "configs/pretrain/tiny-cpu.yaml"
@@ -55,12 +55,19 @@ def train_spm(prefix: Path, seed: int) -> Path:
     """A 1000-piece SentencePiece model trained on synthetic text (about a second)."""
     import sentencepiece as spm
 
-    from tokenizer import synthetic
+    from kumihimo.tokenizer import synthetic
 
     texts = [doc for lang in ("ja", "en") for doc in synthetic.documents(lang, 800, seed=seed)]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=VOCAB,
-                                   model_type="unigram", byte_fallback=True, pad_id=3, num_threads=2,
-                                   minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_prefix=str(prefix),
+        vocab_size=VOCAB,
+        model_type="unigram",
+        byte_fallback=True,
+        pad_id=3,
+        num_threads=2,
+        minloglevel=2,
+    )
     return prefix.with_suffix(".model")
 
 
@@ -69,11 +76,16 @@ def spm_model(work) -> Path:
     return train_spm(work / "tok", seed=1)
 
 
-
 def _launch(args: list[str], threads: int = 1) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +102,46 @@ def megatron(work, spm_model, prompt) -> tuple[dict[str, Path], dict[str, dict[s
     procs = {}
     for name, (overrides, nproc) in LAYOUTS.items():
         # torchrun directly (not `kumihimo train --nproc-per-node`) spares a launcher process.
-        launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-                    f"--master-port={free_port()}"] if nproc > 1 else []
-        procs[name] = _launch([*launcher, "-m", "kumihimo.cli", "train", TINY, "model.num_layers=2",
-                               "model.rotary_base=50000", "schedule.train_iters=1", "schedule.lr_warmup_iters=0",
-                               "schedule.eval_interval=0", "data.mock=true", f"data.tokenizer={spm_model}",
-                               f"runtime.run_dir={work / name}", f"checkpoint.save={roots[name]}", *overrides])
+        launcher = (
+            [
+                "-m",
+                "torch.distributed.run",
+                f"--nproc-per-node={nproc}",
+                "--nnodes=1",
+                f"--master-port={free_port()}",
+            ]
+            if nproc > 1
+            else []
+        )
+        procs[name] = _launch(
+            [
+                *launcher,
+                "-m",
+                "kumihimo.cli",
+                "train",
+                TINY,
+                "model.num_layers=2",
+                "model.rotary_base=50000",
+                "schedule.train_iters=1",
+                "schedule.lr_warmup_iters=0",
+                "schedule.eval_interval=0",
+                "data.mock=true",
+                f"data.tokenizer={spm_model}",
+                f"runtime.run_dir={work / name}",
+                f"checkpoint.save={roots[name]}",
+                *overrides,
+            ]
+        )
     torch.save(prompt, work / "prompt.pt")
-    procs["reference"] = _launch(["-m", "tests.test_convert_to_hf", str(work / "prompt.pt"),
-                                  str(work / "reference.pt"), *map(str, roots.values())])
+    procs["reference"] = _launch(
+        [
+            "-m",
+            "tests.test_convert_to_hf",
+            str(work / "prompt.pt"),
+            str(work / "reference.pt"),
+            *map(str, roots.values()),
+        ]
+    )
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=400)
         assert proc.returncode == 0, f"{name} failed:\n{out[-3000:]}"
@@ -117,7 +160,9 @@ def reference(megatron) -> dict[str, dict[str, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def converted(checkpoints, work) -> dict[str, Path]:
-    return {name: convert_to_hf(root, work / f"hf-{name}", dtype="fp32") for name, root in checkpoints.items()}
+    return {
+        name: convert_to_hf(root, work / f"hf-{name}", dtype="fp32") for name, root in checkpoints.items()
+    }
 
 
 def load_hf(folder: Path):
@@ -143,9 +188,10 @@ def test_hf_logits_and_greedy_generation_match_megatron(layout, converted, refer
     assert logits.shape == (*prompt.shape, VOCAB)
     # Megatron's padding columns are trimmed, so compare against the tokenizer's 1000 columns.
     assert (logits - expected[..., :VOCAB]).abs().max().item() < 1e-4
-    generated = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                               pad_token_id=3)
-    assert torch.equal(generated[:, prompt.shape[1]:], reference[layout]["generated"])
+    generated = model.generate(
+        prompt, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=3
+    )
+    assert torch.equal(generated[:, prompt.shape[1] :], reference[layout]["generated"])
 
 
 # ------------------------------------------------------------------------------------------ folder contents
@@ -154,7 +200,7 @@ def test_hf_logits_and_greedy_generation_match_megatron(layout, converted, refer
 def test_config_and_tokenizer_come_from_the_checkpoint(converted, spm_model):
     from transformers import AutoTokenizer
 
-    from tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.spm import Tokenizer
 
     folder = converted["tp2"]
     config = json.loads((folder / "config.json").read_text())
@@ -165,14 +211,18 @@ def test_config_and_tokenizer_come_from_the_checkpoint(converted, spm_model):
     assert config["rope_theta"] == 50000.0 and config["rms_norm_eps"] == 1e-5
     assert config["max_position_embeddings"] == 128 and config["vocab_size"] == VOCAB
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
-        tok.bos_id, tok.eos_id, tok.pad_id)
+        tok.bos_id,
+        tok.eos_id,
+        tok.pad_id,
+    )
     assert config["tie_word_embeddings"] is False and config["torch_dtype"] == "float32"
     assert config["kumihimo"]["iteration"] == 1 and config["kumihimo"]["megatron_padded_vocab_size"] == 1024
     generation = json.loads((folder / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"]) == (tok.bos_id, tok.eos_id)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert len(index["weight_map"]) == 3 + 2 * 9 and set(index["weight_map"].values()) == {
-        "model-00001-of-00001.safetensors"}
+        "model-00001-of-00001.safetensors"
+    }
     hf_tok = AutoTokenizer.from_pretrained(folder)
     text = "日本の言語モデルを研究しています。The model reads data."
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
@@ -181,7 +231,7 @@ def test_config_and_tokenizer_come_from_the_checkpoint(converted, spm_model):
 def test_default_bf16_and_kept_vocab_padding(checkpoints, converted, work, monkeypatch):
     from safetensors import safe_open
 
-    from pretrain.convert import to_hf
+    from kumihimo.pretrain.convert import to_hf
 
     monkeypatch.setattr(to_hf, "WRITE_BLOCK_ELEMENTS", 1000)  # many blocks per tensor, each cast on its own
     folder = convert_to_hf(checkpoints["tp1"], work / "hf-bf16-padded", keep_vocab_padding=True)
@@ -189,8 +239,10 @@ def test_default_bf16_and_kept_vocab_padding(checkpoints, converted, work, monke
     assert config["vocab_size"] == 1024 and config["torch_dtype"] == "bfloat16"
     assert "padding" in config["kumihimo"]["vocab_padding_kept"]
     assert "vocabulary padding kept" in (folder / "README.md").read_text()
-    with (safe_open(next(folder.glob("*.safetensors")), "pt") as padded,
-          safe_open(next(converted["tp1"].glob("*.safetensors")), "pt") as fp32):
+    with (
+        safe_open(next(folder.glob("*.safetensors")), "pt") as padded,
+        safe_open(next(converted["tp1"].glob("*.safetensors")), "pt") as fp32,
+    ):
         embedding = padded.get_tensor("model.embed_tokens.weight")
         assert embedding.dtype == torch.bfloat16 and embedding.shape == (1024, 64)
         assert torch.equal(embedding[:VOCAB], fp32.get_tensor("model.embed_tokens.weight").to(torch.bfloat16))
@@ -208,8 +260,21 @@ def test_cli_to_hf(checkpoints, work, capsys):
     from kumihimo.cli import main
 
     out = work / "hf-cli"
-    assert main(["convert", "to-hf", "--checkpoint", str(checkpoints["tp2"]), "--iteration", "1",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "to-hf",
+                "--checkpoint",
+                str(checkpoints["tp2"]),
+                "--iteration",
+                "1",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (out / "config.json").is_file() and "GB/s" in capsys.readouterr().err
     assert not list(work.glob(".hf-cli.tmp-*"))  # the staging folder was renamed, not left behind
     assert main(["convert", "to-hf", "--checkpoint", str(work / "nowhere"), "--output", str(work / "x")]) == 2
@@ -254,7 +319,9 @@ def test_architecture_checks(checkpoints):
     wrong_groups = mapping.LlamaDims(**{**dims.__dict__, "num_query_groups": 4})
     with pytest.raises(UserError, match="linear_qkv.weight has shape"):
         check_architecture(reader, wrong_groups)
-    reader.tensors["decoder.layers.self_attention.linear_qkv.bias"] = reader.tensors["decoder.final_layernorm.weight"]
+    reader.tensors["decoder.layers.self_attention.linear_qkv.bias"] = reader.tensors[
+        "decoder.final_layernorm.weight"
+    ]
     with pytest.raises(UserError, match="unsupported architecture"):
         check_architecture(reader, dims)
     del reader.tensors["decoder.layers.self_attention.linear_qkv.bias"]
@@ -267,8 +334,16 @@ def test_architecture_checks(checkpoints):
 
 
 def test_qkv_split_is_per_group_and_invertible():
-    dims = mapping.LlamaDims(num_layers=1, hidden_size=8, ffn_hidden_size=12, num_attention_heads=6,
-                             num_query_groups=2, head_dim=4, megatron_vocab_size=16, hf_vocab_size=10)
+    dims = mapping.LlamaDims(
+        num_layers=1,
+        hidden_size=8,
+        ffn_hidden_size=12,
+        num_attention_heads=6,
+        num_query_groups=2,
+        head_dim=4,
+        megatron_vocab_size=16,
+        hf_vocab_size=10,
+    )
     rows = (6 + 2 * 2) * 4
     fused = torch.arange(rows, dtype=torch.float32)[:, None].expand(rows, 8).contiguous()
     qkv = mapping.TRANSFORMS["qkv_per_group"]
@@ -311,18 +386,18 @@ def _megatron_reference(prompt_path: str, out_path: str, roots: list[str]) -> No
     greedy continuation (full recompute per token, no cache)."""
     import torch.distributed as dist
 
-    from pretrain import cpu_compat
+    from kumihimo.pretrain import cpu_compat
 
     cpu_compat.activate()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from kumihimo import configtree
-    from pretrain.checkpointing import SHARDING_METADATA, read_meta
-    from pretrain.config import TrainConfig
-    from pretrain.model import build_model
-    from pretrain.parallel import ParallelLayout
+    from kumihimo.core import configtree
+    from kumihimo.pretrain.checkpointing import SHARDING_METADATA, read_meta
+    from kumihimo.pretrain.config import TrainConfig
+    from kumihimo.pretrain.model import build_model
+    from kumihimo.pretrain.parallel import ParallelLayout
 
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
@@ -351,14 +426,14 @@ def _megatron_reference(prompt_path: str, out_path: str, roots: list[str]) -> No
             for _ in range(NEW_TOKENS):
                 next_token = forward(tokens)[:, -1, : meta["vocab_size"]].argmax(-1, keepdim=True)
                 tokens = torch.cat([tokens, next_token], dim=1)
-        results.append({"logits": logits, "generated": tokens[:, prompt.shape[1]:]})
+        results.append({"logits": logits, "generated": tokens[:, prompt.shape[1] :]})
     torch.save(results, out_path)
 
 
 def _wait_for_checkpoint(root: Path, timeout: float = 300) -> Path:
     import time
 
-    from pretrain.checkpointing import iteration_dir, read_latest
+    from kumihimo.pretrain.checkpointing import iteration_dir, read_latest
 
     deadline = time.monotonic() + timeout
     while (latest := read_latest(root)) is None:  # the marker is written last, atomically

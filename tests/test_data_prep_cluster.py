@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from test_data_prep_pipeline import differing_outputs, write_corpus
 
-from data_prep.config import load_config
-from data_prep.jsonl_io import plan_shards
-from data_prep.pipeline import curate, curate_task, finish_curation, prepare_run, task_shards
-from kumihimo.configtree import ConfigError
-from kumihimo.errors import UserError
+from kumihimo.core.configtree import ConfigError
+from kumihimo.core.errors import UserError
+from kumihimo.data_prep.config import load_config
+from kumihimo.data_prep.jsonl_io import plan_shards
+from kumihimo.data_prep.pipeline import curate, curate_task, finish_curation, prepare_run, task_shards
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +56,16 @@ def test_datatrove_local_executor_equals_the_single_task_run(single_task, tmp_pa
 
 def test_datatrove_slurm_submits_an_array_and_a_dependent_dedup_job(single_task, tmp_path, monkeypatch):
     pytest.importorskip("datatrove")
-    from data_prep import cluster
+    from kumihimo.data_prep import cluster
 
-    config = _copy(single_task, tmp_path / "out", kind="datatrove-slurm", tasks=3, slurm_partition="cpu",
-                   slurm_sbatch_args=["account=proj"])
+    config = _copy(
+        single_task,
+        tmp_path / "out",
+        kind="datatrove-slurm",
+        tasks=3,
+        slurm_partition="cpu",
+        slurm_sbatch_args=["account=proj"],
+    )
     submitted = []
     monkeypatch.setattr(cluster.SlurmPipelineExecutor, "run", lambda self: submitted.append(self))
     assert curate(config) is None

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep import minhash
-from data_prep.config import DedupConfig
-from data_prep.minhash import (
+from kumihimo.data_prep import minhash
+from kumihimo.data_prep.config import DedupConfig
+from kumihimo.data_prep.minhash import (
     KEEP,
     MinHasher,
     catch_probability,
@@ -30,8 +30,8 @@ def pair_with_shared_shingles(shared: int, base: int) -> tuple[str, str, float]:
 
 
 def shingle_jaccard(a: str, b: str, n: int = 5) -> float:
-    sa = {a[i:i + n] for i in range(len(a) - n + 1)}
-    sb = {b[i:i + n] for i in range(len(b) - n + 1)}
+    sa = {a[i : i + n] for i in range(len(a) - n + 1)}
+    sb = {b[i : i + n] for i in range(len(b) - n + 1)}
     return len(sa & sb) / len(sa | sb)
 
 
@@ -90,8 +90,14 @@ def test_signatures_are_the_multiply_add_shift_minimum(monkeypatch):
     # the definition, one document at a time: min over shingles of (a*h + b mod 2**64), top 32 bits
     texts = ["", "短", "東京都の天気は晴れ。" * 40, "abc def", "x" * 5000]
     hasher = MinHasher(DedupConfig(num_bands=4, rows_per_band=3))
-    expected = np.stack([((hasher.shingles(t)[:, None] * hasher.mult + hasher.add).min(axis=0)
-                          >> np.uint64(32)).astype(np.uint32) for t in texts])
+    expected = np.stack(
+        [
+            ((hasher.shingles(t)[:, None] * hasher.mult + hasher.add).min(axis=0) >> np.uint64(32)).astype(
+                np.uint32
+            )
+            for t in texts
+        ]
+    )
     assert np.array_equal(hasher.signatures(texts), expected)
     monkeypatch.setattr(minhash, "_GROUP_SHINGLES", 1)  # every document its own group
     assert np.array_equal(hasher.signatures(texts), expected)
@@ -104,7 +110,9 @@ def test_exact_dedup_keeps_the_first_and_ignores_width_case_and_spacing():
     decision = find_duplicates(keys, None, DedupConfig(fuzzy=False))
     assert decision.duplicate_of.tolist() == [KEEP, KEEP, 0, 1, KEEP]
     assert decision.is_exact.tolist() == [False, False, True, True, False]
-    assert find_duplicates(keys, None, DedupConfig(exact=False, fuzzy=False)).duplicate_of.tolist() == [KEEP] * 5
+    assert (
+        find_duplicates(keys, None, DedupConfig(exact=False, fuzzy=False)).duplicate_of.tolist() == [KEEP] * 5
+    )
 
 
 def test_clusters_keep_their_smallest_index_and_exact_copies_follow_it():

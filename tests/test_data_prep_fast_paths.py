@@ -9,14 +9,24 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
-from data_prep import charclass, decontam
-from data_prep.langid import _identifier
-from data_prep.ngrams import codepoints, mix64, window_hashes
-from data_prep.repair import _BLANK_RUNS, _SPACE_RUNS, _TRAILING_SPACE, clean_whitespace
+from kumihimo.data_prep import charclass, decontam
+from kumihimo.data_prep.langid import _identifier
+from kumihimo.data_prep.ngrams import codepoints, mix64, window_hashes
+from kumihimo.data_prep.repair import _BLANK_RUNS, _SPACE_RUNS, _TRAILING_SPACE, clean_whitespace
 
-TRICKY = ["", " ", "a", "東京都の天気は晴れ。明日も晴れ。", "a_b c1 ２３ ＡＢ x²", "İstanbul ǅ ﬁ ß ẞ Σ ΟΔΟΣ",
-          "\ud800abc def", "tab\there  \u00a0 nbsp \n\n\n\nend  \n", "word-word, (quoted) «ok» … 123 4.5",
-          "한국어 텍스트 and English", "x" * 40]
+TRICKY = [
+    "",
+    " ",
+    "a",
+    "東京都の天気は晴れ。明日も晴れ。",
+    "a_b c1 ２３ ＡＢ x²",
+    "İstanbul ǅ ﬁ ß ẞ Σ ΟΔΟΣ",
+    "\ud800abc def",
+    "tab\there  \u00a0 nbsp \n\n\n\nend  \n",
+    "word-word, (quoted) «ok» … 123 4.5",
+    "한국어 텍스트 and English",
+    "x" * 40,
+]
 
 
 def horner_window_hashes(items: np.ndarray, n: int) -> np.ndarray:
@@ -26,7 +36,7 @@ def horner_window_hashes(items: np.ndarray, n: int) -> np.ndarray:
         return np.empty(0, dtype=np.uint64)
     acc = values[:num].copy()
     for k in range(1, n):
-        acc = acc * np.uint64(0x100000001B3) + values[k:k + num]
+        acc = acc * np.uint64(0x100000001B3) + values[k : k + num]
     return mix64(acc)
 
 
@@ -49,8 +59,16 @@ def test_class_table_word_and_letter_flags_are_the_regexes():
         expected[[m.start() for m in re.finditer(pattern, every_char)]] = True
         assert np.array_equal((table & flag) != 0, expected)
     hist = charclass.flag_counts(codepoints("".join(TRICKY) + "ひらがなカタカナ漢字、。ｶﾀ"))
-    flags = (charclass.LETTER, charclass.KANA, charclass.HANGUL, charclass.HIRAGANA, charclass.KATAKANA,
-             charclass.KANJI, charclass.JA_PUNCT, charclass.WORD)
+    flags = (
+        charclass.LETTER,
+        charclass.KANA,
+        charclass.HANGUL,
+        charclass.HIRAGANA,
+        charclass.KATAKANA,
+        charclass.KANJI,
+        charclass.JA_PUNCT,
+        charclass.WORD,
+    )
     assert charclass.counts(hist, flags) == [charclass.count(hist, flag) for flag in flags]
 
 
@@ -58,18 +76,34 @@ def test_class_table_word_and_letter_flags_are_the_regexes():
 def test_decontamination_ngrams_equal_the_findall_definition(text):
     words = re.findall(r"\w+", unicodedata.normalize("NFKC", text).lower())
     for n in (1, 3, 25):
-        assert np.array_equal(decontam.char_ngram_hashes(text, n), window_hashes(codepoints("".join(words)), n))
+        assert np.array_equal(
+            decontam.char_ngram_hashes(text, n), window_hashes(codepoints("".join(words)), n)
+        )
     for n in (1, 2, 13):
-        expected = (window_hashes(decontam.word_hashes(words), n) ^ decontam._WORD_TAG if len(words) >= n
-                    else np.empty(0, dtype=np.uint64))
+        expected = (
+            window_hashes(decontam.word_hashes(words), n) ^ decontam._WORD_TAG
+            if len(words) >= n
+            else np.empty(0, dtype=np.uint64)
+        )
         assert np.array_equal(decontam.word_ngram_hashes(text, n), expected)
 
 
-@pytest.mark.parametrize("text", TRICKY + ["a \nb", "a\u00a0\nb", "a  b", "a\u00a0b", "\n\n\n", "a\tb\t\n",
-                                  "a\x00b\x07\t\tc\u200bd\xad\x85e\ufeff\x7f f\x0b\x0c\x1f\u2060",
-                                  "".join(map(chr, range(0x00, 0xa1)))])
+@pytest.mark.parametrize(
+    "text",
+    TRICKY
+    + [
+        "a \nb",
+        "a\u00a0\nb",
+        "a  b",
+        "a\u00a0b",
+        "\n\n\n",
+        "a\tb\t\n",
+        "a\x00b\x07\t\tc\u200bd\xad\x85e\ufeff\x7f f\x0b\x0c\x1f\u2060",
+        "".join(map(chr, range(0x00, 0xA1))),
+    ],
+)
 def test_whitespace_cleanup_skips_only_regexes_that_cannot_match(text):
-    from data_prep.repair import _REMOVE
+    from kumihimo.data_prep.repair import _REMOVE
 
     plain = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
     plain = _BLANK_RUNS.sub("\n\n", _TRAILING_SPACE.sub("\n", _SPACE_RUNS.sub(" ", plain.translate(_REMOVE))))
@@ -106,16 +140,23 @@ def test_language_id_trie_depth_is_the_plain_breadth_first_search():
 
 @pytest.mark.parametrize("batch_bytes", [1 << 22, 64])  # one pass; many (memory bound)
 def test_language_id_of_a_batch_equals_one_text_at_a_time(batch_bytes, monkeypatch):
-    from data_prep import langid
-    from data_prep.config import LangIdConfig
-    from data_prep.langid import identify, identify_batch
+    from kumihimo.data_prep import langid
+    from kumihimo.data_prep.config import LangIdConfig
+    from kumihimo.data_prep.langid import identify, identify_batch
 
     monkeypatch.setattr(langid, "_BATCH_BYTES", batch_bytes)
 
     identifier = _identifier()
     assert identifier.counter.batchable
-    texts = TRICKY + ["The weather is nice today, and the sky is clear." * 20, "Das Wetter ist schön. " * 9,
-                      "今日は" * 5, "x", "Ça va très bien, merci!", "\u00ff\u00fe" * 30, "ok" * 2000]
+    texts = TRICKY + [
+        "The weather is nice today, and the sky is clear." * 20,
+        "Das Wetter ist schön. " * 9,
+        "今日は" * 5,
+        "x",
+        "Ça va très bien, merci!",
+        "\u00ff\u00fe" * 30,
+        "ok" * 2000,
+    ]
     data = [t.encode("utf-8", "surrogatepass") for t in texts]
     batch = identifier.counter.counts_batch(data)
     for one, (features, counts) in zip(data, batch):
@@ -131,7 +172,7 @@ def test_lowering_a_whole_english_text_gives_the_same_stripped_words():
     # case-ignorable characters, which whitespace is not); it counts words with a letter on the lowered,
     # stripped words: valid because a character is alphabetic iff its lower case holds an alphabetic one;
     # and it takes word lengths from the lowered words unless the text holds U+0130
-    from data_prep.quality import _WORD_STRIP
+    from kumihimo.data_prep.quality import _WORD_STRIP
 
     assert not any(c.isalpha() for c in _WORD_STRIP)
     for code in range(0x110000):
@@ -142,21 +183,41 @@ def test_lowering_a_whole_english_text_gives_the_same_stripped_words():
         assert char.isalpha() == any(c.isalpha() for c in lowered)
         assert len(lowered) == 1 or char == "\u0130"  # check_english's mean word length from lowered words
     text = "The ΟΔΟΣ' «İstanbul» 'Σ (Hello), WORLD… ΣΑΣ. σ"
-    assert [w.strip(_WORD_STRIP) for w in text.lower().split()] == [w.strip(_WORD_STRIP).lower()
-                                                                   for w in text.split()]
-
+    assert [w.strip(_WORD_STRIP) for w in text.lower().split()] == [
+        w.strip(_WORD_STRIP).lower() for w in text.split()
+    ]
 
 
 def test_ng_word_prefilter_never_hides_a_case_insensitive_match():
-    from data_prep.config import FiltersConfig, NgWordConfig
-    from data_prep.quality import QualityFilter
+    from kumihimo.data_prep.config import FiltersConfig, NgWordConfig
+    from kumihimo.data_prep.quality import QualityFilter
 
     words = ["casino", "Jackpot", "no deposit", "カジノ", "σοφία", "straße", "ǆ"]
     config = FiltersConfig(ng_words=NgWordConfig(words=words, max_matches=0, max_char_ratio=1.0))
     qf = QualityFilter(config)
-    texts = TRICKY + ["CASINO", "caſino", "CAſINO", "jackpot", "JACKPOT", "casİno", "No Deposit", "no  deposit",
-                      "ΣΟΦΊΑ", "ΣΟΦΊΑΣ", "σοφία", "STRASSE", "STRAẞE", "Straße", "ǅ", "Ǆ", "ǆ", "ｶｼﾞﾉ", "カジノ",
-                      "jacKpot", "ca\u017fino and more"]
+    texts = TRICKY + [
+        "CASINO",
+        "caſino",
+        "CAſINO",
+        "jackpot",
+        "JACKPOT",
+        "casİno",
+        "No Deposit",
+        "no  deposit",
+        "ΣΟΦΊΑ",
+        "ΣΟΦΊΑΣ",
+        "σοφία",
+        "STRASSE",
+        "STRAẞE",
+        "Straße",
+        "ǅ",
+        "Ǆ",
+        "ǆ",
+        "ｶｼﾞﾉ",
+        "カジノ",
+        "jacKpot",
+        "ca\u017fino and more",
+    ]
     for text in texts:
         expected = qf._ng.findall(text)
         verdict = qf._check_ng_words(text, None, text.lower())
@@ -164,13 +225,21 @@ def test_ng_word_prefilter_never_hides_a_case_insensitive_match():
 
 
 def test_url_host_fast_path_agrees_with_urlsplit():
-    from data_prep.config import FiltersConfig, UrlFilterConfig
-    from data_prep.quality import QualityFilter
+    from kumihimo.data_prep.config import FiltersConfig, UrlFilterConfig
+    from kumihimo.data_prep.quality import QualityFilter
 
     qf = QualityFilter(FiltersConfig(urls=UrlFilterConfig(blocked_hosts=["spam.example.com", "bad.example"])))
-    urls = ["https://spam.example.com/x", "HTTPS://SPAM.EXAMPLE.COM:8080/x", "http://user@www.bad.example/",
-            "spam.example.com/page", "https://spam.exa\tmple.com/", "https://[::1]/spam.example.com",
-            "https://good.example/?ref=spam.example.com", "https://notbad.example/", "https://ok.jp/"]
+    urls = [
+        "https://spam.example.com/x",
+        "HTTPS://SPAM.EXAMPLE.COM:8080/x",
+        "http://user@www.bad.example/",
+        "spam.example.com/page",
+        "https://spam.exa\tmple.com/",
+        "https://[::1]/spam.example.com",
+        "https://good.example/?ref=spam.example.com",
+        "https://notbad.example/",
+        "https://ok.jp/",
+    ]
     for url in urls:
         host = (urlsplit(url if "//" in url else "//" + url).hostname or "").lower()
         parts = host.split(".")
@@ -179,7 +248,7 @@ def test_url_host_fast_path_agrees_with_urlsplit():
 
 
 def test_first_ngram_violation_equals_checking_every_rule_in_order():
-    from data_prep.ngrams import duplicate_ngram_coverage, first_ngram_violation, top_ngram_coverage
+    from kumihimo.data_prep.ngrams import duplicate_ngram_coverage, first_ngram_violation, top_ngram_coverage
 
     rng = np.random.default_rng(0)
     top_limits = {2: 0.20, 3: 0.18, 4: 0.16}
@@ -190,7 +259,7 @@ def test_first_ngram_violation_equals_checking_every_rule_in_order():
         items = rng.integers(0, vocab, size=length).astype(np.uint32)
         if trial % 3 == 0 and length > 20:  # plant a repeated passage
             start, size = int(rng.integers(0, length // 2)), int(rng.integers(5, 12))
-            items[length // 2:length // 2 + size] = items[start:start + size][:length - length // 2]
+            items[length // 2 : length // 2 + size] = items[start : start + size][: length - length // 2]
         if trial % 2:
             weights = np.ones(length)
         else:
@@ -213,7 +282,7 @@ def test_first_ngram_violation_equals_checking_every_rule_in_order():
 def test_japanese_sentences_equal_the_look_behind_split():
     import random
 
-    from data_prep.quality import _JA_SENTENCE_SPLIT, japanese_sentences
+    from kumihimo.data_prep.quality import _JA_SENTENCE_SPLIT, japanese_sentences
 
     rng = random.Random(0)
     alphabet = ["。", "！", "？", "!", "?", "\n", "a", " ", "あ", "\u3000", "\r", "\u2028", "…"]
@@ -236,19 +305,37 @@ def _decontamination_one_at_a_time(text: str, eval_hashes: np.ndarray, config) -
 
 @pytest.mark.parametrize("batch_chars", [1 << 22, 64])  # one pass; many (memory bound)
 def test_decontamination_of_a_batch_equals_one_text_at_a_time(batch_chars, monkeypatch):
-    from data_prep.config import DecontamConfig
+    from kumihimo.data_prep.config import DecontamConfig
 
     monkeypatch.setattr(decontam, "_BATCH_CHARS", batch_chars)
 
     english = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat today. "
     japanese = "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。何でも薄暗いじめじめした所で泣いていた。"
-    texts = TRICKY + [english, "x " + english * 2, english[:40], japanese, "前置き" + japanese + japanese,
-                      japanese[:20], "Ｔｈｅ ＱＵＩＣＫ brown fox jumps over the lazy dog while the cat sleeps on the warm",
-                      english + japanese, "", "   "]
-    for config in (DecontamConfig(), DecontamConfig(min_matches=3), DecontamConfig(word_ngram_size=3,
-                                                                                   char_ngram_size=4)):
-        eval_hashes = np.unique(np.concatenate([decontam.word_ngram_hashes(english, config.word_ngram_size),
-                                                decontam.char_ngram_hashes(japanese, config.char_ngram_size)]))
+    texts = TRICKY + [
+        english,
+        "x " + english * 2,
+        english[:40],
+        japanese,
+        "前置き" + japanese + japanese,
+        japanese[:20],
+        "Ｔｈｅ ＱＵＩＣＫ brown fox jumps over the lazy dog while the cat sleeps on the warm",
+        english + japanese,
+        "",
+        "   ",
+    ]
+    for config in (
+        DecontamConfig(),
+        DecontamConfig(min_matches=3),
+        DecontamConfig(word_ngram_size=3, char_ngram_size=4),
+    ):
+        eval_hashes = np.unique(
+            np.concatenate(
+                [
+                    decontam.word_ngram_hashes(english, config.word_ngram_size),
+                    decontam.char_ngram_hashes(japanese, config.char_ngram_size),
+                ]
+            )
+        )
         expected = [_decontamination_one_at_a_time(t, eval_hashes, config) for t in texts]
         assert decontam.Decontaminator(eval_hashes, config).check_batch(texts) == expected
-        assert any(expected[len(TRICKY):])
+        assert any(expected[len(TRICKY) :])

@@ -18,16 +18,23 @@ import pyarrow.parquet as pq
 import pytest
 from test_data_prep_pipeline import EXPECTED, crash_then_resume, output_files, read_records, write_corpus
 
-from data_prep import parquet_io
-from data_prep.config import DataPrepConfig, SourceConfig
-from data_prep.jsonl_io import BadLine, Document, plan_shards, read_shard
-from data_prep.pipeline import curate
+from kumihimo.data_prep import parquet_io
+from kumihimo.data_prep.config import DataPrepConfig, SourceConfig
+from kumihimo.data_prep.jsonl_io import BadLine, Document, plan_shards, read_shard
+from kumihimo.data_prep.pipeline import curate
 
 # the rows of the JSONL corpus with valid JSON objects: "no-text" becomes a null, "empty" stays blank
 NUM_NULL_OR_EMPTY = 2
 NUM_ODD_ROWS = 2  # rows in each of the two odd files: integer text column, no text column at all
-SCHEMA = pa.schema([("content", pa.string()), ("doc_id", pa.string()), ("link", pa.string()),
-                    ("crawl_date", pa.timestamp("s")), ("unused", pa.string())])
+SCHEMA = pa.schema(
+    [
+        ("content", pa.string()),
+        ("doc_id", pa.string()),
+        ("link", pa.string()),
+        ("crawl_date", pa.timestamp("s")),
+        ("unused", pa.string()),
+    ]
+)
 CRAWL_DATE = datetime.datetime(2024, 5, 1, 12, 30)
 
 
@@ -45,8 +52,15 @@ def _corpus_tables(orig: Path) -> dict[str, pa.Table]:
             except (UnicodeDecodeError, json.JSONDecodeError):
                 continue  # a broken line has no Parquet form
             if isinstance(record, dict):
-                rows.append({"content": record.get("text"), "doc_id": record["id"], "link": record.get("url"),
-                             "crawl_date": CRAWL_DATE, "unused": "x" * 5000})
+                rows.append(
+                    {
+                        "content": record.get("text"),
+                        "doc_id": record["id"],
+                        "link": record.get("url"),
+                        "crawl_date": CRAWL_DATE,
+                        "unused": "x" * 5000,
+                    }
+                )
         tables[path.name.split(".")[0]] = pa.Table.from_pylist(rows, schema=SCHEMA)
     ids = pa.array(["odd-0", "odd-1"])
     tables["en_z_int_text"] = pa.table({"content": pa.array([7, 8], pa.int64()), "doc_id": ids})
@@ -71,9 +85,13 @@ def write_parquet_and_jsonl(root: Path) -> tuple[DataPrepConfig, DataPrepConfig]
             lines = [json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in table.to_pylist()]
             (folder / f"{stem}.jsonl").write_text("".join(lines), encoding="utf-8")
         config = dataclasses.replace(base, output_dir=str(root / f"out_{kind}"))
-        config.input = dataclasses.replace(base.input, sources=[
-            SourceConfig(name="ja", paths=[str(folder / f"ja_*.{kind}")]),
-            SourceConfig(name="en", paths=[str(folder / f"en*.{kind}")], weight_multiplier=2.0)])
+        config.input = dataclasses.replace(
+            base.input,
+            sources=[
+                SourceConfig(name="ja", paths=[str(folder / f"ja_*.{kind}")]),
+                SourceConfig(name="en", paths=[str(folder / f"en*.{kind}")], weight_multiplier=2.0),
+            ],
+        )
         configs.append(config)
     return configs[0], configs[1]
 
@@ -92,13 +110,18 @@ def normalised(config: DataPrepConfig) -> dict[str, bytes]:
     folder = Path(config.input.sources[0].paths[0]).parent
     files = {}
     for name, data in output_files(out).items():
-        data = (data.replace(str(out).encode(), b"OUT").replace(str(folder).encode(), b"IN")
-                .replace(b".parquet", b".FILE").replace(b".jsonl", b".FILE"))
+        data = (
+            data.replace(str(out).encode(), b"OUT")
+            .replace(str(folder).encode(), b"IN")
+            .replace(b".parquet", b".FILE")
+            .replace(b".jsonl", b".FILE")
+        )
         if name == "report.json":
             data = json.dumps(_without_raw(json.loads(data))).encode()
         elif name.startswith("quarantine/"):
-            data = b"".join(json.dumps(_without_raw(json.loads(line))).encode() + b"\n"
-                            for line in data.splitlines())
+            data = b"".join(
+                json.dumps(_without_raw(json.loads(line))).encode() + b"\n" for line in data.splitlines()
+            )
         files[name] = data
     return files
 
@@ -176,7 +199,12 @@ def test_row_groups_are_split_into_shards_reading_only_the_needed_columns(tmp_pa
         items = [item for shard in shards for item in read_shard(shard, config.input)]
         assert [item.line for item in items] == [1, 2, 3, 4, 5, 6]
         assert [item.doc_id for item in items if isinstance(item, Document)] == [
-            "ja0", "ja1", "ja-exact", "ja-short", "ja-spam"]
+            "ja0",
+            "ja1",
+            "ja-exact",
+            "ja-short",
+            "ja-spam",
+        ]
     assert {columns for _, columns in read} == {("content", "doc_id", "link", "crawl_date")}  # not "unused"
     assert all(len(groups) == 1 for groups, _ in read)  # one row group in memory at a time
 
@@ -196,8 +224,11 @@ def test_corrupt_parquet_files_are_quarantined_and_the_run_goes_on(tmp_path):
     (folder / "ja_c.parquet").write_bytes(b"PAR1 this is not a Parquet file")
     result = curate(config)
     assert result.quarantined["corrupt_file"] == 2
-    records = [r for r in read_records(Path(config.output_dir) / "quarantine/ja.jsonl")
-               if r["reason"] == "corrupt_file"]
+    records = [
+        r
+        for r in read_records(Path(config.output_dir) / "quarantine/ja.jsonl")
+        if r["reason"] == "corrupt_file"
+    ]
     assert sorted(Path(r["file"]).name for r in records) == ["ja_b.parquet", "ja_c.parquet"]
     assert all(r["line"] == 1 and "not a readable Parquet file" in r["detail"] for r in records)
     assert result.num_kept > 0

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import yaml
 
-from data_prep import shard_stage
-from data_prep.blend import read_blend
-from data_prep.cli import register
-from data_prep.config import DataPrepConfig, SourceConfig, load_config
-from data_prep.indexed import read_index
-from data_prep.jsonl_io import plan_shards, read_shard
-from data_prep.pipeline import build_datasets, curate
-from kumihimo.configtree import check_documented
-from kumihimo.errors import UserError
+from kumihimo.core.configtree import check_documented
+from kumihimo.core.errors import UserError
+from kumihimo.data_prep import shard_stage
+from kumihimo.data_prep.blend import read_blend
+from kumihimo.data_prep.cli import register
+from kumihimo.data_prep.config import DataPrepConfig, SourceConfig, load_config
+from kumihimo.data_prep.indexed import read_index
+from kumihimo.data_prep.jsonl_io import plan_shards, read_shard
+from kumihimo.data_prep.pipeline import build_datasets, curate
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data_prep"
 JA = (FIXTURES / "ja_docs.txt").read_text(encoding="utf-8").split("\n\n")
@@ -30,13 +30,22 @@ CONFIGS = Path(__file__).parent.parent / "configs" / "data_prep"
 
 # id -> where it must end: "kept" or (stage, reason)
 EXPECTED = {
-    "ja0": "kept", "ja1": "kept", "ja2": "kept", "ja-pii": "kept", "en0": "kept", "en-pii": "kept",
+    "ja0": "kept",
+    "ja1": "kept",
+    "ja2": "kept",
+    "ja-pii": "kept",
+    "en0": "kept",
+    "en-pii": "kept",
     "ja-moji": "kept",  # repaired, and no clean copy exists
-    "ja-exact": ("dedup", "exact_duplicate"), "ja-near": ("dedup", "near_duplicate"),
+    "ja-exact": ("dedup", "exact_duplicate"),
+    "ja-near": ("dedup", "near_duplicate"),
     "en-copy-of-ja1": ("dedup", "exact_duplicate"),  # same text in a later source: the ja source keeps it
-    "ja-short": ("quality", "ja_too_short"), "ja-spam": ("quality", "ng_words"),
-    "de": ("langid", "language_not_kept"), "en-lorem": ("quality", "boilerplate_document"),
-    "en-eval": ("decontam", "eval_overlap"), "ja-blocked": ("quality", "blocked_host"),
+    "ja-short": ("quality", "ja_too_short"),
+    "ja-spam": ("quality", "ng_words"),
+    "de": ("langid", "language_not_kept"),
+    "en-lorem": ("quality", "boilerplate_document"),
+    "en-eval": ("decontam", "eval_overlap"),
+    "ja-blocked": ("quality", "blocked_host"),
 }
 NUM_BAD_LINES = 5
 
@@ -54,20 +63,34 @@ def write_corpus(root: Path) -> DataPrepConfig:
         {"id": "ja2", "text": JA[2]},
         {"id": "ja-near", "text": JA[1].replace("三年目", "四年目").replace("バジル", "パセリ")},
         {"id": "ja-moji", "text": JA[3].encode("utf-8").decode("latin-1")},
-        {"id": "ja-pii", "text": JA[4] + "\nお問い合わせは bousai@example.org または 090-1234-5678 までお寄せください。"},
+        {
+            "id": "ja-pii",
+            "text": JA[4] + "\nお問い合わせは bousai@example.org または 090-1234-5678 までお寄せください。",
+        },
         {"id": "ja-blocked", "text": JA[0][::-1], "url": "http://www.spam.example.com/x"},
     ]
     en = [
         {"id": "en0", "text": EN[0]},
         {"id": "en-copy-of-ja1", "text": JA[1]},
-        {"id": "en-pii", "text": EN[1] + "\nQuestions? Write to baker@example.com or call +1 (555) 123-4567."},
-        {"id": "de", "text": "Der alte Hafen hat sich in den letzten Jahren langsam verändert, und viele "
-                             "Lagerhäuser sind heute kleine Werkstätten und Cafés am Wasser. " * 4},
+        {
+            "id": "en-pii",
+            "text": EN[1] + "\nQuestions? Write to baker@example.com or call +1 (555) 123-4567.",
+        },
+        {
+            "id": "de",
+            "text": "Der alte Hafen hat sich in den letzten Jahren langsam verändert, und viele "
+            "Lagerhäuser sind heute kleine Werkstätten und Cafés am Wasser. " * 4,
+        },
         {"id": "en-lorem", "text": EN[0] + "\nLorem ipsum dolor sit amet, consectetur adipiscing elit."},
         {"id": "en-eval", "text": EN[2]},
     ]
-    bad = [b"{not json\n", b'{"id": "x", "text": "\xff\xfe broken"}\n', b'{"id": "no-text"}\n',
-           b'{"id": "empty", "text": "   "}\n', b'["a", "list"]\n']
+    bad = [
+        b"{not json\n",
+        b'{"id": "x", "text": "\xff\xfe broken"}\n',
+        b'{"id": "no-text"}\n',
+        b'{"id": "empty", "text": "   "}\n',
+        b'["a", "list"]\n',
+    ]
     lines = [json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in ja_a]
     (root / "ja_a.jsonl").write_bytes(b"".join(lines[:2] + bad[:3] + lines[2:] + [b"\n"]))
     with gzip.open(root / "ja_b.jsonl.gz", "wb") as handle:
@@ -76,8 +99,10 @@ def write_corpus(root: Path) -> DataPrepConfig:
     (root / "en.jsonl").write_bytes(b"".join(en_lines[:3] + bad[3:] + en_lines[3:]))
     (root / "eval.jsonl").write_text(json.dumps({"question": EN[2][:260], "answer": "yes"}) + "\n")
     config = DataPrepConfig(output_dir=str(root / "out"), num_workers=1)
-    config.input.sources = [SourceConfig(name="ja", paths=[str(root / "ja_*.jsonl*")]),
-                            SourceConfig(name="en", paths=[str(root / "en.jsonl")], weight_multiplier=2.0)]
+    config.input.sources = [
+        SourceConfig(name="ja", paths=[str(root / "ja_*.jsonl*")]),
+        SourceConfig(name="en", paths=[str(root / "en.jsonl")], weight_multiplier=2.0),
+    ]
     config.input.shard_bytes = 2048
     config.filters.ng_words.words = ["出会い系", "無料登録"]
     config.filters.urls.blocked_hosts = ["spam.example.com"]
@@ -90,7 +115,10 @@ def read_records(path: Path) -> list[dict]:
 
 
 def output_files(out: Path) -> dict[str, bytes]:
-    names = ["report.json", *(f"{d}/{s}.jsonl" for d in ("curated", "dropped", "quarantine") for s in ("ja", "en"))]
+    names = [
+        "report.json",
+        *(f"{d}/{s}.jsonl" for d in ("curated", "dropped", "quarantine") for s in ("ja", "en")),
+    ]
     return {name: (out / name).read_bytes() for name in names}
 
 
@@ -100,9 +128,12 @@ def differing_outputs(out: Path, reference: Path, roots: tuple[Path, Path] | Non
     name paths under them) is written as ROOT."""
     mine_root, reference_root = roots or (out, reference)
     mine, theirs = output_files(out), output_files(reference)
-    return [name for name in theirs
-            if mine[name].replace(str(mine_root).encode(), b"ROOT") != theirs[name].replace(
-                str(reference_root).encode(), b"ROOT")]
+    return [
+        name
+        for name in theirs
+        if mine[name].replace(str(mine_root).encode(), b"ROOT")
+        != theirs[name].replace(str(reference_root).encode(), b"ROOT")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +173,17 @@ def test_quarantine_records_file_line_and_reason(curated_run):
     out = Path(config.output_dir)
     records = read_records(out / "quarantine/ja.jsonl") + read_records(out / "quarantine/en.jsonl")
     by_reason = {r["reason"]: r for r in records}
-    assert set(by_reason) == {"malformed_json", "invalid_utf8", "missing_text_field", "empty_text", "not_an_object"}
-    assert by_reason["malformed_json"]["file"].endswith("ja_a.jsonl") and by_reason["malformed_json"]["line"] == 3
+    assert set(by_reason) == {
+        "malformed_json",
+        "invalid_utf8",
+        "missing_text_field",
+        "empty_text",
+        "not_an_object",
+    }
+    assert (
+        by_reason["malformed_json"]["file"].endswith("ja_a.jsonl")
+        and by_reason["malformed_json"]["line"] == 3
+    )
     assert by_reason["missing_text_field"]["line"] == 5
     assert by_reason["empty_text"]["file"].endswith("en.jsonl") and by_reason["empty_text"]["line"] == 4
 
@@ -259,16 +299,22 @@ def tiny_tokenizer(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("spm")
     (root / "train.txt").write_text("\n".join(JA + EN), encoding="utf-8")
-    spm.SentencePieceTrainer.train(input=str(root / "train.txt"), model_prefix=str(root / "tiny"),
-                                   vocab_size=1000, hard_vocab_limit=False, byte_fallback=True,
-                                   character_coverage=0.98, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(root / "train.txt"),
+        model_prefix=str(root / "tiny"),
+        vocab_size=1000,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        character_coverage=0.98,
+        minloglevel=2,
+    )
     return root / "tiny.model"
 
 
 def test_megatron_datasets_read_back_with_megatron_core(curated_run, tiny_tokenizer):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.spm import Tokenizer
 
     config, _ = curated_run
     config = dataclasses.replace(config, num_workers=2)  # the multi-process encoder keeps input order
@@ -309,16 +355,19 @@ def test_megatron_datasets_read_back_with_megatron_core(curated_run, tiny_tokeni
 
 @pytest.mark.parametrize("add_bos", [True, False])
 @pytest.mark.parametrize("append_eod", [True, False])
-def test_encoded_batches_match_plain_encode_with_and_without_numpy_output(tiny_tokenizer, monkeypatch,
-                                                                         add_bos, append_eod):
-    from data_prep import tokenize_stage
-    from tokenizer.spm import Tokenizer
+def test_encoded_batches_match_plain_encode_with_and_without_numpy_output(
+    tiny_tokenizer, monkeypatch, add_bos, append_eod
+):
+    from kumihimo.data_prep import tokenize_stage
+    from kumihimo.tokenizer.spm import Tokenizer
 
     tokenize_stage._init_tokenizer(str(tiny_tokenizer))
     tokenizer = Tokenizer.load(tiny_tokenizer)
     texts = [JA[0], "", EN[1], "a"]
     lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
-    expected = [[tokenizer.bos_id] * add_bos + tokenizer.encode(t) + [tokenizer.eod_id] * append_eod for t in texts]
+    expected = [
+        [tokenizer.bos_id] * add_bos + tokenizer.encode(t) + [tokenizer.eod_id] * append_eod for t in texts
+    ]
     for numpy_output in (True, False):  # sentencepiece's out_type="numpy", and the list path of older 0.2.x
         monkeypatch.setattr(tokenize_stage, "_NUMPY_OUTPUT", numpy_output)
         tokens, lengths = tokenize_stage._encode_lines((lines, add_bos, append_eod))
@@ -336,10 +385,21 @@ def make_parser() -> argparse.ArgumentParser:
 def test_cli_run_and_help(tmp_path, tiny_tokenizer, capsys):
     config = write_corpus(tmp_path)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"input": {"sources": [{"name": s.name, "paths": s.paths}
-                                                            for s in config.input.sources]}}))
-    args = make_parser().parse_args(["run", str(recipe), "--tokenizer", str(tiny_tokenizer),
-                                     f"output_dir={tmp_path / 'cli_out'}", "num_workers=1"])
+    recipe.write_text(
+        yaml.safe_dump(
+            {"input": {"sources": [{"name": s.name, "paths": s.paths} for s in config.input.sources]}}
+        )
+    )
+    args = make_parser().parse_args(
+        [
+            "run",
+            str(recipe),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            f"output_dir={tmp_path / 'cli_out'}",
+            "num_workers=1",
+        ]
+    )
     assert args.handler(args) == 0
     assert (tmp_path / "cli_out/blend.yaml").is_file() and (tmp_path / "cli_out/report.md").is_file()
     for command in ("curate", "tokenize", "run"):
@@ -363,7 +423,7 @@ def test_config_fields_are_documented():
 
 
 def test_html_report_bars_scale_and_escape():
-    from data_prep.report_html import bar_chart
+    from kumihimo.data_prep.report_html import bar_chart
 
     svg = bar_chart([("<b>&", 10), ("half", 5), ("zero", 0)])
     assert "&lt;b&gt;&amp;" in svg and "<b>" not in svg

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from test_data_prep_pipeline import differing_outputs, write_corpus
 
-from data_prep.pipeline import curate
-from kumihimo import configtree
+from kumihimo.core import configtree
+from kumihimo.data_prep.pipeline import curate
 from tests.slurm_cluster import PARTITION, SlurmCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -27,10 +27,22 @@ JOBS_TIMEOUT_S = 300
 
 
 def _curate_command(config_path: Path, out: Path, logs: Path) -> list[str]:
-    return [sys.executable, "-m", "kumihimo.cli", "data", "curate", str(config_path), f"output_dir={out}",
-            "executor.kind=datatrove-slurm", "executor.tasks=3", f"executor.slurm_partition={PARTITION}",
-            "executor.slurm_time=00:10:00", "executor.slurm_mem_per_cpu_gb=1", "executor.slurm_dedup_cpus=1",
-            f"executor.logging_dir={logs}"]
+    return [
+        sys.executable,
+        "-m",
+        "kumihimo.cli",
+        "data",
+        "curate",
+        str(config_path),
+        f"output_dir={out}",
+        "executor.kind=datatrove-slurm",
+        "executor.tasks=3",
+        f"executor.slurm_partition={PARTITION}",
+        "executor.slurm_time=00:10:00",
+        "executor.slurm_mem_per_cpu_gb=1",
+        "executor.slurm_dedup_cpus=1",
+        f"executor.logging_dir={logs}",
+    ]
 
 
 def _job_logs(logs: Path) -> str:
@@ -56,7 +68,9 @@ def test_datatrove_slurm_curation_on_a_real_cluster_equals_the_local_run(cluster
     configtree.save(config, config_path)
     out, logs = tmp_path / "out", tmp_path / "datatrove"
     venv_bin = str(Path(sys.executable).parent)
-    env = dict(cluster.env, PATH=os.pathsep.join(p for p in cluster.env["PATH"].split(os.pathsep) if p != venv_bin))
+    env = dict(
+        cluster.env, PATH=os.pathsep.join(p for p in cluster.env["PATH"].split(os.pathsep) if p != venv_bin)
+    )
     command = _curate_command(config_path, out, logs)
     start = time.monotonic()
     submitted = cluster.run(*command, env=env)
@@ -65,13 +79,18 @@ def test_datatrove_slurm_curation_on_a_real_cluster_equals_the_local_run(cluster
     curate_id, dedup_id = json.loads((logs / "slurm_jobs.json").read_text())
     assert f"afterok:{curate_id}" in queue, queue  # the dedup job waits for the whole array
     meanwhile = cluster.run(*command, env=env, check=False)  # a second submission would redo the same shards
-    assert meanwhile.returncode == 2 and "still in the Slurm queue" in meanwhile.stderr, meanwhile.stderr[-2000:]
+    assert meanwhile.returncode == 2 and "still in the Slurm queue" in meanwhile.stderr, meanwhile.stderr[
+        -2000:
+    ]
     _wait_for_the_jobs(cluster, logs)
     took = time.monotonic() - start
     records = cluster.jobs()
     print(f"\ndatatrove-slurm: {len(records)} jobs done after {took:.0f} s; queue at submission:\n{queue}")
-    bad = [(r["JobId"], r["JobName"], r["JobState"], r["ExitCode"]) for r in records
-           if (r["JobState"], r["ExitCode"]) != ("COMPLETED", "0:0")]
+    bad = [
+        (r["JobId"], r["JobName"], r["JobState"], r["ExitCode"])
+        for r in records
+        if (r["JobState"], r["ExitCode"]) != ("COMPLETED", "0:0")
+    ]
     assert not bad, f"{bad}\n{_job_logs(logs)}"
     array = [r for r in records if r["ArrayJobId"] == curate_id]
     (dedup,) = [r for r in records if r["ArrayJobId"] == dedup_id]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.config import (
+from kumihimo.data_prep.config import (
     DecontamConfig,
     FiltersConfig,
     LangIdConfig,
@@ -16,12 +16,12 @@ from data_prep.config import (
     RepairConfig,
     RepetitionConfig,
 )
-from data_prep.decontam import Decontaminator, build_eval_index
-from data_prep.langid import identify
-from data_prep.ngrams import duplicate_ngram_coverage, top_ngram_coverage
-from data_prep.pii import PiiRedactor, luhn_valid, my_number_check_digit
-from data_prep.quality import QualityFilter, check_repetition
-from data_prep.repair import looks_suspicious, repair_text
+from kumihimo.data_prep.decontam import Decontaminator, build_eval_index
+from kumihimo.data_prep.langid import identify
+from kumihimo.data_prep.ngrams import duplicate_ngram_coverage, top_ngram_coverage
+from kumihimo.data_prep.pii import PiiRedactor, luhn_valid, my_number_check_digit
+from kumihimo.data_prep.quality import QualityFilter, check_repetition
+from kumihimo.data_prep.repair import looks_suspicious, repair_text
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data_prep"
 JA = (FIXTURES / "ja_docs.txt").read_text(encoding="utf-8").split("\n\n")
@@ -62,7 +62,10 @@ def test_unrepairable_text_is_dropped():
     assert drop in {"residual_mojibake", "replacement_chars"}
     _, drop, _ = repair_text("正しい文章の途中に\ufffd置換文字がある。", RepairConfig())
     assert drop == "replacement_chars"
-    assert repair_text("正しい文章の途中に\ufffd置換文字がある。", RepairConfig(max_replacement_chars=1))[1] is None
+    assert (
+        repair_text("正しい文章の途中に\ufffd置換文字がある。", RepairConfig(max_replacement_chars=1))[1]
+        is None
+    )
 
 
 def test_clean_text_is_untouched_and_accents_are_not_suspicious():
@@ -93,7 +96,9 @@ def test_language_identification():
     assert identify(EN[0], config)[0] == "en"
     assert identify("오늘은 날씨가 좋아서 공원에 산책하러 갔습니다.", config)[0] == "ko"
     assert identify("这是一个关于城市交通和公共自行车的中文段落，我们今天去公园散步。", config)[0] == "zh"
-    assert identify("Dies ist ein deutscher Text über das Wetter in der Stadt und die Leute.", config)[0] == "de"
+    assert (
+        identify("Dies ist ein deutscher Text über das Wetter in der Stadt und die Leute.", config)[0] == "de"
+    )
     # kana present => ja, even inside mostly-Latin text
     assert identify("Tokyo Station ni tsukimashita. 東京駅に着きました。ありがとう", config)[0] == "ja"
 
@@ -162,7 +167,9 @@ def test_ngram_coverage_values():
     # "1 2 3 4 5" occurs twice: its second occurrence (5 of 20 items) is a repeat
     assert duplicate_ngram_coverage(items, weights, 5) == pytest.approx(0.25)
     assert duplicate_ngram_coverage(items, weights, 4) == pytest.approx(0.25)  # two overlapping repeats
-    assert duplicate_ngram_coverage(np.array([7] * 10), np.ones(10), 5) == pytest.approx(0.9)  # all but the first
+    assert duplicate_ngram_coverage(np.array([7] * 10), np.ones(10), 5) == pytest.approx(
+        0.9
+    )  # all but the first
     assert duplicate_ngram_coverage(items, weights, 6) == 0.0
     # the most frequent 2-gram occurs twice and covers 4 of 20 items
     assert top_ngram_coverage(items, weights, 2) == pytest.approx(0.2)
@@ -184,12 +191,14 @@ def test_english_rules():
     assert reason(EN[0] + " " + " ".join(f"#tag{i}" for i in range(20)), "en") == "en_symbol_ratio"
     bullets = "\n".join(f"- {w} item number {i} in the list" for i, w in enumerate(words[:20]))
     assert reason(bullets, "en") == "en_bullet_lines"
-    trailing = "\n".join(" ".join(words[i:i + 12]) + "..." for i in range(0, 96, 12))
+    trailing = "\n".join(" ".join(words[i : i + 12]) + "..." for i in range(0, 96, 12))
     assert reason(trailing, "en") == "en_ellipsis_lines"
     numbers = EN[1] + " " + " ".join(str(1000 + i) for i in range(40))
     assert reason(numbers, "en") == "en_non_alpha_words"
-    no_stop = ("Quick brown foxes jump over lazy dogs while clever cats watch from sunny windows. "
-               "Bright mornings bring fresh coffee, warm bread, cheerful neighbours, busy streets. ") * 4
+    no_stop = (
+        "Quick brown foxes jump over lazy dogs while clever cats watch from sunny windows. "
+        "Bright mornings bring fresh coffee, warm bread, cheerful neighbours, busy streets. "
+    ) * 4
     assert reason(no_stop, "en") == "en_few_stop_words"
     assert reason(EN[2] + "\n" + EN[2], "en") == "en_duplicate_lines"
 
@@ -198,7 +207,9 @@ def test_english_rules():
 
 
 def test_boilerplate_lines_are_removed_and_lorem_ipsum_dropped():
-    text = EN[0] + "\nThis site uses cookies to improve your experience.\nPlease enable JavaScript to continue."
+    text = (
+        EN[0] + "\nThis site uses cookies to improve your experience.\nPlease enable JavaScript to continue."
+    )
     cleaned, verdict, num_removed = quality().check(text, "en", None)
     assert verdict is None and num_removed == 2 and cleaned == EN[0]
     ja = JA[0] + "\n当サイトはCookieを使用しています。\nJavaScriptを有効にしてください。"
@@ -210,7 +221,9 @@ def test_boilerplate_lines_are_removed_and_lorem_ipsum_dropped():
 
 
 def test_ng_words_reject_only_above_the_count_threshold():
-    qf = quality(ng_words__words=["出会い系", "無料登録"], ng_words__max_matches=2, ng_words__max_char_ratio=0.5)
+    qf = quality(
+        ng_words__words=["出会い系", "無料登録"], ng_words__max_matches=2, ng_words__max_char_ratio=0.5
+    )
     one = JA[0] + "\n出会い系サイトの被害について注意を呼びかけている。"
     assert reason(one, "ja", qf) is None
     three = JA[0] + "\n出会い系で無料登録、今すぐ無料登録！"
@@ -245,40 +258,46 @@ def redact(text: str) -> tuple[str, dict]:
     return out, dict(counts)
 
 
-@pytest.mark.parametrize("text, expected, kind", [
-    ("連絡先は taro.yamada@example.co.jp です。", "連絡先は <EMAIL> です。", "email"),
-    ("電話は03-1234-5678まで", "電話は<PHONE>まで", "phone"),
-    ("携帯 090-1234-5678 へ", "携帯 <PHONE> へ", "phone"),
-    ("携帯09012345678へ", "携帯<PHONE>へ", "phone"),
-    ("全角０３－１２３４－５６７８です", "全角<PHONE>です", "phone"),
-    ("代表 (03) 1234-5678", "代表 <PHONE>", "phone"),
-    ("call +81-3-1234-5678 now", "call <PHONE> now", "phone"),
-    ("call +1 (555) 123-4567 now", "call <PHONE> now", "phone"),
-    ("個人番号 1234 5678 9018 を", "個人番号 <MY_NUMBER> を", "my_number"),
-    ("番号123456789018です", "番号<MY_NUMBER>です", "my_number"),
-    ("card 4111 1111 1111 1111 ok", "card <CREDIT_CARD> ok", "credit_card"),
-    ("card 5500-0000-0000-0004.", "card <CREDIT_CARD>.", "credit_card"),
-    ("〒100-0001 東京都", "<POSTAL_CODE> 東京都", "postal_code"),
-    ("住所 160-0023 新宿区", "住所 <POSTAL_CODE> 新宿区", "postal_code"),
-    ("server 192.168.10.1.", "server <IP_ADDRESS>.", "ip_address"),
-    ("v6 2001:db8::8a2e:370:7334 here", "v6 <IP_ADDRESS> here", "ip_address"),
-])
+@pytest.mark.parametrize(
+    "text, expected, kind",
+    [
+        ("連絡先は taro.yamada@example.co.jp です。", "連絡先は <EMAIL> です。", "email"),
+        ("電話は03-1234-5678まで", "電話は<PHONE>まで", "phone"),
+        ("携帯 090-1234-5678 へ", "携帯 <PHONE> へ", "phone"),
+        ("携帯09012345678へ", "携帯<PHONE>へ", "phone"),
+        ("全角０３－１２３４－５６７８です", "全角<PHONE>です", "phone"),
+        ("代表 (03) 1234-5678", "代表 <PHONE>", "phone"),
+        ("call +81-3-1234-5678 now", "call <PHONE> now", "phone"),
+        ("call +1 (555) 123-4567 now", "call <PHONE> now", "phone"),
+        ("個人番号 1234 5678 9018 を", "個人番号 <MY_NUMBER> を", "my_number"),
+        ("番号123456789018です", "番号<MY_NUMBER>です", "my_number"),
+        ("card 4111 1111 1111 1111 ok", "card <CREDIT_CARD> ok", "credit_card"),
+        ("card 5500-0000-0000-0004.", "card <CREDIT_CARD>.", "credit_card"),
+        ("〒100-0001 東京都", "<POSTAL_CODE> 東京都", "postal_code"),
+        ("住所 160-0023 新宿区", "住所 <POSTAL_CODE> 新宿区", "postal_code"),
+        ("server 192.168.10.1.", "server <IP_ADDRESS>.", "ip_address"),
+        ("v6 2001:db8::8a2e:370:7334 here", "v6 <IP_ADDRESS> here", "ip_address"),
+    ],
+)
 def test_pii_positive(text, expected, kind):
     out, counts = redact(text)
     assert out == expected
     assert counts == {kind: 1}
 
 
-@pytest.mark.parametrize("text", [
-    "個人番号 1234 5678 9012 は検査数字が違う",  # wrong My Number check digit
-    "card 4111 1111 1111 1112 fails Luhn",
-    "version 1.2.3.4.5 and 999.1.1.1",
-    "time 12:30:45 and std::vector<int>",
-    "date 2024-05-01 and order 12345678",
-    "follow @someone on social media",
-    "code 1000-0001 is not a postal code",
-    "total 0000 0000 0000 is not a My Number",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "個人番号 1234 5678 9012 は検査数字が違う",  # wrong My Number check digit
+        "card 4111 1111 1111 1112 fails Luhn",
+        "version 1.2.3.4.5 and 999.1.1.1",
+        "time 12:30:45 and std::vector<int>",
+        "date 2024-05-01 and order 12345678",
+        "follow @someone on social media",
+        "code 1000-0001 is not a postal code",
+        "total 0000 0000 0000 is not a My Number",
+    ],
+)
 def test_pii_negative(text):
     assert redact(text) == (text, {})
 
@@ -301,9 +320,15 @@ def test_pii_types_and_placeholder_are_configurable():
 def test_decontamination_by_word_and_char_ngrams(tmp_path):
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text(
-        json.dumps({"question": EN[1].split("\n")[0][:300], "id": 1}) + "\n"
-        + json.dumps({"question": "次の文を読んで答えなさい。" + JA[2].split("\n")[1], "answer": "A"},
-                     ensure_ascii=False) + "\n", encoding="utf-8")
+        json.dumps({"question": EN[1].split("\n")[0][:300], "id": 1})
+        + "\n"
+        + json.dumps(
+            {"question": "次の文を読んで答えなさい。" + JA[2].split("\n")[1], "answer": "A"},
+            ensure_ascii=False,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     text_eval = tmp_path / "eval.txt"
     text_eval.write_text(JA[4].split("\n")[2] + "\n", encoding="utf-8")
     config = DecontamConfig(eval_paths=[str(eval_file), str(text_eval)])

@@ -13,8 +13,13 @@ from tests.conftest import read_metrics, run_cli
 pytestmark = pytest.mark.gpu
 
 TINY = "configs/pretrain/tiny-cpu.yaml"
-GPU = ("runtime.device=cuda", "precision.params_dtype=bf16", "schedule.train_iters=30", "schedule.eval_interval=0",
-       "schedule.lr_warmup_iters=3")
+GPU = (
+    "runtime.device=cuda",
+    "precision.params_dtype=bf16",
+    "schedule.train_iters=30",
+    "schedule.eval_interval=0",
+    "schedule.lr_warmup_iters=3",
+)
 
 
 def test_tiny_recipe_trains_on_one_gpu_in_bf16(tmp_path):
@@ -26,11 +31,17 @@ def test_tiny_recipe_trains_on_one_gpu_in_bf16(tmp_path):
 
 
 def test_fp8_without_transformer_engine_is_refused(tmp_path):
-    from pretrain.model import transformer_engine_available
+    from kumihimo.pretrain.model import transformer_engine_available
 
     if transformer_engine_available():
         pytest.skip("Transformer Engine is installed here")
-    proc = run_cli("train", TINY, *GPU, "precision.fp8=hybrid", "model.transformer_impl=auto",
-                   f"runtime.run_dir={tmp_path}")
+    proc = run_cli(
+        "train",
+        TINY,
+        *GPU,
+        "precision.fp8=hybrid",
+        "model.transformer_impl=auto",
+        f"runtime.run_dir={tmp_path}",
+    )
     assert proc.returncode == 2
     assert "precision.fp8 needs Transformer Engine" in proc.stderr

@@ -15,12 +15,17 @@ import sys
 import time
 from pathlib import Path
 
-from pretrain.signals import EXIT_BAD_LOSS, EXIT_REQUEUE
+from kumihimo.pretrain.signals import EXIT_BAD_LOSS, EXIT_REQUEUE
 from tests.conftest import REPO, read_metrics, run_cli, signal_training
 
 TINY = "configs/pretrain/tiny-cpu.yaml"
-BASE = ("schedule.lr_warmup_iters=1", "schedule.eval_interval=0", "schedule.train_iters=4", "logging.log_interval=1",
-        "checkpoint.async_save=true")
+BASE = (
+    "schedule.lr_warmup_iters=1",
+    "schedule.eval_interval=0",
+    "schedule.train_iters=4",
+    "logging.log_interval=1",
+    "checkpoint.async_save=true",
+)
 TP2 = "parallelism.tensor_model_parallel_size=2"
 
 
@@ -65,8 +70,14 @@ def test_async_save_is_a_snapshot(tmp_path):
     """Weights, Adam moments and the step changed right after the save call, while the (slowed)
     writer has not read them yet, do not reach the checkpoint."""
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, "-m", "tests.test_pretrain_async_save", str(tmp_path)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.test_pretrain_async_save", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "snapshot ok" in proc.stdout
 
@@ -74,8 +85,15 @@ def test_async_save_is_a_snapshot(tmp_path):
 def test_requeue_signal_waits_for_the_background_save(tmp_path):
     """SIGUSR1 while saves are in flight: the run saves, finishes writing, points `latest` at that
     step and exits with the requeue code."""
-    returncode, stderr = signal_training(tmp_path, TINY, *BASE, "schedule.train_iters=40", "checkpoint.save_interval=1",
-                                         f"runtime.run_dir={tmp_path}", f"checkpoint.save={tmp_path}/ckpt")
+    returncode, stderr = signal_training(
+        tmp_path,
+        TINY,
+        *BASE,
+        "schedule.train_iters=40",
+        "checkpoint.save_interval=1",
+        f"runtime.run_dir={tmp_path}",
+        f"checkpoint.save={tmp_path}/ckpt",
+    )
     assert returncode == EXIT_REQUEUE, stderr[-2000:]
     stopped_at = read_metrics(tmp_path)[-1]["step"]
     assert 3 <= stopped_at < 40
@@ -84,9 +102,18 @@ def test_requeue_signal_waits_for_the_background_save(tmp_path):
 
 def test_bad_loss_exit_finishes_the_pending_save(tmp_path):
     """The loss guard stops the run one step after a save was started: that save still completes."""
-    train(tmp_path, "schedule.train_iters=30", "optimizer.lr=50", "optimizer.min_lr=0", "optimizer.clip_grad=0",
-          "resilience.spike_factor=1.5", "resilience.spike_warmup_steps=1", "resilience.on_bad_loss=stop",
-          "checkpoint.save_interval=1", expect=EXIT_BAD_LOSS)
+    train(
+        tmp_path,
+        "schedule.train_iters=30",
+        "optimizer.lr=50",
+        "optimizer.min_lr=0",
+        "optimizer.clip_grad=0",
+        "resilience.spike_factor=1.5",
+        "resilience.spike_warmup_steps=1",
+        "resilience.on_bad_loss=stop",
+        "checkpoint.save_interval=1",
+        expect=EXIT_BAD_LOSS,
+    )
     stopped_at = next(m["step"] for m in read_metrics(tmp_path) if m["skipped"])
     assert stopped_at > 1, "the first step already diverged; nothing was saved before it"
     assert_complete(tmp_path / "ckpt", stopped_at - 1)
@@ -98,17 +125,21 @@ def _save_then_change_everything(run_dir: str) -> None:
     import torch
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-    from kumihimo import configtree
-    from pretrain import checkpointing
-    from pretrain.config import TrainConfig
-    from pretrain.distributed import destroy
-    from pretrain.training import Trainer
+    from kumihimo.core import configtree
+    from kumihimo.pretrain import checkpointing
+    from kumihimo.pretrain.config import TrainConfig
+    from kumihimo.pretrain.distributed import destroy
+    from kumihimo.pretrain.training import Trainer
 
     def tensors(trainer):
         weights = [p for chunk in trainer.model for p in checkpointing.unwrap(chunk).parameters()]
         inner = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
-        moments = [state[name] for opt in inner for state in opt.optimizer.state.values()
-                   for name in ("exp_avg", "exp_avg_sq")]
+        moments = [
+            state[name]
+            for opt in inner
+            for state in opt.optimizer.state.values()
+            for name in ("exp_avg", "exp_avg_sq")
+        ]
         assert weights and moments
         return weights + moments
 
@@ -120,9 +151,17 @@ def _save_then_change_everything(run_dir: str) -> None:
 
     FileSystemWriterAsync.write_preloaded_data_multithread = staticmethod(slow_write)
     root = Path(run_dir) / "ckpt"
-    config = configtree.load(TrainConfig, TINY, [
-        *BASE, "schedule.exit_after_iters=1", "checkpoint.save_at_end=false", f"runtime.run_dir={run_dir}",
-        f"checkpoint.save={root}"])
+    config = configtree.load(
+        TrainConfig,
+        TINY,
+        [
+            *BASE,
+            "schedule.exit_after_iters=1",
+            "checkpoint.save_at_end=false",
+            f"runtime.run_dir={run_dir}",
+            f"checkpoint.save={root}",
+        ],
+    )
     trainer = Trainer(config)
     try:
         trainer.setup()
@@ -136,8 +175,9 @@ def _save_then_change_everything(run_dir: str) -> None:
         assert trainer.async_saves.pending and not folder.exists(), "the save is not in flight"
         trainer.finish_saves(blocking=True)
         assert checkpointing.read_latest(root) == 1
-        state = checkpointing.load_checkpoint(folder, trainer.model, trainer.optimizer, trainer.scheduler,
-                                              trainer.layout)
+        state = checkpointing.load_checkpoint(
+            folder, trainer.model, trainer.optimizer, trainer.scheduler, trainer.layout
+        )
         assert state.iteration == 1
         loaded = tensors(trainer)
         assert len(loaded) == len(saved)

@@ -1,13 +1,14 @@
 """LLM-jp's checkpoint schedule (dense early, then regular) and pruning that keeps milestones."""
 
-from kumihimo import configtree
-from pretrain.checkpointing import LATEST_FILE, iteration_dir, prune
-from pretrain.config import CheckpointConfig
+from kumihimo.core import configtree
+from kumihimo.pretrain.checkpointing import LATEST_FILE, iteration_dir, prune
+from kumihimo.pretrain.config import CheckpointConfig
 
 
 def test_dense_then_regular_schedule():
-    config = configtree.from_dict(CheckpointConfig, {
-        "dense_intervals": [[9, 1], [100, 10], [1000, 100]], "save_interval": 1000})
+    config = configtree.from_dict(
+        CheckpointConfig, {"dense_intervals": [[9, 1], [100, 10], [1000, 100]], "save_interval": 1000}
+    )
     saved = [step for step in range(1, 5001) if config.should_save(step)]
     assert saved[:9] == list(range(1, 10))
     assert saved[9:18] == list(range(10, 100, 10)) and 100 in saved

@@ -14,8 +14,13 @@ import torch
 from tests.conftest import read_metrics, run_cli
 
 TINY = "configs/pretrain/tiny-cpu.yaml"
-BASE = ("schedule.lr_warmup_iters=1", "schedule.eval_interval=0", "schedule.train_iters=4", "model.z_loss_coeff=1e-4",
-        "logging.log_interval=1")
+BASE = (
+    "schedule.lr_warmup_iters=1",
+    "schedule.eval_interval=0",
+    "schedule.train_iters=4",
+    "model.z_loss_coeff=1e-4",
+    "logging.log_interval=1",
+)
 
 
 def train(run_dir, *overrides, nproc=1):
@@ -73,10 +78,10 @@ def test_plan_counts_parameters_exactly(tp2):
 
 def assert_plan_counts_parameters(run_dir, override, world):
     """`kumihimo plan`'s per-GPU parameter count equals what each rank of the real run held."""
-    from kumihimo import configtree
-    from pretrain.config import TrainConfig
-    from pretrain.parallel import ParallelLayout
-    from pretrain.plan import stage_params
+    from kumihimo.core import configtree
+    from kumihimo.pretrain.config import TrainConfig
+    from kumihimo.pretrain.parallel import ParallelLayout
+    from kumihimo.pretrain.plan import stage_params
 
     config = configtree.load(TrainConfig, TINY, [override])
     layout = ParallelLayout.from_config(config, world)
@@ -110,8 +115,14 @@ def test_resume_at_another_layout_continues_the_curve(tp2, tmp_path):
 
 def test_resume_with_other_data_is_refused(tmp_path):
     train(tmp_path, "schedule.exit_after_iters=1")
-    proc = run_cli("train", TINY, *BASE, f"runtime.run_dir={tmp_path}", f"checkpoint.save={tmp_path}/ckpt",
-                   "runtime.seed=7")
+    proc = run_cli(
+        "train",
+        TINY,
+        *BASE,
+        f"runtime.run_dir={tmp_path}",
+        f"checkpoint.save={tmp_path}/ckpt",
+        "runtime.seed=7",
+    )
     assert proc.returncode == 2
     assert "the checkpoint was trained on data" in proc.stderr
 
@@ -121,11 +132,15 @@ def test_interleaved_pipeline_matches_and_converts_like_single_process(single, s
     converts to the same Hugging Face weights as the one-process run's."""
     from safetensors.torch import load_file
 
-    from pretrain.convert.to_hf import convert_to_hf
+    from kumihimo.pretrain.convert.to_hf import convert_to_hf
 
     vpp_dir = tmp_path / "vpp"
-    train(vpp_dir, "parallelism.pipeline_model_parallel_size=2",
-          "parallelism.virtual_pipeline_model_parallel_size=2", nproc=2)
+    train(
+        vpp_dir,
+        "parallelism.pipeline_model_parallel_size=2",
+        "parallelism.virtual_pipeline_model_parallel_size=2",
+        nproc=2,
+    )
     assert losses(read_metrics(vpp_dir)) == pytest.approx(losses(single), abs=1e-4)
 
     def weights(run_dir):
@@ -167,16 +182,28 @@ def test_context_parallel_matches_single_process_and_resumes_exactly(single, tmp
 
 
 def test_overlapped_grad_reduce_and_param_gather_match_single_process(single, tmp_path):
-    train(tmp_path, "parallelism.use_distributed_optimizer=true", "parallelism.overlap_grad_reduce=true",
-          "parallelism.overlap_param_gather=true", nproc=2)
+    train(
+        tmp_path,
+        "parallelism.use_distributed_optimizer=true",
+        "parallelism.overlap_grad_reduce=true",
+        "parallelism.overlap_param_gather=true",
+        nproc=2,
+    )
     assert_matches_single(tmp_path, single)
 
 
-@pytest.mark.parametrize("layout", [
-    ("parallelism.tensor_model_parallel_size=2", "parallelism.pipeline_model_parallel_size=2"),
-    ("parallelism.tensor_model_parallel_size=2", "parallelism.sequence_parallel=true",
-     "parallelism.context_parallel_size=2"),
-], ids=["tp2-pp2", "tp2-sp-cp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("parallelism.tensor_model_parallel_size=2", "parallelism.pipeline_model_parallel_size=2"),
+        (
+            "parallelism.tensor_model_parallel_size=2",
+            "parallelism.sequence_parallel=true",
+            "parallelism.context_parallel_size=2",
+        ),
+    ],
+    ids=["tp2-pp2", "tp2-sp-cp2"],
+)
 def test_four_process_layouts_match_single_process(single, tmp_path, layout):
     train(tmp_path, *layout, nproc=4)
     assert_matches_single(tmp_path, single)

@@ -2,11 +2,11 @@
 
 import pytest
 
-from kumihimo import configtree
-from kumihimo.configtree import ConfigError
-from pretrain.config import TrainConfig
-from pretrain.metrics import training_flops_per_token
-from pretrain.parallel import ParallelLayout
+from kumihimo.core import configtree
+from kumihimo.core.configtree import ConfigError
+from kumihimo.pretrain.config import TrainConfig
+from kumihimo.pretrain.metrics import training_flops_per_token
+from kumihimo.pretrain.parallel import ParallelLayout
 
 TINY = "configs/pretrain/tiny-cpu.yaml"
 
@@ -16,19 +16,27 @@ def load(*overrides):
 
 
 def test_layout_derives_data_parallel_and_microbatches():
-    layout = ParallelLayout.from_config(load("parallelism.tensor_model_parallel_size=2",
-                                             "schedule.global_batch_size=16"), world_size=4)
+    layout = ParallelLayout.from_config(
+        load("parallelism.tensor_model_parallel_size=2", "schedule.global_batch_size=16"), world_size=4
+    )
     assert (layout.tp, layout.pp, layout.dp) == (2, 1, 2)
     assert layout.num_microbatches == 16 // (4 * 2)
 
 
-@pytest.mark.parametrize(("overrides", "world", "message"), [
-    (["parallelism.tensor_model_parallel_size=3"], 3, "does not divide model.num_attention_heads=4"),
-    (["parallelism.pipeline_model_parallel_size=3"], 3, "model.num_layers=4 is not divisible"),
-    (["parallelism.tensor_model_parallel_size=2"], 3, "world size 3 is not divisible"),
-    (["schedule.global_batch_size=12"], 2, "global_batch_size=12 is not divisible by micro_batch_size x DP"),
-    (["model.num_query_groups=3"], 1, "does not divide model.num_attention_heads"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        (["parallelism.tensor_model_parallel_size=3"], 3, "does not divide model.num_attention_heads=4"),
+        (["parallelism.pipeline_model_parallel_size=3"], 3, "model.num_layers=4 is not divisible"),
+        (["parallelism.tensor_model_parallel_size=2"], 3, "world size 3 is not divisible"),
+        (
+            ["schedule.global_batch_size=12"],
+            2,
+            "global_batch_size=12 is not divisible by micro_batch_size x DP",
+        ),
+        (["model.num_query_groups=3"], 1, "does not divide model.num_attention_heads"),
+    ],
+)
 def test_layout_errors_name_the_keys(overrides, world, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ParallelLayout.from_config(load(*overrides), world_size=world)
@@ -42,22 +50,47 @@ def test_vocab_padding_follows_tp():
     assert layout4.padded_vocab_size(99574, 128) == 99840
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["model.hiden_size=8"], "unknown key 'model.hiden_size'; did you mean 'model.hidden_size'?"),
-    (["optimizer.lr=fast"], "optimizer.lr='fast' is not a number"),
-    (["schedule.lr_decay_style=exp"], "schedule.lr_decay_style='exp' is not one of the allowed values"),
-    (["optimizer.min_lr=1.0"], "optimizer.min_lr=1.0 is not within"),
-    (["parallelism.context_parallel_size=2", "model.local_attention=unfused"],
-     "model.local_attention='unfused' cannot run context_parallel_size=2"),
-    (["schedule.lr_warmup_iters=500"], "schedule.lr_warmup_iters=500 is not within"),
-    (["precision.fp8=hybrid", "precision.params_dtype=bf16"], "precision.fp8='hybrid' needs a Hopper GPU"),
-    (["precision.fp8=hybrid", "precision.params_dtype=bf16", "runtime.device=cuda", "model.transformer_impl=local"],
-     "precision.fp8 needs model.transformer_impl=transformer_engine"),
-    (["precision.fp8=e4m3", "runtime.device=cuda"], "precision.params_dtype='fp32' must be bf16 with precision.fp8"),
-    (["precision.fp8=hybrid", "precision.params_dtype=bf16", "runtime.device=cuda",
-      "precision.first_last_layers_bf16=true"], "is not supported with fp8_recipe=delayed"),
-    (["model.z_loss_coeff=-1"], "model.z_loss_coeff=-1.0 is negative"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.hiden_size=8"], "unknown key 'model.hiden_size'; did you mean 'model.hidden_size'?"),
+        (["optimizer.lr=fast"], "optimizer.lr='fast' is not a number"),
+        (["schedule.lr_decay_style=exp"], "schedule.lr_decay_style='exp' is not one of the allowed values"),
+        (["optimizer.min_lr=1.0"], "optimizer.min_lr=1.0 is not within"),
+        (
+            ["parallelism.context_parallel_size=2", "model.local_attention=unfused"],
+            "model.local_attention='unfused' cannot run context_parallel_size=2",
+        ),
+        (["schedule.lr_warmup_iters=500"], "schedule.lr_warmup_iters=500 is not within"),
+        (
+            ["precision.fp8=hybrid", "precision.params_dtype=bf16"],
+            "precision.fp8='hybrid' needs a Hopper GPU",
+        ),
+        (
+            [
+                "precision.fp8=hybrid",
+                "precision.params_dtype=bf16",
+                "runtime.device=cuda",
+                "model.transformer_impl=local",
+            ],
+            "precision.fp8 needs model.transformer_impl=transformer_engine",
+        ),
+        (
+            ["precision.fp8=e4m3", "runtime.device=cuda"],
+            "precision.params_dtype='fp32' must be bf16 with precision.fp8",
+        ),
+        (
+            [
+                "precision.fp8=hybrid",
+                "precision.params_dtype=bf16",
+                "runtime.device=cuda",
+                "precision.first_last_layers_bf16=true",
+            ],
+            "is not supported with fp8_recipe=delayed",
+        ),
+        (["model.z_loss_coeff=-1"], "model.z_loss_coeff=-1.0 is negative"),
+    ],
+)
 def test_invalid_values_raise_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as info:
         load(*overrides)

@@ -13,7 +13,7 @@ def single_process_groups():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from pretrain.distributed import free_port
+    from kumihimo.pretrain.distributed import free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
@@ -23,7 +23,7 @@ def single_process_groups():
 
 
 def test_cross_entropy_and_z_match_reference(single_process_groups):
-    from pretrain.loss import cross_entropy_and_z
+    from kumihimo.pretrain.loss import cross_entropy_and_z
 
     torch.manual_seed(0)
     logits = (torch.randn(2, 5, 11) * 3).requires_grad_()
@@ -42,7 +42,7 @@ def test_cross_entropy_and_z_match_reference(single_process_groups):
 
 
 def test_zero_coefficient_adds_nothing(single_process_groups):
-    from pretrain.loss import cross_entropy_and_z
+    from kumihimo.pretrain.loss import cross_entropy_and_z
 
     _, z = cross_entropy_and_z(torch.randn(3, 7), torch.randint(0, 7, (3,)), 0.0)
     assert torch.count_nonzero(z) == 0

@@ -12,10 +12,10 @@ import json
 
 import pytest
 
-from kumihimo import configtree
-from pretrain.config import TrainConfig
-from pretrain.parallel import ParallelLayout
-from pretrain.plan import make_plan, microbatch_activation_bytes, stage_params
+from kumihimo.core import configtree
+from kumihimo.pretrain.config import TrainConfig
+from kumihimo.pretrain.parallel import ParallelLayout
+from kumihimo.pretrain.plan import make_plan, microbatch_activation_bytes, stage_params
 from tests.conftest import run_cli
 
 TINY = "configs/pretrain/tiny-cpu.yaml"
@@ -24,8 +24,11 @@ ONE_STEP = ("schedule.lr_warmup_iters=0", "schedule.eval_interval=0", "schedule.
 LAYOUTS = {
     "recompute": (1, ["model.recompute=full"], 0.01),
     "tp2-sp": (2, ["parallelism.tensor_model_parallel_size=2", "parallelism.sequence_parallel=true"], 0.01),
-    "pp2-vpp2": (2, ["parallelism.pipeline_model_parallel_size=2",
-                     "parallelism.virtual_pipeline_model_parallel_size=2"], 0.01),
+    "pp2-vpp2": (
+        2,
+        ["parallelism.pipeline_model_parallel_size=2", "parallelism.virtual_pipeline_model_parallel_size=2"],
+        0.01,
+    ),
     "dp2-distopt": (2, ["parallelism.use_distributed_optimizer=true"], 0.01),
     # the gathered keys/values of local context parallelism are an estimate in the plan
     "cp2": (2, ["parallelism.context_parallel_size=2"], 0.05),
@@ -45,8 +48,11 @@ def test_plan_memory_matches_a_measured_run(tmp_path, name):
     layout = ParallelLayout.from_config(config, nproc)
     padded = layout.padded_vocab_size(config.data.mock_vocab_size, config.model.make_vocab_size_divisible_by)
     plan = make_plan(config, nproc, config.data.mock_vocab_size)
-    bytes_per_param = {"weights_bytes": plan.weights_gb, "grads_bytes": plan.grads_gb,
-                       "optimizer_bytes": plan.optimizer_gb}
+    bytes_per_param = {
+        "weights_bytes": plan.weights_gb,
+        "grads_bytes": plan.grads_gb,
+        "optimizer_bytes": plan.optimizer_gb,
+    }
     for row in rows:
         params = stage_params(config, layout, padded, row["pp_rank"])
         for key, planned_gb in bytes_per_param.items():

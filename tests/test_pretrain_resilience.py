@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pretrain.signals import EXIT_BAD_LOSS, EXIT_REQUEUE, LossGuard
+from kumihimo.pretrain.signals import EXIT_BAD_LOSS, EXIT_REQUEUE, LossGuard
 from tests.conftest import read_metrics, run_cli, signal_training
 
 TINY = "configs/pretrain/tiny-cpu.yaml"
@@ -25,20 +25,40 @@ def test_loss_guard_flags_nan_inf_and_spikes():
 
 def test_sigusr1_saves_exits_for_requeue_and_resume_finishes_the_same(tmp_path):
     straight = tmp_path / "straight"
-    proc = run_cli("train", TINY, *BASE, "schedule.train_iters=40", f"runtime.run_dir={straight}",
-                   "checkpoint.save=null", timeout=240)
+    proc = run_cli(
+        "train",
+        TINY,
+        *BASE,
+        "schedule.train_iters=40",
+        f"runtime.run_dir={straight}",
+        "checkpoint.save=null",
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     run_dir = tmp_path / "signalled"
-    returncode, stderr = signal_training(run_dir, TINY, *BASE, "schedule.train_iters=40",
-                                         f"runtime.run_dir={run_dir}", f"checkpoint.save={run_dir}/ckpt")
+    returncode, stderr = signal_training(
+        run_dir,
+        TINY,
+        *BASE,
+        "schedule.train_iters=40",
+        f"runtime.run_dir={run_dir}",
+        f"checkpoint.save={run_dir}/ckpt",
+    )
     assert returncode == EXIT_REQUEUE, stderr[-2000:]
     assert "stop signal received" in stderr
     stopped_at = int((run_dir / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
     assert 3 <= stopped_at < 40
 
-    proc = run_cli("train", TINY, *BASE, "schedule.train_iters=40", f"runtime.run_dir={run_dir}",
-                   f"checkpoint.save={run_dir}/ckpt", timeout=240)
+    proc = run_cli(
+        "train",
+        TINY,
+        *BASE,
+        "schedule.train_iters=40",
+        f"runtime.run_dir={run_dir}",
+        f"checkpoint.save={run_dir}/ckpt",
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     resumed, reference = read_metrics(run_dir), read_metrics(straight)
     assert [m["step"] for m in resumed] == list(range(1, 41))
@@ -48,10 +68,22 @@ def test_sigusr1_saves_exits_for_requeue_and_resume_finishes_the_same(tmp_path):
 @pytest.mark.parametrize(("policy", "expect_skips"), [("stop", 0), ("skip", 2)])
 def test_diverging_run_is_skipped_then_stopped(tmp_path, policy, expect_skips):
     """A learning rate of 50 makes the loss explode; the guard skips (then gives up) or stops at once."""
-    proc = run_cli("train", TINY, *BASE, "schedule.train_iters=30", "optimizer.lr=50", "optimizer.min_lr=0",
-                   "optimizer.clip_grad=0", "resilience.spike_factor=1.5", "resilience.spike_warmup_steps=1",
-                   f"resilience.on_bad_loss={policy}", "resilience.max_consecutive_skips=3",
-                   f"runtime.run_dir={tmp_path}", f"checkpoint.save={tmp_path}/ckpt", timeout=240)
+    proc = run_cli(
+        "train",
+        TINY,
+        *BASE,
+        "schedule.train_iters=30",
+        "optimizer.lr=50",
+        "optimizer.min_lr=0",
+        "optimizer.clip_grad=0",
+        "resilience.spike_factor=1.5",
+        "resilience.spike_warmup_steps=1",
+        f"resilience.on_bad_loss={policy}",
+        "resilience.max_consecutive_skips=3",
+        f"runtime.run_dir={tmp_path}",
+        f"checkpoint.save={tmp_path}/ckpt",
+        timeout=240,
+    )
     assert proc.returncode == EXIT_BAD_LOSS, proc.stderr[-2000:]
     assert "stopping at step" in proc.stderr
     metrics = read_metrics(tmp_path)

@@ -31,8 +31,10 @@ def test_every_curation_stage_drops_or_redacts_something(quickstart):
     for name in ("repair", "langid", "quality", "decontam", "dedup"):
         assert sum(curated["dropped"].get(name, {}).values()) > 0, f"{name} dropped nothing"
     assert curated["pii"].get("email", 0) > 0 and curated["pii"].get("phone", 0) > 0
-    assert curated["kept"] + sum(sum(r.values()) for r in curated["dropped"].values()) \
-        + curated["quarantined"] == curated["input"]
+    assert (
+        curated["kept"] + sum(sum(r.values()) for r in curated["dropped"].values()) + curated["quarantined"]
+        == curated["input"]
+    )
     assert "Documents per stage:" in proc.stdout and "after dedup" in proc.stdout
 
 
@@ -40,7 +42,9 @@ def test_loss_clearly_falls_and_checkpoint_exists(quickstart):
     workdir, _ = quickstart
     trained = stage(workdir, "train")
     assert trained["loss_last"] < trained["loss_first"] - 2.0
-    assert (workdir / "train" / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "150"
+    assert (
+        workdir / "train" / "checkpoints" / "latest_checkpointed_iteration.txt"
+    ).read_text().strip() == "150"
 
 
 def test_converted_model_generates_japanese(quickstart):
@@ -68,9 +72,17 @@ def test_dataset_index_cache_is_built_once_and_reused(quickstart, tmp_path):
     cache = workdir / "train" / "data_cache"
     built = {p.name: p.stat().st_mtime_ns for p in cache.rglob("*.npy")}
     assert built, "the first run left no index cache"
-    proc = run_cli("train", "configs/pretrain/quickstart.yaml", f"data.blend_file={workdir}/data_prep/blend.yaml",
-                   f"data.tokenizer={workdir}/tokenizer/tokenizer.model", f"data.cache_dir={cache}",
-                   "schedule.train_iters=150", "schedule.exit_after_iters=2", f"runtime.run_dir={tmp_path}",
-                   "checkpoint.save=null", timeout=300)
+    proc = run_cli(
+        "train",
+        "configs/pretrain/quickstart.yaml",
+        f"data.blend_file={workdir}/data_prep/blend.yaml",
+        f"data.tokenizer={workdir}/tokenizer/tokenizer.model",
+        f"data.cache_dir={cache}",
+        "schedule.train_iters=150",
+        "schedule.exit_after_iters=2",
+        f"runtime.run_dir={tmp_path}",
+        "checkpoint.save=null",
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {p.name: p.stat().st_mtime_ns for p in cache.rglob("*.npy")} == built

@@ -24,16 +24,36 @@ pytestmark = pytest.mark.slow
 # ~50 s of training on 2 cores: Slurm checks time limits only every 30 s, so the warning signal can come
 # up to 30 s after it is due, and it must still find the run training.
 NUM_STEPS = 200
-TRAIN = ("configs/pretrain/tiny-cpu.yaml", "parallelism.tensor_model_parallel_size=2",
-         f"schedule.train_iters={NUM_STEPS}", "schedule.global_batch_size=16", "schedule.lr_warmup_iters=5",
-         "schedule.eval_interval=0", "logging.log_interval=10")
+TRAIN = (
+    "configs/pretrain/tiny-cpu.yaml",
+    "parallelism.tensor_model_parallel_size=2",
+    f"schedule.train_iters={NUM_STEPS}",
+    "schedule.global_batch_size=16",
+    "schedule.lr_warmup_iters=5",
+    "schedule.eval_interval=0",
+    "logging.log_interval=10",
+)
 
 
 def submit(cluster: SlurmCluster, run_dir: Path, *options: str) -> tuple[str, Path]:
     """`kumihimo slurm submit` the tiny recipe on 2 processes; later overrides in `options` win."""
-    proc = cluster.run(sys.executable, "-m", "kumihimo.cli", "slurm", "submit", *TRAIN, "--nodes", "1",
-                       "--gpus-per-node", "2", "--profile", "local-cpu", f"runtime.run_dir={run_dir}",
-                       f"checkpoint.save={run_dir}/ckpt", *options)
+    proc = cluster.run(
+        sys.executable,
+        "-m",
+        "kumihimo.cli",
+        "slurm",
+        "submit",
+        *TRAIN,
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "2",
+        "--profile",
+        "local-cpu",
+        f"runtime.run_dir={run_dir}",
+        f"checkpoint.save={run_dir}/ckpt",
+        *options,
+    )
     job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
     return job_id, run_dir / f"slurm-{job_id}.out"
 
@@ -63,7 +83,9 @@ def test_time_limit_signal_saves_requeues_and_resumes_to_the_same_losses(cluster
     start = time.monotonic()
     job_id, log = submit(cluster, tmp_path, "--time", "00:10:00", "--signal-before", "60")
     metrics = tmp_path / "metrics.jsonl"
-    cluster.wait(job_id, lambda _: metrics.is_file() and metrics.read_text().count("\n") >= 1, timeout=120, log=log)
+    cluster.wait(
+        job_id, lambda _: metrics.is_file() and metrics.read_text().count("\n") >= 1, timeout=120, log=log
+    )
     # Training runs: shorten the limit (whole minutes) to 30-90 s from now. Slurm checks limits every 30 s
     # and sends the --signal once the limit is less than 60 + 30 s away, so USR1 arrives within 30 s and
     # at least one check before the limit. (Set only once training runs: a slow start-up would otherwise be
@@ -73,10 +95,14 @@ def test_time_limit_signal_saves_requeues_and_resumes_to_the_same_losses(cluster
     cluster.run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={(elapsed + 90) // 60}")
     cluster.wait(job_id, lambda info: int(info.get("Restarts", 0)) >= 1, timeout=120, log=log)
     requeued = time.monotonic()
-    cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=10")  # the next allocation runs to the end
+    cluster.run(
+        "scontrol", "update", f"JobId={job_id}", "TimeLimit=10"
+    )  # the next allocation runs to the end
     info = cluster.wait(job_id, finished, timeout=300, log=log)
-    print(f"\nrequeued job: signalled and requeued after {requeued - start:.0f} s, done after "
-          f"{time.monotonic() - start:.0f} s")
+    print(
+        f"\nrequeued job: signalled and requeued after {requeued - start:.0f} s, done after "
+        f"{time.monotonic() - start:.0f} s"
+    )
     text = log.read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-3000:]
     stopped_at = int(re.search(r"stop signal received: saving at step (\d+)", text).group(1))
@@ -94,10 +120,21 @@ def test_time_limit_signal_saves_requeues_and_resumes_to_the_same_losses(cluster
 def test_torchrun_variant_passes_the_trainers_exit_code_and_explains_it(cluster, tmp_path):
     """A diverging run stops with exit 4; through the per-node launcher the job fails with 4 and says why."""
     start = time.monotonic()
-    job_id, log = submit(cluster, tmp_path, "--launcher", "torchrun", "--time", "00:10:00", "schedule.train_iters=30",
-                                 "optimizer.lr=50", "optimizer.min_lr=0", "optimizer.clip_grad=0",
-                                 "resilience.on_bad_loss=stop", "resilience.spike_factor=1.5",
-                                 "resilience.spike_warmup_steps=1")
+    job_id, log = submit(
+        cluster,
+        tmp_path,
+        "--launcher",
+        "torchrun",
+        "--time",
+        "00:10:00",
+        "schedule.train_iters=30",
+        "optimizer.lr=50",
+        "optimizer.min_lr=0",
+        "optimizer.clip_grad=0",
+        "resilience.on_bad_loss=stop",
+        "resilience.spike_factor=1.5",
+        "resilience.spike_warmup_steps=1",
+    )
     info = cluster.wait(job_id, finished, timeout=240, log=log)
     print(f"\ntorchrun-variant job: {time.monotonic() - start:.0f} s")
     text = log.read_text()

@@ -29,8 +29,18 @@ def directives(script: str) -> dict[str, str]:
 
 
 def test_dry_run_of_the_172b_recipe_on_64_nodes(capsys, tmp_path):
-    code, out, err = dry_run(capsys, "configs/pretrain/llmjp3-172b.yaml", "--nodes", "64", "--profile", "h100-ib",
-                             "--time", "48:00:00", f"runtime.run_dir={tmp_path}/run", "schedule.train_iters=300000")
+    code, out, err = dry_run(
+        capsys,
+        "configs/pretrain/llmjp3-172b.yaml",
+        "--nodes",
+        "64",
+        "--profile",
+        "h100-ib",
+        "--time",
+        "48:00:00",
+        f"runtime.run_dir={tmp_path}/run",
+        "schedule.train_iters=300000",
+    )
     assert code == 0, err
     sbatch = directives(out)
     assert sbatch["nodes"] == "64" and sbatch["ntasks-per-node"] == "8" and sbatch["gpus-per-node"] == "8"
@@ -40,11 +50,18 @@ def test_dry_run_of_the_172b_recipe_on_64_nodes(capsys, tmp_path):
     assert sbatch["partition"] == "gpu" and sbatch["account"] == "your-account"  # from the profile's SBATCH_*
     # The cluster environment is inlined, exported (set -a) before the body runs.
     environment = out.split("set -a\n", 1)[1].split("set +a\n", 1)[0]
-    for line in ("CUDA_DEVICE_MAX_CONNECTIONS=1", "NCCL_IB_HCA=mlx5_0:1,", "UCX_NET_DEVICES=", "NCCL_SOCKET_IFNAME="):
+    for line in (
+        "CUDA_DEVICE_MAX_CONNECTIONS=1",
+        "NCCL_IB_HCA=mlx5_0:1,",
+        "UCX_NET_DEVICES=",
+        "NCCL_SOCKET_IFNAME=",
+    ):
         assert re.search(rf"^{re.escape(line)}", environment, flags=re.M), line
     # The command: the absolute recipe and the overrides, then doctor and the trainer under srun.
-    assert f"set -- {REPO}/configs/pretrain/llmjp3-172b.yaml {'runtime.run_dir=' + str(tmp_path)}/run " \
-           "schedule.train_iters=300000" in out
+    assert (
+        f"set -- {REPO}/configs/pretrain/llmjp3-172b.yaml {'runtime.run_dir=' + str(tmp_path)}/run "
+        "schedule.train_iters=300000" in out
+    )
     assert re.search(r'^"\$\{launch\[@\]\}" kumihimo train "\$config"', out, flags=re.M)
     assert "launch=(srun " in out and "kumihimo doctor --config" in out and "scontrol requeue" in out
     assert f"would run: sbatch {tmp_path}/run/submit.sbatch" in out
@@ -61,9 +78,21 @@ def test_world_size_that_does_not_fit_the_layout_is_refused(capsys):
 
 
 def test_cpu_profile_asks_for_tasks_not_gpus(capsys, tmp_path):
-    code, out, err = dry_run(capsys, "configs/pretrain/tiny-cpu.yaml", "--nodes", "1", "--gpus-per-node", "2",
-                             "--profile", "local-cpu", "--time", "00:10:00", f"runtime.run_dir={tmp_path}",
-                             "parallelism.tensor_model_parallel_size=2", "--sbatch=--qos=debug")
+    code, out, err = dry_run(
+        capsys,
+        "configs/pretrain/tiny-cpu.yaml",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "2",
+        "--profile",
+        "local-cpu",
+        "--time",
+        "00:10:00",
+        f"runtime.run_dir={tmp_path}",
+        "parallelism.tensor_model_parallel_size=2",
+        "--sbatch=--qos=debug",
+    )
     assert code == 0, err
     sbatch = directives(out)
     assert "gpus-per-node" not in sbatch
@@ -72,13 +101,21 @@ def test_cpu_profile_asks_for_tasks_not_gpus(capsys, tmp_path):
     assert "KUMIHIMO_TRAIN_OVERRIDES=runtime.device=cpu" in out
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--time", "00:05:00", "--signal-before", "600"], "--signal-before=600 s is not within (0, --time=00:05:00"),
-    (["--time", "five minutes"], "is not a Slurm time limit"),
-    (["--profile", "no-such-cluster"], "known: h100-ib, local-cpu"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--time", "00:05:00", "--signal-before", "600"],
+            "--signal-before=600 s is not within (0, --time=00:05:00",
+        ),
+        (["--time", "five minutes"], "is not a Slurm time limit"),
+        (["--profile", "no-such-cluster"], "known: h100-ib, local-cpu"),
+    ],
+)
 def test_bad_submit_options_are_one_line_errors(capsys, args, message):
-    code, _, err = dry_run(capsys, "configs/pretrain/tiny-cpu.yaml", "--nodes", "1", "--gpus-per-node", "1", *args)
+    code, _, err = dry_run(
+        capsys, "configs/pretrain/tiny-cpu.yaml", "--nodes", "1", "--gpus-per-node", "1", *args
+    )
     assert code == 2 and message in err and err.count("\n") == 1
 
 

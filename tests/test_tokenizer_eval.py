@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from kumihimo.errors import UserError
-from tokenizer import synthetic
-from tokenizer.cli import register
-from tokenizer.evaluate import PIECE_CLASSES, classify_piece, evaluate, format_table, parse_text_spec
-from tokenizer.spm import Tokenizer
+from kumihimo.core.errors import UserError
+from kumihimo.tokenizer import synthetic
+from kumihimo.tokenizer.cli import register
+from kumihimo.tokenizer.evaluate import PIECE_CLASSES, classify_piece, evaluate, format_table, parse_text_spec
+from kumihimo.tokenizer.spm import Tokenizer
 
 RARE = "ꙮ"  # U+A66E, 3 UTF-8 bytes, never in the training text
 
@@ -21,15 +21,32 @@ RARE = "ꙮ"  # U+A66E, 3 UTF-8 bytes, never in the training text
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval-models")
-    lines = [line for lang in ("ja", "en") for doc in synthetic.documents(lang, 400) for line in doc.split("\n")
-             if line]
-    common = {"vocab_size": 600, "model_type": "unigram", "normalization_rule_name": "identity",
-              "add_dummy_prefix": False, "remove_extra_whitespaces": False, "minloglevel": 2,
-              "required_chars": "\n", "control_symbols": ["<mask>"], "pad_id": 3}
+    lines = [
+        line
+        for lang in ("ja", "en")
+        for doc in synthetic.documents(lang, 400)
+        for line in doc.split("\n")
+        if line
+    ]
+    common = {
+        "vocab_size": 600,
+        "model_type": "unigram",
+        "normalization_rule_name": "identity",
+        "add_dummy_prefix": False,
+        "remove_extra_whitespaces": False,
+        "minloglevel": 2,
+        "required_chars": "\n",
+        "control_symbols": ["<mask>"],
+        "pad_id": 3,
+    }
     paths = {}
     for name, byte_fallback in (("bytes", True), ("unk", False)):
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(root / name),
-                                       byte_fallback=byte_fallback, **common)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_prefix=str(root / name),
+            byte_fallback=byte_fallback,
+            **common,
+        )
         paths[name] = root / f"{name}.model"
     return paths
 
@@ -80,12 +97,28 @@ def test_vocab_composition_adds_up(models):
     assert composition["japanese"] > 0 and composition["latin"] > 0
 
 
-@pytest.mark.parametrize(("piece", "expected"), [
-    ("▁▁▁▁", "whitespace"), ("\n", "whitespace"), ("日本", "japanese"), ("▁東京", "japanese"),
-    ("ですか", "japanese"), ("カタカナ", "japanese"), ("。", "japanese"), ("𠮷", "japanese"),
-    ("▁the", "latin"), ("ing", "latin"), ("7", "digit"), ("):", "code"), ("▁=", "code"),
-    ("_name", "code"), ("😀", "other"), ("é", "other"), ("한국", "other"),
-])
+@pytest.mark.parametrize(
+    ("piece", "expected"),
+    [
+        ("▁▁▁▁", "whitespace"),
+        ("\n", "whitespace"),
+        ("日本", "japanese"),
+        ("▁東京", "japanese"),
+        ("ですか", "japanese"),
+        ("カタカナ", "japanese"),
+        ("。", "japanese"),
+        ("𠮷", "japanese"),
+        ("▁the", "latin"),
+        ("ing", "latin"),
+        ("7", "digit"),
+        ("):", "code"),
+        ("▁=", "code"),
+        ("_name", "code"),
+        ("😀", "other"),
+        ("é", "other"),
+        ("한국", "other"),
+    ],
+)
 def test_classify_piece(piece, expected):
     assert classify_piece(piece) == expected
 
@@ -112,8 +145,19 @@ def test_cli_prints_table_and_writes_json(models, rare_text, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     register(parser)
     out = tmp_path / "report.json"
-    args = parser.parse_args(["eval", "--tokenizer", str(models["bytes"]), "--tokenizer", str(models["unk"]),
-                              "--text", f"{rare_text}:rare", "--json", str(out)])
+    args = parser.parse_args(
+        [
+            "eval",
+            "--tokenizer",
+            str(models["bytes"]),
+            "--tokenizer",
+            str(models["unk"]),
+            "--text",
+            f"{rare_text}:rare",
+            "--json",
+            str(out),
+        ]
+    )
     assert args.handler(args) == 0
     table = capsys.readouterr().out
     assert "rare: chars/token" in table and "bytes.model" in table and "unk.model" in table

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from kumihimo import configtree
-from kumihimo.errors import UserError
-from tokenizer import synthetic
-from tokenizer.cli import register
-from tokenizer.config import TokenizerTrainConfig
-from tokenizer.export_hf import export_hf
-from tokenizer.train import train_tokenizer
+from kumihimo.core import configtree
+from kumihimo.core.errors import UserError
+from kumihimo.tokenizer import synthetic
+from kumihimo.tokenizer.cli import register
+from kumihimo.tokenizer.config import TokenizerTrainConfig
+from kumihimo.tokenizer.export_hf import export_hf
+from kumihimo.tokenizer.train import train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,8 +40,11 @@ PARITY_TEXTS = [
     "\n",
 ]
 WHITESPACE_RUNS = [f"x{' ' * n}y\n{' ' * n}z{chr(9) * (n % 4)}" for n in range(1, 40)]
-TEXTS = PARITY_TEXTS + WHITESPACE_RUNS + [
-    doc for lang in ("ja", "en", "code") for doc in synthetic.documents(lang, 60, seed=7)]
+TEXTS = (
+    PARITY_TEXTS
+    + WHITESPACE_RUNS
+    + [doc for lang in ("ja", "en", "code") for doc in synthetic.documents(lang, 60, seed=7)]
+)
 # SentencePiece sums scores in float32, so when two splits of a run of spaces score exactly the same
 # (5+1 spaces vs 1+5), rounding noise picks one; HF sums in float64 and may pick the other. Models
 # trained by kumihimo avoid this (scores on a 1/16 grid, no user-defined newline) and must match
@@ -51,16 +54,31 @@ TIES_ALLOWED = {"llama-style", "no-pad-nfkc"}
 
 @pytest.fixture(scope="module")
 def sentences() -> list[str]:
-    return [line for lang in ("ja", "en", "code") for doc in synthetic.documents(lang, 700)
-            for line in doc.split("\n") if line]
+    return [
+        line
+        for lang in ("ja", "en", "code")
+        for doc in synthetic.documents(lang, 700)
+        for line in doc.split("\n")
+        if line
+    ]
 
 
 def train_model(sentences: list[str], prefix: Path, **options) -> Path:
-    settings = {"vocab_size": 900, "model_type": "unigram", "byte_fallback": True, "split_digits": True,
-                "normalization_rule_name": "identity", "remove_extra_whitespaces": False,
-                "add_dummy_prefix": False, "allow_whitespace_only_pieces": True, "pad_id": 3,
-                "control_symbols": ["<mask>", "<eod>"], "user_defined_symbols": ["\n", "言語モデル"],
-                "minloglevel": 2, "num_threads": 2}
+    settings = {
+        "vocab_size": 900,
+        "model_type": "unigram",
+        "byte_fallback": True,
+        "split_digits": True,
+        "normalization_rule_name": "identity",
+        "remove_extra_whitespaces": False,
+        "add_dummy_prefix": False,
+        "allow_whitespace_only_pieces": True,
+        "pad_id": 3,
+        "control_symbols": ["<mask>", "<eod>"],
+        "user_defined_symbols": ["\n", "言語モデル"],
+        "minloglevel": 2,
+        "num_threads": 2,
+    }
     settings.update(options)
     spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_prefix=str(prefix), **settings)
     return prefix.with_suffix(".model")
@@ -70,10 +88,18 @@ def train_with_kumihimo(root: Path, model_type: str) -> Path:
     """Our recipe (llm-jp-tokenizer v3 style) on the synthetic corpus."""
     for lang in ("ja", "en", "code"):
         synthetic.write_jsonl(root / f"{lang}.jsonl", lang, 700 if lang != "code" else 200)
-    config = configtree.from_dict(TokenizerTrainConfig, {
-        "sources": {lang: {"paths": [str(root / f"{lang}.jsonl")]} for lang in ("ja", "en", "code")},
-        "output_dir": str(root / "tok"), "vocab_size": 900, "model_type": model_type, "num_threads": 2,
-        "required_pieces": ["鰻"], "on_short_source": "keep"})
+    config = configtree.from_dict(
+        TokenizerTrainConfig,
+        {
+            "sources": {lang: {"paths": [str(root / f"{lang}.jsonl")]} for lang in ("ja", "en", "code")},
+            "output_dir": str(root / "tok"),
+            "vocab_size": 900,
+            "model_type": model_type,
+            "num_threads": 2,
+            "required_pieces": ["鰻"],
+            "on_short_source": "keep",
+        },
+    )
     configtree.validate_tree(config)
     return train_tokenizer(config)
 
@@ -88,8 +114,14 @@ def model_and_hf(request, sentences, tmp_path_factory) -> tuple[Path, Path]:
         # Llama 2 style: dummy prefix, no user-defined pieces.
         "llama-style": {"add_dummy_prefix": True, "user_defined_symbols": [], "control_symbols": []},
         # No <pad>, NFKC normalization with whitespace cleanup (T5 style).
-        "no-pad-nfkc": {"pad_id": -1, "normalization_rule_name": "nmt_nfkc", "remove_extra_whitespaces": True,
-                        "add_dummy_prefix": True, "user_defined_symbols": [], "control_symbols": []},
+        "no-pad-nfkc": {
+            "pad_id": -1,
+            "normalization_rule_name": "nmt_nfkc",
+            "remove_extra_whitespaces": True,
+            "add_dummy_prefix": True,
+            "user_defined_symbols": [],
+            "control_symbols": [],
+        },
     }[request.param]
     model = train_model(sentences, root / "sp", **options)
     return model, export_hf(model, root / "hf")
@@ -123,7 +155,11 @@ def test_ids_identical_to_sentencepiece(model_and_hf, monkeypatch):
 def test_directory_contents_and_special_tokens(model_and_hf, monkeypatch):
     model, hf_dir = model_and_hf
     assert {p.name for p in hf_dir.iterdir()} == {
-        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"}
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+    }
     assert (hf_dir / "tokenizer.model").read_bytes() == model.read_bytes()
     sp = spm.SentencePieceProcessor(model_file=str(model))
     hf = load_hf(hf_dir, monkeypatch)
@@ -131,7 +167,8 @@ def test_directory_contents_and_special_tokens(model_and_hf, monkeypatch):
     assert (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id) == (sp.bos_id(), sp.eos_id(), sp.unk_id())
     assert hf.pad_token_id == (sp.pad_id() if sp.pad_id() >= 0 else None)
     assert hf.convert_ids_to_tokens(list(range(sp.GetPieceSize()))) == [
-        sp.IdToPiece(i) for i in range(sp.GetPieceSize())]
+        sp.IdToPiece(i) for i in range(sp.GetPieceSize())
+    ]
 
 
 def test_llmjp_text_round_trips_exactly(model_and_hf, monkeypatch, request):

@@ -10,13 +10,13 @@ import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
-from kumihimo import configtree
-from kumihimo.errors import UserError
-from tokenizer import synthetic
-from tokenizer.config import TokenizerTrainConfig
-from tokenizer.export_hf import export_hf
-from tokenizer.merge import merge_models
-from tokenizer.train import train_tokenizer
+from kumihimo.core import configtree
+from kumihimo.core.errors import UserError
+from kumihimo.tokenizer import synthetic
+from kumihimo.tokenizer.config import TokenizerTrainConfig
+from kumihimo.tokenizer.export_hf import export_hf
+from kumihimo.tokenizer.merge import merge_models
+from kumihimo.tokenizer.train import train_tokenizer
 
 
 def read_texts(path: Path) -> list[str]:
@@ -26,9 +26,16 @@ def read_texts(path: Path) -> list[str]:
 
 
 def train_one(path: Path, output: Path, vocab_size: int) -> Path:
-    config = configtree.from_dict(TokenizerTrainConfig, {
-        "sources": {"only": {"paths": [str(path)], "ratio": 1.0}}, "output_dir": str(output),
-        "vocab_size": vocab_size, "input_sentence_size": 3000, "num_threads": 2})
+    config = configtree.from_dict(
+        TokenizerTrainConfig,
+        {
+            "sources": {"only": {"paths": [str(path)], "ratio": 1.0}},
+            "output_dir": str(output),
+            "vocab_size": vocab_size,
+            "input_sentence_size": 3000,
+            "num_threads": 2,
+        },
+    )
     configtree.validate_tree(config)
     return train_tokenizer(config)
 
@@ -38,8 +45,13 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
     ja = synthetic.write_jsonl(root / "ja.jsonl.gz", "ja", 1200)
     en = synthetic.write_jsonl(root / "en.jsonl.gz", "en", 1200, seed=1)
-    return {"ja_text": ja, "en_text": en, "ja": train_one(ja, root / "ja", 512), "en": train_one(en, root / "en", 512),
-            "root": root}
+    return {
+        "ja_text": ja,
+        "en_text": en,
+        "ja": train_one(ja, root / "ja", 512),
+        "en": train_one(en, root / "en", 512),
+        "root": root,
+    }
 
 
 def chars_per_token(model: Path, texts: list[str]) -> float:
@@ -49,7 +61,9 @@ def chars_per_token(model: Path, texts: list[str]) -> float:
 
 def test_merged_model_keeps_ids_and_serves_both_languages(models):
     ja_texts, en_texts = read_texts(models["ja_text"]), read_texts(models["en_text"])
-    merged = merge_models([models["en"], models["ja"]], ja_texts[:600] + en_texts[:600], models["root"] / "merged")
+    merged = merge_models(
+        [models["en"], models["ja"]], ja_texts[:600] + en_texts[:600], models["root"] / "merged"
+    )
     base = spm.SentencePieceProcessor(model_file=str(models["en"]))
     other = spm.SentencePieceProcessor(model_file=str(models["ja"]))
     sp = spm.SentencePieceProcessor(model_file=str(merged))

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kumihimo import configtree
-from kumihimo.configtree import ConfigError
-from kumihimo.errors import UserError
-from tokenizer import synthetic
-from tokenizer.cli import register
-from tokenizer.config import TokenizerTrainConfig
-from tokenizer.spm import Tokenizer
-from tokenizer.train import (
+from kumihimo.core import configtree
+from kumihimo.core.configtree import ConfigError
+from kumihimo.core.errors import UserError
+from kumihimo.tokenizer import synthetic
+from kumihimo.tokenizer.cli import register
+from kumihimo.tokenizer.config import TokenizerTrainConfig
+from kumihimo.tokenizer.spm import Tokenizer
+from kumihimo.tokenizer.train import (
     CONFIG_FILENAME,
     STATS_FILENAME,
     count_candidate_pieces,
@@ -40,11 +40,17 @@ def corpus(tmp_path_factory) -> Path:
 
 def recipe(corpus: Path, output_dir: Path, **overrides) -> dict:
     data = {
-        "sources": {"ja": {"paths": [str(corpus / "ja.*")], "ratio": 0.5},
-                    "en": {"paths": [str(corpus / "en.*")], "ratio": 0.3},
-                    "code": {"paths": [str(corpus / "code.*")], "ratio": 0.2}},
-        "output_dir": str(output_dir), "vocab_size": 1000, "input_sentence_size": 3000,
-        "required_pieces": ["鰻", "言語モデル"], "special_tokens": {"num_reserved": 2}, "num_threads": 2,
+        "sources": {
+            "ja": {"paths": [str(corpus / "ja.*")], "ratio": 0.5},
+            "en": {"paths": [str(corpus / "en.*")], "ratio": 0.3},
+            "code": {"paths": [str(corpus / "code.*")], "ratio": 0.2},
+        },
+        "output_dir": str(output_dir),
+        "vocab_size": 1000,
+        "input_sentence_size": 3000,
+        "required_pieces": ["鰻", "言語モデル"],
+        "special_tokens": {"num_reserved": 2},
+        "num_threads": 2,
     }
     return configtree.deep_merge(data, overrides)
 
@@ -87,25 +93,31 @@ def test_llmjp3_recipe_matches_reference():
 
 
 def test_quickstart_can_override_source_paths(tmp_path):
-    config = configtree.load(TokenizerTrainConfig, CONFIG_DIR / "tiny.yaml",
-                             [f"sources.ja.paths=[{tmp_path}/a.jsonl]", f"output_dir={tmp_path}/out"])
+    config = configtree.load(
+        TokenizerTrainConfig,
+        CONFIG_DIR / "tiny.yaml",
+        [f"sources.ja.paths=[{tmp_path}/a.jsonl]", f"output_dir={tmp_path}/out"],
+    )
     assert config.sources["ja"].paths == [f"{tmp_path}/a.jsonl"]
     assert config.output_dir == f"{tmp_path}/out"
 
 
-@pytest.mark.parametrize(("override", "expected"), [
-    ({"special_tokens": {"unk": ""}}, "special_tokens.unk=''"),
-    ({"special_tokens": {"extra": ["<mask>", "<s>"]}}, "appears twice"),
-    ({"special_tokens": {"pad": "<mask>"}}, "appears twice"),
-    ({"sources": {"ja": {"ratio": 0}, "en": {"ratio": 0}, "code": {"ratio": 0}}}, "sum to 0"),
-    ({"sources": {"ja": {"ratio": -1}}}, "sources.ja.ratio=-1.0"),
-    ({"vocab_size": 200}, "leaves no room"),
-    ({"character_coverage": 1.5}, "character_coverage=1.5"),
-    ({"required_pieces": ["<s>"]}, "is also a special token"),
-    ({"required_pieces": ["a b"]}, "contains whitespace"),
-    ({"required_pieces_file": "/nonexistent/kanji.txt"}, "required_pieces_file"),
-    ({"vocab_sise": 10}, "did you mean 'vocab_size'"),
-])
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"special_tokens": {"unk": ""}}, "special_tokens.unk=''"),
+        ({"special_tokens": {"extra": ["<mask>", "<s>"]}}, "appears twice"),
+        ({"special_tokens": {"pad": "<mask>"}}, "appears twice"),
+        ({"sources": {"ja": {"ratio": 0}, "en": {"ratio": 0}, "code": {"ratio": 0}}}, "sum to 0"),
+        ({"sources": {"ja": {"ratio": -1}}}, "sources.ja.ratio=-1.0"),
+        ({"vocab_size": 200}, "leaves no room"),
+        ({"character_coverage": 1.5}, "character_coverage=1.5"),
+        ({"required_pieces": ["<s>"]}, "is also a special token"),
+        ({"required_pieces": ["a b"]}, "contains whitespace"),
+        ({"required_pieces_file": "/nonexistent/kanji.txt"}, "required_pieces_file"),
+        ({"vocab_sise": 10}, "did you mean 'vocab_size'"),
+    ],
+)
 def test_bad_recipes_are_refused_with_the_key(tmp_path, override, expected):
     data = recipe(tmp_path, tmp_path / "out", **override)
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")) as info:
@@ -123,7 +135,9 @@ def test_vocab_is_padded_to_multiple(tmp_path):
 def test_required_pieces_file_splits_chars_and_symbols(tmp_path):
     pieces = tmp_path / "kanji.txt"
     pieces.write_text("鰻\n鰯\r\n\n言語モデル\n鰻\n", encoding="utf-8")
-    config = make_config(recipe(tmp_path, tmp_path / "o", required_pieces=[], required_pieces_file=str(pieces)))
+    config = make_config(
+        recipe(tmp_path, tmp_path / "o", required_pieces=[], required_pieces_file=str(pieces))
+    )
     assert config.required_chars() == "\u2581\n鰻鰯"  # whitespace symbol and newline always
     assert config.user_defined_pieces() == ["言語モデル"]
 
@@ -165,8 +179,15 @@ def test_short_source_scales_down_others_or_keeps_all(corpus, tmp_path):
 
 
 def test_unshuffled_sampling_takes_the_first_lines(corpus, tmp_path):
-    config = make_config(recipe(corpus, tmp_path / "o", shuffle_input_sentence=False, input_sentence_size=10,
-                                sources={"ja": {"ratio": 0}, "code": {"ratio": 0}}))
+    config = make_config(
+        recipe(
+            corpus,
+            tmp_path / "o",
+            shuffle_input_sentence=False,
+            input_sentence_size=10,
+            sources={"ja": {"ratio": 0}, "code": {"ratio": 0}},
+        )
+    )
     (sample,) = sample_corpus(config, match_files(config))
     first_doc = next(synthetic.documents("en", 1))
     assert sample.sentences[0] == first_doc.split("\n")[0] + "\n"[: "\n" in first_doc]
@@ -175,10 +196,23 @@ def test_unshuffled_sampling_takes_the_first_lines(corpus, tmp_path):
 
 def test_lang_filter_selects_documents_of_a_mixed_file(tmp_path):
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text("\n".join(json.dumps({"text": t, "lang": lang}, ensure_ascii=False)
-                               for t, lang in [("日本語です", "ja"), ("English", "en")] * 3), encoding="utf-8")
-    config = make_config({"output_dir": str(tmp_path / "o"), "vocab_size": 2000, "sources": {
-        "ja": {"paths": [str(mixed)], "lang": "ja"}, "en": {"paths": [str(mixed)], "lang": "en"}}})
+    mixed.write_text(
+        "\n".join(
+            json.dumps({"text": t, "lang": lang}, ensure_ascii=False)
+            for t, lang in [("日本語です", "ja"), ("English", "en")] * 3
+        ),
+        encoding="utf-8",
+    )
+    config = make_config(
+        {
+            "output_dir": str(tmp_path / "o"),
+            "vocab_size": 2000,
+            "sources": {
+                "ja": {"paths": [str(mixed)], "lang": "ja"},
+                "en": {"paths": [str(mixed)], "lang": "en"},
+            },
+        }
+    )
     samples = {s.name: {x.strip() for x in s.sentences} for s in sample_corpus(config, match_files(config))}
     assert samples == {"ja": {"日本語です"}, "en": {"English"}}
 
@@ -214,7 +248,15 @@ def test_special_ids_follow_llmjp_convention(trained):
     assert (tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (0, 1, 2, 3)
     assert tokenizer.eod_id == tokenizer.eos_id == 2
     assert [tokenizer.piece(i) for i in range(8)] == [
-        "<unk>", "<s>", "</s>", "<pad>", "<mask>", "<eod>", "<reserved_0>", "<reserved_1>"]
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<pad>",
+        "<mask>",
+        "<eod>",
+        "<reserved_0>",
+        "<reserved_1>",
+    ]
     assert tokenizer.sp.PieceToId("<eod>") == 5
 
 
@@ -222,8 +264,14 @@ def test_text_round_trips_with_newlines_indentation_and_rare_characters(trained)
     tokenizer = Tokenizer.load(trained)
     newline_id = tokenizer.sp.PieceToId("\n")
     assert newline_id != tokenizer.unk_id and tokenizer.sp.EncodeAsPieces("x\ny") == ["x", "\n", "y"]
-    texts = ["def f(x):\n    if x:\n\t\treturn  x\n\n", "  先頭の空白と　全角空白\n\n\n", "𠮷野家で𩸽 葛󠄀城 👨‍👩‍👧",
-             "<s>literal</s>", "a" * 50 + " " * 17 + "end", ""]
+    texts = [
+        "def f(x):\n    if x:\n\t\treturn  x\n\n",
+        "  先頭の空白と　全角空白\n\n\n",
+        "𠮷野家で𩸽 葛󠄀城 👨‍👩‍👧",
+        "<s>literal</s>",
+        "a" * 50 + " " * 17 + "end",
+        "",
+    ]
     for text in texts:
         ids = tokenizer.encode(text)
         assert tokenizer.decode(ids) == text
@@ -237,7 +285,7 @@ def test_vocabulary_respects_the_recipe(trained):
     normal = [p for i, p in enumerate(pieces) if not (sp.IsControl(i) or sp.IsByte(i) or sp.IsUnknown(i))]
     assert sum(sp.IsByte(i) for i in range(len(pieces))) == 256
     assert "鰻" in pieces  # required although absent from the corpus
-    assert sp.EncodeAsPieces("言語モデルの研究") [0] == "言語モデル"
+    assert sp.EncodeAsPieces("言語モデルの研究")[0] == "言語モデル"
     assert not any(sum(c.isdigit() for c in p) > 1 for p in normal)  # split_digits
     assert max(len(p) for p in normal) <= 16
     assert any(len(p) > 1 and set(p) == {"▁"} for p in normal)  # whitespace-only pieces (indentation)
@@ -257,7 +305,9 @@ def test_no_matching_files(tmp_path):
 
 def test_empty_corpus(tmp_path):
     for name in ("ja", "en", "code"):
-        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"text": "", "lang": name}) + "\n", encoding="utf-8")
+        (tmp_path / f"{name}.jsonl").write_text(
+            json.dumps({"text": "", "lang": name}) + "\n", encoding="utf-8"
+        )
     with pytest.raises(UserError, match="source 'ja' yielded no text from 1 file"):
         train_tokenizer(make_config(recipe(tmp_path, tmp_path / "o")))
     assert not (tmp_path / "o").exists()
@@ -272,17 +322,21 @@ def test_malformed_json_names_file_and_line(tmp_path):
 
 def test_vocab_too_large_is_caught_before_training(tmp_path):
     for name in ("ja", "en", "code"):
-        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"text": "同じ文です。 same line"}) + "\n" * 2,
-                                                encoding="utf-8")
+        (tmp_path / f"{name}.jsonl").write_text(
+            json.dumps({"text": "同じ文です。 same line"}) + "\n" * 2, encoding="utf-8"
+        )
     with pytest.raises(ConfigError, match=r"vocab_size=1000 is more than the sampled corpus can support"):
         train_tokenizer(make_config(recipe(tmp_path, tmp_path / "o")))
 
 
 def test_sentencepiece_vocab_error_is_rephrased(tmp_path):
     synthetic.write_jsonl(tmp_path / "en.jsonl", "en", 150)
-    data = recipe(tmp_path, tmp_path / "o", vocab_size=2000,
-                  sources={"ja": {"ratio": 0}, "code": {"ratio": 0}})
-    with pytest.raises(ConfigError, match=r"vocab_size=2000 is more than SentencePiece can learn.*set vocab_size <= \d"):
+    data = recipe(
+        tmp_path, tmp_path / "o", vocab_size=2000, sources={"ja": {"ratio": 0}, "code": {"ratio": 0}}
+    )
+    with pytest.raises(
+        ConfigError, match=r"vocab_size=2000 is more than SentencePiece can learn.*set vocab_size <= \d"
+    ):
         train_tokenizer(make_config(data))
     assert [p.name for p in tmp_path.iterdir()] == ["en.jsonl"]  # nothing left behind
 
@@ -312,10 +366,19 @@ def make_parser() -> argparse.ArgumentParser:
 
 def test_cli_train_with_overrides(corpus, tmp_path, capsys):
     config_path = tmp_path / "recipe.yaml"
-    config_path.write_text(yaml.safe_dump(recipe(corpus, tmp_path / "unused", vocab_size=640),
-                                          allow_unicode=True), encoding="utf-8")
-    args = make_parser().parse_args(["train", str(config_path), f"output_dir={tmp_path / 'cli'}",
-                                     "sources.code.ratio=0", "model_type=bpe"])
+    config_path.write_text(
+        yaml.safe_dump(recipe(corpus, tmp_path / "unused", vocab_size=640), allow_unicode=True),
+        encoding="utf-8",
+    )
+    args = make_parser().parse_args(
+        [
+            "train",
+            str(config_path),
+            f"output_dir={tmp_path / 'cli'}",
+            "sources.code.ratio=0",
+            "model_type=bpe",
+        ]
+    )
     assert args.handler(args) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "cli" / "tokenizer.model")
     tokenizer = Tokenizer.load(tmp_path / "cli")
@@ -325,8 +388,15 @@ def test_cli_train_with_overrides(corpus, tmp_path, capsys):
 
 
 def test_cli_print_config_does_not_train(tmp_path, capsys):
-    args = make_parser().parse_args(["train", str(CONFIG_DIR / "tiny.yaml"),
-                                     f"output_dir={tmp_path / 'x'}", "vocab_size=3000", "--print-config"])
+    args = make_parser().parse_args(
+        [
+            "train",
+            str(CONFIG_DIR / "tiny.yaml"),
+            f"output_dir={tmp_path / 'x'}",
+            "vocab_size=3000",
+            "--print-config",
+        ]
+    )
     assert args.handler(args) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["vocab_size"] == 3000 and not (tmp_path / "x").exists()

@@ -1,5 +1,5 @@
 """Tokenizer stage: train, evaluate and export SentencePiece tokenizers for Japanese/English/code."""
 
-from tokenizer.spm import Tokenizer
+from kumihimo.tokenizer.spm import Tokenizer
 
 __all__ = ["Tokenizer"]

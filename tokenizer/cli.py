@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from kumihimo import configtree
-from kumihimo.progress import say
-from tokenizer.config import SourceConfig, TokenizerTrainConfig
+from kumihimo.core import configtree
+from kumihimo.core.progress import say
+from kumihimo.tokenizer.config import SourceConfig, TokenizerTrainConfig
 
 TRAIN_EXAMPLES = """examples:
   kumihimo tokenizer train configs/tokenizer/tiny.yaml
@@ -35,36 +35,52 @@ def register(parser: argparse.ArgumentParser) -> None:
     formatter = argparse.RawDescriptionHelpFormatter
 
     train = commands.add_parser(
-        "train", help="train a SentencePiece tokenizer from a recipe", formatter_class=formatter,
+        "train",
+        help="train a SentencePiece tokenizer from a recipe",
+        formatter_class=formatter,
         description="Sample sentences from the curated JSONL corpus by per-source ratios and train a "
-                    "SentencePiece tokenizer (llm-jp-tokenizer v3 style by default).",
-        epilog=TRAIN_EXAMPLES + _settings_help())
+        "SentencePiece tokenizer (llm-jp-tokenizer v3 style by default).",
+        epilog=TRAIN_EXAMPLES + _settings_help(),
+    )
     train.add_argument("config", help="tokenizer recipe (YAML), e.g. configs/tokenizer/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. vocab_size=8000")
     train.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     train.set_defaults(handler=run_train)
 
     evaluate = commands.add_parser(
-        "eval", help="compare tokenizers on texts", formatter_class=formatter,
+        "eval",
+        help="compare tokenizers on texts",
+        formatter_class=formatter,
         description="Characters per token, byte-fallback and unknown rates per language, and the "
-                    "vocabulary composition, side by side for one or more tokenizers.",
-        epilog=EVAL_EXAMPLES)
-    evaluate.add_argument("--tokenizer", action="append", required=True, metavar="MODEL",
-                          help="SentencePiece .model (or a directory with tokenizer.model); repeatable")
-    evaluate.add_argument("--text", action="append", required=True, metavar="FILE[:LANG]",
-                          help="text to measure on; repeatable")
+        "vocabulary composition, side by side for one or more tokenizers.",
+        epilog=EVAL_EXAMPLES,
+    )
+    evaluate.add_argument(
+        "--tokenizer",
+        action="append",
+        required=True,
+        metavar="MODEL",
+        help="SentencePiece .model (or a directory with tokenizer.model); repeatable",
+    )
+    evaluate.add_argument(
+        "--text", action="append", required=True, metavar="FILE[:LANG]", help="text to measure on; repeatable"
+    )
     evaluate.add_argument("--text-field", default="text", help="JSON key of the text in JSONL files")
-    evaluate.add_argument("--max-documents", type=int, default=None, metavar="N",
-                          help="read at most N documents per file")
+    evaluate.add_argument(
+        "--max-documents", type=int, default=None, metavar="N", help="read at most N documents per file"
+    )
     evaluate.add_argument("--num-threads", type=int, default=1, help="encoding threads")
     evaluate.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
     evaluate.set_defaults(handler=run_eval)
 
     export = commands.add_parser(
-        "export-hf", help="write a Hugging Face tokenizer directory", formatter_class=formatter,
+        "export-hf",
+        help="write a Hugging Face tokenizer directory",
+        formatter_class=formatter,
         description="Export a SentencePiece model as a Hugging Face fast tokenizer (tokenizer.json, "
-                    "tokenizer_config.json, special_tokens_map.json, tokenizer.model).",
-        epilog=EXPORT_EXAMPLES)
+        "tokenizer_config.json, special_tokens_map.json, tokenizer.model).",
+        epilog=EXPORT_EXAMPLES,
+    )
     export.add_argument("--tokenizer", required=True, metavar="MODEL", help="SentencePiece .model")
     export.add_argument("--output", required=True, metavar="DIR", help="output directory")
     export.set_defaults(handler=run_export)
@@ -72,16 +88,26 @@ def register(parser: argparse.ArgumentParser) -> None:
     merge = commands.add_parser(
         "merge",
         help="merge per-language Unigram vocabularies and re-estimate their scores",
-        description=("Unite the pieces of separately trained Unigram models (the first keeps its special and "
-                     "byte ids), re-estimate every score by hard EM on mixed text, optionally prune to a "
-                     "vocabulary size: how llm-jp-tokenizer v3 combined its per-language vocabularies."),
-        epilog=("example:\n  kumihimo tokenizer merge --base en/tokenizer.model --add ja/tokenizer.model \\\n"
-                "      --text curated/en.jsonl --text curated/ja.jsonl --vocab-size 99584 --output merged/"),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=(
+            "Unite the pieces of separately trained Unigram models (the first keeps its special and "
+            "byte ids), re-estimate every score by hard EM on mixed text, optionally prune to a "
+            "vocabulary size: how llm-jp-tokenizer v3 combined its per-language vocabularies."
+        ),
+        epilog=(
+            "example:\n  kumihimo tokenizer merge --base en/tokenizer.model --add ja/tokenizer.model \\\n"
+            "      --text curated/en.jsonl --text curated/ja.jsonl --vocab-size 99584 --output merged/"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     merge.add_argument("--base", required=True, metavar="MODEL", help="model whose special/byte ids are kept")
     merge.add_argument("--add", action="append", required=True, metavar="MODEL", help="model to merge in")
-    merge.add_argument("--text", action="append", required=True, metavar="FILE",
-                       help="JSONL(.gz) with a text field, for re-estimating scores (repeatable)")
+    merge.add_argument(
+        "--text",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="JSONL(.gz) with a text field, for re-estimating scores (repeatable)",
+    )
     merge.add_argument("--text-field", default="text", help="JSON key of the text")
     merge.add_argument("--max-documents", type=int, default=20000, help="documents read per --text file")
     merge.add_argument("--vocab-size", type=int, default=None, help="prune the union to this many pieces")
@@ -98,7 +124,7 @@ def _settings_help() -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from tokenizer.train import train_tokenizer  # sentencepiece training code only when training
+    from kumihimo.tokenizer.train import train_tokenizer  # sentencepiece training code only when training
 
     config = configtree.load(TokenizerTrainConfig, args.config, args.overrides)
     if args.print_config:
@@ -111,10 +137,15 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from tokenizer.evaluate import evaluate, format_table, write_report
+    from kumihimo.tokenizer.evaluate import evaluate, format_table, write_report
 
-    report = evaluate(args.tokenizer, args.text, text_field=args.text_field,
-                      max_documents=args.max_documents, num_threads=args.num_threads)
+    report = evaluate(
+        args.tokenizer,
+        args.text,
+        text_field=args.text_field,
+        max_documents=args.max_documents,
+        num_threads=args.num_threads,
+    )
     print(format_table(report))
     if args.json:
         write_report(report, args.json)
@@ -123,7 +154,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from tokenizer.export_hf import export_hf
+    from kumihimo.tokenizer.export_hf import export_hf
 
     output_dir = export_hf(args.tokenizer, args.output)
     print(output_dir)
@@ -134,12 +165,13 @@ def run_merge(args: argparse.Namespace) -> int:
     from itertools import islice
     from pathlib import Path
 
-    from tokenizer.merge import merge_models
-    from tokenizer.train import iter_documents
+    from kumihimo.tokenizer.merge import merge_models
+    from kumihimo.tokenizer.train import iter_documents
 
     texts = []
     for path in args.text:
         texts += islice(iter_documents(Path(path), args.text_field, None), args.max_documents)
-    merge_models([Path(args.base), *map(Path, args.add)], texts, Path(args.output), args.vocab_size,
-                 args.iterations)
+    merge_models(
+        [Path(args.base), *map(Path, args.add)], texts, Path(args.output), args.vocab_size, args.iterations
+    )
     return 0

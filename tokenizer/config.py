@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from kumihimo.configtree import bad_value
+from kumihimo.core.configtree import bad_value
 
 NUM_BYTE_PIECES = 256
 NEWLINE = "\n"
@@ -62,8 +62,12 @@ class SpecialTokensConfig:
         for name in ("unk", "bos", "eos"):
             value = getattr(self, name)
             if not value or not value.strip():
-                raise bad_value(f"special_tokens.{name}", value, "is empty",
-                                f"give the piece a name such as {getattr(SpecialTokensConfig, name)!r}")
+                raise bad_value(
+                    f"special_tokens.{name}",
+                    value,
+                    "is empty",
+                    f"give the piece a name such as {getattr(SpecialTokensConfig, name)!r}",
+                )
         if self.pad is not None and not self.pad.strip():
             raise bad_value("special_tokens.pad", self.pad, "is empty", "name it (e.g. '<pad>') or set null")
         if self.num_reserved < 0:
@@ -71,20 +75,32 @@ class SpecialTokensConfig:
         seen: set[str] = set()
         for piece in self.pieces():
             if piece in seen:
-                raise bad_value("special_tokens", piece, "appears twice among the special tokens",
-                                "give every special token a distinct name")
+                raise bad_value(
+                    "special_tokens",
+                    piece,
+                    "appears twice among the special tokens",
+                    "give every special token a distinct name",
+                )
             if not piece.strip() or any(c.isspace() for c in piece) or "," in piece:
-                raise bad_value("special_tokens", piece, "contains whitespace or a comma",
-                                "use names like <mask> (SentencePiece splits its flags on commas)")
+                raise bad_value(
+                    "special_tokens",
+                    piece,
+                    "contains whitespace or a comma",
+                    "use names like <mask> (SentencePiece splits its flags on commas)",
+                )
             if piece.startswith("<0x") and len(piece) == 6:
-                raise bad_value("special_tokens", piece, "collides with a byte-fallback piece name",
-                                "choose another name")
+                raise bad_value(
+                    "special_tokens", piece, "collides with a byte-fallback piece name", "choose another name"
+                )
             seen.add(piece)
 
 
 @dataclass(kw_only=True)
 class TokenizerTrainConfig:
     """Train a SentencePiece tokenizer on sampled sentences of the curated corpus."""
+
+    RECIPE_FOLDER: ClassVar[str] = "tokenizer"
+    """Shipped recipes for this tree live in configs/tokenizer/ (a recipe argument may name one)."""
 
     sources: dict[str, SourceConfig]
     """Input sources by name (e.g. ja, en, code); override with `sources.ja.paths=[...]`."""
@@ -164,8 +180,11 @@ class TokenizerTrainConfig:
         differently from Hugging Face's; see export_hf.)"""
         # The whitespace symbol too: a corpus without spaces (Japanese-only, say) would otherwise leave
         # it out, and a space would byte-fall-back to the bytes of U+2581 and decode as "▁", not " ".
-        chars = ([WHITESPACE] + ([NEWLINE] if self.newline_piece else [])
-                 + [p for p in self.all_required_pieces() if len(p) == 1])
+        chars = (
+            [WHITESPACE]
+            + ([NEWLINE] if self.newline_piece else [])
+            + [p for p in self.all_required_pieces() if len(p) == 1]
+        )
         return "".join(dict.fromkeys(chars))
 
     def all_required_pieces(self) -> list[str]:
@@ -178,23 +197,37 @@ class TokenizerTrainConfig:
 
     def num_fixed_pieces(self) -> int:
         """Pieces that exist whatever the data: specials, user-defined, required chars, bytes."""
-        return (len(self.special_tokens.pieces()) + len(self.user_defined_pieces())
-                + len(self.required_chars()) + (NUM_BYTE_PIECES if self.byte_fallback else 0))
+        return (
+            len(self.special_tokens.pieces())
+            + len(self.user_defined_pieces())
+            + len(self.required_chars())
+            + (NUM_BYTE_PIECES if self.byte_fallback else 0)
+        )
 
     def validate(self) -> None:
         self._validate_sources()
-        positive_ints = {"input_sentence_size": self.input_sentence_size,
-                         "max_piece_length": self.max_piece_length,
-                         "max_sentence_length": self.max_sentence_length}
+        positive_ints = {
+            "input_sentence_size": self.input_sentence_size,
+            "max_piece_length": self.max_piece_length,
+            "max_sentence_length": self.max_sentence_length,
+        }
         for key, value in positive_ints.items():
             if value < 1:
                 raise bad_value(key, value, "must be at least 1", "set a positive number")
         if self.pad_vocab_to_multiple_of is not None and self.pad_vocab_to_multiple_of < 1:
-            raise bad_value("pad_vocab_to_multiple_of", self.pad_vocab_to_multiple_of, "must be at least 1",
-                            "use e.g. 128, or null for no rounding")
+            raise bad_value(
+                "pad_vocab_to_multiple_of",
+                self.pad_vocab_to_multiple_of,
+                "must be at least 1",
+                "use e.g. 128, or null for no rounding",
+            )
         if not 0.0 < self.character_coverage <= 1.0:
-            raise bad_value("character_coverage", self.character_coverage, "is outside (0, 1]",
-                            "use 0.9995 for Japanese (1.0 for small alphabets)")
+            raise bad_value(
+                "character_coverage",
+                self.character_coverage,
+                "is outside (0, 1]",
+                "use 0.9995 for Japanese (1.0 for small alphabets)",
+            )
         if self.num_threads < 0:
             raise bad_value("num_threads", self.num_threads, "is negative", "use 0 for all cores")
         if not self.output_dir:
@@ -203,8 +236,12 @@ class TokenizerTrainConfig:
 
     def _validate_sources(self) -> None:
         if not self.sources:
-            raise bad_value("sources", self.sources, "is empty",
-                            "add at least one source, e.g. sources.ja.paths=[data/ja/*.jsonl.gz]")
+            raise bad_value(
+                "sources",
+                self.sources,
+                "is empty",
+                "add at least one source, e.g. sources.ja.paths=[data/ja/*.jsonl.gz]",
+            )
         for name, source in self.sources.items():
             key = f"sources.{name}"
             if not source.paths:
@@ -212,35 +249,63 @@ class TokenizerTrainConfig:
             if not source.text_field:
                 raise bad_value(f"{key}.text_field", source.text_field, "is empty", "use e.g. text")
             if not math.isfinite(source.ratio) or source.ratio < 0:
-                raise bad_value(f"{key}.ratio", source.ratio, "must be a finite number >= 0",
-                                "give each source a non-negative share such as 0.5")
+                raise bad_value(
+                    f"{key}.ratio",
+                    source.ratio,
+                    "must be a finite number >= 0",
+                    "give each source a non-negative share such as 0.5",
+                )
         total = sum(s.ratio for s in self.sources.values())
         if not total > 0:
             ratios = {name: s.ratio for name, s in self.sources.items()}
-            raise bad_value("sources.*.ratio", ratios, "sum to 0, so no source would be sampled",
-                            "give at least one source a ratio > 0")
+            raise bad_value(
+                "sources.*.ratio",
+                ratios,
+                "sum to 0, so no source would be sampled",
+                "give at least one source a ratio > 0",
+            )
 
     def _validate_pieces(self) -> None:
         if self.required_pieces_file is not None and not Path(self.required_pieces_file).is_file():
-            raise bad_value("required_pieces_file", self.required_pieces_file, "does not exist",
-                            "pass a UTF-8 file with one piece per line, or null")
+            raise bad_value(
+                "required_pieces_file",
+                self.required_pieces_file,
+                "does not exist",
+                "pass a UTF-8 file with one piece per line, or null",
+            )
         specials = set(self.special_tokens.pieces())
         for piece in self.all_required_pieces():
             if piece in specials:
-                raise bad_value("required_pieces", piece, "is also a special token",
-                                "remove it from required_pieces")
+                raise bad_value(
+                    "required_pieces", piece, "is also a special token", "remove it from required_pieces"
+                )
             if any(c.isspace() for c in piece) and piece != NEWLINE:
-                raise bad_value("required_pieces", piece, "contains whitespace",
-                                "list pieces without spaces (whitespace pieces are learned from the data)")
+                raise bad_value(
+                    "required_pieces",
+                    piece,
+                    "contains whitespace",
+                    "list pieces without spaces (whitespace pieces are learned from the data)",
+                )
             if len(piece) > 1 and "," in piece:
-                raise bad_value("required_pieces", piece, "contains a comma",
-                                "drop it (SentencePiece splits user-defined symbols on commas)")
+                raise bad_value(
+                    "required_pieces",
+                    piece,
+                    "contains a comma",
+                    "drop it (SentencePiece splits user-defined symbols on commas)",
+                )
             if len(piece) > self.max_piece_length:
-                raise bad_value("required_pieces", piece, f"is longer than max_piece_length={self.max_piece_length}",
-                                "shorten it or raise max_piece_length")
+                raise bad_value(
+                    "required_pieces",
+                    piece,
+                    f"is longer than max_piece_length={self.max_piece_length}",
+                    "shorten it or raise max_piece_length",
+                )
         minimum = self.num_fixed_pieces() + 1
         if self.padded_vocab_size < minimum:
-            raise bad_value("vocab_size", self.vocab_size,
-                            f"leaves no room for learned pieces ({self.num_fixed_pieces()} pieces are fixed: "
-                            "special tokens, newline, required pieces and byte pieces)",
-                            f"set vocab_size to well above {minimum}")
+            raise bad_value(
+                "vocab_size",
+                self.vocab_size,
+                f"leaves no room for learned pieces ({self.num_fixed_pieces()} pieces are fixed: "
+                "special tokens, newline, required pieces and byte pieces)",
+                f"set vocab_size to well above {minimum}",
+            )

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kumihimo.configtree import write_text_atomic
-from kumihimo.errors import UserError
-from tokenizer.spm import Tokenizer
+from kumihimo.core.configtree import write_text_atomic
+from kumihimo.core.errors import UserError
+from kumihimo.tokenizer.spm import Tokenizer
 
 PIECE_CLASSES = ("japanese", "latin", "digit", "code", "whitespace", "other", "byte", "special")
 JAPANESE_RANGES = (
@@ -97,8 +97,12 @@ class TextStats:
         return self.num_unk_tokens / self.num_tokens if self.num_tokens else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "chars_per_token": round(self.chars_per_token, 4),
-                "byte_fallback_rate": round(self.byte_fallback_rate, 6), "unk_rate": round(self.unk_rate, 6)}
+        return {
+            **asdict(self),
+            "chars_per_token": round(self.chars_per_token, 4),
+            "byte_fallback_rate": round(self.byte_fallback_rate, 6),
+            "unk_rate": round(self.unk_rate, 6),
+        }
 
 
 def parse_text_spec(spec: str) -> tuple[Path, str]:
@@ -181,8 +185,13 @@ def measure(tokenizer: Tokenizer, documents: Iterator[str], num_threads: int = 1
     return stats
 
 
-def evaluate(tokenizer_paths: list[str], text_specs: list[str], text_field: str = "text",
-             max_documents: int | None = None, num_threads: int = 1) -> dict[str, Any]:
+def evaluate(
+    tokenizer_paths: list[str],
+    text_specs: list[str],
+    text_field: str = "text",
+    max_documents: int | None = None,
+    num_threads: int = 1,
+) -> dict[str, Any]:
     """Statistics of every tokenizer on every text, grouped by language."""
     if not tokenizer_paths:
         raise UserError("no tokenizer given; pass --tokenizer MODEL (repeat it to compare several)")
@@ -196,9 +205,15 @@ def evaluate(tokenizer_paths: list[str], text_specs: list[str], text_field: str 
             total = per_lang.setdefault(lang, TextStats())
             for key, value in asdict(stats).items():
                 setattr(total, key, getattr(total, key) + value)
-        results.append({"path": str(tokenizer.path), "sha256": tokenizer.sha256,
-                         "vocab_size": tokenizer.vocab_size, "composition": vocab_composition(tokenizer),
-                         "texts": {lang: stats.as_dict() for lang, stats in per_lang.items()}})
+        results.append(
+            {
+                "path": str(tokenizer.path),
+                "sha256": tokenizer.sha256,
+                "vocab_size": tokenizer.vocab_size,
+                "composition": vocab_composition(tokenizer),
+                "texts": {lang: stats.as_dict() for lang, stats in per_lang.items()},
+            }
+        )
     return {"tokenizers": results, "languages": list(dict.fromkeys(lang for _, lang in texts))}
 
 
@@ -219,8 +234,15 @@ def format_table(report: dict[str, Any]) -> str:
         rows.append((f"{lang}: byte-fallback", [f"{s['byte_fallback_rate']:.3%}" for s in per]))
         rows.append((f"{lang}: unknown", [f"{s['unk_rate']:.3%}" for s in per]))
     for name in PIECE_CLASSES:
-        rows.append((f"vocab: {name}", [
-            f"{t['composition'][name]:,} ({t['composition'][name] / t['vocab_size']:.1%})" for t in tokenizers]))
+        rows.append(
+            (
+                f"vocab: {name}",
+                [
+                    f"{t['composition'][name]:,} ({t['composition'][name] / t['vocab_size']:.1%})"
+                    for t in tokenizers
+                ],
+            )
+        )
     header = ("", _column_names(report))
     label_width = max(len(label) for label, _ in (header, *rows))
     widths = [max(len(cells[i]) for _, cells in (header, *rows)) for i in range(len(tokenizers))]

@@ -30,8 +30,8 @@ from sentencepiece import sentencepiece_model_pb2 as sp_model
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from kumihimo.errors import UserError
-from tokenizer.spm import MODEL_FILENAME, resolve_model_path
+from kumihimo.core.errors import UserError
+from kumihimo.tokenizer.spm import MODEL_FILENAME, resolve_model_path
 
 SPACE_SYMBOL = "▁"
 Piece = sp_model.ModelProto.SentencePiece
@@ -100,7 +100,9 @@ def build_model(proto: sp_model.ModelProto) -> models.Model:
     if model_type == sp_model.TrainerSpec.BPE:
         vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
         unk = proto.pieces[unk_id].piece if unk_id is not None else None
-        return models.BPE(vocab, _bpe_merges(proto), unk_token=unk, fuse_unk=True, byte_fallback=byte_fallback)
+        return models.BPE(
+            vocab, _bpe_merges(proto), unk_token=unk, fuse_unk=True, byte_fallback=byte_fallback
+        )
     kind = sp_model.TrainerSpec.ModelType.Name(model_type)
     raise UserError(f"SentencePiece model type {kind} cannot be exported; only UNIGRAM and BPE models can")
 
@@ -136,12 +138,14 @@ def build_tokenizer(proto: sp_model.ModelProto) -> HFTokenizer:
     dummy_prefix = proto.normalizer_spec.add_dummy_prefix
     prepend = dummy_prefix and not _prefix_in_normalizer(proto)
     metaspace = pre_tokenizers.Metaspace(
-        replacement=SPACE_SYMBOL, prepend_scheme="first" if prepend else "never", split=False)
+        replacement=SPACE_SYMBOL, prepend_scheme="first" if prepend else "never", split=False
+    )
     unknown = _unknown_chars_in_unmatched(proto)
     if unknown:
         pattern = "[" + "".join(f"\\x{{{ord(c):X}}}" for c in unknown) + "]"
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(pattern), behavior="isolated"), metaspace])
+            [pre_tokenizers.Split(Regex(pattern), behavior="isolated"), metaspace]
+        )
     else:
         tokenizer.pre_tokenizer = metaspace
     steps = [decoders.Replace(SPACE_SYMBOL, " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -160,7 +164,8 @@ def build_tokenizer(proto: sp_model.ModelProto) -> HFTokenizer:
     bos = _piece_of_id(proto, proto.trainer_spec.bos_id)
     if bos is not None:
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, proto.trainer_spec.bos_id)])
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, proto.trainer_spec.bos_id)]
+        )
     return tokenizer
 
 
@@ -171,9 +176,15 @@ def _piece_of_id(proto: sp_model.ModelProto, token_id: int) -> str | None:
 def tokenizer_config(proto: sp_model.ModelProto) -> tuple[dict[str, Any], dict[str, str]]:
     """tokenizer_config.json and special_tokens_map.json contents."""
     spec = proto.trainer_spec
-    special = {name: _piece_of_id(proto, token_id) for name, token_id in
-               (("unk_token", spec.unk_id), ("bos_token", spec.bos_id), ("eos_token", spec.eos_id),
-                ("pad_token", spec.pad_id))}
+    special = {
+        name: _piece_of_id(proto, token_id)
+        for name, token_id in (
+            ("unk_token", spec.unk_id),
+            ("bos_token", spec.bos_id),
+            ("eos_token", spec.eos_id),
+            ("pad_token", spec.pad_id),
+        )
+    }
     special = {name: piece for name, piece in special.items() if piece is not None}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -210,7 +221,9 @@ def export_hf(model_path: str | Path, output_dir: str | Path) -> Path:
     try:
         tokenizer.save(str(staging / "tokenizer.json"))
         for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
-            (staging / name).write_text(json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            (staging / name).write_text(
+                json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+            )
         shutil.copyfile(model_file, staging / MODEL_FILENAME)
         for item in sorted(staging.iterdir()):
             os.replace(item, output_dir / item.name)  # file by file: each appears complete

@@ -22,9 +22,9 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-from kumihimo.errors import UserError
-from kumihimo.progress import say
-from tokenizer.train import SCORE_QUANTUM
+from kumihimo.core.errors import UserError
+from kumihimo.core.progress import say
+from kumihimo.tokenizer.train import SCORE_QUANTUM
 
 NORMAL = model_pb2.ModelProto.SentencePiece.NORMAL
 SMOOTHING = 0.5
@@ -37,7 +37,9 @@ def _load(path: Path) -> model_pb2.ModelProto:
     except (OSError, ValueError) as exc:
         raise UserError(f"{path} is not a readable SentencePiece model ({exc}); pass .model files") from exc
     if proto.trainer_spec.model_type != model_pb2.TrainerSpec.UNIGRAM:
-        raise UserError(f"{path} is not a Unigram model; only Unigram vocabularies can be merged and re-scored")
+        raise UserError(
+            f"{path} is not a Unigram model; only Unigram vocabularies can be merged and re-scored"
+        )
     return proto
 
 
@@ -73,8 +75,10 @@ def reestimate(proto: model_pb2.ModelProto, texts: list[str], iterations: int) -
         total = sum(counts[i] for i in normal_ids) + SMOOTHING * len(normal_ids)
         for i in normal_ids:
             proto.pieces[i].score = math.log((counts[i] + SMOOTHING) / total)
-        say(f"[tokenizer merge] re-estimation {iteration + 1}/{iterations}: "
-            f"{sum(1 for i in normal_ids if counts[i])} of {len(normal_ids)} pieces used")
+        say(
+            f"[tokenizer merge] re-estimation {iteration + 1}/{iterations}: "
+            f"{sum(1 for i in normal_ids if counts[i])} of {len(normal_ids)} pieces used"
+        )
     return counts
 
 
@@ -83,19 +87,29 @@ def prune(proto: model_pb2.ModelProto, counts: Counter, vocab_size: int) -> None
     excess = len(proto.pieces) - vocab_size
     if excess <= 0:
         return
-    candidates = sorted((counts[i], proto.pieces[i].score, i) for i, p in enumerate(proto.pieces)
-                        if p.type == NORMAL and len(p.piece) > 1)
+    candidates = sorted(
+        (counts[i], proto.pieces[i].score, i)
+        for i, p in enumerate(proto.pieces)
+        if p.type == NORMAL and len(p.piece) > 1
+    )
     if len(candidates) < excess:
-        raise UserError(f"cannot shrink the merged vocabulary to {vocab_size}: only {len(candidates)} pieces "
-                        "are removable; raise --vocab-size")
+        raise UserError(
+            f"cannot shrink the merged vocabulary to {vocab_size}: only {len(candidates)} pieces "
+            "are removable; raise --vocab-size"
+        )
     drop = {i for _count, _score, i in candidates[:excess]}
     kept = [p for i, p in enumerate(proto.pieces) if i not in drop]
     del proto.pieces[:]
     proto.pieces.extend(kept)
 
 
-def merge_models(model_paths: list[Path], texts: list[str], output_dir: Path, vocab_size: int | None = None,
-                 iterations: int = 3) -> Path:
+def merge_models(
+    model_paths: list[Path],
+    texts: list[str],
+    output_dir: Path,
+    vocab_size: int | None = None,
+    iterations: int = 3,
+) -> Path:
     """Merge Unigram models, re-estimate on `texts`, write `<output_dir>/tokenizer.model` and `.vocab`."""
     if len(model_paths) < 2:
         raise UserError("merging needs at least two models (--base and one or more --add)")

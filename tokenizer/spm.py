@@ -12,7 +12,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from kumihimo.errors import UserError
+from kumihimo.core.errors import UserError
 
 MODEL_FILENAME = "tokenizer.model"
 
@@ -78,8 +78,15 @@ class Tokenizer:
 
     def identity(self) -> dict[str, object]:
         """What checkpoints and datasets record about the tokenizer they were made with."""
-        return {"path": str(self.path), "sha256": self.sha256, "vocab_size": self.vocab_size,
-                "bos_id": self.bos_id, "eos_id": self.eos_id, "eod_id": self.eod_id, "pad_id": self.pad_id}
+        return {
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "eod_id": self.eod_id,
+            "pad_id": self.pad_id,
+        }
 
 
 def _or_none(token_id: int) -> int | None:

@@ -24,7 +24,9 @@ JA_VERBS = (
     "調べました 作りました 使いました 始めました 終わりました 変わりました 増えました 減りました "
     "発表しました 開発しました 説明しました 確認しました 参加しました 利用しています 研究しています"
 ).split()
-JA_ADJS = "新しい 古い 大きな 小さな 美しい 難しい 易しい 面白い 重要な 有名な 静かな 便利な 複雑な 簡単な".split()
+JA_ADJS = (
+    "新しい 古い 大きな 小さな 美しい 難しい 易しい 面白い 重要な 有名な 静かな 便利な 複雑な 簡単な".split()
+)
 JA_ENDINGS = ("。", "。", "。", "！", "？", "と言われています。", "ようです。", "そうです。")
 JA_PARTICLES = "は が を に で と の から まで より も".split()
 EN_NOUNS = (
@@ -54,14 +56,24 @@ def ja_sentence(rng: random.Random) -> str:
         parts += [f"{rng.randint(1, 2030)}年{rng.randint(1, 12)}月に"]
     if rng.random() < 0.05:
         parts.append(rng.choice(EXTRAS))
-    parts += [rng.choice(JA_NOUNS), "を", rng.choice(JA_VERBS)[:-2] if rng.random() < 0.1 else "",
-              rng.choice(JA_VERBS)]
+    parts += [
+        rng.choice(JA_NOUNS),
+        "を",
+        rng.choice(JA_VERBS)[:-2] if rng.random() < 0.1 else "",
+        rng.choice(JA_VERBS),
+    ]
     return "".join(parts).replace("をを", "を") + rng.choice(JA_ENDINGS)
 
 
 def en_sentence(rng: random.Random) -> str:
-    words = [rng.choice(("The", "A", "This", "Every", rng.choice(EN_NAMES) + "'s")), rng.choice(EN_ADJS),
-             rng.choice(EN_NOUNS), rng.choice(EN_VERBS), "the", rng.choice(EN_NOUNS)]
+    words = [
+        rng.choice(("The", "A", "This", "Every", rng.choice(EN_NAMES) + "'s")),
+        rng.choice(EN_ADJS),
+        rng.choice(EN_NOUNS),
+        rng.choice(EN_VERBS),
+        "the",
+        rng.choice(EN_NOUNS),
+    ]
     if rng.random() < 0.4:
         words += ["in", str(rng.randint(1900, 2030))]
     if rng.random() < 0.3:
@@ -75,13 +87,16 @@ def code_block(rng: random.Random) -> str:
     name = f"{rng.choice(EN_VERBS).rstrip('s')}_{rng.choice(CODE_WORDS)}"
     arg, other = rng.sample(CODE_WORDS, 2)
     indent = "\t" if rng.random() < 0.2 else "    "
-    lines = [f"def {name}({arg}, {other}={rng.randint(0, 64)}):",
-             f'{indent}"""{rng.choice(EN_VERBS).capitalize()} the {rng.choice(EN_NOUNS)}."""',
-             f"{indent}{other} = {arg} * {rng.randint(2, 9)} + len({arg})",
-             f"{indent}for i in range({other}):",
-             f"{indent * 2}if i % {rng.randint(2, 7)} == 0:",
-             f"{indent * 3}{arg}[i] = {{'{rng.choice(CODE_WORDS)}': i, \"n\": {rng.randint(0, 10**6)}}}",
-             f"{indent}return {arg}  # {rng.choice(JA_NOUNS)}を返す", ""]
+    lines = [
+        f"def {name}({arg}, {other}={rng.randint(0, 64)}):",
+        f'{indent}"""{rng.choice(EN_VERBS).capitalize()} the {rng.choice(EN_NOUNS)}."""',
+        f"{indent}{other} = {arg} * {rng.randint(2, 9)} + len({arg})",
+        f"{indent}for i in range({other}):",
+        f"{indent * 2}if i % {rng.randint(2, 7)} == 0:",
+        f"{indent * 3}{arg}[i] = {{'{rng.choice(CODE_WORDS)}': i, \"n\": {rng.randint(0, 10**6)}}}",
+        f"{indent}return {arg}  # {rng.choice(JA_NOUNS)}を返す",
+        "",
+    ]
     return "\n".join(lines)
 
 

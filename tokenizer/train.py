@@ -26,11 +26,11 @@ from typing import Any
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
-from kumihimo import configtree
-from kumihimo.errors import UserError
-from kumihimo.progress import Progress, say
-from tokenizer.config import NEWLINE, SourceConfig, TokenizerTrainConfig
-from tokenizer.spm import MODEL_FILENAME
+from kumihimo.core import configtree
+from kumihimo.core.errors import UserError
+from kumihimo.core.progress import Progress, say
+from kumihimo.tokenizer.config import NEWLINE, SourceConfig, TokenizerTrainConfig
+from kumihimo.tokenizer.spm import MODEL_FILENAME
 
 VOCAB_FILENAME = "tokenizer.vocab"
 CONFIG_FILENAME = "train_config.yaml"
@@ -59,10 +59,14 @@ class SourceSample:
     sentences: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        return {"num_files": len(self.files), "num_documents_read": self.num_documents,
-                "num_lines_read": self.num_lines, "quota": self.quota,
-                "num_sentences_sampled": len(self.sentences),
-                "num_chars_sampled": sum(len(s) for s in self.sentences)}
+        return {
+            "num_files": len(self.files),
+            "num_documents_read": self.num_documents,
+            "num_lines_read": self.num_lines,
+            "quota": self.quota,
+            "num_sentences_sampled": len(self.sentences),
+            "num_chars_sampled": sum(len(s) for s in self.sentences),
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,10 +80,16 @@ def match_files(config: TokenizerTrainConfig) -> dict[str, list[Path]]:
     for name, source in config.sources.items():
         files: set[str] = set()
         for pattern in source.paths:
-            files.update(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+            files.update(
+                p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+            )
         if not files and source.ratio > 0:
-            raise configtree.bad_value(f"sources.{name}.paths", source.paths, "matched no files",
-                                       "check the glob patterns (relative paths start at the current directory)")
+            raise configtree.bad_value(
+                f"sources.{name}.paths",
+                source.paths,
+                "matched no files",
+                "check the glob patterns (relative paths start at the current directory)",
+            )
         matched[name] = sorted(Path(f) for f in files)
     return matched
 
@@ -96,16 +106,22 @@ def iter_documents(path: Path, text_field: str, lang: str | None) -> Iterator[st
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise UserError(f"{where} is not valid JSON ({exc.msg}); fix or remove that line") from exc
+                    raise UserError(
+                        f"{where} is not valid JSON ({exc.msg}); fix or remove that line"
+                    ) from exc
                 if not isinstance(record, dict) or text_field not in record:
-                    raise UserError(f"{where} has no {text_field!r} field; set sources.<name>.text_field "
-                                    "to the key that holds the text")
+                    raise UserError(
+                        f"{where} has no {text_field!r} field; set sources.<name>.text_field "
+                        "to the key that holds the text"
+                    )
                 if lang is not None and record.get("lang") != lang:
                     continue
                 text = record[text_field]
                 if not isinstance(text, str):
-                    raise UserError(f"{where}: field {text_field!r} is a {type(text).__name__}, not a string; "
-                                    "fix the data or point text_field at the text")
+                    raise UserError(
+                        f"{where}: field {text_field!r} is a {type(text).__name__}, not a string; "
+                        "fix the data or point text_field at the text"
+                    )
                 yield text
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {path} ({exc}); check that it is UTF-8 JSONL (or .jsonl.gz)") from exc
@@ -128,8 +144,9 @@ def split_sentences(text: str, max_bytes: int) -> Iterator[str]:
             start = end
 
 
-def sample_source(sample: SourceSample, source: SourceConfig, config: TokenizerTrainConfig,
-                  progress: Progress) -> None:
+def sample_source(
+    sample: SourceSample, source: SourceConfig, config: TokenizerTrainConfig, progress: Progress
+) -> None:
     """Fill `sample.sentences`: a uniform reservoir sample, or the first lines without shuffling."""
     rng = random.Random(f"{config.seed}:{sample.name}")
     reservoir = sample.sentences
@@ -164,9 +181,12 @@ def sample_corpus(config: TokenizerTrainConfig, files: dict[str, list[Path]]) ->
                 lang = f", lang={source.lang!r}" if source.lang is not None else ""
                 raise UserError(
                     f"source {name!r} yielded no text from {len(sample.files)} file(s) "
-                    f"(text_field={source.text_field!r}{lang}); check sources.{name}.paths and its filters")
-            say(f"[tokenizer] {name}: {sample.num_documents:,} documents, {sample.num_lines:,} lines read, "
-                f"{len(sample.sentences):,} sampled (quota {quota:,})")
+                    f"(text_field={source.text_field!r}{lang}); check sources.{name}.paths and its filters"
+                )
+            say(
+                f"[tokenizer] {name}: {sample.num_documents:,} documents, {sample.num_lines:,} lines read, "
+                f"{len(sample.sentences):,} sampled (quota {quota:,})"
+            )
             samples.append(sample)
     _balance_short_sources(samples, config)
     return samples
@@ -176,16 +196,21 @@ def _balance_short_sources(samples: list[SourceSample], config: TokenizerTrainCo
     scale = min(len(s.sentences) / s.quota for s in samples)
     if scale >= 1.0:
         return
-    short = ", ".join(f"{s.name} ({len(s.sentences):,} of {s.quota:,})" for s in samples
-                      if len(s.sentences) < s.quota)
+    short = ", ".join(
+        f"{s.name} ({len(s.sentences):,} of {s.quota:,})" for s in samples if len(s.sentences) < s.quota
+    )
     if config.on_short_source == "keep":
         total = sum(len(s.sentences) for s in samples)
         shares = ", ".join(f"{s.name} {len(s.sentences) / total:.1%}" for s in samples)
-        say(f"[tokenizer] warning: short sources {short}; keeping all lines, so the shares are {shares} "
-            "instead of the configured ratios (on_short_source=keep)")
+        say(
+            f"[tokenizer] warning: short sources {short}; keeping all lines, so the shares are {shares} "
+            "instead of the configured ratios (on_short_source=keep)"
+        )
         return
-    say(f"[tokenizer] short sources {short}: scaling every source to {scale:.1%} of its quota so the "
-        "ratios hold (set on_short_source=keep to use all lines instead)")
+    say(
+        f"[tokenizer] short sources {short}: scaling every source to {scale:.1%} of its quota so the "
+        "ratios hold (set on_short_source=keep to use all lines instead)"
+    )
     for sample in samples:
         target = max(1, math.floor(sample.quota * scale))
         if len(sample.sentences) > target:
@@ -219,10 +244,12 @@ def check_vocab_supported(config: TokenizerTrainConfig, sentences: list[str]) ->
     if found < needed:
         most = found + config.num_fixed_pieces()
         raise configtree.bad_value(
-            "vocab_size", config.vocab_size,
+            "vocab_size",
+            config.vocab_size,
             f"is more than the sampled corpus can support ({len(sentences):,} sentences hold at most "
             f"{most:,} distinct pieces including the {config.num_fixed_pieces()} fixed ones)",
-            f"lower vocab_size well below {most:,} or add more text")
+            f"lower vocab_size well below {most:,} or add more text",
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,10 +273,15 @@ def sentencepiece_options(config: TokenizerTrainConfig, num_bytes: int) -> dict[
         "add_dummy_prefix": config.add_dummy_prefix,
         "allow_whitespace_only_pieces": config.allow_whitespace_only_pieces,
         "max_sentencepiece_length": config.max_piece_length,
-        "unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3 if has_pad else -1,
-        "unk_piece": specials.unk, "bos_piece": specials.bos, "eos_piece": specials.eos,
+        "unk_id": 0,
+        "bos_id": 1,
+        "eos_id": 2,
+        "pad_id": 3 if has_pad else -1,
+        "unk_piece": specials.unk,
+        "bos_piece": specials.bos,
+        "eos_piece": specials.eos,
         "pad_piece": specials.pad if has_pad else "<pad>",
-        "control_symbols": specials.pieces()[4 if has_pad else 3:],
+        "control_symbols": specials.pieces()[4 if has_pad else 3 :],
         "user_defined_symbols": config.user_defined_pieces(),
         "required_chars": config.required_chars(),
         "train_extremely_large_corpus": num_bytes > LARGE_CORPUS_BYTES,
@@ -258,12 +290,14 @@ def sentencepiece_options(config: TokenizerTrainConfig, num_bytes: int) -> dict[
     }
 
 
-def run_sentencepiece(options: dict[str, Any], sentences: list[str], model_prefix: Path,
-                      config: TokenizerTrainConfig) -> None:
+def run_sentencepiece(
+    options: dict[str, Any], sentences: list[str], model_prefix: Path, config: TokenizerTrainConfig
+) -> None:
     """Train, turning SentencePiece's size complaints into errors that name the recipe key."""
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_prefix=str(model_prefix),
-                                       **options)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_prefix=str(model_prefix), **options
+        )
     except RuntimeError as exc:
         message = str(exc)
         too_high = re.search(r"Vocabulary size too high \((\d+)\).*?<= (\d+)", message)
@@ -271,19 +305,25 @@ def run_sentencepiece(options: dict[str, Any], sentences: list[str], model_prefi
             supported = int(too_high.group(2))
             multiple = config.pad_vocab_to_multiple_of or 1
             raise configtree.bad_value(
-                "vocab_size", config.vocab_size,
+                "vocab_size",
+                config.vocab_size,
                 f"is more than SentencePiece can learn from the sample (at most {supported:,} pieces; "
                 f"{config.padded_vocab_size:,} after padding)",
-                f"set vocab_size <= {supported // multiple * multiple:,} or add more text") from exc
+                f"set vocab_size <= {supported // multiple * multiple:,} or add more text",
+            ) from exc
         too_small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
         if too_small:
             raise configtree.bad_value(
-                "vocab_size", config.vocab_size,
+                "vocab_size",
+                config.vocab_size,
                 f"is smaller than the {int(too_small.group(2)):,} characters and fixed pieces that "
                 f"character_coverage={config.character_coverage} keeps",
-                "raise vocab_size or lower character_coverage") from exc
-        raise UserError(f"SentencePiece training failed: {message.splitlines()[0]}; "
-                        "check the tokenizer recipe (set log_sentencepiece=true for details)") from exc
+                "raise vocab_size or lower character_coverage",
+            ) from exc
+        raise UserError(
+            f"SentencePiece training failed: {message.splitlines()[0]}; "
+            "check the tokenizer recipe (set log_sentencepiece=true for details)"
+        ) from exc
 
 
 def quantize_scores(model_path: Path) -> None:
@@ -304,8 +344,9 @@ def verify_model(model_path: Path, config: TokenizerTrainConfig) -> spm.Sentence
     actual = {i: processor.IdToPiece(i) for i in expected}
     assert actual == expected, f"special pieces out of place: {actual} != {expected}"
     assert processor.GetPieceSize() == config.padded_vocab_size, processor.GetPieceSize()
-    lossless = (config.byte_fallback and config.normalization == "identity"
-                and not config.remove_extra_whitespaces)
+    lossless = (
+        config.byte_fallback and config.normalization == "identity" and not config.remove_extra_whitespaces
+    )
     probe = "def f():\n\tif x:\n        return 1\n\n日本語  テキスト 𩸽"
     if lossless:
         assert processor.DecodeIds(processor.EncodeAsIds(probe)) == probe, "round trip lost text"
@@ -330,11 +371,16 @@ def prepare_output_dir(config: TokenizerTrainConfig) -> Path:
     output_dir = Path(config.output_dir)
     if output_dir.exists():
         if not output_dir.is_dir():
-            raise configtree.bad_value("output_dir", config.output_dir, "is a file",
-                                       "choose a directory path")
+            raise configtree.bad_value(
+                "output_dir", config.output_dir, "is a file", "choose a directory path"
+            )
         if any(output_dir.iterdir()) and not config.overwrite:
-            raise configtree.bad_value("output_dir", config.output_dir, "already exists and is not empty",
-                                       "choose another directory or pass overwrite=true")
+            raise configtree.bad_value(
+                "output_dir",
+                config.output_dir,
+                "already exists and is not empty",
+                "choose another directory or pass overwrite=true",
+            )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     return output_dir
 
@@ -364,8 +410,10 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
     options = sentencepiece_options(config, num_bytes)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
-        say(f"[tokenizer] training {config.model_type} vocab {config.padded_vocab_size:,} on "
-            f"{len(sentences):,} sentences ({num_bytes / 1e6:,.1f} MB)")
+        say(
+            f"[tokenizer] training {config.model_type} vocab {config.padded_vocab_size:,} on "
+            f"{len(sentences):,} sentences ({num_bytes / 1e6:,.1f} MB)"
+        )
         sampled_at = time.monotonic()
         run_sentencepiece(options, sentences, staging / Path(MODEL_FILENAME).stem, config)
         trained_at = time.monotonic()
@@ -383,13 +431,17 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
             "sentencepiece_options": options,
         }
         configtree.save(config, staging / CONFIG_FILENAME)
-        (staging / STATS_FILENAME).write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
+        (staging / STATS_FILENAME).write_text(
+            json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8"
+        )
         publish(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    say(f"[tokenizer] wrote {output_dir / MODEL_FILENAME} ({stats['vocab_size']:,} pieces) in "
-        f"{time.monotonic() - started:,.1f} s")
+    say(
+        f"[tokenizer] wrote {output_dir / MODEL_FILENAME} ({stats['vocab_size']:,} pieces) in "
+        f"{time.monotonic() - started:,.1f} s"
+    )
     return output_dir / MODEL_FILENAME
 
 

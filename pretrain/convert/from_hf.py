@@ -35,18 +35,22 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from kumihimo import configtree
-from kumihimo.errors import UserError
-from kumihimo.progress import Progress, say
-from pretrain import checkpointing
-from pretrain.convert.dcp_files import failure_cause, staged_output
-from pretrain.convert.mapping import (
+from kumihimo.core import configtree
+from kumihimo.core.errors import UserError
+from kumihimo.core.progress import Progress, say
+from kumihimo.pretrain import checkpointing
+from kumihimo.pretrain.convert.dcp_files import (
+    failure_cause,
+    plain_tensor_properties,
+    staged_output,
+    storage_location,
+)
+from kumihimo.pretrain.convert.mapping import (
     GLOBAL_RULES,
     LAYER_RULES,
     TRANSFORMS,
@@ -84,13 +88,20 @@ def read_hf_model(folder: Path) -> HFModel:
         weight_map = json.loads(index.read_text())["weight_map"]
         files = {name: folder / file for name, file in weight_map.items()}
     elif (folder / "model.safetensors").is_file():
-        files = {name: folder / "model.safetensors" for name in read_safetensors_header(folder / "model.safetensors")}
+        files = {
+            name: folder / "model.safetensors"
+            for name in read_safetensors_header(folder / "model.safetensors")
+        }
     else:
-        raise UserError(f"{folder} has no safetensors weights (model.safetensors or its index); convert "
-                        "pytorch_model.bin to safetensors first")
+        raise UserError(
+            f"{folder} has no safetensors weights (model.safetensors or its index); convert "
+            "pytorch_model.bin to safetensors first"
+        )
     missing = sorted({str(p.name) for p in files.values() if not p.is_file()})
     if missing:
-        raise UserError(f"{folder} lacks weight file(s) {', '.join(missing)} named in its index; download them")
+        raise UserError(
+            f"{folder} lacks weight file(s) {', '.join(missing)} named in its index; download them"
+        )
     return HFModel(folder, config, files)
 
 
@@ -98,8 +109,10 @@ def check_supported(config: dict[str, Any]) -> None:
     """Refuse what the Megatron side cannot represent, naming the config.json key."""
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"config.json model_type={model_type!r} is not supported; only Llama-architecture "
-                        "models (model_type 'llama') can be converted")
+        raise UserError(
+            f"config.json model_type={model_type!r} is not supported; only Llama-architecture "
+            "models (model_type 'llama') can be converted"
+        )
     problems = {
         "hidden_act": config.get("hidden_act", "silu") != "silu",
         "attention_bias": bool(config.get("attention_bias")),
@@ -109,8 +122,10 @@ def check_supported(config: dict[str, Any]) -> None:
     problems["rope_scaling"] = rope.get("rope_type", rope.get("type", "default")) != "default"
     for key, bad in problems.items():
         if bad:
-            raise UserError(f"config.json {key} is not supported by the kumihimo model (SwiGLU, no biases, "
-                            "plain RoPE); this model cannot be converted")
+            raise UserError(
+                f"config.json {key} is not supported by the kumihimo model (SwiGLU, no biases, "
+                "plain RoPE); this model cannot be converted"
+            )
 
 
 def rope_theta(config: dict[str, Any]) -> int:
@@ -122,18 +137,22 @@ def rope_theta(config: dict[str, Any]) -> int:
 
 def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
     """The TrainConfig whose model is the Hugging Face model, laid out for TP x PP."""
-    from pretrain.config import TrainConfig
+    from kumihimo.pretrain.config import TrainConfig
 
     c = hf.config
     heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
     model = {
-        "num_layers": c["num_hidden_layers"], "hidden_size": c["hidden_size"],
-        "ffn_hidden_size": c["intermediate_size"], "num_attention_heads": heads,
+        "num_layers": c["num_hidden_layers"],
+        "hidden_size": c["hidden_size"],
+        "ffn_hidden_size": c["intermediate_size"],
+        "num_attention_heads": heads,
         "num_query_groups": c.get("num_key_value_heads") or heads,
         "kv_channels": None if head_dim * heads == c["hidden_size"] else head_dim,
-        "seq_length": c.get("max_position_embeddings", 4096), "rotary_base": rope_theta(c),
-        "norm_epsilon": c.get("rms_norm_eps", 1e-5), "init_method_std": c.get("initializer_range", 0.02),
+        "seq_length": c.get("max_position_embeddings", 4096),
+        "rotary_base": rope_theta(c),
+        "norm_epsilon": c.get("rms_norm_eps", 1e-5),
+        "init_method_std": c.get("initializer_range", 0.02),
     }
     data = {
         "name": hf.folder.name,
@@ -145,7 +164,7 @@ def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
     }
     config = configtree.from_dict(TrainConfig, data)
     config.model.validate()
-    from pretrain.parallel import check_model_fits_layout
+    from kumihimo.pretrain.parallel import check_model_fits_layout
 
     check_model_fits_layout(config)
     return config
@@ -153,12 +172,14 @@ def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
 
 def resolve_tokenizer(hf: HFModel, output_root: Path, staging_root: Path):
     """Copy the SentencePiece model (if any) beside the checkpoint; returns (Tokenizer | None, final path)."""
-    from tokenizer.spm import MODEL_FILENAME, Tokenizer
+    from kumihimo.tokenizer.spm import MODEL_FILENAME, Tokenizer
 
     source = hf.folder / MODEL_FILENAME
     if not source.is_file():
-        say(f"[convert] warning: {hf.folder} has no SentencePiece {MODEL_FILENAME}; run_config.yaml gets "
-            "data.tokenizer=null: set it to the model's SentencePiece tokenizer before training")
+        say(
+            f"[convert] warning: {hf.folder} has no SentencePiece {MODEL_FILENAME}; run_config.yaml gets "
+            "data.tokenizer=null: set it to the model's SentencePiece tokenizer before training"
+        )
         return None, None
     (staging_root / TOKENIZER_DIR).mkdir()
     shutil.copyfile(source, staging_root / TOKENIZER_DIR / MODEL_FILENAME)
@@ -173,21 +194,28 @@ def vocab_sizes(hf: HFModel, tokenizer, tp: int, divisible_by: int) -> tuple[int
     multiple = divisible_by * tp
     padded = -(-vocab // multiple) * multiple
     if vocab > hf_vocab:
-        raise UserError(f"tokenizer.model has {vocab} pieces but config.json vocab_size is {hf_vocab}; the "
-                        "folder's tokenizer does not belong to the model")
+        raise UserError(
+            f"tokenizer.model has {vocab} pieces but config.json vocab_size is {hf_vocab}; the "
+            "folder's tokenizer does not belong to the model"
+        )
     if hf_vocab > padded:
-        raise UserError(f"config.json vocab_size={hf_vocab} exceeds the tokenizer's {vocab} pieces padded for "
-                        f"TP={tp} ({padded}); the extra rows cannot be kept")
+        raise UserError(
+            f"config.json vocab_size={hf_vocab} exceeds the tokenizer's {vocab} pieces padded for "
+            f"TP={tp} ({padded}); the extra rows cannot be kept"
+        )
     return vocab, padded
-
-
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading Hugging Face safetensors one tensor (or a block of its rows) at a time
 # ---------------------------------------------------------------------------------------------
 
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
 MAX_HEADER_BYTES = 100 * 2**20
 CONVERT_BLOCK_BYTES = 64 * 2**20  # rows converted at a time when the file's dtype is not the output's
 
@@ -220,9 +248,16 @@ def read_safetensors_header(path: Path) -> dict[str, StoredTensor]:
     if not isinstance(header, dict):
         raise UserError(f"{path} is not a safetensors file (its header cannot be read); download it again")
     header.pop("__metadata__", None)
-    return {name: StoredTensor(path, info["dtype"], tuple(info["shape"]), 8 + size + info["data_offsets"][0],
-                               info["data_offsets"][1] - info["data_offsets"][0])
-            for name, info in header.items()}
+    return {
+        name: StoredTensor(
+            path,
+            info["dtype"],
+            tuple(info["shape"]),
+            8 + size + info["data_offsets"][0],
+            info["data_offsets"][1] - info["data_offsets"][0],
+        )
+        for name, info in header.items()
+    }
 
 
 def _read_exactly(handle, tensor: torch.Tensor, what: str) -> None:
@@ -258,29 +293,44 @@ class HFTensors:
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Before anything is written: every expected tensor is there with its shape and a float
         dtype, and nothing else is (extra tensors mean an architecture the table cannot hold)."""
-        if ("lm_head.weight" in expected and "lm_head.weight" not in self.stored
-                and self.hf.config.get("tie_word_embeddings")):
-            say("[convert] note: tied embeddings are untied (lm_head starts as a copy of embed_tokens), as the "
-                "kumihimo model has a separate output layer")
+        if (
+            "lm_head.weight" in expected
+            and "lm_head.weight" not in self.stored
+            and self.hf.config.get("tie_word_embeddings")
+        ):
+            say(
+                "[convert] note: tied embeddings are untied (lm_head starts as a copy of embed_tokens), as the "
+                "kumihimo model has a separate output layer"
+            )
             self.aliases["lm_head.weight"] = "model.embed_tokens.weight"
         unused = sorted(n for n in self.stored if n not in expected and not n.endswith(self.IGNORED_SUFFIXES))
         if unused:
-            raise UserError(f"unsupported architecture: {', '.join(unused[:3])} have no place in the kumihimo "
-                            "model (biases, MoE or extra modules cannot be converted)")
+            raise UserError(
+                f"unsupported architecture: {', '.join(unused[:3])} have no place in the kumihimo "
+                "model (biases, MoE or extra modules cannot be converted)"
+            )
         for name, shape in expected.items():
             stored = self.stored.get(self.aliases.get(name, name))
             if stored is None:
-                raise UserError(f"{self.hf.folder} lacks tensor {name}; it is not a complete Llama model: "
-                                "download all its weight files again")
+                raise UserError(
+                    f"{self.hf.folder} lacks tensor {name}; it is not a complete Llama model: "
+                    "download all its weight files again"
+                )
             if stored.shape != tuple(shape):
-                raise UserError(f"{name} has shape {list(stored.shape)} but config.json implies {list(shape)}; "
-                                "use the config.json that came with these weights")
+                raise UserError(
+                    f"{name} has shape {list(stored.shape)} but config.json implies {list(shape)}; "
+                    "use the config.json that came with these weights"
+                )
             if stored.dtype is None:
-                raise UserError(f"{name} is stored as {stored.dtype_name}; only {', '.join(SAFETENSORS_DTYPES)} "
-                                "weights can be converted; save the model in one of those dtypes first")
+                raise UserError(
+                    f"{name} is stored as {stored.dtype_name}; only {', '.join(SAFETENSORS_DTYPES)} "
+                    "weights can be converted; save the model in one of those dtypes first"
+                )
             if stored.num_bytes != torch.Size(shape).numel() * stored.dtype.itemsize:
-                raise UserError(f"{stored.path} is damaged: {name} spans {stored.num_bytes} bytes, not what its "
-                                "shape and dtype need; download it again")
+                raise UserError(
+                    f"{stored.path} is damaged: {name} spans {stored.num_bytes} bytes, not what its "
+                    "shape and dtype need; download it again"
+                )
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.stored[self.aliases.get(name, name)].shape
@@ -289,7 +339,11 @@ class HFTensors:
         """Rows [first_row, first_row + len(out)) of tensor `name` into the contiguous `out`, converted
         to out's dtype (in blocks, so a conversion never holds a second copy of the whole tensor)."""
         stored = self.stored[self.aliases.get(name, name)]
-        assert out.is_contiguous() and tuple(out.shape[1:]) == stored.shape[1:], (name, out.shape, stored.shape)
+        assert out.is_contiguous() and tuple(out.shape[1:]) == stored.shape[1:], (
+            name,
+            out.shape,
+            stored.shape,
+        )
         row_bytes = out[0].numel() * stored.dtype.itemsize
         with open(stored.path, "rb", buffering=0) as handle:
             handle.seek(stored.offset + first_row * row_bytes)
@@ -316,8 +370,12 @@ class HFTensors:
 ROW_SPLITS = {"decoder.layers.mlp.linear_fc1.weight": 2}
 # Per-layer linear layers with an `_extra_state` object (None for Megatron's local layers; GPTModel
 # drops the output layer's). Stored pickled, as [object], under `<key>/shard_<layer>_<num_layers>`.
-EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
-                       "mlp.linear_fc2")
+EXTRA_STATE_MODULES = (
+    "self_attention.linear_qkv",
+    "self_attention.linear_proj",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+)
 # dist_checkpointing.save stores what is not sharded (here only the content metadata) as this object.
 COMMON_STATE_KEY = "common_state/shard_0_1"
 
@@ -338,21 +396,33 @@ class Chunk:
 def plan_chunks(dims: LlamaDims) -> list[Chunk]:
     """Chunks in the order they are written (and the safetensors read): the embedding, layer by
     layer, the final norm, the head, the common state."""
+
     def tensor_chunks(rule: Rule, layer: int | None) -> list[Chunk]:
         rows = megatron_shape(rule, dims)[0]
         parts = ROW_SPLITS.get(rule.megatron, 1)
-        return [Chunk(rule.megatron, rule, layer, (i * rows // parts, (i + 1) * rows // parts)) for i in range(parts)]
+        return [
+            Chunk(rule.megatron, rule, layer, (i * rows // parts, (i + 1) * rows // parts))
+            for i in range(parts)
+        ]
 
     first, *last = GLOBAL_RULES
     chunks = tensor_chunks(first, None)
     for layer in range(dims.num_layers):
         for rule in LAYER_RULES:
             chunks += tensor_chunks(rule, layer)
-        chunks += [Chunk(f"decoder.layers.{module}._extra_state/shard_{layer}_{dims.num_layers}", payload=None,
-                         ends_layer=module == EXTRA_STATE_MODULES[-1]) for module in EXTRA_STATE_MODULES]
+        chunks += [
+            Chunk(
+                f"decoder.layers.{module}._extra_state/shard_{layer}_{dims.num_layers}",
+                payload=None,
+                ends_layer=module == EXTRA_STATE_MODULES[-1],
+            )
+            for module in EXTRA_STATE_MODULES
+        ]
     for rule in last:
         chunks += tensor_chunks(rule, None)
-    chunks.append(Chunk(COMMON_STATE_KEY, payload={"content_metadata": dict(checkpointing.SHARDING_METADATA)}))
+    chunks.append(
+        Chunk(COMMON_STATE_KEY, payload={"content_metadata": dict(checkpointing.SHARDING_METADATA)})
+    )
     return chunks
 
 
@@ -363,15 +433,21 @@ def write_item_for(chunk: Chunk, dims: LlamaDims, dtype: torch.dtype) -> WriteIt
     start, stop = chunk.rows
     if chunk.layer is None:  # recorded as Megatron records a plain tensor (with its strides)
         size, offsets, sizes = shape, (start, *[0] * (len(shape) - 1)), (stop - start, *shape[1:])
-        properties = TensorProperties(dtype=dtype, strides=torch.empty(shape, device="meta").stride())
+        properties = plain_tensor_properties(dtype, shape)
     else:  # a stacked [num_layers, ...] tensor, recorded like Megatron's (strides unset)
         size = (dims.num_layers, *shape)
         offsets, sizes = (chunk.layer, start, *[0] * (len(shape) - 1)), (1, stop - start, *shape[1:])
         properties = TensorProperties(dtype=dtype)
     offsets = torch.Size(offsets)
-    return WriteItem(index=MetadataIndex(chunk.key, offsets), type=WriteItemType.SHARD,
-                     tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets, torch.Size(sizes)),
-                                                 properties=properties, size=torch.Size(size)))
+    return WriteItem(
+        index=MetadataIndex(chunk.key, offsets),
+        type=WriteItemType.SHARD,
+        tensor_data=TensorWriteData(
+            chunk=ChunkStorageMetadata(offsets, torch.Size(sizes)),
+            properties=properties,
+            size=torch.Size(size),
+        ),
+    )
 
 
 def expected_hf_tensors(dims: LlamaDims) -> dict[str, tuple[int, ...]]:
@@ -405,7 +481,7 @@ def produce(chunk: Chunk, tensors: HFTensors, dims: LlamaDims, dtype: torch.dtyp
         for name, (first, count) in zip(names, blocks):
             low, high = max(first, start), min(first + count, stop)
             if low < high:
-                tensors.read_rows(name, low - first, data[low - start:high - start])
+                tensors.read_rows(name, low - first, data[low - start : high - start])
     return data if chunk.layer is None else data.unsqueeze(0)
 
 
@@ -423,8 +499,9 @@ def _pickled(value: Any) -> io.BytesIO:
 class _StreamingSavePlanner(DefaultSavePlanner):
     """Plans the chunks above without a state dict and makes each chunk's data only when asked."""
 
-    def __init__(self, chunks: list[Chunk], tensors: HFTensors, dims: LlamaDims, dtype: torch.dtype,
-                 progress: Progress):
+    def __init__(
+        self, chunks: list[Chunk], tensors: HFTensors, dims: LlamaDims, dtype: torch.dtype, progress: Progress
+    ):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self.items = [write_item_for(chunk, dims, dtype) for chunk in chunks]
         self.chunks = {item.index: chunk for item, chunk in zip(self.items, chunks)}
@@ -462,8 +539,13 @@ class _SequentialWriter(FileSystemWriter):
                     torch.save(data, stream)  # what FileSystemReader reads back (torch.load per item)
                 del data
                 length = stream.tell() - offset
-                results.append(WriteResult(index=item.index, size_in_bytes=length,
-                                           storage_data=_StorageInfo(file_name, offset, length)))
+                results.append(
+                    WriteResult(
+                        index=item.index,
+                        size_in_bytes=length,
+                        storage_data=storage_location(file_name, offset, length),
+                    )
+                )
             stream.flush()
             os.fsync(stream.fileno())
         future: Future[list[WriteResult]] = Future()
@@ -485,8 +567,9 @@ def write_checkpoint(folder: Path, tensors: HFTensors, dims: LlamaDims, dtype: t
                 raise cause from None
             raise
     # What dist_checkpointing.save writes last; its loader checks it.
-    (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist",
-                                                      "sharded_backend_version": 1}))
+    (folder / "metadata.json").write_text(
+        json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1})
+    )
     return sum(path.stat().st_size for path in folder.glob("*.distcp"))
 
 
@@ -510,10 +593,16 @@ def _meta(hf: HFModel, vocab: int, padded: int, tokenizer, tokenizer_path: Path 
         "padded_vocab_size": padded,
         "tokenizer": identity,
         "data": None,
-        "source": {"hf_model": str(hf.folder.resolve()), "hf_vocab_size": hf.config["vocab_size"],
-                   "hf_dtype": str(hf.dtype).removeprefix("torch.")},
-        "versions": {"kumihimo": __version__, "megatron.core": megatron.core.__version__,
-                     "torch": torch.__version__},
+        "source": {
+            "hf_model": str(hf.folder.resolve()),
+            "hf_vocab_size": hf.config["vocab_size"],
+            "hf_dtype": str(hf.dtype).removeprefix("torch."),
+        },
+        "versions": {
+            "kumihimo": __version__,
+            "megatron.core": megatron.core.__version__,
+            "torch": torch.__version__,
+        },
         "train_state": checkpointing.TrainState().__dict__,
         "layout": {"world_size": 1, "tp": 1, "pp": 1, "cp": 1, "dp": 1, "vpp": None},
     }
@@ -534,11 +623,16 @@ def convert_from_hf(model_dir: str | Path, output_dir: str | Path, tp: int = 1, 
         tokenizer, tokenizer_path = resolve_tokenizer(hf, output_dir, staging)
         config = train_config(hf, tp, pp, tokenizer_path)
         vocab, padded = vocab_sizes(hf, tokenizer, tp, config.model.make_vocab_size_divisible_by)
-        dims = LlamaDims(num_layers=config.model.num_layers, hidden_size=config.model.hidden_size,
-                         ffn_hidden_size=config.model.ffn_hidden_size,
-                         num_attention_heads=config.model.num_attention_heads,
-                         num_query_groups=config.model.query_groups, head_dim=config.model.head_dim,
-                         megatron_vocab_size=padded, hf_vocab_size=hf.config["vocab_size"])
+        dims = LlamaDims(
+            num_layers=config.model.num_layers,
+            hidden_size=config.model.hidden_size,
+            ffn_hidden_size=config.model.ffn_hidden_size,
+            num_attention_heads=config.model.num_attention_heads,
+            num_query_groups=config.model.query_groups,
+            head_dim=config.model.head_dim,
+            megatron_vocab_size=padded,
+            hf_vocab_size=hf.config["vocab_size"],
+        )
         tensors.check(expected_hf_tensors(dims))
         # fp16 is stored as fp32 (exact); bf16 and fp32 as they are, so a round trip is bit-identical.
         dtype = torch.bfloat16 if hf.dtype == torch.bfloat16 else torch.float32
@@ -550,7 +644,9 @@ def convert_from_hf(model_dir: str | Path, output_dir: str | Path, tp: int = 1, 
         (folder / checkpointing.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (staging / checkpointing.LATEST_FILE).write_text("0\n")
     elapsed = time.monotonic() - started
-    say(f"[convert] wrote weights-only checkpoint {output_dir} ({num_bytes / 1e9:.2f} GB in {elapsed:.1f} s; "
+    say(
+        f"[convert] wrote weights-only checkpoint {output_dir} ({num_bytes / 1e9:.2f} GB in {elapsed:.1f} s; "
         f"vocab {vocab} padded to {padded} for TP={tp}); continue pretraining from it with its "
-        f"{checkpointing.CONFIG_FILE} plus your data.* settings")
+        f"{checkpointing.CONFIG_FILE} plus your data.* settings"
+    )
     return output_dir

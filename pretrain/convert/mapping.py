@@ -94,9 +94,14 @@ def _qkv_to_hf(tensor: torch.Tensor, dims: LlamaDims) -> list[torch.Tensor]:
 def _qkv_from_hf(tensors: list[torch.Tensor], dims: LlamaDims) -> torch.Tensor:
     query, key, value = tensors
     groups, head_dim, hidden = dims.num_query_groups, dims.head_dim, query.shape[-1]
-    grouped = torch.cat([query.reshape(groups, dims.heads_per_group, head_dim, hidden),
-                         key.reshape(groups, 1, head_dim, hidden),
-                         value.reshape(groups, 1, head_dim, hidden)], dim=1)
+    grouped = torch.cat(
+        [
+            query.reshape(groups, dims.heads_per_group, head_dim, hidden),
+            key.reshape(groups, 1, head_dim, hidden),
+            value.reshape(groups, 1, head_dim, hidden),
+        ],
+        dim=1,
+    )
     return grouped.reshape(-1, hidden)
 
 
@@ -109,12 +114,15 @@ def _gate_up_from_hf(tensors: list[torch.Tensor], dims: LlamaDims) -> torch.Tens
     return torch.cat(tensors, dim=0)
 
 
-TRANSFORMS = {t.name: t for t in (
-    Transform("identity", _identity_to_hf, _identity_from_hf),
-    Transform("vocab_rows", _vocab_to_hf, _vocab_from_hf),
-    Transform("qkv_per_group", _qkv_to_hf, _qkv_from_hf),
-    Transform("gate_up", _gate_up_to_hf, _gate_up_from_hf),
-)}
+TRANSFORMS = {
+    t.name: t
+    for t in (
+        Transform("identity", _identity_to_hf, _identity_from_hf),
+        Transform("vocab_rows", _vocab_to_hf, _vocab_from_hf),
+        Transform("qkv_per_group", _qkv_to_hf, _qkv_from_hf),
+        Transform("gate_up", _gate_up_to_hf, _gate_up_from_hf),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -139,14 +147,25 @@ _MLP = "model.layers.{layer}.mlp."
 # Order is the order tensors are read and written (embedding, layer by layer, final norm, head).
 RULES: tuple[Rule, ...] = (
     Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab_rows"),
-    Rule("decoder.layers.self_attention.linear_qkv.layer_norm_weight",
-         ("model.layers.{layer}.input_layernorm.weight",)),
-    Rule("decoder.layers.self_attention.linear_qkv.weight",
-         (_ATTN + "q_proj.weight", _ATTN + "k_proj.weight", _ATTN + "v_proj.weight"), "qkv_per_group"),
+    Rule(
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+        ("model.layers.{layer}.input_layernorm.weight",),
+    ),
+    Rule(
+        "decoder.layers.self_attention.linear_qkv.weight",
+        (_ATTN + "q_proj.weight", _ATTN + "k_proj.weight", _ATTN + "v_proj.weight"),
+        "qkv_per_group",
+    ),
     Rule("decoder.layers.self_attention.linear_proj.weight", (_ATTN + "o_proj.weight",)),
-    Rule("decoder.layers.mlp.linear_fc1.layer_norm_weight",
-         ("model.layers.{layer}.post_attention_layernorm.weight",)),
-    Rule("decoder.layers.mlp.linear_fc1.weight", (_MLP + "gate_proj.weight", _MLP + "up_proj.weight"), "gate_up"),
+    Rule(
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+        ("model.layers.{layer}.post_attention_layernorm.weight",),
+    ),
+    Rule(
+        "decoder.layers.mlp.linear_fc1.weight",
+        (_MLP + "gate_proj.weight", _MLP + "up_proj.weight"),
+        "gate_up",
+    ),
     Rule("decoder.layers.mlp.linear_fc2.weight", (_MLP + "down_proj.weight",)),
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
     Rule("output_layer.weight", ("lm_head.weight",), "vocab_rows"),
@@ -165,7 +184,10 @@ def megatron_shape(rule: Rule, dims: LlamaDims) -> tuple[int, ...]:
         "decoder.final_layernorm.weight": (hidden,),
         "decoder.layers.self_attention.linear_qkv.layer_norm_weight": (hidden,),
         "decoder.layers.self_attention.linear_qkv.weight": (qkv_rows, hidden),
-        "decoder.layers.self_attention.linear_proj.weight": (hidden, dims.num_attention_heads * dims.head_dim),
+        "decoder.layers.self_attention.linear_proj.weight": (
+            hidden,
+            dims.num_attention_heads * dims.head_dim,
+        ),
         "decoder.layers.mlp.linear_fc1.layer_norm_weight": (hidden,),
         "decoder.layers.mlp.linear_fc1.weight": (2 * dims.ffn_hidden_size, hidden),
         "decoder.layers.mlp.linear_fc2.weight": (hidden, dims.ffn_hidden_size),
@@ -196,5 +218,5 @@ def hf_row_blocks(rule: Rule, dims: LlamaDims) -> list[tuple[int, int]] | None:
 
 def strip_wrapper_prefix(key: str) -> str:
     while key.startswith(WRAPPER_PREFIX):
-        key = key[len(WRAPPER_PREFIX):]
+        key = key[len(WRAPPER_PREFIX) :]
     return key

@@ -27,12 +27,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-from kumihimo import configtree
-from kumihimo.errors import UserError
-from kumihimo.progress import Progress, say
-from pretrain import checkpointing
-from pretrain.convert.dcp_files import failure_cause, staged_output
-from pretrain.convert.mapping import (
+from kumihimo.core import configtree
+from kumihimo.core.errors import UserError
+from kumihimo.core.progress import Progress, say
+from kumihimo.pretrain import checkpointing
+from kumihimo.pretrain.convert.dcp_files import failure_cause, staged_output
+from kumihimo.pretrain.convert.mapping import (
     GLOBAL_RULES,
     LAYER_RULES,
     TRANSFORMS,
@@ -94,16 +94,21 @@ class _RegionLoadPlanner(DefaultLoadPlanner):
                     continue
                 starts, lengths = found
                 covered += torch.Size(lengths).numel()
-                items.append(ReadItem(
-                    type=LoadItemType.TENSOR,
-                    dest_index=MetadataIndex(name, region.offsets),
-                    dest_offsets=torch.Size(s - o for s, o in zip(starts, region.offsets)),
-                    storage_index=MetadataIndex(region.key, chunk.offsets, index),
-                    storage_offsets=torch.Size(s - o for s, o in zip(starts, chunk.offsets)),
-                    lengths=torch.Size(lengths)))
+                items.append(
+                    ReadItem(
+                        type=LoadItemType.TENSOR,
+                        dest_index=MetadataIndex(name, region.offsets),
+                        dest_offsets=torch.Size(s - o for s, o in zip(starts, region.offsets)),
+                        storage_index=MetadataIndex(region.key, chunk.offsets, index),
+                        storage_offsets=torch.Size(s - o for s, o in zip(starts, chunk.offsets)),
+                        lengths=torch.Size(lengths),
+                    )
+                )
             if covered != region.tensor.numel():  # chunks never overlap, so volumes add up
-                raise UserError(f"tensor {region.key} at offsets {region.offsets} is only partly stored in the "
-                                "checkpoint (a shard is missing); the checkpoint is incomplete, use another one")
+                raise UserError(
+                    f"tensor {region.key} at offsets {region.offsets} is only partly stored in the "
+                    "checkpoint (a shard is missing); the checkpoint is incomplete, use another one"
+                )
         return LoadPlan(items)
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
@@ -132,8 +137,10 @@ class TorchDistReader:
 
     def __init__(self, folder: Path):
         if not (folder / ".metadata").is_file():
-            raise UserError(f"{folder} has no torch_dist .metadata file: the checkpoint is incomplete or not a "
-                            "torch_dist checkpoint; pick another iteration")
+            raise UserError(
+                f"{folder} has no torch_dist .metadata file: the checkpoint is incomplete or not a "
+                "torch_dist checkpoint; pick another iteration"
+            )
         self.folder = folder
         self._storage = _CachedMetadataReader(folder)
         entries = self._storage.read_metadata().state_dict_metadata
@@ -157,22 +164,34 @@ class TorchDistReader:
         for name, (key, layer) in requests.items():
             shape = self.shape(key)
             if layer is None:
-                regions[name] = Region(self._saved_keys[key], (0,) * len(shape),
-                                       torch.empty(shape, dtype=self.dtype(key)))
+                regions[name] = Region(
+                    self._saved_keys[key], (0,) * len(shape), torch.empty(shape, dtype=self.dtype(key))
+                )
             else:
-                regions[name] = Region(self._saved_keys[key], (layer,) + (0,) * (len(shape) - 1),
-                                       torch.empty((1, *shape[1:]), dtype=self.dtype(key)))
+                regions[name] = Region(
+                    self._saved_keys[key],
+                    (layer,) + (0,) * (len(shape) - 1),
+                    torch.empty((1, *shape[1:]), dtype=self.dtype(key)),
+                )
         try:
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                 warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-                dcp.load({name: r.tensor for name, r in regions.items()}, storage_reader=self._storage,
-                         planner=_RegionLoadPlanner(regions), no_dist=True)
+                dcp.load(
+                    {name: r.tensor for name, r in regions.items()},
+                    storage_reader=self._storage,
+                    planner=_RegionLoadPlanner(regions),
+                    no_dist=True,
+                )
         except CheckpointException as exc:
             cause = failure_cause(exc)
             if isinstance(cause, UserError):
                 raise cause from None
-            raise UserError(f"{self.folder} is incomplete or damaged ({cause}); use another checkpoint") from exc
-        return {name: r.tensor[0] if requests[name][1] is not None else r.tensor for name, r in regions.items()}
+            raise UserError(
+                f"{self.folder} is incomplete or damaged ({cause}); use another checkpoint"
+            ) from exc
+        return {
+            name: r.tensor[0] if requests[name][1] is not None else r.tensor for name, r in regions.items()
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,8 +247,11 @@ class StreamingSafetensorsWriter:
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for tensor in self.shards[shard_index]:
-            header[tensor.name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                                   "data_offsets": [offset, offset + tensor.num_bytes]}
+            header[tensor.name] = {
+                "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+                "shape": list(tensor.shape),
+                "data_offsets": [offset, offset + tensor.num_bytes],
+            }
             offset += tensor.num_bytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
@@ -279,7 +301,7 @@ class Source:
 
 def open_checkpoint(root: Path, iteration: int | None = None) -> Source:
     """The checkpoint folder under `root` (or `root` itself if it is an iter_NNNNNNN folder)."""
-    from pretrain.config import TrainConfig
+    from kumihimo.pretrain.config import TrainConfig
 
     if not root.exists():
         raise UserError(f"checkpoint folder {str(root)!r} does not exist; pass the checkpoint.save folder")
@@ -290,8 +312,10 @@ def open_checkpoint(root: Path, iteration: int | None = None) -> Source:
     meta = checkpointing.read_meta(folder)
     config_path = folder / checkpointing.CONFIG_FILE
     if not config_path.is_file():
-        raise UserError(f"{folder} has no {checkpointing.CONFIG_FILE}: the model cannot be described without it; "
-                        "use a checkpoint saved by `kumihimo train`")
+        raise UserError(
+            f"{folder} has no {checkpointing.CONFIG_FILE}: the model cannot be described without it; "
+            "use a checkpoint saved by `kumihimo train`"
+        )
     try:
         config = configtree.from_dict(TrainConfig, configtree.read_yaml(config_path))
         config.model.validate()
@@ -313,7 +337,7 @@ class TokenizerInfo:
 
 def resolve_tokenizer(source: Source, override: str | Path | None) -> TokenizerInfo:
     """The SentencePiece model the checkpoint was trained with, checked by sha256 and size."""
-    from tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.spm import Tokenizer
 
     identity = source.meta.get("tokenizer")
     recorded = (identity or {}).get("path") or source.config.data.tokenizer
@@ -323,25 +347,37 @@ def resolve_tokenizer(source: Source, override: str | Path | None) -> TokenizerI
     try:
         tokenizer = Tokenizer.load(override if override is not None else recorded)
     except UserError as exc:
-        raise UserError(f"the tokenizer the checkpoint was trained with ({recorded}) cannot be read ({exc}); "
-                        "pass --tokenizer PATH to the same SentencePiece model") from exc
+        raise UserError(
+            f"the tokenizer the checkpoint was trained with ({recorded}) cannot be read ({exc}); "
+            "pass --tokenizer PATH to the same SentencePiece model"
+        ) from exc
     if identity and identity.get("sha256") and tokenizer.sha256 != identity["sha256"]:
-        raise UserError(f"tokenizer mismatch: {tokenizer.path} has sha256 {tokenizer.sha256[:12]}... but the "
-                        f"checkpoint was trained with {identity['sha256'][:12]}... ({recorded}); pass the "
-                        "same model with --tokenizer")
+        raise UserError(
+            f"tokenizer mismatch: {tokenizer.path} has sha256 {tokenizer.sha256[:12]}... but the "
+            f"checkpoint was trained with {identity['sha256'][:12]}... ({recorded}); pass the "
+            "same model with --tokenizer"
+        )
     if tokenizer.vocab_size != vocab_size:
-        raise UserError(f"vocab mismatch: tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the "
-                        f"checkpoint's vocab_size is {vocab_size}; pass the tokenizer it was trained with")
+        raise UserError(
+            f"vocab mismatch: tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the "
+            f"checkpoint's vocab_size is {vocab_size}; pass the tokenizer it was trained with"
+        )
     return TokenizerInfo(tokenizer.path, identity or tokenizer.identity(), vocab_size)
 
 
 def dims_for(source: Source, keep_vocab_padding: bool) -> LlamaDims:
     model = source.config.model
     padded = source.meta["padded_vocab_size"]
-    return LlamaDims(num_layers=model.num_layers, hidden_size=model.hidden_size,
-                     ffn_hidden_size=model.ffn_hidden_size, num_attention_heads=model.num_attention_heads,
-                     num_query_groups=model.query_groups, head_dim=model.head_dim, megatron_vocab_size=padded,
-                     hf_vocab_size=padded if keep_vocab_padding else source.meta["vocab_size"])
+    return LlamaDims(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        head_dim=model.head_dim,
+        megatron_vocab_size=padded,
+        hf_vocab_size=padded if keep_vocab_padding else source.meta["vocab_size"],
+    )
 
 
 def check_architecture(reader: TorchDistReader, dims: LlamaDims) -> None:
@@ -349,18 +385,24 @@ def check_architecture(reader: TorchDistReader, dims: LlamaDims) -> None:
     known = {rule.megatron: rule for rule in (*GLOBAL_RULES, *LAYER_RULES)}
     extra = sorted(set(reader.tensors) - set(known))
     if extra:
-        raise UserError(f"unsupported architecture: checkpoint tensor(s) {', '.join(extra[:3])} have no "
-                        "Hugging Face Llama counterpart (biases, MoE, tied or extra layers are not supported)")
+        raise UserError(
+            f"unsupported architecture: checkpoint tensor(s) {', '.join(extra[:3])} have no "
+            "Hugging Face Llama counterpart (biases, MoE, tied or extra layers are not supported)"
+        )
     for key, rule in known.items():
         if key not in reader.tensors:
-            raise UserError(f"checkpoint {reader.folder} lacks tensor {key}; it is incomplete or not a "
-                            "Llama-style GPTModel with untied embeddings")
+            raise UserError(
+                f"checkpoint {reader.folder} lacks tensor {key}; it is incomplete or not a "
+                "Llama-style GPTModel with untied embeddings"
+            )
         expected = megatron_shape(rule, dims)
         if rule.per_layer:
             expected = (dims.num_layers, *expected)
         if reader.shape(key) != expected:
-            raise UserError(f"tensor {key} has shape {list(reader.shape(key))} but run_config.yaml and "
-                            f"kumihimo.json imply {list(expected)}; the files do not belong together")
+            raise UserError(
+                f"tensor {key} has shape {list(reader.shape(key))} but run_config.yaml and "
+                f"kumihimo.json imply {list(expected)}; the files do not belong together"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,17 +415,24 @@ def production_order(dims: LlamaDims) -> list[tuple[Rule, int | None]]:
     final norm, the head. One tensor (one layer's slice) at a time keeps peak memory near the
     largest single tensor; chunks are per layer and TP rank, so no file region is read twice."""
     first, *last = GLOBAL_RULES
-    return [(first, None), *((rule, layer) for layer in range(dims.num_layers) for rule in LAYER_RULES),
-            *((rule, None) for rule in last)]
+    return [
+        (first, None),
+        *((rule, layer) for layer in range(dims.num_layers) for rule in LAYER_RULES),
+        *((rule, None) for rule in last),
+    ]
 
 
 def planned_tensors(dims: LlamaDims, dtype: torch.dtype) -> list[PlannedTensor]:
-    return [PlannedTensor(name, shape, dtype) for rule, layer in production_order(dims)
-            for name, shape in zip(rule.hf_names(layer), hf_shapes(rule, dims))]
+    return [
+        PlannedTensor(name, shape, dtype)
+        for rule, layer in production_order(dims)
+        for name, shape in zip(rule.hf_names(layer), hf_shapes(rule, dims))
+    ]
 
 
-def write_weights(reader: TorchDistReader, dims: LlamaDims, folder: Path, dtype: torch.dtype,
-                  max_shard_bytes: int) -> int:
+def write_weights(
+    reader: TorchDistReader, dims: LlamaDims, folder: Path, dtype: torch.dtype, max_shard_bytes: int
+) -> int:
     """Stream every tensor through its transform into safetensors shards; returns bytes written."""
     writer = StreamingSafetensorsWriter(folder, planned_tensors(dims, dtype), max_shard_bytes)
     with Progress("convert", total=dims.num_layers, unit="layers") as progress:
@@ -398,7 +447,9 @@ def write_weights(reader: TorchDistReader, dims: LlamaDims, folder: Path, dtype:
     return writer.bytes_written
 
 
-def hf_config(source: Source, dims: LlamaDims, tokenizer: TokenizerInfo, dtype: torch.dtype) -> dict[str, Any]:
+def hf_config(
+    source: Source, dims: LlamaDims, tokenizer: TokenizerInfo, dtype: torch.dtype
+) -> dict[str, Any]:
     model = source.config.model
     identity = tokenizer.identity or {}
     dtype_name = HF_DTYPE_NAMES[dtype]
@@ -448,7 +499,8 @@ def provenance(source: Source, dims: LlamaDims, tokenizer: TokenizerInfo) -> dic
         info["vocab_padding_kept"] = (
             f"rows {tokenizer.vocab_size}..{dims.hf_vocab_size - 1} of embed_tokens and lm_head are Megatron's "
             "tensor-parallel padding (never trained on; no token maps to them). Kept on request "
-            "(--keep-vocab-padding), e.g. for kernels that want a vocabulary multiple of 128.")
+            "(--keep-vocab-padding), e.g. for kernels that want a vocabulary multiple of 128."
+        )
     return info
 
 
@@ -463,18 +515,22 @@ def generation_config(tokenizer: TokenizerInfo) -> dict[str, Any]:
 
 def write_tokenizer(tokenizer: TokenizerInfo, folder: Path) -> str:
     """Hugging Face tokenizer files when the exporter is available, else tokenizer.model alone."""
-    from tokenizer.spm import MODEL_FILENAME
+    from kumihimo.tokenizer.spm import MODEL_FILENAME
 
     if tokenizer.path is None:
-        say("[convert] warning: the checkpoint was trained on mock data without a tokenizer; no tokenizer "
-            "files are written and config.json has no bos/eos ids")
+        say(
+            "[convert] warning: the checkpoint was trained on mock data without a tokenizer; no tokenizer "
+            "files are written and config.json has no bos/eos ids"
+        )
         return "none (mock data)"
     try:
-        from tokenizer.export_hf import export_hf
+        from kumihimo.tokenizer.export_hf import export_hf
     except ImportError as exc:
         shutil.copyfile(tokenizer.path, folder / MODEL_FILENAME)
-        say(f"[convert] warning: tokenizer.export_hf is unavailable ({exc}); copied {MODEL_FILENAME} only, "
-            "so AutoTokenizer cannot load this folder until the HF tokenizer files are exported")
+        say(
+            f"[convert] warning: tokenizer.export_hf is unavailable ({exc}); copied {MODEL_FILENAME} only, "
+            "so AutoTokenizer cannot load this folder until the HF tokenizer files are exported"
+        )
         return f"{MODEL_FILENAME} only"
     export_hf(tokenizer.path, folder)
     return "tokenizer.json, tokenizer_config.json, special_tokens_map.json, tokenizer.model"
@@ -497,9 +553,15 @@ def write_readme(folder: Path, config: dict[str, Any], tokenizer_files: str) -> 
     (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def convert_to_hf(checkpoint_root: str | Path, output_dir: str | Path, iteration: int | None = None,
-                  dtype: str = "bf16", keep_vocab_padding: bool = False, tokenizer: str | Path | None = None,
-                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+def convert_to_hf(
+    checkpoint_root: str | Path,
+    output_dir: str | Path,
+    iteration: int | None = None,
+    dtype: str = "bf16",
+    keep_vocab_padding: bool = False,
+    tokenizer: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
     """Write a Hugging Face LlamaForCausalLM folder for a kumihimo checkpoint; returns the folder.
 
     `checkpoint_root` is a checkpoint.save folder (latest iteration unless `iteration` is given) or
@@ -518,9 +580,13 @@ def convert_to_hf(checkpoint_root: str | Path, output_dir: str | Path, iteration
         num_bytes = write_weights(source.reader, dims, staging, DTYPES[dtype], max_shard_bytes)
         config = hf_config(source, dims, tokenizer_info, DTYPES[dtype])
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (staging / "generation_config.json").write_text(json.dumps(generation_config(tokenizer_info), indent=2) + "\n")
+        (staging / "generation_config.json").write_text(
+            json.dumps(generation_config(tokenizer_info), indent=2) + "\n"
+        )
         write_readme(staging, config, write_tokenizer(tokenizer_info, staging))
     elapsed = time.monotonic() - started
-    say(f"[convert] wrote {output_dir} ({num_bytes / 1e9:.2f} GB of weights in {elapsed:.1f} s, "
-        f"{num_bytes / 1e9 / max(elapsed, 1e-9):.2f} GB/s) from {source.folder}")
+    say(
+        f"[convert] wrote {output_dir} ({num_bytes / 1e9:.2f} GB of weights in {elapsed:.1f} s, "
+        f"{num_bytes / 1e9 / max(elapsed, 1e-9):.2f} GB/s) from {source.folder}"
+    )
     return output_dir

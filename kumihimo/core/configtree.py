@@ -26,7 +26,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from kumihimo.errors import UserError
+from kumihimo.core.errors import UserError
+from kumihimo.core.recipes import resolve_recipe
 
 EXTENDS_KEY = "extends"
 
@@ -62,7 +63,9 @@ def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} holds a {type(data).__name__}, not a mapping of sections; start it with keys")
+        raise ConfigError(
+            f"{path} holds a {type(data).__name__}, not a mapping of sections; start it with keys"
+        )
     parent = data.pop(EXTENDS_KEY, None)
     if parent is None:
         return data
@@ -105,8 +108,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 child = node[part] = {}
             if not isinstance(child, dict):
                 where = ".".join(parts[: depth + 1])
-                raise bad_value(key, value, f"reaches into {where}, which is a value, not a section",
-                                f"override {where}=... directly")
+                raise bad_value(
+                    key,
+                    value,
+                    f"reaches into {where}, which is a value, not a section",
+                    f"override {where}=... directly",
+                )
             node = child
         node[parts[-1]] = value
     return data
@@ -162,8 +169,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         choices = get_args(tp)
         if value in choices:
             return value
-        raise bad_value(key, value, "is not one of the allowed values",
-                        f"choose one of {', '.join(repr(c) for c in choices)}")
+        raise bad_value(
+            key,
+            value,
+            "is not one of the allowed values",
+            f"choose one of {', '.join(repr(c) for c in choices)}",
+        )
     if dataclasses.is_dataclass(tp):
         if value is None:
             value = {}
@@ -217,8 +228,11 @@ def from_dict[T](cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     if unknown:
         key = str(unknown[0])
         close = difflib.get_close_matches(key, list(fields), n=1)
-        hint = f"did you mean {_join(prefix, close[0])!r}?" if close else (
-            f"valid keys{' of ' + repr(prefix) if prefix else ''} are: {', '.join(fields)}")
+        hint = (
+            f"did you mean {_join(prefix, close[0])!r}?"
+            if close
+            else (f"valid keys{' of ' + repr(prefix) if prefix else ''} are: {', '.join(fields)}")
+        )
         raise ConfigError(f"unknown key {_join(prefix, key)!r}; {hint}")
     kwargs = {}
     for name, field in fields.items():
@@ -261,6 +275,8 @@ def validate_tree(obj: Any) -> None:
 
 def load[T](cls: type[T], path: str | os.PathLike | None, overrides: list[str] | None = None) -> T:
     """Recipe file (or none: all defaults) + overrides -> a validated config tree."""
+    if path is not None:  # a path, or the name of a recipe shipped for this config's stage
+        path = resolve_recipe(path, getattr(cls, "RECIPE_FOLDER", None))
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     config = from_dict(cls, data)
@@ -301,9 +317,13 @@ def field_docs(cls: type) -> dict[str, str]:
     body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
     for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -335,4 +355,3 @@ def check_documented(cls: type, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(hints[field.name]):
             missing.extend(check_documented(hints[field.name], key))
     return missing
-
