@@ -104,7 +104,6 @@ def register(parser: argparse.ArgumentParser) -> None:
     """Add curate / tokenize / run under the `data_prep` verb's parser."""
     subs = parser.add_subparsers(
         dest="data_prep_command",
-        required=True,
         metavar="{curate,tokenize,run}",
         parser_class=_OverridesParser,
     )

@@ -50,7 +50,7 @@ its SBATCH_<OPTION> lines become #SBATCH --<option> lines (SBATCH_PARTITION=gpu 
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    commands = parser.add_subparsers(dest="slurm_command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="slurm_command", metavar="COMMAND")
     formatter = argparse.RawDescriptionHelpFormatter
     submit = commands.add_parser(
         "submit",

@@ -31,7 +31,7 @@ same ids as SentencePiece; encode() prepends <s> (never </s>), as in training do
 
 def register(parser: argparse.ArgumentParser) -> None:
     """Add the tokenizer sub-commands to the `tokenizer` verb's parser."""
-    commands = parser.add_subparsers(dest="tokenizer_command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="tokenizer_command", metavar="COMMAND")
     formatter = argparse.RawDescriptionHelpFormatter
 
     train = commands.add_parser(
