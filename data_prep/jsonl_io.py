@@ -13,7 +13,6 @@ import gzip
 import io
 import json
 import os
-import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kumihimo.core.errors import UserError
+from kumihimo.core.files import temp_file_beside
 from kumihimo.data_prep.config import DataPrepConfig, InputConfig
 
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
@@ -247,8 +247,7 @@ class AtomicJsonlWriter:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        fd, self.tmp = temp_file_beside(self.path)
         self.handle = os.fdopen(fd, "w", encoding="utf-8")
         self.num_records = 0
 

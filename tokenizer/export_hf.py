@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from kumihimo.core.errors import UserError
+from kumihimo.core.files import temp_dir
 from kumihimo.tokenizer.spm import MODEL_FILENAME, resolve_model_path
 
 SPACE_SYMBOL = "▁"
@@ -217,7 +217,7 @@ def export_hf(model_path: str | Path, output_dir: str | Path) -> Path:
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output {str(output_dir)!r} is a file; pass a directory path")
     output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-hf-", dir=output_dir))
+    staging = temp_dir(output_dir, ".export-hf-")
     try:
         tokenizer.save(str(staging / "tokenizer.json"))
         for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):

@@ -16,7 +16,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
+from kumihimo.core.files import temp_dir
 from kumihimo.core.progress import Progress, say
 from kumihimo.tokenizer.config import NEWLINE, SourceConfig, TokenizerTrainConfig
 from kumihimo.tokenizer.spm import MODEL_FILENAME
@@ -77,7 +77,8 @@ class SourceSample:
 def match_files(config: TokenizerTrainConfig) -> dict[str, list[Path]]:
     """Expand every source's globs; a source with ratio > 0 that matches nothing is an error."""
     matched = {}
-    for name, source in config.sources.items():
+    for source in config.input.sources:
+        name = source.name
         files: set[str] = set()
         for pattern in source.paths:
             files.update(
@@ -85,7 +86,7 @@ def match_files(config: TokenizerTrainConfig) -> dict[str, list[Path]]:
             )
         if not files and source.ratio > 0:
             raise configtree.bad_value(
-                f"sources.{name}.paths",
+                f"input.sources.{name}.paths",
                 source.paths,
                 "matched no files",
                 "check the glob patterns (relative paths start at the current directory)",
@@ -111,7 +112,7 @@ def iter_documents(path: Path, text_field: str, lang: str | None) -> Iterator[st
                     ) from exc
                 if not isinstance(record, dict) or text_field not in record:
                     raise UserError(
-                        f"{where} has no {text_field!r} field; set sources.<name>.text_field "
+                        f"{where} has no {text_field!r} field; set input.text_field "
                         "to the key that holds the text"
                     )
                 if lang is not None and record.get("lang") != lang:
@@ -151,7 +152,7 @@ def sample_source(
     rng = random.Random(f"{config.seed}:{sample.name}")
     reservoir = sample.sentences
     for path in sample.files:
-        for text in iter_documents(path, source.text_field, source.lang):
+        for text in iter_documents(path, config.input.text_field, source.lang):
             sample.num_documents += 1
             for sentence in split_sentences(text, config.max_sentence_length):
                 if len(reservoir) >= sample.quota and not config.shuffle_input_sentence:
@@ -168,10 +169,11 @@ def sample_source(
 
 def sample_corpus(config: TokenizerTrainConfig, files: dict[str, list[Path]]) -> list[SourceSample]:
     """Sample every source by its ratio, then even out sources that had fewer lines than their share."""
-    total_ratio = sum(s.ratio for s in config.sources.values())
+    total_ratio = sum(s.ratio for s in config.input.sources)
     samples = []
     with Progress("tokenizer", unit="documents read") as progress:
-        for name, source in config.sources.items():
+        for source in config.input.sources:
+            name = source.name
             if source.ratio == 0:
                 continue
             quota = max(1, round(config.input_sentence_size * source.ratio / total_ratio))
@@ -181,7 +183,7 @@ def sample_corpus(config: TokenizerTrainConfig, files: dict[str, list[Path]]) ->
                 lang = f", lang={source.lang!r}" if source.lang is not None else ""
                 raise UserError(
                     f"source {name!r} yielded no text from {len(sample.files)} file(s) "
-                    f"(text_field={source.text_field!r}{lang}); check sources.{name}.paths and its filters"
+                    f"(text_field={config.input.text_field!r}{lang}); check input.sources.{name}.paths and its filters"
                 )
             say(
                 f"[tokenizer] {name}: {sample.num_documents:,} documents, {sample.num_lines:,} lines read, "
@@ -408,7 +410,7 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
     num_bytes = sum(len(s.encode("utf-8")) for s in sentences)
     check_vocab_supported(config, sentences)
     options = sentencepiece_options(config, num_bytes)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    staging = temp_dir(output_dir.parent, f".{output_dir.name}.tmp-")
     try:
         say(
             f"[tokenizer] training {config.model_type} vocab {config.padded_vocab_size:,} on "

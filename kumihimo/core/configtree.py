@@ -17,7 +17,6 @@ import dataclasses
 import difflib
 import inspect
 import os
-import tempfile
 import textwrap
 import types
 from collections.abc import Mapping
@@ -27,6 +26,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from kumihimo.core.errors import UserError
+from kumihimo.core.files import write_text_atomic  # noqa: F401 - re-exported: configtree.write_text_atomic
 from kumihimo.core.recipes import resolve_recipe
 
 EXTENDS_KEY = "extends"
@@ -103,10 +103,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = data
         parts = key.split(".")
         for depth, part in enumerate(parts[:-1]):
+            if isinstance(node, list):  # a list of named items (sources): address one by its name
+                node = _named_item(node, part, ".".join(parts[:depth]), key)
+                continue
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
-            if not isinstance(child, dict):
+            if _is_named_list(child):  # copied, so the recipe's own list is never changed
+                child = node[part] = [dict(item) for item in child]
+            elif not isinstance(child, dict):
                 where = ".".join(parts[: depth + 1])
                 raise bad_value(
                     key,
@@ -115,8 +120,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                     f"override {where}=... directly",
                 )
             node = child
+        if isinstance(node, list):
+            raise bad_value(key, value, f"names an item of the list {'.'.join(parts[:-1])}, not one of its keys",
+                            f"override {'.'.join(parts[:-1])}.<key>=... or the whole list")
         node[parts[-1]] = value
     return data
+
+
+def _is_named_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "name" in v for v in value)
+
+
+def _named_item(items: list[dict[str, Any]], name: str, where: str, key: str) -> dict[str, Any]:
+    """The item called `name` of a list of named mappings (`input.sources.ja.paths=...`)."""
+    for item in items:
+        if str(item.get("name")) == name:
+            return item
+    names = ", ".join(str(item.get("name")) for item in items)
+    raise ConfigError(f"override {key!r}: {where} has no item named {name!r} (names: {names}); use one of "
+                      f"those names or set the whole list with {where}=[...]")
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,6 +247,10 @@ def from_dict[T](cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
+    renamed = getattr(cls, "RENAMED", {})
+    for key in unknown:
+        if key in renamed:
+            raise ConfigError(f"{_join(prefix, str(key))!r} is an old spelling; {renamed[key]}")
     if unknown:
         key = str(unknown[0])
         close = difflib.get_close_matches(key, list(fields), n=1)
@@ -287,20 +313,6 @@ def load[T](cls: type[T], path: str | os.PathLike | None, overrides: list[str] |
 def save(config: Any, path: str | os.PathLike) -> None:
     """Write the resolved config atomically (never a half-written file)."""
     write_text_atomic(Path(path), dump_yaml(config))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorProperties
 
 from kumihimo.core.errors import UserError
+from kumihimo.core.files import temp_dir
 
 
 @contextlib.contextmanager
@@ -36,10 +36,9 @@ def staged_output(output_dir: Path) -> Iterator[Path]:
             "folder or delete it"
         )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    staging = temp_dir(output_dir.parent, f".{output_dir.name}.tmp-")
     try:
         yield staging
-        staging.chmod(0o755)  # mkdtemp makes it private; the output is meant to be shared
         if output_dir.exists():
             output_dir.rmdir()  # empty (checked above)
         staging.rename(output_dir)

@@ -1,0 +1,100 @@
+"""Outputs get the permissions a plain write would give under the user's umask (issue 12, item 8).
+
+The atomic writers used mkstemp/mkdtemp, which create files 0600 and folders 0700 whatever the
+umask: curated data, blend.yaml, reports, run configs, checkpoint metadata and the `latest` marker
+were private to their author, so team members could neither read nor resume a run.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from kumihimo.core import configtree, files
+from kumihimo.data_prep.jsonl_io import AtomicJsonlWriter
+from kumihimo.pretrain.convert.dcp_files import staged_output
+
+# group may read, others may not: neither mkstemp's 0600 nor a hard-coded 0644/0755 passes
+UMASK = 0o027
+
+
+@pytest.fixture
+def team_umask():
+    old = os.umask(UMASK)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def wrong_modes(root: Path) -> list[str]:
+    """Every file under `root` (and `root`) whose mode is not what open()/mkdir() give under UMASK."""
+    want_file, want_dir = 0o666 & ~UMASK, 0o777 & ~UMASK
+    wrong = []
+    for path in [root, *root.rglob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if path.is_symlink():
+            continue
+        want = want_dir if path.is_dir() else want_file
+        if mode != want:
+            wrong.append(f"{path.relative_to(root.parent)}: {mode:o} (want {want:o})")
+    return wrong
+
+
+def test_umask_is_read_without_changing_it(team_umask):
+    assert files.current_umask() == UMASK
+    assert files.file_mode() == 0o640 and files.dir_mode() == 0o750
+    assert os.umask(UMASK) == UMASK  # still set
+
+
+def test_atomic_writers_respect_the_umask(tmp_path, team_umask):
+    out = tmp_path / "out"
+    configtree.write_text_atomic(out / "run_config.yaml", "a: 1\n")  # run configs, checkpoint metadata
+    configtree.write_text_atomic(out / "latest_checkpointed_iteration.txt", "100\n")  # the `latest` marker
+    files.write_bytes_atomic(out / "blob.bin", b"\0")
+    with AtomicJsonlWriter(out / "curated" / "ja.jsonl") as writer:  # curated, dropped, quarantine
+        writer.write({"text": "x"})
+    files.temp_dir(out, ".staging-").rename(out / "staged")
+    with staged_output(out / "converted") as staging:  # convert's output folder
+        (staging / "model.safetensors").write_bytes(b"")
+    assert wrong_modes(out) == []
+
+
+def test_curated_data_datasets_blend_and_report_are_shared(tmp_path, team_umask):
+    import sentencepiece as spm
+
+    from kumihimo.data_prep.pipeline import build_datasets, curate
+    from tests.test_data_prep_pipeline import EN, JA, write_corpus
+
+    config = write_corpus(tmp_path / "corpus")
+    (tmp_path / "spm.txt").write_text("\n".join(JA + EN), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "spm.txt"),
+        model_prefix=str(tmp_path / "tiny"),
+        vocab_size=1000,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        character_coverage=0.98,
+        minloglevel=2,
+    )
+    curate(config)
+    build_datasets(config, tmp_path / "tiny.model")
+    out = Path(config.output_dir)
+    assert (out / "blend.yaml").is_file() and (out / "report.json").is_file()
+    assert wrong_modes(out) == []
+
+
+def test_trained_tokenizer_folder_is_shared(tmp_path, team_umask):
+    from kumihimo.tokenizer import synthetic
+    from kumihimo.tokenizer.train import train_tokenizer
+    from tests.test_tokenizer_train import make_config, recipe
+
+    synthetic.write_jsonl(tmp_path / "ja.jsonl", "ja", 300)
+    synthetic.write_jsonl(tmp_path / "en.jsonl", "en", 300)
+    synthetic.write_jsonl(tmp_path / "code.jsonl", "code", 100)
+    data = recipe(tmp_path, tmp_path / "tok", vocab_size=1000, input_sentence_size=1000, required_pieces=[])
+    train_tokenizer(make_config(data))
+    assert wrong_modes(tmp_path / "tok") == []
