@@ -161,7 +161,7 @@ def _tokenizer_config(workdir: Path, curated: dict[str, Any]):
 
     overrides = [f"output_dir={workdir / 'tokenizer'}"]
     for lang in ("ja", "en"):
-        overrides.append(f"sources.{lang}.paths={json.dumps(list(curated['curated'].values()))}")
+        overrides.append(f"input.sources.{lang}.paths={json.dumps(list(curated['curated'].values()))}")
     return configtree.load(TokenizerTrainConfig, CONFIGS / "tokenizer" / "tiny.yaml", overrides)
 
 

@@ -91,7 +91,11 @@ def train_with_kumihimo(root: Path, model_type: str) -> Path:
     config = configtree.from_dict(
         TokenizerTrainConfig,
         {
-            "sources": {lang: {"paths": [str(root / f"{lang}.jsonl")]} for lang in ("ja", "en", "code")},
+            "input": {
+                "sources": [
+                    {"name": lang, "paths": [str(root / f"{lang}.jsonl")]} for lang in ("ja", "en", "code")
+                ]
+            },
             "output_dir": str(root / "tok"),
             "vocab_size": 900,
             "model_type": model_type,

@@ -29,7 +29,7 @@ def train_one(path: Path, output: Path, vocab_size: int) -> Path:
     config = configtree.from_dict(
         TokenizerTrainConfig,
         {
-            "sources": {"only": {"paths": [str(path)], "ratio": 1.0}},
+            "input": {"sources": [{"name": "only", "paths": [str(path)], "ratio": 1.0}]},
             "output_dir": str(output),
             "vocab_size": vocab_size,
             "input_sentence_size": 3000,

@@ -38,13 +38,21 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
-def recipe(corpus: Path, output_dir: Path, **overrides) -> dict:
+def named_sources(sources: dict[str, dict]) -> dict:
+    """`input` with the sources {name: fields} as the list of named items the config reads."""
+    return {"sources": [{"name": name, **fields} for name, fields in sources.items()]}
+
+
+def recipe(corpus: Path, output_dir: Path, sources: dict | None = None, **overrides) -> dict:
+    """A recipe dict; `sources` = per-source changes by name, merged into the three default sources."""
+    by_name = {
+        "ja": {"paths": [str(corpus / "ja.*")], "ratio": 0.5},
+        "en": {"paths": [str(corpus / "en.*")], "ratio": 0.3},
+        "code": {"paths": [str(corpus / "code.*")], "ratio": 0.2},
+    }
+    by_name = configtree.deep_merge(by_name, sources or {})
     data = {
-        "sources": {
-            "ja": {"paths": [str(corpus / "ja.*")], "ratio": 0.5},
-            "en": {"paths": [str(corpus / "en.*")], "ratio": 0.3},
-            "code": {"paths": [str(corpus / "code.*")], "ratio": 0.2},
-        },
+        "input": named_sources(by_name),
         "output_dir": str(output_dir),
         "vocab_size": 1000,
         "input_sentence_size": 3000,
@@ -89,17 +97,25 @@ def test_llmjp3_recipe_matches_reference():
     assert (config.model_type, config.normalization, config.max_piece_length) == ("unigram", "identity", 16)
     assert config.byte_fallback and config.split_digits and config.allow_whitespace_only_pieces
     assert not config.remove_extra_whitespaces and not config.add_dummy_prefix
-    assert set(config.sources) == {"ja", "en", "code"}
+    assert [source.name for source in config.input.sources] == ["ja", "en", "code"]
 
 
 def test_quickstart_can_override_source_paths(tmp_path):
     config = configtree.load(
         TokenizerTrainConfig,
         CONFIG_DIR / "tiny.yaml",
-        [f"sources.ja.paths=[{tmp_path}/a.jsonl]", f"output_dir={tmp_path}/out"],
+        [f"input.sources.ja.paths=[{tmp_path}/a.jsonl]", f"output_dir={tmp_path}/out"],
     )
-    assert config.sources["ja"].paths == [f"{tmp_path}/a.jsonl"]
+    assert config.input.sources[0].name == "ja" and config.input.sources[0].paths == [f"{tmp_path}/a.jsonl"]
+    assert config.input.sources[1].paths == ["runs/quickstart/data/*.jsonl.gz"]  # the recipe is unchanged
     assert config.output_dir == f"{tmp_path}/out"
+
+
+def test_old_sources_spelling_and_unknown_source_names_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"'sources' is an old spelling; write input.sources as a list"):
+        configtree.from_dict(TokenizerTrainConfig, {"sources": {"ja": {"paths": ["a"]}}, "output_dir": "o"})
+    with pytest.raises(ConfigError, match=r"input.sources has no item named 'jp' \(names: ja, en\)"):
+        configtree.load(TokenizerTrainConfig, CONFIG_DIR / "tiny.yaml", ["input.sources.jp.ratio=1"])
 
 
 @pytest.mark.parametrize(
@@ -109,7 +125,7 @@ def test_quickstart_can_override_source_paths(tmp_path):
         ({"special_tokens": {"extra": ["<mask>", "<s>"]}}, "appears twice"),
         ({"special_tokens": {"pad": "<mask>"}}, "appears twice"),
         ({"sources": {"ja": {"ratio": 0}, "en": {"ratio": 0}, "code": {"ratio": 0}}}, "sum to 0"),
-        ({"sources": {"ja": {"ratio": -1}}}, "sources.ja.ratio=-1.0"),
+        ({"sources": {"ja": {"ratio": -1}}}, "input.sources.ja.ratio=-1.0"),
         ({"vocab_size": 200}, "leaves no room"),
         ({"character_coverage": 1.5}, "character_coverage=1.5"),
         ({"required_pieces": ["<s>"]}, "is also a special token"),
@@ -207,10 +223,9 @@ def test_lang_filter_selects_documents_of_a_mixed_file(tmp_path):
         {
             "output_dir": str(tmp_path / "o"),
             "vocab_size": 2000,
-            "sources": {
-                "ja": {"paths": [str(mixed)], "lang": "ja"},
-                "en": {"paths": [str(mixed)], "lang": "en"},
-            },
+            "input": named_sources(
+                {"ja": {"paths": [str(mixed)], "lang": "ja"}, "en": {"paths": [str(mixed)], "lang": "en"}}
+            ),
         }
     )
     samples = {s.name: {x.strip() for x in s.sentences} for s in sample_corpus(config, match_files(config))}
@@ -239,7 +254,10 @@ def test_training_writes_complete_output(trained):
     assert stats["sources"]["ja"]["num_sentences_sampled"] == 1500
     assert stats["chars_per_token_on_sample"]["ja"] > 1.0
     saved = yaml.safe_load((output_dir / CONFIG_FILENAME).read_text(encoding="utf-8"))
-    assert saved["vocab_size"] == 1000 and saved["sources"]["en"]["ratio"] == 0.3
+    assert saved["vocab_size"] == 1000 and (
+        saved["input"]["sources"][1]["name"],
+        saved["input"]["sources"][1]["ratio"],
+    ) == ("en", 0.3)
 
 
 def test_special_ids_follow_llmjp_convention(trained):
@@ -375,7 +393,7 @@ def test_cli_train_with_overrides(corpus, tmp_path, capsys):
             "train",
             str(config_path),
             f"output_dir={tmp_path / 'cli'}",
-            "sources.code.ratio=0",
+            "input.sources.code.ratio=0",
             "model_type=bpe",
         ]
     )

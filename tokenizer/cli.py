@@ -10,8 +10,8 @@ from kumihimo.tokenizer.config import SourceConfig, TokenizerTrainConfig
 
 TRAIN_EXAMPLES = """examples:
   kumihimo tokenizer train configs/tokenizer/tiny.yaml
-  kumihimo tokenizer train configs/tokenizer/llmjp3-100k.yaml output_dir=runs/tok sources.ja.ratio=0.6
-  kumihimo tokenizer train configs/tokenizer/tiny.yaml 'sources.ja.paths=[data/ja/*.jsonl.gz]' --print-config
+  kumihimo tokenizer train configs/tokenizer/llmjp3-100k.yaml output_dir=runs/tok input.sources.ja.ratio=0.6
+  kumihimo tokenizer train configs/tokenizer/tiny.yaml 'input.sources.ja.paths=[data/ja/*.jsonl.gz]' --print-config
 
 settings (dotted keys for overrides):
 """
@@ -118,7 +118,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def _settings_help() -> str:
     rows = configtree.describe(TokenizerTrainConfig)
-    rows += configtree.describe(SourceConfig, "sources.<name>")
+    rows += configtree.describe(SourceConfig, "input.sources.<name>")
     width = max(len(key) for key, _, _ in rows)
     return "\n".join(f"  {key.ljust(width)}  {doc}" for key, _, doc in rows)
 

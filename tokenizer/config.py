@@ -21,18 +21,29 @@ WHITESPACE = "\u2581"  # SentencePiece's escaped space
 
 @dataclass(kw_only=True)
 class SourceConfig:
-    """One input source (usually one language) of curated JSONL documents."""
+    """One input source (usually one language) of curated JSONL documents. Sources have the shape they
+    have in data_prep: a list under `input.sources`, each item named."""
 
+    name: str
+    """Name of the source (e.g. ja, en, code); override one with `input.sources.ja.paths=[...]`."""
     paths: list[str]
     """Glob patterns of JSONL or JSONL.gz files (one JSON object per line), e.g. `data/ja/*.jsonl.gz`."""
-    text_field: str = "text"
-    """The JSON key holding each document's text."""
     lang: str | None = None
     """Keep only documents whose `lang` field equals this (data_prep writes `lang`); null keeps all.
     Lets two sources share one mixed-language file."""
     ratio: float = 1.0
     """Share of the sampled training sentences taken from this source, relative to the other sources
     (normalised by their sum); 0 leaves the source out."""
+
+
+@dataclass(kw_only=True)
+class InputConfig:
+    """The corpus to sample from (the same shape as data_prep's `input`)."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Input sources, each `{name, paths, lang, ratio}`; override one with `input.sources.ja.ratio=0.6`."""
+    text_field: str = "text"
+    """The JSON key holding each document's text (data_prep writes `text`)."""
 
 
 @dataclass(kw_only=True)
@@ -102,8 +113,14 @@ class TokenizerTrainConfig:
     RECIPE_FOLDER: ClassVar[str] = "tokenizer"
     """Shipped recipes for this tree live in configs/tokenizer/ (a recipe argument may name one)."""
 
-    sources: dict[str, SourceConfig]
-    """Input sources by name (e.g. ja, en, code); override with `sources.ja.paths=[...]`."""
+    RENAMED: ClassVar[dict[str, str]] = {
+        "sources": "write input.sources as a list of {name, paths, lang, ratio} (the shape data_prep uses), "
+        "and input.text_field instead of sources.<name>.text_field",
+    }
+    """Keys of earlier releases, refused with the new spelling."""
+
+    input: InputConfig = field(default_factory=InputConfig)
+    """The corpus: named sources and the text field."""
     output_dir: str
     """Directory that receives tokenizer.model, tokenizer.vocab, train_config.yaml, train_stats.json."""
     overwrite: bool = False
@@ -235,19 +252,32 @@ class TokenizerTrainConfig:
         self._validate_pieces()
 
     def _validate_sources(self) -> None:
-        if not self.sources:
+        sources = self.input.sources
+        if not sources:
             raise bad_value(
-                "sources",
-                self.sources,
+                "input.sources",
+                sources,
                 "is empty",
-                "add at least one source, e.g. sources.ja.paths=[data/ja/*.jsonl.gz]",
+                "add at least one source, e.g. input.sources=[{name: ja, paths: [data/ja/*.jsonl.gz]}]",
             )
-        for name, source in self.sources.items():
-            key = f"sources.{name}"
+        if not self.input.text_field:
+            raise bad_value("input.text_field", self.input.text_field, "is empty", "use e.g. text")
+        names = [source.name for source in sources]
+        for source in sources:
+            key = f"input.sources.{source.name}"
+            if not source.name or not all(c.isalnum() or c in "-_." for c in source.name):
+                raise bad_value(
+                    "input.sources[].name",
+                    source.name,
+                    "is not a usable name",
+                    "use letters, digits, '-', '_' or '.'",
+                )
+            if names.count(source.name) > 1:
+                raise bad_value(
+                    "input.sources[].name", source.name, "names two sources", "give each a new name"
+                )
             if not source.paths:
                 raise bad_value(f"{key}.paths", source.paths, "is empty", "list at least one glob pattern")
-            if not source.text_field:
-                raise bad_value(f"{key}.text_field", source.text_field, "is empty", "use e.g. text")
             if not math.isfinite(source.ratio) or source.ratio < 0:
                 raise bad_value(
                     f"{key}.ratio",
@@ -255,11 +285,11 @@ class TokenizerTrainConfig:
                     "must be a finite number >= 0",
                     "give each source a non-negative share such as 0.5",
                 )
-        total = sum(s.ratio for s in self.sources.values())
+        total = sum(s.ratio for s in sources)
         if not total > 0:
-            ratios = {name: s.ratio for name, s in self.sources.items()}
+            ratios = {s.name: s.ratio for s in sources}
             raise bad_value(
-                "sources.*.ratio",
+                "input.sources[].ratio",
                 ratios,
                 "sum to 0, so no source would be sampled",
                 "give at least one source a ratio > 0",

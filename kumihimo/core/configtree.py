@@ -121,8 +121,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 )
             node = child
         if isinstance(node, list):
-            raise bad_value(key, value, f"names an item of the list {'.'.join(parts[:-1])}, not one of its keys",
-                            f"override {'.'.join(parts[:-1])}.<key>=... or the whole list")
+            raise bad_value(
+                key,
+                value,
+                f"names an item of the list {'.'.join(parts[:-1])}, not one of its keys",
+                f"override {'.'.join(parts[:-1])}.<key>=... or the whole list",
+            )
         node[parts[-1]] = value
     return data
 
@@ -137,8 +141,10 @@ def _named_item(items: list[dict[str, Any]], name: str, where: str, key: str) ->
         if str(item.get("name")) == name:
             return item
     names = ", ".join(str(item.get("name")) for item in items)
-    raise ConfigError(f"override {key!r}: {where} has no item named {name!r} (names: {names}); use one of "
-                      f"those names or set the whole list with {where}=[...]")
+    raise ConfigError(
+        f"override {key!r}: {where} has no item named {name!r} (names: {names}); use one of "
+        f"those names or set the whole list with {where}=[...]"
+    )
 
 
 # --------------------------------------------------------------------------------------------
