@@ -156,19 +156,48 @@ def read_profile(path: Path) -> dict[str, str]:
     return values
 
 
+_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", re.ASCII)
+
+
 def parse_time(text: str) -> int:
-    """Seconds in a Slurm time limit written [D-]HH:MM:SS (or MM:SS, or minutes)."""
-    match = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(?:(\d+):)?(\d+)", text.strip())
+    """Seconds in a Slurm time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS.
+
+    Only the leading field may exceed its unit (48:00:00, 90); 99:99:99 and 1-25:00 are refused
+    rather than rendered into a script that sbatch reads differently or rejects after the queue.
+    """
+    match = _TIME.fullmatch(text)
     if not match:
         raise UserError(f"--time={text!r} is not a Slurm time limit; write [D-]HH:MM:SS, e.g. 48:00:00")
-    days, first, second, last = match.groups()
-    if first is None:  # a bare number is minutes, as in sbatch
-        return int(days or 0) * 86400 + int(last) * 60
-    if second is None:  # MM:SS, or D-HH:MM after a day
-        return (
-            (int(days) * 86400 + int(first) * 3600 + int(last) * 60) if days else int(first) * 60 + int(last)
+    days, *parts = match.groups()
+    values = [int(p) for p in parts if p is not None]
+    if days is not None:  # D-HH[:MM[:SS]]
+        units, limits = (3600, 60, 1), (24, 60, 60)
+    else:  # a bare number is minutes, as in sbatch; MM:SS; HH:MM:SS
+        units = {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(values)]
+        limits = (None, 60, 60)
+    if any(limit is not None and value >= limit for value, limit in zip(values, limits)):
+        raise UserError(
+            f"--time={text!r} has a field out of range (hours < 24 after a day, minutes and seconds < 60); "
+            "write [D-]HH:MM:SS, e.g. 48:00:00 or 2-00:00:00"
         )
-    return int(days or 0) * 86400 + int(first) * 3600 + int(second) * 60 + int(last)
+    seconds = int(days or 0) * 86400 + sum(value * unit for value, unit in zip(values, units))
+    if seconds == 0:
+        raise UserError(
+            f"--time={text!r} is no limit at all (Slurm reads 0 as unlimited), so the save-before-timeout "
+            "signal could never come; give a limit, e.g. 48:00:00, or leave --time out for the partition's"
+        )
+    return seconds
+
+
+def refuse_control_characters(what: str, value: str) -> None:
+    """A value rendered into a batch script must not carry a newline (or any control character): it
+    would end its line and run the rest as a shell command."""
+    bad = next((i for i, char in enumerate(value) if ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0), None)
+    if bad is not None:
+        raise UserError(
+            f"{what}{' ' if ' ' in what else '='}{value!r} holds the control character {value[bad]!r} at position {bad}, which would "
+            "break the batch script line it is written on; remove it"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,8 +258,25 @@ def script_body(template: Path) -> str:
     return "".join(lines[last + 1 :])
 
 
+# What the user sets for each JobSpec field that is written into the script (for error messages).
+_RENDERED_FROM = {
+    "job_name": "name",
+    "time": "--time",
+    "output": "runtime.run_dir",
+    "options": "--sbatch (or a profile's SBATCH_* line)",
+    "environment": "--gpus-per-node",
+    "arguments": "the argument",
+}
+
+
 def render(spec: JobSpec) -> str:
     """A self-contained batch script: header, inlined profile, arguments, then the template's body."""
+    for name, what in _RENDERED_FROM.items():
+        value = getattr(spec, name)
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        for item in items:
+            if item is not None:
+                refuse_control_characters(what, str(item))
     out = [
         "#!/bin/bash",
         f"# Rendered by `kumihimo slurm submit` on {datetime.datetime.now().isoformat(timespec='seconds')} "
@@ -272,6 +318,15 @@ def job_spec(args: argparse.Namespace, config, profile: Path | None) -> JobSpec:
     except UserError as exc:
         raise UserError(f"--nodes={args.nodes} x --gpus-per-node={per_node}: {exc}") from exc
     signal_before = DEFAULT_SIGNAL_BEFORE_S if args.signal_before is None else args.signal_before
+    if signal_before <= 0:
+        raise UserError(
+            f"--signal-before={signal_before} s must be > 0: the trainer needs the warning before the time "
+            f"limit to save; leave it out for the default ({DEFAULT_SIGNAL_BEFORE_S} s)"
+        )
+    for option in args.sbatch:
+        refuse_control_characters("--sbatch", option)
+        if not option.startswith("-"):
+            raise UserError(f"--sbatch={option!r} is not an sbatch option; write it as --sbatch=--qos=high")
     if args.time is not None:
         limit_s = parse_time(args.time)
         if args.signal_before is None:

@@ -110,6 +110,21 @@ def test_cpu_profile_asks_for_tasks_not_gpus(capsys, tmp_path):
         ),
         (["--time", "five minutes"], "is not a Slurm time limit"),
         (["--profile", "no-such-cluster"], "known: h100-ib, local-cpu"),
+        # issue 12 item 9: nothing may inject a line into the script, and times are checked
+        (
+            ["--sbatch", "--qos=high\necho injected"],
+            "--sbatch='--qos=high\\necho injected' holds the control",
+        ),
+        (["--sbatch", "qos=high"], "--sbatch='qos=high' is not an sbatch option"),
+        (["name=job\necho injected"], "the argument 'name=job\\necho injected' holds the control"),
+        (['name="job\\necho injected"'], "name='job\\necho injected' holds the control character"),
+        (["runtime.run_dir=/tmp/run\rx"], "runtime.run_dir="),
+        (["--signal-before", "-5"], "--signal-before=-5 s must be > 0"),
+        (["--signal-before", "0"], "--signal-before=0 s must be > 0"),
+        (["--time", "99:99:99"], "--time='99:99:99' has a field out of range"),
+        (["--time", "1-24:00:00"], "--time='1-24:00:00' has a field out of range"),
+        (["--time", "48:00:00\n"], "is not a Slurm time limit"),
+        (["--time", "0"], "--time='0' is no limit at all"),
     ],
 )
 def test_bad_submit_options_are_one_line_errors(capsys, args, message):
@@ -125,6 +140,8 @@ def test_parse_time_reads_slurm_formats():
     assert parse_time("1-02:30") == 26 * 3600 + 30 * 60
     assert parse_time("05:30") == 330
     assert parse_time("90") == 90 * 60
+    assert parse_time("2-12") == 60 * 3600  # days-hours, as sbatch reads it
+    assert parse_time("100:00:00") == 100 * 3600  # only the leading field may exceed its unit
 
 
 @pytest.mark.parametrize("script", sorted(SLURM_DIR.glob("*.sbatch")), ids=lambda p: p.name)
