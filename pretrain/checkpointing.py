@@ -20,8 +20,12 @@ goes on (`AsyncSaves`); the rename, metadata and `latest` follow once every rank
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
+import os
 import shutil
+import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,6 +39,7 @@ from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+LOCK_FILE = ".kumihimo-train.lock"
 META_FILE = "kumihimo.json"
 CONFIG_FILE = "run_config.yaml"
 # Passed explicitly, as Megatron-LM does: the defaults of 0.19.2 fail to save the optimizer.
@@ -137,6 +142,8 @@ class AsyncSaves:
         self.pending: dict[int, PendingSave] = {}
 
     def schedule(self, request, folder: Path, started: float) -> PendingSave:
+        if request.async_fn is not None:  # the writer must not outlive the trainer (kill -9, OOM killer)
+            request = request._replace(async_fn=partial(_die_with_parent, request.async_fn, os.getpid()))
         index = self._queue.schedule_async_request(request)
         now = time.perf_counter()
         self.pending[index] = PendingSave(folder, blocking_s=now - started, scheduled_at=now)
@@ -157,6 +164,21 @@ class AsyncSaves:
             save.background_s = time.perf_counter() - save.scheduled_at
             done.append(save)
         return done
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(write, parent_pid: int, *args, **kwargs):
+    """Run in the forked writer: ask Linux for SIGKILL when the trainer dies, so a killed run leaves
+    no orphan writing shards into the output; exit at once if it already died before this point."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the lock file still refuses a racing re-run
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    return write(*args, **kwargs)
 
 
 def save_checkpoint(
@@ -198,8 +220,12 @@ def save_checkpoint(
         _publish, root, tmp, final, state.iteration, config, meta_text, keep_last, keep_multiples_of
     )
     if async_saves is None:
-        dist_checkpointing.save(sharded, str(tmp), content_metadata=SHARDING_METADATA)
-        publish()
+        try:
+            dist_checkpointing.save(sharded, str(tmp), content_metadata=SHARDING_METADATA)
+            publish()
+        except Exception as exc:
+            raise_if_disk_full(exc, root, tmp)
+            raise
         return final
     request = dist_checkpointing.save(
         sharded, str(tmp), content_metadata=SHARDING_METADATA, async_sharded_save=True, async_strategy="mcore"
@@ -232,6 +258,89 @@ def _publish(
         if keep_last:
             prune(root, keep_last, keep_multiples_of)
     dist.barrier()
+
+
+def raise_if_disk_full(exc: BaseException, root: Path, *leftovers: Path) -> None:
+    """After a failed save: if the disk is full, remove what the save left (freeing its space; `latest`
+    and the folders it names are untouched) and raise DiskFull, one line with the recovery."""
+    from kumihimo.pretrain import integrity
+
+    target = root if root.exists() else root.parent
+    if not integrity.is_disk_full(exc) and shutil.disk_usage(target).free > 64 * 2**20:
+        return
+    for folder in leftovers:
+        shutil.rmtree(folder, ignore_errors=True)
+    raise integrity.DiskFull(
+        root, read_latest(root), f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    ) from exc
+
+
+def clean_leftovers(root: Path) -> list[Path]:
+    """Remove what a killed or failed save left in `root`: unfinished iter_*.tmp folders and the
+    temporary files of atomic writes. Call only while holding the lock (no other run writes there)."""
+    removed = [p for p in root.glob("iter_*.tmp")] + [p for p in root.glob(f".{LATEST_FILE}.*")]
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
+
+
+class RunLock:
+    """`<checkpoint.save>/.kumihimo-train.lock` holding the owner's host and pid: a second run writing
+    into the same folder (e.g. an immediate re-run while a killed run's processes still live) is refused.
+    A lock whose process is gone on this host is stale and taken over; one from another host cannot be
+    checked from here, so it is taken over with a warning (a requeued Slurm job lands on another node)."""
+
+    def __init__(self, root: Path):
+        self.path = root / LOCK_FILE
+        self.owned = False
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a warning to print, if any. Raises UserError if a live run holds it."""
+        from kumihimo.core.configtree import write_text_atomic
+
+        host, warning = socket.gethostname(), None
+        if self.path.is_file():
+            try:
+                owner = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                owner = {}
+            pid, owner_host = owner.get("pid"), owner.get("host")
+            if owner_host == host and isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+                raise UserError(
+                    f"another training run (pid {pid} on {host}) is writing to {self.path.parent}; wait for it "
+                    f"to finish or stop it (kill {pid}), then rerun"
+                )
+            if owner_host not in (None, host):
+                warning = (
+                    f"[train] warning: {self.path} names a run on {owner_host} (pid {pid}); taking it over. "
+                    "Two jobs writing one checkpoint folder corrupt it: make sure that run is gone"
+                )
+        write_text_atomic(self.path, json.dumps({"host": host, "pid": os.getpid()}) + "\n")
+        self.owned = True
+        return warning
+
+    def release(self) -> None:
+        if self.owned:
+            self.path.unlink(missing_ok=True)
+            self.owned = False
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is a live kumihimo process on this host (a reused pid of another program is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+    return b"kumihimo" in cmdline
 
 
 def prune(root: Path, keep_last: int, keep_multiples_of: int | None = None) -> list[Path]:
@@ -277,6 +386,7 @@ def find_checkpoint(root: Path, iteration: int | None = None) -> Path:
 def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) -> TrainState:
     """Load model, optimizer, scheduler, RNG and train state saved at any TP/PP."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
 
     meta = read_meta(folder)
     saved_layout = meta.get("layout", {})
@@ -287,7 +397,13 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
     if same_layout:
         sharded["rng_state"] = _rng_sharded_object(layout)
     with torch.no_grad():
-        loaded = dist_checkpointing.load(sharded, str(folder))
+        try:
+            loaded = dist_checkpointing.load(sharded, str(folder))
+        except CheckpointingException as exc:
+            raise UserError(
+                f"{folder} does not fit this model and optimizer ({str(exc).splitlines()[0][:300]}); resume "
+                f"with the settings in its {CONFIG_FILE} or start a new run (new checkpoint.save)"
+            ) from exc
     if len(model_chunks) == 1:
         unwrap(model_chunks[0]).load_state_dict(loaded["model"])
     else:

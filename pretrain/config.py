@@ -227,6 +227,15 @@ class OptimizerConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
     def validate(self) -> None:
+        # Every float field is already finite (configtree refuses NaN and Inf); here only the ranges.
+        if self.lr <= 0:
+            raise bad_value("optimizer.lr", self.lr, "must be > 0", "use e.g. 3e-4")
+        if self.weight_decay < 0:
+            raise bad_value(
+                "optimizer.weight_decay", self.weight_decay, "is negative", "use 0 (off) or e.g. 0.1"
+            )
+        if self.adam_eps <= 0:
+            raise bad_value("optimizer.adam_eps", self.adam_eps, "must be > 0", "use e.g. 1e-8")
         if not 0 <= self.min_lr <= self.lr:
             raise bad_value(
                 "optimizer.min_lr",
@@ -431,6 +440,12 @@ class CheckpointConfig:
     to snapshot the state (copy to host memory, then fork); the folder is renamed and
     latest_checkpointed_iteration.txt updated once every rank has finished writing, at the latest
     before the next save and before the run exits."""
+    allow_data_change: bool = False
+    """Resume although the data's fingerprint changed (re-tokenized or other datasets, blend weights,
+    data.split, model.seq_length or seed): a warning names each change. Leave false unless the change is
+    intended (e.g. a new blend for a later phase): the samples after the resume then differ from an
+    uninterrupted run's. Moved datasets with the same contents only print a note; another tokenizer is
+    always refused."""
 
     def validate(self) -> None:
         if self.save_interval < 0:
@@ -557,6 +572,15 @@ class TrainConfig:
     def check_paths(self) -> None:
         """Checks that need the files of this machine; `kumihimo train` runs them before launching."""
         self.data.check_paths()
+        from kumihimo.pretrain.integrity import check_output_dir
+
+        for key, path in (
+            ("runtime.run_dir", self.runtime.run_dir),
+            ("checkpoint.save", self.checkpoint.save),
+            ("data.cache_dir", self.data.cache_dir),
+        ):
+            if path is not None:
+                check_output_dir(key, path)
 
     def validate(self) -> None:
         model, par = self.model, self.parallelism

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from kumihimo.core.errors import UserError
+from kumihimo.pretrain import integrity
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.parallel import ParallelLayout
 from kumihimo.tokenizer.spm import Tokenizer
@@ -43,20 +44,15 @@ class MegatronTokenizerView:
         return cls(tok.vocab_size, tok.eod_id, tok.pad_id, tok.identity())
 
 
-def read_blend(config: TrainConfig) -> tuple[list[str], list[float]]:
-    """Prefixes and weights of the blend (blend.yaml prefixes are relative to the file's folder)."""
+def read_blend(config: TrainConfig) -> tuple[list[str], list[float], dict | None]:
+    """Prefixes and weights of the blend (blend.yaml prefixes are relative to the file's folder), and
+    the identity of the tokenizer the blend file records (None for an inline data.blend)."""
     if config.data.blend_file is None:
-        return [e.prefix for e in config.data.blend], [e.weight for e in config.data.blend]
+        return [e.prefix for e in config.data.blend], [e.weight for e in config.data.blend], None
     from kumihimo.data_prep.blend import read_blend as read_blend_file
 
-    pairs, _tokenizer = read_blend_file(config.data.blend_file)
-    for prefix, _weight in pairs:
-        if not Path(f"{prefix}.idx").is_file():
-            raise UserError(
-                f"{config.data.blend_file}: dataset prefix {prefix!r} has no .idx file; rerun "
-                "`kumihimo data tokenize` or fix the path"
-            )
-    return [p for p, _ in pairs], [w for _, w in pairs]
+    pairs, tokenizer = read_blend_file(config.data.blend_file)
+    return [p for p, _ in pairs], [w for _, w in pairs], tokenizer
 
 
 @dataclass
@@ -64,6 +60,8 @@ class Datasets:
     train: torch.utils.data.Dataset
     valid: torch.utils.data.Dataset | None
     tokenizer: MegatronTokenizerView
+    fingerprint: dict
+    """What the sample stream depends on (`integrity.data_fingerprint`); saved in every checkpoint."""
 
 
 def num_valid_samples(config: TrainConfig) -> int:
@@ -80,11 +78,20 @@ def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
 
     data, sched = config.data, config.schedule
     tokenizer = MegatronTokenizerView.from_config(config)
-    blend = None if data.mock else read_blend(config)
+    prefixes, weights, infos = [], [], []
+    if not data.mock:
+        prefixes, weights, recorded_tokenizer = read_blend(config)
+        integrity.check_tokenizer_matches_data(recorded_tokenizer, tokenizer.identity, data.blend_file)
+        infos = integrity.check_datasets(prefixes, data.blend_file or "data.blend")
+    sha = tokenizer.identity["sha256"] if tokenizer.identity else None
+    fingerprint = integrity.data_fingerprint(config, infos, weights, sha)
+    # Megatron keys its index cache by path, split, seed and length, not by the files' contents: a
+    # dataset re-tokenized into the same path would reuse stale indices. Key the folder by contents.
+    cache_dir = cache_dir / f"data-{integrity.fingerprint_digest(fingerprint)[:16]}"
     dataset_config = GPTDatasetConfig(
         random_seed=config.runtime.seed,
         sequence_length=config.model.seq_length,
-        blend=blend,
+        blend=None if data.mock else (prefixes, weights),
         split=data.split,
         path_to_cache=str(cache_dir),
         tokenizer=tokenizer,
@@ -102,7 +109,7 @@ def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
         )
     cls = MockGPTDataset if data.mock else GPTDataset
     train, valid, _test = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, dataset_config).build()
-    return Datasets(train=train, valid=valid, tokenizer=tokenizer)
+    return Datasets(train=train, valid=valid, tokenizer=tokenizer, fingerprint=fingerprint)
 
 
 def batch_indices(consumed_samples: int, layout: ParallelLayout, dp_rank: int) -> list[list[int]]:

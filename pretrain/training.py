@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from kumihimo.core import configtree
 from kumihimo.core.progress import say
-from kumihimo.pretrain import checkpointing
+from kumihimo.pretrain import checkpointing, integrity
 from kumihimo.pretrain.checkpointing import TrainState
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.data import Datasets, batch_indices, build_datasets, microbatches
@@ -91,6 +91,7 @@ class Trainer:
         # Listen from the start: Slurm's warning may come while the model is still being built.
         self.stop = StopRequest()
         self.async_saves = checkpointing.AsyncSaves() if config.checkpoint.async_save else None
+        self.lock: checkpointing.RunLock | None = None
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -123,6 +124,7 @@ class Trainer:
         )
         self.is_logger = self.info.is_main
         if self.is_logger:
+            self._claim_save_folder()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             configtree.save(cfg, self.run_dir / "run_config.yaml")
             say(
@@ -147,6 +149,22 @@ class Trainer:
         self.metrics = MetricsSink(cfg, self.run_dir, enabled=self.is_logger)
         self.checkpoint_meta = self._build_checkpoint_meta()
         self._maybe_resume()
+
+    def _claim_save_folder(self) -> None:
+        """Rank 0: lock checkpoint.save against a second run, then clear what a killed save left."""
+        if not self.config.checkpoint.save:
+            return
+        root = Path(self.config.checkpoint.save)
+        root.mkdir(parents=True, exist_ok=True)
+        self.lock = checkpointing.RunLock(root)
+        warning = self.lock.acquire()
+        if warning:
+            say(warning)
+        removed = checkpointing.clean_leftovers(root)
+        if removed:
+            say(
+                f"[train] removed {len(removed)} leftover(s) of an interrupted save: {', '.join(p.name for p in removed)}"
+            )
 
     def _build_model_and_optimizer(self) -> None:
         from megatron.core.distributed import (
@@ -287,6 +305,7 @@ class Trainer:
                 "split": cfg.data.split,
                 "seed": cfg.runtime.seed,
             },
+            "data_fingerprint": self.datasets.fingerprint,
             "versions": {
                 "kumihimo": __version__,
                 "megatron.core": megatron.core.__version__,
@@ -312,7 +331,7 @@ class Trainer:
                 f"{folder} holds weights only (no optimizer state) and cannot be resumed; pass it as "
                 f"checkpoint.pretrained={root} with a new checkpoint.save"
             )
-        self._check_resume_compatible(meta)
+        self._check_resume_compatible(meta, folder)
         self.state = checkpointing.load_checkpoint(
             folder, self.model, self.optimizer, self.scheduler, self.layout
         )
@@ -338,23 +357,81 @@ class Trainer:
         if self.is_logger:
             say(f"[train] initialised weights from {folder} (optimizer, schedule and data start fresh)")
 
-    def _check_resume_compatible(self, meta: dict) -> None:
-        saved = meta.get("data", {})
-        now = self.checkpoint_meta["data"]
-        if (saved.get("blend_file"), saved.get("mock"), saved.get("seed")) != (
-            now["blend_file"],
-            now["mock"],
-            now["seed"],
-        ):
+    def _check_resume_compatible(self, meta: dict, folder: Path) -> None:
+        """Refuse a resume that would not continue the same run: another tokenizer, another model shape,
+        or data whose sample stream differs (unless checkpoint.allow_data_change says it is intended)."""
+        self._check_same_model(meta, folder)
+        saved = meta.get("data_fingerprint")
+        if saved is None:  # written before fingerprints existed: the old, coarser check
+            old, now = meta.get("data", {}), self.checkpoint_meta["data"]
+            if [old.get(k) for k in ("blend_file", "mock", "seed")] != [
+                now[k] for k in ("blend_file", "mock", "seed")
+            ]:
+                raise configtree.ConfigError(
+                    f"the checkpoint was trained on data {old} but this run uses {now}; start a new run "
+                    "(new checkpoint.save) to change the data"
+                )
+            saved = {
+                **self.datasets.fingerprint,
+                "tokenizer_sha256": (meta.get("tokenizer") or {}).get("sha256"),
+            }
+        tokenizer, changes, harmless = integrity.compare_fingerprints(saved, self.datasets.fingerprint)
+        if tokenizer:
+            recorded = meta.get("tokenizer") or {}
             raise configtree.ConfigError(
-                f"the checkpoint was trained on data {saved} but this run uses {now}; resuming would not "
-                "continue the same sample order. Start a new run (new checkpoint.save) to change the data"
+                f"{folder} was trained with tokenizer sha256 {str(saved.get('tokenizer_sha256'))[:12]} "
+                f"({recorded.get('path', 'mock vocabulary')}) but data.tokenizer={self.config.data.tokenizer} is "
+                f"sha256 {str(self.datasets.fingerprint.get('tokenizer_sha256'))[:12]}; resume with "
+                f"data.tokenizer={recorded.get('path')} (the tokenizer cannot change within a run)"
             )
+        if changes and not self.config.checkpoint.allow_data_change:
+            raise configtree.ConfigError(
+                f"the data changed since {folder.name}: {'; '.join(changes)}. Resuming would not continue "
+                "the same sample stream; restore the data, start a new run (new checkpoint.save), or set "
+                "checkpoint.allow_data_change=true if the change is intended"
+            )
+        if self.is_logger:
+            for note in harmless:
+                say(f"[train] note: {note}")
+            if changes:
+                say(
+                    f"[train] warning: data changed since {folder.name} ({'; '.join(changes)}); continuing "
+                    "because checkpoint.allow_data_change=true: later samples differ from an uninterrupted run"
+                )
         saved_dp = meta.get("layout", {}).get("dp")
         if saved_dp is not None and saved_dp != self.layout.dp and self.is_logger:
             say(
                 f"[train] warning: data-parallel size changed {saved_dp} -> {self.layout.dp}; samples continue "
                 "in order but per-rank batches differ, so the loss curve will not match bit for bit"
+            )
+
+    SHAPE_KEYS = (
+        "num_layers",
+        "hidden_size",
+        "ffn_hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "kv_channels",
+    )
+
+    def _check_same_model(self, meta: dict, folder: Path) -> None:
+        """The checkpoint's tensors must have this model's shapes (else Megatron fails deep in loading)."""
+        import yaml
+
+        config_file = folder / checkpointing.CONFIG_FILE
+        saved = (
+            (yaml.safe_load(config_file.read_text()) or {}).get("model", {}) if config_file.is_file() else {}
+        )
+        now = configtree.to_dict(self.config.model)
+        diffs = [
+            f"model.{k} {saved[k]} -> {now[k]}" for k in self.SHAPE_KEYS if k in saved and saved[k] != now[k]
+        ]
+        if meta.get("padded_vocab_size") not in (None, self.padded_vocab):
+            diffs.append(f"padded vocabulary {meta['padded_vocab_size']} -> {self.padded_vocab}")
+        if diffs:
+            raise configtree.ConfigError(
+                f"{folder} holds another model shape ({'; '.join(diffs)}); resume with the checkpoint's "
+                f"model settings (its {checkpointing.CONFIG_FILE}) or start a new run (new checkpoint.save)"
             )
 
     # ---------------------------------------------------------------- loop
@@ -379,18 +456,30 @@ class Trainer:
             if stop.agreed(self.device):
                 if self.is_logger:
                     say(f"[train] stop signal received: saving at step {step} and exiting for requeue")
-                if save_root:
-                    result.last_checkpoint = self.save(save_root)
                 result.exit_code = EXIT_REQUEUE
+                if save_root and self.save(save_root) is None:
+                    result.exit_code = EXIT_BAD_LOSS
                 break
             if save_root and step != last_step and cfg.checkpoint.should_save(step):
-                result.last_checkpoint = self.save(save_root)
+                if self.save(save_root) is None:
+                    result.exit_code = EXIT_BAD_LOSS
+                    break
             self.finish_saves(blocking=False)
         stop.restore()
         finished = result.exit_code == 0
         if finished and save_root and cfg.checkpoint.save_at_end and self.state.iteration > first_step:
-            result.last_checkpoint = self.save(save_root)
+            if self.save(save_root) is None:
+                result.exit_code = EXIT_BAD_LOSS
         self.finish_saves(blocking=True)  # every exit (end, requeue, bad loss): `latest` is final
+        if save_root:
+            latest = checkpointing.read_latest(save_root)
+            result.last_checkpoint = (
+                None if latest is None else checkpointing.iteration_dir(save_root, latest)
+            )
+            if result.exit_code == EXIT_BAD_LOSS and self.is_logger:
+                say(
+                    f"[train] newest checkpoint: {result.last_checkpoint or 'none'} (its weights were checked finite)"
+                )
         self.metrics.close()
         result.state = self.state
         return result
@@ -408,7 +497,7 @@ class Trainer:
             if self.is_logger:
                 say(
                     f"[train] stopping at step {self.state.iteration}: {values['skipped']} "
-                    f"({self.consecutive_skips} bad step(s) in a row); the newest checkpoint is untouched"
+                    f"({self.consecutive_skips} bad step(s) in a row); nothing from this step on is saved"
                 )
             return True
         return False
@@ -518,10 +607,23 @@ class Trainer:
             chunk.train()
         return self._reduce_loss(gathered)
 
-    def save(self, root: Path) -> Path:
+    def save(self, root: Path) -> Path | None:
         """Save a checkpoint; with checkpoint.async_save, start writing it in the background (after the
-        previous one is complete: one save in flight at a time)."""
+        previous one is complete: one save in flight at a time). Returns None, writing nothing, when
+        weights or optimizer state hold NaN/Inf: such a state cannot recover, and publishing it would
+        move `latest` onto it and let keep_last prune the good ones. Raises DiskFull when it cannot fit."""
         self.finish_saves(blocking=True)
+        bad, total, names = integrity.count_nonfinite(self.model, self.optimizer, self.device)
+        if bad:
+            if self.is_logger:
+                latest = checkpointing.read_latest(root)
+                kept = "no checkpoint exists" if latest is None else f"latest stays iter_{latest:07d}"
+                say(
+                    f"[train] not saving step {self.state.iteration}: {bad} of {total} weight/optimizer tensors "
+                    f"hold NaN or Inf ({', '.join(names[:3]) or 'on other ranks'}); nothing written, {kept}"
+                )
+            return None
+        self._make_room(root)
         folder = checkpointing.save_checkpoint(
             root,
             self.state,
@@ -545,12 +647,48 @@ class Trainer:
                 )
         return folder
 
+    def _make_room(self, root: Path) -> None:
+        """Before a save: expect it to be as large as the newest checkpoint (or as this state, for the
+        first). If the disk cannot hold it, prune down to keep_last - 1 first (never `latest`), so a
+        full disk frees itself where keep_last allows; if it still cannot, raise DiskFull (one decision
+        for all ranks, taken on rank 0)."""
+        latest = checkpointing.read_latest(root)
+        local = sum(
+            t.numel() * t.element_size() for _, t in integrity.state_tensors(self.model, self.optimizer)
+        )
+        need = torch.tensor([float(local), 0.0], dtype=torch.float64, device=self.device)
+        dist.all_reduce(need)
+        problem = "free space is checked on rank 0"
+        if self.info.is_main:
+            expected = int(need[0]) // max(1, self.layout.dp)
+            newest = None if latest is None else checkpointing.iteration_dir(root, latest)
+            if newest is not None and newest.is_dir():
+                expected = integrity.folder_bytes(newest)
+            problem = integrity.free_space_problem(root, expected)
+            keep = self.config.checkpoint.keep_last
+            if problem and keep:
+                pruned = checkpointing.prune(root, max(1, keep - 1), self.config.checkpoint.keep_multiples_of)
+                problem = integrity.free_space_problem(root, expected)
+                if pruned and self.is_logger:
+                    say(f"[train] disk nearly full: pruned {', '.join(p.name for p in pruned)} before saving")
+            need[1] = 1.0 if problem else 0.0
+        dist.broadcast(need, src=0)
+        if need[1]:
+            raise integrity.DiskFull(root, latest, problem)
+
     def finish_saves(self, blocking: bool) -> None:
         """Complete the background saves every rank has finished writing (all of them when blocking).
         Call on every rank at the same points."""
         if self.async_saves is None:
             return
-        for done in self.async_saves.finalize(blocking):
+        try:
+            finished = self.async_saves.finalize(blocking)
+        except Exception as exc:
+            root = Path(self.config.checkpoint.save)
+            pending = [p.folder.with_name(p.folder.name + ".tmp") for p in self.async_saves.pending.values()]
+            checkpointing.raise_if_disk_full(exc, root, *(pending if self.info.is_main else []))
+            raise
+        for done in finished:
             if self.is_logger:
                 say(
                     f"[train] saved checkpoint {done.folder} (training blocked {done.blocking_s:.2f} s, "
@@ -568,4 +706,6 @@ def run_training(config: TrainConfig) -> TrainResult:
         return trainer.train()
     finally:
         trainer.stop.restore()
+        if trainer.lock is not None:
+            trainer.lock.release()
         destroy()

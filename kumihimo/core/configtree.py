@@ -16,6 +16,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import textwrap
 import types
@@ -231,14 +232,21 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return int(value)
         raise bad_value(key, value, "is not an integer", "write a whole number")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise bad_value(key, value, "is not a number", "write a number such as 3.0e-4")
+        if number is None:
+            raise bad_value(key, value, "is not a number", "write a number such as 3.0e-4")
+        # One rule for every float field of every tree: NaN passes every range check (all comparisons
+        # are false) and Inf passes lower bounds, so both are refused here, before any section's check.
+        if not math.isfinite(number):
+            raise bad_value(key, value, "is not a finite number", "write a finite number such as 3.0e-4")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

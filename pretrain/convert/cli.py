@@ -67,6 +67,9 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run_to_hf(args: argparse.Namespace) -> int:
     from kumihimo.pretrain.convert.to_hf import convert_to_hf
+    from kumihimo.pretrain.integrity import check_output_dir
+
+    check_output_dir("--output", args.output)
 
     convert_to_hf(
         args.checkpoint,
@@ -85,5 +88,8 @@ def run_from_hf(args: argparse.Namespace) -> int:
 
     if args.tp < 1 or args.pp < 1:
         raise UserError(f"--tp={args.tp} and --pp={args.pp} must be >= 1")
+    from kumihimo.pretrain.integrity import check_output_dir
+
+    check_output_dir("--output", args.output)
     convert_from_hf(args.model, args.output, tp=args.tp, pp=args.pp)
     return 0

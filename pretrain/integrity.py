@@ -1,0 +1,300 @@
+"""Checks that keep a run from training on, resuming into or publishing the wrong thing without a word.
+
+- Datasets (`check_datasets`): every prefix's .idx header and counts, and the .bin size they imply,
+  before the model is built; one line per problem. Reads a few bytes of each .idx, never the .bin.
+- Data fingerprint (`data_fingerprint`): the tokenizer's sha256, split, sequence length, seed, blend
+  weights and each prefix's .idx header, sizes and a sample of its bytes. Saved in every checkpoint and
+  compared at resume (`compare_fingerprints`); it also keys Megatron's index cache, so a re-tokenized
+  dataset in the same path never reuses stale shuffling indices.
+- Finite state (`count_nonfinite`): weights and optimizer state are checked before every save, so a
+  diverged run never publishes a checkpoint, moves `latest` onto it, or prunes a good one.
+- Output folders (`check_output_dir`) and free space (`check_free_space`) before anything is written.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kumihimo.core.errors import UserError
+from kumihimo.data_prep.indexed import DTYPE_CODES, INDEX_HEADER, INDEX_VERSION
+
+HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8
+SAMPLE_BYTES = 1 << 16
+"""Bytes of an .idx read from each end for the fingerprint (sequence lengths at the start, byte
+pointers and document indices at the end): cheap, and any re-tokenization of other text changes them."""
+_ITEM_SIZES = {code: dtype.itemsize for dtype, code in DTYPE_CODES.items()}
+RETOKENIZE = "re-run `kumihimo data tokenize` to rebuild it"
+
+
+# ---------------------------------------------------------------------------------------- datasets
+
+
+def inspect_prefix(prefix: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """(what the .idx says and the file sizes, problems) of one Megatron dataset prefix."""
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    problems = [f"{path} is missing; {RETOKENIZE}" for path in (idx, bin_) if not path.is_file()]
+    if problems:
+        return None, problems
+    idx_bytes, bin_bytes = idx.stat().st_size, bin_.stat().st_size
+    with open(idx, "rb") as handle:
+        head = handle.read(HEADER_BYTES)
+        if len(head) < HEADER_BYTES or not head.startswith(INDEX_HEADER):
+            return None, [f"{idx} is not a Megatron index (bad or short header); {RETOKENIZE}"]
+        version, code, num_sequences, num_documents = struct.unpack_from("<QBQQ", head, len(INDEX_HEADER))
+        if version != INDEX_VERSION or code not in _ITEM_SIZES:
+            return None, [
+                f"{idx} has index version {version} and dtype code {code}, not a Megatron index; {RETOKENIZE}"
+            ]
+        expected_idx = HEADER_BYTES + 12 * num_sequences + 8 * num_documents
+        if idx_bytes != expected_idx or num_documents < 1:
+            return None, [
+                f"{idx} is {idx_bytes} bytes but its header ({num_sequences} sequences, {num_documents} "
+                f"document indices) needs {expected_idx}: truncated or corrupt; {RETOKENIZE}"
+            ]
+        expected_bin = 0
+        if num_sequences:
+            handle.seek(HEADER_BYTES + 4 * (num_sequences - 1))
+            (last_length,) = struct.unpack("<i", handle.read(4))
+            handle.seek(HEADER_BYTES + 4 * num_sequences + 8 * (num_sequences - 1))
+            (last_pointer,) = struct.unpack("<q", handle.read(8))
+            expected_bin = last_pointer + last_length * _ITEM_SIZES[code]
+        handle.seek(idx_bytes - 8)
+        (last_document,) = struct.unpack("<q", handle.read(8))
+        if last_document != num_sequences:
+            problems.append(
+                f"{idx} ends its document indices at {last_document}, not at its {num_sequences} "
+                f"sequences: corrupt; {RETOKENIZE}"
+            )
+        if bin_bytes != expected_bin:
+            problems.append(
+                f"{bin_} is {bin_bytes} bytes but {idx.name} indexes {expected_bin}: "
+                f"{'truncated' if bin_bytes < expected_bin else 'not the file the index was written with'}; "
+                f"{RETOKENIZE}"
+            )
+        handle.seek(0)
+        sample = hashlib.sha256(handle.read(SAMPLE_BYTES))
+        handle.seek(max(0, idx_bytes - SAMPLE_BYTES))
+        sample.update(handle.read(SAMPLE_BYTES))
+    info = {
+        "prefix": str(prefix),
+        "dtype_code": code,
+        "num_sequences": num_sequences,
+        "num_documents": num_documents,
+        "idx_bytes": idx_bytes,
+        "bin_bytes": bin_bytes,
+        "idx_sample_sha256": sample.hexdigest(),
+    }
+    return info, problems
+
+
+def check_datasets(prefixes: list[str], source: str) -> list[dict[str, Any]]:
+    """Inspect every prefix; raise one UserError listing every problem (one line each)."""
+    infos, problems = [], []
+    for prefix in prefixes:
+        info, found = inspect_prefix(prefix)
+        infos.append(info)
+        problems += found
+    if problems:
+        raise UserError(
+            f"{len(problems)} problem(s) with the datasets of {source}:\n  " + "\n  ".join(problems)
+        )
+    return infos
+
+
+def check_tokenizer_matches_data(recorded: dict | None, current: dict | None, blend_file: str) -> None:
+    """The blend.yaml records the tokenizer its datasets were made with; training with another one
+    (even of the same vocabulary size) would learn from token ids that mean other pieces."""
+    if not recorded or not current or recorded.get("sha256") in (None, current["sha256"]):
+        return
+    raise UserError(
+        f"data.tokenizer={current['path']} (sha256 {current['sha256'][:12]}) is not the tokenizer the "
+        f"datasets in {blend_file} were made with (sha256 {recorded['sha256'][:12]}, {recorded.get('path')}); "
+        f"set data.tokenizer={recorded.get('path')} or re-run `kumihimo data tokenize` with this one"
+    )
+
+
+# ------------------------------------------------------------------------------------- fingerprint
+
+
+def data_fingerprint(config, datasets: list[dict[str, Any]], weights: list[float], tokenizer_sha: str | None):
+    """What the sample stream of a run depends on (see the module docstring)."""
+    return {
+        "tokenizer_sha256": tokenizer_sha,
+        "mock": config.data.mock,
+        "split": config.data.split,
+        "seq_length": config.model.seq_length,
+        "seed": config.runtime.seed,
+        "datasets": [{**info, "weight": weight} for info, weight in zip(datasets, weights)],
+    }
+
+
+def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+_CONTENT_KEYS = (
+    "dtype_code",
+    "num_sequences",
+    "num_documents",
+    "idx_bytes",
+    "bin_bytes",
+    "idx_sample_sha256",
+)
+
+
+def _content(entry: dict[str, Any]) -> tuple:
+    return tuple(entry.get(k) for k in _CONTENT_KEYS)
+
+
+def compare_fingerprints(
+    saved: dict[str, Any], now: dict[str, Any]
+) -> tuple[str | None, list[str], list[str]]:
+    """(tokenizer refusal, changes that alter the sample stream, harmless differences) between the
+    fingerprint a checkpoint recorded and this run's."""
+    tokenizer = None
+    if saved.get("tokenizer_sha256") != now.get("tokenizer_sha256"):
+        tokenizer = f"tokenizer sha256 {str(saved.get('tokenizer_sha256'))[:12]} -> {str(now.get('tokenizer_sha256'))[:12]}"
+    changes = [
+        f"{key} {saved.get(key)!r} -> {now.get(key)!r}"
+        for key in ("mock", "split", "seq_length", "seed")
+        if saved.get(key) != now.get(key)
+    ]
+    harmless = []
+    old, new = saved.get("datasets", []), now.get("datasets", [])
+    if len(old) != len(new):
+        changes.append(f"{len(old)} dataset prefix(es) -> {len(new)}")
+    else:
+        for before, after in zip(old, new):
+            name = before["prefix"]
+            if _content(before) != _content(after):
+                diff = [
+                    f"{k} {before.get(k)} -> {after.get(k)}"
+                    for k in _CONTENT_KEYS
+                    if before.get(k) != after.get(k) and k != "idx_sample_sha256"
+                ] or ["same sizes, other contents"]
+                changes.append(f"{name}: {', '.join(diff)} (re-tokenized)")
+            elif before["prefix"] != after["prefix"]:
+                harmless.append(f"{name} moved to {after['prefix']} (same contents)")
+            if before.get("weight") != after.get("weight"):
+                changes.append(f"{name}: blend weight {before.get('weight')} -> {after.get('weight')}")
+    return tokenizer, changes, harmless
+
+
+# ----------------------------------------------------------------------------------- finite state
+
+
+def state_tensors(model_chunks, optimizer) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every weight and optimizer tensor this rank holds, each once (fp32 main
+    weights and Adam moments included; with the distributed optimizer, this rank's shard)."""
+    from kumihimo.pretrain.checkpointing import unwrap
+
+    named = {}
+    for chunk in model_chunks:
+        for name, param in unwrap(chunk).named_parameters():
+            named.setdefault(id(param), (name, param))
+    for i, inner in enumerate(getattr(optimizer, "chained_optimizers", [optimizer])):
+        torch_opt = getattr(inner, "optimizer", None)
+        if torch_opt is None:
+            continue
+        for group in torch_opt.param_groups:
+            for param in group["params"]:
+                named.setdefault(id(param), (f"optimizer{i}.main_param", param))
+        for state in torch_opt.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    named.setdefault(id(value), (f"optimizer{i}.{key}", value))
+    return list(named.values())
+
+
+def count_nonfinite(model_chunks, optimizer, device: torch.device) -> tuple[int, int, list[str]]:
+    """(non-finite tensors on all ranks, tensors on all ranks, names of this rank's non-finite ones).
+    One isfinite pass over tensors already in memory and one tiny all-reduce."""
+    import torch.distributed as dist
+
+    named = state_tensors(model_chunks, optimizer)
+    with torch.no_grad():
+        finite = (
+            torch.stack([torch.isfinite(t).all() for _, t in named])
+            if named
+            else torch.ones(0, dtype=torch.bool)
+        )
+    bad_names = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+    counts = torch.tensor([len(bad_names), len(named)], dtype=torch.int64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return int(counts[0]), int(counts[1]), bad_names
+
+
+# --------------------------------------------------------------------------------- files and disk
+
+
+def check_output_dir(key: str, path: str | os.PathLike) -> None:
+    """Refuse an output folder that is a file, lies under a file, or cannot be created or written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{key}={str(path)!r} is a file, not a folder; choose a folder path")
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(
+            f"{key}={str(path)!r} lies under {str(existing)!r}, which is a file; choose another path"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(
+            f"{key}={str(path)!r} is not writable ({str(existing)!r} does not allow this user to write); "
+            "choose a folder you can write to or fix its permissions"
+        )
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def free_space_problem(root: Path, expected_bytes: int) -> str | None:
+    """Why a save of `expected_bytes` would not fit under `root` (with 5% slack), or None."""
+    target = root
+    while not target.exists():
+        target = target.parent
+    free = shutil.disk_usage(target).free
+    if free < expected_bytes * 1.05:
+        return f"{free / 2**30:.2f} GiB free, a checkpoint needs ~{expected_bytes / 2**30:.2f} GiB"
+    return None
+
+
+class DiskFull(UserError):
+    """No space left for a checkpoint (checked before the save, or ENOSPC during it)."""
+
+    def __init__(self, root: Path, latest: int | None, detail: str):
+        kept = f"latest stays iter_{latest:07d}" if latest is not None else "no checkpoint was published"
+        super().__init__(
+            f"disk full at {root} ({detail}); the save was abandoned and {kept}. Free space (delete old "
+            f"iter_* folders there or lower checkpoint.keep_last) and rerun the same command: it resumes "
+            f"from latest"
+        )
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an exception (or one it wraps, as torch's checkpoint writer and PyTorch's C++ layer do)
+    comes from a full disk."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
