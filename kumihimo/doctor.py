@@ -31,6 +31,12 @@ class Report:
     def failed(self) -> bool:
         return any(status == "FAIL" for status, _, _ in self.lines)
 
+    def verdict(self) -> str:
+        num_warnings = sum(status == "WARN" for status, _, _ in self.lines)
+        if self.failed:
+            return "problems found (FAIL above)"
+        return f"no failures; {num_warnings} warning(s) above" if num_warnings else "all checks passed"
+
     def render(self) -> str:
         width = max(len(check) for _, check, _ in self.lines)
         return "\n".join(f"[{status:4}] {check:<{width}}  {detail}" for status, check, detail in self.lines)
@@ -56,13 +62,15 @@ def run(args: argparse.Namespace) -> int:
     check_software(report)
     check_devices(report)
     config = check_config(report, args.config, args.overrides) if args.config else None
+    if config is not None:
+        check_config_needs(report, config)
     check_disk(report, config)
     check_communication(report, config)
     from kumihimo.pretrain.distributed import process_info
 
     if process_info().rank == 0:
         print(report.render())
-        print("doctor: " + ("problems found (FAIL above)" if report.failed else "all checks passed"))
+        print("doctor: " + report.verdict())
     return 1 if report.failed else 0
 
 
@@ -103,7 +111,8 @@ def check_software(report: Report) -> None:
                 "pip install -e ."
                 if required
                 else {
-                    "transformer_engine": "needed for FP8 and sequence/context parallel (pip install 'kumihimo[te]')",
+                    "transformer_engine": "needed for FP8 and fused kernels; local layers do tensor, "
+                    "sequence and context parallelism without it (pip install 'kumihimo[te]')",
                     "apex": "optional; TE covers what apex did",
                 }.get(module, "optional")
             )
@@ -187,12 +196,60 @@ def check_data_matches_tokenizer(report: Report, config) -> None:
         report.add("OK", "data/tokenizer", "datasets were made with data.tokenizer")
 
 
+def check_config_needs(report: Report, config) -> None:
+    """What this recipe needs from this machine: a GPU for runtime.device=cuda, TE for FP8 or TE layers."""
+    import torch
+
+    if config.runtime.device == "cuda" and not torch.cuda.is_available():
+        report.add(
+            "FAIL",
+            "device",
+            "runtime.device=cuda but no CUDA device is visible; run on a GPU node or set runtime.device=cpu",
+        )
+    needs_te = config.model.transformer_impl == "transformer_engine" or config.precision.fp8 is not None
+    if needs_te and _version("transformer_engine") is None:
+        report.add(
+            "FAIL",
+            "transformer_engine",
+            f"model.transformer_impl={config.model.transformer_impl}, precision.fp8={config.precision.fp8} "
+            "need Transformer Engine; pip install 'kumihimo[te]' or use local layers without FP8",
+        )
+
+
+def checkpoint_gb(config) -> float:
+    """About what one checkpoint takes: weights, fp32 main weights and Adam's two moments, 16 B/param."""
+    from kumihimo.pretrain.plan import layer_params
+    from kumihimo.tokenizer.spm import Tokenizer
+
+    m = config.model
+    vocab = config.data.mock_vocab_size
+    if not config.data.mock and config.data.tokenizer:
+        try:
+            vocab = Tokenizer.load(config.data.tokenizer).vocab_size
+        except UserError:
+            pass  # the config check reports the missing tokenizer
+    params = layer_params(config) * m.num_layers + 2 * vocab * m.hidden_size + m.hidden_size
+    return 16 * params / 2**30
+
+
 def check_disk(report: Report, config) -> None:
-    target = Path(config.checkpoint.save if config and config.checkpoint.save else ".").resolve()
+    """Free space where checkpoints go: FAIL when one checkpoint (or 1 GiB) does not fit, WARN below
+    MIN_FREE_GB or two checkpoints."""
+    saves = bool(config and config.checkpoint.save)
+    target = Path(config.checkpoint.save if saves else ".").resolve()
     while not target.exists():
         target = target.parent
     free_gb = shutil.disk_usage(target).free / 2**30
-    report.add("OK" if free_gb >= MIN_FREE_GB else "WARN", "disk", f"{free_gb:,.0f} GiB free at {target}")
+    needed_gb = checkpoint_gb(config) if saves else 0.0
+    detail = f"{free_gb:,.1f} GiB free at {target}"
+    if saves:
+        detail += f"; one checkpoint of this recipe takes about {needed_gb:,.1f} GiB"
+    if free_gb < max(needed_gb, 1.0):
+        report.add(
+            "FAIL", "disk", detail + ("; free space or set checkpoint.save elsewhere" if saves else "")
+        )
+    else:
+        report.add("OK" if free_gb >= max(MIN_FREE_GB, 2 * needed_gb) else "WARN", "disk", detail)
 
 
 def check_communication(report: Report, config) -> None:

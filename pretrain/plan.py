@@ -33,6 +33,7 @@ Pipeline bubble (1F1B): (PP - 1) / (micro-batches per step x VPP), as a share of
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 from kumihimo.core import configtree
@@ -218,7 +219,27 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=run)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse numbers that would make the plan meaningless (and print "fits" for 0 or nan GB)."""
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise UserError(
+            f"--nodes={args.nodes} and --gpus-per-node={args.gpus_per_node} must both be >= 1; "
+            "pass the job's shape, e.g. --nodes 2 --gpus-per-node 8"
+        )
+    if not (math.isfinite(args.gpu_memory_gb) and args.gpu_memory_gb > 0):
+        raise UserError(
+            f"--gpu-memory-gb={args.gpu_memory_gb} is not a memory size; pass the GPU's memory in GB, "
+            "e.g. 80 for an H100 or 141 for an H200"
+        )
+    if args.vocab_size is not None and args.vocab_size < 1:
+        raise UserError(
+            f"--vocab-size={args.vocab_size} must be >= 1; pass the tokenizer's vocabulary size, "
+            "or leave it out to read it from data.tokenizer"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     config = configtree.load(TrainConfig, args.config, args.overrides)
     vocab = args.vocab_size
     if vocab is None:
@@ -231,8 +252,6 @@ def run(args: argparse.Namespace) -> int:
                 vocab = Tokenizer.load(config.data.tokenizer).vocab_size
             except UserError as exc:
                 raise UserError(f"{exc} (or pass --vocab-size N to plan without the tokenizer)") from exc
-    if args.nodes < 1 or args.gpus_per_node < 1:
-        raise UserError("--nodes and --gpus-per-node must be >= 1")
     plan = make_plan(config, args.nodes * args.gpus_per_node, vocab)
     print(format_plan(config, plan, args.gpu_memory_gb))
     return 0

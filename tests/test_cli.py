@@ -91,3 +91,57 @@ def test_plan_reproduces_the_172b_reference_layout(capsys):
     assert "pipeline bubble: 6.9%" in out and "-> fits" in out
     assert main(["plan", "configs/pretrain/llmjp3-13b.yaml", "--nodes", "1", "--vocab-size", "99574"]) == 0
     assert "does NOT fit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--vocab-size", "0"], "--vocab-size=0 must be >= 1"),
+        (["--gpu-memory-gb", "-80"], "--gpu-memory-gb=-80.0 is not a memory size"),
+        (["--gpu-memory-gb", "nan"], "--gpu-memory-gb=nan is not a memory size"),
+        (["--gpu-memory-gb", "inf"], "--gpu-memory-gb=inf is not a memory size"),
+        (["--nodes", "0"], "--nodes=0 and --gpus-per-node=8 must both be >= 1"),
+    ],
+)
+def test_plan_refuses_meaningless_numbers(capsys, args, message):
+    """Issue 12 item 10: these printed a plan ending in "fits"."""
+    assert main(["plan", "configs/pretrain/tiny-cpu.yaml", *args]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.err.count("\n") == 1 and "fits" not in captured.out
+
+
+def test_doctor_fails_a_cuda_recipe_without_a_gpu_and_a_full_checkpoint_disk(monkeypatch, tmp_path):
+    """Issue 12 item 10: doctor said "all checks passed" for both."""
+    import shutil
+    from types import SimpleNamespace
+
+    import torch
+
+    from kumihimo import doctor
+    from kumihimo.core import configtree
+    from kumihimo.pretrain.config import TrainConfig
+
+    config = configtree.load(
+        TrainConfig, "configs/pretrain/tiny-cpu.yaml", ["runtime.device=cuda", f"checkpoint.save={tmp_path}"]
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=10**12, free=0))
+    report = doctor.Report()
+    doctor.check_config_needs(report, config)
+    doctor.check_disk(report, config)
+    statuses = {check: (status, detail) for status, check, detail in report.lines}
+    assert statuses["device"][0] == "FAIL" and "runtime.device=cpu" in statuses["device"][1]
+    assert statuses["disk"][0] == "FAIL" and f"0.0 GiB free at {tmp_path}" in statuses["disk"][1]
+    assert report.verdict() == "problems found (FAIL above)"
+    warned = doctor.Report([("OK", "a", ""), ("WARN", "b", "")])
+    assert warned.verdict() == "no failures; 1 warning(s) above"
+
+
+def test_doctor_does_not_claim_te_is_needed_for_sequence_or_context_parallelism(monkeypatch):
+    from kumihimo import doctor
+
+    monkeypatch.setattr(doctor, "_version", lambda module: None)
+    report = doctor.Report()
+    doctor.check_software(report)
+    hint = next(detail for _, check, detail in report.lines if check == "transformer_engine")
+    assert "needed for FP8" in hint and "sequence and context parallelism without it" in hint
