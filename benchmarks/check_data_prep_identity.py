@@ -56,6 +56,9 @@ def run_curate(src: str, corpus: str, out: str) -> None:
     """Subprocess side: curate every recipe with the kumihimo checkout under `src` (first on sys.path; its
     kumihimo/data_prep link leads to its own data_prep/ folder)."""
     sys.path.insert(0, src)
+    # this script imported kumihimo (the sample corpus) from the installed tree before `src` came first
+    for name in [m for m in sys.modules if m == "kumihimo" or m.startswith("kumihimo.")]:
+        del sys.modules[name]
     import kumihimo.data_prep
     from kumihimo.data_prep.config import load_config
     from kumihimo.data_prep.pipeline import curate

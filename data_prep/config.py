@@ -38,8 +38,9 @@ class SourceConfig:
     name: str
     """Name of the source; it names the outputs (`curated/<name>.jsonl`, `<name>_text_document`)."""
     paths: list[str]
-    """Glob patterns of input files: JSONL (.jsonl, .jsonl.gz, .jsonl.zst) or Parquet (.parquet, read by
-    row groups), e.g. `/data/cc/ja/*.jsonl.gz` or `/data/fineweb2/jpn_Jpan/*.parquet`."""
+    """Glob patterns of input files: JSONL (.jsonl, .jsonl.gz, .jsonl.zst), Parquet (.parquet, read by
+    row groups) or Common Crawl WARC (.warc.gz, see input.warc), e.g. `/data/cc/ja/*.jsonl.gz`,
+    `/data/fineweb2/jpn_Jpan/*.parquet` or `/data/cc/CC-MAIN-2024-10/*.warc.gz`."""
     weight_multiplier: float = 1.0
     """Blend weight = this source's token share x this multiplier (then normalised); 2.0 = two epochs."""
 
@@ -67,6 +68,19 @@ class SourceConfig:
             )
 
 
+WarcExtractor = Literal["resiliparse", "trafilatura"]
+
+
+@dataclass(kw_only=True)
+class WarcConfig:
+    extractor: WarcExtractor = "resiliparse"
+    """Main-text extractor for HTML pages: `resiliparse` (fast, the default; see docs/benchmarks.md) or
+    `trafilatura` (what Swallow used; several times slower)."""
+    japanese_precheck: bool = True
+    """Extract only pages whose <html> says lang="ja" or whose title looks Japanese (Swallow's pre-check);
+    the others are dropped as warc/not_japanese before decoding. Turn off for non-Japanese crawls."""
+
+
 @dataclass(kw_only=True)
 class InputConfig:
     sources: list[SourceConfig] = field(default_factory=list)
@@ -83,8 +97,11 @@ class InputConfig:
     shard_bytes: int = 256 * 1024 * 1024
     """Uncompressed .jsonl files larger than this are split into shards of about this size;
     compressed files are one shard each; Parquet files are split into runs of whole row groups holding
-    about this many bytes of the columns read (uncompressed). Shards are the unit of parallel work and
-    of resume."""
+    about this many bytes of the columns read (uncompressed); a WARC file is one shard. Shards are the
+    unit of parallel work and of resume."""
+    warc: WarcConfig = field(default_factory=WarcConfig)
+    """How .warc.gz sources become documents: text = main text, id = WARC-Record-ID, url, and
+    meta.title / meta.date (WARC-Date). The field names above do not apply to WARC."""
 
     def validate(self) -> None:
         if not self.sources:

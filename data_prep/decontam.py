@@ -8,7 +8,7 @@ of n-gram hashes, saved once per run and memory-mapped by every worker.
 from __future__ import annotations
 
 import glob
-import json
+import os
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kumihimo.core import records
 from kumihimo.core.errors import UserError
+from kumihimo.core.files import TEMP_MARK
 from kumihimo.data_prep import charclass
 from kumihimo.data_prep.config import DecontamConfig
 from kumihimo.data_prep.ngrams import bounded_runs, codepoints, mix64, powers, window_hashes
@@ -75,26 +77,15 @@ def _run_hashes(chars: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def _eval_texts(path: str, fields: list[str]) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        if not path.endswith((".jsonl", ".json")):
-            yield from (line for line in handle if line.strip())
-            return
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(
-                    f"evaluation file {path} line {line_no} is not JSON ({exc}); "
-                    "fix it or list it as a plain-text file"
-                ) from exc
-            values = (
-                record.values()
-                if isinstance(record, dict) and not fields
-                else ([record.get(f) for f in fields] if isinstance(record, dict) else [record])
-            )
-            yield from _strings(values)
+    """Strings of an evaluation file (kumihimo.core.records): the `fields` of every record of a JSONL or
+    Parquet file (all its strings when `fields` is empty), or every non-blank line of a .txt file."""
+    accepted = ("jsonl", "parquet", "text")
+    is_text = records.file_format(path, accepted) == "text"
+    for _, record in records.read_records(path, accepted=accepted, columns=fields or None):
+        if is_text:
+            yield record["text"]
+        else:
+            yield from _strings(record.values() if not fields else [record.get(f) for f in fields])
 
 
 def _strings(values) -> Iterator[str]:
@@ -196,7 +187,7 @@ def _joined_ngram_hashes(texts: list[str], n: int, chars: bool) -> tuple[np.ndar
 
 
 def save_eval_index(hashes: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
+    tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}.npy")
     np.save(tmp, hashes)
     tmp.replace(path)
 

@@ -1,30 +1,29 @@
-"""Reading input JSONL (plain, gzip, zstd) and Parquet into shards, and writing JSONL atomically.
+"""Reading input JSONL (plain, gzip, zstd), Parquet and WARC into shards, and writing JSONL atomically.
 
-A shard is one compressed file, a byte range of a large plain file cut at line starts, or a run of
-row groups of a Parquet file (data_prep/parquet_io.py); shards are the unit of parallel work and of
-resume. Reading never stops on bad input: each bad line (or Parquet row) comes back as a quarantine
-event carrying the file, the line (row) number and the reason.
+A shard is one compressed file, a byte range of a large plain file cut at line starts, a run of
+row groups of a Parquet file (data_prep/parquet_io.py) or one WARC file; shards are the unit of
+parallel work and of resume. The files themselves are read by kumihimo.core.records, the one reader
+the tokenizer and decontamination use too. Reading never stops on bad input: each bad line (Parquet
+row, WARC record) comes back as a quarantine event carrying the file, the line (row number, byte
+offset) and the reason.
 """
 
 from __future__ import annotations
 
 import glob
-import gzip
-import io
 import json
 import os
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from kumihimo.core import records
 from kumihimo.core.errors import UserError
 from kumihimo.core.files import temp_file_beside
 from kumihimo.data_prep.config import DataPrepConfig, InputConfig
 
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
-PARQUET_SUFFIX = ".parquet"
 READ_BLOCK_BYTES = 1 << 20
 
 
@@ -37,7 +36,9 @@ class Shard:
     path: str
     start_byte: int
     end_byte: int | None  # None: to the end of the file
-    first_line: int  # 1-based number of the shard's first line (Parquet: of its first row in the file)
+    first_line: (
+        int  # 1-based number of the shard's first line (Parquet: of its first row in the file; WARC: 1)
+    )
     row_groups: tuple[int, int] | None = None  # Parquet: row groups [first, end); None for JSONL
 
     @property
@@ -66,20 +67,19 @@ class BadLine:
     raw: str
 
 
-def _open_binary(path: str) -> IO[bytes]:
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith((".zst", ".zstd")):
-        try:
-            import zstandard
-        except ImportError as exc:
-            raise UserError(
-                f"{path} is zstd-compressed but the zstandard module is not installed; "
-                "run `pip install zstandard` or decompress the file"
-            ) from exc
-        raw = open(path, "rb")  # noqa: SIM115 - closed through the wrapper
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
-    return open(path, "rb")  # noqa: SIM115
+@dataclass
+class Dropped:
+    """A readable input record the reader itself leaves out (WARC: not Japanese, not HTML, no main text);
+    it counts as input and is recorded as a drop of `stage`, like the later stages' drops."""
+
+    source: str
+    path: str
+    line: int
+    doc_id: str
+    stage: str
+    reason: str
+    detail: str
+    excerpt: str
 
 
 def _line_starts(path: str, size: int, shard_bytes: int) -> list[tuple[int, int]]:
@@ -127,14 +127,18 @@ def plan_shards(config: DataPrepConfig) -> list[Shard]:
     shards: list[Shard] = []
     for source in config.input.sources:
         for path in expand_source_paths(source.paths, source.name):
-            if path.endswith(PARQUET_SUFFIX):
+            kind = records.file_format(path)  # an unsupported suffix fails here, before any worker starts
+            if kind == "warc":
+                shards.append(Shard(len(shards), source.name, path, 0, None, 1))
+                continue
+            if kind == "parquet":
                 from kumihimo.data_prep.parquet_io import row_group_runs  # pyarrow is loaded only when needed
 
                 for first, end, first_row in row_group_runs(path, config.input, config.input.shard_bytes):
                     shards.append(Shard(len(shards), source.name, path, 0, None, first_row, (first, end)))
                 continue
             if path.endswith((".zst", ".zstd")):
-                _open_binary(path).close()  # fail now, not in a worker, if zstandard is missing
+                records.open_binary(path).close()  # fail now, not in a worker, if zstandard is missing
             size = os.path.getsize(path)
             if path.endswith(COMPRESSED_SUFFIXES) or size <= config.input.shard_bytes:
                 shards.append(Shard(len(shards), source.name, path, 0, None, 1))
@@ -146,67 +150,52 @@ def plan_shards(config: DataPrepConfig) -> list[Shard]:
     return shards
 
 
-def _iter_raw_lines(shard: Shard) -> Iterator[tuple[int, bytes | None, str]]:
-    """(line number, bytes, error). bytes is None when the file itself broke (truncated gzip...)."""
-    line_no = shard.first_line - 1
-    try:
-        with _open_binary(shard.path) as handle:
-            if shard.start_byte:
-                handle.seek(shard.start_byte)
-            position = shard.start_byte
-            for raw in handle:
-                if shard.end_byte is not None and position >= shard.end_byte:
-                    return
-                position += len(raw)
-                line_no += 1
-                yield line_no, raw, ""
-    except (EOFError, OSError, zlib.error) as exc:
-        yield line_no + 1, None, f"{type(exc).__name__}: {exc}"
-
-
-def read_shard(shard: Shard, fields: InputConfig) -> Iterator[Document | BadLine]:
-    """Parse a shard's lines; every line gives exactly one Document or BadLine (blank lines: none)."""
+def read_shard(shard: Shard, fields: InputConfig) -> Iterator[Document | BadLine | Dropped]:
+    """Parse a shard's records; every line (row, WARC response record) gives exactly one Document,
+    BadLine or Dropped (blank lines and non-response WARC records: none)."""
     if shard.row_groups is not None:
         from kumihimo.data_prep.parquet_io import read_parquet_shard
 
         yield from read_parquet_shard(shard, fields)
         return
-    for line_no, raw, error in _iter_raw_lines(shard):
-        if raw is None:
-            yield BadLine(shard.source, shard.path, line_no, "corrupt_file", error, "")
-            continue
-        if not raw.strip():
-            continue  # blank lines carry no document; they are not counted as input
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield BadLine(
+    if records.file_format(shard.path) == "warc":
+        yield from _read_warc_shard(shard, fields)
+        return
+    for item in records.iter_jsonl(shard.path, shard.start_byte, shard.end_byte, shard.first_line):
+        if isinstance(item, records.BadRecord):
+            yield BadLine(shard.source, shard.path, item.position, item.reason, item.detail, item.excerpt)
+        else:
+            yield document_from_record(item.fields, item.position, shard, fields, item.excerpt)
+
+
+def _read_warc_shard(shard: Shard, fields: InputConfig) -> Iterator[Document | BadLine | Dropped]:
+    """A WARC file's pages; `line` is the record's byte offset in the file (where `dd skip=` finds it)."""
+    from kumihimo.core.warc import iter_warc  # fastwarc and the extractor load only for WARC input
+
+    options = fields.warc
+    for item in iter_warc(
+        shard.path, extractor=options.extractor, japanese_precheck=options.japanese_precheck
+    ):
+        if isinstance(item, records.BadRecord):
+            yield BadLine(shard.source, shard.path, item.position, item.reason, item.detail, item.excerpt)
+        elif isinstance(item, records.Skipped):
+            yield Dropped(
                 shard.source,
                 shard.path,
-                line_no,
-                "invalid_utf8",
-                str(exc),
-                raw[:300].decode("utf-8", "replace"),
+                item.position,
+                item.record_id,
+                item.stage,
+                item.reason,
+                item.detail,
+                item.excerpt,
             )
-            continue
-        yield _parse(line, line_no, shard, fields)
-
-
-def _parse(line: str, line_no: int, shard: Shard, fields: InputConfig) -> Document | BadLine:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return BadLine(shard.source, shard.path, line_no, "malformed_json", str(exc), line[:300])
-    if not isinstance(record, dict):
-        return BadLine(
-            shard.source,
-            shard.path,
-            line_no,
-            "not_an_object",
-            f"a JSON {type(record).__name__}, not an object",
-            line[:300],
-        )
-    return document_from_record(record, line_no, shard, fields, line[:300])
+        else:
+            page = item.fields
+            doc_id = page["id"] or f"{shard.source}:{os.path.basename(shard.path)}:{item.position}"
+            meta = {"title": page["title"], "date": page["date"]}
+            yield Document(
+                shard.source, shard.path, item.position, doc_id, page["text"], page["url"] or None, meta
+            )
 
 
 def document_from_record(

@@ -3,8 +3,8 @@
 A Parquet file is cut into shards of whole row groups (about `input.shard_bytes` of the columns read,
 uncompressed), so a big file is spread over workers as a big plain JSONL file is spread by byte range.
 A shard reads one row group at a time, in batches, and only the configured text, id, url and meta
-columns, so memory stays bounded by one batch whatever the file size. Rows are checked by the same
-rules as JSONL lines (`jsonl_io.document_from_record`); a row's number (1-based, in the file) is
+columns (kumihimo.core.parquet_rows), so memory stays bounded by one batch whatever the file size.
+Rows are checked by the same rules as JSONL lines (`jsonl_io.document_from_record`); a row's number (1-based, in the file) is
 reported in the `line` field so that quarantine, dropped and curated records look the same for both.
 """
 
@@ -14,16 +14,12 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kumihimo.core.parquet_rows import READ_ERRORS, iter_parquet
+from kumihimo.core.records import BadRecord
 from kumihimo.data_prep.config import InputConfig
 from kumihimo.data_prep.jsonl_io import BadLine, Document, Shard, document_from_record
-
-BATCH_ROWS = 1024
-RAW_EXCERPT_CHARS = 300
-# What pyarrow raises for a file or a row group it cannot decode (bad footer, truncated page...).
-_READ_ERRORS = (OSError, pa.ArrowException, EOFError)
 
 
 def wanted_columns(fields: InputConfig) -> list[str]:
@@ -41,7 +37,7 @@ def row_group_runs(path: str, fields: InputConfig, shard_bytes: int) -> list[tup
     """
     try:
         metadata = pq.ParquetFile(path).metadata
-    except _READ_ERRORS:
+    except READ_ERRORS:
         return [(0, 0, 1)]
     wanted = set(wanted_columns(fields))
     runs: list[tuple[int, int, int]] = []
@@ -62,21 +58,14 @@ def row_group_runs(path: str, fields: InputConfig, shard_bytes: int) -> list[tup
     return runs
 
 
-def _column_values(column: pa.Array) -> list[Any]:
-    try:
-        return column.to_pylist()
-    except UnicodeDecodeError:
-        # pyarrow does not check UTF-8 when it reads a string column; give the bytes to the row check
-        return column.cast(pa.binary()).to_pylist()
-
-
 def _json_safe(value: Any) -> Any:
     """Parquet values (timestamps, decimals, bytes) as JSON values, for `meta` of kept documents."""
     return json.loads(json.dumps(value, ensure_ascii=False, default=str))
 
 
-def _row_to_item(record: dict[str, Any], row: int, shard: Shard, fields: InputConfig) -> Document | BadLine:
-    raw = json.dumps(record, ensure_ascii=False, default=str)[:RAW_EXCERPT_CHARS]
+def _row_to_item(
+    record: dict[str, Any], row: int, raw: str, shard: Shard, fields: InputConfig
+) -> Document | BadLine:
     text = record.get(fields.text_field)
     if isinstance(text, bytes):  # a string column with invalid UTF-8, or a plain binary column
         try:
@@ -89,17 +78,6 @@ def _row_to_item(record: dict[str, Any], row: int, shard: Shard, fields: InputCo
     return document_from_record(record, row, shard, fields, raw)
 
 
-def _iter_row_group(parquet: pq.ParquetFile, group: int, columns: list[str]) -> Iterator[dict[str, Any]]:
-    """The rows of one row group as {column: value}; nulls stay as None, absent columns are left out."""
-    for batch in parquet.iter_batches(
-        batch_size=BATCH_ROWS, row_groups=[group], columns=columns, use_threads=False
-    ):
-        values = [_column_values(batch.column(i)) for i in range(batch.num_columns)]
-        names = batch.schema.names
-        for row in range(batch.num_rows):
-            yield {name: column[row] for name, column in zip(names, values)}
-
-
 def read_parquet_shard(shard: Shard, fields: InputConfig) -> Iterator[Document | BadLine]:
     """Every row of the shard's row groups gives exactly one Document or BadLine.
 
@@ -108,37 +86,9 @@ def read_parquet_shard(shard: Shard, fields: InputConfig) -> Iterator[Document |
     report.md lists it. A row group that fails to decode is one such event too; later ones are read.
     """
     assert shard.row_groups is not None, "not a Parquet shard"
-    first_group, end_group = shard.row_groups
-    try:
-        parquet = pq.ParquetFile(shard.path)
-    except _READ_ERRORS as exc:
-        yield BadLine(
-            shard.source,
-            shard.path,
-            shard.first_line,
-            "corrupt_file",
-            f"not a readable Parquet file: {type(exc).__name__}: {exc}",
-            "",
-        )
-        return
-    present = set(parquet.schema_arrow.names)
-    columns = [name for name in wanted_columns(fields) if name in present]
-    row = shard.first_line
-    for group in range(first_group, end_group):
-        num_rows = parquet.metadata.row_group(group).num_rows
-        group_first_row = row
-        try:
-            for record in _iter_row_group(parquet, group, columns):
-                yield _row_to_item(record, row, shard, fields)
-                row += 1
-        except _READ_ERRORS as exc:
-            yield BadLine(
-                shard.source,
-                shard.path,
-                row,
-                "corrupt_file",
-                f"row group {group} (rows {group_first_row}-{group_first_row + num_rows - 1}) "
-                f"is unreadable from row {row}: {type(exc).__name__}: {exc}",
-                "",
-            )
-        row = group_first_row + num_rows
+    rows = iter_parquet(shard.path, shard.row_groups, wanted_columns(fields), shard.first_line)
+    for item in rows:
+        if isinstance(item, BadRecord):
+            yield BadLine(shard.source, shard.path, item.position, item.reason, item.detail, item.excerpt)
+        else:
+            yield _row_to_item(item.fields, item.position, item.excerpt, shard, fields)

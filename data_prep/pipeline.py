@@ -27,6 +27,7 @@ from kumihimo.core.errors import UserError
 from kumihimo.core.progress import Progress, say
 from kumihimo.data_prep import shard_stage
 from kumihimo.data_prep.config import DataPrepConfig
+from kumihimo.core.records import file_format
 from kumihimo.data_prep.decontam import build_eval_index, save_eval_index
 from kumihimo.data_prep.executor import process_pool, run_unordered
 from kumihimo.data_prep.jsonl_io import AtomicJsonlWriter, Shard, plan_shards
@@ -88,6 +89,9 @@ def _fingerprint(config: DataPrepConfig, shards: list[Shard]) -> dict[str, Any]:
     sections = {name: configtree.to_dict(getattr(config, name)) for name in _CURATION_SECTIONS}
     digest = hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()
     files = sorted({s.path for s in shards})
+    if "input" in sections and not any(file_format(s.path) == "warc" for s in shards):
+        # WARC settings change nothing for other inputs: editing them must not block a resume
+        sections["input"].pop("warc", None)
     inputs = [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p in files]
     return {"config_sha256": digest, "inputs": inputs, "num_shards": len(shards)}
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from kumihimo.data_prep.config import DataPrepConfig
 from kumihimo.data_prep.decontam import Decontaminator, load_eval_index
-from kumihimo.data_prep.jsonl_io import AtomicJsonlWriter, BadLine, Document, Shard, read_shard
+from kumihimo.data_prep.jsonl_io import AtomicJsonlWriter, BadLine, Document, Dropped, Shard, read_shard
 from kumihimo.data_prep.langid import identify_batch
 from kumihimo.data_prep.minhash import MinHasher, exact_key
 from kumihimo.data_prep.pii import PiiRedactor
@@ -215,7 +215,7 @@ def process_shard(shard: Shard, tools: StageTools, shards_dir: Path) -> None:
         open(tmp / IDS, "w", encoding="utf-8") as ids,
     ):
         for batch in batched(read_shard(shard, config.input), DOC_BATCH):
-            outcomes = iter(_curate_batch([item for item in batch if not isinstance(item, BadLine)], tools))
+            outcomes = iter(_curate_batch([item for item in batch if isinstance(item, Document)], tools))
             for item in batch:
                 if isinstance(item, BadLine):
                     stats.quarantined[item.reason] += 1
@@ -231,6 +231,22 @@ def process_shard(shard: Shard, tools: StageTools, shards_dir: Path) -> None:
                     stats.example(f"read/{item.reason}", record)
                     continue
                 stats.num_input += 1
+                if isinstance(item, Dropped):  # left out by the reader (WARC: not Japanese, no main text)
+                    stats.dropped[item.stage][item.reason] += 1
+                    record = {
+                        "id": item.doc_id,
+                        "source": item.source,
+                        "file": item.path,
+                        "line": item.line,
+                        "stage": item.stage,
+                        "reason": item.reason,
+                        "detail": item.detail,
+                        "lang": None,
+                        "excerpt": item.excerpt[: config.report.excerpt_chars],
+                    }
+                    dropped.write(record)
+                    stats.example(f"{item.stage}/{item.reason}", record)
+                    continue
                 outcome = next(outcomes)
                 stats.num_repaired += outcome.repaired
                 stats.num_boilerplate_lines_removed += outcome.num_boilerplate_removed

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_data_prep_pipeline import EXPECTED, crash_then_resume, output_files, read_records, write_corpus
 
-from kumihimo.data_prep import parquet_io
+from kumihimo.core import parquet_rows
 from kumihimo.data_prep.config import DataPrepConfig, SourceConfig
 from kumihimo.data_prep.jsonl_io import BadLine, Document, plan_shards, read_shard
 from kumihimo.data_prep.pipeline import curate
@@ -238,14 +238,14 @@ def test_an_unreadable_row_group_is_one_quarantine_event_and_later_ones_are_read
     config, _ = write_parquet_and_jsonl(tmp_path)
     config.input.sources = [SourceConfig(name="ja", paths=[str(tmp_path / "parquet" / "ja_a.parquet")])]
     config.input.shard_bytes = 1 << 30
-    real = parquet_io._iter_row_group
+    real = parquet_rows._iter_row_group
 
     def broken_middle(parquet, group, columns):
         if group == 1:
             raise OSError("Corrupt snappy compressed data.")
         yield from real(parquet, group, columns)
 
-    monkeypatch.setattr(parquet_io, "_iter_row_group", broken_middle)
+    monkeypatch.setattr(parquet_rows, "_iter_row_group", broken_middle)
     (shard,) = plan_shards(config)
     items = list(read_shard(shard, config.input))
     assert [item.line for item in items] == [1, 2, 3, 5, 6]

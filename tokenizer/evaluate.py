@@ -7,7 +7,6 @@ code 2.75): more characters per token means shorter sequences for the same text.
 
 from __future__ import annotations
 
-import gzip
 import json
 import unicodedata
 from collections import Counter
@@ -16,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kumihimo.core import records
 from kumihimo.core.configtree import write_text_atomic
 from kumihimo.core.errors import UserError
 from kumihimo.tokenizer.spm import Tokenizer
@@ -118,46 +118,35 @@ def parse_text_spec(spec: str) -> tuple[Path, str]:
 
 
 def read_documents(path: Path, text_field: str = "text", max_documents: int | None = None) -> Iterator[str]:
-    """Documents of a JSONL(.gz) file (its `text_field`), or of a plain text file (groups of lines)."""
-    is_jsonl = ".jsonl" in path.suffixes or ".json" in path.suffixes
-    opener = gzip.open if path.suffix == ".gz" else open
-    count = 0
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            if is_jsonl:
-                documents = _jsonl_texts(handle, path, text_field)
-            else:
-                documents = _line_groups(handle)
-            for text in documents:
-                if max_documents is not None and count >= max_documents:
-                    return
-                count += 1
-                yield text
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {path} ({exc}); pass UTF-8 text or JSONL") from exc
-
-
-def _jsonl_texts(handle, path: Path, text_field: str) -> Iterator[str]:
-    for line_number, line in enumerate(handle, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{line_number} is not valid JSON ({exc.msg}); fix that line") from exc
-        text = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise UserError(f"{path}:{line_number} has no string field {text_field!r}; pass --text-field")
+    """Documents of a record file (JSONL, .jsonl.gz/.zst, Parquet or WARC: its `text_field`) or of a
+    plain text file (.txt, .txt.gz, .txt.zst: groups of lines), read by kumihimo.core.records."""
+    kind = records.file_format(str(path), (*records.RECORD_FORMATS, "text"))
+    documents = _line_groups(path) if kind == "text" else _record_texts(path, text_field)
+    for count, text in enumerate(documents):
+        if max_documents is not None and count >= max_documents:
+            return
         yield text
 
 
-def _line_groups(handle) -> Iterator[str]:
+def _record_texts(path: Path, text_field: str) -> Iterator[str]:
+    for position, record in records.read_records(str(path), columns=[text_field]):
+        text = record.get(text_field)
+        if not isinstance(text, str):
+            raise UserError(f"{path}:{position} has no string field {text_field!r}; pass --text-field")
+        yield text
+
+
+def _line_groups(path: Path) -> Iterator[str]:
     lines: list[str] = []
-    for line in handle:
-        lines.append(line)
-        if len(lines) == LINES_PER_PLAIN_DOCUMENT:
-            yield "".join(lines)
-            lines = []
+    try:
+        with records.open_text(str(path)) as handle:
+            for line in handle:
+                lines.append(line)
+                if len(lines) == LINES_PER_PLAIN_DOCUMENT:
+                    yield "".join(lines)
+                    lines = []
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path} ({exc}); pass UTF-8 text") from exc
     if lines:
         yield "".join(lines)
 

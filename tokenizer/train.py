@@ -9,7 +9,6 @@ staging directory into place. Nothing is visible in `output_dir` until everythin
 from __future__ import annotations
 
 import glob
-import gzip
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.core.files import temp_dir
 from kumihimo.core.progress import Progress, say
+from kumihimo.core.records import read_records
 from kumihimo.tokenizer.config import NEWLINE, SourceConfig, TokenizerTrainConfig
 from kumihimo.tokenizer.spm import MODEL_FILENAME
 
@@ -96,36 +96,24 @@ def match_files(config: TokenizerTrainConfig) -> dict[str, list[Path]]:
 
 
 def iter_documents(path: Path, text_field: str, lang: str | None) -> Iterator[str]:
-    """Texts of the JSON lines in `path` (optionally .gz); malformed input is an error, not skipped."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(
-                        f"{where} is not valid JSON ({exc.msg}); fix or remove that line"
-                    ) from exc
-                if not isinstance(record, dict) or text_field not in record:
-                    raise UserError(
-                        f"{where} has no {text_field!r} field; set input.text_field "
-                        "to the key that holds the text"
-                    )
-                if lang is not None and record.get("lang") != lang:
-                    continue
-                text = record[text_field]
-                if not isinstance(text, str):
-                    raise UserError(
-                        f"{where}: field {text_field!r} is a {type(text).__name__}, not a string; "
-                        "fix the data or point text_field at the text"
-                    )
-                yield text
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {path} ({exc}); check that it is UTF-8 JSONL (or .jsonl.gz)") from exc
+    """Texts of the records in `path` (JSONL, .jsonl.gz/.zst, Parquet or WARC, read by
+    kumihimo.core.records); malformed input is an error, not skipped."""
+    columns = [text_field] if lang is None else [text_field, "lang"]
+    for position, record in read_records(str(path), columns=columns):
+        where = f"{path}:{position}"
+        if text_field not in record:
+            raise UserError(
+                f"{where} has no {text_field!r} field; set input.text_field to the key that holds the text"
+            )
+        if lang is not None and record.get("lang") != lang:
+            continue
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise UserError(
+                f"{where}: field {text_field!r} is a {type(text).__name__}, not a string; "
+                "fix the data or point text_field at the text"
+            )
+        yield text
 
 
 def split_sentences(text: str, max_bytes: int) -> Iterator[str]:
