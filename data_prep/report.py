@@ -11,7 +11,9 @@ from kumihimo.core.configtree import write_text_atomic
 from kumihimo.data_prep.config import DataPrepConfig
 from kumihimo.data_prep.report_html import render_html
 
-STAGE_ORDER = ("read", "repair", "langid", "quality", "decontam", "dedup")
+STAGE_ORDER = ("read", "warc", "extract", "repair", "langid", "quality", "decontam", "dedup")
+# Stages only WARC input has (the Japanese pre-check, main-text extraction): no funnel row without them.
+READER_STAGES = ("warc", "extract")
 LENGTH_BINS = (100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600)
 
 
@@ -143,6 +145,10 @@ def _bar(count: int, largest: int, width: int = 40) -> str:
     return "#" * (round(width * count / largest) if largest else 0)
 
 
+def _stages(report: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(s for s in STAGE_ORDER if s not in READER_STAGES or s in report["dropped"])
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     t = report["totals"]
     out = [
@@ -158,7 +164,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---:|---:|",
     ]
     remaining = t["num_input_lines"]
-    for stage in STAGE_ORDER:
+    for stage in _stages(report):
         removed = (
             sum(report["quarantined"].values())
             if stage == "read"
@@ -220,7 +226,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
     write_text_atomic(out_dir / "report.json", json.dumps(report, ensure_ascii=False, indent=1))
-    write_text_atomic(out_dir / "report.html", render_html(report, STAGE_ORDER))
+    write_text_atomic(out_dir / "report.html", render_html(report, _stages(report)))
     path = out_dir / "report.md"
     write_text_atomic(path, render_markdown(report))
     return path

@@ -130,9 +130,17 @@ def run(args: argparse.Namespace) -> int:
 def _data_config(workdir: Path):
     from kumihimo.data_prep.config import DataPrepConfig
     from kumihimo.sample import sample_paths
+    from kumihimo.sample.web_pages import write_sample_warc
 
     paths = sample_paths()
-    sources = [{"name": "ja", "paths": [str(paths["ja"])]}, {"name": "en", "paths": [str(paths["en"])]}]
+    # a small Common Crawl-like source, so WARC reading, the Japanese pre-check and extraction run too
+    (workdir / "sample").mkdir(parents=True, exist_ok=True)
+    web = write_sample_warc(workdir / "sample" / "web.warc.gz")
+    sources = [
+        {"name": "ja", "paths": [str(paths["ja"])]},
+        {"name": "en", "paths": [str(paths["en"])]},
+        {"name": "web", "paths": [str(web)]},
+    ]
     overrides = [
         f"output_dir={workdir / 'data_prep'}",
         f"input.sources={json.dumps(sources)}",

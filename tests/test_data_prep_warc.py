@@ -197,6 +197,8 @@ def test_curate_warc_end_to_end(tmp_path):
         ("warc", "not_japanese"),
     ]
     assert result.quarantined == {"truncated_record": 1, "undecodable_page": 1}
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "| warc | 3 |" in report and "| warc | not_japanese | 1 |" in report
 
 
 def test_warc_run_resumes_per_file_and_equals_an_uninterrupted_run(tmp_path, monkeypatch):
