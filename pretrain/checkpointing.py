@@ -337,10 +337,11 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b") ", 1)[1][:1]
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+    except (OSError, IndexError):
         return True
-    return b"kumihimo" in cmdline
+    return state != b"Z" and (not cmdline or b"kumihimo" in cmdline)
 
 
 def prune(root: Path, keep_last: int, keep_multiples_of: int | None = None) -> list[Path]:
