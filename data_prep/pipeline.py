@@ -24,6 +24,8 @@ import numpy as np
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
+from kumihimo.core.files import TEMP_MARK
+from kumihimo.core.processes import RunLock
 from kumihimo.core.progress import Progress, say
 from kumihimo.data_prep import shard_stage
 from kumihimo.data_prep.config import DataPrepConfig
@@ -187,7 +189,7 @@ def _global_dedup(config: DataPrepConfig, layout: RunLayout, shards: list[Shard]
         signatures.flush()
     say(f"[dedup] {int(offsets[-1])} candidate documents, {len(shards)} shards")
     decision = find_duplicates(keys, signatures, config.dedup)
-    tmp = layout.dedup_decision.with_name("decision.tmp.npz")
+    tmp = layout.dedup_decision.with_name(f"decision{TEMP_MARK}{os.getpid()}.npz")
     np.savez(
         tmp,
         duplicate_of=decision.duplicate_of,
@@ -377,10 +379,11 @@ def curate(config: DataPrepConfig) -> CurationResult | None:
                 "run `pip install datatrove` or use executor.kind=local"
             ) from exc
         return curate_with_datatrove(config)
-    layout, shards = prepare_run(config)
-    say(f"[data_prep] {len(shards)} shards from {len(config.input.sources)} sources -> {layout.out}")
-    _curate_shards(config, layout, shards)
-    return finish_curation(config)
+    with RunLock(config.output_dir, "curate"):  # one live run per output_dir; clears a killed one's debris
+        layout, shards = prepare_run(config)
+        say(f"[data_prep] {len(shards)} shards from {len(config.input.sources)} sources -> {layout.out}")
+        _curate_shards(config, layout, shards)
+        return finish_curation(config)
 
 
 def build_datasets(config: DataPrepConfig, tokenizer_path: str | Path):
