@@ -2,15 +2,19 @@
 
 concurrent.futures rather than multiprocessing.Pool: when a worker dies (killed, or cannot even
 start) the pool reports BrokenProcessPool instead of replacing the worker forever and hanging.
+Workers die with the parent (a `kill -9` of the run must not leave them writing into its output).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from typing import Any
+
+from kumihimo.core.processes import die_with_parent
 
 
 @contextmanager
@@ -21,8 +25,8 @@ def process_pool(
     pool = ProcessPoolExecutor(
         num_workers,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=initializer,
-        initargs=initargs,
+        initializer=_start_worker,
+        initargs=(os.getpid(), initializer, initargs),
     )
     try:
         yield pool
@@ -30,6 +34,11 @@ def process_pool(
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+
+
+def _start_worker(parent_pid: int, initializer: Callable[..., None], initargs: tuple) -> None:
+    die_with_parent(parent_pid)
+    initializer(*initargs)
 
 
 def run_unordered(pool: ProcessPoolExecutor, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Any]:

@@ -17,6 +17,7 @@ import numpy as np
 
 from kumihimo.core.configtree import write_text_atomic
 from kumihimo.core.errors import UserError
+from kumihimo.core.processes import RunLock
 from kumihimo.core.progress import Progress, say
 from kumihimo.data_prep.blend import BlendEntry, blend_weights, write_blend
 from kumihimo.data_prep.config import DataPrepConfig
@@ -135,6 +136,11 @@ def _marker_for(curated: Path, tokenizer: Tokenizer, config: DataPrepConfig) -> 
 
 
 def build_datasets(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildResult:
+    with RunLock(config.output_dir, "tokenize"):  # one live run per output_dir; clears a killed one's debris
+        return _build_datasets(config, tokenizer_path)
+
+
+def _build_datasets(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildResult:
     out = Path(config.output_dir)
     tokenizer = Tokenizer.load(tokenizer_path)
     if config.tokenize.add_bos and tokenizer.bos_id is None:

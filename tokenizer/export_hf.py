@@ -217,7 +217,7 @@ def export_hf(model_path: str | Path, output_dir: str | Path) -> Path:
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output {str(output_dir)!r} is a file; pass a directory path")
     output_dir.mkdir(parents=True, exist_ok=True)
-    staging = temp_dir(output_dir, ".export-hf-")
+    staging = temp_dir(output_dir, ".export-hf.tmp-")
     try:
         tokenizer.save(str(staging / "tokenizer.json"))
         for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):

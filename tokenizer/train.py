@@ -26,7 +26,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
-from kumihimo.core.files import temp_dir
+from kumihimo.core.files import temp_dir, why_unwritable
 from kumihimo.core.progress import Progress, say
 from kumihimo.core.records import read_records
 from kumihimo.tokenizer.config import NEWLINE, SourceConfig, TokenizerTrainConfig
@@ -371,7 +371,15 @@ def prepare_output_dir(config: TokenizerTrainConfig) -> Path:
                 "already exists and is not empty",
                 "choose another directory or pass overwrite=true",
             )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:  # the staging folder is made beside output_dir: find out now, not after the sampling
+        temp_dir(output_dir.parent, f".{output_dir.name}.tmp-").rmdir()
+    except OSError as exc:
+        raise configtree.bad_value(
+            "output_dir",
+            config.output_dir,
+            f"cannot be written ({why_unwritable(exc)})",
+            "choose a folder you can write to, or fix its permissions",
+        ) from exc
     return output_dir
 
 

@@ -9,9 +9,14 @@ and folders with `0o666 & ~umask` and `0o777 & ~umask`, the modes `open()` and `
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
+
+TEMP_MARK = ".tmp-"
+"""In the name of every temporary file or folder kumihimo writes and renames when complete, so the
+debris of a killed run can be recognised and removed (kumihimo.core.processes.remove_temporary_files)."""
 
 
 def current_umask() -> int:
@@ -43,10 +48,10 @@ def dir_mode() -> int:
 
 
 def temp_file_beside(path: Path) -> tuple[int, Path]:
-    """(open fd, path) of a new temporary file in `path`'s folder, named `.<name>.<random>`, with
+    """(open fd, path) of a new temporary file in `path`'s folder, named `.<name>.tmp-<random>`, with
     the mode a plain write would give; the caller renames it onto `path` or removes it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", dir=path.parent)
     try:
         os.fchmod(fd, file_mode())
     except BaseException:
@@ -57,11 +62,19 @@ def temp_file_beside(path: Path) -> tuple[int, Path]:
 
 
 def temp_dir(parent: Path, prefix: str) -> Path:
-    """A new staging folder in `parent` with the mode a plain `mkdir` would give."""
+    """A new staging folder in `parent` with the mode a plain `mkdir` would give; `prefix` should hold
+    TEMP_MARK."""
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     staging.chmod(dir_mode())
     return staging
+
+
+def why_unwritable(exc: OSError) -> str:
+    """A short reason for an OSError from creating a folder or file, for a one-line error."""
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):  # mkdir(parents=True) through a file says EEXIST
+        return "a part of the path is a file"
+    return exc.strerror or str(exc)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -1,0 +1,191 @@
+"""Processes that die with their parent, and one live run per output folder.
+
+A `kill -9` of a run used to leave its pool workers alive (re-parented to PID 1), still writing into
+the output folder, and an immediate re-run raced them. Two rules close that:
+
+* `die_with_parent()` in every worker: Linux's parent-death signal kills the worker with SIGKILL the
+  moment the process that started it dies, however it dies.
+* `RunLock` on the output folder: a re-run refuses while the previous run is alive (one line naming
+  its pid and host) and takes over, with a note, when it is dead. The lock is an flock, which the
+  kernel releases when its holder dies, plus the holder's pid, host and start time for the message
+  and for shared file systems on which flock does not reach across nodes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from kumihimo.core.errors import UserError
+from kumihimo.core.files import TEMP_MARK, file_mode, why_unwritable
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this process receive SIGKILL when `parent_pid` (its parent) dies; exit now if it already has.
+
+    The signal follows the *thread* that started the child, so the pool must be started from a thread
+    that lives as long as the run (the main thread; concurrent.futures starts spawn workers from the
+    thread that submits). Outside Linux this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _start_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _owner_alive(owner: dict) -> bool:
+    """Whether the process that wrote `owner` (on this host) still runs: same pid and start time."""
+    pid, recorded = owner.get("pid"), owner.get("started")
+    if not isinstance(pid, int) or not isinstance(recorded, int | float):
+        return False
+    started = _start_time(pid)
+    return started is not None and abs(started - recorded) < 1.0
+
+
+class RunLock:
+    """Exclusive use of `folder` by one run: `with RunLock(folder, "curate"):`.
+
+    On entry: refuses (UserError) while another run holds it; otherwise records this process, and
+    when a dead run left its lock behind, says so and removes that run's temporary files.
+    """
+
+    NAME = ".kumihimo.lock"
+
+    def __init__(self, folder: str | os.PathLike, what: str, key: str = "output_dir"):
+        self.folder = Path(folder)
+        self.path = self.folder / self.NAME
+        self.what = what
+        self.key = key
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self._make_folder()
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, file_mode())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = self._read(fd)
+                os.close(fd)
+                raise self._in_use(owner) from None
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the holder removed the file as we opened it; lock the new one
+        previous = self._read(fd)
+        if previous:
+            self._check_dead(fd, previous)
+        removed = remove_temporary_files(self.folder)  # no live run of ours can own them now
+        if previous or removed:
+            print(
+                f"[{self.what}] {self.folder}: a previous run was killed"
+                + (f" (pid {previous.get('pid')} since {previous.get('since', '?')})" if previous else "")
+                + f"; removed {removed} unfinished temporary file(s) and continuing",
+                file=sys.stderr,
+            )
+        owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": _start_time(os.getpid()),
+            "command": self.what,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked: see the inode check in __enter__
+            os.close(self._fd)
+            self._fd = None
+
+    def _make_folder(self) -> None:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UserError(f"{self.key}={str(self.folder)!r} is a file; choose a folder path")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = os.open(self.path, os.O_RDWR | os.O_CREAT, file_mode())
+            os.close(probe)
+        except OSError as exc:
+            raise UserError(
+                f"{self.key}={str(self.folder)!r} cannot be written ({why_unwritable(exc)}); "
+                "choose a folder you can write to, or fix its permissions"
+            ) from exc
+
+    @staticmethod
+    def _read(fd: int) -> dict:
+        try:
+            return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (ValueError, UnicodeDecodeError):
+            return {"pid": "?", "host": "?"}
+
+    def _in_use(self, owner: dict) -> UserError:
+        command, pid, host, since = (owner.get(k, "?") for k in ("command", "pid", "host", "since"))
+        return UserError(
+            f"{self.key}={str(self.folder)!r} is in use by another kumihimo run ({command}, pid {pid} on "
+            f"{host} since {since}); wait for it to finish or stop it, then run again"
+        )
+
+    def _check_dead(self, fd: int, previous: dict) -> None:
+        """`previous` did not remove its lock: it was killed, or runs on a host whose flock we cannot see."""
+        if previous.get("host") != socket.gethostname():
+            os.close(fd)
+            raise UserError(
+                f"{self.key}={str(self.folder)!r} has a lock of a run on another host "
+                f"(pid {previous.get('pid', '?')} on {previous.get('host', '?')} since "
+                f"{previous.get('since', '?')}); if that run is no longer running, delete {self.path} "
+                "and run again"
+            )
+        if _owner_alive(previous):  # flock held by nobody, yet the owner runs: a file system without flock
+            os.close(fd)
+            raise self._in_use(previous)
+
+
+# mkstemp names of writers before TEMP_MARK existed: `.<name>.<8 random characters>`
+_LEGACY_TEMP = re.compile(r"\..+\.(jsonl|json|yaml|md|html|txt)\.[a-z0-9_]{8}")
+
+
+def remove_temporary_files(folder: Path) -> int:
+    """Remove what writers leave when killed mid-write (names holding TEMP_MARK); returns how many.
+
+    Only safe while holding the folder's RunLock: a live run's temporary files look the same.
+    """
+    removed = 0
+    for root, dirs, names in os.walk(folder):
+        for name in [d for d in dirs if TEMP_MARK in d]:
+            shutil.rmtree(Path(root) / name, ignore_errors=True)
+            dirs.remove(name)
+            removed += 1
+        for name in names:
+            if TEMP_MARK in name or _LEGACY_TEMP.fullmatch(name):
+                (Path(root) / name).unlink(missing_ok=True)
+                removed += 1
+    return removed
