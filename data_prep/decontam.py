@@ -8,6 +8,7 @@ of n-gram hashes, saved once per run and memory-mapped by every worker.
 from __future__ import annotations
 
 import glob
+import os
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import numpy as np
 
 from kumihimo.core import records
 from kumihimo.core.errors import UserError
+from kumihimo.core.files import TEMP_MARK
 from kumihimo.data_prep import charclass
 from kumihimo.data_prep.config import DecontamConfig
 from kumihimo.data_prep.ngrams import bounded_runs, codepoints, mix64, powers, window_hashes
@@ -185,7 +187,7 @@ def _joined_ngram_hashes(texts: list[str], n: int, chars: bool) -> tuple[np.ndar
 
 
 def save_eval_index(hashes: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
+    tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}.npy")
     np.save(tmp, hashes)
     tmp.replace(path)
 
