@@ -188,8 +188,9 @@ def _page(
     except Exception as exc:  # an extractor bug on one odd page must not stop a file of 40,000
         detail = f"record at byte offset {offset}: {type(exc).__name__}: {exc}"
         return BadRecord(offset, "extraction_failed", detail, url)
-    # one line per paragraph, as in the JSONL corpora (resiliparse separates paragraphs by blank lines)
-    text = "\n".join(line for line in text.splitlines() if line.strip())
+    # one line per paragraph, as in the JSONL corpora (resiliparse separates paragraphs by blank lines
+    # and keeps the tabs and spaces that indented the HTML source)
+    text = "\n".join(stripped for line in text.splitlines() if (stripped := line.strip()))
     if not text:
         return Skipped(offset, record_id, "extract", "no_main_text", "the extractor found no main text", url)
     fields = {
@@ -238,6 +239,7 @@ def warc_response(
     head = (
         f"WARC/1.0\r\nWARC-Type: response\r\nWARC-Record-ID: <urn:uuid:{record_id}>\r\nWARC-Date: {date}\r\n"
         f"WARC-Target-URI: {url}\r\nContent-Type: application/http; msgtype=response\r\n"
+        f"WARC-Identified-Payload-Type: {content_type}\r\n"
         f"Content-Length: {len(http)}\r\n\r\n"
     ).encode()
     return head + http + b"\r\n\r\n"
