@@ -98,3 +98,36 @@ def test_trained_tokenizer_folder_is_shared(tmp_path, team_umask):
     data = recipe(tmp_path, tmp_path / "tok", vocab_size=1000, input_sentence_size=1000, required_pieces=[])
     train_tokenizer(make_config(data))
     assert wrong_modes(tmp_path / "tok") == []
+
+
+@pytest.mark.slow
+def test_run_folder_and_checkpoint_are_shared(tmp_path):
+    """Run config, metrics, checkpoint metadata and the `latest` marker of a real (2-step, CPU) run."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kumihimo.cli",
+            "train",
+            "configs/pretrain/tiny-cpu.yaml",
+            "schedule.train_iters=2",
+            "schedule.lr_warmup_iters=0",
+            f"checkpoint.save={tmp_path}/out/ckpt",
+            "checkpoint.save_interval=2",
+            f"runtime.run_dir={tmp_path}/out/run",
+        ],
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        umask=UMASK,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "ckpt" / "latest_checkpointed_iteration.txt").is_file()
+    assert wrong_modes(tmp_path / "out") == []
