@@ -62,7 +62,7 @@ def debris(out: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_kill_9_leaves_no_worker_and_the_rerun_finishes(tmp_path):
-    recipe, out = write_recipe(tmp_path / "corpus", num_files=120, num_workers=2)
+    recipe, out = write_recipe(tmp_path / "corpus", num_files=60, num_workers=2)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.Popen(
         [sys.executable, "-m", "kumihimo.cli", "data", "curate", str(recipe)],
