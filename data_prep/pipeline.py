@@ -24,7 +24,7 @@ import numpy as np
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
-from kumihimo.core.files import TEMP_MARK
+from kumihimo.core.files import TEMP_MARK, make_output_folder
 from kumihimo.core.processes import RunLock
 from kumihimo.core.progress import Progress, say
 from kumihimo.data_prep import shard_stage
@@ -299,7 +299,7 @@ def _merge_all(config: DataPrepConfig, layout: RunLayout, shards: list[Shard]) -
 
 def prepare_run(config: DataPrepConfig) -> tuple[RunLayout, list[Shard]]:
     """Plan the shards, record (or check) the run manifest and build the evaluation index; idempotent."""
-    layout = RunLayout(Path(config.output_dir))
+    layout = RunLayout(make_output_folder(config.output_dir))
     shards = plan_shards(config)
     layout.work.mkdir(parents=True, exist_ok=True)
     _check_or_record_run(layout, config, shards)

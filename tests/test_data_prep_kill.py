@@ -130,7 +130,7 @@ def test_a_lock_from_another_host_is_not_taken_over(tmp_path, capsys):
             pass
 
 
-@pytest.mark.parametrize("kind", ["file", "under_a_file", "unwritable"])
+@pytest.mark.parametrize("kind", ["file", "under_a_file", "unwritable", "file-datatrove"])
 def test_output_dir_that_cannot_be_written_is_one_line(tmp_path, capsys, kind):
     recipe, _ = write_recipe(tmp_path / "corpus")
     (tmp_path / "a-file").write_text("x")
@@ -141,9 +141,10 @@ def test_output_dir_that_cannot_be_written_is_one_line(tmp_path, capsys, kind):
             (tmp_path / "ro").mkdir(mode=0o500)
             target, reason = str(tmp_path / "ro" / "out"), "Permission denied"
     else:
-        target = str(tmp_path / "a-file") if kind == "file" else str(tmp_path / "a-file" / "out")
-        reason = "is a file" if kind == "file" else "a part of the path is a file"
-    assert main(["data", "curate", str(recipe), f"output_dir={target}"]) == 2
+        target = str(tmp_path / "a-file") if kind != "under_a_file" else str(tmp_path / "a-file" / "out")
+        reason = "is a file" if kind != "under_a_file" else "a part of the path is a file"
+    executor = ["executor.kind=datatrove-local"] if kind.endswith("datatrove") else []
+    assert main(["data", "curate", str(recipe), f"output_dir={target}", *executor]) == 2
     err = capsys.readouterr().err
     assert f"output_dir={target!r}" in err and reason in err and err.count("\n") == 1, err
 

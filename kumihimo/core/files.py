@@ -14,6 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from kumihimo.core.errors import UserError
+
 TEMP_MARK = ".tmp-"
 """In the name of every temporary file or folder kumihimo writes and renames when complete, so the
 debris of a killed run can be recognised and removed (kumihimo.core.processes.remove_temporary_files)."""
@@ -75,6 +77,24 @@ def why_unwritable(exc: OSError) -> str:
     if exc.errno in (errno.ENOTDIR, errno.EEXIST):  # mkdir(parents=True) through a file says EEXIST
         return "a part of the path is a file"
     return exc.strerror or str(exc)
+
+
+def make_output_folder(path: str | os.PathLike, key: str = "output_dir") -> Path:
+    """Create the folder `path` (with its parents) and check that it can be written; a user error
+    naming `key` when it is a file or cannot be written, rather than a traceback at the first write."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{key}={str(path)!r} is a file; choose a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UserError(
+            f"{key}={str(path)!r} cannot be written ({why_unwritable(exc)}); choose a folder you can "
+            "write to, or fix its permissions"
+        ) from exc
+    return path
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

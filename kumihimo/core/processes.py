@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 
 from kumihimo.core.errors import UserError
-from kumihimo.core.files import TEMP_MARK, file_mode, why_unwritable
+from kumihimo.core.files import TEMP_MARK, file_mode, make_output_folder
 
 _PR_SET_PDEATHSIG = 1
 
@@ -82,7 +82,7 @@ class RunLock:
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        self._make_folder()
+        make_output_folder(self.folder, self.key)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, file_mode())
             try:
@@ -126,19 +126,6 @@ class RunLock:
             self.path.unlink(missing_ok=True)  # while still locked: see the inode check in __enter__
             os.close(self._fd)
             self._fd = None
-
-    def _make_folder(self) -> None:
-        if self.folder.exists() and not self.folder.is_dir():
-            raise UserError(f"{self.key}={str(self.folder)!r} is a file; choose a folder path")
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            probe = os.open(self.path, os.O_RDWR | os.O_CREAT, file_mode())
-            os.close(probe)
-        except OSError as exc:
-            raise UserError(
-                f"{self.key}={str(self.folder)!r} cannot be written ({why_unwritable(exc)}); "
-                "choose a folder you can write to, or fix its permissions"
-            ) from exc
 
     @staticmethod
     def _read(fd: int) -> dict:
