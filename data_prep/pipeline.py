@@ -36,6 +36,10 @@ from kumihimo.data_prep.jsonl_io import AtomicJsonlWriter, Shard, plan_shards
 from kumihimo.data_prep.minhash import KEEP, find_duplicates
 from kumihimo.data_prep.report import KeptStats, build_report, write_report
 
+# The folders under output_dir that curate and tokenize write: a killed run's temporary files are
+# removed from these (and the top of output_dir) only, never from anything else a shared folder holds.
+OUTPUT_FOLDERS = ("curated", "dropped", "quarantine", "work", "datasets")
+
 # Sections whose values change what curate produces; the others (workers, report, tokenize) do not.
 _CURATION_SECTIONS = ("input", "repair", "langid", "filters", "decontam", "pii", "dedup")
 
@@ -379,7 +383,7 @@ def curate(config: DataPrepConfig) -> CurationResult | None:
                 "run `pip install datatrove` or use executor.kind=local"
             ) from exc
         return curate_with_datatrove(config)
-    with RunLock(config.output_dir, "curate"):  # one live run per output_dir; clears a killed one's debris
+    with RunLock(config.output_dir, "curate", OUTPUT_FOLDERS):  # one live run per output_dir; clears a killed one's debris
         layout, shards = prepare_run(config)
         say(f"[data_prep] {len(shards)} shards from {len(config.input.sources)} sources -> {layout.out}")
         _curate_shards(config, layout, shards)

@@ -136,7 +136,9 @@ def _marker_for(curated: Path, tokenizer: Tokenizer, config: DataPrepConfig) -> 
 
 
 def build_datasets(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildResult:
-    with RunLock(config.output_dir, "tokenize"):  # one live run per output_dir; clears a killed one's debris
+    from kumihimo.data_prep.pipeline import OUTPUT_FOLDERS
+
+    with RunLock(config.output_dir, "tokenize", OUTPUT_FOLDERS):  # one live run; clears a killed one's debris
         return _build_datasets(config, tokenizer_path)
 
 

@@ -111,14 +111,16 @@ def test_a_live_run_is_refused_and_a_killed_runs_debris_removed(tmp_path, capsys
         "dropped/.all.jsonl.a1b2c3d4",  # the name the writers used before
         "datasets/ja_text_document.bin.tmp-4242",
         "work/shards/.ja-00000.tmp-4242/candidates.jsonl",
+        ".report.json.tmp-zz9y8x7w",
+        "notes/.draft.tmp-1",  # not a folder data_prep writes: kept
     ]
     for name in left:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text("partial")
     assert main(["data", "curate", str(recipe)]) == 0
     err = capsys.readouterr().err
-    assert f"a previous run was killed (pid {dead.pid} since earlier); removed 4" in err
-    assert debris(out) == [] and not (out / "dropped" / ".all.jsonl.a1b2c3d4").exists()
+    assert f"a previous run was killed (pid {dead.pid} since earlier); removed 5" in err
+    assert debris(out) == ["notes/.draft.tmp-1"] and not (out / "dropped" / ".all.jsonl.a1b2c3d4").exists()
 
 
 def test_a_lock_from_another_host_is_not_taken_over(tmp_path, capsys):

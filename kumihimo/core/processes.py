@@ -68,14 +68,18 @@ def _owner_alive(owner: dict) -> bool:
 class RunLock:
     """Exclusive use of `folder` by one run: `with RunLock(folder, "curate"):`.
 
-    On entry: refuses (UserError) while another run holds it; otherwise records this process, and
-    when a dead run left its lock behind, says so and removes that run's temporary files.
+    On entry: refuses (UserError) while another run holds it; otherwise records this process and
+    removes what a killed run left: temporary files at the top of `folder` and anywhere under its
+    `owned` subfolders (only those: an output_dir may be a folder shared with other things).
     """
 
     NAME = ".kumihimo.lock"
 
-    def __init__(self, folder: str | os.PathLike, what: str, key: str = "output_dir"):
+    def __init__(
+        self, folder: str | os.PathLike, what: str, owned: tuple[str, ...] = (), key: str = "output_dir"
+    ):
         self.folder = Path(folder)
+        self.owned = owned
         self.path = self.folder / self.NAME
         self.what = what
         self.key = key
@@ -100,7 +104,7 @@ class RunLock:
         previous = self._read(fd)
         if previous:
             self._check_dead(fd, previous)
-        removed = remove_temporary_files(self.folder)  # no live run of ours can own them now
+        removed = remove_temporary_files(self.folder, self.owned)  # no live run of ours owns them now
         if previous or removed:
             print(
                 f"[{self.what}] {self.folder}: a previous run was killed"
@@ -160,13 +164,19 @@ class RunLock:
 _LEGACY_TEMP = re.compile(r"\..+\.(jsonl|json|yaml|md|html|txt)\.[a-z0-9_]{8}")
 
 
-def remove_temporary_files(folder: Path) -> int:
-    """Remove what writers leave when killed mid-write (names holding TEMP_MARK); returns how many.
+def remove_temporary_files(folder: Path, owned: tuple[str, ...] = ()) -> int:
+    """Remove what writers leave when killed mid-write (names holding TEMP_MARK) among the files at
+    the top of `folder` and everything under its `owned` subfolders; returns how many.
 
     Only safe while holding the folder's RunLock: a live run's temporary files look the same.
     """
     removed = 0
-    for root, dirs, names in os.walk(folder):
+    for name in os.listdir(folder):
+        path = folder / name
+        if (TEMP_MARK in name or _LEGACY_TEMP.fullmatch(name)) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    for root, dirs, names in (entry for sub in owned for entry in os.walk(folder / sub)):
         for name in [d for d in dirs if TEMP_MARK in d]:
             shutil.rmtree(Path(root) / name, ignore_errors=True)
             dirs.remove(name)
