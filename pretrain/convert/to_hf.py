@@ -365,6 +365,17 @@ def resolve_tokenizer(source: Source, override: str | Path | None) -> TokenizerI
     return TokenizerInfo(tokenizer.path, identity or tokenizer.identity(), vocab_size)
 
 
+def source_vocab_rows(meta: dict[str, Any]) -> int:
+    """Rows of embed_tokens/lm_head the exported model has: the tokenizer's pieces, or, for a checkpoint
+    imported by `convert from-hf`, the vocab_size of the Hugging Face model it came from (models often
+    carry a few rows beyond their tokenizer, e.g. Qwen2.5; they go back unchanged)."""
+    vocab, padded = meta["vocab_size"], meta["padded_vocab_size"]
+    recorded = (meta.get("source") or {}).get("hf_vocab_size")
+    if isinstance(recorded, int) and vocab <= recorded <= padded:
+        return recorded
+    return vocab
+
+
 def dims_for(source: Source, keep_vocab_padding: bool) -> LlamaDims:
     model = source.config.model
     padded = source.meta["padded_vocab_size"]
@@ -376,7 +387,7 @@ def dims_for(source: Source, keep_vocab_padding: bool) -> LlamaDims:
         num_query_groups=model.query_groups,
         head_dim=model.head_dim,
         megatron_vocab_size=padded,
-        hf_vocab_size=padded if keep_vocab_padding else source.meta["vocab_size"],
+        hf_vocab_size=padded if keep_vocab_padding else source_vocab_rows(source.meta),
     )
 
 
@@ -495,7 +506,14 @@ def provenance(source: Source, dims: LlamaDims, tokenizer: TokenizerInfo) -> dic
         "megatron_padded_vocab_size": dims.megatron_vocab_size,
         "tokenizer_sha256": (tokenizer.identity or {}).get("sha256"),
     }
-    if dims.hf_vocab_size != tokenizer.vocab_size:
+    source_rows = source_vocab_rows(source.meta)
+    if dims.hf_vocab_size == source_rows != tokenizer.vocab_size:
+        info["vocab_rows_of_source_model"] = (
+            f"rows {tokenizer.vocab_size}..{source_rows - 1} of embed_tokens and lm_head have no piece in the "
+            "tokenizer; they are kept because the Hugging Face model this checkpoint was imported from had "
+            f"vocab_size {source_rows}."
+        )
+    elif dims.hf_vocab_size != tokenizer.vocab_size:
         info["vocab_padding_kept"] = (
             f"rows {tokenizer.vocab_size}..{dims.hf_vocab_size - 1} of embed_tokens and lm_head are Megatron's "
             "tensor-parallel padding (never trained on; no token maps to them). Kept on request "
@@ -550,6 +568,8 @@ def write_readme(folder: Path, config: dict[str, Any], tokenizer_files: str) -> 
     ]
     if "vocab_padding_kept" in origin:
         lines.append(f"- vocabulary padding kept: {origin['vocab_padding_kept']}")
+    if "vocab_rows_of_source_model" in origin:
+        lines.append(f"- vocabulary rows of the source model: {origin['vocab_rows_of_source_model']}")
     (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
