@@ -16,6 +16,13 @@ if TYPE_CHECKING:
     from kumihimo.pretrain.config import TrainConfig
 
 
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron pads the vocabulary so every TP rank holds an equal slice (LLM-jp: 128 x TP). The one
+    place this rule lives: training, `plan` and `convert from-hf` all call it."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
 def check_model_fits_layout(config: TrainConfig) -> None:
     """Rules between the model shape and TP/PP/VPP that hold whatever the world size."""
     model, par = config.model, config.parallelism
@@ -117,9 +124,7 @@ class ParallelLayout:
         )
 
     def padded_vocab_size(self, vocab_size: int, divisible_by: int) -> int:
-        """Megatron pads the vocabulary so every TP rank holds an equal slice (LLM-jp: 128 x TP)."""
-        multiple = divisible_by * self.tp
-        return -(-vocab_size // multiple) * multiple
+        return padded_vocab_size(vocab_size, divisible_by, self.tp)
 
     def describe(self) -> str:
         vpp = f" VPP={self.vpp}" if self.vpp else ""

@@ -60,6 +60,7 @@ from kumihimo.pretrain.convert.mapping import (
     hf_shapes,
     megatron_shape,
 )
+from kumihimo.pretrain.parallel import check_model_fits_layout, padded_vocab_size
 
 HF_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -164,8 +165,6 @@ def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
     }
     config = configtree.from_dict(TrainConfig, data)
     config.model.validate()
-    from kumihimo.pretrain.parallel import check_model_fits_layout
-
     check_model_fits_layout(config)
     return config
 
@@ -191,8 +190,7 @@ def vocab_sizes(hf: HFModel, tokenizer, tp: int, divisible_by: int) -> tuple[int
     """(vocab size, padded size) as the trainer will compute them from the tokenizer."""
     hf_vocab = hf.config["vocab_size"]
     vocab = tokenizer.vocab_size if tokenizer is not None else hf_vocab
-    multiple = divisible_by * tp
-    padded = -(-vocab // multiple) * multiple
+    padded = padded_vocab_size(vocab, divisible_by, tp)
     if vocab > hf_vocab:
         raise UserError(
             f"tokenizer.model has {vocab} pieces but config.json vocab_size is {hf_vocab}; the "
