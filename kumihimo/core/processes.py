@@ -88,7 +88,13 @@ class RunLock:
     def __enter__(self) -> RunLock:
         make_output_folder(self.folder, self.key)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, file_mode())
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, file_mode())
+            except PermissionError as exc:  # a lock another user's killed run left behind
+                raise UserError(
+                    f"{self.key}={str(self.folder)!r} holds {self.path}, which this user cannot open "
+                    f"({exc.strerror}); if no run is using the folder, delete that file and run again"
+                ) from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
