@@ -22,6 +22,12 @@ A killed run resumes where it stopped when started again with the same config an
   kumihimo data tokenize my.yaml --tokenizer llm-jp-tokenizer/v3.model tokenize.add_bos=false
 
 Writes <output_dir>/datasets/<source>_text_document.{bin,idx} and <output_dir>/blend.yaml (for data.blend_file).""",
+    "refilter": """examples:
+  kumihimo data curate configs/data_prep/llmjp-web.yaml output_dir=/data/c filters.refilterable=true
+  kumihimo data refilter configs/data_prep/llmjp-web.yaml output_dir=/data/c filters.refilterable=true \
+      filters.ja.min_hiragana_ratio=0.15 filters.ja.max_sentence_chars=300
+
+Rewrites curated/, dropped/ and the report in output_dir; the previous config is kept as refiltered_from.yaml.""",
     "run": """examples:
   kumihimo data run configs/data_prep/quickstart.yaml --tokenizer out/tokenizer/tokenizer.model
   kumihimo data run configs/data_prep/llmjp-web.yaml --tokenizer tok.model output_dir=/data/llmjp""",
@@ -90,6 +96,17 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refilter(args: argparse.Namespace) -> int:
+    from kumihimo.data_prep.pipeline import refilter
+
+    result = refilter(load_config(args.config, args.overrides))
+    say(
+        f"[data_prep] refiltered: kept {result.num_kept} of {result.num_input_lines} input lines "
+        f"({result.num_dropped} dropped); report: {result.report_path}"
+    )
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if load_config(args.config, args.overrides).executor.kind == "datatrove-slurm":
         raise UserError(
@@ -104,7 +121,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     """Add curate / tokenize / run under the `data_prep` verb's parser."""
     subs = parser.add_subparsers(
         dest="data_prep_command",
-        metavar="{curate,tokenize,run}",
+        metavar="{curate,tokenize,run,refilter}",
         parser_class=_OverridesParser,
     )
     specs = [
@@ -126,6 +143,14 @@ def register(parser: argparse.ArgumentParser) -> None:
             "indexed dataset per source and write blend.yaml with token-share weights.",
         ),
         ("run", _run, True, "curate, then tokenize", "Run curate and tokenize back to back."),
+        (
+            "refilter",
+            _refilter,
+            False,
+            "apply other quality thresholds to a finished curation (no re-extraction or hashing)",
+            "Re-decide the quality rules from the measurements stored with every document of a run curated "
+            "with filters.refilterable=true, then deduplicate and merge again. Only thresholds may change.",
+        ),
     ]
     for name, handler, needs_tokenizer, summary, description in specs:
         sub = subs.add_parser(

@@ -163,20 +163,22 @@ class LangIdConfig:
 @dataclass(kw_only=True)
 class RepetitionConfig:
     max_duplicate_line_ratio: float = 0.30
-    """Drop when more than this share of lines (sentences for Japanese) are repeats of earlier ones."""
+    """Drop when more than this share of lines (for Japanese: sentences) are repeats of earlier ones."""
     max_duplicate_line_char_ratio: float = 0.20
-    """Drop when repeated lines hold more than this share of the characters."""
+    """Drop when repeated lines (for Japanese: sentences) hold more than this share of the characters."""
     max_duplicate_paragraph_ratio: float = 0.30
-    """Drop when more than this share of paragraphs (blocks split by blank lines) are repeats."""
+    """Drop when more than this share of paragraphs (blocks split by blank lines; for Japanese, lines as in
+    Swallow) are repeats."""
     max_duplicate_paragraph_char_ratio: float = 0.20
     """Drop when repeated paragraphs hold more than this share of the characters."""
     max_top_ngram_ratio: list[float] = field(default_factory=lambda: [0.20, 0.18, 0.16])
-    """For n = 2, 3, 4: drop when the most frequent n-gram covers more than this share of the text
-    (characters for Japanese, words weighted by length for English)."""
+    """For n = 2, 3, 4: drop when the most frequent n-gram exceeds this share. English (Gopher): share of
+    the words' characters its occurrences cover. Japanese (Swallow): its occurrences / all n-grams."""
     max_duplicate_ngram_ratio: list[float] = field(
         default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10]
     )
-    """For n = 5..10: drop when n-grams that occur more than once cover more than this share of the text."""
+    """For n = 5..10: drop when repetition exceeds this share. English (Gopher): characters covered by
+    repeated n-grams. Japanese (Swallow): distinct n-grams that occur more than once / distinct n-grams."""
 
     def check(self, prefix: str) -> None:
         for name in (
@@ -213,23 +215,28 @@ class JapaneseFilterConfig:
     max_chars: int = 1_000_000
     """Drop documents longer than this many characters (usually dumps, not prose)."""
     min_japanese_chars: int = 400
-    """Drop documents with fewer Japanese characters (kana, kanji, Japanese punctuation) than this."""
+    """Drop documents with fewer Japanese letters than this (hiragana, katakana, kanji, 。．！？、，: Swallow's
+    classes, see data_prep/ja_metrics.py)."""
     min_hiragana_ratio: float = 0.20
-    """Drop when hiragana is less than this share of the characters (lists, tables, spam)."""
+    """Drop when hiragana is less than this share of the Japanese letters (lists, tables, spam)."""
     max_katakana_ratio: float = 0.50
-    """Drop when katakana is more than this share of the characters (product lists, keyword spam)."""
+    """Drop when katakana is more than this share of the Japanese letters (product lists, keyword spam)."""
     min_japanese_ratio: float = 0.50
-    """Drop when Japanese characters are less than this share of the characters."""
+    """Drop when Japanese letters are less than this share of all characters."""
     min_mean_sentence_chars: float = 20
-    """Drop when sentences (split at 。！？ and newlines) are shorter than this on average."""
+    """Drop when sentences (within a line, up to and including 。．！？!?) are shorter than this on average."""
     max_mean_sentence_chars: float = 90
     """Drop when sentences are longer than this on average."""
     max_sentence_chars: int = 200
     """Drop when any sentence is longer than this."""
     max_ellipsis_sentence_ratio: float = 0.20
     """Drop when more than this share of sentences end in ・ or … (truncated snippets)."""
+    count_blank_lines: bool = False
+    """Count whitespace-only lines as paragraphs and whitespace-only pieces as sentences, as Swallow's code
+    does (true, recipe swallow-v1): blank lines between paragraphs then count as duplicate paragraphs and
+    drop clean articles. false: leave them out."""
     repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
-    """Repetition rules over sentences, paragraphs and character n-grams."""
+    """Repetition rules over sentences, paragraphs (lines) and character n-grams."""
 
     def validate(self) -> None:
         for name in (
@@ -309,13 +316,16 @@ class BoilerplateConfig:
 @dataclass(kw_only=True)
 class NgWordConfig:
     words: list[str] = field(default_factory=list)
-    """NG words (adult, gambling, spam vocabulary); matched as substrings, case-insensitive."""
+    """NG words (adult, gambling, spam vocabulary); matched as substrings, case-insensitive, longest first
+    at each position, left to right (Swallow's longest-match scan)."""
     words_file: str | None = None
     """A UTF-8 file with more NG words, one per line (# starts a comment)."""
-    max_matches: int = 2
-    """Drop only when more than this many NG-word occurrences are found (one match has false positives)."""
-    max_char_ratio: float = 0.05
-    """Also drop when NG-word characters are at least this share of the characters."""
+    max_matches: int | None = 2
+    """LLM-jp's count rule: drop when more than this many NG-word occurrences are found (one match has
+    false positives); null turns it off."""
+    max_char_ratio: float | None = 0.05
+    """Swallow's rule: drop when the matched characters are at least this share of the Japanese letters
+    (of all characters for other languages); null turns it off."""
 
     def validate(self) -> None:
         if self.words_file is not None and not os.path.isfile(self.words_file):
@@ -325,7 +335,7 @@ class NgWordConfig:
                 "does not exist",
                 "give the path of a UTF-8 word list or null",
             )
-        if self.max_matches < 0:
+        if self.max_matches is not None and self.max_matches < 0:
             raise bad_value("filters.ng_words.max_matches", self.max_matches, "is negative", "use 0 or more")
         _check_ratio("filters.ng_words.max_char_ratio", self.max_char_ratio)
 
@@ -363,6 +373,10 @@ class FiltersConfig:
     """Drop when zlib compressed/raw size is below this (highly repetitive); LLM-jp v1 uses 0.30."""
     max_compression_ratio: float | None = None
     """Drop when zlib compressed/raw size is above this (random strings, encoded data); LLM-jp v1 uses 0.70."""
+    refilterable: bool = False
+    """Also carry the documents that thresholded rules drop through clean-up, decontamination, PII and
+    hashing (into work/shards/), so that `kumihimo data refilter` can apply other thresholds later without
+    re-running extraction, repair, language ID or hashing. Costs that work for the dropped documents."""
 
     def validate(self) -> None:
         _check_ratio("filters.min_compression_ratio", self.min_compression_ratio)
@@ -397,6 +411,42 @@ class DedupConfig:
                 "use positive bands and rows, e.g. 20 x 10",
             )
         _check_ratio("dedup.min_jaccard", self.min_jaccard)
+
+
+FOOTER_KEYWORDS = [
+    "Copyright", "copyright", "COPYRIGHT", "©", "(c)", "All Rights Reserved", "All rights reserved",
+    "all rights reserved", "Inc.", "無断転載", "無断複製", "転載禁止", "禁無断転載", "著作権",
+    "プライバシーポリシー", "個人情報保護方針", "利用規約", "会社概要", "運営会社", "お問い合わせ",
+    "お問合せ", "サイトマップ", "ページの先頭へ", "ページトップへ", "トップへ戻る", "トップページ",
+    "ホーム", "関連記事", "人気記事", "新着記事", "カテゴリー", "カテゴリ", "タグ", "アーカイブ",
+    "シェア", "ツイート", "いいね", "ブックマーク", "コメント", "トラックバック", "スポンサーリンク",
+    "広告", "PR", "ログイン", "ログアウト", "新規登録", "会員登録", "マイページ", "ランキング", "Twitter",
+    "Facebook", "LINE", "http", "|", "｜", "›", "»",
+]  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class CleanupConfig:
+    enabled: bool = False
+    """Clean up Japanese documents that passed the filters (Swallow's phase 4): 、。 normalisation and
+    footer trimming, counted in the report with before/after examples."""
+    normalize_punctuation: bool = True
+    """Rewrite ，． as 、。 in documents that use them more often than 、。 after Japanese letters."""
+    trim_footer: bool = True
+    """Cut the footer: from the first of the last footer_lines lines that is mostly footer keywords."""
+    footer_lines: int = 10
+    """How many lines at the end are searched for the footer's first line."""
+    footer_keyword_share: float = 0.30
+    """A line starts the footer when footer keywords are more than this share of its characters."""
+    footer_keywords: list[str] = field(default_factory=lambda: list(FOOTER_KEYWORDS))
+    """Footer keywords (copyright notices, share buttons, site menus), matched case-sensitively."""
+
+    def validate(self) -> None:
+        _check_ratio("cleanup.footer_keyword_share", self.footer_keyword_share)
+        if self.footer_lines < 1:
+            raise bad_value(
+                "cleanup.footer_lines", self.footer_lines, "is below 1", "use 1 or more (10 in Swallow)"
+            )
 
 
 @dataclass(kw_only=True)
@@ -545,6 +595,8 @@ class DataPrepConfig:
     """Quality filters."""
     decontam: DecontamConfig = field(default_factory=DecontamConfig)
     """Evaluation-set decontamination."""
+    cleanup: CleanupConfig = field(default_factory=CleanupConfig)
+    """Clean-up of filtered Japanese text (punctuation, footers)."""
     pii: PiiConfig = field(default_factory=PiiConfig)
     """PII redaction."""
     dedup: DedupConfig = field(default_factory=DedupConfig)

@@ -27,13 +27,21 @@ from kumihimo.core.errors import UserError
 from kumihimo.core.files import TEMP_MARK, make_output_folder
 from kumihimo.core.processes import RunLock
 from kumihimo.core.progress import Progress, say
+from kumihimo.core.records import file_format
 from kumihimo.data_prep import shard_stage
 from kumihimo.data_prep.config import DataPrepConfig
-from kumihimo.core.records import file_format
 from kumihimo.data_prep.decontam import build_eval_index, save_eval_index
 from kumihimo.data_prep.executor import process_pool, run_unordered
 from kumihimo.data_prep.jsonl_io import AtomicJsonlWriter, Shard, plan_shards
-from kumihimo.data_prep.minhash import KEEP, find_duplicates
+from kumihimo.data_prep.minhash import KEEP
+from kumihimo.data_prep.quality import QualityFilter
+from kumihimo.data_prep.refilter import (
+    QUALITY_DROPPED,
+    find_duplicates_among,
+    prepare_refilter,
+    quality_drop,
+    quality_passes,
+)
 from kumihimo.data_prep.report import KeptStats, build_report, write_report
 
 # The folders under output_dir that curate and tokenize write: a killed run's temporary files are
@@ -41,7 +49,7 @@ from kumihimo.data_prep.report import KeptStats, build_report, write_report
 OUTPUT_FOLDERS = ("curated", "dropped", "quarantine", "work", "datasets")
 
 # Sections whose values change what curate produces; the others (workers, report, tokenize) do not.
-_CURATION_SECTIONS = ("input", "repair", "langid", "filters", "decontam", "pii", "dedup")
+_CURATION_SECTIONS = ("input", "repair", "langid", "filters", "cleanup", "decontam", "pii", "dedup")
 
 
 @dataclass
@@ -93,11 +101,11 @@ class RunLayout:
 
 def _fingerprint(config: DataPrepConfig, shards: list[Shard]) -> dict[str, Any]:
     sections = {name: configtree.to_dict(getattr(config, name)) for name in _CURATION_SECTIONS}
-    digest = hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()
-    files = sorted({s.path for s in shards})
     if "input" in sections and not any(file_format(s.path) == "warc" for s in shards):
         # WARC settings change nothing for other inputs: editing them must not block a resume
         sections["input"].pop("warc", None)
+    digest = hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()
+    files = sorted({s.path for s in shards})
     inputs = [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p in files]
     return {"config_sha256": digest, "inputs": inputs, "num_shards": len(shards)}
 
@@ -191,8 +199,11 @@ def _global_dedup(config: DataPrepConfig, layout: RunLayout, shards: list[Shard]
         for shard, start, end in zip(shards, offsets[:-1], offsets[1:]):
             signatures[start:end] = np.load(layout.shards / shard.shard_id / shard_stage.SIGNATURES)
         signatures.flush()
+    passes = None
+    if config.filters.refilterable:  # carried documents: the thresholds decide which take part
+        passes = quality_passes(config, [layout.shards / s.shard_id / shard_stage.CANDIDATES for s in shards])
     say(f"[dedup] {int(offsets[-1])} candidate documents, {len(shards)} shards")
-    decision = find_duplicates(keys, signatures, config.dedup)
+    decision = find_duplicates_among(keys, signatures, config, passes)
     tmp = layout.dedup_decision.with_name(f"decision{TEMP_MARK}{os.getpid()}.npz")
     np.savez(
         tmp,
@@ -236,8 +247,10 @@ def _merge_source(
     duplicate_of, is_exact, offsets = decision["duplicate_of"], decision["is_exact"], decision["offsets"]
     kept = KeptStats()
     dedup_drops: dict[str, int] = {}
+    quality_drops: dict[str, int] = {}
     examples: dict[str, list[dict[str, Any]]] = {}
     excerpt = config.report.excerpt_chars
+    quality = QualityFilter(config.filters) if config.filters.refilterable else None
     with (
         AtomicJsonlWriter(layout.curated(source)) as curated,
         AtomicJsonlWriter(layout.dropped(source)) as dropped,
@@ -260,6 +273,14 @@ def _merge_source(
                         curated.write_line(line)
                         kept.add(record)
                         continue
+                    if target == QUALITY_DROPPED:
+                        drop = quality_drop(quality, record, excerpt)
+                        dropped.write(drop)
+                        quality_drops[drop["reason"]] = quality_drops.get(drop["reason"], 0) + 1
+                        bucket = examples.setdefault(f"quality/{drop['reason']}", [])
+                        if len(bucket) < config.report.examples_per_reason:
+                            bucket.append({k: v for k, v in drop.items() if k != "attributes"})
+                        continue
                     reason = "exact_duplicate" if is_exact[start + row] else "near_duplicate"
                     drop = {
                         "id": record["id"],
@@ -278,6 +299,8 @@ def _merge_source(
                     if len(bucket) < config.report.examples_per_reason:
                         bucket.append(drop)
     summary = {"kept": kept.to_json(), "dedup_dropped": dedup_drops, "examples": examples}
+    if quality_drops:
+        summary["quality_dropped"] = quality_drops
     configtree.write_text_atomic(layout.merged_marker(source), json.dumps(summary, ensure_ascii=False))
     return summary
 
@@ -291,7 +314,7 @@ def _merge_all(config: DataPrepConfig, layout: RunLayout, shards: list[Shard]) -
         for s in config.input.sources
         if not layout.merged_marker(s.name).is_file() or not layout.curated(s.name).is_file()
     ]
-    targets = np.unique(decision["duplicate_of"][decision["duplicate_of"] != KEEP]) if todo else np.empty(0)
+    targets = np.unique(decision["duplicate_of"][decision["duplicate_of"] >= 0]) if todo else np.empty(0)
     kept_ids = _kept_ids(layout, shards, decision["offsets"], targets) if len(targets) else {}
     for source in config.input.sources:
         if source.name in todo:
@@ -383,11 +406,29 @@ def curate(config: DataPrepConfig) -> CurationResult | None:
                 "run `pip install datatrove` or use executor.kind=local"
             ) from exc
         return curate_with_datatrove(config)
-    with RunLock(config.output_dir, "curate", OUTPUT_FOLDERS):  # one live run per output_dir; clears a killed one's debris
+    with RunLock(
+        config.output_dir, "curate", OUTPUT_FOLDERS
+    ):  # one live run per output_dir; clears a killed one's debris
         layout, shards = prepare_run(config)
         say(f"[data_prep] {len(shards)} shards from {len(config.input.sources)} sources -> {layout.out}")
         _curate_shards(config, layout, shards)
         return finish_curation(config)
+
+
+def refilter(config: DataPrepConfig) -> CurationResult:
+    """Apply `config`'s quality thresholds to the run in its output_dir (curated with
+    filters.refilterable=true) without curating again: dedup and merge only (data_prep/refilter.py)."""
+    layout = RunLayout(Path(config.output_dir))
+    shards = plan_shards(config)
+    manifest = layout.work / "run.json"
+    if manifest.is_file():
+        previous = json.loads(manifest.read_text(encoding="utf-8"))
+        if previous.get("inputs") != _fingerprint(config, shards)["inputs"]:
+            raise UserError(
+                f"the input files changed since output_dir={str(layout.out)!r} was curated; curate again"
+            )
+    prepare_refilter(config)
+    return finish_curation(config)
 
 
 def build_datasets(config: DataPrepConfig, tokenizer_path: str | Path):

@@ -22,11 +22,11 @@ from kumihimo.data_prep.config import (
     JapaneseFilterConfig,
     RepetitionConfig,
 )
-from kumihimo.data_prep.ngrams import codepoints, first_ngram_violation
+from kumihimo.data_prep.ja_metrics import japanese_metrics, letter_counts
+from kumihimo.data_prep.ngrams import codepoints, duplicate_ngram_coverage, top_ngram_coverage
 
 Verdict = tuple[str, str] | None  # (reason, detail) when the document is dropped
 
-_JA_SENTENCE_SPLIT = re.compile(r"(?<=[。！？!?])|\n")
 _PARAGRAPH_SPLIT = re.compile(r"\n\s*\n")
 _BULLETS = ("•", "●", "・", "-", "*", "‣", "◦", "▪", "■", "□", "○", "◆", "→")
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
@@ -41,23 +41,93 @@ def _read_list(path: str | None) -> list[str]:
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
-@dataclass
-class JapaneseCounts:
-    num_chars: int
-    num_hiragana: int
-    num_katakana: int
-    num_kanji: int
-    num_ja_punct: int
-
-    @property
-    def num_japanese(self) -> int:
-        return self.num_hiragana + self.num_katakana + self.num_kanji + self.num_ja_punct
+# A thresholded rule: (reason, metric, comparison, limit); a document is dropped when metric <op> limit.
+Rule = tuple[str, str, str, float]
+_COMPARE = {
+    "<": lambda value, limit: value < limit,
+    ">": lambda value, limit: value > limit,
+    ">=": lambda value, limit: value >= limit,
+}
 
 
-def japanese_counts(cps: np.ndarray) -> JapaneseCounts:
-    """Character class counts over a code point array (kana, kanji, Japanese punctuation)."""
-    flags = (charclass.HIRAGANA, charclass.KATAKANA, charclass.KANJI, charclass.JA_PUNCT)
-    return JapaneseCounts(len(cps), *charclass.counts(charclass.flag_counts(cps), flags))
+def first_broken(rules: list[Rule], metrics: dict) -> Verdict:
+    """The first rule `metrics` break, as (reason, "metric value op limit"); None when all hold."""
+    for reason, name, op, limit in rules:
+        value = metrics[name]
+        if _COMPARE[op](value, limit):
+            shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+            return reason, f"{name} {shown} {op} {limit}"
+    return None
+
+
+def _repetition_rules(config: RepetitionConfig, prefix: str, line: str, paragraph: str) -> list[Rule]:
+    top = [
+        (f"{prefix}_top_{n}gram", f"top_{n}gram_character_fraction", ">", limit)
+        for n, limit in zip((2, 3, 4), config.max_top_ngram_ratio)
+    ]
+    duplicate = [
+        (f"{prefix}_duplicate_{n}grams", f"duplicate_{n}gram_character_fraction", ">", limit)
+        for n, limit in zip(range(5, 11), config.max_duplicate_ngram_ratio)
+    ]
+    para = [
+        (
+            f"{prefix}_duplicate_{paragraph}s",
+            f"duplicate_{paragraph}_fraction",
+            ">",
+            config.max_duplicate_paragraph_ratio,
+        ),
+        (
+            f"{prefix}_duplicate_{paragraph}_chars",
+            f"duplicate_{paragraph}_fraction_in_character",
+            ">",
+            config.max_duplicate_paragraph_char_ratio,
+        ),
+    ]
+    line_rules = [
+        (f"{prefix}_duplicate_{line}s", f"duplicate_{line}_fraction", ">", config.max_duplicate_line_ratio),
+        (
+            f"{prefix}_duplicate_{line}_chars",
+            f"duplicate_{line}_fraction_in_character",
+            ">",
+            config.max_duplicate_line_char_ratio,
+        ),
+    ]
+    # Swallow checks paragraphs, sentences, then the character shares of each; Gopher lines first
+    units = [para[0], line_rules[0], para[1], line_rules[1]] if prefix == "ja" else line_rules + para
+    return units + top + duplicate
+
+
+def japanese_rules(config: JapaneseFilterConfig) -> list[Rule]:
+    """Swallow's rules in apply_v1's order (its thresholds are the defaults), with a length cap added."""
+    return [
+        ("ja_too_short", "num_letters", "<", config.min_chars),
+        ("ja_too_long", "num_letters", ">", config.max_chars),
+        *_repetition_rules(config.repetition, "ja", "sentence", "paragraph"),
+        ("ja_low_hiragana_ratio", "hiragana_fraction", "<", config.min_hiragana_ratio),
+        ("ja_high_katakana_ratio", "katakana_fraction", ">", config.max_katakana_ratio),
+        ("ja_low_japanese_ratio", "japanese_fraction", "<", config.min_japanese_ratio),
+        ("ja_few_japanese_chars", "num_japanese_letters", "<", config.min_japanese_chars),
+        ("ja_short_sentences", "avg_sentence_length", "<", config.min_mean_sentence_chars),
+        ("ja_long_sentences", "avg_sentence_length", ">", config.max_mean_sentence_chars),
+        ("ja_sentence_too_long", "max_sentence_length", ">", config.max_sentence_chars),
+        ("ja_ellipsis_sentences", "ellipsis_fraction", ">", config.max_ellipsis_sentence_ratio),
+    ]
+
+
+def english_rules(config: EnglishFilterConfig) -> list[Rule]:
+    """Gopher/C4 rules, in the order they were always checked."""
+    return [
+        ("en_few_words", "num_words", "<", config.min_words),
+        ("en_too_many_words", "num_words", ">", config.max_words),
+        ("en_mean_word_length", "mean_word_length", "<", config.min_mean_word_length),
+        ("en_mean_word_length", "mean_word_length", ">", config.max_mean_word_length),
+        ("en_symbol_ratio", "symbol_word_ratio", ">", config.max_symbol_word_ratio),
+        ("en_bullet_lines", "bullet_line_fraction", ">", config.max_bullet_line_ratio),
+        ("en_ellipsis_lines", "ellipsis_line_fraction", ">", config.max_ellipsis_line_ratio),
+        ("en_non_alpha_words", "alpha_word_fraction", "<", config.min_alpha_word_ratio),
+        ("en_few_stop_words", "num_stop_words", "<", config.min_stop_words),
+        *_repetition_rules(config.repetition, "en", "line", "paragraph"),
+    ]
 
 
 def _duplicate_shares(units: list[str]) -> tuple[float, float]:
@@ -76,138 +146,42 @@ def _duplicate_shares(units: list[str]) -> tuple[float, float]:
     return num_dup / len(units), num_dup_chars / total_chars
 
 
-def check_repetition(
-    lines: list[str],
-    paragraphs: list[str],
-    items: np.ndarray,
-    weights: np.ndarray,
-    config: RepetitionConfig,
-    prefix: str,
-) -> Verdict:
-    """Gopher repetition rules over lines, paragraphs and n-grams of `items` (chars or word ids)."""
+def gopher_repetition(
+    lines: list[str], paragraphs: list[str], items: np.ndarray, weights: np.ndarray
+) -> dict:
+    """Gopher's repetition values over lines, paragraphs and n-grams of `items` (word ids) weighted by
+    `weights` (word lengths): shares of repeated lines/paragraphs and of their characters, the coverage
+    of the most frequent 2..4-gram and of repeated 5..10-grams."""
     line_share, line_char_share = _duplicate_shares(lines)
-    if line_share > config.max_duplicate_line_ratio:
-        return (
-            f"{prefix}_duplicate_lines",
-            f"{line_share:.2f} of lines repeat > {config.max_duplicate_line_ratio}",
-        )
-    if line_char_share > config.max_duplicate_line_char_ratio:
-        return (
-            f"{prefix}_duplicate_line_chars",
-            f"{line_char_share:.2f} of chars in repeated lines > {config.max_duplicate_line_char_ratio}",
-        )
     para_share, para_char_share = _duplicate_shares(paragraphs)
-    if para_share > config.max_duplicate_paragraph_ratio:
-        return (
-            f"{prefix}_duplicate_paragraphs",
-            f"{para_share:.2f} of paragraphs repeat > {config.max_duplicate_paragraph_ratio}",
-        )
-    if para_char_share > config.max_duplicate_paragraph_char_ratio:
-        return (
-            f"{prefix}_duplicate_paragraph_chars",
-            f"{para_char_share:.2f} of chars in repeated paragraphs > {config.max_duplicate_paragraph_char_ratio}",
-        )
-    violation = first_ngram_violation(
-        items,
-        weights,
-        dict(zip((2, 3, 4), config.max_top_ngram_ratio)),
-        dict(zip(range(5, 11), config.max_duplicate_ngram_ratio)),
-    )
-    if violation is None:
-        return None
-    kind, n, share = violation
-    if kind == "top":
-        return (
-            f"{prefix}_top_{n}gram",
-            f"most frequent {n}-gram covers {share:.2f} > {config.max_top_ngram_ratio[n - 2]}",
-        )
-    return (
-        f"{prefix}_duplicate_{n}grams",
-        f"repeated {n}-grams cover {share:.2f} > {config.max_duplicate_ngram_ratio[n - 5]}",
-    )
+    out = {
+        "duplicate_line_fraction": line_share,
+        "duplicate_line_fraction_in_character": line_char_share,
+        "duplicate_paragraph_fraction": para_share,
+        "duplicate_paragraph_fraction_in_character": para_char_share,
+    }
+    for n in (2, 3, 4):
+        out[f"top_{n}gram_character_fraction"] = top_ngram_coverage(items, weights, n)
+    for n in range(5, 11):
+        out[f"duplicate_{n}gram_character_fraction"] = duplicate_ngram_coverage(items, weights, n)
+    return out
 
 
-def japanese_sentences(text: str) -> list[str]:
-    """Non-empty stripped pieces of `text` split after 。！？!? and at newlines. (The same as splitting with
-    _JA_SENTENCE_SPLIT, whose look-behind tries every position: a newline after every terminator, then
-    str.split, is several times faster.)"""
-    for terminator in "。！？!?":
-        if terminator in text:
-            text = text.replace(terminator, terminator + "\n")
-    return [s for s in (p.strip() for p in text.split("\n")) if s]
-
-
-def check_japanese(
-    text: str, cps: np.ndarray, counts: JapaneseCounts, config: JapaneseFilterConfig
-) -> Verdict:
-    n = counts.num_chars
-    if n < config.min_chars:
-        return "ja_too_short", f"{n} chars < {config.min_chars}"
-    if n > config.max_chars:
-        return "ja_too_long", f"{n} chars > {config.max_chars}"
-    if counts.num_japanese < config.min_japanese_chars:
-        return "ja_few_japanese_chars", f"{counts.num_japanese} Japanese chars < {config.min_japanese_chars}"
-    checks = [
-        ("ja_low_hiragana_ratio", counts.num_hiragana / n, config.min_hiragana_ratio, "<"),
-        ("ja_high_katakana_ratio", counts.num_katakana / n, config.max_katakana_ratio, ">"),
-        ("ja_low_japanese_ratio", counts.num_japanese / n, config.min_japanese_ratio, "<"),
-    ]
-    for reason, value, limit, direction in checks:
-        if (value < limit) if direction == "<" else (value > limit):
-            return reason, f"{value:.3f} {direction} {limit}"
-    sentences = japanese_sentences(text)
-    lengths = [len(s) for s in sentences] or [0]
-    mean_len = sum(lengths) / len(lengths)
-    if mean_len < config.min_mean_sentence_chars:
-        return "ja_short_sentences", f"mean sentence {mean_len:.1f} chars < {config.min_mean_sentence_chars}"
-    if mean_len > config.max_mean_sentence_chars:
-        return "ja_long_sentences", f"mean sentence {mean_len:.1f} chars > {config.max_mean_sentence_chars}"
-    if max(lengths) > config.max_sentence_chars:
-        return "ja_sentence_too_long", f"a sentence of {max(lengths)} chars > {config.max_sentence_chars}"
-    num_ellipsis = sum(1 for s in sentences if s.endswith(("…", "・")))
-    if sentences and num_ellipsis / len(sentences) > config.max_ellipsis_sentence_ratio:
-        return (
-            "ja_ellipsis_sentences",
-            f"{num_ellipsis / len(sentences):.2f} of sentences end in …/・ > {config.max_ellipsis_sentence_ratio}",
-        )
-    paragraphs = [p.strip() for p in _PARAGRAPH_SPLIT.split(text) if p.strip()]
-    return check_repetition(
-        sentences, paragraphs, cps, np.ones(len(cps), dtype=np.float64), config.repetition, "ja"
-    )
-
-
-def check_english(text: str, config: EnglishFilterConfig) -> Verdict:
+def english_metrics(text: str) -> dict:
+    """Every value the English rules compare, for `text`."""
     # The words are split once, from the lowered text: lower() then split() gives the same words lowered
     # (no character lowercases to or from whitespace), and lowering changes a word's length only for
     # U+0130 (İ -> i + combining dot above).
     lowered_words = text.lower().split()
     num_words = len(lowered_words)
-    if num_words < config.min_words:
-        return "en_few_words", f"{num_words} words < {config.min_words}"
-    if num_words > config.max_words:
-        return "en_too_many_words", f"{num_words} words > {config.max_words}"
+    if num_words == 0:
+        zero = dict.fromkeys(("mean_word_length", "symbol_word_ratio", "bullet_line_fraction"), 0.0)
+        zero.update(ellipsis_line_fraction=0.0, alpha_word_fraction=0.0, num_stop_words=0)
+        empty = np.empty(0, dtype=np.uint32)
+        return {"num_words": 0, **zero, **gopher_repetition([], [], empty, np.empty(0))}
     mean_len = sum(map(len, lowered_words if "\u0130" not in text else text.split())) / num_words
-    if not config.min_mean_word_length <= mean_len <= config.max_mean_word_length:
-        return (
-            "en_mean_word_length",
-            f"{mean_len:.1f} outside [{config.min_mean_word_length}, {config.max_mean_word_length}]",
-        )
     num_symbols = text.count("#") + text.count("...") + text.count("…")
-    if num_symbols / num_words > config.max_symbol_word_ratio:
-        return (
-            "en_symbol_ratio",
-            f"{num_symbols / num_words:.3f} symbols per word > {config.max_symbol_word_ratio}",
-        )
     lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
-    bullet_share = sum(ln.startswith(_BULLETS) for ln in lines) / len(lines)
-    if bullet_share > config.max_bullet_line_ratio:
-        return "en_bullet_lines", f"{bullet_share:.2f} of lines are bullets > {config.max_bullet_line_ratio}"
-    ellipsis_share = sum(ln.endswith(("...", "…")) for ln in lines) / len(lines)
-    if ellipsis_share > config.max_ellipsis_line_ratio:
-        return (
-            "en_ellipsis_lines",
-            f"{ellipsis_share:.2f} of lines end in ... > {config.max_ellipsis_line_ratio}",
-        )
     # stripping the lowered words gives the stripped words lowered: none of _WORD_STRIP is cased (nor any
     # character's lower case)
     cleaned = [w.strip(_WORD_STRIP) for w in lowered_words]
@@ -216,22 +190,31 @@ def check_english(text: str, config: EnglishFilterConfig) -> Verdict:
     num_alpha = sum(map(str.isalpha, cleaned))
     if num_alpha < num_words:
         num_alpha += sum(any(map(str.isalpha, w)) for w in filterfalse(str.isalpha, cleaned))
-    alpha_share = num_alpha / num_words
-    if alpha_share < config.min_alpha_word_ratio:
-        return (
-            "en_non_alpha_words",
-            f"{alpha_share:.2f} of words have a letter < {config.min_alpha_word_ratio}",
-        )
     first_use: dict[str, int] = {}  # word -> position of its first use
     first = np.fromiter(map(first_use.setdefault, cleaned, range(num_words)), dtype=np.int64, count=num_words)
-    num_stop = sum(word in first_use for word in STOP_WORDS)
-    if num_stop < config.min_stop_words:
-        return "en_few_stop_words", f"{num_stop} distinct stop words < {config.min_stop_words}"
     # word ids in order of first use: the rank of a word's first position among all first positions
     ids = (np.cumsum(first == np.arange(num_words)) - 1)[first].astype(np.uint32)
     weights = np.fromiter(map(len, cleaned), dtype=np.float64, count=num_words)
     paragraphs = [p.strip() for p in _PARAGRAPH_SPLIT.split(text) if p.strip()]
-    return check_repetition(lines, paragraphs, ids, weights, config.repetition, "en")
+    return {
+        "num_words": num_words,
+        "mean_word_length": mean_len,
+        "symbol_word_ratio": num_symbols / num_words,
+        "bullet_line_fraction": sum(ln.startswith(_BULLETS) for ln in lines) / len(lines),
+        "ellipsis_line_fraction": sum(ln.endswith(("...", "…")) for ln in lines) / len(lines),
+        "alpha_word_fraction": num_alpha / num_words,
+        "num_stop_words": sum(word in first_use for word in STOP_WORDS),
+        **gopher_repetition(lines, paragraphs, ids, weights),
+    }
+
+
+def longest_matches(text: str, words: list[str]) -> list[str]:
+    """The NG words found by scanning left to right, taking the longest word that starts at each position
+    and continuing after it (Swallow's scan), case-sensitive; QualityFilter matches case-insensitively."""
+    if not words:
+        return []
+    ordered = sorted(set(words), key=len, reverse=True)  # an alternation tries its branches in order
+    return re.findall("|".join(map(re.escape, ordered)), text)
 
 
 def _case_unsafe_characters(words: list[str]) -> str:
@@ -255,6 +238,16 @@ def _case_unsafe_characters(words: list[str]) -> str:
     )
 
 
+@dataclass
+class Measured:
+    """What the quality stage measured for one document."""
+
+    text: str
+    verdict: Verdict  # set by the rules without a threshold; the others are decided from `metrics`
+    num_removed: int  # boilerplate lines removed
+    metrics: dict  # every value a thresholded rule compares (stored with the document as its attributes)
+
+
 class QualityFilter:
     """All quality rules for one run; build once per worker (compiles the NG-word and host lists)."""
 
@@ -273,6 +266,8 @@ class QualityFilter:
         self._ng_unsafe = _case_unsafe_characters(words)
         hosts = [*config.urls.blocked_hosts, *_read_list(config.urls.blocked_hosts_file)]
         self._blocked_hosts = {h.lower().strip(".") for h in hosts}
+        self._ja_rules = japanese_rules(config.ja)
+        self._en_rules = english_rules(config.en)
 
     def host_blocked(self, url: str | None) -> str | None:
         if not url or not self._blocked_hosts:
@@ -301,68 +296,87 @@ class QualityFilter:
         kept = [ln for ln in lines if not any(p in ln.lower() for p in self._line_patterns)]
         return "\n".join(kept).strip(), len(lines) - len(kept), len(lines)
 
-    def check(self, text: str, lang: str, url: str | None) -> tuple[str, Verdict, int]:
-        """(text after boilerplate removal, verdict, number of boilerplate lines removed)."""
+    def rules(self, lang: str | None) -> list[Rule]:
+        """The thresholded rules for a document of language `lang`, in the order they are checked."""
+        config = self.config
+        rules: list[Rule] = [
+            ("boilerplate_lines", "boilerplate_line_fraction", ">", config.boilerplate.max_removed_line_ratio)
+        ]
+        if config.min_compression_ratio is not None:
+            rules.append(("low_compression_ratio", "compression_ratio", "<", config.min_compression_ratio))
+        if config.max_compression_ratio is not None:
+            rules.append(("high_compression_ratio", "compression_ratio", ">", config.max_compression_ratio))
+        if self._ng is not None and config.ng_words.max_matches is not None:
+            rules.append(("ng_words", "ng_matches", ">", config.ng_words.max_matches))
+        if self._ng is not None and config.ng_words.max_char_ratio is not None:
+            rules.append(("ng_word_chars", "ng_fraction", ">=", config.ng_words.max_char_ratio))
+        if lang == "ja" and config.ja.enabled:
+            rules += self._ja_rules
+        elif lang == "en" and config.en.enabled:
+            rules += self._en_rules
+        return rules
+
+    def decide(self, metrics: dict, lang: str | None) -> Verdict:
+        """The verdict of the thresholded rules on stored measurements (what `refilter` re-runs)."""
+        return first_broken(self.rules(lang), metrics)
+
+    def japanese_verdict(self, metrics: dict) -> Verdict:
+        """The Japanese rules alone on japanese_metrics() values."""
+        return first_broken(self._ja_rules, metrics)
+
+    def measure(self, text: str, lang: str, url: str | None) -> Measured:
+        """Boilerplate removal and every measurement the thresholded rules compare; `verdict` is set only
+        by the rules without a threshold (blocked host, boilerplate document, nothing left)."""
         config = self.config
         host = self.host_blocked(url)
         if host:
-            return text, ("blocked_host", f"host {host} is on the block list"), 0
+            return Measured(text, ("blocked_host", f"host {host} is on the block list"), 0, {})
         lowered = text.lower()
         for pattern in self._doc_patterns:
             if pattern in lowered:
-                return text, ("boilerplate_document", f"contains {pattern!r}"), 0
+                return Measured(text, ("boilerplate_document", f"contains {pattern!r}"), 0, {})
         text, num_removed, num_lines = self.strip_boilerplate(text, lowered)
-        if num_removed and (not text or num_removed / num_lines > config.boilerplate.max_removed_line_ratio):
-            return (
-                text,
-                ("boilerplate_lines", f"{num_removed} of {num_lines} lines are boilerplate"),
-                num_removed,
+        if num_removed and not text:
+            return Measured(
+                text, ("boilerplate_lines", f"all {num_lines} lines are boilerplate"), num_removed, {}
             )
+        metrics: dict = {"boilerplate_line_fraction": num_removed / num_lines if num_removed else 0.0}
         if config.min_compression_ratio is not None or config.max_compression_ratio is not None:
             raw = text.encode("utf-8")
-            ratio = len(zlib.compress(raw, 6)) / max(len(raw), 1)
-            if config.min_compression_ratio is not None and ratio < config.min_compression_ratio:
-                return (
-                    text,
-                    ("low_compression_ratio", f"{ratio:.2f} < {config.min_compression_ratio}"),
-                    num_removed,
-                )
-            if config.max_compression_ratio is not None and ratio > config.max_compression_ratio:
-                return (
-                    text,
-                    ("high_compression_ratio", f"{ratio:.2f} > {config.max_compression_ratio}"),
-                    num_removed,
-                )
+            metrics["compression_ratio"] = len(zlib.compress(raw, 6)) / max(len(raw), 1)
         cps = codepoints(text)
-        counts = japanese_counts(cps) if lang == "ja" else None
-        # text is the stripped input unless lines were removed; then lowered no longer matches it
-        verdict = self._check_ng_words(text, counts, lowered if not num_removed else text.lower())
-        if verdict is None and lang == "ja" and config.ja.enabled:
-            verdict = check_japanese(text, cps, counts, config.ja)
-        elif verdict is None and lang == "en" and config.en.enabled:
-            verdict = check_english(text, config.en)
-        return text, verdict, num_removed
+        if lang == "ja" and config.ja.enabled:
+            metrics.update(japanese_metrics(text, config.ja.count_blank_lines, cps))
+        elif lang == "en" and config.en.enabled:
+            metrics.update(english_metrics(text))
+        if self._ng is not None:
+            # text is the stripped input unless lines were removed; then lowered no longer matches it
+            matches = self._ng_matches(text, lowered if not num_removed else text.lower())
+            if lang == "ja":
+                denominator = metrics.get("num_japanese_letters")
+                if denominator is None:
+                    denominator = sum(letter_counts(cps)[1:])
+            else:
+                denominator = len(text)
+            metrics["ng_matches"] = len(matches)
+            metrics["ng_fraction"] = sum(map(len, matches)) / denominator if denominator else 0.0
+        # stored with every document and compared at 6 decimals, so that refiltering stored values decides
+        # exactly as the full run did
+        metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
+        return Measured(text, None, num_removed, metrics)
 
-    def _check_ng_words(self, text: str, counts: JapaneseCounts | None, lowered: str) -> Verdict:
-        """`lowered`: text.lower(), or the lowered text that `text` was stripped from."""
-        if self._ng is None:
-            return None
+    def check(self, text: str, lang: str, url: str | None) -> tuple[str, Verdict, int]:
+        """(text after boilerplate removal, verdict, number of boilerplate lines removed)."""
+        measured = self.measure(text, lang, url)
+        verdict = measured.verdict or self.decide(measured.metrics, lang)
+        return measured.text, verdict, measured.num_removed
+
+    def _ng_matches(self, text: str, lowered: str) -> list[str]:
+        """The NG words in `text`, longest first at each position (Swallow's scan), case-insensitive.
+        `lowered`: text.lower(), or the lowered text that `text` was stripped from."""
         # No match is possible unless a word occurs in the lowered text or the text holds a character that
         # matches a word's character case-insensitively but does not lower to it (_case_unsafe_characters).
         # A few substring scans instead of the case-insensitive alternation, which is 7x slower.
         if not any(w in lowered for w in self._ng_words) and not any(c in text for c in self._ng_unsafe):
-            return None
-        matches = self._ng.findall(text)
-        num_matches = len(matches)
-        if num_matches > self.config.ng_words.max_matches:
-            return "ng_words", f"{num_matches} NG-word matches > {self.config.ng_words.max_matches}"
-        # a single match never rejects (an NG substring inside an innocent word is common)
-        if num_matches >= 2:
-            denominator = counts.num_japanese if counts and counts.num_japanese else len(text)
-            share = sum(len(m) for m in matches) / max(denominator, 1)
-            if share >= self.config.ng_words.max_char_ratio:
-                return (
-                    "ng_word_chars",
-                    f"NG words are {share:.3f} of the text >= {self.config.ng_words.max_char_ratio}",
-                )
-        return None
+            return []
+        return self._ng.findall(text)

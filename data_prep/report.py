@@ -78,6 +78,7 @@ def build_report(
     dropped_languages: Counter[str] = Counter()
     examples: dict[str, list[dict[str, Any]]] = {}
     num_repaired = num_boilerplate = 0
+    cleanup: Counter[str] = Counter()
     for stats, source in zip(shard_stats, source_of):
         row = per_source.setdefault(source, {"num_documents": 0, "num_quarantined": 0, "num_dropped": 0})
         row["num_documents"] += stats["num_input"]
@@ -88,6 +89,7 @@ def build_report(
         dropped_languages.update(stats["dropped_languages"])
         num_repaired += stats["num_repaired"]
         num_boilerplate += stats["num_boilerplate_lines_removed"]
+        cleanup.update(stats.get("cleanup", {}))
         for key, items in stats["examples"].items():
             bucket = examples.setdefault(key, [])
             bucket.extend(items[: k - len(bucket)])
@@ -98,6 +100,11 @@ def build_report(
         row = per_source.setdefault(source, {"num_documents": 0, "num_quarantined": 0, "num_dropped": 0})
         kept = summary["kept"]
         row["num_dropped"] += sum(summary["dedup_dropped"].values())
+        # documents carried for refilter that the thresholds drop are decided in the merge
+        row["num_dropped"] += sum(summary.get("quality_dropped", {}).values())
+        _add_nested(
+            dropped, {"quality": summary["quality_dropped"]} if summary.get("quality_dropped") else {}
+        )
         row.update(
             {
                 "num_input_lines": row["num_documents"] + row["num_quarantined"],
@@ -136,6 +143,7 @@ def build_report(
         "languages": dict(languages),
         "length_histogram": {label: lengths.get(label, 0) for label in _bin_labels()},
         "pii": dict(pii),
+        "cleanup": dict(cleanup),
         "per_source": per_source,
         "examples": examples,
     }
@@ -198,7 +206,19 @@ def render_markdown(report: dict[str, Any]) -> str:
     largest = max(hist.values(), default=0)
     out += ["", "## Kept document length (characters)", "", "```"]
     out += [f"{label:>12} {count:>8} {_bar(count, largest)}" for label, count in hist.items()]
-    out += ["```", "", "## PII redacted (kept documents)", ""]
+    out += ["```", ""]
+    if report.get("cleanup"):
+        c = report["cleanup"]
+        out += [
+            "## Clean-up (Japanese documents past the filters)",
+            "",
+            f"- documents changed: {c.get('num_documents', 0)}",
+            f"- ，． rewritten as 、。: {c.get('num_punctuation_normalized', 0)} documents",
+            f"- footers cut: {c.get('num_footers_trimmed', 0)} documents, "
+            f"{c.get('num_footer_lines_removed', 0)} lines",
+            "",
+        ]
+    out += ["## PII redacted (kept documents)", ""]
     out += [f"- {kind}: {n}" for kind, n in sorted(report["pii"].items())] or ["- none"]
     if report.get("tokens"):
         out += [
@@ -220,6 +240,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             where = f"{item.get('file')}:{item.get('line')}"
             text = (item.get("excerpt") or item.get("raw") or "").replace("\n", " ")[:160]
             out.append(f"- `{where}` {item.get('detail', '')}: {text}")
+            if "after" in item:
+                out.append(f"  after: {item['after'].replace(chr(10), ' ')[:160]}")
         out.append("")
     return "\n".join(out) + "\n"
 

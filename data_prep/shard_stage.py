@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from kumihimo.data_prep.cleanup import normalize_punctuation, trim_footer
 from kumihimo.data_prep.config import DataPrepConfig
 from kumihimo.data_prep.decontam import Decontaminator, load_eval_index
 from kumihimo.data_prep.jsonl_io import AtomicJsonlWriter, BadLine, Document, Dropped, Shard, read_shard
@@ -67,6 +68,7 @@ class ShardStats:
         self.num_candidates = 0
         self.num_repaired = 0
         self.num_boilerplate_lines_removed = 0
+        self.cleanup: Counter[str] = Counter()
         self.quarantined: Counter[str] = Counter()
         self.dropped: dict[str, Counter[str]] = defaultdict(Counter)
         self.dropped_languages: Counter[str] = Counter()
@@ -84,6 +86,7 @@ class ShardStats:
             "num_candidates": self.num_candidates,
             "num_repaired": self.num_repaired,
             "num_boilerplate_lines_removed": self.num_boilerplate_lines_removed,
+            "cleanup": dict(self.cleanup),
             "quarantined": dict(self.quarantined),
             "dropped": {stage: dict(c) for stage, c in self.dropped.items()},
             "dropped_languages": dict(self.dropped_languages),
@@ -115,6 +118,8 @@ class _Outcome:
     num_boilerplate_removed: int = 0
     candidate: dict[str, Any] | None = None
     drop: tuple[str, str, str, str, str | None] | None = None  # (stage, reason, detail, text, lang)
+    metrics: dict[str, Any] | None = None  # the quality measurements (stored as the record's attributes)
+    cleanup: tuple[bool, int, str, str] | None = None  # (punctuation rewritten, footer lines, before, after)
 
 
 def _curate_batch(docs: list[Document], tools: StageTools) -> list[_Outcome]:
@@ -141,6 +146,12 @@ def _curate_batch(docs: list[Document], tools: StageTools) -> list[_Outcome]:
         if text is not None:
             passed.append((outcome, doc, text, lang))
     overlaps = tools.decontaminator.check_batch([text for _, _, text, _ in passed])
+    if config.cleanup.enabled:
+        passed = [
+            (outcome, doc, _clean_up(outcome, text, lang, config), lang)
+            for outcome, doc, text, lang in passed
+        ]
+    overlaps = tools.decontaminator.check_batch([text for _, _, text, _ in passed])
     for (outcome, doc, text, lang), overlap in zip(passed, overlaps):
         if overlap:
             outcome.drop = ("decontam", "eval_overlap", overlap, text, lang)
@@ -153,7 +164,29 @@ def _curate_batch(docs: list[Document], tools: StageTools) -> list[_Outcome]:
             meta["pii"] = dict(pii_counts)
         meta.update(doc.meta)
         outcome.candidate = {"id": doc.doc_id, "text": text, "lang": lang, "source": doc.source, "meta": meta}
+        if outcome.metrics is not None:
+            outcome.candidate["attributes"] = outcome.metrics
     return outcomes
+
+
+def _clean_up(outcome: _Outcome, text: str, lang: str, config: DataPrepConfig) -> str:
+    """Swallow's clean-up of a filtered Japanese document; what changed is kept in `outcome`."""
+    cleanup = config.cleanup
+    if lang != "ja":
+        return text
+    before = text
+    punctuation = False
+    num_footer_lines = 0
+    if cleanup.normalize_punctuation:
+        text, commas, stops = normalize_punctuation(text)
+        punctuation = commas or stops
+    if cleanup.trim_footer:
+        text, num_footer_lines = trim_footer(
+            text, cleanup.footer_keywords, cleanup.footer_lines, cleanup.footer_keyword_share
+        )
+    if text != before:
+        outcome.cleanup = (punctuation, num_footer_lines, before, text)
+    return text
 
 
 def _language_and_quality(
@@ -174,11 +207,17 @@ def _language_and_quality(
             lang,
         )
         return None
-    text, verdict, outcome.num_boilerplate_removed = tools.quality.check(text, lang, doc.url)
+    measured = tools.quality.measure(text, lang, doc.url)
+    outcome.num_boilerplate_removed = measured.num_removed
+    outcome.metrics = measured.metrics or None
+    verdict = measured.verdict
+    if verdict is None and not config.filters.refilterable:
+        # refilterable runs carry documents that thresholded rules drop on; the merge decides them
+        verdict = tools.quality.decide(measured.metrics, lang)
     if verdict:
-        outcome.drop = ("quality", verdict[0], verdict[1], text, lang)
+        outcome.drop = ("quality", verdict[0], verdict[1], measured.text, lang)
         return None
-    return text
+    return measured.text
 
 
 def _record_drop(doc: Document, outcome: _Outcome, stats: ShardStats, excerpt_chars: int) -> dict[str, Any]:
@@ -187,8 +226,38 @@ def _record_drop(doc: Document, outcome: _Outcome, stats: ShardStats, excerpt_ch
         stats.dropped_languages[lang] += 1
     stats.dropped[stage][reason] += 1
     record = _drop_record(doc, stage, reason, detail, text, lang, excerpt_chars)
+    if outcome.metrics is not None:
+        record["attributes"] = outcome.metrics
     stats.example(f"{stage}/{reason}", record)
     return record
+
+
+def _count_cleanup(change: tuple[bool, int, str, str], doc: Document, stats: ShardStats) -> None:
+    punctuation, num_footer_lines, before, after = change
+    stats.cleanup["num_documents"] += 1
+    stats.cleanup["num_punctuation_normalized"] += punctuation
+    stats.cleanup["num_footers_trimmed"] += num_footer_lines > 0
+    stats.cleanup["num_footer_lines_removed"] += num_footer_lines
+    kind = "footer" if num_footer_lines else "punctuation"
+    where = {"id": doc.doc_id, "file": doc.path, "line": doc.line}
+    if num_footer_lines:  # the end of the text shows what was cut
+        lines = before.split("\n")
+        excerpt = "\n".join(lines[-num_footer_lines:])[: stats._excerpt]
+        stats.example(
+            f"cleanup/{kind}", {**where, "detail": f"cut {num_footer_lines} lines", "excerpt": excerpt}
+        )
+    else:
+        changed = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b), 0)
+        start = max(0, changed - stats._excerpt // 4)
+        stats.example(
+            f"cleanup/{kind}",
+            {
+                **where,
+                "detail": "，． -> 、。",
+                "excerpt": before[start : start + stats._excerpt // 2],
+                "after": after[start : start + stats._excerpt // 2],
+            },
+        )
 
 
 def process_shard(shard: Shard, tools: StageTools, shards_dir: Path) -> None:
@@ -250,6 +319,8 @@ def process_shard(shard: Shard, tools: StageTools, shards_dir: Path) -> None:
                 outcome = next(outcomes)
                 stats.num_repaired += outcome.repaired
                 stats.num_boilerplate_lines_removed += outcome.num_boilerplate_removed
+                if outcome.cleanup is not None:
+                    _count_cleanup(outcome.cleanup, item, stats)
                 if outcome.candidate is None:
                     dropped.write(_record_drop(item, outcome, stats, config.report.excerpt_chars))
                     continue

@@ -219,9 +219,7 @@ def test_ng_word_prefilter_never_hides_a_case_insensitive_match():
         "ca\u017fino and more",
     ]
     for text in texts:
-        expected = qf._ng.findall(text)
-        verdict = qf._check_ng_words(text, None, text.lower())
-        assert (verdict is not None) == (len(expected) > 0), text
+        assert qf._ng_matches(text, text.lower()) == qf._ng.findall(text), text
 
 
 def test_url_host_fast_path_agrees_with_urlsplit():
@@ -279,17 +277,27 @@ def test_first_ngram_violation_equals_checking_every_rule_in_order():
         assert first_ngram_violation(items, weights, top_limits, duplicate_limits) == expected
 
 
-def test_japanese_sentences_equal_the_look_behind_split():
+def test_japanese_sentences_and_paragraphs_equal_the_per_line_definition():
+    """The whole-text regex and the loose-terminator removal give what a per-line findall gives (the
+    reference's definition: sentences per line, a paragraph = its line's sentences joined)."""
     import random
+    import re
 
-    from kumihimo.data_prep.quality import _JA_SENTENCE_SPLIT, japanese_sentences
+    from kumihimo.data_prep.ja_metrics import sentences_and_paragraphs
 
+    per_line = re.compile(r"[^。．！？!?]+[。．！？!?]?")
     rng = random.Random(0)
-    alphabet = ["。", "！", "？", "!", "?", "\n", "a", " ", "あ", "\u3000", "\r", "\u2028", "…"]
+    alphabet = ["。", "．", "！", "？", "!", "?", "\n", "a", " ", "あ", "\u3000", "\r", "…", "・"]
     for _ in range(20000):
-        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
-        expected = [s for s in (p.strip() for p in _JA_SENTENCE_SPLIT.split(text)) if s]
-        assert japanese_sentences(text) == expected, repr(text)
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
+        lines = [per_line.findall(line) for line in text.split("\n")]
+        sentences = [s for line in lines for s in line]
+        paragraphs = ["".join(line) for line in lines]
+        assert sentences_and_paragraphs(text, count_blank_lines=True) == (sentences, paragraphs), repr(text)
+        assert sentences_and_paragraphs(text, count_blank_lines=False) == (
+            [s for s in sentences if s.strip()],
+            [p for p in paragraphs if p.strip()],
+        ), repr(text)
 
 
 def _decontamination_one_at_a_time(text: str, eval_hashes: np.ndarray, config) -> str | None:

@@ -192,7 +192,8 @@ def test_kept_documents_are_labelled_repaired_and_redacted(curated_run):
     config, result = curated_run
     kept = {r["id"]: r for r in read_records(Path(config.output_dir) / "curated/ja.jsonl")}
     kept.update({r["id"]: r for r in read_records(Path(config.output_dir) / "curated/en.jsonl")})
-    assert all(set(r) == {"id", "text", "lang", "source", "meta"} for r in kept.values())
+    # attributes: the quality measurements, so thresholds can be changed later (`kumihimo data refilter`)
+    assert all(set(r) == {"id", "text", "lang", "source", "meta", "attributes"} for r in kept.values())
     assert kept["ja0"]["lang"] == "ja" and kept["en0"]["lang"] == "en" and kept["en0"]["source"] == "en"
     assert kept["ja0"]["meta"]["url"] == "https://blog.example.jp/a" and kept["ja0"]["meta"]["line"] == 1
     assert kept["ja-moji"]["text"] == JA[3]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,13 @@ from kumihimo.data_prep.config import (
     LangIdConfig,
     PiiConfig,
     RepairConfig,
-    RepetitionConfig,
 )
 from kumihimo.data_prep.decontam import Decontaminator, build_eval_index
+from kumihimo.data_prep.ja_metrics import japanese_metrics
 from kumihimo.data_prep.langid import identify
 from kumihimo.data_prep.ngrams import duplicate_ngram_coverage, top_ngram_coverage
 from kumihimo.data_prep.pii import PiiRedactor, luhn_valid, my_number_check_digit
-from kumihimo.data_prep.quality import QualityFilter, check_repetition
+from kumihimo.data_prep.quality import QualityFilter
 from kumihimo.data_prep.repair import looks_suspicious, repair_text
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data_prep"
@@ -113,52 +114,61 @@ def test_clean_japanese_documents_pass():
 
 def test_japanese_length_rules():
     assert reason(JA[0][:300], "ja") == "ja_too_short"
-    ascii_heavy = "Section A-1 notes: " * 30 + JA[0][:150]
-    assert reason(ascii_heavy, "ja") == "ja_few_japanese_chars"
+    # 325 Japanese letters and an English paragraph: long enough, Japanese enough, too few Japanese letters
+    assert reason(JA[0][:330] + "\n" + EN[0][:250], "ja") == "ja_few_japanese_chars"
 
 
 def test_japanese_script_ratio_rules():
     hira_to_kata = str.maketrans({chr(c): chr(c + 0x60) for c in range(0x3041, 0x3097)})
     assert reason(JA[0].translate(hira_to_kata), "ja") == "ja_low_hiragana_ratio"
-    katakana_heavy = "スーパーマーケットでアイスクリームをたくさんかいました。\n" * 16
-    assert reason(katakana_heavy, "ja") == "ja_high_katakana_ratio"
+    rng = random.Random(0)  # a listing of katakana (not repeating, so the repetition rules stay quiet)
+    letters = [chr(c) for c in range(0x30A1, 0x30F7)]
+    katakana = "\n".join("".join(rng.choice(letters) for _ in range(40)) + "。" for _ in range(13))
+    assert reason(JA[0] + "\n" + katakana, "ja") == "ja_high_katakana_ratio"
     mixed = JA[0] + "\n" + " ".join(f"item{i:03d}=value{i * 7:04d}" for i in range(45))
     assert reason(mixed, "ja") == "ja_low_japanese_ratio"
 
 
 def test_japanese_sentence_rules():
-    short = "".join(["はい、そうです。", "ありがとう。", "またね。", "いいですよ。", "たのしい。"] * 20)
-    assert reason(short, "ja") == "ja_short_sentences"
+    assert reason(JA[0].replace("、", "。"), "ja") == "ja_short_sentences"
     one_sentence = JA[1].replace("。", "、").replace("\n", "")
     assert reason(one_sentence, "ja") == "ja_long_sentences"
     lines = JA[2].split("\n")
     long_line = lines[2].replace("。", "、") + lines[3].replace("。", "、") + lines[4]
     assert len(long_line) > 200
     assert reason("\n".join([*JA[4].split("\n"), long_line]), "ja") == "ja_sentence_too_long"
-    ellipsis = JA[3].replace("。", "…\n")
+    ellipsis = JA[0].replace("。", "…\n")
     assert reason(ellipsis, "ja") == "ja_ellipsis_sentences"
 
 
 def test_japanese_repetition_rules():
-    assert reason(JA[0] + "\n" + JA[0], "ja") == "ja_duplicate_lines"
+    assert reason(JA[0] + "\n" + JA[0], "ja") == "ja_duplicate_paragraphs"  # lines, in Swallow's terms
     sentences = JA[4].split("\n")
     repeated = sentences[2] + sentences[3]
-    assert reason(JA[4] + "\n" + repeated, "ja") == "ja_duplicate_line_chars"
+    assert reason(JA[4] + "\n" + repeated, "ja") == "ja_duplicate_sentence_chars"
     # the same words with other punctuation are not equal sentences, but their 5-grams repeat
     assert reason(JA[4] + "\n" + repeated.replace("。", "！"), "ja") == "ja_duplicate_5grams"
     # a short phrase said twice stays under every limit
     assert reason(JA[4] + "\nよろしくお願いします。\nよろしくお願いします。", "ja") is None
 
 
-def test_repetition_rules_on_paragraphs_and_ngrams():
-    config = RepetitionConfig()
-    flat = np.ones(10)
-    paragraphs = ["段落その一です。", "段落その二です。", "段落その一です。"]
-    verdict = check_repetition(["a", "b", "c", "d"], paragraphs, np.arange(10), flat, config, "ja")
-    assert verdict[0] == "ja_duplicate_paragraphs"
-    repeating = np.array([1, 2] * 20)  # "ababab...": the 2-gram "ab" covers everything
-    verdict = check_repetition(["x"], ["x"], repeating, np.ones(40), config, "ja")
-    assert verdict[0] == "ja_top_2gram"
+def test_swallow_repetition_values_by_hand():
+    # 10 characters, 6 five-grams of which 5 are distinct and 1 (あいうえお) occurs twice: 1/5
+    metrics = japanese_metrics("あいうえおあいうえお")
+    assert metrics["duplicate_5gram_character_fraction"] == pytest.approx(1 / 5)
+    assert metrics["duplicate_6gram_character_fraction"] == 0.0
+    # 9 two-grams; あい, いう, うえ, えお occur twice each: the top one is 2 of 9
+    assert metrics["top_2gram_character_fraction"] == pytest.approx(2 / 9)
+    text = "段落その一です。段落その一です。\n\n別の行です！\n段落その一です。"
+    # sentences: 段落その一です。 x3 and 別の行です！ -> 2 of 4 repeat; lines: 3 non-blank + 1 blank
+    ours = japanese_metrics(text, count_blank_lines=False)
+    assert ours["duplicate_sentence_fraction"] == pytest.approx(2 / 4)
+    assert ours["duplicate_paragraph_fraction"] == 0.0  # the three lines differ
+    swallow = japanese_metrics(text, count_blank_lines=True)
+    assert swallow["duplicate_paragraph_fraction"] == 0.0  # one blank line: nothing to repeat yet
+    blank_twice = japanese_metrics(text.replace("\n\n", "\n\n\n"), count_blank_lines=True)
+    assert blank_twice["duplicate_paragraph_fraction"] == pytest.approx(1 / 5)
+    assert japanese_metrics(text.replace("\n\n", "\n\n\n"))["duplicate_paragraph_fraction"] == 0.2
 
 
 def test_ngram_coverage_values():
