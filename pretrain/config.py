@@ -572,7 +572,9 @@ class TrainConfig:
     def check_paths(self) -> None:
         """Checks that need the files of this machine; `kumihimo train` runs them before launching."""
         self.data.check_paths()
-        from kumihimo.pretrain.integrity import check_output_dir
+        from kumihimo.pretrain.integrity import check_datasets_and_tokenizer, check_output_dir
+
+        check_datasets_and_tokenizer(self)  # the trainer repeats this on every rank before building the model
 
         for key, path in (
             ("runtime.run_dir", self.runtime.run_dir),

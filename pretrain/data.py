@@ -78,11 +78,7 @@ def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
 
     data, sched = config.data, config.schedule
     tokenizer = MegatronTokenizerView.from_config(config)
-    prefixes, weights, infos = [], [], []
-    if not data.mock:
-        prefixes, weights, recorded_tokenizer = read_blend(config)
-        integrity.check_tokenizer_matches_data(recorded_tokenizer, tokenizer.identity, data.blend_file)
-        infos = integrity.check_datasets(prefixes, data.blend_file or "data.blend")
+    prefixes, weights, infos = integrity.check_datasets_and_tokenizer(config)
     sha = tokenizer.identity["sha256"] if tokenizer.identity else None
     fingerprint = integrity.data_fingerprint(config, infos, weights, sha)
     # Megatron keys its index cache by path, split, seed and length, not by the files' contents: a

@@ -122,6 +122,22 @@ def check_tokenizer_matches_data(recorded: dict | None, current: dict | None, bl
     )
 
 
+def check_datasets_and_tokenizer(config) -> tuple[list[str], list[float], list[dict[str, Any]]]:
+    """(prefixes, weights, what each .idx says) of a config's blend, after checking the datasets and
+    that data.tokenizer is the tokenizer the blend file records; nothing for mock data."""
+    if config.data.mock:
+        return [], [], []
+    from kumihimo.pretrain.data import read_blend
+    from kumihimo.tokenizer.spm import Tokenizer
+
+    prefixes, weights, recorded = read_blend(config)
+    if recorded and config.data.tokenizer:
+        check_tokenizer_matches_data(
+            recorded, Tokenizer.load(config.data.tokenizer).identity(), config.data.blend_file
+        )
+    return prefixes, weights, check_datasets(prefixes, config.data.blend_file or "data.blend")
+
+
 # ------------------------------------------------------------------------------------- fingerprint
 
 
