@@ -5,6 +5,8 @@ Files (regenerate with ``python -m kumihimo.sample.make_corpus``; see README.md 
 * ``ja.jsonl.gz`` -- Japanese web-like documents plus planted dirt
 * ``en.jsonl.gz`` -- English web-like documents plus planted dirt
 * ``eval.jsonl``  -- a tiny question/passage "evaluation set" used for decontamination
+* ``web_pages.write_sample_warc(path)`` -- a small Common Crawl-like ``.warc.gz`` written at run time
+  (Japanese pages in three encodings, English pages, an image, a truncated record)
 
 Each corpus line is ``{"id": ..., "text": ..., "url": ...}``.
 """
