@@ -217,8 +217,9 @@ def check_config_needs(report: Report, config) -> None:
 
 
 def checkpoint_gb(config) -> float:
-    """About what one checkpoint takes: weights, fp32 main weights and Adam's two moments, 16 B/param."""
-    from kumihimo.pretrain.plan import layer_params
+    """About what one checkpoint takes: the weights in the parameter dtype, plus fp32 main weights (bf16
+    runs) and Adam's two fp32 moments: 14 B per parameter in bf16, 12 in fp32."""
+    from kumihimo.pretrain.plan import layer_params, param_dtype_bytes
     from kumihimo.tokenizer.spm import Tokenizer
 
     m = config.model
@@ -229,7 +230,8 @@ def checkpoint_gb(config) -> float:
         except UserError:
             pass  # the config check reports the missing tokenizer
     params = layer_params(config) * m.num_layers + 2 * vocab * m.hidden_size + m.hidden_size
-    return 16 * params / 2**30
+    weight_bytes = param_dtype_bytes(config)
+    return (weight_bytes + (12 if weight_bytes == 2 else 8)) * params / 2**30
 
 
 def check_disk(report: Report, config) -> None:
