@@ -195,8 +195,8 @@ def refuse_control_characters(what: str, value: str) -> None:
     bad = next((i for i, char in enumerate(value) if ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0), None)
     if bad is not None:
         raise UserError(
-            f"{what}{' ' if ' ' in what else '='}{value!r} holds the control character {value[bad]!r} at position {bad}, which would "
-            "break the batch script line it is written on; remove it"
+            f"{what}{' ' if ' ' in what else '='}{value!r} holds the control character {value[bad]!r} "
+            f"at position {bad}, which would break the batch script line it is written on; remove it"
         )
 
 
