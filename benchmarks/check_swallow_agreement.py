@@ -53,7 +53,9 @@ def load_reference(directory: Path):
     class _Trie:  # what ngword.py needs of dartsclone.DoubleArray: lengths of the words prefixing s
         def common_prefix_search(self, data: bytes, pair_type=False):
             text = data.decode("utf-8", errors="ignore")
-            return [len(w.encode()) for w in words if text.startswith(w)]
+            return [
+                len(w) for w in words if text.startswith(w)
+            ]  # values = character lengths, as ngword.py builds them
 
     sys.modules.setdefault("dartsclone", types.SimpleNamespace(DoubleArray=_Trie))
     return (

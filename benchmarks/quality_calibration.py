@@ -165,7 +165,9 @@ def junk_documents(real: list[dict], lang: str, per_kind: int, seed: int = 0) ->
 
     def mojibake():  # decoded with the wrong codec, bytes lost: beyond repair (ftfy fixes lossless cases)
         text = "\n".join(pick(sentences, 12))
-        return text.encode("utf-8").decode("cp1252", errors="replace")
+        if ja:
+            return text.encode("utf-8").decode("cp1252", errors="replace")
+        return text.encode("utf-8").decode("utf-16-le", errors="replace")  # ASCII survives cp1252 unchanged
 
     def boilerplate():
         menu_lines = pick(words, 30)
