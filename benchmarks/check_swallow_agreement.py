@@ -11,7 +11,9 @@ and kutoten.py for the clean-up); nothing of it is copied into kumihimo. For eve
 every metric; the script prints, per metric, how many documents get an equal value (floats within 1e-12),
 then how often the keep/drop decisions agree: the reference's apply_v1 against kumihimo's rules with the
 swallow-v1 recipe (exact reference behaviour) and with the llmjp-web recipe (its deliberate deviations),
-then the clean-up stage's agreement, and the time each side took. Exits 1 when a metric or a decision
+then the clean-up stage's agreement, and the CPU time each side took: the reference's quality.main +
+apply_v1, kumihimo's metrics + rules, its whole quality stage, and its whole per-shard curation (repair,
+language ID, quality, clean-up, decontamination, PII, exact keys, MinHash) with the llmjp-web recipe. Exits 1 when a metric or a decision
 of the swallow-v1 recipe disagrees on more than 0.5% of documents.
 
 The NG-word rule is checked against the reference's longest-match scan (ngword.py LongestMatch.finditer)
@@ -24,6 +26,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import platform
+import shutil
 import sys
 import time
 import types
@@ -66,6 +70,47 @@ def load_reference(directory: Path):
     )
 
 
+def speed(texts: list[str], workdir: Path) -> dict[str, float]:
+    """CPU seconds of kumihimo's quality metrics + rules, its whole quality stage and its whole per-shard
+    curation (repair .. MinHash signatures, recipe llmjp-web), each over `texts`."""
+    from kumihimo.data_prep import ja_metrics, shard_stage
+    from kumihimo.data_prep.config import load_config
+    from kumihimo.data_prep.decontam import build_eval_index, save_eval_index
+    from kumihimo.data_prep.jsonl_io import plan_shards
+    from kumihimo.data_prep.quality import QualityFilter
+
+    out = {}
+    swallow = QualityFilter(load_config(REPO / "configs/data_prep/swallow-v1.yaml").filters)
+    start = time.process_time()
+    for text in texts:
+        swallow.japanese_verdict(ja_metrics.japanese_metrics(text, True))
+    out["kumihimo metrics + rules (swallow-v1)"] = time.process_time() - start
+    web = QualityFilter(load_config(REPO / "configs/data_prep/llmjp-web.yaml").filters)
+    start = time.process_time()
+    for text in texts:
+        web.check(text, "ja", None)
+    out["kumihimo quality stage (llmjp-web)"] = time.process_time() - start
+    workdir.mkdir(parents=True, exist_ok=True)
+    corpus = workdir / "docs.jsonl"
+    with open(corpus, "w", encoding="utf-8") as handle:
+        for i, text in enumerate(texts):
+            handle.write(json.dumps({"id": str(i), "text": text}, ensure_ascii=False) + "\n")
+    config = load_config(
+        REPO / "configs/data_prep/llmjp-web.yaml",
+        [f"input.sources=[{{name: ja, paths: [{corpus}]}}]", f"output_dir={workdir / 'out'}"],
+    )
+    shards_dir = workdir / "shards"
+    shutil.rmtree(shards_dir, ignore_errors=True)
+    shards_dir.mkdir()
+    save_eval_index(build_eval_index(config.decontam), workdir / "eval.npy")
+    tools = shard_stage.build_tools(config, workdir / "eval.npy")
+    start = time.process_time()
+    for shard in plan_shards(config):
+        shard_stage.process_shard(shard, tools, shards_dir)
+    out["kumihimo whole curation per shard (llmjp-web)"] = time.process_time() - start
+    return out
+
+
 def read_docs(paths: list[Path]) -> list[str]:
     return [json.loads(line)["text"] for path in paths for line in open(path, encoding="utf-8")]
 
@@ -75,6 +120,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--reference", type=Path, default=Path("/work/peers/swallow-corpus"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/swallow_agreement"), help="scratch space")
     parser.add_argument(
         "--docs",
         type=Path,
@@ -90,13 +136,11 @@ def main() -> int:
 
     texts = [t for t in read_docs(args.docs) if len(t) >= 10]  # the reference raises on shorter texts
     mb = sum(len(t.encode()) for t in texts) / 1e6
-    start = time.perf_counter()
+    start = time.process_time()
     theirs = [quality.main({"text": t}) for t in texts]
     reference_verdicts = [quality.apply_v1(q) for q in theirs]
-    reference_seconds = time.perf_counter() - start
-    start = time.perf_counter()
+    reference_seconds = time.process_time() - start
     ours = [ja_metrics.japanese_metrics(t, count_blank_lines=True) for t in texts]
-    ours_seconds = time.perf_counter() - start
     print(f"{len(texts)} documents, {mb:.1f} MB, from {', '.join(map(str, args.docs))}")
     print(f"metric agreement (equal values, of {len(texts)}):")
     worst = 1.0
@@ -139,9 +183,16 @@ def main() -> int:
     )
     print(f"clean-up (kuten/toten, footer) equal: {same_clean}/{len(cleanup_texts)}")
     print(
-        f"time for the metrics: reference {reference_seconds:.2f} s ({mb / reference_seconds:.2f} MB/s), "
-        f"kumihimo {ours_seconds:.2f} s ({mb / ours_seconds:.2f} MB/s), {reference_seconds / ours_seconds:.1f}x"
+        f"CPU seconds on the {mb:.1f} MB above (one process, {platform.processor() or platform.machine()}):"
     )
+    print(
+        f"  reference quality.main + apply_v1         {reference_seconds:7.2f} s  {mb / reference_seconds:6.2f} MB/s"
+    )
+    for label, seconds in speed(texts, args.workdir).items():
+        print(
+            f"  {label:42s} {seconds:7.2f} s  {mb / seconds:6.2f} MB/s  "
+            f"{reference_seconds / seconds:5.1f}x the reference"
+        )
     return 1 if failures or same_ng < len(sample) or same_clean < len(cleanup_texts) else 0
 
 
