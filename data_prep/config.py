@@ -415,7 +415,7 @@ class DedupConfig:
 
 FOOTER_KEYWORDS = [
     "Copyright", "copyright", "COPYRIGHT", "©", "(c)", "All Rights Reserved", "All rights reserved",
-    "all rights reserved", "Inc.", "無断転載", "無断複製", "転載禁止", "禁無断転載", "著作権",
+    "all rights reserved", "Inc.", "無断転載", "無断複製", "転載禁止", "禁無断転載",
     "プライバシーポリシー", "個人情報保護方針", "利用規約", "会社概要", "運営会社", "お問い合わせ",
     "お問合せ", "サイトマップ", "ページの先頭へ", "ページトップへ", "トップへ戻る", "トップページ",
     "ホーム", "関連記事", "人気記事", "新着記事", "カテゴリー", "カテゴリ", "タグ", "アーカイブ",
