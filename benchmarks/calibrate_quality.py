@@ -36,6 +36,7 @@ def evaluate(recipe: str, docs: list[dict], lang: str) -> dict:
     config = load_config(REPO / f"configs/data_prep/{recipe}.yaml")
     config.filters.ng_words.words = []
     config.filters.ng_words.words_file = None
+    config.filters.refilterable = True  # measure every value, also where an earlier rule already drops
     qf = QualityFilter(config.filters)
     repaired = [repair_text(d["text"], config.repair) for d in docs]
     texts = [text for text, _, _ in repaired]

@@ -88,7 +88,7 @@ _SPLITS = {2: (1, 1), 3: (2, 1), 4: (2, 2), 5: (4, 1), 6: (4, 2), 7: (4, 3), 8: 
 _RANKED = (2, 3, 4, 8)  # the n whose ranks longer n-grams are built from
 
 
-def _ngram_fractions(cps: np.ndarray) -> dict[str, float]:
+def ngram_fractions(cps: np.ndarray) -> dict[str, float]:
     """The top and duplicate n-gram fractions, exactly: an n-gram is the pair (rank of its first part,
     rank of the rest), both ranks among the document's distinct shorter n-grams, packed in a uint32.
     Sorting uint32 keys is several times faster than sorting 64-bit hashes. Texts of 65536 characters
@@ -160,8 +160,11 @@ def sentences_and_paragraphs(text: str, count_blank_lines: bool) -> tuple[list[s
     return sentences, lines
 
 
-def japanese_metrics(text: str, count_blank_lines: bool = True, cps: np.ndarray | None = None) -> dict:
-    """All of Swallow's per-document quality values for `text` (names as in the reference)."""
+def japanese_metrics(
+    text: str, count_blank_lines: bool = True, cps: np.ndarray | None = None, with_ngrams: bool = True
+) -> dict:
+    """All of Swallow's per-document quality values for `text` (names as in the reference); without
+    `with_ngrams`, all but the n-gram fractions, and the code points they need under "_codepoints"."""
     cps = codepoints(text) if cps is None else cps
     _, hiragana, katakana, kanji, kuten, toten = letter_counts(cps)
     japanese = hiragana + katakana + kanji + kuten + toten
@@ -184,5 +187,8 @@ def japanese_metrics(text: str, count_blank_lines: bool = True, cps: np.ndarray 
         "duplicate_sentence_fraction": sent_dup,
         "duplicate_sentence_fraction_in_character": sent_dup_chars,
     }
-    metrics.update(_ngram_fractions(cps))
+    if with_ngrams:
+        metrics.update(ngram_fractions(cps))
+    else:
+        metrics["_codepoints"] = cps
     return metrics

@@ -162,63 +162,18 @@ def duplicate_ngram_coverage(items: np.ndarray, weights: np.ndarray, n: int) -> 
     return _duplicate_coverage(_raw_hashes(items, n), weights, n, float(weights.sum()))
 
 
-def _hashes_up_to(values: np.ndarray, acc: np.ndarray, acc_n: int, n: int) -> tuple[np.ndarray, int]:
-    if acc_n > n:
-        acc, acc_n = values, 1
-    while acc_n < n:
-        acc_n += 1
-        acc = _extend(values, acc, acc_n)
-    return acc, acc_n
-
-
-def _max_item_weight(items: np.ndarray, weights: np.ndarray) -> float:
-    """The largest total weight of all occurrences of one item value."""
-    if len(items) == 0:
-        return 0.0
-    if int(items.max()) < 4 * len(items) + 1024:  # small ids (per-document word ids): count directly
-        return float(np.bincount(items, weights=weights).max())
-    _, inverse = np.unique(items, return_inverse=True)
-    return float(np.bincount(inverse, weights=weights).max())
-
-
-def first_ngram_violation(
-    items: np.ndarray, weights: np.ndarray, top_limits: dict[int, float], duplicate_limits: dict[int, float]
-) -> tuple[str, int, float] | None:
-    """The first rule broken, in order (top n-gram rules by n, then duplicate n-gram rules by n), as
-    ("top" | "duplicate", n, coverage); None when all hold. Weights are whole numbers (characters), so
-    every weight sum below is exact.
-
-    Gives what calling the two coverage functions for every n would, with less work: window hashes
-    are extended n by n, and rules that provably hold are skipped. The i-th items of all occurrences
-    of an n-gram are occurrences of one item value, so any n-gram covers at most n x the largest total
-    weight of one item value. Positions covered by repeated (n+1)-grams are covered by repeated n-grams
-    too, so duplicate coverage never grows with n; with unit weights the top m-gram covers at most
-    (top 2-gram count) x m items.
-    """
+def ngram_coverages(items: np.ndarray, weights: np.ndarray) -> dict[str, float]:
+    """Gopher's n-gram values for n = 2..10, as top_ngram_coverage (n <= 4) and duplicate_ngram_coverage
+    (n >= 5) give them, from window hashes extended n by n (one pass per n instead of n)."""
     values = items.astype(np.uint64) + np.uint64(1)
     total = float(weights.sum())
     uniform = bool(np.all(weights == 1.0))
-    # with unit weights the top 2-gram count below bounds better (and a character count costs a sort)
-    item_cover = None if uniform else _max_item_weight(items, weights)
-    acc, acc_n = values, 1
-    top2_count: int | None = None
-    for n, limit in sorted(top_limits.items()):
-        if item_cover is not None and total > 0 and n * item_cover / total <= limit:
-            continue
-        if uniform and top2_count is not None and n > 2 and total > 0 and top2_count * n / total <= limit:
-            continue
-        acc, acc_n = _hashes_up_to(values, acc, acc_n, n)
-        share, count = _top_coverage(acc, weights, n, total, uniform)
-        if n == 2:
-            top2_count = count
-        if share > limit:
-            return "top", n, share
-    bound: float | None = None
-    for n, limit in sorted(duplicate_limits.items()):
-        if bound is not None and bound <= limit:
-            continue
-        acc, acc_n = _hashes_up_to(values, acc, acc_n, n)
-        bound = _duplicate_coverage(acc, weights, n, total)
-        if bound > limit:
-            return "duplicate", n, bound
-    return None
+    out: dict[str, float] = {}
+    acc = values
+    for n in range(2, 11):
+        acc = _extend(values, acc, n)
+        if n <= 4:
+            out[f"top_{n}gram_character_fraction"] = _top_coverage(acc, weights, n, total, uniform)[0]
+        else:
+            out[f"duplicate_{n}gram_character_fraction"] = _duplicate_coverage(acc, weights, n, total)
+    return out

@@ -22,8 +22,8 @@ from kumihimo.data_prep.config import (
     JapaneseFilterConfig,
     RepetitionConfig,
 )
-from kumihimo.data_prep.ja_metrics import japanese_metrics, letter_counts
-from kumihimo.data_prep.ngrams import codepoints, duplicate_ngram_coverage, top_ngram_coverage
+from kumihimo.data_prep.ja_metrics import japanese_metrics, letter_counts, ngram_fractions
+from kumihimo.data_prep.ngrams import codepoints, ngram_coverages
 
 Verdict = tuple[str, str] | None  # (reason, detail) when the document is dropped
 
@@ -98,11 +98,12 @@ def _repetition_rules(config: RepetitionConfig, prefix: str, line: str, paragrap
 
 
 def japanese_rules(config: JapaneseFilterConfig) -> list[Rule]:
-    """Swallow's rules in apply_v1's order (its thresholds are the defaults), with a length cap added."""
+    """Swallow's rules (its thresholds are the defaults) with a length cap added, cheapest first: the
+    character n-gram rules come last, so a document another rule drops needs no n-gram counts (the
+    reason is the first rule broken in this order; which documents are kept does not depend on it)."""
     return [
         ("ja_too_short", "num_letters", "<", config.min_chars),
         ("ja_too_long", "num_letters", ">", config.max_chars),
-        *_repetition_rules(config.repetition, "ja", "sentence", "paragraph"),
         ("ja_low_hiragana_ratio", "hiragana_fraction", "<", config.min_hiragana_ratio),
         ("ja_high_katakana_ratio", "katakana_fraction", ">", config.max_katakana_ratio),
         ("ja_low_japanese_ratio", "japanese_fraction", "<", config.min_japanese_ratio),
@@ -111,6 +112,7 @@ def japanese_rules(config: JapaneseFilterConfig) -> list[Rule]:
         ("ja_long_sentences", "avg_sentence_length", ">", config.max_mean_sentence_chars),
         ("ja_sentence_too_long", "max_sentence_length", ">", config.max_sentence_chars),
         ("ja_ellipsis_sentences", "ellipsis_fraction", ">", config.max_ellipsis_sentence_ratio),
+        *_repetition_rules(config.repetition, "ja", "sentence", "paragraph"),
     ]
 
 
@@ -146,29 +148,22 @@ def _duplicate_shares(units: list[str]) -> tuple[float, float]:
     return num_dup / len(units), num_dup_chars / total_chars
 
 
-def gopher_repetition(
-    lines: list[str], paragraphs: list[str], items: np.ndarray, weights: np.ndarray
-) -> dict:
-    """Gopher's repetition values over lines, paragraphs and n-grams of `items` (word ids) weighted by
-    `weights` (word lengths): shares of repeated lines/paragraphs and of their characters, the coverage
-    of the most frequent 2..4-gram and of repeated 5..10-grams."""
+def gopher_repetition(lines: list[str], paragraphs: list[str]) -> dict:
+    """Gopher's repetition values over lines and paragraphs: shares of repeats and of their characters
+    (the word n-gram values come from ngrams.ngram_coverages)."""
     line_share, line_char_share = _duplicate_shares(lines)
     para_share, para_char_share = _duplicate_shares(paragraphs)
-    out = {
+    return {
         "duplicate_line_fraction": line_share,
         "duplicate_line_fraction_in_character": line_char_share,
         "duplicate_paragraph_fraction": para_share,
         "duplicate_paragraph_fraction_in_character": para_char_share,
     }
-    for n in (2, 3, 4):
-        out[f"top_{n}gram_character_fraction"] = top_ngram_coverage(items, weights, n)
-    for n in range(5, 11):
-        out[f"duplicate_{n}gram_character_fraction"] = duplicate_ngram_coverage(items, weights, n)
-    return out
 
 
-def english_metrics(text: str) -> dict:
-    """Every value the English rules compare, for `text`."""
+def english_metrics(text: str, with_ngrams: bool = True) -> dict:
+    """Every value the English rules compare, for `text`; without `with_ngrams`, all but the word n-gram
+    coverages, and the word ids and lengths they need under the key "_words"."""
     # The words are split once, from the lowered text: lower() then split() gives the same words lowered
     # (no character lowercases to or from whitespace), and lowering changes a word's length only for
     # U+0130 (İ -> i + combining dot above).
@@ -177,8 +172,9 @@ def english_metrics(text: str) -> dict:
     if num_words == 0:
         zero = dict.fromkeys(("mean_word_length", "symbol_word_ratio", "bullet_line_fraction"), 0.0)
         zero.update(ellipsis_line_fraction=0.0, alpha_word_fraction=0.0, num_stop_words=0)
-        empty = np.empty(0, dtype=np.uint32)
-        return {"num_words": 0, **zero, **gopher_repetition([], [], empty, np.empty(0))}
+        empty = {"_words": (np.empty(0, dtype=np.uint32), np.empty(0))}
+        out = {"num_words": 0, **zero, **gopher_repetition([], []), **empty}
+        return ngram_metrics(out) if with_ngrams else out
     mean_len = sum(map(len, lowered_words if "\u0130" not in text else text.split())) / num_words
     num_symbols = text.count("#") + text.count("...") + text.count("…")
     lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
@@ -196,7 +192,7 @@ def english_metrics(text: str) -> dict:
     ids = (np.cumsum(first == np.arange(num_words)) - 1)[first].astype(np.uint32)
     weights = np.fromiter(map(len, cleaned), dtype=np.float64, count=num_words)
     paragraphs = [p.strip() for p in _PARAGRAPH_SPLIT.split(text) if p.strip()]
-    return {
+    out = {
         "num_words": num_words,
         "mean_word_length": mean_len,
         "symbol_word_ratio": num_symbols / num_words,
@@ -204,8 +200,20 @@ def english_metrics(text: str) -> dict:
         "ellipsis_line_fraction": sum(ln.endswith(("...", "…")) for ln in lines) / len(lines),
         "alpha_word_fraction": num_alpha / num_words,
         "num_stop_words": sum(word in first_use for word in STOP_WORDS),
-        **gopher_repetition(lines, paragraphs, ids, weights),
+        **gopher_repetition(lines, paragraphs),
+        "_words": (ids, weights),
     }
+    return ngram_metrics(out) if with_ngrams else out
+
+
+def ngram_metrics(metrics: dict) -> dict:
+    """Add the n-gram values to english_metrics(..., with_ngrams=False) or japanese_metrics(...,
+    with_ngrams=False), which leave what they need under "_words" or "_codepoints"."""
+    if "_words" in metrics:
+        metrics.update(ngram_coverages(*metrics.pop("_words")))
+    else:
+        metrics.update(ngram_fractions(metrics.pop("_codepoints")))
+    return metrics
 
 
 def longest_matches(text: str, words: list[str]) -> list[str]:
@@ -346,9 +354,9 @@ class QualityFilter:
             metrics["compression_ratio"] = len(zlib.compress(raw, 6)) / max(len(raw), 1)
         cps = codepoints(text)
         if lang == "ja" and config.ja.enabled:
-            metrics.update(japanese_metrics(text, config.ja.count_blank_lines, cps))
+            metrics.update(japanese_metrics(text, config.ja.count_blank_lines, cps, with_ngrams=False))
         elif lang == "en" and config.en.enabled:
-            metrics.update(english_metrics(text))
+            metrics.update(english_metrics(text, with_ngrams=False))
         if self._ng is not None:
             # text is the stripped input unless lines were removed; then lowered no longer matches it
             matches = self._ng_matches(text, lowered if not num_removed else text.lower())
@@ -360,10 +368,25 @@ class QualityFilter:
                 denominator = len(text)
             metrics["ng_matches"] = len(matches)
             metrics["ng_fraction"] = sum(map(len, matches)) / denominator if denominator else 0.0
+        if "_words" in metrics or "_codepoints" in metrics:
+            # the n-gram rules come last: a document an earlier rule drops is not counted, unless refilter
+            # may need its values
+            if config.refilterable or self._reaches_ngram_rules(metrics, lang):
+                ngram_metrics(metrics)
+            else:
+                metrics.pop("_words", None)
+                metrics.pop("_codepoints", None)
         # stored with every document and compared at 6 decimals, so that refiltering stored values decides
         # exactly as the full run did
         metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
         return Measured(text, None, num_removed, metrics)
+
+    def _reaches_ngram_rules(self, metrics: dict, lang: str) -> bool:
+        """Whether every rule before the n-gram ones holds (the first value missing is an n-gram one)."""
+        try:
+            return first_broken(self.rules(lang), metrics) is None
+        except KeyError:
+            return True
 
     def check(self, text: str, lang: str, url: str | None) -> tuple[str, Verdict, int]:
         """(text after boilerplate removal, verdict, number of boilerplate lines removed)."""

@@ -245,12 +245,10 @@ def test_url_host_fast_path_agrees_with_urlsplit():
         assert qf.host_blocked(url) == expected, url
 
 
-def test_first_ngram_violation_equals_checking_every_rule_in_order():
-    from kumihimo.data_prep.ngrams import duplicate_ngram_coverage, first_ngram_violation, top_ngram_coverage
+def test_ngram_coverages_equal_the_one_n_at_a_time_functions():
+    from kumihimo.data_prep.ngrams import duplicate_ngram_coverage, ngram_coverages, top_ngram_coverage
 
     rng = np.random.default_rng(0)
-    top_limits = {2: 0.20, 3: 0.18, 4: 0.16}
-    duplicate_limits = dict(zip(range(5, 11), [0.15, 0.14, 0.13, 0.12, 0.11, 0.10]))
     for trial in range(400):
         length = int(rng.integers(0, 120))
         vocab = int(rng.integers(1, 40))
@@ -262,19 +260,16 @@ def test_first_ngram_violation_equals_checking_every_rule_in_order():
             weights = np.ones(length)
         else:
             weights = rng.integers(1, 12, size=vocab).astype(np.float64)[items]  # one weight per word
-        expected = None
-        for n, limit in top_limits.items():
-            share = top_ngram_coverage(items, weights, n)
-            if share > limit:
-                expected = ("top", n, share)
-                break
-        if expected is None:
-            for n, limit in duplicate_limits.items():
-                share = duplicate_ngram_coverage(items, weights, n)
-                if share > limit:
-                    expected = ("duplicate", n, share)
-                    break
-        assert first_ngram_violation(items, weights, top_limits, duplicate_limits) == expected
+        expected = {
+            f"top_{n}gram_character_fraction": top_ngram_coverage(items, weights, n) for n in (2, 3, 4)
+        }
+        expected.update(
+            {
+                f"duplicate_{n}gram_character_fraction": duplicate_ngram_coverage(items, weights, n)
+                for n in range(5, 11)
+            }
+        )
+        assert ngram_coverages(items, weights) == expected
 
 
 def test_japanese_sentences_and_paragraphs_equal_the_per_line_definition():
