@@ -275,6 +275,34 @@ def raise_if_disk_full(exc: BaseException, root: Path, *leftovers: Path) -> None
     ) from exc
 
 
+def make_room(
+    root: Path, local_bytes: int, dp: int, keep_last: int | None, keep_multiples_of: int | None, device
+) -> list[Path]:
+    """Before a save, on every rank: expect it to be as large as the newest checkpoint (or, for the
+    first, as the state: `local_bytes` summed over ranks / DP). If the disk cannot hold it, prune down
+    to keep_last - 1 first (never `latest`), so a full disk frees itself where keep_last allows; if it
+    still cannot, raise DiskFull. Rank 0 decides for all. Returns the pruned folders."""
+    from kumihimo.pretrain import integrity
+
+    latest = read_latest(root)
+    need = torch.tensor([float(local_bytes), 0.0], dtype=torch.float64, device=device)
+    dist.all_reduce(need)
+    problem, pruned = "free space is checked on rank 0", []
+    if dist.get_rank() == 0:
+        expected = int(need[0]) // max(1, dp)
+        if latest is not None and iteration_dir(root, latest).is_dir():
+            expected = integrity.folder_bytes(iteration_dir(root, latest))
+        problem = integrity.free_space_problem(root, expected)
+        if problem and keep_last:
+            pruned = prune(root, max(1, keep_last - 1), keep_multiples_of)
+            problem = integrity.free_space_problem(root, expected)
+        need[1] = 1.0 if problem else 0.0
+    dist.broadcast(need, src=0)
+    if need[1]:
+        raise integrity.DiskFull(root, latest, problem)
+    return pruned
+
+
 def clean_leftovers(root: Path) -> list[Path]:
     """Remove what a killed or failed save left in `root`: unfinished iter_*.tmp folders and the
     temporary files of atomic writes. Call only while holding the lock (no other run writes there)."""

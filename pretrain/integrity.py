@@ -205,6 +205,75 @@ def compare_fingerprints(
     return tokenizer, changes, harmless
 
 
+SHAPE_KEYS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+)
+
+
+def check_resume(meta: dict, folder: Path, config, fingerprint: dict, padded_vocab: int) -> list[str]:
+    """Refuse (ConfigError) a resume that would not continue the same run: another model shape, another
+    tokenizer, or data whose sample stream differs unless checkpoint.allow_data_change says it is
+    intended. Returns the notes and warnings to print."""
+    import yaml
+
+    from kumihimo.core.configtree import ConfigError, to_dict
+
+    config_file = folder / "run_config.yaml"
+    saved_model = (
+        (yaml.safe_load(config_file.read_text()) or {}).get("model", {}) if config_file.is_file() else {}
+    )
+    now_model = to_dict(config.model)
+    diffs = [
+        f"model.{k} {saved_model[k]} -> {now_model[k]}"
+        for k in SHAPE_KEYS
+        if saved_model.get(k, now_model[k]) != now_model[k]
+    ]
+    if meta.get("padded_vocab_size") not in (None, padded_vocab):
+        diffs.append(f"padded vocabulary {meta['padded_vocab_size']} -> {padded_vocab}")
+    if diffs:
+        raise ConfigError(
+            f"{folder} holds another model shape ({'; '.join(diffs)}); resume with the checkpoint's model "
+            f"settings (its {config_file.name}) or start a new run (new checkpoint.save)"
+        )
+    saved = meta.get("data_fingerprint")
+    if saved is None:  # written before fingerprints existed: the old, coarser check
+        old = meta.get("data", {})
+        now = {"blend_file": config.data.blend_file, "mock": config.data.mock, "seed": config.runtime.seed}
+        if any(old.get(k) != v for k, v in now.items()):
+            raise ConfigError(
+                f"the checkpoint was trained on data {old} but this run uses {now}; start a new run "
+                "(new checkpoint.save) to change the data"
+            )
+        saved = {**fingerprint, "tokenizer_sha256": (meta.get("tokenizer") or {}).get("sha256")}
+    tokenizer, changes, harmless = compare_fingerprints(saved, fingerprint)
+    if tokenizer:
+        recorded = meta.get("tokenizer") or {}
+        raise ConfigError(
+            f"{folder} was trained with tokenizer sha256 {str(saved.get('tokenizer_sha256'))[:12]} "
+            f"({recorded.get('path', 'mock vocabulary')}) but data.tokenizer={config.data.tokenizer} is "
+            f"sha256 {str(fingerprint.get('tokenizer_sha256'))[:12]}; resume with "
+            f"data.tokenizer={recorded.get('path')} (the tokenizer cannot change within a run)"
+        )
+    if changes and not config.checkpoint.allow_data_change:
+        raise ConfigError(
+            f"the data changed since {folder.name}: {'; '.join(changes)}. Resuming would not continue the "
+            "same sample stream; restore the data, start a new run (new checkpoint.save), or set "
+            "checkpoint.allow_data_change=true if the change is intended"
+        )
+    notes = [f"note: {note}" for note in harmless]
+    if changes:
+        notes.append(
+            f"warning: data changed since {folder.name} ({'; '.join(changes)}); continuing because "
+            "checkpoint.allow_data_change=true: later samples differ from an uninterrupted run"
+        )
+    return notes
+
+
 # ----------------------------------------------------------------------------------- finite state
 
 

@@ -358,81 +358,19 @@ class Trainer:
             say(f"[train] initialised weights from {folder} (optimizer, schedule and data start fresh)")
 
     def _check_resume_compatible(self, meta: dict, folder: Path) -> None:
-        """Refuse a resume that would not continue the same run: another tokenizer, another model shape,
-        or data whose sample stream differs (unless checkpoint.allow_data_change says it is intended)."""
-        self._check_same_model(meta, folder)
-        saved = meta.get("data_fingerprint")
-        if saved is None:  # written before fingerprints existed: the old, coarser check
-            old, now = meta.get("data", {}), self.checkpoint_meta["data"]
-            if [old.get(k) for k in ("blend_file", "mock", "seed")] != [
-                now[k] for k in ("blend_file", "mock", "seed")
-            ]:
-                raise configtree.ConfigError(
-                    f"the checkpoint was trained on data {old} but this run uses {now}; start a new run "
-                    "(new checkpoint.save) to change the data"
-                )
-            saved = {
-                **self.datasets.fingerprint,
-                "tokenizer_sha256": (meta.get("tokenizer") or {}).get("sha256"),
-            }
-        tokenizer, changes, harmless = integrity.compare_fingerprints(saved, self.datasets.fingerprint)
-        if tokenizer:
-            recorded = meta.get("tokenizer") or {}
-            raise configtree.ConfigError(
-                f"{folder} was trained with tokenizer sha256 {str(saved.get('tokenizer_sha256'))[:12]} "
-                f"({recorded.get('path', 'mock vocabulary')}) but data.tokenizer={self.config.data.tokenizer} is "
-                f"sha256 {str(self.datasets.fingerprint.get('tokenizer_sha256'))[:12]}; resume with "
-                f"data.tokenizer={recorded.get('path')} (the tokenizer cannot change within a run)"
-            )
-        if changes and not self.config.checkpoint.allow_data_change:
-            raise configtree.ConfigError(
-                f"the data changed since {folder.name}: {'; '.join(changes)}. Resuming would not continue "
-                "the same sample stream; restore the data, start a new run (new checkpoint.save), or set "
-                "checkpoint.allow_data_change=true if the change is intended"
-            )
-        if self.is_logger:
-            for note in harmless:
-                say(f"[train] note: {note}")
-            if changes:
-                say(
-                    f"[train] warning: data changed since {folder.name} ({'; '.join(changes)}); continuing "
-                    "because checkpoint.allow_data_change=true: later samples differ from an uninterrupted run"
-                )
+        """Refuse a resume that would not continue the same run (integrity.check_resume); print its notes."""
+        notes = integrity.check_resume(
+            meta, folder, self.config, self.datasets.fingerprint, self.padded_vocab
+        )
         saved_dp = meta.get("layout", {}).get("dp")
-        if saved_dp is not None and saved_dp != self.layout.dp and self.is_logger:
-            say(
-                f"[train] warning: data-parallel size changed {saved_dp} -> {self.layout.dp}; samples continue "
+        if saved_dp is not None and saved_dp != self.layout.dp:
+            notes.append(
+                f"warning: data-parallel size changed {saved_dp} -> {self.layout.dp}; samples continue "
                 "in order but per-rank batches differ, so the loss curve will not match bit for bit"
             )
-
-    SHAPE_KEYS = (
-        "num_layers",
-        "hidden_size",
-        "ffn_hidden_size",
-        "num_attention_heads",
-        "num_query_groups",
-        "kv_channels",
-    )
-
-    def _check_same_model(self, meta: dict, folder: Path) -> None:
-        """The checkpoint's tensors must have this model's shapes (else Megatron fails deep in loading)."""
-        import yaml
-
-        config_file = folder / checkpointing.CONFIG_FILE
-        saved = (
-            (yaml.safe_load(config_file.read_text()) or {}).get("model", {}) if config_file.is_file() else {}
-        )
-        now = configtree.to_dict(self.config.model)
-        diffs = [
-            f"model.{k} {saved[k]} -> {now[k]}" for k in self.SHAPE_KEYS if k in saved and saved[k] != now[k]
-        ]
-        if meta.get("padded_vocab_size") not in (None, self.padded_vocab):
-            diffs.append(f"padded vocabulary {meta['padded_vocab_size']} -> {self.padded_vocab}")
-        if diffs:
-            raise configtree.ConfigError(
-                f"{folder} holds another model shape ({'; '.join(diffs)}); resume with the checkpoint's "
-                f"model settings (its {checkpointing.CONFIG_FILE}) or start a new run (new checkpoint.save)"
-            )
+        if self.is_logger:
+            for note in notes:
+                say(f"[train] {note}")
 
     # ---------------------------------------------------------------- loop
     def train(self) -> TrainResult:
@@ -623,7 +561,15 @@ class Trainer:
                     f"hold NaN or Inf ({', '.join(names[:3]) or 'on other ranks'}); nothing written, {kept}"
                 )
             return None
-        self._make_room(root)
+        local = sum(
+            t.numel() * t.element_size() for _, t in integrity.state_tensors(self.model, self.optimizer)
+        )
+        ckpt = self.config.checkpoint
+        pruned = checkpointing.make_room(
+            root, local, self.layout.dp, ckpt.keep_last, ckpt.keep_multiples_of, self.device
+        )
+        if pruned and self.is_logger:
+            say(f"[train] disk nearly full: pruned {', '.join(p.name for p in pruned)} before saving")
         folder = checkpointing.save_checkpoint(
             root,
             self.state,
@@ -646,35 +592,6 @@ class Trainer:
                     f"(training blocked {self.async_saves.newest.blocking_s:.2f} s)"
                 )
         return folder
-
-    def _make_room(self, root: Path) -> None:
-        """Before a save: expect it to be as large as the newest checkpoint (or as this state, for the
-        first). If the disk cannot hold it, prune down to keep_last - 1 first (never `latest`), so a
-        full disk frees itself where keep_last allows; if it still cannot, raise DiskFull (one decision
-        for all ranks, taken on rank 0)."""
-        latest = checkpointing.read_latest(root)
-        local = sum(
-            t.numel() * t.element_size() for _, t in integrity.state_tensors(self.model, self.optimizer)
-        )
-        need = torch.tensor([float(local), 0.0], dtype=torch.float64, device=self.device)
-        dist.all_reduce(need)
-        problem = "free space is checked on rank 0"
-        if self.info.is_main:
-            expected = int(need[0]) // max(1, self.layout.dp)
-            newest = None if latest is None else checkpointing.iteration_dir(root, latest)
-            if newest is not None and newest.is_dir():
-                expected = integrity.folder_bytes(newest)
-            problem = integrity.free_space_problem(root, expected)
-            keep = self.config.checkpoint.keep_last
-            if problem and keep:
-                pruned = checkpointing.prune(root, max(1, keep - 1), self.config.checkpoint.keep_multiples_of)
-                problem = integrity.free_space_problem(root, expected)
-                if pruned and self.is_logger:
-                    say(f"[train] disk nearly full: pruned {', '.join(p.name for p in pruned)} before saving")
-            need[1] = 1.0 if problem else 0.0
-        dist.broadcast(need, src=0)
-        if need[1]:
-            raise integrity.DiskFull(root, latest, problem)
 
     def finish_saves(self, blocking: bool) -> None:
         """Complete the background saves every rank has finished writing (all of them when blocking).

@@ -124,7 +124,7 @@ def test_resume_with_other_data_is_refused(tmp_path):
         "runtime.seed=7",
     )
     assert proc.returncode == 2
-    assert "the checkpoint was trained on data" in proc.stderr
+    assert "the data changed since iter_0000001: seed 1234 -> 7" in proc.stderr
 
 
 def test_interleaved_pipeline_matches_and_converts_like_single_process(single, single_dir, tmp_path):
