@@ -36,6 +36,8 @@ from kumihimo.pretrain.convert.to_hf import convert_to_hf
 from kumihimo.pretrain.distributed import free_port
 from tests.test_convert_to_hf import VOCAB, _launch, load_hf, train_spm
 
+pytestmark = pytest.mark.slow  # conversion plus Megatron and trainer runs in subprocesses
+
 HF_CONFIG = dict(
     hidden_size=64,
     intermediate_size=192,

@@ -33,6 +33,8 @@ from kumihimo.pretrain.convert.to_hf import (
 from kumihimo.pretrain.distributed import free_port
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # training runs at several layouts, then conversion
+
 TINY = "configs/pretrain/tiny-cpu.yaml"
 VOCAB = 1000
 LAYOUTS = {

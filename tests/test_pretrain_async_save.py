@@ -15,8 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from kumihimo.pretrain.signals import EXIT_BAD_LOSS, EXIT_REQUEUE
 from tests.conftest import REPO, read_metrics, run_cli, signal_training
+
+pytestmark = pytest.mark.slow  # training runs with background saves
 
 TINY = "configs/pretrain/tiny-cpu.yaml"
 BASE = (

@@ -13,6 +13,8 @@ import torch
 
 from tests.conftest import read_metrics, run_cli
 
+pytestmark = pytest.mark.slow  # multi-process training runs (gloo) compared with one process
+
 TINY = "configs/pretrain/tiny-cpu.yaml"
 BASE = (
     "schedule.lr_warmup_iters=1",

@@ -18,6 +18,8 @@ from kumihimo.pretrain.parallel import ParallelLayout
 from kumihimo.pretrain.plan import make_plan, microbatch_activation_bytes, stage_params
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # measured training runs per layout
+
 TINY = "configs/pretrain/tiny-cpu.yaml"
 ONE_STEP = ("schedule.lr_warmup_iters=0", "schedule.eval_interval=0", "schedule.train_iters=1")
 

@@ -23,6 +23,7 @@ def test_loss_guard_flags_nan_inf_and_spikes():
     assert LossGuard(None, 0).check(1e9).ok  # no spike check without a factor
 
 
+@pytest.mark.slow
 def test_sigusr1_saves_exits_for_requeue_and_resume_finishes_the_same(tmp_path):
     straight = tmp_path / "straight"
     proc = run_cli(
@@ -65,6 +66,7 @@ def test_sigusr1_saves_exits_for_requeue_and_resume_finishes_the_same(tmp_path):
     assert [m["loss"] for m in resumed] == [m["loss"] for m in reference]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("policy", "expect_skips"), [("stop", 0), ("skip", 2)])
 def test_diverging_run_is_skipped_then_stopped(tmp_path, policy, expect_skips):
     """A learning rate of 50 makes the loss explode; the guard skips (then gives up) or stops at once."""
