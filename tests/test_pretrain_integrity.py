@@ -339,6 +339,21 @@ def test_non_finite_state_is_never_saved_and_good_checkpoints_survive(tmp_path):
     assert f"newest checkpoint: {root / 'iter_0000002'}" in proc.stderr
 
 
+def test_finite_check_sees_nan_and_inf_in_every_float_dtype():
+    import torch
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for value, finite in (
+            (0.5, True),
+            (float("nan"), False),
+            (float("inf"), False),
+            (-float("inf"), False),
+        ):
+            tensor = torch.randn(64).to(dtype)
+            tensor[9] = value
+            assert bool(integrity._is_finite(tensor)) is finite, (dtype, value)
+
+
 # ------------------------------------------------------------------------------ 6. disk full
 
 
