@@ -45,13 +45,7 @@ class SourceConfig:
     """Blend weight = this source's token share x this multiplier (then normalised); 2.0 = two epochs."""
 
     def validate(self) -> None:
-        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
-            raise bad_value(
-                "input.sources[].name",
-                self.name,
-                "is not a usable file name",
-                "use letters, digits, '-', '_' or '.'",
-            )
+        configtree.check_file_name("input.sources[].name", self.name)
         if not self.paths:
             raise bad_value(
                 f"input.sources[{self.name}].paths",

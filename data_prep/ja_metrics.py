@@ -67,7 +67,7 @@ def letter_counts(cps: np.ndarray) -> list[int]:
     return np.bincount(_class_table()[cps], minlength=6).tolist()
 
 
-def _duplicates(units: list[str]) -> tuple[float, float]:
+def duplicate_shares(units: list[str]) -> tuple[float, float]:
     """(repeats of an earlier unit / units, characters in repeats / characters in units); 0 when empty."""
     if not units:
         return 0.0, 0.0
@@ -171,8 +171,8 @@ def japanese_metrics(
     sentences, paragraphs = sentences_and_paragraphs(text, count_blank_lines)
     lengths = list(map(len, sentences))
     num_ellipsis = sum(1 for s in sentences if s.rstrip().endswith(_ELLIPSES))
-    para_dup, para_dup_chars = _duplicates(paragraphs)
-    sent_dup, sent_dup_chars = _duplicates(sentences)
+    para_dup, para_dup_chars = duplicate_shares(paragraphs)
+    sent_dup, sent_dup_chars = duplicate_shares(sentences)
     metrics: dict[str, float | int] = {
         "num_letters": len(text),
         "num_japanese_letters": japanese,

@@ -22,7 +22,7 @@ from kumihimo.data_prep.config import (
     JapaneseFilterConfig,
     RepetitionConfig,
 )
-from kumihimo.data_prep.ja_metrics import japanese_metrics, letter_counts, ngram_fractions
+from kumihimo.data_prep.ja_metrics import duplicate_shares, japanese_metrics, letter_counts, ngram_fractions
 from kumihimo.data_prep.ngrams import codepoints, ngram_coverages
 
 Verdict = tuple[str, str] | None  # (reason, detail) when the document is dropped
@@ -132,27 +132,11 @@ def english_rules(config: EnglishFilterConfig) -> list[Rule]:
     ]
 
 
-def _duplicate_shares(units: list[str]) -> tuple[float, float]:
-    """(share of units that repeat an earlier unit, share of characters in those repeats)."""
-    if not units:
-        return 0.0, 0.0
-    seen: set[str] = set()
-    num_dup = num_dup_chars = 0
-    for unit in units:
-        if unit in seen:
-            num_dup += 1
-            num_dup_chars += len(unit)
-        else:
-            seen.add(unit)
-    total_chars = sum(len(u) for u in units) or 1
-    return num_dup / len(units), num_dup_chars / total_chars
-
-
 def gopher_repetition(lines: list[str], paragraphs: list[str]) -> dict:
     """Gopher's repetition values over lines and paragraphs: shares of repeats and of their characters
     (the word n-gram values come from ngrams.ngram_coverages)."""
-    line_share, line_char_share = _duplicate_shares(lines)
-    para_share, para_char_share = _duplicate_shares(paragraphs)
+    line_share, line_char_share = duplicate_shares(lines)
+    para_share, para_char_share = duplicate_shares(paragraphs)
     return {
         "duplicate_line_fraction": line_share,
         "duplicate_line_fraction_in_character": line_char_share,

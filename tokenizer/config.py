@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from kumihimo.core.configtree import bad_value
+from kumihimo.core.configtree import bad_value, check_file_name
 
 NUM_BYTE_PIECES = 256
 NEWLINE = "\n"
@@ -265,13 +265,7 @@ class TokenizerTrainConfig:
         names = [source.name for source in sources]
         for source in sources:
             key = f"input.sources.{source.name}"
-            if not source.name or not all(c.isalnum() or c in "-_." for c in source.name):
-                raise bad_value(
-                    "input.sources[].name",
-                    source.name,
-                    "is not a usable name",
-                    "use letters, digits, '-', '_' or '.'",
-                )
+            check_file_name("input.sources[].name", source.name)
             if names.count(source.name) > 1:
                 raise bad_value(
                     "input.sources[].name", source.name, "names two sources", "give each a new name"

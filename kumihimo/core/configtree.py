@@ -42,6 +42,12 @@ def bad_value(key: str, value: Any, problem: str, fix: str) -> ConfigError:
     return ConfigError(f"{key}={value!r} {problem}; {fix}")
 
 
+def check_file_name(key: str, value: str) -> None:
+    """A name that becomes part of file names (sources: `curated/<name>.jsonl`, `<name>_text_document`)."""
+    if not value or not all(c.isalnum() or c in "-_." for c in value):
+        raise bad_value(key, value, "is not a usable file name", "use letters, digits, '-', '_' or '.'")
+
+
 # --------------------------------------------------------------------------------------------
 # YAML reading and overrides
 # --------------------------------------------------------------------------------------------
