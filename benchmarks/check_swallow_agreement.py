@@ -17,8 +17,9 @@ language ID, quality, clean-up, decontamination, PII, exact keys, MinHash) with 
 of the swallow-v1 recipe disagrees on more than 0.5% of documents.
 
 The NG-word rule is checked against the reference's longest-match scan (ngword.py LongestMatch.finditer)
-over a small word list; ngword.py needs the dartsclone package for its trie, which is replaced here by a
-lookup over the same words (only the scan is the reference's).
+over a small word list, on dartsclone's trie built as the reference builds it (`pip install dartsclone`);
+without that package a lookup over the same words stands in for the trie (only the scan is then the
+reference's).
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ def load_reference(directory: Path):
                 len(w) for w in words if text.startswith(w)
             ]  # values = character lengths, as ngword.py builds them
 
-    sys.modules.setdefault("dartsclone", types.SimpleNamespace(DoubleArray=_Trie))
+    try:  # the real trie when the dartsclone package is installed (pip install dartsclone)
+        importlib.import_module("dartsclone")
+    except ImportError:
+        sys.modules["dartsclone"] = types.SimpleNamespace(DoubleArray=_Trie)
     return (
         importlib.import_module("quality"),
         importlib.import_module("ngword"),
@@ -169,7 +173,14 @@ def main() -> int:
         if recipe == "swallow-v1" and same / len(texts) < 0.995:
             failures = True
     checker = ngword.LongestMatch()
-    checker.darts = sys.modules["dartsclone"].DoubleArray()
+    trie = sys.modules["dartsclone"]
+    if isinstance(trie, types.ModuleType):  # real dartsclone: build it as Swallow does (values = lengths)
+        keys = sorted(NG_WORDS, key=lambda w: w.encode("utf-8"))
+        checker.darts.build([w.encode("utf-8") for w in keys], values=[len(w) for w in keys])
+        print("NG-word trie: dartsclone (the reference's own)")
+    else:
+        checker.darts = trie.DoubleArray()
+        print("NG-word trie: a stand-in over the same words (dartsclone is not installed)")
     # the reference re-encodes the rest of the text at every position (quadratic): a sample is enough
     sample = texts[:: max(1, len(texts) // 200)]
     same_ng = sum(
