@@ -296,9 +296,13 @@ def test_missing_inputs_and_zstd_give_user_errors(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory) -> Path:
+    return train_tiny_spm(tmp_path_factory.mktemp("spm"))
+
+
+def train_tiny_spm(root: Path) -> Path:
+    """A ~1000-piece SentencePiece model of the sample sentences, as `root/tiny.model`."""
     import sentencepiece as spm
 
-    root = tmp_path_factory.mktemp("spm")
     (root / "train.txt").write_text("\n".join(JA + EN), encoding="utf-8")
     spm.SentencePieceTrainer.train(
         input=str(root / "train.txt"),

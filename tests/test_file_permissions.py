@@ -64,24 +64,13 @@ def test_atomic_writers_respect_the_umask(tmp_path, team_umask):
 
 
 def test_curated_data_datasets_blend_and_report_are_shared(tmp_path, team_umask):
-    import sentencepiece as spm
-
     from kumihimo.data_prep.pipeline import build_datasets, curate
-    from tests.test_data_prep_pipeline import EN, JA, write_corpus
+    from tests.test_data_prep_pipeline import train_tiny_spm, write_corpus
 
     config = write_corpus(tmp_path / "corpus")
-    (tmp_path / "spm.txt").write_text("\n".join(JA + EN), encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(tmp_path / "spm.txt"),
-        model_prefix=str(tmp_path / "tiny"),
-        vocab_size=1000,
-        hard_vocab_limit=False,
-        byte_fallback=True,
-        character_coverage=0.98,
-        minloglevel=2,
-    )
+    model = train_tiny_spm(tmp_path)
     curate(config)
-    build_datasets(config, tmp_path / "tiny.model")
+    build_datasets(config, model)
     out = Path(config.output_dir)
     assert (out / "blend.yaml").is_file() and (out / "report.json").is_file()
     assert wrong_modes(out) == []
