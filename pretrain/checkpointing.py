@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import json
+import logging
 import os
 import shutil
 import signal
@@ -37,6 +38,7 @@ import torch.distributed as dist
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
+from kumihimo.pretrain import integrity
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 LOCK_FILE = ".kumihimo-train.lock"
@@ -48,6 +50,7 @@ SHARDING_METADATA = {
     "singleton_local_shards": False,
     "chained_optim_avoid_prefix": True,
 }
+log = logging.getLogger("kumihimo.train")
 
 
 @dataclass
@@ -181,90 +184,165 @@ def _die_with_parent(write, parent_pid: int, *args, **kwargs):
     return write(*args, **kwargs)
 
 
-def save_checkpoint(
-    root: Path,
-    state: TrainState,
-    model_chunks,
-    optimizer,
-    scheduler,
-    config,
-    layout,
-    meta: dict[str, Any],
-    keep_last: int | None,
-    keep_multiples_of: int | None = None,
-    async_saves: AsyncSaves | None = None,
-) -> Path:
-    """Save on every rank; returns the final folder. With `async_saves` the shards are written in the
-    background and the folder appears (with `latest` pointing at it) at a later `async_saves.finalize`."""
-    from megatron.core import dist_checkpointing
+class CheckpointManager:
+    """This run's checkpoints, built once from the config, the layout and the metadata every checkpoint
+    records: save (blocking, or in the background with checkpoint.async_save), complete background
+    saves, make room on a full disk, prune, find `latest` and load. `save` and `finish_pending` must be
+    called on every rank at the same points; status lines go to the `kumihimo.train` logger."""
 
-    started = time.perf_counter()
-    final = iteration_dir(root, state.iteration)
-    tmp = final.with_name(final.name + ".tmp")
-    rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    train_state = copy.deepcopy(state.__dict__)  # training goes on while an async save completes
-    sharded = _model_sharded_state_dict(model_chunks)
-    model_sd = sharded["model"] if "model" in sharded else sharded
-    sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=SHARDING_METADATA)
-    sharded["rng_state"] = _rng_sharded_object(layout)
-    sharded["scheduler"] = scheduler.state_dict()
-    sharded["train_state"] = train_state
-    meta_text = json.dumps(
-        {**meta, "train_state": train_state, "layout": layout.__dict__}, indent=2, default=str
-    )
-    publish = partial(
-        _publish, root, tmp, final, state.iteration, config, meta_text, keep_last, keep_multiples_of
-    )
-    if async_saves is None:
-        try:
-            dist_checkpointing.save(sharded, str(tmp), content_metadata=SHARDING_METADATA)
-            publish()
-        except Exception as exc:
-            raise_if_disk_full(exc, root, tmp)
-            raise
+    def __init__(self, config, layout, meta: dict[str, Any], device: torch.device, is_main: bool):
+        ckpt = config.checkpoint
+        self.root: Path | None = Path(ckpt.save) if ckpt.save else None
+        """checkpoint.save; None when the run saves nothing."""
+        self.keep_last: int | None = ckpt.keep_last
+        self.keep_multiples_of: int | None = ckpt.keep_multiples_of
+        self.config, self.layout, self.meta = config, layout, meta
+        self.device, self.is_main = device, is_main
+        self.async_saves = AsyncSaves() if ckpt.async_save else None
+
+    def latest(self) -> Path | None:
+        """The folder `latest` names under the save root, or None."""
+        iteration = read_latest(self.root) if self.root else None
+        return None if iteration is None else iteration_dir(self.root, iteration)
+
+    def prune(self, keep_last: int | None = None) -> list[Path]:
+        return prune(self.root, keep_last or self.keep_last, self.keep_multiples_of)
+
+    def load(self, folder: Path, model_chunks, optimizer, scheduler) -> TrainState:
+        return load_checkpoint(folder, model_chunks, optimizer, scheduler, self.layout)
+
+    def save(self, state: TrainState, model_chunks, optimizer, scheduler) -> Path | None:
+        """Save a checkpoint; with async saves, start writing it in the background (after the previous
+        one is complete: one save in flight at a time). Returns None, writing nothing, when weights or
+        optimizer state hold NaN/Inf: such a state cannot recover, and publishing it would move `latest`
+        onto it and let keep_last prune the good ones. Raises DiskFull when it cannot fit."""
+        self.finish_pending(blocking=True)
+        bad, total, names = integrity.count_nonfinite(model_chunks, optimizer, self.device)
+        if bad:
+            latest = read_latest(self.root)
+            kept = "no checkpoint exists" if latest is None else f"latest stays iter_{latest:07d}"
+            log.info(
+                f"[train] not saving step {state.iteration}: {bad} of {total} weight/optimizer tensors "
+                f"hold NaN or Inf ({', '.join(names[:3]) or 'on other ranks'}); nothing written, {kept}"
+            )
+            return None
+        local = sum(t.numel() * t.element_size() for _, t in integrity.state_tensors(model_chunks, optimizer))
+        pruned = self.make_room(local)
+        if pruned:
+            log.info(f"[train] disk nearly full: pruned {', '.join(p.name for p in pruned)} before saving")
+        folder = self._write(state, model_chunks, optimizer, scheduler)
+        if self.async_saves is None:
+            log.info(f"[train] saved checkpoint {folder}")
+        else:
+            log.info(
+                f"[train] writing checkpoint {folder} in the background "
+                f"(training blocked {self.async_saves.newest.blocking_s:.2f} s)"
+            )
+        return folder
+
+    def _write(self, state: TrainState, model_chunks, optimizer, scheduler) -> Path:
+        """Save on every rank; returns the final folder. With async saves the shards are written in the
+        background and the folder appears (with `latest` pointing at it) at a later `finish_pending`."""
+        # deferred: pretrain.convert reads and writes checkpoints through this module without Megatron
+        from megatron.core import dist_checkpointing
+
+        started = time.perf_counter()
+        final = iteration_dir(self.root, state.iteration)
+        tmp = final.with_name(final.name + ".tmp")
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        train_state = copy.deepcopy(state.__dict__)  # training goes on while an async save completes
+        sharded = _model_sharded_state_dict(model_chunks)
+        model_sd = sharded["model"] if "model" in sharded else sharded
+        sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=SHARDING_METADATA)
+        sharded["rng_state"] = _rng_sharded_object(self.layout)
+        sharded["scheduler"] = scheduler.state_dict()
+        sharded["train_state"] = train_state
+        meta_text = json.dumps(
+            {**self.meta, "train_state": train_state, "layout": self.layout.__dict__}, indent=2, default=str
+        )
+        publish = partial(self._publish, tmp, final, state.iteration, meta_text)
+        if self.async_saves is None:
+            try:
+                dist_checkpointing.save(sharded, str(tmp), content_metadata=SHARDING_METADATA)
+                publish()
+            except Exception as exc:
+                raise_if_disk_full(exc, self.root, tmp)
+                raise
+            return final
+        request = dist_checkpointing.save(
+            sharded,
+            str(tmp),
+            content_metadata=SHARDING_METADATA,
+            async_sharded_save=True,
+            async_strategy="mcore",
+        )
+        request.add_finalize_fn(publish)
+        self.async_saves.schedule(request, final, started)
         return final
-    request = dist_checkpointing.save(
-        sharded, str(tmp), content_metadata=SHARDING_METADATA, async_sharded_save=True, async_strategy="mcore"
-    )
-    request.add_finalize_fn(publish)
-    async_saves.schedule(request, final, started)
-    return final
 
+    def _publish(self, tmp: Path, final: Path, iteration: int, meta_text: str) -> None:
+        """On every rank, once all shards are written: rank 0 adds the config and metadata, renames tmp
+        to final, points `latest` at it and prunes."""
+        dist.barrier()
+        if dist.get_rank() == 0:
+            configtree.save(self.config, tmp / CONFIG_FILE)
+            configtree.write_text_atomic(tmp / META_FILE, meta_text)
+            if final.exists():  # re-saving the same step (e.g. after a resume) replaces it
+                shutil.rmtree(final)
+            tmp.rename(final)
+            configtree.write_text_atomic(self.root / LATEST_FILE, f"{iteration}\n")
+            if self.keep_last:
+                self.prune()
+        dist.barrier()
 
-def _publish(
-    root: Path,
-    tmp: Path,
-    final: Path,
-    iteration: int,
-    config,
-    meta_text: str,
-    keep_last: int | None,
-    keep_multiples_of: int | None,
-) -> None:
-    """On every rank, once all shards are written: rank 0 adds the config and metadata, renames tmp
-    to final, points `latest` at it and prunes."""
-    dist.barrier()
-    if dist.get_rank() == 0:
-        configtree.save(config, tmp / CONFIG_FILE)
-        configtree.write_text_atomic(tmp / META_FILE, meta_text)
-        if final.exists():  # re-saving the same step (e.g. after a resume) replaces it
-            shutil.rmtree(final)
-        tmp.rename(final)
-        configtree.write_text_atomic(root / LATEST_FILE, f"{iteration}\n")
-        if keep_last:
-            prune(root, keep_last, keep_multiples_of)
-    dist.barrier()
+    def finish_pending(self, blocking: bool) -> None:
+        """Complete the background saves every rank has finished writing (all of them when blocking).
+        Call on every rank at the same points."""
+        if self.async_saves is None:
+            return
+        try:
+            finished = self.async_saves.finalize(blocking)
+        except Exception as exc:
+            pending = [p.folder.with_name(p.folder.name + ".tmp") for p in self.async_saves.pending.values()]
+            raise_if_disk_full(exc, self.root, *(pending if self.is_main else []))
+            raise
+        for done in finished:
+            log.info(
+                f"[train] saved checkpoint {done.folder} (training blocked {done.blocking_s:.2f} s, "
+                f"written in the background in {done.background_s:.2f} s)"
+            )
+
+    def make_room(self, local_bytes: int) -> list[Path]:
+        """Before a save, on every rank: expect it to be as large as the newest checkpoint (or, for the
+        first, as the state: `local_bytes` summed over ranks / DP). If the disk cannot hold it, prune
+        down to keep_last - 1 first (never `latest`), so a full disk frees itself where keep_last
+        allows; if it still cannot, raise DiskFull. Rank 0 decides for all. Returns the pruned folders."""
+        root = self.root
+        latest = read_latest(root)
+        need = torch.tensor([float(local_bytes), 0.0], dtype=torch.float64, device=self.device)
+        dist.all_reduce(need)
+        problem, pruned = "free space is checked on rank 0", []
+        if dist.get_rank() == 0:
+            expected = int(need[0]) // max(1, self.layout.dp)
+            if latest is not None and iteration_dir(root, latest).is_dir():
+                expected = integrity.folder_bytes(iteration_dir(root, latest))
+            problem = integrity.free_space_problem(root, expected)
+            if problem and self.keep_last:
+                pruned = self.prune(max(1, self.keep_last - 1))
+                problem = integrity.free_space_problem(root, expected)
+            need[1] = 1.0 if problem else 0.0
+        dist.broadcast(need, src=0)
+        if need[1]:
+            raise integrity.DiskFull(root, latest, problem)
+        return pruned
 
 
 def raise_if_disk_full(exc: BaseException, root: Path, *leftovers: Path) -> None:
     """After a failed save: if the disk is full, remove what the save left (freeing its space; `latest`
     and the folders it names are untouched) and raise DiskFull, one line with the recovery."""
-    from kumihimo.pretrain import integrity
-
     target = root if root.exists() else root.parent
     if not integrity.is_disk_full(exc) and shutil.disk_usage(target).free > 64 * 2**20:
         return
@@ -273,34 +351,6 @@ def raise_if_disk_full(exc: BaseException, root: Path, *leftovers: Path) -> None
     raise integrity.DiskFull(
         root, read_latest(root), f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     ) from exc
-
-
-def make_room(
-    root: Path, local_bytes: int, dp: int, keep_last: int | None, keep_multiples_of: int | None, device
-) -> list[Path]:
-    """Before a save, on every rank: expect it to be as large as the newest checkpoint (or, for the
-    first, as the state: `local_bytes` summed over ranks / DP). If the disk cannot hold it, prune down
-    to keep_last - 1 first (never `latest`), so a full disk frees itself where keep_last allows; if it
-    still cannot, raise DiskFull. Rank 0 decides for all. Returns the pruned folders."""
-    from kumihimo.pretrain import integrity
-
-    latest = read_latest(root)
-    need = torch.tensor([float(local_bytes), 0.0], dtype=torch.float64, device=device)
-    dist.all_reduce(need)
-    problem, pruned = "free space is checked on rank 0", []
-    if dist.get_rank() == 0:
-        expected = int(need[0]) // max(1, dp)
-        if latest is not None and iteration_dir(root, latest).is_dir():
-            expected = integrity.folder_bytes(iteration_dir(root, latest))
-        problem = integrity.free_space_problem(root, expected)
-        if problem and keep_last:
-            pruned = prune(root, max(1, keep_last - 1), keep_multiples_of)
-            problem = integrity.free_space_problem(root, expected)
-        need[1] = 1.0 if problem else 0.0
-    dist.broadcast(need, src=0)
-    if need[1]:
-        raise integrity.DiskFull(root, latest, problem)
-    return pruned
 
 
 def clean_leftovers(root: Path) -> list[Path]:

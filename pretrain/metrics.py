@@ -17,12 +17,14 @@ TFLOP/s per GPU = training FLOPs per token x tokens per second / number of GPUs;
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
-from kumihimo.core.progress import say
 from kumihimo.pretrain.config import TrainConfig
+
+log = logging.getLogger("kumihimo.train")
 
 
 def training_flops_per_token(config: TrainConfig, padded_vocab_size: int) -> float:
@@ -82,7 +84,7 @@ class MetricsSink:
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
         if force or step % self.interval == 0:
-            say(format_line(step, values))
+            log.info(format_line(step, values))
 
     def close(self) -> None:
         if self._jsonl:

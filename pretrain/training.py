@@ -7,6 +7,7 @@ bottom. Run it through `kumihimo train` (one process, or torchrun / srun for sev
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -16,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from kumihimo.core import configtree
-from kumihimo.core.progress import say
+from kumihimo.core.progress import log_to_stderr
 from kumihimo.pretrain import checkpointing, integrity
-from kumihimo.pretrain.checkpointing import TrainState
+from kumihimo.pretrain.checkpointing import CheckpointManager, TrainState
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.data import Datasets, batch_indices, build_datasets, microbatches
 from kumihimo.pretrain.distributed import ProcessInfo, init_process_group, seed_everything
@@ -26,6 +27,8 @@ from kumihimo.pretrain.memory import ActivationMeter, state_bytes
 from kumihimo.pretrain.metrics import MetricsSink, training_flops_per_token
 from kumihimo.pretrain.parallel import ParallelLayout
 from kumihimo.pretrain.signals import EXIT_BAD_LOSS, EXIT_REQUEUE, LossGuard, StopRequest
+
+log = logging.getLogger("kumihimo.train")
 
 
 @dataclass
@@ -90,7 +93,6 @@ class Trainer:
         self.consecutive_skips = 0
         # Listen from the start: Slurm's warning may come while the model is still being built.
         self.stop = StopRequest()
-        self.async_saves = checkpointing.AsyncSaves() if config.checkpoint.async_save else None
         self.lock: checkpointing.RunLock | None = None
 
     # ---------------------------------------------------------------- setup
@@ -103,6 +105,7 @@ class Trainer:
         self.info: ProcessInfo = init_process_group(
             cfg.runtime.device, cfg.runtime.distributed_timeout_minutes
         )
+        log_to_stderr(self.info.rank)
         self.layout = ParallelLayout.from_config(cfg, self.info.world_size)
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -127,13 +130,13 @@ class Trainer:
             self._claim_save_folder()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             configtree.save(cfg, self.run_dir / "run_config.yaml")
-            say(
+            log.info(
                 f"[train] resolved config (saved to {self.run_dir / 'run_config.yaml'}):\n"
                 + configtree.dump_yaml(cfg).rstrip()
             )
-            say(f"[train] layout {self.layout.describe()}")
+            log.info(f"[train] layout {self.layout.describe()}")
             if cfg.checkpoint.async_save and not cfg.checkpoint.save:
-                say(
+                log.info(
                     "[train] warning: checkpoint.async_save=true is ignored: checkpoint.save is null, so this run "
                     "saves nothing"
                 )
@@ -147,7 +150,9 @@ class Trainer:
         self._record_parameter_counts()
         self.memory_meter: ActivationMeter | None = ActivationMeter(self.model)
         self.metrics = MetricsSink(cfg, self.run_dir, enabled=self.is_logger)
-        self.checkpoint_meta = self._build_checkpoint_meta()
+        self.checkpoints = CheckpointManager(
+            cfg, self.layout, self._build_checkpoint_meta(), self.device, self.info.is_main
+        )
         self._maybe_resume()
 
     def _claim_save_folder(self) -> None:
@@ -159,10 +164,10 @@ class Trainer:
         self.lock = checkpointing.RunLock(root)
         warning = self.lock.acquire()
         if warning:
-            say(warning)
+            log.info(warning)
         removed = checkpointing.clean_leftovers(root)
         if removed:
-            say(
+            log.info(
                 f"[train] removed {len(removed)} leftover(s) of an interrupted save: {', '.join(p.name for p in removed)}"
             )
 
@@ -263,7 +268,7 @@ class Trainer:
             configtree.write_text_atomic(
                 self.run_dir / "parameters_per_rank.json", json.dumps(rows, indent=1)
             )
-            say(f"[train] {max(r['parameters'] for r in rows):,} parameters on the most loaded rank")
+            log.info(f"[train] {max(r['parameters'] for r in rows):,} parameters on the most loaded rank")
 
     def _record_memory(self) -> None:
         """What each rank holds after its first step, to memory_per_rank.json (`kumihimo plan` predicts it)."""
@@ -332,15 +337,12 @@ class Trainer:
                 f"checkpoint.pretrained={root} with a new checkpoint.save"
             )
         self._check_resume_compatible(meta, folder)
-        self.state = checkpointing.load_checkpoint(
-            folder, self.model, self.optimizer, self.scheduler, self.layout
-        )
+        self.state = self.checkpoints.load(folder, self.model, self.optimizer, self.scheduler)
         self.loss_guard.load_state_dict(self.state.extra.get("loss_guard", {}))
-        if self.is_logger:
-            say(
-                f"[train] resumed from {folder} at step {self.state.iteration} "
-                f"({self.state.consumed_samples} samples consumed)"
-            )
+        log.info(
+            f"[train] resumed from {folder} at step {self.state.iteration} "
+            f"({self.state.consumed_samples} samples consumed)"
+        )
 
     def _load_pretrained(self, root: Path) -> None:
         folder = checkpointing.find_checkpoint(root)
@@ -354,8 +356,7 @@ class Trainer:
         checkpointing.load_weights(folder, self.model)
         # bf16 runs keep fp32 main weights inside the optimizer, copied when it was built.
         self.optimizer.reload_model_params()
-        if self.is_logger:
-            say(f"[train] initialised weights from {folder} (optimizer, schedule and data start fresh)")
+        log.info(f"[train] initialised weights from {folder} (optimizer, schedule and data start fresh)")
 
     def _check_resume_compatible(self, meta: dict, folder: Path) -> None:
         """Refuse a resume that would not continue the same run (integrity.check_resume); print its notes."""
@@ -368,15 +369,14 @@ class Trainer:
                 f"warning: data-parallel size changed {saved_dp} -> {self.layout.dp}; samples continue "
                 "in order but per-rank batches differ, so the loss curve will not match bit for bit"
             )
-        if self.is_logger:
-            for note in notes:
-                say(f"[train] {note}")
+        for note in notes:
+            log.info(f"[train] {note}")
 
     # ---------------------------------------------------------------- loop
     def train(self) -> TrainResult:
         cfg, sched = self.config, self.config.schedule
         result = TrainResult()
-        save_root = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
+        save_root = self.checkpoints.root
         last_step = sched.exit_after_iters or sched.train_iters
         first_step = self.state.iteration
         stop = self.stop
@@ -392,30 +392,27 @@ class Trainer:
                 result.exit_code = EXIT_BAD_LOSS
                 break
             if stop.agreed(self.device):
-                if self.is_logger:
-                    say(f"[train] stop signal received: saving at step {step} and exiting for requeue")
+                log.info(f"[train] stop signal received: saving at step {step} and exiting for requeue")
                 result.exit_code = EXIT_REQUEUE
-                if save_root and self.save(save_root) is None:
+                if save_root and self.save() is None:
                     result.exit_code = EXIT_BAD_LOSS
                 break
             if save_root and step != last_step and cfg.checkpoint.should_save(step):
-                if self.save(save_root) is None:
+                if self.save() is None:
                     result.exit_code = EXIT_BAD_LOSS
                     break
-            self.finish_saves(blocking=False)
+            self.checkpoints.finish_pending(blocking=False)
         stop.restore()
         finished = result.exit_code == 0
         if finished and save_root and cfg.checkpoint.save_at_end and self.state.iteration > first_step:
-            if self.save(save_root) is None:
+            if self.save() is None:
                 result.exit_code = EXIT_BAD_LOSS
-        self.finish_saves(blocking=True)  # every exit (end, requeue, bad loss): `latest` is final
+        # every exit (end, requeue, bad loss): `latest` is final
+        self.checkpoints.finish_pending(blocking=True)
         if save_root:
-            latest = checkpointing.read_latest(save_root)
-            result.last_checkpoint = (
-                None if latest is None else checkpointing.iteration_dir(save_root, latest)
-            )
-            if result.exit_code == EXIT_BAD_LOSS and self.is_logger:
-                say(
+            result.last_checkpoint = self.checkpoints.latest()
+            if result.exit_code == EXIT_BAD_LOSS:
+                log.info(
                     f"[train] newest checkpoint: {result.last_checkpoint or 'none'} (its weights were checked finite)"
                 )
         self.metrics.close()
@@ -432,11 +429,10 @@ class Trainer:
         if not values.get("skipped"):
             return False
         if res.on_bad_loss == "stop" or self.consecutive_skips >= res.max_consecutive_skips:
-            if self.is_logger:
-                say(
-                    f"[train] stopping at step {self.state.iteration}: {values['skipped']} "
-                    f"({self.consecutive_skips} bad step(s) in a row); nothing from this step on is saved"
-                )
+            log.info(
+                f"[train] stopping at step {self.state.iteration}: {values['skipped']} "
+                f"({self.consecutive_skips} bad step(s) in a row); nothing from this step on is saved"
+            )
             return True
         return False
 
@@ -477,8 +473,7 @@ class Trainer:
         else:
             self.state.skipped_iterations += 1
             self.consecutive_skips += 1
-            if self.is_logger:
-                say(f"[train] step {self.state.iteration + 1} skipped: {skipped}")
+            log.info(f"[train] step {self.state.iteration + 1} skipped: {skipped}")
         self.state.iteration += 1
         self.state.extra["loss_guard"] = self.loss_guard.state_dict()
         gbs = self.layout.global_batch_size
@@ -545,72 +540,10 @@ class Trainer:
             chunk.train()
         return self._reduce_loss(gathered)
 
-    def save(self, root: Path) -> Path | None:
-        """Save a checkpoint; with checkpoint.async_save, start writing it in the background (after the
-        previous one is complete: one save in flight at a time). Returns None, writing nothing, when
-        weights or optimizer state hold NaN/Inf: such a state cannot recover, and publishing it would
-        move `latest` onto it and let keep_last prune the good ones. Raises DiskFull when it cannot fit."""
-        self.finish_saves(blocking=True)
-        bad, total, names = integrity.count_nonfinite(self.model, self.optimizer, self.device)
-        if bad:
-            if self.is_logger:
-                latest = checkpointing.read_latest(root)
-                kept = "no checkpoint exists" if latest is None else f"latest stays iter_{latest:07d}"
-                say(
-                    f"[train] not saving step {self.state.iteration}: {bad} of {total} weight/optimizer tensors "
-                    f"hold NaN or Inf ({', '.join(names[:3]) or 'on other ranks'}); nothing written, {kept}"
-                )
-            return None
-        local = sum(
-            t.numel() * t.element_size() for _, t in integrity.state_tensors(self.model, self.optimizer)
-        )
-        ckpt = self.config.checkpoint
-        pruned = checkpointing.make_room(
-            root, local, self.layout.dp, ckpt.keep_last, ckpt.keep_multiples_of, self.device
-        )
-        if pruned and self.is_logger:
-            say(f"[train] disk nearly full: pruned {', '.join(p.name for p in pruned)} before saving")
-        folder = checkpointing.save_checkpoint(
-            root,
-            self.state,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.config,
-            self.layout,
-            self.checkpoint_meta,
-            self.config.checkpoint.keep_last,
-            self.config.checkpoint.keep_multiples_of,
-            async_saves=self.async_saves,
-        )
-        if self.is_logger:
-            if self.async_saves is None:
-                say(f"[train] saved checkpoint {folder}")
-            else:
-                say(
-                    f"[train] writing checkpoint {folder} in the background "
-                    f"(training blocked {self.async_saves.newest.blocking_s:.2f} s)"
-                )
-        return folder
-
-    def finish_saves(self, blocking: bool) -> None:
-        """Complete the background saves every rank has finished writing (all of them when blocking).
-        Call on every rank at the same points."""
-        if self.async_saves is None:
-            return
-        try:
-            finished = self.async_saves.finalize(blocking)
-        except Exception as exc:
-            root = Path(self.config.checkpoint.save)
-            pending = [p.folder.with_name(p.folder.name + ".tmp") for p in self.async_saves.pending.values()]
-            checkpointing.raise_if_disk_full(exc, root, *(pending if self.info.is_main else []))
-            raise
-        for done in finished:
-            if self.is_logger:
-                say(
-                    f"[train] saved checkpoint {done.folder} (training blocked {done.blocking_s:.2f} s, "
-                    f"written in the background in {done.background_s:.2f} s)"
-                )
+    def save(self) -> Path | None:
+        """Save a checkpoint of the current state (CheckpointManager.save): None when the state holds
+        NaN/Inf and nothing was written. Call on every rank."""
+        return self.checkpoints.save(self.state, self.model, self.optimizer, self.scheduler)
 
 
 def run_training(config: TrainConfig) -> TrainResult:

@@ -171,13 +171,13 @@ def _save_then_change_everything(run_dir: str) -> None:
         trainer.setup()
         trainer.train()
         saved = [t.detach().clone() for t in tensors(trainer)]
-        folder = trainer.save(root)
+        folder = trainer.save()
         with torch.no_grad():
             for tensor in tensors(trainer):
                 tensor.add_(1.0)
         trainer.state.iteration += 1
-        assert trainer.async_saves.pending and not folder.exists(), "the save is not in flight"
-        trainer.finish_saves(blocking=True)
+        assert trainer.checkpoints.async_saves.pending and not folder.exists(), "the save is not in flight"
+        trainer.checkpoints.finish_pending(blocking=True)
         assert checkpointing.read_latest(root) == 1
         state = checkpointing.load_checkpoint(
             folder, trainer.model, trainer.optimizer, trainer.scheduler, trainer.layout
