@@ -1,4 +1,4 @@
-"""`kumihimo data {curate,tokenize,run}`: the data_prep verb's sub-commands."""
+"""`kumihimo data {curate,tokenize,run,refilter,train-classifier}`: the data_prep verb's sub-commands."""
 
 from __future__ import annotations
 
@@ -28,6 +28,13 @@ Writes <output_dir>/datasets/<source>_text_document.{bin,idx} and <output_dir>/b
       filters.ja.min_hiragana_ratio=0.15 filters.ja.max_sentence_chars=300
 
 Rewrites curated/, dropped/ and the report in output_dir; the previous config is kept as refiltered_from.yaml.""",
+    "train-classifier": """examples:
+  kumihimo data train-classifier --input good.jsonl other.jsonl --output out/edu-classifier
+  kumihimo data train-classifier --input graded.jsonl.gz --label-field grade --output out/grades \
+      --sentencepiece out/tokenizer/tokenizer.model
+
+Every record needs a text and a label. Then score with it during curation:
+  kumihimo data curate my.yaml 'score.scorers=[{name: edu, path: out/edu-classifier/model.bin, label: good}]'""",
     "run": """examples:
   kumihimo data run configs/data_prep/quickstart.yaml --tokenizer out/tokenizer/tokenizer.model
   kumihimo data run configs/data_prep/llmjp-web.yaml --tokenizer tok.model output_dir=/data/llmjp""",
@@ -107,6 +114,47 @@ def _refilter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_classifier(args: argparse.Namespace) -> int:
+    from kumihimo.data_prep.classifier import TrainSettings, format_metrics, train_classifier
+
+    settings = TrainSettings(
+        inputs=args.input,
+        output=args.output,
+        text_field=args.text_field,
+        label_field=args.label_field,
+        segmentation="sentencepiece" if args.sentencepiece else "char",
+        sentencepiece_model=args.sentencepiece,
+        heldout_fraction=args.heldout_fraction,
+        epochs=args.epochs,
+        word_ngrams=args.word_ngrams,
+        seed=args.seed,
+    )
+    metrics = train_classifier(settings)
+    say(format_metrics(metrics))
+    say(f"[classifier] model, classifier.json and metrics.json in {args.output}")
+    return 0
+
+
+def _add_classifier_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--input", nargs="+", required=True, metavar="FILE", help="labelled JSONL/Parquet files")
+    sub.add_argument("--output", required=True, metavar="DIR", help="folder for model.bin and metrics.json")
+    sub.add_argument("--text-field", default="text", metavar="F", help="the text's field (default: text)")
+    sub.add_argument("--label-field", default="label", metavar="F", help="the label's field (default: label)")
+    sub.add_argument(
+        "--sentencepiece",
+        metavar="MODEL",
+        help="segment into this SentencePiece model's pieces (default: one token per character)",
+    )
+    sub.add_argument(
+        "--heldout-fraction", type=float, default=0.1, metavar="X", help="share held out for P/R/F1"
+    )
+    sub.add_argument("--epochs", type=int, default=10, metavar="N", help="fastText epochs (default: 10)")
+    sub.add_argument(
+        "--word-ngrams", type=int, default=3, metavar="N", help="n-gram length over characters/pieces"
+    )
+    sub.add_argument("--seed", type=int, default=0, metavar="N", help="split and training seed")
+
+
 def _run(args: argparse.Namespace) -> int:
     if load_config(args.config, args.overrides).executor.kind == "datatrove-slurm":
         raise UserError(
@@ -121,7 +169,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     """Add curate / tokenize / run under the `data_prep` verb's parser."""
     subs = parser.add_subparsers(
         dest="data_prep_command",
-        metavar="{curate,tokenize,run,refilter}",
+        metavar="{curate,tokenize,run,refilter,train-classifier}",
         parser_class=_OverridesParser,
     )
     specs = [
@@ -152,6 +200,17 @@ def register(parser: argparse.ArgumentParser) -> None:
             "with filters.refilterable=true, then deduplicate and merge again. Only thresholds may change.",
         ),
     ]
+    classify = subs.add_parser(
+        "train-classifier",
+        help="labelled JSONL -> fastText quality classifier + held-out precision/recall/F1",
+        description="Train a fastText classifier on character (or SentencePiece piece) n-grams of labelled "
+        "documents, evaluate it on a held-out split and save model.bin, classifier.json and metrics.json. "
+        "Use it as a score.scorers entry of kind fasttext.",
+        epilog=_EXAMPLES["train-classifier"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_classifier_options(classify)
+    classify.set_defaults(handler=_train_classifier)
     for name, handler, needs_tokenizer, summary, description in specs:
         sub = subs.add_parser(
             name,
