@@ -489,6 +489,57 @@ class DecontamConfig:
 
 
 @dataclass(kw_only=True)
+class ScorerConfig:
+    name: str
+    """The score's name: stored as attributes["score_<name>"] of every kept document."""
+    kind: Literal["fasttext", "hf"] = "fasttext"
+    """fasttext: a model.bin from `kumihimo data train-classifier` (CPU). hf: a Hugging Face
+    sequence-classification or regression folder (an edu-classifier-style model; GPU when present)."""
+    path: str
+    """The fastText model file, or the Hugging Face model folder (config.json, weights, tokenizer)."""
+    label: str | None = None
+    """Which label's probability is the score (fastText; hf with 2+ labels). null = fastText: the model's
+    first label; hf: the last label (the positive class of a binary classifier). An hf model with one
+    output (regression, like FineWeb-Edu's classifier) gives that output and ignores `label`."""
+    batch_size: int = 32
+    """Documents per forward pass of an hf model."""
+    max_tokens: int = 512
+    """hf: tokens of each document the model sees (the rest is cut off)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """hf: where the model runs; auto = CUDA when present, else CPU."""
+    enabled: bool = True
+    """Skip this scorer when false (its settings stay in the recipe)."""
+
+    def validate(self) -> None:
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise bad_value(
+                "score.scorers.name", self.name, "is not a plain name", "use letters, digits and _"
+            )
+        for key in ("batch_size", "max_tokens"):
+            if getattr(self, key) < 1:
+                raise bad_value(f"score.scorers.{key}", getattr(self, key), "is below 1", "use 1 or more")
+
+
+@dataclass(kw_only=True)
+class ScoreConfig:
+    scorers: list[ScorerConfig] = field(default_factory=list)
+    """Named model scores added to every kept document's attributes (stored, so cut-offs can be chosen
+    later); empty = no scoring."""
+
+    def validate(self) -> None:
+        for scorer in self.scorers:  # list items are not sections: validate_tree does not reach them
+            scorer.validate()
+        names = [s.name for s in self.scorers]
+        for name in names:
+            if names.count(name) > 1:
+                raise bad_value("score.scorers.name", name, "is used twice", "give every scorer its own name")
+
+    @property
+    def active(self) -> list[ScorerConfig]:
+        return [s for s in self.scorers if s.enabled]
+
+
+@dataclass(kw_only=True)
 class TokenizeConfig:
     add_bos: bool = True
     """Start every document with the tokenizer's <s> (LLM-jp: [<s>] + ids + [</s>])."""
@@ -593,6 +644,8 @@ class DataPrepConfig:
     """Clean-up of filtered Japanese text (punctuation, footers)."""
     pii: PiiConfig = field(default_factory=PiiConfig)
     """PII redaction."""
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    """Model scores (fastText, Hugging Face classifiers) stored with every kept document."""
     dedup: DedupConfig = field(default_factory=DedupConfig)
     """Exact and fuzzy deduplication across all sources."""
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)

@@ -28,7 +28,7 @@ from kumihimo.core.files import TEMP_MARK, make_output_folder
 from kumihimo.core.processes import RunLock
 from kumihimo.core.progress import Progress, say
 from kumihimo.core.records import file_format
-from kumihimo.data_prep import shard_stage
+from kumihimo.data_prep import scoring, shard_stage
 from kumihimo.data_prep.config import DataPrepConfig
 from kumihimo.data_prep.decontam import build_eval_index, save_eval_index
 from kumihimo.data_prep.executor import process_pool, run_unordered
@@ -104,6 +104,11 @@ def _fingerprint(config: DataPrepConfig, shards: list[Shard]) -> dict[str, Any]:
     if "input" in sections and not any(file_format(s.path) == "warc" for s in shards):
         # WARC settings change nothing for other inputs: editing them must not block a resume
         sections["input"].pop("warc", None)
+    if config.score.active:  # absent without scorers, so runs made before the score stage still resume
+        sections["score"] = {
+            "config": configtree.to_dict(config.score),
+            "models": scoring.fingerprint(config.score),
+        }
     digest = hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()
     files = sorted({s.path for s in shards})
     inputs = [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p in files]
@@ -328,6 +333,7 @@ def prepare_run(config: DataPrepConfig) -> tuple[RunLayout, list[Shard]]:
     """Plan the shards, record (or check) the run manifest and build the evaluation index; idempotent."""
     layout = RunLayout(make_output_folder(config.output_dir))
     shards = plan_shards(config)
+    scoring.check_scorers(config.score)  # a missing or corrupt model stops the run before any work
     layout.work.mkdir(parents=True, exist_ok=True)
     _check_or_record_run(layout, config, shards)
     if not layout.eval_index.is_file():

@@ -103,8 +103,9 @@ def changes_refilter_cannot_apply(old: DataPrepConfig, new: DataPrepConfig) -> l
     """Dotted keys whose change needs a new curation (anything but a threshold, or turning a rule off)."""
     from kumihimo.data_prep.pipeline import _CURATION_SECTIONS as CURATION_SECTIONS
 
-    before = _leaves({s: configtree.to_dict(getattr(old, s)) for s in CURATION_SECTIONS})
-    after = _leaves({s: configtree.to_dict(getattr(new, s)) for s in CURATION_SECTIONS})
+    sections = (*CURATION_SECTIONS, "score")  # stored scores come from the models the run was curated with
+    before = _leaves({s: configtree.to_dict(getattr(old, s)) for s in sections})
+    after = _leaves({s: configtree.to_dict(getattr(new, s)) for s in sections})
     blocked = []
     for key in sorted(set(before) | set(after)):
         a, b = before.get(key), after.get(key)

@@ -29,6 +29,7 @@ from kumihimo.data_prep.minhash import MinHasher, exact_key
 from kumihimo.data_prep.pii import PiiRedactor
 from kumihimo.data_prep.quality import QualityFilter
 from kumihimo.data_prep.repair import repair_text
+from kumihimo.data_prep.scoring import load_scorers, score_texts
 
 SIGNATURE_BATCH = 256
 DOC_BATCH = 256  # documents curated together (language ID and decontamination vectorise across them)
@@ -50,13 +51,19 @@ class StageTools:
     redactor: PiiRedactor
     decontaminator: Decontaminator
     minhasher: MinHasher | None
+    scorers: list[tuple[str, Any]]  # (attribute name, loaded model) of score.scorers
 
 
 def build_tools(config: DataPrepConfig, eval_index_path: Path) -> StageTools:
     minhasher = MinHasher(config.dedup) if config.dedup.fuzzy else None
     decontaminator = Decontaminator(load_eval_index(eval_index_path), config.decontam)
     return StageTools(
-        config, QualityFilter(config.filters), PiiRedactor(config.pii), decontaminator, minhasher
+        config,
+        QualityFilter(config.filters),
+        PiiRedactor(config.pii),
+        decontaminator,
+        minhasher,
+        load_scorers(config.score),
     )
 
 
@@ -166,6 +173,10 @@ def _curate_batch(docs: list[Document], tools: StageTools) -> list[_Outcome]:
         outcome.candidate = {"id": doc.doc_id, "text": text, "lang": lang, "source": doc.source, "meta": meta}
         if outcome.metrics is not None:
             outcome.candidate["attributes"] = outcome.metrics
+    if tools.scorers:  # the models see the final text (cleaned up, redacted), a batch at a time
+        kept = [outcome.candidate for outcome in outcomes if outcome.candidate is not None]
+        for candidate, scores in zip(kept, score_texts(tools.scorers, [c["text"] for c in kept])):
+            candidate["attributes"] = {**candidate.get("attributes", {}), **scores}
     return outcomes
 
 

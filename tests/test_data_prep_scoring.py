@@ -1,0 +1,199 @@
+"""Quality classifiers: `kumihimo data train-classifier` (fastText) and the curation's score stage."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from kumihimo.core.errors import UserError
+from kumihimo.data_prep.classifier import TrainSettings, char_segment, train_classifier
+from kumihimo.data_prep.config import ScorerConfig
+from kumihimo.data_prep.pipeline import curate
+from kumihimo.data_prep.scoring import check_scorers, load_scorers, score_texts
+from tests.test_data_prep_pipeline import read_records, write_corpus
+
+pytest.importorskip("fasttext")
+
+# Words both classes use, and words only one class uses: a document is 3 parts shared to 1 part its own.
+SHARED = ["今日は", "私たちは", "ここで", "そして", "これから", "みなさん", "とても", "なので", "について"]
+GOOD = ["光合成の仕組み", "方程式を解く", "江戸時代の歴史", "細胞の分裂", "地層の観察", "分数の計算"]
+OTHER = ["激安セール", "送料無料", "今すぐクリック", "限定特典", "ポイント還元", "人気ランキング"]
+
+
+def labelled_documents(num_per_label: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    docs = []
+    for label, own in (("good", GOOD), ("other", OTHER)):
+        for _ in range(num_per_label):
+            words = [rng.choice(SHARED) for _ in range(18)] + [rng.choice(own) for _ in range(6)]
+            rng.shuffle(words)
+            docs.append({"label": label, "text": "、".join(words) + "。"})
+    rng.shuffle(docs)
+    return docs
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("classifier")
+    data = write_jsonl(root / "labelled.jsonl", labelled_documents(300, seed=0))
+    metrics = train_classifier(TrainSettings(inputs=[str(data)], output=str(root / "model"), epochs=5))
+    return root / "model", metrics
+
+
+def test_char_segmentation_makes_every_character_a_token():
+    assert char_segment("日本語 の\nテキスト", 100) == "日 本 語 ▁ の ▁ テ キ ス ト"
+    assert char_segment("あいうえお", 3) == "あ い う"
+
+
+def test_classifier_separates_generated_labels(trained):
+    model_dir, metrics = trained
+    # Each class has six phrases the other never uses, and every document holds six of them: its
+    # character n-grams decide the label whatever the shared filler, so a working classifier is
+    # (nearly) perfect on the 60 held-out documents; 0.95 leaves room for a few errors of a short
+    # training run, and a classifier that ignored the text would sit near 0.5.
+    assert metrics["num_heldout"] == 60
+    for label in ("good", "other"):
+        assert metrics["labels"][label]["f1"] > 0.95, metrics
+    saved = json.loads((model_dir / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    meta = json.loads((model_dir / "classifier.json").read_text())
+    assert meta["segmentation"] == "char" and sorted(meta["labels"]) == ["good", "other"]
+
+
+def test_fasttext_scores_are_probabilities_and_deterministic(trained):
+    model_dir, _ = trained
+    scorer = ScorerConfig(name="edu", path=str(model_dir / "model.bin"), label="good")
+    texts = [d["text"] for d in labelled_documents(10, seed=1)]
+    first = score_texts(load_scorers_of(scorer), texts)
+    assert first == score_texts(load_scorers_of(scorer), texts)
+    good = [s["score_edu"] for s, d in zip(first, labelled_documents(10, seed=1)) if d["label"] == "good"]
+    other = [s["score_edu"] for s, d in zip(first, labelled_documents(10, seed=1)) if d["label"] == "other"]
+    assert min(good) > 0.5 > max(other)
+
+
+def load_scorers_of(*scorers: ScorerConfig):
+    from kumihimo.data_prep.config import ScoreConfig
+
+    return load_scorers(ScoreConfig(scorers=list(scorers)))
+
+
+def tiny_hf_classifier(root: Path, num_labels: int = 1) -> Path:
+    """A random 2-layer BERT regression (or classification) model with a character vocabulary."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    root.mkdir(parents=True, exist_ok=True)
+    chars = sorted({c for phrase in SHARED + GOOD + OTHER for c in phrase} | set("、。"))
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"), tokenize_chinese_chars=True)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(chars) + 5,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+    )
+    BertForSequenceClassification(config).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def test_curation_stores_fasttext_and_hf_scores(tmp_path, trained):
+    model_dir, _ = trained
+    config = write_corpus(tmp_path / "corpus")
+    config.score.scorers = [
+        ScorerConfig(name="edu", path=str(model_dir / "model.bin"), label="good"),
+        ScorerConfig(name="bert", kind="hf", path=str(tiny_hf_classifier(tmp_path / "bert")), device="cpu"),
+    ]
+    curate(config)
+    kept = read_records(Path(config.output_dir) / "curated" / "ja.jsonl")
+    assert kept
+    for record in kept:
+        assert 0.0 <= record["attributes"]["score_edu"] <= 1.0
+        assert isinstance(record["attributes"]["score_bert"], float)
+    # the same run again gives the same scores (eval mode, fixed rounding)
+    config.output_dir = str(tmp_path / "again")
+    curate(config)
+    assert read_records(Path(config.output_dir) / "curated" / "ja.jsonl") == kept
+
+
+def test_hf_classifier_with_labels_scores_the_chosen_label(tmp_path):
+    folder = tiny_hf_classifier(tmp_path / "clf", num_labels=2)
+    scorer = ScorerConfig(name="c", kind="hf", path=str(folder), label="LABEL_1", batch_size=3, device="cpu")
+    texts = [d["text"] for d in labelled_documents(4, seed=2)]
+    scores = [s["score_c"] for s in score_texts(load_scorers_of(scorer), texts)]
+    assert all(0.0 < s < 1.0 for s in scores)
+    # batching does not change the scores beyond the stored rounding
+    one_batch = ScorerConfig(
+        name="c", kind="hf", path=str(folder), label="LABEL_1", batch_size=8, device="cpu"
+    )
+    assert [s["score_c"] for s in score_texts(load_scorers_of(one_batch), texts)] == pytest.approx(
+        scores, abs=1e-5
+    )
+
+
+def test_corrupt_or_missing_models_stop_before_any_work(tmp_path, trained):
+    from kumihimo.data_prep.config import ScoreConfig
+
+    config = write_corpus(tmp_path / "corpus")
+    broken = tmp_path / "broken.bin"
+    broken.write_bytes(b"not a fasttext model" * 10)
+    config.score.scorers = [ScorerConfig(name="edu", path=str(broken))]
+    with pytest.raises(UserError, match="'edu'.*not a fastText model"):
+        curate(config)
+    assert not (Path(config.output_dir) / "work" / "shards").exists()
+
+    folder = tiny_hf_classifier(tmp_path / "bert")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UserError, match="'bert'.*corrupt"):
+        check_scorers(ScoreConfig(scorers=[ScorerConfig(name="bert", kind="hf", path=str(folder))]))
+    with pytest.raises(UserError, match="no such model file"):
+        check_scorers(ScoreConfig(scorers=[ScorerConfig(name="x", path=str(tmp_path / "missing.bin"))]))
+    with pytest.raises(UserError, match="label='nope'"):
+        check_scorers(
+            ScoreConfig(scorers=[ScorerConfig(name="x", path=str(trained[0] / "model.bin"), label="nope")])
+        )
+
+
+def test_missing_fasttext_names_the_extra(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_fasttext(name, *args, **kwargs):
+        if name == "fasttext":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_fasttext)
+    from kumihimo.data_prep.classifier import import_fasttext
+
+    with pytest.raises(UserError, match=r"\.\[classify\]"):
+        import_fasttext()
+
+
+def test_changed_model_refuses_to_resume(tmp_path, trained):
+    import shutil
+
+    config = write_corpus(tmp_path / "corpus")
+    model = tmp_path / "model"
+    shutil.copytree(trained[0], model)
+    config.score.scorers = [ScorerConfig(name="edu", path=str(model / "model.bin"))]
+    curate(config)
+    (model / "classifier.json").write_text(
+        (model / "classifier.json").read_text().replace('"max_chars": 4000', '"max_chars": 3000')
+    )
+    with pytest.raises(UserError, match="different the curation config|different"):
+        curate(config)
