@@ -39,6 +39,7 @@ class KeptStats:
         self.languages: Counter[str] = Counter()
         self.lengths: Counter[str] = Counter()
         self.pii: Counter[str] = Counter()
+        self.scores: dict[str, dict[str, float]] = {}  # score_<name> -> count, sum, min, max
 
     def add(self, record: dict[str, Any]) -> None:
         self.num_kept += 1
@@ -46,15 +47,27 @@ class KeptStats:
         self.languages[record["lang"]] += 1
         self.lengths[length_bin(len(record["text"]))] += 1
         self.pii.update(record.get("meta", {}).get("pii", {}))
+        for name, value in (record.get("attributes") or {}).items():
+            if name.startswith("score_"):
+                summary = self.scores.setdefault(name, {"count": 0, "sum": 0.0, "min": value, "max": value})
+                summary["count"] += 1
+                summary["sum"] += value
+                summary["min"], summary["max"] = min(summary["min"], value), max(summary["max"], value)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        summary = {
             "num_kept": self.num_kept,
             "num_chars": self.num_chars,
             "languages": dict(self.languages),
             "lengths": dict(self.lengths),
             "pii": dict(self.pii),
         }
+        if self.scores:  # only runs with score.scorers: other reports stay as they were
+            summary["scores"] = {
+                name: {"count": s["count"], "mean": s["sum"] / s["count"], "min": s["min"], "max": s["max"]}
+                for name, s in sorted(self.scores.items())
+            }
+        return summary
 
 
 def _add_nested(total: dict[str, dict[str, int]], part: dict[str, dict[str, int]]) -> None:
@@ -114,6 +127,8 @@ def build_report(
                 "pii": kept["pii"],
             }
         )
+        if kept.get("scores"):
+            row["scores"] = kept["scores"]
         _add_nested(dropped, {"dedup": summary["dedup_dropped"]} if summary["dedup_dropped"] else {})
         languages.update(kept["languages"])
         lengths.update(kept["lengths"])
@@ -218,6 +233,20 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{c.get('num_footer_lines_removed', 0)} lines",
             "",
         ]
+    scored = {name: row["scores"] for name, row in report["per_source"].items() if row.get("scores")}
+    if scored:
+        out += [
+            "## Model scores (kept documents; cut-offs are chosen from the stored attributes)",
+            "",
+            "| source | score | documents | mean | min | max |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for source, scores in scored.items():
+            for name, s in scores.items():
+                out.append(
+                    f"| {source} | {name} | {s['count']} | {s['mean']:.4f} | {s['min']:.4f} | {s['max']:.4f} |"
+                )
+        out.append("")
     out += ["## PII redacted (kept documents)", ""]
     out += [f"- {kind}: {n}" for kind, n in sorted(report["pii"].items())] or ["- none"]
     if report.get("tokens"):

@@ -122,6 +122,11 @@ def test_curation_stores_fasttext_and_hf_scores(tmp_path, trained):
     for record in kept:
         assert 0.0 <= record["attributes"]["score_edu"] <= 1.0
         assert isinstance(record["attributes"]["score_bert"], float)
+    report = json.loads((Path(config.output_dir) / "report.json").read_text())
+    edu = report["per_source"]["ja"]["scores"]["score_edu"]
+    assert edu["count"] == len(kept)
+    assert edu["mean"] == pytest.approx(sum(r["attributes"]["score_edu"] for r in kept) / len(kept))
+    assert "| ja | score_bert |" in (Path(config.output_dir) / "report.md").read_text()
     # the same run again gives the same scores (eval mode, fixed rounding)
     config.output_dir = str(tmp_path / "again")
     curate(config)
