@@ -507,6 +507,9 @@ class ScorerConfig:
     """hf: tokens of each document the model sees (the rest is cut off)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """hf: where the model runs; auto = CUDA when present, else CPU."""
+    min_score: float | None = None
+    """Drop kept documents scoring below this (a quality drop `low_score_<name>`); null = store the score
+    only. With filters.refilterable, `kumihimo data refilter` may change it later from the stored scores."""
     enabled: bool = True
     """Skip this scorer when false (its settings stay in the recipe)."""
 

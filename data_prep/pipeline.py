@@ -279,7 +279,7 @@ def _merge_source(
                         kept.add(record)
                         continue
                     if target == QUALITY_DROPPED:
-                        drop = quality_drop(quality, record, excerpt)
+                        drop = quality_drop(quality, record, excerpt, config.score)
                         dropped.write(drop)
                         quality_drops[drop["reason"]] = quality_drops.get(drop["reason"], 0) + 1
                         bucket = examples.setdefault(f"quality/{drop['reason']}", [])

@@ -19,9 +19,10 @@ import numpy as np
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
-from kumihimo.data_prep.config import DataPrepConfig
+from kumihimo.data_prep.config import DataPrepConfig, ScoreConfig
 from kumihimo.data_prep.minhash import KEEP, DedupDecision, find_duplicates
 from kumihimo.data_prep.quality import QualityFilter
+from kumihimo.data_prep.scoring import score_verdict
 
 QUALITY_DROPPED = -2  # duplicate_of value of a carried document that the thresholds drop
 
@@ -34,13 +35,14 @@ def quality_passes(config: DataPrepConfig, candidate_files: list[Path]) -> np.nd
         with open(path, encoding="utf-8") as handle:
             for line in handle:
                 record = json.loads(line)
-                passes.append(_verdict(qf, record) is None)
+                passes.append(_verdict(qf, record, config.score) is None)
     return np.array(passes, dtype=bool)
 
 
-def _verdict(qf: QualityFilter, record: dict[str, Any]):
+def _verdict(qf: QualityFilter, record: dict[str, Any], score: ScoreConfig):
+    attributes = record.get("attributes") or {}
     try:
-        return qf.decide(record.get("attributes") or {}, record["lang"])
+        return qf.decide(attributes, record["lang"]) or score_verdict(score, attributes)
     except KeyError as missing:
         raise UserError(
             f"document {record['id']!r} has no stored measurement {missing}: the run was curated without the "
@@ -67,9 +69,11 @@ def find_duplicates_among(
     )
 
 
-def quality_drop(qf: QualityFilter, record: dict[str, Any], excerpt_chars: int) -> dict[str, Any]:
+def quality_drop(
+    qf: QualityFilter, record: dict[str, Any], excerpt_chars: int, score: ScoreConfig
+) -> dict[str, Any]:
     """The drop record of a carried document that the thresholds drop (as the shard stage writes it)."""
-    reason, detail = _verdict(qf, record)
+    reason, detail = _verdict(qf, record, score)
     return {
         "id": record["id"],
         "source": record["source"],
@@ -99,19 +103,26 @@ def _is_threshold(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
+def _scorers(config: DataPrepConfig) -> dict[str, Any]:
+    """score.scorers keyed by name (score.scorers.<name>.<field>): the stored scores come from the models
+    the run was curated with, so only a min_score may change."""
+    return {"score": {"scorers": {s.name: configtree.to_dict(s) for s in config.score.scorers}}}
+
+
 def changes_refilter_cannot_apply(old: DataPrepConfig, new: DataPrepConfig) -> list[str]:
     """Dotted keys whose change needs a new curation (anything but a threshold, or turning a rule off)."""
     from kumihimo.data_prep.pipeline import _CURATION_SECTIONS as CURATION_SECTIONS
 
-    sections = (*CURATION_SECTIONS, "score")  # stored scores come from the models the run was curated with
-    before = _leaves({s: configtree.to_dict(getattr(old, s)) for s in sections})
-    after = _leaves({s: configtree.to_dict(getattr(new, s)) for s in sections})
+    before = _leaves({**{s: configtree.to_dict(getattr(old, s)) for s in CURATION_SECTIONS}, **_scorers(old)})
+    after = _leaves({**{s: configtree.to_dict(getattr(new, s)) for s in CURATION_SECTIONS}, **_scorers(new)})
     blocked = []
     for key in sorted(set(before) | set(after)):
         a, b = before.get(key), after.get(key)
         if a == b:
             continue
         if key.startswith("filters.") and _is_threshold(a) and _is_threshold(b):
+            continue
+        if key.startswith("score.") and key.endswith(".min_score") and _is_threshold(a) and _is_threshold(b):
             continue
         if key in ("filters.ja.enabled", "filters.en.enabled") and b is False:
             continue

@@ -182,6 +182,17 @@ def load_scorers(config: ScoreConfig) -> list[tuple[str, Any]]:
     return [(attribute(s), kinds[s.kind](s)) for s in config.active]
 
 
+def score_verdict(config: ScoreConfig, attributes: dict[str, Any]) -> tuple[str, str] | None:
+    """The first scorer with a min_score that `attributes` fall below, as a quality verdict; None if none.
+    A missing score raises KeyError (as a missing quality measurement does)."""
+    for scorer in config.active:
+        if scorer.min_score is not None:
+            value = attributes[attribute(scorer)]
+            if value < scorer.min_score:
+                return f"low_score_{scorer.name}", f"{attribute(scorer)} {value:.3f} < {scorer.min_score}"
+    return None
+
+
 def score_texts(scorers: list[tuple[str, Any]], texts: list[str]) -> list[dict[str, float]]:
     """One {attribute: score} per text."""
     result: list[dict[str, float]] = [{} for _ in texts]

@@ -29,7 +29,7 @@ from kumihimo.data_prep.minhash import MinHasher, exact_key
 from kumihimo.data_prep.pii import PiiRedactor
 from kumihimo.data_prep.quality import QualityFilter
 from kumihimo.data_prep.repair import repair_text
-from kumihimo.data_prep.scoring import load_scorers, score_texts
+from kumihimo.data_prep.scoring import load_scorers, score_texts, score_verdict
 
 SIGNATURE_BATCH = 256
 DOC_BATCH = 256  # documents curated together (language ID and decontamination vectorise across them)
@@ -177,7 +177,21 @@ def _curate_batch(docs: list[Document], tools: StageTools) -> list[_Outcome]:
         kept = [outcome.candidate for outcome in outcomes if outcome.candidate is not None]
         for candidate, scores in zip(kept, score_texts(tools.scorers, [c["text"] for c in kept])):
             candidate["attributes"] = {**candidate.get("attributes", {}), **scores}
+        if not config.filters.refilterable:  # refilterable runs carry them; the merge decides
+            for outcome in outcomes:
+                _apply_min_scores(outcome, config)
     return outcomes
+
+
+def _apply_min_scores(outcome: _Outcome, config: DataPrepConfig) -> None:
+    """Turn a kept document scoring below a scorer's min_score into a quality drop (with its scores)."""
+    candidate = outcome.candidate
+    if candidate is None:
+        return
+    verdict = score_verdict(config.score, candidate["attributes"])
+    if verdict:
+        outcome.drop = ("quality", *verdict, candidate["text"], candidate["lang"])
+        outcome.metrics, outcome.candidate = candidate["attributes"], None
 
 
 def _clean_up(outcome: _Outcome, text: str, lang: str, config: DataPrepConfig) -> str:

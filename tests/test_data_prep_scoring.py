@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
 
 import pytest
-from test_data_prep_pipeline import read_records, write_corpus
+from test_data_prep_pipeline import differing_outputs, read_records, write_corpus
 
 from kumihimo.core.errors import UserError
 from kumihimo.data_prep.classifier import TrainSettings, char_segment, train_classifier
 from kumihimo.data_prep.config import ScorerConfig
-from kumihimo.data_prep.pipeline import curate
+from kumihimo.data_prep.pipeline import curate, refilter
 from kumihimo.data_prep.scoring import check_scorers, load_scorers, score_texts
 
 pytest.importorskip("fasttext")
@@ -243,3 +244,35 @@ def test_changed_model_refuses_to_resume(tmp_path, trained):
     )
     with pytest.raises(UserError, match="different the curation config"):
         curate(config)
+
+
+def test_min_score_drops_and_refilter_applies_it_from_the_stored_scores(tmp_path, trained):
+    base = write_corpus(tmp_path / "corpus")
+    base.filters.refilterable = True
+    base.score.scorers = [ScorerConfig(name="edu", path=str(trained[0] / "model.bin"), label="good")]
+
+    def config_for(out: str, min_score: float | None, refilterable: bool = True):
+        config = copy.deepcopy(base)  # (writing the corpus again would change its files' mtimes)
+        config.output_dir = str(tmp_path / out)
+        config.score.scorers[0].min_score = min_score
+        config.filters.refilterable = refilterable
+        return config
+
+    loose = curate(config_for("run", None))
+    scores = sorted(r["attributes"]["score_edu"] for r in read_records(tmp_path / "run/curated/ja.jsonl"))
+    cut = scores[len(scores) // 2]  # the median: about half the Japanese documents fall below it
+    result = refilter(config_for("run", cut))
+    fresh = curate(config_for("fresh", cut))
+    assert result.num_kept == fresh.num_kept < loose.num_kept
+    assert result.dropped["quality"]["low_score_edu"] >= 1
+    assert differing_outputs(tmp_path / "run", tmp_path / "fresh") == []
+    plain = curate(config_for("plain", cut, refilterable=False))
+    ids = {r["id"] for r in read_records(tmp_path / "plain/curated/ja.jsonl")}
+    assert ids == {r["id"] for r in read_records(tmp_path / "run/curated/ja.jsonl")}
+    assert plain.num_kept == result.num_kept
+    low = [r for r in read_records(tmp_path / "plain/dropped/ja.jsonl") if r["reason"] == "low_score_edu"]
+    assert low and all(r["attributes"]["score_edu"] < cut for r in low)
+    changed = config_for("run", cut)
+    changed.score.scorers[0].label = "other"
+    with pytest.raises(UserError, match="score.scorers.edu.label"):
+        refilter(changed)
