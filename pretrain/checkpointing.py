@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,11 @@ import torch.distributed as dist
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.pretrain import integrity
+from kumihimo.pretrain.distributed import rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    from kumihimo.pretrain.config import TrainConfig
+    from kumihimo.pretrain.parallel import ParallelLayout
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 LOCK_FILE = ".kumihimo-train.lock"
@@ -51,6 +56,9 @@ SHARDING_METADATA = {
     "chained_optim_avoid_prefix": True,
 }
 log = logging.getLogger("kumihimo.train")
+
+# Megatron-Core is imported inside the functions that need it: `kumihimo convert` reads and writes
+# checkpoints through this module's helpers (find_checkpoint, read_meta, ...) without it.
 
 
 @dataclass
@@ -99,8 +107,6 @@ def _model_sharded_state_dict(model_chunks) -> dict[str, Any]:
 def _rng_sharded_object(layout) -> Any:
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    from kumihimo.pretrain.distributed import rng_state
 
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -190,7 +196,14 @@ class CheckpointManager:
     saves, make room on a full disk, prune, find `latest` and load. `save` and `finish_pending` must be
     called on every rank at the same points; status lines go to the `kumihimo.train` logger."""
 
-    def __init__(self, config, layout, meta: dict[str, Any], device: torch.device, is_main: bool):
+    def __init__(
+        self,
+        config: TrainConfig,
+        layout: ParallelLayout,
+        meta: dict[str, Any],
+        device: torch.device,
+        is_main: bool,
+    ):
         ckpt = config.checkpoint
         self.root: Path | None = Path(ckpt.save) if ckpt.save else None
         """checkpoint.save; None when the run saves nothing."""
@@ -243,7 +256,6 @@ class CheckpointManager:
     def _write(self, state: TrainState, model_chunks, optimizer, scheduler) -> Path:
         """Save on every rank; returns the final folder. With async saves the shards are written in the
         background and the folder appears (with `latest` pointing at it) at a later `finish_pending`."""
-        # deferred: pretrain.convert reads and writes checkpoints through this module without Megatron
         from megatron.core import dist_checkpointing
 
         started = time.perf_counter()
@@ -377,8 +389,6 @@ class RunLock:
 
     def acquire(self) -> str | None:
         """Take the lock; returns a warning to print, if any. Raises UserError if a live run holds it."""
-        from kumihimo.core.configtree import write_text_atomic
-
         host, warning = socket.gethostname(), None
         if self.path.is_file():
             try:
@@ -396,7 +406,7 @@ class RunLock:
                     f"[train] warning: {self.path} names a run on {owner_host} (pid {pid}); taking it over. "
                     "Two jobs writing one checkpoint folder corrupt it: make sure that run is gone"
                 )
-        write_text_atomic(self.path, json.dumps({"host": host, "pid": os.getpid()}) + "\n")
+        configtree.write_text_atomic(self.path, json.dumps({"host": host, "pid": os.getpid()}) + "\n")
         self.owned = True
         return warning
 
@@ -492,8 +502,6 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
         optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
-        from kumihimo.pretrain.distributed import set_rng_state
-
         set_rng_state(loaded["rng_state"])
     return TrainState(**loaded["train_state"])
 

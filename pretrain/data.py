@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from kumihimo.core.errors import UserError
+from kumihimo.data_prep.blend import read_blend as read_blend_file
 from kumihimo.pretrain import integrity
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.parallel import ParallelLayout
@@ -49,8 +50,6 @@ def read_blend(config: TrainConfig) -> tuple[list[str], list[float], dict | None
     the identity of the tokenizer the blend file records (None for an inline data.blend)."""
     if config.data.blend_file is None:
         return [e.prefix for e in config.data.blend], [e.weight for e in config.data.blend], None
-    from kumihimo.data_prep.blend import read_blend as read_blend_file
-
     pairs, tokenizer = read_blend_file(config.data.blend_file)
     return [p for p, _ in pairs], [w for _, w in pairs], tokenizer
 
@@ -73,6 +72,7 @@ def num_valid_samples(config: TrainConfig) -> int:
 
 def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
     """Build (or load from the cache) the train and validation splits; call on every rank."""
+    # deferred: `kumihimo train --check` reads the blend through this module without Megatron
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 

@@ -23,9 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import yaml
 
+from kumihimo.core.configtree import ConfigError, to_dict
 from kumihimo.core.errors import UserError
 from kumihimo.data_prep.indexed import DTYPE_CODES, INDEX_HEADER, INDEX_VERSION
+from kumihimo.tokenizer.spm import Tokenizer
 
 HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8
 SAMPLE_BYTES = 1 << 16
@@ -127,8 +131,7 @@ def check_datasets_and_tokenizer(config) -> tuple[list[str], list[float], list[d
     that data.tokenizer is the tokenizer the blend file records; nothing for mock data."""
     if config.data.mock:
         return [], [], []
-    from kumihimo.pretrain.data import read_blend
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.pretrain.data import read_blend  # deferred: pretrain.data imports this module
 
     prefixes, weights, recorded = read_blend(config)
     if recorded and config.data.tokenizer:
@@ -219,10 +222,6 @@ def check_resume(meta: dict, folder: Path, config, fingerprint: dict, padded_voc
     """Refuse (ConfigError) a resume that would not continue the same run: another model shape, another
     tokenizer, or data whose sample stream differs unless checkpoint.allow_data_change says it is
     intended. Returns the notes and warnings to print."""
-    import yaml
-
-    from kumihimo.core.configtree import ConfigError, to_dict
-
     config_file = folder / "run_config.yaml"
     saved_model = (
         (yaml.safe_load(config_file.read_text()) or {}).get("model", {}) if config_file.is_file() else {}
@@ -280,7 +279,7 @@ def check_resume(meta: dict, folder: Path, config, fingerprint: dict, padded_voc
 def state_tensors(model_chunks, optimizer) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of every weight and optimizer tensor this rank holds, each once (fp32 main
     weights and Adam moments included; with the distributed optimizer, this rank's shard)."""
-    from kumihimo.pretrain.checkpointing import unwrap
+    from kumihimo.pretrain.checkpointing import unwrap  # deferred: checkpointing imports this module
 
     named = {}
     for chunk in model_chunks:
@@ -313,8 +312,6 @@ def _is_finite(tensor: torch.Tensor) -> torch.Tensor:
 def count_nonfinite(model_chunks, optimizer, device: torch.device) -> tuple[int, int, list[str]]:
     """(non-finite tensors on all ranks, tensors on all ranks, names of this rank's non-finite ones).
     One read-only pass over tensors already in memory and one tiny all-reduce."""
-    import torch.distributed as dist
-
     named = state_tensors(model_chunks, optimizer)
     with torch.no_grad():
         finite = (

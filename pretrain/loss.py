@@ -9,14 +9,13 @@ max; the sum across ranks is Megatron's differentiable all-reduce.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 
 def cross_entropy_and_z(logits: torch.Tensor, labels: torch.Tensor, z_loss_coeff: float):
     """(cross entropy, z-loss term), each per token, from this rank's vocabulary slice of the logits."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
-
     logits = logits.float()
     z_term = torch.zeros_like(labels, dtype=torch.float32)
     if z_loss_coeff:

@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from kumihimo.core import configtree
 from kumihimo.pretrain.config import TrainConfig
 
 log = logging.getLogger("kumihimo.train")
@@ -50,14 +51,13 @@ class MetricsSink:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        # TensorBoard and W&B are optional: imported only when the config asks for them
         if config.logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(config.logging.tensorboard_dir)
         if config.logging.wandb_project and config.logging.wandb_mode != "disabled":
             import wandb
-
-            from kumihimo.core import configtree
 
             self._wandb = wandb.init(
                 project=config.logging.wandb_project,

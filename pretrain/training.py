@@ -7,24 +7,40 @@ bottom. Run it through `kumihimo train` (one process, or torchrun / srun for sev
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import megatron.core
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.transformer.module import Float16Module
 
+from kumihimo import __version__
 from kumihimo.core import configtree
 from kumihimo.core.progress import log_to_stderr
 from kumihimo.pretrain import checkpointing, integrity
 from kumihimo.pretrain.checkpointing import CheckpointManager, TrainState
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.data import Datasets, batch_indices, build_datasets, microbatches
-from kumihimo.pretrain.distributed import ProcessInfo, init_process_group, seed_everything
+from kumihimo.pretrain.distributed import ProcessInfo, destroy, init_process_group, seed_everything
+from kumihimo.pretrain.loss import cross_entropy_and_z
 from kumihimo.pretrain.memory import ActivationMeter, state_bytes
 from kumihimo.pretrain.metrics import MetricsSink, training_flops_per_token
+from kumihimo.pretrain.model import build_model, slice_for_context_parallel
 from kumihimo.pretrain.parallel import ParallelLayout
 from kumihimo.pretrain.signals import EXIT_BAD_LOSS, EXIT_REQUEUE, LossGuard, StopRequest
 
@@ -48,8 +64,6 @@ def loss_func(loss_mask: torch.Tensor, output: torch.Tensor, extra: torch.Tensor
     reported = torch.sum(losses * mask)
     loss_sum = reported if extra is None else reported + torch.sum(extra.reshape(-1) * mask)
     num_tokens = mask.sum()
-    from megatron.core import parallel_state
-
     cp_size = parallel_state.get_context_parallel_world_size()
     if cp_size > 1:
         # Each CP rank holds part of every sequence. Megatron divides this rank's sum by the count we
@@ -62,15 +76,11 @@ def loss_func(loss_mask: torch.Tensor, output: torch.Tensor, extra: torch.Tensor
 
 
 def z_loss_func(loss_mask: torch.Tensor, labels: torch.Tensor, z_loss_coeff: float, logits: torch.Tensor):
-    from kumihimo.pretrain.loss import cross_entropy_and_z
-
     cross_entropy, z_term = cross_entropy_and_z(logits, labels, z_loss_coeff)
     return loss_func(loss_mask, cross_entropy, z_term)
 
 
 def forward_step(data_iterator, model, z_loss_coeff: float = 0.0, meter: ActivationMeter | None = None):
-    from kumihimo.pretrain.model import slice_for_context_parallel
-
     batch = slice_for_context_parallel(next(data_iterator))
     with meter.record(model) if meter else contextlib.nullcontext():
         if z_loss_coeff:
@@ -99,6 +109,7 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.config
         if cfg.runtime.device == "cpu":
+            # deferred: the GPU path never imports the CUDA-to-CPU redirection
             from kumihimo.pretrain import cpu_compat
 
             cpu_compat.activate()
@@ -107,9 +118,6 @@ class Trainer:
         )
         log_to_stderr(self.info.rank)
         self.layout = ParallelLayout.from_config(cfg, self.info.world_size)
-        from megatron.core import parallel_state
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=self.layout.tp,
             pipeline_model_parallel_size=self.layout.pp,
@@ -172,17 +180,6 @@ class Trainer:
             )
 
     def _build_model_and_optimizer(self) -> None:
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-        from megatron.core.transformer.module import Float16Module
-
-        from kumihimo.pretrain.model import build_model
-
         cfg = self.config
         chunks = build_model(cfg, self.layout, self.padded_vocab)
         bf16 = cfg.precision.params_dtype == "bf16"
@@ -251,8 +248,6 @@ class Trainer:
 
     def _record_parameter_counts(self) -> None:
         """Parameters held by each rank, to parameters_per_rank.json (`kumihimo plan` predicts them)."""
-        from megatron.core import parallel_state
-
         local = sum(p.numel() for chunk in self.model for p in checkpointing.unwrap(chunk).parameters())
         row = {
             "rank": self.info.rank,
@@ -263,8 +258,6 @@ class Trainer:
         rows = [None] * self.info.world_size
         dist.all_gather_object(rows, row)
         if self.is_logger:
-            import json
-
             configtree.write_text_atomic(
                 self.run_dir / "parameters_per_rank.json", json.dumps(rows, indent=1)
             )
@@ -272,10 +265,6 @@ class Trainer:
 
     def _record_memory(self) -> None:
         """What each rank holds after its first step, to memory_per_rank.json (`kumihimo plan` predicts it)."""
-        import json
-
-        from megatron.core import parallel_state
-
         row = {
             "rank": self.info.rank,
             "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
@@ -294,10 +283,6 @@ class Trainer:
 
     def _build_checkpoint_meta(self) -> dict:
         """What every checkpoint of this run records beside its state (fixed for the run)."""
-        import megatron.core
-
-        from kumihimo import __version__
-
         cfg = self.config
         return {
             "format": "kumihimo-torch_dist-v1",
@@ -437,9 +422,6 @@ class Trainer:
         return False
 
     def train_step(self) -> dict[str, float]:
-        from megatron.core import parallel_state
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         start = time.perf_counter()
         for chunk in self.model:
             chunk.zero_grad_buffer()
@@ -501,8 +483,6 @@ class Trainer:
 
     def _reduce_loss(self, losses: list[dict]) -> float:
         """Token-weighted mean loss of the step over all micro-batches and DP ranks, on every rank."""
-        from megatron.core import parallel_state
-
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         # every CP rank reports its own tokens' share; TP ranks hold the same numbers
         is_reporter = (
@@ -517,9 +497,6 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        from megatron.core import parallel_state
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         for chunk in self.model:
             chunk.eval()
         dp_rank = parallel_state.get_data_parallel_rank()
@@ -548,8 +525,6 @@ class Trainer:
 
 def run_training(config: TrainConfig) -> TrainResult:
     """Set up, train, tear down; the entry point of `kumihimo train` in every process."""
-    from kumihimo.pretrain.distributed import destroy
-
     trainer = Trainer(config)
     try:
         trainer.setup()
