@@ -508,7 +508,7 @@ def _continue_pretraining(root: str, run_dir: str) -> None:
     try:
         trainer.setup()
         assert trainer.state.iteration == 0
-        trainer.save(Path(run_dir) / "ckpt")
+        trainer.save()  # to checkpoint.save, before any step
         trainer.train()
     finally:
         destroy()

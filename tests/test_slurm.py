@@ -71,7 +71,11 @@ def test_two_task_job_runs_doctor_trains_and_saves(straight_run):
     run_dir, info, log, seconds = straight_run
     print(f"\nstraight job: {seconds:.0f} s")
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
-    assert "gloo all-reduce over 2 rank(s)" in log and "doctor: all checks passed" in log
+    assert "gloo all-reduce over 2 rank(s)" in log, log[-3000:]
+    # no GPU on the test cluster, so doctor warns (never fails) about it
+    assert re.search(r"^doctor: (all checks passed|no failures; \d+ warning\(s\) above)$", log, re.M), log[
+        -3000:
+    ]
     assert "world=2: TP=2 PP=1 CP=1 DP=1" in log
     assert "[slurm] training finished" in log
     assert (run_dir / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == str(NUM_STEPS)
