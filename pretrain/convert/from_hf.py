@@ -621,15 +621,8 @@ def convert_from_hf(model_dir: str | Path, output_dir: str | Path, tp: int = 1, 
         tokenizer, tokenizer_path = resolve_tokenizer(hf, output_dir, staging)
         config = train_config(hf, tp, pp, tokenizer_path)
         vocab, padded = vocab_sizes(hf, tokenizer, tp, config.model.make_vocab_size_divisible_by)
-        dims = LlamaDims(
-            num_layers=config.model.num_layers,
-            hidden_size=config.model.hidden_size,
-            ffn_hidden_size=config.model.ffn_hidden_size,
-            num_attention_heads=config.model.num_attention_heads,
-            num_query_groups=config.model.query_groups,
-            head_dim=config.model.head_dim,
-            megatron_vocab_size=padded,
-            hf_vocab_size=hf.config["vocab_size"],
+        dims = LlamaDims.from_model(
+            config.model, megatron_vocab_size=padded, hf_vocab_size=hf.config["vocab_size"]
         )
         tensors.check(expected_hf_tensors(dims))
         # fp16 is stored as fp32 (exact); bf16 and fp32 as they are, so a round trip is bit-identical.

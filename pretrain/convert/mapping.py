@@ -17,8 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from kumihimo.pretrain.config import ModelConfig
 
 # Megatron-LM and older kumihimo checkpoints prefix keys with DDP/Float16Module wrapper names.
 WRAPPER_PREFIX = "module."
@@ -40,6 +44,20 @@ class LlamaDims:
     """Rows of the Megatron embedding and output layer (padded for TP)."""
     hf_vocab_size: int
     """Rows on the Hugging Face side (the tokenizer's size, or the padded size when kept)."""
+
+    @classmethod
+    def from_model(cls, model: ModelConfig, megatron_vocab_size: int, hf_vocab_size: int) -> LlamaDims:
+        """The shapes of a model config with the two vocabulary sizes."""
+        return cls(
+            num_layers=model.num_layers,
+            hidden_size=model.hidden_size,
+            ffn_hidden_size=model.ffn_hidden_size,
+            num_attention_heads=model.num_attention_heads,
+            num_query_groups=model.query_groups,
+            head_dim=model.head_dim,
+            megatron_vocab_size=megatron_vocab_size,
+            hf_vocab_size=hf_vocab_size,
+        )
 
     @property
     def heads_per_group(self) -> int:

@@ -377,18 +377,9 @@ def source_vocab_rows(meta: dict[str, Any]) -> int:
 
 
 def dims_for(source: Source, keep_vocab_padding: bool) -> LlamaDims:
-    model = source.config.model
     padded = source.meta["padded_vocab_size"]
-    return LlamaDims(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        ffn_hidden_size=model.ffn_hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.query_groups,
-        head_dim=model.head_dim,
-        megatron_vocab_size=padded,
-        hf_vocab_size=padded if keep_vocab_padding else source_vocab_rows(source.meta),
-    )
+    rows = padded if keep_vocab_padding else source_vocab_rows(source.meta)
+    return LlamaDims.from_model(source.config.model, megatron_vocab_size=padded, hf_vocab_size=rows)
 
 
 def check_architecture(reader: TorchDistReader, dims: LlamaDims) -> None:
