@@ -65,7 +65,10 @@ def make_segmenter(
     try:
         processor = spm.SentencePieceProcessor(model_file=str(sentencepiece_model))
     except (OSError, RuntimeError) as exc:
-        raise UserError(f"cannot load SentencePiece model {sentencepiece_model}: {exc}") from None
+        raise UserError(
+            f"cannot load SentencePiece model {sentencepiece_model}: {exc}; pass the tokenizer.model written by "
+            "`kumihimo tokenizer train`, or leave --sentencepiece out for characters"
+        ) from None
 
     def pieces(text: str) -> str:
         return " ".join(processor.encode(_WHITESPACE.sub(" ", text[:max_chars].strip()), out_type=str))
@@ -108,7 +111,8 @@ def load_examples(settings: TrainSettings) -> list[tuple[str, str]]:
     labels = {label for label, _ in examples}
     if len(labels) < 2:
         raise UserError(
-            f"the inputs hold {len(examples)} records with labels {sorted(labels)}; need 2+ labels"
+            f"the inputs hold {len(examples)} records with labels {sorted(labels)}; need 2+ labels: add records "
+            "of another label (e.g. random web text labelled other)"
         )
     return examples
 
@@ -121,7 +125,10 @@ def split_examples(examples: list, heldout_fraction: float, seed: int) -> tuple[
     heldout = [examples[i] for i in order[:num_heldout]]
     train = [examples[i] for i in order[num_heldout:]]
     if not train:
-        raise UserError(f"{len(examples)} records leave nothing to train on after the held-out split")
+        raise UserError(
+            f"{len(examples)} records leave nothing to train on after the held-out split; add records or "
+            "lower --heldout-fraction"
+        )
     return train, heldout
 
 
