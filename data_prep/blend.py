@@ -19,7 +19,8 @@ BLEND_FORMAT_VERSION = 1
 _HEADER = (
     "# kumihimo data blend, written by `kumihimo data tokenize`.\n"
     "# `prefix` paths are relative to the directory of this file (Megatron prefixes: <prefix>.bin/.idx).\n"
-    "# weight = token share x the source's weight_multiplier, normalised to sum to 1.\n"
+    "# weight = token share x multiplier, normalised to sum to 1; multiplier = the source's weight_multiplier\n"
+    "# (x the score bucket's multiplier x the rehydration weight, for entries that show them).\n"
 )
 
 
@@ -29,7 +30,25 @@ class BlendEntry:
     prefix: Path  # absolute
     num_tokens: int
     num_documents: int
-    multiplier: float
+    multiplier: float  # the source's weight_multiplier x the bucket multiplier x the rehydration weight
+    name: str | None = None  # the group (<source>_<score>_ge3.5, ...); None: the source is one prefix
+    bucket: str | None = None  # e.g. "3 <= edu < 3.5"
+    rehydration_weight: float | None = None
+
+    @property
+    def key(self) -> str:
+        return self.name or self.source
+
+    def extra(self) -> dict[str, Any]:
+        """What a grouped entry adds to its blend.yaml row (nothing for a plain source)."""
+        extra: dict[str, Any] = {}
+        if self.bucket is not None:
+            extra["bucket"] = self.bucket
+        if self.rehydration_weight is not None:
+            extra["rehydration_weight"] = self.rehydration_weight
+        if extra:
+            extra["multiplier"] = self.multiplier
+        return extra
 
 
 def blend_weights(entries: list[BlendEntry]) -> list[float]:
@@ -49,6 +68,7 @@ def write_blend(path: Path, entries: list[BlendEntry], tokenizer_identity: dict[
             "num_tokens": e.num_tokens,
             "num_documents": e.num_documents,
             "source": e.source,
+            **e.extra(),
         }
         for e, w in zip(entries, weights)
         if w > 0

@@ -393,6 +393,9 @@ class DedupConfig:
     """If set, LSH candidate pairs must also have an estimated Jaccard of at least this (fewer false hits)."""
     seed: int = 1234
     """Seed of the MinHash permutations; changing it changes which borderline pairs are caught."""
+    record_cluster_size: bool = False
+    """Store attributes.cluster_size in every kept document: 1 + the documents removed as its exact or
+    near duplicates (FineWeb-2's minhash_cluster_size). tokenize.rehydration needs it."""
 
     def validate(self) -> None:
         if self.ngram_size < 1:
@@ -543,6 +546,81 @@ class ScoreConfig:
 
 
 @dataclass(kw_only=True)
+class ScoreBucketsConfig:
+    source: str
+    """The source (input.sources[].name) whose documents these buckets split."""
+    score: str
+    """The scorer (score.scorers[].name) whose stored attributes.score_<score> decides the bucket."""
+    edges: list[float]
+    """Increasing cut points e1 < e2 < ...: bucket 0 holds scores < e1 (prefix `<source>_<score>_lt<e1>`),
+    bucket i holds e_i <= score < e_i+1 (`<source>_<score>_ge<e_i>`), the last one score >= the last edge."""
+    multipliers: list[float]
+    """One per bucket (len(edges) + 1, the low bucket first): the blend weight of a bucket is its tokens x
+    the source's weight_multiplier x this, so 2.0 = its documents are seen twice as often per token as
+    those of a 1.0 bucket (epochs, not tokens). 0 = leave the bucket out: not written, not in the blend."""
+
+    def check(self, where: str) -> None:
+        if not self.edges:
+            raise bad_value(f"{where}.edges", self.edges, "is empty", "give at least one cut point")
+        if any(b <= a for a, b in zip(self.edges, self.edges[1:])):
+            raise bad_value(f"{where}.edges", self.edges, "is not increasing", "sort the cut points")
+        if len(self.multipliers) != len(self.edges) + 1:
+            raise bad_value(
+                f"{where}.multipliers",
+                self.multipliers,
+                f"has {len(self.multipliers)} entries for {len(self.edges) + 1} buckets",
+                f"give {len(self.edges) + 1}: the bucket below {self.edges[0]} first (0 leaves it out)",
+            )
+        if any(m < 0 for m in self.multipliers) or not any(m > 0 for m in self.multipliers):
+            raise bad_value(
+                f"{where}.multipliers", self.multipliers, "has a negative or only zeros", "use numbers >= 0"
+            )
+
+
+@dataclass(kw_only=True)
+class RehydrationRow:
+    min_size: int
+    """Smallest cluster size this row applies to; it covers sizes up to the next row's min_size - 1."""
+    weight: float
+    """Blend multiplier of the kept documents of such clusters (0 = leave them out)."""
+
+
+def _default_rehydration_table() -> list[RehydrationRow]:
+    return [
+        RehydrationRow(min_size=1, weight=1.0),
+        RehydrationRow(min_size=2, weight=2.0),
+        RehydrationRow(min_size=5, weight=3.0),
+        RehydrationRow(min_size=100, weight=1.0),
+    ]
+
+
+@dataclass(kw_only=True)
+class RehydrationConfig:
+    enabled: bool = False
+    """Upsample kept documents by the size of the duplicate cluster they stood for (FineWeb-2's
+    rehydration), at blend time: each weight class of the table is its own prefix whose blend weight is
+    multiplied by the class's weight. Needs documents curated with dedup.record_cluster_size=true."""
+    table: list[RehydrationRow] = field(default_factory=_default_rehydration_table)
+    """Cluster-size ranges -> weights, by increasing min_size starting at 1. The last row is the cap:
+    every larger cluster gets its weight (huge clusters are templates and spam: keep it low)."""
+
+    def validate(self) -> None:
+        sizes = [row.min_size for row in self.table]
+        if not self.table or sizes[0] != 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+            raise bad_value(
+                "tokenize.rehydration.table",
+                sizes,
+                "does not start at min_size 1 with increasing min_size",
+                "list rows {min_size, weight} from min_size 1 upwards",
+            )
+        for row in self.table:
+            if row.weight < 0:
+                raise bad_value(
+                    "tokenize.rehydration.table.weight", row.weight, "is negative", "use 0 or more"
+                )
+
+
+@dataclass(kw_only=True)
 class TokenizeConfig:
     add_bos: bool = True
     """Start every document with the tokenizer's <s> (LLM-jp: [<s>] + ids + [</s>])."""
@@ -550,10 +628,22 @@ class TokenizeConfig:
     """End every document with the tokenizer's end-of-document id (</s>)."""
     batch_documents: int = 512
     """Documents per encoding task sent to a worker process."""
+    buckets: list[ScoreBucketsConfig] = field(default_factory=list)
+    """Score buckets per source: that source is written as one prefix per bucket of a stored model score,
+    each weighted by its own multiplier in blend.yaml (e.g. LLM-jp v4's higher weight for score >= 3.5)."""
+    rehydration: RehydrationConfig = field(default_factory=RehydrationConfig)
+    """Upsampling of deduplicated documents by their duplicate cluster size, as blend weights."""
 
     def validate(self) -> None:
         if self.batch_documents < 1:
             raise bad_value("tokenize.batch_documents", self.batch_documents, "is below 1", "use e.g. 512")
+        sources = [b.source for b in self.buckets]
+        for i, buckets in enumerate(self.buckets):  # list items are not sections: validated here
+            if sources.count(buckets.source) > 1:
+                raise bad_value(
+                    "tokenize.buckets.source", buckets.source, "is listed twice", "give each source one entry"
+                )
+            buckets.check(f"tokenize.buckets[{i}]")
 
 
 @dataclass(kw_only=True)
@@ -661,6 +751,15 @@ class DataPrepConfig:
     def validate(self) -> None:
         if self.num_workers is not None and self.num_workers < 1:
             raise bad_value("num_workers", self.num_workers, "is below 1", "use null (all cores) or >= 1")
+        names = [s.name for s in self.input.sources]
+        for buckets in self.tokenize.buckets:
+            if buckets.source not in names:
+                raise bad_value(
+                    "tokenize.buckets.source",
+                    buckets.source,
+                    "is not one of input.sources",
+                    f"use one of {', '.join(names)}",
+                )
 
     @property
     def resolved_num_workers(self) -> int:

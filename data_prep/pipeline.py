@@ -104,6 +104,8 @@ def _fingerprint(config: DataPrepConfig, shards: list[Shard]) -> dict[str, Any]:
     if "input" in sections and not any(file_format(s.path) == "warc" for s in shards):
         # WARC settings change nothing for other inputs: editing them must not block a resume
         sections["input"].pop("warc", None)
+    if not config.dedup.record_cluster_size:  # added later: runs curated before it still resume
+        sections["dedup"].pop("record_cluster_size", None)
     if config.score.active:  # absent without scorers, so runs made before the score stage still resume
         sections["score"] = {
             "config": configtree.to_dict(config.score),
@@ -248,6 +250,7 @@ def _merge_source(
     shards: list[Shard],
     decision: dict[str, np.ndarray],
     kept_ids: dict[int, str],
+    cluster_sizes: np.ndarray | None = None,
 ) -> dict[str, Any]:
     duplicate_of, is_exact, offsets = decision["duplicate_of"], decision["is_exact"], decision["offsets"]
     kept = KeptStats()
@@ -275,7 +278,13 @@ def _merge_source(
                     target = int(duplicate_of[start + row])
                     record = json.loads(line)
                     if target == KEEP:
-                        curated.write_line(line)
+                        if cluster_sizes is None:
+                            curated.write_line(line)
+                        else:
+                            record.setdefault("attributes", {})["cluster_size"] = int(
+                                cluster_sizes[start + row]
+                            )
+                            curated.write(record)
                         kept.add(record)
                         continue
                     if target == QUALITY_DROPPED:
@@ -310,6 +319,17 @@ def _merge_source(
     return summary
 
 
+def _cluster_sizes(duplicate_of: np.ndarray) -> np.ndarray:
+    """Per global row: 1 + the rows removed as its exact or near duplicates (meaningful for kept rows).
+
+    Every removed duplicate points straight at its cluster's kept document (find_duplicates follows
+    chains to the final keeper), so one bincount counts each cluster once.
+    """
+    removed = duplicate_of[duplicate_of >= 0]
+    assert np.all(duplicate_of[removed] == KEEP), "a duplicate points at a document that was not kept"
+    return 1 + np.bincount(removed, minlength=len(duplicate_of))
+
+
 def _merge_all(config: DataPrepConfig, layout: RunLayout, shards: list[Shard]) -> dict[str, dict[str, Any]]:
     with np.load(layout.dedup_decision) as data:
         decision = {k: data[k] for k in data.files}
@@ -321,9 +341,12 @@ def _merge_all(config: DataPrepConfig, layout: RunLayout, shards: list[Shard]) -
     ]
     targets = np.unique(decision["duplicate_of"][decision["duplicate_of"] >= 0]) if todo else np.empty(0)
     kept_ids = _kept_ids(layout, shards, decision["offsets"], targets) if len(targets) else {}
+    cluster_sizes = _cluster_sizes(decision["duplicate_of"]) if config.dedup.record_cluster_size else None
     for source in config.input.sources:
         if source.name in todo:
-            summaries[source.name] = _merge_source(source.name, config, layout, shards, decision, kept_ids)
+            summaries[source.name] = _merge_source(
+                source.name, config, layout, shards, decision, kept_ids, cluster_sizes
+            )
         else:
             summaries[source.name] = json.loads(layout.merged_marker(source.name).read_text(encoding="utf-8"))
     return summaries

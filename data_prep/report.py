@@ -9,7 +9,7 @@ from typing import Any
 
 from kumihimo.core.configtree import write_text_atomic
 from kumihimo.data_prep.config import DataPrepConfig
-from kumihimo.data_prep.report_html import render_html
+from kumihimo.data_prep.report_html import render_html, score_bars, score_bin
 
 STAGE_ORDER = ("read", "warc", "extract", "repair", "langid", "quality", "decontam", "dedup")
 # Stages only WARC input has (the Japanese pre-check, main-text extraction): no funnel row without them.
@@ -40,6 +40,7 @@ class KeptStats:
         self.lengths: Counter[str] = Counter()
         self.pii: Counter[str] = Counter()
         self.scores: dict[str, dict[str, float]] = {}  # score_<name> -> count, sum, min, max
+        self.score_bins: dict[str, Counter[int]] = {}  # score_<name> -> SCORE_BIN bin -> count
 
     def add(self, record: dict[str, Any]) -> None:
         self.num_kept += 1
@@ -53,6 +54,7 @@ class KeptStats:
                 summary["count"] += 1
                 summary["sum"] += value
                 summary["min"], summary["max"] = min(summary["min"], value), max(summary["max"], value)
+                self.score_bins.setdefault(name, Counter())[score_bin(value)] += 1
 
     def to_json(self) -> dict[str, Any]:
         summary = {
@@ -64,7 +66,13 @@ class KeptStats:
         }
         if self.scores:  # only runs with score.scorers: other reports stay as they were
             summary["scores"] = {
-                name: {"count": s["count"], "mean": s["sum"] / s["count"], "min": s["min"], "max": s["max"]}
+                name: {
+                    "count": s["count"],
+                    "mean": s["sum"] / s["count"],
+                    "min": s["min"],
+                    "max": s["max"],
+                    "histogram": {str(k): n for k, n in sorted(self.score_bins[name].items())},
+                }
                 for name, s in sorted(self.scores.items())
             }
         return summary
@@ -247,20 +255,28 @@ def render_markdown(report: dict[str, Any]) -> str:
                     f"| {source} | {name} | {s['count']} | {s['mean']:.4f} | {s['min']:.4f} | {s['max']:.4f} |"
                 )
         out.append("")
+        for source, scores in scored.items():
+            for name, s in scores.items():
+                bars = score_bars(s.get("histogram", {}))
+                largest = max((n for _, n in bars), default=0)
+                out += [f"{source} {name} (documents per score range):", "", "```"]
+                out += [f"{label:>13} {count:>8} {_bar(count, largest)}" for label, count in bars]
+                out += ["```", ""]
     out += ["## PII redacted (kept documents)", ""]
     out += [f"- {kind}: {n}" for kind, n in sorted(report["pii"].items())] or ["- none"]
     if report.get("tokens"):
+        grouped = any("multiplier" in row for row in report["tokens"].values())
         out += [
             "",
             "## Tokens",
             "",
-            "| source | prefix | documents | tokens | weight |",
-            "|---|---|---:|---:|---:|",
+            "| source | prefix | documents | tokens | weight |" + (" multiplier |" if grouped else ""),
+            "|---|---|---:|---:|---:|" + ("---:|" if grouped else ""),
         ]
         for name, row in report["tokens"].items():
             out.append(
                 f"| {name} | {row['prefix']} | {row['num_documents']} | {row['num_tokens']} "
-                f"| {row['weight']:.4f} |"
+                f"| {row['weight']:.4f} |" + (f" {row.get('multiplier', 1.0):g} |" if grouped else "")
             )
     out += ["", "## Examples per reason", ""]
     for key, items in sorted(report["examples"].items()):

@@ -3,6 +3,7 @@ no network, no plotting library), for reading in a browser or attaching to a dat
 
 from __future__ import annotations
 
+import math
 from html import escape
 from typing import Any
 
@@ -13,6 +14,29 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}h2{margin-top:1.6em}svg 
 _BAR_HEIGHT = 18
 _LABEL_WIDTH = 230
 _BAR_WIDTH = 520
+
+SCORE_BIN = 0.05  # width of the stored score histogram bins; the report merges them into <= 25 bars
+SCORE_BARS = 25
+
+
+def score_bin(value: float) -> int:
+    """Index of the SCORE_BIN-wide bin holding `value` (bin k = [k x 0.05, (k + 1) x 0.05))."""
+    return math.floor(round(value / SCORE_BIN, 6))  # 0.15 / 0.05 is 2.999...: round before floor
+
+
+def score_bars(counts: dict[str, int]) -> list[tuple[str, int]]:
+    """A stored histogram ({bin index: count}) as at most SCORE_BARS labelled bars over its range."""
+    if not counts:
+        return []
+    stored = {int(k): v for k, v in counts.items()}
+    low, high = min(stored), max(stored)
+    per_bar = max(1, math.ceil((high - low + 1) / SCORE_BARS))
+    bars = []
+    for start in range(low, high + 1, per_bar):
+        count = sum(stored.get(k, 0) for k in range(start, start + per_bar))
+        lower, upper = round(start * SCORE_BIN, 6), round((start + per_bar) * SCORE_BIN, 6)
+        bars.append((f"{lower:g} - {upper:g}", count))
+    return bars
 
 
 def bar_chart(rows: list[tuple[str, int]], color: str = "#4c78a8") -> str:
@@ -96,6 +120,12 @@ def render_html(report: dict[str, Any], stage_order: tuple[str, ...]) -> str:
         "<h2>PII redacted (kept documents)</h2>",
         bar_chart(sorted(report["pii"].items()), "#f58518"),
     ]
+    for source, row in report["per_source"].items():
+        for name, summary in (row.get("scores") or {}).items():
+            out += [
+                f"<h2>{escape(source)}: {escape(name)} (kept documents per score range)</h2>",
+                bar_chart(score_bars(summary.get("histogram", {})), "#54a24b"),
+            ]
     if report.get("tokens"):
         out += [
             "<h2>Tokens</h2>",

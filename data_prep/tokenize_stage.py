@@ -7,6 +7,7 @@ same curated file was already encoded with the same tokenizer and settings.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,20 +20,23 @@ from kumihimo.core.configtree import write_text_atomic
 from kumihimo.core.errors import UserError
 from kumihimo.core.processes import RunLock
 from kumihimo.core.progress import Progress, say
+from kumihimo.data_prep import blend_groups
 from kumihimo.data_prep.blend import BlendEntry, blend_weights, write_blend
-from kumihimo.data_prep.config import DataPrepConfig
+from kumihimo.data_prep.blend_groups import DROPPED, SourceGrouping
+from kumihimo.data_prep.config import DataPrepConfig, SourceConfig
 from kumihimo.data_prep.executor import process_pool, run_ordered
 from kumihimo.data_prep.indexed import IndexedDatasetWriter, token_dtype
 from kumihimo.data_prep.report import add_tokens
+from kumihimo.tokenizer.hf import HFTokenizer, load_tokenizer
 from kumihimo.tokenizer.spm import Tokenizer
 
-_TOKENIZER: Tokenizer | None = None
+_TOKENIZER: Tokenizer | HFTokenizer | None = None
 _NUMPY_OUTPUT = True  # cleared when the installed SentencePiece has no out_type="numpy"
 
 
 @dataclass
 class BuildResult:
-    prefixes: dict[str, Path]  # source -> absolute Megatron prefix (without .bin/.idx)
+    prefixes: dict[str, Path]  # source (or group: <source>_<score>_ge3.5) -> absolute Megatron prefix
     num_tokens: dict[str, int]
     num_documents: dict[str, int]
     blend_path: Path
@@ -45,7 +49,7 @@ def dataset_prefix(out_dir: Path, source: str) -> Path:
 
 def _init_tokenizer(path: str) -> None:
     global _TOKENIZER
-    _TOKENIZER = Tokenizer.load(path)
+    _TOKENIZER = load_tokenizer(path)
 
 
 def _encode_lines(task: tuple[list[str], bool, bool]) -> tuple[np.ndarray, np.ndarray]:
@@ -57,20 +61,37 @@ def _encode_lines(task: tuple[list[str], bool, bool]) -> tuple[np.ndarray, np.nd
     return _flatten(encoded, tokenizer.bos_id if add_bos else None, tokenizer.eod_id if append_eod else None)
 
 
-def encode_as_arrays(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
-    """Token ids of each text as an int32 array, on one thread.
+def encode_as_arrays(tokenizer: Tokenizer | HFTokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text as an int32 array, on one thread (a Hugging Face tokenizer: with its own
+    special tokens, as Megatron's preprocess_data encodes).
 
     SentencePiece >= 0.2.1 fills numpy buffers directly (out_type="numpy"), which spares building a
     Python int per token and reading it back (~20% of the encode time); the ids are the same as
     out_type=int. Older 0.2.x releases reject the type and get the list path.
     """
     global _NUMPY_OUTPUT
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer.encode_as_arrays(texts)
     if _NUMPY_OUTPUT:
         try:
             return tokenizer.sp.Encode(texts, out_type="numpy", num_threads=1)
         except ValueError:  # "unknown return_type=numpy"
             _NUMPY_OUTPUT = False
     return [np.asarray(ids, dtype=np.int32) for ids in tokenizer.encode_batch(texts, num_threads=1)]
+
+
+def _encode_grouped(task: tuple[list[str], bool, bool, SourceGrouping]) -> tuple[np.ndarray, ...]:
+    """(flat token ids, per-document lengths, per-document group) for a batch of a grouped source;
+    documents of groups left out (multiplier 0) are neither encoded nor returned."""
+    lines, add_bos, append_eod, grouping = task
+    tokenizer = _TOKENIZER
+    assert tokenizer is not None, "worker not initialised"
+    records = [json.loads(line) for line in lines]
+    groups = np.fromiter(map(grouping.group_of, records), dtype=np.int64, count=len(records))
+    texts = [r["text"] for r, g in zip(records, groups) if g != DROPPED]
+    encoded = encode_as_arrays(tokenizer, texts)
+    bos, eod = tokenizer.bos_id if add_bos else None, tokenizer.eod_id if append_eod else None
+    return (*_flatten(encoded, bos, eod), groups[groups != DROPPED], int(np.count_nonzero(groups == DROPPED)))
 
 
 def _flatten(
@@ -101,38 +122,155 @@ def _batches(path: Path, size: int) -> Iterator[list[str]]:
         yield batch
 
 
+class _GroupWriters:
+    """One IndexedDatasetWriter per group of a source, opened at the group's first document."""
+
+    def __init__(self, out: Path, grouping: SourceGrouping, vocab_size: int):
+        self.out, self.grouping, self.vocab_size = out, grouping, vocab_size
+        self.writers: dict[int, IndexedDatasetWriter] = {}
+        self.num_left_out = 0
+        if grouping.trivial:  # a plain source always has its dataset, even when empty
+            self._writer(0)
+
+    def _writer(self, group: int) -> IndexedDatasetWriter:
+        if group not in self.writers:
+            prefix = dataset_prefix(self.out, self.grouping.groups[group].name).resolve()
+            self.writers[group] = IndexedDatasetWriter(prefix, self.vocab_size)
+        return self.writers[group]
+
+    def add(self, result: tuple) -> int:
+        """Write one encoded batch; returns its number of documents (written or left out)."""
+        if len(result) == 2:  # one group: the batch as it is
+            tokens, lengths = result
+            self._writer(0).add_documents(tokens, lengths)
+            return len(lengths)
+        tokens, lengths, groups, num_left_out = result
+        self.num_left_out += num_left_out
+        token_group = np.repeat(groups, lengths)
+        for group in np.unique(groups).tolist():
+            self._writer(group).add_documents(tokens[token_group == group], lengths[groups == group])
+        return len(lengths) + num_left_out
+
+    def finish(self) -> None:
+        for writer in self.writers.values():
+            writer.finish()
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+
+
 def _encode_source(
     curated: Path,
-    writer: IndexedDatasetWriter,
+    writers: _GroupWriters,
     config: DataPrepConfig,
     tokenizer_path: str,
     num_workers: int,
     progress: Progress,
 ) -> None:
     flags = (config.tokenize.add_bos, config.tokenize.append_eod)
-    tasks = ((batch, *flags) for batch in _batches(curated, config.tokenize.batch_documents))
+    grouping = writers.grouping
+    batches = _batches(curated, config.tokenize.batch_documents)
+    if grouping.trivial:
+        work, tasks = _encode_lines, ((batch, *flags) for batch in batches)
+    else:
+        work, tasks = _encode_grouped, ((batch, *flags, grouping) for batch in batches)
     if num_workers == 1:
         _init_tokenizer(tokenizer_path)
         for task in tasks:
-            tokens, lengths = _encode_lines(task)
-            writer.add_documents(tokens, lengths)
-            progress.update(len(lengths))
+            progress.update(writers.add(work(task)))
         return
     with process_pool(num_workers, _init_tokenizer, (tokenizer_path,)) as pool:
-        for tokens, lengths in run_ordered(pool, _encode_lines, tasks, window=2 * num_workers):
-            writer.add_documents(tokens, lengths)
-            progress.update(len(lengths))
+        for result in run_ordered(pool, work, tasks, window=2 * num_workers):
+            progress.update(writers.add(result))
 
 
-def _marker_for(curated: Path, tokenizer: Tokenizer, config: DataPrepConfig) -> dict[str, Any]:
+def _marker_for(
+    curated: Path, tokenizer: Tokenizer, config: DataPrepConfig, grouping: SourceGrouping
+) -> dict[str, Any]:
     stat = curated.stat()
-    return {
+    marker = {
         "curated_size": stat.st_size,
         "curated_mtime_ns": stat.st_mtime_ns,
         "tokenizer_sha256": tokenizer.sha256,
         "add_bos": config.tokenize.add_bos,
         "append_eod": config.tokenize.append_eod,
     }
+    grouped = blend_groups.settings(grouping)
+    if grouped is not None:  # absent for a plain source, so earlier markers still match
+        marker["groups"] = grouped
+    return marker
+
+
+def _tokenize_source(
+    config: DataPrepConfig, tokenizer: Tokenizer, source: SourceConfig, out: Path
+) -> list[BlendEntry]:
+    """Encode one source (every group of it), or read the counts of an earlier identical run."""
+    curated = out / "curated" / f"{source.name}.jsonl"
+    if not curated.is_file():
+        raise UserError(f"{curated} does not exist; run `kumihimo data curate` with this config first")
+    grouping = blend_groups.source_grouping(config, source.name)
+    marker_path = out / "work" / "tokenize" / f"{source.name}.json"
+    wanted = _marker_for(curated, tokenizer, config, grouping)
+    done = json.loads(marker_path.read_text(encoding="utf-8")) if marker_path.is_file() else {}
+    counts = done.get("counts") or (
+        {source.name: [done.get("num_tokens"), done.get("num_documents")]} if done else {}
+    )
+    complete = all(Path(f"{dataset_prefix(out, name)}.idx").is_file() for name in counts)
+    if {k: done.get(k) for k in wanted} == wanted and counts and complete:
+        say(f"[tokenize] {source.name}: already done ({done['num_tokens']} tokens)")
+    else:
+        writers = _GroupWriters(out, grouping, tokenizer.vocab_size)
+        try:
+            with Progress(f"tokenize {source.name}", None, "documents") as progress:
+                _encode_source(
+                    curated, writers, config, str(tokenizer.path), config.resolved_num_workers, progress
+                )
+            writers.finish()
+        except BaseException:
+            writers.abort()
+            raise
+        counts = {
+            grouping.groups[g].name: [w.num_tokens, w.num_documents]
+            for g, w in sorted(writers.writers.items())
+        }
+        marker = {
+            **wanted,
+            "num_tokens": sum(c[0] for c in counts.values()),
+            "num_documents": sum(c[1] for c in counts.values()),
+        }
+        if not grouping.trivial:
+            marker.update(counts=counts, num_left_out=writers.num_left_out)
+        write_text_atomic(marker_path, json.dumps(marker))
+    entries = []
+    for group in grouping.groups:
+        if group.name in counts:
+            num_tokens, num_documents = counts[group.name]
+            entries.append(
+                BlendEntry(
+                    source.name,
+                    dataset_prefix(out, group.name).resolve(),
+                    num_tokens,
+                    num_documents,
+                    source.weight_multiplier * group.multiplier,
+                    name=group.name,
+                    bucket=group.bucket,
+                    rehydration_weight=group.rehydration_weight,
+                )
+            )
+    return entries
+
+
+def _without_add_bos(config: DataPrepConfig, tokenizer: HFTokenizer) -> DataPrepConfig:
+    """A Hugging Face tokenizer adds its own special tokens (its template decides BOS), as Megatron's
+    preprocess_data with HuggingFaceTokenizer does; tokenize.add_bos would double it, so it is off."""
+    if config.tokenize.add_bos:
+        say(
+            f"[tokenize] note: {tokenizer.path} is a Hugging Face tokenizer; its own template "
+            f"{'starts documents with BOS' if tokenizer.adds_bos else 'adds no BOS'}, so tokenize.add_bos "
+            "is not applied (as Megatron's preprocess_data with HuggingFaceTokenizer)"
+        )
+    return dataclasses.replace(config, tokenize=dataclasses.replace(config.tokenize, add_bos=False))
 
 
 def build_datasets(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildResult:
@@ -144,7 +282,9 @@ def build_datasets(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildR
 
 def _build_datasets(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildResult:
     out = Path(config.output_dir)
-    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
+    if isinstance(tokenizer, HFTokenizer):
+        config = _without_add_bos(config, tokenizer)
     if config.tokenize.add_bos and tokenizer.bos_id is None:
         raise UserError(
             f"tokenize.add_bos=True but {tokenizer.path} has no <s> piece; "
@@ -152,51 +292,27 @@ def _build_datasets(config: DataPrepConfig, tokenizer_path: str | Path) -> Build
         )
     entries: list[BlendEntry] = []
     for source in config.input.sources:
-        curated = out / "curated" / f"{source.name}.jsonl"
-        if not curated.is_file():
-            raise UserError(f"{curated} does not exist; run `kumihimo data curate` with this config first")
-        prefix = dataset_prefix(out, source.name).resolve()
-        marker_path = out / "work" / "tokenize" / f"{source.name}.json"
-        wanted = _marker_for(curated, tokenizer, config)
-        done = json.loads(marker_path.read_text(encoding="utf-8")) if marker_path.is_file() else {}
-        if {k: done.get(k) for k in wanted} == wanted and Path(f"{prefix}.idx").is_file():
-            say(f"[tokenize] {source.name}: already done ({done['num_tokens']} tokens)")
-            num_tokens, num_documents = done["num_tokens"], done["num_documents"]
-        else:
-            writer = IndexedDatasetWriter(prefix, tokenizer.vocab_size)
-            try:
-                with Progress(f"tokenize {source.name}", None, "documents") as progress:
-                    _encode_source(
-                        curated, writer, config, str(tokenizer.path), config.resolved_num_workers, progress
-                    )
-                writer.finish()
-            except BaseException:
-                writer.abort()
-                raise
-            num_tokens, num_documents = writer.num_tokens, writer.num_documents
-            write_text_atomic(
-                marker_path, json.dumps({**wanted, "num_tokens": num_tokens, "num_documents": num_documents})
-            )
-        entries.append(BlendEntry(source.name, prefix, num_tokens, num_documents, source.weight_multiplier))
+        entries += _tokenize_source(config, tokenizer, source, out)
     blend_path = out / "blend.yaml"
     write_blend(blend_path, entries, tokenizer.identity())
     weights = blend_weights(entries)
     add_tokens(
         out,
         {
-            e.source: {
+            e.key: {
                 "prefix": str(e.prefix),
                 "num_tokens": e.num_tokens,
                 "num_documents": e.num_documents,
                 "weight": w,
+                **e.extra(),
             }
             for e, w in zip(entries, weights)
         },
     )
     return BuildResult(
-        prefixes={e.source: e.prefix for e in entries},
-        num_tokens={e.source: e.num_tokens for e in entries},
-        num_documents={e.source: e.num_documents for e in entries},
+        prefixes={e.key: e.prefix for e in entries},
+        num_tokens={e.key: e.num_tokens for e in entries},
+        num_documents={e.key: e.num_documents for e in entries},
         blend_path=blend_path,
         dtype=token_dtype(tokenizer.vocab_size).name,
     )
