@@ -1,4 +1,5 @@
-"""`kumihimo convert to-hf | from-hf`: Megatron checkpoints <-> Hugging Face Llama folders."""
+"""`kumihimo convert to-hf | from-hf | average`: Megatron checkpoints <-> Hugging Face Llama folders, and
+the average of several checkpoints."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "examples:\n"
         "  kumihimo convert to-hf --checkpoint runs/tiny-cpu/checkpoints --output hf/tiny\n"
-        "  kumihimo convert from-hf --model hf/llm-jp-3-1.8b --output ckpt/llmjp3-1.8b --tp 2 --pp 1"
+        "  kumihimo convert from-hf --model hf/llm-jp-3-1.8b --output ckpt/llmjp3-1.8b --tp 2 --pp 1\n"
+        "  kumihimo convert average runs/a/checkpoints/iter_0009000 runs/a/checkpoints --output ckpt/avg"
     )
     sub = parser.add_subparsers(dest="convert_command", metavar="<direction>")
 
@@ -24,7 +26,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     to_hf.add_argument(
         "--checkpoint",
         required=True,
-        help="checkpoint.save folder (holding latest_checkpointed_iteration.txt) or one iter_* folder",
+        help="checkpoint folder (checkpoint.dir, holding latest_checkpointed_iteration.txt) or one iter_* folder",
     )
     to_hf.add_argument(
         "--iteration", type=int, default=None, help="iteration to convert (default: the latest)"
@@ -64,6 +66,31 @@ def register(parser: argparse.ArgumentParser) -> None:
     from_hf.add_argument("--pp", type=int, default=1, help="pipeline-parallel size the run will use")
     from_hf.set_defaults(handler=run_from_hf)
 
+    average = sub.add_parser(
+        "average",
+        help="average the model weights of several checkpoints -> weights-only kumihimo checkpoint",
+        description="Write a weights-only kumihimo checkpoint root (laid out as from-hf writes it) holding "
+        "the per-element mean of the sources' model weights, sum(w_i * x_i) / sum(w_i) in float32, "
+        "rounded once to the stored dtype. The sources must be the same model (tensor keys, shapes, "
+        "dtypes) with the same tokenizer; they may be saved at any TP/PP. Streams one tensor at a time.",
+    )
+    average.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="checkpoint folders (checkpoint.dir: its latest iteration) or iter_* folders, at least two",
+    )
+    average.add_argument("--output", required=True, help="new folder for the averaged checkpoint root")
+    average.add_argument(
+        "--weights",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="W",
+        help="relative weight of each checkpoint, in order (e.g. 3 1 for 3:1; default: equal)",
+    )
+    average.set_defaults(handler=run_average)
+
 
 def run_to_hf(args: argparse.Namespace) -> int:
     from kumihimo.pretrain.convert.to_hf import convert_to_hf
@@ -92,4 +119,13 @@ def run_from_hf(args: argparse.Namespace) -> int:
 
     check_output_dir("--output", args.output)
     convert_from_hf(args.model, args.output, tp=args.tp, pp=args.pp)
+    return 0
+
+
+def run_average(args: argparse.Namespace) -> int:
+    from kumihimo.pretrain.convert.average import average_checkpoints
+    from kumihimo.pretrain.integrity import check_output_dir
+
+    check_output_dir("--output", args.output)
+    average_checkpoints(args.checkpoints, args.output, weights=args.weights)
     return 0

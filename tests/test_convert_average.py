@@ -1,0 +1,225 @@
+"""`kumihimo convert average`: the streamed average equals an in-memory average, bit for bit.
+
+Sources are weights-only checkpoints from `convert from-hf` of tiny random Llama models (seeds 0-2,
+every weight random; fp32 and bf16) sharing a 1000-piece SentencePiece tokenizer. The reference
+loads every checkpoint whole with torch.distributed.checkpoint's own reader (`dcp_to_torch_save`, no
+kumihimo code) and applies the documented formula, in the same order, to the full tensors: the output
+must equal it bit for bit (same float32 operations in the same order), and lie within one float32
+ulp of torch.stack(...).mean(0). The averaged checkpoint has from-hf's layout and exports to a
+Hugging Face model whose weights are the average of the source models' weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from kumihimo.cli import main
+from kumihimo.core.errors import UserError
+from kumihimo.pretrain import checkpointing
+from kumihimo.pretrain.convert.average import average_checkpoints, average_tensor
+from kumihimo.pretrain.convert.from_hf import convert_from_hf
+from kumihimo.pretrain.convert.to_hf import convert_to_hf
+
+VOCAB = 1000
+HF_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=3,
+)
+
+
+def make_hf_model(folder: Path, seed: int, dtype: torch.dtype, spm_model: Path, **changes) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**HF_CONFIG, **changes}, tie_word_embeddings=False))
+    with torch.no_grad():
+        for param in model.parameters():  # norms too
+            param.normal_(1.0 if param.dim() == 1 else 0.0, 0.05)
+    model.to(dtype).save_pretrained(folder)
+    (folder / "tokenizer.model").write_bytes(spm_model.read_bytes())
+    return folder
+
+
+def train_spm(prefix: Path) -> Path:
+    import sentencepiece as spm
+
+    from kumihimo.tokenizer import synthetic
+
+    texts = [doc for lang in ("ja", "en") for doc in synthetic.documents(lang, 400, seed=1)]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_prefix=str(prefix),
+        vocab_size=VOCAB,
+        model_type="unigram",
+        byte_fallback=True,
+        pad_id=3,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return prefix.with_suffix(".model")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("average")
+
+
+@pytest.fixture(scope="module")
+def spm_model(work) -> Path:
+    return train_spm(work / "tok")
+
+
+@pytest.fixture(scope="module")
+def sources(work, spm_model) -> dict[str, list[tuple[Path, Path]]]:
+    """{"fp32": [(hf folder, checkpoint root)] * 3, "bf16": [...] * 2}."""
+    made: dict[str, list[tuple[Path, Path]]] = {}
+    for name, dtype, seeds in (("fp32", torch.float32, (0, 1, 2)), ("bf16", torch.bfloat16, (3, 4))):
+        made[name] = []
+        for seed in seeds:
+            hf = make_hf_model(work / f"hf-{name}-{seed}", seed, dtype, spm_model)
+            root = convert_from_hf(hf, work / f"ckpt-{name}-{seed}")
+            made[name].append((hf, root))
+    return made
+
+
+def load_whole(root: Path, work: Path) -> dict[str, object]:
+    """Every item of a checkpoint's latest iteration, read by torch's own DCP -> torch.save converter."""
+    folder = checkpointing.find_checkpoint(root)
+    target = work / f"whole-{root.name}.pt"
+    if not target.exists():
+        dcp_to_torch_save(str(folder), str(target))
+    return torch.load(target, weights_only=False)
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in representable float32 steps (same-sign values; ours are all nonzero normals)."""
+    return int((a.view(torch.int32).long() - b.view(torch.int32).long()).abs().max())
+
+
+def test_uniform_average_is_bit_identical_to_in_memory_average(sources, work):
+    roots = [root for _hf, root in sources["fp32"]]
+    # An iter_ folder, a root (its latest) and another root.
+    given = [checkpointing.iteration_dir(roots[0], 0), roots[1], roots[2]]
+    output = average_checkpoints(given, work / "avg-fp32")
+    averaged = load_whole(output, work)
+    wholes = [load_whole(root, work) for root in roots]
+    tensors = [key for key, value in averaged.items() if isinstance(value, torch.Tensor)]
+    assert len(tensors) == 9  # embedding, 7 stacked layer tensors, final norm + head
+    assert set(tensors) == {k for k, v in wholes[0].items() if isinstance(v, torch.Tensor)}
+    for key in tensors:
+        parts = [whole[key] for whole in wholes]
+        expected = average_tensor(parts, [1.0, 1.0, 1.0])
+        assert averaged[key].dtype == torch.float32
+        assert torch.equal(averaged[key].view(torch.int32), expected.view(torch.int32)), key
+        assert ulp_distance(averaged[key], torch.stack(parts).mean(0)) <= 1, key
+        assert not torch.equal(averaged[key], parts[0])
+    meta = json.loads((checkpointing.iteration_dir(output, 0) / checkpointing.META_FILE).read_text())
+    assert meta["weights_only"] is True and meta["train_state"]["iteration"] == 0
+    assert [s["weight"] for s in meta["source"]["averaged"]] == pytest.approx([1 / 3] * 3)
+    assert [s["checkpoint"] for s in meta["source"]["averaged"]] == [
+        str(checkpointing.iteration_dir(r, 0).resolve()) for r in roots
+    ]
+    assert Path(meta["tokenizer"]["path"]) == (output / "tokenizer" / "tokenizer.model").resolve()
+    assert (
+        meta["tokenizer"]["sha256"]
+        == json.loads((checkpointing.iteration_dir(roots[0], 0) / checkpointing.META_FILE).read_text())[
+            "tokenizer"
+        ]["sha256"]
+    )
+
+
+def test_weighted_bf16_average_and_from_hf_layout(sources, work, capsys):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    roots = [root for _hf, root in sources["bf16"]]
+    output = work / "avg-bf16"
+    assert main(["convert", "average", *map(str, roots), "--output", str(output), "--weights", "3", "1"]) == 0
+    assert "average of 2 checkpoints" in capsys.readouterr().err
+    averaged = load_whole(output, work)
+    wholes = [load_whole(root, work) for root in roots]
+    for key, value in averaged.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        expected = average_tensor([w[key] for w in wholes], [3.0, 1.0]).to(torch.bfloat16)
+        assert value.dtype == torch.bfloat16
+        assert torch.equal(value.view(torch.int16), expected.view(torch.int16)), key
+    # The same items, chunks and dtypes as the from-hf checkpoint (so it loads wherever that one does).
+    ours = FileSystemReader(str(checkpointing.iteration_dir(output, 0))).read_metadata().state_dict_metadata
+    theirs = (
+        FileSystemReader(str(checkpointing.iteration_dir(roots[0], 0))).read_metadata().state_dict_metadata
+    )
+    assert ours.keys() == theirs.keys()
+    for key, entry in theirs.items():
+        assert type(ours[key]) is type(entry)
+        if hasattr(entry, "chunks"):
+            assert ours[key].chunks == entry.chunks and ours[key].size == entry.size, key
+            assert ours[key].properties.dtype == entry.properties.dtype, key
+    meta = json.loads((checkpointing.iteration_dir(output, 0) / checkpointing.META_FILE).read_text())
+    assert [s["weight"] for s in meta["source"]["averaged"]] == [0.75, 0.25]
+
+
+def test_averaged_checkpoint_exports_to_the_average_of_the_hf_models(sources, work):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    hf_folders = [hf for hf, _root in sources["fp32"]]
+    output = work / "avg-fp32-hf"
+    averaged_root = work / "avg-fp32"
+    if not averaged_root.exists():
+        averaged_root = average_checkpoints([root for _hf, root in sources["fp32"]], averaged_root)
+    convert_to_hf(averaged_root, output, dtype="fp32")
+    model = LlamaForCausalLM.from_pretrained(output)
+    state = model.state_dict()
+    originals = [load_file(folder / "model.safetensors") for folder in hf_folders]
+    for name in originals[0]:
+        # Conversion only moves rows, so the export is the average of the source models, bit for bit.
+        expected = average_tensor([o[name] for o in originals], [1.0, 1.0, 1.0])
+        assert torch.equal(state[name], expected), name
+    tokenizer = AutoTokenizer.from_pretrained(output, local_files_only=True)
+    assert tokenizer.eos_token_id == 2
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 9, 30]])).logits
+    assert logits.shape == (1, 4, VOCAB) and torch.isfinite(logits).all()
+
+
+def test_refusals_name_the_problem_and_leave_no_output(sources, work, spm_model):
+    roots = [root for _hf, root in sources["fp32"]]
+    wider = convert_from_hf(
+        make_hf_model(work / "hf-wider", 0, torch.float32, spm_model, intermediate_size=128),
+        work / "ckpt-wider",
+    )
+    output = work / "refused"
+    cases = [
+        (
+            [roots[0], wider],
+            None,
+            r"checkpoint 2 \(.*ckpt-wider.*\): tensor decoder.layers.mlp.linear_fc1.weight has shape "
+            r"\[2, 256, 64\] but checkpoint 1 .* has \[2, 192, 64\]",
+        ),
+        ([roots[0], sources["bf16"][0][1]], None, "has dtype torch.bfloat16 but checkpoint 1"),
+        ([roots[0], work / "missing"], None, "does not exist"),
+        ([roots[0]], None, "at least two checkpoints"),
+        (roots[:2], [1.0], "one weight per checkpoint"),
+        (roots[:2], [1.0, -1.0], "not a positive number"),
+    ]
+    for checkpoints, weights, message in cases:
+        with pytest.raises(UserError, match=message):
+            average_checkpoints(checkpoints, output, weights)
+        assert not output.exists()
+    assert not list(work.glob(".refused.tmp-*"))
+    with pytest.raises(UserError, match="already exists"):
+        average_checkpoints(roots[:2], roots[2])
