@@ -61,7 +61,8 @@ def _add_common(sub: argparse.ArgumentParser, needs_tokenizer: bool) -> None:
             "--tokenizer",
             required=True,
             metavar="MODEL",
-            help="SentencePiece .model file (or a directory holding tokenizer.model)",
+            help="SentencePiece .model file (or a directory holding tokenizer.model), or a Hugging Face "
+            "tokenizer folder (tokenizer.json; encodes as Megatron's preprocess_data HuggingFaceTokenizer)",
         )
     sub.add_argument(
         "overrides",
