@@ -6,6 +6,7 @@
     kumihimo train CONFIG ...      pretrain with Megatron-Core (one process, torchrun, or srun)
     kumihimo plan CONFIG --nodes N memory per GPU, pipeline bubble, fits-or-not, before launching
     kumihimo convert ...           Megatron checkpoint <-> Hugging Face
+    kumihimo eval TARGET --tasks   downstream scores of a checkpoint or Hugging Face folder
     kumihimo doctor                check the environment (and a config) before a long run
 
 Problems the user can fix are printed as one line `kumihimo: error: ...` with exit code 2.
@@ -39,6 +40,10 @@ _VERBS = {
     "convert": (
         "kumihimo.pretrain.convert.cli",
         "convert checkpoints between Megatron (torch_dist) and Hugging Face",
+    ),
+    "eval": (
+        "kumihimo.pretrain.evaluate.cli",
+        "score a checkpoint or Hugging Face folder on task files (multiple choice, QA)",
     ),
     "quickstart": ("kumihimo.quickstart", "run the whole pipeline on the bundled sample corpus, on CPU"),
     "doctor": ("kumihimo.doctor", "check Python, torch, megatron-core, devices, communication and a config"),
