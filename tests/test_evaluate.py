@@ -204,3 +204,34 @@ def test_export_writes_rendered_prompts_for_the_harness(tasks_dir, tmp_path):
     assert [r["gold"] for r in rows] == [e.gold for e in jcqa.examples]
     qa = yaml.safe_load((tmp_path / "kumihimo_jemhopqa.yaml").read_text())
     assert qa["output_type"] == "generate_until" and qa["generation_kwargs"]["until"] == ["\n"]
+
+
+def test_plot_draws_loss_sources_and_tasks(tmp_path):
+    from kumihimo.pretrain.evaluate.plot import read_series, write_plot
+
+    rows = [{"step": s, "loss": 7.0 - s * 0.1, "lr": 1e-3} for s in range(1, 11)]
+    rows += [
+        {
+            "step": 5,
+            "loss": 6.5,
+            "val_loss": 6.6,
+            "valid/ja_cc/loss": 6.4,
+            "valid/code/loss": 6.9,
+            "tasks/jcqa/acc": 0.2,
+        },
+        {
+            "step": 10,
+            "loss": 6.0,
+            "val_loss": 6.1,
+            "valid/ja_cc/loss": 5.9,
+            "valid/code/loss": 6.5,
+            "tasks/jcqa/acc": 0.4,
+        },
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 11, "lo')
+    series = read_series(tmp_path / "metrics.jsonl")
+    assert series["loss"][4] == (5, 6.5) and series["tasks/jcqa/acc"] == [(5, 0.2), (10, 0.4)]
+    page = write_plot(tmp_path, "tiny").read_text()
+    assert page.count("<svg") == 3 and "<script" not in page
+    for name in ("val_loss", "ja_cc (last 5.9)", "code (last 6.5)", "jcqa/acc (last 0.4)"):
+        assert name in page
