@@ -98,8 +98,8 @@ def sources(work, spm_model) -> dict[str, list[tuple[Path, Path]]]:
 
 def load_whole(root: Path, work: Path) -> dict[str, object]:
     """Every item of a checkpoint's latest iteration, read by torch's own DCP -> torch.save converter."""
-    folder = checkpointing.find_checkpoint(root)
-    target = work / f"whole-{root.name}.pt"
+    folder = root if (root / checkpointing.META_FILE).is_file() else checkpointing.find_checkpoint(root)
+    target = work / f"whole-{root.parent.name}-{root.name}.pt"
     if not target.exists():
         dcp_to_torch_save(str(folder), str(target))
     return torch.load(target, weights_only=False)
@@ -223,3 +223,105 @@ def test_refusals_name_the_problem_and_leave_no_output(sources, work, spm_model)
     assert not list(work.glob(".refused.tmp-*"))
     with pytest.raises(UserError, match="already exists"):
         average_checkpoints(roots[:2], roots[2])
+
+
+AVERAGE_MEMORY_CHILD = """
+import json, sys
+from kumihimo.pretrain.convert.average import average_checkpoints
+def status(field):
+    return int(next(line for line in open('/proc/self/status') if line.startswith(field)).split()[1]) * 1024
+warmup, big = sys.argv[1:3], sys.argv[3:6]
+average_checkpoints(warmup, sys.argv[6])
+open('/proc/self/clear_refs', 'w').write('5')  # the peak (VmHWM) restarts from the current RSS
+before = status('VmRSS:')
+average_checkpoints(big, sys.argv[7])
+print(json.dumps({'before': before, 'peak': status('VmHWM:')}))
+"""
+
+
+@pytest.mark.slow  # writes and reads ~0.5 GB
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_memory_stays_near_one_tensor_not_the_models(tmp_path):
+    """Averaging three checkpoints of a 16-layer model (236 MiB each) grows peak RSS by a few copies of
+    its largest tensor (one layer's fc1, 8 MiB: DCP's byte buffer and loaded copy, the float32
+    accumulator, the average kept for fc1's second chunk, the writer's serialisation), measured 52 MiB,
+    far below one model, let alone three (holding the sources whole would add >= 708 MiB)."""
+    import shutil
+
+    from tests.test_convert_from_hf import MEMORY_CONFIG, WARMUP_CONFIG, _launch, write_layered_hf_model
+
+    write_layered_hf_model(tmp_path / "hf-warmup", WARMUP_CONFIG)
+    model_bytes, _layer_bytes = write_layered_hf_model(tmp_path / "hf", MEMORY_CONFIG)
+    convert_from_hf(tmp_path / "hf-warmup", tmp_path / "warmup-0")
+    shutil.copytree(tmp_path / "warmup-0", tmp_path / "warmup-1")
+    convert_from_hf(tmp_path / "hf", tmp_path / "big-0")
+    for copy in (1, 2):
+        shutil.copytree(tmp_path / "big-0", tmp_path / f"big-{copy}")
+    largest = 2 * MEMORY_CONFIG["intermediate_size"] * MEMORY_CONFIG["hidden_size"] * 4
+    sources = [str(tmp_path / name) for name in ("warmup-0", "warmup-1", "big-0", "big-1", "big-2")]
+    proc = _launch(
+        ["-c", AVERAGE_MEMORY_CHILD, *sources, str(tmp_path / "avg-warmup"), str(tmp_path / "avg")]
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    growth = result["peak"] - result["before"]
+    assert growth < 8 * largest, (
+        f"peak RSS grew by {growth / 2**20:.0f} MiB averaging 3 x {model_bytes / 2**20:.0f} MiB "
+        f"(largest tensor {largest / 2**20:.0f} MiB)"
+    )
+
+
+@pytest.mark.slow  # two small training runs (the first at TP=2 with two processes)
+def test_trainer_checkpoints_at_tp2_average_and_start_a_run(work, spm_model):
+    """Two saves of a TP=2 run (each tensor stored as two TP chunks) average to the in-memory average of
+    their model tensors, and the result initialises a TP=1 run through checkpoint.pretrained."""
+    from kumihimo.pretrain.distributed import free_port
+    from tests.test_convert_from_hf import _launch
+
+    run, root = work / "trained", work / "trained" / "checkpoints"
+    common = [
+        "model.num_layers=2",
+        "schedule.lr_warmup_iters=0",
+        "schedule.eval_interval=0",
+        "data.mock=true",
+        f"data.tokenizer={spm_model}",
+    ]
+    proc = _launch(
+        [
+            *(
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node=2",
+                "--nnodes=1",
+                f"--master-port={free_port()}",
+            ),
+            *("-m", "kumihimo.cli", "train", "configs/pretrain/tiny-cpu.yaml", *common),
+            *("schedule.train_iters=2", "checkpoint.save_interval=1", "checkpoint.keep_last=null"),
+            *(f"output_dir={run}", f"checkpoint.dir={root}", "parallelism.tensor_model_parallel_size=2"),
+        ]
+    )
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+    first = checkpointing.iteration_dir(root, 1)
+    output = average_checkpoints([first, root], work / "avg-trained", weights=[1, 3])
+    averaged = load_whole(output, work)
+    wholes = [load_whole(first, work), load_whole(root, work)]
+    model_keys = [k for k in averaged if isinstance(averaged[k], torch.Tensor)]
+    assert "decoder.layers.self_attention.linear_qkv.weight" in model_keys
+    for key in model_keys:
+        expected = average_tensor([w[key] for w in wholes], [1.0, 3.0])
+        assert torch.equal(averaged[key].view(torch.int32), expected.view(torch.int32)), key
+    meta = json.loads((checkpointing.iteration_dir(output, 0) / checkpointing.META_FILE).read_text())
+    assert [(s["iteration"], s["weight"]) for s in meta["source"]["averaged"]] == [(1, 0.25), (2, 0.75)]
+
+    continued = work / "continued"
+    proc = _launch(
+        [
+            *("-m", "kumihimo.cli", "train", "configs/pretrain/tiny-cpu.yaml", *common),
+            *("schedule.train_iters=1", f"output_dir={continued}", f"checkpoint.pretrained={output}"),
+        ]
+    )
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+    assert f"initialised weights from {checkpointing.iteration_dir(output, 0)}" in out
