@@ -41,9 +41,9 @@ def hf_tokenizer_folder(path: str | Path) -> Path | None:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
-    """The tokenizer at `path`: a Hugging Face tokenizer folder or a SentencePiece model (see the module)."""
-    folder = hf_tokenizer_folder(path)
-    return HFTokenizer(folder) if folder is not None else Tokenizer.load(path)
+    """The tokenizer at `path`: a Hugging Face tokenizer folder or a SentencePiece model (see the module);
+    the same as Tokenizer.load, which every stage calls."""
+    return Tokenizer.load(path)
 
 
 class HFTokenizer:

@@ -9,10 +9,14 @@ from __future__ import annotations
 import hashlib
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sentencepiece as spm
 
 from kumihimo.core.errors import UserError
+
+if TYPE_CHECKING:
+    from kumihimo.tokenizer.hf import HFTokenizer
 
 MODEL_FILENAME = "tokenizer.model"
 
@@ -25,7 +29,7 @@ def resolve_model_path(path: str | Path) -> Path:
     if not path.is_file():
         raise UserError(
             f"tokenizer model {str(path)!r} does not exist; train one with `kumihimo tokenizer train` "
-            "or pass the path of a SentencePiece .model file"
+            "or pass the path of a SentencePiece .model file (or of a Hugging Face tokenizer folder)"
         )
     return path
 
@@ -56,8 +60,20 @@ class Tokenizer:
             raise UserError(f"{self.path} has no </s> piece to end documents with; pass eod_piece=...")
 
     @classmethod
-    def load(cls, path: str | Path, eod_piece: str | None = None) -> Tokenizer:
-        return cls(path, eod_piece)
+    def load(cls, path: str | Path, eod_piece: str | None = None) -> Tokenizer | HFTokenizer:
+        """The tokenizer at `path`: a SentencePiece model, or a Hugging Face tokenizer folder (tokenizer.json;
+        see kumihimo.tokenizer.hf for how the kind is told from the files)."""
+        from kumihimo.tokenizer.hf import HFTokenizer, hf_tokenizer_folder
+
+        folder = hf_tokenizer_folder(path)
+        if folder is None:
+            return cls(path, eod_piece)
+        if eod_piece is not None:
+            raise UserError(
+                f"{path} is a Hugging Face tokenizer: its eos token ends documents; eod_piece={eod_piece!r} "
+                "applies to SentencePiece models only"
+            )
+        return HFTokenizer(folder)
 
     @cached_property
     def sha256(self) -> str:
