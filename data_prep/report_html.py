@@ -127,12 +127,14 @@ def render_html(report: dict[str, Any], stage_order: tuple[str, ...]) -> str:
                 bar_chart(score_bars(summary.get("histogram", {})), "#54a24b"),
             ]
     if report.get("tokens"):
+        grouped = any("multiplier" in row for row in report["tokens"].values())  # buckets, rehydration
         out += [
             "<h2>Tokens</h2>",
             _table(
-                ["source", "prefix", "documents", "tokens", "weight"],
+                ["source", "prefix", "documents", "tokens", "weight"] + ["multiplier"] * grouped,
                 [
                     [name, row["prefix"], row["num_documents"], row["num_tokens"], round(row["weight"], 4)]
+                    + [row.get("multiplier", 1.0)] * grouped
                     for name, row in report["tokens"].items()
                 ],
             ),

@@ -228,6 +228,10 @@ def test_rehydration_counts_are_exact_on_known_clusters(tmp_path, tokenizer_path
         "en_rh1": built.num_tokens["en_rh1"] * 2.0,  # the en source's weight_multiplier
     }
     assert blend == pytest.approx({k: v / sum(raw.values()) for k, v in raw.items()}, abs=1e-9)
+    markdown = (Path(config.output_dir) / "report.md").read_text()
+    row = next(line for line in markdown.splitlines() if line.startswith("| ja_rh3 |"))
+    assert row.endswith(f"| {built.num_tokens['ja_rh3']} | {blend['ja_rh3']:.4f} | 3 |")
+    assert "<th>multiplier</th>" in (Path(config.output_dir) / "report.html").read_text()
 
 
 def test_rehydration_without_recorded_cluster_sizes_names_the_fix(tmp_path, tokenizer_path):
