@@ -325,3 +325,35 @@ def test_trainer_checkpoints_at_tp2_average_and_start_a_run(work, spm_model):
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
     assert f"initialised weights from {checkpointing.iteration_dir(output, 0)}" in out
+
+
+def test_tokenizer_copy_checks_the_recorded_identity(tmp_path, spm_model, capsys):
+    """The output gets the tokenizer beside it: a SentencePiece file, or a Hugging Face folder's tokenizer
+    files (not the rest of a model folder); a file that no longer has the recorded sha256 is not copied."""
+    from types import SimpleNamespace
+
+    from kumihimo.pretrain.convert.average import copy_tokenizer
+    from kumihimo.tokenizer.hf import HFTokenizer
+    from kumihimo.tokenizer.spm import Tokenizer
+    from tests.test_data_prep_hf_tokenizer import make_hf_tokenizer
+
+    hf_folder = make_hf_tokenizer(tmp_path / "hf-model", with_bos=True)
+    (hf_folder / "model.safetensors").write_bytes(b"weights")
+    cases = {
+        "hf": HFTokenizer(hf_folder).identity(),
+        "spm": Tokenizer.load(spm_model).identity(),
+        "changed": {**Tokenizer.load(spm_model).identity(), "sha256": "0" * 64},
+    }
+    for name, identity in cases.items():
+        staging, final = tmp_path / f"staging-{name}", tmp_path / f"out-{name}"
+        staging.mkdir()
+        copied = copy_tokenizer(SimpleNamespace(meta={"tokenizer": identity}), final, staging)
+        if name == "changed":
+            assert copied == identity and not (staging / "tokenizer").exists()
+            assert "is not copied" in capsys.readouterr().err
+            continue
+        assert copied == {**identity, "path": copied["path"]}
+        staged = staging / Path(copied["path"]).relative_to(final.resolve())
+        assert Tokenizer.load(staged).identity()["sha256"] == identity["sha256"]
+        if name == "hf":
+            assert not (staging / "tokenizer" / "model.safetensors").exists()

@@ -230,24 +230,44 @@ def write_average(folder: Path, sources: list[Source], weights: list[float], dim
 
 def copy_tokenizer(source: Source, output_root: Path, staging_root: Path) -> dict[str, Any] | None:
     """Copy the tokenizer the sources were trained with beside the output (as from-hf does), so the
-    averaged checkpoint stands alone; returns its identity with the new path (None for mock data)."""
+    averaged checkpoint stands alone; returns its identity with the new path (None for mock data).
+
+    A SentencePiece model is one file; of a Hugging Face tokenizer folder (which may be a whole model
+    folder) only the files that make up its identity are copied, plus config.json that AutoTokenizer may
+    read. The copy must have the recorded sha256; otherwise nothing is copied and the identity is kept."""
+    from kumihimo.tokenizer.hf import IDENTITY_FILES, HFTokenizer
+    from kumihimo.tokenizer.spm import Tokenizer
+
     identity = source.meta.get("tokenizer")
     if not identity:
         return None
     recorded = Path(identity.get("path") or "")
-    if not identity.get("path") or not recorded.exists():
+    target = staging_root / TOKENIZER_DIR
+    target.mkdir()
+    try:
+        if identity.get("kind") == HFTokenizer.kind:
+            folder = recorded if recorded.is_dir() else recorded.parent
+            for name in (*IDENTITY_FILES, "config.json"):
+                if (folder / name).is_file():
+                    shutil.copyfile(folder / name, target / name)
+            copied, final = HFTokenizer(target).sha256, output_root / TOKENIZER_DIR
+        else:
+            shutil.copyfile(recorded, target / recorded.name)
+            copied, final = (
+                Tokenizer.load(target / recorded.name).sha256,
+                output_root / TOKENIZER_DIR / recorded.name,
+            )
+    except (OSError, UserError) as exc:
+        copied, problem = None, f"cannot be read here ({exc})"
+    else:
+        problem = f"has sha256 {copied[:12]}, not the recorded {str(identity.get('sha256'))[:12]}"
+    if copied is None or copied != identity.get("sha256"):
+        shutil.rmtree(target)
         say(
-            f"[average] warning: the tokenizer {recorded} the checkpoints record is not on this machine; "
-            "kumihimo.json keeps its identity, but convert to-hf will need --tokenizer"
+            f"[average] warning: the tokenizer {recorded} the checkpoints record {problem}; it is not copied and "
+            "kumihimo.json keeps its identity (convert to-hf will need --tokenizer)"
         )
         return dict(identity)
-    (staging_root / TOKENIZER_DIR).mkdir()
-    if recorded.is_dir():
-        shutil.copytree(recorded, staging_root / TOKENIZER_DIR, dirs_exist_ok=True)
-        final = output_root / TOKENIZER_DIR
-    else:
-        shutil.copyfile(recorded, staging_root / TOKENIZER_DIR / recorded.name)
-        final = output_root / TOKENIZER_DIR / recorded.name
     return {**identity, "path": str(final.resolve())}
 
 
