@@ -126,7 +126,7 @@ def kumihimo_step_times(shape: dict, layers: int, steps: int, device: str) -> li
         "schedule.global_batch_size=1",
         "schedule.lr_warmup_iters=1",
         "schedule.eval_interval=0",
-        "checkpoint.save=null",
+        "checkpoint.enabled=false",
         "model.transformer_impl=auto",
         "logging.log_interval=1000",
     ]
@@ -138,7 +138,7 @@ def kumihimo_step_times(shape: dict, layers: int, steps: int, device: str) -> li
             "train",
             "configs/pretrain/tiny-cpu.yaml",
             *overrides,
-            f"runtime.run_dir={tmp}",
+            f"output_dir={tmp}",
         ]
         subprocess.run(
             cmd,

@@ -237,8 +237,8 @@ def checkpoint_gb(config) -> float:
 def check_disk(report: Report, config) -> None:
     """Free space where checkpoints go: FAIL when one checkpoint (or 1 GiB) does not fit, WARN below
     MIN_FREE_GB or two checkpoints."""
-    saves = bool(config and config.checkpoint.save)
-    target = Path(config.checkpoint.save if saves else ".").resolve()
+    saves = bool(config and config.checkpoint_dir)
+    target = Path(config.checkpoint_dir if saves else ".").resolve()
     while not target.exists():
         target = target.parent
     free_gb = shutil.disk_usage(target).free / 2**30
@@ -247,9 +247,7 @@ def check_disk(report: Report, config) -> None:
     if saves:
         detail += f"; one checkpoint of this recipe takes about {needed_gb:,.1f} GiB"
     if free_gb < max(needed_gb, 1.0):
-        report.add(
-            "FAIL", "disk", detail + ("; free space or set checkpoint.save elsewhere" if saves else "")
-        )
+        report.add("FAIL", "disk", detail + ("; free space or set checkpoint.dir elsewhere" if saves else ""))
     else:
         report.add("OK" if free_gb >= max(MIN_FREE_GB, 2 * needed_gb) else "WARN", "disk", detail)
 
@@ -285,8 +283,84 @@ def check_communication(report: Report, config) -> None:
             f"{bus_gbps:.1f} GB/s bus bandwidth" if info.world_size > 1 else "works (single process)"
         )
         report.add("OK" if ok else "FAIL", "communication", detail if ok else "all-reduce gave a wrong sum")
+        if info.world_size > 1:
+            check_same_inputs(report, config)
     except Exception as exc:  # any failure here is what the user needs to see, whatever its type
         report.add("FAIL", "communication", f"{type(exc).__name__}: {exc}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def input_fingerprint(config) -> dict | None:
+    """What this process reads as the run's tokenizer and datasets: the tokenizer file's sha256 and each
+    dataset's .bin/.idx sizes (sizes, not hashes: a 10 TB corpus cannot be hashed before every job)."""
+    if config is None:
+        return None
+    if config.data.mock:
+        return {"mock data": True}
+    from kumihimo.pretrain.data import read_blend
+    from kumihimo.tokenizer.spm import Tokenizer
+
+    fingerprint: dict = {}
+    try:
+        fingerprint["tokenizer"] = (
+            Tokenizer.load(config.data.tokenizer).sha256 if config.data.tokenizer else None
+        )
+        prefixes, _weights, _recorded = read_blend(config)
+    except (UserError, OSError) as exc:
+        return {**fingerprint, "error": str(exc)}
+    for prefix in prefixes:
+        sizes = [
+            Path(prefix + suffix).stat().st_size if Path(prefix + suffix).is_file() else None
+            for suffix in (".bin", ".idx")
+        ]
+        fingerprint[f"dataset {prefix}"] = sizes
+    return fingerprint
+
+
+def check_same_inputs(report: Report, config) -> None:
+    """Every node of the job must see the same tokenizer and datasets (node-local copies drift). Each rank
+    sends its node name and fingerprint to all; rank 0 reports which nodes differ from the first."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (node, input_fingerprint(config)))
+    by_node: dict[str, dict | None] = {}
+    for name, fingerprint in gathered:
+        by_node.setdefault(name, fingerprint)
+    if all(fingerprint is None for fingerprint in by_node.values()):
+        return  # no --config: nothing to compare
+    first_node, reference = next(iter(by_node.items()))
+    differing = {name: fp for name, fp in by_node.items() if fp != reference}
+    if not differing:
+        what = (
+            "mock data"
+            if reference and "mock data" in reference
+            else (f"tokenizer and {sum(key.startswith('dataset ') for key in reference or {})} dataset(s)")
+        )
+        report.add("OK", "same inputs", f"{len(by_node)} node(s) see the same {what}")
+        return
+    details = []
+    for name, fingerprint in differing.items():
+        keys = sorted(set(reference or {}) | set(fingerprint or {}))
+        diff = [
+            f"{key}: {_short((fingerprint or {}).get(key))} vs {_short((reference or {}).get(key))}"
+            for key in keys
+            if (fingerprint or {}).get(key) != (reference or {}).get(key)
+        ]
+        details.append(f"{name} differs from {first_node} in " + "; ".join(diff or ["its config"]))
+    report.add(
+        "FAIL",
+        "same inputs",
+        " | ".join(details) + "; give every node the same files (shared storage, or copy them again)",
+    )
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text[:12] + "..." if isinstance(value, str) and len(value) == 64 else text

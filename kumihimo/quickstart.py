@@ -197,12 +197,11 @@ def _plain(result) -> dict[str, Any]:
 
 
 def _train_args(workdir: Path, tokenizer: dict, datasets: dict, args: argparse.Namespace) -> list[str]:
-    run_dir = workdir / "train"
+    train_dir = workdir / "train"
     overrides = [
         f"data.blend_file={datasets['blend_path']}",
         f"data.tokenizer={tokenizer['model']}",
-        f"runtime.run_dir={run_dir}",
-        f"checkpoint.save={run_dir / 'checkpoints'}",
+        f"output_dir={train_dir}",  # checkpoints go to its checkpoints/ folder
         f"parallelism.tensor_model_parallel_size={args.tp}",
     ]
     if args.train_iters:
@@ -213,17 +212,17 @@ def _train_args(workdir: Path, tokenizer: dict, datasets: dict, args: argparse.N
 def _train(workdir: Path, train_args: list[str], nproc: int) -> dict[str, Any]:
     import shutil
 
-    run_dir = workdir / "train"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a redo starts from scratch, not from the old checkpoint
+    train_dir = workdir / "train"
+    shutil.rmtree(train_dir, ignore_errors=True)  # a redo starts from scratch, not from the old checkpoint
     cmd = [sys.executable, "-m", "kumihimo.cli", "train", *train_args, "--nproc-per-node", str(nproc)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, 2 // nproc))))
     code = subprocess.call(cmd, env=env)
     if code != 0:
         raise UserError(f"training failed (exit code {code}); its log is above. Rerun with --redo train")
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines()]
     val = [m["val_loss"] for m in metrics if "val_loss" in m]
     return {
-        "checkpoint": str(run_dir / "checkpoints"),
+        "checkpoint": str(train_dir / "checkpoints"),
         "steps": metrics[-1]["step"],
         "loss_first": metrics[0]["loss"],
         "loss_last": metrics[-1]["loss"],

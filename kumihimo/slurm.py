@@ -43,8 +43,8 @@ SUBMIT_EXAMPLES = """examples:
   kumihimo slurm submit configs/pretrain/tiny-cpu.yaml --nodes 1 --gpus-per-node 2 --profile local-cpu \\
       parallelism.tensor_model_parallel_size=2
 
-The rendered script is written to RUN_DIR/submit.sbatch (runtime.run_dir of the recipe) and submitted
-with sbatch; logs go to RUN_DIR/slurm-JOBID.out and are appended to when the job is requeued.
+The rendered script is written to OUTPUT_DIR/submit.sbatch (output_dir of the recipe) and submitted
+with sbatch; logs go to OUTPUT_DIR/slurm-JOBID.out and are appended to when the job is requeued.
 A profile is KEY=value lines sourced inside the job (NCCL/UCX settings, KUMIHIMO_VENV, module loads);
 its SBATCH_<OPTION> lines become #SBATCH --<option> lines (SBATCH_PARTITION=gpu -> --partition=gpu)."""
 
@@ -262,7 +262,7 @@ def script_body(template: Path) -> str:
 _RENDERED_FROM = {
     "job_name": "name",
     "time": "--time",
-    "output": "runtime.run_dir",
+    "output": "output_dir",
     "options": "--sbatch (or a profile's SBATCH_* line)",
     "environment": "--gpus-per-node",
     "arguments": "the argument",
@@ -345,7 +345,7 @@ def job_spec(args: argparse.Namespace, config, profile: Path | None) -> JobSpec:
     cpus = int(env["KUMIHIMO_CPUS_PER_TASK"]) if env.get("KUMIHIMO_CPUS_PER_TASK") else None
     if cpus and per_node_launcher:
         cpus *= per_node  # one task holds every process of its node
-    run_dir = Path(config.runtime.run_dir).resolve()
+    output_dir = Path(config.output_dir).resolve()
     return JobSpec(
         job_name=config.name,
         template=LAUNCHERS[args.launcher],
@@ -356,7 +356,7 @@ def job_spec(args: argparse.Namespace, config, profile: Path | None) -> JobSpec:
         cpus_per_task=cpus,
         time=args.time,
         signal_before_s=signal_before,
-        output=run_dir / "slurm-%j.out",
+        output=output_dir / "slurm-%j.out",
         environment={"KUMIHIMO_PROCS_PER_NODE": str(per_node)} if per_node_launcher else {},
         options=[*options, *args.sbatch],
         profile=profile,
@@ -372,8 +372,8 @@ def run_submit(args: argparse.Namespace) -> int:
     profile = find_profile(args.profile) if args.profile else None
     spec = job_spec(args, config, profile)
     script = render(spec)
-    run_dir = spec.output.parent
-    path = run_dir / "submit.sbatch"
+    output_dir = spec.output.parent
+    path = output_dir / "submit.sbatch"
     if args.dry_run:
         print(script, end="")
         print(f"# would run: sbatch {path}   (logs: {spec.output})")
@@ -383,7 +383,7 @@ def run_submit(args: argparse.Namespace) -> int:
         raise UserError(
             "sbatch is not on PATH; run this on a Slurm login node, or use --dry-run to see the script"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the folder of --output
+    output_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the folder of --output
     configtree.write_text_atomic(path, script)
     proc = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:

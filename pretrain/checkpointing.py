@@ -205,8 +205,8 @@ class CheckpointManager:
         is_main: bool,
     ):
         ckpt = config.checkpoint
-        self.root: Path | None = Path(ckpt.save) if ckpt.save else None
-        """checkpoint.save; None when the run saves nothing."""
+        self.root: Path | None = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+        """The checkpoint folder; None when the run saves nothing (checkpoint.enabled=false)."""
         self.keep_last: int | None = ckpt.keep_last
         self.keep_multiples_of: int | None = ckpt.keep_multiples_of
         self.config, self.layout, self.meta = config, layout, meta
@@ -378,7 +378,7 @@ def clean_leftovers(root: Path) -> list[Path]:
 
 
 class RunLock:
-    """`<checkpoint.save>/.kumihimo-train.lock` holding the owner's host and pid: a second run writing
+    """`<checkpoint folder>/.kumihimo-train.lock` holding the owner's host and pid: a second run writing
     into the same folder (e.g. an immediate re-run while a killed run's processes still live) is refused.
     A lock whose process is gone on this host is stale and taken over; one from another host cannot be
     checked from here, so it is taken over with a warning (a requeued Slurm job lands on another node)."""
@@ -491,7 +491,7 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
         except CheckpointingException as exc:
             raise UserError(
                 f"{folder} does not fit this model and optimizer ({str(exc).splitlines()[0][:300]}); resume "
-                f"with the settings in its {CONFIG_FILE} or start a new run (new checkpoint.save)"
+                f"with the settings in its {CONFIG_FILE} or start a new run (new checkpoint.dir)"
             ) from exc
     if len(model_chunks) == 1:
         unwrap(model_chunks[0]).load_state_dict(loaded["model"])

@@ -7,16 +7,77 @@ section (heads vs TP, layers vs PP, batch vs micro-batch x DP) live in `TrainCon
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from kumihimo.core.configtree import ConfigError, bad_value
+from kumihimo.core.configtree import ConfigError, bad_value, from_dict
+
+
+@dataclass(kw_only=True)
+class RopeScalingConfig:
+    """RoPE frequency scaling for long context, as Hugging Face's rope_scaling / rope_parameters."""
+
+    type: Literal["none", "linear", "llama3", "yarn"] = "none"
+    """none (plain RoPE), linear (position interpolation: every frequency / factor), llama3 (Llama 3.1's
+    wavelength-dependent interpolation) or yarn (NTK-by-parts plus an attention temperature)."""
+    factor: float = 1.0
+    """Context extension factor (linear, llama3, yarn)."""
+    low_freq_factor: float = 1.0
+    """llama3: wavelengths above original_max_position_embeddings / low_freq_factor are divided by factor."""
+    high_freq_factor: float = 4.0
+    """llama3: wavelengths below original_max_position_embeddings / high_freq_factor are kept."""
+    original_max_position_embeddings: int | None = None
+    """Context length of the model before scaling (llama3, yarn; required for those types)."""
+    beta_fast: float = 32.0
+    """yarn: rotations per context below which interpolation stops (extrapolation boundary)."""
+    beta_slow: float = 1.0
+    """yarn: rotations per context above which frequencies are fully interpolated."""
+    mscale: float | None = None
+    """yarn: numerator scale of the attention factor (DeepSeek style); used only with mscale_all_dim."""
+    mscale_all_dim: float | None = None
+    """yarn: denominator scale of the attention factor; used only with mscale."""
+    attention_factor: float | None = None
+    """yarn: multiplier of RoPE's cos/sin (attention temperature); null derives it from factor (and mscale)."""
+    truncate: bool = True
+    """yarn: round the correction range to whole dimensions (Hugging Face's default)."""
+
+    def validate(self) -> None:
+        key = "model.rope_scaling"
+        if self.type == "none":
+            return
+        if self.factor < 1:
+            raise bad_value(f"{key}.factor", self.factor, f"is below 1 for type {self.type}", "use >= 1")
+        if self.type in ("llama3", "yarn") and (
+            self.original_max_position_embeddings is None or self.original_max_position_embeddings <= 0
+        ):
+            raise bad_value(
+                f"{key}.original_max_position_embeddings",
+                self.original_max_position_embeddings,
+                f"is required by type {self.type}",
+                "set the context length the model was pretrained with (e.g. 8192 for Llama 3.1)",
+            )
+        if self.type == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise bad_value(
+                f"{key}.low_freq_factor",
+                self.low_freq_factor,
+                f"must be positive and below high_freq_factor={self.high_freq_factor}",
+                "use Llama 3.1's 1 and 4",
+            )
+        if self.type == "yarn" and not self.beta_slow < self.beta_fast:
+            raise bad_value(
+                f"{key}.beta_slow",
+                self.beta_slow,
+                f"must be below beta_fast={self.beta_fast}",
+                "use the paper's 1 and 32",
+            )
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """Llama-style decoder: RMSNorm, SwiGLU, RoPE, optional GQA, no biases, untied embeddings."""
+    """Llama-family decoder: RMSNorm, SwiGLU, RoPE (optionally scaled), optional GQA, QKV bias (Qwen2),
+    per-head q/k RMSNorm (Qwen3) and tied embeddings; no other biases."""
 
     num_layers: int = 2
     """Number of transformer layers."""
@@ -34,6 +95,17 @@ class ModelConfig:
     """Tokens per training sequence; also max_position_embeddings in the exported config.json."""
     rotary_base: int = 10000
     """RoPE base (theta)."""
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    """RoPE frequency scaling (Llama 3.1 llama3, linear, YaRN); type none is plain RoPE."""
+    add_qkv_bias: bool = False
+    """Biases on the query/key/value projections only (Qwen2/Qwen2.5)."""
+    qk_layernorm: bool = False
+    """RMSNorm over each query and key head before RoPE, one weight of head_dim shared by the heads (Qwen3)."""
+    tie_word_embeddings: bool = False
+    """The output layer reuses the input embedding matrix (small Llama 3.2 and Qwen2.5 models)."""
+    family: Literal["auto", "llama", "mistral", "qwen2", "qwen3"] = "auto"
+    """Hugging Face architecture `convert to-hf` writes; auto: qwen3 with qk_layernorm, qwen2 with
+    add_qkv_bias, else llama. `convert from-hf` records the family it imported."""
     norm_epsilon: float = 1.0e-5
     """RMSNorm epsilon."""
     init_method_std: float = 0.02
@@ -98,6 +170,30 @@ class ModelConfig:
             )
         if self.init_method_std <= 0 or self.norm_epsilon <= 0:
             raise ConfigError("model.init_method_std and model.norm_epsilon must be positive; fix them")
+        self.rope_scaling.validate()
+        family = self.family
+        needs = {
+            "qwen2": (True, False),
+            "qwen3": (False, True),
+            "llama": (False, False),
+            "mistral": (False, False),
+        }
+        if family != "auto" and needs[family] != (self.add_qkv_bias, self.qk_layernorm):
+            bias, norm = needs[family]
+            raise bad_value(
+                "model.family",
+                family,
+                f"needs add_qkv_bias={str(bias).lower()} and qk_layernorm={str(norm).lower()}, but they are "
+                f"{str(self.add_qkv_bias).lower()} and {str(self.qk_layernorm).lower()}",
+                "set family=auto or the matching flags",
+            )
+
+    @property
+    def hf_family(self) -> str:
+        """The Hugging Face family this model is exported as (both QKV bias and q/k norm: none; to-hf refuses)."""
+        if self.family != "auto":
+            return self.family
+        return "qwen3" if self.qk_layernorm else "qwen2" if self.add_qkv_bias else "llama"
 
 
 @dataclass(kw_only=True)
@@ -416,13 +512,24 @@ class DataConfig:
 class CheckpointConfig:
     """Megatron distributed checkpoints (torch_dist)."""
 
-    save: str | None = None
-    """Folder for checkpoints (iter_NNNNNNN/ plus latest_checkpointed_iteration.txt); null saves none."""
+    RENAMED: ClassVar[dict[str, str]] = {
+        "save": "write checkpoint.dir=<folder> (null means <output_dir>/checkpoints), or "
+        "checkpoint.enabled=false instead of checkpoint.save=null",
+    }
+    """Keys of earlier releases, refused with the new spelling."""
+
+    enabled: bool = True
+    """Write checkpoints; false saves none (benchmarks, smoke runs) and resumes only from an explicit
+    checkpoint.load."""
+    dir: str | None = None
+    """Folder for checkpoints (iter_NNNNNNN/ plus latest_checkpointed_iteration.txt); null means
+    <output_dir>/checkpoints. Set it to put checkpoints on another filesystem (e.g. /checkpoints/<run>)."""
     load: str | None = None
-    """Folder to resume from; null means the save folder when it holds a checkpoint."""
+    """Folder to resume from; null means the checkpoint folder (checkpoint.dir) when checkpoints are
+    enabled and it holds one."""
     pretrained: str | None = None
     """Weights-only checkpoint to start from (e.g. written by `kumihimo convert from-hf`) when neither
-    checkpoint.load nor checkpoint.save holds a checkpoint yet: weights load at any TP/PP; optimizer,
+    checkpoint.load nor the checkpoint folder holds a checkpoint yet: weights load at any TP/PP; optimizer,
     schedule, step and data position start fresh (continual pretraining)."""
     save_interval: int = 0
     """Save every this many steps (0: only at the end) once past every dense_intervals phase."""
@@ -535,8 +642,12 @@ class RuntimeConfig:
     """Ask torch for deterministic kernels (slower on GPU)."""
     distributed_timeout_minutes: int = 15
     """Timeout of collective operations."""
-    run_dir: str = "runs/default"
-    """Folder for the resolved config, logs and (by default) checkpoints of this run."""
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "run_dir": "write output_dir: <folder> at the top level of the recipe (output_dir=<folder> on the "
+        "command line)",
+    }
+    """Keys of earlier releases, refused with the new spelling."""
 
 
 @dataclass(kw_only=True)
@@ -548,6 +659,9 @@ class TrainConfig:
 
     name: str = "run"
     """Run name (logs, W&B)."""
+    output_dir: str = "runs/default"
+    """Run folder: the resolved run_config.yaml, metrics.jsonl, logs, the data cache (unless
+    data.cache_dir is set), memory and parameter reports, and by default the checkpoints/ folder."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model architecture."""
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
@@ -569,6 +683,14 @@ class TrainConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     """Process settings."""
 
+    @property
+    def checkpoint_dir(self) -> str | None:
+        """Where checkpoints are written: checkpoint.dir, or <output_dir>/checkpoints when it is null;
+        None when checkpoint.enabled is false."""
+        if not self.checkpoint.enabled:
+            return None
+        return self.checkpoint.dir or str(Path(self.output_dir) / "checkpoints")
+
     def check_paths(self) -> None:
         """Checks that need the files of this machine; `kumihimo train` runs them before launching."""
         self.data.check_paths()
@@ -577,8 +699,11 @@ class TrainConfig:
         check_datasets_and_tokenizer(self)  # the trainer repeats this on every rank before building the model
 
         for key, path in (
-            ("runtime.run_dir", self.runtime.run_dir),
-            ("checkpoint.save", self.checkpoint.save),
+            ("output_dir", self.output_dir),
+            (
+                "checkpoint.dir" if self.checkpoint.dir else "output_dir (its checkpoints/)",
+                self.checkpoint_dir,
+            ),
             ("data.cache_dir", self.data.cache_dir),
         ):
             if path is not None:
@@ -634,3 +759,19 @@ class TrainConfig:
         from kumihimo.pretrain.parallel import check_model_fits_layout
 
         check_model_fits_layout(self)
+
+
+def from_saved(data: dict) -> TrainConfig:
+    """The TrainConfig of a run_config.yaml written by any release. Files saved before output_dir,
+    checkpoint.dir and checkpoint.enabled existed are translated (a recipe with the old keys is refused
+    with the new spelling instead: recipes are edited by people, saved configs are not)."""
+    data = copy.deepcopy(data)
+    runtime = data.get("runtime")
+    if isinstance(runtime, dict) and "run_dir" in runtime:
+        data.setdefault("output_dir", runtime.pop("run_dir"))
+    checkpoint = data.get("checkpoint")
+    if isinstance(checkpoint, dict) and "save" in checkpoint:
+        save = checkpoint.pop("save")
+        checkpoint.setdefault("enabled", save is not None)
+        checkpoint.setdefault("dir", save)
+    return from_dict(TrainConfig, data)

@@ -237,7 +237,7 @@ def check_resume(meta: dict, folder: Path, config, fingerprint: dict, padded_voc
     if diffs:
         raise ConfigError(
             f"{folder} holds another model shape ({'; '.join(diffs)}); resume with the checkpoint's model "
-            f"settings (its {config_file.name}) or start a new run (new checkpoint.save)"
+            f"settings (its {config_file.name}) or start a new run (new checkpoint.dir)"
         )
     saved = meta.get("data_fingerprint")
     if saved is None:  # written before fingerprints existed: the old, coarser check
@@ -246,7 +246,7 @@ def check_resume(meta: dict, folder: Path, config, fingerprint: dict, padded_voc
         if any(old.get(k) != v for k, v in now.items()):
             raise ConfigError(
                 f"the checkpoint was trained on data {old} but this run uses {now}; start a new run "
-                "(new checkpoint.save) to change the data"
+                "(new checkpoint.dir) to change the data"
             )
         saved = {**fingerprint, "tokenizer_sha256": (meta.get("tokenizer") or {}).get("sha256")}
     tokenizer, changes, harmless = compare_fingerprints(saved, fingerprint)
@@ -261,7 +261,7 @@ def check_resume(meta: dict, folder: Path, config, fingerprint: dict, padded_voc
     if changes and not config.checkpoint.allow_data_change:
         raise ConfigError(
             f"the data changed since {folder.name}: {'; '.join(changes)}. Resuming would not continue the "
-            "same sample stream; restore the data, start a new run (new checkpoint.save), or set "
+            "same sample stream; restore the data, start a new run (new checkpoint.dir), or set "
             "checkpoint.allow_data_change=true if the change is intended"
         )
     notes = [f"note: {note}" for note in harmless]

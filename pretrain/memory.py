@@ -10,7 +10,7 @@
 * on a GPU also `torch.cuda.max_memory_allocated` after the step: the total the plan's sum
   (plus its reserve) should cover.
 
-The trainer writes one row per rank to `<run_dir>/memory_per_rank.json`.
+The trainer writes one row per rank to `<output_dir>/memory_per_rank.json`.
 """
 
 from __future__ import annotations

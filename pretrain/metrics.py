@@ -41,7 +41,7 @@ def training_flops_per_token(config: TrainConfig, padded_vocab_size: int) -> flo
 class MetricsSink:
     """Writes each step's metrics to the console, metrics.jsonl, TensorBoard and W&B (rank 0 only)."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path, enabled: bool):
+    def __init__(self, config: TrainConfig, output_dir: Path, enabled: bool):
         self.enabled = enabled
         self.interval = max(1, config.logging.log_interval)
         self._jsonl = None
@@ -49,8 +49,8 @@ class MetricsSink:
         self._wandb = None
         if not enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         # TensorBoard and W&B are optional: imported only when the config asks for them
         if config.logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
@@ -63,7 +63,7 @@ class MetricsSink:
                 project=config.logging.wandb_project,
                 name=config.name,
                 mode=config.logging.wandb_mode,
-                dir=str(run_dir),
+                dir=str(output_dir),
                 config=configtree.to_dict(config),
             )
 

@@ -96,7 +96,7 @@ def forward_step(data_iterator, model, z_loss_coeff: float = 0.0, meter: Activat
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.run_dir = Path(config.runtime.run_dir)
+        self.output_dir = Path(config.output_dir)
         self.state = TrainState()
         res = config.resilience
         self.loss_guard = LossGuard(res.spike_factor, res.spike_warmup_steps)
@@ -136,20 +136,20 @@ class Trainer:
         self.is_logger = self.info.is_main
         if self.is_logger:
             self._claim_save_folder()
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            configtree.save(cfg, self.run_dir / "run_config.yaml")
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            configtree.save(cfg, self.output_dir / "run_config.yaml")
             log.info(
-                f"[train] resolved config (saved to {self.run_dir / 'run_config.yaml'}):\n"
+                f"[train] resolved config (saved to {self.output_dir / 'run_config.yaml'}):\n"
                 + configtree.dump_yaml(cfg).rstrip()
             )
             log.info(f"[train] layout {self.layout.describe()}")
-            if cfg.checkpoint.async_save and not cfg.checkpoint.save:
+            if cfg.checkpoint.async_save and not cfg.checkpoint.enabled:
                 log.info(
-                    "[train] warning: checkpoint.async_save=true is ignored: checkpoint.save is null, so this run "
-                    "saves nothing"
+                    "[train] warning: checkpoint.async_save=true is ignored: checkpoint.enabled is false, so "
+                    "this run saves nothing"
                 )
 
-        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir / "data_cache"
+        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.output_dir / "data_cache"
         self.datasets: Datasets = build_datasets(cfg, cache_dir)
         vocab = self.datasets.tokenizer.vocab_size
         self.padded_vocab = self.layout.padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by)
@@ -157,17 +157,17 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(cfg, self.padded_vocab)
         self._record_parameter_counts()
         self.memory_meter: ActivationMeter | None = ActivationMeter(self.model)
-        self.metrics = MetricsSink(cfg, self.run_dir, enabled=self.is_logger)
+        self.metrics = MetricsSink(cfg, self.output_dir, enabled=self.is_logger)
         self.checkpoints = CheckpointManager(
             cfg, self.layout, self._build_checkpoint_meta(), self.device, self.info.is_main
         )
         self._maybe_resume()
 
     def _claim_save_folder(self) -> None:
-        """Rank 0: lock checkpoint.save against a second run, then clear what a killed save left."""
-        if not self.config.checkpoint.save:
+        """Rank 0: lock the checkpoint folder against a second run, then clear what a killed save left."""
+        if self.config.checkpoint_dir is None:
             return
-        root = Path(self.config.checkpoint.save)
+        root = Path(self.config.checkpoint_dir)
         root.mkdir(parents=True, exist_ok=True)
         self.lock = checkpointing.RunLock(root)
         warning = self.lock.acquire()
@@ -259,7 +259,7 @@ class Trainer:
         dist.all_gather_object(rows, row)
         if self.is_logger:
             configtree.write_text_atomic(
-                self.run_dir / "parameters_per_rank.json", json.dumps(rows, indent=1)
+                self.output_dir / "parameters_per_rank.json", json.dumps(rows, indent=1)
             )
             log.info(f"[train] {max(r['parameters'] for r in rows):,} parameters on the most loaded rank")
 
@@ -279,7 +279,7 @@ class Trainer:
         rows = [None] * self.info.world_size
         dist.all_gather_object(rows, row)
         if self.is_logger:
-            configtree.write_text_atomic(self.run_dir / "memory_per_rank.json", json.dumps(rows, indent=1))
+            configtree.write_text_atomic(self.output_dir / "memory_per_rank.json", json.dumps(rows, indent=1))
 
     def _build_checkpoint_meta(self) -> dict:
         """What every checkpoint of this run records beside its state (fixed for the run)."""
@@ -305,7 +305,7 @@ class Trainer:
 
     def _maybe_resume(self) -> None:
         ckpt = self.config.checkpoint
-        root = ckpt.load or ckpt.save
+        root = ckpt.load or self.config.checkpoint_dir
         if root is None or checkpointing.read_latest(Path(root)) is None:
             if ckpt.load is not None:
                 raise configtree.ConfigError(
@@ -319,7 +319,7 @@ class Trainer:
         if meta.get("weights_only"):
             raise configtree.ConfigError(
                 f"{folder} holds weights only (no optimizer state) and cannot be resumed; pass it as "
-                f"checkpoint.pretrained={root} with a new checkpoint.save"
+                f"checkpoint.pretrained={root} with a new checkpoint.dir"
             )
         self._check_resume_compatible(meta, folder)
         self.state = self.checkpoints.load(folder, self.model, self.optimizer, self.scheduler)

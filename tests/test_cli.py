@@ -122,7 +122,7 @@ def test_doctor_fails_a_cuda_recipe_without_a_gpu_and_a_full_checkpoint_disk(mon
     from kumihimo.pretrain.config import TrainConfig
 
     config = configtree.load(
-        TrainConfig, "configs/pretrain/tiny-cpu.yaml", ["runtime.device=cuda", f"checkpoint.save={tmp_path}"]
+        TrainConfig, "configs/pretrain/tiny-cpu.yaml", ["runtime.device=cuda", f"checkpoint.dir={tmp_path}"]
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=10**12, free=0))

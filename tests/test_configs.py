@@ -1,12 +1,13 @@
 """Every recipe in configs/ loads and validates; every config field is documented."""
 
+import re
 from pathlib import Path
 
 import pytest
 
 from kumihimo.core import configtree
 from kumihimo.data_prep.config import DataPrepConfig
-from kumihimo.pretrain.config import TrainConfig
+from kumihimo.pretrain.config import TrainConfig, from_saved
 from kumihimo.tokenizer.config import TokenizerTrainConfig
 from tests.conftest import REPO
 
@@ -59,3 +60,50 @@ def test_overrides_parse_yaml_values():
     assert config.optimizer.lr == 1e-3
     assert config.data.blend[0].prefix == "/x" and config.data.blend[0].weight == 2.0
     assert config.checkpoint.keep_last is None
+
+
+def test_output_folders_default_and_override():
+    config = configtree.load(TrainConfig, REPO / "configs/pretrain/tiny-cpu.yaml", ["output_dir=/runs/a"])
+    assert config.checkpoint_dir == "/runs/a/checkpoints"
+    config = configtree.load(
+        TrainConfig, None, ["data.mock=true", "output_dir=/runs/a", "checkpoint.dir=/ckpt/a"]
+    )
+    assert config.checkpoint_dir == "/ckpt/a"
+    config = configtree.load(
+        TrainConfig, None, ["data.mock=true", "checkpoint.dir=/ckpt/a", "checkpoint.enabled=false"]
+    )
+    assert config.checkpoint_dir is None
+
+
+@pytest.mark.parametrize(
+    ("spelling", "fix"),
+    [
+        ("runtime: {run_dir: /runs/a}", "'runtime.run_dir' is an old spelling; write output_dir: <folder>"),
+        ("checkpoint: {save: /ckpt}", "'checkpoint.save' is an old spelling; write checkpoint.dir=<folder>"),
+        ("checkpoint: {save: null}", "or checkpoint.enabled=false instead of checkpoint.save=null"),
+    ],
+)
+def test_old_output_spellings_are_refused_in_sections_and_overrides(tmp_path, spelling, fix):
+    """RENAMED works on nested sections, for recipes and for dotted overrides alike."""
+    (tmp_path / "old.yaml").write_text(spelling + "\n")
+    with pytest.raises(configtree.ConfigError, match=re.escape(fix)):
+        configtree.load(TrainConfig, tmp_path / "old.yaml")
+    section, _, rest = spelling.partition(": {")
+    key, _, value = rest.rstrip("}").partition(": ")
+    with pytest.raises(configtree.ConfigError, match=re.escape(fix)):
+        configtree.load(TrainConfig, None, [f"{section}.{key}={value}"])
+
+
+def test_run_configs_saved_by_earlier_releases_still_read():
+    """Checkpoints written before output_dir existed stay convertible (their run_config.yaml is
+    machine-written, so it is translated rather than refused)."""
+    old = configtree.to_dict(TrainConfig())
+    del old["output_dir"]
+    old["runtime"]["run_dir"] = "/runs/old"
+    del old["checkpoint"]["enabled"], old["checkpoint"]["dir"]
+    old["checkpoint"]["save"] = "/ckpt/old"
+    config = from_saved(old)
+    assert (config.output_dir, config.checkpoint_dir) == ("/runs/old", "/ckpt/old")
+    old["checkpoint"]["save"] = None
+    assert from_saved(old).checkpoint.enabled is False
+    assert old["runtime"]["run_dir"] == "/runs/old"  # the caller's mapping is left alone

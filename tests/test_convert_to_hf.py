@@ -129,8 +129,8 @@ def megatron(work, spm_model, prompt) -> tuple[dict[str, Path], dict[str, dict[s
                 "schedule.eval_interval=0",
                 "data.mock=true",
                 f"data.tokenizer={spm_model}",
-                f"runtime.run_dir={work / name}",
-                f"checkpoint.save={roots[name]}",
+                f"output_dir={work / name}",
+                f"checkpoint.dir={roots[name]}",
                 *overrides,
             ]
         )

@@ -23,7 +23,7 @@ GPU = (
 
 
 def test_tiny_recipe_trains_on_one_gpu_in_bf16(tmp_path):
-    proc = run_cli("train", TINY, *GPU, f"runtime.run_dir={tmp_path}", f"checkpoint.save={tmp_path}/ckpt")
+    proc = run_cli("train", TINY, *GPU, f"output_dir={tmp_path}", f"checkpoint.dir={tmp_path}/ckpt")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(tmp_path)
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.5
@@ -41,7 +41,7 @@ def test_fp8_without_transformer_engine_is_refused(tmp_path):
         *GPU,
         "precision.fp8=hybrid",
         "model.transformer_impl=auto",
-        f"runtime.run_dir={tmp_path}",
+        f"output_dir={tmp_path}",
     )
     assert proc.returncode == 2
     assert "precision.fp8 needs Transformer Engine" in proc.stderr

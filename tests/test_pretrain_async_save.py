@@ -34,7 +34,7 @@ TP2 = "parallelism.tensor_model_parallel_size=2"
 
 
 def train(run_dir: Path, *overrides: str, nproc: int = 1, expect: int = 0) -> subprocess.CompletedProcess:
-    args = ["train", TINY, *BASE, f"runtime.run_dir={run_dir}", f"checkpoint.save={run_dir}/ckpt", *overrides]
+    args = ["train", TINY, *BASE, f"output_dir={run_dir}", f"checkpoint.dir={run_dir}/ckpt", *overrides]
     if nproc > 1:
         args += ["--nproc-per-node", str(nproc)]
     proc = run_cli(*args, timeout=300)
@@ -95,8 +95,8 @@ def test_requeue_signal_waits_for_the_background_save(tmp_path):
         *BASE,
         "schedule.train_iters=40",
         "checkpoint.save_interval=1",
-        f"runtime.run_dir={tmp_path}",
-        f"checkpoint.save={tmp_path}/ckpt",
+        f"output_dir={tmp_path}",
+        f"checkpoint.dir={tmp_path}/ckpt",
     )
     assert returncode == EXIT_REQUEUE, stderr[-2000:]
     stopped_at = read_metrics(tmp_path)[-1]["step"]
@@ -162,8 +162,8 @@ def _save_then_change_everything(run_dir: str) -> None:
             *BASE,
             "schedule.exit_after_iters=1",
             "checkpoint.save_at_end=false",
-            f"runtime.run_dir={run_dir}",
-            f"checkpoint.save={root}",
+            f"output_dir={run_dir}",
+            f"checkpoint.dir={root}",
         ],
     )
     trainer = Trainer(config)

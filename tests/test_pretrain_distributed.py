@@ -26,7 +26,7 @@ BASE = (
 
 
 def train(run_dir, *overrides, nproc=1):
-    args = ["train", TINY, *BASE, f"runtime.run_dir={run_dir}", f"checkpoint.save={run_dir}/ckpt", *overrides]
+    args = ["train", TINY, *BASE, f"output_dir={run_dir}", f"checkpoint.dir={run_dir}/ckpt", *overrides]
     if nproc > 1:
         args += ["--nproc-per-node", str(nproc)]
     proc = run_cli(*args, timeout=240)
@@ -121,8 +121,8 @@ def test_resume_with_other_data_is_refused(tmp_path):
         "train",
         TINY,
         *BASE,
-        f"runtime.run_dir={tmp_path}",
-        f"checkpoint.save={tmp_path}/ckpt",
+        f"output_dir={tmp_path}",
+        f"checkpoint.dir={tmp_path}/ckpt",
         "runtime.seed=7",
     )
     assert proc.returncode == 2

@@ -53,8 +53,8 @@ def train(run_dir: Path, *overrides: str, timeout: float = 300):
         "train",
         TINY,
         *BASE,
-        f"runtime.run_dir={run_dir}",
-        f"checkpoint.save={run_dir}/ckpt",
+        f"output_dir={run_dir}",
+        f"checkpoint.dir={run_dir}/ckpt",
         *overrides,
         timeout=timeout,
     )
@@ -295,7 +295,7 @@ def test_non_finite_and_out_of_range_floats_are_refused(override, message):
 def test_unusable_output_folders_are_refused(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    for key in ("runtime.run_dir", "checkpoint.save", "data.cache_dir"):
+    for key in ("output_dir", "checkpoint.dir", "data.cache_dir"):
         for path, problem in ((a_file, "is a file, not a folder"), (a_file / "sub", "which is a file")):
             config = configtree.load(TrainConfig, TINY, [f"{key}={path}"])
             with pytest.raises(UserError, match=problem):
@@ -305,7 +305,7 @@ def test_unusable_output_folders_are_refused(tmp_path):
     if os.access(locked, os.W_OK):
         pytest.skip("running as root: every folder is writable")
     with pytest.raises(UserError, match="is not writable"):
-        configtree.load(TrainConfig, TINY, [f"checkpoint.save={locked}/ckpt"]).check_paths()
+        configtree.load(TrainConfig, TINY, [f"checkpoint.dir={locked}/ckpt"]).check_paths()
 
 
 def test_convert_refuses_a_file_as_output(tmp_path):
@@ -384,7 +384,7 @@ def test_full_disk_is_refused_before_saving_and_latest_stays(tmp_path, trained, 
     disk = small_disk(int(size * 1.6))
     proc = run_cli(
         "train", TINY, *BASE, "schedule.train_iters=3", "checkpoint.save_interval=1", "checkpoint.keep_last=null",
-        f"runtime.run_dir={tmp_path}/run", f"checkpoint.save={disk}", timeout=300,
+        f"output_dir={tmp_path}/run", f"checkpoint.dir={disk}", timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = last_line(proc.stderr)
@@ -400,7 +400,7 @@ def test_full_disk_frees_itself_by_pruning_first(tmp_path, trained, small_disk):
     disk = small_disk(int(size * 2.6))
     proc = run_cli(
         "train", TINY, *BASE, "schedule.train_iters=4", "checkpoint.save_interval=1", "checkpoint.keep_last=2",
-        f"runtime.run_dir={tmp_path}/run", f"checkpoint.save={disk}", timeout=300,
+        f"output_dir={tmp_path}/run", f"checkpoint.dir={disk}", timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "disk nearly full: pruned iter_0000001 before saving" in proc.stderr
@@ -494,8 +494,8 @@ def _run(mode: str, run_dir: str) -> int:
 
     overrides = [
         *BASE,
-        f"runtime.run_dir={run_dir}",
-        f"checkpoint.save={run_dir}/ckpt",
+        f"output_dir={run_dir}",
+        f"checkpoint.dir={run_dir}/ckpt",
         "checkpoint.save_interval=1",
     ]
     if mode == "poison":

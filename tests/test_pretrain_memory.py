@@ -40,7 +40,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_plan_memory_matches_a_measured_run(tmp_path, name):
     nproc, overrides, activation_tolerance = LAYOUTS[name]
-    args = ["train", TINY, *ONE_STEP, *overrides, f"runtime.run_dir={tmp_path}"]
+    args = ["train", TINY, *ONE_STEP, *overrides, f"output_dir={tmp_path}", "checkpoint.enabled=false"]
     proc = run_cli(*args, *(["--nproc-per-node", str(nproc)] if nproc > 1 else []), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "memory_per_rank.json").read_text())

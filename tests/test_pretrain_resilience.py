@@ -31,8 +31,8 @@ def test_sigusr1_saves_exits_for_requeue_and_resume_finishes_the_same(tmp_path):
         TINY,
         *BASE,
         "schedule.train_iters=40",
-        f"runtime.run_dir={straight}",
-        "checkpoint.save=null",
+        f"output_dir={straight}",
+        "checkpoint.enabled=false",
         timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -43,8 +43,8 @@ def test_sigusr1_saves_exits_for_requeue_and_resume_finishes_the_same(tmp_path):
         TINY,
         *BASE,
         "schedule.train_iters=40",
-        f"runtime.run_dir={run_dir}",
-        f"checkpoint.save={run_dir}/ckpt",
+        f"output_dir={run_dir}",
+        f"checkpoint.dir={run_dir}/ckpt",
     )
     assert returncode == EXIT_REQUEUE, stderr[-2000:]
     assert "stop signal received" in stderr
@@ -56,8 +56,8 @@ def test_sigusr1_saves_exits_for_requeue_and_resume_finishes_the_same(tmp_path):
         TINY,
         *BASE,
         "schedule.train_iters=40",
-        f"runtime.run_dir={run_dir}",
-        f"checkpoint.save={run_dir}/ckpt",
+        f"output_dir={run_dir}",
+        f"checkpoint.dir={run_dir}/ckpt",
         timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -82,8 +82,8 @@ def test_diverging_run_is_skipped_then_stopped(tmp_path, policy, expect_skips):
         "resilience.spike_warmup_steps=1",
         f"resilience.on_bad_loss={policy}",
         "resilience.max_consecutive_skips=3",
-        f"runtime.run_dir={tmp_path}",
-        f"checkpoint.save={tmp_path}/ckpt",
+        f"output_dir={tmp_path}",
+        f"checkpoint.dir={tmp_path}/ckpt",
         timeout=240,
     )
     assert proc.returncode == EXIT_BAD_LOSS, proc.stderr[-2000:]

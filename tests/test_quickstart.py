@@ -82,8 +82,8 @@ def test_dataset_index_cache_is_built_once_and_reused(quickstart, tmp_path):
         f"data.cache_dir={cache}",
         "schedule.train_iters=150",
         "schedule.exit_after_iters=2",
-        f"runtime.run_dir={tmp_path}",
-        "checkpoint.save=null",
+        f"output_dir={tmp_path}",
+        "checkpoint.enabled=false",
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -50,8 +50,8 @@ def submit(cluster: SlurmCluster, run_dir: Path, *options: str) -> tuple[str, Pa
         "2",
         "--profile",
         "local-cpu",
-        f"runtime.run_dir={run_dir}",
-        f"checkpoint.save={run_dir}/ckpt",
+        f"output_dir={run_dir}",
+        f"checkpoint.dir={run_dir}/ckpt",
         *options,
     )
     job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)

@@ -38,7 +38,7 @@ def test_dry_run_of_the_172b_recipe_on_64_nodes(capsys, tmp_path):
         "h100-ib",
         "--time",
         "48:00:00",
-        f"runtime.run_dir={tmp_path}/run",
+        f"output_dir={tmp_path}/run",
         "schedule.train_iters=300000",
     )
     assert code == 0, err
@@ -59,7 +59,7 @@ def test_dry_run_of_the_172b_recipe_on_64_nodes(capsys, tmp_path):
         assert re.search(rf"^{re.escape(line)}", environment, flags=re.M), line
     # The command: the absolute recipe and the overrides, then doctor and the trainer under srun.
     assert (
-        f"set -- {REPO}/configs/pretrain/llmjp3-172b.yaml {'runtime.run_dir=' + str(tmp_path)}/run "
+        f"set -- {REPO}/configs/pretrain/llmjp3-172b.yaml {'output_dir=' + str(tmp_path)}/run "
         "schedule.train_iters=300000" in out
     )
     assert re.search(r'^"\$\{launch\[@\]\}" kumihimo train "\$config"', out, flags=re.M)
@@ -89,7 +89,7 @@ def test_cpu_profile_asks_for_tasks_not_gpus(capsys, tmp_path):
         "local-cpu",
         "--time",
         "00:10:00",
-        f"runtime.run_dir={tmp_path}",
+        f"output_dir={tmp_path}",
         "parallelism.tensor_model_parallel_size=2",
         "--sbatch=--qos=debug",
     )
@@ -118,7 +118,7 @@ def test_cpu_profile_asks_for_tasks_not_gpus(capsys, tmp_path):
         (["--sbatch", "qos=high"], "--sbatch='qos=high' is not an sbatch option"),
         (["name=job\necho injected"], "the argument 'name=job\\necho injected' holds the control"),
         (['name="job\\necho injected"'], "name='job\\necho injected' holds the control character"),
-        (["runtime.run_dir=/tmp/run\rx"], "runtime.run_dir="),
+        (["output_dir=/tmp/run\rx"], "output_dir="),
         (["--signal-before", "-5"], "--signal-before=-5 s must be > 0"),
         (["--signal-before", "0"], "--signal-before=0 s must be > 0"),
         (["--time", "99:99:99"], "--time='99:99:99' has a field out of range"),
