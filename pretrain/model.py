@@ -34,6 +34,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from kumihimo.core.errors import UserError
+from kumihimo.pretrain.rope import attention_softmax_scale, rope_inv_freq
 
 if TYPE_CHECKING:
     from kumihimo.pretrain.config import TrainConfig
@@ -252,7 +253,9 @@ def transformer_config(config: TrainConfig, layout: ParallelLayout) -> Transform
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
+        softmax_scale=attention_softmax_scale(model),  # YaRN's attention factor, else the default
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
@@ -286,11 +289,14 @@ def layer_spec(config: TrainConfig):
     if impl == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec()
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.model.qk_layernorm)
     # normalization= is required: without it the local spec silently builds LayerNorm.
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.model.qk_layernorm)
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
+    if config.model.qk_layernorm:  # per head: Megatron builds them with hidden_size=head_dim
+        spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
+        spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
     if config.model.local_attention == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
@@ -325,7 +331,7 @@ def build_model(config: TrainConfig, layout: ParallelLayout, padded_vocab_size: 
             pre_process=pre,
             post_process=post,
             parallel_output=True,
-            share_embeddings_and_output_weights=False,
+            share_embeddings_and_output_weights=config.model.tie_word_embeddings,
             position_embedding_type="rope",
             rotary_base=config.model.rotary_base,
             vp_stage=vp_stage if layout.vpp else None,
@@ -335,6 +341,10 @@ def build_model(config: TrainConfig, layout: ParallelLayout, padded_vocab_size: 
             if config.runtime.device == "cpu"
             else torch.device("cuda", torch.cuda.current_device())
         )
+        if config.model.rope_scaling.type != "none":  # Megatron's RotaryEmbedding has no such scaling
+            chunk.rotary_pos_emb.inv_freq = rope_inv_freq(config.model).to(
+                chunk.rotary_pos_emb.inv_freq.device
+            )
         chunk.to(device)
         init_parameters(chunk, config)
         chunks.append(chunk)
@@ -376,8 +386,10 @@ def init_parameters(chunk: GPTModel, config: TrainConfig) -> None:
     """Draw every global tensor from a generator seeded by (seed, name, layer) and keep this rank's slice.
 
     Normal(0, std) weights, std / sqrt(2 * num_layers) for attention and MLP output projections,
-    ones for RMSNorm weights. Each rank generates the full tensor of its layers (on its device), which
-    costs a transient copy of one tensor and keeps init identical for any TP/PP/VPP.
+    ones for RMSNorm weights (q/k norms included), zeros for biases (QKV). Each rank generates the
+    full tensor of its layers (on its device), which costs a transient copy of one tensor and keeps
+    init identical for any TP/PP/VPP. A tied output layer on the last pipeline stage is saved under
+    the embedding's key, so it draws the embedding's values.
     """
     model = config.model
     std = model.init_method_std

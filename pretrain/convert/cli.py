@@ -1,5 +1,5 @@
-"""`kumihimo convert to-hf | from-hf | average`: Megatron checkpoints <-> Hugging Face Llama folders, and
-the average of several checkpoints."""
+"""`kumihimo convert to-hf | from-hf | average`: Megatron checkpoints <-> Hugging Face Llama,
+Mistral, Qwen2 and Qwen3 folders, and the average of several checkpoints."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 
     to_hf = sub.add_parser(
         "to-hf",
-        help="Megatron checkpoint (any TP/PP) -> Hugging Face LlamaForCausalLM folder",
-        description="Write a Hugging Face LlamaForCausalLM folder (sharded safetensors, config.json, "
+        help="Megatron checkpoint (any TP/PP) -> Hugging Face Llama/Mistral/Qwen2/Qwen3 folder",
+        description="Write a Hugging Face folder of the model's family (sharded safetensors, config.json, "
         "generation_config.json, tokenizer files) from a kumihimo checkpoint, on CPU. The "
         "checkpoint's run_config.yaml and kumihimo.json describe the model.",
     )
@@ -50,7 +50,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 
     from_hf = sub.add_parser(
         "from-hf",
-        help="Hugging Face Llama folder -> weights-only kumihimo checkpoint for continual pretraining",
+        help="Hugging Face Llama/Mistral/Qwen2/Qwen3 folder -> weights-only kumihimo checkpoint for "
+        "continual pretraining",
         description="Write a kumihimo checkpoint root (iter_0000000 with model weights only, run_config.yaml "
         "derived from config.json and laid out for --tp/--pp, kumihimo.json, the SentencePiece "
         "tokenizer.model if the folder has one). Streams tensor by tensor with no model built: host "

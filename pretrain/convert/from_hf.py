@@ -1,4 +1,8 @@
-"""Hugging Face Llama-architecture model -> kumihimo checkpoint for continual pretraining.
+"""Hugging Face Llama, Mistral, Qwen2 or Qwen3 model -> kumihimo checkpoint for continual pretraining.
+
+The family comes from config.json (`model_type`, checked against `architectures`); what the kumihimo
+model cannot represent (sliding-window attention, other RoPE scalings, biases beyond Qwen2's QKV
+bias, non-SwiGLU activations) is refused with the config.json key that says so (`check_supported`).
 
 The output is a checkpoint folder like the trainer's (`<output>/iter_0000000/` + the latest marker)
 holding model weights only (no optimizer, scheduler or RNG state; kumihimo.json says
@@ -51,19 +55,27 @@ from kumihimo.pretrain.convert.dcp_files import (
     storage_location,
 )
 from kumihimo.pretrain.convert.mapping import (
-    GLOBAL_RULES,
-    LAYER_RULES,
     TRANSFORMS,
     LlamaDims,
     Rule,
+    global_rules,
     hf_row_blocks,
     hf_shapes,
+    layer_rules,
     megatron_shape,
 )
 from kumihimo.pretrain.parallel import check_model_fits_layout, padded_vocab_size
 
 HF_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-SUPPORTED_MODEL_TYPES = ("llama",)
+# config.json model_type -> the architectures entry it must come with
+FAMILIES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3", "yarn": "yarn"}
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -106,31 +118,95 @@ def read_hf_model(folder: Path) -> HFModel:
     return HFModel(folder, config, files)
 
 
-def check_supported(config: dict[str, Any]) -> None:
-    """Refuse what the Megatron side cannot represent, naming the config.json key."""
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+def _supported_list() -> str:
+    return ", ".join(f"{arch} (model_type {name!r})" for name, arch in FAMILIES.items())
+
+
+def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """The RoPE settings of config.json: transformers 5's rope_parameters or 4.x's rope_scaling."""
+    return dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+
+
+def check_supported(config: dict[str, Any]) -> str:
+    """The model's family; refuses what the Megatron side cannot represent, naming the config.json key."""
+    family = config.get("model_type")
+    if family not in FAMILIES:
         raise UserError(
-            f"config.json model_type={model_type!r} is not supported; only Llama-architecture "
-            "models (model_type 'llama') can be converted"
+            f"config.json model_type={family!r} is not supported; supported families: {_supported_list()}"
+        )
+    architectures = config.get("architectures") or [FAMILIES[family]]
+    if architectures != [FAMILIES[family]]:
+        raise UserError(
+            f"config.json architectures={architectures} is not {[FAMILIES[family]]} (model_type {family!r}); "
+            f"only the causal-LM heads are supported: {_supported_list()}"
         )
     problems = {
-        "hidden_act": config.get("hidden_act", "silu") != "silu",
-        "attention_bias": bool(config.get("attention_bias")),
-        "mlp_bias": bool(config.get("mlp_bias")),
+        "hidden_act": (config.get("hidden_act", "silu") != "silu", "needs silu (SwiGLU)"),
+        "attention_bias": (
+            bool(config.get("attention_bias")),
+            "adds biases to o_proj too; only Qwen2's q/k/v biases are supported",
+        ),
+        "mlp_bias": (bool(config.get("mlp_bias")), "MLP biases are not supported"),
+        "use_sliding_window": (
+            bool(config.get("use_sliding_window")),
+            "sliding-window attention is not supported; only full attention",
+        ),
     }
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    problems["rope_scaling"] = rope.get("rope_type", rope.get("type", "default")) != "default"
-    for key, bad in problems.items():
+    window, max_positions = config.get("sliding_window"), config.get("max_position_embeddings")
+    if family == "mistral" and window is not None:
+        problems["sliding_window"] = (
+            max_positions is None or window < max_positions,
+            f"is {window}, below max_position_embeddings={max_positions}: sliding-window attention is not "
+            "supported (a window >= the context, or null, is full attention)",
+        )
+    layer_types = config.get("layer_types") or []
+    problems["layer_types"] = (
+        any(kind != "full_attention" for kind in layer_types),
+        "has non-full-attention layers; only full attention is supported",
+    )
+    rope = rope_parameters(config)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    problems["rope_scaling"] = (
+        rope_type not in ROPE_TYPES,
+        f"type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}",
+    )
+    factor = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    problems["partial_rotary_factor"] = (factor != 1.0, f"is {factor}: only full-dimension RoPE is supported")
+    for key, (bad, why) in problems.items():
         if bad:
-            raise UserError(
-                f"config.json {key} is not supported by the kumihimo model (SwiGLU, no biases, "
-                "plain RoPE); this model cannot be converted"
-            )
+            raise UserError(f"config.json {key} {why}; this model cannot be converted")
+    return family
+
+
+def rope_scaling(config: dict[str, Any]) -> dict[str, Any]:
+    """The model.rope_scaling section for config.json's RoPE settings (as transformers reads them)."""
+    rope = rope_parameters(config)
+    kind = ROPE_TYPES[rope.get("rope_type", rope.get("type", "default"))]
+    if kind == "none":
+        return {"type": "none"}
+    section: dict[str, Any] = {"type": kind, "factor": float(rope["factor"])}
+    original = rope.get("original_max_position_embeddings") or config.get("max_position_embeddings")
+    if kind == "llama3":
+        section.update(
+            low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            original_max_position_embeddings=int(original),
+        )
+    elif kind == "yarn":
+        section.update(
+            original_max_position_embeddings=int(original),
+            beta_fast=float(rope.get("beta_fast") or 32.0),  # `or`: transformers treats 0/null as unset
+            beta_slow=float(rope.get("beta_slow") or 1.0),
+            truncate=bool(rope.get("truncate", True)),
+        )
+        for key in ("mscale", "mscale_all_dim", "attention_factor"):
+            if rope.get(key) is not None:
+                section[key] = float(rope[key])
+    return section
 
 
 def rope_theta(config: dict[str, Any]) -> int:
-    theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
+    theta = rope_parameters(config).get("rope_theta", config.get("rope_theta", 10000.0))
     if float(theta) != int(theta):
         raise UserError(f"config.json rope_theta={theta} is not an integer, which model.rotary_base needs")
     return int(theta)
@@ -141,6 +217,7 @@ def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
     from kumihimo.pretrain.config import TrainConfig
 
     c = hf.config
+    family = check_supported(c)
     heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
     model = {
@@ -152,6 +229,11 @@ def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
         "kv_channels": None if head_dim * heads == c["hidden_size"] else head_dim,
         "seq_length": c.get("max_position_embeddings", 4096),
         "rotary_base": rope_theta(c),
+        "rope_scaling": rope_scaling(c),
+        "add_qkv_bias": family == "qwen2",
+        "qk_layernorm": family == "qwen3",
+        "tie_word_embeddings": bool(c.get("tie_word_embeddings", False)),
+        "family": family,
         "norm_epsilon": c.get("rms_norm_eps", 1e-5),
         "init_method_std": c.get("initializer_range", 0.02),
     }
@@ -286,33 +368,31 @@ class HFTensors:
             if name not in headers[path]:
                 raise UserError(f"{path} lacks tensor {name} that its index names; download the model again")
             self.stored[name] = headers[path][name]
-        self.aliases: dict[str, str] = {}
 
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Before anything is written: every expected tensor is there with its shape and a float
         dtype, and nothing else is (extra tensors mean an architecture the table cannot hold)."""
-        if (
-            "lm_head.weight" in expected
-            and "lm_head.weight" not in self.stored
-            and self.hf.config.get("tie_word_embeddings")
-        ):
-            say(
-                "[convert] note: tied embeddings are untied (lm_head starts as a copy of embed_tokens), as the "
-                "kumihimo model has a separate output layer"
-            )
-            self.aliases["lm_head.weight"] = "model.embed_tokens.weight"
-        unused = sorted(n for n in self.stored if n not in expected and not n.endswith(self.IGNORED_SUFFIXES))
+        ignored = set()
+        if "lm_head.weight" not in expected and "lm_head.weight" in self.stored:
+            # Tied embeddings: transformers replaces a saved lm_head by embed_tokens when loading.
+            say("[convert] note: lm_head.weight is ignored: the model ties it to embed_tokens")
+            ignored.add("lm_head.weight")
+        unused = sorted(
+            n
+            for n in self.stored
+            if n not in expected and n not in ignored and not n.endswith(self.IGNORED_SUFFIXES)
+        )
         if unused:
             raise UserError(
                 f"unsupported architecture: {', '.join(unused[:3])} have no place in the kumihimo "
-                "model (biases, MoE or extra modules cannot be converted)"
+                "model (biases other than Qwen2's q/k/v, MoE or extra modules cannot be converted)"
             )
         for name, shape in expected.items():
-            stored = self.stored.get(self.aliases.get(name, name))
+            stored = self.stored.get(name)
             if stored is None:
                 raise UserError(
-                    f"{self.hf.folder} lacks tensor {name}; it is not a complete Llama model: "
-                    "download all its weight files again"
+                    f"{self.hf.folder} lacks tensor {name}; it is not a complete "
+                    f"{self.hf.config.get('model_type')} model: download all its weight files again"
                 )
             if stored.shape != tuple(shape):
                 raise UserError(
@@ -331,12 +411,12 @@ class HFTensors:
                 )
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.stored[self.aliases.get(name, name)].shape
+        return self.stored[name].shape
 
     def read_rows(self, name: str, first_row: int, out: torch.Tensor) -> None:
         """Rows [first_row, first_row + len(out)) of tensor `name` into the contiguous `out`, converted
         to out's dtype (in blocks, so a conversion never holds a second copy of the whole tensor)."""
-        stored = self.stored[self.aliases.get(name, name)]
+        stored = self.stored[name]
         assert out.is_contiguous() and tuple(out.shape[1:]) == stored.shape[1:], (
             name,
             out.shape,
@@ -403,10 +483,10 @@ def plan_chunks(dims: LlamaDims) -> list[Chunk]:
             for i in range(parts)
         ]
 
-    first, *last = GLOBAL_RULES
+    first, *last = global_rules(dims)
     chunks = tensor_chunks(first, None)
     for layer in range(dims.num_layers):
-        for rule in LAYER_RULES:
+        for rule in layer_rules(dims):
             chunks += tensor_chunks(rule, layer)
         chunks += [
             Chunk(
@@ -451,10 +531,10 @@ def write_item_for(chunk: Chunk, dims: LlamaDims, dtype: torch.dtype) -> WriteIt
 def expected_hf_tensors(dims: LlamaDims) -> dict[str, tuple[int, ...]]:
     """Every Hugging Face tensor the table reads, with the shape config.json implies."""
     expected = {}
-    for rule in GLOBAL_RULES:
+    for rule in global_rules(dims):
         expected.update(zip(rule.hf_names(), hf_shapes(rule, dims)))
     for layer in range(dims.num_layers):
-        for rule in LAYER_RULES:
+        for rule in layer_rules(dims):
             expected.update(zip(rule.hf_names(layer), hf_shapes(rule, dims)))
     return expected
 
@@ -593,6 +673,7 @@ def _meta(hf: HFModel, vocab: int, padded: int, tokenizer, tokenizer_path: Path 
         "data": None,
         "source": {
             "hf_model": str(hf.folder.resolve()),
+            "hf_model_type": hf.config.get("model_type"),
             "hf_vocab_size": hf.config["vocab_size"],
             "hf_dtype": str(hf.dtype).removeprefix("torch."),
         },
@@ -607,7 +688,8 @@ def _meta(hf: HFModel, vocab: int, padded: int, tokenizer, tokenizer_path: Path 
 
 
 def convert_from_hf(model_dir: str | Path, output_dir: str | Path, tp: int = 1, pp: int = 1) -> Path:
-    """Write a weights-only kumihimo checkpoint root for a Hugging Face Llama model; returns it.
+    """Write a weights-only kumihimo checkpoint root for a Hugging Face model of a supported family
+    (Llama, Mistral, Qwen2, Qwen3); returns it.
 
     The run_config.yaml inside is laid out for TP x PP (the vocabulary padded for TP); the tensors
     themselves load at any layout.

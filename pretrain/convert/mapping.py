@@ -1,14 +1,18 @@
-"""Megatron-Core GPTModel <-> Hugging Face LlamaForCausalLM: one name table plus named transforms.
+"""Megatron-Core GPTModel <-> Hugging Face Llama, Mistral, Qwen2 and Qwen3: one name table plus named
+transforms.
 
 Every tensor of the model appears once in `RULES`: its Megatron checkpoint key (per-layer tensors
 are stacked as [num_layers, ...] under one key, independent of TP/PP), the Hugging Face name(s) it
-becomes and the transform between the two. Both directions (`to_hf.py`, `from_hf.py`) read only this
-table, so a new tensor or a renamed one is a one-line change here.
+becomes, the transform between the two and, for tensors only some families have, the feature that
+brings it (`needs`: QKV biases for Qwen2, per-head q/k norms for Qwen3, a separate output layer
+unless embeddings are tied). Both directions (`to_hf.py`, `from_hf.py`) read only this table (through
+`rules_for`), so a new tensor or a renamed one is a one-line change here. The four families share
+every other name, as Megatron-Bridge's Llama, Mistral and Qwen bridges show.
 
 The two non-trivial transforms (checked against logits, see tests/test_convert_to_hf.py):
 - `qkv_per_group`: Megatron's fused QKV rows are grouped per query group — for each of G groups,
   H/G query heads, then one key head, then one value head, each head_dim rows. A split into thirds
-  is wrong as soon as H != G.
+  is wrong as soon as H != G. The QKV bias (Qwen2) is grouped the same way.
 - `gate_up`: linear_fc1 of SwiGLU is [gate; up] along dim 0 (global, after the TP gather).
 RoPE needs no permutation: Megatron's default rotate-half matches HF Llama.
 """
@@ -44,6 +48,12 @@ class LlamaDims:
     """Rows of the Megatron embedding and output layer (padded for TP)."""
     hf_vocab_size: int
     """Rows on the Hugging Face side (the tokenizer's size, or the padded size when kept)."""
+    qkv_bias: bool = False
+    """Query/key/value projections have biases (Qwen2)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm weights for queries and keys (Qwen3)."""
+    tied_embeddings: bool = False
+    """The output layer is the embedding (no output_layer / lm_head tensor)."""
 
     @classmethod
     def from_model(cls, model: ModelConfig, megatron_vocab_size: int, hf_vocab_size: int) -> LlamaDims:
@@ -57,6 +67,9 @@ class LlamaDims:
             head_dim=model.head_dim,
             megatron_vocab_size=megatron_vocab_size,
             hf_vocab_size=hf_vocab_size,
+            qkv_bias=model.add_qkv_bias,
+            qk_norm=model.qk_layernorm,
+            tied_embeddings=model.tie_word_embeddings,
         )
 
     @property
@@ -99,28 +112,28 @@ def _vocab_from_hf(tensors: list[torch.Tensor], dims: LlamaDims) -> torch.Tensor
     return torch.cat([tensor, tensor.new_zeros((missing, tensor.shape[1]))])
 
 
+# Both work on the weight [rows, hidden] and on the bias [rows] (`rest` is () for the bias).
 def _qkv_to_hf(tensor: torch.Tensor, dims: LlamaDims) -> list[torch.Tensor]:
-    per_group = dims.heads_per_group
-    grouped = tensor.view(dims.num_query_groups, per_group + 2, dims.head_dim, tensor.shape[-1])
-    hidden = tensor.shape[-1]
-    query = grouped[:, :per_group].reshape(dims.num_attention_heads * dims.head_dim, hidden)
-    key = grouped[:, per_group].reshape(dims.num_query_groups * dims.head_dim, hidden)
-    value = grouped[:, per_group + 1].reshape(dims.num_query_groups * dims.head_dim, hidden)
+    per_group, rest = dims.heads_per_group, tuple(tensor.shape[1:])
+    grouped = tensor.view(dims.num_query_groups, per_group + 2, dims.head_dim, *rest)
+    query = grouped[:, :per_group].reshape(dims.num_attention_heads * dims.head_dim, *rest)
+    key = grouped[:, per_group].reshape(dims.num_query_groups * dims.head_dim, *rest)
+    value = grouped[:, per_group + 1].reshape(dims.num_query_groups * dims.head_dim, *rest)
     return [query, key, value]
 
 
 def _qkv_from_hf(tensors: list[torch.Tensor], dims: LlamaDims) -> torch.Tensor:
     query, key, value = tensors
-    groups, head_dim, hidden = dims.num_query_groups, dims.head_dim, query.shape[-1]
+    groups, head_dim, rest = dims.num_query_groups, dims.head_dim, tuple(query.shape[1:])
     grouped = torch.cat(
         [
-            query.reshape(groups, dims.heads_per_group, head_dim, hidden),
-            key.reshape(groups, 1, head_dim, hidden),
-            value.reshape(groups, 1, head_dim, hidden),
+            query.reshape(groups, dims.heads_per_group, head_dim, *rest),
+            key.reshape(groups, 1, head_dim, *rest),
+            value.reshape(groups, 1, head_dim, *rest),
         ],
         dim=1,
     )
-    return grouped.reshape(-1, hidden)
+    return grouped.reshape(-1, *rest)
 
 
 def _gate_up_to_hf(tensor: torch.Tensor, dims: LlamaDims) -> list[torch.Tensor]:
@@ -150,6 +163,16 @@ class Rule:
     megatron: str
     hf: tuple[str, ...]
     transform: str = "identity"
+    needs: str | None = None
+    """The LlamaDims flag the tensor exists under ("qkv_bias", "qk_norm"; "untied": not
+    tied_embeddings); None: every model has it."""
+
+    def present(self, dims: LlamaDims) -> bool:
+        if self.needs is None:
+            return True
+        if self.needs == "untied":
+            return not dims.tied_embeddings
+        return getattr(dims, self.needs)
 
     @property
     def per_layer(self) -> bool:
@@ -174,6 +197,14 @@ RULES: tuple[Rule, ...] = (
         (_ATTN + "q_proj.weight", _ATTN + "k_proj.weight", _ATTN + "v_proj.weight"),
         "qkv_per_group",
     ),
+    Rule(
+        "decoder.layers.self_attention.linear_qkv.bias",
+        (_ATTN + "q_proj.bias", _ATTN + "k_proj.bias", _ATTN + "v_proj.bias"),
+        "qkv_per_group",
+        needs="qkv_bias",
+    ),
+    Rule("decoder.layers.self_attention.q_layernorm.weight", (_ATTN + "q_norm.weight",), needs="qk_norm"),
+    Rule("decoder.layers.self_attention.k_layernorm.weight", (_ATTN + "k_norm.weight",), needs="qk_norm"),
     Rule("decoder.layers.self_attention.linear_proj.weight", (_ATTN + "o_proj.weight",)),
     Rule(
         "decoder.layers.mlp.linear_fc1.layer_norm_weight",
@@ -186,10 +217,18 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("decoder.layers.mlp.linear_fc2.weight", (_MLP + "down_proj.weight",)),
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
-    Rule("output_layer.weight", ("lm_head.weight",), "vocab_rows"),
+    Rule("output_layer.weight", ("lm_head.weight",), "vocab_rows", needs="untied"),
 )
-GLOBAL_RULES = tuple(r for r in RULES if not r.per_layer)
-LAYER_RULES = tuple(r for r in RULES if r.per_layer)
+
+
+def global_rules(dims: LlamaDims) -> tuple[Rule, ...]:
+    """The model's whole tensors (embedding, final norm, output layer unless tied), in table order."""
+    return tuple(r for r in RULES if not r.per_layer and r.present(dims))
+
+
+def layer_rules(dims: LlamaDims) -> tuple[Rule, ...]:
+    """The model's per-layer tensors, in table order."""
+    return tuple(r for r in RULES if r.per_layer and r.present(dims))
 
 
 def megatron_shape(rule: Rule, dims: LlamaDims) -> tuple[int, ...]:
@@ -202,6 +241,9 @@ def megatron_shape(rule: Rule, dims: LlamaDims) -> tuple[int, ...]:
         "decoder.final_layernorm.weight": (hidden,),
         "decoder.layers.self_attention.linear_qkv.layer_norm_weight": (hidden,),
         "decoder.layers.self_attention.linear_qkv.weight": (qkv_rows, hidden),
+        "decoder.layers.self_attention.linear_qkv.bias": (qkv_rows,),
+        "decoder.layers.self_attention.q_layernorm.weight": (dims.head_dim,),
+        "decoder.layers.self_attention.k_layernorm.weight": (dims.head_dim,),
         "decoder.layers.self_attention.linear_proj.weight": (
             hidden,
             dims.num_attention_heads * dims.head_dim,

@@ -1,4 +1,8 @@
-"""Megatron torch_dist checkpoint -> Hugging Face LlamaForCausalLM folder, on CPU, with no model.
+"""Megatron torch_dist checkpoint -> Hugging Face Llama/Mistral/Qwen2/Qwen3 folder, on CPU, with no model.
+
+The family is the model config's (`model.hf_family`: Qwen3 with q/k norms, Qwen2 with QKV biases,
+else Llama, or what `convert from-hf` recorded); config.json carries what transformers and vLLM read
+for it (architectures, model_type, RoPE scaling in both spellings, biases, tied embeddings).
 
 The checkpoint's own run_config.yaml (the resolved TrainConfig) and kumihimo.json (vocabulary sizes,
 tokenizer identity) say what the model is; nothing is guessed. Tensors are read straight from the
@@ -33,12 +37,12 @@ from kumihimo.core.progress import Progress, say
 from kumihimo.pretrain import checkpointing
 from kumihimo.pretrain.convert.dcp_files import failure_cause, staged_output
 from kumihimo.pretrain.convert.mapping import (
-    GLOBAL_RULES,
-    LAYER_RULES,
     TRANSFORMS,
     LlamaDims,
     Rule,
+    global_rules,
     hf_shapes,
+    layer_rules,
     megatron_shape,
     strip_wrapper_prefix,
 )
@@ -384,18 +388,19 @@ def dims_for(source: Source, keep_vocab_padding: bool) -> LlamaDims:
 
 def check_architecture(reader: TorchDistReader, dims: LlamaDims) -> None:
     """Every model tensor must be in the table with the shape the config implies, and vice versa."""
-    known = {rule.megatron: rule for rule in (*GLOBAL_RULES, *LAYER_RULES)}
+    known = {rule.megatron: rule for rule in (*global_rules(dims), *layer_rules(dims))}
     extra = sorted(set(reader.tensors) - set(known))
     if extra:
         raise UserError(
             f"unsupported architecture: checkpoint tensor(s) {', '.join(extra[:3])} have no "
-            "Hugging Face Llama counterpart (biases, MoE, tied or extra layers are not supported)"
+            "Hugging Face counterpart for this model config (MoE or extra layers are not supported; "
+            "run_config.yaml's model section must say add_qkv_bias/qk_layernorm/tie_word_embeddings)"
         )
     for key, rule in known.items():
         if key not in reader.tensors:
             raise UserError(
-                f"checkpoint {reader.folder} lacks tensor {key}; it is incomplete or not a "
-                "Llama-style GPTModel with untied embeddings"
+                f"checkpoint {reader.folder} lacks tensor {key}; it is incomplete or its "
+                "run_config.yaml does not describe it (add_qkv_bias, qk_layernorm, tie_word_embeddings)"
             )
         expected = megatron_shape(rule, dims)
         if rule.per_layer:
@@ -416,10 +421,10 @@ def production_order(dims: LlamaDims) -> list[tuple[Rule, int | None]]:
     """(rule, layer) in the order tensors are read and written: the embedding, layer by layer, the
     final norm, the head. One tensor (one layer's slice) at a time keeps peak memory near the
     largest single tensor; chunks are per layer and TP rank, so no file region is read twice."""
-    first, *last = GLOBAL_RULES
+    first, *last = global_rules(dims)
     return [
         (first, None),
-        *((rule, layer) for layer in range(dims.num_layers) for rule in LAYER_RULES),
+        *((rule, layer) for layer in range(dims.num_layers) for rule in layer_rules(dims)),
         *((rule, None) for rule in last),
     ]
 
@@ -437,27 +442,84 @@ def write_weights(
 ) -> int:
     """Stream every tensor through its transform into safetensors shards; returns bytes written."""
     writer = StreamingSafetensorsWriter(folder, planned_tensors(dims, dtype), max_shard_bytes)
+    last_of_layer = layer_rules(dims)[-1]
     with Progress("convert", total=dims.num_layers, unit="layers") as progress:
         for rule, layer in production_order(dims):
             tensor = reader.read({rule.megatron: (rule.megatron, layer)})[rule.megatron]
             for name, part in zip(rule.hf_names(layer), TRANSFORMS[rule.transform].to_hf(tensor, dims)):
                 writer.write(name, part)
             del tensor, part  # free before the next read allocates (peak = one tensor, not two)
-            if rule is LAYER_RULES[-1]:
+            if rule is last_of_layer:
                 progress.update()
     writer.finish()
     return writer.bytes_written
+
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+def export_family(model) -> str:
+    """The Hugging Face family of a model config, refusing feature mixes no family has."""
+    if model.add_qkv_bias and model.qk_layernorm:
+        raise UserError(
+            "the model has both QKV biases (model.add_qkv_bias) and q/k norms (model.qk_layernorm); no "
+            f"supported Hugging Face family ({', '.join(ARCHITECTURES.values())}) has both, so it cannot be "
+            "exported"
+        )
+    return model.hf_family
+
+
+def rope_fields(model) -> dict[str, Any]:
+    """config.json's RoPE keys: rope_parameters (transformers 5) and rope_theta + rope_scaling (4.x,
+    vLLM), from model.rotary_base and model.rope_scaling."""
+    theta = float(model.rotary_base)
+    scaling = model.rope_scaling
+    if scaling.type == "none":
+        return {
+            "rope_theta": theta,
+            "rope_scaling": None,
+            "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        }
+    params: dict[str, Any] = {"rope_type": scaling.type, "factor": scaling.factor}
+    if scaling.type == "llama3":
+        params.update(
+            low_freq_factor=scaling.low_freq_factor,
+            high_freq_factor=scaling.high_freq_factor,
+            original_max_position_embeddings=scaling.original_max_position_embeddings,
+        )
+    elif scaling.type == "yarn":
+        params.update(
+            original_max_position_embeddings=scaling.original_max_position_embeddings,
+            beta_fast=scaling.beta_fast,
+            beta_slow=scaling.beta_slow,
+        )
+        if not scaling.truncate:  # transformers' default is True
+            params["truncate"] = False
+        for key in ("mscale", "mscale_all_dim", "attention_factor"):
+            if getattr(scaling, key) is not None:
+                params[key] = getattr(scaling, key)
+    return {
+        "rope_theta": theta,
+        "rope_scaling": dict(params),
+        "rope_parameters": {**params, "rope_theta": theta},
+    }
 
 
 def hf_config(
     source: Source, dims: LlamaDims, tokenizer: TokenizerInfo, dtype: torch.dtype
 ) -> dict[str, Any]:
     model = source.config.model
+    family = export_family(model)
     identity = tokenizer.identity or {}
     dtype_name = HF_DTYPE_NAMES[dtype]
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [ARCHITECTURES[family]],
+        "model_type": family,
         "hidden_size": dims.hidden_size,
         "intermediate_size": dims.ffn_hidden_size,
         "num_hidden_layers": dims.num_layers,
@@ -467,23 +529,29 @@ def hf_config(
         "hidden_act": "silu",
         "max_position_embeddings": model.seq_length,
         "rms_norm_eps": model.norm_epsilon,
-        # Both spellings: transformers < 5 and most serving stacks read rope_theta, 5.x rope_parameters.
-        "rope_theta": float(model.rotary_base),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(model.rotary_base)},
-        "attention_bias": False,
-        "mlp_bias": False,
+        # Both spellings: transformers < 5 and most serving stacks read rope_theta/rope_scaling,
+        # transformers 5 rope_parameters.
+        **rope_fields(model),
         "attention_dropout": 0.0,
         "initializer_range": model.init_method_std,
         "vocab_size": dims.hf_vocab_size,
         "bos_token_id": identity.get("bos_id"),
         "eos_token_id": identity.get("eos_id"),
         "pad_token_id": identity.get("pad_id"),
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": dims.tied_embeddings,
         "use_cache": True,
         "torch_dtype": dtype_name,
         "dtype": dtype_name,
-        "kumihimo": provenance(source, dims, tokenizer),
     }
+    if family in ("llama", "qwen3"):  # Qwen2's q/k/v biases are implied by its architecture
+        config["attention_bias"] = False
+    if family == "llama":
+        config["mlp_bias"] = False
+    if family in ("mistral", "qwen2", "qwen3"):  # full attention in every layer
+        config["sliding_window"] = None
+    if family in ("qwen2", "qwen3"):
+        config.update(use_sliding_window=False, max_window_layers=dims.num_layers)
+    config["kumihimo"] = provenance(source, dims, tokenizer)
     return config
 
 
@@ -550,7 +618,7 @@ def write_readme(folder: Path, config: dict[str, Any], tokenizer_files: str) -> 
     lines = [
         "# Converted by kumihimo",
         "",
-        f"LlamaForCausalLM from the Megatron-Core checkpoint `{origin['source_checkpoint']}` "
+        f"{config['architectures'][0]} from the Megatron-Core checkpoint `{origin['source_checkpoint']}` "
         f"(iteration {origin['iteration']}), converted by `kumihimo convert to-hf`.",
         "",
         f"- weights: {config['torch_dtype']}, vocab_size {config['vocab_size']} "
@@ -573,7 +641,7 @@ def convert_to_hf(
     tokenizer: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Write a Hugging Face LlamaForCausalLM folder for a kumihimo checkpoint; returns the folder.
+    """Write a Hugging Face folder (Llama, Mistral, Qwen2 or Qwen3) for a kumihimo checkpoint; returns it.
 
     `checkpoint_root` is a checkpoint.save folder (latest iteration unless `iteration` is given) or
     one iter_NNNNNNN folder. `tokenizer` replaces the recorded tokenizer path (the file must be the
@@ -585,6 +653,7 @@ def convert_to_hf(
     source = open_checkpoint(Path(checkpoint_root), iteration)
     tokenizer_info = resolve_tokenizer(source, tokenizer)
     dims = dims_for(source, keep_vocab_padding)
+    export_family(source.config.model)
     check_architecture(source.reader, dims)
     started = time.monotonic()
     with staged_output(output_dir) as staging:
