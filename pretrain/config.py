@@ -366,6 +366,9 @@ class ScheduleConfig:
     """Step at which the decay reaches min_lr; null means train_iters."""
     lr_wsd_decay_iters: int | None = None
     """For WSD: length of the final decay phase in steps; null means 10% of lr_decay_iters."""
+    lr_wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+    """For WSD: shape of the final decay from optimizer.lr to min_lr: linear, cosine, exponential
+    (2 * 0.5^t - 1) or minus_sqrt (1 - sqrt(t)), t going from 0 to 1 over lr_wsd_decay_iters."""
     exit_after_iters: int | None = None
     """Stop (and save) after this step although train_iters is larger, e.g. to split a run across jobs;
     the learning-rate schedule still follows train_iters, so a resumed run continues it exactly."""
@@ -429,7 +432,8 @@ class DataConfig:
     blend: list[BlendEntry] = field(default_factory=list)
     """Inline list of {prefix, weight}; used when blend_file is null."""
     tokenizer: str | None = None
-    """SentencePiece model (file or folder with tokenizer.model); fixes the vocabulary size and EOD id."""
+    """SentencePiece model (file or folder with tokenizer.model), or a Hugging Face tokenizer folder
+    (tokenizer.json; EOD = its eos token); fixes the vocabulary size and EOD id."""
     split: str = "98,2,0"
     """Train/valid/test split of every dataset, as weights."""
     cache_dir: str | None = None
@@ -472,7 +476,7 @@ class DataConfig:
             )
         if self.tokenizer is None and not self.mock:
             raise ConfigError(
-                "data.tokenizer is missing; set it to the SentencePiece model the data was tokenized with"
+                "data.tokenizer is missing; set it to the tokenizer the data was tokenized with"
             )
 
     def check_paths(self) -> None:
@@ -495,15 +499,17 @@ class DataConfig:
                     "give the prefix (without .bin/.idx) of a dataset that exists",
                 )
         if self.tokenizer is not None:
+            from kumihimo.tokenizer.hf import hf_tokenizer_folder
             from kumihimo.tokenizer.spm import resolve_model_path
 
             try:
-                resolve_model_path(self.tokenizer)
+                if hf_tokenizer_folder(self.tokenizer) is None:
+                    resolve_model_path(self.tokenizer)
             except ValueError as exc:
                 raise bad_value(
                     "data.tokenizer",
                     self.tokenizer,
-                    "is not a SentencePiece model",
+                    "is neither a SentencePiece model nor a Hugging Face tokenizer folder (tokenizer.json)",
                     "train one with `kumihimo tokenizer train` or fix the path",
                 ) from exc
 
@@ -586,6 +592,36 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class BranchConfig:
+    """Start from another run's checkpoint with its model and optimizer state but this config's data,
+    schedule and step counters (a decay branch, a mid-training mix): step, data position and the
+    learning-rate schedule start at 0 as configured here; Adam's moments and step counts continue."""
+
+    source: str | None = None
+    """Checkpoint folder of the run to branch from (its checkpoint.dir); null: not a branch. Used when
+    this run's own checkpoint folder holds no checkpoint yet; after that the branch resumes from its
+    own checkpoints like any run."""
+    iteration: int | None = None
+    """Iteration of the source to start from; null means its latest. The resolved one is written to
+    this run's run_config.yaml."""
+    source_sha256: str | None = None
+    """sha256 of the source checkpoint's run_config.yaml and kumihimo.json, written to run_config.yaml
+    when the branch starts; set it (e.g. copy it from there) to refuse a source that was replaced since."""
+
+    def validate(self) -> None:
+        if self.source is None:
+            for name in ("iteration", "source_sha256"):
+                if getattr(self, name) is not None:
+                    raise bad_value(
+                        f"branch.{name}", getattr(self, name), "needs branch.source", "set branch.source too"
+                    )
+        if self.iteration is not None and self.iteration < 0:
+            raise bad_value(
+                "branch.iteration", self.iteration, "is negative", "set a saved iteration or null for latest"
+            )
+
+
+@dataclass(kw_only=True)
 class LoggingConfig:
     """Where metrics go."""
 
@@ -628,6 +664,31 @@ class ResilienceConfig:
             raise ConfigError(
                 "resilience.max_consecutive_skips must be >= 1 and spike_warmup_steps >= 0; fix them"
             )
+
+
+@dataclass(kw_only=True)
+class EvaluationConfig:
+    """Evaluation in the training loop beyond the validation loss (docs/evaluation.md)."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Downstream task YAML files (or folders of them) scored on the model as laid out; empty: none."""
+    interval: int | None = None
+    """Steps between task evaluations; null: schedule.eval_interval."""
+    batch_size: int = 8
+    """Rows (prompt + choice) per forward pass on each data-parallel rank."""
+    max_seconds: float | None = None
+    """Time budget of one task evaluation; tasks not finished by then are reported as stopped."""
+    per_source_validation: bool = True
+    """With several blend prefixes, also log each prefix's validation loss (valid/<source>/loss, ppl)."""
+
+    def validate(self) -> None:
+        if (self.interval is not None and self.interval < 1) or self.batch_size < 1:
+            raise ConfigError(
+                f"evaluation.interval={self.interval} and evaluation.batch_size={self.batch_size} must be "
+                ">= 1 (interval may be null); fix them"
+            )
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise bad_value("evaluation.max_seconds", self.max_seconds, "must be > 0", "set seconds or null")
 
 
 @dataclass(kw_only=True)
@@ -676,10 +737,14 @@ class TrainConfig:
     """Training data."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing."""
+    branch: BranchConfig = field(default_factory=BranchConfig)
+    """Branch from another run's checkpoint (new data and schedule, same model and optimizer state)."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics."""
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     """Bad-loss handling."""
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    """Per-source validation and downstream tasks during training."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     """Process settings."""
 
@@ -708,6 +773,19 @@ class TrainConfig:
         ):
             if path is not None:
                 check_output_dir(key, path)
+        source = self.branch.source
+        if source is not None:
+            if not Path(source).is_dir():
+                raise bad_value(
+                    "branch.source", source, "is not a folder", "point it at the source run's checkpoint.dir"
+                )
+            if self.checkpoint_dir and Path(source).resolve() == Path(self.checkpoint_dir).resolve():
+                raise bad_value(
+                    "branch.source",
+                    source,
+                    "is this run's own checkpoint folder (its checkpoints would mix with the source's)",
+                    "give the branch its own output_dir or checkpoint.dir",
+                )
 
     def validate(self) -> None:
         model, par = self.model, self.parallelism
@@ -747,6 +825,13 @@ class TrainConfig:
                 "keys/values over the CP group)",
                 "set model.local_attention=sdpa",
             )
+        if self.branch.source is not None:
+            for key in ("load", "pretrained"):
+                if getattr(self.checkpoint, key) is not None:
+                    raise ConfigError(
+                        f"branch.source and checkpoint.{key} are both set; a branch starts from "
+                        f"branch.source and resumes from its own checkpoint folder: unset checkpoint.{key}"
+                    )
         exit_after = self.schedule.exit_after_iters
         if exit_after is not None and not 0 < exit_after <= self.schedule.train_iters:
             raise bad_value(

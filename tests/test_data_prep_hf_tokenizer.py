@@ -148,3 +148,39 @@ def test_broken_tokenizer_folder_is_refused(tmp_path):
     config = write_curated(tmp_path, {"ja": LINES}, 1)
     with pytest.raises(UserError, match="transformers cannot load it"):
         build_datasets(dataclasses.replace(config), folder)
+
+
+@pytest.mark.slow  # a short training run
+def test_trainer_takes_the_hf_tokenizer_folder(tokenizers, tmp_path):
+    """`kumihimo train` on the datasets with data.tokenizer=<the folder>: vocabulary len(tokenizer)
+    (padded for the model), EOD = the eos id, and the checkpoint records the tokenizer's identity."""
+    from tests.test_convert_to_hf import _launch
+
+    folder = tokenizers["bos"]
+    config = write_curated(tmp_path, {"ja": LINES * 100}, 1)
+    result = build_datasets(config, folder)
+    run = tmp_path / "run"
+    proc = _launch(
+        [
+            *("-m", "kumihimo.cli", "train", "configs/pretrain/tiny-cpu.yaml", "model.num_layers=1"),
+            *("schedule.train_iters=2", "schedule.lr_warmup_iters=0", "schedule.eval_interval=0"),
+            *("data.mock=false", f"data.blend_file={result.blend_path}", f"data.tokenizer={folder}"),
+            f"output_dir={run}",
+        ]
+    )
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+    meta = json.loads(next(run.rglob("iter_0000002/kumihimo.json")).read_text())
+    tokenizer = HFTokenizer(folder)
+    assert meta["tokenizer"] == tokenizer.identity()
+    assert meta["vocab_size"] == len(tokenizer.hf) and meta["padded_vocab_size"] == 512
+    assert tokenizer.eod_id == tokenizer.hf.convert_tokens_to_ids("</s>")
+
+
+def test_train_config_accepts_the_folder_and_names_a_wrong_path(tokenizers, tmp_path):
+    from kumihimo.pretrain.config import DataConfig
+
+    DataConfig(mock=False, blend=[], tokenizer=str(tokenizers["no_bos"])).check_paths()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"data.tokenizer.*neither a SentencePiece model nor a Hugging Face"):
+        DataConfig(mock=False, blend=[], tokenizer=str(tmp_path / "empty")).check_paths()
