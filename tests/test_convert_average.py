@@ -357,3 +357,27 @@ def test_tokenizer_copy_checks_the_recorded_identity(tmp_path, spm_model, capsys
         assert Tokenizer.load(staged).identity()["sha256"] == identity["sha256"]
         if name == "hf":
             assert not (staging / "tokenizer" / "model.safetensors").exists()
+
+
+def test_qwen2_with_tied_embeddings_averages_like_the_hf_models(work):
+    """Another family through the same path: QKV biases, tied embeddings, no tokenizer.model."""
+    from safetensors.torch import load_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folders, roots = [], []
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(Qwen2Config(**HF_CONFIG, tie_word_embeddings=True))
+        with torch.no_grad():
+            for param in model.parameters():
+                param.normal_(1.0 if param.dim() == 1 else 0.0, 0.05)
+        model.save_pretrained(work / f"hf-qwen2-{seed}")
+        folders.append(work / f"hf-qwen2-{seed}")
+        roots.append(convert_from_hf(folders[-1], work / f"ckpt-qwen2-{seed}"))
+    averaged = average_checkpoints(roots, work / "avg-qwen2")
+    exported = convert_to_hf(averaged, work / "avg-qwen2-hf", dtype="fp32")
+    originals = [load_file(folder / "model.safetensors") for folder in folders]
+    state = Qwen2ForCausalLM.from_pretrained(exported).state_dict()
+    assert "model.layers.0.self_attn.q_proj.bias" in originals[0]
+    for name in originals[0]:
+        assert torch.equal(state[name], average_tensor([o[name] for o in originals], [1.0, 1.0])), name
