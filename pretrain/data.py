@@ -11,9 +11,10 @@ slice of each. Resuming from a checkpoint therefore continues with exactly the n
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,6 +62,13 @@ class Datasets:
     tokenizer: MegatronTokenizerView
     fingerprint: dict
     """What the sample stream depends on (`integrity.data_fingerprint`); saved in every checkpoint."""
+    valid_by_source: dict[str, torch.utils.data.Dataset] = field(default_factory=dict)
+    """Each blend prefix's own validation split, by source name (evaluation.per_source_validation)."""
+
+
+def source_name(prefix: str) -> str:
+    """`.../ja_cc_text_document` -> `ja_cc`: the name per-source metrics are logged under."""
+    return Path(prefix).name.removesuffix("_text_document")
 
 
 def num_valid_samples(config: TrainConfig) -> int:
@@ -105,7 +113,34 @@ def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
         )
     cls = MockGPTDataset if data.mock else GPTDataset
     train, valid, _test = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, dataset_config).build()
-    return Datasets(train=train, valid=valid, tokenizer=tokenizer, fingerprint=fingerprint)
+    by_source = {}
+    if sizes[1] and not data.mock and len(prefixes) > 1 and config.evaluation.per_source_validation:
+        by_source = source_validation_sets(prefixes, sizes[1], dataset_config)
+    return Datasets(train, valid, tokenizer, fingerprint, by_source)
+
+
+def source_validation_sets(
+    prefixes: list[str], num_samples: int, dataset_config
+) -> dict[str, torch.utils.data.Dataset]:
+    """The validation split of each prefix alone (the same documents the blend validates on, since a
+    prefix's split is cut by document before blending), `num_samples` sequences each."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    out = {}
+    for prefix in prefixes:
+        name = source_name(prefix)
+        if name in out:
+            raise UserError(
+                f"two blend prefixes end in {name!r}; per-source validation names sources by file name, so "
+                "rename one or set evaluation.per_source_validation=false"
+            )
+        single = dataclasses.replace(dataset_config, blend=([prefix], None))
+        _train, valid, _test = BlendedMegatronDatasetBuilder(
+            GPTDataset, [0, num_samples, 0], lambda: True, single
+        ).build()
+        out[name] = valid
+    return out
 
 
 def batch_indices(consumed_samples: int, layout: ParallelLayout, dp_rank: int) -> list[list[int]]:

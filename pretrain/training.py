@@ -37,6 +37,8 @@ from kumihimo.pretrain.checkpointing import CheckpointManager, TrainState
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.data import Datasets, batch_indices, build_datasets, microbatches
 from kumihimo.pretrain.distributed import ProcessInfo, destroy, init_process_group, seed_everything
+from kumihimo.pretrain.evaluate.in_loop import InLoopEvaluation, perplexity, source_metrics
+from kumihimo.pretrain.evaluate.plot import write_plot
 from kumihimo.pretrain.loss import cross_entropy_and_z
 from kumihimo.pretrain.memory import ActivationMeter, state_bytes
 from kumihimo.pretrain.metrics import MetricsSink, training_flops_per_token
@@ -158,6 +160,9 @@ class Trainer:
         self._record_parameter_counts()
         self.memory_meter: ActivationMeter | None = ActivationMeter(self.model)
         self.metrics = MetricsSink(cfg, self.output_dir, enabled=self.is_logger)
+        self.downstream = InLoopEvaluation.from_config(
+            cfg, self.model, self.device, self.output_dir, self.is_logger
+        )
         self.checkpoints = CheckpointManager(
             cfg, self.layout, self._build_checkpoint_meta(), self.device, self.info.is_main
         )
@@ -369,10 +374,18 @@ class Trainer:
             values = self.train_step()
             result.losses.append(values["loss"])
             step = self.state.iteration
-            if sched.eval_interval and step % sched.eval_interval == 0:
+            evaluated = bool(sched.eval_interval) and step % sched.eval_interval == 0
+            if evaluated:
                 values["val_loss"] = self.evaluate()
+                values["val_ppl"] = perplexity(values["val_loss"])
                 result.val_losses.append((step, values["val_loss"]))
+                values.update(source_metrics(self.evaluate, self.datasets.valid_by_source))
+            if self.downstream and self.downstream.due(step):
+                evaluated = True
+                values.update(self.downstream.run(step, stop))  # ends early when a stop signal comes
             self.metrics.log(step, values, force=step in (1, last_step))
+            if evaluated and self.is_logger:
+                write_plot(self.output_dir, cfg.name)
             if self._gives_up(values):
                 result.exit_code = EXIT_BAD_LOSS
                 break
@@ -496,14 +509,18 @@ class Trainer:
         return float(total[0] / total[1].clamp(min=1))
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, dataset=None) -> float:
+        """Validation loss on `dataset` (default: the blend's validation split)."""
         for chunk in self.model:
             chunk.eval()
         dp_rank = parallel_state.get_data_parallel_rank()
         gathered = []
         for i in range(self.config.schedule.eval_iters):
             indices = batch_indices(i * self.layout.global_batch_size, self.layout, dp_rank)
-            iterators = [microbatches(self.datasets.valid, indices, self.device) for _ in self.model]
+            iterators = [
+                microbatches(self.datasets.valid if dataset is None else dataset, indices, self.device)
+                for _ in self.model
+            ]
             gathered += get_forward_backward_func()(
                 forward_step_func=self.forward_step,
                 data_iterator=iterators if len(iterators) > 1 else iterators[0],

@@ -62,28 +62,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=run)
 
 
-def task_files(entries: list[str]) -> list[Path]:
-    files = []
-    for entry in entries:
-        path = Path(entry)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
-            if not found:
-                raise UserError(f"--tasks {entry} is a folder without task YAML files")
-            files += found
-        else:
-            files.append(path)
-    return files
-
-
 def is_hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / "kumihimo.json").is_file()
 
 
 def run(args: argparse.Namespace) -> int:
-    from kumihimo.pretrain.evaluate.tasks import load_tasks
+    from kumihimo.pretrain.evaluate.tasks import load_tasks, task_paths
 
-    tasks = load_tasks(task_files(args.tasks))
+    tasks = load_tasks(task_paths(args.tasks))
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be >= 1")
     if args.export_lm_eval:

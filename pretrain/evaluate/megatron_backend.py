@@ -150,6 +150,16 @@ class SPMCodec:
         return self.tokenizer.decode(ids)
 
 
+def codec_for(tokenizer) -> SPMCodec:
+    """The codec of a training tokenizer: SentencePiece, or a Hugging Face folder (kumihimo.tokenizer.hf)
+    called as lm-evaluation-harness calls it."""
+    if hasattr(tokenizer, "hf"):
+        from kumihimo.pretrain.evaluate.hf_backend import HFCodec
+
+        return HFCodec(tokenizer.hf)
+    return SPMCodec(tokenizer)
+
+
 @dataclass
 class LoadedCheckpoint:
     backend: MegatronBackend
@@ -228,4 +238,4 @@ def load_checkpoint_backend(
     device_obj = torch.device("cpu") if device == "cpu" else torch.device("cuda", torch.cuda.current_device())
     backend = MegatronBackend(chunks, meta["vocab_size"], config.model.seq_length, device_obj)
     state = meta.get("train_state") or {}
-    return LoadedCheckpoint(backend, SPMCodec(spm), folder, int(state.get("iteration", -1)))
+    return LoadedCheckpoint(backend, codec_for(spm), folder, int(state.get("iteration", -1)))

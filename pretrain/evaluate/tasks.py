@@ -322,6 +322,21 @@ def load_task(path: str | Path) -> Task:
     return Task(spec, path, render(spec, read_jsonl(data), shots, str(data)))
 
 
+def task_paths(entries: list[str]) -> list[Path]:
+    """Task YAML files, with folders standing for the YAML files in them (sorted)."""
+    files = []
+    for entry in entries:
+        path = Path(entry)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+            if not found:
+                raise UserError(f"task folder {entry} holds no task YAML files; add some or pass files")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
 def load_tasks(paths: list[str | Path]) -> list[Task]:
     tasks = [load_task(p) for p in paths]
     names = [t.name for t in tasks]
