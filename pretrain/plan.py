@@ -85,11 +85,18 @@ def stage_params(config: TrainConfig, layout: ParallelLayout, padded_vocab: int,
     # KV heads are replicated when there are fewer query groups than TP ranks.
     kv_per_rank = kv * max(1, layout.tp // m.query_groups) // layout.tp
     per_layer = h * (q // layout.tp + 2 * kv_per_rank) + (q // layout.tp) * h + 3 * h * f // layout.tp + 2 * h
+    if m.add_qkv_bias:
+        per_layer += q // layout.tp + 2 * kv_per_rank
+    if m.qk_layernorm:
+        per_layer += 2 * m.head_dim
     count = per_layer * m.num_layers // layout.pp
     if stage == 0:
         count += padded_vocab * h // layout.tp
     if stage == layout.pp - 1:
-        count += padded_vocab * h // layout.tp + h  # output layer and final norm
+        count += h  # final norm
+        # a tied output layer is the embedding itself, unless it lives on another stage (then a copy)
+        if not (m.tie_word_embeddings and layout.pp == 1):
+            count += padded_vocab * h // layout.tp
     return count
 
 

@@ -429,12 +429,21 @@ def test_round_trip_is_bit_identical_and_loads_offline(name, hf_models, converte
 
 
 @pytest.mark.slow
-def test_trainer_continues_pretraining_qwen2_at_tp2(hf_models, megatron, work):
+def test_trainer_continues_pretraining_qwen2_at_tp2(hf_models, converted, megatron, work):
     """The trainer's TP=2 model holds exactly the Qwen2 weights (tied embeddings, QKV biases; saved
-    before any step and exported back bit-identically) and trains on from them."""
+    before any step and exported back bit-identically) and trains on from them; `kumihimo plan`
+    counts its parameters (biases, one shared embedding) as each rank held them."""
+    from kumihimo.pretrain.checkpointing import find_checkpoint
     from kumihimo.pretrain.convert.to_hf import convert_to_hf
+    from kumihimo.pretrain.parallel import ParallelLayout
+    from kumihimo.pretrain.plan import stage_params
 
     _logits, run_dir, _saved = megatron
+    folder = find_checkpoint(converted["qwen2-tp2"])
+    config = configtree.from_dict(TrainConfig, configtree.read_yaml(folder / "run_config.yaml"))
+    layout = ParallelLayout.from_config(config, 2)
+    for row in json.loads((run_dir / "parameters_per_rank.json").read_text()):
+        assert row["parameters"] == stage_params(config, layout, 1024, row["pp_rank"]), row
     checkpoints = next(p.parent for p in sorted(run_dir.rglob("latest_checkpointed_iteration.txt")))
     back = convert_to_hf(checkpoints, work / "continued-hf", iteration=0, dtype="fp32")
     assert json.loads((back / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]

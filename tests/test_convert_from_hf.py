@@ -494,8 +494,8 @@ def _continue_pretraining(root: str, run_dir: str) -> None:
         [
             "data.mock=true",
             "runtime.device=cpu",
-            f"runtime.run_dir={run_dir}",
-            f"checkpoint.save={run_dir}/ckpt",
+            f"output_dir={run_dir}",
+            f"checkpoint.dir={run_dir}/ckpt",
             f"checkpoint.pretrained={root}",
             "schedule.train_iters=1",
             "schedule.lr_warmup_iters=0",
@@ -508,7 +508,7 @@ def _continue_pretraining(root: str, run_dir: str) -> None:
     try:
         trainer.setup()
         assert trainer.state.iteration == 0
-        trainer.save()  # to checkpoint.save, before any step
+        trainer.save()  # to the checkpoint folder, before any step
         trainer.train()
     finally:
         destroy()

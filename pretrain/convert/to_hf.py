@@ -305,10 +305,12 @@ class Source:
 
 def open_checkpoint(root: Path, iteration: int | None = None) -> Source:
     """The checkpoint folder under `root` (or `root` itself if it is an iter_NNNNNNN folder)."""
-    from kumihimo.pretrain.config import TrainConfig
+    from kumihimo.pretrain.config import from_saved
 
     if not root.exists():
-        raise UserError(f"checkpoint folder {str(root)!r} does not exist; pass the checkpoint.save folder")
+        raise UserError(
+            f"checkpoint folder {str(root)!r} does not exist; pass the checkpoint folder (checkpoint.dir)"
+        )
     if iteration is None and (root / checkpointing.META_FILE).is_file():
         folder = root
     else:
@@ -321,7 +323,7 @@ def open_checkpoint(root: Path, iteration: int | None = None) -> Source:
             "use a checkpoint saved by `kumihimo train`"
         )
     try:
-        config = configtree.from_dict(TrainConfig, configtree.read_yaml(config_path))
+        config = from_saved(configtree.read_yaml(config_path))
         config.model.validate()
     except UserError as exc:
         raise UserError(f"{config_path} does not describe a model this version can read: {exc}") from exc
@@ -643,7 +645,7 @@ def convert_to_hf(
 ) -> Path:
     """Write a Hugging Face folder (Llama, Mistral, Qwen2 or Qwen3) for a kumihimo checkpoint; returns it.
 
-    `checkpoint_root` is a checkpoint.save folder (latest iteration unless `iteration` is given) or
+    `checkpoint_root` is a checkpoint folder, checkpoint.dir (latest iteration unless `iteration` is given), or
     one iter_NNNNNNN folder. `tokenizer` replaces the recorded tokenizer path (the file must be the
     same model: its sha256 is checked) when the checkpoint was moved to another machine.
     """
