@@ -226,6 +226,32 @@ def test_model_config_validation_names_the_key():
         configtree.from_dict(TrainConfig, {"model": {"rope_scaling": {"kind": "yarn"}}})
 
 
+def test_exported_rope_fields_read_back_and_feature_mixes_are_refused():
+    """to-hf's RoPE keys read back by from-hf give the same model.rope_scaling, for every type."""
+    from kumihimo.pretrain.config import RopeScalingConfig
+    from kumihimo.pretrain.convert.to_hf import export_family, rope_fields
+
+    for rope in (LLAMA3, LINEAR, YARN, dict(YARN, truncate=False, mscale=1.0, mscale_all_dim=0.5)):
+        model = model_config({**BASE, "model_type": "llama", "rope_parameters": dict(rope)})
+        fields = rope_fields(model)
+        for spelling in ("rope_parameters", "rope_scaling"):  # transformers 5 and 4.x / vLLM
+            config = {
+                **BASE,
+                "model_type": "llama",
+                "rope_theta": fields["rope_theta"],
+                spelling: fields[spelling],
+            }
+            again = model_config(config)
+            assert again.rope_scaling == model.rope_scaling and again.rotary_base == model.rotary_base, (
+                spelling
+            )
+    plain = model_config({**BASE, "model_type": "llama"})
+    assert plain.rope_scaling == RopeScalingConfig() and rope_fields(plain)["rope_scaling"] is None
+    with pytest.raises(UserError, match="both QKV biases"):
+        export_family(ModelConfig(add_qkv_bias=True, qk_layernorm=True))
+    assert export_family(ModelConfig(qk_layernorm=True)) == "qwen3"
+
+
 def test_qkv_bias_follows_the_weight_rows():
     """The bias is regrouped exactly like the weight's rows (the i-th bias belongs to the i-th row)."""
     dims = LlamaDims(
