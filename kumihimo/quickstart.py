@@ -1,7 +1,8 @@
 """`kumihimo quickstart`: the whole pipeline on the bundled sample corpus, on CPU, in a few minutes.
 
     curate (data_prep) -> train a tokenizer -> tokenize to .bin/.idx + blend -> train a tiny Llama with
-    Megatron-Core -> save a checkpoint -> convert to Hugging Face -> load with transformers and generate
+    Megatron-Core (validation loss per source, a small downstream task scored in the loop, TensorBoard,
+    metrics.html) -> save a checkpoint -> convert to Hugging Face -> load with transformers and generate
 
 Every stage uses the same code and recipes as the real commands (configs/data_prep/quickstart.yaml,
 configs/tokenizer/tiny.yaml, configs/pretrain/quickstart.yaml); training runs as `kumihimo train` in a
@@ -196,13 +197,49 @@ def _plain(result) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(result), default=str))
 
 
+def write_reading_task(folder: Path) -> Path:
+    """A four-choice reading task from the sample's Japanese eval records (which decontamination kept
+    out of the training data): passage + question, the right answer among three other questions'
+    answers, in a fixed order. Returns the task YAML."""
+    import random
+
+    from kumihimo.sample import sample_paths
+
+    records = [json.loads(line) for line in sample_paths()["eval"].read_text(encoding="utf-8").splitlines()]
+    records = [r for r in records if r["lang"] == "ja"]
+    rng = random.Random(0)
+    lines = []
+    for i, record in enumerate(records):
+        others = [r["answer"] for j, r in enumerate(records) if j != i and r["answer"] != record["answer"]]
+        choices = [record["answer"], *rng.sample(others, 3)]
+        rng.shuffle(choices)
+        doc = {"passage": record["passage"], "question": record["question"], "choices": choices}
+        lines.append(json.dumps(doc | {"label": choices.index(record["answer"])}, ensure_ascii=False))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "reading_ja.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    spec = {
+        "name": "reading_ja",
+        "data": "reading_ja.jsonl",
+        "kind": "multiple_choice",
+        "prompt": "{passage}\n質問: {question}\n答え:",
+        "choices": ["choices"],
+        "label": "label",
+    }
+    path = folder / "reading_ja.yaml"
+    path.write_text(json.dumps(spec, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")  # JSON is YAML
+    return path
+
+
 def _train_args(workdir: Path, tokenizer: dict, datasets: dict, args: argparse.Namespace) -> list[str]:
     train_dir = workdir / "train"
+    task = write_reading_task(workdir / "tasks")
     overrides = [
         f"data.blend_file={datasets['blend_path']}",
         f"data.tokenizer={tokenizer['model']}",
         f"output_dir={train_dir}",  # checkpoints go to its checkpoints/ folder
         f"parallelism.tensor_model_parallel_size={args.tp}",
+        f"evaluation.tasks=[{task}]",
+        f"logging.tensorboard_dir={train_dir / 'tensorboard'}",
     ]
     if args.train_iters:
         overrides.append(f"schedule.train_iters={args.train_iters}")
@@ -221,7 +258,17 @@ def _train(workdir: Path, train_args: list[str], nproc: int) -> dict[str, Any]:
         raise UserError(f"training failed (exit code {code}); its log is above. Rerun with --redo train")
     metrics = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines()]
     val = [m["val_loss"] for m in metrics if "val_loss" in m]
+    evaluated = [m for m in metrics if any(k.startswith(("tasks/", "valid/")) for k in m)]
+    last_eval = evaluated[-1] if evaluated else {}
     return {
+        "evaluation_step": last_eval.get("step"),
+        "scores": {
+            k: v
+            for k, v in last_eval.items()
+            if k.startswith(("tasks/", "valid/")) and k.endswith(("acc", "acc_norm", "loss"))
+        },
+        "plot": str(train_dir / "metrics.html"),
+        "tensorboard": str(train_dir / "tensorboard"),
         "checkpoint": str(train_dir / "checkpoints"),
         "steps": metrics[-1]["step"],
         "loss_first": metrics[0]["loss"],
@@ -290,7 +337,19 @@ def _summary(curated, tokenizer, datasets, trained, hf, generated) -> str:
         + (f" (validation {trained['val_loss_last']:.3f})" if trained["val_loss_last"] else "")
         + f", ~{trained['tokens_per_s']:,.0f} tokens/s"
     )
+    if trained.get("scores"):
+        scores = trained["scores"]
+        sources = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in scores.items() if k.startswith("valid/"))
+        tasks = ", ".join(
+            f"{k.removeprefix('tasks/')} {v:.3f}" for k, v in scores.items() if k.startswith("tasks/")
+        )
+        lines.append(f"Evaluation at step {trained['evaluation_step']}:")
+        if sources:
+            lines.append(f"  validation loss per source: {sources}")
+        if tasks:
+            lines.append(f"  downstream (reading_ja, 4 choices, chance 0.25): {tasks}")
     lines += [
+        f"Plot: {trained['plot']}   TensorBoard: tensorboard --logdir {trained['tensorboard']}",
         f"Checkpoint: {trained['checkpoint']}",
         f"Hugging Face model: {hf['output']}",
         f"Report: {curated['report']}",

@@ -230,9 +230,15 @@ def load_checkpoint_backend(
     if tokenizer is None and recorded is None:
         raise UserError(f"{folder} was trained without a tokenizer (mock data); pass --tokenizer")
     spm = Tokenizer.load(tokenizer or recorded)
+    recorded_sha = (meta.get("tokenizer") or {}).get("sha256")
+    if recorded_sha and getattr(spm, "sha256", recorded_sha) != recorded_sha:
+        raise UserError(
+            f"tokenizer {tokenizer or recorded} is not the one {folder} was trained with (sha256 {spm.sha256[:12]}... vs "
+            f"{recorded_sha[:12]}...); pass the same model with --tokenizer"
+        )
     if spm.vocab_size != meta["vocab_size"]:
         raise UserError(
-            f"tokenizer {spm.path} has {spm.vocab_size} pieces but {folder} was trained with "
+            f"tokenizer {tokenizer or recorded} has {spm.vocab_size} pieces but {folder} was trained with "
             f"{meta['vocab_size']}; pass the tokenizer it was trained with (--tokenizer)"
         )
     device_obj = torch.device("cpu") if device == "cpu" else torch.device("cuda", torch.cuda.current_device())
