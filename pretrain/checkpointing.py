@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
@@ -473,7 +474,10 @@ def find_checkpoint(root: Path, iteration: int | None = None) -> Path:
 
 
 def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) -> TrainState:
-    """Load model, optimizer, scheduler, RNG and train state saved at any TP/PP."""
+    """Load model, optimizer, scheduler, RNG and train state saved at any TP/PP. With scheduler=None (a
+    branch) the optimizer's state (moments, step counts, main weights) is loaded but its learning-rate
+    and other hyperparameters stay this run's: the checkpoint's param groups would otherwise bring back
+    the source's peak and current learning rate."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
@@ -498,12 +502,37 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
     else:
         for i, chunk in enumerate(model_chunks):
             unwrap(chunk).load_state_dict(loaded[f"model{i}"])
+    configured = [_hyperparameters(group) for group in optimizer.param_groups]
+    if scheduler is None:
+        _match_saved_param_groups(optimizer, folder)
     with torch.no_grad():
         optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(loaded["scheduler"])
+    if scheduler is None:
+        for group, values in zip(optimizer.param_groups, configured, strict=True):
+            group.update(values)
+    else:
+        scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         set_rng_state(loaded["rng_state"])
     return TrainState(**loaded["train_state"])
+
+
+def _match_saved_param_groups(optimizer, folder: Path) -> None:
+    """Megatron finds each saved param group by its (max_lr, min_lr, wd_mult, ...) and refuses a branch
+    whose optimizer.lr or min_lr differ from the source's. Every group's max_lr/min_lr is this trainer's
+    optimizer.lr/min_lr, so take the source's for the load (the caller restores this run's after it)."""
+    config_file = folder / CONFIG_FILE
+    saved = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+    source = saved.get("optimizer") or {}
+    for group in optimizer.param_groups:
+        for key, name in (("max_lr", "lr"), ("min_lr", "min_lr")):
+            if key in group and name in source:
+                group[key] = float(source[name])
+
+
+def _hyperparameters(group: dict) -> dict:
+    """A param group's settings: everything but its parameters and Adam's step count (which is state)."""
+    return {key: copy.copy(value) for key, value in group.items() if key not in ("params", "step")}
 
 
 def load_weights(folder: Path, model_chunks) -> None:

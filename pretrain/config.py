@@ -786,6 +786,10 @@ class TrainConfig:
                     "is this run's own checkpoint folder (its checkpoints would mix with the source's)",
                     "give the branch its own output_dir or checkpoint.dir",
                 )
+            from kumihimo.pretrain.branch import resolve_lineage
+
+            # a missing, weights-only or replaced source is refused here, before any process starts
+            resolve_lineage(copy.deepcopy(self))
 
     def validate(self) -> None:
         model, par = self.model, self.parallelism

@@ -218,10 +218,13 @@ SHAPE_KEYS = (
 )
 
 
-def check_resume(meta: dict, folder: Path, config, fingerprint: dict, padded_vocab: int) -> list[str]:
+def check_resume(
+    meta: dict, folder: Path, config, fingerprint: dict, padded_vocab: int, branch: bool = False
+) -> list[str]:
     """Refuse (ConfigError) a resume that would not continue the same run: another model shape, another
     tokenizer, or data whose sample stream differs unless checkpoint.allow_data_change says it is
-    intended. Returns the notes and warnings to print."""
+    intended. A branch (`branch`) starts new data by design: its data changes are notes. Returns the
+    notes and warnings to print."""
     config_file = folder / "run_config.yaml"
     saved_model = (
         (yaml.safe_load(config_file.read_text()) or {}).get("model", {}) if config_file.is_file() else {}
@@ -240,7 +243,9 @@ def check_resume(meta: dict, folder: Path, config, fingerprint: dict, padded_voc
             f"settings (its {config_file.name}) or start a new run (new checkpoint.dir)"
         )
     saved = meta.get("data_fingerprint")
-    if saved is None:  # written before fingerprints existed: the old, coarser check
+    if saved is None and branch:  # a source older than fingerprints: only its tokenizer can be compared
+        saved = {"tokenizer_sha256": (meta.get("tokenizer") or {}).get("sha256")}
+    elif saved is None:  # written before fingerprints existed: the old, coarser check
         old = meta.get("data", {})
         now = {"blend_file": config.data.blend_file, "mock": config.data.mock, "seed": config.runtime.seed}
         if any(old.get(k) != v for k, v in now.items()):
@@ -258,6 +263,8 @@ def check_resume(meta: dict, folder: Path, config, fingerprint: dict, padded_voc
             f"sha256 {str(fingerprint.get('tokenizer_sha256'))[:12]}; resume with "
             f"data.tokenizer={recorded.get('path')} (the tokenizer cannot change within a run)"
         )
+    if branch:
+        return [f"note: the branch's data differs from its source's: {'; '.join(changes)}"] if changes else []
     if changes and not config.checkpoint.allow_data_change:
         raise ConfigError(
             f"the data changed since {folder.name}: {'; '.join(changes)}. Resuming would not continue the "

@@ -33,6 +33,7 @@ from kumihimo import __version__
 from kumihimo.core import configtree
 from kumihimo.core.progress import log_to_stderr
 from kumihimo.pretrain import checkpointing, integrity
+from kumihimo.pretrain.branch import resolve_lineage
 from kumihimo.pretrain.checkpointing import CheckpointManager, TrainState
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.data import Datasets, batch_indices, build_datasets, microbatches
@@ -95,6 +96,28 @@ def forward_step(data_iterator, model, z_loss_coeff: float = 0.0, meter: Activat
         return output, partial(loss_func, batch["loss_mask"])
 
 
+def build_scheduler(config: TrainConfig, optimizer) -> OptimizerParamScheduler:
+    """The learning-rate (and weight-decay) schedule of `config.schedule`, at step 0."""
+    opt, sched = config.optimizer, config.schedule
+    decay_iters = sched.lr_decay_iters or sched.train_iters
+    wsd = sched.lr_decay_style == "WSD"
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=opt.lr,
+        min_lr=opt.min_lr,
+        lr_warmup_steps=sched.lr_warmup_iters,
+        lr_decay_steps=decay_iters,
+        lr_decay_style=sched.lr_decay_style,
+        start_wd=opt.weight_decay,
+        end_wd=opt.weight_decay,
+        wd_incr_steps=decay_iters,
+        wd_incr_style="constant",
+        wsd_decay_steps=(sched.lr_wsd_decay_iters or max(1, decay_iters // 10)) if wsd else None,
+        lr_wsd_decay_style=sched.lr_wsd_decay_style if wsd else None,
+    )
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -106,6 +129,8 @@ class Trainer:
         # Listen from the start: Slurm's warning may come while the model is still being built.
         self.stop = StopRequest()
         self.lock: checkpointing.RunLock | None = None
+        self.lineage: dict | None = None
+        """Where a branch started (resolve_lineage); recorded in each of its checkpoints."""
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -135,6 +160,8 @@ class Trainer:
             if cfg.runtime.device == "cpu"
             else torch.device("cuda", torch.cuda.current_device())
         )
+        # every rank: the resolved branch.iteration and source_sha256 go into run_config.yaml
+        self.lineage = resolve_lineage(cfg)
         self.is_logger = self.info.is_main
         if self.is_logger:
             self._claim_save_folder()
@@ -220,25 +247,7 @@ class Trainer:
             ),
             self.model,
         )
-        sched = cfg.schedule
-        decay_iters = sched.lr_decay_iters or sched.train_iters
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0,
-            max_lr=opt.lr,
-            min_lr=opt.min_lr,
-            lr_warmup_steps=sched.lr_warmup_iters,
-            lr_decay_steps=decay_iters,
-            lr_decay_style=sched.lr_decay_style,
-            start_wd=opt.weight_decay,
-            end_wd=opt.weight_decay,
-            wd_incr_steps=decay_iters,
-            wd_incr_style="constant",
-            wsd_decay_steps=sched.lr_wsd_decay_iters or max(1, decay_iters // 10)
-            if sched.lr_decay_style == "WSD"
-            else None,
-            lr_wsd_decay_style="linear" if sched.lr_decay_style == "WSD" else None,
-        )
+        self.scheduler = build_scheduler(cfg, self.optimizer)
         tconfig = self.model[0].config
         tconfig.grad_scale_func = self.optimizer.scale_loss
         tconfig.finalize_model_grads_func = finalize_model_grads
@@ -301,6 +310,7 @@ class Trainer:
                 "seed": cfg.runtime.seed,
             },
             "data_fingerprint": self.datasets.fingerprint,
+            **({"lineage": self.lineage} if self.lineage else {}),
             "versions": {
                 "kumihimo": __version__,
                 "megatron.core": megatron.core.__version__,
@@ -316,7 +326,9 @@ class Trainer:
                 raise configtree.ConfigError(
                     f"checkpoint.load={ckpt.load!r} holds no complete checkpoint; check the path or unset it"
                 )
-            if ckpt.pretrained is not None:
+            if self.lineage is not None:
+                self._start_branch()
+            elif ckpt.pretrained is not None:
                 self._load_pretrained(Path(ckpt.pretrained))
             return
         folder = checkpointing.find_checkpoint(Path(root))
@@ -348,13 +360,26 @@ class Trainer:
         self.optimizer.reload_model_params()
         log.info(f"[train] initialised weights from {folder} (optimizer, schedule and data start fresh)")
 
-    def _check_resume_compatible(self, meta: dict, folder: Path) -> None:
-        """Refuse a resume that would not continue the same run (integrity.check_resume); print its notes."""
+    def _start_branch(self) -> None:
+        """Model and optimizer state (and RNG at the same TP/PP) from the branch's source; the step, data
+        position and learning-rate schedule stay at this config's start."""
+        folder = Path(self.lineage["source"])
+        self._check_resume_compatible(checkpointing.read_meta(folder), folder, branch=True)
+        checkpointing.load_checkpoint(folder, self.model, self.optimizer, None, self.layout)
+        log.info(
+            f"[train] branched from {folder} (its step {self.lineage['iteration']}, "
+            f"{self.lineage['source_consumed_tokens']:,} tokens): model and optimizer state loaded; step, "
+            "data position and learning-rate schedule start at 0 as configured"
+        )
+
+    def _check_resume_compatible(self, meta: dict, folder: Path, branch: bool = False) -> None:
+        """Refuse a resume that would not continue the same run (integrity.check_resume); print its notes.
+        A branch may change the data (it starts the new blend at its first sample)."""
         notes = integrity.check_resume(
-            meta, folder, self.config, self.datasets.fingerprint, self.padded_vocab
+            meta, folder, self.config, self.datasets.fingerprint, self.padded_vocab, branch=branch
         )
         saved_dp = meta.get("layout", {}).get("dp")
-        if saved_dp is not None and saved_dp != self.layout.dp:
+        if not branch and saved_dp is not None and saved_dp != self.layout.dp:
             notes.append(
                 f"warning: data-parallel size changed {saved_dp} -> {self.layout.dp}; samples continue "
                 "in order but per-rank batches differ, so the loss curve will not match bit for bit"
