@@ -44,7 +44,9 @@ def test_validation_loss_is_logged_per_source(tmp_path, spm_model):
     cycle = np.arange(10, 30)
     write_dataset(tmp_path / "data" / "ja_cc_text_document", lambda i: np.tile(cycle, 8))
     write_dataset(tmp_path / "data" / "code_text_document", lambda i: rng.integers(4, 1000, 160))
-    blend = [{"prefix": str(tmp_path / "data" / f"{n}_text_document"), "weight": 1.0} for n in ("ja_cc", "code")]
+    blend = [
+        {"prefix": str(tmp_path / "data" / f"{n}_text_document"), "weight": 1.0} for n in ("ja_cc", "code")
+    ]
     run_dir = tmp_path / "run"
     proc = run_cli(
         "train",
@@ -68,7 +70,9 @@ def test_validation_loss_is_logged_per_source(tmp_path, spm_model):
     assert last["valid/ja_cc/loss"] < evaluated[0]["valid/ja_cc/loss"]  # the cycle is being learnt
     assert last["valid/ja_cc/loss"] < last["val_loss"] < last["valid/code/loss"]
     for key in ("val", "valid/ja_cc/", "valid/code/"):
-        loss, ppl = (last["val_loss"], last["val_ppl"]) if key == "val" else (last[f"{key}loss"], last[f"{key}ppl"])
+        loss, ppl = (
+            (last["val_loss"], last["val_ppl"]) if key == "val" else (last[f"{key}loss"], last[f"{key}ppl"])
+        )
         assert math.isclose(ppl, math.exp(loss), rel_tol=1e-9)
     assert "validation loss per source: ja_cc" in proc.stderr
     page = (run_dir / "metrics.html").read_text()
@@ -80,8 +84,12 @@ def test_a_stop_signal_ends_a_slow_task_evaluation_and_the_run_saves(tmp_path, s
     doc = {"choice0": "a", "choice1": "b", "choice2": "c", "choice3": "d", "label": 0}
     lines = [json.dumps(doc | {"question": f"問{i}"}, ensure_ascii=False) + "\n" for i in range(2000)]
     (tmp_path / "slow.jsonl").write_text("".join(lines), encoding="utf-8")
-    spec = {"name": "slow", "data": "slow.jsonl", "format": "jcommonsenseqa",
-            "choices": ["choice0", "choice1", "choice2", "choice3"]}
+    spec = {
+        "name": "slow",
+        "data": "slow.jsonl",
+        "format": "jcommonsenseqa",
+        "choices": ["choice0", "choice1", "choice2", "choice3"],
+    }
     (tmp_path / "slow.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True))
     run_dir = tmp_path / "run"
     started = time.monotonic()
@@ -105,3 +113,22 @@ def test_a_stop_signal_ends_a_slow_task_evaluation_and_the_run_saves(tmp_path, s
     assert results["tasks"]["slow"]["complete"] is False
     assert "slow: stopped" in stderr
     assert (run_dir / "checkpoints" / "iter_0000002").is_dir()
+
+
+def test_tasks_that_would_never_run_are_refused(tmp_path, spm_model):
+    from tests.eval_tasks import write_tasks
+
+    (task,) = write_tasks(tmp_path / "tasks", ("jcqa",))
+    proc = run_cli(
+        "train",
+        TINY,
+        *BASE,
+        "data.mock=true",
+        f"data.tokenizer={spm_model}",
+        "schedule.eval_interval=0",
+        f"evaluation.tasks=[{task}]",
+        f"output_dir={tmp_path / 'run'}",
+        "checkpoint.enabled=false",
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "would never run" in proc.stderr and "evaluation.interval=<steps>" in proc.stderr

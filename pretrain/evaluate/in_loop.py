@@ -89,6 +89,11 @@ class InLoopEvaluation:
         tasks = load_tasks(task_paths(ev.tasks))
         backend = MegatronBackend(model_chunks, tokenizer.vocab_size, config.model.seq_length, device)
         interval = ev.interval or config.schedule.eval_interval
+        if not interval:
+            raise UserError(
+                f"evaluation.tasks={ev.tasks} would never run: evaluation.interval is null and "
+                "schedule.eval_interval=0; set evaluation.interval=<steps>"
+            )
         return cls(
             tasks,
             interval,
