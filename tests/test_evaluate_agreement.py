@@ -31,7 +31,11 @@ LAYOUTS = {
     "tp2": (["--tp", "2"], 2),
     "pp2": (["--pp", "2"], 2),
 }
-TRAIN_LAYOUT = {"tp1": [], "tp2": ["parallelism.tensor_model_parallel_size=2"], "pp2": ["parallelism.pipeline_model_parallel_size=2"]}
+TRAIN_LAYOUT = {
+    "tp1": [],
+    "tp2": ["parallelism.tensor_model_parallel_size=2"],
+    "pp2": ["parallelism.pipeline_model_parallel_size=2"],
+}
 TOLERANCE = 1e-4
 
 
@@ -48,7 +52,13 @@ def task_files(work) -> list[Path]:
 def _torchrun(nproc: int) -> list[str]:
     if nproc == 1:
         return []
-    return ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1", f"--master-port={free_port()}"]
+    return [
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--nnodes=1",
+        f"--master-port={free_port()}",
+    ]
 
 
 def _wait(procs: dict) -> None:
@@ -114,8 +124,18 @@ def runs(work, task_files) -> dict[str, dict[str, Path]]:
         paths[name]["hf_model"] = convert_to_hf(paths[name]["ckpt"], work / name / "hf", dtype="fp32")
         paths[name]["hf"] = work / name / "eval-hf"
         procs[name] = _launch(
-            ["-m", "kumihimo.cli", "eval", str(paths[name]["hf_model"]), "--tasks", str(work / "tasks"),
-             "--output", str(paths[name]["hf"]), "--device", "cpu"]
+            [
+                "-m",
+                "kumihimo.cli",
+                "eval",
+                str(paths[name]["hf_model"]),
+                "--tasks",
+                str(work / "tasks"),
+                "--output",
+                str(paths[name]["hf"]),
+                "--device",
+                "cpu",
+            ]
         )
     _wait(procs)
     return paths
@@ -173,7 +193,9 @@ def test_in_loop_scores_agree_with_the_checkpoint(runs, layout):
 
 @pytest.mark.parametrize("layout", ["tp1", "pp2"])
 def test_lm_evaluation_harness_agrees(runs, layout, work, task_files):
-    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'kumihimo[eval]')")
+    pytest.importorskip(
+        "lm_eval", reason="lm-evaluation-harness is not installed (pip install 'kumihimo[eval]')"
+    )
     from kumihimo.pretrain.evaluate.lm_eval_export import harness_loglikelihoods, harness_name, run_harness
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -191,3 +213,81 @@ def test_lm_evaluation_harness_agrees(runs, layout, work, task_files):
             assert max(abs(a - b) for a, b in zip(lls, sample["loglikelihoods"], strict=True)) < TOLERANCE
         summary = json.loads((runs[layout]["hf"] / "results.json").read_text())["tasks"][task.name]
         assert result["acc,none"] == summary["acc"] and result["acc_norm,none"] == summary["acc_norm"]
+
+
+def test_watch_evaluates_each_new_checkpoint(runs, work, tmp_path):
+    import shutil
+    import time
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(runs["tp1"]["ckpt"], root)
+    output = tmp_path / "eval"
+    proc = _launch(
+        [
+            "-m",
+            "kumihimo.cli",
+            "eval",
+            str(root),
+            "--tasks",
+            str(work / "tasks" / "jcqa.yaml"),
+            "--output",
+            str(output),
+            "--watch",
+            "--poll-seconds",
+            "0.5",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (output / "iter_0000004" / "results.json").is_file():
+            assert time.monotonic() < deadline and proc.poll() is None, (
+                "the first checkpoint was not evaluated"
+            )
+            time.sleep(0.2)
+        shutil.copytree(root / "iter_0000004", root / "iter_0000008")  # a job saving its next checkpoint
+        (root / "latest_checkpointed_iteration.txt").write_text("8")
+        while not (output / "iter_0000008" / "results.json").is_file():
+            assert time.monotonic() < deadline and proc.poll() is None, "the new checkpoint was not evaluated"
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    first, second = (samples(output / f"iter_000000{i}", "jcqa") for i in (4, 8))
+    assert first == second  # the same weights give the same scores
+
+
+def test_another_tokenizer_is_refused(runs, work, tmp_path):
+    from tests.conftest import run_cli
+
+    other = train_spm(tmp_path / "other", seed=7)
+    proc = run_cli(
+        "eval", str(runs["tp1"]["ckpt"]), "--tasks", str(work / "tasks"), "--tokenizer", str(other)
+    )
+    assert proc.returncode == 2
+    assert "is not the one" in proc.stderr and "--tokenizer" in proc.stderr
+
+
+@pytest.mark.parametrize("flags", [[], ["--cp", "2"]], ids=["dp2", "cp2"])
+def test_data_and_context_parallel_evaluation_agrees(runs, work, tmp_path, flags):
+    """The TP=1 checkpoint evaluated by two processes as DP=2 (rows split) or CP=2 (sequences split)."""
+    output = tmp_path / "eval"
+    proc = _launch(
+        [
+            "-m",
+            "kumihimo.cli",
+            "eval",
+            str(runs["tp1"]["ckpt"]),
+            "--tasks",
+            str(work / "tasks"),
+            "--output",
+            str(output),
+            "--batch-size",
+            "3",
+            "--nproc-per-node",
+            "2",
+            *flags,
+        ]
+    )
+    _wait({"eval": proc})
+    for task in TASKS:
+        assert_same_scores(only_iteration(output), only_iteration(runs["tp1"]["megatron"]), task)
