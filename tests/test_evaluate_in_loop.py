@@ -132,3 +132,40 @@ def test_tasks_that_would_never_run_are_refused(tmp_path, spm_model):
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "would never run" in proc.stderr and "evaluation.interval=<steps>" in proc.stderr
+
+
+def test_interleaved_pipeline_scores_in_the_loop_as_one_process_does(tmp_path, spm_model):
+    """PP=2 x VPP=2 (the interleaved schedule needs PP micro-batches per call) against `kumihimo eval`
+    of the saved checkpoint in one process."""
+    from tests.eval_tasks import write_tasks
+
+    write_tasks(tmp_path / "tasks", ("jcqa", "jemhopqa"))
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "train", TINY, *BASE, "model.num_layers=4", "--nproc-per-node", "2",
+        "parallelism.pipeline_model_parallel_size=2", "parallelism.virtual_pipeline_model_parallel_size=2",
+        "data.mock=true", f"data.tokenizer={spm_model}", "schedule.train_iters=2", "schedule.eval_interval=2",
+        "schedule.eval_iters=1", f"evaluation.tasks=[{tmp_path / 'tasks'}]", "evaluation.batch_size=3",
+        f"output_dir={run_dir}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli(
+        "eval",
+        str(run_dir / "checkpoints"),
+        "--tasks",
+        str(tmp_path / "tasks"),
+        "--output",
+        str(tmp_path / "one"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for task in ("jcqa", "jemhopqa"):
+        in_loop, alone = (
+            [json.loads(line) for line in (folder / f"samples_{task}.jsonl").read_text().splitlines()]
+            for folder in (run_dir / "eval" / "iter_0000002", tmp_path / "one" / "iter_0000002")
+        )
+        for x, y in zip(in_loop, alone, strict=True):
+            if task == "jemhopqa":
+                assert x["generated"] == y["generated"]
+            else:
+                assert max(abs(a - b) for a, b in zip(x["loglikelihoods"], y["loglikelihoods"])) < 1e-4
+                assert x["pred"] == y["pred"]

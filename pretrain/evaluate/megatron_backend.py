@@ -1,8 +1,8 @@
 """Score tasks on the Megatron model as it is laid out (TP/PP/CP/DP), without converting it.
 
 Every rank calls `score_rows` with the same rows. The rows are split over data-parallel ranks; each
-model-parallel group runs its share as one micro-batch through Megatron's forward-only schedule (so
-pipeline stages pass activations as in training). On the last stage the logits at the scored
+model-parallel group runs its share as PP micro-batches through Megatron's forward-only schedule (so
+pipeline stages pass activations as in training, interleaved chunks included). On the last stage the logits at the scored
 positions are picked, summed over context-parallel ranks (each holds its zigzag part of the sequence)
 and gathered over tensor-parallel ranks (each holds a slice of the vocabulary); the scores are then
 sent to every stage and gathered over data-parallel ranks, so every rank returns every row's scores.
@@ -52,38 +52,47 @@ class MegatronBackend:
     def _score_local(self, rows: list[Row]) -> list[tuple[list[float], list[int]]]:
         tp = parallel_state.get_tensor_model_parallel_world_size()
         cp = parallel_state.get_context_parallel_world_size()
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
         # sequence parallel splits the sequence over TP, context parallel into 2 x CP chunks
         multiple = tp * 2 * cp if cp > 1 else tp
         width = max(len(r.tokens) for r in rows)
         width = -(-width // multiple) * multiple
+        # PP micro-batches keep every stage busy (and the interleaved schedule needs at least PP)
+        num_micro = pp
+        micro_size = -(-len(rows) // num_micro)
+        rows = rows + [Row([0], [0], [0])] * (num_micro * micro_size - len(rows))
         tokens = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
         for i, row in enumerate(rows):
             tokens[i, : len(row.tokens)] = torch.tensor(row.tokens, dtype=torch.long)
-        positions = torch.arange(width, device=self.device).expand(len(rows), width).contiguous()
-        batch = {"tokens": tokens, "position_ids": positions}
+        positions = torch.arange(width, device=self.device).expand(micro_size, width).contiguous()
+        micro = [
+            (rows[k : k + micro_size], {"tokens": tokens[k : k + micro_size], "position_ids": positions})
+            for k in range(0, len(rows), micro_size)
+        ]
         store: list = []
 
         def forward_step(data_iterator, model):
-            local = slice_for_context_parallel(next(data_iterator))
+            micro_rows, batch = next(data_iterator)
+            local = slice_for_context_parallel(batch)
             output = model(local["tokens"], local["position_ids"], None)
 
             def collect(logits):
-                store.append(self._picked_logits(logits, rows, width))
+                store.append(self._picked_logits(logits, micro_rows, width))
                 return logits.sum() * 0.0, {}
 
             return output, collect
 
-        iterators = [iter([batch]) for _ in self.model]
+        iterators = [iter(micro) for _ in self.model]
         get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.model if len(self.model) > 1 else self.model[0],
-            num_microbatches=1,
+            num_microbatches=num_micro,
             seq_length=width,
-            micro_batch_size=len(rows),
+            micro_batch_size=micro_size,
             forward_only=True,
         )
-        results = score_picked(store[0], rows, self.vocab_size) if store else None
+        results = score_picked(torch.cat(store), rows, self.vocab_size) if store else None
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             box = [results]
             dist.broadcast_object_list(
