@@ -80,20 +80,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _spawn_local(args: argparse.Namespace) -> int:
+    return spawn_local(args.nproc_per_node, ["train", args.config, *args.overrides])
+
+
+def spawn_local(nproc_per_node: int, verb_args: list[str]) -> int:
+    """Run `kumihimo <verb_args>` in `nproc_per_node` local processes under torchrun (one node, a free
+    rendezvous port, one OMP thread per process unless OMP_NUM_THREADS says otherwise); its exit code."""
     from kumihimo.pretrain.distributed import free_port
 
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        f"--nproc-per-node={args.nproc_per_node}",
+        f"--nproc-per-node={nproc_per_node}",
         "--nnodes=1",
         f"--master-port={free_port()}",
         "-m",
         "kumihimo.cli",
-        "train",
-        args.config,
-        *args.overrides,
+        *verb_args,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return subprocess.call(cmd, env=env)

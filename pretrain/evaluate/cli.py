@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -172,7 +170,7 @@ def _evaluate_loaded(args, tasks, loaded, output: Path) -> None:
 
 def _spawn(args: argparse.Namespace) -> int:
     """Start --nproc-per-node local processes running this same evaluation (torchrun)."""
-    from kumihimo.pretrain.distributed import free_port
+    from kumihimo.pretrain.cli import spawn_local
 
     forwarded = [args.target, "--tasks", *args.tasks, "--batch-size", str(args.batch_size)]
     for flag, value in (
@@ -189,17 +187,4 @@ def _spawn(args: argparse.Namespace) -> int:
             forwarded += [flag, str(value)]
     if args.watch:
         forwarded.append("--watch")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={args.nproc_per_node}",
-        "--nnodes=1",
-        f"--master-port={free_port()}",
-        "-m",
-        "kumihimo.cli",
-        "eval",
-        *forwarded,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.call(cmd, env=env)
+    return spawn_local(args.nproc_per_node, ["eval", *forwarded])
