@@ -280,6 +280,42 @@ def check_resume(
     return notes
 
 
+def check_pretrained(
+    meta: dict, folder: Path, config, tokenizer: dict | None, vocab: int, padded: int, tp: int
+) -> list[str]:
+    """Refuse weights for `checkpoint.pretrained` whose padded vocabulary differs from this run's, saying
+    which tokenizer and model.make_vocab_size_divisible_by give theirs; notes (a tokenizer of another
+    sha256 with the same vocabulary is allowed, e.g. a changed BOS template, but said)."""
+    from kumihimo.pretrain.parallel import padded_vocab_size
+
+    recorded = meta.get("tokenizer") or {}
+    key = f"checkpoint.pretrained={config.checkpoint.pretrained}"
+    if meta.get("padded_vocab_size") != padded:
+        saved_vocab, saved_padded = meta.get("vocab_size"), meta.get("padded_vocab_size")
+        fits = [d for d in (2**i for i in range(17)) if padded_vocab_size(vocab, d, tp) == saved_padded]
+        if saved_vocab != vocab:
+            fix = f"set data.tokenizer={recorded.get('path')} (the tokenizer the weights were trained with)"
+        elif fits:
+            fix = f"set model.make_vocab_size_divisible_by={fits[0]} (at TP={tp} that pads to {saved_padded} rows)"
+        else:
+            fix = (
+                f"train at the TP {folder} was laid out for (its run_config.yaml), or, for an import, convert "
+                f"it again with --tp {tp}"
+            )
+        raise ConfigError(
+            f"{key} has {saved_vocab} tokens padded to {saved_padded} embedding rows but this run has {vocab} "
+            f"(data.tokenizer={config.data.tokenizer}) padded to {padded} "
+            f"(model.make_vocab_size_divisible_by={config.model.make_vocab_size_divisible_by} x TP={tp}); {fix}"
+        )
+    if recorded.get("sha256") and tokenizer and tokenizer.get("sha256") != recorded["sha256"]:
+        return [
+            f"warning: {key} was trained with tokenizer sha256 {recorded['sha256'][:12]} ({recorded.get('path')}) "
+            f"but data.tokenizer is sha256 {tokenizer['sha256'][:12]}; with the same {vocab} tokens this is "
+            "allowed, but ids that changed meaning start from other pieces' embeddings"
+        ]
+    return []
+
+
 # ----------------------------------------------------------------------------------- finite state
 
 

@@ -348,13 +348,17 @@ class Trainer:
 
     def _load_pretrained(self, root: Path) -> None:
         folder = checkpointing.find_checkpoint(root)
-        meta = checkpointing.read_meta(folder)
-        if meta.get("padded_vocab_size") != self.padded_vocab:
-            raise configtree.ConfigError(
-                f"checkpoint.pretrained={str(root)!r} has a padded vocabulary of {meta.get('padded_vocab_size')} "
-                f"but this run pads to {self.padded_vocab}; use the tokenizer the weights were trained with "
-                "and the same model.make_vocab_size_divisible_by x TP"
-            )
+        meta, tokenizer = checkpointing.read_meta(folder), self.datasets.tokenizer
+        for note in integrity.check_pretrained(
+            meta,
+            folder,
+            self.config,
+            tokenizer.identity,
+            tokenizer.vocab_size,
+            self.padded_vocab,
+            self.layout.tp,
+        ):
+            log.info(f"[train] {note}")
         checkpointing.load_weights(folder, self.model)
         # bf16 runs keep fp32 main weights inside the optimizer, copied when it was built.
         self.optimizer.reload_model_params()
