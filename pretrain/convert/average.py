@@ -43,12 +43,22 @@ from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.core.progress import Progress, say
 from kumihimo.pretrain import checkpointing
-from kumihimo.pretrain.convert.dcp_files import failure_cause, staged_output
+from kumihimo.pretrain.convert.dcp_files import (
+    SequentialWriter,
+    copy_hf_tokenizer,
+    failure_cause,
+    pickled_object,
+    staged_output,
+)
 from kumihimo.pretrain.convert.from_hf import TOKENIZER_DIR, Chunk, plan_chunks, write_item_for
-from kumihimo.pretrain.convert.from_hf import _pickled as pickled_object
-from kumihimo.pretrain.convert.from_hf import _SequentialWriter as SequentialWriter
 from kumihimo.pretrain.convert.mapping import LlamaDims
-from kumihimo.pretrain.convert.to_hf import Source, check_architecture, dims_for, open_checkpoint
+from kumihimo.pretrain.convert.to_hf import (
+    Source,
+    check_architecture,
+    dims_for,
+    imported_vocab_rows,
+    open_checkpoint,
+)
 
 
 def relative_weights(weights: Sequence[float] | None, count: int) -> list[float]:
@@ -235,7 +245,7 @@ def copy_tokenizer(source: Source, output_root: Path, staging_root: Path) -> dic
     A SentencePiece model is one file; of a Hugging Face tokenizer folder (which may be a whole model
     folder) only the files that make up its identity are copied, plus config.json that AutoTokenizer may
     read. The copy must have the recorded sha256; otherwise nothing is copied and the identity is kept."""
-    from kumihimo.tokenizer.hf import IDENTITY_FILES, HFTokenizer
+    from kumihimo.tokenizer.hf import HFTokenizer
     from kumihimo.tokenizer.spm import Tokenizer
 
     identity = source.meta.get("tokenizer")
@@ -246,10 +256,7 @@ def copy_tokenizer(source: Source, output_root: Path, staging_root: Path) -> dic
     target.mkdir()
     try:
         if identity.get("kind") == HFTokenizer.kind:
-            folder = recorded if recorded.is_dir() else recorded.parent
-            for name in (*IDENTITY_FILES, "config.json"):
-                if (folder / name).is_file():
-                    shutil.copyfile(folder / name, target / name)
+            copy_hf_tokenizer(recorded, target, extra=("config.json",))
             copied, final = HFTokenizer(target).sha256, output_root / TOKENIZER_DIR
         else:
             shutil.copyfile(recorded, target / recorded.name)
@@ -293,7 +300,7 @@ def output_meta(
         "formula": "sum(w_i * x_i) / sum(w_i) per element, in float32, in the listed order",
     }
     # Rows of a model imported by from-hf beyond its tokenizer: to-hf exports them (see to_hf.source_vocab_rows).
-    hf_rows = {(source.meta.get("source") or {}).get("hf_vocab_size") for source in sources}
+    hf_rows = {imported_vocab_rows(source.meta, source.config) for source in sources}
     if len(hf_rows) == 1 and isinstance(next(iter(hf_rows)), int):
         source_info["hf_vocab_size"] = next(iter(hf_rows))
     return {

@@ -43,8 +43,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     to_hf.add_argument(
         "--tokenizer",
         default=None,
-        help="SentencePiece model to use instead of the recorded path (must be the same file, "
-        "checked by sha256), e.g. after moving the checkpoint to another machine",
+        help="SentencePiece model or Hugging Face tokenizer folder to use instead of the recorded path "
+        "(must be the same tokenizer, checked by sha256), e.g. after moving the checkpoint to another machine",
     )
     to_hf.set_defaults(handler=run_to_hf)
 
@@ -53,8 +53,9 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="Hugging Face Llama/Mistral/Qwen2/Qwen3 folder -> weights-only kumihimo checkpoint for "
         "continual pretraining",
         description="Write a kumihimo checkpoint root (iter_0000000 with model weights only, run_config.yaml "
-        "derived from config.json and laid out for --tp/--pp, kumihimo.json, the SentencePiece "
-        "tokenizer.model if the folder has one). Streams tensor by tensor with no model built: host "
+        "derived from config.json and laid out for --tp/--pp, kumihimo.json, the model's "
+        "tokenizer under tokenizer/: its SentencePiece tokenizer.model, or else its Hugging Face tokenizer.json "
+        "and the files beside it). Streams tensor by tensor with no model built: host "
         "RAM stays near the largest tensor (the embedding), whatever the model size.",
     )
     from_hf.add_argument(

@@ -1,6 +1,8 @@
-"""What both conversion directions need around their files: an output folder that appears only when
-complete, the real error inside torch.distributed.checkpoint's wrapper, and the two DCP records the
-streaming writer builds itself, adapted to the torch release that is installed.
+"""What the converters need around their files: an output folder that appears only when complete, the
+real error inside torch.distributed.checkpoint's wrapper, the streaming DCP writer that `convert
+from-hf` and `convert average` share (`SequentialWriter`, `pickled_object`) with the two DCP records
+it builds itself, adapted to the torch release that is installed, and the copy of a Hugging Face
+tokenizer's files (`copy_hf_tokenizer`) that from-hf, average and to-hf make.
 
 torch's DCP records change between releases: `TensorProperties` gained a `strides` field in 2.15 (2.14
 and older have none), and the file writer's per-item location `_StorageInfo` is private. The writer
@@ -13,14 +15,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.distributed.checkpoint import filesystem
+from torch.distributed.checkpoint import FileSystemWriter, filesystem
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorProperties
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from kumihimo.core.errors import UserError
 from kumihimo.core.files import temp_dir
@@ -77,3 +85,66 @@ def storage_location(relative_path: str, offset: int, length: int) -> object:
             "kumihimo supports; install a torch within the range pyproject.toml declares"
         )
     return record(relative_path=relative_path, offset=offset, length=length)
+
+
+def pickled_object(value: Any) -> io.BytesIO:
+    """A non-tensor item (an `_extra_state`, the common state) as Megatron stores each sharded object:
+    a list of the rank's values, pickled with torch.save."""
+    buffer = io.BytesIO()
+    torch.save([value], buffer)
+    return buffer
+
+
+class SequentialWriter(FileSystemWriter):
+    """A FileSystemWriter that writes the plan's items in plan order into one file (as Megatron's
+    writer does, one file per rank), asking the planner for each item's data (`resolve_data`) just
+    before writing it and dropping it right after. The stock writer keeps every tensor of a file
+    referenced until the file is closed (for its safetensors format), which would hold the whole
+    model in memory."""
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        file_name = f"{plan.storage_data.prefix}0.distcp"
+        results = []
+        with open(Path(self.path) / file_name, "wb") as stream:
+            for item in plan.items:
+                offset = stream.tell()
+                data = planner.resolve_data(item)
+                if item.type == WriteItemType.BYTE_IO:
+                    stream.write(data.getbuffer())
+                else:
+                    torch.save(data, stream)  # what FileSystemReader reads back (torch.load per item)
+                del data
+                length = stream.tell() - offset
+                results.append(
+                    WriteResult(
+                        index=item.index,
+                        size_in_bytes=length,
+                        storage_data=storage_location(file_name, offset, length),
+                    )
+                )
+            stream.flush()
+            os.fsync(stream.fileno())
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+
+def copy_hf_tokenizer(source: Path, target: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """Copy the files of the Hugging Face tokenizer at `source` (its folder, or its tokenizer.json) that
+    make up its identity (tokenizer.hf.IDENTITY_FILES), plus those of `extra` present, into the folder
+    `target` (created); returns the names copied. A model folder may hold much more (weights); only
+    these files decide the ids, so only they travel."""
+    from kumihimo.tokenizer.hf import HF_TOKENIZER_FILE, IDENTITY_FILES
+
+    folder = source.parent if source.name == HF_TOKENIZER_FILE else source
+    if not (folder / HF_TOKENIZER_FILE).is_file():
+        raise UserError(
+            f"{folder} has no {HF_TOKENIZER_FILE}; pass the Hugging Face tokenizer folder the model was trained with"
+        )
+    target.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in (*IDENTITY_FILES, *extra):
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, target / name)
+            copied.append(name)
+    return copied

@@ -7,8 +7,9 @@ bias, non-SwiGLU activations) is refused with the config.json key that says so (
 The output is a checkpoint folder like the trainer's (`<output>/iter_0000000/` + the latest marker)
 holding model weights only (no optimizer, scheduler or RNG state; kumihimo.json says
 `"weights_only": true`), a run_config.yaml whose model section is derived from config.json and whose
-parallelism is the target TP/PP, and the tokenizer when the Hugging Face folder has a SentencePiece
-`tokenizer.model`. The vocabulary is padded for the target TP as the trainer pads it.
+parallelism is the target TP/PP, and the model's tokenizer under tokenizer/ (its SentencePiece
+`tokenizer.model`, or else its Hugging Face tokenizer.json with the files beside it that decide the ids).
+The vocabulary is the tokenizer's, padded for the target TP as the trainer pads it (`vocab_sizes`).
 
 No model is built and no process group is started. The torch_dist files are what
 `dist_checkpointing.save` writes for the trainer's GPTModel at TP=1/PP=1 (same keys, stacked
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import struct
 import sys
@@ -37,22 +37,22 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
+from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
-from torch.distributed.checkpoint.storage import WriteResult
-from torch.futures import Future
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.core.progress import Progress, say
 from kumihimo.pretrain import checkpointing
 from kumihimo.pretrain.convert.dcp_files import (
+    SequentialWriter,
+    copy_hf_tokenizer,
     failure_cause,
+    pickled_object,
     plain_tensor_properties,
     staged_output,
-    storage_location,
 )
 from kumihimo.pretrain.convert.mapping import (
     TRANSFORMS,
@@ -252,38 +252,60 @@ def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
 
 
 def resolve_tokenizer(hf: HFModel, output_root: Path, staging_root: Path):
-    """Copy the SentencePiece model (if any) beside the checkpoint; returns (Tokenizer | None, final path)."""
+    """Copy the model's tokenizer beside the checkpoint; returns (tokenizer | None, its final path).
+
+    A SentencePiece `tokenizer.model` is copied when the folder has one (as before); otherwise a Hugging
+    Face tokenizer (tokenizer.json) is, as its identity files plus config.json (tokenizer.hf decides the
+    kind by the same files, so the trainer loads the copy as the same kind). The returned tokenizer is
+    loaded from the copy, so the identity recorded is that of the files the trainer will read."""
+    from kumihimo.tokenizer.hf import HF_TOKENIZER_FILE
     from kumihimo.tokenizer.spm import MODEL_FILENAME, Tokenizer
 
-    source = hf.folder / MODEL_FILENAME
-    if not source.is_file():
-        say(
-            f"[convert] warning: {hf.folder} has no SentencePiece {MODEL_FILENAME}; run_config.yaml gets "
-            "data.tokenizer=null: set it to the model's SentencePiece tokenizer before training"
-        )
-        return None, None
-    (staging_root / TOKENIZER_DIR).mkdir()
-    shutil.copyfile(source, staging_root / TOKENIZER_DIR / MODEL_FILENAME)
-    final = (output_root / TOKENIZER_DIR / MODEL_FILENAME).resolve()
-    return Tokenizer.load(staging_root / TOKENIZER_DIR / MODEL_FILENAME), final
+    target = staging_root / TOKENIZER_DIR
+    if (hf.folder / MODEL_FILENAME).is_file():
+        target.mkdir()
+        shutil.copyfile(hf.folder / MODEL_FILENAME, target / MODEL_FILENAME)
+        return Tokenizer.load(target / MODEL_FILENAME), (
+            output_root / TOKENIZER_DIR / MODEL_FILENAME
+        ).resolve()
+    if (hf.folder / HF_TOKENIZER_FILE).is_file():
+        copy_hf_tokenizer(hf.folder, target, extra=("config.json",))
+        return Tokenizer.load(target), (output_root / TOKENIZER_DIR).resolve()
+    say(
+        f"[convert] warning: {hf.folder} has neither a SentencePiece {MODEL_FILENAME} nor a Hugging Face "
+        f"{HF_TOKENIZER_FILE}; run_config.yaml gets data.tokenizer=null: set it to the model's tokenizer "
+        "before training"
+    )
+    return None, None
 
 
-def vocab_sizes(hf: HFModel, tokenizer, tp: int, divisible_by: int) -> tuple[int, int]:
-    """(vocab size, padded size) as the trainer will compute them from the tokenizer."""
+def vocab_sizes(hf: HFModel, tokenizer, tp: int, divisible_by: int) -> tuple[int, int, int]:
+    """(vocab size, padded size, make_vocab_size_divisible_by) as the trainer will compute them.
+
+    The trainer's vocabulary is the tokenizer's (SentencePiece pieces, or len(tokenizer) of a Hugging Face
+    one), padded to a multiple of divisible_by x TP. Models often have more embedding rows than their
+    tokenizer (Qwen2.5: 151,936 rows, 151,665 tokens); so that those rows are kept (and go back to
+    config.json's vocab_size on export), divisible_by is doubled until the padded vocabulary holds them
+    (Qwen2.5 at 128 x TP=1: 151,680 < 151,936, so 512: 152,064). run_config.yaml records the
+    divisible_by used, so a run started from it pads to the same size."""
     hf_vocab = hf.config["vocab_size"]
     vocab = tokenizer.vocab_size if tokenizer is not None else hf_vocab
-    padded = padded_vocab_size(vocab, divisible_by, tp)
     if vocab > hf_vocab:
         raise UserError(
-            f"tokenizer.model has {vocab} pieces but config.json vocab_size is {hf_vocab}; the "
-            "folder's tokenizer does not belong to the model"
+            f"the tokenizer has {vocab} tokens but config.json vocab_size is {hf_vocab}; the folder's "
+            "tokenizer does not belong to the model: put the model's own tokenizer files beside its weights"
         )
-    if hf_vocab > padded:
-        raise UserError(
-            f"config.json vocab_size={hf_vocab} exceeds the tokenizer's {vocab} pieces padded for "
-            f"TP={tp} ({padded}); the extra rows cannot be kept"
+    chosen = divisible_by
+    while padded_vocab_size(vocab, chosen, tp) < hf_vocab:
+        chosen *= 2
+    if chosen != divisible_by:
+        say(
+            f"[convert] config.json vocab_size={hf_vocab} exceeds the tokenizer's {vocab} tokens padded to "
+            f"{padded_vocab_size(vocab, divisible_by, tp)} (model.make_vocab_size_divisible_by={divisible_by} x "
+            f"TP={tp}); run_config.yaml sets model.make_vocab_size_divisible_by={chosen} so that the extra "
+            "rows are kept: train with that value"
         )
-    return vocab, padded
+    return vocab, padded_vocab_size(vocab, chosen, tp), chosen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,12 +585,6 @@ def produce(chunk: Chunk, tensors: HFTensors, dims: LlamaDims, dtype: torch.dtyp
     return data if chunk.layer is None else data.unsqueeze(0)
 
 
-def _pickled(value: Any) -> io.BytesIO:
-    buffer = io.BytesIO()
-    torch.save([value], buffer)  # how Megatron stores each sharded object: a list of the rank's values
-    return buffer
-
-
 # ---------------------------------------------------------------------------------------------
 # Writing with torch.distributed.checkpoint, one chunk in memory at a time
 # ---------------------------------------------------------------------------------------------
@@ -594,41 +610,8 @@ class _StreamingSavePlanner(DefaultSavePlanner):
         if chunk.ends_layer:
             self.progress.update()
         if chunk.rule is None:
-            return _pickled(chunk.payload)
+            return pickled_object(chunk.payload)
         return produce(chunk, self.tensors, self.dims, self.dtype)
-
-
-class _SequentialWriter(FileSystemWriter):
-    """A FileSystemWriter that writes the plan's items in plan order into one file (as Megatron's
-    writer does, one file per rank), asking for each item's data just before writing it and dropping
-    it right after. The stock writer keeps every tensor of a file referenced until the file is
-    closed (for its safetensors format), which would hold the whole model in memory."""
-
-    def write_data(self, plan: SavePlan, planner: _StreamingSavePlanner) -> Future[list[WriteResult]]:
-        file_name = f"{plan.storage_data.prefix}0.distcp"
-        results = []
-        with open(Path(self.path) / file_name, "wb") as stream:
-            for item in plan.items:
-                offset = stream.tell()
-                data = planner.resolve_data(item)
-                if item.type == WriteItemType.BYTE_IO:
-                    stream.write(data.getbuffer())
-                else:
-                    torch.save(data, stream)  # what FileSystemReader reads back (torch.load per item)
-                del data
-                length = stream.tell() - offset
-                results.append(
-                    WriteResult(
-                        index=item.index,
-                        size_in_bytes=length,
-                        storage_data=storage_location(file_name, offset, length),
-                    )
-                )
-            stream.flush()
-            os.fsync(stream.fileno())
-        future: Future[list[WriteResult]] = Future()
-        future.set_result(results)
-        return future
 
 
 def write_checkpoint(folder: Path, tensors: HFTensors, dims: LlamaDims, dtype: torch.dtype) -> int:
@@ -638,7 +621,7 @@ def write_checkpoint(folder: Path, tensors: HFTensors, dims: LlamaDims, dtype: t
         try:
             with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
                 warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-                dcp.save({}, storage_writer=_SequentialWriter(str(folder)), planner=planner, no_dist=True)
+                dcp.save({}, storage_writer=SequentialWriter(str(folder)), planner=planner, no_dist=True)
         except CheckpointException as exc:
             cause = failure_cause(exc)
             if isinstance(cause, UserError):
@@ -702,7 +685,10 @@ def convert_from_hf(model_dir: str | Path, output_dir: str | Path, tp: int = 1, 
     with staged_output(output_dir) as staging:
         tokenizer, tokenizer_path = resolve_tokenizer(hf, output_dir, staging)
         config = train_config(hf, tp, pp, tokenizer_path)
-        vocab, padded = vocab_sizes(hf, tokenizer, tp, config.model.make_vocab_size_divisible_by)
+        vocab, padded, divisible_by = vocab_sizes(
+            hf, tokenizer, tp, config.model.make_vocab_size_divisible_by
+        )
+        config.model.make_vocab_size_divisible_by = divisible_by
         dims = LlamaDims.from_model(
             config.model, megatron_vocab_size=padded, hf_vocab_size=hf.config["vocab_size"]
         )

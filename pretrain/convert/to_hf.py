@@ -35,7 +35,7 @@ from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.core.progress import Progress, say
 from kumihimo.pretrain import checkpointing
-from kumihimo.pretrain.convert.dcp_files import failure_cause, staged_output
+from kumihimo.pretrain.convert.dcp_files import copy_hf_tokenizer, failure_cause, staged_output
 from kumihimo.pretrain.convert.mapping import (
     TRANSFORMS,
     LlamaDims,
@@ -339,10 +339,12 @@ class TokenizerInfo:
     path: Path | None
     identity: dict[str, Any] | None
     vocab_size: int
+    kind: str = "sentencepiece"  # or "huggingface": a tokenizer.json folder, whose files are copied
 
 
 def resolve_tokenizer(source: Source, override: str | Path | None) -> TokenizerInfo:
-    """The SentencePiece model the checkpoint was trained with, checked by sha256 and size."""
+    """The tokenizer the checkpoint was trained with (a SentencePiece model or a Hugging Face tokenizer
+    folder), checked by sha256 and size."""
     from kumihimo.tokenizer.spm import Tokenizer
 
     identity = source.meta.get("tokenizer")
@@ -355,28 +357,67 @@ def resolve_tokenizer(source: Source, override: str | Path | None) -> TokenizerI
     except UserError as exc:
         raise UserError(
             f"the tokenizer the checkpoint was trained with ({recorded}) cannot be read ({exc}); "
-            "pass --tokenizer PATH to the same SentencePiece model"
+            "pass --tokenizer PATH to the same SentencePiece model or Hugging Face tokenizer folder"
         ) from exc
     if identity and identity.get("sha256") and tokenizer.sha256 != identity["sha256"]:
         raise UserError(
             f"tokenizer mismatch: {tokenizer.path} has sha256 {tokenizer.sha256[:12]}... but the "
             f"checkpoint was trained with {identity['sha256'][:12]}... ({recorded}); pass the "
-            "same model with --tokenizer"
+            "same tokenizer with --tokenizer"
         )
     if tokenizer.vocab_size != vocab_size:
         raise UserError(
-            f"vocab mismatch: tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the "
+            f"vocab mismatch: tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the "
             f"checkpoint's vocab_size is {vocab_size}; pass the tokenizer it was trained with"
         )
-    return TokenizerInfo(tokenizer.path, identity or tokenizer.identity(), vocab_size)
+    kind = getattr(tokenizer, "kind", "sentencepiece")
+    return TokenizerInfo(tokenizer.path, identity or tokenizer.identity(), vocab_size, kind)
 
 
-def source_vocab_rows(meta: dict[str, Any]) -> int:
-    """Rows of embed_tokens/lm_head the exported model has: the tokenizer's pieces, or, for a checkpoint
-    imported by `convert from-hf`, the vocab_size of the Hugging Face model it came from (models often
-    carry a few rows beyond their tokenizer, e.g. Qwen2.5; they go back unchanged)."""
-    vocab, padded = meta["vocab_size"], meta["padded_vocab_size"]
+def imported_vocab_rows(meta: dict[str, Any], config: Any = None, depth: int = 0) -> int | None:
+    """config.json vocab_size of the Hugging Face model the weights were imported from by `convert from-hf`:
+    recorded in an imported (or averaged) checkpoint's kumihimo.json, and for a run trained from one, in
+    the checkpoint its `checkpoint.pretrained` (or its branch's `branch.source`) names, followed back
+    while those checkpoints still exist and have the same padded vocabulary. None when there is none."""
+    from kumihimo.pretrain.config import from_saved
+
     recorded = (meta.get("source") or {}).get("hf_vocab_size")
+    if isinstance(recorded, int):
+        return recorded
+    if config is None or depth >= 16:
+        return None
+    branch = getattr(config, "branch", None)
+    origins = [(config.checkpoint.pretrained, None)]
+    if branch is not None:  # a branch's run_config.yaml records the source iteration it started from
+        origins.append((branch.source, branch.iteration))
+    for origin, iteration in origins:
+        if not origin:
+            continue
+        # That iteration, or (rotated away since) the source's latest: all saves of a run name the same origin.
+        at = checkpointing.iteration_dir(Path(origin), iteration) if iteration is not None else None
+        try:
+            folder = at if at is not None and at.is_dir() else checkpointing.find_checkpoint(Path(origin))
+            origin_meta = checkpointing.read_meta(folder)
+            origin_config = from_saved(configtree.read_yaml(folder / checkpointing.CONFIG_FILE))
+        except (UserError, OSError, ValueError):
+            say(
+                f"[convert] note: {origin}, which this run started from, cannot be read; rows of the imported "
+                "model beyond its tokenizer (if any) are not exported"
+            )
+            continue
+        if origin_meta.get("padded_vocab_size") == meta.get("padded_vocab_size"):
+            rows = imported_vocab_rows(origin_meta, origin_config, depth + 1)
+            if rows is not None:
+                return rows
+    return None
+
+
+def source_vocab_rows(meta: dict[str, Any], config: Any = None) -> int:
+    """Rows of embed_tokens/lm_head the exported model has: the tokenizer's tokens, or, for weights
+    imported by `convert from-hf` (and runs trained from them), the vocab_size of the Hugging Face model
+    they came from (models often carry rows beyond their tokenizer, e.g. Qwen2.5; they go back)."""
+    vocab, padded = meta["vocab_size"], meta["padded_vocab_size"]
+    recorded = imported_vocab_rows(meta, config)
     if isinstance(recorded, int) and vocab <= recorded <= padded:
         return recorded
     return vocab
@@ -384,7 +425,7 @@ def source_vocab_rows(meta: dict[str, Any]) -> int:
 
 def dims_for(source: Source, keep_vocab_padding: bool) -> LlamaDims:
     padded = source.meta["padded_vocab_size"]
-    rows = padded if keep_vocab_padding else source_vocab_rows(source.meta)
+    rows = padded if keep_vocab_padding else source_vocab_rows(source.meta, source.config)
     return LlamaDims.from_model(source.config.model, megatron_vocab_size=padded, hf_vocab_size=rows)
 
 
@@ -567,7 +608,7 @@ def provenance(source: Source, dims: LlamaDims, tokenizer: TokenizerInfo) -> dic
         "megatron_padded_vocab_size": dims.megatron_vocab_size,
         "tokenizer_sha256": (tokenizer.identity or {}).get("sha256"),
     }
-    source_rows = source_vocab_rows(source.meta)
+    source_rows = source_vocab_rows(source.meta, source.config)
     if dims.hf_vocab_size == source_rows != tokenizer.vocab_size:
         info["vocab_rows_of_source_model"] = (
             f"rows {tokenizer.vocab_size}..{source_rows - 1} of embed_tokens and lm_head have no piece in the "
@@ -593,7 +634,10 @@ def generation_config(tokenizer: TokenizerInfo) -> dict[str, Any]:
 
 
 def write_tokenizer(tokenizer: TokenizerInfo, folder: Path) -> str:
-    """Hugging Face tokenizer files when the exporter is available, else tokenizer.model alone."""
+    """The tokenizer files of the exported folder: a Hugging Face tokenizer's own files, copied (and
+    loaded back to check the copy has the recorded identity); for SentencePiece, the Hugging Face files
+    made by the exporter when it is available, else tokenizer.model alone."""
+    from kumihimo.tokenizer.hf import HFTokenizer
     from kumihimo.tokenizer.spm import MODEL_FILENAME
 
     if tokenizer.path is None:
@@ -602,6 +646,16 @@ def write_tokenizer(tokenizer: TokenizerInfo, folder: Path) -> str:
             "files are written and config.json has no bos/eos ids"
         )
         return "none (mock data)"
+    if tokenizer.kind == HFTokenizer.kind:
+        copied = copy_hf_tokenizer(tokenizer.path, folder)
+        exported = HFTokenizer(folder)
+        expected = (tokenizer.identity or {}).get("sha256")
+        if expected and exported.sha256 != expected:  # a file changed while it was being copied
+            raise UserError(
+                f"the tokenizer copied from {tokenizer.path} has sha256 {exported.sha256[:12]}, not the "
+                f"recorded {expected[:12]}; check that nothing is rewriting it and convert again"
+            )
+        return ", ".join(copied) + " (copied)"
     try:
         from kumihimo.tokenizer.export_hf import export_hf
     except ImportError as exc:

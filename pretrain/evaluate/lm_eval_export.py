@@ -10,6 +10,7 @@ Run it with `lm_eval --include_path DIR --tasks kumihimo_<name> ...` or `kumihim
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -84,6 +85,8 @@ def run_harness(
 ) -> dict:
     """lm-evaluation-harness on a Hugging Face folder (vLLM when installed and on a GPU, else its HF
     backend in float32) over the exported tasks; returns simple_evaluate's dict (with samples)."""
+    # the task data are local files: never ask the Hub for them (and never wait on a network)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
