@@ -340,6 +340,7 @@ class Trainer:
             )
         self._check_resume_compatible(meta, folder)
         self.state = self.checkpoints.load(folder, self.model, self.optimizer, self.scheduler)
+        self._inherit_source(meta)
         self.loss_guard.load_state_dict(self.state.extra.get("loss_guard", {}))
         log.info(
             f"[train] resumed from {folder} at step {self.state.iteration} "
@@ -360,6 +361,7 @@ class Trainer:
         ):
             log.info(f"[train] {note}")
         checkpointing.load_weights(folder, self.model)
+        self._inherit_source(meta)
         # bf16 runs keep fp32 main weights inside the optimizer, copied when it was built.
         self.optimizer.reload_model_params()
         log.info(f"[train] initialised weights from {folder} (optimizer, schedule and data start fresh)")
@@ -368,13 +370,22 @@ class Trainer:
         """Model and optimizer state (and RNG at the same TP/PP) from the branch's source; the step, data
         position and learning-rate schedule stay at this config's start."""
         folder = Path(self.lineage["source"])
-        self._check_resume_compatible(checkpointing.read_meta(folder), folder, branch=True)
+        meta = checkpointing.read_meta(folder)
+        self._check_resume_compatible(meta, folder, branch=True)
+        self._inherit_source(meta)
         checkpointing.load_checkpoint(folder, self.model, self.optimizer, None, self.layout)
         log.info(
             f"[train] branched from {folder} (its step {self.lineage['iteration']}, "
             f"{self.lineage['source_consumed_tokens']:,} tokens): model and optimizer state loaded; step, "
             "data position and learning-rate schedule start at 0 as configured"
         )
+
+    def _inherit_source(self, meta: dict) -> None:
+        """Carry the record of the Hugging Face model the weights were imported from (`convert from-hf`'s
+        `source`: its folder, model type and config.json vocab_size) into this run's checkpoints, so that
+        `convert to-hf` exports all of that model's embedding rows even after the import is deleted."""
+        if meta.get("source") and "source" not in self.checkpoints.meta:
+            self.checkpoints.meta["source"] = meta["source"]
 
     def _check_resume_compatible(self, meta: dict, folder: Path, branch: bool = False) -> None:
         """Refuse a resume that would not continue the same run (integrity.check_resume); print its notes.

@@ -194,7 +194,9 @@ def test_hf_folder_to_continued_hf_folder(tmp_path):
     assert not torch.equal(
         trained["model.layers.0.self_attn.q_proj.bias"], original["model.layers.0.self_attn.q_proj.bias"]
     )
-    # All of config.json's rows come back (the trained checkpoint names the import it started from).
+    # All of config.json's rows come back: the trained checkpoint carries the import's record of them.
+    trained_meta = json.loads(next(run_ckpt.glob("iter_*/kumihimo.json")).read_text())
+    assert trained_meta["source"]["hf_vocab_size"] == hf_rows and not trained_meta.get("weights_only")
     assert trained["lm_head.weight"].shape[0] == hf_rows
     assert json.loads((hf_out / "config.json").read_text())["vocab_size"] == hf_rows
 

@@ -42,7 +42,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--iteration", type=int, default=None, help="Megatron: this iteration, not the latest"
     )
-    parser.add_argument("--tokenizer", default=None, help="Megatron: the SentencePiece model if it moved")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="Megatron checkpoint: its tokenizer (SentencePiece model or Hugging Face tokenizer folder) "
+        "if it moved; must have the recorded sha256",
+    )
     parser.add_argument("--nproc-per-node", type=int, default=1, help="Megatron: local processes to start")
     parser.add_argument("--tp", type=int, default=1, help="Megatron: tensor-parallel size of the evaluation")
     parser.add_argument(
