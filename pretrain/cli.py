@@ -70,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     layout = ParallelLayout.from_config(config, world)
     config.check_paths()
     if args.check:
+        from kumihimo.pretrain.integrity import check_pretrained_at_check
+
+        for note in check_pretrained_at_check(config, layout.tp):
+            print(f"[check] {note}")
         print(f"config OK: {layout.describe()}")
         return 0
     if not launched and args.nproc_per_node > 1:

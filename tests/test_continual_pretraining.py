@@ -174,6 +174,14 @@ def test_hf_folder_to_continued_hf_folder(tmp_path):
     )
     assert refused.returncode != 0
     assert f"set model.make_vocab_size_divisible_by={divisible_by}" in refused.stdout + refused.stderr
+    # `--check` says the same before anything is built; with the import's value it passes.
+    check = [*settings, f"output_dir={tmp_path / 'refused'}", "--check"]
+    refused = run_cli(
+        "train", str(iter0 / "run_config.yaml"), *check, "model.make_vocab_size_divisible_by=128"
+    )
+    assert refused.returncode == 2
+    assert f"set model.make_vocab_size_divisible_by={divisible_by}" in refused.stderr
+    assert "config OK" in ok(run_cli("train", str(iter0 / "run_config.yaml"), *check))
     train = run_cli(
         "train",
         str(iter0 / "run_config.yaml"),
