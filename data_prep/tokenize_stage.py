@@ -217,7 +217,10 @@ def _tokenize_source(
         {source.name: [done.get("num_tokens"), done.get("num_documents")]} if done else {}
     )
     complete = all(Path(f"{dataset_prefix(out, name)}.idx").is_file() for name in counts)
-    if {k: done.get(k) for k in wanted} == wanted and counts and complete:
+    # "groups" is compared even when absent from `wanted`: a source whose buckets were removed since
+    # must be encoded as one prefix again, not matched against the earlier groups' counts
+    same = {k: done.get(k) for k in (*wanted, "groups")} == {**wanted, "groups": wanted.get("groups")}
+    if same and counts and complete:
         say(f"[tokenize] {source.name}: already done ({done['num_tokens']} tokens)")
     else:
         writers = _GroupWriters(out, grouping, tokenizer.vocab_size)

@@ -133,6 +133,20 @@ def test_bucket_multipliers_scale_weights_and_zero_leaves_a_bucket_out(tmp_path,
     assert Path(f"{result.prefixes['ja_edu_ge0.8']}.bin").stat().st_mtime_ns == mtime
 
 
+def test_removing_the_buckets_tokenizes_the_source_as_one_prefix_again(tmp_path, tokenizer_path):
+    config = scored_run(tmp_path / "run")
+    config.tokenize.buckets = [
+        ScoreBucketsConfig(source="ja", score="edu", edges=EDGES, multipliers=[1.0, 1.0, 1.0, 1.0])
+    ]
+    build_datasets(config, tokenizer_path)
+    config.tokenize.buckets = []
+    result = build_datasets(config, tokenizer_path)
+    assert sorted(result.prefixes) == ["en", "ja"]
+    assert result.num_documents["ja"] == len(SCORES)
+    sources = [Path(p).name for p, _ in read_blend(result.blend_path)[0]]
+    assert sources == ["ja_text_document", "en_text_document"]
+
+
 def test_trainer_reads_a_bucketed_blend(tmp_path, tokenizer_path):
     from kumihimo.pretrain.config import TrainConfig
     from kumihimo.pretrain.integrity import check_datasets_and_tokenizer
