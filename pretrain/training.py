@@ -36,6 +36,7 @@ from kumihimo.pretrain import checkpointing, integrity
 from kumihimo.pretrain.branch import resolve_lineage
 from kumihimo.pretrain.checkpointing import CheckpointManager, TrainState
 from kumihimo.pretrain.config import TrainConfig
+from kumihimo.pretrain.convert.to_hf import source_vocab_rows
 from kumihimo.pretrain.data import Datasets, batch_indices, build_datasets, microbatches
 from kumihimo.pretrain.distributed import ProcessInfo, destroy, init_process_group, seed_everything
 from kumihimo.pretrain.evaluate.in_loop import InLoopEvaluation, perplexity, source_metrics
@@ -194,6 +195,8 @@ class Trainer:
             cfg, self.layout, self._build_checkpoint_meta(), self.device, self.info.is_main
         )
         self._maybe_resume()
+        if self.downstream:  # known after the load: an import's rows beyond the tokenizer, as to-hf exports
+            self.downstream.backend.vocab_size = source_vocab_rows(self.checkpoints.meta)
 
     def _claim_save_folder(self) -> None:
         """Rank 0: lock the checkpoint folder against a second run, then clear what a killed save left."""

@@ -15,9 +15,9 @@ Checked: the checkpoint records the Hugging Face tokenizer (kind, the sha256 the
 the padded vocabulary the trainer computes, so the trainer accepts it; exporting the imported checkpoint
 gives the original tensors bit for bit (all config.json rows) and a tokenizer that loads offline with the
 same ids; after three training steps the exported model's per-choice log-likelihoods equal the Megatron
-checkpoint's within 1e-4 (`kumihimo eval` on the checkpoint; kumihimo's Hugging Face scorer on the
-export, both normalised over the tokenizer's tokens), all config.json rows come back, its weights
-moved, and generate runs.
+checkpoint's within 1e-4 (`kumihimo eval` on the checkpoint and the in-loop evaluation of the last
+step; kumihimo's Hugging Face scorer on the export: all normalised over config.json's rows), all
+config.json rows come back, its weights moved, and generate runs.
 """
 
 from __future__ import annotations
@@ -149,6 +149,8 @@ def test_hf_folder_to_continued_hf_folder(tmp_path):
     # Tokenize with the checkpoint's tokenizer folder, then continue pretraining from the import.
     data = write_data_config(tmp_path / "data")
     ok(run_cli("data", "tokenize", str(data), "--tokenizer", str(ckpt / "tokenizer")))
+    tasks = tmp_path / "tasks"
+    task_files = write_tasks(tasks)
     run, run_ckpt = tmp_path / "run", tmp_path / "run-ckpt"
     settings = [
         "runtime.device=cpu",
@@ -161,6 +163,8 @@ def test_hf_folder_to_continued_hf_folder(tmp_path):
         "schedule.micro_batch_size=2",
         "schedule.global_batch_size=4",
         "schedule.eval_interval=0",
+        f"evaluation.tasks=[{tasks}]",
+        "evaluation.interval=3",
         "optimizer.lr=3e-3",
         "logging.log_interval=1",
     ]
@@ -208,10 +212,8 @@ def test_hf_folder_to_continued_hf_folder(tmp_path):
     assert trained["lm_head.weight"].shape[0] == hf_rows
     assert json.loads((hf_out / "config.json").read_text())["vocab_size"] == hf_rows
 
-    # Per-choice log-likelihoods of the Megatron checkpoint (`kumihimo eval`, normalised over the
-    # tokenizer's tokens) equal transformers' on the export, normalised over the same tokens.
-    tasks = tmp_path / "tasks"
-    task_files = write_tasks(tasks)
+    # Per-choice log-likelihoods of the Megatron checkpoint (`kumihimo eval`) and of the in-loop evaluation
+    # at the last step equal transformers' on the export: all normalised over config.json's rows.
     megatron_eval = tmp_path / "eval-megatron"
     ok(
         run_cli(
@@ -219,22 +221,24 @@ def test_hf_folder_to_continued_hf_folder(tmp_path):
         )
     )
     backend = HFBackend(hf_out, device="cpu")
-    backend.vocab_size = vocab
-    ours = samples(megatron_eval)
+    assert backend.vocab_size == hf_rows
     theirs = {
         r.name: r.samples for r in run_tasks(load_tasks(task_files), backend, backend.codec, batch_size=4)
     }
-    assert ours.keys() == theirs.keys() and ours
-    compared = 0
-    for task, rows in ours.items():
-        for x, y in zip(rows, theirs[task], strict=True):
-            if "loglikelihoods" in x:
-                diffs = [abs(p - q) for p, q in zip(x["loglikelihoods"], y["loglikelihoods"], strict=True)]
-                assert max(diffs) < TOLERANCE, (task, x, y)
-                compared += len(diffs)
-            else:
-                assert x.get("generation") == y.get("generation"), (task, x, y)
-    assert compared > 10
+    for ours in (samples(megatron_eval), samples(run / "eval" / "iter_0000003")):
+        assert ours.keys() == theirs.keys() and ours
+        compared = 0
+        for task, rows in ours.items():
+            for x, y in zip(rows, theirs[task], strict=True):
+                if "loglikelihoods" in x:
+                    diffs = [
+                        abs(p - q) for p, q in zip(x["loglikelihoods"], y["loglikelihoods"], strict=True)
+                    ]
+                    assert max(diffs) < TOLERANCE, (task, x, y)
+                    compared += len(diffs)
+                else:
+                    assert x.get("generation") == y.get("generation"), (task, x, y)
+        assert compared > 10
 
     model = AutoModelForCausalLM.from_pretrained(hf_out, local_files_only=True, dtype=torch.float32).eval()
     assert type(model).__name__ == "Qwen2ForCausalLM"

@@ -192,6 +192,7 @@ def load_checkpoint_backend(
 
     from kumihimo.pretrain import checkpointing
     from kumihimo.pretrain.config import from_saved
+    from kumihimo.pretrain.convert.to_hf import source_vocab_rows
     from kumihimo.pretrain.distributed import init_process_group
     from kumihimo.pretrain.model import build_model
     from kumihimo.pretrain.parallel import ParallelLayout
@@ -251,6 +252,9 @@ def load_checkpoint_backend(
             f"{meta['vocab_size']}; pass the tokenizer it was trained with (--tokenizer)"
         )
     device_obj = torch.device("cpu") if device == "cpu" else torch.device("cuda", torch.cuda.current_device())
-    backend = MegatronBackend(chunks, meta["vocab_size"], config.model.seq_length, device_obj)
+    # Scored over the rows its Hugging Face export has (an import's config.json rows beyond the tokenizer
+    # included), so `kumihimo eval` gives the export's numbers.
+    rows = source_vocab_rows(meta, config)
+    backend = MegatronBackend(chunks, rows, config.model.seq_length, device_obj)
     state = meta.get("train_state") or {}
     return LoadedCheckpoint(backend, codec_for(spm), folder, int(state.get("iteration", -1)))
