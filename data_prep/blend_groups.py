@@ -11,6 +11,7 @@ option a source is one group named as before (`<source>_text_document`), so noth
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,10 +56,10 @@ class SourceGrouping:
         bucket = 0
         if self.score_attribute is not None:
             value = attributes.get(self.score_attribute)
-            if not isinstance(value, (int, float)):
+            if not isinstance(value, (int, float)) or math.isnan(value):  # NaN would sort into the top bucket
                 raise UserError(
-                    f"document {record.get('id')!r} of source {self.source!r} has no {self.score_attribute}: "
-                    f"tokenize.buckets needs it; curate with score.scorers holding "
+                    f"document {record.get('id')!r} of source {self.source!r} has no {self.score_attribute} "
+                    f"(it is {value!r}): tokenize.buckets needs a number; curate with score.scorers holding "
                     f"{self.score_attribute.removeprefix('score_')!r} (or remove the buckets of {self.source})"
                 )
             bucket = bisect.bisect_right(self.edges, value)  # value == edge goes to the bucket above

@@ -564,6 +564,13 @@ class ScoreBucketsConfig:
             raise bad_value(f"{where}.edges", self.edges, "is empty", "give at least one cut point")
         if any(b <= a for a, b in zip(self.edges, self.edges[1:])):
             raise bad_value(f"{where}.edges", self.edges, "is not increasing", "sort the cut points")
+        if len({f"{e:g}" for e in self.edges}) < len(self.edges):  # prefixes name edges as {edge:g}
+            raise bad_value(
+                f"{where}.edges",
+                self.edges,
+                "has cut points that give the same prefix name (6 significant digits)",
+                "round them so that they differ within 6 significant digits",
+            )
         if len(self.multipliers) != len(self.edges) + 1:
             raise bad_value(
                 f"{where}.multipliers",
@@ -618,6 +625,14 @@ class RehydrationConfig:
                 raise bad_value(
                     "tokenize.rehydration.table.weight", row.weight, "is negative", "use 0 or more"
                 )
+        weights = {row.weight for row in self.table}
+        if len({f"{w:g}" for w in weights}) < len(weights):  # a weight class's prefix is _rh{weight:g}
+            raise bad_value(
+                "tokenize.rehydration.table.weight",
+                sorted(weights),
+                "has different weights that give the same prefix name (6 significant digits)",
+                "make them equal or differ within 6 significant digits",
+            )
 
 
 @dataclass(kw_only=True)

@@ -190,11 +190,30 @@ def test_missing_score_names_the_fix(tmp_path, tokenizer_path):
         ),
         ("tokenize.buckets=[{source: ja, score: edu, edges: [0.5], multipliers: [0, 0]}]", "only zeros"),
         ("tokenize.rehydration.table=[{min_size: 2, weight: 1}]", "does not start at min_size 1"),
+        (  # both would be written as the prefix ja_edu_ge0.123457
+            "tokenize.buckets=[{source: ja, score: edu, edges: [0.1234567, 0.1234568], multipliers: [1, 1, 1]}]",
+            "same prefix name",
+        ),
+        (
+            "tokenize.rehydration={enabled: true, table: [{min_size: 1, weight: 1}, {min_size: 2, weight: 1.0000001}]}",
+            "same prefix name",
+        ),
     ],
 )
 def test_bad_bucket_and_rehydration_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("quickstart", [override])
+
+
+def test_a_score_that_is_not_a_number_names_the_fix(tmp_path, tokenizer_path):
+    config = scored_run(tmp_path / "run")
+    path = tmp_path / "run/curated/ja.jsonl"
+    path.write_text(path.read_text().replace('"score_edu": 0.95', '"score_edu": NaN'))
+    config.tokenize.buckets = [
+        ScoreBucketsConfig(source="ja", score="edu", edges=EDGES, multipliers=[1, 1, 1, 1])
+    ]
+    with pytest.raises(UserError, match="'ja11' of source 'ja' has no score_edu"):
+        build_datasets(config, tokenizer_path)
 
 
 def write_clustered_corpus(root: Path) -> DataPrepConfig:
