@@ -235,3 +235,19 @@ def test_plot_draws_loss_sources_and_tasks(tmp_path):
     assert page.count("<svg") == 3 and "<script" not in page
     for name in ("val_loss", "ja_cc (last 5.9)", "code (last 6.5)", "jcqa/acc (last 0.4)"):
         assert name in page
+
+
+def test_watch_needs_the_checkpoint_folder_not_one_iteration(tasks_dir, tmp_path):
+    import argparse
+
+    from kumihimo.pretrain.evaluate import cli
+
+    iteration = tmp_path / "checkpoints" / "iter_0000010"
+    iteration.mkdir(parents=True)
+    (iteration / "kumihimo.json").write_text("{}")
+    parser = argparse.ArgumentParser()
+    cli.register(parser)
+    args = parser.parse_args([str(iteration), "--tasks", str(tasks_dir), "--watch"])
+    # it would wait forever: an iteration folder has no latest marker to follow
+    with pytest.raises(UserError, match=r"--watch follows a checkpoint folder.*checkpoints"):
+        cli.run(args)

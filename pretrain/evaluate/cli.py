@@ -95,6 +95,11 @@ def run(args: argparse.Namespace) -> int:
         return _run_hf(args, tasks, target, output, device)
     if args.harness:
         raise UserError("--harness runs on a Hugging Face folder; convert first (kumihimo convert to-hf)")
+    if args.watch and (target / "kumihimo.json").is_file():  # no latest marker there: it would wait forever
+        raise UserError(
+            f"--watch follows a checkpoint folder as new iterations are saved, but {target} is one saved "
+            f"iteration; pass its checkpoint folder ({target.parent})"
+        )
     if args.nproc_per_node > 1 and "RANK" not in os.environ:
         return _spawn(args)
     return _run_megatron(args, tasks, target, output, device)
