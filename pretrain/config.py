@@ -405,6 +405,17 @@ class ScheduleConfig:
                 f"is not within (0, {decay_iters}]",
                 "choose a shorter final decay",
             )
+        wsd_iters = self.lr_wsd_decay_iters or max(1, decay_iters // 10)  # the trainer's default
+        if self.lr_decay_style == "WSD" and wsd_iters > decay_iters - self.lr_warmup_iters:
+            # Megatron starts the decay at lr_decay_iters - lr_wsd_decay_iters even inside the warm-up, so
+            # the LR would drop at once when the warm-up ends
+            raise bad_value(
+                "schedule.lr_wsd_decay_iters",
+                wsd_iters,
+                f"overlaps the warm-up (lr_warmup_iters={self.lr_warmup_iters}, lr_decay_iters or "
+                f"train_iters={decay_iters})",
+                f"choose at most {decay_iters - self.lr_warmup_iters} or a shorter warm-up",
+            )
         if self.eval_interval < 0 or self.eval_iters < 1:
             raise ConfigError(
                 f"schedule.eval_interval={self.eval_interval} must be >= 0 and schedule.eval_iters="

@@ -62,6 +62,10 @@ def test_vocab_padding_follows_tp():
             "model.local_attention='unfused' cannot run context_parallel_size=2",
         ),
         (["schedule.lr_warmup_iters=500"], "schedule.lr_warmup_iters=500 is not within"),
+        (  # 20 warm-up steps + 190 decay steps > 200: the LR would jump down when the warm-up ends
+            ["schedule.lr_decay_style=WSD", "schedule.lr_wsd_decay_iters=190"],
+            "schedule.lr_wsd_decay_iters=190 overlaps the warm-up",
+        ),
         (
             ["precision.fp8=hybrid", "precision.params_dtype=bf16"],
             "precision.fp8='hybrid' needs a Hopper GPU",
