@@ -172,6 +172,28 @@ def test_weighted_bf16_average_and_from_hf_layout(sources, work, capsys):
     assert [s["weight"] for s in meta["source"]["averaged"]] == [0.75, 0.25]
 
 
+def test_output_run_config_names_no_run_folder_or_origin_of_the_sources(sources, work):
+    """run_config.yaml of the average is checkpoint 1's model and data, but not its run's folders or
+    origin: used as a recipe it would otherwise resume (and rotate) checkpoint 1's run."""
+    import shutil
+
+    import yaml
+
+    first = work / "ckpt-of-a-run"
+    shutil.copytree(sources["bf16"][0][1], first)
+    config_file = checkpointing.iteration_dir(first, 0) / checkpointing.CONFIG_FILE
+    saved = yaml.safe_load(config_file.read_text())
+    saved["output_dir"] = str(work / "run-a")
+    saved["checkpoint"].update(dir=str(work / "run-a" / "ckpt"), load=str(work / "run-a" / "ckpt"))
+    config_file.write_text(yaml.safe_dump(saved))
+    output = average_checkpoints([first, sources["bf16"][1][1]], work / "avg-of-a-run")
+    written = yaml.safe_load((checkpointing.iteration_dir(output, 0) / checkpointing.CONFIG_FILE).read_text())
+    assert written["model"] == saved["model"]
+    assert written["output_dir"] == "runs/default"
+    assert (written["checkpoint"]["dir"], written["checkpoint"]["load"]) == (None, None)
+    assert written["checkpoint"]["pretrained"] is None and written["branch"]["source"] is None
+
+
 def test_averaged_checkpoint_exports_to_the_average_of_the_hf_models(sources, work):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaForCausalLM

@@ -43,6 +43,7 @@ from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.core.progress import Progress, say
 from kumihimo.pretrain import checkpointing
+from kumihimo.pretrain.config import BranchConfig, TrainConfig
 from kumihimo.pretrain.convert.dcp_files import (
     SequentialWriter,
     copy_hf_tokenizer,
@@ -342,6 +343,10 @@ def average_checkpoints(
         num_bytes = write_average(folder, sources, weights, dims)
         config = sources[0].config
         config.data.tokenizer = tokenizer["path"] if tokenizer else config.data.tokenizer
+        # A new root, not a run: none of checkpoint 1's run folders or origin (as a recipe, its
+        # output_dir / checkpoint.dir would resume and rotate checkpoint 1's run), as from-hf writes it.
+        config.output_dir, config.branch = TrainConfig().output_dir, BranchConfig()
+        config.checkpoint.dir = config.checkpoint.load = config.checkpoint.pretrained = None
         configtree.save(config, folder / checkpointing.CONFIG_FILE)
         meta = output_meta(sources, weights, tokenizer)
         (folder / checkpointing.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
