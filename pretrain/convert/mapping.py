@@ -6,7 +6,7 @@ are stacked as [num_layers, ...] under one key, independent of TP/PP), the Huggi
 becomes, the transform between the two and, for tensors only some families have, the feature that
 brings it (`needs`: QKV biases for Qwen2, per-head q/k norms for Qwen3, a separate output layer
 unless embeddings are tied). Both directions (`to_hf.py`, `from_hf.py`) read only this table (through
-`rules_for`), so a new tensor or a renamed one is a one-line change here. The four families share
+`global_rules` and `layer_rules`), so a new tensor or a renamed one is a one-line change here. The four families share
 every other name, as Megatron-Bridge's Llama, Mistral and Qwen bridges show.
 
 The two non-trivial transforms (checked against logits, see tests/test_convert_to_hf.py):
