@@ -786,7 +786,12 @@ class TrainConfig:
                 check_output_dir(key, path)
         source = self.branch.source
         if source is not None:
-            if not Path(source).is_dir():
+            from kumihimo.pretrain.checkpointing import read_latest
+
+            own = self.checkpoint_dir
+            resumes = own is not None and read_latest(Path(own)) is not None
+            # a branch with checkpoints of its own resumes from them: the source may be gone by then
+            if not resumes and not Path(source).is_dir():
                 raise bad_value(
                     "branch.source", source, "is not a folder", "point it at the source run's checkpoint.dir"
                 )

@@ -70,3 +70,28 @@ def test_decay_branch_recipe_checks_its_source_and_fits(tmp_path, capsys):
 def test_trunk_and_branch_plan_alike(recipe, capsys):
     assert main(["plan", recipe, "--nodes", "4", "--vocab-size", "99574"]) == 0
     assert "TP=2 PP=2 CP=1 DP=8" in capsys.readouterr().out
+
+
+def test_a_requeued_branch_checks_without_its_source(tmp_path, capsys):
+    """Once the branch has checkpoints it resumes from them; the source folder may be gone by then."""
+    import shutil
+
+    from kumihimo.pretrain.branch import source_sha256
+
+    source = fake_source(tmp_path / "trunk", 100000)
+    lineage = {
+        "source_root": str(source.resolve()),
+        "iteration": 100000,
+        "source_sha256": source_sha256(source / "iter_0100000"),
+    }
+    own = tmp_path / "branch" / "checkpoints"
+    (own / "iter_0000010").mkdir(parents=True)
+    (own / "iter_0000010" / "kumihimo.json").write_text(json.dumps({"lineage": lineage}))
+    (own / "latest_checkpointed_iteration.txt").write_text("10\n")
+    shutil.rmtree(source)
+    args = ["train", DECAY, "--check", "--nproc-per-node", "4", *MOCK, f"output_dir={tmp_path}/branch"]
+    assert main([*args, f"checkpoint.dir={own}", f"branch.source={source}"]) == 0
+    assert "config OK" in capsys.readouterr().out
+    # before its first save, the source is needed
+    assert main([*args, f"checkpoint.dir={tmp_path}/other", f"branch.source={source}"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
