@@ -81,7 +81,7 @@ class InLoopEvaluation:
         if config.data.tokenizer is None:
             raise UserError(
                 "evaluation.tasks needs the tokenizer to encode prompts, but data.tokenizer is null; set "
-                "data.tokenizer=<SentencePiece .model> (mock data accepts one too)"
+                "data.tokenizer=<SentencePiece .model or Hugging Face tokenizer folder> (mock data accepts one too)"
             )
         from kumihimo.tokenizer.spm import Tokenizer
 
