@@ -62,6 +62,10 @@ def init_process_group(device: str, timeout_minutes: int) -> ProcessInfo:
             "MASTER_PORT is not set for a multi-process run; launch with torchrun, "
             "`kumihimo train --nproc-per-node N`, or the slurm/ scripts"
         )
+    if device != "cuda" and info.world_size > 1 and "GLOO_SOCKET_IFNAME" not in os.environ:
+        interface = interface_towards(os.environ["MASTER_ADDR"])
+        if interface is not None:
+            os.environ["GLOO_SOCKET_IFNAME"] = interface
     dist.init_process_group(
         backend="nccl" if device == "cuda" else "gloo",
         rank=info.rank,
@@ -69,6 +73,34 @@ def init_process_group(device: str, timeout_minutes: int) -> ProcessInfo:
         timeout=timedelta(minutes=timeout_minutes),
     )
     return info
+
+
+def interface_towards(host: str) -> str | None:
+    """The name of this machine's network interface that traffic to `host` leaves from (None if unknown).
+
+    gloo binds to the address its host name resolves to unless GLOO_SOCKET_IFNAME names an interface,
+    and many machines resolve their own name to a loopback address (Debian's 127.0.1.1), which ranks on
+    other nodes cannot reach. The interface that routes to the rendezvous host is one they can.
+    """
+    import fcntl
+    import socket
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))  # a UDP connect sends nothing; it only picks the route
+            local_address = probe.getsockname()[0]
+        for _, name in socket.if_nameindex():
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as query:
+                try:  # SIOCGIFADDR: the interface's IPv4 address
+                    packed = fcntl.ioctl(query.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+                except OSError:
+                    continue  # no IPv4 address on this interface
+            if socket.inet_ntoa(packed[20:24]) == local_address:
+                return name
+    except OSError:
+        return None
+    return None
 
 
 def free_port() -> int:
