@@ -328,11 +328,15 @@ def check_same_inputs(report: Report, config) -> None:
     import torch.distributed as dist
 
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    # Only rank 0 prints: a node that could not even load the config (its own FAIL lines) says why here.
+    failures = [f"{check}: {detail}" for status, check, detail in report.lines if status == "FAIL"]
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (node, input_fingerprint(config)))
+    dist.all_gather_object(gathered, (node, input_fingerprint(config), failures))
     by_node: dict[str, dict | None] = {}
-    for name, fingerprint in gathered:
+    failures_by_node: dict[str, list[str]] = {}
+    for name, fingerprint, node_failures in gathered:
         by_node.setdefault(name, fingerprint)
+        failures_by_node.setdefault(name, node_failures)
     if all(fingerprint is None for fingerprint in by_node.values()):
         return  # no --config: nothing to compare
     first_node, reference = next(iter(by_node.items()))
@@ -347,6 +351,11 @@ def check_same_inputs(report: Report, config) -> None:
         return
     details = []
     for name, fingerprint in differing.items():
+        if fingerprint is None or reference is None:
+            unreadable = name if fingerprint is None else first_node
+            reasons = "; ".join(failures_by_node[unreadable]) or "no config"
+            details.append(f"{unreadable} cannot read the run's inputs ({reasons})")
+            continue
         keys = sorted(set(reference or {}) | set(fingerprint or {}))
         diff = [
             f"{key}: {_short((fingerprint or {}).get(key))} vs {_short((reference or {}).get(key))}"
@@ -357,7 +366,8 @@ def check_same_inputs(report: Report, config) -> None:
     report.add(
         "FAIL",
         "same inputs",
-        " | ".join(details) + "; give every node the same files (shared storage, or copy them again)",
+        " | ".join(dict.fromkeys(details))
+        + "; give every node the same files (shared storage, or copy them again)",
     )
 
 
