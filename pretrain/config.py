@@ -92,7 +92,11 @@ class ModelConfig:
     kv_channels: int | None = None
     """Head dimension; null means hidden_size / num_attention_heads."""
     seq_length: int = 128
-    """Tokens per training sequence; also max_position_embeddings in the exported config.json."""
+    """Tokens per training sequence."""
+    max_position_embeddings: int | None = None
+    """Context length the model is declared for (config.json max_position_embeddings on export), which
+    may exceed the training sequence (Llama 3.1: 131072, continued at 8192); null: model.seq_length.
+    `convert from-hf` records the imported model's."""
     rotary_base: int = 10000
     """RoPE base (theta)."""
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
@@ -164,6 +168,14 @@ class ModelConfig:
                 f"does not divide model.num_attention_heads={self.num_attention_heads}",
                 "choose a divisor of the head count",
             )
+        if self.max_position_embeddings is not None and self.max_position_embeddings < self.seq_length:
+            raise bad_value(
+                "model.max_position_embeddings",
+                self.max_position_embeddings,
+                f"is below model.seq_length={self.seq_length}: the model would be trained on positions it "
+                "does not declare",
+                f"set it to at least {self.seq_length}, or null (= seq_length)",
+            )
         if self.z_loss_coeff < 0:
             raise bad_value(
                 "model.z_loss_coeff", self.z_loss_coeff, "is negative", "use 0 (off) or e.g. 1e-4"
@@ -187,6 +199,12 @@ class ModelConfig:
                 f"{str(self.add_qkv_bias).lower()} and {str(self.qk_layernorm).lower()}",
                 "set family=auto or the matching flags",
             )
+
+    @property
+    def context_length(self) -> int:
+        """Positions the model is declared for: max_position_embeddings, else seq_length (what config.json
+        says on export, and the longest sequence evaluation feeds it, as transformers and lm-eval do)."""
+        return self.max_position_embeddings or self.seq_length
 
     @property
     def hf_family(self) -> str:

@@ -19,6 +19,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -224,6 +225,33 @@ def test_model_config_validation_names_the_key():
             config.model.validate()
     with pytest.raises(ConfigError, match="rope_scaling.kind"):
         configtree.from_dict(TrainConfig, {"model": {"rope_scaling": {"kind": "yarn"}}})
+
+
+def test_declared_context_is_kept_apart_from_the_training_sequence():
+    """Llama 3.1 declares 131072 positions: the import trains at 8192 and exports 131072 again; a YaRN
+    config without a factor gets transformers' (max_position_embeddings / original), others are refused."""
+    from kumihimo.pretrain.convert.to_hf import TokenizerInfo, hf_config, rope_fields
+
+    long = model_config({**BASE, "model_type": "llama", "max_position_embeddings": 131072})
+    assert (long.seq_length, long.max_position_embeddings) == (from_hf.IMPORT_SEQ_LENGTH, 131072)
+    short = model_config({**BASE, "model_type": "llama"})
+    assert (short.seq_length, short.max_position_embeddings) == (128, 128)
+    meta = {"vocab_size": VOCAB, "padded_vocab_size": VOCAB}
+    source = SimpleNamespace(config=TrainConfig(model=long), folder=Path("ckpt"), iteration=0, meta=meta)
+    dims = LlamaDims.from_model(long, megatron_vocab_size=VOCAB, hf_vocab_size=VOCAB)
+    tokenizer = TokenizerInfo(path=None, identity=None, vocab_size=VOCAB)
+    assert hf_config(source, dims, tokenizer, torch.float32)["max_position_embeddings"] == 131072
+    with pytest.raises(ConfigError, match=r"model.max_position_embeddings.*at least 256"):
+        ModelConfig(seq_length=256, max_position_embeddings=128).validate()
+
+    no_factor = {k: v for k, v in YARN.items() if k != "factor"}
+    yarn = model_config({**BASE, "model_type": "llama", "rope_parameters": no_factor})
+    assert yarn.rope_scaling.factor == 128 / 32
+    assert rope_fields(yarn)["rope_parameters"]["factor"] == 4.0
+    with pytest.raises(UserError, match="have no factor.*add the factor"):
+        model_config(
+            {**BASE, "model_type": "llama", "rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}
+        )
 
 
 def test_exported_rope_fields_read_back_and_feature_mixes_are_refused():

@@ -184,8 +184,18 @@ def rope_scaling(config: dict[str, Any]) -> dict[str, Any]:
     kind = ROPE_TYPES[rope.get("rope_type", rope.get("type", "default"))]
     if kind == "none":
         return {"type": "none"}
-    section: dict[str, Any] = {"type": kind, "factor": float(rope["factor"])}
     original = rope.get("original_max_position_embeddings") or config.get("max_position_embeddings")
+    factor = rope.get("factor")
+    if factor is None and kind == "yarn" and rope.get("original_max_position_embeddings"):
+        # as transformers reads YaRN without a factor: the context extension it declares
+        factor = config["max_position_embeddings"] / rope["original_max_position_embeddings"]
+    if factor is None:
+        raise UserError(
+            f"config.json's RoPE settings ({kind}) have no factor"
+            + (" and no original_max_position_embeddings to derive it from" if kind == "yarn" else "")
+            + "; add the factor the model was trained with to rope_scaling/rope_parameters"
+        )
+    section: dict[str, Any] = {"type": kind, "factor": float(factor)}
     if kind == "llama3":
         section.update(
             low_freq_factor=float(rope["low_freq_factor"]),
@@ -212,6 +222,11 @@ def rope_theta(config: dict[str, Any]) -> int:
     return int(theta)
 
 
+# Training sequence length of an import's run_config.yaml when config.json declares a longer context
+# (Llama 3.1: 131072): the length Llama 3 was pretrained at and Swallow continues at.
+IMPORT_SEQ_LENGTH = 8192
+
+
 def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
     """The TrainConfig whose model is the Hugging Face model, laid out for TP x PP."""
     from kumihimo.pretrain.config import TrainConfig
@@ -220,6 +235,13 @@ def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
     family = check_supported(c)
     heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    max_positions = int(c.get("max_position_embeddings") or IMPORT_SEQ_LENGTH)
+    if max_positions > IMPORT_SEQ_LENGTH:
+        say(
+            f"[convert] run_config.yaml: model.seq_length={IMPORT_SEQ_LENGTH} for training (config.json "
+            f"max_position_embeddings={max_positions} is kept as model.max_position_embeddings and goes back "
+            "on export); set model.seq_length to the sequence length you continue at"
+        )
     model = {
         "num_layers": c["num_hidden_layers"],
         "hidden_size": c["hidden_size"],
@@ -227,7 +249,8 @@ def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
         "num_attention_heads": heads,
         "num_query_groups": c.get("num_key_value_heads") or heads,
         "kv_channels": None if head_dim * heads == c["hidden_size"] else head_dim,
-        "seq_length": c.get("max_position_embeddings", 4096),
+        "seq_length": min(max_positions, IMPORT_SEQ_LENGTH),
+        "max_position_embeddings": max_positions,
         "rotary_base": rope_theta(c),
         "rope_scaling": rope_scaling(c),
         "add_qkv_bias": family == "qwen2",

@@ -570,7 +570,7 @@ def hf_config(
         "num_key_value_heads": dims.num_query_groups,
         "head_dim": dims.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": model.seq_length,
+        "max_position_embeddings": model.context_length,
         "rms_norm_eps": model.norm_epsilon,
         # Both spellings: transformers < 5 and most serving stacks read rope_theta/rope_scaling,
         # transformers 5 rope_parameters.

@@ -87,7 +87,7 @@ class InLoopEvaluation:
 
         tokenizer = Tokenizer.load(config.data.tokenizer)
         tasks = load_tasks(task_paths(ev.tasks))
-        backend = MegatronBackend(model_chunks, tokenizer.vocab_size, config.model.seq_length, device)
+        backend = MegatronBackend(model_chunks, tokenizer.vocab_size, config.model.context_length, device)
         interval = ev.interval or config.schedule.eval_interval
         if not interval:
             raise UserError(

@@ -255,6 +255,6 @@ def load_checkpoint_backend(
     # Scored over the rows its Hugging Face export has (an import's config.json rows beyond the tokenizer
     # included), so `kumihimo eval` gives the export's numbers.
     rows = source_vocab_rows(meta, config)
-    backend = MegatronBackend(chunks, rows, config.model.seq_length, device_obj)
+    backend = MegatronBackend(chunks, rows, config.model.context_length, device_obj)
     state = meta.get("train_state") or {}
     return LoadedCheckpoint(backend, codec_for(spm), folder, int(state.get("iteration", -1)))
