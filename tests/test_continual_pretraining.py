@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from kumihimo.core.errors import UserError
 from kumihimo.pretrain.parallel import padded_vocab_size
 from tests.conftest import run_cli
 from tests.eval_tasks import write_tasks
@@ -411,3 +412,18 @@ def test_pretrained_tokenizer_identity_is_compared():
     assert integrity.check_pretrained(QWEN_IMPORT, *args, None, 151_665, 152_064, 1) == []  # mock data
     (note,) = integrity.check_pretrained(QWEN_IMPORT, *args, {"sha256": "b" * 64}, 151_665, 152_064, 1)
     assert note.startswith("warning:") and "aaaaaaaaaaaa" in note and "bbbbbbbbbbbb" in note
+
+
+def test_hf_tokenizer_copy_takes_the_identity_files_and_chat_template_not_weights(tmp_path):
+    from kumihimo.pretrain.convert.dcp_files import copy_hf_tokenizer
+    from kumihimo.tokenizer.hf import HFTokenizer
+
+    source = make_hf_tokenizer(tmp_path / "model", with_bos=False)
+    (source / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (source / "model.safetensors").write_bytes(b"\0" * 64)
+    copied = copy_hf_tokenizer(source, tmp_path / "copy", extra=("config.json",))
+    assert "chat_template.jinja" in copied and "tokenizer.json" in copied
+    assert not (tmp_path / "copy" / "model.safetensors").exists()
+    assert HFTokenizer(tmp_path / "copy").sha256 == HFTokenizer(source).sha256
+    with pytest.raises(UserError, match="has no tokenizer.json"):
+        copy_hf_tokenizer(tmp_path / "copy" / "nothing", tmp_path / "again")

@@ -131,9 +131,10 @@ class SequentialWriter(FileSystemWriter):
 
 def copy_hf_tokenizer(source: Path, target: Path, extra: tuple[str, ...] = ()) -> list[str]:
     """Copy the files of the Hugging Face tokenizer at `source` (its folder, or its tokenizer.json) that
-    make up its identity (tokenizer.hf.IDENTITY_FILES), plus those of `extra` present, into the folder
-    `target` (created); returns the names copied. A model folder may hold much more (weights); only
-    these files decide the ids, so only they travel."""
+    make up its identity (tokenizer.hf.IDENTITY_FILES), its chat template file (transformers 4.43+
+    keeps an instruct model's template in chat_template.jinja; it changes no id, so it is not part of the
+    identity) and those of `extra`, where present, into the folder `target` (created); returns the names
+    copied. A model folder may hold much more (weights); only these files travel."""
     from kumihimo.tokenizer.hf import HF_TOKENIZER_FILE, IDENTITY_FILES
 
     folder = source.parent if source.name == HF_TOKENIZER_FILE else source
@@ -143,7 +144,7 @@ def copy_hf_tokenizer(source: Path, target: Path, extra: tuple[str, ...] = ()) -
         )
     target.mkdir(parents=True, exist_ok=True)
     copied = []
-    for name in (*IDENTITY_FILES, *extra):
+    for name in (*IDENTITY_FILES, "chat_template.jinja", *extra):
         if (folder / name).is_file():
             shutil.copyfile(folder / name, target / name)
             copied.append(name)
