@@ -625,6 +625,14 @@ class RehydrationConfig:
                 raise bad_value(
                     "tokenize.rehydration.table.weight", row.weight, "is negative", "use 0 or more"
                 )
+        if self.enabled and all(row.weight == 0 for row in self.table):
+            raise bad_value(
+                "tokenize.rehydration.table.weight",
+                0,
+                "is 0 in every row, which leaves every document of every source out of the blend",
+                "give the cluster sizes to keep a weight above 0 (1 = as deduplicated), or set "
+                "tokenize.rehydration.enabled=false",
+            )
         weights = {row.weight for row in self.table}
         if len({f"{w:g}" for w in weights}) < len(weights):  # a weight class's prefix is _rh{weight:g}
             raise bad_value(

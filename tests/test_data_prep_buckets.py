@@ -198,6 +198,10 @@ def test_missing_score_names_the_fix(tmp_path, tokenizer_path):
             "tokenize.rehydration={enabled: true, table: [{min_size: 1, weight: 1}, {min_size: 2, weight: 1.0000001}]}",
             "same prefix name",
         ),
+        (
+            "tokenize.rehydration={enabled: true, table: [{min_size: 1, weight: 0}, {min_size: 5, weight: 0}]}",
+            "is 0 in every row",
+        ),
     ],
 )
 def test_bad_bucket_and_rehydration_settings_are_refused(override, message):
