@@ -28,15 +28,12 @@ import io
 import json
 import shutil
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem
 
 from kumihimo.core import configtree
@@ -45,10 +42,9 @@ from kumihimo.core.progress import Progress, say
 from kumihimo.pretrain import checkpointing
 from kumihimo.pretrain.config import BranchConfig, TrainConfig
 from kumihimo.pretrain.convert.dcp_files import (
-    SequentialWriter,
     copy_hf_tokenizer,
-    failure_cause,
     pickled_object,
+    save_streamed,
     staged_output,
 )
 from kumihimo.pretrain.convert.from_hf import TOKENIZER_DIR, Chunk, plan_chunks, write_item_for
@@ -218,20 +214,7 @@ class _AveragingSavePlanner(DefaultSavePlanner):
 def write_average(folder: Path, sources: list[Source], weights: list[float], dims: LlamaDims) -> int:
     """The torch_dist files and metadata.json of the averaged weights; returns the bytes written."""
     with Progress("average", total=dims.num_layers, unit="layers") as progress:
-        planner = _AveragingSavePlanner(sources, weights, dims, progress)
-        try:
-            with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-                warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-                dcp.save({}, storage_writer=SequentialWriter(str(folder)), planner=planner, no_dist=True)
-        except CheckpointException as exc:
-            cause = failure_cause(exc)
-            if isinstance(cause, UserError):
-                raise cause from None
-            raise
-    (folder / "metadata.json").write_text(
-        json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1})
-    )
-    return sum(path.stat().st_size for path in folder.glob("*.distcp"))
+        return save_streamed(folder, _AveragingSavePlanner(sources, weights, dims, progress))
 
 
 # ---------------------------------------------------------------------------------------------

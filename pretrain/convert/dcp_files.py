@@ -16,13 +16,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter, filesystem
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorProperties
@@ -127,6 +130,26 @@ class SequentialWriter(FileSystemWriter):
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
+
+
+def save_streamed(folder: Path, planner: Any) -> int:
+    """Write the planner's items into `folder` as a single-process torch_dist checkpoint with
+    SequentialWriter (the planner produces each item's data when asked), then metadata.json, which
+    dist_checkpointing writes last and its loader checks. A UserError raised while producing an item is
+    re-raised as itself. Returns the bytes of the .distcp files."""
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.save({}, storage_writer=SequentialWriter(str(folder)), planner=planner, no_dist=True)
+    except CheckpointException as exc:
+        cause = failure_cause(exc)
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise
+    (folder / "metadata.json").write_text(
+        json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1})
+    )
+    return sum(path.stat().st_size for path in folder.glob("*.distcp"))
 
 
 def copy_hf_tokenizer(source: Path, target: Path, extra: tuple[str, ...] = ()) -> list[str]:

@@ -30,15 +30,12 @@ import shutil
 import struct
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
@@ -47,11 +44,10 @@ from kumihimo.core.errors import UserError
 from kumihimo.core.progress import Progress, say
 from kumihimo.pretrain import checkpointing
 from kumihimo.pretrain.convert.dcp_files import (
-    SequentialWriter,
     copy_hf_tokenizer,
-    failure_cause,
     pickled_object,
     plain_tensor_properties,
+    save_streamed,
     staged_output,
 )
 from kumihimo.pretrain.convert.mapping import (
@@ -640,21 +636,7 @@ class _StreamingSavePlanner(DefaultSavePlanner):
 def write_checkpoint(folder: Path, tensors: HFTensors, dims: LlamaDims, dtype: torch.dtype) -> int:
     """The torch_dist files and metadata.json of the weights; returns the bytes written."""
     with Progress("convert", total=dims.num_layers, unit="layers") as progress:
-        planner = _StreamingSavePlanner(plan_chunks(dims), tensors, dims, dtype, progress)
-        try:
-            with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-                warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-                dcp.save({}, storage_writer=SequentialWriter(str(folder)), planner=planner, no_dist=True)
-        except CheckpointException as exc:
-            cause = failure_cause(exc)
-            if isinstance(cause, UserError):
-                raise cause from None
-            raise
-    # What dist_checkpointing.save writes last; its loader checks it.
-    (folder / "metadata.json").write_text(
-        json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1})
-    )
-    return sum(path.stat().st_size for path in folder.glob("*.distcp"))
+        return save_streamed(folder, _StreamingSavePlanner(plan_chunks(dims), tensors, dims, dtype, progress))
 
 
 # ---------------------------------------------------------------------------------------------
