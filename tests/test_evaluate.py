@@ -251,3 +251,20 @@ def test_watch_needs_the_checkpoint_folder_not_one_iteration(tasks_dir, tmp_path
     # it would wait forever: an iteration folder has no latest marker to follow
     with pytest.raises(UserError, match=r"--watch follows a checkpoint folder.*checkpoints"):
         cli.run(args)
+
+
+def test_megatron_options_on_a_hugging_face_folder_are_refused(tasks_dir, tmp_path):
+    """A Hugging Face folder is scored in one process with its own tokenizer: layout, --watch, --iteration
+    and --tokenizer would be ignored, so they are refused (before the model is loaded)."""
+    import argparse
+
+    from kumihimo.pretrain.evaluate import cli
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    parser = argparse.ArgumentParser()
+    cli.register(parser)
+    args = parser.parse_args([str(folder), "--tasks", str(tasks_dir), "--tp", "2", "--watch"])
+    with pytest.raises(UserError, match=r"--tp, --watch apply to a Megatron checkpoint.*Hugging Face folder"):
+        cli.run(args)

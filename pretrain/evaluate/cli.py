@@ -92,6 +92,25 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or _default_device()
     output = Path(args.output) if args.output else target / "eval"
     if is_hf_folder(target):
+        megatron_only = [
+            flag
+            for flag, given in (
+                ("--nproc-per-node", args.nproc_per_node != 1),
+                ("--tp", args.tp != 1),
+                ("--pp", args.pp != 1),
+                ("--cp", args.cp != 1),
+                ("--watch", args.watch),
+                ("--iteration", args.iteration is not None),
+                ("--tokenizer", args.tokenizer is not None),
+            )
+            if given
+        ]
+        if megatron_only:
+            raise UserError(
+                f"{', '.join(megatron_only)} apply to a Megatron checkpoint, but {target} is a Hugging Face "
+                "folder (scored in one process with its own tokenizer); leave them out, or pass the "
+                "checkpoint folder instead"
+            )
         return _run_hf(args, tasks, target, output, device)
     if args.harness:
         raise UserError("--harness runs on a Hugging Face folder; convert first (kumihimo convert to-hf)")
