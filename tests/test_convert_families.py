@@ -31,6 +31,7 @@ from kumihimo.pretrain.config import ModelConfig, TrainConfig
 from kumihimo.pretrain.convert import from_hf
 from kumihimo.pretrain.convert.mapping import TRANSFORMS, LlamaDims, layer_rules
 from kumihimo.pretrain.rope import attention_factor, rope_inv_freq
+from tests.test_convert_from_hf import hf_weights
 
 VOCAB = 1000
 BASE = dict(
@@ -321,12 +322,6 @@ def make_hf_model(folder: Path, name: str, spm_model: Path) -> Path:
     model.save_pretrained(folder)
     shutil.copyfile(spm_model, folder / "tokenizer.model")
     return folder
-
-
-def hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 @pytest.fixture(scope="module")
