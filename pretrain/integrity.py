@@ -29,6 +29,7 @@ import yaml
 from kumihimo.core.configtree import ConfigError, to_dict
 from kumihimo.core.errors import UserError
 from kumihimo.data_prep.indexed import DTYPE_CODES, INDEX_HEADER, INDEX_VERSION
+from kumihimo.pretrain.parallel import padded_vocab_size
 from kumihimo.tokenizer.spm import Tokenizer
 
 HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8
@@ -286,8 +287,6 @@ def check_pretrained(
     """Refuse weights for `checkpoint.pretrained` whose padded vocabulary differs from this run's, saying
     which tokenizer and model.make_vocab_size_divisible_by give theirs; notes (a tokenizer of another
     sha256 with the same vocabulary is allowed, e.g. a changed BOS template, but said)."""
-    from kumihimo.pretrain.parallel import padded_vocab_size
-
     recorded = meta.get("tokenizer") or {}
     key = f"checkpoint.pretrained={config.checkpoint.pretrained}"
     if meta.get("padded_vocab_size") != padded:
@@ -320,8 +319,7 @@ def check_pretrained_at_check(config, tp: int) -> list[str]:
     """`kumihimo train --check`: the same vocabulary refusal as at the start of training, for
     checkpoint.pretrained with a tokenizer (the trainer otherwise reports it only after building the
     model). Notes as check_pretrained returns them; nothing to check without either."""
-    from kumihimo.pretrain.checkpointing import find_checkpoint, read_meta
-    from kumihimo.pretrain.parallel import padded_vocab_size
+    from kumihimo.pretrain.checkpointing import find_checkpoint, read_meta  # it imports this module
 
     if config.checkpoint.pretrained is None or config.data.tokenizer is None:
         return []
