@@ -21,6 +21,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -302,6 +303,11 @@ class Source:
     meta: dict[str, Any]
     reader: TorchDistReader
 
+    @cached_property
+    def vocab_rows(self) -> int:
+        """source_vocab_rows of this checkpoint, found once (it may read the checkpoints it started from)."""
+        return source_vocab_rows(self.meta, self.config)
+
 
 def open_checkpoint(root: Path, iteration: int | None = None) -> Source:
     """The checkpoint folder under `root` (or `root` itself if it is an iter_NNNNNNN folder)."""
@@ -425,7 +431,7 @@ def source_vocab_rows(meta: dict[str, Any], config: Any = None) -> int:
 
 def dims_for(source: Source, keep_vocab_padding: bool) -> LlamaDims:
     padded = source.meta["padded_vocab_size"]
-    rows = padded if keep_vocab_padding else source_vocab_rows(source.meta, source.config)
+    rows = padded if keep_vocab_padding else source.vocab_rows
     return LlamaDims.from_model(source.config.model, megatron_vocab_size=padded, hf_vocab_size=rows)
 
 
@@ -608,7 +614,7 @@ def provenance(source: Source, dims: LlamaDims, tokenizer: TokenizerInfo) -> dic
         "megatron_padded_vocab_size": dims.megatron_vocab_size,
         "tokenizer_sha256": (tokenizer.identity or {}).get("sha256"),
     }
-    source_rows = source_vocab_rows(source.meta, source.config)
+    source_rows = source.vocab_rows
     if dims.hf_vocab_size == source_rows != tokenizer.vocab_size:
         info["vocab_rows_of_source_model"] = (
             f"rows {tokenizer.vocab_size}..{source_rows - 1} of embed_tokens and lm_head have no piece in the "
