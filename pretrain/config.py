@@ -395,6 +395,16 @@ class ScheduleConfig:
     eval_iters: int = 2
     """Validation batches (global batches) per evaluation."""
 
+    @property
+    def decay_iters(self) -> int:
+        """Steps the learning rate decays over: lr_decay_iters, else train_iters."""
+        return self.lr_decay_iters or self.train_iters
+
+    @property
+    def wsd_decay_iters(self) -> int:
+        """WSD's final decay length: lr_wsd_decay_iters, else a tenth of decay_iters (at least 1)."""
+        return self.lr_wsd_decay_iters or max(1, self.decay_iters // 10)
+
     def validate(self) -> None:
         for name in ("train_iters", "micro_batch_size", "global_batch_size"):
             if getattr(self, name) < 1:
@@ -408,7 +418,7 @@ class ScheduleConfig:
                 f"is not divisible by schedule.micro_batch_size={self.micro_batch_size}",
                 f"choose a multiple of {self.micro_batch_size}",
             )
-        decay_iters = self.lr_decay_iters or self.train_iters
+        decay_iters = self.decay_iters
         if not 0 <= self.lr_warmup_iters < decay_iters:
             raise bad_value(
                 "schedule.lr_warmup_iters",
@@ -423,7 +433,7 @@ class ScheduleConfig:
                 f"is not within (0, {decay_iters}]",
                 "choose a shorter final decay",
             )
-        wsd_iters = self.lr_wsd_decay_iters or max(1, decay_iters // 10)  # the trainer's default
+        wsd_iters = self.wsd_decay_iters
         if self.lr_decay_style == "WSD" and wsd_iters > decay_iters - self.lr_warmup_iters:
             # Megatron starts the decay at lr_decay_iters - lr_wsd_decay_iters even inside the warm-up, so
             # the LR would drop at once when the warm-up ends

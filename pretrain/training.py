@@ -100,7 +100,7 @@ def forward_step(data_iterator, model, z_loss_coeff: float = 0.0, meter: Activat
 def build_scheduler(config: TrainConfig, optimizer) -> OptimizerParamScheduler:
     """The learning-rate (and weight-decay) schedule of `config.schedule`, at step 0."""
     opt, sched = config.optimizer, config.schedule
-    decay_iters = sched.lr_decay_iters or sched.train_iters
+    decay_iters = sched.decay_iters
     wsd = sched.lr_decay_style == "WSD"
     return OptimizerParamScheduler(
         optimizer,
@@ -114,7 +114,7 @@ def build_scheduler(config: TrainConfig, optimizer) -> OptimizerParamScheduler:
         end_wd=opt.weight_decay,
         wd_incr_steps=decay_iters,
         wd_incr_style="constant",
-        wsd_decay_steps=(sched.lr_wsd_decay_iters or max(1, decay_iters // 10)) if wsd else None,
+        wsd_decay_steps=sched.wsd_decay_iters if wsd else None,
         lr_wsd_decay_style=sched.lr_wsd_decay_style if wsd else None,
     )
 
