@@ -16,13 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from kumihimo.core.errors import UserError
-from kumihimo.data_prep.config import DataPrepConfig, ScoreBucketsConfig
+from kumihimo.data_prep.config import DataPrepConfig, ScoreBucketsConfig, prefix_number
 
 DROPPED = -1  # group of a document in a group with multiplier 0
-
-
-def _number(value: float) -> str:
-    return f"{value:g}"
 
 
 @dataclass(frozen=True)
@@ -80,7 +76,7 @@ def _buckets(source: str, spec: ScoreBucketsConfig | None) -> list[tuple[str, st
     """(name suffix, label, multiplier) per bucket, the low bucket first."""
     if spec is None:
         return [("", None, 1.0)]
-    score, edges = spec.score, [_number(e) for e in spec.edges]
+    score, edges = spec.score, [prefix_number(e) for e in spec.edges]
     rows = [(f"_{score}_lt{edges[0]}", f"{score} < {edges[0]}", spec.multipliers[0])]
     for i, (edge, multiplier) in enumerate(zip(edges, spec.multipliers[1:])):
         label = f"{edge} <= {score} < {edges[i + 1]}" if i + 1 < len(edges) else f"{score} >= {edge}"
@@ -93,7 +89,7 @@ def source_grouping(config: DataPrepConfig, source: str) -> SourceGrouping:
     rehydration = config.tokenize.rehydration
     if rehydration.enabled:
         weights = sorted({row.weight for row in rehydration.table})
-        classes = [(f"_rh{_number(w)}", w) for w in weights]
+        classes = [(f"_rh{prefix_number(w)}", w) for w in weights]
         row_class = tuple(weights.index(row.weight) for row in rehydration.table)
         sizes = tuple(row.min_size for row in rehydration.table)
     else:

@@ -545,6 +545,12 @@ class ScoreConfig:
         return [s for s in self.scorers if s.enabled]
 
 
+def prefix_number(value: float) -> str:
+    """How a bucket edge or a rehydration weight is written in a dataset prefix name (`{:g}`: 6
+    significant digits), so two values that print alike would name one prefix for two groups."""
+    return f"{value:g}"
+
+
 @dataclass(kw_only=True)
 class ScoreBucketsConfig:
     source: str
@@ -564,7 +570,7 @@ class ScoreBucketsConfig:
             raise bad_value(f"{where}.edges", self.edges, "is empty", "give at least one cut point")
         if any(b <= a for a, b in zip(self.edges, self.edges[1:])):
             raise bad_value(f"{where}.edges", self.edges, "is not increasing", "sort the cut points")
-        if len({f"{e:g}" for e in self.edges}) < len(self.edges):  # prefixes name edges as {edge:g}
+        if len({prefix_number(e) for e in self.edges}) < len(self.edges):
             raise bad_value(
                 f"{where}.edges",
                 self.edges,
@@ -634,7 +640,7 @@ class RehydrationConfig:
                 "tokenize.rehydration.enabled=false",
             )
         weights = {row.weight for row in self.table}
-        if len({f"{w:g}" for w in weights}) < len(weights):  # a weight class's prefix is _rh{weight:g}
+        if len({prefix_number(w) for w in weights}) < len(weights):
             raise bad_value(
                 "tokenize.rehydration.table.weight",
                 sorted(weights),
