@@ -188,6 +188,51 @@ def _stop(cluster: SlurmCluster) -> None:
             daemon.wait()
 
 
+def job_environment() -> dict[str, str]:
+    """The environment jobs inherit (sbatch exports it): the venv's `kumihimo` first, no launcher variables
+    from an enclosing job, one thread per process. Callers add SLURM_CONF."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
+        and k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}{os.pathsep}{SYSTEM_PATH}",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        WANDB_MODE="disabled",
+    )
+    return env
+
+
+def munge_key(root: Path) -> Path:
+    """A fresh MUNGE key under `root`, readable by its owner only."""
+    key = root / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o600)
+    return key
+
+
+def start_munged_and_controller(cluster: SlurmCluster, munge_socket: Path, key: Path, conf: Path) -> None:
+    """munged on `munge_socket` (its files under the cluster root), then slurmctld with `conf`."""
+    root = cluster.root
+    _start(
+        cluster,
+        "munged",
+        _which("munged"),
+        "--foreground",
+        "--force",
+        f"--socket={munge_socket}",
+        f"--key-file={key}",
+        f"--pid-file={root}/munged.pid",
+        f"--log-file={root}/munged.log",
+        f"--seed-file={root}/munged.seed",
+    )
+    _wait_for(munge_socket.exists, "munged", cluster)
+    _start(cluster, "slurmctld", _which("slurmctld"), "-D", "-f", str(conf))
+
+
 @contextmanager
 def running_cluster(root: Path) -> Iterator[SlurmCluster]:
     """Install (if needed) and start a one-node cluster with its files under `root`; stop it on exit."""
@@ -196,42 +241,13 @@ def running_cluster(root: Path) -> Iterator[SlurmCluster]:
     installed = time.monotonic()
     (root / "state").mkdir()
     (root / "spool").mkdir()
-    key = root / "munge.key"
-    key.write_bytes(os.urandom(1024))
-    key.chmod(0o600)
+    key = munge_key(root)
     munge_socket = root / "munge.socket"
     conf = write_slurm_conf(root, munge_socket)
-    # The job inherits this environment (sbatch exports it): the venv's `kumihimo` first, no launcher
-    # variables from an enclosing job, our slurm.conf for the clients (scontrol requeue inside the job too).
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
-        and k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    }
-    env.update(
-        SLURM_CONF=str(conf),
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}{os.pathsep}{SYSTEM_PATH}",
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        WANDB_MODE="disabled",
-    )
+    env = dict(job_environment(), SLURM_CONF=str(conf))  # our slurm.conf for scontrol inside jobs too
     cluster = SlurmCluster(root, env)
     try:
-        _start(
-            cluster,
-            "munged",
-            _which("munged"),
-            "--foreground",
-            "--force",
-            f"--socket={munge_socket}",
-            f"--key-file={key}",
-            f"--pid-file={root}/munged.pid",
-            f"--log-file={root}/munged.log",
-            f"--seed-file={root}/munged.seed",
-        )
-        _wait_for(munge_socket.exists, "munged", cluster)
-        _start(cluster, "slurmctld", _which("slurmctld"), "-D", "-f", str(conf))
+        start_munged_and_controller(cluster, munge_socket, key, conf)
         _start(cluster, "slurmd", _which("slurmd"), "-D", "-f", str(conf), "-N", "localhost")
         _wait_for(
             lambda: cluster.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle",

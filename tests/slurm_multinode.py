@@ -22,7 +22,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,11 +35,13 @@ from tests.slurm_cluster import (
     PARTITION,
     SYSTEM_PATH,
     SlurmCluster,
-    _start,
     _stop,
     _wait_for,
     _which,
     install_slurm,
+    job_environment,
+    munge_key,
+    start_munged_and_controller,
 )
 
 PREFIX = "khmn"
@@ -286,41 +287,15 @@ def running_multinode_cluster(root: Path, num_nodes: int = NUM_NODES) -> Iterato
     subnet = f"10.213.{os.getpid() % 250}"
     for directory in ("state", *(f"spool-kn{i}" for i in range(1, num_nodes + 1))):
         (root / directory).mkdir()
-    key = root / "munge.key"
-    key.write_bytes(os.urandom(1024))
-    key.chmod(0o600)
+    key = munge_key(root)
     munge_socket = root / "munge.socket"
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
-        and k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    }
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}{os.pathsep}{SYSTEM_PATH}",
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        WANDB_MODE="disabled",
-    )
+    env = job_environment()
     cluster = MultiNodeCluster(root, env)
     try:
         controller, cluster.nodes = _create_network(tag, subnet, num_nodes)
         cluster.conf = write_slurm_conf(root, munge_socket, controller, cluster.nodes)
         env["SLURM_CONF"] = str(cluster.conf)
-        _start(
-            cluster,
-            "munged",
-            _which("munged"),
-            "--foreground",
-            "--force",
-            f"--socket={munge_socket}",
-            f"--key-file={key}",
-            f"--pid-file={root}/munged.pid",
-            f"--log-file={root}/munged.log",
-            f"--seed-file={root}/munged.seed",
-        )
-        _wait_for(munge_socket.exists, "munged", cluster)
-        _start(cluster, "slurmctld", _which("slurmctld"), "-D", "-f", str(cluster.conf))
+        start_munged_and_controller(cluster, munge_socket, key, cluster.conf)
         for node in cluster.nodes:
             cluster.start_slurmd(node.name)
         cluster.wait_nodes("idle")

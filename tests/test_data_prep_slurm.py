@@ -58,14 +58,21 @@ def _wait_for_the_jobs(cluster: SlurmCluster, logs: Path) -> None:
         time.sleep(1)
 
 
-def test_datatrove_slurm_curation_on_a_real_cluster_equals_the_local_run(cluster, tmp_path):
-    pytest.importorskip("datatrove")
+def local_reference(tmp_path: Path) -> tuple[Path, Path]:
+    """The test corpus curated locally in one process (the output a Slurm run must equal) and its
+    config saved for `kumihimo data curate`; returns (config path, reference output folder)."""
     config = write_corpus(tmp_path / "corpus")
     reference = tmp_path / "reference"
     config.output_dir = str(reference)
     curate(config)
     config_path = tmp_path / "data_prep.yaml"
     configtree.save(config, config_path)
+    return config_path, reference
+
+
+def test_datatrove_slurm_curation_on_a_real_cluster_equals_the_local_run(cluster, tmp_path):
+    pytest.importorskip("datatrove")
+    config_path, reference = local_reference(tmp_path)
     out, logs = tmp_path / "out", tmp_path / "datatrove"
     venv_bin = str(Path(sys.executable).parent)
     env = dict(

@@ -102,6 +102,26 @@ def inputs(multinode, tokenized) -> tuple[str, ...]:
     )
 
 
+def dry_run_172b_on_64_nodes(launcher: str) -> str:
+    """The batch script `kumihimo slurm submit --dry-run` renders for the 172B recipe on 64 nodes."""
+    proc = run_cli(
+        "slurm",
+        "submit",
+        "configs/pretrain/llmjp3-172b.yaml",
+        "--nodes",
+        "64",
+        "--profile",
+        "h100-ib",
+        "--launcher",
+        launcher,
+        "--time",
+        "48:00:00",
+        "--dry-run",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
 def submit(cluster: MultiNodeCluster, inputs, output_dir: Path, *options: str) -> tuple[str, Path]:
     """`kumihimo slurm submit` the tiny recipe on 2 nodes x 2 processes; later overrides win."""
     proc = cluster.run(
@@ -216,20 +236,8 @@ def test_srun_two_nodes_dp2_tp2_first_step_loss_equals_one_process(multinode, st
     submitted = (output_dir / "submit.sbatch").read_text()
     body = script_body(LAUNCHERS["srun"])
     assert submitted.endswith(body.rstrip("\n") + "\n")
-    dry_run = run_cli(
-        "slurm",
-        "submit",
-        "configs/pretrain/llmjp3-172b.yaml",
-        "--nodes",
-        "64",
-        "--profile",
-        "h100-ib",
-        "--time",
-        "48:00:00",
-        "--dry-run",
-    )
-    assert dry_run.returncode == 0, dry_run.stderr[-2000:]
-    assert "#SBATCH --nodes=64" in dry_run.stdout and body.rstrip("\n") in dry_run.stdout
+    rendered = dry_run_172b_on_64_nodes("srun")
+    assert "#SBATCH --nodes=64" in rendered and body.rstrip("\n") in rendered
 
 
 @pytest.mark.slow
@@ -249,22 +257,7 @@ def test_torchrun_two_nodes_dp2_tp2_first_step_loss_equals_one_process(
     assert abs(metrics[0]["loss"] - one_process[0]["loss"]) < 1e-5
     assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in one_process], abs=1e-4)
     assert (tmp_path / "submit.sbatch").read_text().endswith(script_body(LAUNCHERS["torchrun"]))
-    dry_run = run_cli(
-        "slurm",
-        "submit",
-        "configs/pretrain/llmjp3-172b.yaml",
-        "--nodes",
-        "64",
-        "--profile",
-        "h100-ib",
-        "--launcher",
-        "torchrun",
-        "--time",
-        "48:00:00",
-        "--dry-run",
-    )
-    assert dry_run.returncode == 0, dry_run.stderr[-2000:]
-    assert script_body(LAUNCHERS["torchrun"]).rstrip("\n") in dry_run.stdout
+    assert script_body(LAUNCHERS["torchrun"]).rstrip("\n") in dry_run_172b_on_64_nodes("torchrun")
 
 
 @pytest.mark.slow
@@ -392,18 +385,11 @@ def test_datatrove_array_tasks_spread_over_nodes_equal_the_local_run(multinode, 
     a node) cannot fit on one node, so the shards are curated on two or three nodes; the dedup job
     follows; the output equals the single-process local run byte for byte."""
     pytest.importorskip("datatrove")
-    from test_data_prep_pipeline import differing_outputs, write_corpus
+    from test_data_prep_pipeline import differing_outputs
 
-    from kumihimo.core import configtree
-    from kumihimo.data_prep.pipeline import curate
-    from tests.test_data_prep_slurm import _curate_command, _wait_for_the_jobs
+    from tests.test_data_prep_slurm import _curate_command, _wait_for_the_jobs, local_reference
 
-    config = write_corpus(tmp_path / "corpus")
-    reference = tmp_path / "reference"
-    config.output_dir = str(reference)
-    curate(config)
-    config_path = tmp_path / "data_prep.yaml"
-    configtree.save(config, config_path)
+    config_path, reference = local_reference(tmp_path)
     out, logs = tmp_path / "out", tmp_path / "datatrove"
     start = time.monotonic()
     submitted = multinode.run(*_curate_command(config_path, out, logs))
