@@ -19,7 +19,6 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -231,14 +230,14 @@ def test_model_config_validation_names_the_key():
 def test_declared_context_is_kept_apart_from_the_training_sequence():
     """Llama 3.1 declares 131072 positions: the import trains at 8192 and exports 131072 again; a YaRN
     config without a factor gets transformers' (max_position_embeddings / original), others are refused."""
-    from kumihimo.pretrain.convert.to_hf import TokenizerInfo, hf_config, rope_fields
+    from kumihimo.pretrain.convert.to_hf import Source, TokenizerInfo, hf_config, rope_fields
 
     long = model_config({**BASE, "model_type": "llama", "max_position_embeddings": 131072})
     assert (long.seq_length, long.max_position_embeddings) == (from_hf.IMPORT_SEQ_LENGTH, 131072)
     short = model_config({**BASE, "model_type": "llama"})
     assert (short.seq_length, short.max_position_embeddings) == (128, 128)
     meta = {"vocab_size": VOCAB, "padded_vocab_size": VOCAB}
-    source = SimpleNamespace(config=TrainConfig(model=long), folder=Path("ckpt"), iteration=0, meta=meta)
+    source = Source(folder=Path("ckpt"), iteration=0, config=TrainConfig(model=long), meta=meta, reader=None)
     dims = LlamaDims.from_model(long, megatron_vocab_size=VOCAB, hf_vocab_size=VOCAB)
     tokenizer = TokenizerInfo(path=None, identity=None, vocab_size=VOCAB)
     assert hf_config(source, dims, tokenizer, torch.float32)["max_position_embeddings"] == 131072
