@@ -485,9 +485,11 @@ class DataConfig:
     eod_mask_loss: bool = False
     """Do not train on predicting the end-of-document token."""
     reset_position_ids: bool = False
-    """Restart position ids after each end-of-document token."""
+    """Restart position ids (and so the RoPE rotation) after each end-of-document token."""
     reset_attention_mask: bool = False
-    """Stop attention across document boundaries (builds an explicit mask per batch; slower)."""
+    """Stop attention across document boundaries (a document ends with its EOD token). Needs the local
+    implementation's SDPA attention (model.transformer_impl=local): Transformer Engine would ignore
+    it. No s x s mask is built; one attention call per document. Pair with reset_position_ids."""
 
     def validate(self) -> None:
         if not self.mock and self.blend_file is None and not self.blend:
@@ -835,6 +837,30 @@ class TrainConfig:
             # a missing, weights-only or replaced source is refused here, before any process starts
             resolve_lineage(copy.deepcopy(self))
 
+    def _check_document_mask(self) -> None:
+        """Per-document attention exists only in this repo's SDPA core attention. Transformer Engine's
+        causal attention ignores an explicit mask (Megatron-LM issue #2357), so with TE documents
+        would silently see each other; Megatron's unfused attention needs a dense s x s mask."""
+        model = self.model
+        if not self.data.reset_attention_mask:
+            return
+        uses_te = model.transformer_impl == "transformer_engine" or (
+            model.transformer_impl == "auto" and self.runtime.device == "cuda"
+        )
+        if uses_te:
+            raise ConfigError(
+                f"data.reset_attention_mask=true with model.transformer_impl={model.transformer_impl} "
+                f"(Transformer Engine on {self.runtime.device}) would train with plain causal attention "
+                "across documents (TE ignores the mask); set model.transformer_impl=local"
+            )
+        if model.local_attention != "sdpa":
+            raise bad_value(
+                "model.local_attention",
+                model.local_attention,
+                "has no per-document attention (data.reset_attention_mask=true)",
+                "set model.local_attention=sdpa",
+            )
+
     def validate(self) -> None:
         model, par = self.model, self.parallelism
         if model.transformer_impl == "transformer_engine" and self.runtime.device == "cpu":
@@ -873,6 +899,7 @@ class TrainConfig:
                 "keys/values over the CP group)",
                 "set model.local_attention=sdpa",
             )
+        self._check_document_mask()
         if self.branch.source is not None:
             for key in ("load", "pretrained"):
                 if getattr(self.checkpoint, key) is not None:

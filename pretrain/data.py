@@ -102,7 +102,9 @@ def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
         reset_position_ids=data.reset_position_ids,
         reset_attention_mask=data.reset_attention_mask,
         eod_mask_loss=data.eod_mask_loss,
-        create_attention_mask=data.reset_attention_mask,
+        # never Megatron's dense [1, s, s] mask (4 GiB of floats per sample at 32k); documents
+        # reach the attention as `document_ids` (see with_document_ids)
+        create_attention_mask=False,
         mmap_bin_files=True,
     )
     sizes = [sched.train_iters * sched.global_batch_size, num_valid_samples(config), 0]
@@ -116,7 +118,37 @@ def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
     by_source = {}
     if sizes[1] and not data.mock and len(prefixes) > 1 and config.evaluation.per_source_validation:
         by_source = source_validation_sets(prefixes, sizes[1], dataset_config)
+    if data.reset_attention_mask:
+        train, valid = (None if d is None else DocumentIds(d, tokenizer.eod) for d in (train, valid))
+        by_source = {name: DocumentIds(d, tokenizer.eod) for name, d in by_source.items()}
     return Datasets(train, valid, tokenizer, fingerprint, by_source)
+
+
+def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """The index of each token's document within its row ([..., s] -> [..., s], int64).
+
+    A document ends with, and includes, its end-of-document token: the boundaries Megatron's
+    reset_attention_mask cuts its dense mask at (every key up to an EOD is hidden from the queries
+    after it). The indices rise along the row, which the local attention relies on.
+    """
+    is_eod = (tokens == eod).to(torch.int64)
+    return torch.cumsum(is_eod, dim=-1) - is_eod
+
+
+class DocumentIds(torch.utils.data.Dataset):
+    """A dataset whose samples also carry `document_ids` (data.reset_attention_mask): s integers per
+    sequence where a dense mask would take s^2 bytes."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, eod: int):
+        self.dataset = dataset
+        self.eod = eod
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.dataset[index]
+        return {**sample, "document_ids": document_ids(sample["tokens"], self.eod)}
 
 
 def source_validation_sets(
@@ -153,7 +185,7 @@ def batch_indices(consumed_samples: int, layout: ParallelLayout, dp_rank: int) -
     return batches
 
 
-BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids")
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -168,7 +200,8 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 def microbatches(
     dataset, indices: list[list[int]], device: torch.device
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """The micro-batches of one step, moved to the device (tokens, labels, loss_mask, position_ids)."""
+    """The micro-batches of one step, moved to the device (tokens, labels, loss_mask, position_ids, and
+    document_ids with data.reset_attention_mask)."""
     for batch in indices:
         tensors = collate([dataset[i] for i in batch])
         yield {k: v.to(device, non_blocking=True) for k, v in tensors.items()}

@@ -71,17 +71,20 @@ def context_parallel_positions(seq_length: int, cp_size: int, cp_rank: int, devi
 
 
 def slice_for_context_parallel(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This CP rank's share of a micro-batch ([b, s] tensors; [b, 1, s, s] masks keep every key)."""
+    """This CP rank's share of a micro-batch ([b, s] tensors). `document_ids` stay whole: every rank's
+    queries need the documents of the whole sequence's keys."""
     cp_size = parallel_state.get_context_parallel_world_size()
     if cp_size == 1:
         return batch
     out = {}
     for key, value in batch.items():
-        seq_dim = 2 if key == "attention_mask" else 1
+        if key == "document_ids":
+            out[key] = value
+            continue
         index = context_parallel_positions(
-            value.shape[seq_dim], cp_size, parallel_state.get_context_parallel_rank(), value.device
+            value.shape[1], cp_size, parallel_state.get_context_parallel_rank(), value.device
         )
-        out[key] = value.index_select(seq_dim, index)
+        out[key] = value.index_select(1, index)
     return out
 
 
@@ -89,13 +92,20 @@ class SDPAttention(MegatronModule):
     """Core attention with torch's scaled_dot_product_attention, for the local (non-TE) spec.
 
     Takes Megatron's [seq, batch, heads, head_dim] query/key/value of this TP rank and returns
-    [seq, batch, heads * head_dim]. Causal by default (no mask tensor is built); an explicit boolean
-    mask (Megatron convention: True = masked out) is honoured for document-level masking.
+    [seq, batch, heads * head_dim]. Causal; no mask tensor is built.
+
+    Document masking (data.reset_attention_mask): the `attention_mask` argument carries the [b, s]
+    document index of every token of the whole sequence (`pretrain.data.document_ids`), not a dense
+    [b, 1, s, s] mask, which would cost s^2 bytes per sequence (1 GiB at 32k). Each run of queries
+    that lie in one document and at consecutive positions attends causally to its own document's keys
+    only: one causal SDPA call per document, with no mask tensor at all.
 
     Context parallelism by all-gathering keys and values over the CP group (whose backward is a
     reduce-scatter): each rank attends its zigzag query chunks against the whole sequence with a
     position-based causal mask. That costs CP x the K/V memory of a ring exchange (Transformer
-    Engine's choice) but needs no custom kernel, so long sequences also train without TE.
+    Engine's choice) but needs no custom kernel, so long sequences also train without TE. With
+    documents, a query run that starts inside a document (where a zigzag chunk begins) gets a causal
+    mask of its own size x its document's prefix, not of the whole sequence.
     """
 
     def __init__(
@@ -127,15 +137,35 @@ class SDPAttention(MegatronModule):
     ):
         if packed_seq_params is not None or attention_bias is not None:
             raise UserError("packed sequences and attention bias need transformer_impl=transformer_engine")
+        document_ids = attention_mask
+        assert document_ids is None or not document_ids.is_floating_point() and document_ids.dim() == 2, (
+            "the local attention takes [b, s] document ids, not a dense mask"
+        )
         seq_q, batch, num_heads, head_dim = query.shape
-        mask_type = attn_mask_type or self.attn_mask_type
-        keep = None if attention_mask is None else ~attention_mask
+        causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
+        keep = None
         if self.cp_size > 1:
-            key, value, keep = self._gather_context(key, value, keep, mask_type == AttnMaskType.causal)
+            key, value = self._gather_context(key, value)
+            q_positions = context_parallel_positions(
+                key.shape[0], self.cp_size, parallel_state.get_context_parallel_rank(), key.device
+            )
+            if causal and document_ids is None:
+                keep = q_positions[:, None] >= torch.arange(key.shape[0], device=key.device)[None, :]
+        else:
+            q_positions = None
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        is_causal = keep is None and mask_type == AttnMaskType.causal
-        out = F.scaled_dot_product_attention(
+        if document_ids is not None:
+            assert causal, "document masking is causal"
+            if q_positions is None:
+                q_positions = torch.arange(seq_q, device=q.device)
+            out = self._per_document(q, k, v, document_ids, q_positions)
+        else:
+            out = self._sdpa(q, k, v, keep, is_causal=keep is None and causal)
+        return out.permute(2, 0, 1, 3).reshape(seq_q, batch, num_heads * head_dim)
+
+    def _sdpa(self, q, k, v, keep, is_causal: bool):
+        return F.scaled_dot_product_attention(
             q,
             k,
             v,
@@ -143,34 +173,86 @@ class SDPAttention(MegatronModule):
             dropout_p=self.dropout_p if self.training else 0.0,
             is_causal=is_causal,
             scale=self.softmax_scale,
-            enable_gqa=k.shape[1] != num_heads,
+            enable_gqa=k.shape[1] != q.shape[1],
         )
-        return out.permute(2, 0, 1, 3).reshape(seq_q, batch, num_heads * head_dim)
 
-    def _gather_context(self, key, value, keep, causal: bool):
-        """Whole-sequence keys/values in global order, and the mask of this rank's queries over them."""
+    def _per_document(self, q, k, v, document_ids, q_positions):
+        """[b, h, sq, d] attention of queries at global `q_positions` over whole-sequence keys, each
+        query seeing only the earlier-or-equal keys of its own document."""
+        rows = []
+        for row in range(q.shape[0]):
+            ids = document_ids[row].contiguous()
+            # document indices rise along the row, so the first index of a token's document is found
+            # by a sorted search: where each query's document starts
+            doc_start = torch.searchsorted(ids, ids[q_positions])
+            breaks = (q_positions[1:] != q_positions[:-1] + 1) | (doc_start[1:] != doc_start[:-1])
+            edges = [0, *(breaks.nonzero().flatten() + 1).tolist(), len(q_positions)]
+            firsts = q_positions[edges[:-1]].tolist()
+            starts = doc_start[edges[:-1]].tolist()
+            pieces = []
+            for lo, hi, first, start in zip(edges[:-1], edges[1:], firsts, starts):
+                end = first + hi - lo  # one past the run's last query position
+                keys = slice(start, end)
+                keep = None
+                if first != start:  # the run begins inside its document: bottom-right aligned causal
+                    keep = torch.arange(first, end, device=q.device)[:, None] >= torch.arange(
+                        start, end, device=q.device
+                    )
+                pieces.append(
+                    self._sdpa(
+                        q[row : row + 1, :, lo:hi],
+                        k[row : row + 1, :, keys],
+                        v[row : row + 1, :, keys],
+                        keep,
+                        is_causal=keep is None,
+                    )
+                )
+            rows.append(torch.cat(pieces, dim=2))
+        return torch.cat(rows, dim=0)
+
+    def _gather_context(self, key, value):
+        """Whole-sequence keys/values in global position order."""
         from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
         group = parallel_state.get_context_parallel_group()
-        cp_rank = parallel_state.get_context_parallel_rank()
-        local = key.shape[0]
-        full = local * self.cp_size
+        full = key.shape[0] * self.cp_size
         # rank order [r0's chunks, r1's chunks, ...] -> global position order
         held = torch.cat(
             [context_parallel_positions(full, self.cp_size, r, key.device) for r in range(self.cp_size)]
         )
         order = torch.argsort(held)
-        key, value = (
+        return tuple(
             gather_from_sequence_parallel_region(
                 t, tensor_parallel_output_grad=True, group=group
             ).index_select(0, order)
             for t in (key, value)
         )
-        if causal:
-            q_pos = context_parallel_positions(full, self.cp_size, cp_rank, key.device)
-            causal_keep = q_pos[:, None] >= torch.arange(full, device=key.device)[None, :]
-            keep = causal_keep if keep is None else keep & causal_keep
-        return key, value, keep
+
+
+def rope_follows_position_ids(chunk: GPTModel) -> None:
+    """Make RoPE rotate each token by its `position_ids` entry (data.reset_position_ids).
+
+    Megatron's GPTModel computes RoPE angles for positions 0..s-1 whatever the position ids say (it
+    feeds them only to learned absolute embeddings), so a document that restarts at position 0 would
+    be rotated as if it continued the one before. Two hooks fix that without touching its forward:
+    the model's pre-hook records this call's [b, s] position ids (already this CP rank's share), and
+    the rotary module's hook replaces its [s, 1, 1, d] angles by the [s, b, 1, d] angles of those
+    positions, which Megatron's apply_rotary_pos_emb broadcasts like the former. Both are computed
+    as Megatron does (angle = position x inverse frequency, halves concatenated).
+    """
+    rotary = chunk.rotary_pos_emb
+    assert not rotary.rotary_interleaved and rotary.seq_len_interpolation_factor is None
+
+    def record(_module, args, kwargs):
+        rotary.position_ids = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
+
+    def angles_of_positions(module, _args, _output):
+        inv_freq = module.inv_freq.to(module.position_ids.device)
+        freqs = module.position_ids.to(inv_freq.dtype)[..., None] * inv_freq  # [b, s, d/2]
+        return torch.cat((freqs, freqs), dim=-1).transpose(0, 1)[:, :, None, :]
+
+    chunk.register_forward_pre_hook(record, with_kwargs=True)
+    rotary.register_forward_hook(angles_of_positions)
 
 
 def transformer_engine_available() -> bool:
@@ -345,6 +427,8 @@ def build_model(config: TrainConfig, layout: ParallelLayout, padded_vocab_size: 
             chunk.rotary_pos_emb.inv_freq = rope_inv_freq(config.model).to(
                 chunk.rotary_pos_emb.inv_freq.device
             )
+        if config.data.reset_position_ids:
+            rope_follows_position_ids(chunk)
         chunk.to(device)
         init_parameters(chunk, config)
         chunks.append(chunk)

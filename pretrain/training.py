@@ -86,13 +86,14 @@ def z_loss_func(loss_mask: torch.Tensor, labels: torch.Tensor, z_loss_coeff: flo
 
 def forward_step(data_iterator, model, z_loss_coeff: float = 0.0, meter: ActivationMeter | None = None):
     batch = slice_for_context_parallel(next(data_iterator))
+    # document_ids (data.reset_attention_mask) reach the core attention as its attention_mask argument
     with meter.record(model) if meter else contextlib.nullcontext():
         if z_loss_coeff:
             # The model returns [b, s, vocab/TP] logits (hidden states on earlier pipeline stages).
-            output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+            output = model(batch["tokens"], batch["position_ids"], batch.get("document_ids"))
             return output, partial(z_loss_func, batch["loss_mask"], batch["labels"], z_loss_coeff)
         output = model(
-            batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
+            batch["tokens"], batch["position_ids"], batch.get("document_ids"), labels=batch["labels"]
         )
         return output, partial(loss_func, batch["loss_mask"])
 
