@@ -24,7 +24,7 @@ from kumihimo.core.configtree import ConfigError, load
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.data import document_ids
 from kumihimo.pretrain.distributed import free_port
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, read_metrics, run_cli
 
 TINY = "configs/pretrain/tiny-cpu.yaml"
 EOD = 1023  # mock data without a tokenizer: vocabulary 1024, EOD its last id
@@ -160,11 +160,27 @@ def checkpoint(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("docs")
     proc = run_cli(
         "train", TINY, *DOCS, "model.num_layers=2", "schedule.train_iters=1", "schedule.lr_warmup_iters=0",
-        "schedule.eval_interval=0", f"output_dir={run_dir}", f"checkpoint.dir={run_dir}/ckpt",
-        timeout=300,
+        "schedule.eval_interval=0", "logging.log_interval=1", f"output_dir={run_dir}",
+        f"checkpoint.dir={run_dir}/ckpt", timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir / "ckpt"
+
+
+@pytest.mark.slow
+def test_pipeline_parallel_with_full_recompute_trains_like_one_process(checkpoint, tmp_path):
+    """Document ids reach every pipeline stage and pass through activation recomputation."""
+    proc = run_cli(
+        "train", TINY, *DOCS, "model.num_layers=2", "schedule.train_iters=1", "schedule.lr_warmup_iters=0",
+        "schedule.eval_interval=0", "logging.log_interval=1", f"output_dir={tmp_path}",
+        f"checkpoint.dir={tmp_path}/ckpt", "parallelism.pipeline_model_parallel_size=2",
+        "model.recompute=full", "checkpoint.save_interval=0", "--nproc-per-node", "2", timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (single,) = read_metrics(checkpoint.parent)
+    (pp2,) = read_metrics(tmp_path)
+    assert pp2["loss"] == pytest.approx(single["loss"], abs=1e-5)
+    assert pp2["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4)
 
 
 @pytest.fixture(scope="module")
