@@ -425,6 +425,7 @@ def transformer_config(
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
         context_parallel_size=layout.cp,
+        cp_comm_type="p2p",  # Megatron-LM's default: TE's ring exchange of keys/values
         sequence_parallel=config.parallelism.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
