@@ -397,8 +397,9 @@ class FusionConfig:
     apply_rope_fusion: bool = True
     """Transformer Engine's fused RoPE kernel (Megatron's --apply-rope-fusion/--no-rope-fusion)."""
     persist_layer_norm: bool = True
-    """Megatron's persistent layer-norm kernel flag (--no-persist-layer-norm turns it off); it has no
-    RMSNorm kernel, so it is inert for this model, set as Megatron-LM sets it."""
+    """Megatron's persistent layer-norm kernel flag (--no-persist-layer-norm turns it off), passed to
+    Transformer Engine's norms as Megatron-LM passes it; it has no RMSNorm kernel, so it is inert for
+    this model. Off with the local layers (Megatron's torch norm refuses it)."""
     masked_softmax_fusion: bool = True
     """Fused scale-mask-softmax of Megatron's unfused local attention (model.local_attention=unfused);
     flash attention (TE, torch SDPA) does not use it. LLM-jp-3 ran --no-masked-softmax-fusion."""

@@ -249,7 +249,10 @@ def resolve_fusions(config: TrainConfig, support: KernelSupport | None = None) -
         "bias_activation_fusion": None,
         "bias_dropout_fusion": None,
         "apply_rope_fusion": None if support.te_rope else "needs Transformer Engine's fused RoPE",
-        "persist_layer_norm": None,
+        # Megatron's torch norm wrapper asserts it off; only TE's norms (which ignore it for RMSNorm) take it
+        "persist_layer_norm": None
+        if impl == "transformer_engine"
+        else "unused: local layers use torch RMSNorm",
         "masked_softmax_fusion": f"unused: {core_attention} attention has its own softmax"
         if core_attention
         else None

@@ -79,10 +79,10 @@ def test_without_te_and_apex_the_gpu_keeps_the_jit_fusions_and_says_why_the_rest
     assert {name for name in FUSIONS if getattr(tc, name)} == {
         "bias_activation_fusion",
         "bias_dropout_fusion",
-        "persist_layer_norm",
     }
     line = describe_fusions(resolve_fusions(config))
-    assert line.startswith("on: bias_activation_fusion, bias_dropout_fusion, persist_layer_norm; off: ")
+    assert line.startswith("on: bias_activation_fusion, bias_dropout_fusion; off: ")
+    assert "persist_layer_norm (unused: local layers use torch RMSNorm)" in line
     assert "gradient_accumulation_fusion (needs apex's fused_weight_gradient_mlp_cuda)" in line
     assert "apply_rope_fusion (needs Transformer Engine's fused RoPE)" in line
     assert "masked_softmax_fusion (needs apex's scaled_upper_triang_masked_softmax_cuda)" in line
