@@ -184,12 +184,12 @@ def flops_per_step(recipe: str, overrides: tuple[str, ...]) -> tuple[float, floa
     return training_flops_per_token(config, plan.padded_vocab) * tokens, plan.total_gb - plan.reserve_gb
 
 
-def measure_run(run: Run, workdir: Path, te: bool) -> Outcome:
+def measure_run(run: Run, out: Path, te: bool) -> Outcome:
+    """Train `run` into the fresh folder `out`; its step times, TFLOP/s, memory and fusion line."""
     if run.needs_te and not te:
         return Outcome(
             run.name, note="skipped: Transformer Engine is not installed (pip install 'kumihimo[te]')"
         )
-    out = workdir / run.name.split(",")[0].replace(" ", "-")
     start = time.perf_counter()
     proc = subprocess.run(
         command(run, out),
@@ -365,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     layers = args.layers or default_layers(header["memory_gb"])
     runs = planned_runs(args, layers)
     with tempfile.TemporaryDirectory() as tmp:
-        outcomes = [measure_run(run, Path(tmp), te=header["te"] is not None) for run in runs]
+        te = header["te"] is not None
+        outcomes = [measure_run(run, Path(tmp) / f"run{i}", te) for i, run in enumerate(runs)]
     layer_rows = [*outcomes[1:], measure_plain(layers, args.steps), measure_roofline()]
     text = format_results(header, outcomes[0], layer_rows, layers, args.peak_tflops)
     args.output.write_text(text)

@@ -14,10 +14,17 @@ from megatron.core.models.common.embeddings import rope_utils
 
 from kumihimo.core import configtree
 from kumihimo.core.configtree import ConfigError
+from kumihimo.core.errors import UserError
 from kumihimo.doctor import Report, check_config_needs
 from kumihimo.pretrain import model as model_module
 from kumihimo.pretrain.config import TrainConfig
-from kumihimo.pretrain.model import KernelSupport, describe_fusions, resolve_fusions, transformer_config
+from kumihimo.pretrain.model import (
+    KernelSupport,
+    describe_fusions,
+    initialize_tp_comm_overlap,
+    resolve_fusions,
+    transformer_config,
+)
 from kumihimo.pretrain.parallel import ParallelLayout
 from tests.conftest import run_cli
 
@@ -149,3 +156,18 @@ def test_doctor_and_train_check_print_the_fusion_line(monkeypatch, tmp_path):
         "fusions on: none; off: " + ", ".join(FUSIONS[:-1]) + " (runtime.device=cpu); "
         "cross_entropy_loss_fusion (fusions.cross_entropy_loss_fusion=false)"
     ]
+
+
+def test_tp_comm_overlap_without_transformer_engine_is_refused_before_any_buffer(monkeypatch):
+    monkeypatch.setattr(model_module, "transformer_engine_available", lambda: False)
+    config = configtree.load(
+        TrainConfig,
+        "configs/pretrain/smoke-1gpu.yaml",
+        [
+            "parallelism.tensor_model_parallel_size=2",
+            "parallelism.sequence_parallel=true",
+            "parallelism.tp_comm_overlap=true",
+        ],
+    )
+    with pytest.raises(UserError, match=r"parallelism\.tp_comm_overlap needs Transformer Engine layers"):
+        initialize_tp_comm_overlap(config, ParallelLayout.from_config(config, 2))
