@@ -235,14 +235,19 @@ def resolve_fusions(config: TrainConfig, support: KernelSupport | None = None) -
     impl = resolve_transformer_impl(config, support)
     wanted = config.fusions
     no_gpu = "runtime.device=cpu" if config.runtime.device == "cpu" else "no CUDA device"
-    core_attention = (
-        "Transformer Engine"
-        if impl == "transformer_engine"
-        else "torch SDPA"
-        if config.model.local_attention == "sdpa"
-        else None
-    )
-    needs = {
+    # Megatron's fused masked softmax serves only its own unfused attention
+    if impl == "transformer_engine" or config.model.local_attention == "sdpa":
+        owner = "Transformer Engine" if impl == "transformer_engine" else "torch SDPA"
+        softmax = f"unused: {owner} attention has its own softmax"
+    else:
+        softmax = None if support.fused_softmax else "needs apex's scaled_upper_triang_masked_softmax_cuda"
+    if config.model.z_loss_coeff:  # the model returns logits and pretrain/loss.py computes the loss
+        cross_entropy = "unused: the z-loss computes the loss outside the model"
+    elif wanted.cross_entropy_fusion_impl == "te" and not support.transformer_engine:
+        cross_entropy = "needs Transformer Engine (fusions.cross_entropy_fusion_impl=te)"
+    else:
+        cross_entropy = None
+    needs = {  # what each fusion lacks on this machine besides CUDA (None: nothing)
         "gradient_accumulation_fusion": None
         if support.apex_grad_accum
         else "needs apex's fused_weight_gradient_mlp_cuda",
@@ -253,16 +258,8 @@ def resolve_fusions(config: TrainConfig, support: KernelSupport | None = None) -
         "persist_layer_norm": None
         if impl == "transformer_engine"
         else "unused: local layers use torch RMSNorm",
-        "masked_softmax_fusion": f"unused: {core_attention} attention has its own softmax"
-        if core_attention
-        else None
-        if support.fused_softmax
-        else "needs apex's scaled_upper_triang_masked_softmax_cuda",
-        "cross_entropy_loss_fusion": "unused: the z-loss computes the loss outside the model"
-        if config.model.z_loss_coeff
-        else "needs Transformer Engine (fusions.cross_entropy_fusion_impl=te)"
-        if wanted.cross_entropy_fusion_impl == "te" and not support.transformer_engine
-        else None,
+        "masked_softmax_fusion": softmax,
+        "cross_entropy_loss_fusion": cross_entropy,
     }
     choices = []
     for name, missing in needs.items():
