@@ -395,7 +395,7 @@ class FusionConfig:
     bias_dropout_fusion: bool = True
     """Fused residual add (bias-dropout-add) after attention and MLP."""
     apply_rope_fusion: bool = True
-    """Transformer Engine's fused RoPE kernel (Megatron's --apply-rope-fusion/--no-rope-fusion)."""
+    """Transformer Engine's fused RoPE kernel (Megatron's --no-rope-fusion turns it off)."""
     persist_layer_norm: bool = True
     """Megatron's persistent layer-norm kernel flag (--no-persist-layer-norm turns it off), passed to
     Transformer Engine's norms as Megatron-LM passes it; it has no RMSNorm kernel, so it is inert for
