@@ -206,6 +206,14 @@ def check_config_needs(report: Report, config) -> None:
             "device",
             "runtime.device=cuda but no CUDA device is visible; run on a GPU node or set runtime.device=cpu",
         )
+    from kumihimo.pretrain.model import describe_fusions, resolve_fusions
+
+    choices = resolve_fusions(config)
+    # a GPU run without a kernel it asked for is slower than the recipe's source run: say so
+    missing = config.runtime.device == "cuda" and any(
+        not c.on and not c.reason.startswith(("fusions.", "unused")) for c in choices
+    )
+    report.add("WARN" if missing else "OK", "fusions", describe_fusions(choices))
     needs_te = config.model.transformer_impl == "transformer_engine" or config.precision.fp8 is not None
     if needs_te and _version("transformer_engine") is None:
         report.add(

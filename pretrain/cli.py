@@ -74,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
 
         for note in check_pretrained_at_check(config, layout.tp):
             print(f"[check] {note}")
+        from kumihimo.pretrain.model import describe_fusions, resolve_fusions
+
         print(f"config OK: {layout.describe()}")
+        print(f"fusions {describe_fusions(resolve_fusions(config))}")
         return 0
     if not launched and args.nproc_per_node > 1:
         return _spawn_local(args)

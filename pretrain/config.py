@@ -121,9 +121,15 @@ class ModelConfig:
     The logged loss is the cross entropy alone."""
     make_vocab_size_divisible_by: int = 128
     """The vocabulary is padded to a multiple of this times the tensor-parallel size (LLM-jp: 128)."""
-    recompute: Literal["none", "full"] = "none"
-    """Activation recomputation: none, or full (keep only each layer's input and recompute the layer
-    in the backward pass: ~1/3 more compute for far less activation memory)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation: none; selective (recompute only the modules in recompute_modules in the
+    backward pass, Megatron's --recompute-granularity selective, as LLM-jp-3 172B trained); or full
+    (keep only each layer's input and recompute the layer: ~1/3 more compute for far less memory)."""
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
+    """With recompute=selective: the parts of each layer recomputed, in Megatron's names (its
+    --recompute-modules): core_attn (the attention softmax/context) and mlp (the whole MLP). Megatron's
+    layernorm is refused (Transformer Engine fuses the norms into the next GEMM, so there is nothing to
+    recompute, and Megatron's norm checkpoint needs TE), as are its MoE and MLA names."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """Layer implementation: Transformer Engine (fused kernels, FP8) or Megatron-Core's local modules
     (with this repo's SDPA attention and sequence/context-parallel support); auto picks TE when it is
@@ -183,6 +189,7 @@ class ModelConfig:
         if self.init_method_std <= 0 or self.norm_epsilon <= 0:
             raise ConfigError("model.init_method_std and model.norm_epsilon must be positive; fix them")
         self.rope_scaling.validate()
+        self._validate_recompute()
         family = self.family
         needs = {
             "qwen2": (True, False),
@@ -198,6 +205,33 @@ class ModelConfig:
                 f"needs add_qkv_bias={str(bias).lower()} and qk_layernorm={str(norm).lower()}, but they are "
                 f"{str(self.add_qkv_bias).lower()} and {str(self.qk_layernorm).lower()}",
                 "set family=auto or the matching flags",
+            )
+
+    RECOMPUTE_MODULES: ClassVar[tuple[str, ...]] = ("core_attn", "mlp")
+    """Megatron's selective-recompute module names that apply to a dense Llama layer."""
+
+    def _validate_recompute(self) -> None:
+        unknown = [name for name in self.recompute_modules if name not in self.RECOMPUTE_MODULES]
+        if unknown:
+            raise bad_value(
+                "model.recompute_modules",
+                self.recompute_modules,
+                f"names {unknown}, which a dense Llama layer does not have",
+                f"choose from {list(self.RECOMPUTE_MODULES)}",
+            )
+        if self.recompute == "selective" and not self.recompute_modules:
+            raise bad_value(
+                "model.recompute_modules",
+                [],
+                "is empty with model.recompute=selective",
+                "name at least one module, e.g. [core_attn], or set model.recompute=none",
+            )
+        if self.recompute != "selective" and self.recompute_modules != ["core_attn"]:
+            raise bad_value(
+                "model.recompute_modules",
+                self.recompute_modules,
+                f"is used only with model.recompute=selective (it is {self.recompute})",
+                "set model.recompute=selective or leave recompute_modules at its default",
             )
 
     @property
@@ -235,6 +269,12 @@ class ParallelismConfig:
     """Overlap the data-parallel gradient reduction with the backward pass."""
     overlap_param_gather: bool = False
     """Overlap the distributed optimizer's parameter all-gather with the forward pass."""
+    tp_comm_overlap: bool = False
+    """Overlap tensor-parallel communication with the GEMMs (Transformer Engine userbuffers; Megatron's
+    --tp-comm-overlap). Needs sequence_parallel, Transformer Engine layers and a GPU."""
+    overlap_p2p_comm: bool | None = None
+    """Overlap pipeline send/receive with compute (interleaved 1F1B only); null: Megatron-LM's default,
+    on with virtual_pipeline_model_parallel_size > 1, off otherwise."""
 
     def validate(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
@@ -261,6 +301,21 @@ class ParallelismConfig:
                 True,
                 "needs tensor_model_parallel_size > 1",
                 "set it false or raise TP",
+            )
+        if self.tp_comm_overlap and not self.sequence_parallel:
+            raise bad_value(
+                "parallelism.tp_comm_overlap",
+                True,
+                "needs sequence_parallel (Megatron overlaps the sequence-parallel all-gather and "
+                "reduce-scatter)",
+                "set parallelism.sequence_parallel=true or turn it off",
+            )
+        if self.overlap_p2p_comm and (vpp is None or vpp < 2):
+            raise bad_value(
+                "parallelism.overlap_p2p_comm",
+                True,
+                f"needs interleaved pipelining (virtual_pipeline_model_parallel_size={vpp})",
+                "set virtual_pipeline_model_parallel_size >= 2 or overlap_p2p_comm=null",
             )
         if self.overlap_param_gather and not self.use_distributed_optimizer:
             raise bad_value(
@@ -297,6 +352,10 @@ class PrecisionConfig:
     """Layers at the start kept in BF16 when first_last_layers_bf16."""
     num_layers_at_end_in_bf16: int = 1
     """Layers at the end kept in BF16 when first_last_layers_bf16."""
+    attention_softmax_in_fp32: bool = False
+    """Compute the attention softmax in fp32 (Megatron's --attention-softmax-in-fp32; LLM-jp-3: true).
+    Changes Megatron's unfused local attention; flash kernels (TE, torch SDPA) keep fp32 statistics
+    anyway."""
 
     def validate(self) -> None:
         if self.fp8 is None:
@@ -319,6 +378,36 @@ class PrecisionConfig:
             raise ConfigError(
                 "precision.fp8_amax_history_len must be >= 1 and precision.fp8_margin >= 0; fix them"
             )
+
+
+@dataclass(kw_only=True)
+class FusionConfig:
+    """Fused GPU kernels, as Megatron-LM's flags (its defaults). Each is used when asked for and this
+    machine has it (CUDA, and Transformer Engine or apex where the kernel lives there); otherwise the
+    plain path runs. `kumihimo train --check`, `kumihimo doctor --config` and the training log say in
+    one line which are on and why the others are off. CPU runs use none."""
+
+    gradient_accumulation_fusion: bool = True
+    """Accumulate weight gradients straight into the fp32 main gradients inside the GEMM (needs apex's
+    fused_weight_gradient_mlp_cuda, which Megatron's output layer uses; NGC containers have it)."""
+    bias_activation_fusion: bool = True
+    """Fused SwiGLU (Megatron's --bias-swiglu-fusion)."""
+    bias_dropout_fusion: bool = True
+    """Fused residual add (bias-dropout-add) after attention and MLP."""
+    apply_rope_fusion: bool = True
+    """Transformer Engine's fused RoPE kernel (Megatron's --no-rope-fusion turns it off)."""
+    persist_layer_norm: bool = True
+    """Megatron's persistent layer-norm kernel flag (--no-persist-layer-norm turns it off), passed to
+    Transformer Engine's norms as Megatron-LM passes it; it has no RMSNorm kernel, so it is inert for
+    this model. Off with the local layers (Megatron's torch norm refuses it)."""
+    masked_softmax_fusion: bool = True
+    """Fused scale-mask-softmax of Megatron's unfused local attention (model.local_attention=unfused);
+    flash attention (TE, torch SDPA) does not use it. LLM-jp-3 ran --no-masked-softmax-fusion."""
+    cross_entropy_loss_fusion: bool = False
+    """Fused vocabulary-parallel cross entropy (Megatron's --cross-entropy-loss-fusion). Not used with
+    model.z_loss_coeff > 0: the z-loss computes the loss from the logits outside the model."""
+    cross_entropy_fusion_impl: Literal["native", "te"] = "native"
+    """Kernel of the fused cross entropy: native (Megatron's) or te (Transformer Engine's)."""
 
 
 @dataclass(kw_only=True)
@@ -770,6 +859,8 @@ class TrainConfig:
     """Parallel layout."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     """Numeric formats."""
+    fusions: FusionConfig = field(default_factory=FusionConfig)
+    """Fused GPU kernels (used where this machine has them; the training log says which)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """Optimizer."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -881,6 +972,14 @@ class TrainConfig:
             raise ConfigError(
                 f"precision.num_layers_at_start_in_bf16 + num_layers_at_end_in_bf16 exceeds "
                 f"model.num_layers={model.num_layers}; keep fewer layers in BF16"
+            )
+        if par.tp_comm_overlap and (self.runtime.device == "cpu" or model.transformer_impl == "local"):
+            raise bad_value(
+                "parallelism.tp_comm_overlap",
+                True,
+                f"needs Transformer Engine layers on a GPU (model.transformer_impl={model.transformer_impl}, "
+                f"runtime.device={self.runtime.device})",
+                "turn it off, or use transformer_impl=transformer_engine (or auto) on GPU nodes",
             )
         if prec.fp8 is not None and model.transformer_impl == "local":
             raise ConfigError(

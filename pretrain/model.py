@@ -20,7 +20,10 @@ global tensor is drawn from its own generator and every rank copies out its own 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import logging
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+log = logging.getLogger("kumihimo.train")
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -263,15 +267,112 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def resolve_transformer_impl(config: TrainConfig) -> str:
+@dataclass(frozen=True)
+class KernelSupport:
+    """What this machine offers the fused kernels (see `detect_kernels`)."""
+
+    cuda: bool
+    """runtime.device is cuda and torch sees a GPU."""
+    transformer_engine: bool
+    """Transformer Engine imports."""
+    te_rope: bool
+    """Megatron found Transformer Engine's fused RoPE (what TransformerConfig checks)."""
+    apex_grad_accum: bool
+    """apex's fused_weight_gradient_mlp_cuda (Megatron's non-TE linear layers need it for the fusion)."""
+    fused_softmax: bool
+    """apex's scaled_upper_triang_masked_softmax_cuda (Megatron's fused masked softmax)."""
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def detect_kernels(config: TrainConfig) -> KernelSupport:
+    """The one place the GPU stack is probed for fusions (tests replace it to choose as on a GPU node)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    cuda = config.runtime.device == "cuda" and torch.cuda.is_available()
+    return KernelSupport(
+        cuda=cuda,
+        transformer_engine=transformer_engine_available(),
+        te_rope=rope_utils.fused_apply_rotary_pos_emb is not None,
+        apex_grad_accum=_importable("fused_weight_gradient_mlp_cuda"),
+        fused_softmax=_importable("scaled_upper_triang_masked_softmax_cuda"),
+    )
+
+
+@dataclass(frozen=True)
+class FusionChoice:
+    """One fused kernel: whether the run uses it and why (when off, what is missing)."""
+
+    name: str
+    """TransformerConfig field (the `fusions.` key of the same name)."""
+    on: bool
+    reason: str = ""
+
+
+def resolve_fusions(config: TrainConfig, support: KernelSupport | None = None) -> list[FusionChoice]:
+    """Each `fusions.` field as the run will use it: asked for and available, or off with the reason."""
+    support = support or detect_kernels(config)
+    impl = resolve_transformer_impl(config, support)
+    wanted = config.fusions
+    no_gpu = "runtime.device=cpu" if config.runtime.device == "cpu" else "no CUDA device"
+    # Megatron's fused masked softmax serves only its own unfused attention
+    if impl == "transformer_engine" or config.model.local_attention == "sdpa":
+        owner = "Transformer Engine" if impl == "transformer_engine" else "torch SDPA"
+        softmax = f"unused: {owner} attention has its own softmax"
+    else:
+        softmax = None if support.fused_softmax else "needs apex's scaled_upper_triang_masked_softmax_cuda"
+    if config.model.z_loss_coeff:  # the model returns logits and pretrain/loss.py computes the loss
+        cross_entropy = "unused: the z-loss computes the loss outside the model"
+    elif wanted.cross_entropy_fusion_impl == "te" and not support.transformer_engine:
+        cross_entropy = "needs Transformer Engine (fusions.cross_entropy_fusion_impl=te)"
+    else:
+        cross_entropy = None
+    needs = {  # what each fusion lacks on this machine besides CUDA (None: nothing)
+        "gradient_accumulation_fusion": None
+        if support.apex_grad_accum
+        else "needs apex's fused_weight_gradient_mlp_cuda",
+        "bias_activation_fusion": None,
+        "bias_dropout_fusion": None,
+        "apply_rope_fusion": None if support.te_rope else "needs Transformer Engine's fused RoPE",
+        # Megatron's torch norm wrapper asserts it off; only TE's norms (which ignore it for RMSNorm) take it
+        "persist_layer_norm": None
+        if impl == "transformer_engine"
+        else "unused: local layers use torch RMSNorm",
+        "masked_softmax_fusion": softmax,
+        "cross_entropy_loss_fusion": cross_entropy,
+    }
+    choices = []
+    for name, missing in needs.items():
+        if not getattr(wanted, name):
+            choices.append(FusionChoice(name, False, f"fusions.{name}=false"))
+        elif not support.cuda:
+            choices.append(FusionChoice(name, False, no_gpu))
+        elif missing:
+            choices.append(FusionChoice(name, False, missing))
+        else:
+            choices.append(FusionChoice(name, True))
+    return choices
+
+
+def describe_fusions(choices: list[FusionChoice]) -> str:
+    """One line: the fusions on, then each one off with its reason (grouped by reason)."""
+    on = [c.name for c in choices if c.on]
+    by_reason: dict[str, list[str]] = {}
+    for choice in choices:
+        if not choice.on:
+            by_reason.setdefault(choice.reason, []).append(choice.name)
+    off = "; ".join(f"{', '.join(names)} ({reason})" for reason, names in by_reason.items())
+    return f"on: {', '.join(on) or 'none'}" + (f"; off: {off}" if off else "")
+
+
+def resolve_transformer_impl(config: TrainConfig, support: KernelSupport | None = None) -> str:
     impl = config.model.transformer_impl
+    te = support.transformer_engine if support is not None else transformer_engine_available()
     if impl == "auto":
-        return (
-            "transformer_engine"
-            if config.runtime.device == "cuda" and transformer_engine_available()
-            else "local"
-        )
-    if impl == "transformer_engine" and not transformer_engine_available():
+        return "transformer_engine" if config.runtime.device == "cuda" and te else "local"
+    if impl == "transformer_engine" and not te:
         raise UserError(
             "model.transformer_impl=transformer_engine but Transformer Engine is not installed; "
             "pip install 'kumihimo[te]' on the GPU nodes or set model.transformer_impl=local"
@@ -301,6 +402,39 @@ def check_fp8_possible(config: TrainConfig) -> None:
         )
 
 
+_USERBUFFERS_READY = False
+
+
+def initialize_tp_comm_overlap(config: TrainConfig, layout: ParallelLayout) -> None:
+    """Transformer Engine's userbuffers for parallelism.tp_comm_overlap, sized as Megatron-LM sizes them
+    (one micro-batch of tokens per CP rank x hidden); once per process, after the process groups."""
+    global _USERBUFFERS_READY
+    if not config.parallelism.tp_comm_overlap or _USERBUFFERS_READY:
+        return
+    if resolve_transformer_impl(config) != "transformer_engine":
+        raise UserError(
+            "parallelism.tp_comm_overlap needs Transformer Engine layers, which are not in use here; "
+            "pip install 'kumihimo[te]' on the GPU nodes or set parallelism.tp_comm_overlap=false"
+        )
+    from transformer_engine.pytorch.module import base
+
+    prec = config.precision
+    shape = [
+        config.model.seq_length * config.schedule.micro_batch_size // layout.cp,
+        config.model.hidden_size,
+    ]
+    if hasattr(base, "UserBufferQuantizationMode"):  # TE >= 2.7
+        modes = [base.UserBufferQuantizationMode.FP8 if prec.fp8 else base.UserBufferQuantizationMode.NONE]
+        if prec.fp8 and prec.first_last_layers_bf16:
+            modes.append(base.UserBufferQuantizationMode.NONE)
+        base.initialize_ub(shape=shape, tp_size=layout.tp, quantization_modes=modes, bootstrap_backend="nccl")
+    else:
+        base.initialize_ub(
+            shape=shape, tp_size=layout.tp, use_fp8=prec.fp8 is not None, bootstrap_backend="nccl"
+        )
+    _USERBUFFERS_READY = True
+
+
 def _fp8_fields(config: TrainConfig) -> dict:
     prec = config.precision
     if prec.fp8 is None:
@@ -317,11 +451,37 @@ def _fp8_fields(config: TrainConfig) -> dict:
     }
 
 
-def transformer_config(config: TrainConfig, layout: ParallelLayout) -> TransformerConfig:
-    """Map our config onto Megatron's TransformerConfig (fusions off unless TE provides them)."""
+def _recompute_fields(config: TrainConfig) -> dict:
+    model = config.model
+    if model.recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    if model.recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": list(model.recompute_modules)}
+    return {}
+
+
+def _overlap_fields(config: TrainConfig, layout: ParallelLayout) -> dict:
+    """Pipeline p2p and TP communication overlap, as Megatron-LM's arguments set them."""
+    par = config.parallelism
+    overlap_p2p = par.overlap_p2p_comm
+    if overlap_p2p is None:  # Megatron-LM: on by default, off without interleaving
+        overlap_p2p = (layout.vpp or 1) > 1
+    return {
+        "overlap_p2p_comm": overlap_p2p,
+        "batch_p2p_comm": not overlap_p2p,
+        "tp_comm_overlap": par.tp_comm_overlap,
+    }
+
+
+def transformer_config(
+    config: TrainConfig, layout: ParallelLayout, support: KernelSupport | None = None
+) -> TransformerConfig:
+    """Map our config onto Megatron's TransformerConfig: each fusion on where this machine has its
+    kernel (`resolve_fusions`), recompute and overlap as configured."""
     model, precision = config.model, config.precision
     dtype = DTYPES[precision.params_dtype]
     on_cpu = config.runtime.device == "cpu"
+    fusions = {choice.name: choice.on for choice in resolve_fusions(config, support)}
     return TransformerConfig(
         **_fp8_fields(config),
         num_layers=model.num_layers,
@@ -347,22 +507,18 @@ def transformer_config(config: TrainConfig, layout: ParallelLayout) -> Transform
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
         context_parallel_size=layout.cp,
+        cp_comm_type="p2p",  # Megatron-LM's default: TE's ring exchange of keys/values
         sequence_parallel=config.parallelism.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=precision.attention_softmax_in_fp32,
+        **fusions,
+        cross_entropy_fusion_impl=config.fusions.cross_entropy_fusion_impl,
+        deallocate_pipeline_outputs=True,  # as Megatron-LM: PP sends free their output's data
         deterministic_mode=config.runtime.deterministic,
-        **(
-            {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
-            if model.recompute == "full"
-            else {}
-        ),
+        **_recompute_fields(config),
+        **_overlap_fields(config, layout),
     )
 
 
@@ -399,7 +555,10 @@ def block_spec(config: TrainConfig, tconfig: TransformerConfig, vp_stage: int | 
 def build_model(config: TrainConfig, layout: ParallelLayout, padded_vocab_size: int) -> list[GPTModel]:
     """This rank's model chunks (one, or VPP of them with interleaved pipelining), initialised."""
     check_fp8_possible(config)
+    initialize_tp_comm_overlap(config, layout)
     tconfig = transformer_config(config, layout)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        log.info(f"[train] fusions {describe_fusions(resolve_fusions(config))}")
     num_chunks = layout.vpp or 1
     chunks = []
     for vp_stage in range(num_chunks):

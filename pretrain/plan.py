@@ -22,6 +22,9 @@ the most micro-batches in flight; the last holds the output layer and the logits
     input; RoPE keeps fp32 cos/sin for Q and K. Context parallelism on the local path also keeps the
     gathered keys and values: + 2kv (CP - 1) / t (an estimate).
   With full recompute only the layer input (e*s*b*h / sp) stays per layer, plus one layer's working set.
+  Selective recompute drops what the recomputed modules keep inside: mlp the MLP's (3f / t with TE,
+  5f / t local), core_attn the local SDPA's fp32 log-sum-exp (TE's flash attention: nothing counted);
+  measured on the local layers like the rest.
   In 1F1B the first stage holds PP micro-batches of L/PP layers, i.e. L layers' worth for one
   micro-batch (x (1 + (PP-1)/(PP*VPP)) with interleaving);
 * logits on the last stage: s*b*V/t in fp32, twice (the logits and their gradient);
@@ -121,10 +124,14 @@ def activation_bytes_per_layer(config: TrainConfig, layout: ParallelLayout, reco
     tokens = s * b
     if recompute == "full":
         return e * tokens * h / sp
+    recomputed = set(m.recompute_modules) if recompute == "selective" else set()
+    mlp = 0 if "mlp" in recomputed else 1
     if uses_transformer_engine(config):
-        return e * tokens * (4 * h / sp + (2 * q + 2 * kv + 3 * f) / t)
-    per_token = e * (6 * h / sp + (3 * q + 3 * kv + 5 * f + 2 * kv * (layout.cp - 1)) / t)
-    per_token += 4 * (2 / sp + m.num_attention_heads / t)  # fp32 1/rms of two norms, log-sum-exp
+        return e * tokens * (4 * h / sp + (2 * q + 2 * kv + 3 * f * mlp) / t)
+    per_token = e * (6 * h / sp + (3 * q + 3 * kv + 5 * f * mlp + 2 * kv * (layout.cp - 1)) / t)
+    per_token += 4 * 2 / sp  # fp32 1/rms of two norms
+    if "core_attn" not in recomputed:
+        per_token += 4 * m.num_attention_heads / t  # SDPA's fp32 log-sum-exp
     return tokens * per_token + 4 * 4 * m.seq_length * m.head_dim // layout.cp  # RoPE cos/sin
 
 

@@ -44,7 +44,7 @@ from kumihimo.pretrain.evaluate.plot import write_plot
 from kumihimo.pretrain.loss import cross_entropy_and_z
 from kumihimo.pretrain.memory import ActivationMeter, state_bytes
 from kumihimo.pretrain.metrics import MetricsSink, training_flops_per_token
-from kumihimo.pretrain.model import build_model, slice_for_context_parallel
+from kumihimo.pretrain.model import DTYPES, build_model, slice_for_context_parallel
 from kumihimo.pretrain.parallel import ParallelLayout
 from kumihimo.pretrain.signals import EXIT_BAD_LOSS, EXIT_REQUEUE, LossGuard, StopRequest
 
@@ -117,6 +117,38 @@ def build_scheduler(config: TrainConfig, optimizer) -> OptimizerParamScheduler:
         wd_incr_style="constant",
         wsd_decay_steps=sched.wsd_decay_iters if wsd else None,
         lr_wsd_decay_style=sched.lr_wsd_decay_style if wsd else None,
+    )
+
+
+def build_ddp_config(config: TrainConfig) -> DistributedDataParallelConfig:
+    """Megatron's DDP settings of this run (benchmarks/check_megatron_args.py compares them with
+    Megatron-LM's own for the same published arguments)."""
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=config.precision.grad_reduce_in_fp32,
+        overlap_grad_reduce=config.parallelism.overlap_grad_reduce,
+        overlap_param_gather=config.parallelism.overlap_param_gather,
+        use_distributed_optimizer=config.parallelism.use_distributed_optimizer,
+        check_for_nan_in_grad=False,  # LossGuard judges the loss and skips or stops (resilience.*)
+    )
+
+
+def build_optimizer_config(config: TrainConfig) -> OptimizerConfig:
+    """Megatron's optimizer settings of this run (AdamW; fp32 main weights for bf16)."""
+    opt = config.optimizer
+    dtype = DTYPES[config.precision.params_dtype]
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=opt.lr,
+        min_lr=opt.min_lr,
+        weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1,
+        adam_beta2=opt.adam_beta2,
+        adam_eps=opt.adam_eps,
+        clip_grad=opt.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        use_distributed_optimizer=config.parallelism.use_distributed_optimizer,
+        overlap_param_gather=config.parallelism.overlap_param_gather,  # as Megatron-LM copies it
     )
 
 
@@ -221,36 +253,14 @@ class Trainer:
         bf16 = cfg.precision.params_dtype == "bf16"
         if bf16:  # before DDP, else the optimizer's sharded state dict mismatches parameter ids
             chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32,
-            overlap_grad_reduce=cfg.parallelism.overlap_grad_reduce,
-            overlap_param_gather=cfg.parallelism.overlap_param_gather,
-            use_distributed_optimizer=cfg.parallelism.use_distributed_optimizer,
-            check_for_nan_in_grad=False,
-        )
+        ddp_config = build_ddp_config(cfg)
         self.model = [
             DistributedDataParallel(
                 config=chunk.config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0
             )
             for i, chunk in enumerate(chunks)
         ]
-        opt = cfg.optimizer
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam",
-                lr=opt.lr,
-                min_lr=opt.min_lr,
-                weight_decay=opt.weight_decay,
-                adam_beta1=opt.adam_beta1,
-                adam_beta2=opt.adam_beta2,
-                adam_eps=opt.adam_eps,
-                clip_grad=opt.clip_grad,
-                bf16=bf16,
-                params_dtype=chunks[0].config.params_dtype,
-                use_distributed_optimizer=cfg.parallelism.use_distributed_optimizer,
-            ),
-            self.model,
-        )
+        self.optimizer = get_megatron_optimizer(build_optimizer_config(cfg), self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         tconfig = self.model[0].config
         tconfig.grad_scale_func = self.optimizer.scale_loss

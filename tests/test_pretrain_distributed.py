@@ -211,6 +211,11 @@ def test_four_process_layouts_match_single_process(single, tmp_path, layout):
     assert_matches_single(tmp_path, single)
 
 
-def test_full_recompute_matches_single_process(single, tmp_path):
-    train(tmp_path, "model.recompute=full")
+@pytest.mark.parametrize(
+    "recompute",
+    [("model.recompute=full",), ("model.recompute=selective", "model.recompute_modules=[core_attn,mlp]")],
+    ids=["full", "selective"],
+)
+def test_recompute_matches_single_process(single, tmp_path, recompute):
+    train(tmp_path, *recompute)
     assert_matches_single(tmp_path, single)

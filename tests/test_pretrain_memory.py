@@ -25,6 +25,8 @@ ONE_STEP = ("schedule.lr_warmup_iters=0", "schedule.eval_interval=0", "schedule.
 
 LAYOUTS = {
     "recompute": (1, ["model.recompute=full"], 0.01),
+    "selective": (1, ["model.recompute=selective"], 0.01),
+    "selective-mlp": (1, ["model.recompute=selective", "model.recompute_modules=[core_attn,mlp]"], 0.01),
     "tp2-sp": (2, ["parallelism.tensor_model_parallel_size=2", "parallelism.sequence_parallel=true"], 0.01),
     "pp2-vpp2": (
         2,
