@@ -363,7 +363,7 @@ def test_existing_output_is_kept_unless_overwrite(corpus, tmp_path):
     output_dir = tmp_path / "tok"
     output_dir.mkdir()
     (output_dir / "tokenizer.model").write_text("old", encoding="utf-8")
-    with pytest.raises(ConfigError, match="already exists and is not empty; .*overwrite=true"):
+    with pytest.raises(UserError, match="already exists and is not empty; .*overwrite=true"):
         train_tokenizer(make_config(recipe(corpus, output_dir)))
     failing = recipe(corpus, output_dir, overwrite=True, vocab_size=60_000)
     with pytest.raises(ConfigError):

@@ -687,7 +687,7 @@ def convert_from_hf(model_dir: str | Path, output_dir: str | Path, tp: int = 1, 
     tensors = HFTensors(hf)
     output_dir = Path(output_dir)
     started = time.monotonic()
-    with staged_output(output_dir) as staging:
+    with staged_output(output_dir, "convert from-hf") as staging:
         tokenizer, tokenizer_path = resolve_tokenizer(hf, output_dir, staging)
         config = train_config(hf, tp, pp, tokenizer_path)
         vocab, padded, divisible_by = vocab_sizes(

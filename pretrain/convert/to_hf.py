@@ -718,7 +718,7 @@ def convert_to_hf(
     export_family(source.config.model)
     check_architecture(source.reader, dims)
     started = time.monotonic()
-    with staged_output(output_dir) as staging:
+    with staged_output(output_dir, "convert to-hf") as staging:
         num_bytes = write_weights(source.reader, dims, staging, DTYPES[dtype], max_shard_bytes)
         config = hf_config(source, dims, tokenizer_info, DTYPES[dtype])
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
