@@ -124,12 +124,12 @@ def _check_or_record_run(layout: RunLayout, config: DataPrepConfig, shards: list
         previous = json.loads(manifest.read_text(encoding="utf-8"))
         if previous != current:
             what = (
-                "the curation config"
+                "a different curation config"
                 if previous.get("config_sha256") != current["config_sha256"]
-                else "the input files"
+                else "different input files"
             )
             raise UserError(
-                f"output_dir={str(layout.out)!r} holds an unfinished or finished run with different "
+                f"output_dir={str(layout.out)!r} holds an unfinished or finished run with "
                 f"{what}; choose a new output_dir or delete {layout.work} to start over"
             )
         return

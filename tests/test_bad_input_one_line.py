@@ -49,3 +49,27 @@ def test_a_malformed_curated_line_is_one_line_at_tokenize(line, problem):
         UserError, match=rf"curated/ja.jsonl: a curated line is not .*\({problem}.*curate again"
     ):
         _curated_records(['{"text": "fine"}\n', line], "curated/ja.jsonl")
+
+
+# ---- messages that named the wrong thing -----------------------------------------------------------
+
+
+def test_eval_iters_zero_is_named_as_such():
+    from kumihimo.core.configtree import ConfigError
+    from kumihimo.pretrain.config import ScheduleConfig
+
+    with pytest.raises(ConfigError, match=r"^schedule.eval_iters=0 must be >= 1 .*schedule.eval_interval=0$"):
+        ScheduleConfig(eval_iters=0).validate()
+    with pytest.raises(ConfigError, match=r"^schedule.eval_interval=-1 must be >= 0"):
+        ScheduleConfig(eval_interval=-1).validate()
+
+
+def test_an_integral_float_label_is_an_index_and_others_name_the_choices(tmp_path):
+    from kumihimo.pretrain.evaluate.tasks import load_task
+    from tests.test_evaluate import _digit_task
+
+    docs = [{"q": "1", "c": ["2", "3"], "y": 1.0}, {"q": "1", "c": ["2", "3"], "y": 0.5}]
+    task = load_task(_digit_task(tmp_path, "multiple_choice", docs[:1]))
+    assert task.examples[0].gold == 1
+    with pytest.raises(UserError, match=r"label 0.5 is not a choice index \(0 to 1\); set label_values"):
+        load_task(_digit_task(tmp_path, "multiple_choice", docs[1:]))
