@@ -73,3 +73,99 @@ def test_an_integral_float_label_is_an_index_and_others_name_the_choices(tmp_pat
     assert task.examples[0].gold == 1
     with pytest.raises(UserError, match=r"label 0.5 is not a choice index \(0 to 1\); set label_values"):
         load_task(_digit_task(tmp_path, "multiple_choice", docs[1:]))
+
+
+# ---- blend.yaml against what it describes ----------------------------------------------------------
+
+
+def _dataset(root, name: str, docs: list[list[int]], vocab_size: int = 1000):
+    import numpy as np
+
+    from kumihimo.data_prep.blend import BlendEntry
+    from kumihimo.data_prep.indexed import IndexedDatasetWriter
+
+    writer = IndexedDatasetWriter(root / "datasets" / f"{name}_text_document", vocab_size)
+    writer.add_documents(
+        np.array([t for d in docs for t in d], dtype=np.int64), np.array([len(d) for d in docs])
+    )
+    writer.finish()
+    tokens = sum(map(len, docs))
+    return BlendEntry(name, (root / "datasets" / f"{name}_text_document").resolve(), tokens, len(docs), 1.0)
+
+
+@pytest.fixture
+def blend(tmp_path):
+    from kumihimo.data_prep.blend import write_blend
+
+    entries = [_dataset(tmp_path, "ja", [[5, 6, 7], [8, 9]]), _dataset(tmp_path, "en", [[1, 2], [3]])]
+    write_blend(tmp_path / "blend.yaml", entries, {"sha256": "x"})
+    return tmp_path / "blend.yaml"
+
+
+@pytest.mark.parametrize("weight", ["0", "-0.5", ".nan", "'heavy'"])
+def test_blend_weights_that_are_not_positive_numbers_are_one_line(blend, weight):
+    """Megatron failed an assertion (traceback) on these; an inline data.blend refused them already."""
+    from kumihimo.data_prep.blend import read_blend
+
+    text = blend.read_text(encoding="utf-8")
+    first = text.index("weight: ")
+    end = text.index("\n", first)
+    blend.write_text(text[:first] + f"weight: {weight}" + text[end:], encoding="utf-8")
+    with pytest.raises(
+        UserError, match=r"datasets\[0\] \(datasets/ja_text_document\) has weight .* positive number"
+    ):
+        read_blend(blend)
+
+
+def _check(blend, vocab_size=1000):
+    from kumihimo.pretrain import integrity
+    from kumihimo.pretrain.config import TrainConfig
+    from kumihimo.pretrain.data import check_counts_and_ids, read_blend
+
+    config = TrainConfig()
+    config.data.blend_file = str(blend)
+    prefixes, _, _ = read_blend(config)
+    check_counts_and_ids(config, integrity.check_datasets(prefixes, str(blend)), vocab_size)
+
+
+def test_blend_counts_are_compared_with_the_files_and_ids_with_the_vocabulary(blend, tmp_path):
+    _check(blend)
+    _dataset(tmp_path, "en", [[1, 2, 3, 4], [5], [6]])  # a consistent pair of other data, same path
+    with pytest.raises(UserError, match=r"says .*en_text_document has 3 tokens but its files hold 6") as err:
+        _check(blend)
+    assert "has 2 documents but its files hold 3" in str(err.value)
+    _dataset(tmp_path, "en", [[1, 2], [3]])
+    with pytest.raises(
+        UserError, match=r"ja_text_document.bin holds token id 9, but the tokenizer has 9 ids"
+    ):
+        _check(blend, vocab_size=9)
+
+
+# ---- output checks before the work -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["file", "unwritable"])
+def test_eval_output_is_checked_before_any_scoring(tmp_path, capsys, monkeypatch, kind):
+    """`eval --output` that is a file or cannot be written was found only after all scoring."""
+    from kumihimo.cli import main
+    from kumihimo.pretrain.evaluate import cli as eval_cli
+    from tests.eval_tasks import write_tasks
+
+    write_tasks(tmp_path / "tasks")
+    output = tmp_path / "results.json"
+    output.write_text("{}")
+    if kind == "unwritable":
+        output = "/proc/kumihimo-eval"
+    monkeypatch.setattr(eval_cli, "_run_megatron", lambda *a: pytest.fail("scored before checking --output"))
+    code = main(["eval", str(tmp_path), "--tasks", str(tmp_path / "tasks"), "--output", str(output)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--output=" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("args", [["--nproc", "0"], ["--tp", "0"]])
+def test_quickstart_refuses_a_zero_process_count_at_once(tmp_path, capsys, args):
+    from kumihimo.cli import main
+
+    assert main(["quickstart", "--workdir", str(tmp_path / "qs"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "must both be >= 1" in err and err.count("\n") == 1 and not (tmp_path / "qs").exists()
