@@ -3,6 +3,8 @@ a traceback (deeply nested JSON, a damaged curated line, ...)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from kumihimo.core.errors import UserError
@@ -169,3 +171,52 @@ def test_quickstart_refuses_a_zero_process_count_at_once(tmp_path, capsys, args)
     assert main(["quickstart", "--workdir", str(tmp_path / "qs"), *args]) == 2
     err = capsys.readouterr().err
     assert "must both be >= 1" in err and err.count("\n") == 1 and not (tmp_path / "qs").exists()
+
+
+# ---- a truncated checkpoint ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def truncated_run(tmp_path_factory):
+    """A trained run (tests/test_pretrain_integrity.py's 2 steps) whose newest checkpoint has a
+    .distcp file cut short."""
+    import shutil
+
+    from kumihimo.pretrain import checkpointing
+    from tests.test_convert_to_hf import train_spm
+    from tests.test_pretrain_integrity import train, write_dataset
+
+    work = tmp_path_factory.mktemp("truncated")
+    tokenizer = train_spm(work / "tok", seed=1)
+    write_dataset(work / "data" / "web", seed=0)
+    overrides = (
+        f"data.blend=[{{prefix: {work / 'data' / 'web'}, weight: 1.0}}]",
+        "data.mock=false",
+        "data.split=90,10,0",
+        f"data.tokenizer={tokenizer}",
+    )
+    proc = train(work / "run", *overrides, "schedule.train_iters=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = work / "run" / "ckpt"
+    assert checkpointing.read_latest(root) == 2
+    shutil.copytree(root, work / "intact")
+    for shard in checkpointing.iteration_dir(root, 2).glob("*.distcp"):
+        os.truncate(shard, 4096)  # every file: to-hf reads the weights only, resume reads all
+    return work, overrides
+
+
+@pytest.mark.slow
+def test_a_truncated_distcp_is_one_line_at_resume_and_at_to_hf(truncated_run):
+    """An EOFError traceback at resume; `convert to-hf` said "damaged ()" with an empty reason."""
+    from kumihimo.pretrain.convert.to_hf import convert_to_hf
+    from tests.test_pretrain_integrity import last_line, train
+
+    work, overrides = truncated_run
+    proc = train(work / "run", *overrides, "schedule.train_iters=3")
+    line = last_line(proc.stderr)
+    assert proc.returncode == 2 and "cannot be read (a .distcp file ends early: truncated" in line, (
+        proc.stderr[-3000:]
+    )
+    assert "Traceback" not in proc.stderr
+    with pytest.raises(UserError, match=r"is incomplete or damaged \([^)]"):  # was "damaged ()"
+        convert_to_hf(work / "run" / "ckpt", work / "hf")

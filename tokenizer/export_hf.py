@@ -219,10 +219,23 @@ def export_hf(model_path: str | Path, output_dir: str | Path) -> Path:
     with owned_output_folder(
         output_dir, "--output", "tokenizer export-hf", own_names=OWN_NAMES, inputs=[model_file]
     ) as staging:
-        tokenizer.save(str(staging / "tokenizer.json"))
-        for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
-            (staging / name).write_text(
-                json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
-            )
-        shutil.copyfile(model_file, staging / MODEL_FILENAME)
+        _write_files(model_file, tokenizer, config, special, staging)
     return output_dir
+
+
+def write_hf_tokenizer_files(model_path: str | Path, folder: Path) -> None:
+    """The files of `export_hf` written into `folder`, a folder its caller owns and publishes (the
+    model folder `convert to-hf` stages), beside what is already there."""
+    model_file = resolve_model_path(model_path)
+    proto = read_model_proto(model_file)
+    tokenizer = build_tokenizer(proto)
+    check_ids(proto, tokenizer)
+    config, special = tokenizer_config(proto)
+    _write_files(model_file, tokenizer, config, special, folder)
+
+
+def _write_files(model_file: Path, tokenizer: HFTokenizer, config: dict, special: dict, folder: Path) -> None:
+    tokenizer.save(str(folder / "tokenizer.json"))
+    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+        (folder / name).write_text(json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    shutil.copyfile(model_file, folder / MODEL_FILENAME)

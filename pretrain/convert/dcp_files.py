@@ -44,9 +44,20 @@ def staged_output(output_dir: Path, written_by: str) -> contextlib.AbstractConte
     return owned_output_folder(output_dir, "--output", written_by, replace=False)
 
 
-def failure_cause(exc: CheckpointException) -> BaseException:
+def failure_cause(exc: BaseException) -> BaseException:
     """The exception that made DCP fail: it wraps them as {rank: (exception, trace)}."""
+    if not isinstance(exc, CheckpointException):
+        return exc
     return next(iter(exc.failures.values()), (exc, None))[0]
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A reason for a one-line error about a checkpoint that could not be read, never empty: a
+    truncated .distcp raises a bare EOFError, whose text is "" (to-hf said "damaged ()")."""
+    cause = failure_cause(exc)
+    if isinstance(cause, EOFError):
+        return "a .distcp file ends early: truncated (a copy or a save that did not finish)"
+    return f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
 
 
 _PROPERTY_FIELDS = frozenset(f.name for f in dataclasses.fields(TensorProperties))
