@@ -88,13 +88,22 @@ def _eval_texts(path: str, fields: list[str]) -> Iterator[str]:
 
 
 def _strings(values) -> Iterator[str]:
-    for value in values:
-        if isinstance(value, str):
+    """Every string in `values`, in order, however deeply nested (a stack, not recursion: a record
+    nested a few hundred levels deep parses, and recursing over it would hit Python's limit)."""
+    stack = [iter(values)]
+    while stack:
+        value = next(stack[-1], _END)
+        if value is _END:
+            stack.pop()
+        elif isinstance(value, str):
             yield value
         elif isinstance(value, list):
-            yield from _strings(value)
+            stack.append(iter(value))
         elif isinstance(value, dict):
-            yield from _strings(value.values())
+            stack.append(iter(value.values()))
+
+
+_END = object()
 
 
 def build_eval_index(config: DecontamConfig) -> np.ndarray:

@@ -220,3 +220,19 @@ def test_a_truncated_distcp_is_one_line_at_resume_and_at_to_hf(truncated_run):
     assert "Traceback" not in proc.stderr
     with pytest.raises(UserError, match=r"is incomplete or damaged \([^)]"):  # was "damaged ()"
         convert_to_hf(work / "run" / "ckpt", work / "hf")
+
+
+def test_deep_records_in_eval_and_decontamination_files(tmp_path):
+    """The siblings: `kumihimo eval` task data and decontam.eval_paths read JSON lines too."""
+    import json
+
+    from kumihimo.data_prep.decontam import _strings
+    from kumihimo.pretrain.evaluate.tasks import load_task
+    from tests.test_evaluate import _digit_task
+
+    task = _digit_task(tmp_path, "multiple_choice", [{"q": "1", "c": ["2", "3"], "y": 1}])
+    (tmp_path / "d.jsonl").write_text(DEEP)
+    with pytest.raises(UserError, match=r"d.jsonl:1 is not JSON \(.*recursion"):
+        load_task(task)
+    nested = json.loads("[" * 1200 + '"deep"' + "]" * 1200)  # parses, but recursing over it overflows
+    assert list(_strings([{"a": ["x", nested], "b": "y"}])) == ["x", "deep", "y"]

@@ -201,9 +201,10 @@ def read_jsonl(path: Path) -> list[dict]:
                 continue
             try:
                 doc = json.loads(line)
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
                 raise UserError(
-                    f"{path}:{number} is not JSON ({exc}); the file must hold one object per line"
+                    f"{path}:{number} is not JSON ({exc or type(exc).__name__}); the file must hold one "
+                    "object per line"
                 ) from exc
             if not isinstance(doc, dict):
                 raise UserError(
