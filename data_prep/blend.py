@@ -6,6 +6,7 @@ copied to a cluster as a whole; `read_blend` turns them back into absolute prefi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,5 +95,45 @@ def read_blend(path: str | Path) -> tuple[list[tuple[str, float]], dict[str, Any
             "regenerate it with `kumihimo data tokenize`"
         )
     base = path.parent.resolve()
-    pairs = [(str(base / entry["prefix"]), float(entry["weight"])) for entry in data["datasets"]]
+    pairs = [(str(base / entry["prefix"]), entry["weight"]) for entry in _checked_entries(path)]
     return pairs, data.get("tokenizer", {})
+
+
+def _checked_entries(path: Path) -> list[dict[str, Any]]:
+    """The datasets of a blend.yaml, each a mapping with a string prefix and a finite positive weight
+    (an edited file with weight 0, -1 or .nan made Megatron fail an assertion); counts, where given,
+    are non-negative integers. One UserError naming the entry otherwise."""
+    entries = (yaml.safe_load(path.read_text(encoding="utf-8")) or {})["datasets"]
+    checked = []
+    for i, entry in enumerate(entries):
+        where = f"{path}: datasets[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("prefix"), str):
+            raise UserError(
+                f"{where} is not a mapping with a prefix; regenerate it with `kumihimo data tokenize`"
+            )
+        weight = entry.get("weight")
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, int | float)
+            or not math.isfinite(weight)
+            or weight <= 0
+        ):
+            raise UserError(
+                f"{where} ({entry['prefix']}) has weight {weight!r}; a weight must be a positive number "
+                "(drop the entry to leave a dataset out)"
+            )
+        for key in ("num_tokens", "num_documents"):
+            value = entry.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise UserError(f"{where} ({entry['prefix']}) has {key}={value!r}; it must be a count (>= 0)")
+        checked.append({**entry, "weight": float(weight)})
+    return checked
+
+
+def declared_counts(path: str | Path) -> dict[str, tuple[int | None, int | None]]:
+    """{absolute prefix: (num_tokens, num_documents)} as blend.yaml records them (None where absent)."""
+    path = Path(path)
+    base = path.parent.resolve()
+    return {
+        str(base / e["prefix"]): (e.get("num_tokens"), e.get("num_documents")) for e in _checked_entries(path)
+    }

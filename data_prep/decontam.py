@@ -7,7 +7,6 @@ of n-gram hashes, saved once per run and memory-mapped by every worker.
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import unicodedata
@@ -18,7 +17,7 @@ import numpy as np
 
 from kumihimo.core import records
 from kumihimo.core.errors import UserError
-from kumihimo.core.files import TEMP_MARK
+from kumihimo.core.files import TEMP_MARK, matching_files
 from kumihimo.data_prep import charclass
 from kumihimo.data_prep.config import DecontamConfig
 from kumihimo.data_prep.ngrams import bounded_runs, codepoints, mix64, powers, window_hashes
@@ -89,20 +88,29 @@ def _eval_texts(path: str, fields: list[str]) -> Iterator[str]:
 
 
 def _strings(values) -> Iterator[str]:
-    for value in values:
-        if isinstance(value, str):
+    """Every string in `values`, in order, however deeply nested (a stack, not recursion: a record
+    nested a few hundred levels deep parses, and recursing over it would hit Python's limit)."""
+    stack = [iter(values)]
+    while stack:
+        value = next(stack[-1], _END)
+        if value is _END:
+            stack.pop()
+        elif isinstance(value, str):
             yield value
         elif isinstance(value, list):
-            yield from _strings(value)
+            stack.append(iter(value))
         elif isinstance(value, dict):
-            yield from _strings(value.values())
+            stack.append(iter(value.values()))
+
+
+_END = object()
 
 
 def build_eval_index(config: DecontamConfig) -> np.ndarray:
     """Sorted unique hashes of all word and character n-grams of the evaluation data."""
     parts = [np.empty(0, dtype=np.uint64)]
     for pattern in config.eval_paths:
-        paths = sorted(glob.glob(pattern))
+        paths = matching_files(pattern, "decontam.eval_paths")
         if not paths:
             raise UserError(f"decontam.eval_paths: {pattern!r} matches no file; fix the glob or remove it")
         for path in paths:

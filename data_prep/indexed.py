@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kumihimo.core.files import TEMP_MARK
+
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 DTYPE_CODES = {
@@ -41,7 +43,7 @@ class IndexedDatasetWriter:
         self.dtype = token_dtype(vocab_size)
         self.bin_path = Path(f"{self.prefix}.bin")
         self.idx_path = Path(f"{self.prefix}.idx")
-        self._bin_tmp = Path(f"{self.prefix}.bin.tmp-{os.getpid()}")
+        self._bin_tmp = Path(f"{self.prefix}.bin{TEMP_MARK}{os.getpid()}")
         self._bin = open(self._bin_tmp, "wb")  # noqa: SIM115 - closed in finish/abort
         self._lengths: list[np.ndarray] = []
         self.num_tokens = 0
@@ -64,7 +66,7 @@ class IndexedDatasetWriter:
         if len(lengths) > 1:
             np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
         document_indices = np.arange(len(lengths) + 1, dtype=np.int64)
-        idx_tmp = Path(f"{self.prefix}.idx.tmp-{os.getpid()}")
+        idx_tmp = Path(f"{self.prefix}.idx{TEMP_MARK}{os.getpid()}")
         with open(idx_tmp, "wb") as handle:
             handle.write(INDEX_HEADER)
             handle.write(struct.pack("<Q", INDEX_VERSION))

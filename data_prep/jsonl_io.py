@@ -10,7 +10,6 @@ offset) and the reason.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from typing import Any
 
 from kumihimo.core import records
 from kumihimo.core.errors import UserError
-from kumihimo.core.files import temp_file_beside
+from kumihimo.core.files import matching_files, temp_file_beside
 from kumihimo.data_prep.config import DataPrepConfig, InputConfig
 
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
@@ -111,9 +110,7 @@ def _line_starts(path: str, size: int, shard_bytes: int) -> list[tuple[int, int]
 def expand_source_paths(patterns: list[str], source: str) -> list[str]:
     paths: list[str] = []
     for pattern in patterns:
-        matched = sorted(
-            p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
-        )
+        matched = matching_files(pattern, f"input.sources[{source}].paths")
         if not matched:
             raise UserError(
                 f"input.sources[{source}].paths: {pattern!r} matches no file; fix the glob or remove it"

@@ -32,7 +32,7 @@ from kumihimo.data_prep import scoring, shard_stage
 from kumihimo.data_prep.config import DataPrepConfig
 from kumihimo.data_prep.decontam import build_eval_index, save_eval_index
 from kumihimo.data_prep.executor import process_pool, run_unordered
-from kumihimo.data_prep.jsonl_io import AtomicJsonlWriter, Shard, plan_shards
+from kumihimo.data_prep.jsonl_io import AtomicJsonlWriter, Shard, expand_source_paths, plan_shards
 from kumihimo.data_prep.minhash import KEEP
 from kumihimo.data_prep.quality import QualityFilter
 from kumihimo.data_prep.refilter import (
@@ -124,12 +124,12 @@ def _check_or_record_run(layout: RunLayout, config: DataPrepConfig, shards: list
         previous = json.loads(manifest.read_text(encoding="utf-8"))
         if previous != current:
             what = (
-                "the curation config"
+                "a different curation config"
                 if previous.get("config_sha256") != current["config_sha256"]
-                else "the input files"
+                else "different input files"
             )
             raise UserError(
-                f"output_dir={str(layout.out)!r} holds an unfinished or finished run with different "
+                f"output_dir={str(layout.out)!r} holds an unfinished or finished run with "
                 f"{what}; choose a new output_dir or delete {layout.work} to start over"
             )
         return
@@ -157,7 +157,7 @@ def _run_shard(task: tuple[Shard, Path]) -> int:
 def _curate_shards(config: DataPrepConfig, layout: RunLayout, shards: list[Shard]) -> None:
     layout.shards.mkdir(parents=True, exist_ok=True)
     for shard in shards:  # left by a killed run; only this task's shards (others may be in progress)
-        for stale in layout.shards.glob(f".{shard.shard_id}.tmp-*"):
+        for stale in layout.shards.glob(f".{shard.shard_id}{TEMP_MARK}*"):
             shutil.rmtree(stale, ignore_errors=True)
     todo = [s for s in shards if not (layout.shards / s.shard_id).is_dir()]
     if len(todo) < len(shards):
@@ -435,9 +435,9 @@ def curate(config: DataPrepConfig) -> CurationResult | None:
                 "run `pip install datatrove` or use executor.kind=local"
             ) from exc
         return curate_with_datatrove(config)
-    with RunLock(
-        config.output_dir, "curate", OUTPUT_FOLDERS
-    ):  # one live run per output_dir; clears a killed one's debris
+    inputs = tuple(p for s in config.input.sources for p in expand_source_paths(s.paths, s.name))
+    # one live run per output_dir; clears a killed one's debris, never an input
+    with RunLock(config.output_dir, "curate", OUTPUT_FOLDERS, keep=inputs):
         layout, shards = prepare_run(config)
         say(f"[data_prep] {len(shards)} shards from {len(config.input.sources)} sources -> {layout.out}")
         _curate_shards(config, layout, shards)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from kumihimo.core.files import TEMP_MARK
 from kumihimo.data_prep.cleanup import normalize_punctuation, trim_footer
 from kumihimo.data_prep.config import DataPrepConfig
 from kumihimo.data_prep.decontam import Decontaminator, load_eval_index
@@ -289,7 +290,7 @@ def process_shard(shard: Shard, tools: StageTools, shards_dir: Path) -> None:
     """Curate one shard into `shards_dir/<shard_id>/` (renamed into place when complete)."""
     config = tools.config
     final = shards_dir / shard.shard_id
-    tmp = shards_dir / f".{shard.shard_id}.tmp-{os.getpid()}"
+    tmp = shards_dir / f".{shard.shard_id}{TEMP_MARK}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     stats = ShardStats(config.report.examples_per_reason, config.report.excerpt_chars)

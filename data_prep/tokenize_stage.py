@@ -52,12 +52,31 @@ def _init_tokenizer(path: str) -> None:
     _TOKENIZER = load_tokenizer(path)
 
 
-def _encode_lines(task: tuple[list[str], bool, bool]) -> tuple[np.ndarray, np.ndarray]:
+def _curated_records(lines: list[str], path: str) -> list[dict[str, Any]]:
+    """The records of curated lines; a line that is not a JSON object with a string "text" (a curated
+    file edited or damaged by hand) is a one-line error naming the file, not a traceback."""
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            problem = None if isinstance(record, dict) and isinstance(record.get("text"), str) else "no text"
+        except (ValueError, RecursionError) as exc:
+            problem = f"{type(exc).__name__}: {str(exc)[:80]}"
+        if problem is not None:
+            raise UserError(
+                f'{path}: a curated line is not a JSON object with a string "text" ({problem}): '
+                f"{line[:60]!r}; curated files are written by `kumihimo data curate`: curate again"
+            )
+        records.append(record)
+    return records
+
+
+def _encode_lines(task: tuple[list[str], bool, bool, str]) -> tuple[np.ndarray, np.ndarray]:
     """(flat token ids, per-document lengths) for a batch of curated JSONL lines."""
-    lines, add_bos, append_eod = task
+    lines, add_bos, append_eod, path = task
     tokenizer = _TOKENIZER
     assert tokenizer is not None, "worker not initialised"
-    encoded = encode_as_arrays(tokenizer, [json.loads(line)["text"] for line in lines])
+    encoded = encode_as_arrays(tokenizer, [record["text"] for record in _curated_records(lines, path)])
     return _flatten(encoded, tokenizer.bos_id if add_bos else None, tokenizer.eod_id if append_eod else None)
 
 
@@ -80,13 +99,13 @@ def encode_as_arrays(tokenizer: Tokenizer | HFTokenizer, texts: list[str]) -> li
     return [np.asarray(ids, dtype=np.int32) for ids in tokenizer.encode_batch(texts, num_threads=1)]
 
 
-def _encode_grouped(task: tuple[list[str], bool, bool, SourceGrouping]) -> tuple[np.ndarray, ...]:
+def _encode_grouped(task: tuple[list[str], bool, bool, SourceGrouping, str]) -> tuple[np.ndarray, ...]:
     """(flat token ids, per-document lengths, per-document group) for a batch of a grouped source;
     documents of groups left out (multiplier 0) are neither encoded nor returned."""
-    lines, add_bos, append_eod, grouping = task
+    lines, add_bos, append_eod, grouping, path = task
     tokenizer = _TOKENIZER
     assert tokenizer is not None, "worker not initialised"
-    records = [json.loads(line) for line in lines]
+    records = _curated_records(lines, path)
     groups = np.fromiter(map(grouping.group_of, records), dtype=np.int64, count=len(records))
     texts = [r["text"] for r, g in zip(records, groups) if g != DROPPED]
     encoded = encode_as_arrays(tokenizer, texts)
@@ -172,9 +191,9 @@ def _encode_source(
     grouping = writers.grouping
     batches = _batches(curated, config.tokenize.batch_documents)
     if grouping.trivial:
-        work, tasks = _encode_lines, ((batch, *flags) for batch in batches)
+        work, tasks = _encode_lines, ((batch, *flags, str(curated)) for batch in batches)
     else:
-        work, tasks = _encode_grouped, ((batch, *flags, grouping) for batch in batches)
+        work, tasks = _encode_grouped, ((batch, *flags, grouping, str(curated)) for batch in batches)
     if num_workers == 1:
         _init_tokenizer(tokenizer_path)
         for task in tasks:

@@ -98,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
+    from kumihimo.core.processes import die_with_torchrun
+
+    die_with_torchrun()  # a rank dies with its torchrun, however that dies
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())
 

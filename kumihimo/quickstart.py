@@ -100,6 +100,8 @@ class StageCache:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc < 1 or args.tp < 1:  # checked before hours of curation, not at the training stage
+        raise UserError(f"--nproc={args.nproc} and --tp={args.tp} must both be >= 1 (e.g. --nproc 2 --tp 2)")
     if not CONFIGS.is_dir():
         raise UserError(
             f"recipes not found at {CONFIGS}; install kumihimo from a checkout with `pip install -e .`"

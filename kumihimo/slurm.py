@@ -146,9 +146,16 @@ def find_profile(name: str) -> Path:
 
 
 def read_profile(path: Path) -> dict[str, str]:
-    """The KEY=value assignments of a profile; other lines (module loads, comments) run in the job only."""
+    """The KEY=value assignments of a profile; other lines (module loads, comments) run in the job only.
+
+    The profile is inlined into the batch script, so a control character in any line (an escape, a
+    carriage return of a Windows-edited file) is refused here as in every other rendered value; a tab
+    is whitespace to bash and stays allowed."""
     values = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    text = path.read_bytes().decode("utf-8")  # not read_text: it would turn a lone \r into a new line
+    for number, line in enumerate(text.split("\n"), start=1):
+        refuse_control_characters(f"--profile {path} line {number}", line.replace("\t", " "))
+    for line in text.splitlines():
         match = _ASSIGNMENT.match(line)
         if match:
             words = shlex.split(match.group(2), comments=True)
@@ -197,6 +204,20 @@ def refuse_control_characters(what: str, value: str) -> None:
         raise UserError(
             f"{what}{' ' if ' ' in what else '='}{value!r} holds the control character {value[bad]!r} "
             f"at position {bad}, which would break the batch script line it is written on; remove it"
+        )
+
+
+_SBATCH_OPTION = re.compile(r"--?[a-z][a-z0-9-]*(=\S+)?", re.ASCII)
+
+
+def check_sbatch_option(what: str, option: str) -> None:
+    """An option written on an #SBATCH line: `--name` or `--name=value`, the value without blanks.
+    sbatch splits #SBATCH lines at blanks, so `--comment=two words` passed --dry-run and was then
+    rejected by sbatch (or read as two options)."""
+    if not _SBATCH_OPTION.fullmatch(option):
+        raise UserError(
+            f"{what}: {option!r} is not an sbatch option sbatch can read from an #SBATCH line "
+            "(--name or --name=value, lower-case name, no blanks in the value); fix or remove it"
         )
 
 
@@ -327,6 +348,7 @@ def job_spec(args: argparse.Namespace, config, profile: Path | None) -> JobSpec:
         refuse_control_characters("--sbatch", option)
         if not option.startswith("-"):
             raise UserError(f"--sbatch={option!r} is not an sbatch option; write it as --sbatch=--qos=high")
+        check_sbatch_option("--sbatch", option)
     if args.time is not None:
         limit_s = parse_time(args.time)
         if args.signal_before is None:
@@ -341,6 +363,10 @@ def job_spec(args: argparse.Namespace, config, profile: Path | None) -> JobSpec:
         for key, value in env.items()
         if key.startswith("SBATCH_") and value
     ]
+    for key, option in zip(
+        [k for k, v in env.items() if k.startswith("SBATCH_") and v], options, strict=True
+    ):
+        check_sbatch_option(f"--profile {profile} {key}", option)
     per_node_launcher = args.launcher == "torchrun"
     cpus = int(env["KUMIHIMO_CPUS_PER_TASK"]) if env.get("KUMIHIMO_CPUS_PER_TASK") else None
     if cpus and per_node_launcher:
@@ -376,7 +402,7 @@ def run_submit(args: argparse.Namespace) -> int:
     path = output_dir / "submit.sbatch"
     if args.dry_run:
         print(script, end="")
-        print(f"# would run: sbatch {path}   (logs: {spec.output})")
+        print(f"# would run: sbatch {shlex.quote(str(path))}   (logs: {shlex.quote(str(spec.output))})")
         return 0
     sbatch = shutil.which("sbatch")
     if sbatch is None:

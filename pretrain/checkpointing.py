@@ -480,6 +480,9 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
     the source's peak and current learning rate."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from kumihimo.pretrain.convert.dcp_files import describe_failure
 
     meta = read_meta(folder)
     saved_layout = meta.get("layout", {})
@@ -496,6 +499,11 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
             raise UserError(
                 f"{folder} does not fit this model and optimizer ({str(exc).splitlines()[0][:300]}); resume "
                 f"with the settings in its {CONFIG_FILE} or start a new run (new checkpoint.dir)"
+            ) from exc
+        except (CheckpointException, EOFError) as exc:  # a truncated .distcp: EOFError, wrapped or not
+            raise UserError(
+                f"{folder} cannot be read ({describe_failure(exc)}); write an earlier iteration into "
+                f"{folder.parent / LATEST_FILE} to resume from it, or start a new run"
             ) from exc
     if len(model_chunks) == 1:
         unwrap(model_chunks[0]).load_state_dict(loaded["model"])

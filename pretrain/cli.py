@@ -93,6 +93,7 @@ def _spawn_local(args: argparse.Namespace) -> int:
 def spawn_local(nproc_per_node: int, verb_args: list[str]) -> int:
     """Run `kumihimo <verb_args>` in `nproc_per_node` local processes under torchrun (one node, a free
     rendezvous port, one OMP thread per process unless OMP_NUM_THREADS says otherwise); its exit code."""
+    from kumihimo.core.processes import die_with_parent
     from kumihimo.pretrain.distributed import free_port
 
     cmd = [
@@ -107,4 +108,7 @@ def spawn_local(nproc_per_node: int, verb_args: list[str]) -> int:
         *verb_args,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.call(cmd, env=env)
+    launcher = os.getpid()
+    # torchrun gets SIGKILL when this process dies (kill -9 included), and its ranks when it dies
+    # (kumihimo.core.processes.die_with_torchrun): nothing of the launch outlives it.
+    return subprocess.call(cmd, env=env, preexec_fn=lambda: die_with_parent(launcher))

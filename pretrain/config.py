@@ -533,10 +533,14 @@ class ScheduleConfig:
                 f"train_iters={decay_iters})",
                 f"choose at most {decay_iters - self.lr_warmup_iters} or a shorter warm-up",
             )
-        if self.eval_interval < 0 or self.eval_iters < 1:
+        if self.eval_interval < 0:
             raise ConfigError(
-                f"schedule.eval_interval={self.eval_interval} must be >= 0 and schedule.eval_iters="
-                f"{self.eval_iters} >= 1; fix them"
+                f"schedule.eval_interval={self.eval_interval} must be >= 0 (0 turns evaluation off); fix it"
+            )
+        if self.eval_iters < 1:
+            raise ConfigError(
+                f"schedule.eval_iters={self.eval_iters} must be >= 1 (batches per evaluation); to turn "
+                "evaluation off set schedule.eval_interval=0"
             )
 
 

@@ -17,10 +17,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kumihimo.core.errors import UserError
+from kumihimo.data_prep.blend import declared_counts
 from kumihimo.data_prep.blend import read_blend as read_blend_file
+from kumihimo.data_prep.indexed import DTYPE_CODES
 from kumihimo.pretrain import integrity
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.parallel import ParallelLayout
@@ -55,6 +58,46 @@ def read_blend(config: TrainConfig) -> tuple[list[str], list[float], dict | None
     return [p for p, _ in pairs], [w for _, w in pairs], tokenizer
 
 
+ID_SAMPLE_BYTES = 1 << 20
+"""Token ids checked against the vocabulary at each end of every .bin (reading a whole .bin would
+take minutes on a large corpus; a dataset made with another tokenizer shows at once)."""
+
+
+def check_counts_and_ids(config: TrainConfig, infos: list[dict], vocab_size: int) -> None:
+    """What the dataset check (integrity.check_datasets) leaves out: blend.yaml's recorded token and
+    document counts against the .bin/.idx they describe (a consistent pair of another source trained
+    silently), and token ids below the tokenizer's vocabulary in the first and last MiB of each .bin
+    (an id >= vocab_size fails an embedding lookup deep in the step, or trains garbage)."""
+    item_sizes = {code: dtype.itemsize for dtype, code in DTYPE_CODES.items()}
+    declared = declared_counts(config.data.blend_file) if config.data.blend_file else {}
+    problems = []
+    for info in infos:
+        prefix, item = info["prefix"], item_sizes[info["dtype_code"]]
+        num_tokens, num_documents = declared.get(prefix, (None, None))
+        actual = (info["bin_bytes"] // item, info["num_sequences"])
+        for what, said, found in zip(("tokens", "documents"), (num_tokens, num_documents), actual):
+            if said is not None and said != found:
+                problems.append(
+                    f"{config.data.blend_file} says {prefix} has {said:,} {what} but its files hold {found:,}: "
+                    "not the dataset the blend was written for; re-run `kumihimo data tokenize`"
+                )
+        dtype = next(d for d, c in DTYPE_CODES.items() if c == info["dtype_code"])
+        with open(f"{prefix}.bin", "rb") as handle:
+            head = handle.read(ID_SAMPLE_BYTES // item * item)
+            handle.seek(max(0, info["bin_bytes"] - ID_SAMPLE_BYTES) // item * item)
+            tail = handle.read()
+        largest = max(
+            (int(np.frombuffer(part, dtype=dtype).max()) for part in (head, tail) if part), default=-1
+        )
+        if largest >= vocab_size:
+            problems.append(
+                f"{prefix}.bin holds token id {largest}, but the tokenizer has {vocab_size:,} ids "
+                "(data.tokenizer): the dataset was made with another tokenizer; re-run `kumihimo data tokenize`"
+            )
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) with the datasets:\n  " + "\n  ".join(problems))
+
+
 @dataclass
 class Datasets:
     train: torch.utils.data.Dataset
@@ -87,6 +130,7 @@ def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
     data, sched = config.data, config.schedule
     tokenizer = MegatronTokenizerView.from_config(config)
     prefixes, weights, infos = integrity.check_datasets_and_tokenizer(config)
+    check_counts_and_ids(config, infos, tokenizer.vocab_size)
     sha = tokenizer.identity["sha256"] if tokenizer.identity else None
     fingerprint = integrity.data_fingerprint(config, infos, weights, sha)
     # Megatron keys its index cache by path, split, seed and length, not by the files' contents: a

@@ -205,7 +205,7 @@ def format_plan(config: TrainConfig, plan: Plan, gpu_memory_gb: float) -> str:
         + ("Transformer Engine layers)" if uses_transformer_engine(config) else "local layers)"),
         f"  logits           {plan.logits_gb:8.1f} GB",
         f"  reserve          {plan.reserve_gb:8.1f} GB",
-        f"  total            {plan.total_gb:8.1f} GB of {gpu_memory_gb:.0f} GB -> "
+        f"  total            {plan.total_gb:8.1f} GB of {gpu_memory_gb:g} GB -> "
         + ("fits" if fits else "does NOT fit: raise TP/PP, use the distributed optimizer or full recompute"),
         f"pipeline bubble: {plan.bubble:.1%} of compute time",
     ]
@@ -233,6 +233,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=run)
 
 
+MIN_GPU_MEMORY_GB = 1.0
+"""Below this --gpu-memory-gb is a typo (1e-300), not a GPU."""
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Refuse numbers that would make the plan meaningless (and print "fits" for 0 or nan GB)."""
     if args.nodes < 1 or args.gpus_per_node < 1:
@@ -240,10 +244,10 @@ def check_args(args: argparse.Namespace) -> None:
             f"--nodes={args.nodes} and --gpus-per-node={args.gpus_per_node} must both be >= 1; "
             "pass the job's shape, e.g. --nodes 2 --gpus-per-node 8"
         )
-    if not (math.isfinite(args.gpu_memory_gb) and args.gpu_memory_gb > 0):
+    if not (math.isfinite(args.gpu_memory_gb) and args.gpu_memory_gb >= MIN_GPU_MEMORY_GB):
         raise UserError(
-            f"--gpu-memory-gb={args.gpu_memory_gb} is not a memory size; pass the GPU's memory in GB, "
-            "e.g. 80 for an H100 or 141 for an H200"
+            f"--gpu-memory-gb={args.gpu_memory_gb:g} is not a GPU memory size (at least "
+            f"{MIN_GPU_MEMORY_GB:g} GB); pass the GPU's memory in GB, e.g. 80 for an H100 or 141 for an H200"
         )
     if args.vocab_size is not None and args.vocab_size < 1:
         raise UserError(

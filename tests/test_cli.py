@@ -97,9 +97,10 @@ def test_plan_reproduces_the_172b_reference_layout(capsys):
     ("args", "message"),
     [
         (["--vocab-size", "0"], "--vocab-size=0 must be >= 1"),
-        (["--gpu-memory-gb", "-80"], "--gpu-memory-gb=-80.0 is not a memory size"),
-        (["--gpu-memory-gb", "nan"], "--gpu-memory-gb=nan is not a memory size"),
-        (["--gpu-memory-gb", "inf"], "--gpu-memory-gb=inf is not a memory size"),
+        (["--gpu-memory-gb", "-80"], "--gpu-memory-gb=-80 is not a GPU memory size"),
+        (["--gpu-memory-gb", "nan"], "--gpu-memory-gb=nan is not a GPU memory size"),
+        (["--gpu-memory-gb", "inf"], "--gpu-memory-gb=inf is not a GPU memory size"),
+        (["--gpu-memory-gb", "1e-300"], "--gpu-memory-gb=1e-300 is not a GPU memory size (at least 1 GB)"),
         (["--nodes", "0"], "--nodes=0 and --gpus-per-node=8 must both be >= 1"),
     ],
 )

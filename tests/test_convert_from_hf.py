@@ -434,6 +434,9 @@ def test_unsupported_models_are_refused(hf_models, work):
     (empty / "config.json").write_text(json.dumps(base))
     with pytest.raises(UserError, match="no safetensors weights"):
         convert_from_hf(empty, work / "out")
+    (empty / "config.json").write_text('{"model_type": "llama",')  # issue 23: a JSONDecodeError traceback
+    with pytest.raises(UserError, match=r"config.json is not valid JSON \("):
+        convert_from_hf(empty, work / "out")
     with pytest.raises(UserError, match="already exists"):
         convert_from_hf(hf_models["fp32"], hf_models["bf16"])
 
@@ -462,6 +465,17 @@ def test_bad_weights_are_refused_and_leave_no_output(hf_models, work):
             r"has shape \[192, 64\] but config.json implies",
         ),
         "truncated": (weights, config, "truncated"),
+        # issue 23: a NaN weight was published as a checkpoint; an invalid config.json was a traceback
+        "nan": (
+            {**weights, "model.norm.weight": torch.full_like(weights["model.norm.weight"], float("nan"))},
+            config,
+            "the weights of .* hold NaN or Inf values",
+        ),
+        "config-missing-key": (
+            weights,
+            {k: v for k, v in config.items() if k != "hidden_size"},
+            "hidden_size=None",
+        ),
     }
     for name, (tensors, model_config, message) in cases.items():
         folder = work / f"bad-{name}"

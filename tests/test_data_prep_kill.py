@@ -21,6 +21,7 @@ import pytest
 
 from kumihimo.cli import main
 from kumihimo.core import configtree
+from kumihimo.core.files import TEMP_MARK
 from kumihimo.core.processes import RunLock
 from tests.conftest import REPO
 from tests.test_data_prep_pipeline import JA, write_corpus
@@ -57,7 +58,7 @@ def curate_cli(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def debris(out: Path) -> list[str]:
-    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if ".tmp-" in p.name)
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if TEMP_MARK in p.name)
 
 
 @pytest.mark.slow
@@ -75,7 +76,7 @@ def test_kill_9_leaves_no_worker_and_the_rerun_finishes(tmp_path):
     shards = out / "work" / "shards"
     deadline = time.monotonic() + 120
     # kill once the workers are curating: some shards done, more to go
-    while not (shards.is_dir() and len([p for p in shards.iterdir() if ".tmp-" not in p.name]) >= 2):
+    while not (shards.is_dir() and len([p for p in shards.iterdir() if TEMP_MARK not in p.name]) >= 2):
         assert run.poll() is None and time.monotonic() < deadline, "curate finished or never started"
         time.sleep(0.02)
     workers = parent.children(recursive=True)  # the pool's two workers and multiprocessing's tracker
@@ -107,20 +108,52 @@ def test_a_live_run_is_refused_and_a_killed_runs_debris_removed(tmp_path, capsys
     lock = {"pid": dead.pid, "host": socket.gethostname(), "started": 1.0, "since": "earlier"}
     (out / RunLock.NAME).write_text(json.dumps(lock))
     left = [
-        "curated/.ja.jsonl.tmp-k2j4h5g6",
-        "dropped/.all.jsonl.a1b2c3d4",  # the name the writers used before
-        "datasets/ja_text_document.bin.tmp-4242",
-        "work/shards/.ja-00000.tmp-4242/candidates.jsonl",
-        ".report.json.tmp-zz9y8x7w",
-        "notes/.draft.tmp-1",  # not a folder data_prep writes: kept
+        "curated/.ja.jsonl.tmp-kumihimo-k2j4h5g6",
+        "datasets/ja_text_document.bin.tmp-kumihimo-4242",
+        "work/shards/.ja-00000.tmp-kumihimo-4242/candidates.jsonl",
+        ".report.json.tmp-kumihimo-zz9y8x7w",
+        "notes/.draft.tmp-kumihimo-1",  # not a folder data_prep writes: kept
     ]
     for name in left:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text("partial")
     assert main(["data", "curate", str(recipe)]) == 0
     err = capsys.readouterr().err
-    assert f"a previous run was killed (pid {dead.pid} since earlier); removed 5" in err
-    assert debris(out) == ["notes/.draft.tmp-1"] and not (out / "dropped" / ".all.jsonl.a1b2c3d4").exists()
+    assert f"a previous run was killed (pid {dead.pid} since earlier); removed 4" in err
+    assert debris(out) == ["notes/.draft.tmp-kumihimo-1"]
+
+
+# Names a user may well give their own files: none is kumihimo's, whatever folder it lies in.
+USER_NAMES = [
+    "notes.tmp-1",
+    ".report.json.tmp-zz9y8x7w",
+    ".all.jsonl.bak_1234",
+    "curated/.mine.jsonl.bak_2024",
+]
+
+
+def test_user_files_that_look_temporary_are_never_removed(tmp_path, capsys):
+    """Issue 23.2: curate removed user files named like its old temporary files (`*.tmp-*`, hidden
+    `*.bak_*`) and said "a previous run was killed"; an input living in output_dir was deleted
+    before it was read."""
+    recipe, out = write_recipe(tmp_path / "corpus")
+    for name in USER_NAMES:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("mine")
+    # an input that lives in output_dir under a name like a temporary file
+    own_input = out / "extra.tmp-5.jsonl"
+    own_input.write_text(
+        json.dumps({"id": "own", "text": "自分の入力です。" + JA[2]}, ensure_ascii=False) + "\n"
+    )
+    text = recipe.read_text(encoding="utf-8")
+    recipe.write_text(text.replace("paths:\n", f"paths:\n    - {own_input}\n", 1), encoding="utf-8")
+    assert main(["data", "curate", str(recipe)]) == 0
+    err = capsys.readouterr().err
+    assert "previous run" not in err, err
+    for name in USER_NAMES:
+        assert (out / name).read_text() == "mine", name
+    assert own_input.is_file()
+    assert "自分の入力です" in (out / "curated" / "ja.jsonl").read_text(encoding="utf-8")
 
 
 def test_a_lock_from_another_host_is_not_taken_over(tmp_path, capsys):

@@ -242,7 +242,7 @@ def test_changed_model_refuses_to_resume(tmp_path, trained):
     (model / "classifier.json").write_text(
         (model / "classifier.json").read_text().replace('"max_chars": 4000', '"max_chars": 3000')
     )
-    with pytest.raises(UserError, match="different the curation config"):
+    with pytest.raises(UserError, match="with a different curation config"):
         curate(config)
 
 

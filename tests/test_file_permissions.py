@@ -58,7 +58,7 @@ def test_atomic_writers_respect_the_umask(tmp_path, team_umask):
     with AtomicJsonlWriter(out / "curated" / "ja.jsonl") as writer:  # curated, dropped, quarantine
         writer.write({"text": "x"})
     files.temp_dir(out, ".staging-").rename(out / "staged")
-    with staged_output(out / "converted") as staging:  # convert's output folder
+    with staged_output(out / "converted", "convert to-hf") as staging:  # convert's output folder
         (staging / "model.safetensors").write_bytes(b"")
     assert wrong_modes(out) == []
 

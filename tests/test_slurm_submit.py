@@ -6,6 +6,7 @@ No Slurm needed: these run everywhere. tests/test_slurm.py runs the scripts on a
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -125,6 +126,11 @@ def test_cpu_profile_asks_for_tasks_not_gpus(capsys, tmp_path):
         (["--time", "1-24:00:00"], "--time='1-24:00:00' has a field out of range"),
         (["--time", "48:00:00\n"], "is not a Slurm time limit"),
         (["--time", "0"], "--time='0' is no limit at all"),
+        # issue 23.10: sbatch splits #SBATCH lines at blanks; --dry-run passed these, sbatch refused them
+        (
+            ["--sbatch", "--comment=two words"],
+            "'--comment=two words' is not an sbatch option sbatch can read",
+        ),
     ],
 )
 def test_bad_submit_options_are_one_line_errors(capsys, args, message):
@@ -159,3 +165,49 @@ def test_profiles_are_env_files_bash_can_source(profile: Path):
     assert values, "a profile sets variables"
     if values.get("KUMIHIMO_DEVICE") != "cpu":
         assert values.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            "export NCCL_DEBUG=INFO\x1b[2J",
+            "line 2 'export NCCL_DEBUG=INFO\\x1b[2J' holds the control character",
+        ),
+        ("SBATCH_PARTITION=gpu\r", "holds the control character '\\r'"),
+        ("SBATCH_PARTITION='gpu large'", "SBATCH_PARTITION: '--partition=gpu large' is not an sbatch option"),
+        ("SBATCH_BAD$=x", None),  # not an assignment: bash runs it, nothing is rendered from it
+    ],
+)
+def test_profile_lines_are_checked_like_every_rendered_value(capsys, tmp_path, line, message):
+    """Issue 23.10: a profile line with an escape character was rendered into the script; profile
+    SBATCH_* values were not checked."""
+    profile = tmp_path / "p.env"
+    profile.write_text("KUMIHIMO_DEVICE=cpu\n" + line + "\nKUMIHIMO_CPUS_PER_TASK=1\n", encoding="utf-8")
+    code, out, err = dry_run(
+        capsys,
+        "configs/pretrain/tiny-cpu.yaml",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "1",
+        "--profile",
+        str(profile),
+    )
+    if message is None:
+        assert code == 0, err
+    else:
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_the_would_run_line_is_shell_quoted(capsys, tmp_path):
+    run = tmp_path / "my run; rm -rf x"
+    code, out, _ = dry_run(
+        capsys, "configs/pretrain/tiny-cpu.yaml", "--nodes", "1", "--gpus-per-node", "1", f"output_dir={run}"
+    )
+    last = out.rstrip("\n").splitlines()[-1]
+    assert code == 0 and last.startswith("# would run: sbatch ")
+    assert shlex.split(last.removeprefix("# would run: ").split("   (logs:")[0]) == [
+        "sbatch",
+        str(run / "submit.sbatch"),
+    ]

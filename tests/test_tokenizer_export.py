@@ -11,6 +11,7 @@ import sentencepiece as spm
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
+from kumihimo.core.files import OWNER_FILE
 from kumihimo.tokenizer import synthetic
 from kumihimo.tokenizer.cli import register
 from kumihimo.tokenizer.config import TokenizerTrainConfig
@@ -163,6 +164,7 @@ def test_directory_contents_and_special_tokens(model_and_hf, monkeypatch):
         "tokenizer_config.json",
         "special_tokens_map.json",
         "tokenizer.model",
+        OWNER_FILE,  # the folder is the export's, replaced whole by the next export
     }
     assert (hf_dir / "tokenizer.model").read_bytes() == model.read_bytes()
     sp = spm.SentencePieceProcessor(model_file=str(model))
@@ -195,7 +197,8 @@ def test_export_from_trained_directory_and_cli(sentences, tmp_path, monkeypatch,
     assert (config["add_bos_token"], config["add_eos_token"]) == (True, False)
     sp = spm.SentencePieceProcessor(model_file=str(model))
     assert load_hf(tmp_path / "hf", monkeypatch)("日本語\n")["input_ids"] == [1, *sp.EncodeAsIds("日本語\n")]
-    assert not [p for p in (tmp_path / "hf").iterdir() if p.name.startswith(".")]  # no staging left
+    hidden = [p.name for p in [*tmp_path.iterdir(), *(tmp_path / "hf").iterdir()] if p.name.startswith(".")]
+    assert hidden == [OWNER_FILE]  # no staging left
 
 
 def test_export_rejects_missing_or_invalid_models(tmp_path):

@@ -12,6 +12,7 @@ import yaml
 from kumihimo.core import configtree
 from kumihimo.core.configtree import ConfigError
 from kumihimo.core.errors import UserError
+from kumihimo.core.files import OWNER_FILE
 from kumihimo.tokenizer import synthetic
 from kumihimo.tokenizer.cli import register
 from kumihimo.tokenizer.config import TokenizerTrainConfig
@@ -247,7 +248,7 @@ def test_candidate_piece_count_is_exact_on_a_small_case():
 def test_training_writes_complete_output(trained):
     output_dir = trained.parent
     names = {p.name for p in output_dir.iterdir()}
-    assert names == {"tokenizer.model", "tokenizer.vocab", CONFIG_FILENAME, STATS_FILENAME}
+    assert names == {"tokenizer.model", "tokenizer.vocab", CONFIG_FILENAME, STATS_FILENAME, OWNER_FILE}
     assert [p.name for p in output_dir.parent.iterdir()] == ["tok"]  # no staging directory left
     stats = json.loads((output_dir / STATS_FILENAME).read_text(encoding="utf-8"))
     assert stats["vocab_size"] == 1024 and stats["requested_vocab_size"] == 1000
@@ -363,7 +364,7 @@ def test_existing_output_is_kept_unless_overwrite(corpus, tmp_path):
     output_dir = tmp_path / "tok"
     output_dir.mkdir()
     (output_dir / "tokenizer.model").write_text("old", encoding="utf-8")
-    with pytest.raises(ConfigError, match="already exists and is not empty; .*overwrite=true"):
+    with pytest.raises(UserError, match="already exists and is not empty; .*overwrite=true"):
         train_tokenizer(make_config(recipe(corpus, output_dir)))
     failing = recipe(corpus, output_dir, overwrite=True, vocab_size=60_000)
     with pytest.raises(ConfigError):

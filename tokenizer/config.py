@@ -124,7 +124,8 @@ class TokenizerTrainConfig:
     output_dir: str
     """Directory that receives tokenizer.model, tokenizer.vocab, train_config.yaml, train_stats.json."""
     overwrite: bool = False
-    """Replace an existing tokenizer in output_dir (otherwise training refuses to start)."""
+    """Replace a tokenizer this command trained in output_dir, whole (otherwise training refuses a
+    non-empty output_dir). A folder holding anything else is always refused, never deleted."""
     model_type: Literal["unigram", "bpe"] = "unigram"
     """SentencePiece algorithm; llm-jp-tokenizer v3 is Unigram."""
     vocab_size: int = 32000

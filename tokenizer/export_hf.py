@@ -20,7 +20,6 @@ with whitespace removal, HF strips around user-defined pieces.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,13 +29,15 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from kumihimo.core.errors import UserError
-from kumihimo.core.files import temp_dir
+from kumihimo.core.files import owned_output_folder
 from kumihimo.tokenizer.spm import MODEL_FILENAME, resolve_model_path
 
 SPACE_SYMBOL = "▁"
 Piece = sp_model.ModelProto.SentencePiece
 SPECIAL_TYPES = (Piece.CONTROL, Piece.UNKNOWN, Piece.UNUSED)
 UNMATCHED_TYPES = (*SPECIAL_TYPES, Piece.BYTE)
+OWN_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", MODEL_FILENAME)
+"""What an export writes (a folder holding only these, from before OWNER_FILE, is an export's)."""
 UNK_PENALTY = 10.0  # SentencePiece and HF both score an unknown character min_score - 10
 
 
@@ -214,19 +215,27 @@ def export_hf(model_path: str | Path, output_dir: str | Path) -> Path:
     check_ids(proto, tokenizer)
     config, special = tokenizer_config(proto)
     output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output {str(output_dir)!r} is a file; pass a directory path")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = temp_dir(output_dir, ".export-hf.tmp-")
-    try:
-        tokenizer.save(str(staging / "tokenizer.json"))
-        for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
-            (staging / name).write_text(
-                json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
-            )
-        shutil.copyfile(model_file, staging / MODEL_FILENAME)
-        for item in sorted(staging.iterdir()):
-            os.replace(item, output_dir / item.name)  # file by file: each appears complete
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # The whole folder is this export's: stale files beside it (an old added_tokens.json) change ids.
+    with owned_output_folder(
+        output_dir, "--output", "tokenizer export-hf", own_names=OWN_NAMES, inputs=[model_file]
+    ) as staging:
+        _write_files(model_file, tokenizer, config, special, staging)
     return output_dir
+
+
+def write_hf_tokenizer_files(model_path: str | Path, folder: Path) -> None:
+    """The files of `export_hf` written into `folder`, a folder its caller owns and publishes (the
+    model folder `convert to-hf` stages), beside what is already there."""
+    model_file = resolve_model_path(model_path)
+    proto = read_model_proto(model_file)
+    tokenizer = build_tokenizer(proto)
+    check_ids(proto, tokenizer)
+    config, special = tokenizer_config(proto)
+    _write_files(model_file, tokenizer, config, special, folder)
+
+
+def _write_files(model_file: Path, tokenizer: HFTokenizer, config: dict, special: dict, folder: Path) -> None:
+    tokenizer.save(str(folder / "tokenizer.json"))
+    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+        (folder / name).write_text(json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    shutil.copyfile(model_file, folder / MODEL_FILENAME)

@@ -23,8 +23,12 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from kumihimo.core.errors import UserError
+from kumihimo.core.files import check_output_folder, owned_output_folder
 from kumihimo.core.progress import say
 from kumihimo.tokenizer.train import SCORE_QUANTUM
+
+OWN_NAMES = ("tokenizer.model", "tokenizer.vocab")
+"""What a merge writes (a folder holding only these, from before OWNER_FILE, is a merge's)."""
 
 NORMAL = model_pb2.ModelProto.SentencePiece.NORMAL
 SMOOTHING = 0.5
@@ -115,6 +119,7 @@ def merge_models(
         raise UserError("merging needs at least two models (--base and one or more --add)")
     if not texts:
         raise UserError("no text to re-estimate scores on; pass --text files with mixed-language documents")
+    check_output_folder(output_dir, "--output", "tokenizer merge", own_names=OWN_NAMES, inputs=model_paths)
     models = [_load(Path(p)) for p in model_paths]
     merged = union_pieces(models)
     say(f"[tokenizer merge] {len(merged.pieces):,} pieces in the union of {len(models)} models")
@@ -126,12 +131,12 @@ def merge_models(
         if piece.type == NORMAL:
             piece.score = round(piece.score / SCORE_QUANTUM) * SCORE_QUANTUM
     merged.trainer_spec.vocab_size = len(merged.pieces)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model_path = output_dir / "tokenizer.model"
-    tmp = model_path.with_name(".tokenizer.model.tmp")
-    tmp.write_bytes(merged.SerializeToString())
-    tmp.replace(model_path)
-    vocab = "".join(f"{p.piece}\t{p.score:g}\n" for p in merged.pieces)
-    (output_dir / "tokenizer.vocab").write_text(vocab, encoding="utf-8")
+    model_path = Path(output_dir) / "tokenizer.model"
+    with owned_output_folder(
+        output_dir, "--output", "tokenizer merge", own_names=OWN_NAMES, inputs=model_paths
+    ) as staging:
+        (staging / model_path.name).write_bytes(merged.SerializeToString())
+        vocab = "".join(f"{p.piece}\t{p.score:g}\n" for p in merged.pieces)
+        (staging / "tokenizer.vocab").write_text(vocab, encoding="utf-8")
     say(f"[tokenizer merge] wrote {model_path} ({len(merged.pieces):,} pieces)")
     return model_path

@@ -8,13 +8,11 @@ staging directory into place. Nothing is visible in `output_dir` until everythin
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
 import random
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
-from kumihimo.core.files import temp_dir, why_unwritable
+from kumihimo.core.files import check_output_folder, matching_files, owned_output_folder
 from kumihimo.core.progress import Progress, say
 from kumihimo.core.records import read_records
 from kumihimo.tokenizer.config import NEWLINE, SourceConfig, TokenizerTrainConfig
@@ -81,9 +79,7 @@ def match_files(config: TokenizerTrainConfig) -> dict[str, list[Path]]:
         name = source.name
         files: set[str] = set()
         for pattern in source.paths:
-            files.update(
-                p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
-            )
+            files.update(matching_files(pattern, f"input.sources.{name}.paths"))
         if not files and source.ratio > 0:
             raise configtree.bad_value(
                 f"input.sources.{name}.paths",
@@ -356,47 +352,27 @@ def sample_stats(processor: spm.SentencePieceProcessor, samples: list[SourceSamp
     return stats
 
 
-def prepare_output_dir(config: TokenizerTrainConfig) -> Path:
-    """Refuse to clobber an existing directory unless `overwrite` is set (checked before any work)."""
-    output_dir = Path(config.output_dir)
-    if output_dir.exists():
-        if not output_dir.is_dir():
-            raise configtree.bad_value(
-                "output_dir", config.output_dir, "is a file", "choose a directory path"
-            )
-        if any(output_dir.iterdir()) and not config.overwrite:
-            raise configtree.bad_value(
-                "output_dir",
-                config.output_dir,
-                "already exists and is not empty",
-                "choose another directory or pass overwrite=true",
-            )
-    try:  # the staging folder is made beside output_dir: find out now, not after the sampling
-        temp_dir(output_dir.parent, f".{output_dir.name}.tmp-").rmdir()
-    except OSError as exc:
-        raise configtree.bad_value(
-            "output_dir",
-            config.output_dir,
-            f"cannot be written ({why_unwritable(exc)})",
-            "choose a folder you can write to, or fix its permissions",
-        ) from exc
-    return output_dir
+OWN_NAMES = (MODEL_FILENAME, VOCAB_FILENAME, CONFIG_FILENAME, STATS_FILENAME)
+"""What training writes into output_dir (a folder holding only these, from before OWNER_FILE, is ours)."""
 
 
-def publish(staging: Path, output_dir: Path) -> None:
-    """Move the finished staging directory into place; an old one is removed only afterwards."""
-    backup = None
-    if output_dir.exists():
-        backup = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        os.replace(output_dir, backup)
-    os.replace(staging, output_dir)
-    if backup is not None:
-        shutil.rmtree(backup)
+def output_rules(config: TokenizerTrainConfig) -> dict[str, Any]:
+    """How `owned_output_folder` treats output_dir: replaced whole (with `overwrite`) when it holds a
+    tokenizer this command trained; refused when it holds anything else (issue 23: the whole folder,
+    user files included, used to be deleted)."""
+    return dict(
+        key="output_dir",
+        written_by="tokenizer train",
+        replace=config.overwrite,
+        replace_hint="pass overwrite=true to replace the tokenizer in it",
+        own_names=OWN_NAMES,
+    )
 
 
 def train_tokenizer(config: TokenizerTrainConfig) -> Path:
     """Train per `config`; returns the path of `<output_dir>/tokenizer.model`."""
-    output_dir = prepare_output_dir(config)
+    output_dir = Path(config.output_dir)
+    check_output_folder(output_dir, **output_rules(config), inputs=())
     files = match_files(config)
     started = time.monotonic()
     samples = sample_corpus(config, files)
@@ -406,8 +382,8 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
     num_bytes = sum(len(s.encode("utf-8")) for s in sentences)
     check_vocab_supported(config, sentences)
     options = sentencepiece_options(config, num_bytes)
-    staging = temp_dir(output_dir.parent, f".{output_dir.name}.tmp-")
-    try:
+    inputs = [f for paths in files.values() for f in paths]
+    with owned_output_folder(output_dir, **output_rules(config), inputs=inputs) as staging:
         say(
             f"[tokenizer] training {config.model_type} vocab {config.padded_vocab_size:,} on "
             f"{len(sentences):,} sentences ({num_bytes / 1e6:,.1f} MB)"
@@ -432,10 +408,6 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
         (staging / STATS_FILENAME).write_text(
             json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8"
         )
-        publish(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     say(
         f"[tokenizer] wrote {output_dir / MODEL_FILENAME} ({stats['vocab_size']:,} pieces) in "
         f"{time.monotonic() - started:,.1f} s"

@@ -4,7 +4,8 @@ A `kill -9` of a run used to leave its pool workers alive (re-parented to PID 1)
 the output folder, and an immediate re-run raced them. Two rules close that:
 
 * `die_with_parent()` in every worker: Linux's parent-death signal kills the worker with SIGKILL the
-  moment the process that started it dies, however it dies.
+  moment the process that started it dies, however it dies. The same holds for the torchrun that
+  `kumihimo train --nproc-per-node` starts and for the ranks torchrun starts (`die_with_torchrun`).
 * `RunLock` on the output folder: a re-run refuses while the previous run is alive (one line naming
   its pid and host) and takes over, with a note, when it is dead. The lock is an flock, which the
   kernel releases when its holder dies, plus the holder's pid, host and start time for the message
@@ -17,7 +18,6 @@ import ctypes
 import fcntl
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -49,6 +49,18 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def die_with_torchrun() -> None:
+    """In a process torchrun started (a rank): receive SIGKILL when torchrun dies.
+
+    torchrun killed with SIGKILL (or its own launcher dying, which kills it: `spawn_local`) used to
+    leave both ranks running, re-parented to PID 1, still training and writing checkpoints. Armed first
+    thing in `kumihimo.cli.entry`, before the slow imports; a torchrun that died before the signal was
+    armed is caught by die_with_parent's parent check. torchrun starts its workers from its main
+    thread, which lives as long as torchrun, so the signal fires only at its death."""
+    if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("LOCAL_RANK") is not None:
+        die_with_parent(os.getppid())
+
+
 def _start_time(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()
@@ -69,17 +81,24 @@ class RunLock:
     """Exclusive use of `folder` by one run: `with RunLock(folder, "curate"):`.
 
     On entry: refuses (UserError) while another run holds it; otherwise records this process and
-    removes what a killed run left: temporary files at the top of `folder` and anywhere under its
-    `owned` subfolders (only those: an output_dir may be a folder shared with other things).
+    removes what a killed run left: temporary files (named with TEMP_MARK) at the top of `folder` and
+    anywhere under its `owned` subfolders (only those: an output_dir may be a folder shared with other
+    things), never one of `keep` (the run's inputs).
     """
 
     NAME = ".kumihimo.lock"
 
     def __init__(
-        self, folder: str | os.PathLike, what: str, owned: tuple[str, ...] = (), key: str = "output_dir"
+        self,
+        folder: str | os.PathLike,
+        what: str,
+        owned: tuple[str, ...] = (),
+        key: str = "output_dir",
+        keep: tuple[str | os.PathLike, ...] = (),
     ):
         self.folder = Path(folder)
         self.owned = owned
+        self.keep = keep
         self.path = self.folder / self.NAME
         self.what = what
         self.key = key
@@ -110,7 +129,9 @@ class RunLock:
         previous = self._read(fd)
         if previous:
             self._check_dead(fd, previous)
-        removed = remove_temporary_files(self.folder, self.owned)  # no live run of ours owns them now
+        removed = remove_temporary_files(
+            self.folder, self.owned, self.keep
+        )  # no live run of ours owns them now
         if previous or removed:
             print(
                 f"[{self.what}] {self.folder}: a previous run was killed"
@@ -166,29 +187,36 @@ class RunLock:
             raise self._in_use(previous)
 
 
-# mkstemp names of writers before TEMP_MARK existed: `.<name>.<8 random characters>`
-_LEGACY_TEMP = re.compile(r"\..+\.(jsonl|json|yaml|md|html|txt)\.[a-z0-9_]{8}")
-
-
-def remove_temporary_files(folder: Path, owned: tuple[str, ...] = ()) -> int:
-    """Remove what writers leave when killed mid-write (names holding TEMP_MARK) among the files at
-    the top of `folder` and everything under its `owned` subfolders; returns how many.
+def remove_temporary_files(
+    folder: Path, owned: tuple[str, ...] = (), keep: tuple[str | os.PathLike, ...] = ()
+) -> int:
+    """Remove what kumihimo's writers leave when killed mid-write (names holding TEMP_MARK, which
+    names the project) among the files at the top of `folder` and everything under its `owned`
+    subfolders, never one of `keep` (the run's inputs); returns how many.
 
     Only safe while holding the folder's RunLock: a live run's temporary files look the same.
     """
+    kept = {os.path.realpath(p) for p in keep}
     removed = 0
-    for name in os.listdir(folder):
-        path = folder / name
-        if (TEMP_MARK in name or _LEGACY_TEMP.fullmatch(name)) and path.is_file():
+
+    def remove(path: Path) -> None:
+        nonlocal removed
+        if os.path.realpath(path) in kept:
+            return
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             path.unlink(missing_ok=True)
-            removed += 1
+        removed += 1
+
+    for name in os.listdir(folder):
+        if TEMP_MARK in name and (folder / name).is_file():
+            remove(folder / name)
     for root, dirs, names in (entry for sub in owned for entry in os.walk(folder / sub)):
         for name in [d for d in dirs if TEMP_MARK in d]:
-            shutil.rmtree(Path(root) / name, ignore_errors=True)
+            remove(Path(root) / name)
             dirs.remove(name)
-            removed += 1
         for name in names:
-            if TEMP_MARK in name or _LEGACY_TEMP.fullmatch(name):
-                (Path(root) / name).unlink(missing_ok=True)
-                removed += 1
+            if TEMP_MARK in name:
+                remove(Path(root) / name)
     return removed

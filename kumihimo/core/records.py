@@ -157,8 +157,9 @@ def iter_jsonl(
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield BadRecord(line_no, "malformed_json", str(exc), line[:EXCERPT_CHARS])
+        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep to read
+            detail = str(exc) if isinstance(exc, json.JSONDecodeError) else "nested too deep to read"
+            yield BadRecord(line_no, "malformed_json", detail, line[:EXCERPT_CHARS])
             continue
         if not isinstance(record, dict):
             detail = f"a JSON {type(record).__name__}, not an object"

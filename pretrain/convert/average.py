@@ -319,7 +319,7 @@ def average_checkpoints(
     dims = check_same_model(sources)
     output_dir = Path(output_dir)
     started = time.monotonic()
-    with staged_output(output_dir) as staging:
+    with staged_output(output_dir, "convert average") as staging:
         tokenizer = copy_tokenizer(sources[0], output_dir, staging)
         folder = checkpointing.iteration_dir(staging, 0)
         folder.mkdir()

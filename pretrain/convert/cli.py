@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from kumihimo.core.files import check_output_folder
+
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -99,7 +101,7 @@ def run_to_hf(args: argparse.Namespace) -> int:
     from kumihimo.pretrain.integrity import check_output_dir
 
     check_output_dir("--output", args.output)
-
+    check_output_folder(args.output, "--output", "convert to-hf", replace=False)
     convert_to_hf(
         args.checkpoint,
         args.output,
@@ -120,6 +122,7 @@ def run_from_hf(args: argparse.Namespace) -> int:
     from kumihimo.pretrain.integrity import check_output_dir
 
     check_output_dir("--output", args.output)
+    check_output_folder(args.output, "--output", "convert from-hf", replace=False)
     convert_from_hf(args.model, args.output, tp=args.tp, pp=args.pp)
     return 0
 
@@ -129,5 +132,6 @@ def run_average(args: argparse.Namespace) -> int:
     from kumihimo.pretrain.integrity import check_output_dir
 
     check_output_dir("--output", args.output)
+    check_output_folder(args.output, "--output", "convert average", replace=False)
     average_checkpoints(args.checkpoints, args.output, weights=args.weights)
     return 0

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,33 +33,31 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from kumihimo.core.errors import UserError
-from kumihimo.core.files import temp_dir
+from kumihimo.core.files import owned_output_folder
 
 
-@contextlib.contextmanager
-def staged_output(output_dir: Path) -> Iterator[Path]:
-    """Yield a private staging folder beside `output_dir` and rename it to `output_dir` when the block
-    succeeds; on any error (or a kill) nothing that looks like a finished output is left."""
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise UserError(
-            f"output {str(output_dir)!r} already exists and is not an empty folder; choose a new "
-            "folder or delete it"
-        )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = temp_dir(output_dir.parent, f".{output_dir.name}.tmp-")
-    try:
-        yield staging
-        if output_dir.exists():
-            output_dir.rmdir()  # empty (checked above)
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+def staged_output(output_dir: Path, written_by: str) -> contextlib.AbstractContextManager[Path]:
+    """A private staging folder beside `output_dir`, renamed to `output_dir` when the block succeeds;
+    on any error (or a kill) nothing that looks like a finished output is left. A converter writes a
+    new folder: an existing non-empty one (even its own earlier output) is refused, never merged into
+    (kumihimo.core.files.owned_output_folder, the rule every export shares)."""
+    return owned_output_folder(output_dir, "--output", written_by, replace=False)
 
 
-def failure_cause(exc: CheckpointException) -> BaseException:
+def failure_cause(exc: BaseException) -> BaseException:
     """The exception that made DCP fail: it wraps them as {rank: (exception, trace)}."""
+    if not isinstance(exc, CheckpointException):
+        return exc
     return next(iter(exc.failures.values()), (exc, None))[0]
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A reason for a one-line error about a checkpoint that could not be read, never empty: a
+    truncated .distcp raises a bare EOFError, whose text is "" (to-hf said "damaged ()")."""
+    cause = failure_cause(exc)
+    if isinstance(cause, EOFError):
+        return "a .distcp file ends early: truncated (a copy or a save that did not finish)"
+    return f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
 
 
 _PROPERTY_FIELDS = frozenset(f.name for f in dataclasses.fields(TensorProperties))

@@ -87,14 +87,39 @@ class HFModel:
         return HF_DTYPES.get(name, torch.float32)
 
 
+REQUIRED_CONFIG_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+)
+"""config.json keys every supported family has, read before any weight is (a KeyError otherwise)."""
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); fix it or download the model again") from exc
+
+
 def read_hf_model(folder: Path) -> HFModel:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise UserError(f"{folder} has no config.json; pass a Hugging Face model folder")
-    config = json.loads(config_path.read_text())
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path} is not a JSON object; pass a Hugging Face model folder")
+    for key in REQUIRED_CONFIG_KEYS:
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{config_path}: {key}={value!r} is not a positive integer; fix config.json")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_json(index).get("weight_map") if isinstance(_read_json(index), dict) else None
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index} has no weight_map object; download the model again")
         files = {name: folder / file for name, file in weight_map.items()}
     elif (folder / "model.safetensors").is_file():
         files = {
@@ -630,7 +655,14 @@ class _StreamingSavePlanner(DefaultSavePlanner):
             self.progress.update()
         if chunk.rule is None:
             return pickled_object(chunk.payload)
-        return produce(chunk, self.tensors, self.dims, self.dtype)
+        data = produce(chunk, self.tensors, self.dims, self.dtype)
+        if not bool(torch.isfinite(data).all()):  # a NaN checkpoint would train NaN from step 1
+            where = chunk.key if chunk.layer is None else f"{chunk.key} of layer {chunk.layer}"
+            raise UserError(
+                f"the weights of {where} hold NaN or Inf values; the Hugging Face model is damaged, "
+                "so nothing is written: download it again"
+            )
+        return data
 
 
 def write_checkpoint(folder: Path, tensors: HFTensors, dims: LlamaDims, dtype: torch.dtype) -> int:
@@ -687,7 +719,7 @@ def convert_from_hf(model_dir: str | Path, output_dir: str | Path, tp: int = 1, 
     tensors = HFTensors(hf)
     output_dir = Path(output_dir)
     started = time.monotonic()
-    with staged_output(output_dir) as staging:
+    with staged_output(output_dir, "convert from-hf") as staging:
         tokenizer, tokenizer_path = resolve_tokenizer(hf, output_dir, staging)
         config = train_config(hf, tp, pp, tokenizer_path)
         vocab, padded, divisible_by = vocab_sizes(

@@ -36,7 +36,12 @@ from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.core.progress import Progress, say
 from kumihimo.pretrain import checkpointing
-from kumihimo.pretrain.convert.dcp_files import copy_hf_tokenizer, failure_cause, staged_output
+from kumihimo.pretrain.convert.dcp_files import (
+    copy_hf_tokenizer,
+    describe_failure,
+    failure_cause,
+    staged_output,
+)
 from kumihimo.pretrain.convert.mapping import (
     TRANSFORMS,
     LlamaDims,
@@ -192,7 +197,7 @@ class TorchDistReader:
             if isinstance(cause, UserError):
                 raise cause from None
             raise UserError(
-                f"{self.folder} is incomplete or damaged ({cause}); use another checkpoint"
+                f"{self.folder} is incomplete or damaged ({describe_failure(cause)}); use another checkpoint"
             ) from exc
         return {
             name: r.tensor[0] if requests[name][1] is not None else r.tensor for name, r in regions.items()
@@ -663,7 +668,7 @@ def write_tokenizer(tokenizer: TokenizerInfo, folder: Path) -> str:
             )
         return ", ".join(copied) + " (copied)"
     try:
-        from kumihimo.tokenizer.export_hf import export_hf
+        from kumihimo.tokenizer.export_hf import write_hf_tokenizer_files
     except ImportError as exc:
         shutil.copyfile(tokenizer.path, folder / MODEL_FILENAME)
         say(
@@ -671,7 +676,7 @@ def write_tokenizer(tokenizer: TokenizerInfo, folder: Path) -> str:
             "so AutoTokenizer cannot load this folder until the HF tokenizer files are exported"
         )
         return f"{MODEL_FILENAME} only"
-    export_hf(tokenizer.path, folder)
+    write_hf_tokenizer_files(tokenizer.path, folder)
     return "tokenizer.json, tokenizer_config.json, special_tokens_map.json, tokenizer.model"
 
 
@@ -718,7 +723,7 @@ def convert_to_hf(
     export_family(source.config.model)
     check_architecture(source.reader, dims)
     started = time.monotonic()
-    with staged_output(output_dir) as staging:
+    with staged_output(output_dir, "convert to-hf") as staging:
         num_bytes = write_weights(source.reader, dims, staging, DTYPES[dtype], max_shard_bytes)
         config = hf_config(source, dims, tokenizer_info, DTYPES[dtype])
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")

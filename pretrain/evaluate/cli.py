@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from kumihimo.core.errors import UserError
+from kumihimo.core.files import make_output_folder
 from kumihimo.core.progress import say
 
 
@@ -91,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{target} does not exist; pass a checkpoint folder or a Hugging Face folder")
     device = args.device or _default_device()
     output = Path(args.output) if args.output else target / "eval"
+    make_output_folder(output, "--output")  # a file or an unwritable folder: now, not after the scoring
     if is_hf_folder(target):
         megatron_only = [
             flag

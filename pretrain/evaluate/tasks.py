@@ -201,9 +201,10 @@ def read_jsonl(path: Path) -> list[dict]:
                 continue
             try:
                 doc = json.loads(line)
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
                 raise UserError(
-                    f"{path}:{number} is not JSON ({exc}); the file must hold one object per line"
+                    f"{path}:{number} is not JSON ({exc or type(exc).__name__}); the file must hold one "
+                    "object per line"
                 ) from exc
             if not isinstance(doc, dict):
                 raise UserError(
@@ -262,11 +263,15 @@ class Renderer:
             index = [str(n) for n in names].index(str(value))
         elif isinstance(value, int) and not isinstance(value, bool):
             index = value
+        elif isinstance(value, float) and value.is_integer():  # 1.0 from a float column
+            index = int(value)
         elif isinstance(value, str) and value.strip().isdigit():
             index = int(value)
         else:
             raise UserError(
-                f"{where}: label {value!r} is neither an index nor one of {names}; set label_values"
+                f"{where}: label {value!r} is not a choice index (0 to {num_choices - 1})"
+                + (f" nor one of label_values {names}" if names is not None else "")
+                + "; set label_values to the labels in choice order"
             )
         if not 0 <= index < num_choices:
             raise UserError(f"{where}: label {value!r} -> index {index} but there are {num_choices} choices")
