@@ -464,6 +464,8 @@ class Trainer:
                     f"[train] newest checkpoint: {result.last_checkpoint or 'none'} (its weights were checked finite)"
                 )
         self.metrics.close()
+        if self.is_logger:  # every run folder gets its plot, also a run that never evaluated
+            write_plot(self.output_dir, cfg.name)
         result.state = self.state
         return result
 

@@ -36,7 +36,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tasks", nargs="+", required=True, help="task YAML files, or folders of them (docs/evaluation.md)"
     )
-    parser.add_argument("--output", default=None, help="results folder (default: <target>/eval)")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="results folder (default: <checkpoint>/eval for a checkpoint, <folder>-eval beside a Hugging Face folder)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="rows scored per forward pass")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when visible")
     parser.add_argument(
@@ -90,8 +94,13 @@ def run(args: argparse.Namespace) -> int:
     if not target.exists():
         raise UserError(f"{target} does not exist; pass a checkpoint folder or a Hugging Face folder")
     device = args.device or _default_device()
-    output = Path(args.output) if args.output else target / "eval"
     if is_hf_folder(target):
+        # beside the model, not in it: an exported folder holds the export alone
+        output = Path(args.output) if args.output else target.parent / f"{target.name}-eval"
+        if args.harness:  # before kumihimo's own scoring, not after it
+            from kumihimo.pretrain.evaluate.lm_eval_export import check_harness_installed
+
+            check_harness_installed()
         megatron_only = [
             flag
             for flag, given in (
@@ -112,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
                 "checkpoint folder instead"
             )
         return _run_hf(args, tasks, target, output, device)
+    output = Path(args.output) if args.output else target / "eval"
     if args.harness:
         raise UserError("--harness runs on a Hugging Face folder; convert first (kumihimo convert to-hf)")
     if args.watch and (target / "kumihimo.json").is_file():  # no latest marker there: it would wait forever

@@ -1,0 +1,89 @@
+"""Examples of the docs and --help that failed as printed (issue 30 points 3, 4 and 7; issue 23 point 5).
+
+Cheap checks, in-process: no training. The documented continual-pretraining path itself runs in
+tests/test_cli_docs.py (slow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+from kumihimo.cli import main
+from kumihimo.core import configtree
+from kumihimo.pretrain.config import TrainConfig
+
+
+@pytest.mark.parametrize("iters", ["0", "-3"])
+def test_quickstart_refuses_no_training_steps(iters, tmp_path, capsys):
+    """`--train-iters 0` used to train the recipe's 300 steps."""
+    workdir = tmp_path / "qs"
+    assert main(["quickstart", "--workdir", str(workdir), "--train-iters", iters]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"kumihimo: error: --train-iters={iters} must be >= 1 (leave it out for the recipe's 300)"
+    assert not workdir.exists()  # refused before any stage
+
+
+@pytest.mark.parametrize("iters", [1, 5, 20, 21])
+def test_quickstart_short_runs_get_a_warm_up_that_fits(iters, tmp_path):
+    """`--train-iters N` for N <= 20 failed on the recipe's 20-step warm-up."""
+    from kumihimo.quickstart import _train_args
+
+    args = argparse.Namespace(train_iters=iters, tp=1)
+    recipe, *overrides = _train_args(
+        tmp_path, {"model": str(tmp_path / "t.model")}, {"blend_path": str(tmp_path / "b.yaml")}, args
+    )
+    config = configtree.load(TrainConfig, recipe, overrides)  # validates the schedule
+    assert config.schedule.train_iters == iters
+    assert config.schedule.lr_warmup_iters < iters
+    assert config.schedule.lr_warmup_iters == (20 if iters > 20 else iters // 10)
+
+
+def test_slurm_submit_outside_the_checkout_renders_the_recipe_it_loaded(tmp_path, monkeypatch, capsys):
+    """From another folder `configs/pretrain/...` names the shipped recipe; the script used to get
+    `<cwd>/configs/pretrain/...`, which does not exist there."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["slurm", "submit", "configs/pretrain/llmjp3-1.8b.yaml", "--nodes", "2", "--dry-run"]
+    for recipe in ("configs/pretrain/llmjp3-1.8b.yaml", "llmjp3-1.8b"):
+        argv[2] = recipe
+        assert main([*argv, f"output_dir={tmp_path / 'run'}"]) == 0, capsys.readouterr().err
+        script = capsys.readouterr().out
+        rendered = re.search(r"^set -- (\S+)", script, re.M).group(1)
+        assert Path(rendered).is_file() and Path(rendered).name == "llmjp3-1.8b.yaml", rendered
+
+
+def test_harness_without_lm_eval_is_refused_before_any_scoring(tmp_path, monkeypatch, capsys):
+    """`--harness` found lm-eval missing only after kumihimo's own scoring."""
+    from kumihimo.quickstart import write_reading_task
+
+    task = write_reading_task(tmp_path / "tasks")
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # never read: the refusal comes first
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real_find_spec(name, *a)
+    )
+    assert main(["eval", str(model), "--tasks", str(task), "--harness"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("kumihimo: error: --harness needs lm-evaluation-harness")
+        and "pip install -e '.[eval]'" in err
+    )
+    assert not (tmp_path / "hf-eval").exists() and not (model / "eval").exists()
+
+
+def test_install_hints_name_the_checkout_install():
+    """README installs with `pip install -e ".[extra]"`; kumihimo is not on PyPI, so hints must agree."""
+    repo = Path(__file__).resolve().parents[1]
+    offenders = [
+        str(path.relative_to(repo))
+        for folder in ("kumihimo", "pretrain", "data_prep", "tokenizer", "docs")
+        for path in (repo / folder).rglob("*")
+        if path.suffix in (".py", ".md") and "'kumihimo[" in path.read_text(encoding="utf-8")
+    ]
+    assert not [o for o in offenders if not o.startswith("pretrain/model.py")], offenders
