@@ -87,3 +87,25 @@ def test_install_hints_name_the_checkout_install():
         if path.suffix in (".py", ".md") and "'kumihimo[" in path.read_text(encoding="utf-8")
     ]
     assert not [o for o in offenders if not o.startswith("pretrain/model.py")], offenders
+
+
+def test_tokenizer_recipe_reads_what_the_quickstart_writes(tmp_path, monkeypatch):
+    """configs/tokenizer/tiny.yaml (the `tokenizer train` help example) read runs/quickstart/data/*.jsonl.gz,
+    which the quickstart never writes; its paths must match the quickstart's curated JSONL."""
+    import fnmatch
+
+    from kumihimo.data_prep.pipeline import RunLayout
+    from kumihimo.quickstart import CONFIGS, _data_config, register
+    from kumihimo.tokenizer.config import TokenizerTrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    register(parser)
+    workdir = Path(parser.get_default("workdir"))
+    config = _data_config(workdir)  # what the quickstart curates with (writes only the sample WARC)
+    layout = RunLayout(Path(config.output_dir))
+    written = [str(layout.curated(s.name)) for s in config.input.sources]
+    recipe = configtree.load(TokenizerTrainConfig, CONFIGS / "tokenizer" / "tiny.yaml")
+    for source in recipe.input.sources:
+        for pattern in source.paths:
+            assert any(fnmatch.fnmatch(w, pattern) for w in written), (pattern, written)
