@@ -90,6 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(handler(args) or 0)
     except UserError as exc:
+        report_dir = os.environ.get("KUMIHIMO_ERROR_DIR")  # pretrain.cli.ERROR_DIR_ENV: a spawned rank
+        if report_dir and os.path.isdir(report_dir):
+            rank = os.environ.get("RANK", "0")
+            with open(os.path.join(report_dir, f"rank{rank}.txt"), "w", encoding="utf-8") as report:
+                report.write(str(exc))
+            return EXIT_USER_ERROR
         print(f"kumihimo: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -127,3 +127,30 @@ def test_sigterm_while_indices_are_built_ends_the_run_promptly(small_source, tmp
     assert took < 30, took
     assert "[train] SIGTERM before the first step: exiting (nothing trained, nothing to save)" in rest
     assert "Traceback" not in rest
+
+
+@pytest.mark.slow  # two processes under torchrun
+def test_user_error_in_spawned_ranks_is_one_line_once_with_exit_2(tmp_path, capfd):
+    """Under --nproc-per-node the ranks' one-line error was printed once per rank, glued together and
+    buried under torchrun's ChildFailedError traceback, exit 1 (issue 30, point 6)."""
+    from kumihimo.pretrain.cli import spawn_local
+
+    missing = tmp_path / "missing.yaml"  # fails in each rank as it loads the config
+    with pytest.raises(UserError) as refused:
+        spawn_local(2, ["train", str(missing)])
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1 and str(missing) in message
+    out, err = capfd.readouterr()
+    assert "Traceback" not in err and "ChildFailedError" not in err and "kumihimo: error" not in err, err
+    assert "kumihimo: error" not in out
+
+
+def test_check_of_a_multi_process_recipe_needs_no_nproc_per_node():
+    """`train <TP=2 recipe> --check` failed on world size 1 unless --nproc-per-node was given."""
+    proc = run_cli("train", "tiny-cpu", "parallelism.tensor_model_parallel_size=2", "--check", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "config OK: world=2: TP=2" in proc.stdout
+    proc = run_cli(
+        "train", "tiny-cpu", "parallelism.tensor_model_parallel_size=2", "--check", "--nproc-per-node", "3"
+    )
+    assert proc.returncode == 2 and "world size 3 is not divisible" in proc.stderr
