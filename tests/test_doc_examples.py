@@ -109,3 +109,25 @@ def test_tokenizer_recipe_reads_what_the_quickstart_writes(tmp_path, monkeypatch
     for source in recipe.input.sources:
         for pattern in source.paths:
             assert any(fnmatch.fnmatch(w, pattern) for w in written), (pattern, written)
+
+
+def test_hf_tokenizer_that_loses_japanese_is_refused(tmp_path):
+    """A Qwen2 config.json beside an exported SentencePiece tokenizer made AutoTokenizer build a
+    Qwen2Tokenizer that dropped every Japanese character: 119 documents became 387 tokens, silently."""
+    import json
+
+    from kumihimo.core.errors import UserError
+    from kumihimo.tokenizer.export_hf import export_hf
+    from kumihimo.tokenizer.hf import HFTokenizer
+    from tests.test_convert_to_hf import train_spm
+
+    exported = tmp_path / "hf"
+    export_hf(train_spm(tmp_path / "spm", seed=1), exported)
+    HFTokenizer(exported)  # its own class gives the probe back
+    (exported / "config.json").write_text(
+        json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]})
+    )
+    with pytest.raises(
+        UserError, match="AutoTokenizer built a Qwen2Tokenizer .* decoding to 'Themodelreadsdata.'"
+    ):
+        HFTokenizer(exported)
