@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from kumihimo.core.errors import UserError
@@ -68,7 +70,21 @@ def build_parser(verbs: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_known_notices() -> None:
+    """Megatron-Core repeats, in every process, notices about choices kumihimo makes on purpose: the
+    local fallbacks without Transformer Engine and apex (four warnings at import; `kumihimo doctor`
+    says it once, for the GPU nodes where it matters) and GPTModel's deprecation (docs/architecture.md
+    says why GPTModel). Each is said once, where it matters, instead."""
+    warnings.filterwarnings(
+        "ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed", category=UserWarning
+    )
+    logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(
+        lambda record: not str(record.msg).startswith("GPTModel IS DEPRECATED")
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_known_notices()
     argv = list(sys.argv[1:] if argv is None else argv)
     # Build only the requested verb's parser: importing every stage would make each call slow.
     verb = argv[0] if argv and argv[0] in _VERBS else None

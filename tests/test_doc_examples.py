@@ -131,3 +131,29 @@ def test_hf_tokenizer_that_loses_japanese_is_refused(tmp_path):
         UserError, match="AutoTokenizer built a Qwen2Tokenizer .* decoding to 'Themodelreadsdata.'"
     ):
         HFTokenizer(exported)
+
+
+def test_megatron_notices_about_deliberate_choices_are_not_repeated(caplog):
+    """Every process printed "Transformer Engine and Apex are not installed" four times and "GPTModel IS
+    DEPRECATED" (issue 30, point 7)."""
+    import logging
+    import subprocess
+    import sys
+
+    code = (
+        "from kumihimo.cli import quiet_known_notices; quiet_known_notices()\n"
+        "import megatron.core.optimizer, megatron.core.optimizer.clip_grads\n"
+        "import megatron.core.models.gpt.gpt_layer_specs\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not installed" not in proc.stderr, proc.stderr
+    from kumihimo.cli import quiet_known_notices
+
+    quiet_known_notices()
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("megatron.core.models.gpt.gpt_model").warning(
+            "GPTModel IS DEPRECATED. GPTModel is ..."
+        )
+        logging.getLogger("megatron.core.models.gpt.gpt_model").warning("another warning")
+    assert [r.getMessage() for r in caplog.records] == ["another warning"]
