@@ -30,6 +30,15 @@ def leaf_commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ("kum
         yield from leaf_commands(sub, (*path, name))
 
 
+FLAG_ACTIONS = (
+    argparse._StoreTrueAction,
+    argparse._StoreFalseAction,
+    argparse._StoreConstAction,
+    argparse._CountAction,
+    argparse._VersionAction,
+)
+
+
 def readme_cli_rows() -> dict[str, str]:
     """First cell of each row of the README's CLI table -> that cell."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
@@ -53,6 +62,10 @@ def test_readme_cli_table_names_every_command_and_option():
         for action in actions:
             for option in action.option_strings:
                 assert re.search(rf"{re.escape(option)}\b", row), f"README row `{row}` does not name {option}"
+                if action.nargs != 0 and not isinstance(action, FLAG_ACTIONS):  # it takes a value: show one
+                    assert re.search(rf"{re.escape(option)}[ =][^\s\[\]|-]", row), (
+                        f"README row `{row}` shows {option} without the value it takes"
+                    )
             if not action.option_strings and action.dest == "config":
                 assert "CONFIG" in row, f"README row `{row}` does not name its CONFIG argument"
             if not action.option_strings and action.dest == "overrides":
