@@ -157,3 +157,36 @@ def test_megatron_notices_about_deliberate_choices_are_not_repeated(caplog):
         )
         logging.getLogger("megatron.core.models.gpt.gpt_model").warning("another warning")
     assert [r.getMessage() for r in caplog.records] == ["another warning"]
+
+
+def test_exported_generation_task_keeps_every_accepted_answer(tmp_path):
+    """The lm-evaluation-harness export kept only the first accepted answer of a generation task, so
+    the harness scored a second accepted answer as wrong where kumihimo scored it right."""
+    import json
+
+    import yaml
+
+    from kumihimo.pretrain.evaluate import lm_eval_export
+    from kumihimo.pretrain.evaluate.tasks import load_tasks
+
+    docs = [
+        {"qid": "0", "type": "comparison", "question": "富士山がある国は？", "answer": ["日本", "日本国"]},
+        {"qid": "1", "type": "comparison", "question": "一年は何か月？", "answer": ["12", "十二"]},
+        {"qid": "2", "type": "comparison", "question": "水の化学式は？", "answer": "H2O"},
+    ]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+    (tmp_path / "qa.yaml").write_text(
+        yaml.safe_dump({"name": "qa", "format": "jemhopqa", "data": "qa.jsonl", "num_fewshot": 0})
+    )
+    tasks = load_tasks([tmp_path / "qa.yaml"])
+    [name] = lm_eval_export.export_tasks(tasks, tmp_path / "export")
+    rows = [json.loads(line) for line in (tmp_path / "export" / f"{name}.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in rows] == [e.answers for e in tasks[0].examples]
+    assert rows[1]["answer"] == ["12", "十二"]
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.task import ConfigurableTask
+
+    harness = ConfigurableTask(config=yaml.safe_load((tmp_path / "export" / f"{name}.yaml").read_text()))
+    assert harness.process_results(rows[1], ["十二"])["exact_match"] == 1.0
+    assert harness.process_results(rows[1], ["13"])["exact_match"] == 0.0
+    assert harness.process_results(rows[2], ["H2O"])["exact_match"] == 1.0

@@ -37,7 +37,7 @@ def export_tasks(tasks: list[Task], folder: str | Path) -> list[str]:
             for example in task.examples:
                 row = {"context": example.context}
                 if task.spec.kind == "generation":
-                    row["answer"] = example.answers[0]
+                    row["answer"] = list(example.answers)  # lm-eval: a list is "any of these"
                 else:
                     row |= {"choices": example.choices, "gold": example.gold}
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
