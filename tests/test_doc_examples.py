@@ -190,3 +190,23 @@ def test_exported_generation_task_keeps_every_accepted_answer(tmp_path):
     assert harness.process_results(rows[1], ["十二"])["exact_match"] == 1.0
     assert harness.process_results(rows[1], ["13"])["exact_match"] == 0.0
     assert harness.process_results(rows[2], ["H2O"])["exact_match"] == 1.0
+
+
+@pytest.mark.parametrize("recipe", ["configs/data_prep/quickstart.yaml", "quickstart"])
+def test_shipped_data_prep_recipe_finds_its_sample_inputs_from_any_folder(recipe, tmp_path, monkeypatch):
+    """configs/data_prep/quickstart.yaml names kumihimo/sample/...: found only from the checkout root."""
+    import glob
+
+    from kumihimo.data_prep.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(recipe)
+    patterns = [p for s in config.input.sources for p in s.paths] + config.decontam.eval_paths
+    assert len(patterns) == 3
+    for pattern in patterns:
+        assert glob.glob(pattern), pattern
+    own = tmp_path / "mine.yaml"  # a user's recipe keeps its relative paths: they name the user's files
+    own.write_text(
+        "output_dir: out\ninput:\n  sources:\n    - {name: ja, paths: [kumihimo/sample/ja.jsonl.gz]}\n"
+    )
+    assert load_config(own).input.sources[0].paths == ["kumihimo/sample/ja.jsonl.gz"]
