@@ -75,12 +75,16 @@ def quiet_known_notices() -> None:
     local fallbacks without Transformer Engine and apex (four warnings at import; `kumihimo doctor`
     says it once, for the GPU nodes where it matters) and GPTModel's deprecation (docs/architecture.md
     says why GPTModel). Each is said once, where it matters, instead."""
-    warnings.filterwarnings(
+    warnings.filterwarnings(  # idempotent: an identical filter is not added twice
         "ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed", category=UserWarning
     )
-    logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(
-        lambda record: not str(record.msg).startswith("GPTModel IS DEPRECATED")
-    )
+    gpt_model_logger = logging.getLogger("megatron.core.models.gpt.gpt_model")
+    if _not_deprecation_notice not in gpt_model_logger.filters:
+        gpt_model_logger.addFilter(_not_deprecation_notice)
+
+
+def _not_deprecation_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("GPTModel IS DEPRECATED")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
