@@ -6,11 +6,14 @@ as summarised in shared/reference/llm-jp-3.md; `configs/data_prep/*.yaml` are in
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import ClassVar, Literal
 
-from kumihimo.core import configtree
+from kumihimo.core import configtree, recipes
 from kumihimo.core.configtree import ConfigError, bad_value
 
 PiiType = Literal["email", "phone", "my_number", "credit_card", "postal_code", "ip_address"]
@@ -797,4 +800,28 @@ class DataPrepConfig:
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> DataPrepConfig:
     """YAML recipe + dotted overrides -> a validated DataPrepConfig."""
-    return configtree.load(DataPrepConfig, path, overrides)
+    config = configtree.load(DataPrepConfig, path, overrides)
+    if path is not None:
+        anchor_shipped_inputs(config, recipes.resolve_recipe(path, "data_prep"))
+    return config
+
+
+def anchor_shipped_inputs(config: DataPrepConfig, recipe: Path) -> None:
+    """A shipped recipe's relative input paths (`kumihimo/sample/ja.jsonl.gz`) name files of the
+    installation, not of the working folder: when one matches nothing here but matches beside the
+    kumihimo package (the checkout, or site-packages), it is made absolute there, so the shipped
+    recipes run from any working directory. Paths of your own recipes stay relative to where you are."""
+    shipped = recipes.shipped_root().resolve()
+    if shipped not in recipe.resolve().parents:
+        return
+    installation = Path(str(resources.files("kumihimo"))).resolve().parent
+
+    def anchored(pattern: str) -> str:
+        if Path(pattern).is_absolute() or glob.glob(pattern, recursive=True):
+            return pattern
+        there = str(installation / pattern)
+        return there if glob.glob(there, recursive=True) else pattern
+
+    for source in config.input.sources:
+        source.paths = [anchored(p) for p in source.paths]
+    config.decontam.eval_paths = [anchored(p) for p in config.decontam.eval_paths]

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from kumihimo.core.errors import UserError
@@ -68,7 +70,25 @@ def build_parser(verbs: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_known_notices() -> None:
+    """Megatron-Core repeats, in every process, notices about choices kumihimo makes on purpose: the
+    local fallbacks without Transformer Engine and apex (four warnings at import; `kumihimo doctor`
+    says it once, for the GPU nodes where it matters) and GPTModel's deprecation (docs/architecture.md
+    says why GPTModel). Each is said once, where it matters, instead."""
+    warnings.filterwarnings(  # idempotent: an identical filter is not added twice
+        "ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed", category=UserWarning
+    )
+    gpt_model_logger = logging.getLogger("megatron.core.models.gpt.gpt_model")
+    if _not_deprecation_notice not in gpt_model_logger.filters:
+        gpt_model_logger.addFilter(_not_deprecation_notice)
+
+
+def _not_deprecation_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("GPTModel IS DEPRECATED")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_known_notices()
     argv = list(sys.argv[1:] if argv is None else argv)
     # Build only the requested verb's parser: importing every stage would make each call slow.
     verb = argv[0] if argv and argv[0] in _VERBS else None
@@ -90,6 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(handler(args) or 0)
     except UserError as exc:
+        report_dir = os.environ.get("KUMIHIMO_ERROR_DIR")  # pretrain.cli.ERROR_DIR_ENV: a spawned rank
+        if report_dir and os.path.isdir(report_dir):
+            rank = os.environ.get("RANK", "0")
+            with open(os.path.join(report_dir, f"rank{rank}.txt"), "w", encoding="utf-8") as report:
+                report.write(str(exc))
+            return EXIT_USER_ERROR
         print(f"kumihimo: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

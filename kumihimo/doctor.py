@@ -112,7 +112,7 @@ def check_software(report: Report) -> None:
                 if required
                 else {
                     "transformer_engine": "needed for FP8 and fused kernels; local layers do tensor, "
-                    "sequence and context parallelism without it (pip install 'kumihimo[te]')",
+                    "sequence and context parallelism without it (pip install -e '.[te]' in the kumihimo checkout)",
                     "apex": "optional; TE covers what apex did",
                 }.get(module, "optional")
             )
@@ -220,7 +220,7 @@ def check_config_needs(report: Report, config) -> None:
             "FAIL",
             "transformer_engine",
             f"model.transformer_impl={config.model.transformer_impl}, precision.fp8={config.precision.fp8} "
-            "need Transformer Engine; pip install 'kumihimo[te]' or use local layers without FP8",
+            "need Transformer Engine; pip install -e '.[te]' in the kumihimo checkout or use local layers without FP8",
         )
 
 

@@ -106,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"recipes not found at {CONFIGS}; install kumihimo from a checkout with `pip install -e .`"
         )
+    if args.train_iters is not None and args.train_iters < 1:
+        raise UserError(f"--train-iters={args.train_iters} must be >= 1 (leave it out for the recipe's 300)")
+    if args.nproc < 1 or args.tp < 1:
+        raise UserError(f"--nproc={args.nproc} and --tp={args.tp} must be >= 1")
     workdir = Path(args.workdir).resolve()
     cache = StageCache(workdir, args.force, args.redo)
     data_cfg = _data_config(workdir)
@@ -243,8 +247,16 @@ def _train_args(workdir: Path, tokenizer: dict, datasets: dict, args: argparse.N
         f"evaluation.tasks=[{task}]",
         f"logging.tensorboard_dir={train_dir / 'tensorboard'}",
     ]
-    if args.train_iters:
+    if args.train_iters is not None:
         overrides.append(f"schedule.train_iters={args.train_iters}")
+        from kumihimo.pretrain.config import TrainConfig
+
+        # the recipe warms up for 20 steps; a shorter run warms up for a tenth of its steps
+        warmup = configtree.load(
+            TrainConfig, CONFIGS / "pretrain" / "quickstart.yaml"
+        ).schedule.lr_warmup_iters
+        if args.train_iters <= warmup:
+            overrides.append(f"schedule.lr_warmup_iters={args.train_iters // 10}")
     return [str(CONFIGS / "pretrain" / "quickstart.yaml"), *overrides]
 
 

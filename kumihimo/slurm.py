@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kumihimo.core.errors import UserError
-from kumihimo.core.recipes import templates_root
+from kumihimo.core.recipes import resolve_recipe, templates_root
 
 SLURM_DIR = templates_root()
 """The shipped batch scripts and profiles (the checkout's slurm/ folder, package data when installed)."""
@@ -39,7 +39,7 @@ checkpoint to a parallel file system."""
 
 SUBMIT_EXAMPLES = """examples:
   kumihimo slurm submit configs/pretrain/llmjp3-172b.yaml --nodes 64 --profile h100-ib --time 48:00:00
-  kumihimo slurm submit configs/pretrain/llmjp3-1.8b.yaml --nodes 2 --dry-run schedule.train_iters=1000
+  kumihimo slurm submit configs/pretrain/llmjp3-1.8b.yaml --nodes 2 --dry-run schedule.train_iters=10000
   kumihimo slurm submit configs/pretrain/tiny-cpu.yaml --nodes 1 --gpus-per-node 2 --profile local-cpu \\
       parallelism.tensor_model_parallel_size=2
 
@@ -386,7 +386,8 @@ def job_spec(args: argparse.Namespace, config, profile: Path | None) -> JobSpec:
         environment={"KUMIHIMO_PROCS_PER_NODE": str(per_node)} if per_node_launcher else {},
         options=[*options, *args.sbatch],
         profile=profile,
-        arguments=[str(Path(args.config).resolve()), *args.overrides],
+        # the file the recipe argument names from here (a shipped name, or configs/... outside the checkout)
+        arguments=[str(resolve_recipe(args.config, "pretrain").resolve()), *args.overrides],
     )
 
 

@@ -12,6 +12,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
@@ -36,10 +37,15 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nproc-per-node",
         type=int,
-        default=1,
-        help="start this many local processes (torchrun) when not already under a launcher",
+        default=None,
+        help="start this many local processes (torchrun) when not already under a launcher (default: 1)",
     )
-    parser.add_argument("--check", action="store_true", help="validate the config and layout, then exit")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config and layout, then exit (without --nproc-per-node: for the smallest world "
+        "size the layout allows, TP x PP x CP)",
+    )
     parser.add_argument("--help-config", action="store_true", help="list every config field and exit")
     parser.set_defaults(handler=run)
 
@@ -64,9 +70,16 @@ def run(args: argparse.Namespace) -> int:
     from kumihimo.pretrain.parallel import ParallelLayout
 
     launched = _under_launcher()
-    world = process_info().world_size if launched else args.nproc_per_node
-    if args.nproc_per_node < 1:
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
         raise UserError(f"--nproc-per-node={args.nproc_per_node} must be >= 1")
+    if args.nproc_per_node is None:
+        # --check launches nothing: check a multi-GPU recipe at the smallest world its layout allows
+        par = config.parallelism
+        smallest = (
+            par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
+        )
+        args.nproc_per_node = smallest if args.check and not launched else 1
+    world = process_info().world_size if launched else args.nproc_per_node
     layout = ParallelLayout.from_config(config, world)
     config.check_paths()
     if args.check:
@@ -92,14 +105,19 @@ def _spawn_local(args: argparse.Namespace) -> int:
 
 def spawn_local(nproc_per_node: int, verb_args: list[str]) -> int:
     """Run `kumihimo <verb_args>` in `nproc_per_node` local processes under torchrun (one node, a free
-    rendezvous port, one OMP thread per process unless OMP_NUM_THREADS says otherwise); its exit code."""
+    rendezvous port, one OMP thread per process unless OMP_NUM_THREADS says otherwise); its exit code.
+
+    A user error in the processes comes out as a single-process run's does: each distinct line once
+    (the ranks write theirs to ERROR_DIR_ENV instead of printing), exit 2, and no torchrun traceback."""
+    import tempfile
+
     from kumihimo.core.processes import die_with_parent
     from kumihimo.pretrain.distributed import free_port
 
     cmd = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
+        "-c",
+        "from kumihimo.pretrain.cli import torchrun_quietly; torchrun_quietly()",
         f"--nproc-per-node={nproc_per_node}",
         "--nnodes=1",
         f"--master-port={free_port()}",
@@ -107,8 +125,33 @@ def spawn_local(nproc_per_node: int, verb_args: list[str]) -> int:
         "kumihimo.cli",
         *verb_args,
     ]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     launcher = os.getpid()
-    # torchrun gets SIGKILL when this process dies (kill -9 included), and its ranks when it dies
-    # (kumihimo.core.processes.die_with_torchrun): nothing of the launch outlives it.
-    return subprocess.call(cmd, env=env, preexec_fn=lambda: die_with_parent(launcher))
+    with tempfile.TemporaryDirectory(prefix="kumihimo-errors-") as errors:
+        env = dict(
+            os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **{ERROR_DIR_ENV: errors}
+        )
+        # torchrun gets SIGKILL when this process dies (kill -9 included), and its ranks when it dies
+        # (kumihimo.core.processes.die_with_torchrun): nothing of the launch outlives it.
+        code = subprocess.call(cmd, env=env, preexec_fn=lambda: die_with_parent(launcher))
+        reports = sorted(Path(errors).glob("rank*.txt"), key=lambda p: int(p.stem.removeprefix("rank")))
+        lines = list(dict.fromkeys(p.read_text(encoding="utf-8").strip() for p in reports))
+    if lines:
+        raise UserError("\n".join(lines))
+    return code
+
+
+ERROR_DIR_ENV = "KUMIHIMO_ERROR_DIR"
+"""Set by spawn_local for its processes: where each rank writes its one-line user error (rank<N>.txt)."""
+
+
+def torchrun_quietly() -> None:
+    """torch.distributed.run, exiting with the first failed process's exit code instead of raising
+    ChildFailedError (whose traceback would bury the processes' own one-line errors)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(sys.argv[1:]))
+    except ChildFailedError as failed:
+        _rank, failure = failed.get_first_failure()
+        sys.exit(failure.exitcode if failure.exitcode > 0 else 1)

@@ -12,6 +12,8 @@ slice of each. Resuming from a checkpoint therefore continues with exactly the n
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +30,8 @@ from kumihimo.pretrain import integrity
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.parallel import ParallelLayout
 from kumihimo.tokenizer.spm import Tokenizer
+
+log = logging.getLogger("kumihimo.train")
 
 
 class MegatronTokenizerView:
@@ -121,6 +125,56 @@ def num_valid_samples(config: TrainConfig) -> int:
     return sched.eval_iters * sched.global_batch_size
 
 
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def split_document_counts(num_documents: int, split: str) -> list[int]:
+    """Documents of one prefix in each split (train, validation, test), cut as Megatron's
+    BlendedMegatronDatasetBuilder cuts them: cumulative normalised weights, `round(bound * n)`."""
+    weights = [float(w) for w in split.split(",")]
+    weights += [0.0] * (3 - len(weights))
+    total = sum(weights)
+    bounds = [0.0]
+    for weight in weights:
+        bounds.append(bounds[-1] + weight / total)
+    return [int(round(b * num_documents)) - int(round(a * num_documents)) for a, b in zip(bounds, bounds[1:])]
+
+
+def check_splits(prefixes: list[str], num_documents: list[int], split: str) -> None:
+    """Refuse a split with weight that gets no document of some prefix: Megatron would build it
+    anyway and loop forever looking for tokens (GPTDataset._get_num_epochs)."""
+    weights = [float(w) for w in split.split(",")] + [0.0] * 2
+    empty = [
+        (prefix, n, counts, [SPLIT_NAMES[i] for i, c in enumerate(counts) if c == 0 and weights[i] > 0])
+        for prefix, n in zip(prefixes, num_documents)
+        for counts in [split_document_counts(n, split)]
+    ]
+    empty = [e for e in empty if e[3]]
+    if not empty:
+        return
+    prefix, n, counts, names = empty[0]
+    per_split = " / ".join(f"{c} {name}" for c, name in zip(counts, SPLIT_NAMES))
+    others = f" (and {len(empty) - 1} more prefix(es))" if len(empty) > 1 else ""
+    hint = _split_that_fits(min(num_documents), weights)
+    fix = f"use e.g. data.split={hint}" if hint else "give that source more documents"
+    raise UserError(
+        f"data.split={split} gives {source_name(prefix)} ({prefix}, {n} documents) {per_split} documents: "
+        f"the {' and '.join(names)} split would be empty{others}; {fix}, or set an unused split's weight to 0"
+    )
+
+
+def _split_that_fits(num_documents: int, weights: list[float]) -> str | None:
+    """The first `T,V,X` (percent) that gives every split with weight at least one of num_documents."""
+    used = [w > 0 for w in weights[:3]]
+    for part in range(1, 50):
+        candidate = [part if used[i] else 0 for i in (1, 2)]
+        text = ",".join(str(x) for x in (100 - sum(candidate), *candidate))
+        counts = split_document_counts(num_documents, text)
+        if all(c > 0 for c, u in zip(counts, [True, *used[1:]]) if u):
+            return text
+    return None
+
+
 def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
     """Build (or load from the cache) the train and validation splits; call on every rank."""
     # deferred: `kumihimo train --check` reads the blend through this module without Megatron
@@ -158,6 +212,8 @@ def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
             f"data.split={data.split!r} gives it weight 0; e.g. data.split=98,2,0"
         )
     cls = MockGPTDataset if data.mock else GPTDataset
+    started = time.monotonic()
+    log.info(f"[train] dataset indices: building or loading {cache_dir}")
     train, valid, _test = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, dataset_config).build()
     by_source = {}
     if sizes[1] and not data.mock and len(prefixes) > 1 and config.evaluation.per_source_validation:
@@ -165,6 +221,7 @@ def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
     if data.reset_attention_mask:
         train, valid = (None if d is None else DocumentIds(d, tokenizer.eod) for d in (train, valid))
         by_source = {name: DocumentIds(d, tokenizer.eod) for name, d in by_source.items()}
+    log.info(f"[train] dataset indices: ready in {time.monotonic() - started:.1f} s")
     return Datasets(train, valid, tokenizer, fingerprint, by_source)
 
 

@@ -129,17 +129,21 @@ def check_tokenizer_matches_data(recorded: dict | None, current: dict | None, bl
 
 def check_datasets_and_tokenizer(config) -> tuple[list[str], list[float], list[dict[str, Any]]]:
     """(prefixes, weights, what each .idx says) of a config's blend, after checking the datasets and
-    that data.tokenizer is the tokenizer the blend file records; nothing for mock data."""
+    that data.tokenizer is the tokenizer the blend file records and that every split with weight gets
+    documents of every prefix; nothing for mock data."""
     if config.data.mock:
         return [], [], []
-    from kumihimo.pretrain.data import read_blend  # deferred: pretrain.data imports this module
+    from kumihimo.pretrain.data import check_splits, read_blend  # deferred: pretrain.data imports this
 
     prefixes, weights, recorded = read_blend(config)
     if recorded and config.data.tokenizer:
         check_tokenizer_matches_data(
             recorded, Tokenizer.load(config.data.tokenizer).identity(), config.data.blend_file
         )
-    return prefixes, weights, check_datasets(prefixes, config.data.blend_file or "data.blend")
+    infos = check_datasets(prefixes, config.data.blend_file or "data.blend")
+    # the .idx header counts document boundaries: one more than documents
+    check_splits(prefixes, [info["num_documents"] - 1 for info in infos], config.data.split)
+    return prefixes, weights, infos
 
 
 # ------------------------------------------------------------------------------------- fingerprint

@@ -217,7 +217,10 @@ def register(parser: argparse.ArgumentParser) -> None:
         "Before launching: per-GPU parameters, memory (weights, gradients, optimizer states, "
         "activations, logits), pipeline bubble, and whether the run fits the GPU."
     )
-    parser.epilog = "example:\n  kumihimo plan configs/pretrain/llmjp3-172b.yaml --nodes 64"
+    parser.epilog = (
+        "example (the recipe's data.tokenizer is a cluster path: give its vocabulary size instead):\n"
+        "  kumihimo plan configs/pretrain/llmjp3-172b.yaml --nodes 64 --vocab-size 99574"
+    )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("config", help="training recipe")
     parser.add_argument("overrides", nargs="*", help="dotted overrides")

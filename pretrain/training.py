@@ -46,7 +46,13 @@ from kumihimo.pretrain.memory import ActivationMeter, state_bytes
 from kumihimo.pretrain.metrics import MetricsSink, training_flops_per_token
 from kumihimo.pretrain.model import DTYPES, build_model, slice_for_context_parallel
 from kumihimo.pretrain.parallel import ParallelLayout
-from kumihimo.pretrain.signals import EXIT_BAD_LOSS, EXIT_REQUEUE, LossGuard, StopRequest
+from kumihimo.pretrain.signals import (
+    EXIT_BAD_LOSS,
+    EXIT_REQUEUE,
+    LossGuard,
+    StoppedBeforeTraining,
+    StopRequest,
+)
 
 log = logging.getLogger("kumihimo.train")
 
@@ -424,6 +430,7 @@ class Trainer:
         last_step = sched.exit_after_iters or sched.train_iters
         first_step = self.state.iteration
         stop = self.stop
+        stop.training = True  # from here a stop signal saves at the next step boundary
         while self.state.iteration < last_step:
             values = self.train_step()
             result.losses.append(values["loss"])
@@ -468,6 +475,8 @@ class Trainer:
                     f"[train] newest checkpoint: {result.last_checkpoint or 'none'} (its weights were checked finite)"
                 )
         self.metrics.close()
+        if self.is_logger:  # every run folder gets its plot, also a run that never evaluated
+            write_plot(self.output_dir, cfg.name)
         result.state = self.state
         return result
 
@@ -600,6 +609,11 @@ def run_training(config: TrainConfig) -> TrainResult:
     try:
         trainer.setup()
         return trainer.train()
+    except StoppedBeforeTraining as stopped:
+        log.info(
+            f"[train] {stopped.signal_name} before the first step: exiting (nothing trained, nothing to save)"
+        )
+        return TrainResult(exit_code=EXIT_REQUEUE)
     finally:
         trainer.stop.restore()
         if trainer.lock is not None:

@@ -108,7 +108,9 @@ def test_quickstart_can_override_source_paths(tmp_path):
         [f"input.sources.ja.paths=[{tmp_path}/a.jsonl]", f"output_dir={tmp_path}/out"],
     )
     assert config.input.sources[0].name == "ja" and config.input.sources[0].paths == [f"{tmp_path}/a.jsonl"]
-    assert config.input.sources[1].paths == ["runs/quickstart/data/*.jsonl.gz"]  # the recipe is unchanged
+    assert config.input.sources[1].paths == [
+        "runs/quickstart/data_prep/curated/*.jsonl"
+    ]  # the recipe is unchanged
     assert config.output_dir == f"{tmp_path}/out"
 
 

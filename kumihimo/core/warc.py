@@ -124,7 +124,7 @@ def _trafilatura() -> Callable[[str], str]:
         import trafilatura
     except ImportError as exc:
         raise UserError(
-            f"the trafilatura extractor is not installed ({exc}); run `pip install 'kumihimo[trafilatura]'` "
+            f"the trafilatura extractor is not installed ({exc}); run `pip install -e '.[trafilatura]'` in the kumihimo checkout "
             "or set input.warc.extractor=resiliparse"
         ) from exc
 

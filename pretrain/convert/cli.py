@@ -35,7 +35,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     to_hf.add_argument("--output", required=True, help="new folder for the Hugging Face model")
     to_hf.add_argument(
-        "--dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of the written weights"
+        "--dtype",
+        choices=("bf16", "fp32"),
+        default=None,
+        help="dtype of the written weights (default: the checkpoint's precision.params_dtype, so an fp32 "
+        "model exports fp32 and a bf16 one bf16)",
     )
     to_hf.add_argument(
         "--keep-vocab-padding",

@@ -246,6 +246,9 @@ def rope_theta(config: dict[str, Any]) -> int:
 # Training sequence length of an import's run_config.yaml when config.json declares a longer context
 # (Llama 3.1: 131072): the length Llama 3 was pretrained at and Swallow continues at.
 IMPORT_SEQ_LENGTH = 8192
+# Peak learning rate an import's run_config.yaml starts from (Swallow's Llama 3.1 8B continual
+# pretraining, configs/pretrain/swallow-llama3.1-8b.yaml), min_lr a tenth of it.
+CONTINUAL_LR = 2.5e-5
 
 
 def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
@@ -283,6 +286,9 @@ def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
     }
     data = {
         "name": hf.folder.name,
+        # continual-pretraining defaults, not from-scratch ones (override any of them at train)
+        "output_dir": f"runs/{hf.folder.name}-continued",
+        "optimizer": {"lr": CONTINUAL_LR, "min_lr": CONTINUAL_LR / 10},
         "model": model,
         "parallelism": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
         # bf16 training for 16-bit models; fp32 checkpoints (tests, tiny models) stay fp32.

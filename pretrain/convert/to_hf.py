@@ -703,7 +703,7 @@ def convert_to_hf(
     checkpoint_root: str | Path,
     output_dir: str | Path,
     iteration: int | None = None,
-    dtype: str = "bf16",
+    dtype: str | None = "bf16",
     keep_vocab_padding: bool = False,
     tokenizer: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -713,11 +713,13 @@ def convert_to_hf(
     `checkpoint_root` is a checkpoint folder, checkpoint.dir (latest iteration unless `iteration` is given), or
     one iter_NNNNNNN folder. `tokenizer` replaces the recorded tokenizer path (the file must be the
     same model: its sha256 is checked) when the checkpoint was moved to another machine.
+    `dtype` None exports in the checkpoint's own precision (precision.params_dtype).
     """
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     output_dir = Path(output_dir)
     source = open_checkpoint(Path(checkpoint_root), iteration)
+    dtype = dtype or source.config.precision.params_dtype
     tokenizer_info = resolve_tokenizer(source, tokenizer)
     dims = dims_for(source, keep_vocab_padding)
     export_family(source.config.model)

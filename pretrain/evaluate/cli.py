@@ -37,7 +37,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tasks", nargs="+", required=True, help="task YAML files, or folders of them (docs/evaluation.md)"
     )
-    parser.add_argument("--output", default=None, help="results folder (default: <target>/eval)")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="results folder (default: <checkpoint>/eval for a checkpoint, <folder>-eval beside a Hugging Face folder)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="rows scored per forward pass")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when visible")
     parser.add_argument(
@@ -91,9 +95,16 @@ def run(args: argparse.Namespace) -> int:
     if not target.exists():
         raise UserError(f"{target} does not exist; pass a checkpoint folder or a Hugging Face folder")
     device = args.device or _default_device()
-    output = Path(args.output) if args.output else target / "eval"
+    hf_folder = is_hf_folder(target)
+    # a Hugging Face folder's results go beside it, not in it (an exported folder holds the export alone)
+    default_output = target.parent / f"{target.name}-eval" if hf_folder else target / "eval"
+    output = Path(args.output) if args.output else default_output
     make_output_folder(output, "--output")  # a file or an unwritable folder: now, not after the scoring
-    if is_hf_folder(target):
+    if hf_folder:
+        if args.harness:  # before kumihimo's own scoring, not after it
+            from kumihimo.pretrain.evaluate.lm_eval_export import check_harness_installed
+
+            check_harness_installed()
         megatron_only = [
             flag
             for flag, given in (

@@ -37,7 +37,7 @@ def export_tasks(tasks: list[Task], folder: str | Path) -> list[str]:
             for example in task.examples:
                 row = {"context": example.context}
                 if task.spec.kind == "generation":
-                    row["answer"] = example.answers[0]
+                    row["answer"] = list(example.answers)  # lm-eval: a list is "any of these"
                 else:
                     row |= {"choices": example.choices, "gold": example.gold}
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -76,6 +76,17 @@ def export_tasks(tasks: list[Task], folder: str | Path) -> list[str]:
     return names
 
 
+def check_harness_installed() -> None:
+    """Refuse --harness before any scoring when lm-evaluation-harness is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UserError(
+            "--harness needs lm-evaluation-harness, which is not installed; "
+            "pip install -e '.[eval]' in the kumihimo checkout"
+        )
+
+
 def run_harness(
     model_folder: str | Path,
     tasks: list[Task],
@@ -92,7 +103,7 @@ def run_harness(
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
         raise UserError(
-            f"lm-evaluation-harness is not installed ({exc}); pip install 'kumihimo[eval]'"
+            f"lm-evaluation-harness is not installed ({exc}); pip install -e '.[eval]' in the kumihimo checkout"
         ) from exc
     names = export_tasks(tasks, export_folder)
     model, args = "hf", {"pretrained": str(model_folder), "dtype": "float32"}
