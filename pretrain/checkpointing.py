@@ -23,6 +23,8 @@ import copy
 import ctypes
 import json
 import logging
+import multiprocessing
+import multiprocessing.managers
 import os
 import shutil
 import signal
@@ -122,6 +124,33 @@ def _rng_sharded_object(layout) -> Any:
     )
 
 
+def _save_strategy():
+    """torch_dist saving in which the ranks holding replicas of a tensor (data- and context-parallel
+    ranks) share its writing, as Megatron-LM does by default; without it DP rank 0 writes every
+    replicated tensor and the other DP ranks write nothing."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy(),
+        parallel_state.get_data_parallel_group(with_context_parallel=True),
+    )
+
+
+def _load_strategy(folder: Path):
+    """torch_dist loading in which replicas share the reading: each DP (and CP) rank reads its part of
+    the replicated tensors and the parts are exchanged, instead of every rank reading everything."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    return FullyParallelLoadStrategyWrapper(
+        get_default_load_sharded_strategy(str(folder)),
+        parallel_state.get_data_parallel_group(with_context_parallel=True),
+    )
+
+
 @dataclass
 class PendingSave:
     """A checkpoint whose shards a background process is writing."""
@@ -183,16 +212,58 @@ class AsyncSaves:
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(write, parent_pid: int, *args, **kwargs):
-    """Run in the forked writer: ask Linux for SIGKILL when the trainer dies, so a killed run leaves
-    no orphan writing shards into the output; exit at once if it already died before this point."""
+def _exit_with(parent_pid: int) -> None:
+    """In a child of the trainer: ask Linux for SIGKILL when the trainer dies (kill -9, OOM killer), and
+    exit at once if it already died before this point."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the lock file still refuses a racing re-run
         pass
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+def _die_with_parent(write, parent_pid: int, *args, **kwargs):
+    """Run in the forked writer: a killed run leaves no orphan writing shards into the output."""
+    _exit_with(parent_pid)
     return write(*args, **kwargs)
+
+
+_write_results_manager = None
+
+
+class _NotDeprecatedHere(logging.Filter):
+    """Drops megatron-core 0.19.2's "MCore's async save is deprecated ... use NVRx" warning. It is logged
+    by every save, synchronous ones included (their only implementation is that path), and for our
+    background saves the choice is deliberate: see AsyncSaves and docs/guarantees.md."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MCore's async save is deprecated")
+
+
+def _quiet_async_deprecation() -> None:
+    torch_strategy = logging.getLogger("megatron.core.dist_checkpointing.strategies.torch")
+    if not any(isinstance(f, _NotDeprecatedHere) for f in torch_strategy.filters):
+        torch_strategy.addFilter(_NotDeprecatedHere())
+
+
+def own_write_results_queue() -> None:
+    """Give megatron-core's shard writer a results queue served by a process that dies with the trainer.
+
+    Every save (synchronous ones too) sends its write results through a queue that megatron-core
+    0.19.2 creates on first use with a `spawn` multiprocessing Manager: a ~566 MB process re-importing
+    the trainer's modules, plus multiprocessing's resource tracker, both of which outlived a trainer
+    killed with SIGKILL. This Manager is forked (no re-import, no resource tracker) and gets SIGKILL
+    when the trainer dies; a normal exit shuts it down. Call once per trainer process, before saving."""
+    global _write_results_manager
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if _write_results_manager is not None or filesystem_async._results_queue is not None:
+        return
+    manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context("fork"))
+    manager.start(initializer=_exit_with, initargs=(os.getpid(),))
+    _write_results_manager = manager
+    filesystem_async._results_queue = manager.Queue()
 
 
 class CheckpointManager:
@@ -217,6 +288,9 @@ class CheckpointManager:
         self.config, self.layout, self.meta = config, layout, meta
         self.device, self.is_main = device, is_main
         self.async_saves = AsyncSaves() if ckpt.async_save else None
+        if self.root is not None:
+            own_write_results_queue()
+            _quiet_async_deprecation()
         self.expected_bytes = 0
         """This rank's estimate of one checkpoint's size (make_room): a failed write with less free space
         left than that is taken for a full disk, whatever error the writer reported."""
@@ -286,7 +360,9 @@ class CheckpointManager:
         publish = partial(self._publish, tmp, final, state.iteration, meta_text)
         if self.async_saves is None:
             try:
-                dist_checkpointing.save(sharded, str(tmp), content_metadata=SHARDING_METADATA)
+                dist_checkpointing.save(
+                    sharded, str(tmp), sharded_strategy=_save_strategy(), content_metadata=SHARDING_METADATA
+                )
                 publish()
             except SAVE_FAILURES as exc:
                 raise_if_disk_full(exc, self.root, self.expected_bytes, tmp)
@@ -295,6 +371,7 @@ class CheckpointManager:
         request = dist_checkpointing.save(
             sharded,
             str(tmp),
+            sharded_strategy=_save_strategy(),
             content_metadata=SHARDING_METADATA,
             async_sharded_save=True,
             async_strategy="mcore",
@@ -500,6 +577,7 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
     meta = read_meta(folder)
     saved_layout = meta.get("layout", {})
     same_layout = (saved_layout.get("tp"), saved_layout.get("pp")) == (layout.tp, layout.pp)
+    check_optimizer_layout(folder, saved_layout, layout, optimizer)
     sharded = _model_sharded_state_dict(model_chunks)
     model_sd = sharded["model"] if "model" in sharded else sharded
     _allocate_distributed_optimizer_state(optimizer)
@@ -508,7 +586,7 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
         sharded["rng_state"] = _rng_sharded_object(layout)
     with torch.no_grad():
         try:
-            loaded = dist_checkpointing.load(sharded, str(folder))
+            loaded = dist_checkpointing.load(sharded, str(folder), sharded_strategy=_load_strategy(folder))
         except CheckpointingException as exc:
             raise UserError(
                 f"{folder} does not fit this model and optimizer ({str(exc).splitlines()[0][:300]}); resume "
@@ -532,6 +610,42 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
     if same_layout:
         set_rng_state(loaded["rng_state"])
     return TrainState(**loaded["train_state"])
+
+
+def check_optimizer_layout(folder: Path, saved_layout: dict, layout, optimizer) -> None:
+    """Refuse, in one line, a load whose optimizer state cannot fit this run: state saved by the
+    distributed optimizer (megatron-core's dp_reshardable format: bucket-shaped, one bucket layout per
+    TP/PP/virtual-pipeline split) loads at another DP or CP size but not at another TP, PP or virtual
+    pipeline size, and neither optimizer kind reads the other's state. (megatron-core fails with a raw
+    KeyError there.) Weights alone load at any layout: checkpoint.pretrained."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    config_file = folder / CONFIG_FILE
+    saved = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+    saved_distributed = bool((saved.get("parallelism") or {}).get("use_distributed_optimizer", False))
+    distributed = any(isinstance(opt, DistributedOptimizer) for opt in inner_optimizers(optimizer))
+    split = {"TP": layout.tp, "PP": layout.pp, "VPP": layout.vpp}
+    saved_split = {"TP": saved_layout.get("tp"), "PP": saved_layout.get("pp"), "VPP": saved_layout.get("vpp")}
+    weights_only = (
+        f"or start a new run from its weights alone (checkpoint.pretrained={folder.parent}, new "
+        "checkpoint.dir; the optimizer state restarts)"
+    )
+    if saved_distributed != distributed:
+        raise UserError(
+            f"{folder} holds {'distributed' if saved_distributed else 'non-distributed'} optimizer state; "
+            f"resume with parallelism.use_distributed_optimizer={str(saved_distributed).lower()} "
+            + weights_only
+        )
+    if distributed and saved_split != split:
+        described = " ".join(f"{k}={v or 1}" for k, v in saved_split.items())
+        raise UserError(
+            f"{folder} holds distributed-optimizer state saved at {described}, which loads only at the same "
+            f"TP, PP and virtual pipeline size (DP and CP may change); resume with "
+            f"parallelism.tensor_model_parallel_size={saved_split['TP']} "
+            f"parallelism.pipeline_model_parallel_size={saved_split['PP']} "
+            f"parallelism.virtual_pipeline_model_parallel_size={saved_split['VPP'] or 'null'}, "
+            + weights_only
+        )
 
 
 def inner_optimizers(optimizer) -> list:
@@ -619,6 +733,6 @@ def load_weights(folder: Path, model_chunks) -> None:
 
     sharded = _model_sharded_state_dict(model_chunks)
     with torch.no_grad():
-        loaded = dist_checkpointing.load(sharded, str(folder))
+        loaded = dist_checkpointing.load(sharded, str(folder), sharded_strategy=_load_strategy(folder))
     for name, chunk in zip(sharded, model_chunks):
         unwrap(chunk).load_state_dict(loaded[name])
