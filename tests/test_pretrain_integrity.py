@@ -491,8 +491,8 @@ def test_nothing_a_killed_trainer_started_outlives_it(tmp_path):
     child = subprocess.Popen(
         [sys.executable, "-m", "kumihimo.cli", "train", TINY, *BASE, "schedule.train_iters=200",
          "checkpoint.save_interval=1", f"output_dir={tmp_path}", f"checkpoint.dir={tmp_path}/ckpt"],
-        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True,
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "stderr.txt").open("w"),  # a pipe would stay open in a surviving child
     )  # fmt: skip
     deadline = time.monotonic() + 180
     while checkpointing.read_latest(tmp_path / "ckpt") is None:
@@ -500,7 +500,8 @@ def test_nothing_a_killed_trainer_started_outlives_it(tmp_path):
         time.sleep(0.1)
     started = psutil.Process(child.pid).children(recursive=True)
     child.send_signal(signal.SIGKILL)
-    _, stderr = child.communicate()
+    child.wait()
+    stderr = (tmp_path / "stderr.txt").read_text()
     deadline = time.monotonic() + 15
     alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     while alive and time.monotonic() < deadline:
