@@ -325,7 +325,16 @@ class CheckpointManager:
         pruned = self.make_room(local)
         if pruned:
             log.info(f"[train] disk nearly full: pruned {', '.join(p.name for p in pruned)} before saving")
-        folder = self._write(state, model_chunks, optimizer, scheduler)
+        # With overlap_param_gather each DP rank's copy of the weights it does not own is updated by the
+        # next forward's all-gather; sync it now (as Megatron-LM does), since every DP rank writes a share.
+        hooked = [chunk for chunk in model_chunks if getattr(chunk, "use_forward_hook", False)]
+        for chunk in hooked:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            folder = self._write(state, model_chunks, optimizer, scheduler)
+        finally:
+            for chunk in hooked:
+                chunk.enable_forward_pre_hook()
         if self.async_saves is None:
             log.info(f"[train] saved checkpoint {folder}")
         else:
