@@ -23,6 +23,8 @@ import copy
 import ctypes
 import json
 import logging
+import multiprocessing
+import multiprocessing.managers
 import os
 import shutil
 import signal
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException as WriteFailure
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
@@ -57,6 +60,9 @@ SHARDING_METADATA = {
     "chained_optim_avoid_prefix": True,
 }
 log = logging.getLogger("kumihimo.train")
+SAVE_FAILURES = (Exception, WriteFailure)
+"""What a failed save raises: torch's CheckpointException (a failed shard write, wrapped by megatron-core)
+derives from BaseException, so `except Exception` alone lets it through as a traceback."""
 
 # Megatron-Core is imported inside the functions that need it: `kumihimo convert` reads and writes
 # checkpoints through this module's helpers (find_checkpoint, read_meta, ...) without it.
@@ -115,6 +121,33 @@ def _rng_sharded_object(layout) -> Any:
     dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
     return ShardedObject(
         "rng_state", rng_state(), (layout.pp, layout.tp), (pp_rank, tp_rank), replica_id=dp_rank
+    )
+
+
+def _save_strategy():
+    """torch_dist saving in which the ranks holding replicas of a tensor (data- and context-parallel
+    ranks) share its writing, as Megatron-LM does by default; without it DP rank 0 writes every
+    replicated tensor and the other DP ranks write nothing."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy(),
+        parallel_state.get_data_parallel_group(with_context_parallel=True),
+    )
+
+
+def _load_strategy(folder: Path):
+    """torch_dist loading in which replicas share the reading: each DP (and CP) rank reads its part of
+    the replicated tensors and the parts are exchanged, instead of every rank reading everything."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    return FullyParallelLoadStrategyWrapper(
+        get_default_load_sharded_strategy(str(folder)),
+        parallel_state.get_data_parallel_group(with_context_parallel=True),
     )
 
 
@@ -179,16 +212,58 @@ class AsyncSaves:
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(write, parent_pid: int, *args, **kwargs):
-    """Run in the forked writer: ask Linux for SIGKILL when the trainer dies, so a killed run leaves
-    no orphan writing shards into the output; exit at once if it already died before this point."""
+def _exit_with(parent_pid: int) -> None:
+    """In a child of the trainer: ask Linux for SIGKILL when the trainer dies (kill -9, OOM killer), and
+    exit at once if it already died before this point."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the lock file still refuses a racing re-run
         pass
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+def _die_with_parent(write, parent_pid: int, *args, **kwargs):
+    """Run in the forked writer: a killed run leaves no orphan writing shards into the output."""
+    _exit_with(parent_pid)
     return write(*args, **kwargs)
+
+
+_write_results_manager = None
+
+
+class _NotDeprecatedHere(logging.Filter):
+    """Drops megatron-core 0.19.2's "MCore's async save is deprecated ... use NVRx" warning. It is logged
+    by every save, synchronous ones included (their only implementation is that path), and for our
+    background saves the choice is deliberate: see AsyncSaves and docs/guarantees.md."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MCore's async save is deprecated")
+
+
+def _quiet_async_deprecation() -> None:
+    torch_strategy = logging.getLogger("megatron.core.dist_checkpointing.strategies.torch")
+    if not any(isinstance(f, _NotDeprecatedHere) for f in torch_strategy.filters):
+        torch_strategy.addFilter(_NotDeprecatedHere())
+
+
+def own_write_results_queue() -> None:
+    """Give megatron-core's shard writer a results queue served by a process that dies with the trainer.
+
+    Every save (synchronous ones too) sends its write results through a queue that megatron-core
+    0.19.2 creates on first use with a `spawn` multiprocessing Manager: a ~566 MB process re-importing
+    the trainer's modules, plus multiprocessing's resource tracker, both of which outlived a trainer
+    killed with SIGKILL. This Manager is forked (no re-import, no resource tracker) and gets SIGKILL
+    when the trainer dies; a normal exit shuts it down. Call once per trainer process, before saving."""
+    global _write_results_manager
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if _write_results_manager is not None or filesystem_async._results_queue is not None:
+        return
+    manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context("fork"))
+    manager.start(initializer=_exit_with, initargs=(os.getpid(),))
+    _write_results_manager = manager
+    filesystem_async._results_queue = manager.Queue()
 
 
 class CheckpointManager:
@@ -213,6 +288,12 @@ class CheckpointManager:
         self.config, self.layout, self.meta = config, layout, meta
         self.device, self.is_main = device, is_main
         self.async_saves = AsyncSaves() if ckpt.async_save else None
+        if self.root is not None:
+            own_write_results_queue()
+            _quiet_async_deprecation()
+        self.expected_bytes = 0
+        """This rank's estimate of one checkpoint's size (make_room): a failed write with less free space
+        left than that is taken for a full disk, whatever error the writer reported."""
 
     def latest(self) -> Path | None:
         """The folder `latest` names under the save root, or None."""
@@ -244,7 +325,16 @@ class CheckpointManager:
         pruned = self.make_room(local)
         if pruned:
             log.info(f"[train] disk nearly full: pruned {', '.join(p.name for p in pruned)} before saving")
-        folder = self._write(state, model_chunks, optimizer, scheduler)
+        # With overlap_param_gather each DP rank's copy of the weights it does not own is updated by the
+        # next forward's all-gather; sync it now (as Megatron-LM does), since every DP rank writes a share.
+        hooked = [chunk for chunk in model_chunks if getattr(chunk, "use_forward_hook", False)]
+        for chunk in hooked:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            folder = self._write(state, model_chunks, optimizer, scheduler)
+        finally:
+            for chunk in hooked:
+                chunk.enable_forward_pre_hook()
         if self.async_saves is None:
             log.info(f"[train] saved checkpoint {folder}")
         else:
@@ -279,15 +369,18 @@ class CheckpointManager:
         publish = partial(self._publish, tmp, final, state.iteration, meta_text)
         if self.async_saves is None:
             try:
-                dist_checkpointing.save(sharded, str(tmp), content_metadata=SHARDING_METADATA)
+                dist_checkpointing.save(
+                    sharded, str(tmp), sharded_strategy=_save_strategy(), content_metadata=SHARDING_METADATA
+                )
                 publish()
-            except Exception as exc:
-                raise_if_disk_full(exc, self.root, tmp)
+            except SAVE_FAILURES as exc:
+                raise_if_disk_full(exc, self.root, self.expected_bytes, tmp)
                 raise
             return final
         request = dist_checkpointing.save(
             sharded,
             str(tmp),
+            sharded_strategy=_save_strategy(),
             content_metadata=SHARDING_METADATA,
             async_sharded_save=True,
             async_strategy="mcore",
@@ -318,9 +411,9 @@ class CheckpointManager:
             return
         try:
             finished = self.async_saves.finalize(blocking)
-        except Exception as exc:
+        except SAVE_FAILURES as exc:
             pending = [p.folder.with_name(p.folder.name + ".tmp") for p in self.async_saves.pending.values()]
-            raise_if_disk_full(exc, self.root, *(pending if self.is_main else []))
+            raise_if_disk_full(exc, self.root, self.expected_bytes, *(pending if self.is_main else []))
             raise
         for done in finished:
             log.info(
@@ -337,6 +430,7 @@ class CheckpointManager:
         latest = read_latest(root)
         need = torch.tensor([float(local_bytes), 0.0], dtype=torch.float64, device=self.device)
         dist.all_reduce(need)
+        self.expected_bytes = int(need[0]) // max(1, self.layout.dp)
         problem, pruned = "free space is checked on rank 0", []
         if dist.get_rank() == 0:
             expected = int(need[0]) // max(1, self.layout.dp)
@@ -353,17 +447,24 @@ class CheckpointManager:
         return pruned
 
 
-def raise_if_disk_full(exc: BaseException, root: Path, *leftovers: Path) -> None:
+def raise_if_disk_full(exc: BaseException, root: Path, expected_bytes: int, *leftovers: Path) -> None:
     """After a failed save: if the disk is full, remove what the save left (freeing its space; `latest`
-    and the folders it names are untouched) and raise DiskFull, one line with the recovery."""
+    and the folders it names are untouched) and raise DiskFull, one line with the recovery.
+
+    The disk counts as full when the error says so or when less than the save's expected size (at
+    least 64 MiB) is free: a shard writer that hits ENOSPC reaches us as torch's "unexpected pos" zip
+    error wrapped in megatron-core's "Worker failure ... <class 'RuntimeError'>", with no errno left."""
     target = root if root.exists() else root.parent
-    if not integrity.is_disk_full(exc) and shutil.disk_usage(target).free > 64 * 2**20:
+    if not integrity.is_disk_full(exc) and shutil.disk_usage(target).free > max(64 * 2**20, expected_bytes):
         return
+    detail = (
+        f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        if integrity.is_disk_full(exc)
+        else f"a shard write failed with {shutil.disk_usage(target).free / 2**20:.1f} MiB free"
+    )
     for folder in leftovers:
         shutil.rmtree(folder, ignore_errors=True)
-    raise integrity.DiskFull(
-        root, read_latest(root), f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    ) from exc
+    raise integrity.DiskFull(root, read_latest(root), detail) from exc
 
 
 def clean_leftovers(root: Path) -> list[Path]:
@@ -477,7 +578,8 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
     """Load model, optimizer, scheduler, RNG and train state saved at any TP/PP. With scheduler=None (a
     branch) the optimizer's state (moments, step counts, main weights) is loaded but its learning-rate
     and other hyperparameters stay this run's: the checkpoint's param groups would otherwise bring back
-    the source's peak and current learning rate."""
+    the source's peak and current learning rate. A resume continues the saved schedule with this run's
+    optimizer.lr and min_lr."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from torch.distributed.checkpoint.api import CheckpointException
@@ -487,14 +589,16 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
     meta = read_meta(folder)
     saved_layout = meta.get("layout", {})
     same_layout = (saved_layout.get("tp"), saved_layout.get("pp")) == (layout.tp, layout.pp)
+    check_optimizer_layout(folder, saved_layout, layout, optimizer)
     sharded = _model_sharded_state_dict(model_chunks)
     model_sd = sharded["model"] if "model" in sharded else sharded
+    _allocate_distributed_optimizer_state(optimizer)
     sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=SHARDING_METADATA)
     if same_layout:
         sharded["rng_state"] = _rng_sharded_object(layout)
     with torch.no_grad():
         try:
-            loaded = dist_checkpointing.load(sharded, str(folder))
+            loaded = dist_checkpointing.load(sharded, str(folder), sharded_strategy=_load_strategy(folder))
         except CheckpointingException as exc:
             raise UserError(
                 f"{folder} does not fit this model and optimizer ({str(exc).splitlines()[0][:300]}); resume "
@@ -511,24 +615,121 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
         for i, chunk in enumerate(model_chunks):
             unwrap(chunk).load_state_dict(loaded[f"model{i}"])
     configured = [_hyperparameters(group) for group in optimizer.param_groups]
-    if scheduler is None:
-        _match_saved_param_groups(optimizer, folder)
+    _match_saved_param_groups(optimizer, folder)
     with torch.no_grad():
         optimizer.load_state_dict(loaded["optimizer"])
+    _restore_step_counts(optimizer)
     if scheduler is None:
         for group, values in zip(optimizer.param_groups, configured, strict=True):
             group.update(values)
     else:
-        scheduler.load_state_dict(loaded["scheduler"])
+        _load_schedule(scheduler, loaded["scheduler"], optimizer, configured)
     if same_layout:
         set_rng_state(loaded["rng_state"])
     return TrainState(**loaded["train_state"])
 
 
+def check_optimizer_layout(folder: Path, saved_layout: dict, layout, optimizer) -> None:
+    """Refuse, in one line, a load whose optimizer state cannot fit this run: state saved by the
+    distributed optimizer (megatron-core's dp_reshardable format: bucket-shaped, one bucket layout per
+    TP/PP/virtual-pipeline split) loads at another DP or CP size but not at another TP, PP or virtual
+    pipeline size, and neither optimizer kind reads the other's state. (megatron-core fails with a raw
+    KeyError there.) Weights alone load at any layout: checkpoint.pretrained."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    config_file = folder / CONFIG_FILE
+    saved = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+    saved_distributed = bool((saved.get("parallelism") or {}).get("use_distributed_optimizer", False))
+    distributed = any(isinstance(opt, DistributedOptimizer) for opt in inner_optimizers(optimizer))
+    split = {"TP": layout.tp, "PP": layout.pp, "VPP": layout.vpp}
+    saved_split = {"TP": saved_layout.get("tp"), "PP": saved_layout.get("pp"), "VPP": saved_layout.get("vpp")}
+    weights_only = (
+        f"or start a new run from its weights alone (checkpoint.pretrained={folder.parent}, new "
+        "checkpoint.dir; the optimizer state restarts)"
+    )
+    if saved_distributed != distributed:
+        raise UserError(
+            f"{folder} holds {'distributed' if saved_distributed else 'non-distributed'} optimizer state; "
+            f"resume with parallelism.use_distributed_optimizer={str(saved_distributed).lower()} "
+            + weights_only
+        )
+    if distributed and saved_split != split:
+        described = " ".join(f"{k}={v or 1}" for k, v in saved_split.items())
+        raise UserError(
+            f"{folder} holds distributed-optimizer state saved at {described}, which loads only at the same "
+            f"TP, PP and virtual pipeline size (DP and CP may change); resume with "
+            f"parallelism.tensor_model_parallel_size={saved_split['TP']} "
+            f"parallelism.pipeline_model_parallel_size={saved_split['PP']} "
+            f"parallelism.virtual_pipeline_model_parallel_size={saved_split['VPP'] or 'null'}, "
+            + weights_only
+        )
+
+
+def inner_optimizers(optimizer) -> list:
+    """The Megatron optimizers a (possibly chained) Megatron optimizer is made of."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _allocate_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer's torch AdamW its state tensors before the load fills them.
+
+    Without Apex or Transformer Engine (CPU), megatron-core's DistributedOptimizer reads Adam's step
+    count from the torch state, which is empty until a first step, and asserts one value. Take one step
+    with zero gradients and a learning rate of 0 (megatron-core's own dummy-state helper), so nothing
+    but the state's allocation changes; the load then overwrites every value."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in inner_optimizers(optimizer):
+        if not isinstance(opt, DistributedOptimizer) or opt.optimizer.state:
+            continue
+        groups = opt.optimizer.param_groups
+        configured = [(group["lr"], group["weight_decay"]) for group in groups]
+        for group in groups:
+            group["lr"], group["weight_decay"] = 0.0, 0.0
+        opt._init_optimizer_states_with_dummy_values()
+        for group, (lr, weight_decay) in zip(groups, configured, strict=True):
+            group["lr"], group["weight_decay"] = lr, weight_decay
+
+
+def _restore_step_counts(optimizer) -> None:
+    """Give every parameter its own Adam step count, the one the checkpoint saved, after a load.
+
+    With torch AdamW (no Apex/TE, e.g. on CPU) megatron-core's DistributedOptimizer loses it twice:
+    load_state_dict puts one step tensor object into every parameter's state (torch AdamW increments
+    each parameter's step in place, so the shared count would rise by the number of parameters per
+    step), and the dp_reshardable parameter state then copies the pre-load (allocation) step over it.
+    The saved count survives in each loaded param group's `step`, which is what the distributed
+    optimizer writes there (and reads back from the state when it saves)."""
+    for opt in inner_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", opt)
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state.get(param, {})
+                if not isinstance(state.get("step"), torch.Tensor):
+                    continue
+                step = state["step"].clone()
+                if "step" in group:
+                    step.fill_(float(group["step"]))
+                state["step"] = step
+
+
+def _load_schedule(scheduler, saved: dict, optimizer, configured: list[dict]) -> None:
+    """Continue the saved schedule (its step, warm-up and decay) with this run's peak and minimum
+    learning rate: resuming with a lower optimizer.lr or min_lr (the recovery from a NaN stop) takes
+    effect from the next step. Megatron's scheduler would otherwise take both from the checkpoint."""
+    max_lr, min_lr = scheduler.max_lr, scheduler.min_lr
+    for group, values in zip(optimizer.param_groups, configured, strict=True):
+        group.update({key: values[key] for key in ("max_lr", "min_lr") if key in values})
+    scheduler.load_state_dict(saved)
+    scheduler.max_lr, scheduler.min_lr = max_lr, min_lr
+    scheduler.step(increment=0)  # the current learning rate from this run's values
+
+
 def _match_saved_param_groups(optimizer, folder: Path) -> None:
-    """Megatron finds each saved param group by its (max_lr, min_lr, wd_mult, ...) and refuses a branch
-    whose optimizer.lr or min_lr differ from the source's. Every group's max_lr/min_lr is this trainer's
-    optimizer.lr/min_lr, so take the source's for the load (the caller restores this run's after it)."""
+    """Megatron finds each saved param group by its (max_lr, min_lr, wd_mult, ...) and refuses a load
+    (`Could not find parameter group`) whose optimizer.lr or min_lr differ from the checkpoint's. Every
+    group's max_lr/min_lr is this trainer's optimizer.lr/min_lr, so take the saved ones for the load (the
+    caller puts this run's back after it)."""
     config_file = folder / CONFIG_FILE
     saved = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
     source = saved.get("optimizer") or {}
@@ -549,6 +750,6 @@ def load_weights(folder: Path, model_chunks) -> None:
 
     sharded = _model_sharded_state_dict(model_chunks)
     with torch.no_grad():
-        loaded = dist_checkpointing.load(sharded, str(folder))
+        loaded = dist_checkpointing.load(sharded, str(folder), sharded_strategy=_load_strategy(folder))
     for name, chunk in zip(sharded, model_chunks):
         unwrap(chunk).load_state_dict(loaded[name])

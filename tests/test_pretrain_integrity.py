@@ -416,6 +416,21 @@ def test_enospc_during_a_save_keeps_latest(tmp_path):
     assert checkpointing.read_latest(tmp_path / "ckpt") == 1 and not list((tmp_path / "ckpt").glob("*.tmp"))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("async_save", ["false", "true"], ids=["sync", "async"])
+def test_enospc_inside_a_shard_write_is_one_line_and_keeps_latest(tmp_path, small_disk, async_save):
+    """The disk fills up (another writer) after the free-space check of the step-2 save: the kernel's
+    ENOSPC inside megatron-core's shard writer ends the run with the one-line `disk full` and the user
+    error code, its iter_0000002.tmp removed and `latest` still 1."""
+    disk = small_disk(40 * 2**20)
+    proc = helper("fill_disk", tmp_path, str(disk), async_save)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = last_line(proc.stderr)
+    assert line.startswith(f"kumihimo: error: disk full at {disk}") and "latest stays iter_0000001" in line
+    assert "Traceback" not in proc.stderr
+    assert checkpointing.read_latest(disk) == 1 and not list(disk.glob("*.tmp"))
+
+
 # --------------------------------------------------------------------------- 4. killed runs
 
 
@@ -466,6 +481,39 @@ def test_async_writer_dies_with_a_killed_trainer(tmp_path):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
+def test_nothing_a_killed_trainer_started_outlives_it(tmp_path):
+    """kill -9 of a one-process trainer after its first save: every process it started (megatron-core's
+    write-results Manager, multiprocessing's resource tracker) is gone too. The saves print no
+    deprecation warning."""
+    import psutil
+
+    child = subprocess.Popen(
+        [sys.executable, "-m", "kumihimo.cli", "train", TINY, *BASE, "schedule.train_iters=200",
+         "checkpoint.save_interval=1", f"output_dir={tmp_path}", f"checkpoint.dir={tmp_path}/ckpt"],
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "stderr.txt").open("w"),  # a pipe would stay open in a surviving child
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while checkpointing.read_latest(tmp_path / "ckpt") is None:
+        assert time.monotonic() < deadline and child.poll() is None, "no checkpoint was saved"
+        time.sleep(0.1)
+    started = psutil.Process(child.pid).children(recursive=True)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    deadline = time.monotonic() + 15
+    alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for leftover in alive:
+        leftover.kill()
+    assert not alive, f"outlived the killed trainer: {[' '.join(p.cmdline())[:120] for p in alive]}"
+    assert "[train] saved checkpoint" in stderr
+    assert "async save is deprecated" not in stderr
+
+
 def _state(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/stat").read_bytes().split(b") ")[1][:1]
@@ -476,11 +524,33 @@ def _state(pid: int) -> bytes:
 # ------------------------------------------------------------------- in-process helpers
 
 
-def helper(mode: str, run_dir: Path) -> subprocess.CompletedProcess:
+def helper(mode: str, run_dir: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     return subprocess.run(
-        [sys.executable, "-m", "tests.test_pretrain_integrity", mode, str(run_dir)],
+        [sys.executable, "-m", "tests.test_pretrain_integrity", mode, str(run_dir), *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def _fill_disk_after_the_check(run_dir: str, disk: str, async_save: str) -> int:
+    """`kumihimo train` (in this process) whose step-2 save finds room, after which the disk is filled."""
+    import shutil
+
+    from kumihimo import cli
+
+    make_room = checkpointing.CheckpointManager.make_room
+
+    def make_room_then_fill(self, local_bytes):
+        pruned = make_room(self, local_bytes)
+        if checkpointing.read_latest(Path(disk)) == 1:
+            with open(Path(disk) / "filler", "wb") as filler:
+                filler.write(b"\0" * (shutil.disk_usage(disk).free - 200_000))
+        return pruned
+
+    checkpointing.CheckpointManager.make_room = make_room_then_fill
+    return cli.main(
+        ["train", TINY, *BASE, "schedule.train_iters=3", "checkpoint.save_interval=1",
+         f"checkpoint.async_save={async_save}", f"output_dir={run_dir}", f"checkpoint.dir={disk}"]
     )  # fmt: skip
 
 
@@ -547,4 +617,6 @@ def _run(mode: str, run_dir: str) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "fill_disk":
+        sys.exit(_fill_disk_after_the_check(*sys.argv[2:]))
     sys.exit(_run(sys.argv[1], sys.argv[2]))
