@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         from kumihimo.pretrain.integrity import check_pretrained_at_check
 
-        for note in check_pretrained_at_check(config, layout.tp):
+        for note in [*config.cpu_notes(), *check_pretrained_at_check(config, layout.tp)]:
             print(f"[check] {note}")
         print(f"config OK: {layout.describe()}")
         return 0
