@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException as WriteFailure
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
@@ -57,6 +58,9 @@ SHARDING_METADATA = {
     "chained_optim_avoid_prefix": True,
 }
 log = logging.getLogger("kumihimo.train")
+SAVE_FAILURES = (Exception, WriteFailure)
+"""What a failed save raises: torch's CheckpointException (a failed shard write, wrapped by megatron-core)
+derives from BaseException, so `except Exception` alone lets it through as a traceback."""
 
 # Megatron-Core is imported inside the functions that need it: `kumihimo convert` reads and writes
 # checkpoints through this module's helpers (find_checkpoint, read_meta, ...) without it.
@@ -213,6 +217,9 @@ class CheckpointManager:
         self.config, self.layout, self.meta = config, layout, meta
         self.device, self.is_main = device, is_main
         self.async_saves = AsyncSaves() if ckpt.async_save else None
+        self.expected_bytes = 0
+        """This rank's estimate of one checkpoint's size (make_room): a failed write with less free space
+        left than that is taken for a full disk, whatever error the writer reported."""
 
     def latest(self) -> Path | None:
         """The folder `latest` names under the save root, or None."""
@@ -281,8 +288,8 @@ class CheckpointManager:
             try:
                 dist_checkpointing.save(sharded, str(tmp), content_metadata=SHARDING_METADATA)
                 publish()
-            except Exception as exc:
-                raise_if_disk_full(exc, self.root, tmp)
+            except SAVE_FAILURES as exc:
+                raise_if_disk_full(exc, self.root, self.expected_bytes, tmp)
                 raise
             return final
         request = dist_checkpointing.save(
@@ -318,9 +325,9 @@ class CheckpointManager:
             return
         try:
             finished = self.async_saves.finalize(blocking)
-        except Exception as exc:
+        except SAVE_FAILURES as exc:
             pending = [p.folder.with_name(p.folder.name + ".tmp") for p in self.async_saves.pending.values()]
-            raise_if_disk_full(exc, self.root, *(pending if self.is_main else []))
+            raise_if_disk_full(exc, self.root, self.expected_bytes, *(pending if self.is_main else []))
             raise
         for done in finished:
             log.info(
@@ -337,6 +344,7 @@ class CheckpointManager:
         latest = read_latest(root)
         need = torch.tensor([float(local_bytes), 0.0], dtype=torch.float64, device=self.device)
         dist.all_reduce(need)
+        self.expected_bytes = int(need[0]) // max(1, self.layout.dp)
         problem, pruned = "free space is checked on rank 0", []
         if dist.get_rank() == 0:
             expected = int(need[0]) // max(1, self.layout.dp)
@@ -353,17 +361,24 @@ class CheckpointManager:
         return pruned
 
 
-def raise_if_disk_full(exc: BaseException, root: Path, *leftovers: Path) -> None:
+def raise_if_disk_full(exc: BaseException, root: Path, expected_bytes: int, *leftovers: Path) -> None:
     """After a failed save: if the disk is full, remove what the save left (freeing its space; `latest`
-    and the folders it names are untouched) and raise DiskFull, one line with the recovery."""
+    and the folders it names are untouched) and raise DiskFull, one line with the recovery.
+
+    The disk counts as full when the error says so or when less than the save's expected size (at
+    least 64 MiB) is free: a shard writer that hits ENOSPC reaches us as torch's "unexpected pos" zip
+    error wrapped in megatron-core's "Worker failure ... <class 'RuntimeError'>", with no errno left."""
     target = root if root.exists() else root.parent
-    if not integrity.is_disk_full(exc) and shutil.disk_usage(target).free > 64 * 2**20:
+    if not integrity.is_disk_full(exc) and shutil.disk_usage(target).free > max(64 * 2**20, expected_bytes):
         return
+    detail = (
+        f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        if integrity.is_disk_full(exc)
+        else f"a shard write failed with {shutil.disk_usage(target).free / 2**20:.1f} MiB free"
+    )
     for folder in leftovers:
         shutil.rmtree(folder, ignore_errors=True)
-    raise integrity.DiskFull(
-        root, read_latest(root), f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    ) from exc
+    raise integrity.DiskFull(root, read_latest(root), detail) from exc
 
 
 def clean_leftovers(root: Path) -> list[Path]:
@@ -477,7 +492,8 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
     """Load model, optimizer, scheduler, RNG and train state saved at any TP/PP. With scheduler=None (a
     branch) the optimizer's state (moments, step counts, main weights) is loaded but its learning-rate
     and other hyperparameters stay this run's: the checkpoint's param groups would otherwise bring back
-    the source's peak and current learning rate."""
+    the source's peak and current learning rate. A resume continues the saved schedule with this run's
+    optimizer.lr and min_lr."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
@@ -486,6 +502,7 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
     same_layout = (saved_layout.get("tp"), saved_layout.get("pp")) == (layout.tp, layout.pp)
     sharded = _model_sharded_state_dict(model_chunks)
     model_sd = sharded["model"] if "model" in sharded else sharded
+    _allocate_distributed_optimizer_state(optimizer)
     sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=SHARDING_METADATA)
     if same_layout:
         sharded["rng_state"] = _rng_sharded_object(layout)
@@ -503,24 +520,85 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
         for i, chunk in enumerate(model_chunks):
             unwrap(chunk).load_state_dict(loaded[f"model{i}"])
     configured = [_hyperparameters(group) for group in optimizer.param_groups]
-    if scheduler is None:
-        _match_saved_param_groups(optimizer, folder)
+    _match_saved_param_groups(optimizer, folder)
     with torch.no_grad():
         optimizer.load_state_dict(loaded["optimizer"])
+    _restore_step_counts(optimizer)
     if scheduler is None:
         for group, values in zip(optimizer.param_groups, configured, strict=True):
             group.update(values)
     else:
-        scheduler.load_state_dict(loaded["scheduler"])
+        _load_schedule(scheduler, loaded["scheduler"], optimizer, configured)
     if same_layout:
         set_rng_state(loaded["rng_state"])
     return TrainState(**loaded["train_state"])
 
 
+def inner_optimizers(optimizer) -> list:
+    """The Megatron optimizers a (possibly chained) Megatron optimizer is made of."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _allocate_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer's torch AdamW its state tensors before the load fills them.
+
+    Without Apex or Transformer Engine (CPU), megatron-core's DistributedOptimizer reads Adam's step
+    count from the torch state, which is empty until a first step, and asserts one value. Take one step
+    with zero gradients and a learning rate of 0 (megatron-core's own dummy-state helper), so nothing
+    but the state's allocation changes; the load then overwrites every value."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in inner_optimizers(optimizer):
+        if not isinstance(opt, DistributedOptimizer) or opt.optimizer.state:
+            continue
+        groups = opt.optimizer.param_groups
+        configured = [(group["lr"], group["weight_decay"]) for group in groups]
+        for group in groups:
+            group["lr"], group["weight_decay"] = 0.0, 0.0
+        opt._init_optimizer_states_with_dummy_values()
+        for group, (lr, weight_decay) in zip(groups, configured, strict=True):
+            group["lr"], group["weight_decay"] = lr, weight_decay
+
+
+def _restore_step_counts(optimizer) -> None:
+    """Give every parameter its own Adam step count, the one the checkpoint saved, after a load.
+
+    With torch AdamW (no Apex/TE, e.g. on CPU) megatron-core's DistributedOptimizer loses it twice:
+    load_state_dict puts one step tensor object into every parameter's state (torch AdamW increments
+    each parameter's step in place, so the shared count would rise by the number of parameters per
+    step), and the dp_reshardable parameter state then copies the pre-load (allocation) step over it.
+    The saved count survives in each loaded param group's `step`, which is what the distributed
+    optimizer writes there (and reads back from the state when it saves)."""
+    for opt in inner_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", opt)
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state.get(param, {})
+                if not isinstance(state.get("step"), torch.Tensor):
+                    continue
+                step = state["step"].clone()
+                if "step" in group:
+                    step.fill_(float(group["step"]))
+                state["step"] = step
+
+
+def _load_schedule(scheduler, saved: dict, optimizer, configured: list[dict]) -> None:
+    """Continue the saved schedule (its step, warm-up and decay) with this run's peak and minimum
+    learning rate: resuming with a lower optimizer.lr or min_lr (the recovery from a NaN stop) takes
+    effect from the next step. Megatron's scheduler would otherwise take both from the checkpoint."""
+    max_lr, min_lr = scheduler.max_lr, scheduler.min_lr
+    for group, values in zip(optimizer.param_groups, configured, strict=True):
+        group.update({key: values[key] for key in ("max_lr", "min_lr") if key in values})
+    scheduler.load_state_dict(saved)
+    scheduler.max_lr, scheduler.min_lr = max_lr, min_lr
+    scheduler.step(increment=0)  # the current learning rate from this run's values
+
+
 def _match_saved_param_groups(optimizer, folder: Path) -> None:
-    """Megatron finds each saved param group by its (max_lr, min_lr, wd_mult, ...) and refuses a branch
-    whose optimizer.lr or min_lr differ from the source's. Every group's max_lr/min_lr is this trainer's
-    optimizer.lr/min_lr, so take the source's for the load (the caller restores this run's after it)."""
+    """Megatron finds each saved param group by its (max_lr, min_lr, wd_mult, ...) and refuses a load
+    (`Could not find parameter group`) whose optimizer.lr or min_lr differ from the checkpoint's. Every
+    group's max_lr/min_lr is this trainer's optimizer.lr/min_lr, so take the saved ones for the load (the
+    caller puts this run's back after it)."""
     config_file = folder / CONFIG_FILE
     saved = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
     source = saved.get("optimizer") or {}

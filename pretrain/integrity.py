@@ -227,9 +227,8 @@ def check_resume(
     intended. A branch (`branch`) starts new data by design: its data changes are notes. Returns the
     notes and warnings to print."""
     config_file = folder / "run_config.yaml"
-    saved_model = (
-        (yaml.safe_load(config_file.read_text()) or {}).get("model", {}) if config_file.is_file() else {}
-    )
+    saved_config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+    saved_model = saved_config.get("model", {})
     now_model = to_dict(config.model)
     diffs = [
         f"model.{k} {saved_model[k]} -> {now_model[k]}"
@@ -273,6 +272,17 @@ def check_resume(
             "checkpoint.allow_data_change=true if the change is intended"
         )
     notes = [f"note: {note}" for note in harmless]
+    saved_optimizer, now_optimizer = saved_config.get("optimizer") or {}, to_dict(config.optimizer)
+    lr_changes = [
+        f"optimizer.{key} {saved_optimizer[key]:g} -> {now_optimizer[key]:g}"
+        for key in ("lr", "min_lr")
+        if isinstance(saved_optimizer.get(key), int | float) and saved_optimizer[key] != now_optimizer[key]
+    ]
+    if lr_changes:
+        notes.append(
+            f"note: {'; '.join(lr_changes)} since {folder.name}: the schedule continues at its step with "
+            "the new values (Adam's moments and step count are kept)"
+        )
     if changes:
         notes.append(
             f"warning: data changed since {folder.name} ({'; '.join(changes)}); continuing because "

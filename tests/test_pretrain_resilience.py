@@ -94,3 +94,34 @@ def test_diverging_run_is_skipped_then_stopped(tmp_path, policy, expect_skips):
     assert len(skipped) == (1 if policy == "stop" else 3)
     assert not (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").exists()
     del expect_skips
+
+
+@pytest.mark.slow
+def test_nan_stop_recovers_by_resuming_with_a_lower_learning_rate(tmp_path):
+    """docs/guarantees.md's recovery from exit 4: resume from the newest (finite) checkpoint with a lower
+    optimizer.lr and min_lr. The resume must load (Megatron matched param groups by their saved learning
+    rates and refused), say what changed, and train on with the new rates."""
+    run = (*BASE, f"output_dir={tmp_path}", f"checkpoint.dir={tmp_path}/ckpt", "checkpoint.save_interval=1")
+    diverging = (
+        "schedule.train_iters=30",
+        "optimizer.lr=50",
+        "optimizer.min_lr=0",
+        "optimizer.clip_grad=0",
+        "resilience.spike_factor=1.5",
+        "resilience.spike_warmup_steps=1",
+        "resilience.on_bad_loss=stop",
+    )
+    proc = run_cli("train", TINY, *run, *diverging, timeout=240)
+    assert proc.returncode == EXIT_BAD_LOSS, proc.stderr[-2000:]
+    saved = int((tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
+    assert saved >= 1
+
+    lower = ("optimizer.lr=1e-3", "optimizer.min_lr=1e-4", f"schedule.exit_after_iters={saved + 3}")
+    proc = run_cli("train", TINY, *run, *diverging[:1], *lower, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resumed from {tmp_path / 'ckpt'}" in proc.stderr
+    assert "optimizer.lr 50 -> 0.001; optimizer.min_lr 0 -> 0.0001" in proc.stderr
+    after = read_metrics(tmp_path)[-3:]  # the file also holds the first run's steps
+    assert [m["step"] for m in after] == [saved + 1, saved + 2, saved + 3]
+    assert all(1e-4 <= m["lr"] <= 1e-3 for m in after), [m["lr"] for m in after]
+    assert not any(m["skipped"] for m in after)
