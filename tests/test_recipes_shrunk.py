@@ -310,40 +310,23 @@ def assert_ran(run: dict, kind: str) -> None:
     assert code == 0, f"{kind}: exit code {code}\n{tail}"
 
 
-DIST_OPT_LOAD = (
-    "issue 22 point 1: loading a checkpoint with parallelism.use_distributed_optimizer=true fails in "
-    "megatron-core's DistributedOptimizer.state_dict (AssertionError: len(steps) == 1); branch ckpt fixes it"
-)
-DP2_RESUME = (
-    "issue 22 point 1: resuming at DP=2 is not exact, distributed optimizer or not (shrunk tiny-cpu: step-3 "
-    "loss 6.754444 resumed vs 6.752714 straight; exact at DP=1)"
+DP2_RESUME = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="issue 22 point 1: resuming at DP=2 with 2 micro-batches per step per rank is not exact, with or "
+    "without the distributed optimizer (shrunk tiny-cpu: step-3 loss 6.754444 resumed vs 6.752714 "
+    "straight; exact with 1 micro-batch per rank at DP=2 and with 4 at DP=1)",
 )
 
 
-def _params(resume: bool) -> list:
-    """RUNS, each marked xfail(strict) with the open bug it hits: resuming (with `resume`), or for all
-    its checks a branch, which loads its trunk's distributed-optimizer checkpoint to start."""
-    out = []
-    for name in RUNS:
-        shrunk = shrink(name)
-        dist_opt = shrunk.config().parallelism.use_distributed_optimizer
-        reason = None
-        if dist_opt and (resume or shrunk.needs_branch_source):
-            reason = DIST_OPT_LOAD
-        elif resume and shrunk.dp > 1:
-            reason = DP2_RESUME
-        out.append(
-            name
-            if reason is None
-            else pytest.param(
-                name, marks=pytest.mark.xfail(strict=True, reason=reason, raises=AssertionError)
-            )
-        )
-    return out
+def _resume_params() -> list:
+    """RUNS, those at DP > 1 marked with the open bug they hit (every shrunk run has 2 micro-batches per
+    step per rank, as the recipes have many)."""
+    return [pytest.param(name, marks=DP2_RESUME) if shrink(name).dp > 1 else name for name in RUNS]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group", _params(True), indirect=True)
+@pytest.mark.parametrize("group", _resume_params(), indirect=True)
 def test_shrunk_recipe_resumes_exactly(group):
     assert_ran(group, "straight")
     assert_ran(group, "resumed")
@@ -356,7 +339,7 @@ def test_shrunk_recipe_resumes_exactly(group):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group", _params(False), indirect=True)
+@pytest.mark.parametrize("group", RUNS, indirect=True)
 def test_shrunk_recipe_converts_with_matching_logits(group):
     from transformers import AutoModelForCausalLM
 
@@ -371,7 +354,7 @@ def test_shrunk_recipe_converts_with_matching_logits(group):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group", _params(False), indirect=True)
+@pytest.mark.parametrize("group", RUNS, indirect=True)
 def test_shrunk_recipe_export_evaluates(group, tmp_path):
     from tests.eval_tasks import write_tasks
 
