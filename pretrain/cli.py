@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         from kumihimo.pretrain.integrity import check_pretrained_at_check
 
-        for note in check_pretrained_at_check(config, layout.tp):
+        for note in [*config.cpu_notes(), *check_pretrained_at_check(config, layout.tp)]:
             print(f"[check] {note}")
         from kumihimo.pretrain.model import describe_fusions, resolve_fusions
 

@@ -892,6 +892,16 @@ class TrainConfig:
             return None
         return self.checkpoint.dir or str(Path(self.output_dir) / "checkpoints")
 
+    def cpu_notes(self) -> list[str]:
+        """What a CPU run leaves out although the config allows it, one line each, for `kumihimo train
+        --check` (what it asks for outright, TE or FP8, is refused by validate instead)."""
+        if self.runtime.device == "cpu" and self.model.transformer_impl == "auto":
+            return [
+                "model.transformer_impl=auto builds Megatron's local layers: Transformer Engine needs "
+                "runtime.device=cuda"
+            ]
+        return []
+
     def check_paths(self) -> None:
         """Checks that need the files of this machine; `kumihimo train` runs them before launching."""
         self.data.check_paths()
