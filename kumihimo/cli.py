@@ -23,7 +23,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from kumihimo.core.errors import UserError
+from kumihimo.core.errors import UserError, disk_full_message, is_disk_full
 
 EXIT_USER_ERROR = 2
 
@@ -110,17 +110,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(handler(args) or 0)
     except UserError as exc:
-        report_dir = os.environ.get("KUMIHIMO_ERROR_DIR")  # pretrain.cli.ERROR_DIR_ENV: a spawned rank
-        if report_dir and os.path.isdir(report_dir):
-            rank = os.environ.get("RANK", "0")
-            with open(os.path.join(report_dir, f"rank{rank}.txt"), "w", encoding="utf-8") as report:
-                report.write(str(exc))
-            return EXIT_USER_ERROR
-        print(f"kumihimo: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _user_error(str(exc))
     except KeyboardInterrupt:
         print("kumihimo: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a full disk is the user's to fix, in every stage; anything else is a bug
+        if is_disk_full(exc):
+            return _user_error(disk_full_message(exc))
+        raise
+
+
+def _user_error(message: str) -> int:
+    """Print a user error as one line (or, in a rank spawned by pretrain.cli.spawn_local, hand it to the
+    launcher, which prints each distinct line once); the exit code for it."""
+    report_dir = os.environ.get("KUMIHIMO_ERROR_DIR")  # pretrain.cli.ERROR_DIR_ENV: a spawned rank
+    if report_dir and os.path.isdir(report_dir):
+        rank = os.environ.get("RANK", "0")
+        with open(os.path.join(report_dir, f"rank{rank}.txt"), "w", encoding="utf-8") as report:
+            report.write(message)
+        return EXIT_USER_ERROR
+    print(f"kumihimo: error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 def entry() -> None:

@@ -41,7 +41,7 @@ import yaml
 from torch.distributed.checkpoint.api import CheckpointException as WriteFailure
 
 from kumihimo.core import configtree
-from kumihimo.core.errors import UserError
+from kumihimo.core.errors import UserError, is_disk_full
 from kumihimo.pretrain import integrity
 from kumihimo.pretrain.distributed import rng_state, set_rng_state
 
@@ -455,11 +455,11 @@ def raise_if_disk_full(exc: BaseException, root: Path, expected_bytes: int, *lef
     least 64 MiB) is free: a shard writer that hits ENOSPC reaches us as torch's "unexpected pos" zip
     error wrapped in megatron-core's "Worker failure ... <class 'RuntimeError'>", with no errno left."""
     target = root if root.exists() else root.parent
-    if not integrity.is_disk_full(exc) and shutil.disk_usage(target).free > max(64 * 2**20, expected_bytes):
+    if not is_disk_full(exc) and shutil.disk_usage(target).free > max(64 * 2**20, expected_bytes):
         return
     detail = (
         f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        if integrity.is_disk_full(exc)
+        if is_disk_full(exc)
         else f"a shard write failed with {shutil.disk_usage(target).free / 2**20:.1f} MiB free"
     )
     for folder in leftovers:

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -447,18 +446,3 @@ class DiskFull(UserError):
             f"iter_* folders there or lower checkpoint.keep_last) and rerun the same command: it resumes "
             f"from latest"
         )
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether an exception (or one it wraps, as torch's checkpoint writer and PyTorch's C++ layer do)
-    comes from a full disk."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(exc)
-        if "No space left on device" in text or "Disk quota exceeded" in text:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False

@@ -77,3 +77,24 @@ def cluster(tmp_path_factory):
 
     with running_cluster(tmp_path_factory.mktemp("slurm")) as slurm:
         yield slurm
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs mounted for the test (root only); yields a function that mounts one of a given size."""
+    mounts = []
+
+    def mount(num_bytes: int) -> Path:
+        folder = tmp_path / f"disk{len(mounts)}"
+        folder.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={num_bytes}", "tmpfs", str(folder)], capture_output=True
+        )
+        if done.returncode:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounts:
+        subprocess.run(["umount", str(folder)], check=False)

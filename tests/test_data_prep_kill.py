@@ -209,3 +209,22 @@ def test_tokenizer_output_dir_that_cannot_be_written_is_one_line_before_sampling
     errors = [line for line in err.splitlines() if line.startswith("kumihimo: error:")]
     assert len(errors) == 1 and f"output_dir={target!r}" in errors[0] and reason in errors[0], err
     assert "[tokenizer] ja:" not in err
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_finishes(tmp_path, small_disk):
+    """Issue 23.7: curate on a full disk ended in an OSError traceback. A full disk is one line (exit 2)
+    naming the file, nothing half-written is published, and the same command finishes once there is
+    room."""
+    recipe, _ = write_recipe(tmp_path, num_files=6)
+    disk = small_disk(96 * 1024)
+    out = disk / "out"
+    full = curate_cli(recipe, f"output_dir={out}")
+    assert full.returncode == 2, full.stderr[-2000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("kumihimo: error: disk full ") and "rerun the same command" in last, last
+    assert "Traceback" not in full.stderr
+    assert not (out / "blend.yaml").exists() and not (out / "report.json").exists()
+    subprocess.run(["umount", str(disk)], check=True)  # room again: the same folder, now on the big disk
+    again = curate_cli(recipe, f"output_dir={out}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert debris(out) == []

@@ -357,27 +357,6 @@ def test_finite_check_sees_nan_and_inf_in_every_float_dtype():
 # ------------------------------------------------------------------------------ 6. disk full
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs mounted for the test (root only); yields a function that mounts one of a given size."""
-    mounts = []
-
-    def mount(num_bytes: int) -> Path:
-        folder = tmp_path / f"disk{len(mounts)}"
-        folder.mkdir()
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={num_bytes}", "tmpfs", str(folder)], capture_output=True
-        )
-        if done.returncode:
-            pytest.skip("cannot mount a tmpfs here (needs root)")
-        mounts.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounts:
-        subprocess.run(["umount", str(folder)], check=False)
-
-
 @pytest.mark.slow
 def test_full_disk_is_refused_before_saving_and_latest_stays(tmp_path, trained, small_disk):
     size = integrity.folder_bytes(trained[0] / "ckpt" / "iter_0000002")

@@ -1,9 +1,53 @@
-"""The one exception type for problems a user can fix (bad config, missing file, bad input).
+"""The one exception type for problems a user can fix (bad config, missing file, bad input), and the
+test for the one environment failure every stage reports the same way: a full disk.
 
-The CLI prints its message as one line and exits with code 2; anything else is a bug and keeps its
-traceback.
+The CLI prints a UserError's message as one line and exits with code 2, and a full disk likewise;
+anything else is a bug and keeps its traceback.
 """
+
+import errno
 
 
 class UserError(ValueError):
     """Something the user can fix. The message says what was wrong and how to fix it."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an exception (or one it wraps, as torch's checkpoint writer and PyTorch's C++ layer do)
+    comes from a full disk or an exceeded quota."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_message(exc: BaseException) -> str:
+    """The one line for a stage that ran out of disk: where, and that a rerun carries on."""
+    where = next(
+        (
+            e.filename
+            for e in _chain(exc)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename
+        ),
+        None,
+    )
+    place, disk = (f" writing {where}", "that disk") if where else ("", "the disk this command writes to")
+    return (
+        f"disk full{place} ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); nothing "
+        f"half-written was published: free space on {disk} and rerun the same command (it keeps the "
+        "finished work and removes this run's temporary files)"
+    )
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
