@@ -243,7 +243,7 @@ def test_refusals_name_the_problem_and_leave_no_output(sources, work, spm_model)
             average_checkpoints(checkpoints, output, weights)
         assert not output.exists()
     assert not list(work.glob(".refused.tmp-*"))
-    with pytest.raises(UserError, match="already exists"):
+    with pytest.raises(UserError, match="holds the output of `convert from-hf`, not of `convert average`"):
         average_checkpoints(roots[:2], roots[2])
 
 

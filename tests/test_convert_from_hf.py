@@ -314,7 +314,10 @@ def test_chunks_read_in_place_equal_the_transforms(groups, stored_dtype, tmp_pat
         for name, shape in expected_hf_tensors(dims).items()
     }
     save_file(weights, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text("{}")
+    shape = dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=100
+    )
+    (tmp_path / "config.json").write_text(json.dumps(shape))
     tensors = HFTensors(read_hf_model(tmp_path))
     tensors.check(expected_hf_tensors(dims))
     for chunk in plan_chunks(dims):

@@ -375,10 +375,10 @@ def test_encoded_batches_match_plain_encode_with_and_without_numpy_output(
     ]
     for numpy_output in (True, False):  # sentencepiece's out_type="numpy", and the list path of older 0.2.x
         monkeypatch.setattr(tokenize_stage, "_NUMPY_OUTPUT", numpy_output)
-        tokens, lengths = tokenize_stage._encode_lines((lines, add_bos, append_eod))
+        tokens, lengths = tokenize_stage._encode_lines((lines, add_bos, append_eod, "curated.jsonl"))
         assert lengths.tolist() == [len(e) for e in expected]
         assert tokens.tolist() == [i for e in expected for i in e]
-    assert tokenize_stage._encode_lines(([], add_bos, append_eod))[0].size == 0
+    assert tokenize_stage._encode_lines(([], add_bos, append_eod, "curated.jsonl"))[0].size == 0
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -117,7 +117,8 @@ def read_hf_model(folder: Path) -> HFModel:
             raise UserError(f"{config_path}: {key}={value!r} is not a positive integer; fix config.json")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map") if isinstance(_read_json(index), dict) else None
+        listing = _read_json(index)
+        weight_map = listing.get("weight_map") if isinstance(listing, dict) else None
         if not isinstance(weight_map, dict):
             raise UserError(f"{index} has no weight_map object; download the model again")
         files = {name: folder / file for name, file in weight_map.items()}

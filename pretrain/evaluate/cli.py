@@ -96,10 +96,21 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{target} does not exist; pass a checkpoint folder or a Hugging Face folder")
     device = args.device or _default_device()
     hf_folder = is_hf_folder(target)
+    _refuse_misplaced_options(args, target, hf_folder)
     # a Hugging Face folder's results go beside it, not in it (an exported folder holds the export alone)
     default_output = target.parent / f"{target.name}-eval" if hf_folder else target / "eval"
     output = Path(args.output) if args.output else default_output
     make_output_folder(output, "--output")  # a file or an unwritable folder: now, not after the scoring
+    if hf_folder:
+        return _run_hf(args, tasks, target, output, device)
+    if args.nproc_per_node > 1 and "RANK" not in os.environ:
+        return _spawn(args)
+    return _run_megatron(args, tasks, target, output, device)
+
+
+def _refuse_misplaced_options(args: argparse.Namespace, target: Path, hf_folder: bool) -> None:
+    """Options that do not apply to this target, and --harness without lm-eval: refused before any
+    output is made and any scoring is done."""
     if hf_folder:
         if args.harness:  # before kumihimo's own scoring, not after it
             from kumihimo.pretrain.evaluate.lm_eval_export import check_harness_installed
@@ -124,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
                 "folder (scored in one process with its own tokenizer); leave them out, or pass the "
                 "checkpoint folder instead"
             )
-        return _run_hf(args, tasks, target, output, device)
+        return
     if args.harness:
         raise UserError("--harness runs on a Hugging Face folder; convert first (kumihimo convert to-hf)")
     if args.watch and (target / "kumihimo.json").is_file():  # no latest marker there: it would wait forever
@@ -132,9 +143,6 @@ def run(args: argparse.Namespace) -> int:
             f"--watch follows a checkpoint folder as new iterations are saved, but {target} is one saved "
             f"iteration; pass its checkpoint folder ({target.parent})"
         )
-    if args.nproc_per_node > 1 and "RANK" not in os.environ:
-        return _spawn(args)
-    return _run_megatron(args, tasks, target, output, device)
 
 
 def _default_device() -> str:
