@@ -238,6 +238,7 @@ def uncache_masks(dataset) -> None:
     between DP ranks, DP sizes and a resumed run, so losses depended on the layout and on whether the run
     was resumed (issue 22). Any tokenizer with a pad id that occurs as a label hits it; mock data
     without a tokenizer (pad id -1) does not. Rebuilding the mask costs O(seq_length) per sample.
+    Upstream: Megatron-LM issues #1269 and #1711, pull request #6981 (open in 2026-12).
     """
     if dataset is None:
         return
