@@ -218,11 +218,34 @@ def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
     by_source = {}
     if sizes[1] and not data.mock and len(prefixes) > 1 and config.evaluation.per_source_validation:
         by_source = source_validation_sets(prefixes, sizes[1], dataset_config)
+    for dataset in (train, valid, *by_source.values()):
+        uncache_masks(dataset)
     if data.reset_attention_mask:
         train, valid = (None if d is None else DocumentIds(d, tokenizer.eod) for d in (train, valid))
         by_source = {name: DocumentIds(d, tokenizer.eod) for name, d in by_source.items()}
     log.info(f"[train] dataset indices: ready in {time.monotonic() - started:.1f} s")
     return Datasets(train, valid, tokenizer, fingerprint, by_source)
+
+
+def uncache_masks(dataset) -> None:
+    """Make every GPTDataset under `dataset` (a blend holds one per prefix) build each sample's loss
+    mask afresh.
+
+    megatron-core 0.19's GPTDataset caches the loss mask of the first sample a process reads (when no
+    reset_* / eod_mask_loss setting makes it sample-dependent) and then zeroes, in place, the positions
+    whose label is the tokenizer's pad id: the cached mask itself keeps those zeros, so every later
+    sample of that process loses the same positions from its loss. Which sample comes first differs
+    between DP ranks, DP sizes and a resumed run, so losses depended on the layout and on whether the run
+    was resumed (issue 22). Any tokenizer with a pad id that occurs as a label hits it; mock data
+    without a tokenizer (pad id -1) does not. Rebuilding the mask costs O(seq_length) per sample.
+    Upstream: Megatron-LM issues #1269 and #1711, pull request #6981 (open in 2026-12).
+    """
+    if dataset is None:
+        return
+    for part in getattr(dataset, "datasets", ()):
+        uncache_masks(part)
+    if hasattr(dataset, "masks_and_position_ids_are_cacheable"):
+        dataset.masks_and_position_ids_are_cacheable = False
 
 
 def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:

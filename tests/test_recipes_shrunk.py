@@ -310,23 +310,8 @@ def assert_ran(run: dict, kind: str) -> None:
     assert code == 0, f"{kind}: exit code {code}\n{tail}"
 
 
-DP2_RESUME = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 22 point 1: resuming at DP=2 with 2 micro-batches per step per rank is not exact, with or "
-    "without the distributed optimizer (shrunk tiny-cpu: step-3 loss 6.754444 resumed vs 6.752714 "
-    "straight; exact with 1 micro-batch per rank at DP=2 and with 4 at DP=1)",
-)
-
-
-def _resume_params() -> list:
-    """RUNS, those at DP > 1 marked with the open bug they hit (every shrunk run has 2 micro-batches per
-    step per rank, as the recipes have many)."""
-    return [pytest.param(name, marks=DP2_RESUME) if shrink(name).dp > 1 else name for name in RUNS]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("group", _resume_params(), indirect=True)
+@pytest.mark.parametrize("group", RUNS, indirect=True)
 def test_shrunk_recipe_resumes_exactly(group):
     assert_ran(group, "straight")
     assert_ran(group, "resumed")
