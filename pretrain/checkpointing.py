@@ -714,13 +714,20 @@ def _restore_step_counts(optimizer) -> None:
 
 
 def _load_schedule(scheduler, saved: dict, optimizer, configured: list[dict]) -> None:
-    """Continue the saved schedule (its step, warm-up and decay) with this run's peak and minimum
-    learning rate: resuming with a lower optimizer.lr or min_lr (the recovery from a NaN stop) takes
-    effect from the next step. Megatron's scheduler would otherwise take both from the checkpoint."""
+    """Continue at the saved step with this run's schedule: its peak and minimum learning rate (resuming
+    with a lower optimizer.lr or min_lr is the recovery from a NaN stop), warm-up, decay length and
+    style all apply from the next step, as Megatron-LM's --override-opt_param-scheduler does (a longer
+    schedule.train_iters lengthens the decay). Megatron's scheduler would otherwise keep the
+    checkpoint's values without a word; integrity.check_resume prints what changed."""
     max_lr, min_lr = scheduler.max_lr, scheduler.min_lr
     for group, values in zip(optimizer.param_groups, configured, strict=True):
         group.update({key: values[key] for key in ("max_lr", "min_lr") if key in values})
-    scheduler.load_state_dict(saved)
+    override = scheduler.override_opt_param_scheduler
+    scheduler.override_opt_param_scheduler = True  # keep this run's values; take only the step count
+    try:
+        scheduler.load_state_dict(saved)
+    finally:
+        scheduler.override_opt_param_scheduler = override
     scheduler.max_lr, scheduler.min_lr = max_lr, min_lr
     scheduler.step(increment=0)  # the current learning rate from this run's values
 
