@@ -188,7 +188,8 @@ def measure_run(run: Run, out: Path, te: bool) -> Outcome:
     """Train `run` into the fresh folder `out`; its step times, TFLOP/s, memory and fusion line."""
     if run.needs_te and not te:
         return Outcome(
-            run.name, note="skipped: Transformer Engine is not installed (pip install 'kumihimo[te]')"
+            run.name,
+            note="skipped: Transformer Engine is not installed (pip install -e '.[te]' from the checkout)",
         )
     start = time.perf_counter()
     proc = subprocess.run(

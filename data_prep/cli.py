@@ -107,12 +107,43 @@ def _tokenize(args: argparse.Namespace) -> int:
 def _refilter(args: argparse.Namespace) -> int:
     from kumihimo.data_prep.pipeline import refilter
 
-    result = refilter(load_config(args.config, args.overrides))
+    result = refilter(load_config(args.config, _with_curated_scorers(args.config, args.overrides)))
     say(
         f"[data_prep] refiltered: kept {result.num_kept} of {result.num_input_lines} input lines "
         f"({result.num_dropped} dropped); report: {result.report_path}"
     )
     return 0
+
+
+def _with_curated_scorers(recipe: str, overrides: list[str]) -> list[str]:
+    """`score.scorers.edu.min_score=0.9` names a scorer; when the recipe lists none (the curation got its
+    scorers as an override, `'score.scorers=[...]'`), take the list the curation saved in output_dir,
+    so the keyed form changes that curation's scorer as documented."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    keys = [item.partition("=")[0].strip() for item in overrides]
+    keyed = [item for item, key in zip(overrides, keys, strict=True) if key.startswith("score.scorers.")]
+    if not keyed or "score.scorers" in keys:
+        return overrides
+    rest = [item for item in overrides if item not in keyed]
+    base = load_config(recipe, rest)
+    if base.score.scorers:
+        return overrides  # the recipe's own scorers: a name it lacks gets configtree's error
+    saved = Path(base.output_dir) / "data_prep_config.yaml"
+    scorers = (
+        ((yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("score") or {}).get("scorers")
+        if saved.is_file()
+        else None
+    )
+    if not scorers:
+        return overrides  # nothing to inherit: configtree says to give the whole list
+    say(
+        f"[data_prep] score.scorers from the curation's {saved} (the recipe lists none), then {' '.join(keyed)}"
+    )
+    return [*rest, f"score.scorers={json.dumps(scorers, ensure_ascii=False)}", *keyed]
 
 
 def _train_classifier(args: argparse.Namespace) -> int:

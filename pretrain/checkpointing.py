@@ -605,6 +605,7 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
                 f"with the settings in its {CONFIG_FILE} or start a new run (new checkpoint.dir)"
             ) from exc
         except (CheckpointException, EOFError) as exc:  # a truncated .distcp: EOFError, wrapped or not
+            _reraise_interruption(exc)
             raise UserError(
                 f"{folder} cannot be read ({describe_failure(exc)}); write an earlier iteration into "
                 f"{folder.parent / LATEST_FILE} to resume from it, or start a new run"
@@ -627,6 +628,17 @@ def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) ->
     if same_layout:
         set_rng_state(loaded["rng_state"])
     return TrainState(**loaded["train_state"])
+
+
+def _reraise_interruption(exc: BaseException) -> None:
+    """DCP wraps whatever stopped a read, SIGTERM's StoppedBeforeTraining and Ctrl-C's KeyboardInterrupt
+    included, in a CheckpointException: raise those again as themselves, so that a signalled load ends
+    the run as a signal does (exit 3) instead of calling the checkpoint unreadable."""
+    from kumihimo.pretrain.convert.dcp_files import failure_cause
+
+    cause = failure_cause(exc)
+    if not isinstance(cause, Exception) and cause is not exc:
+        raise cause from None
 
 
 def check_optimizer_layout(folder: Path, saved_layout: dict, layout, optimizer) -> None:
@@ -714,13 +726,20 @@ def _restore_step_counts(optimizer) -> None:
 
 
 def _load_schedule(scheduler, saved: dict, optimizer, configured: list[dict]) -> None:
-    """Continue the saved schedule (its step, warm-up and decay) with this run's peak and minimum
-    learning rate: resuming with a lower optimizer.lr or min_lr (the recovery from a NaN stop) takes
-    effect from the next step. Megatron's scheduler would otherwise take both from the checkpoint."""
+    """Continue at the saved step with this run's schedule: its peak and minimum learning rate (resuming
+    with a lower optimizer.lr or min_lr is the recovery from a NaN stop), warm-up, decay length and
+    style all apply from the next step, as Megatron-LM's --override-opt_param-scheduler does (a longer
+    schedule.train_iters lengthens the decay). Megatron's scheduler would otherwise keep the
+    checkpoint's values without a word; integrity.check_resume prints what changed."""
     max_lr, min_lr = scheduler.max_lr, scheduler.min_lr
     for group, values in zip(optimizer.param_groups, configured, strict=True):
         group.update({key: values[key] for key in ("max_lr", "min_lr") if key in values})
-    scheduler.load_state_dict(saved)
+    override = scheduler.override_opt_param_scheduler
+    scheduler.override_opt_param_scheduler = True  # keep this run's values; take only the step count
+    try:
+        scheduler.load_state_dict(saved)
+    finally:
+        scheduler.override_opt_param_scheduler = override
     scheduler.max_lr, scheduler.min_lr = max_lr, min_lr
     scheduler.step(increment=0)  # the current learning rate from this run's values
 
@@ -747,9 +766,14 @@ def _hyperparameters(group: dict) -> dict:
 def load_weights(folder: Path, model_chunks) -> None:
     """Load only the model weights (any TP/PP), e.g. from a `kumihimo convert from-hf` checkpoint."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     sharded = _model_sharded_state_dict(model_chunks)
     with torch.no_grad():
-        loaded = dist_checkpointing.load(sharded, str(folder), sharded_strategy=_load_strategy(folder))
+        try:
+            loaded = dist_checkpointing.load(sharded, str(folder), sharded_strategy=_load_strategy(folder))
+        except CheckpointException as exc:
+            _reraise_interruption(exc)
+            raise
     for name, chunk in zip(sharded, model_chunks):
         unwrap(chunk).load_state_dict(loaded[name])

@@ -286,12 +286,84 @@ def check_resume(
             f"note: {'; '.join(lr_changes)} since {folder.name}: the schedule continues at its step with "
             "the new values (Adam's moments and step count are kept)"
         )
+    schedule_note = _schedule_change_note(saved_config, folder, config)
+    if schedule_note:
+        notes.append(schedule_note)
     if changes:
         notes.append(
             f"warning: data changed since {folder.name} ({'; '.join(changes)}); continuing because "
             "checkpoint.allow_data_change=true: later samples differ from an uninterrupted run"
         )
     return notes
+
+
+SCHEDULE_KEYS = (
+    "train_iters",
+    "lr_warmup_iters",
+    "lr_decay_style",
+    "lr_decay_iters",
+    "lr_wsd_decay_iters",
+    "lr_wsd_decay_style",
+)
+"""The schedule settings that shape the learning rate (exit_after_iters and batch sizes do not)."""
+
+
+def _schedule_change_note(saved_config: dict, folder: Path, config) -> str | None:
+    """A note naming each schedule setting changed since the checkpoint and the learning rate at the
+    resumed step under the checkpoint's schedule and under this run's (which applies: see
+    checkpointing._load_schedule). None when the effective schedule is the same."""
+    import dataclasses
+
+    saved_schedule = saved_config.get("schedule") or {}
+    known = {key: saved_schedule[key] for key in SCHEDULE_KEYS if key in saved_schedule}
+    old = dataclasses.replace(config.schedule, **known)
+    new = config.schedule
+
+    def shape(schedule) -> tuple:
+        wsd = schedule.lr_decay_style == "WSD"
+        return (
+            schedule.lr_warmup_iters,
+            schedule.decay_iters,
+            schedule.lr_decay_style,
+            schedule.wsd_decay_iters if wsd else None,
+            schedule.lr_wsd_decay_style if wsd else None,
+        )
+
+    if shape(old) == shape(new):
+        return None
+    changed = "; ".join(
+        f"schedule.{key} {getattr(old, key)} -> {getattr(new, key)}"
+        for key in SCHEDULE_KEYS
+        if getattr(old, key) != getattr(new, key)
+    )
+    step = int(folder.name.removeprefix("iter_")) if folder.name.removeprefix("iter_").isdigit() else None
+    if step is None:
+        return f"note: {changed} since {folder.name}: this run's schedule applies from the resumed step"
+    saved_optimizer = saved_config.get("optimizer") or {}
+    old_lr = {
+        key: saved_optimizer[key]
+        for key in ("lr", "min_lr")
+        if isinstance(saved_optimizer.get(key), int | float)
+    }
+    before = _learning_rate_at(
+        dataclasses.replace(config, schedule=old, optimizer=dataclasses.replace(config.optimizer, **old_lr)),
+        step,
+    )
+    after = _learning_rate_at(config, step)
+    return (
+        f"note: {changed} since {folder.name}: this run's schedule applies from step {step} "
+        f"(learning rate there {before:.4g} under the checkpoint's schedule, {after:.4g} under this run's)"
+    )
+
+
+def _learning_rate_at(config, step: int) -> float:
+    """The learning rate `config`'s schedule gives after `step` steps (what the trainer's scheduler gives)."""
+    from kumihimo.pretrain.training import build_scheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1)], lr=0.0)
+    scheduler = build_scheduler(config, optimizer)
+    scheduler.step(increment=step)
+    return scheduler.get_lr(optimizer.param_groups[0])
 
 
 def check_pretrained(

@@ -375,7 +375,7 @@ def resolve_transformer_impl(config: TrainConfig, support: KernelSupport | None 
     if impl == "transformer_engine" and not te:
         raise UserError(
             "model.transformer_impl=transformer_engine but Transformer Engine is not installed; "
-            "pip install 'kumihimo[te]' on the GPU nodes or set model.transformer_impl=local"
+            "pip install -e '.[te]' from the checkout on the GPU nodes or set model.transformer_impl=local"
         )
     return impl
 
@@ -387,7 +387,7 @@ def check_fp8_possible(config: TrainConfig) -> None:
     if resolve_transformer_impl(config) != "transformer_engine":
         raise UserError(
             "precision.fp8 needs Transformer Engine, which is not installed here; "
-            "pip install 'kumihimo[te]' on the GPU nodes or set precision.fp8=null"
+            "pip install -e '.[te]' from the checkout on the GPU nodes or set precision.fp8=null"
         )
     major, minor = torch.cuda.get_device_capability()
     if major < 9:
@@ -414,7 +414,7 @@ def initialize_tp_comm_overlap(config: TrainConfig, layout: ParallelLayout) -> N
     if resolve_transformer_impl(config) != "transformer_engine":
         raise UserError(
             "parallelism.tp_comm_overlap needs Transformer Engine layers, which are not in use here; "
-            "pip install 'kumihimo[te]' on the GPU nodes or set parallelism.tp_comm_overlap=false"
+            "pip install -e '.[te]' from the checkout on the GPU nodes or set parallelism.tp_comm_overlap=false"
         )
     from transformer_engine.pytorch.module import base
 

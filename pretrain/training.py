@@ -222,7 +222,10 @@ class Trainer:
         self.datasets: Datasets = build_datasets(cfg, cache_dir)
         vocab = self.datasets.tokenizer.vocab_size
         self.padded_vocab = self.layout.padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by)
+        started = time.perf_counter()
+        log.info(f"[train] building the model and optimizer ({self.layout.describe()})")
         self._build_model_and_optimizer()
+        log.info(f"[train] model and optimizer built in {time.perf_counter() - started:.1f} s")
         self.flops_per_token = training_flops_per_token(cfg, self.padded_vocab)
         self._record_parameter_counts()
         self.memory_meter: ActivationMeter | None = ActivationMeter(self.model)
@@ -359,12 +362,13 @@ class Trainer:
                 f"checkpoint.pretrained={root} with a new checkpoint.dir"
             )
         self._check_resume_compatible(meta, folder)
+        started = _announce_load(folder, "checkpoint")
         self.state = self.checkpoints.load(folder, self.model, self.optimizer, self.scheduler)
         self._inherit_source(meta)
         self.loss_guard.load_state_dict(self.state.extra.get("loss_guard", {}))
         log.info(
             f"[train] resumed from {folder} at step {self.state.iteration} "
-            f"({self.state.consumed_samples} samples consumed)"
+            f"({self.state.consumed_samples} samples consumed) in {time.perf_counter() - started:.1f} s"
         )
 
     def _load_pretrained(self, root: Path) -> None:
@@ -380,11 +384,15 @@ class Trainer:
             self.layout.tp,
         ):
             log.info(f"[train] {note}")
+        started = _announce_load(folder, "weights")
         checkpointing.load_weights(folder, self.model)
         self._inherit_source(meta)
         # bf16 runs keep fp32 main weights inside the optimizer, copied when it was built.
         self.optimizer.reload_model_params()
-        log.info(f"[train] initialised weights from {folder} (optimizer, schedule and data start fresh)")
+        log.info(
+            f"[train] initialised weights from {folder} in {time.perf_counter() - started:.1f} s "
+            "(optimizer, schedule and data start fresh)"
+        )
 
     def _start_branch(self) -> None:
         """Model and optimizer state (and RNG at the same TP/PP) from the branch's source; the step, data
@@ -393,9 +401,10 @@ class Trainer:
         meta = checkpointing.read_meta(folder)
         self._check_resume_compatible(meta, folder, branch=True)
         self._inherit_source(meta)
+        started = _announce_load(folder, "checkpoint")
         checkpointing.load_checkpoint(folder, self.model, self.optimizer, None, self.layout)
         log.info(
-            f"[train] branched from {folder} (its step {self.lineage['iteration']}, "
+            f"[train] branched from {folder} in {time.perf_counter() - started:.1f} s (its step {self.lineage['iteration']}, "
             f"{self.lineage['source_consumed_tokens']:,} tokens): model and optimizer state loaded; step, "
             "data position and learning-rate schedule start at 0 as configured"
         )
@@ -601,6 +610,15 @@ class Trainer:
         """Save a checkpoint of the current state (CheckpointManager.save): None when the state holds
         NaN/Inf and nothing was written. Call on every rank."""
         return self.checkpoints.save(self.state, self.model, self.optimizer, self.scheduler)
+
+
+def _announce_load(folder: Path, what: str) -> float:
+    """Say that a checkpoint read (minutes for a large model on a shared file system) starts, and how
+    much it reads; returns the start time for the line that ends it. SIGTERM meanwhile ends the run
+    (signals.StopRequest: nothing is written during a load)."""
+    size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    log.info(f"[train] loading {what} {folder} ({size / 1e9:.2f} GB)")
+    return time.perf_counter()
 
 
 def run_training(config: TrainConfig) -> TrainResult:

@@ -107,3 +107,16 @@ def test_run_configs_saved_by_earlier_releases_still_read():
     old["checkpoint"]["save"] = None
     assert from_saved(old).checkpoint.enabled is False
     assert old["runtime"]["run_dir"] == "/runs/old"  # the caller's mapping is left alone
+
+
+@pytest.mark.parametrize("overrides", [[], ["score.scorers=[]"]])
+def test_keyed_override_of_an_absent_named_list_says_to_give_the_list(overrides):
+    """Issue 30 point 4: `score.scorers.edu.min_score=0.9` with no scorers listed said "is not a list" (or
+    "is a value, not a section"); one line now says what to write."""
+    with pytest.raises(configtree.ConfigError) as caught:
+        configtree.load(DataPrepConfig, None, [*overrides, "score.scorers.edu.min_score=0.9"])
+    assert str(caught.value) == (
+        "score.scorers.edu.min_score addresses the item 'edu' of the list score.scorers, which lists none (a "
+        "dotted key only changes an item the recipe already lists); give the whole list: "
+        "score.scorers='[{name: edu, min_score: 0.9, ...}]'"
+    )

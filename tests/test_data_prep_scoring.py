@@ -276,3 +276,42 @@ def test_min_score_drops_and_refilter_applies_it_from_the_stored_scores(tmp_path
     changed.score.scorers[0].label = "other"
     with pytest.raises(UserError, match="score.scorers.edu.label"):
         refilter(changed)
+
+
+def test_refilter_keyed_min_score_takes_the_scorers_the_curation_got_as_an_override(
+    tmp_path, trained, capsys
+):
+    """Issue 30 point 4: docs/data_prep.md's `refilter RECIPE output_dir=SAME score.scorers.edu.min_score=X`
+    failed with "is not a list" when the curation's scorers came as an override (the recipe lists none).
+    It now takes the curation's saved scorers; with none to take, one line says what to write."""
+    from kumihimo.cli import main
+    from kumihimo.core import configtree
+    from kumihimo.data_prep.config import DataPrepConfig
+
+    base = write_corpus(tmp_path / "corpus")
+    base.filters.refilterable = True
+    recipe = tmp_path / "recipe.yaml"
+    configtree.save(base, recipe)  # no scorers in the recipe
+    out = tmp_path / "run"
+    scorer = f"score.scorers=[{{name: edu, path: {trained[0] / 'model.bin'}, label: good}}]"
+    assert main(["data", "curate", str(recipe), f"output_dir={out}", scorer]) == 0
+    scores = sorted(r["attributes"]["score_edu"] for r in read_records(out / "curated/ja.jsonl"))
+    cut = scores[len(scores) // 2]
+    keyed = f"score.scorers.edu.min_score={cut}"
+    assert main(["data", "refilter", str(recipe), f"output_dir={out}", keyed]) == 0
+    low = [r for r in read_records(out / "dropped/ja.jsonl") if r["reason"] == "low_score_edu"]
+    assert low and all(r["attributes"]["score_edu"] < cut for r in low)
+    assert configtree.load(DataPrepConfig, out / "data_prep_config.yaml").score.scorers[0].min_score == cut
+
+    capsys.readouterr()
+    nothing = [
+        "data",
+        "refilter",
+        str(recipe),
+        f"output_dir={tmp_path / 'none'}",
+        "score.scorers.edu.min_score=0.9",
+    ]
+    assert main(nothing) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "give the whole list: score.scorers='[{name: edu, min_score: 0.9, ...}]'" in err, err

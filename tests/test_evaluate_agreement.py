@@ -194,7 +194,8 @@ def test_in_loop_scores_agree_with_the_checkpoint(runs, layout):
 @pytest.mark.parametrize("layout", ["tp1", "pp2"])
 def test_lm_evaluation_harness_agrees(runs, layout, work, task_files):
     pytest.importorskip(
-        "lm_eval", reason="lm-evaluation-harness is not installed (pip install 'kumihimo[eval]')"
+        "lm_eval",
+        reason="lm-evaluation-harness is not installed (pip install -e '.[eval]' from the checkout)",
     )
     from kumihimo.pretrain.evaluate.lm_eval_export import harness_loglikelihoods, harness_name, run_harness
 

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -154,3 +155,59 @@ def test_check_of_a_multi_process_recipe_needs_no_nproc_per_node():
         "train", "tiny-cpu", "parallelism.tensor_model_parallel_size=2", "--check", "--nproc-per-node", "3"
     )
     assert proc.returncode == 2 and "world size 3 is not divisible" in proc.stderr
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_hung_checkpoint_load_ends_the_run_and_writes_nothing(tmp_path):
+    """A checkpoint load that never ends (its shard a FIFO nobody writes: a hung network file system) is
+    announced with its size, and SIGTERM ends it: exit 3, no traceback, the checkpoint folder unchanged."""
+    run = [
+        "train",
+        "tiny-cpu",
+        f"output_dir={tmp_path}",
+        f"checkpoint.dir={tmp_path}/ckpt",
+        "checkpoint.save_interval=2",
+        "schedule.lr_warmup_iters=1",
+        "schedule.train_iters=4",
+    ]
+    proc = run_cli(*run, "schedule.exit_after_iters=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shards = sorted((tmp_path / "ckpt" / "iter_0000002").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shards[-1].unlink()
+    os.mkfifo(shards[-1])
+    before = _tree(tmp_path / "ckpt")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "kumihimo.cli", *run], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+    )
+    watchdog = threading.Timer(180, child.kill)  # a load that is never announced must not hang the test
+    watchdog.start()
+    try:
+        seen = []
+        for line in child.stderr:
+            seen.append(line)
+            if "[train] loading checkpoint" in line:
+                break
+        assert child.poll() is None, "".join(seen[-20:])
+        assert " GB)" in seen[-1], seen[-1]
+        time.sleep(2)  # well inside the load: it cannot finish
+        assert child.poll() is None, "".join(seen[-20:])
+        sent = time.monotonic()
+        child.send_signal(signal.SIGTERM)
+        rest = child.stderr.read()
+        child.wait(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        watchdog.cancel()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 3, rest[-2000:]
+    assert took < 30, took
+    assert "[train] SIGTERM before the first step: exiting (nothing trained, nothing to save)" in rest
+    assert "Traceback" not in rest and "resumed from" not in rest
+    assert _tree(tmp_path / "ckpt") == before

@@ -118,6 +118,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 child = node[part] = {}
             if _is_named_list(child):  # copied, so the recipe's own list is never changed
                 child = node[part] = [dict(item) for item in child]
+            elif child == [] and depth + 2 < len(parts):  # `a.list.name.key=` with the list empty
+                where = ".".join(parts[: depth + 1])
+                raise _keyed_item_of_missing_list(
+                    where, {parts[depth + 1]: {".".join(parts[depth + 2 :]): value}}
+                )
             elif not isinstance(child, dict):
                 where = ".".join(parts[: depth + 1])
                 raise bad_value(
@@ -151,6 +156,23 @@ def _named_item(items: list[dict[str, Any]], name: str, where: str, key: str) ->
     raise ConfigError(
         f"override {key!r}: {where} has no item named {name!r} (names: {names}); use one of "
         f"those names or set the whole list with {where}=[...]"
+    )
+
+
+def _has_name_field(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp) and any(f.name == "name" for f in dataclasses.fields(tp))
+
+
+def _keyed_item_of_missing_list(key: str, value: Mapping) -> ConfigError:
+    """`score.scorers.edu.min_score=0.9` with no (or an empty) score.scorers list to find `edu` in: the
+    dotted key made a mapping, `value`, where a list of named items belongs. Say what to write instead."""
+    name, settings = next(iter(value.items()))
+    fields = ", ".join(f"{k}: {v}" for k, v in (settings.items() if isinstance(settings, Mapping) else []))
+    example = f"{key}='[{{name: {name}{', ' + fields if fields else ''}, ...}}]'"
+    dotted = ".".join([key, str(name), *(list(settings)[:1] if isinstance(settings, Mapping) else [])])
+    return ConfigError(
+        f"{dotted} addresses the item {name!r} of the list {key}, which lists none (a dotted key only "
+        f"changes an item the recipe already lists); give the whole list: {example}"
     )
 
 
@@ -219,6 +241,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin in (list, tuple):
         (item_tp, *_rest) = get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):
+            if isinstance(value, Mapping) and value and _has_name_field(item_tp):
+                raise _keyed_item_of_missing_list(key, value)
             raise bad_value(key, value, "is not a list", f"write a YAML list of {_type_name(item_tp)}")
         items = [_coerce(item_tp, item, f"{key}[{i}]") for i, item in enumerate(value)]
         return tuple(items) if origin is tuple else items
