@@ -103,28 +103,8 @@ def test_sigterm_while_indices_are_built_ends_the_run_promptly(small_source, tmp
     args = train_args(
         prefix, tokenizer, tmp_path / "run", "data.split=90,10,0", "schedule.train_iters=3000000"
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    child = subprocess.Popen(
-        [sys.executable, "-m", "kumihimo.cli", *args], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        seen = []
-        for line in child.stderr:
-            seen.append(line)
-            if "[train] dataset indices: building" in line:
-                break
-        assert child.poll() is None, "".join(seen[-20:])
-        time.sleep(1)
-        sent = time.monotonic()
-        child.send_signal(signal.SIGTERM)
-        rest = child.stderr.read()
-        child.wait(timeout=60)
-        took = time.monotonic() - sent
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.returncode == 3, rest[-2000:]
+    code, _, rest, took = sigterm_after(args, "[train] dataset indices: building", settle_s=1)
+    assert code == 3, rest[-2000:]
     assert took < 30, took
     assert "[train] SIGTERM before the first step: exiting (nothing trained, nothing to save)" in rest
     assert "Traceback" not in rest
@@ -180,34 +160,42 @@ def test_sigterm_during_a_hung_checkpoint_load_ends_the_run_and_writes_nothing(t
     shards[-1].unlink()
     os.mkfifo(shards[-1])
     before = _tree(tmp_path / "ckpt")
+    # 2 s after the announcement is well inside the load: it cannot finish
+    code, announced, rest, took = sigterm_after(run, "[train] loading checkpoint", settle_s=2)
+    assert " GB)" in announced, announced
+    assert code == 3, rest[-2000:]
+    assert took < 30, took
+    assert "[train] SIGTERM before the first step: exiting (nothing trained, nothing to save)" in rest
+    assert "Traceback" not in rest and "resumed from" not in rest
+    assert _tree(tmp_path / "ckpt") == before
+
+
+def sigterm_after(args: list[str], marker: str, settle_s: float) -> tuple[int, str, str, float]:
+    """Run `kumihimo ARGS`, send it SIGTERM `settle_s` after it printed a line containing `marker`, and
+    return (exit code, that line, the rest of its stderr, seconds from the signal to the exit). A run
+    that never prints the marker is killed after 180 s instead of hanging the test."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     child = subprocess.Popen(
-        [sys.executable, "-m", "kumihimo.cli", *run], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "kumihimo.cli", *args], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
     )
-    watchdog = threading.Timer(180, child.kill)  # a load that is never announced must not hang the test
+    watchdog = threading.Timer(180, child.kill)
     watchdog.start()
     try:
         seen = []
         for line in child.stderr:
             seen.append(line)
-            if "[train] loading checkpoint" in line:
+            if marker in line:
                 break
         assert child.poll() is None, "".join(seen[-20:])
-        assert " GB)" in seen[-1], seen[-1]
-        time.sleep(2)  # well inside the load: it cannot finish
+        time.sleep(settle_s)
         assert child.poll() is None, "".join(seen[-20:])
         sent = time.monotonic()
         child.send_signal(signal.SIGTERM)
         rest = child.stderr.read()
         child.wait(timeout=60)
-        took = time.monotonic() - sent
+        return child.returncode, seen[-1], rest, time.monotonic() - sent
     finally:
         watchdog.cancel()
         if child.poll() is None:
             child.kill()
             child.wait()
-    assert child.returncode == 3, rest[-2000:]
-    assert took < 30, took
-    assert "[train] SIGTERM before the first step: exiting (nothing trained, nothing to save)" in rest
-    assert "Traceback" not in rest and "resumed from" not in rest
-    assert _tree(tmp_path / "ckpt") == before
