@@ -68,6 +68,9 @@ def wheel_env(tmp_path_factory) -> Path:
         ).stdout.strip()
     )
     (site / "borrowed-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # A PYTHONPATH naming a checkout with an editable install's kumihimo.egg-info makes pip take the
+    # wheel as installed already and skip it.
+    clean_env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     install = subprocess.run(
         [
             sys.executable,
@@ -84,6 +87,7 @@ def wheel_env(tmp_path_factory) -> Path:
         capture_output=True,
         text=True,
         timeout=300,
+        env=clean_env,
     )
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
     return venv
