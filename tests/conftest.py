@@ -51,6 +51,18 @@ def signal_training(
     return child.returncode, stderr
 
 
+DIVERGING = (
+    "schedule.train_iters=30",
+    "optimizer.lr=50",
+    "optimizer.min_lr=0",
+    "optimizer.clip_grad=0",
+    "resilience.spike_factor=1.5",
+    "resilience.spike_warmup_steps=1",
+)
+"""Overrides under which tiny-cpu's loss explodes within a few steps and the loss guard sees it (the
+tests add resilience.on_bad_loss)."""
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kumihimo.pretrain.signals import EXIT_BAD_LOSS, EXIT_REQUEUE
-from tests.conftest import REPO, read_metrics, run_cli, signal_training
+from tests.conftest import DIVERGING, REPO, read_metrics, run_cli, signal_training
 
 pytestmark = pytest.mark.slow  # training runs with background saves
 
@@ -108,12 +108,7 @@ def test_bad_loss_exit_finishes_the_pending_save(tmp_path):
     """The loss guard stops the run one step after a save was started: that save still completes."""
     train(
         tmp_path,
-        "schedule.train_iters=30",
-        "optimizer.lr=50",
-        "optimizer.min_lr=0",
-        "optimizer.clip_grad=0",
-        "resilience.spike_factor=1.5",
-        "resilience.spike_warmup_steps=1",
+        *DIVERGING,
         "resilience.on_bad_loss=stop",
         "checkpoint.save_interval=1",
         expect=EXIT_BAD_LOSS,

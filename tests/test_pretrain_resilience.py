@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kumihimo.pretrain.signals import EXIT_BAD_LOSS, EXIT_REQUEUE, LossGuard
-from tests.conftest import read_metrics, run_cli, signal_training
+from tests.conftest import DIVERGING, read_metrics, run_cli, signal_training
 
 TINY = "configs/pretrain/tiny-cpu.yaml"
 BASE = ("schedule.lr_warmup_iters=1", "schedule.eval_interval=0", "logging.log_interval=1")
@@ -74,12 +74,7 @@ def test_diverging_run_is_skipped_then_stopped(tmp_path, policy, expect_skips):
         "train",
         TINY,
         *BASE,
-        "schedule.train_iters=30",
-        "optimizer.lr=50",
-        "optimizer.min_lr=0",
-        "optimizer.clip_grad=0",
-        "resilience.spike_factor=1.5",
-        "resilience.spike_warmup_steps=1",
+        *DIVERGING,
         f"resilience.on_bad_loss={policy}",
         "resilience.max_consecutive_skips=3",
         f"output_dir={tmp_path}",
@@ -102,15 +97,7 @@ def test_nan_stop_recovers_by_resuming_with_a_lower_learning_rate(tmp_path):
     optimizer.lr and min_lr. The resume must load (Megatron matched param groups by their saved learning
     rates and refused), say what changed, and train on with the new rates."""
     run = (*BASE, f"output_dir={tmp_path}", f"checkpoint.dir={tmp_path}/ckpt", "checkpoint.save_interval=1")
-    diverging = (
-        "schedule.train_iters=30",
-        "optimizer.lr=50",
-        "optimizer.min_lr=0",
-        "optimizer.clip_grad=0",
-        "resilience.spike_factor=1.5",
-        "resilience.spike_warmup_steps=1",
-        "resilience.on_bad_loss=stop",
-    )
+    diverging = (*DIVERGING, "resilience.on_bad_loss=stop")
     proc = run_cli("train", TINY, *run, *diverging, timeout=240)
     assert proc.returncode == EXIT_BAD_LOSS, proc.stderr[-2000:]
     saved = int((tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
