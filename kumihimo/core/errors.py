@@ -15,26 +15,16 @@ class UserError(ValueError):
 def is_disk_full(exc: BaseException) -> bool:
     """Whether an exception (or one it wraps, as torch's checkpoint writer and PyTorch's C++ layer do)
     comes from a full disk or an exceeded quota."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(exc)
-        if "No space left on device" in text or "Disk quota exceeded" in text:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(
+        _is_out_of_space(e) or "No space left on device" in str(e) or "Disk quota exceeded" in str(e)
+        for e in _chain(exc)
+    )
 
 
 def disk_full_message(exc: BaseException) -> str:
     """The one line for a stage that ran out of disk: where, and that a rerun carries on."""
     where = next(
-        (
-            e.filename
-            for e in _chain(exc)
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename
-        ),
+        (e.filename for e in _chain(exc) if _is_out_of_space(e) and e.filename),
         None,
     )
     place, disk = (f" writing {where}", "that disk") if where else ("", "the disk this command writes to")
@@ -45,7 +35,12 @@ def disk_full_message(exc: BaseException) -> str:
     )
 
 
+def _is_out_of_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def _chain(exc: BaseException):
+    """`exc` and the exceptions it wraps (cause or context), each once."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
