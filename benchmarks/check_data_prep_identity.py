@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -52,13 +53,33 @@ def build_corpus(corpus: Path, mb: float, seed: int) -> None:
             handle.write(json.dumps({"id": f"{lang}-mix", "text": mixed}) + "\n")
 
 
+def _map_stage_folders(src: Path) -> None:
+    """Import `src`'s pretrain/, data_prep/ and tokenizer/ as kumihimo.<folder>, as pyproject.toml's
+    package-dir mapping does for an install (older checkouts reached them through links in kumihimo/,
+    which sys.path alone follows)."""
+    import kumihimo
+
+    for stage in ("tokenizer", "data_prep", "pretrain"):
+        if (src / "kumihimo" / stage).exists():
+            continue  # a checkout from before the mapping: its link leads there
+        folder = src / stage
+        spec = importlib.util.spec_from_file_location(
+            f"kumihimo.{stage}", folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        setattr(kumihimo, stage, module)
+        spec.loader.exec_module(module)
+
+
 def run_curate(src: str, corpus: str, out: str) -> None:
-    """Subprocess side: curate every recipe with the kumihimo checkout under `src` (first on sys.path; its
-    kumihimo/data_prep link leads to its own data_prep/ folder)."""
+    """Subprocess side: curate every recipe with the kumihimo checkout under `src` (first on sys.path, its
+    stage folders imported as pyproject.toml maps them)."""
     sys.path.insert(0, src)
     # this script imported kumihimo (the sample corpus) from the installed tree before `src` came first
     for name in [m for m in sys.modules if m == "kumihimo" or m.startswith("kumihimo.")]:
         del sys.modules[name]
+    _map_stage_folders(Path(src))
     import kumihimo.data_prep
     from kumihimo.data_prep.config import load_config
     from kumihimo.data_prep.pipeline import curate
@@ -131,9 +152,9 @@ def main() -> None:
         return
     if args.baseline_src is None:
         parser.error("--baseline-src DIR is required (the root of a baseline checkout of kumihimo)")
-    if not (args.baseline_src / "kumihimo" / "data_prep" / "__init__.py").is_file():
+    if not (args.baseline_src / "data_prep" / "__init__.py").is_file():
         parser.error(
-            f"--baseline-src={args.baseline_src} holds no kumihimo/data_prep/__init__.py (not a checkout root)"
+            f"--baseline-src={args.baseline_src} holds no data_prep/__init__.py (not a checkout root)"
         )
     if args.keep and args.keep.exists() and any(args.keep.iterdir()):
         parser.error(f"--keep={args.keep} is not empty; curate would resume the runs found there")

@@ -1,7 +1,7 @@
 """Where recipes and batch scripts come from: a path the user gives, or the copies that ship with kumihimo.
 
-The checkout's `configs/` and `slurm/` folders are package data of `kumihimo` (as `kumihimo/configs` and
-`kumihimo/slurm_templates`), so a wheel install has them too and every verb finds them from any working
+The checkout's `configs/` and `slurm/` folders install as the package data `kumihimo.configs` and
+`kumihimo.slurm_templates` (pyproject.toml's package-dir mapping), so a wheel install has them too and every verb finds them from any working
 directory. A recipe argument is a path when that file exists, otherwise the name of a shipped recipe:
 `kumihimo train llmjp3-172b` and `kumihimo train configs/pretrain/llmjp3-172b.yaml` mean the same file
 wherever they are typed.
@@ -9,8 +9,8 @@ wherever they are typed.
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from importlib import resources
 from pathlib import Path
 
 from kumihimo.core.errors import UserError
@@ -18,14 +18,23 @@ from kumihimo.core.errors import UserError
 RECIPE_SUFFIX = ".yaml"
 
 
+def _package_folder(package: str) -> Path:
+    """The one folder of a data-only package (no __init__.py): `configs/` of the checkout for an editable
+    install, the installed copy for a wheel."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the package data {package} is missing: reinstall kumihimo (pip install -e .)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def shipped_root() -> Path:
     """The folder holding the shipped recipes (`configs/` of the checkout, or of the installed package)."""
-    return Path(str(resources.files("kumihimo") / "configs"))
+    return _package_folder("kumihimo.configs")
 
 
 def templates_root() -> Path:
     """The folder holding the shipped Slurm batch scripts and profiles (`slurm/` of the checkout)."""
-    return Path(str(resources.files("kumihimo") / "slurm_templates"))
+    return _package_folder("kumihimo.slurm_templates")
 
 
 def shipped_recipe(folder: str, name: str) -> Path:
