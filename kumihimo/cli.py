@@ -50,6 +50,7 @@ _VERBS = {
     "quickstart": ("kumihimo.quickstart", "run the whole pipeline on the bundled sample corpus, on CPU"),
     "doctor": ("kumihimo.doctor", "check Python, torch, megatron-core, devices, communication and a config"),
     "slurm": ("kumihimo.slurm", "submit training to Slurm from a recipe (batch scripts in slurm/)"),
+    "pbs": ("kumihimo.pbs", "submit training to PBS Professional (ABCI) from a recipe (slurm/train.pbs)"),
 }
 
 

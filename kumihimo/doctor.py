@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shutil
 import sys
 import time
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if config is not None:
         check_config_needs(report, config)
     check_disk(report, config)
+    check_allocation(report, os.environ)
     check_communication(report, config)
     from kumihimo.pretrain.distributed import process_info
 
@@ -258,6 +260,40 @@ def check_disk(report: Report, config) -> None:
         report.add("FAIL", "disk", detail + ("; free space or set checkpoint.dir elsewhere" if saves else ""))
     else:
         report.add("OK" if free_gb >= max(MIN_FREE_GB, 2 * needed_gb) else "WARN", "disk", detail)
+
+
+def check_allocation(report: Report, env) -> None:
+    """Inside a batch job, the processes started must fill the nodes the scheduler gave: Slurm's node and
+    task counts, or PBS's node file (one line per node, or per slot) against mpirun's world. A job whose
+    launcher started too few ranks per node trains on part of what it pays for; too many oversubscribe."""
+    from kumihimo.pretrain.distributed import process_info
+
+    info = process_info()
+    if "PBS_JOBID" in env:
+        node_file = env.get("PBS_NODEFILE")
+        if not node_file or not Path(node_file).is_file():
+            report.add(
+                "FAIL", "allocation", f"PBS job {env['PBS_JOBID']} has no readable PBS_NODEFILE ({node_file})"
+            )
+            return
+        nodes = list(
+            dict.fromkeys(line.strip() for line in Path(node_file).read_text().splitlines() if line.strip())
+        )
+        where = f"PBS job {env['PBS_JOBID']}: {len(nodes)} node(s) in PBS_NODEFILE"
+    elif "SLURM_JOB_ID" in env:
+        nodes = [str(i) for i in range(int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1"))))]
+        where = f"Slurm job {env['SLURM_JOB_ID']}: {len(nodes)} node(s)"
+    else:
+        return  # not inside a batch job: nothing to compare
+    if info.world_size % len(nodes):
+        report.add(
+            "FAIL",
+            "allocation",
+            f"{where}, but {info.world_size} process(es) were started, not a multiple of the node count; "
+            "start the same number of ranks on every node (mpirun --npernode / srun --ntasks-per-node)",
+        )
+        return
+    report.add("OK", "allocation", f"{where}, {info.world_size // len(nodes)} process(es) per node")
 
 
 def check_communication(report: Report, config) -> None:

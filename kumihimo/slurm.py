@@ -428,6 +428,18 @@ def run_submit(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def node_of_job(env) -> tuple[int, int, str]:
+    """(node count, this node's rank, job id) of a launcher started once per node: by srun under Slurm,
+    or by mpirun with one process per node (slurm/train.pbs under PBS)."""
+    if "SLURM_JOB_ID" in env or "SLURM_NODEID" in env:
+        nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
+        return nodes, int(env.get("SLURM_NODEID", "0")), env.get("SLURM_JOB_ID", "local")
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        job = env.get("PBS_JOBID", "local")
+        return int(env["OMPI_COMM_WORLD_SIZE"]), int(env.get("OMPI_COMM_WORLD_RANK", "0")), job
+    return 1, 0, "local"
+
+
 def run_launch_node(args: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -439,20 +451,21 @@ def run_launch_node(args: argparse.Namespace) -> int:
         )
     if args.nproc_per_node < 1:
         raise UserError(f"--nproc-per-node={args.nproc_per_node} must be >= 1")
-    num_nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
+    num_nodes, node_rank, job_id = node_of_job(os.environ)
     if num_nodes > 1 and "MASTER_PORT" not in os.environ:
         raise UserError(
-            "MASTER_ADDR/MASTER_PORT are not set; launch-node runs inside slurm/train-torchrun.sbatch"
+            "MASTER_ADDR/MASTER_PORT are not set; launch-node runs inside slurm/train-torchrun.sbatch "
+            "or slurm/train.pbs"
         )
     endpoint = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '29500')}"
     config = LaunchConfig(
         min_nodes=num_nodes,
         max_nodes=num_nodes,
         nproc_per_node=args.nproc_per_node,
-        run_id=os.environ.get("SLURM_JOB_ID", "local"),
+        run_id=job_id,
         rdzv_backend="static",
         rdzv_endpoint=endpoint,
-        rdzv_configs={"rank": int(os.environ.get("SLURM_NODEID", "0"))},
+        rdzv_configs={"rank": node_rank},
         max_restarts=0,
         monitor_interval=1,
     )

@@ -73,7 +73,7 @@ def test_readme_cli_table_names_every_command_and_option():
         assert any(" ".join(words[:n]) in known for n in range(2, 4)), f"README row `{row}` is not a command"
 
 
-@pytest.mark.parametrize("verb", ["data", "tokenizer", "slurm", "convert"])
+@pytest.mark.parametrize("verb", ["data", "tokenizer", "slurm", "pbs", "convert"])
 def test_bare_group_verb_prints_its_help(verb, capsys):
     assert main([verb]) == 0
     out = capsys.readouterr().out

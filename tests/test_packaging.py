@@ -19,7 +19,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("data_prep", "tokenizer", "pretrain")
-ROOF = ("kumihimo.cli", "kumihimo.quickstart", "kumihimo.doctor", "kumihimo.slurm", "kumihimo.sample")
+ROOF = (
+    "kumihimo.cli",
+    "kumihimo.quickstart",
+    "kumihimo.doctor",
+    "kumihimo.slurm",
+    "kumihimo.pbs",
+    "kumihimo.sample",
+)
 
 
 def _setuptools() -> dict:
