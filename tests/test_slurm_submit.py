@@ -110,7 +110,7 @@ def test_cpu_profile_asks_for_tasks_not_gpus(capsys, tmp_path):
             "--signal-before=600 s is not within (0, --time=00:05:00",
         ),
         (["--time", "five minutes"], "is not a Slurm time limit"),
-        (["--profile", "no-such-cluster"], "known: h100-ib, local-cpu"),
+        (["--profile", "no-such-cluster"], "known: abci3, h100-ib, local-cpu"),
         # issue 12 item 9: nothing may inject a line into the script, and times are checked
         (
             ["--sbatch", "--qos=high\necho injected"],
