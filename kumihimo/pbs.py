@@ -28,7 +28,16 @@ from pathlib import Path
 
 from kumihimo.core.errors import UserError
 from kumihimo.core.recipes import resolve_recipe
-from kumihimo.slurm import SLURM_DIR, find_profile, read_profile, refuse_control_characters, run_launch_node
+from kumihimo.slurm import (
+    SLURM_DIR,
+    add_job_shape_arguments,
+    add_launch_node_parser,
+    find_profile,
+    processes_per_node,
+    read_profile,
+    refuse_control_characters,
+    script_tail,
+)
 
 TEMPLATE = SLURM_DIR / "train.pbs"
 LAUNCHERS = ("mpirun", "torchrun")
@@ -59,15 +68,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         epilog=SUBMIT_EXAMPLES,
         formatter_class=formatter,
     )
-    submit.add_argument("config", help="training recipe (configs/pretrain/*.yaml)")
-    submit.add_argument("overrides", nargs="*", help="dotted overrides, passed to the trainer too")
-    submit.add_argument("--nodes", type=int, required=True, help="number of nodes (select=N)")
-    submit.add_argument(
-        "--gpus-per-node",
-        type=int,
-        default=None,
-        help="processes (GPUs) per node; default: the profile's KUMIHIMO_GPUS_PER_NODE or 8",
-    )
+    add_job_shape_arguments(submit)
     submit.add_argument("--walltime", default=None, metavar="HH:MM:SS", help="walltime of each job")
     submit.add_argument("--queue", default=None, help="queue (#PBS -q); default: the profile's QSUB_QUEUE")
     submit.add_argument(
@@ -91,19 +92,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     submit.add_argument("--dry-run", action="store_true", help="print the script and the qsub command only")
     submit.set_defaults(handler=run_submit)
 
-    launch = commands.add_parser(
-        "launch-node",
-        help="start this node's processes (torchrun's engine) and return the trainer's exit code",
-        description="Run `kumihimo COMMAND ...` in N processes on this node under torch's elastic launcher, "
+    add_launch_node_parser(
+        commands,
         "node rank and node count from mpirun (one process per node). Used by slurm/train.pbs with "
         "--launcher torchrun.",
-        epilog="example (inside a job):\n"
-        "  mpirun -np NODES --npernode 1 kumihimo pbs launch-node --nproc-per-node 8 train CONFIG",
-        formatter_class=formatter,
+        "mpirun -np NODES --npernode 1 kumihimo pbs launch-node --nproc-per-node 8 train CONFIG",
     )
-    launch.add_argument("--nproc-per-node", type=int, required=True, help="processes to start on this node")
-    launch.add_argument("command", nargs=argparse.REMAINDER, help="kumihimo verb and its arguments")
-    launch.set_defaults(handler=run_launch_node)
 
 
 _WALLTIME = re.compile(r"(\d+)(?::(\d+))?(?::(\d+))?", re.ASCII)
@@ -176,13 +170,6 @@ class PbsJob:
         return lines
 
 
-def template_body() -> str:
-    """slurm/train.pbs after its #PBS block (the header is what `submit` renders)."""
-    lines = TEMPLATE.read_text(encoding="utf-8").splitlines(keepends=True)
-    last = max(i for i, line in enumerate(lines) if line.startswith("#PBS"))
-    return "".join(lines[last + 1 :])
-
-
 def render(job: PbsJob, environment: dict[str, str]) -> str:
     """A self-contained PBS script: #PBS lines, exported settings, inlined profile, arguments, body."""
     for what, value in (
@@ -204,22 +191,7 @@ def render(job: PbsJob, environment: dict[str, str]) -> str:
         f"from {TEMPLATE.name}: {job.nodes} node(s) x {job.processes_per_node} process(es).",
         *(f"#PBS {line}" for line in job.directives()),
     ]
-    out += [f"export {key}={shlex.quote(value)}" for key, value in environment.items()]
-    if job.profile:
-        out += [
-            f"# ---- site profile {job.profile} ----",
-            "set -a",
-            job.profile.read_text(encoding="utf-8").rstrip("\n"),
-            "set +a",
-            "unset KUMIHIMO_PROFILE",
-        ]
-    out += [
-        "# ---- recipe and overrides ----",
-        "set -- " + shlex.join(job.arguments),
-        f"# ---- {TEMPLATE.name} ----",
-        template_body().rstrip("\n"),
-    ]
-    return "\n".join(out) + "\n"
+    return "\n".join(out + script_tail(environment, job.profile, job.arguments, TEMPLATE)) + "\n"
 
 
 def _check_word(what: str, value: str | None) -> None:
@@ -230,19 +202,9 @@ def _check_word(what: str, value: str | None) -> None:
 
 def pbs_job(args: argparse.Namespace, config, profile: Path | None) -> tuple[PbsJob, dict[str, str]]:
     """The job's shape and exported settings from the CLI, the profile and the recipe."""
-    from kumihimo.pretrain.parallel import ParallelLayout
-
     env = read_profile(profile) if profile else {}
     on_cpu = env.get("KUMIHIMO_DEVICE", "cuda") == "cpu"
-    per_node = (
-        args.gpus_per_node if args.gpus_per_node is not None else int(env.get("KUMIHIMO_GPUS_PER_NODE", 8))
-    )
-    if args.nodes < 1 or per_node < 1:
-        raise UserError(f"--nodes={args.nodes} and --gpus-per-node={per_node} must both be >= 1")
-    try:
-        ParallelLayout.from_config(config, args.nodes * per_node)
-    except UserError as exc:
-        raise UserError(f"--nodes={args.nodes} x --gpus-per-node={per_node}: {exc}") from exc
+    per_node = processes_per_node(args, env, config)
     queue = args.queue if args.queue is not None else env.get("QSUB_QUEUE") or None
     project = args.project if args.project is not None else env.get("QSUB_PROJECT") or None
     for what, value in (

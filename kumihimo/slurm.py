@@ -61,16 +61,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         epilog=SUBMIT_EXAMPLES,
         formatter_class=formatter,
     )
-    submit.add_argument("config", help="training recipe (configs/pretrain/*.yaml)")
-    submit.add_argument("overrides", nargs="*", help="dotted overrides, passed to the trainer too")
-    submit.add_argument("--nodes", type=int, required=True, help="number of nodes")
-    submit.add_argument(
-        "--gpus-per-node",
-        type=int,
-        default=None,
-        help="processes (GPUs) per node; default: the profile's KUMIHIMO_GPUS_PER_NODE or 8. "
-        "With a CPU profile (KUMIHIMO_DEVICE=cpu) these are CPU processes",
-    )
+    add_job_shape_arguments(submit)
     submit.add_argument(
         "--time",
         default=None,
@@ -108,15 +99,36 @@ def register(parser: argparse.ArgumentParser) -> None:
     submit.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command only")
     submit.set_defaults(handler=run_submit)
 
+    add_launch_node_parser(
+        commands,
+        "node rank SLURM_NODEID of SLURM_JOB_NUM_NODES. Used by slurm/train-torchrun.sbatch.",
+        "srun --ntasks-per-node=1 kumihimo slurm launch-node --nproc-per-node 8 train CONFIG",
+    )
+
+
+def add_job_shape_arguments(submit: argparse.ArgumentParser) -> None:
+    """The recipe, its overrides and the job's size: the arguments every `submit` verb takes."""
+    submit.add_argument("config", help="training recipe (configs/pretrain/*.yaml)")
+    submit.add_argument("overrides", nargs="*", help="dotted overrides, passed to the trainer too")
+    submit.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    submit.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="processes (GPUs) per node; default: the profile's KUMIHIMO_GPUS_PER_NODE or 8. "
+        "With a CPU profile (KUMIHIMO_DEVICE=cpu) these are CPU processes",
+    )
+
+
+def add_launch_node_parser(commands, started_by: str, example: str) -> None:
+    """`launch-node`, the per-node launcher of a batch script (Slurm's or PBS's)."""
     launch = commands.add_parser(
         "launch-node",
         help="start this node's processes (torchrun's engine) and return the trainer's exit code",
         description="Run `kumihimo COMMAND ...` in N processes on this node under torch's elastic launcher "
-        "with a static rendezvous at MASTER_ADDR:MASTER_PORT, node rank SLURM_NODEID of "
-        "SLURM_JOB_NUM_NODES. Used by slurm/train-torchrun.sbatch.",
-        epilog="example (inside a job, one task per node):\n"
-        "  srun --ntasks-per-node=1 kumihimo slurm launch-node --nproc-per-node 8 train CONFIG",
-        formatter_class=formatter,
+        f"with a static rendezvous at MASTER_ADDR:MASTER_PORT, {started_by}",
+        epilog=f"example (inside a job, one launcher per node):\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     launch.add_argument("--nproc-per-node", type=int, required=True, help="processes to start on this node")
     launch.add_argument("command", nargs=argparse.REMAINDER, help="kumihimo verb and its arguments")
@@ -273,9 +285,9 @@ class JobSpec:
 
 
 def script_body(template: Path) -> str:
-    """The part of a batch script after its #SBATCH block (the header is what `submit` renders)."""
+    """The part of a batch script after its #SBATCH or #PBS block (the header is what `submit` renders)."""
     lines = template.read_text(encoding="utf-8").splitlines(keepends=True)
-    last = max(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
+    last = max(i for i, line in enumerate(lines) if line.startswith(("#SBATCH", "#PBS")))
     return "".join(lines[last + 1 :])
 
 
@@ -304,31 +316,37 @@ def render(spec: JobSpec) -> str:
         f"from {spec.template.name}: {spec.nodes} node(s) x {spec.processes_per_node} process(es).",
         *(f"#SBATCH {line}" for line in spec.directives()),
     ]
-    out += [f"export {key}={shlex.quote(value)}" for key, value in spec.environment.items()]
-    if spec.profile:
-        # Inlined rather than sourced, so the script in the run directory records the exact environment.
+    return "\n".join(out + script_tail(spec.environment, spec.profile, spec.arguments, spec.template)) + "\n"
+
+
+def script_tail(
+    environment: dict[str, str], profile: Path | None, arguments: list[str], template: Path
+) -> list[str]:
+    """What follows a rendered script's header, for Slurm and PBS alike: the exported settings, the
+    profile inlined (rather than sourced, so the script in the run directory records the exact
+    environment), the recipe and its overrides as the script's arguments, then the template's body."""
+    out = [f"export {key}={shlex.quote(value)}" for key, value in environment.items()]
+    if profile:
         out += [
-            f"# ---- cluster profile {spec.profile} ----",
+            f"# ---- cluster profile {profile} ----",
             "set -a",
-            spec.profile.read_text(encoding="utf-8").rstrip("\n"),
+            profile.read_text(encoding="utf-8").rstrip("\n"),
             "set +a",
             "unset KUMIHIMO_PROFILE",
         ]
-    out += [
+    return out + [
         "# ---- recipe and overrides ----",
-        "set -- " + shlex.join(spec.arguments),
-        f"# ---- {spec.template.name} ----",
-        script_body(spec.template).rstrip("\n"),
+        "set -- " + shlex.join(arguments),
+        f"# ---- {template.name} ----",
+        script_body(template).rstrip("\n"),
     ]
-    return "\n".join(out) + "\n"
 
 
-def job_spec(args: argparse.Namespace, config, profile: Path | None) -> JobSpec:
-    """The job's shape from the CLI, the profile and the recipe, refusing what cannot run."""
+def processes_per_node(args: argparse.Namespace, env: dict[str, str], config) -> int:
+    """Processes per node (--gpus-per-node, else the profile's), refused unless the recipe's parallel
+    layout fits --nodes x that many processes."""
     from kumihimo.pretrain.parallel import ParallelLayout
 
-    env = read_profile(profile) if profile else {}
-    on_cpu = env.get("KUMIHIMO_DEVICE", "cuda") == "cpu"
     per_node = (
         args.gpus_per_node if args.gpus_per_node is not None else int(env.get("KUMIHIMO_GPUS_PER_NODE", 8))
     )
@@ -338,6 +356,14 @@ def job_spec(args: argparse.Namespace, config, profile: Path | None) -> JobSpec:
         ParallelLayout.from_config(config, args.nodes * per_node)
     except UserError as exc:
         raise UserError(f"--nodes={args.nodes} x --gpus-per-node={per_node}: {exc}") from exc
+    return per_node
+
+
+def job_spec(args: argparse.Namespace, config, profile: Path | None) -> JobSpec:
+    """The job's shape from the CLI, the profile and the recipe, refusing what cannot run."""
+    env = read_profile(profile) if profile else {}
+    on_cpu = env.get("KUMIHIMO_DEVICE", "cuda") == "cpu"
+    per_node = processes_per_node(args, env, config)
     signal_before = DEFAULT_SIGNAL_BEFORE_S if args.signal_before is None else args.signal_before
     if signal_before <= 0:
         raise UserError(
