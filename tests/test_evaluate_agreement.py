@@ -215,6 +215,8 @@ def test_in_loop_scores_agree_with_the_checkpoint(runs, layout):
         ("ja_leaderboard_jsquad", "exact_match"),
     ):
         assert logged[f"tasks/{task}/{metric}"] == ours[task][metric]
+    page = (runs[layout]["run"] / "metrics.html").read_text()
+    assert all(f"{task}/" in page for task in JA_TASKS)  # one curve per task in the run's plot
 
 
 @pytest.mark.parametrize("layout", ["tp1", "pp2"])
