@@ -239,3 +239,22 @@ def test_scores_agree_with_the_harness(hub, harness_tasks, tmp_path):
             metrics,
             mine.metrics,
         )
+
+
+def test_xlsum_without_its_packages_is_refused_at_setup(hub, monkeypatch):
+    from kumihimo.core.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "fugashi", None)  # as if not installed
+    with pytest.raises(UserError, match="needs fugashi .*pip install"):
+        load_entries([f"ja_leaderboard={hub[0]}"])
+    assert load_entries([f"ja_leaderboard_jnli={hub[0]}"])  # the other tasks still load
+
+
+def test_a_suite_file_with_an_unknown_key_is_refused(hub, tmp_path):
+    from kumihimo.core.errors import UserError
+
+    (tmp_path / "ja.yaml").write_text(
+        yaml.safe_dump({"suite": "ja_leaderboard", "data": str(hub[0]), "shots": 5})
+    )
+    with pytest.raises(UserError, match="suite files take .*found data, shots, suite"):
+        load_entries([str(tmp_path / "ja.yaml")])
