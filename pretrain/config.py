@@ -805,7 +805,8 @@ class EvaluationConfig:
     """Evaluation in the training loop beyond the validation loss (docs/evaluation.md)."""
 
     tasks: list[str] = field(default_factory=list)
-    """Downstream task YAML files (or folders of them) scored on the model as laid out; empty: none."""
+    """Downstream task YAML files (or folders of them), or suites read from local files
+    (ja_leaderboard=<data root>, jaster=<data root>), scored on the model as laid out; empty: none."""
     interval: int | None = None
     """Steps between task evaluations; null: schedule.eval_interval."""
     batch_size: int = 8

@@ -16,11 +16,14 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kumihimo.pretrain.convert.to_hf import convert_to_hf
 from kumihimo.pretrain.distributed import free_port
+from kumihimo.pretrain.evaluate.ja_leaderboard import PRESETS
 from kumihimo.pretrain.evaluate.tasks import load_tasks
 from tests.eval_tasks import write_tasks
+from tests.ja_leaderboard_fixtures import write_hub_files
 from tests.test_convert_to_hf import _launch, train_spm
 
 pytestmark = pytest.mark.slow  # three small trainings, Megatron and HF evaluations, the harness
@@ -37,6 +40,8 @@ TRAIN_LAYOUT = {
     "pp2": ["parallelism.pipeline_model_parallel_size=2"],
 }
 TOLERANCE = 1e-4
+# XL-Sum's ROUGE-2 needs MeCab (fugashi), not installed here; the others run in every route
+JA_TASKS = [name for name in PRESETS if name != "ja_leaderboard_xlsum"]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +52,21 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def task_files(work) -> list[Path]:
     return write_tasks(work / "tasks")
+
+
+@pytest.fixture(scope="module")
+def ja_suite(work, task_files) -> Path:
+    """lm-eval's japanese_leaderboard presets on the local hub-layout fixtures, short generations (the
+    harness's own prompts and scores are checked in test_evaluate_ja_leaderboard.py)."""
+    root = work / "hub"
+    write_hub_files(root)
+    path = work / "tasks" / "ja_leaderboard.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"suite": "ja_leaderboard", "data": str(root), "tasks": JA_TASKS, "limit": 2, "max_new_tokens": 4}
+        )
+    )
+    return path
 
 
 def _torchrun(nproc: int) -> list[str]:
@@ -68,7 +88,7 @@ def _wait(procs: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(work, task_files) -> dict[str, dict[str, Path]]:
+def runs(work, task_files, ja_suite) -> dict[str, dict[str, Path]]:
     """Per layout: the training run folder, its checkpoint root, the Megatron eval and HF eval results."""
     spm_model = train_spm(work / "tok", seed=2)
     paths = {name: {"run": work / name / "run", "ckpt": work / name / "ckpt"} for name in LAYOUTS}
@@ -90,7 +110,7 @@ def runs(work, task_files) -> dict[str, dict[str, Path]]:
                     f"data.tokenizer={spm_model}",
                     f"output_dir={paths[name]['run']}",
                     f"checkpoint.dir={paths[name]['ckpt']}",
-                    f"evaluation.tasks=[{','.join(str(p) for p in task_files)}]",
+                    f"evaluation.tasks=[{','.join(str(p) for p in [*task_files, ja_suite])}]",
                     "evaluation.batch_size=4",
                     *TRAIN_LAYOUT[name],
                 ]
@@ -162,7 +182,7 @@ def assert_same_scores(a: Path, b: Path, task: str) -> None:
             assert x["generated"] == y["generated"]
 
 
-TASKS = ("jcqa", "jnli", "arc", "hellaswag", "jemhopqa")
+TASKS = ("jcqa", "jnli", "arc", "hellaswag", "jemhopqa", *JA_TASKS)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -189,6 +209,14 @@ def test_in_loop_scores_agree_with_the_checkpoint(runs, layout):
     ours = json.loads((megatron / "results.json").read_text())["tasks"]
     assert logged["tasks/jcqa/acc"] == ours["jcqa"]["acc"]
     assert logged["tasks/jemhopqa/exact_match"] == ours["jemhopqa"]["exact_match"]
+    for task, metric in (
+        ("ja_leaderboard_jnli", "acc"),
+        ("ja_leaderboard_mgsm", "acc"),
+        ("ja_leaderboard_jsquad", "exact_match"),
+    ):
+        assert logged[f"tasks/{task}/{metric}"] == ours[task][metric]
+    page = (runs[layout]["run"] / "metrics.html").read_text()
+    assert all(f"{task}/" in page for task in JA_TASKS)  # one curve per task in the run's plot
 
 
 @pytest.mark.parametrize("layout", ["tp1", "pp2"])

@@ -35,7 +35,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("target", nargs="?", help="Megatron checkpoint folder or Hugging Face model folder")
     parser.add_argument(
-        "--tasks", nargs="+", required=True, help="task YAML files, or folders of them (docs/evaluation.md)"
+        "--tasks",
+        nargs="+",
+        required=True,
+        help="task YAML files, folders of them, or a suite read from local files: ja_leaderboard=DATA_ROOT, "
+        "jaster=DATA_ROOT (docs/evaluation.md)",
     )
     parser.add_argument(
         "--output",
@@ -75,9 +79,9 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kumihimo.pretrain.evaluate.tasks import load_tasks, task_paths
+    from kumihimo.pretrain.evaluate.suites import load_entries
 
-    tasks = load_tasks(task_paths(args.tasks))
+    tasks = load_entries(args.tasks)
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be >= 1")
     if args.export_lm_eval:

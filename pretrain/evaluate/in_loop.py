@@ -23,7 +23,8 @@ import torch.distributed as dist
 from kumihimo.core.errors import UserError
 from kumihimo.pretrain.evaluate.megatron_backend import MegatronBackend, SPMCodec, codec_for
 from kumihimo.pretrain.evaluate.runner import describe, flat_metrics, run_tasks, write_results
-from kumihimo.pretrain.evaluate.tasks import Task, load_tasks, task_paths
+from kumihimo.pretrain.evaluate.suites import load_entries
+from kumihimo.pretrain.evaluate.tasks import Task
 
 if TYPE_CHECKING:
     from kumihimo.pretrain.config import TrainConfig
@@ -86,7 +87,7 @@ class InLoopEvaluation:
         from kumihimo.tokenizer.spm import Tokenizer
 
         tokenizer = Tokenizer.load(config.data.tokenizer)
-        tasks = load_tasks(task_paths(ev.tasks))
+        tasks = load_entries(ev.tasks)
         backend = MegatronBackend(model_chunks, tokenizer.vocab_size, config.model.context_length, device)
         interval = ev.interval or config.schedule.eval_interval
         if not interval:

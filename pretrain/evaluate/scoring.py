@@ -216,7 +216,13 @@ def score_generation(
                 {"index": example.index, "answers": example.answers, "generated": text, "exact_match": hit}
             )
     n = len(task.examples)
-    metrics = {"exact_match": correct / n, "num_examples": n}
+    metrics = {"exact_match": correct / n}
+    if task.grade is not None:
+        metrics, per_document = task.grade(task.examples, [s["generated"] for s in samples])
+        for sample, fields in zip(samples, per_document):
+            del sample["exact_match"]
+            sample.update(fields)
+    metrics = {**metrics, "num_examples": n}
     return TaskResult(task.name, metrics, samples, seconds=time.perf_counter() - started)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -163,8 +164,11 @@ class Example:
 @dataclass
 class Task:
     spec: TaskSpec
-    source: Path  # the YAML file
+    source: Path  # the YAML file (a data root for a suite's task)
     examples: list[Example]
+    grade: Callable[[list[Example], list[str]], tuple[dict, list[dict]]] | None = None
+    """Generation metric other than exact match (a suite's): (examples, generations) -> (metrics,
+    per-document fields)."""
 
     @property
     def name(self) -> str:
