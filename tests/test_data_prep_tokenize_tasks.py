@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import filecmp
+import json
 import os
 import pickle
 import shutil
@@ -36,9 +37,8 @@ from kumihimo.data_prep.tokenize_parts import (
 from kumihimo.data_prep.tokenize_stage import build_datasets, checked_settings
 from tests.conftest import REPO
 
-PART_BYTES = (
-    700  # the curated test files are 3-12 KB: several parts per source, some lines longer than a part
-)
+# the curated test files are 3-12 KB: several parts per source, and lines longer than a part
+PART_BYTES = 700
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_n_tasks_equal_the_single_process_run_byte_for_byte(
     assert_same_as(out, reference)
 
 
-@pytest.mark.slow  # ~18 s on 2 cores: spawned processes import numpy, sentencepiece, datatrove
+@pytest.mark.slow  # ~10 s on 2 cores: the pool's spawned processes import numpy and sentencepiece
 def test_local_pool_and_datatrove_local_equal_the_single_process_run(references, tokenizer_path, tmp_path):
     reference = references["curated"]
     pool = copy_of(reference, tmp_path / "pool", tasks=3)
@@ -152,7 +152,7 @@ def test_local_pool_and_datatrove_local_equal_the_single_process_run(references,
     assert_same_as(tmp_path / "pool", reference)
     pytest.importorskip("datatrove")
     local = copy_of(reference, tmp_path / "datatrove", tasks=3)
-    local.executor = dataclasses.replace(reference.executor, kind="datatrove-local", workers=2)
+    local.executor = dataclasses.replace(reference.executor, kind="datatrove-local", workers=1)
     tokenize(local, tokenizer_path)
     assert_same_as(tmp_path / "datatrove", reference)
     assert len(list((tmp_path / "datatrove/work/datatrove/tokenize/logs").iterdir())) == 3
@@ -309,3 +309,53 @@ def test_tokenize_tasks_keys_are_checked():
     for key in ("tokenize.tasks=0", "tokenize.part_bytes=0"):
         with pytest.raises(ConfigError, match=key.split("=")[0]):
             load_config(None, ["input.sources=[{name: a, paths: [x]}]", key])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tokenize_tasks_on_a_real_slurm_equal_the_single_process_run(
+    references, tokenizer_path, tmp_path, cluster
+):
+    """`kumihimo data tokenize` with executor.kind=datatrove-slurm on the one-node Slurm of
+    tests/slurm_cluster.py: a 3-task array and the merge job with afterok on it, then the same command
+    prints the result and submits nothing."""
+    pytest.importorskip("datatrove")
+    from kumihimo.core import configtree
+    from tests.slurm_cluster import PARTITION
+
+    reference = references["curated"]
+    config = copy_of(reference, tmp_path / "out", tasks=3)
+    recipe = tmp_path / "data_prep.yaml"
+    configtree.save(config, recipe)
+    logs = tmp_path / "logs"
+    command = [
+        sys.executable,
+        "-m",
+        "kumihimo.cli",
+        "data",
+        "tokenize",
+        str(recipe),
+        "--tokenizer",
+        str(tokenizer_path),
+        "executor.kind=datatrove-slurm",
+        f"executor.slurm_partition={PARTITION}",
+        "executor.slurm_time=00:10:00",
+        "executor.slurm_mem_per_cpu_gb=1",
+        f"executor.logging_dir={logs}",
+    ]
+    submitted = cluster.run(*command)
+    assert "Slurm jobs submitted" in submitted.stderr, submitted.stderr[-2000:]
+    tasks_id, merge_id = json.loads((logs / "tokenize/slurm_jobs.json").read_text())
+    assert f"afterok:{tasks_id}" in cluster.run("squeue", "-h", "-o", "%i %E").stdout
+    deadline = time.monotonic() + 300
+    while cluster.run("squeue", "-h").stdout.strip():
+        assert time.monotonic() < deadline, cluster.run("squeue", "-h", "-o", "%i %j %T %r").stdout
+        time.sleep(1)
+    records = cluster.jobs()
+    mine = [r for r in records if r["ArrayJobId"] in (tasks_id, merge_id)]
+    assert sorted(r["ArrayTaskId"] for r in mine if r["ArrayJobId"] == tasks_id) == ["0", "1", "2"]
+    assert all((r["JobState"], r["ExitCode"]) == ("COMPLETED", "0:0") for r in mine), mine
+    assert_same_as(tmp_path / "out", reference)
+    again = cluster.run(*command)
+    assert "[tokenize] blend:" in again.stderr and len(cluster.jobs()) == len(records)
+    assert_same_as(tmp_path / "out", reference)
