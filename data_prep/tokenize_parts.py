@@ -275,10 +275,13 @@ def tokenize(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildResult 
     from kumihimo.data_prep.pipeline import OUTPUT_FOLDERS
 
     tokenizer_path = str(tokenizer_path)
+    if config.executor.kind == "datatrove-slurm":
+        # no RunLock here: taking it removes temporary files, which would be those of array tasks still
+        # running; the queue check refuses a second submission instead (as `data curate` on Slurm)
+        config, tokenizer = checked_settings(config, tokenizer_path)
+        return _submit_or_collect(config, tokenizer, tokenizer_path, num_tasks)
     with RunLock(config.output_dir, "tokenize", OUTPUT_FOLDERS):  # one live run; clears a killed one's debris
         config, tokenizer = checked_settings(config, tokenizer_path)
-        if config.executor.kind == "datatrove-slurm":
-            return _submit_or_collect(config, tokenizer, tokenizer_path, num_tasks)
         todo = prepare_parts(config, tokenizer)
         if todo:
             num_parts = len(_planned_parts(config))

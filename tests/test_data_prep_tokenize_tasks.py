@@ -5,6 +5,7 @@ merge equals Megatron-LM's IndexedDatasetBuilder.add_index over the same parts."
 from __future__ import annotations
 
 import dataclasses
+import errno
 import filecmp
 import json
 import os
@@ -261,6 +262,26 @@ def test_megatron_merge_of_the_parts_is_the_same_bytes(references, tokenizer_pat
                 compared += 1
     assert compared == 8  # en and three buckets of ja (the fourth is left out)
     merge_parts(checked, tokenizer_path)
+    assert_same_as(tmp_path / "out", reference)
+
+
+def test_the_merge_falls_back_to_a_plain_copy_midway(references, tokenizer_path, tmp_path, monkeypatch):
+    """os.copy_file_range refused (EXDEV: other file systems; or no such call) after its first 10 bytes:
+    the rest of that part and the next parts are copied by Python, and the bytes are the same."""
+    real, calls = os.copy_file_range, []
+
+    def first_call_only(source, target, count, *args):
+        calls.append(count)
+        if len(calls) > 1:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(source, target, min(count, 10), *args)
+
+    monkeypatch.setattr(os, "copy_file_range", first_call_only)
+    reference = references["bucketed"]
+    config = copy_of(reference, tmp_path / "out", tasks=2)
+    config.num_workers = 1
+    tokenize(config, tokenizer_path)
+    assert len(calls) > 2
     assert_same_as(tmp_path / "out", reference)
 
 
