@@ -295,9 +295,9 @@ def tokenize(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildResult 
 def _run_locally(config: DataPrepConfig, tokenizer_path: str, num_tasks: int) -> None:
     """The tasks on this machine, side by side, each encoding its parts in one process."""
     task_config = dataclasses.replace(config, num_workers=1)
-    workers = min(config.executor.workers or config.resolved_num_workers, num_tasks)
     if config.executor.kind == "datatrove-local":
-        from datatrove.executor import LocalPipelineExecutor
+        LocalPipelineExecutor = _datatrove_executor("LocalPipelineExecutor", config)
+        workers = min(config.executor.workers or config.resolved_num_workers, num_tasks)
 
         logs = Path(config.executor.logging_dir or Path(config.output_dir) / "work" / "datatrove")
         LocalPipelineExecutor(
@@ -309,6 +309,7 @@ def _run_locally(config: DataPrepConfig, tokenizer_path: str, num_tasks: int) ->
             start_method="spawn",
         ).run()
         return
+    workers = min(config.resolved_num_workers, num_tasks)
     if workers == 1:
         for rank in range(num_tasks):
             tokenize_task(task_config, tokenizer_path, rank, num_tasks)
@@ -319,11 +320,22 @@ def _run_locally(config: DataPrepConfig, tokenizer_path: str, num_tasks: int) ->
             pass
 
 
+def _datatrove_executor(name: str, config: DataPrepConfig) -> Any:
+    """datatrove's executor class `name`; datatrove is optional (the `cluster` extra): a one-line error."""
+    try:
+        import datatrove.executor
+    except ImportError as exc:
+        raise UserError(
+            f"executor.kind={config.executor.kind} needs datatrove ({exc}); run `pip install datatrove` "
+            "or use executor.kind=local"
+        ) from exc
+    return getattr(datatrove.executor, name)
+
+
 def _submit_or_collect(
     config: DataPrepConfig, tokenizer: Any, tokenizer_path: str, num_tasks: int
 ) -> BuildResult | None:
-    from datatrove.executor import SlurmPipelineExecutor
-
+    SlurmPipelineExecutor = _datatrove_executor("SlurmPipelineExecutor", config)
     from kumihimo.data_prep.cluster import jobs_in_queue, slurm_options
 
     ex = config.executor
