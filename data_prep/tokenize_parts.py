@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from kumihimo.data_prep.tokenize_stage import (
     curated_path,
     dataset_prefix,
     encode_source,
+    encoders,
     finished_counts,
     finished_marker,
     marker_path,
@@ -134,16 +136,19 @@ def tokenize_task(config: DataPrepConfig, tokenizer_path: str, rank: int, world_
     if not todo:
         return 0
     vocab_size = load_tokenizer(tokenizer_path).vocab_size
-    with Progress(f"tokenize task {rank}/{world_size}", len(todo), "parts") as progress:
+    with (
+        Progress(f"tokenize task {rank}/{world_size}", len(todo), "parts") as progress,
+        encoders(tokenizer_path, config.resolved_num_workers) as pool,
+    ):
         for source, index, span in todo:
-            _encode_part(config, tokenizer_path, vocab_size, source, index, span)
+            _encode_part(config, pool, vocab_size, source, index, span)
             progress.update()
     return len(todo)
 
 
 def _encode_part(
     config: DataPrepConfig,
-    tokenizer_path: str,
+    pool: ProcessPoolExecutor | None,
     vocab_size: int,
     source: str,
     index: int,
@@ -169,9 +174,7 @@ def _encode_part(
         writers = GroupWriters(staging, blend_groups.source_grouping(config, source), vocab_size)
         try:
             progress = Progress(f"tokenize {source} part {index}", None, "documents", interval=60.0)
-            encode_source(
-                curated, writers, config, tokenizer_path, config.resolved_num_workers, progress, span
-            )
+            encode_source(curated, writers, config, pool, config.resolved_num_workers, progress, span)
             writers.finish()
         except BaseException:
             writers.abort()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,16 +197,29 @@ class GroupWriters:
             writer.abort()
 
 
+@contextmanager
+def encoders(tokenizer_path: str, num_workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """Where `encode_source` encodes: in this process (None, for num_workers=1) or on a pool of
+    num_workers processes that serves every file encoded inside the block (spawned once, not per file)."""
+    if num_workers == 1:
+        _init_tokenizer(tokenizer_path)
+        yield None
+        return
+    with process_pool(num_workers, _init_tokenizer, (tokenizer_path,)) as pool:
+        yield pool
+
+
 def encode_source(
     curated: Path,
     writers: GroupWriters,
     config: DataPrepConfig,
-    tokenizer_path: str,
+    pool: ProcessPoolExecutor | None,
     num_workers: int,
     progress: Progress,
     span: tuple[int, int] | None = None,
 ) -> None:
-    """Encode the curated file (or the lines starting in its byte `span`) into `writers`, in order."""
+    """Encode the curated file (or the lines starting in its byte `span`) into `writers`, in order, on
+    `pool` (from `encoders`; None: in this process) with at most 2 x num_workers batches in flight."""
     flags = (config.tokenize.add_bos, config.tokenize.append_eod)
     grouping = writers.grouping
     batches = _batches(curated, config.tokenize.batch_documents, span)
@@ -212,14 +227,12 @@ def encode_source(
         work, tasks = _encode_lines, ((batch, *flags, str(curated)) for batch in batches)
     else:
         work, tasks = _encode_grouped, ((batch, *flags, grouping, str(curated)) for batch in batches)
-    if num_workers == 1:
-        _init_tokenizer(tokenizer_path)
+    if pool is None:
         for task in tasks:
             progress.update(writers.add(work(task)))
         return
-    with process_pool(num_workers, _init_tokenizer, (tokenizer_path,)) as pool:
-        for result in run_ordered(pool, work, tasks, window=2 * num_workers):
-            progress.update(writers.add(result))
+    for result in run_ordered(pool, work, tasks, window=2 * num_workers):
+        progress.update(writers.add(result))
 
 
 def source_marker(
@@ -295,10 +308,12 @@ def _tokenize_source(
     else:
         writers = GroupWriters(out, grouping, tokenizer.vocab_size)
         try:
-            with Progress(f"tokenize {source.name}", None, "documents") as progress:
-                encode_source(
-                    curated, writers, config, str(tokenizer.path), config.resolved_num_workers, progress
-                )
+            num_workers = config.resolved_num_workers
+            with (
+                Progress(f"tokenize {source.name}", None, "documents") as progress,
+                encoders(str(tokenizer.path), num_workers) as pool,
+            ):
+                encode_source(curated, writers, config, pool, num_workers, progress)
             writers.finish()
         except BaseException:
             writers.abort()

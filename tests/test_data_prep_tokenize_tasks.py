@@ -317,8 +317,11 @@ def test_slurm_submits_the_tasks_and_a_dependent_merge_then_collects(
     assert tasks.pipeline[0].config.num_workers == 2  # each array task encodes with its own CPUs
     assert tasks.get_sbatch_args(4)["array"] == "0-3" and tasks.get_sbatch_args(4)["partition"] == "cpu"
     # what the jobs do, run here: then the same command collects the result
-    for rank in range(4):
-        list(tasks.pipeline[0](None, rank, 4))
+    step = tasks.pipeline[0]
+    list(step(None, 0, 4))  # as submitted: the task's parts on one pool of 2 processes
+    in_process = dataclasses.replace(step, config=dataclasses.replace(step.config, num_workers=1))
+    for rank in range(1, 4):
+        list(in_process(None, rank, 4))
     list(merge.pipeline[0](None, 0, 1))
     monkeypatch.setattr(cluster, "jobs_in_queue", lambda record: [])
     result = tokenize(config, tokenizer_path)
