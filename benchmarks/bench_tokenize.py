@@ -166,7 +166,9 @@ def task_runs(tmp: str, model: str, task_counts: list[int], part_mb: float, repe
         )
         for n in task_counts
     ]
-    print("\n| run | wall s | MB/s (wall) | merge s | .bin/.idx = first run |\n|---|---:|---:|---:|---|")
+    print(
+        "\n| run | wall s | MB/s (wall) | merge s | .bin MB | .bin/.idx = first run |\n|---|---:|---:|---:|---:|---|"
+    )
     first = None
     for index, (label, overrides) in enumerate(runs):
         out = Path(tmp, f"tasks{index}")
@@ -177,7 +179,11 @@ def task_runs(tmp: str, model: str, task_counts: list[int], part_mb: float, repe
         first = first or files
         same = all(filecmp.cmp(a, b, shallow=False) for a, b in zip(files, first, strict=True))
         merge = f"{r['merge_s']:.2f}" if "tasks" in label else "-"
-        print(f"| {label} | {r['wall_s']:.2f} | {r['mb'] / r['wall_s']:.2f} | {merge} | {same} |", flush=True)
+        bin_mb = files[0].stat().st_size / 1e6
+        print(
+            f"| {label} | {r['wall_s']:.2f} | {r['mb'] / r['wall_s']:.2f} | {merge} | {bin_mb:.1f} | {same} |",
+            flush=True,
+        )
 
 
 def main() -> None:
