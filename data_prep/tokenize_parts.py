@@ -301,7 +301,6 @@ def _run_locally(config: DataPrepConfig, tokenizer_path: str, num_tasks: int) ->
     if config.executor.kind == "datatrove-local":
         LocalPipelineExecutor = _datatrove_executor("LocalPipelineExecutor", config)
         workers = min(config.executor.workers or config.resolved_num_workers, num_tasks)
-
         logs = Path(config.executor.logging_dir or Path(config.output_dir) / "work" / "datatrove")
         LocalPipelineExecutor(
             [TokenizeTask(task_config, tokenizer_path)],

@@ -383,3 +383,17 @@ def test_tokenize_tasks_on_a_real_slurm_equal_the_single_process_run(
     again = cluster.run(*command)
     assert "[tokenize] blend:" in again.stderr and len(cluster.jobs()) == len(records)
     assert_same_as(tmp_path / "out", reference)
+
+
+def test_a_hugging_face_tokenizer_gives_the_same_bytes_in_tasks(tmp_path):
+    """A Hugging Face folder: add_bos is turned off by its template in the tasks as in the single writer,
+    and the markers record the same settings."""
+    from test_data_prep_hf_tokenizer import LINES, make_hf_tokenizer, write_curated
+
+    folder = make_hf_tokenizer(tmp_path / "hf", with_bos=True)
+    texts = {"ja": [f"{i}: {line}" for i in range(60) for line in LINES[i % 3 : i % 3 + 2]], "en": LINES}
+    reference = write_curated(tmp_path / "reference", texts, num_workers=1)
+    build_datasets(reference, folder)
+    config = copy_of(reference, tmp_path / "tasks", tasks=3)
+    tokenize(config, folder)
+    assert_same_as(tmp_path / "tasks", reference)
