@@ -2,7 +2,9 @@
 
 Workers parse and encode batches of lines; the parent writes the results in input order, keeping
 only a bounded window of batches in flight. A source is skipped on a re-run when its marker says the
-same curated file was already encoded with the same tokenizer and settings.
+same curated file was already encoded with the same tokenizer and settings. With `tokenize.tasks`, the
+same encoders and writers write parts of the curated files, merged into the same bytes
+(data_prep/tokenize_parts.py).
 """
 
 from __future__ import annotations
@@ -353,8 +355,15 @@ def _without_add_bos(config: DataPrepConfig, tokenizer: HFTokenizer) -> DataPrep
 
 
 def build_datasets(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildResult:
+    """Every source with one writer in this process (num_workers encoders); tokenize.tasks is run by
+    `kumihimo data tokenize` (tokenize_parts.tokenize), not here."""
     from kumihimo.data_prep.pipeline import OUTPUT_FOLDERS
 
+    if config.tokenize.tasks is not None:
+        say(
+            f"[tokenize] note: tokenize.tasks={config.tokenize.tasks} is not applied by build_datasets, which "
+            "writes in this process; `kumihimo data tokenize` (tokenize_parts.tokenize) runs the tasks"
+        )
     with RunLock(config.output_dir, "tokenize", OUTPUT_FOLDERS):  # one live run; clears a killed one's debris
         return build_datasets_unlocked(config, tokenizer_path)
 

@@ -397,3 +397,11 @@ def test_a_hugging_face_tokenizer_gives_the_same_bytes_in_tasks(tmp_path):
     config = copy_of(reference, tmp_path / "tasks", tasks=3)
     tokenize(config, folder)
     assert_same_as(tmp_path / "tasks", reference)
+
+
+def test_build_datasets_says_it_does_not_run_the_tasks(references, tokenizer_path, tmp_path, capsys):
+    config = copy_of(references["bucketed"], tmp_path / "out", tasks=4)
+    build_datasets(config, tokenizer_path)  # the Python API: one writer per source, here
+    assert "tokenize.tasks=4 is not applied by build_datasets" in capsys.readouterr().err
+    assert not parts_root(tmp_path / "out").exists()
+    assert_same_as(tmp_path / "out", references["bucketed"])
