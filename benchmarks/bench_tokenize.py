@@ -12,6 +12,13 @@ the same documents with the same .model on one core:
                 --workers 1, with PYTHONPATH=DIR (a Megatron-LM checkout outside this repository)
 MB/s are JSONL bytes per CPU second (process + children), best of --repeats runs; the .bin/.idx of
 kumihimo and Megatron-LM are compared byte for byte.
+
+    python benchmarks/bench_tokenize.py --tokenizer tok/tokenizer.model --mb 20 --tasks 1 2 4
+
+adds wall-clock runs (best of --repeats) of `kumihimo data tokenize` (build_datasets in this process, each run in a fresh
+output folder): one writer with num_workers=1 and =2, then tokenize.tasks=N for each N on the local
+executor (a pool of min(N, cores) processes, tokenize.part_bytes = --part-mb), with the time of the merge
+alone, and whether every run's .bin/.idx equal the first run's byte for byte.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import filecmp
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -102,6 +110,82 @@ def megatron(tmp: str, model: str, out: str, checkout: str) -> dict:
     }
 
 
+def _timed_tokenize(tmp: str, model: str, out: Path, overrides: list[str]) -> dict:
+    """Wall seconds of one `tokenize` call in a fresh output folder, and of its merge step alone."""
+    from kumihimo.data_prep import tokenize_parts
+    from kumihimo.data_prep.config import load_config
+
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "curated").mkdir(parents=True)
+    os.link(_jsonl(tmp), out / "curated" / "all.jsonl")
+    config = load_config(
+        REPO / "configs/data_prep/quickstart.yaml",
+        [
+            f"output_dir={out}",
+            f"input.sources=[{{name: all, paths: [{_jsonl(tmp)}]}}]",
+            "tokenize.add_bos=false",
+            "tokenize.append_eod=true",
+            *overrides,
+        ],
+    )
+    merge = tokenize_parts.merge_parts
+    merge_s = []
+
+    def timed_merge(*args):
+        start = time.perf_counter()
+        result = merge(*args)
+        merge_s.append(time.perf_counter() - start)
+        return result
+
+    tokenize_parts.merge_parts = timed_merge
+    try:
+        start = time.perf_counter()
+        tokenize_parts.tokenize(config, model)
+        wall = time.perf_counter() - start
+    finally:
+        tokenize_parts.merge_parts = merge
+    return {"wall_s": wall, "merge_s": sum(merge_s), "mb": _jsonl(tmp).stat().st_size / 1e6}
+
+
+def task_runs(tmp: str, model: str, task_counts: list[int], part_mb: float, repeats: int) -> None:
+    """One writer vs N tasks, wall clock (best of `repeats`), on this machine's cores; outputs compared
+    byte for byte."""
+    cores = os.cpu_count() or 1
+    runs = [
+        ("one writer, num_workers=1", ["num_workers=1"]),
+        ("one writer, num_workers=2", ["num_workers=2"]),
+    ]
+    runs += [
+        (
+            f"tokenize.tasks={n} (local pool of {min(n, cores)})",
+            [
+                f"tokenize.tasks={n}",
+                f"num_workers={min(n, cores)}",
+                f"tokenize.part_bytes={int(part_mb * 1e6)}",
+            ],
+        )
+        for n in task_counts
+    ]
+    print(
+        "\n| run | wall s | MB/s (wall) | merge s | .bin MB | .bin/.idx = first run |\n|---|---:|---:|---:|---:|---|"
+    )
+    first = None
+    for index, (label, overrides) in enumerate(runs):
+        out = Path(tmp, f"tasks{index}")
+        r = min(
+            (_timed_tokenize(tmp, model, out, overrides) for _ in range(repeats)), key=lambda r: r["wall_s"]
+        )
+        files = [out / "datasets" / f"all_text_document.{ext}" for ext in ("bin", "idx")]
+        first = first or files
+        same = all(filecmp.cmp(a, b, shallow=False) for a, b in zip(files, first, strict=True))
+        merge = f"{r['merge_s']:.2f}" if "tasks" in label else "-"
+        bin_mb = files[0].stat().st_size / 1e6
+        print(
+            f"| {label} | {r['wall_s']:.2f} | {r['mb'] / r['wall_s']:.2f} | {merge} | {bin_mb:.1f} | {same} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -110,6 +194,9 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--megatron", help="a Megatron-LM checkout (for tools/preprocess_data.py)")
+    parser.add_argument("--tasks", type=int, nargs="*", default=[], help="also time tokenize.tasks=N runs")
+    parser.add_argument("--part-mb", type=float, default=2.0, help="tokenize.part_bytes of those runs, in MB")
+    parser.add_argument("--only-tasks", action="store_true", help="skip the per-core table")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_tokenize_") as tmp:
         paths = make_corpus(Path(tmp), args.mb)
@@ -117,6 +204,10 @@ def main() -> None:
             for path in paths.values():
                 out.write(path.read_text(encoding="utf-8"))
         print(f"# {machine()}; {_jsonl(tmp).stat().st_size / 1e6:.0f} MB JSONL, best of {args.repeats} runs")
+        if args.tasks:
+            task_runs(tmp, str(Path(args.tokenizer).resolve()), args.tasks, args.part_mb, args.repeats)
+        if args.only_tasks:
+            return
         print("| tool | MB/s per core | CPU s | peak RSS MiB |\n|---|---:|---:|---:|")
         runs = [
             ("SentencePiece Encode alone (out_type=int)", sentencepiece_alone, ("int",)),

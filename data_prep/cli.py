@@ -20,6 +20,11 @@ A killed run resumes where it stopped when started again with the same config an
     "tokenize": """examples:
   kumihimo data tokenize configs/data_prep/quickstart.yaml --tokenizer out/tokenizer/tokenizer.model
   kumihimo data tokenize my.yaml --tokenizer llm-jp-tokenizer/v3.model tokenize.add_bos=false
+  kumihimo data tokenize my.yaml --tokenizer tok.model tokenize.tasks=64 executor.kind=datatrove-slurm \
+      executor.slurm_partition=cpu
+
+tokenize.tasks=N cuts the curated files into parts (tokenize.part_bytes) encoded by N tasks on executor.kind,
+then merges them into the same bytes; a killed run resumes at its unfinished parts.
 
 Writes <output_dir>/datasets/<source>_text_document.{bin,idx} and <output_dir>/blend.yaml (for data.blend_file).""",
     "refilter": """examples:
@@ -91,10 +96,15 @@ def _curate(args: argparse.Namespace) -> int:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    from kumihimo.data_prep.pipeline import build_datasets
+    from kumihimo.data_prep.tokenize_parts import tokenize
 
     config = load_config(args.config, args.overrides)
-    result = build_datasets(config, args.tokenizer)
+    result = tokenize(config, args.tokenizer)
+    if result is None:
+        say(
+            "[tokenize] Slurm jobs submitted; when they have finished, run this command again to print the result"
+        )
+        return 0
     for source, prefix in result.prefixes.items():
         say(
             f"[tokenize] {source}: {result.num_documents[source]} documents, {result.num_tokens[source]} tokens "

@@ -82,11 +82,12 @@ def _env_command(ex: ExecutorConfig) -> str:
     return f'export PATH={shlex.quote(str(bin_dir))}:"$PATH"'
 
 
-def _slurm_executors(config: DataPrepConfig, logs: Path, num_tasks: int) -> SlurmPipelineExecutor:
-    ex = config.executor
+def slurm_options(ex: ExecutorConfig) -> dict:
+    """The SlurmPipelineExecutor arguments every kumihimo job shares (time, partition, memory,
+    environment, sbatch options)."""
     sbatch_args = dict(arg.split("=", 1) for arg in ex.slurm_sbatch_args)
     # datatrove asks for qos=normal unless told otherwise, which clusters without that QOS reject
-    common = {
+    return {
         "time": ex.slurm_time,
         "partition": ex.slurm_partition,
         "mem_per_cpu_gb": ex.slurm_mem_per_cpu_gb,
@@ -94,6 +95,11 @@ def _slurm_executors(config: DataPrepConfig, logs: Path, num_tasks: int) -> Slur
         "qos": sbatch_args.pop("qos", ""),
         "sbatch_args": sbatch_args,
     }
+
+
+def _slurm_executors(config: DataPrepConfig, logs: Path, num_tasks: int) -> SlurmPipelineExecutor:
+    ex = config.executor
+    common = slurm_options(ex)
     # an array task's pool is its own CPUs, not the node's (os.cpu_count() there counts every core)
     task_config = dataclasses.replace(config, num_workers=ex.slurm_cpus_per_task)
     shards = SlurmPipelineExecutor(
@@ -116,7 +122,7 @@ def _slurm_executors(config: DataPrepConfig, logs: Path, num_tasks: int) -> Slur
     )
 
 
-def _jobs_in_queue(record: Path) -> list[str]:
+def jobs_in_queue(record: Path) -> list[str]:
     """squeue lines of the jobs a previous submission recorded that are still pending or running."""
     if not record.is_file():
         return []
@@ -142,7 +148,7 @@ def _submit_or_collect(
     config: DataPrepConfig, logs: Path, num_tasks: int, num_shards: int
 ) -> CurationResult | None:
     record = logs / "slurm_jobs.json"
-    queued = _jobs_in_queue(record)
+    queued = jobs_in_queue(record)
     if queued:
         # a second submission would curate the same shards twice at once
         raise UserError(

@@ -665,10 +665,26 @@ class TokenizeConfig:
     each weighted by its own multiplier in blend.yaml (e.g. LLM-jp v4's higher weight for score >= 3.5)."""
     rehydration: RehydrationConfig = field(default_factory=RehydrationConfig)
     """Upsampling of deduplicated documents by their duplicate cluster size, as blend weights."""
+    tasks: int | None = None
+    """null: one writer per source in this process (num_workers encoder processes). N: the curated files
+    are cut into parts of `part_bytes` at line starts, dealt to N tasks run by `executor.kind` (local: a
+    pool of num_workers processes; datatrove-local; datatrove-slurm: an array job and a dependent merge
+    job), each writing its parts' .bin/.idx; the merge then writes the same bytes one writer would."""
+    part_bytes: int = 128 * 1024 * 1024
+    """Curated JSONL bytes per part when `tasks` is set: the unit of work dealt to tasks and of resume
+    (a killed task redoes only its unfinished parts)."""
 
     def validate(self) -> None:
         if self.batch_documents < 1:
             raise bad_value("tokenize.batch_documents", self.batch_documents, "is below 1", "use e.g. 512")
+        if self.tasks is not None and self.tasks < 1:
+            raise bad_value(
+                "tokenize.tasks", self.tasks, "is below 1", "use null (one process) or 1 or more tasks"
+            )
+        if self.part_bytes < 1:
+            raise bad_value(
+                "tokenize.part_bytes", self.part_bytes, "is below 1", "use e.g. 134217728 (128 MiB)"
+            )
         sources = [b.source for b in self.buckets]
         for i, buckets in enumerate(self.buckets):  # list items are not sections: validated here
             if sources.count(buckets.source) > 1:

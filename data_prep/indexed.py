@@ -8,8 +8,10 @@ document indices, then int32 sequence lengths, int64 byte pointers, int64 docume
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -27,6 +29,8 @@ DTYPE_CODES = {
     np.dtype(np.float32): 7,
     np.dtype(np.uint16): 8,
 }
+_COPY_BUFFER = 16 * 1024 * 1024
+_INDEX_CHUNK = 1 << 22  # document indices written per numpy call (32 MiB)
 UINT16_VOCAB_LIMIT = 65500  # Megatron's DType.optimal_dtype switches to int32 at this vocabulary size
 
 
@@ -65,23 +69,95 @@ class IndexedDatasetWriter:
         pointers = np.zeros(len(lengths), dtype=np.int64)
         if len(lengths) > 1:
             np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
-        document_indices = np.arange(len(lengths) + 1, dtype=np.int64)
         idx_tmp = Path(f"{self.prefix}.idx{TEMP_MARK}{os.getpid()}")
         with open(idx_tmp, "wb") as handle:
-            handle.write(INDEX_HEADER)
-            handle.write(struct.pack("<Q", INDEX_VERSION))
-            handle.write(struct.pack("<B", DTYPE_CODES[self.dtype]))
-            handle.write(struct.pack("<Q", len(lengths)))
-            handle.write(struct.pack("<Q", len(document_indices)))
+            _write_index_header(handle, self.dtype, len(lengths))
             handle.write(lengths.astype(np.int32).tobytes(order="C"))
             handle.write(pointers.tobytes(order="C"))
-            handle.write(document_indices.tobytes(order="C"))
+            handle.write(np.arange(len(lengths) + 1, dtype=np.int64).tobytes(order="C"))
         os.replace(self._bin_tmp, self.bin_path)
         os.replace(idx_tmp, self.idx_path)
 
     def abort(self) -> None:
         self._bin.close()
         self._bin_tmp.unlink(missing_ok=True)
+
+
+def _write_index_header(handle: BinaryIO, dtype: np.dtype, num_documents: int) -> None:
+    handle.write(INDEX_HEADER)
+    handle.write(struct.pack("<Q", INDEX_VERSION))
+    handle.write(struct.pack("<B", DTYPE_CODES[dtype]))
+    handle.write(struct.pack("<Q", num_documents))  # sequences: one per document
+    handle.write(struct.pack("<Q", num_documents + 1))  # document indices
+
+
+def _append_file(source: BinaryIO, target: BinaryIO) -> None:
+    """Append all of `source` to `target`: os.copy_file_range where the kernel has it (no copy through
+    Python; file systems with reflinks share the blocks, NFS 4.2 copies on the server), else a plain copy."""
+    size = os.fstat(source.fileno()).st_size
+    copied = 0
+    try:
+        while copied < size:
+            done = os.copy_file_range(source.fileno(), target.fileno(), size - copied)
+            if done == 0:
+                break
+            copied += done
+    except (AttributeError, OSError):  # no such call here, or not between these two files
+        pass
+    if copied < size:  # the rest by plain copy, from where the kernel's copy stopped
+        target.seek(0, os.SEEK_END)
+        source.seek(copied)
+        shutil.copyfileobj(source, target, _COPY_BUFFER)
+
+
+def concatenate_datasets(parts: list[Path], prefix: str | Path) -> tuple[int, int]:
+    """Write `prefix`.bin/.idx holding the documents of `parts` (prefixes, all of one dtype) in order:
+    the bytes one IndexedDatasetWriter given the same documents writes, and those of Megatron-LM's
+    IndexedDatasetBuilder.add_index over the parts (tools/merge_datasets.py). Returns (num_tokens,
+    num_documents). Memory is one part's index at a time: the .idx is written in three passes (lengths,
+    pointers, document indices) that read the parts' indexes again instead of holding all of them."""
+    if not parts:
+        raise ValueError("concatenate_datasets needs at least one part")
+    dtypes = {read_index(part)[0] for part in parts}
+    if len(dtypes) != 1:
+        raise ValueError(
+            f"the parts {[str(p) for p in parts]} hold different token dtypes {sorted(map(str, dtypes))}"
+        )
+    (dtype,) = dtypes
+    prefix = Path(prefix)
+    bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
+    bin_tmp = Path(f"{prefix}.bin{TEMP_MARK}{os.getpid()}")
+    idx_tmp = Path(f"{prefix}.idx{TEMP_MARK}{os.getpid()}")
+    try:
+        with open(bin_tmp, "wb") as out:
+            for part in parts:
+                with open(f"{part}.bin", "rb") as handle:
+                    _append_file(handle, out)
+        num_documents = sum(len(read_index(part)[1]) for part in parts)
+        num_tokens = 0
+        with open(idx_tmp, "wb") as out:
+            _write_index_header(out, dtype, num_documents)
+            for part in parts:
+                out.write(read_index(part)[1].tobytes(order="C"))
+            for part in parts:  # byte pointers continue from the previous part's end
+                lengths = read_index(part)[1].astype(np.int64)
+                pointers = np.empty(len(lengths), dtype=np.int64)
+                if len(lengths):
+                    pointers[0] = num_tokens * dtype.itemsize
+                    np.cumsum(lengths[:-1] * dtype.itemsize, out=pointers[1:])
+                    pointers[1:] += pointers[0]
+                out.write(pointers.tobytes(order="C"))
+                num_tokens += int(lengths.sum())
+            for start in range(0, num_documents + 1, _INDEX_CHUNK):
+                stop = min(start + _INDEX_CHUNK, num_documents + 1)
+                out.write(np.arange(start, stop, dtype=np.int64).tobytes(order="C"))
+        os.replace(bin_tmp, bin_path)
+        os.replace(idx_tmp, idx_path)
+    except BaseException:
+        bin_tmp.unlink(missing_ok=True)
+        idx_tmp.unlink(missing_ok=True)
+        raise
+    return num_tokens, num_documents
 
 
 def read_index(prefix: str | Path) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:

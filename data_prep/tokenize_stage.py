@@ -2,7 +2,9 @@
 
 Workers parse and encode batches of lines; the parent writes the results in input order, keeping
 only a bounded window of batches in flight. A source is skipped on a re-run when its marker says the
-same curated file was already encoded with the same tokenizer and settings.
+same curated file was already encoded with the same tokenizer and settings. With `tokenize.tasks`, the
+same encoders and writers write parts of the curated files, merged into the same bytes
+(data_prep/tokenize_parts.py).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,10 +132,19 @@ def _flatten(
     return np.concatenate([part for ids in encoded for part in (*bos, ids, *eod)]), lengths
 
 
-def _batches(path: Path, size: int) -> Iterator[list[str]]:
+def _batches(path: Path, size: int, span: tuple[int, int] | None = None) -> Iterator[list[str]]:
+    """The non-blank lines of `path` in batches of `size`; with `span` (start, end): only the lines that
+    start in that byte range (a part of a multi-task run; its ends are line starts)."""
     batch: list[str] = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
+    start, end = span or (0, None)
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        position = start
+        for raw in handle:
+            if end is not None and position >= end:
+                break
+            position += len(raw)
+            line = raw.decode("utf-8")
             if line.strip():
                 batch.append(line)
                 if len(batch) >= size:
@@ -141,7 +154,7 @@ def _batches(path: Path, size: int) -> Iterator[list[str]]:
         yield batch
 
 
-class _GroupWriters:
+class GroupWriters:
     """One IndexedDatasetWriter per group of a source, opened at the group's first document."""
 
     def __init__(self, out: Path, grouping: SourceGrouping, vocab_size: int):
@@ -174,39 +187,60 @@ class _GroupWriters:
         for writer in self.writers.values():
             writer.finish()
 
+    def counts(self) -> dict[str, list[int]]:
+        """{group name: [num_tokens, num_documents]} of the groups written, in group order."""
+        return {
+            self.grouping.groups[g].name: [w.num_tokens, w.num_documents]
+            for g, w in sorted(self.writers.items())
+        }
+
     def abort(self) -> None:
         for writer in self.writers.values():
             writer.abort()
 
 
-def _encode_source(
+@contextmanager
+def encoders(tokenizer_path: str, num_workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """Where `encode_source` encodes: in this process (None, for num_workers=1) or on a pool of
+    num_workers processes that serves every file encoded inside the block (spawned once, not per file)."""
+    if num_workers == 1:
+        _init_tokenizer(tokenizer_path)
+        yield None
+        return
+    with process_pool(num_workers, _init_tokenizer, (tokenizer_path,)) as pool:
+        yield pool
+
+
+def encode_source(
     curated: Path,
-    writers: _GroupWriters,
+    writers: GroupWriters,
     config: DataPrepConfig,
-    tokenizer_path: str,
+    pool: ProcessPoolExecutor | None,
     num_workers: int,
     progress: Progress,
+    span: tuple[int, int] | None = None,
 ) -> None:
+    """Encode the curated file (or the lines starting in its byte `span`) into `writers`, in order, on
+    `pool` (from `encoders`; None: in this process) with at most 2 x num_workers batches in flight."""
     flags = (config.tokenize.add_bos, config.tokenize.append_eod)
     grouping = writers.grouping
-    batches = _batches(curated, config.tokenize.batch_documents)
+    batches = _batches(curated, config.tokenize.batch_documents, span)
     if grouping.trivial:
         work, tasks = _encode_lines, ((batch, *flags, str(curated)) for batch in batches)
     else:
         work, tasks = _encode_grouped, ((batch, *flags, grouping, str(curated)) for batch in batches)
-    if num_workers == 1:
-        _init_tokenizer(tokenizer_path)
+    if pool is None:
         for task in tasks:
             progress.update(writers.add(work(task)))
         return
-    with process_pool(num_workers, _init_tokenizer, (tokenizer_path,)) as pool:
-        for result in run_ordered(pool, work, tasks, window=2 * num_workers):
-            progress.update(writers.add(result))
+    for result in run_ordered(pool, work, tasks, window=2 * num_workers):
+        progress.update(writers.add(result))
 
 
-def _marker_for(
+def source_marker(
     curated: Path, tokenizer: Tokenizer, config: DataPrepConfig, grouping: SourceGrouping
 ) -> dict[str, Any]:
+    """What must match for a source's datasets to be reused: the curated file, tokenizer and settings."""
     stat = curated.stat()
     marker = {
         "curated_size": stat.st_size,
@@ -221,49 +255,74 @@ def _marker_for(
     return marker
 
 
-def _tokenize_source(
-    config: DataPrepConfig, tokenizer: Tokenizer, source: SourceConfig, out: Path
-) -> list[BlendEntry]:
-    """Encode one source (every group of it), or read the counts of an earlier identical run."""
-    curated = out / "curated" / f"{source.name}.jsonl"
+def marker_path(out: Path, source: str) -> Path:
+    """The marker of a source whose datasets are complete: its settings and counts."""
+    return out / "work" / "tokenize" / f"{source}.json"
+
+
+def finished_marker(
+    wanted: dict[str, Any], grouping: SourceGrouping, counts: dict[str, list[int]], num_left_out: int
+) -> dict[str, Any]:
+    """The marker written once a source's datasets are in place (by one writer or by merged parts)."""
+    marker = {
+        **wanted,
+        "num_tokens": sum(c[0] for c in counts.values()),
+        "num_documents": sum(c[1] for c in counts.values()),
+    }
+    if not grouping.trivial:
+        marker.update(counts=counts, num_left_out=num_left_out)
+    return marker
+
+
+def curated_path(out: Path, source: str) -> Path:
+    """The curated file of a source, refused in one line when curate has not written it."""
+    curated = out / "curated" / f"{source}.jsonl"
     if not curated.is_file():
         raise UserError(f"{curated} does not exist; run `kumihimo data curate` with this config first")
-    grouping = blend_groups.source_grouping(config, source.name)
-    marker_path = out / "work" / "tokenize" / f"{source.name}.json"
-    wanted = _marker_for(curated, tokenizer, config, grouping)
-    done = json.loads(marker_path.read_text(encoding="utf-8")) if marker_path.is_file() else {}
+    return curated
+
+
+def finished_counts(out: Path, source: str, wanted: dict[str, Any]) -> dict[str, list[int]] | None:
+    """{group: [num_tokens, num_documents]} when the source's datasets are complete and were made from
+    `wanted` (the same curated file, tokenizer and settings); None when the source must be encoded."""
+    marker = marker_path(out, source)
+    done = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
     counts = done.get("counts") or (
-        {source.name: [done.get("num_tokens"), done.get("num_documents")]} if done else {}
+        {source: [done.get("num_tokens"), done.get("num_documents")]} if done else {}
     )
     complete = all(Path(f"{dataset_prefix(out, name)}.idx").is_file() for name in counts)
     # "groups" is compared even when absent from `wanted`: a source whose buckets were removed since
     # must be encoded as one prefix again, not matched against the earlier groups' counts
     same = {k: done.get(k) for k in (*wanted, "groups")} == {**wanted, "groups": wanted.get("groups")}
-    if same and counts and complete:
-        say(f"[tokenize] {source.name}: already done ({done['num_tokens']} tokens)")
+    return counts if same and counts and complete else None
+
+
+def _tokenize_source(
+    config: DataPrepConfig, tokenizer: Tokenizer, source: SourceConfig, out: Path
+) -> list[BlendEntry]:
+    """Encode one source (every group of it), or read the counts of an earlier identical run."""
+    curated = curated_path(out, source.name)
+    grouping = blend_groups.source_grouping(config, source.name)
+    wanted = source_marker(curated, tokenizer, config, grouping)
+    counts = finished_counts(out, source.name, wanted)
+    if counts is not None:
+        say(f"[tokenize] {source.name}: already done ({sum(c[0] for c in counts.values())} tokens)")
     else:
-        writers = _GroupWriters(out, grouping, tokenizer.vocab_size)
+        writers = GroupWriters(out, grouping, tokenizer.vocab_size)
         try:
-            with Progress(f"tokenize {source.name}", None, "documents") as progress:
-                _encode_source(
-                    curated, writers, config, str(tokenizer.path), config.resolved_num_workers, progress
-                )
+            num_workers = config.resolved_num_workers
+            with (
+                Progress(f"tokenize {source.name}", None, "documents") as progress,
+                encoders(str(tokenizer.path), num_workers) as pool,
+            ):
+                encode_source(curated, writers, config, pool, num_workers, progress)
             writers.finish()
         except BaseException:
             writers.abort()
             raise
-        counts = {
-            grouping.groups[g].name: [w.num_tokens, w.num_documents]
-            for g, w in sorted(writers.writers.items())
-        }
-        marker = {
-            **wanted,
-            "num_tokens": sum(c[0] for c in counts.values()),
-            "num_documents": sum(c[1] for c in counts.values()),
-        }
-        if not grouping.trivial:
-            marker.update(counts=counts, num_left_out=writers.num_left_out)
-        write_text_atomic(marker_path, json.dumps(marker))
+        counts = writers.counts()
+        marker = finished_marker(wanted, grouping, counts, writers.num_left_out)
+        write_text_atomic(marker_path(out, source.name), json.dumps(marker))
     entries = []
     for group in grouping.groups:
         if group.name in counts:
@@ -296,14 +355,24 @@ def _without_add_bos(config: DataPrepConfig, tokenizer: HFTokenizer) -> DataPrep
 
 
 def build_datasets(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildResult:
+    """Every source with one writer in this process (num_workers encoders); tokenize.tasks is run by
+    `kumihimo data tokenize` (tokenize_parts.tokenize), not here."""
     from kumihimo.data_prep.pipeline import OUTPUT_FOLDERS
 
+    if config.tokenize.tasks is not None:
+        say(
+            f"[tokenize] note: tokenize.tasks={config.tokenize.tasks} is not applied by build_datasets, which "
+            "writes in this process; `kumihimo data tokenize` (tokenize_parts.tokenize) runs the tasks"
+        )
     with RunLock(config.output_dir, "tokenize", OUTPUT_FOLDERS):  # one live run; clears a killed one's debris
-        return _build_datasets(config, tokenizer_path)
+        return build_datasets_unlocked(config, tokenizer_path)
 
 
-def _build_datasets(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildResult:
-    out = Path(config.output_dir)
+def checked_settings(
+    config: DataPrepConfig, tokenizer_path: str | Path
+) -> tuple[DataPrepConfig, Tokenizer | HFTokenizer]:
+    """(config as the encoders apply it, tokenizer): add_bos off for a Hugging Face tokenizer, and a
+    one-line error for add_bos with a model that has no BOS piece."""
     tokenizer = load_tokenizer(tokenizer_path)
     if isinstance(tokenizer, HFTokenizer):
         config = _without_add_bos(config, tokenizer)
@@ -312,6 +381,14 @@ def _build_datasets(config: DataPrepConfig, tokenizer_path: str | Path) -> Build
             f"tokenize.add_bos=True but {tokenizer.path} has no <s> piece; "
             "set tokenize.add_bos=false or use a model with a BOS piece"
         )
+    return config, tokenizer
+
+
+def build_datasets_unlocked(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildResult:
+    """`build_datasets` for a caller that holds the output folder's RunLock (a multi-task run's merge:
+    every source is complete by then, so this reads their counts and writes blend.yaml and the report)."""
+    out = Path(config.output_dir)
+    config, tokenizer = checked_settings(config, tokenizer_path)
     entries: list[BlendEntry] = []
     for source in config.input.sources:
         entries += _tokenize_source(config, tokenizer, source, out)
