@@ -38,6 +38,7 @@ different document than the smallest global index. Its executors and PipelineSte
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -159,9 +160,19 @@ class DedupPlan:
         return self.folder / "decisions" / f"{shard_dir.name}.npz"
 
     def offsets(self) -> np.ndarray:
-        """Global index of each shard's first candidate (and the total last), from the keys' headers."""
+        """Global index of each shard's first candidate (and the total last), from the keys' headers;
+        read once per process (a task's units share it)."""
+        return self._offsets
+
+    @functools.cached_property
+    def _offsets(self) -> np.ndarray:
         sizes = [len(np.load(d / EXACT_KEYS, mmap_mode="r")) for d in self.shard_dirs]
         return np.concatenate(([0], np.cumsum(sizes, dtype=np.int64))).astype(np.int64)
+
+    @functools.cached_property
+    def alive(self) -> np.ndarray:
+        """The alive stage's bitmap (N/8 bytes), read once per process."""
+        return np.load(self.alive_path)["alive"]
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -316,8 +327,9 @@ def band_unit(plan: DedupPlan, unit: tuple[int, int]) -> int:
         return 0
     band, part = unit
     offsets, counter = plan.offsets(), ReadCounter()
-    alive = np.load(plan.alive_path)["alive"]
-    counter.num_bytes += alive.nbytes
+    first_read = "alive" not in plan.__dict__
+    alive = plan.alive
+    counter.num_bytes += alive.nbytes if first_read else 0
     runs = [_load_run(d, BAND_SORTED, band) for d in plan.shard_dirs]
     lefts, rights = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
     for keys, index in merged_chunks(runs, offsets, _key_range(part, plan.num_band_parts), counter):
