@@ -192,7 +192,7 @@ def _submit_or_collect(
         # a second submission would curate the same shards twice at once
         raise UserError(
             f"the jobs of the previous submission are still in the Slurm queue ({'; '.join(queued)}); "
-            "wait for them to end, or scancel them (a dedup job left pending with "
+            "wait for them to end, or scancel them (jobs left pending with "
             "DependencyNeverSatisfied after a failed task), then run this command again"
         )
     finish = _slurm_executors(config, logs, num_tasks)
@@ -200,13 +200,13 @@ def _submit_or_collect(
         say(f"[data_prep] the Slurm jobs have completed (markers under {logs}); reading their result")
         return finish_curation(config)
     say(
-        f"[data_prep] {num_shards} shards in {num_tasks} Slurm array tasks + 1 dedup job -> {config.output_dir}"
+        f"[data_prep] {num_shards} shards in {num_tasks} Slurm array tasks, then the dedup stages' jobs and the finishing job -> {config.output_dir}"
     )
-    finish.run()
     chain, stage = [], finish
-    while stage is not None:  # finish, the dedup stages, the curation array
+    while stage is not None:  # finish, the dedup stages, the curation array (run() forgets `depends`)
         chain.append(stage)
         stage = stage.depends
+    finish.run()
     job_ids = [str(s.job_id) for s in reversed(chain) if s.job_id not in (None, -1)]
     configtree.write_text_atomic(record, json.dumps(job_ids))
     say(f"[data_prep] submitted jobs {', '.join(job_ids)}; logs and completion markers under {logs}")
@@ -215,7 +215,7 @@ def _submit_or_collect(
 
 def curate_with_datatrove(config: DataPrepConfig) -> CurationResult | None:
     """Run curation with executor.kind = datatrove-local (returns the result) or datatrove-slurm: submit
-    the jobs that are not complete yet and return None, or, once the dedup job has completed, read the
+    the jobs that are not complete yet and return None, or, once the finishing job has completed, read the
     result back and return it (so `kumihimo data curate` run again after the jobs prints the result)."""
     layout, shards = prepare_run(config)  # once, before any task: manifest and evaluation index
     logs = Path(config.executor.logging_dir or layout.work / "datatrove").absolute()
