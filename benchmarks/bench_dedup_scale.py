@@ -123,8 +123,15 @@ def _child(args: argparse.Namespace) -> None:
         units = dedup_stages.stage_units(plan, args.child)[args.rank :: args.num_tasks]
         bytes_read = sum(dedup_stages.run_unit(plan, args.child, u) for u in units)
     wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"wall_s": round(wall, 2), "peak_rss_mib": round(peak), "bytes_read": bytes_read}))
+    print(json.dumps({"wall_s": round(wall, 2), "peak_rss_mib": peak_rss_mib(), "bytes_read": bytes_read}))
+
+
+def peak_rss_mib() -> int:
+    """This process's peak RSS since exec (VmHWM; ru_maxrss would carry the forking parent's over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def single_process(root: Path, dirs: list[Path], dedup: DedupConfig) -> int:
@@ -266,7 +273,7 @@ def datatrove_run(args: argparse.Namespace, dedup: DedupConfig) -> dict:
         "removed_by_find_duplicates": int(np.count_nonzero(ours.duplicate_of != KEEP)),
         "caught": catch_rates(duplicate_of),
         "caught_by_find_duplicates": catch_rates(ours.duplicate_of),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mib": peak_rss_mib(),
     }
 
 

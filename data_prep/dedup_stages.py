@@ -61,7 +61,7 @@ from kumihimo.data_prep.minhash import (
 EXACT_KEYS = "exact_keys.npy"  # per shard: uint64 per candidate, in row order (counts, old-run rebuilds)
 SIGNATURES = "signatures.npy"  # per shard: uint32 (rows, bands x rows); written only for dedup.min_jaccard
 # sorted runs: keys (uint64) and rows (uint32) in separate files, so that a binary search over the keys'
-# memory map touches a few pages (np.searchsorted copies a strided field of a record array whole)
+# memory map touches a few pages (np.searchsorted would copy a strided field of a record array whole)
 EXACT_SORTED = ("exact_sorted_keys.npy", "exact_sorted_rows.npy")
 BAND_SORTED = ("band_sorted_keys.npy", "band_sorted_rows.npy")
 # records per merged chunk (12 bytes each, ~4x that while sorting): ~200 MB per task
@@ -204,19 +204,48 @@ def _key_range(unit: int, num_units: int) -> tuple[int, int]:
     return unit * _KEY_SPACE // num_units, (unit + 1) * _KEY_SPACE // num_units
 
 
-def _positions(keys: np.ndarray, bounds: list[int]) -> np.ndarray:
-    """Index of the first key >= each bound (2^64 = the end)."""
-    inner = np.array([b for b in bounds if b < _KEY_SPACE], dtype=np.uint64)
-    found = np.searchsorted(keys, inner, side="left")
-    return np.concatenate((found, np.full(len(bounds) - len(inner), len(keys)))).astype(np.int64)
+@dataclass(frozen=True)
+class _Vector:
+    """One 1-D array stored in an .npy file (a band's row of a 2-D one), read in slices by offset: a
+    task merges thousands of shards, and a memory map per shard would hold a file descriptor each."""
+
+    path: Path
+    offset: int  # bytes from the file's start to element 0
+    dtype: np.dtype
+    length: int
+
+    @classmethod
+    def of(cls, path: Path, band: int | None) -> _Vector:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(handle)
+            offset = handle.tell()
+        length = shape[-1]
+        if band is not None:
+            offset += band * length * dtype.itemsize
+        return cls(path, offset, dtype, length)
+
+    def positions(self, bounds: list[int]) -> np.ndarray:
+        """Index of the first element >= each bound (2^64 = the end): a binary search in a memory map
+        that is closed again before returning."""
+        if not self.length:
+            return np.zeros(len(bounds), dtype=np.int64)
+        keys = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(self.length,))
+        inner = np.array([b for b in bounds if b < _KEY_SPACE], dtype=np.uint64)
+        found = np.searchsorted(keys, inner, side="left")
+        del keys
+        return np.concatenate((found, np.full(len(bounds) - len(inner), self.length))).astype(np.int64)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return np.fromfile(self.path, dtype=self.dtype, count=stop - start, offset=self.offset + start * self.dtype.itemsize)
 
 
-Run = tuple[np.ndarray, np.ndarray]  # one shard's sorted keys (uint64) and their rows (uint32)
+Run = tuple[_Vector, _Vector]  # one shard's sorted keys (uint64) and their rows (uint32)
 
 
 def _load_run(shard_dir: Path, names: tuple[str, str], band: int | None = None) -> Run:
-    keys, rows = (np.load(shard_dir / name, mmap_mode="r") for name in names)
-    return (keys, rows) if band is None else (keys[band], rows[band])
+    return _Vector.of(shard_dir / names[0], band), _Vector.of(shard_dir / names[1], band)
 
 
 def merged_chunks(
@@ -225,17 +254,17 @@ def merged_chunks(
     """(keys, global indices) of `runs` (one per shard) in `key_range`, sorted by key then index, in
     chunks of about CHUNK_RECORDS; the entries of one key are never split."""
     lo, hi = key_range
-    ends = [_positions(keys, [lo, hi]) for keys, _ in runs]
+    ends = [keys.positions([lo, hi]) for keys, _ in runs]
     total = sum(int(e[1] - e[0]) for e in ends)
     num_chunks = max(1, math.ceil(total / CHUNK_RECORDS))
     bounds = [lo + (hi - lo) * j // num_chunks for j in range(num_chunks + 1)]
-    cuts = [_positions(keys, bounds) for keys, _ in runs]
+    cuts = [keys.positions(bounds) for keys, _ in runs]
     for j in range(num_chunks):
         keys, index = [], []
         for shard, ((run_keys, run_rows), cut) in enumerate(zip(runs, cuts)):
             if cut[j + 1] > cut[j]:
-                part_keys = np.asarray(run_keys[cut[j] : cut[j + 1]])
-                part_rows = np.asarray(run_rows[cut[j] : cut[j + 1]])
+                part_keys = run_keys.read(cut[j], cut[j + 1])
+                part_rows = run_rows.read(cut[j], cut[j + 1])
                 counter.num_bytes += part_keys.nbytes + part_rows.nbytes
                 keys.append(part_keys)
                 index.append(part_rows.astype(np.int64) + offsets[shard])

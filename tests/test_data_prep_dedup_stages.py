@@ -221,3 +221,18 @@ def test_curated_decisions_equal_find_duplicates_on_the_candidates(tmp_path):
     single.executor = dataclasses.replace(config.executor, tasks=1)
     curate(single)
     assert differing_outputs(out, tmp_path / "single") == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files through /proc")
+def test_a_merge_holds_no_file_open_per_shard(corpus, tmp_path, monkeypatch):
+    """A band task merges thousands of shards: a memory map kept per shard would hold a descriptor each."""
+    dedup, keys, signatures = corpus
+    monkeypatch.setattr(dedup_stages, "CHUNK_RECORDS", 97)
+    dirs = write_shards(tmp_path, keys, signatures, dedup)
+    plan = make_plan(tmp_path, dirs, dedup, 1)
+    before = len(os.listdir("/proc/self/fd"))
+    runs = [dedup_stages._load_run(d, dedup_stages.BAND_SORTED, 0) for d in dirs]
+    chunks = dedup_stages.merged_chunks(runs, plan.offsets(), (0, 1 << 64), dedup_stages.ReadCounter())
+    next(chunks)
+    assert len(os.listdir("/proc/self/fd")) <= before
+    assert sum(len(k) for k, _ in chunks) > 0
