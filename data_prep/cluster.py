@@ -75,7 +75,12 @@ class DedupStageStep(_ConfigStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         if data:
             yield from data
-        plan = dedup_plan(self.config, RunLayout(Path(self.config.output_dir)), plan_shards(self.config), dedup_tasks(self.config))
+        plan = dedup_plan(
+            self.config,
+            RunLayout(Path(self.config.output_dir)),
+            plan_shards(self.config),
+            dedup_tasks(self.config),
+        )
         self.stat_update("bytes_read", value=run_dedup_task(plan, self.stage, rank, world_size))
 
 

@@ -77,7 +77,9 @@ def _sort(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return keys[order], order.astype(np.uint32)
 
 
-def write_shard_runs(folder: Path, exact_keys: np.ndarray, signatures: np.ndarray | None, config: DedupConfig) -> None:
+def write_shard_runs(
+    folder: Path, exact_keys: np.ndarray, signatures: np.ndarray | None, config: DedupConfig
+) -> None:
     """The shard's dedup files into `folder` (phase 1 writes them into its temporary shard folder)."""
     np.save(folder / EXACT_KEYS, exact_keys)
     if signatures is not None:
@@ -218,7 +220,11 @@ class _Vector:
     def of(cls, path: Path, band: int | None) -> _Vector:
         with open(path, "rb") as handle:
             version = np.lib.format.read_magic(handle)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
             shape, _, dtype = read_header(handle)
             offset = handle.tell()
         length = shape[-1]
@@ -238,7 +244,9 @@ class _Vector:
         return np.concatenate((found, np.full(len(bounds) - len(inner), self.length))).astype(np.int64)
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        return np.fromfile(self.path, dtype=self.dtype, count=stop - start, offset=self.offset + start * self.dtype.itemsize)
+        return np.fromfile(
+            self.path, dtype=self.dtype, count=stop - start, offset=self.offset + start * self.dtype.itemsize
+        )
 
 
 Run = tuple[_Vector, _Vector]  # one shard's sorted keys (uint64) and their rows (uint32)
@@ -489,7 +497,9 @@ STAGES = ("exact", "alive", "bands", "cluster")
 
 def stage_units(plan: DedupPlan, stage: str) -> list:
     """The units of a stage; task `rank` of `world_size` runs units rank, rank + world_size, ..."""
-    return {"exact": plan.exact_units(), "alive": [None], "bands": plan.band_units(), "cluster": [None]}[stage]
+    return {"exact": plan.exact_units(), "alive": [None], "bands": plan.band_units(), "cluster": [None]}[
+        stage
+    ]
 
 
 def run_unit(plan: DedupPlan, stage: str, unit, passes: np.ndarray | None = None) -> int:

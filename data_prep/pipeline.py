@@ -180,7 +180,9 @@ def _curate_shards(config: DataPrepConfig, layout: RunLayout, shards: list[Shard
 # ---- phase 2: dedup stages ------------------------------------------------------------------------
 
 
-def dedup_plan(config: DataPrepConfig, layout: RunLayout, shards: list[Shard], num_tasks: int) -> dedup_stages.DedupPlan:
+def dedup_plan(
+    config: DataPrepConfig, layout: RunLayout, shards: list[Shard], num_tasks: int
+) -> dedup_stages.DedupPlan:
     """The dedup stages' plan for this run: the same in every task of every executor."""
     dirs = tuple(layout.shards / s.shard_id for s in shards)
     return dedup_stages.DedupPlan(
@@ -291,7 +293,9 @@ def _merge_source(
                         if not record_cluster_size:
                             curated.write_line(line)
                         else:
-                            record.setdefault("attributes", {})["cluster_size"] = int(decision.cluster_size[row])
+                            record.setdefault("attributes", {})["cluster_size"] = int(
+                                decision.cluster_size[row]
+                            )
                             curated.write(record)
                         kept.add(record)
                         continue
@@ -328,7 +332,8 @@ def _merge_source(
 
 
 def _merge_all(config: DataPrepConfig, layout: RunLayout, shards: list[Shard]) -> dict[str, dict[str, Any]]:
-    plan = dedup_plan(config, layout, shards, num_tasks=1)  # the number of tasks does not change the files read
+    # the merge reads each shard's decision file, whatever the number of tasks that made it
+    plan = dedup_plan(config, layout, shards, num_tasks=1)
     summaries: dict[str, dict[str, Any]] = {}
     todo = [
         s.name

@@ -20,7 +20,6 @@ import numpy as np
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.data_prep.config import DataPrepConfig, ScoreConfig
-from kumihimo.data_prep.minhash import QUALITY_DROPPED
 from kumihimo.data_prep.quality import QualityFilter
 from kumihimo.data_prep.scoring import score_verdict
 

@@ -362,7 +362,9 @@ def process_shard(shard: Shard, tools: StageTools, shards_dir: Path) -> None:
     all_signatures = None
     if tools.minhasher is not None:
         num_perm = tools.minhasher.num_perm
-        all_signatures = np.concatenate(signatures) if signatures else np.empty((0, num_perm), dtype=np.uint32)
+        all_signatures = (
+            np.concatenate(signatures) if signatures else np.empty((0, num_perm), dtype=np.uint32)
+        )
     write_shard_runs(tmp, np.array(exact_keys, dtype=np.uint64), all_signatures, config.dedup)
     (tmp / STATS).write_text(json.dumps(stats.to_json(), ensure_ascii=False), encoding="utf-8")
     os.rename(tmp, final)
