@@ -236,3 +236,20 @@ def test_a_merge_holds_no_file_open_per_shard(corpus, tmp_path, monkeypatch):
     next(chunks)
     assert len(os.listdir("/proc/self/fd")) <= before
     assert sum(len(k) for k, _ in chunks) > 0
+
+
+def test_shards_curated_before_the_sorted_runs_get_them_from_their_signatures(corpus, tmp_path):
+    """A run resumed across the upgrade: its finished shards hold exact_keys.npy and signatures.npy only."""
+    dedup, keys, signatures = corpus
+    dirs = write_shards(tmp_path, keys, signatures, dedup)
+    start = 0
+    for folder, size in zip(dirs, SHARD_SIZES):
+        for name in (*dedup_stages.EXACT_SORTED, *dedup_stages.BAND_SORTED):
+            (folder / name).unlink()
+        np.save(folder / dedup_stages.SIGNATURES, signatures[start : start + size])
+        start += size
+        dedup_stages.add_missing_runs(folder, dedup)
+        assert not [p.name for p in folder.iterdir() if dedup_stages.TEMP_MARK in p.name]
+    plan = make_plan(tmp_path, dirs, dedup, 2)
+    run_stages(plan)
+    assert_same_as_reference(plan, keys, signatures)
