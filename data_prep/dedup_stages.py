@@ -6,7 +6,7 @@ the single-process reference `find_duplicates`, whose decisions these stages rep
   phase 1 (shard_stage, per shard)  exact keys sorted, with their rows (exact_sorted_{keys,rows}.npy);
                                     per band, band keys sorted, with their rows (band_sorted_{keys,rows}.npy,
                                     bands x documents): 12 bytes per document and band
-  exact   (E tasks, hash ranges)    merges every shard's slice of its key range; writes the groups
+  exact   (T tasks, key ranges)     merges every shard's slice of its key range; writes the groups
                                     of equal keys (members in global order)
   alive   (1 task)                  exact groups -> each copy's first; quality passes (refilter runs);
                                     a bitmap (N/8 bytes) of the documents that take part in fuzzy dedup
@@ -19,10 +19,12 @@ pipeline.py runs the stages on a local process pool, data_prep/cluster.py as dat
 or Slurm); a unit's output is written under a temporary name and renamed, so a killed task redoes
 only its unfinished units.
 
-The merge of a key range reads, from every shard's sorted run, the slice between two keys
-(np.searchsorted on a memory map: a binary search touches ~log2(n) pages) for a sub-range sized to
-CHUNK_RECORDS records in all, sorts the concatenation and hands it on; hash keys are uniform, so a task's
-memory is bounded by the chunk, not by the corpus, and every record is read exactly once.
+The merge of a key range reads, from every shard's sorted run, the slice between two keys (found by a
+binary search in a memory map that is closed again, ~log2(n) pages; the slice read by file offset, so no
+descriptor stays open per shard) for a sub-range sized to CHUNK_RECORDS records in all, sorts the
+concatenation and hands it on; hash keys are uniform, so a task's memory is bounded by the chunk, not by
+the corpus, and every record is read exactly once. The cluster step is the one that grows with the
+corpus: it holds every candidate pair (docs/data_prep.md, "Dedup at scale").
 The representative of a group is its smallest global index (source order, file, line), as in
 find_duplicates: a bucket's pairs are (member, smallest alive member), components are labelled by their
 smallest member, and an exact copy points at the final keeper of the copy it repeats.
@@ -32,8 +34,9 @@ shingles from a word tokenizer (ours are character n-grams over the text with sp
 Japanese references' choice, computed in phase 1 with the other measurements); its bucket step cannot
 leave out exact copies or documents a refilter's thresholds drop, which changes the components; it has
 no Jaccard check of candidates (dedup.min_jaccard); and its clustering joins sets by size, which keeps a
-different document than the smallest global index. Its executors and PipelineStep run these stages
-(data_prep/cluster.py); benchmarks/bench_dedup_scale.py runs its buckets + cluster on the same signatures.
+different document than the smallest global index. Its heap merge also handles one Python object per
+record (~20x our chunked numpy merge in benchmarks/bench_dedup_scale.py, which runs its buckets + cluster
+on the same signatures). Its executors and PipelineStep run these stages (data_prep/cluster.py).
 """
 
 from __future__ import annotations
