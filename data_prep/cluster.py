@@ -1,12 +1,13 @@
-"""Curation on datatrove's executors: per-shard work as N tasks, then global dedup as one dependent task.
+"""Curation on datatrove's executors: per-shard work as N tasks, the dedup stages, then one finishing task.
 
 Stage 1 is `CurateShardsStep`: task `rank` of `world_size` curates shards rank, rank + world_size, ...
 into `<out>/work/shards/` exactly as the local pool does (same per-shard directories, so any mix of
-executors and re-runs resumes). Stage 2 is `FinishStep`, a single task that starts once every stage-1
-task succeeded: it reads all shards' exact keys and MinHash signatures, so near duplicates are found
-across tasks, then merges per source and writes the report. Locally the two stages run one after the
-other (LocalPipelineExecutor, `depends=`); on Slurm, datatrove submits stage 1 as an array job and
-stage 2 with `--dependency=afterok` on it, and this process returns at once.
+executors and re-runs resumes). Then `DedupStageStep` runs each dedup stage of dedup_stages.py (exact
+key ranges and LSH band ranges as executor.tasks tasks, the alive and cluster steps as one task), so
+near duplicates are found across tasks without one process reading every signature. Last,
+`FinishStep` merges per source and writes the report. Locally the stages run one after the other
+(LocalPipelineExecutor, `depends=`); on Slurm, datatrove submits each as a job (an array for the
+multi-task ones) with `--dependency=afterok` on the one before, and this process returns at once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,18 @@ from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.core.progress import say
 from kumihimo.data_prep.config import DataPrepConfig, ExecutorConfig
-from kumihimo.data_prep.pipeline import CurationResult, curate_task, finish_curation, prepare_run
+from kumihimo.data_prep.dedup_stages import STAGES
+from kumihimo.data_prep.jsonl_io import plan_shards
+from kumihimo.data_prep.pipeline import (
+    CurationResult,
+    RunLayout,
+    curate_task,
+    dedup_plan,
+    dedup_tasks,
+    finish_curation,
+    prepare_run,
+    run_dedup_task,
+)
 
 
 class _ConfigStep(PipelineStep):
@@ -51,8 +63,33 @@ class CurateShardsStep(_ConfigStep):
         self.stat_update("shards", value=num_shards)
 
 
+class DedupStageStep(_ConfigStep):
+    """One dedup stage (dedup_stages.STAGES); task `rank` runs units rank, rank + world_size, ..."""
+
+    name = "kumihimo dedup stage"
+
+    def __init__(self, config: DataPrepConfig, stage: str):
+        super().__init__(config)
+        self.stage = stage
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        if data:
+            yield from data
+        plan = dedup_plan(
+            self.config,
+            RunLayout(Path(self.config.output_dir)),
+            plan_shards(self.config),
+            dedup_tasks(self.config),
+        )
+        self.stat_update("bytes_read", value=run_dedup_task(plan, self.stage, rank, world_size))
+
+
+def _stage_tasks(config: DataPrepConfig, stage: str) -> int:
+    return dedup_tasks(config) if stage in ("exact", "bands") else 1
+
+
 class FinishStep(_ConfigStep):
-    """Global exact + fuzzy dedup over every shard, per-source merge and report (one task)."""
+    """Per-source merge (each shard filtered by its dedup decision) and report (one task)."""
 
     name = "kumihimo dedup, merge, report"
 
@@ -111,13 +148,26 @@ def _slurm_executors(config: DataPrepConfig, logs: Path, num_tasks: int) -> Slur
         logging_dir=str(logs / "curate"),
         **common,
     )
+    previous = shards
+    for stage in STAGES:
+        num_tasks = _stage_tasks(config, stage)
+        previous = SlurmPipelineExecutor(
+            [DedupStageStep(config, stage)],
+            tasks=num_tasks,
+            workers=ex.workers or -1,
+            cpus_per_task=ex.slurm_cpus_per_task if num_tasks > 1 else ex.slurm_dedup_cpus,
+            job_name=f"kumihimo-dedup-{stage}",
+            logging_dir=str(logs / f"dedup-{stage}"),
+            depends=previous,
+            **common,
+        )
     return SlurmPipelineExecutor(
         [FinishStep(config)],
         tasks=1,
         cpus_per_task=ex.slurm_dedup_cpus,
-        job_name="kumihimo-dedup",
+        job_name="kumihimo-finish",
         logging_dir=str(logs / "finish"),
-        depends=shards,
+        depends=previous,
         **common,
     )
 
@@ -153,19 +203,22 @@ def _submit_or_collect(
         # a second submission would curate the same shards twice at once
         raise UserError(
             f"the jobs of the previous submission are still in the Slurm queue ({'; '.join(queued)}); "
-            "wait for them to end, or scancel them (a dedup job left pending with "
+            "wait for them to end, or scancel them (jobs left pending with "
             "DependencyNeverSatisfied after a failed task), then run this command again"
         )
     finish = _slurm_executors(config, logs, num_tasks)
-    shards_stage = finish.depends
     if not finish.get_incomplete_ranks():
         say(f"[data_prep] the Slurm jobs have completed (markers under {logs}); reading their result")
         return finish_curation(config)
     say(
-        f"[data_prep] {num_shards} shards in {num_tasks} Slurm array tasks + 1 dedup job -> {config.output_dir}"
+        f"[data_prep] {num_shards} shards in {num_tasks} Slurm array tasks, then the dedup stages' jobs and the finishing job -> {config.output_dir}"
     )
+    chain, stage = [], finish
+    while stage is not None:  # finish, the dedup stages, the curation array (run() forgets `depends`)
+        chain.append(stage)
+        stage = stage.depends
     finish.run()
-    job_ids = [str(j) for j in (shards_stage.job_id, finish.job_id) if j not in (None, -1)]
+    job_ids = [str(s.job_id) for s in reversed(chain) if s.job_id not in (None, -1)]
     configtree.write_text_atomic(record, json.dumps(job_ids))
     say(f"[data_prep] submitted jobs {', '.join(job_ids)}; logs and completion markers under {logs}")
     return None
@@ -173,7 +226,7 @@ def _submit_or_collect(
 
 def curate_with_datatrove(config: DataPrepConfig) -> CurationResult | None:
     """Run curation with executor.kind = datatrove-local (returns the result) or datatrove-slurm: submit
-    the jobs that are not complete yet and return None, or, once the dedup job has completed, read the
+    the jobs that are not complete yet and return None, or, once the finishing job has completed, read the
     result back and return it (so `kumihimo data curate` run again after the jobs prints the result)."""
     layout, shards = prepare_run(config)  # once, before any task: manifest and evaluation index
     logs = Path(config.executor.logging_dir or layout.work / "datatrove").absolute()
@@ -193,12 +246,23 @@ def curate_with_datatrove(config: DataPrepConfig) -> CurationResult | None:
         logging_dir=str(logs / "curate"),
         start_method="spawn",
     )
+    previous = shards_stage
+    for stage in STAGES:
+        num_tasks = _stage_tasks(config, stage)
+        previous = LocalPipelineExecutor(
+            [DedupStageStep(config, stage)],
+            tasks=num_tasks,
+            workers=min(workers, num_tasks),
+            logging_dir=str(logs / f"dedup-{stage}"),
+            depends=previous,
+            start_method="spawn",
+        )
     LocalPipelineExecutor(
         [FinishStep(config)],
         tasks=1,
         workers=1,
         logging_dir=str(logs / "finish"),
-        depends=shards_stage,
+        depends=previous,
         start_method="spawn",
     ).run()
     return finish_curation(config)  # already done by the last stage; this reads its outputs back

@@ -710,9 +710,12 @@ class ExecutorConfig:
     kind: ExecutorKind = "local"
     """local: a process pool on this machine. datatrove-local / datatrove-slurm: per-shard curation as
     `executor.tasks` datatrove tasks (LocalPipelineExecutor / SlurmPipelineExecutor, needs
-    `pip install datatrove`), then global dedup, merge and report as one task that depends on them."""
+    `pip install datatrove`), then the dedup stages and one task for merge and report, each depending on
+    the one before."""
     tasks: int = 1
-    """Number of datatrove tasks the shards are dealt to (task i curates shards i, i+tasks, ...)."""
+    """Number of datatrove tasks the shards are dealt to (task i curates shards i, i+tasks, ...); for every
+    executor also the key ranges of the exact dedup stage and the tasks of the band stage (num_bands x
+    ceil(tasks / num_bands) units)."""
     workers: int | None = None
     """Tasks run at once by datatrove-local (null = num_workers); datatrove-slurm: array jobs at once (null = all)."""
     logging_dir: str | None = None
@@ -725,8 +728,9 @@ class ExecutorConfig:
     """CPUs per Slurm array task; the task curates its shards with this many worker processes (1: one shard
     at a time), whatever `num_workers` says (that is the local pool's size)."""
     slurm_dedup_cpus: int = 4
-    """CPUs of the single dedup, merge and report job; it gets this x slurm_mem_per_cpu_gb of memory and
-    holds every exact key in RAM and every MinHash signature in one memory map."""
+    """CPUs of the single-task jobs (the dedup alive and cluster steps, merge and report); each gets this x
+    slurm_mem_per_cpu_gb of memory. The cluster step holds the candidate pairs and the removed documents,
+    the alive step one byte per document (docs/data_prep.md, "Dedup at scale")."""
     slurm_mem_per_cpu_gb: int = 4
     """Memory per CPU in GB (a worker holds ~300 MB of models and tables plus one shard's buffers)."""
     slurm_env_command: str | None = None

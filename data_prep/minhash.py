@@ -18,7 +18,8 @@ import numpy as np
 from kumihimo.data_prep.config import DedupConfig
 from kumihimo.data_prep.ngrams import codepoints, mix64, window_hashes
 
-KEEP = -1
+KEEP = -1  # duplicate_of of a kept document
+QUALITY_DROPPED = -2  # duplicate_of of a carried document that a refilter's thresholds drop
 # shingles hashed per permutation pass: 512 KiB of uint64 stays in the L2 cache through multiply, add
 # and min (2^16 measured fastest in benchmarks/bench_minhash.py; 2^12 is 2.5x slower from call overhead)
 _GROUP_SHINGLES = 1 << 16
@@ -113,7 +114,16 @@ def _group_firsts(keys: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.n
     return index[order][members], group_first[members]
 
 
-def _components(num: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+def band_keys(band_columns: np.ndarray) -> np.ndarray:
+    """64-bit key of one LSH band (its `rows` signature columns) per document: equal keys, same bucket."""
+    cols = np.asarray(band_columns, dtype=np.uint64)
+    key = np.zeros(len(cols), dtype=np.uint64)
+    for j in range(cols.shape[1]):
+        key = mix64(key * _BAND_MULT + cols[:, j])
+    return key
+
+
+def smallest_in_component(num: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """Smallest member of each node's connected component (min-label propagation, vectorised)."""
     labels = np.arange(num, dtype=np.int64)
     while True:
@@ -144,10 +154,7 @@ def find_duplicates(
         rows = config.rows_per_band
         lefts, rights = [], []
         for band in range(config.num_bands):
-            cols = np.asarray(signatures[alive, band * rows : (band + 1) * rows], dtype=np.uint64)
-            key = np.zeros(len(alive), dtype=np.uint64)
-            for j in range(rows):
-                key = mix64(key * _BAND_MULT + cols[:, j])
+            key = band_keys(signatures[alive, band * rows : (band + 1) * rows])
             members, firsts = _group_firsts(key, np.arange(len(alive), dtype=np.int64))
             lefts.append(members)
             rights.append(firsts)
@@ -163,7 +170,7 @@ def find_duplicates(
                 >= config.min_jaccard
             )
             left, right = left[similar], right[similar]
-        labels = _components(len(alive), left, right)
+        labels = smallest_in_component(len(alive), left, right)
         near = labels != np.arange(len(alive))
         duplicate_of[alive[near]] = alive[labels[near]]
         # an exact copy of a document that then lost as a near duplicate points at the final keeper

@@ -2,7 +2,9 @@
 
 curate runs in three resumable phases under `<out>/work/`:
   1. shards/    one directory per input shard, in parallel (read .. PII, exact keys, MinHash signatures)
-  2. dedup/     one global pass: exact groups, then LSH over all signatures; the decision array
+  2. dedup/     exact and fuzzy dedup as stages of independent units (dedup_stages.py): per key range,
+                merge the shards' sorted runs into exact groups and LSH candidate pairs; cluster the
+                pairs; one decision file per shard
   3. merged/    per source: curated/, dropped/, quarantine/ JSONL assembled in input order
 Each unit is written under a temporary name and renamed when complete, so a killed run picks up at
 the first unfinished unit. Stage order: decontamination runs before dedup so that a contaminated
@@ -12,6 +14,7 @@ dedup so documents that differ only in e-mail addresses or phone numbers count a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,20 +31,14 @@ from kumihimo.core.files import TEMP_MARK, make_output_folder
 from kumihimo.core.processes import RunLock
 from kumihimo.core.progress import Progress, say
 from kumihimo.core.records import file_format
-from kumihimo.data_prep import scoring, shard_stage
+from kumihimo.data_prep import dedup_stages, scoring, shard_stage
 from kumihimo.data_prep.config import DataPrepConfig
 from kumihimo.data_prep.decontam import build_eval_index, save_eval_index
 from kumihimo.data_prep.executor import process_pool, run_unordered
 from kumihimo.data_prep.jsonl_io import AtomicJsonlWriter, Shard, expand_source_paths, plan_shards
-from kumihimo.data_prep.minhash import KEEP
+from kumihimo.data_prep.minhash import KEEP, QUALITY_DROPPED
 from kumihimo.data_prep.quality import QualityFilter
-from kumihimo.data_prep.refilter import (
-    QUALITY_DROPPED,
-    find_duplicates_among,
-    prepare_refilter,
-    quality_drop,
-    quality_passes,
-)
+from kumihimo.data_prep.refilter import prepare_refilter, quality_drop, quality_passes
 from kumihimo.data_prep.report import KeptStats, build_report, write_report
 
 # The folders under output_dir that curate and tokenize write: a killed run's temporary files are
@@ -79,8 +76,8 @@ class RunLayout:
         return self.work / "shards"
 
     @property
-    def dedup_decision(self) -> Path:
-        return self.work / "dedup" / "decision.npz"
+    def dedup_folder(self) -> Path:
+        return self.work / "dedup"
 
     @property
     def eval_index(self) -> Path:
@@ -160,6 +157,9 @@ def _curate_shards(config: DataPrepConfig, layout: RunLayout, shards: list[Shard
         for stale in layout.shards.glob(f".{shard.shard_id}{TEMP_MARK}*"):
             shutil.rmtree(stale, ignore_errors=True)
     todo = [s for s in shards if not (layout.shards / s.shard_id).is_dir()]
+    for shard in shards:
+        if shard not in todo:  # curated before the sorted runs existed: add them (this task owns it)
+            dedup_stages.add_missing_runs(layout.shards / shard.shard_id, config.dedup)
     if len(todo) < len(shards):
         say(f"[data_prep] resuming: {len(shards) - len(todo)} of {len(shards)} shards already done")
     if not todo:
@@ -177,51 +177,61 @@ def _curate_shards(config: DataPrepConfig, layout: RunLayout, shards: list[Shard
                 progress.update()
 
 
-# ---- phase 2: global dedup ------------------------------------------------------------------------
+# ---- phase 2: dedup stages ------------------------------------------------------------------------
 
 
-def _shard_sizes(layout: RunLayout, shards: list[Shard]) -> np.ndarray:
-    sizes = [len(np.load(layout.shards / s.shard_id / shard_stage.EXACT_KEYS, mmap_mode="r")) for s in shards]
-    return np.array(sizes, dtype=np.int64)
-
-
-def _global_dedup(config: DataPrepConfig, layout: RunLayout, shards: list[Shard]) -> None:
-    if layout.dedup_decision.is_file():
-        return
-    layout.dedup_decision.parent.mkdir(parents=True, exist_ok=True)
-    sizes = _shard_sizes(layout, shards)
-    offsets = np.concatenate(([0], np.cumsum(sizes)))
-    keys = np.concatenate(
-        [np.load(layout.shards / s.shard_id / shard_stage.EXACT_KEYS) for s in shards]
-        + [np.empty(0, np.uint64)]
+def dedup_plan(
+    config: DataPrepConfig, layout: RunLayout, shards: list[Shard], num_tasks: int
+) -> dedup_stages.DedupPlan:
+    """The dedup stages' plan for this run: the same in every task of every executor."""
+    dirs = tuple(layout.shards / s.shard_id for s in shards)
+    return dedup_stages.DedupPlan(
+        config=config,
+        shard_dirs=dirs,
+        folder=layout.dedup_folder,
+        num_tasks=num_tasks,
     )
-    signatures = None
-    sig_path = layout.dedup_decision.parent / "signatures.npy"
-    if config.dedup.fuzzy:
-        num_perm = config.dedup.num_bands * config.dedup.rows_per_band
-        # one memory-mapped array over all shards: the band pass reads columns, not whole corpora
-        signatures = np.lib.format.open_memmap(
-            sig_path, mode="w+", dtype=np.uint32, shape=(int(offsets[-1]), num_perm)
-        )
-        for shard, start, end in zip(shards, offsets[:-1], offsets[1:]):
-            signatures[start:end] = np.load(layout.shards / shard.shard_id / shard_stage.SIGNATURES)
-        signatures.flush()
+
+
+def run_dedup_unit(plan: dedup_stages.DedupPlan, stage: str, unit: Any) -> int:
+    """One unit of a dedup stage; the alive stage gets a refilter run's quality verdicts from here."""
     passes = None
-    if config.filters.refilterable:  # carried documents: the thresholds decide which take part
-        passes = quality_passes(config, [layout.shards / s.shard_id / shard_stage.CANDIDATES for s in shards])
-    say(f"[dedup] {int(offsets[-1])} candidate documents, {len(shards)} shards")
-    decision = find_duplicates_among(keys, signatures, config, passes)
-    tmp = layout.dedup_decision.with_name(f"decision{TEMP_MARK}{os.getpid()}.npz")
-    np.savez(
-        tmp,
-        duplicate_of=decision.duplicate_of,
-        is_exact=decision.is_exact,
-        offsets=offsets,
-        num_candidate_pairs=np.array(decision.num_candidate_pairs),
-    )
-    os.replace(tmp, layout.dedup_decision)
-    del signatures
-    sig_path.unlink(missing_ok=True)
+    if stage == "alive" and plan.config.filters.refilterable and not plan.alive_path.is_file():
+        passes = quality_passes(plan.config, [d / shard_stage.CANDIDATES for d in plan.shard_dirs])
+    return dedup_stages.run_unit(plan, stage, unit, passes)
+
+
+def run_dedup_task(plan: dedup_stages.DedupPlan, stage: str, rank: int, world_size: int) -> int:
+    """Task `rank` of `world_size` of a dedup stage (a datatrove task); returns the bytes it read."""
+    units = dedup_stages.stage_units(plan, stage)[rank::world_size]
+    return sum(run_dedup_unit(plan, stage, unit) for unit in units)
+
+
+def _dedup_unit(task: tuple[dedup_stages.DedupPlan, str, Any]) -> int:
+    return run_dedup_unit(*task)
+
+
+def _run_dedup_stages(config: DataPrepConfig, plan: dedup_stages.DedupPlan) -> None:
+    """Every dedup stage here, its units on a process pool; units already done are skipped."""
+    if plan.summary_path.is_file():
+        return
+    num_workers = config.resolved_num_workers
+    say(f"[dedup] {len(plan.shard_dirs)} shards, {plan.num_tasks} key ranges, {num_workers} workers")
+    with contextlib.ExitStack() as stack:
+        pool = None
+        for stage in dedup_stages.STAGES:
+            units = dedup_stages.stage_units(plan, stage)
+            if num_workers == 1 or len(units) == 1:
+                for unit in units:
+                    run_dedup_unit(plan, stage, unit)
+                continue
+            pool = pool or stack.enter_context(process_pool(num_workers, _no_setup, ()))
+            for _ in run_unordered(pool, _dedup_unit, [(plan, stage, unit) for unit in units]):
+                pass
+
+
+def _no_setup() -> None:
+    pass
 
 
 # ---- phase 3: per-source merge --------------------------------------------------------------------
@@ -248,11 +258,12 @@ def _merge_source(
     config: DataPrepConfig,
     layout: RunLayout,
     shards: list[Shard],
-    decision: dict[str, np.ndarray],
+    plan: dedup_stages.DedupPlan,
     kept_ids: dict[int, str],
-    cluster_sizes: np.ndarray | None = None,
+    record_cluster_size: bool,
 ) -> dict[str, Any]:
-    duplicate_of, is_exact, offsets = decision["duplicate_of"], decision["is_exact"], decision["offsets"]
+    """The filter step per shard: each shard's decision file says which of its rows are kept."""
+    offsets = plan.offsets()
     kept = KeptStats()
     dedup_drops: dict[str, int] = {}
     quality_drops: dict[str, int] = {}
@@ -272,17 +283,18 @@ def _merge_source(
                 with open(shard_dir / name, encoding="utf-8") as handle:
                     for line in handle:
                         writer.write_line(line)
-            start = int(offsets[shard.index])
+            num_rows = int(offsets[shard.index + 1] - offsets[shard.index])
+            decision = dedup_stages.load_shard_decision(plan, shard_dir, num_rows)
             with open(shard_dir / shard_stage.CANDIDATES, encoding="utf-8") as handle:
                 for row, line in enumerate(handle):
-                    target = int(duplicate_of[start + row])
+                    target = int(decision.duplicate_of[row])
                     record = json.loads(line)
                     if target == KEEP:
-                        if cluster_sizes is None:
+                        if not record_cluster_size:
                             curated.write_line(line)
                         else:
                             record.setdefault("attributes", {})["cluster_size"] = int(
-                                cluster_sizes[start + row]
+                                decision.cluster_size[row]
                             )
                             curated.write(record)
                         kept.add(record)
@@ -295,7 +307,7 @@ def _merge_source(
                         if len(bucket) < config.report.examples_per_reason:
                             bucket.append({k: v for k, v in drop.items() if k != "attributes"})
                         continue
-                    reason = "exact_duplicate" if is_exact[start + row] else "near_duplicate"
+                    reason = "exact_duplicate" if decision.is_exact[row] else "near_duplicate"
                     drop = {
                         "id": record["id"],
                         "source": source,
@@ -319,37 +331,31 @@ def _merge_source(
     return summary
 
 
-def _cluster_sizes(duplicate_of: np.ndarray) -> np.ndarray:
-    """Per global row: 1 + the rows removed as its exact or near duplicates (meaningful for kept rows).
-
-    Every removed duplicate points straight at its cluster's kept document (find_duplicates follows
-    chains to the final keeper), so one bincount counts each cluster once.
-    """
-    removed = duplicate_of[duplicate_of >= 0]
-    assert np.all(duplicate_of[removed] == KEEP), "a duplicate points at a document that was not kept"
-    return 1 + np.bincount(removed, minlength=len(duplicate_of))
-
-
 def _merge_all(config: DataPrepConfig, layout: RunLayout, shards: list[Shard]) -> dict[str, dict[str, Any]]:
-    with np.load(layout.dedup_decision) as data:
-        decision = {k: data[k] for k in data.files}
+    # the merge reads each shard's decision file, whatever the number of tasks that made it
+    plan = dedup_plan(config, layout, shards, num_tasks=1)
     summaries: dict[str, dict[str, Any]] = {}
     todo = [
         s.name
         for s in config.input.sources
         if not layout.merged_marker(s.name).is_file() or not layout.curated(s.name).is_file()
     ]
-    targets = np.unique(decision["duplicate_of"][decision["duplicate_of"] >= 0]) if todo else np.empty(0)
-    kept_ids = _kept_ids(layout, shards, decision["offsets"], targets) if len(targets) else {}
-    cluster_sizes = _cluster_sizes(decision["duplicate_of"]) if config.dedup.record_cluster_size else None
+    targets = dedup_stages.removed_targets(plan) if todo else np.empty(0, np.int64)
+    kept_ids = _kept_ids(layout, shards, plan.offsets(), targets) if len(targets) else {}
     for source in config.input.sources:
         if source.name in todo:
             summaries[source.name] = _merge_source(
-                source.name, config, layout, shards, decision, kept_ids, cluster_sizes
+                source.name, config, layout, shards, plan, kept_ids, config.dedup.record_cluster_size
             )
         else:
             summaries[source.name] = json.loads(layout.merged_marker(source.name).read_text(encoding="utf-8"))
     return summaries
+
+
+def dedup_tasks(config: DataPrepConfig) -> int:
+    """Key ranges the exact stage cuts the key space into (and band x range units of the fuzzy stage):
+    executor.tasks for every executor, so a run resumed under another executor reuses finished units."""
+    return config.executor.tasks
 
 
 def prepare_run(config: DataPrepConfig) -> tuple[RunLayout, list[Shard]]:
@@ -384,8 +390,8 @@ def curate_task(config: DataPrepConfig, task_index: int, num_tasks: int) -> int:
 
 
 def finish_curation(config: DataPrepConfig) -> CurationResult:
-    """Phases 2 and 3 (global dedup over every shard's keys and signatures, per-source merge) and the
-    report; refuses to start while a shard is missing."""
+    """Phases 2 and 3 (the dedup stages not done yet, per-source merge) and the report; refuses to start
+    while a shard is missing."""
     layout = RunLayout(Path(config.output_dir))
     shards = plan_shards(config)
     _check_or_record_run(layout, config, shards)
@@ -395,7 +401,7 @@ def finish_curation(config: DataPrepConfig) -> CurationResult:
             f"{len(missing)} of {len(shards)} shards are not curated yet (first: {missing[0]}); "
             "run or re-run the per-shard tasks first"
         )
-    _global_dedup(config, layout, shards)
+    _run_dedup_stages(config, dedup_plan(config, layout, shards, dedup_tasks(config)))
     merged = _merge_all(config, layout, shards)
     shard_stats = [
         json.loads((layout.shards / s.shard_id / shard_stage.STATS).read_text(encoding="utf-8"))

@@ -2,7 +2,7 @@
 
 A run curated with filters.refilterable=true carries every document that reached the quality stage
 through clean-up, decontamination, PII and hashing into work/shards/, each with its quality measurements
-(the record's "attributes"). Which of them pass is decided in the global dedup phase, from those
+(the record's "attributes"). Which of them pass is decided in the dedup stages (dedup_stages.alive_step), from those
 measurements and the config's thresholds; the merge writes the others as quality drops. Refilter
 therefore only checks that nothing but thresholds changed, rewrites the run's manifest, and runs the
 dedup and merge phases again: no extraction, repair, language ID or hashing.
@@ -20,11 +20,8 @@ import numpy as np
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.data_prep.config import DataPrepConfig, ScoreConfig
-from kumihimo.data_prep.minhash import KEEP, DedupDecision, find_duplicates
 from kumihimo.data_prep.quality import QualityFilter
 from kumihimo.data_prep.scoring import score_verdict
-
-QUALITY_DROPPED = -2  # duplicate_of value of a carried document that the thresholds drop
 
 
 def quality_passes(config: DataPrepConfig, candidate_files: list[Path]) -> np.ndarray:
@@ -48,25 +45,6 @@ def _verdict(qf: QualityFilter, record: dict[str, Any], score: ScoreConfig):
             f"document {record['id']!r} has no stored measurement {missing}: the run was curated without the "
             "rule that needs it; curate again (a new output_dir) to apply it"
         ) from None
-
-
-def find_duplicates_among(
-    keys: np.ndarray, signatures: np.ndarray | None, config: DataPrepConfig, passes: np.ndarray | None
-) -> DedupDecision:
-    """find_duplicates over the rows that pass (all when `passes` is None); the others get QUALITY_DROPPED."""
-    if passes is None:
-        return find_duplicates(keys, signatures, config.dedup)
-    rows = np.flatnonzero(passes)
-    sub = find_duplicates(
-        keys[rows], None if signatures is None else np.asarray(signatures[rows]), config.dedup
-    )
-    duplicate_of = np.full(len(keys), QUALITY_DROPPED, dtype=np.int64)
-    duplicate_of[rows] = np.where(sub.duplicate_of == KEEP, KEEP, rows[np.maximum(sub.duplicate_of, 0)])
-    is_exact = np.zeros(len(keys), dtype=bool)
-    is_exact[rows] = sub.is_exact
-    return DedupDecision(
-        duplicate_of=duplicate_of, is_exact=is_exact, num_candidate_pairs=sub.num_candidate_pairs
-    )
 
 
 def quality_drop(
@@ -155,7 +133,7 @@ def prepare_refilter(config: DataPrepConfig) -> None:
         raise UserError(
             "refilter can change thresholds only; these need a new curation: " + "; ".join(blocked)
         )
-    layout.dedup_decision.unlink(missing_ok=True)
+    shutil.rmtree(layout.dedup_folder, ignore_errors=True)  # written by dedup_stages, redone with new passes
     shutil.rmtree(layout.work / "merged", ignore_errors=True)
     (layout.work / "run.json").unlink()
     configtree.write_text_atomic(layout.out / "refiltered_from.yaml", saved.read_text(encoding="utf-8"))

@@ -1,7 +1,8 @@
 """Per-shard curation: read -> repair -> langid -> quality -> decontam -> PII -> dedup keys.
 
 One call handles one shard and leaves one directory `work/shards/<id>/` with the surviving candidates,
-the drops, the quarantined lines, exact keys and MinHash signatures, and stats. The directory is
+the drops, the quarantined lines, the dedup stages' sorted runs of exact keys and LSH band keys
+(dedup_stages.write_shard_runs), and stats. The directory is
 built under a temporary name and renamed when complete, so its existence is the done-marker.
 Documents go through the stages in batches of DOC_BATCH; what was decided for each is recorded in
 input order, so the outputs and stats are those of curating one document at a time.
@@ -24,6 +25,7 @@ from kumihimo.core.files import TEMP_MARK
 from kumihimo.data_prep.cleanup import normalize_punctuation, trim_footer
 from kumihimo.data_prep.config import DataPrepConfig
 from kumihimo.data_prep.decontam import Decontaminator, load_eval_index
+from kumihimo.data_prep.dedup_stages import write_shard_runs
 from kumihimo.data_prep.jsonl_io import AtomicJsonlWriter, BadLine, Document, Dropped, Shard, read_shard
 from kumihimo.data_prep.langid import identify_batch
 from kumihimo.data_prep.minhash import MinHasher, exact_key
@@ -38,8 +40,6 @@ CANDIDATES = "candidates.jsonl"
 DROPPED = "dropped.jsonl"
 QUARANTINE = "quarantine.jsonl"
 IDS = "ids.txt"
-EXACT_KEYS = "exact_keys.npy"
-SIGNATURES = "signatures.npy"
 STATS = "stats.json"
 
 
@@ -359,12 +359,12 @@ def process_shard(shard: Shard, tools: StageTools, shards_dir: Path) -> None:
                 if len(pending) >= SIGNATURE_BATCH:
                     flush_signatures()
         flush_signatures()
-    np.save(tmp / EXACT_KEYS, np.array(exact_keys, dtype=np.uint64))
+    all_signatures = None
     if tools.minhasher is not None:
         num_perm = tools.minhasher.num_perm
-        np.save(
-            tmp / SIGNATURES,
-            np.concatenate(signatures) if signatures else np.empty((0, num_perm), dtype=np.uint32),
+        all_signatures = (
+            np.concatenate(signatures) if signatures else np.empty((0, num_perm), dtype=np.uint32)
         )
+    write_shard_runs(tmp, np.array(exact_keys, dtype=np.uint64), all_signatures, config.dedup)
     (tmp / STATS).write_text(json.dumps(stats.to_json(), ensure_ascii=False), encoding="utf-8")
     os.rename(tmp, final)

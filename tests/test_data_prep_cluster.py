@@ -1,4 +1,4 @@
-"""Multi-task curation: shards dealt to N tasks (Slurm array / datatrove), then one dedup task."""
+"""Multi-task curation: shards dealt to N tasks (Slurm array / datatrove), then the dedup stages."""
 
 from __future__ import annotations
 
@@ -69,10 +69,16 @@ def test_datatrove_slurm_submits_an_array_and_a_dependent_dedup_job(single_task,
     submitted = []
     monkeypatch.setattr(cluster.SlurmPipelineExecutor, "run", lambda self: submitted.append(self))
     assert curate(config) is None
-    finish = submitted[0]
-    assert finish.tasks == 1 and isinstance(finish.pipeline[0], cluster.FinishStep)
-    assert finish.depends.tasks == 3 and isinstance(finish.depends.pipeline[0], cluster.CurateShardsStep)
-    directives = finish.depends.get_sbatch_args(3)
+    chain, stage = [], submitted[0]
+    while stage is not None:
+        chain.append(stage)
+        stage = stage.depends
+    chain.reverse()  # curate, the dedup stages, finish: each job depends on the one before
+    assert [s.tasks for s in chain] == [3, 3, 1, 3, 1, 1]
+    assert isinstance(chain[0].pipeline[0], cluster.CurateShardsStep)
+    assert [s.pipeline[0].stage for s in chain[1:-1]] == ["exact", "alive", "bands", "cluster"]
+    assert isinstance(chain[-1].pipeline[0], cluster.FinishStep)
+    directives = chain[0].get_sbatch_args(3)
     assert directives["partition"] == "cpu" and directives["account"] == "proj" and "qos" not in directives
     assert directives["array"] == "0-2"
 

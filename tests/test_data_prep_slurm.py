@@ -1,7 +1,9 @@
 """`kumihimo data curate` with executor.kind=datatrove-slurm on a real one-node Slurm (the `cluster` fixture).
 
-The test corpus of test_data_prep_pipeline.py (~20 shards) is curated by a 3-task array job and the
-dependent dedup job; the result must equal the single-process local run byte for byte. The command runs
+The test corpus of test_data_prep_pipeline.py (~20 shards) is curated by a 3-task array job, then the
+dedup stages (3-task arrays for the exact and band key ranges, single jobs for alive and cluster) and
+the finishing job, each depending on the one before; the result must equal the single-process local run
+byte for byte. The command runs
 the venv's Python the way `.venv/bin/kumihimo` runs without activating the venv: the venv is not on PATH,
 so the jobs find datatrove's launcher only through the executor's default environment command.
 """
@@ -83,8 +85,11 @@ def test_datatrove_slurm_curation_on_a_real_cluster_equals_the_local_run(cluster
     submitted = cluster.run(*command, env=env)
     assert "Slurm jobs submitted" in submitted.stderr, submitted.stderr[-2000:]
     queue = cluster.run("squeue", "-h", "-o", "%i %j %E").stdout
-    curate_id, dedup_id = json.loads((logs / "slurm_jobs.json").read_text())
-    assert f"afterok:{curate_id}" in queue, queue  # the dedup job waits for the whole array
+    job_ids = json.loads((logs / "slurm_jobs.json").read_text())
+    assert len(job_ids) == 6, job_ids  # curate, exact, alive, bands, cluster, finish
+    curate_id = job_ids[0]
+    for before in job_ids[:-1]:
+        assert f"afterok:{before}" in queue, queue  # each job waits for the whole job (array) before it
     meanwhile = cluster.run(*command, env=env, check=False)  # a second submission would redo the same shards
     assert meanwhile.returncode == 2 and "still in the Slurm queue" in meanwhile.stderr, meanwhile.stderr[
         -2000:
@@ -100,9 +105,17 @@ def test_datatrove_slurm_curation_on_a_real_cluster_equals_the_local_run(cluster
     ]
     assert not bad, f"{bad}\n{_job_logs(logs)}"
     array = [r for r in records if r["ArrayJobId"] == curate_id]
-    (dedup,) = [r for r in records if r["ArrayJobId"] == dedup_id]
     assert sorted(r["ArrayTaskId"] for r in array) == ["0", "1", "2"]
-    assert dedup["JobName"] == "kumihimo-dedup" and dedup["StartTime"] >= max(r["EndTime"] for r in array)
+    names = ["kumihimo-curate", *(f"kumihimo-dedup-{s}" for s in ("exact", "alive", "bands", "cluster"))]
+    names.append("kumihimo-finish")
+    previous_end = ""
+    for job_id, name in zip(job_ids, names):
+        tasks = [r for r in records if r["ArrayJobId"] == job_id]
+        assert {r["JobName"] for r in tasks} == {name} and len(tasks) == (
+            3 if "curate" in name or "exact" in name or "bands" in name else 1
+        )
+        assert min(r["StartTime"] for r in tasks) >= previous_end
+        previous_end = max(r["EndTime"] for r in tasks)
     assert differing_outputs(out, reference) == []
 
     # the same command once the jobs have ended: nothing is submitted, the result is read back and printed

@@ -382,8 +382,9 @@ def test_doctor_fails_a_job_whose_nodes_read_different_tokenizers(multinode, inp
 @pytest.mark.slow
 def test_datatrove_array_tasks_spread_over_nodes_equal_the_local_run(multinode, tmp_path):
     """`kumihimo data curate` with executor.kind=datatrove-slurm: a 3-task array (one CPU each, two CPUs
-    a node) cannot fit on one node, so the shards are curated on two or three nodes; the dedup job
-    follows; the output equals the single-process local run byte for byte."""
+    a node) cannot fit on one node, so the shards are curated on two or three nodes; the dedup stages'
+    jobs (3-task arrays for exact and bands) and the finishing job follow; the output equals the
+    single-process local run byte for byte."""
     pytest.importorskip("datatrove")
     from test_data_prep_pipeline import differing_outputs
 
@@ -395,12 +396,14 @@ def test_datatrove_array_tasks_spread_over_nodes_equal_the_local_run(multinode, 
     submitted = multinode.run(*_curate_command(config_path, out, logs))
     assert "Slurm jobs submitted" in submitted.stderr, submitted.stderr[-2000:]
     _wait_for_the_jobs(multinode, logs)
-    curate_id, dedup_id = json.loads((logs / "slurm_jobs.json").read_text())
+    job_ids = json.loads((logs / "slurm_jobs.json").read_text())
+    assert len(job_ids) == 6, job_ids  # curate, exact, alive, bands, cluster, finish
     records = multinode.jobs()
-    array = [r for r in records if r.get("ArrayJobId") == curate_id]
-    (dedup,) = [r for r in records if r.get("ArrayJobId") == dedup_id]
+    array = [r for r in records if r.get("ArrayJobId") == job_ids[0]]
+    later = [r for r in records if r.get("ArrayJobId") in job_ids[1:]]
     nodes = sorted({r["NodeList"] for r in array})
     print(f"\ndatatrove-slurm across nodes: {time.monotonic() - start:.0f} s; array tasks on {nodes}")
-    assert [(r["JobState"], r["ExitCode"]) for r in [*array, dedup]] == [("COMPLETED", "0:0")] * 4
+    assert len(later) == 3 + 1 + 3 + 1 + 1
+    assert {(r["JobState"], r["ExitCode"]) for r in [*array, *later]} == {("COMPLETED", "0:0")}
     assert len(array) == 3 and len(nodes) >= 2, nodes
     assert differing_outputs(out, reference) == []
