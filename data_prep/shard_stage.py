@@ -153,7 +153,6 @@ def _curate_batch(docs: list[Document], tools: StageTools) -> list[_Outcome]:
         text = _language_and_quality(outcome, doc, text, lang, confidence, tools)
         if text is not None:
             passed.append((outcome, doc, text, lang))
-    overlaps = tools.decontaminator.check_batch([text for _, _, text, _ in passed])
     if config.cleanup.enabled:
         passed = [
             (outcome, doc, _clean_up(outcome, text, lang, config), lang)

@@ -248,6 +248,27 @@ def test_resume_after_crash_redoes_only_unfinished_shards(tmp_path, monkeypatch,
     assert differing_outputs(Path(config.output_dir), reference, roots=(tmp_path, reference.parent)) == []
 
 
+def test_decontamination_checks_each_batch_once(tmp_path, monkeypatch):
+    """The shard stage hashes a batch's texts against the evaluation index once (it once ran the check
+    twice and threw the first answer away)."""
+    config = write_corpus(tmp_path)
+    counts = {"batches": 0, "checks": 0}
+    real_batch, real_check = shard_stage._curate_batch, shard_stage.Decontaminator.check_batch
+
+    def counting_batch(docs, tools):
+        counts["batches"] += 1
+        return real_batch(docs, tools)
+
+    def counting_check(self, texts):
+        counts["checks"] += 1
+        return real_check(self, texts)
+
+    monkeypatch.setattr(shard_stage, "_curate_batch", counting_batch)
+    monkeypatch.setattr(shard_stage.Decontaminator, "check_batch", counting_check)
+    curate(config)
+    assert counts["batches"] > 0 and counts["checks"] == counts["batches"]
+
+
 def test_changed_config_refuses_to_resume(tmp_path):
     config = write_corpus(tmp_path)
     curate(config)
