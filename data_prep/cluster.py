@@ -26,7 +26,7 @@ from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.core.progress import say
 from kumihimo.data_prep.config import DataPrepConfig, ExecutorConfig
-from kumihimo.data_prep.pipeline import CurationResult, curate_task, finish_curation, prepare_run
+from kumihimo.data_prep.curation import CurationResult, curate_task, finish_curation, prepare_run
 
 
 class _ConfigStep(PipelineStep):

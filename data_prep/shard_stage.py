@@ -24,13 +24,15 @@ from kumihimo.core.files import TEMP_MARK
 from kumihimo.data_prep.cleanup import normalize_punctuation, trim_footer
 from kumihimo.data_prep.config import DataPrepConfig
 from kumihimo.data_prep.decontam import Decontaminator, load_eval_index
-from kumihimo.data_prep.jsonl_io import AtomicJsonlWriter, BadLine, Document, Dropped, Shard, read_shard
+from kumihimo.data_prep.documents import BadLine, Document, Dropped, Shard
+from kumihimo.data_prep.jsonl_io import AtomicJsonlWriter
 from kumihimo.data_prep.langid import identify_batch
 from kumihimo.data_prep.minhash import MinHasher, exact_key
 from kumihimo.data_prep.pii import PiiRedactor
 from kumihimo.data_prep.quality import QualityFilter
 from kumihimo.data_prep.repair import repair_text
 from kumihimo.data_prep.scoring import load_scorers, score_texts, score_verdict
+from kumihimo.data_prep.shards import read_shard
 
 SIGNATURE_BATCH = 256
 DOC_BATCH = 256  # documents curated together (language ID and decontamination vectorise across them)

@@ -26,6 +26,7 @@ from kumihimo.data_prep.blend_groups import DROPPED, SourceGrouping
 from kumihimo.data_prep.config import DataPrepConfig, SourceConfig
 from kumihimo.data_prep.executor import process_pool, run_ordered
 from kumihimo.data_prep.indexed import IndexedDatasetWriter, token_dtype
+from kumihimo.data_prep.layout import OUTPUT_FOLDERS
 from kumihimo.data_prep.report import add_tokens
 from kumihimo.tokenizer.hf import HFTokenizer, load_tokenizer
 from kumihimo.tokenizer.spm import Tokenizer
@@ -296,8 +297,6 @@ def _without_add_bos(config: DataPrepConfig, tokenizer: HFTokenizer) -> DataPrep
 
 
 def build_datasets(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildResult:
-    from kumihimo.data_prep.pipeline import OUTPUT_FOLDERS
-
     with RunLock(config.output_dir, "tokenize", OUTPUT_FOLDERS):  # one live run; clears a killed one's debris
         return _build_datasets(config, tokenizer_path)
 

@@ -20,8 +20,8 @@ from kumihimo.data_prep.blend import read_blend
 from kumihimo.data_prep.cli import register
 from kumihimo.data_prep.config import DataPrepConfig, SourceConfig, load_config
 from kumihimo.data_prep.indexed import read_index
-from kumihimo.data_prep.jsonl_io import plan_shards, read_shard
 from kumihimo.data_prep.pipeline import build_datasets, curate
+from kumihimo.data_prep.shards import plan_shards, read_shard
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data_prep"
 JA = (FIXTURES / "ja_docs.txt").read_text(encoding="utf-8").split("\n\n")

@@ -18,6 +18,7 @@ from typing import Any
 from kumihimo.core import records
 from kumihimo.core.configtree import write_text_atomic
 from kumihimo.core.errors import UserError
+from kumihimo.core.jsonl_rows import open_text
 from kumihimo.tokenizer.spm import Tokenizer
 
 PIECE_CLASSES = ("japanese", "latin", "digit", "code", "whitespace", "other", "byte", "special")
@@ -139,7 +140,7 @@ def _record_texts(path: Path, text_field: str) -> Iterator[str]:
 def _line_groups(path: Path) -> Iterator[str]:
     lines: list[str] = []
     try:
-        with records.open_text(str(path)) as handle:
+        with open_text(str(path)) as handle:
             for line in handle:
                 lines.append(line)
                 if len(lines) == LINES_PER_PLAIN_DOCUMENT:
