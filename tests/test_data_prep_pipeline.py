@@ -19,6 +19,8 @@ from kumihimo.data_prep import shard_stage
 from kumihimo.data_prep.blend import read_blend
 from kumihimo.data_prep.cli import register
 from kumihimo.data_prep.config import DataPrepConfig, SourceConfig, load_config
+from kumihimo.data_prep.decontam import build_eval_index, save_eval_index
+from kumihimo.data_prep.documents import Document
 from kumihimo.data_prep.indexed import read_index
 from kumihimo.data_prep.pipeline import build_datasets, curate
 from kumihimo.data_prep.shards import plan_shards, read_shard
@@ -267,6 +269,34 @@ def test_decontamination_checks_each_batch_once(tmp_path, monkeypatch):
     monkeypatch.setattr(shard_stage.Decontaminator, "check_batch", counting_check)
     curate(config)
     assert counts["batches"] > 0 and counts["checks"] == counts["batches"]
+
+
+def test_per_document_outcomes_are_frozen_dataclasses(tmp_path):
+    """A drop and a clean-up change are named, frozen records (not positional tuples)."""
+    config = write_corpus(tmp_path)
+    index = tmp_path / "eval.npy"
+    save_eval_index(build_eval_index(config.decontam), index)
+    tools = shard_stage.build_tools(config, index)
+    german = (
+        "Der alte Hafen hat sich in den letzten Jahren langsam verändert, und viele Häuser sind neu. " * 4
+    )
+    doc = Document("en", "en.jsonl", 7, "de", german, None, {})
+    (outcome,) = shard_stage._curate_batch([doc], tools)
+    drop = outcome.drop
+    assert isinstance(drop, shard_stage.Drop) and outcome.candidate is None
+    assert (drop.stage, drop.reason, drop.lang, drop.text) == (
+        "langid",
+        "language_not_kept",
+        "de",
+        german.strip(),
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        drop.reason = "changed"
+    config.cleanup.enabled = True
+    text = "今日は晴れ．明日も晴れ．週末は雨，その後は曇り．"
+    outcome = shard_stage._Outcome()
+    cleaned = shard_stage._clean_up(outcome, text, "ja", config)
+    assert outcome.cleanup == shard_stage.Cleanup(True, 0, text, cleaned) and cleaned != text
 
 
 def test_changed_config_refuses_to_resume(tmp_path):
