@@ -28,10 +28,10 @@ from kumihimo.data_prep.executor import process_pool, run_ordered
 from kumihimo.data_prep.indexed import IndexedDatasetWriter, token_dtype
 from kumihimo.data_prep.layout import OUTPUT_FOLDERS
 from kumihimo.data_prep.report import add_tokens
-from kumihimo.tokenizer.hf import HFTokenizer, load_tokenizer
-from kumihimo.tokenizer.spm import Tokenizer
+from kumihimo.tokenizer.base import Tokenizer, load_tokenizer
+from kumihimo.tokenizer.hf import HFTokenizer
 
-_TOKENIZER: Tokenizer | HFTokenizer | None = None
+_TOKENIZER: Tokenizer | None = None
 _NUMPY_OUTPUT = True  # cleared when the installed SentencePiece has no out_type="numpy"
 
 
@@ -81,7 +81,7 @@ def _encode_lines(task: tuple[list[str], bool, bool, str]) -> tuple[np.ndarray, 
     return _flatten(encoded, tokenizer.bos_id if add_bos else None, tokenizer.eod_id if append_eod else None)
 
 
-def encode_as_arrays(tokenizer: Tokenizer | HFTokenizer, texts: list[str]) -> list[np.ndarray]:
+def encode_as_arrays(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
     """Token ids of each text as an int32 array, on one thread (a Hugging Face tokenizer: with its own
     special tokens, as Megatron's preprocess_data encodes).
 

@@ -181,11 +181,11 @@ def _tokenizer_config(workdir: Path, curated: dict[str, Any]):
 
 
 def _train_tokenizer(config) -> dict[str, Any]:
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
     from kumihimo.tokenizer.train import train_tokenizer
 
     model = train_tokenizer(config)
-    tok = Tokenizer.load(model)
+    tok = load_tokenizer(model)
     return {"model": str(tok.path), "vocab_size": tok.vocab_size, "sha256": tok.sha256}
 
 

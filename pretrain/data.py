@@ -29,7 +29,7 @@ from kumihimo.data_prep.indexed import DTYPE_CODES
 from kumihimo.pretrain import integrity
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.parallel import ParallelLayout
-from kumihimo.tokenizer.spm import Tokenizer
+from kumihimo.tokenizer.base import load_tokenizer
 
 log = logging.getLogger("kumihimo.train")
 
@@ -49,7 +49,7 @@ class MegatronTokenizerView:
     def from_config(cls, config: TrainConfig) -> MegatronTokenizerView:
         if config.data.tokenizer is None:  # mock data without a tokenizer
             return cls(config.data.mock_vocab_size, config.data.mock_vocab_size - 1, None, None)
-        tok = Tokenizer.load(config.data.tokenizer)
+        tok = load_tokenizer(config.data.tokenizer)
         return cls(tok.vocab_size, tok.eod_id, tok.pad_id, tok.identity())
 
 

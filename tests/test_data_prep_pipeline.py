@@ -370,12 +370,12 @@ def train_tiny_spm(root: Path) -> Path:
 def test_megatron_datasets_read_back_with_megatron_core(curated_run, tiny_tokenizer):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
 
     config, _ = curated_run
     config = dataclasses.replace(config, num_workers=2)  # the multi-process encoder keeps input order
     result = build_datasets(config, tiny_tokenizer)
-    tokenizer = Tokenizer.load(tiny_tokenizer)
+    tokenizer = load_tokenizer(tiny_tokenizer)
     out = Path(config.output_dir)
     for source in ("ja", "en"):
         texts = [r["text"] for r in read_records(out / "curated" / f"{source}.jsonl")]
@@ -415,10 +415,10 @@ def test_encoded_batches_match_plain_encode_with_and_without_numpy_output(
     tiny_tokenizer, monkeypatch, add_bos, append_eod
 ):
     from kumihimo.data_prep import tokenize_stage
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
 
     tokenize_stage._init_tokenizer(str(tiny_tokenizer))
-    tokenizer = Tokenizer.load(tiny_tokenizer)
+    tokenizer = load_tokenizer(tiny_tokenizer)
     texts = [JA[0], "", EN[1], "a"]
     lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
     expected = [

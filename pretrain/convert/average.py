@@ -229,8 +229,8 @@ def copy_tokenizer(source: Source, output_root: Path, staging_root: Path) -> dic
     A SentencePiece model is one file; of a Hugging Face tokenizer folder (which may be a whole model
     folder) only the files that make up its identity are copied, plus config.json that AutoTokenizer may
     read. The copy must have the recorded sha256; otherwise nothing is copied and the identity is kept."""
+    from kumihimo.tokenizer.base import load_tokenizer
     from kumihimo.tokenizer.hf import HFTokenizer
-    from kumihimo.tokenizer.spm import Tokenizer
 
     identity = source.meta.get("tokenizer")
     if not identity:
@@ -245,7 +245,7 @@ def copy_tokenizer(source: Source, output_root: Path, staging_root: Path) -> dic
         else:
             shutil.copyfile(recorded, target / recorded.name)
             copied, final = (
-                Tokenizer.load(target / recorded.name).sha256,
+                load_tokenizer(target / recorded.name).sha256,
                 output_root / TOKENIZER_DIR / recorded.name,
             )
     except (OSError, UserError) as exc:

@@ -309,19 +309,20 @@ def resolve_tokenizer(hf: HFModel, output_root: Path, staging_root: Path):
     Face tokenizer (tokenizer.json) is, as its identity files plus config.json (tokenizer.hf decides the
     kind by the same files, so the trainer loads the copy as the same kind). The returned tokenizer is
     loaded from the copy, so the identity recorded is that of the files the trainer will read."""
+    from kumihimo.tokenizer.base import load_tokenizer
     from kumihimo.tokenizer.hf import HF_TOKENIZER_FILE
-    from kumihimo.tokenizer.spm import MODEL_FILENAME, Tokenizer
+    from kumihimo.tokenizer.spm import MODEL_FILENAME
 
     target = staging_root / TOKENIZER_DIR
     if (hf.folder / MODEL_FILENAME).is_file():
         target.mkdir()
         shutil.copyfile(hf.folder / MODEL_FILENAME, target / MODEL_FILENAME)
-        return Tokenizer.load(target / MODEL_FILENAME), (
+        return load_tokenizer(target / MODEL_FILENAME), (
             output_root / TOKENIZER_DIR / MODEL_FILENAME
         ).resolve()
     if (hf.folder / HF_TOKENIZER_FILE).is_file():
         copy_hf_tokenizer(hf.folder, target, extra=("config.json",))
-        return Tokenizer.load(target), (output_root / TOKENIZER_DIR).resolve()
+        return load_tokenizer(target), (output_root / TOKENIZER_DIR).resolve()
     say(
         f"[convert] warning: {hf.folder} has neither a SentencePiece {MODEL_FILENAME} nor a Hugging Face "
         f"{HF_TOKENIZER_FILE}; run_config.yaml gets data.tokenizer=null: set it to the model's tokenizer "

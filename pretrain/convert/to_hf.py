@@ -356,7 +356,7 @@ class TokenizerInfo:
 def resolve_tokenizer(source: Source, override: str | Path | None) -> TokenizerInfo:
     """The tokenizer the checkpoint was trained with (a SentencePiece model or a Hugging Face tokenizer
     folder), checked by sha256 and size."""
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
 
     identity = source.meta.get("tokenizer")
     recorded = (identity or {}).get("path") or source.config.data.tokenizer
@@ -364,7 +364,7 @@ def resolve_tokenizer(source: Source, override: str | Path | None) -> TokenizerI
     if override is None and recorded is None:
         return TokenizerInfo(None, None, vocab_size)  # mock data: no tokenizer to export
     try:
-        tokenizer = Tokenizer.load(override if override is not None else recorded)
+        tokenizer = load_tokenizer(override if override is not None else recorded)
     except UserError as exc:
         raise UserError(
             f"the tokenizer the checkpoint was trained with ({recorded}) cannot be read ({exc}); "

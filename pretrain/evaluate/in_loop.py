@@ -83,9 +83,9 @@ class InLoopEvaluation:
                 "evaluation.tasks needs the tokenizer to encode prompts, but data.tokenizer is null; set "
                 "data.tokenizer=<SentencePiece .model or Hugging Face tokenizer folder> (mock data accepts one too)"
             )
-        from kumihimo.tokenizer.spm import Tokenizer
+        from kumihimo.tokenizer.base import load_tokenizer
 
-        tokenizer = Tokenizer.load(config.data.tokenizer)
+        tokenizer = load_tokenizer(config.data.tokenizer)
         tasks = load_tasks(task_paths(ev.tasks))
         backend = MegatronBackend(model_chunks, tokenizer.vocab_size, config.model.context_length, device)
         interval = ev.interval or config.schedule.eval_interval
