@@ -24,9 +24,11 @@ from datatrove.pipeline.base import PipelineStep
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
-from kumihimo.core.progress import say
+from kumihimo.core.logs import stage_logger
 from kumihimo.data_prep.config import DataPrepConfig, ExecutorConfig
 from kumihimo.data_prep.curation import CurationResult, curate_task, finish_curation, prepare_run
+
+log = stage_logger("data_prep")
 
 
 class _ConfigStep(PipelineStep):
@@ -153,15 +155,13 @@ def _submit_or_collect(
     finish = _slurm_executors(config, logs, num_tasks)
     shards_stage = finish.depends
     if not finish.get_incomplete_ranks():
-        say(f"[data_prep] the Slurm jobs have completed (markers under {logs}); reading their result")
+        log.info(f"the Slurm jobs have completed (markers under {logs}); reading their result")
         return finish_curation(config)
-    say(
-        f"[data_prep] {num_shards} shards in {num_tasks} Slurm array tasks + 1 dedup job -> {config.output_dir}"
-    )
+    log.info(f"{num_shards} shards in {num_tasks} Slurm array tasks + 1 dedup job -> {config.output_dir}")
     finish.run()
     job_ids = [str(j) for j in (shards_stage.job_id, finish.job_id) if j not in (None, -1)]
     configtree.write_text_atomic(record, json.dumps(job_ids))
-    say(f"[data_prep] submitted jobs {', '.join(job_ids)}; logs and completion markers under {logs}")
+    log.info(f"submitted jobs {', '.join(job_ids)}; logs and completion markers under {logs}")
     return None
 
 
@@ -174,9 +174,7 @@ def curate_with_datatrove(config: DataPrepConfig) -> CurationResult | None:
     num_tasks = max(1, min(config.executor.tasks, len(shards)))
     if config.executor.kind == "datatrove-slurm":
         return _submit_or_collect(config, logs, num_tasks, len(shards))
-    say(
-        f"[data_prep] {len(shards)} shards in {num_tasks} datatrove tasks ({config.executor.kind}) -> {layout.out}"
-    )
+    log.info(f"{len(shards)} shards in {num_tasks} datatrove tasks ({config.executor.kind}) -> {layout.out}")
     workers = config.executor.workers or config.resolved_num_workers
     # `workers` tasks run side by side, each curating its shards one at a time
     task_config = dataclasses.replace(config, num_workers=1)

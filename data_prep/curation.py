@@ -26,7 +26,8 @@ import numpy as np
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.core.files import TEMP_MARK, make_output_folder
-from kumihimo.core.progress import Progress, say
+from kumihimo.core.logs import stage_logger
+from kumihimo.core.progress import Progress
 from kumihimo.core.records import file_format
 from kumihimo.data_prep import scoring, shard_stage
 from kumihimo.data_prep.config import DataPrepConfig
@@ -45,6 +46,9 @@ from kumihimo.data_prep.refilter import (
 )
 from kumihimo.data_prep.report import KeptStats, build_report, write_report
 from kumihimo.data_prep.shards import plan_shards
+
+log = stage_logger("data_prep")
+dedup_log = stage_logger("dedup")
 
 
 @dataclass
@@ -125,7 +129,7 @@ def curate_shards(config: DataPrepConfig, layout: RunLayout, shards: list[Shard]
             shutil.rmtree(stale, ignore_errors=True)
     todo = [s for s in shards if not (layout.shards / s.shard_id).is_dir()]
     if len(todo) < len(shards):
-        say(f"[data_prep] resuming: {len(shards) - len(todo)} of {len(shards)} shards already done")
+        log.info(f"resuming: {len(shards) - len(todo)} of {len(shards)} shards already done")
     if not todo:
         return
     num_workers = min(config.resolved_num_workers, len(todo))
@@ -173,7 +177,7 @@ def _global_dedup(config: DataPrepConfig, layout: RunLayout, shards: list[Shard]
     passes = None
     if config.filters.refilterable:  # carried documents: the thresholds decide which take part
         passes = quality_passes(config, [layout.shards / s.shard_id / shard_stage.CANDIDATES for s in shards])
-    say(f"[dedup] {int(offsets[-1])} candidate documents, {len(shards)} shards")
+    dedup_log.info(f"{int(offsets[-1])} candidate documents, {len(shards)} shards")
     decision = find_duplicates_among(keys, signatures, config, passes)
     tmp = layout.dedup_decision.with_name(f"decision{TEMP_MARK}{os.getpid()}.npz")
     np.savez(

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 from kumihimo.core.errors import UserError
+from kumihimo.core.logs import stage_logger
 from kumihimo.core.processes import RunLock
-from kumihimo.core.progress import say
 from kumihimo.data_prep import tokenize_stage
 from kumihimo.data_prep.config import DataPrepConfig
 from kumihimo.data_prep.curation import (
@@ -25,6 +25,8 @@ from kumihimo.data_prep.curation import (
 from kumihimo.data_prep.layout import OUTPUT_FOLDERS, RunLayout
 from kumihimo.data_prep.refilter import prepare_refilter
 from kumihimo.data_prep.shards import expand_source_paths, plan_shards
+
+log = stage_logger("data_prep")
 
 
 def curate(config: DataPrepConfig) -> CurationResult | None:
@@ -49,7 +51,7 @@ def curate(config: DataPrepConfig) -> CurationResult | None:
     # one live run per output_dir; clears a killed one's debris, never an input
     with RunLock(config.output_dir, "curate", OUTPUT_FOLDERS, keep=inputs):
         layout, shards = prepare_run(config)
-        say(f"[data_prep] {len(shards)} shards from {len(config.input.sources)} sources -> {layout.out}")
+        log.info(f"{len(shards)} shards from {len(config.input.sources)} sources -> {layout.out}")
         curate_shards(config, layout, shards)
         return finish_curation(config)
 

@@ -18,8 +18,9 @@ import numpy as np
 
 from kumihimo.core.configtree import write_text_atomic
 from kumihimo.core.errors import UserError
+from kumihimo.core.logs import stage_logger
 from kumihimo.core.processes import RunLock
-from kumihimo.core.progress import Progress, say
+from kumihimo.core.progress import Progress
 from kumihimo.data_prep import blend_groups
 from kumihimo.data_prep.blend import BlendEntry, blend_weights, write_blend
 from kumihimo.data_prep.blend_groups import DROPPED, SourceGrouping
@@ -30,6 +31,8 @@ from kumihimo.data_prep.layout import OUTPUT_FOLDERS
 from kumihimo.data_prep.report import add_tokens
 from kumihimo.tokenizer.base import Tokenizer, load_tokenizer
 from kumihimo.tokenizer.hf import HFTokenizer
+
+log = stage_logger("tokenize")
 
 _TOKENIZER: Tokenizer | None = None
 _NUMPY_OUTPUT = True  # cleared when the installed SentencePiece has no out_type="numpy"
@@ -241,7 +244,7 @@ def _tokenize_source(
     # must be encoded as one prefix again, not matched against the earlier groups' counts
     same = {k: done.get(k) for k in (*wanted, "groups")} == {**wanted, "groups": wanted.get("groups")}
     if same and counts and complete:
-        say(f"[tokenize] {source.name}: already done ({done['num_tokens']} tokens)")
+        log.info(f"{source.name}: already done ({done['num_tokens']} tokens)")
     else:
         writers = _GroupWriters(out, grouping, tokenizer.vocab_size)
         try:
@@ -288,8 +291,8 @@ def _without_add_bos(config: DataPrepConfig, tokenizer: HFTokenizer) -> DataPrep
     """A Hugging Face tokenizer adds its own special tokens (its template decides BOS), as Megatron's
     preprocess_data with HuggingFaceTokenizer does; tokenize.add_bos would double it, so it is off."""
     if config.tokenize.add_bos:
-        say(
-            f"[tokenize] note: {tokenizer.path} is a Hugging Face tokenizer; its own template "
+        log.info(
+            f"note: {tokenizer.path} is a Hugging Face tokenizer; its own template "
             f"{'starts documents with BOS' if tokenizer.adds_bos else 'adds no BOS'}, so tokenize.add_bos "
             "is not applied (as Megatron's preprocess_data with HuggingFaceTokenizer)"
         )
