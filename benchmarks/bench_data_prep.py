@@ -29,7 +29,11 @@ def curate_shards(corpus: str, src: str | None, fuzzy: bool) -> dict:
     from kumihimo.data_prep import shard_stage
     from kumihimo.data_prep.config import load_config
     from kumihimo.data_prep.decontam import build_eval_index, save_eval_index
-    from kumihimo.data_prep.jsonl_io import plan_shards
+
+    try:
+        from kumihimo.data_prep.shards import plan_shards
+    except ImportError:  # a baseline from before the readers were split (issue 24)
+        from kumihimo.data_prep.jsonl_io import plan_shards
 
     sources = f"[{{name: ja, paths: [{corpus}/ja.jsonl]}}, {{name: en, paths: [{corpus}/en.jsonl]}}]"
     config = load_config(

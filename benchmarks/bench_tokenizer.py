@@ -115,15 +115,15 @@ def encode_throughput(model_dir: Path, corpus: dict[str, Path], num_texts: int =
     import torch
     from transformers import AutoTokenizer
 
+    from kumihimo.tokenizer.base import load_tokenizer
     from kumihimo.tokenizer.export_hf import export_hf
-    from kumihimo.tokenizer.spm import Tokenizer
 
     torch.set_num_threads(1)
     texts = []
     for path in corpus.values():
         with path.open(encoding="utf-8") as handle:
             texts += [json.loads(next(handle))["text"] for _ in range(num_texts // len(corpus))]
-    spm_tok = Tokenizer.load(model_dir / "tokenizer.model")
+    spm_tok = load_tokenizer(model_dir / "tokenizer.model")
     hf_dir = export_hf(model_dir / "tokenizer.model", model_dir / "hf")
     hf_tok = AutoTokenizer.from_pretrained(hf_dir)
     num_tokens = sum(len(ids) for ids in spm_tok.encode_batch(texts))

@@ -83,7 +83,7 @@ def run_one(pipeline: str, path: str) -> dict:
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     num_records, texts = 0, []
     if pipeline.startswith("kumihimo"):
-        from kumihimo.core.records import Record
+        from kumihimo.core.record_types import Record
         from kumihimo.core.warc import iter_warc
 
         extractor = "trafilatura" if pipeline == "kumihimo-trafilatura" else "resiliparse"

@@ -81,8 +81,8 @@ def speed(texts: list[str], workdir: Path) -> dict[str, float]:
     from kumihimo.data_prep import ja_metrics, shard_stage
     from kumihimo.data_prep.config import load_config
     from kumihimo.data_prep.decontam import build_eval_index, save_eval_index
-    from kumihimo.data_prep.jsonl_io import plan_shards
     from kumihimo.data_prep.quality import QualityFilter
+    from kumihimo.data_prep.shards import plan_shards
 
     out = {}
     swallow = QualityFilter(load_config(REPO / "configs/data_prep/swallow-v1.yaml").filters)

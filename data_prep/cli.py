@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 
 from kumihimo.core.errors import UserError
-from kumihimo.core.progress import say
+from kumihimo.core.logs import stage_logger
 from kumihimo.data_prep.config import load_config
+
+log = stage_logger("data_prep")
+plain_log = stage_logger(None)
+classifier_log = stage_logger("classifier")
+tokenize_log = stage_logger("tokenize")
 
 _EXAMPLES = {
     "curate": """examples:
@@ -83,13 +88,13 @@ def _curate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     result = curate(config)
     if result is None:
-        say(
-            "[data_prep] Slurm jobs submitted; when they have finished, run this command again to print the "
+        log.info(
+            "Slurm jobs submitted; when they have finished, run this command again to print the "
             "result, and `kumihimo data tokenize` to build the datasets"
         )
         return 0
-    say(
-        f"[data_prep] kept {result.num_kept} of {result.num_input_lines} input lines "
+    log.info(
+        f"kept {result.num_kept} of {result.num_input_lines} input lines "
         f"({result.num_dropped} dropped, {result.num_quarantined} quarantined); report: {result.report_path}"
     )
     return 0
@@ -101,16 +106,16 @@ def _tokenize(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     result = tokenize(config, args.tokenizer)
     if result is None:
-        say(
-            "[tokenize] Slurm jobs submitted; when they have finished, run this command again to print the result"
+        tokenize_log.info(
+            "Slurm jobs submitted; when they have finished, run this command again to print the result"
         )
         return 0
     for source, prefix in result.prefixes.items():
-        say(
-            f"[tokenize] {source}: {result.num_documents[source]} documents, {result.num_tokens[source]} tokens "
+        tokenize_log.info(
+            f"{source}: {result.num_documents[source]} documents, {result.num_tokens[source]} tokens "
             f"-> {prefix}"
         )
-    say(f"[tokenize] blend: {result.blend_path}")
+    tokenize_log.info(f"blend: {result.blend_path}")
     return 0
 
 
@@ -118,8 +123,8 @@ def _refilter(args: argparse.Namespace) -> int:
     from kumihimo.data_prep.pipeline import refilter
 
     result = refilter(load_config(args.config, _with_curated_scorers(args.config, args.overrides)))
-    say(
-        f"[data_prep] refiltered: kept {result.num_kept} of {result.num_input_lines} input lines "
+    log.info(
+        f"refiltered: kept {result.num_kept} of {result.num_input_lines} input lines "
         f"({result.num_dropped} dropped); report: {result.report_path}"
     )
     return 0
@@ -150,9 +155,7 @@ def _with_curated_scorers(recipe: str, overrides: list[str]) -> list[str]:
     )
     if not scorers:
         return overrides  # nothing to inherit: configtree says to give the whole list
-    say(
-        f"[data_prep] score.scorers from the curation's {saved} (the recipe lists none), then {' '.join(keyed)}"
-    )
+    log.info(f"score.scorers from the curation's {saved} (the recipe lists none), then {' '.join(keyed)}")
     return [*rest, f"score.scorers={json.dumps(scorers, ensure_ascii=False)}", *keyed]
 
 
@@ -172,8 +175,8 @@ def _train_classifier(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     metrics = train_classifier(settings)
-    say(format_metrics(metrics))
-    say(f"[classifier] model, classifier.json and metrics.json in {args.output}")
+    plain_log.info(format_metrics(metrics))
+    classifier_log.info(f"model, classifier.json and metrics.json in {args.output}")
     return 0
 
 

@@ -25,13 +25,10 @@ from datatrove.pipeline.base import PipelineStep
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
-from kumihimo.core.progress import say
+from kumihimo.core.logs import stage_logger
 from kumihimo.data_prep.config import DataPrepConfig, ExecutorConfig
-from kumihimo.data_prep.dedup_stages import STAGES
-from kumihimo.data_prep.jsonl_io import plan_shards
-from kumihimo.data_prep.pipeline import (
+from kumihimo.data_prep.curation import (
     CurationResult,
-    RunLayout,
     curate_task,
     dedup_plan,
     dedup_tasks,
@@ -39,6 +36,11 @@ from kumihimo.data_prep.pipeline import (
     prepare_run,
     run_dedup_task,
 )
+from kumihimo.data_prep.dedup_stages import STAGES
+from kumihimo.data_prep.layout import RunLayout
+from kumihimo.data_prep.shards import plan_shards
+
+log = stage_logger("data_prep")
 
 
 class _ConfigStep(PipelineStep):
@@ -208,10 +210,10 @@ def _submit_or_collect(
         )
     finish = _slurm_executors(config, logs, num_tasks)
     if not finish.get_incomplete_ranks():
-        say(f"[data_prep] the Slurm jobs have completed (markers under {logs}); reading their result")
+        log.info(f"the Slurm jobs have completed (markers under {logs}); reading their result")
         return finish_curation(config)
-    say(
-        f"[data_prep] {num_shards} shards in {num_tasks} Slurm array tasks, then the dedup stages' jobs and the finishing job -> {config.output_dir}"
+    log.info(
+        f"{num_shards} shards in {num_tasks} Slurm array tasks, then the dedup stages' jobs and the finishing job -> {config.output_dir}"
     )
     chain, stage = [], finish
     while stage is not None:  # finish, the dedup stages, the curation array (run() forgets `depends`)
@@ -220,7 +222,7 @@ def _submit_or_collect(
     finish.run()
     job_ids = [str(s.job_id) for s in reversed(chain) if s.job_id not in (None, -1)]
     configtree.write_text_atomic(record, json.dumps(job_ids))
-    say(f"[data_prep] submitted jobs {', '.join(job_ids)}; logs and completion markers under {logs}")
+    log.info(f"submitted jobs {', '.join(job_ids)}; logs and completion markers under {logs}")
     return None
 
 
@@ -233,9 +235,7 @@ def curate_with_datatrove(config: DataPrepConfig) -> CurationResult | None:
     num_tasks = max(1, min(config.executor.tasks, len(shards)))
     if config.executor.kind == "datatrove-slurm":
         return _submit_or_collect(config, logs, num_tasks, len(shards))
-    say(
-        f"[data_prep] {len(shards)} shards in {num_tasks} datatrove tasks ({config.executor.kind}) -> {layout.out}"
-    )
+    log.info(f"{len(shards)} shards in {num_tasks} datatrove tasks ({config.executor.kind}) -> {layout.out}")
     workers = config.executor.workers or config.resolved_num_workers
     # `workers` tasks run side by side, each curating its shards one at a time
     task_config = dataclasses.replace(config, num_workers=1)

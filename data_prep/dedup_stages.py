@@ -14,8 +14,8 @@ the single-process reference `find_duplicates`, whose decisions these stages rep
                                     documents not alive; writes (member, first member) candidate pairs
   cluster (1 task)                  connected components over the pairs only, exact copies chained to
                                     the final keeper, cluster sizes; one sparse decision file per shard
-Phase 3 (pipeline._merge_source) is the filter per shard: it reads that shard's decision file.
-pipeline.py runs the stages on a local process pool, data_prep/cluster.py as datatrove tasks (local
+Phase 3 (curation._merge_source) is the filter per shard: it reads that shard's decision file.
+curation.py runs the stages on a local process pool, data_prep/cluster.py as datatrove tasks (local
 or Slurm); a unit's output is written under a temporary name and renamed, so a killed task redoes
 only its unfinished units.
 

@@ -4,7 +4,7 @@ A Parquet file is cut into shards of whole row groups (about `input.shard_bytes`
 uncompressed), so a big file is spread over workers as a big plain JSONL file is spread by byte range.
 A shard reads one row group at a time, in batches, and only the configured text, id, url and meta
 columns (kumihimo.core.parquet_rows), so memory stays bounded by one batch whatever the file size.
-Rows are checked by the same rules as JSONL lines (`jsonl_io.document_from_record`); a row's number (1-based, in the file) is
+Rows are checked by the same rules as JSONL lines (`documents.document_from_record`); a row's number (1-based, in the file) is
 reported in the `line` field so that quarantine, dropped and curated records look the same for both.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from kumihimo.core.parquet_rows import READ_ERRORS, iter_parquet
-from kumihimo.core.records import BadRecord
+from kumihimo.core.record_types import BadRecord
 from kumihimo.data_prep.config import InputConfig
-from kumihimo.data_prep.jsonl_io import BadLine, Document, Shard, document_from_record
+from kumihimo.data_prep.documents import BadLine, Document, Shard, document_from_record
 
 
 def wanted_columns(fields: InputConfig) -> list[str]:

@@ -20,6 +20,7 @@ import numpy as np
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.data_prep.config import DataPrepConfig, ScoreConfig
+from kumihimo.data_prep.layout import CURATION_SECTIONS, RunLayout
 from kumihimo.data_prep.quality import QualityFilter
 from kumihimo.data_prep.scoring import score_verdict
 
@@ -89,8 +90,6 @@ def _scorers(config: DataPrepConfig) -> dict[str, Any]:
 
 def changes_refilter_cannot_apply(old: DataPrepConfig, new: DataPrepConfig) -> list[str]:
     """Dotted keys whose change needs a new curation (anything but a threshold, or turning a rule off)."""
-    from kumihimo.data_prep.pipeline import _CURATION_SECTIONS as CURATION_SECTIONS
-
     before = _leaves({**{s: configtree.to_dict(getattr(old, s)) for s in CURATION_SECTIONS}, **_scorers(old)})
     after = _leaves({**{s: configtree.to_dict(getattr(new, s)) for s in CURATION_SECTIONS}, **_scorers(new)})
     blocked = []
@@ -110,8 +109,6 @@ def changes_refilter_cannot_apply(old: DataPrepConfig, new: DataPrepConfig) -> l
 
 def prepare_refilter(config: DataPrepConfig) -> None:
     """Check that `config` may refilter the run in its output_dir and forget that run's dedup and merge."""
-    from kumihimo.data_prep.pipeline import RunLayout
-
     layout = RunLayout(Path(config.output_dir))
     saved = layout.out / "data_prep_config.yaml"
     if not saved.is_file() or not layout.shards.is_dir():

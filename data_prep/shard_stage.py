@@ -26,13 +26,15 @@ from kumihimo.data_prep.cleanup import normalize_punctuation, trim_footer
 from kumihimo.data_prep.config import DataPrepConfig
 from kumihimo.data_prep.decontam import Decontaminator, load_eval_index
 from kumihimo.data_prep.dedup_stages import write_shard_runs
-from kumihimo.data_prep.jsonl_io import AtomicJsonlWriter, BadLine, Document, Dropped, Shard, read_shard
+from kumihimo.data_prep.documents import BadLine, Document, Dropped, Shard
+from kumihimo.data_prep.jsonl_io import AtomicJsonlWriter
 from kumihimo.data_prep.langid import identify_batch
 from kumihimo.data_prep.minhash import MinHasher, exact_key
 from kumihimo.data_prep.pii import PiiRedactor
 from kumihimo.data_prep.quality import QualityFilter
 from kumihimo.data_prep.repair import repair_text
 from kumihimo.data_prep.scoring import load_scorers, score_texts, score_verdict
+from kumihimo.data_prep.shards import read_shard
 
 SIGNATURE_BATCH = 256
 DOC_BATCH = 256  # documents curated together (language ID and decontamination vectorise across them)
@@ -102,20 +104,43 @@ class ShardStats:
         }
 
 
-def _drop_record(
-    doc: Document, stage: str, reason: str, detail: str, text: str, lang: str | None, excerpt_chars: int
-) -> dict[str, Any]:
+def _drop_record(doc: Document, drop: Drop, excerpt_chars: int) -> dict[str, Any]:
+    """The line of dropped/<source>.jsonl for `doc`."""
     return {
         "id": doc.doc_id,
         "source": doc.source,
         "file": doc.path,
         "line": doc.line,
-        "stage": stage,
-        "reason": reason,
-        "detail": detail,
-        "lang": lang,
-        "excerpt": text[:excerpt_chars],
+        "stage": drop.stage,
+        "reason": drop.reason,
+        "detail": drop.detail,
+        "lang": drop.lang,
+        "excerpt": drop.text[:excerpt_chars],
     }
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Why curation dropped one document: the stage and reason that decided it (the report's keys), the
+    detail shown to people, the text it had at that point (for the excerpt) and its language (None
+    before language ID)."""
+
+    stage: str
+    reason: str
+    detail: str
+    text: str
+    lang: str | None
+
+
+@dataclass(frozen=True)
+class Cleanup:
+    """What Swallow's clean-up changed in one kept Japanese document (for the report's counts and
+    examples)."""
+
+    punctuation_normalized: bool
+    num_footer_lines: int
+    before: str
+    after: str
 
 
 @dataclass
@@ -125,9 +150,9 @@ class _Outcome:
     repaired: bool = False
     num_boilerplate_removed: int = 0
     candidate: dict[str, Any] | None = None
-    drop: tuple[str, str, str, str, str | None] | None = None  # (stage, reason, detail, text, lang)
+    drop: Drop | None = None
     metrics: dict[str, Any] | None = None  # the quality measurements (stored as the record's attributes)
-    cleanup: tuple[bool, int, str, str] | None = None  # (punctuation rewritten, footer lines, before, after)
+    cleanup: Cleanup | None = None
 
 
 def _curate_batch(docs: list[Document], tools: StageTools) -> list[_Outcome]:
@@ -144,7 +169,7 @@ def _curate_batch(docs: list[Document], tools: StageTools) -> list[_Outcome]:
                 if reason != "empty_after_cleanup"
                 else "nothing left after removing control characters and spaces"
             )
-            outcome.drop = ("repair", reason, detail, text, None)
+            outcome.drop = Drop("repair", reason, detail, text, None)
         else:
             repaired.append((outcome, doc, text))
     labels = identify_batch([text for _, _, text in repaired], config.langid)
@@ -153,7 +178,6 @@ def _curate_batch(docs: list[Document], tools: StageTools) -> list[_Outcome]:
         text = _language_and_quality(outcome, doc, text, lang, confidence, tools)
         if text is not None:
             passed.append((outcome, doc, text, lang))
-    overlaps = tools.decontaminator.check_batch([text for _, _, text, _ in passed])
     if config.cleanup.enabled:
         passed = [
             (outcome, doc, _clean_up(outcome, text, lang, config), lang)
@@ -162,7 +186,7 @@ def _curate_batch(docs: list[Document], tools: StageTools) -> list[_Outcome]:
     overlaps = tools.decontaminator.check_batch([text for _, _, text, _ in passed])
     for (outcome, doc, text, lang), overlap in zip(passed, overlaps):
         if overlap:
-            outcome.drop = ("decontam", "eval_overlap", overlap, text, lang)
+            outcome.drop = Drop("decontam", "eval_overlap", overlap, text, lang)
             continue
         text, pii_counts = tools.redactor.redact(text)
         meta: dict[str, Any] = {"file": doc.path, "line": doc.line}
@@ -191,7 +215,7 @@ def _apply_min_scores(outcome: _Outcome, config: DataPrepConfig) -> None:
         return
     verdict = score_verdict(config.score, candidate["attributes"])
     if verdict:
-        outcome.drop = ("quality", *verdict, candidate["text"], candidate["lang"])
+        outcome.drop = Drop("quality", *verdict, candidate["text"], candidate["lang"])
         outcome.metrics, outcome.candidate = candidate["attributes"], None
 
 
@@ -211,7 +235,7 @@ def _clean_up(outcome: _Outcome, text: str, lang: str, config: DataPrepConfig) -
             text, cleanup.footer_keywords, cleanup.footer_lines, cleanup.footer_keyword_share
         )
     if text != before:
-        outcome.cleanup = (punctuation, num_footer_lines, before, text)
+        outcome.cleanup = Cleanup(punctuation, num_footer_lines, before, text)
     return text
 
 
@@ -222,10 +246,10 @@ def _language_and_quality(
     passes, else None (and the drop is in `outcome`)."""
     config = tools.config
     if lang not in config.langid.keep:
-        outcome.drop = ("langid", "language_not_kept", f"{lang} ({confidence:.2f})", text, lang)
+        outcome.drop = Drop("langid", "language_not_kept", f"{lang} ({confidence:.2f})", text, lang)
         return None
     if confidence < config.langid.min_confidence:
-        outcome.drop = (
+        outcome.drop = Drop(
             "langid",
             "low_confidence",
             f"{lang} ({confidence:.2f}) < {config.langid.min_confidence}",
@@ -241,27 +265,28 @@ def _language_and_quality(
         # refilterable runs carry documents that thresholded rules drop on; the merge decides them
         verdict = tools.quality.decide(measured.metrics, lang)
     if verdict:
-        outcome.drop = ("quality", verdict[0], verdict[1], measured.text, lang)
+        outcome.drop = Drop("quality", verdict[0], verdict[1], measured.text, lang)
         return None
     return measured.text
 
 
 def _record_drop(doc: Document, outcome: _Outcome, stats: ShardStats, excerpt_chars: int) -> dict[str, Any]:
-    stage, reason, detail, text, lang = outcome.drop
-    if reason == "language_not_kept":
-        stats.dropped_languages[lang] += 1
-    stats.dropped[stage][reason] += 1
-    record = _drop_record(doc, stage, reason, detail, text, lang, excerpt_chars)
+    drop = outcome.drop
+    assert drop is not None, "a document with neither a candidate nor a drop"
+    if drop.reason == "language_not_kept":
+        stats.dropped_languages[drop.lang] += 1
+    stats.dropped[drop.stage][drop.reason] += 1
+    record = _drop_record(doc, drop, excerpt_chars)
     if outcome.metrics is not None:
         record["attributes"] = outcome.metrics
-    stats.example(f"{stage}/{reason}", record)
+    stats.example(f"{drop.stage}/{drop.reason}", record)
     return record
 
 
-def _count_cleanup(change: tuple[bool, int, str, str], doc: Document, stats: ShardStats) -> None:
-    punctuation, num_footer_lines, before, after = change
+def _count_cleanup(change: Cleanup, doc: Document, stats: ShardStats) -> None:
+    num_footer_lines, before, after = change.num_footer_lines, change.before, change.after
     stats.cleanup["num_documents"] += 1
-    stats.cleanup["num_punctuation_normalized"] += punctuation
+    stats.cleanup["num_punctuation_normalized"] += change.punctuation_normalized
     stats.cleanup["num_footers_trimmed"] += num_footer_lines > 0
     stats.cleanup["num_footer_lines_removed"] += num_footer_lines
     kind = "footer" if num_footer_lines else "punctuation"

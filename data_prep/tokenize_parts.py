@@ -30,12 +30,14 @@ from typing import Any
 from kumihimo.core.configtree import write_text_atomic
 from kumihimo.core.errors import UserError
 from kumihimo.core.files import TEMP_MARK, temp_dir
+from kumihimo.core.logs import stage_logger
 from kumihimo.core.processes import RunLock
-from kumihimo.core.progress import Progress, say
+from kumihimo.core.progress import Progress
 from kumihimo.data_prep import blend_groups
 from kumihimo.data_prep.config import DataPrepConfig
 from kumihimo.data_prep.executor import process_pool, run_unordered
 from kumihimo.data_prep.indexed import concatenate_datasets
+from kumihimo.data_prep.layout import OUTPUT_FOLDERS
 from kumihimo.data_prep.tokenize_stage import (
     BuildResult,
     GroupWriters,
@@ -51,7 +53,9 @@ from kumihimo.data_prep.tokenize_stage import (
     marker_path,
     source_marker,
 )
-from kumihimo.tokenizer.hf import load_tokenizer
+from kumihimo.tokenizer.base import load_tokenizer
+
+log = stage_logger("tokenize")
 
 PLAN = "plan.json"
 COUNTS = "counts.json"
@@ -227,7 +231,7 @@ def _merge_source(config: DataPrepConfig, source: str, plan: dict[str, Any]) -> 
     marker = finished_marker(plan["marker"], grouping, counts, num_left_out)
     write_text_atomic(marker_path(out, source), json.dumps(marker))
     shutil.rmtree(folder)  # the parts are a copy of the datasets now
-    say(f"[tokenize] {source}: merged {len(parts)} parts ({marker['num_tokens']} tokens)")
+    log.info(f"{source}: merged {len(parts)} parts ({marker['num_tokens']} tokens)")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -275,8 +279,6 @@ def tokenize(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildResult 
     num_tasks = config.tokenize.tasks
     if num_tasks is None:
         return build_datasets(config, tokenizer_path)
-    from kumihimo.data_prep.pipeline import OUTPUT_FOLDERS
-
     tokenizer_path = str(tokenizer_path)
     if config.executor.kind == "datatrove-slurm":
         # no RunLock here: taking it removes temporary files, which would be those of array tasks still
@@ -288,8 +290,8 @@ def tokenize(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildResult 
         todo = prepare_parts(config, tokenizer)
         if todo:
             num_parts = len(_planned_parts(config))
-            say(
-                f"[tokenize] {num_parts} parts of {len(todo)} sources in {num_tasks} tasks ({config.executor.kind})"
+            log.info(
+                f"{num_parts} parts of {len(todo)} sources in {num_tasks} tasks ({config.executor.kind})"
             )
             _run_locally(config, tokenizer_path, num_tasks)
         return merge_parts(config, tokenizer_path)
@@ -350,7 +352,7 @@ def _submit_or_collect(
             "wait for them to end, or scancel them, then run this command again"
         )
     if not prepare_parts(config, tokenizer):
-        say("[tokenize] every source is merged; writing blend.yaml and the report")
+        log.info("every source is merged; writing blend.yaml and the report")
         return build_datasets_unlocked(config, tokenizer_path)
     common = slurm_options(ex)
     # an array task's pool is its own CPUs, not the node's (os.cpu_count() there counts every core)
@@ -377,5 +379,5 @@ def _submit_or_collect(
     merge.run()
     job_ids = [str(j) for j in (tasks.job_id, merge.job_id) if j not in (None, -1)]
     write_text_atomic(record, json.dumps(job_ids))
-    say(f"[tokenize] submitted jobs {', '.join(job_ids)}; when they have finished, run this command again")
+    log.info(f"submitted jobs {', '.join(job_ids)}; when they have finished, run this command again")
     return None

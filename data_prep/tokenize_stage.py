@@ -22,19 +22,23 @@ import numpy as np
 
 from kumihimo.core.configtree import write_text_atomic
 from kumihimo.core.errors import UserError
+from kumihimo.core.logs import stage_logger
 from kumihimo.core.processes import RunLock
-from kumihimo.core.progress import Progress, say
+from kumihimo.core.progress import Progress
 from kumihimo.data_prep import blend_groups
 from kumihimo.data_prep.blend import BlendEntry, blend_weights, write_blend
 from kumihimo.data_prep.blend_groups import DROPPED, SourceGrouping
 from kumihimo.data_prep.config import DataPrepConfig, SourceConfig
 from kumihimo.data_prep.executor import process_pool, run_ordered
 from kumihimo.data_prep.indexed import IndexedDatasetWriter, token_dtype
+from kumihimo.data_prep.layout import OUTPUT_FOLDERS
 from kumihimo.data_prep.report import add_tokens
-from kumihimo.tokenizer.hf import HFTokenizer, load_tokenizer
-from kumihimo.tokenizer.spm import Tokenizer
+from kumihimo.tokenizer.base import Tokenizer, load_tokenizer
+from kumihimo.tokenizer.hf import HFTokenizer
 
-_TOKENIZER: Tokenizer | HFTokenizer | None = None
+log = stage_logger("tokenize")
+
+_TOKENIZER: Tokenizer | None = None
 _NUMPY_OUTPUT = True  # cleared when the installed SentencePiece has no out_type="numpy"
 
 
@@ -84,7 +88,7 @@ def _encode_lines(task: tuple[list[str], bool, bool, str]) -> tuple[np.ndarray, 
     return _flatten(encoded, tokenizer.bos_id if add_bos else None, tokenizer.eod_id if append_eod else None)
 
 
-def encode_as_arrays(tokenizer: Tokenizer | HFTokenizer, texts: list[str]) -> list[np.ndarray]:
+def encode_as_arrays(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
     """Token ids of each text as an int32 array, on one thread (a Hugging Face tokenizer: with its own
     special tokens, as Megatron's preprocess_data encodes).
 
@@ -306,7 +310,7 @@ def _tokenize_source(
     wanted = source_marker(curated, tokenizer, config, grouping)
     counts = finished_counts(out, source.name, wanted)
     if counts is not None:
-        say(f"[tokenize] {source.name}: already done ({sum(c[0] for c in counts.values())} tokens)")
+        log.info(f"{source.name}: already done ({sum(c[0] for c in counts.values())} tokens)")
     else:
         writers = GroupWriters(out, grouping, tokenizer.vocab_size)
         try:
@@ -346,8 +350,8 @@ def _without_add_bos(config: DataPrepConfig, tokenizer: HFTokenizer) -> DataPrep
     """A Hugging Face tokenizer adds its own special tokens (its template decides BOS), as Megatron's
     preprocess_data with HuggingFaceTokenizer does; tokenize.add_bos would double it, so it is off."""
     if config.tokenize.add_bos:
-        say(
-            f"[tokenize] note: {tokenizer.path} is a Hugging Face tokenizer; its own template "
+        log.info(
+            f"note: {tokenizer.path} is a Hugging Face tokenizer; its own template "
             f"{'starts documents with BOS' if tokenizer.adds_bos else 'adds no BOS'}, so tokenize.add_bos "
             "is not applied (as Megatron's preprocess_data with HuggingFaceTokenizer)"
         )
@@ -357,20 +361,16 @@ def _without_add_bos(config: DataPrepConfig, tokenizer: HFTokenizer) -> DataPrep
 def build_datasets(config: DataPrepConfig, tokenizer_path: str | Path) -> BuildResult:
     """Every source with one writer in this process (num_workers encoders); tokenize.tasks is run by
     `kumihimo data tokenize` (tokenize_parts.tokenize), not here."""
-    from kumihimo.data_prep.pipeline import OUTPUT_FOLDERS
-
     if config.tokenize.tasks is not None:
-        say(
-            f"[tokenize] note: tokenize.tasks={config.tokenize.tasks} is not applied by build_datasets, which "
+        log.info(
+            f"note: tokenize.tasks={config.tokenize.tasks} is not applied by build_datasets, which "
             "writes in this process; `kumihimo data tokenize` (tokenize_parts.tokenize) runs the tasks"
         )
     with RunLock(config.output_dir, "tokenize", OUTPUT_FOLDERS):  # one live run; clears a killed one's debris
         return build_datasets_unlocked(config, tokenizer_path)
 
 
-def checked_settings(
-    config: DataPrepConfig, tokenizer_path: str | Path
-) -> tuple[DataPrepConfig, Tokenizer | HFTokenizer]:
+def checked_settings(config: DataPrepConfig, tokenizer_path: str | Path) -> tuple[DataPrepConfig, Tokenizer]:
     """(config as the encoders apply it, tokenizer): add_bos off for a Hugging Face tokenizer, and a
     one-line error for add_bos with a model that has no BOS piece."""
     tokenizer = load_tokenizer(tokenizer_path)

@@ -176,7 +176,7 @@ def check_data_matches_tokenizer(report: Report, config) -> None:
     if config.data.mock or not config.data.blend_file or not config.data.tokenizer:
         return
     from kumihimo.data_prep.blend import read_blend
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
 
     try:
         _datasets, recorded_tokenizer = read_blend(config.data.blend_file)
@@ -184,7 +184,7 @@ def check_data_matches_tokenizer(report: Report, config) -> None:
         report.add("FAIL", "data/tokenizer", str(exc))
         return
     recorded = (recorded_tokenizer or {}).get("sha256")
-    current = Tokenizer.load(config.data.tokenizer).sha256
+    current = load_tokenizer(config.data.tokenizer).sha256
     if recorded is None:
         report.add("WARN", "data/tokenizer", f"{config.data.blend_file} records no tokenizer; cannot check")
     elif recorded != current:
@@ -230,13 +230,13 @@ def checkpoint_gb(config) -> float:
     """About what one checkpoint takes: the weights in the parameter dtype, plus fp32 main weights (bf16
     runs) and Adam's two fp32 moments: 14 B per parameter in bf16, 12 in fp32."""
     from kumihimo.pretrain.plan import layer_params, param_dtype_bytes
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
 
     m = config.model
     vocab = config.data.mock_vocab_size
     if not config.data.mock and config.data.tokenizer:
         try:
-            vocab = Tokenizer.load(config.data.tokenizer).vocab_size
+            vocab = load_tokenizer(config.data.tokenizer).vocab_size
         except UserError:
             pass  # the config check reports the missing tokenizer
     params = layer_params(config) * m.num_layers + 2 * vocab * m.hidden_size + m.hidden_size
@@ -344,12 +344,12 @@ def input_fingerprint(config) -> dict | None:
     if config.data.mock:
         return {"mock data": True}
     from kumihimo.pretrain.data import read_blend
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
 
     fingerprint: dict = {}
     try:
         fingerprint["tokenizer"] = (
-            Tokenizer.load(config.data.tokenizer).sha256 if config.data.tokenizer else None
+            load_tokenizer(config.data.tokenizer).sha256 if config.data.tokenizer else None
         )
         prefixes, _weights, _recorded = read_blend(config)
     except (UserError, OSError) as exc:

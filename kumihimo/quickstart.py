@@ -24,8 +24,10 @@ from typing import Any
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
-from kumihimo.core.progress import say
+from kumihimo.core.logs import stage_logger
 from kumihimo.core.recipes import shipped_root
+
+log = stage_logger(None)
 
 CONFIGS = shipped_root()
 STAGES = ("curate", "tokenizer", "datasets", "train", "convert", "generate")
@@ -83,9 +85,9 @@ class StageCache:
         if stage not in self.redo and record.is_file():
             saved = json.loads(record.read_text(encoding="utf-8"))
             if saved.get("fingerprint") == fingerprint:
-                say(f"{number} {stage}: reusing the finished stage (use --redo {stage} to run it again)")
+                log.info(f"{number} {stage}: reusing the finished stage (use --redo {stage} to run it again)")
                 return saved["result"]
-        say(f"{number} {stage} ...")
+        log.info(f"{number} {stage} ...")
         start = time.perf_counter()
         result = fn()
         result["seconds"] = round(time.perf_counter() - start, 1)
@@ -95,7 +97,7 @@ class StageCache:
                 {"fingerprint": fingerprint, "result": result}, ensure_ascii=False, indent=2, default=str
             ),
         )
-        say(f"{number} {stage} done in {result['seconds']} s")
+        log.info(f"{number} {stage} done in {result['seconds']} s")
         return result
 
 
@@ -181,11 +183,11 @@ def _tokenizer_config(workdir: Path, curated: dict[str, Any]):
 
 
 def _train_tokenizer(config) -> dict[str, Any]:
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
     from kumihimo.tokenizer.train import train_tokenizer
 
     model = train_tokenizer(config)
-    tok = Tokenizer.load(model)
+    tok = load_tokenizer(model)
     return {"model": str(tok.path), "vocab_size": tok.vocab_size, "sha256": tok.sha256}
 
 

@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.api import CheckpointException as WriteFailure
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError, is_disk_full
+from kumihimo.core.logs import stage_logger
 from kumihimo.pretrain import integrity
 from kumihimo.pretrain.distributed import rng_state, set_rng_state
 
@@ -59,7 +60,7 @@ SHARDING_METADATA = {
     "singleton_local_shards": False,
     "chained_optim_avoid_prefix": True,
 }
-log = logging.getLogger("kumihimo.train")
+log = stage_logger("train")
 SAVE_FAILURES = (Exception, WriteFailure)
 """What a failed save raises: torch's CheckpointException (a failed shard write, wrapped by megatron-core)
 derives from BaseException, so `except Exception` alone lets it through as a traceback."""
@@ -317,14 +318,14 @@ class CheckpointManager:
             latest = read_latest(self.root)
             kept = "no checkpoint exists" if latest is None else f"latest stays iter_{latest:07d}"
             log.info(
-                f"[train] not saving step {state.iteration}: {bad} of {total} weight/optimizer tensors "
+                f"not saving step {state.iteration}: {bad} of {total} weight/optimizer tensors "
                 f"hold NaN or Inf ({', '.join(names[:3]) or 'on other ranks'}); nothing written, {kept}"
             )
             return None
         local = sum(t.numel() * t.element_size() for _, t in integrity.state_tensors(model_chunks, optimizer))
         pruned = self.make_room(local)
         if pruned:
-            log.info(f"[train] disk nearly full: pruned {', '.join(p.name for p in pruned)} before saving")
+            log.info(f"disk nearly full: pruned {', '.join(p.name for p in pruned)} before saving")
         # With overlap_param_gather each DP rank's copy of the weights it does not own is updated by the
         # next forward's all-gather; sync it now (as Megatron-LM does), since every DP rank writes a share.
         hooked = [chunk for chunk in model_chunks if getattr(chunk, "use_forward_hook", False)]
@@ -336,10 +337,10 @@ class CheckpointManager:
             for chunk in hooked:
                 chunk.enable_forward_pre_hook()
         if self.async_saves is None:
-            log.info(f"[train] saved checkpoint {folder}")
+            log.info(f"saved checkpoint {folder}")
         else:
             log.info(
-                f"[train] writing checkpoint {folder} in the background "
+                f"writing checkpoint {folder} in the background "
                 f"(training blocked {self.async_saves.newest.blocking_s:.2f} s)"
             )
         return folder
@@ -417,7 +418,7 @@ class CheckpointManager:
             raise
         for done in finished:
             log.info(
-                f"[train] saved checkpoint {done.folder} (training blocked {done.blocking_s:.2f} s, "
+                f"saved checkpoint {done.folder} (training blocked {done.blocking_s:.2f} s, "
                 f"written in the background in {done.background_s:.2f} s)"
             )
 
@@ -505,7 +506,7 @@ class RunLock:
                 )
             if owner_host not in (None, host):
                 warning = (
-                    f"[train] warning: {self.path} names a run on {owner_host} (pid {pid}); taking it over. "
+                    f"warning: {self.path} names a run on {owner_host} (pid {pid}); taking it over. "
                     "Two jobs writing one checkpoint folder corrupt it: make sure that run is gone"
                 )
         configtree.write_text_atomic(self.path, json.dumps({"host": host, "pid": os.getpid()}) + "\n")

@@ -12,7 +12,6 @@ slice of each. Resuming from a checkpoint therefore continues with exactly the n
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -23,15 +22,16 @@ import numpy as np
 import torch
 
 from kumihimo.core.errors import UserError
+from kumihimo.core.logs import stage_logger
 from kumihimo.data_prep.blend import declared_counts
 from kumihimo.data_prep.blend import read_blend as read_blend_file
 from kumihimo.data_prep.indexed import DTYPE_CODES
 from kumihimo.pretrain import integrity
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.parallel import ParallelLayout
-from kumihimo.tokenizer.spm import Tokenizer
+from kumihimo.tokenizer.base import load_tokenizer
 
-log = logging.getLogger("kumihimo.train")
+log = stage_logger("train")
 
 
 class MegatronTokenizerView:
@@ -49,7 +49,7 @@ class MegatronTokenizerView:
     def from_config(cls, config: TrainConfig) -> MegatronTokenizerView:
         if config.data.tokenizer is None:  # mock data without a tokenizer
             return cls(config.data.mock_vocab_size, config.data.mock_vocab_size - 1, None, None)
-        tok = Tokenizer.load(config.data.tokenizer)
+        tok = load_tokenizer(config.data.tokenizer)
         return cls(tok.vocab_size, tok.eod_id, tok.pad_id, tok.identity())
 
 
@@ -213,7 +213,7 @@ def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
         )
     cls = MockGPTDataset if data.mock else GPTDataset
     started = time.monotonic()
-    log.info(f"[train] dataset indices: building or loading {cache_dir}")
+    log.info(f"dataset indices: building or loading {cache_dir}")
     train, valid, _test = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, dataset_config).build()
     by_source = {}
     if sizes[1] and not data.mock and len(prefixes) > 1 and config.evaluation.per_source_validation:
@@ -223,7 +223,7 @@ def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
     if data.reset_attention_mask:
         train, valid = (None if d is None else DocumentIds(d, tokenizer.eod) for d in (train, valid))
         by_source = {name: DocumentIds(d, tokenizer.eod) for name, d in by_source.items()}
-    log.info(f"[train] dataset indices: ready in {time.monotonic() - started:.1f} s")
+    log.info(f"dataset indices: ready in {time.monotonic() - started:.1f} s")
     return Datasets(train, valid, tokenizer, fingerprint, by_source)
 
 

@@ -29,7 +29,7 @@ from kumihimo.core.configtree import ConfigError, to_dict
 from kumihimo.core.errors import UserError
 from kumihimo.data_prep.indexed import DTYPE_CODES, INDEX_HEADER, INDEX_VERSION
 from kumihimo.pretrain.parallel import padded_vocab_size
-from kumihimo.tokenizer.spm import Tokenizer
+from kumihimo.tokenizer.base import load_tokenizer
 
 HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8
 SAMPLE_BYTES = 1 << 16
@@ -137,7 +137,7 @@ def check_datasets_and_tokenizer(config) -> tuple[list[str], list[float], list[d
     prefixes, weights, recorded = read_blend(config)
     if recorded and config.data.tokenizer:
         check_tokenizer_matches_data(
-            recorded, Tokenizer.load(config.data.tokenizer).identity(), config.data.blend_file
+            recorded, load_tokenizer(config.data.tokenizer).identity(), config.data.blend_file
         )
     infos = check_datasets(prefixes, config.data.blend_file or "data.blend")
     # the .idx header counts document boundaries: one more than documents
@@ -409,7 +409,7 @@ def check_pretrained_at_check(config, tp: int) -> list[str]:
     if config.checkpoint.pretrained is None or config.data.tokenizer is None:
         return []
     folder = find_checkpoint(Path(config.checkpoint.pretrained))
-    tokenizer = Tokenizer.load(config.data.tokenizer)
+    tokenizer = load_tokenizer(config.data.tokenizer)
     padded = padded_vocab_size(tokenizer.vocab_size, config.model.make_vocab_size_divisible_by, tp)
     return check_pretrained(
         read_meta(folder), folder, config, tokenizer.identity(), tokenizer.vocab_size, padded, tp

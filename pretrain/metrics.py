@@ -17,15 +17,15 @@ TFLOP/s per GPU = training FLOPs per token x tokens per second / number of GPUs;
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any
 
 from kumihimo.core import configtree
+from kumihimo.core.logs import stage_logger
 from kumihimo.pretrain.config import TrainConfig
 
-log = logging.getLogger("kumihimo.train")
+log = stage_logger(None)
 
 
 def training_flops_per_token(config: TrainConfig, padded_vocab_size: int) -> float:

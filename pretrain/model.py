@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,6 +36,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from kumihimo.core.errors import UserError
+from kumihimo.core.logs import stage_logger
 from kumihimo.pretrain.rope import attention_softmax_scale, rope_inv_freq
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-log = logging.getLogger("kumihimo.train")
+log = stage_logger("train")
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -558,7 +558,7 @@ def build_model(config: TrainConfig, layout: ParallelLayout, padded_vocab_size: 
     initialize_tp_comm_overlap(config, layout)
     tconfig = transformer_config(config, layout)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        log.info(f"[train] fusions {describe_fusions(resolve_fusions(config))}")
+        log.info(f"fusions {describe_fusions(resolve_fusions(config))}")
     num_chunks = layout.vpp or 1
     chunks = []
     for vp_stage in range(num_chunks):

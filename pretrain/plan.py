@@ -267,10 +267,10 @@ def run(args: argparse.Namespace) -> int:
         if config.data.mock or config.data.tokenizer is None:
             vocab = config.data.mock_vocab_size
         else:
-            from kumihimo.tokenizer.spm import Tokenizer
+            from kumihimo.tokenizer.base import load_tokenizer
 
             try:
-                vocab = Tokenizer.load(config.data.tokenizer).vocab_size
+                vocab = load_tokenizer(config.data.tokenizer).vocab_size
             except UserError as exc:
                 raise UserError(f"{exc} (or pass --vocab-size N to plan without the tokenizer)") from exc
     plan = make_plan(config, args.nodes * args.gpus_per_node, vocab)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,7 +30,7 @@ from megatron.core.transformer.module import Float16Module
 
 from kumihimo import __version__
 from kumihimo.core import configtree
-from kumihimo.core.progress import log_to_stderr
+from kumihimo.core.logs import log_to_stderr, stage_logger
 from kumihimo.pretrain import checkpointing, integrity
 from kumihimo.pretrain.branch import resolve_lineage
 from kumihimo.pretrain.checkpointing import CheckpointManager, TrainState
@@ -54,7 +53,7 @@ from kumihimo.pretrain.signals import (
     StopRequest,
 )
 
-log = logging.getLogger("kumihimo.train")
+log = stage_logger("train")
 
 
 @dataclass
@@ -208,13 +207,13 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             configtree.save(cfg, self.output_dir / "run_config.yaml")
             log.info(
-                f"[train] resolved config (saved to {self.output_dir / 'run_config.yaml'}):\n"
+                f"resolved config (saved to {self.output_dir / 'run_config.yaml'}):\n"
                 + configtree.dump_yaml(cfg).rstrip()
             )
-            log.info(f"[train] layout {self.layout.describe()}")
+            log.info(f"layout {self.layout.describe()}")
             if cfg.checkpoint.async_save and not cfg.checkpoint.enabled:
                 log.info(
-                    "[train] warning: checkpoint.async_save=true is ignored: checkpoint.enabled is false, so "
+                    "warning: checkpoint.async_save=true is ignored: checkpoint.enabled is false, so "
                     "this run saves nothing"
                 )
 
@@ -223,9 +222,9 @@ class Trainer:
         vocab = self.datasets.tokenizer.vocab_size
         self.padded_vocab = self.layout.padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by)
         started = time.perf_counter()
-        log.info(f"[train] building the model and optimizer ({self.layout.describe()})")
+        log.info(f"building the model and optimizer ({self.layout.describe()})")
         self._build_model_and_optimizer()
-        log.info(f"[train] model and optimizer built in {time.perf_counter() - started:.1f} s")
+        log.info(f"model and optimizer built in {time.perf_counter() - started:.1f} s")
         self.flops_per_token = training_flops_per_token(cfg, self.padded_vocab)
         self._record_parameter_counts()
         self.memory_meter: ActivationMeter | None = ActivationMeter(self.model)
@@ -253,7 +252,7 @@ class Trainer:
         removed = checkpointing.clean_leftovers(root)
         if removed:
             log.info(
-                f"[train] removed {len(removed)} leftover(s) of an interrupted save: {', '.join(p.name for p in removed)}"
+                f"removed {len(removed)} leftover(s) of an interrupted save: {', '.join(p.name for p in removed)}"
             )
 
     def _build_model_and_optimizer(self) -> None:
@@ -298,7 +297,7 @@ class Trainer:
             configtree.write_text_atomic(
                 self.output_dir / "parameters_per_rank.json", json.dumps(rows, indent=1)
             )
-            log.info(f"[train] {max(r['parameters'] for r in rows):,} parameters on the most loaded rank")
+            log.info(f"{max(r['parameters'] for r in rows):,} parameters on the most loaded rank")
 
     def _record_memory(self) -> None:
         """What each rank holds after its first step, to memory_per_rank.json (`kumihimo plan` predicts it)."""
@@ -367,7 +366,7 @@ class Trainer:
         self._inherit_source(meta)
         self.loss_guard.load_state_dict(self.state.extra.get("loss_guard", {}))
         log.info(
-            f"[train] resumed from {folder} at step {self.state.iteration} "
+            f"resumed from {folder} at step {self.state.iteration} "
             f"({self.state.consumed_samples} samples consumed) in {time.perf_counter() - started:.1f} s"
         )
 
@@ -383,14 +382,14 @@ class Trainer:
             self.padded_vocab,
             self.layout.tp,
         ):
-            log.info(f"[train] {note}")
+            log.info(note)
         started = _announce_load(folder, "weights")
         checkpointing.load_weights(folder, self.model)
         self._inherit_source(meta)
         # bf16 runs keep fp32 main weights inside the optimizer, copied when it was built.
         self.optimizer.reload_model_params()
         log.info(
-            f"[train] initialised weights from {folder} in {time.perf_counter() - started:.1f} s "
+            f"initialised weights from {folder} in {time.perf_counter() - started:.1f} s "
             "(optimizer, schedule and data start fresh)"
         )
 
@@ -404,7 +403,7 @@ class Trainer:
         started = _announce_load(folder, "checkpoint")
         checkpointing.load_checkpoint(folder, self.model, self.optimizer, None, self.layout)
         log.info(
-            f"[train] branched from {folder} in {time.perf_counter() - started:.1f} s (its step {self.lineage['iteration']}, "
+            f"branched from {folder} in {time.perf_counter() - started:.1f} s (its step {self.lineage['iteration']}, "
             f"{self.lineage['source_consumed_tokens']:,} tokens): model and optimizer state loaded; step, "
             "data position and learning-rate schedule start at 0 as configured"
         )
@@ -429,7 +428,7 @@ class Trainer:
                 "in order but per-rank batches differ, so the loss curve will not match bit for bit"
             )
         for note in notes:
-            log.info(f"[train] {note}")
+            log.info(note)
 
     # ---------------------------------------------------------------- loop
     def train(self) -> TrainResult:
@@ -460,7 +459,7 @@ class Trainer:
                 result.exit_code = EXIT_BAD_LOSS
                 break
             if stop.agreed(self.device):
-                log.info(f"[train] stop signal received: saving at step {step} and exiting for requeue")
+                log.info(f"stop signal received: saving at step {step} and exiting for requeue")
                 result.exit_code = EXIT_REQUEUE
                 if save_root and self.save() is None:
                     result.exit_code = EXIT_BAD_LOSS
@@ -481,7 +480,7 @@ class Trainer:
             result.last_checkpoint = self.checkpoints.latest()
             if result.exit_code == EXIT_BAD_LOSS:
                 log.info(
-                    f"[train] newest checkpoint: {result.last_checkpoint or 'none'} (its weights were checked finite)"
+                    f"newest checkpoint: {result.last_checkpoint or 'none'} (its weights were checked finite)"
                 )
         self.metrics.close()
         if self.is_logger:  # every run folder gets its plot, also a run that never evaluated
@@ -500,7 +499,7 @@ class Trainer:
             return False
         if res.on_bad_loss == "stop" or self.consecutive_skips >= res.max_consecutive_skips:
             log.info(
-                f"[train] stopping at step {self.state.iteration}: {values['skipped']} "
+                f"stopping at step {self.state.iteration}: {values['skipped']} "
                 f"({self.consecutive_skips} bad step(s) in a row); nothing from this step on is saved"
             )
             return True
@@ -540,7 +539,7 @@ class Trainer:
         else:
             self.state.skipped_iterations += 1
             self.consecutive_skips += 1
-            log.info(f"[train] step {self.state.iteration + 1} skipped: {skipped}")
+            log.info(f"step {self.state.iteration + 1} skipped: {skipped}")
         self.state.iteration += 1
         self.state.extra["loss_guard"] = self.loss_guard.state_dict()
         gbs = self.layout.global_batch_size
@@ -617,7 +616,7 @@ def _announce_load(folder: Path, what: str) -> float:
     much it reads; returns the start time for the line that ends it. SIGTERM meanwhile ends the run
     (signals.StopRequest: nothing is written during a load)."""
     size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
-    log.info(f"[train] loading {what} {folder} ({size / 1e9:.2f} GB)")
+    log.info(f"loading {what} {folder} ({size / 1e9:.2f} GB)")
     return time.perf_counter()
 
 
@@ -628,9 +627,7 @@ def run_training(config: TrainConfig) -> TrainResult:
         trainer.setup()
         return trainer.train()
     except StoppedBeforeTraining as stopped:
-        log.info(
-            f"[train] {stopped.signal_name} before the first step: exiting (nothing trained, nothing to save)"
-        )
+        log.info(f"{stopped.signal_name} before the first step: exiting (nothing trained, nothing to save)")
         return TrainResult(exit_code=EXIT_REQUEUE)
     finally:
         trainer.stop.restore()

@@ -355,16 +355,16 @@ def test_tokenizer_copy_checks_the_recorded_identity(tmp_path, spm_model, capsys
     from types import SimpleNamespace
 
     from kumihimo.pretrain.convert.average import copy_tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
     from kumihimo.tokenizer.hf import HFTokenizer
-    from kumihimo.tokenizer.spm import Tokenizer
     from tests.test_data_prep_hf_tokenizer import make_hf_tokenizer
 
     hf_folder = make_hf_tokenizer(tmp_path / "hf-model", with_bos=True)
     (hf_folder / "model.safetensors").write_bytes(b"weights")
     cases = {
         "hf": HFTokenizer(hf_folder).identity(),
-        "spm": Tokenizer.load(spm_model).identity(),
-        "changed": {**Tokenizer.load(spm_model).identity(), "sha256": "0" * 64},
+        "spm": load_tokenizer(spm_model).identity(),
+        "changed": {**load_tokenizer(spm_model).identity(), "sha256": "0" * 64},
     }
     for name, identity in cases.items():
         staging, final = tmp_path / f"staging-{name}", tmp_path / f"out-{name}"
@@ -376,7 +376,7 @@ def test_tokenizer_copy_checks_the_recorded_identity(tmp_path, spm_model, capsys
             continue
         assert copied == {**identity, "path": copied["path"]}
         staged = staging / Path(copied["path"]).relative_to(final.resolve())
-        assert Tokenizer.load(staged).identity()["sha256"] == identity["sha256"]
+        assert load_tokenizer(staged).identity()["sha256"] == identity["sha256"]
         if name == "hf":
             assert not (staging / "tokenizer" / "model.safetensors").exists()
 

@@ -202,11 +202,11 @@ def test_hf_logits_and_greedy_generation_match_megatron(layout, converted, refer
 def test_config_and_tokenizer_come_from_the_checkpoint(converted, spm_model):
     from transformers import AutoTokenizer
 
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
 
     folder = converted["tp2"]
     config = json.loads((folder / "config.json").read_text())
-    tok = Tokenizer.load(spm_model)
+    tok = load_tokenizer(spm_model)
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]) == (64, 192, 2)
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (4, 2, 16)

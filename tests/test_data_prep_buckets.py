@@ -23,7 +23,7 @@ from kumihimo.data_prep.indexed import read_index
 from kumihimo.data_prep.pipeline import build_datasets, curate
 from kumihimo.data_prep.report import KeptStats, build_report, render_markdown
 from kumihimo.data_prep.report_html import render_html, score_bars
-from kumihimo.tokenizer.spm import Tokenizer
+from kumihimo.tokenizer.base import Tokenizer, load_tokenizer
 
 # scores on and around the edges 0.3, 0.5, 0.8 (a score equal to an edge belongs to the bucket above)
 SCORES = [0.0, 0.1, 0.29999, 0.3, 0.31, 0.45, 0.5, 0.5, 0.6, 0.79, 0.8, 0.95, 1.0, 0.2, 0.55, 0.85]
@@ -64,7 +64,7 @@ def expected_length(tokenizer: Tokenizer, text: str) -> int:
 
 
 def test_bucket_prefixes_partition_the_source_and_weights_add_up(tmp_path, tokenizer_path):
-    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     plain = build_datasets(scored_run(tmp_path / "plain"), tokenizer_path)
     config = scored_run(tmp_path / "bucketed")
     config.tokenize.buckets = [
@@ -260,7 +260,7 @@ def test_rehydration_counts_are_exact_on_known_clusters(tmp_path, tokenizer_path
     ]
     built = build_datasets(config, tokenizer_path)
     assert built.num_documents == {"ja_rh1": 3, "ja_rh2": 1, "ja_rh3": 1, "en_rh1": 2}  # copies: all removed
-    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     texts = {r["id"]: r["text"] for r in kept}
     assert document_lengths(built.prefixes["ja_rh3"]) == [expected_length(tokenizer, texts["ja2"])]
     assert document_lengths(built.prefixes["ja_rh2"]) == [expected_length(tokenizer, texts["ja0"])]

@@ -11,8 +11,9 @@ from test_data_prep_pipeline import differing_outputs, write_corpus
 from kumihimo.core.configtree import ConfigError
 from kumihimo.core.errors import UserError
 from kumihimo.data_prep.config import load_config
-from kumihimo.data_prep.jsonl_io import plan_shards
-from kumihimo.data_prep.pipeline import curate, curate_task, finish_curation, prepare_run, task_shards
+from kumihimo.data_prep.curation import curate_task, finish_curation, prepare_run, task_shards
+from kumihimo.data_prep.pipeline import curate
+from kumihimo.data_prep.shards import plan_shards
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from test_data_prep_pipeline import differing_outputs, write_corpus
 
 from kumihimo.data_prep import dedup_stages
 from kumihimo.data_prep.config import DataPrepConfig, DedupConfig
-from kumihimo.data_prep.jsonl_io import plan_shards
 from kumihimo.data_prep.minhash import KEEP, MinHasher, exact_key, find_duplicates
 from kumihimo.data_prep.pipeline import curate
+from kumihimo.data_prep.shards import plan_shards
 
 SHARD_SIZES = (300, 0, 517, 1, 682)
 
@@ -146,7 +146,7 @@ import os, sys, time
 from pathlib import Path
 from kumihimo.data_prep import dedup_stages
 from kumihimo.data_prep.config import DataPrepConfig, DedupConfig
-from kumihimo.data_prep.jsonl_io import plan_shards
+from kumihimo.data_prep.shards import plan_shards
 
 root = Path(sys.argv[1])
 plan = dedup_stages.DedupPlan(

@@ -22,8 +22,9 @@ from kumihimo.data_prep.blend import read_blend
 from kumihimo.data_prep.config import DataPrepConfig, SourceConfig
 from kumihimo.data_prep.indexed import read_index
 from kumihimo.data_prep.pipeline import build_datasets
-from kumihimo.tokenizer.hf import HFTokenizer, load_tokenizer
-from kumihimo.tokenizer.spm import Tokenizer
+from kumihimo.tokenizer.base import Tokenizer, load_tokenizer
+from kumihimo.tokenizer.hf import HFTokenizer
+from kumihimo.tokenizer.spm import SentencePieceTokenizer
 
 LINES = [
     "吾輩は猫である。名前はまだ無い。",
@@ -128,7 +129,7 @@ def test_tokenizer_kind_is_chosen_by_the_files(tokenizers, tmp_path):
         num_threads=1,
     )
     # A folder with tokenizer.model stays SentencePiece (as before); its tokenizer.json selects Hugging Face.
-    assert isinstance(load_tokenizer(both), Tokenizer)
+    assert isinstance(load_tokenizer(both), SentencePieceTokenizer)
     chosen = load_tokenizer(both / "tokenizer.json")
     assert isinstance(chosen, HFTokenizer) and chosen.path == both / "tokenizer.json"
     assert isinstance(load_tokenizer(chosen.path), HFTokenizer)  # what workers reload
@@ -137,6 +138,37 @@ def test_tokenizer_kind_is_chosen_by_the_files(tokenizers, tmp_path):
     (both / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<pad>"}))
     changed = load_tokenizer(both / "tokenizer.json")
     assert changed.sha256 != load_tokenizer(folder).sha256 and changed.eod_id == changed.pad_id
+
+
+def test_both_kinds_are_the_tokenizer_protocol(tokenizers, tmp_path):
+    """load_tokenizer gives a SentencePieceTokenizer or an HFTokenizer, each a Tokenizer with the same
+    members; the SentencePiece module no longer hands out Hugging Face tokenizers itself."""
+    import sentencepiece as spm
+
+    from kumihimo.tokenizer import spm as spm_module
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(LINES * 20),
+        model_prefix=str(tmp_path / "tokenizer"),
+        vocab_size=95,
+        model_type="unigram",
+        minloglevel=2,
+        num_threads=1,
+    )
+    loaded = {
+        "sentencepiece": load_tokenizer(tmp_path / "tokenizer.model"),
+        "huggingface": load_tokenizer(tokenizers["bos"]),
+    }
+    assert isinstance(loaded["sentencepiece"], SentencePieceTokenizer)
+    assert isinstance(loaded["huggingface"], HFTokenizer)
+    for kind, tokenizer in loaded.items():
+        assert isinstance(tokenizer, Tokenizer) and tokenizer.kind == kind
+        ids = tokenizer.encode("今日は晴れ")
+        assert tokenizer.encode_batch(["今日は晴れ"]) == [ids] and "晴れ" in tokenizer.decode(ids)
+        assert tokenizer.identity()["sha256"] == tokenizer.sha256 and tokenizer.vocab_size > 0
+    assert not hasattr(spm_module.SentencePieceTokenizer, "load")
+    with pytest.raises(UserError, match="applies to SentencePiece models only"):
+        load_tokenizer(tokenizers["bos"], eod_piece="</s>")
 
 
 def test_broken_tokenizer_folder_is_refused(tmp_path):

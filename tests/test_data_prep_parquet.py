@@ -20,8 +20,9 @@ from test_data_prep_pipeline import EXPECTED, crash_then_resume, output_files, r
 
 from kumihimo.core import parquet_rows
 from kumihimo.data_prep.config import DataPrepConfig, SourceConfig
-from kumihimo.data_prep.jsonl_io import BadLine, Document, plan_shards, read_shard
+from kumihimo.data_prep.documents import BadLine, Document
 from kumihimo.data_prep.pipeline import curate
+from kumihimo.data_prep.shards import plan_shards, read_shard
 
 # the rows of the JSONL corpus with valid JSON objects: "no-text" becomes a null, "empty" stays blank
 NUM_NULL_OR_EMPTY = 2

@@ -19,9 +19,11 @@ from kumihimo.data_prep import shard_stage
 from kumihimo.data_prep.blend import read_blend
 from kumihimo.data_prep.cli import register
 from kumihimo.data_prep.config import DataPrepConfig, SourceConfig, load_config
+from kumihimo.data_prep.decontam import build_eval_index, save_eval_index
+from kumihimo.data_prep.documents import Document
 from kumihimo.data_prep.indexed import read_index
-from kumihimo.data_prep.jsonl_io import plan_shards, read_shard
 from kumihimo.data_prep.pipeline import build_datasets, curate
+from kumihimo.data_prep.shards import plan_shards, read_shard
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data_prep"
 JA = (FIXTURES / "ja_docs.txt").read_text(encoding="utf-8").split("\n\n")
@@ -248,6 +250,55 @@ def test_resume_after_crash_redoes_only_unfinished_shards(tmp_path, monkeypatch,
     assert differing_outputs(Path(config.output_dir), reference, roots=(tmp_path, reference.parent)) == []
 
 
+def test_decontamination_checks_each_batch_once(tmp_path, monkeypatch):
+    """The shard stage hashes a batch's texts against the evaluation index once (it once ran the check
+    twice and threw the first answer away)."""
+    config = write_corpus(tmp_path)
+    counts = {"batches": 0, "checks": 0}
+    real_batch, real_check = shard_stage._curate_batch, shard_stage.Decontaminator.check_batch
+
+    def counting_batch(docs, tools):
+        counts["batches"] += 1
+        return real_batch(docs, tools)
+
+    def counting_check(self, texts):
+        counts["checks"] += 1
+        return real_check(self, texts)
+
+    monkeypatch.setattr(shard_stage, "_curate_batch", counting_batch)
+    monkeypatch.setattr(shard_stage.Decontaminator, "check_batch", counting_check)
+    curate(config)
+    assert counts["batches"] > 0 and counts["checks"] == counts["batches"]
+
+
+def test_per_document_outcomes_are_frozen_dataclasses(tmp_path):
+    """A drop and a clean-up change are named, frozen records (not positional tuples)."""
+    config = write_corpus(tmp_path)
+    index = tmp_path / "eval.npy"
+    save_eval_index(build_eval_index(config.decontam), index)
+    tools = shard_stage.build_tools(config, index)
+    german = (
+        "Der alte Hafen hat sich in den letzten Jahren langsam verändert, und viele Häuser sind neu. " * 4
+    )
+    doc = Document("en", "en.jsonl", 7, "de", german, None, {})
+    (outcome,) = shard_stage._curate_batch([doc], tools)
+    drop = outcome.drop
+    assert isinstance(drop, shard_stage.Drop) and outcome.candidate is None
+    assert (drop.stage, drop.reason, drop.lang, drop.text) == (
+        "langid",
+        "language_not_kept",
+        "de",
+        german.strip(),
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        drop.reason = "changed"
+    config.cleanup.enabled = True
+    text = "今日は晴れ．明日も晴れ．週末は雨，その後は曇り．"
+    outcome = shard_stage._Outcome()
+    cleaned = shard_stage._clean_up(outcome, text, "ja", config)
+    assert outcome.cleanup == shard_stage.Cleanup(True, 0, text, cleaned) and cleaned != text
+
+
 def test_changed_config_refuses_to_resume(tmp_path):
     config = write_corpus(tmp_path)
     curate(config)
@@ -319,12 +370,12 @@ def train_tiny_spm(root: Path) -> Path:
 def test_megatron_datasets_read_back_with_megatron_core(curated_run, tiny_tokenizer):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
 
     config, _ = curated_run
     config = dataclasses.replace(config, num_workers=2)  # the multi-process encoder keeps input order
     result = build_datasets(config, tiny_tokenizer)
-    tokenizer = Tokenizer.load(tiny_tokenizer)
+    tokenizer = load_tokenizer(tiny_tokenizer)
     out = Path(config.output_dir)
     for source in ("ja", "en"):
         texts = [r["text"] for r in read_records(out / "curated" / f"{source}.jsonl")]
@@ -364,10 +415,10 @@ def test_encoded_batches_match_plain_encode_with_and_without_numpy_output(
     tiny_tokenizer, monkeypatch, add_bos, append_eod
 ):
     from kumihimo.data_prep import tokenize_stage
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
 
     tokenize_stage._init_tokenizer(str(tiny_tokenizer))
-    tokenizer = Tokenizer.load(tiny_tokenizer)
+    tokenizer = load_tokenizer(tiny_tokenizer)
     texts = [JA[0], "", EN[1], "a"]
     lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
     expected = [

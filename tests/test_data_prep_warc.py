@@ -16,7 +16,7 @@ import pytest
 from test_data_prep_pipeline import EN, JA, crash_then_resume, read_records
 
 from kumihimo.core.errors import UserError
-from kumihimo.core.records import BadRecord, Record, Skipped
+from kumihimo.core.record_types import BadRecord, Record, Skipped
 from kumihimo.core.warc import (
     decode_japanese,
     iter_warc,
@@ -26,8 +26,8 @@ from kumihimo.core.warc import (
     write_warc,
 )
 from kumihimo.data_prep.config import DataPrepConfig, SourceConfig
-from kumihimo.data_prep.jsonl_io import plan_shards
 from kumihimo.data_prep.pipeline import curate
+from kumihimo.data_prep.shards import plan_shards
 
 DATE = "2024-03-05T06:07:08Z"
 

@@ -110,7 +110,7 @@ def test_tokenizer_recipe_reads_what_the_quickstart_writes(tmp_path, monkeypatch
     which the quickstart never writes; its paths must match the quickstart's curated JSONL."""
     import fnmatch
 
-    from kumihimo.data_prep.pipeline import RunLayout
+    from kumihimo.data_prep.layout import RunLayout
     from kumihimo.quickstart import CONFIGS, _data_config, register
     from kumihimo.tokenizer.config import TokenizerTrainConfig
 

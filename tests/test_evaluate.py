@@ -92,10 +92,10 @@ def test_encoding_follows_the_harness_and_the_exported_hf_tokenizer(spm_model, t
     from transformers import AutoTokenizer
 
     from kumihimo.pretrain.evaluate.hf_backend import HFCodec
+    from kumihimo.tokenizer.base import load_tokenizer
     from kumihimo.tokenizer.export_hf import export_hf
-    from kumihimo.tokenizer.spm import Tokenizer
 
-    spm = SPMCodec(Tokenizer.load(spm_model))
+    spm = SPMCodec(load_tokenizer(spm_model))
     hf = HFCodec(AutoTokenizer.from_pretrained(export_hf(spm_model, tmp_path / "hf")))
     for context, continuation in [
         ("質問: 空の色は？\n答え:", " 青"),

@@ -157,7 +157,7 @@ def test_a_symlink_loop_reads_each_file_once(tmp_path, capsys, monkeypatch):
 
 def test_curate_plans_each_file_of_a_looped_tree_once(tmp_path):
     from kumihimo.data_prep.config import DataPrepConfig, SourceConfig
-    from kumihimo.data_prep.jsonl_io import plan_shards
+    from kumihimo.data_prep.shards import plan_shards
 
     (tmp_path / "data" / "sub").mkdir(parents=True)
     for name in ("x.jsonl", "sub/y.jsonl"):

@@ -68,24 +68,24 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tokenizers(work) -> tuple[Path, Path]:
     """Two tokenizers of the same vocabulary size trained on different text."""
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
     from tests.test_convert_to_hf import train_spm
 
     a, b = train_spm(work / "tok_a", seed=1), train_spm(work / "tok_b", seed=2)
-    assert Tokenizer.load(a).vocab_size == Tokenizer.load(b).vocab_size
-    assert Tokenizer.load(a).sha256 != Tokenizer.load(b).sha256
+    assert load_tokenizer(a).vocab_size == load_tokenizer(b).vocab_size
+    assert load_tokenizer(a).sha256 != load_tokenizer(b).sha256
     return a, b
 
 
 @pytest.fixture(scope="module")
 def blend_file(work, tokenizers) -> Path:
     """blend.yaml over one dataset made with tokenizer a, as `kumihimo data tokenize` writes it."""
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
 
     prefix = work / "data" / "web"
     write_dataset(prefix, seed=0)
     path = work / "data" / "blend.yaml"
-    write_blend(path, [BlendEntry("web", prefix, 20000, 120, 1.0)], Tokenizer.load(tokenizers[0]).identity())
+    write_blend(path, [BlendEntry("web", prefix, 20000, 120, 1.0)], load_tokenizer(tokenizers[0]).identity())
     return path
 
 
@@ -106,7 +106,7 @@ def trained(work, tokenizers) -> tuple[Path, Path, tuple[str, ...]]:
 
 
 def test_training_refuses_data_made_with_another_tokenizer(work, tokenizers, blend_file):
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
 
     proc = train(
         work / "other_tok",
@@ -117,8 +117,8 @@ def test_training_refuses_data_made_with_another_tokenizer(work, tokenizers, ble
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = last_line(proc.stderr)
     assert (
-        Tokenizer.load(tokenizers[0]).sha256[:12] in line
-        and Tokenizer.load(tokenizers[1]).sha256[:12] in line
+        load_tokenizer(tokenizers[0]).sha256[:12] in line
+        and load_tokenizer(tokenizers[1]).sha256[:12] in line
     )
     assert f"set data.tokenizer={tokenizers[0]}" in line
     assert not (work / "other_tok" / "ckpt" / "latest_checkpointed_iteration.txt").exists()
@@ -126,7 +126,7 @@ def test_training_refuses_data_made_with_another_tokenizer(work, tokenizers, ble
 
 @pytest.mark.slow
 def test_resume_refuses_another_tokenizer(trained, tokenizers):
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
 
     run_dir, _prefix, overrides = trained
     proc = train(run_dir, *overrides, f"data.tokenizer={tokenizers[1]}", "schedule.train_iters=3")
@@ -134,8 +134,8 @@ def test_resume_refuses_another_tokenizer(trained, tokenizers):
     line = last_line(proc.stderr)
     assert "trained with tokenizer sha256" in line and f"resume with data.tokenizer={tokenizers[0]}" in line
     assert (
-        Tokenizer.load(tokenizers[0]).sha256[:12] in line
-        and Tokenizer.load(tokenizers[1]).sha256[:12] in line
+        load_tokenizer(tokenizers[0]).sha256[:12] in line
+        and load_tokenizer(tokenizers[1]).sha256[:12] in line
     )
     assert checkpointing.read_latest(run_dir / "ckpt") == 2
 
@@ -256,12 +256,12 @@ def test_corrupt_datasets_are_listed_one_line_each(tmp_path):
 
 
 def test_training_refuses_corrupt_datasets_before_building_the_model(work, tokenizers):
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
 
     prefixes = corrupt_copies(work / "corrupt")
     blend = work / "corrupt" / "blend.yaml"
     entries = [BlendEntry(Path(p).name, Path(p), 1000, 30, 1.0) for p in prefixes]
-    write_blend(blend, entries, Tokenizer.load(tokenizers[0]).identity())
+    write_blend(blend, entries, load_tokenizer(tokenizers[0]).identity())
     proc = train(
         work / "corrupt_run", f"data.blend_file={blend}", "data.mock=false", f"data.tokenizer={tokenizers[0]}"
     )

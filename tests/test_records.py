@@ -12,7 +12,8 @@ import pytest
 import zstandard
 
 from kumihimo.core.errors import UserError
-from kumihimo.core.records import BadRecord, Record, file_format, iter_records, read_records
+from kumihimo.core.record_types import BadRecord, Record
+from kumihimo.core.records import file_format, iter_records, read_records
 from kumihimo.core.warc import warc_response, write_warc
 from kumihimo.data_prep.config import DecontamConfig
 from kumihimo.data_prep.decontam import build_eval_index

@@ -11,9 +11,9 @@ import sentencepiece as spm
 
 from kumihimo.core.errors import UserError
 from kumihimo.tokenizer import synthetic
+from kumihimo.tokenizer.base import load_tokenizer
 from kumihimo.tokenizer.cli import register
 from kumihimo.tokenizer.evaluate import PIECE_CLASSES, classify_piece, evaluate, format_table, parse_text_spec
-from kumihimo.tokenizer.spm import Tokenizer
 
 RARE = "ꙮ"  # U+A66E, 3 UTF-8 bytes, never in the training text
 
@@ -60,7 +60,7 @@ def rare_text(tmp_path) -> Path:
 
 def test_rates_on_a_text_with_a_known_answer(models, rare_text, tmp_path):
     for path in models.values():
-        assert Tokenizer.load(path).sp.PieceToId(RARE) == 0  # precondition: not in the vocabulary
+        assert load_tokenizer(path).sp.PieceToId(RARE) == 0  # precondition: not in the vocabulary
     report = evaluate([str(models["bytes"]), str(models["unk"])], [f"{rare_text}:rare"])
     with_bytes, with_unk = (t["texts"]["rare"] for t in report["tokenizers"])
     # byte fallback: each line is 3 byte pieces + "\n" -> 20 chars in 40 tokens, 30 of them bytes
@@ -78,7 +78,7 @@ def test_languages_pool_files_and_read_jsonl(models, tmp_path):
     plain.write_text("日本\n", encoding="utf-8")
     report = evaluate([str(models["bytes"])], [f"{jsonl}:ja", f"{plain}:ja"], max_documents=None)
     stats = report["tokenizers"][0]["texts"]["ja"]
-    tokenizer = Tokenizer.load(models["bytes"])
+    tokenizer = load_tokenizer(models["bytes"])
     expected_tokens = sum(len(tokenizer.encode(t)) for t in texts) + len(tokenizer.encode("日本\n"))
     assert stats["num_documents"] == 31
     assert stats["num_chars"] == sum(len(t) for t in texts) + 3

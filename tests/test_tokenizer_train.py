@@ -14,9 +14,9 @@ from kumihimo.core.configtree import ConfigError
 from kumihimo.core.errors import UserError
 from kumihimo.core.files import OWNER_FILE
 from kumihimo.tokenizer import synthetic
+from kumihimo.tokenizer.base import load_tokenizer
 from kumihimo.tokenizer.cli import register
 from kumihimo.tokenizer.config import TokenizerTrainConfig
-from kumihimo.tokenizer.spm import Tokenizer
 from kumihimo.tokenizer.train import (
     CONFIG_FILENAME,
     STATS_FILENAME,
@@ -264,7 +264,7 @@ def test_training_writes_complete_output(trained):
 
 
 def test_special_ids_follow_llmjp_convention(trained):
-    tokenizer = Tokenizer.load(trained)
+    tokenizer = load_tokenizer(trained)
     assert tokenizer.vocab_size == 1024
     assert (tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (0, 1, 2, 3)
     assert tokenizer.eod_id == tokenizer.eos_id == 2
@@ -282,7 +282,7 @@ def test_special_ids_follow_llmjp_convention(trained):
 
 
 def test_text_round_trips_with_newlines_indentation_and_rare_characters(trained):
-    tokenizer = Tokenizer.load(trained)
+    tokenizer = load_tokenizer(trained)
     newline_id = tokenizer.sp.PieceToId("\n")
     assert newline_id != tokenizer.unk_id and tokenizer.sp.EncodeAsPieces("x\ny") == ["x", "\n", "y"]
     texts = [
@@ -301,7 +301,7 @@ def test_text_round_trips_with_newlines_indentation_and_rare_characters(trained)
 
 
 def test_vocabulary_respects_the_recipe(trained):
-    sp = Tokenizer.load(trained).sp
+    sp = load_tokenizer(trained).sp
     pieces = [sp.IdToPiece(i) for i in range(sp.GetPieceSize())]
     normal = [p for i, p in enumerate(pieces) if not (sp.IsControl(i) or sp.IsByte(i) or sp.IsUnknown(i))]
     assert sum(sp.IsByte(i) for i in range(len(pieces))) == 256
@@ -402,7 +402,7 @@ def test_cli_train_with_overrides(corpus, tmp_path, capsys):
     )
     assert args.handler(args) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "cli" / "tokenizer.model")
-    tokenizer = Tokenizer.load(tmp_path / "cli")
+    tokenizer = load_tokenizer(tmp_path / "cli")
     assert tokenizer.vocab_size == 640
     stats = json.loads((tmp_path / "cli" / STATS_FILENAME).read_text(encoding="utf-8"))
     assert set(stats["sources"]) == {"ja", "en"} and stats["sentencepiece_options"]["model_type"] == "bpe"

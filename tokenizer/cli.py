@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 
 from kumihimo.core import configtree
-from kumihimo.core.progress import say
+from kumihimo.core.logs import stage_logger
 from kumihimo.tokenizer.config import SourceConfig, TokenizerTrainConfig
+
+log = stage_logger("tokenizer")
 
 TRAIN_EXAMPLES = """examples:
   kumihimo tokenizer train configs/tokenizer/tiny.yaml
@@ -130,7 +132,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(configtree.dump_yaml(config), end="")
         return 0
-    say("[tokenizer] resolved recipe:\n" + configtree.dump_yaml(config).rstrip())
+    log.info("resolved recipe:\n" + configtree.dump_yaml(config).rstrip())
     model_path = train_tokenizer(config)
     print(model_path)
     return 0
@@ -149,7 +151,7 @@ def run_eval(args: argparse.Namespace) -> int:
     print(format_table(report))
     if args.json:
         write_report(report, args.json)
-        say(f"[tokenizer] wrote {args.json}")
+        log.info(f"wrote {args.json}")
     return 0
 
 

@@ -18,7 +18,8 @@ from typing import Any
 from kumihimo.core import records
 from kumihimo.core.configtree import write_text_atomic
 from kumihimo.core.errors import UserError
-from kumihimo.tokenizer.spm import Tokenizer
+from kumihimo.core.jsonl_rows import open_text
+from kumihimo.tokenizer.spm import SentencePieceTokenizer
 
 PIECE_CLASSES = ("japanese", "latin", "digit", "code", "whitespace", "other", "byte", "special")
 JAPANESE_RANGES = (
@@ -60,7 +61,7 @@ def classify_piece(piece: str) -> str:
     return "other"
 
 
-def vocab_composition(tokenizer: Tokenizer) -> dict[str, int]:
+def vocab_composition(tokenizer: SentencePieceTokenizer) -> dict[str, int]:
     """Number of pieces in each of PIECE_CLASSES."""
     sp = tokenizer.sp
     counts = Counter({name: 0 for name in PIECE_CLASSES})
@@ -139,7 +140,7 @@ def _record_texts(path: Path, text_field: str) -> Iterator[str]:
 def _line_groups(path: Path) -> Iterator[str]:
     lines: list[str] = []
     try:
-        with records.open_text(str(path)) as handle:
+        with open_text(str(path)) as handle:
             for line in handle:
                 lines.append(line)
                 if len(lines) == LINES_PER_PLAIN_DOCUMENT:
@@ -151,7 +152,7 @@ def _line_groups(path: Path) -> Iterator[str]:
         yield "".join(lines)
 
 
-def measure(tokenizer: Tokenizer, documents: Iterator[str], num_threads: int = 1) -> TextStats:
+def measure(tokenizer: SentencePieceTokenizer, documents: Iterator[str], num_threads: int = 1) -> TextStats:
     stats = TextStats()
     sp = tokenizer.sp
     byte_ids = {i for i in range(tokenizer.vocab_size) if sp.IsByte(i)}
@@ -187,7 +188,7 @@ def evaluate(
     texts = [parse_text_spec(spec) for spec in text_specs]
     results = []
     for path in tokenizer_paths:
-        tokenizer = Tokenizer.load(path)
+        tokenizer = SentencePieceTokenizer(path)
         per_lang: dict[str, TextStats] = {}
         for text_path, lang in texts:
             stats = measure(tokenizer, read_documents(text_path, text_field, max_documents), num_threads)

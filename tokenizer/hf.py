@@ -8,9 +8,10 @@ so BOS is there when the tokenizer's template adds it), the end-of-document id i
 (the sep token's when there is no eos token), and the vocabulary size is len(tokenizer) (added tokens
 included).
 
-`load_tokenizer` picks the kind from the path: a `.model` file or a folder with tokenizer.model is
-SentencePiece (as before); a folder with tokenizer.json and no tokenizer.model, or the path of a
-tokenizer.json itself (to choose it in a folder that has both), is Hugging Face.
+kumihimo.tokenizer.base.load_tokenizer picks the kind from the path (hf_tokenizer_folder): a `.model`
+file or a folder with tokenizer.model is SentencePiece (as before); a folder with tokenizer.json and no
+tokenizer.model, or the path of a tokenizer.json itself (to choose it in a folder that has both), is
+Hugging Face.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from kumihimo.core.errors import UserError
-from kumihimo.tokenizer.spm import MODEL_FILENAME, Tokenizer
+from kumihimo.tokenizer.spm import MODEL_FILENAME
 
 HF_TOKENIZER_FILE = "tokenizer.json"
 # The files AutoTokenizer reads that change ids or special tokens; all of them make up the identity.
@@ -42,12 +43,6 @@ def hf_tokenizer_folder(path: str | Path) -> Path | None:
     return None
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
-    """The tokenizer at `path`: a Hugging Face tokenizer folder or a SentencePiece model (see the module);
-    the same as Tokenizer.load, which every stage calls."""
-    return Tokenizer.load(path)
-
-
 ROUND_TRIP_PROBE = "日本語の文章を書いています。The model reads data."
 ROUND_TRIP_MIN_RATIO = 0.9
 """Share of the probe (whitespace and case aside) a usable tokenizer gives back (measured: 1.0 for the
@@ -59,7 +54,7 @@ def _comparable(text: str) -> str:
 
 
 class HFTokenizer:
-    """Encode/decode with a Hugging Face tokenizer; the attributes kumihimo reads of a Tokenizer."""
+    """Encode/decode with a Hugging Face tokenizer: the Tokenizer protocol of kumihimo.tokenizer.base."""
 
     kind = "huggingface"
 
@@ -110,10 +105,6 @@ class HFTokenizer:
                 f"into {len(ids)} tokens decoding to {back!r}; a config.json or tokenizer_config.json there "
                 "probably names another model's tokenizer class: remove it or fix its tokenizer_class"
             )
-
-    @classmethod
-    def load(cls, path: str | Path) -> HFTokenizer:
-        return cls(path)
 
     @cached_property
     def sha256(self) -> str:

@@ -24,8 +24,10 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from kumihimo.core.errors import UserError
 from kumihimo.core.files import check_output_folder, owned_output_folder
-from kumihimo.core.progress import say
+from kumihimo.core.logs import stage_logger
 from kumihimo.tokenizer.train import SCORE_QUANTUM
+
+log = stage_logger("tokenizer merge")
 
 OWN_NAMES = ("tokenizer.model", "tokenizer.vocab")
 """What a merge writes (a folder holding only these, from before OWNER_FILE, is a merge's)."""
@@ -79,8 +81,8 @@ def reestimate(proto: model_pb2.ModelProto, texts: list[str], iterations: int) -
         total = sum(counts[i] for i in normal_ids) + SMOOTHING * len(normal_ids)
         for i in normal_ids:
             proto.pieces[i].score = math.log((counts[i] + SMOOTHING) / total)
-        say(
-            f"[tokenizer merge] re-estimation {iteration + 1}/{iterations}: "
+        log.info(
+            f"re-estimation {iteration + 1}/{iterations}: "
             f"{sum(1 for i in normal_ids if counts[i])} of {len(normal_ids)} pieces used"
         )
     return counts
@@ -122,7 +124,7 @@ def merge_models(
     check_output_folder(output_dir, "--output", "tokenizer merge", own_names=OWN_NAMES, inputs=model_paths)
     models = [_load(Path(p)) for p in model_paths]
     merged = union_pieces(models)
-    say(f"[tokenizer merge] {len(merged.pieces):,} pieces in the union of {len(models)} models")
+    log.info(f"{len(merged.pieces):,} pieces in the union of {len(models)} models")
     counts = reestimate(merged, texts, iterations)
     if vocab_size is not None:
         prune(merged, counts, vocab_size)
@@ -138,5 +140,5 @@ def merge_models(
         (staging / model_path.name).write_bytes(merged.SerializeToString())
         vocab = "".join(f"{p.piece}\t{p.score:g}\n" for p in merged.pieces)
         (staging / "tokenizer.vocab").write_text(vocab, encoding="utf-8")
-    say(f"[tokenizer merge] wrote {model_path} ({len(merged.pieces):,} pieces)")
+    log.info(f"wrote {model_path} ({len(merged.pieces):,} pieces)")
     return model_path

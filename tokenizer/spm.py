@@ -1,4 +1,5 @@
-"""A SentencePiece model as the rest of kumihimo sees it: ids, special tokens, identity.
+"""A SentencePiece model as the rest of kumihimo sees it: ids, special tokens, identity. One of the two
+implementations of the Tokenizer protocol (kumihimo.tokenizer.base), which loads it.
 
 Any SentencePiece `.model` works here (ours or an existing one such as llm-jp-tokenizer's); the
 special ids are read from the model itself, never assumed.
@@ -9,14 +10,10 @@ from __future__ import annotations
 import hashlib
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import sentencepiece as spm
 
 from kumihimo.core.errors import UserError
-
-if TYPE_CHECKING:
-    from kumihimo.tokenizer.hf import HFTokenizer
 
 MODEL_FILENAME = "tokenizer.model"
 
@@ -34,8 +31,10 @@ def resolve_model_path(path: str | Path) -> Path:
     return path
 
 
-class Tokenizer:
+class SentencePieceTokenizer:
     """Encode/decode with a SentencePiece model; BOS/EOD are added by callers, never implicitly."""
+
+    kind = "sentencepiece"
 
     def __init__(self, path: str | Path, eod_piece: str | None = None):
         self.path = resolve_model_path(path)
@@ -58,22 +57,6 @@ class Tokenizer:
             self.eod_id = piece_id
         if self.eod_id is None:
             raise UserError(f"{self.path} has no </s> piece to end documents with; pass eod_piece=...")
-
-    @classmethod
-    def load(cls, path: str | Path, eod_piece: str | None = None) -> Tokenizer | HFTokenizer:
-        """The tokenizer at `path`: a SentencePiece model, or a Hugging Face tokenizer folder (tokenizer.json;
-        see kumihimo.tokenizer.hf for how the kind is told from the files)."""
-        from kumihimo.tokenizer.hf import HFTokenizer, hf_tokenizer_folder
-
-        folder = hf_tokenizer_folder(path)
-        if folder is None:
-            return cls(path, eod_piece)
-        if eod_piece is not None:
-            raise UserError(
-                f"{path} is a Hugging Face tokenizer: its eos token ends documents; eod_piece={eod_piece!r} "
-                "applies to SentencePiece models only"
-            )
-        return HFTokenizer(folder)
 
     @cached_property
     def sha256(self) -> str:

@@ -25,10 +25,13 @@ from sentencepiece import sentencepiece_model_pb2 as sp_model
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.core.files import check_output_folder, matching_files, owned_output_folder
-from kumihimo.core.progress import Progress, say
+from kumihimo.core.logs import stage_logger
+from kumihimo.core.progress import Progress
 from kumihimo.core.records import read_records
 from kumihimo.tokenizer.config import NEWLINE, SourceConfig, TokenizerTrainConfig
 from kumihimo.tokenizer.spm import MODEL_FILENAME
+
+log = stage_logger("tokenizer")
 
 VOCAB_FILENAME = "tokenizer.vocab"
 CONFIG_FILENAME = "train_config.yaml"
@@ -169,8 +172,8 @@ def sample_corpus(config: TokenizerTrainConfig, files: dict[str, list[Path]]) ->
                     f"source {name!r} yielded no text from {len(sample.files)} file(s) "
                     f"(text_field={config.input.text_field!r}{lang}); check input.sources.{name}.paths and its filters"
                 )
-            say(
-                f"[tokenizer] {name}: {sample.num_documents:,} documents, {sample.num_lines:,} lines read, "
+            log.info(
+                f"{name}: {sample.num_documents:,} documents, {sample.num_lines:,} lines read, "
                 f"{len(sample.sentences):,} sampled (quota {quota:,})"
             )
             samples.append(sample)
@@ -188,13 +191,13 @@ def _balance_short_sources(samples: list[SourceSample], config: TokenizerTrainCo
     if config.on_short_source == "keep":
         total = sum(len(s.sentences) for s in samples)
         shares = ", ".join(f"{s.name} {len(s.sentences) / total:.1%}" for s in samples)
-        say(
-            f"[tokenizer] warning: short sources {short}; keeping all lines, so the shares are {shares} "
+        log.info(
+            f"warning: short sources {short}; keeping all lines, so the shares are {shares} "
             "instead of the configured ratios (on_short_source=keep)"
         )
         return
-    say(
-        f"[tokenizer] short sources {short}: scaling every source to {scale:.1%} of its quota so the "
+    log.info(
+        f"short sources {short}: scaling every source to {scale:.1%} of its quota so the "
         "ratios hold (set on_short_source=keep to use all lines instead)"
     )
     for sample in samples:
@@ -384,8 +387,8 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
     options = sentencepiece_options(config, num_bytes)
     inputs = [f for paths in files.values() for f in paths]
     with owned_output_folder(output_dir, **output_rules(config), inputs=inputs) as staging:
-        say(
-            f"[tokenizer] training {config.model_type} vocab {config.padded_vocab_size:,} on "
+        log.info(
+            f"training {config.model_type} vocab {config.padded_vocab_size:,} on "
             f"{len(sentences):,} sentences ({num_bytes / 1e6:,.1f} MB)"
         )
         sampled_at = time.monotonic()
@@ -408,8 +411,8 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
         (staging / STATS_FILENAME).write_text(
             json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8"
         )
-    say(
-        f"[tokenizer] wrote {output_dir / MODEL_FILENAME} ({stats['vocab_size']:,} pieces) in "
+    log.info(
+        f"wrote {output_dir / MODEL_FILENAME} ({stats['vocab_size']:,} pieces) in "
         f"{time.monotonic() - started:,.1f} s"
     )
     return output_dir / MODEL_FILENAME

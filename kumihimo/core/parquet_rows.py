@@ -1,4 +1,4 @@
-"""Parquet rows as records for kumihimo.core.records: one row group at a time, in batches, only the
+"""Parquet rows as records (kumihimo.core.record_types), the Parquet reader of kumihimo.core.records: one row group at a time, in batches, only the
 columns asked for, so memory stays bounded by one batch whatever the file size."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kumihimo.core.records import EXCERPT_CHARS, BadRecord, Record
+from kumihimo.core.record_types import EXCERPT_CHARS, BadRecord, Record
 
 BATCH_ROWS = 1024
 # What pyarrow raises for a file or a row group it cannot decode (bad footer, truncated page...).

@@ -1,4 +1,7 @@
-"""One reader for every record file the stages take in: JSONL (plain, .gz, .zst), Parquet, WARC, plain text.
+"""One entry for reading every record file the stages take in: JSONL (plain, .gz, .zst), Parquet, WARC,
+plain text. It owns the suffix -> format table and picks the reader; each format has its own reader
+module (kumihimo.core.jsonl_rows for JSONL and text, parquet_rows, warc), all giving the record types of
+kumihimo.core.record_types, and none of them imports this module.
 
 data_prep, tokenizer training and evaluation, and the decontamination index all read through here, so
 a format works everywhere or nowhere and an unsupported file gets the same one-line error everywhere.
@@ -17,17 +20,13 @@ offsets of the record in the file (WARC; compressed offsets for .warc.gz, where 
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
-import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import IO, Any, NamedTuple
+from typing import Any
 
 from kumihimo.core.errors import UserError
+from kumihimo.core.jsonl_rows import iter_jsonl, iter_text
+from kumihimo.core.record_types import BadRecord, Record, Skipped
 
-EXCERPT_CHARS = 300
 # Suffix -> format. Compressed JSONL and text are decompressed on the fly; WARC decompresses itself.
 FORMATS = {
     ".jsonl": "jsonl",
@@ -56,36 +55,6 @@ PROBLEMS = {
 }
 
 
-class Record(NamedTuple):
-    """One readable record: `fields` is the JSON object, the Parquet row or the extracted WARC page."""
-
-    position: int
-    fields: dict[str, Any]
-    excerpt: str
-
-
-@dataclass(frozen=True)
-class BadRecord:
-    """A record (or the rest of a file) that could not be read; `reason` is a short snake_case code."""
-
-    position: int
-    reason: str
-    detail: str
-    excerpt: str
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A readable WARC record that is not a document: not Japanese, not HTML, no main text."""
-
-    position: int
-    record_id: str
-    stage: str
-    reason: str
-    detail: str
-    excerpt: str
-
-
 def file_format(path: str, accepted: tuple[str, ...] = RECORD_FORMATS) -> str:
     """The format of `path` from its suffix, or a UserError naming the suffixes that `accepted` allows."""
     name = str(path).lower()
@@ -94,78 +63,6 @@ def file_format(path: str, accepted: tuple[str, ...] = RECORD_FORMATS) -> str:
             return FORMATS[suffix]
     allowed = ", ".join(s for s, f in FORMATS.items() if f in accepted)
     raise UserError(f"{path}: unsupported file type; use one of {allowed} (rename or convert the file)")
-
-
-def open_binary(path: str) -> IO[bytes]:
-    """`path` opened for reading bytes, decompressing .gz and .zst/.zstd."""
-    path = str(path)
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith((".zst", ".zstd")):
-        try:
-            import zstandard
-        except ImportError as exc:
-            raise UserError(
-                f"{path} is zstd-compressed but the zstandard module is not installed; "
-                "run `pip install zstandard` or decompress the file"
-            ) from exc
-        raw = open(path, "rb")  # noqa: SIM115 - closed through the wrapper
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
-    return open(path, "rb")  # noqa: SIM115
-
-
-def open_text(path: str) -> IO[str]:
-    """`path` (plain, .gz or .zst) opened for reading UTF-8 text, with universal newlines as open() has."""
-    return io.TextIOWrapper(open_binary(path), encoding="utf-8")
-
-
-def iter_lines(
-    path: str, start_byte: int = 0, end_byte: int | None = None, first_line: int = 1
-) -> Iterator[tuple[int, bytes | None, str]]:
-    """(line number, bytes, error) of the lines starting in [start_byte, end_byte); bytes is None when
-    the file itself broke (truncated gzip...), and then it is the last item."""
-    line_no = first_line - 1
-    try:
-        with open_binary(path) as handle:
-            if start_byte:
-                handle.seek(start_byte)
-            position = start_byte
-            for raw in handle:
-                if end_byte is not None and position >= end_byte:
-                    return
-                position += len(raw)
-                line_no += 1
-                yield line_no, raw, ""
-    except (EOFError, OSError, zlib.error) as exc:
-        yield line_no + 1, None, f"{type(exc).__name__}: {exc}"
-
-
-def iter_jsonl(
-    path: str, start_byte: int = 0, end_byte: int | None = None, first_line: int = 1
-) -> Iterator[Record | BadRecord]:
-    """JSON objects of a JSONL file (or a byte range of one); blank lines give nothing."""
-    for line_no, raw, error in iter_lines(path, start_byte, end_byte, first_line):
-        if raw is None:
-            yield BadRecord(line_no, "corrupt_file", error, "")
-            continue
-        if not raw.strip():
-            continue  # blank lines carry no record; they are not counted as input
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield BadRecord(line_no, "invalid_utf8", str(exc), raw[:EXCERPT_CHARS].decode("utf-8", "replace"))
-            continue
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep to read
-            detail = str(exc) if isinstance(exc, json.JSONDecodeError) else "nested too deep to read"
-            yield BadRecord(line_no, "malformed_json", detail, line[:EXCERPT_CHARS])
-            continue
-        if not isinstance(record, dict):
-            detail = f"a JSON {type(record).__name__}, not an object"
-            yield BadRecord(line_no, "not_an_object", detail, line[:EXCERPT_CHARS])
-            continue
-        yield Record(line_no, record, line[:EXCERPT_CHARS])
 
 
 def iter_records(
@@ -190,11 +87,7 @@ def iter_records(
 
         yield from iter_warc(path, extractor=warc_extractor, japanese_precheck=warc_japanese_precheck)
     else:
-        for line_no, raw, error in iter_lines(path):
-            if raw is None:
-                yield BadRecord(line_no, "corrupt_file", error, "")
-            elif raw.strip():
-                yield Record(line_no, {"text": raw.decode("utf-8", "replace")}, "")
+        yield from iter_text(path)
 
 
 def read_records(path: str, **options: Any) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -26,7 +26,7 @@ from fastwarc.warc import ArchiveIterator, WarcRecordType
 
 from kumihimo.core.errors import UserError
 from kumihimo.core.files import write_bytes_atomic
-from kumihimo.core.records import EXCERPT_CHARS, BadRecord, Record, Skipped
+from kumihimo.core.record_types import EXCERPT_CHARS, BadRecord, Record, Skipped
 
 EXTRACTORS = ("resiliparse", "trafilatura")
 LANG_JA = re.compile(rb"""<html[^>]*\slang\s*=\s*["']?ja(?![a-z])""", re.IGNORECASE)

@@ -38,7 +38,8 @@ from torch.distributed.checkpoint.planner import SavePlan, WriteItem
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
-from kumihimo.core.progress import Progress, say
+from kumihimo.core.logs import stage_logger
+from kumihimo.core.progress import Progress
 from kumihimo.pretrain import checkpointing
 from kumihimo.pretrain.config import BranchConfig, TrainConfig
 from kumihimo.pretrain.convert.dcp_files import (
@@ -56,6 +57,8 @@ from kumihimo.pretrain.convert.to_hf import (
     imported_vocab_rows,
     open_checkpoint,
 )
+
+log = stage_logger("average")
 
 
 def relative_weights(weights: Sequence[float] | None, count: int) -> list[float]:
@@ -143,8 +146,8 @@ def check_same_model(sources: list[Source]) -> LlamaDims:
             if configtree.to_dict(first.config.model).get(key) != value
         ]
         if differing:
-            say(
-                f"[average] warning: model.{', model.'.join(differing)} of {_name(position, source)} differ "
+            log.info(
+                f"warning: model.{', model.'.join(differing)} of {_name(position, source)} differ "
                 f"from {_name(1, first)}'s; the output's run_config.yaml takes checkpoint 1's"
             )
     dims = dims_for(first, keep_vocab_padding=False)
@@ -229,8 +232,8 @@ def copy_tokenizer(source: Source, output_root: Path, staging_root: Path) -> dic
     A SentencePiece model is one file; of a Hugging Face tokenizer folder (which may be a whole model
     folder) only the files that make up its identity are copied, plus config.json that AutoTokenizer may
     read. The copy must have the recorded sha256; otherwise nothing is copied and the identity is kept."""
+    from kumihimo.tokenizer.base import load_tokenizer
     from kumihimo.tokenizer.hf import HFTokenizer
-    from kumihimo.tokenizer.spm import Tokenizer
 
     identity = source.meta.get("tokenizer")
     if not identity:
@@ -245,7 +248,7 @@ def copy_tokenizer(source: Source, output_root: Path, staging_root: Path) -> dic
         else:
             shutil.copyfile(recorded, target / recorded.name)
             copied, final = (
-                Tokenizer.load(target / recorded.name).sha256,
+                load_tokenizer(target / recorded.name).sha256,
                 output_root / TOKENIZER_DIR / recorded.name,
             )
     except (OSError, UserError) as exc:
@@ -254,8 +257,8 @@ def copy_tokenizer(source: Source, output_root: Path, staging_root: Path) -> dic
         problem = f"has sha256 {copied[:12]}, not the recorded {str(identity.get('sha256'))[:12]}"
     if copied is None or copied != identity.get("sha256"):
         shutil.rmtree(target)
-        say(
-            f"[average] warning: the tokenizer {recorded} the checkpoints record {problem}; it is not copied and "
+        log.info(
+            f"warning: the tokenizer {recorded} the checkpoints record {problem}; it is not copied and "
             "kumihimo.json keeps its identity (convert to-hf will need --tokenizer)"
         )
         return dict(identity)
@@ -336,8 +339,8 @@ def average_checkpoints(
         (staging / checkpointing.LATEST_FILE).write_text("0\n")
     elapsed = time.monotonic() - started
     shares = ", ".join(f"{w / sum(weights):.3g}" for w in weights)
-    say(
-        f"[average] wrote weights-only checkpoint {output_dir}: the average of {len(sources)} checkpoints "
+    log.info(
+        f"wrote weights-only checkpoint {output_dir}: the average of {len(sources)} checkpoints "
         f"(weights {shares}; {num_bytes / 1e9:.2f} GB in {elapsed:.1f} s); use it as checkpoint.pretrained "
         "or export it with `kumihimo convert to-hf`"
     )

@@ -41,7 +41,8 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
-from kumihimo.core.progress import Progress, say
+from kumihimo.core.logs import stage_logger
+from kumihimo.core.progress import Progress
 from kumihimo.pretrain import checkpointing
 from kumihimo.pretrain.convert.dcp_files import (
     copy_hf_tokenizer,
@@ -61,6 +62,8 @@ from kumihimo.pretrain.convert.mapping import (
     megatron_shape,
 )
 from kumihimo.pretrain.parallel import check_model_fits_layout, padded_vocab_size
+
+log = stage_logger("convert")
 
 HF_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 # config.json model_type -> the architectures entry it must come with
@@ -262,8 +265,8 @@ def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
     max_positions = int(c.get("max_position_embeddings") or IMPORT_SEQ_LENGTH)
     if max_positions > IMPORT_SEQ_LENGTH:
-        say(
-            f"[convert] run_config.yaml: model.seq_length={IMPORT_SEQ_LENGTH} for training (config.json "
+        log.info(
+            f"run_config.yaml: model.seq_length={IMPORT_SEQ_LENGTH} for training (config.json "
             f"max_position_embeddings={max_positions} is kept as model.max_position_embeddings and goes back "
             "on export); set model.seq_length to the sequence length you continue at"
         )
@@ -309,21 +312,22 @@ def resolve_tokenizer(hf: HFModel, output_root: Path, staging_root: Path):
     Face tokenizer (tokenizer.json) is, as its identity files plus config.json (tokenizer.hf decides the
     kind by the same files, so the trainer loads the copy as the same kind). The returned tokenizer is
     loaded from the copy, so the identity recorded is that of the files the trainer will read."""
+    from kumihimo.tokenizer.base import load_tokenizer
     from kumihimo.tokenizer.hf import HF_TOKENIZER_FILE
-    from kumihimo.tokenizer.spm import MODEL_FILENAME, Tokenizer
+    from kumihimo.tokenizer.spm import MODEL_FILENAME
 
     target = staging_root / TOKENIZER_DIR
     if (hf.folder / MODEL_FILENAME).is_file():
         target.mkdir()
         shutil.copyfile(hf.folder / MODEL_FILENAME, target / MODEL_FILENAME)
-        return Tokenizer.load(target / MODEL_FILENAME), (
+        return load_tokenizer(target / MODEL_FILENAME), (
             output_root / TOKENIZER_DIR / MODEL_FILENAME
         ).resolve()
     if (hf.folder / HF_TOKENIZER_FILE).is_file():
         copy_hf_tokenizer(hf.folder, target, extra=("config.json",))
-        return Tokenizer.load(target), (output_root / TOKENIZER_DIR).resolve()
-    say(
-        f"[convert] warning: {hf.folder} has neither a SentencePiece {MODEL_FILENAME} nor a Hugging Face "
+        return load_tokenizer(target), (output_root / TOKENIZER_DIR).resolve()
+    log.info(
+        f"warning: {hf.folder} has neither a SentencePiece {MODEL_FILENAME} nor a Hugging Face "
         f"{HF_TOKENIZER_FILE}; run_config.yaml gets data.tokenizer=null: set it to the model's tokenizer "
         "before training"
     )
@@ -350,8 +354,8 @@ def vocab_sizes(hf: HFModel, tokenizer, tp: int, divisible_by: int) -> tuple[int
     while padded_vocab_size(vocab, chosen, tp) < hf_vocab:
         chosen *= 2
     if chosen != divisible_by:
-        say(
-            f"[convert] config.json vocab_size={hf_vocab} exceeds the tokenizer's {vocab} tokens padded to "
+        log.info(
+            f"config.json vocab_size={hf_vocab} exceeds the tokenizer's {vocab} tokens padded to "
             f"{padded_vocab_size(vocab, divisible_by, tp)} (model.make_vocab_size_divisible_by={divisible_by} x "
             f"TP={tp}); run_config.yaml sets model.make_vocab_size_divisible_by={chosen} so that the extra "
             "rows are kept: train with that value"
@@ -448,7 +452,7 @@ class HFTensors:
         ignored = set()
         if "lm_head.weight" not in expected and "lm_head.weight" in self.stored:
             # Tied embeddings: transformers replaces a saved lm_head by embed_tokens when loading.
-            say("[convert] note: lm_head.weight is ignored: the model ties it to embed_tokens")
+            log.info("note: lm_head.weight is ignored: the model ties it to embed_tokens")
             ignored.add("lm_head.weight")
         unused = sorted(
             n
@@ -747,8 +751,8 @@ def convert_from_hf(model_dir: str | Path, output_dir: str | Path, tp: int = 1, 
         (folder / checkpointing.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (staging / checkpointing.LATEST_FILE).write_text("0\n")
     elapsed = time.monotonic() - started
-    say(
-        f"[convert] wrote weights-only checkpoint {output_dir} ({num_bytes / 1e9:.2f} GB in {elapsed:.1f} s; "
+    log.info(
+        f"wrote weights-only checkpoint {output_dir} ({num_bytes / 1e9:.2f} GB in {elapsed:.1f} s; "
         f"vocab {vocab} padded to {padded} for TP={tp}); continue pretraining from it with its "
         f"{checkpointing.CONFIG_FILE} plus your data.* settings"
     )

@@ -34,7 +34,8 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadIte
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
-from kumihimo.core.progress import Progress, say
+from kumihimo.core.logs import stage_logger
+from kumihimo.core.progress import Progress
 from kumihimo.pretrain import checkpointing
 from kumihimo.pretrain.convert.dcp_files import (
     copy_hf_tokenizer,
@@ -52,6 +53,8 @@ from kumihimo.pretrain.convert.mapping import (
     megatron_shape,
     strip_wrapper_prefix,
 )
+
+log = stage_logger("convert")
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
@@ -356,7 +359,7 @@ class TokenizerInfo:
 def resolve_tokenizer(source: Source, override: str | Path | None) -> TokenizerInfo:
     """The tokenizer the checkpoint was trained with (a SentencePiece model or a Hugging Face tokenizer
     folder), checked by sha256 and size."""
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
 
     identity = source.meta.get("tokenizer")
     recorded = (identity or {}).get("path") or source.config.data.tokenizer
@@ -364,7 +367,7 @@ def resolve_tokenizer(source: Source, override: str | Path | None) -> TokenizerI
     if override is None and recorded is None:
         return TokenizerInfo(None, None, vocab_size)  # mock data: no tokenizer to export
     try:
-        tokenizer = Tokenizer.load(override if override is not None else recorded)
+        tokenizer = load_tokenizer(override if override is not None else recorded)
     except UserError as exc:
         raise UserError(
             f"the tokenizer the checkpoint was trained with ({recorded}) cannot be read ({exc}); "
@@ -411,8 +414,8 @@ def imported_vocab_rows(meta: dict[str, Any], config: Any = None, depth: int = 0
             origin_meta = checkpointing.read_meta(folder)
             origin_config = from_saved(configtree.read_yaml(folder / checkpointing.CONFIG_FILE))
         except (UserError, OSError, ValueError):
-            say(
-                f"[convert] note: {origin}, which this run started from, cannot be read; rows of the imported "
+            log.info(
+                f"note: {origin}, which this run started from, cannot be read; rows of the imported "
                 "model beyond its tokenizer (if any) are not exported"
             )
             continue
@@ -652,8 +655,8 @@ def write_tokenizer(tokenizer: TokenizerInfo, folder: Path) -> str:
     from kumihimo.tokenizer.spm import MODEL_FILENAME
 
     if tokenizer.path is None:
-        say(
-            "[convert] warning: the checkpoint was trained on mock data without a tokenizer; no tokenizer "
+        log.info(
+            "warning: the checkpoint was trained on mock data without a tokenizer; no tokenizer "
             "files are written and config.json has no bos/eos ids"
         )
         return "none (mock data)"
@@ -671,8 +674,8 @@ def write_tokenizer(tokenizer: TokenizerInfo, folder: Path) -> str:
         from kumihimo.tokenizer.export_hf import write_hf_tokenizer_files
     except ImportError as exc:
         shutil.copyfile(tokenizer.path, folder / MODEL_FILENAME)
-        say(
-            f"[convert] warning: tokenizer.export_hf is unavailable ({exc}); copied {MODEL_FILENAME} only, "
+        log.info(
+            f"warning: tokenizer.export_hf is unavailable ({exc}); copied {MODEL_FILENAME} only, "
             "so AutoTokenizer cannot load this folder until the HF tokenizer files are exported"
         )
         return f"{MODEL_FILENAME} only"
@@ -734,8 +737,8 @@ def convert_to_hf(
         )
         write_readme(staging, config, write_tokenizer(tokenizer_info, staging))
     elapsed = time.monotonic() - started
-    say(
-        f"[convert] wrote {output_dir} ({num_bytes / 1e9:.2f} GB of weights in {elapsed:.1f} s, "
+    log.info(
+        f"wrote {output_dir} ({num_bytes / 1e9:.2f} GB of weights in {elapsed:.1f} s, "
         f"{num_bytes / 1e9 / max(elapsed, 1e-9):.2f} GB/s) from {source.folder}"
     )
     return output_dir

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from kumihimo.core.errors import UserError
 from kumihimo.core.files import make_output_folder
-from kumihimo.core.progress import say
+from kumihimo.core.logs import stage_logger
+
+log = stage_logger("eval")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         from kumihimo.pretrain.evaluate.lm_eval_export import export_tasks
 
         names = export_tasks(tasks, args.export_lm_eval)
-        say(f"[eval] wrote {len(names)} harness task(s) to {args.export_lm_eval}: {', '.join(names)}")
+        log.info(f"wrote {len(names)} harness task(s) to {args.export_lm_eval}: {', '.join(names)}")
         if args.target is None:
             return 0
     if args.target is None:
@@ -162,7 +164,8 @@ def _run_hf(args, tasks, target: Path, output: Path, device: str) -> int:
     backend = HFBackend(target, device)
     results = run_tasks(tasks, backend, backend.codec, args.batch_size)
     path = write_results(results, output, {"model": str(target), "backend": "hf"})
-    say(f"[eval] {target}: {describe(results)}\n[eval] wrote {path}")
+    log.info(f"{target}: {describe(results)}")
+    log.info(f"wrote {path}")
     if args.harness:
         from kumihimo.pretrain.evaluate.lm_eval_export import run_harness
 
@@ -172,7 +175,7 @@ def _run_hf(args, tasks, target: Path, output: Path, device: str) -> int:
             for name, res in harness["results"].items()
         }
         (output / "lm_eval_results.json").write_text(json.dumps(scores, indent=1) + "\n")
-        say(f"[eval] lm-evaluation-harness: {json.dumps(scores)}")
+        log.info(f"lm-evaluation-harness: {json.dumps(scores)}")
     return 0
 
 
@@ -219,7 +222,8 @@ def _evaluate_loaded(args, tasks, loaded, output: Path) -> None:
             folder,
             {"checkpoint": str(loaded.folder), "iteration": loaded.iteration, "backend": "megatron"},
         )
-        say(f"[eval] {loaded.folder}: {describe(results)}\n[eval] wrote {path}")
+        log.info(f"{loaded.folder}: {describe(results)}")
+        log.info(f"wrote {path}")
 
 
 def _spawn(args: argparse.Namespace) -> int:

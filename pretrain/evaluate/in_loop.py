@@ -10,7 +10,6 @@ metrics as tasks/<task>/<metric>; the run's plot (metrics.html) is redrawn after
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from kumihimo.core.errors import UserError
+from kumihimo.core.logs import stage_logger
 from kumihimo.pretrain.evaluate.megatron_backend import MegatronBackend, SPMCodec, codec_for
 from kumihimo.pretrain.evaluate.runner import describe, flat_metrics, run_tasks, write_results
 from kumihimo.pretrain.evaluate.suites import load_entries
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from kumihimo.pretrain.config import TrainConfig
     from kumihimo.pretrain.signals import StopRequest
 
-log = logging.getLogger("kumihimo.train")
+log = stage_logger("eval")
 
 
 def source_metrics(evaluate: Callable, datasets: dict) -> dict[str, float]:
@@ -42,7 +42,7 @@ def source_metrics(evaluate: Callable, datasets: dict) -> dict[str, float]:
         out[f"valid/{name}/ppl"] = perplexity(loss)
     if out:
         shown = ", ".join(f"{name} {out[f'valid/{name}/loss']:.4f}" for name in datasets)
-        log.info(f"[eval] validation loss per source: {shown}")
+        log.info(f"validation loss per source: {shown}")
     return out
 
 
@@ -84,9 +84,9 @@ class InLoopEvaluation:
                 "evaluation.tasks needs the tokenizer to encode prompts, but data.tokenizer is null; set "
                 "data.tokenizer=<SentencePiece .model or Hugging Face tokenizer folder> (mock data accepts one too)"
             )
-        from kumihimo.tokenizer.spm import Tokenizer
+        from kumihimo.tokenizer.base import load_tokenizer
 
-        tokenizer = Tokenizer.load(config.data.tokenizer)
+        tokenizer = load_tokenizer(config.data.tokenizer)
         tasks = load_entries(ev.tasks)
         backend = MegatronBackend(model_chunks, tokenizer.vocab_size, config.model.context_length, device)
         interval = ev.interval or config.schedule.eval_interval
@@ -130,5 +130,5 @@ class InLoopEvaluation:
                 chunk.train()
         if self.is_logger:
             write_results(results, self.output_dir / "eval" / f"iter_{step:07d}", {"iteration": step})
-            log.info(f"[eval] step {step}: {describe(results)}")
+            log.info(f"step {step}: {describe(results)}")
         return flat_metrics(results)

@@ -196,7 +196,7 @@ def load_checkpoint_backend(
     from kumihimo.pretrain.distributed import init_process_group
     from kumihimo.pretrain.model import build_model
     from kumihimo.pretrain.parallel import ParallelLayout
-    from kumihimo.tokenizer.spm import Tokenizer
+    from kumihimo.tokenizer.base import load_tokenizer
 
     folder = (
         root if (root / checkpointing.META_FILE).is_file() else checkpointing.find_checkpoint(root, iteration)
@@ -239,7 +239,7 @@ def load_checkpoint_backend(
     recorded = (meta.get("tokenizer") or {}).get("path") or config.data.tokenizer
     if tokenizer is None and recorded is None:
         raise UserError(f"{folder} was trained without a tokenizer (mock data); pass --tokenizer")
-    spm = Tokenizer.load(tokenizer or recorded)
+    spm = load_tokenizer(tokenizer or recorded)
     recorded_sha = (meta.get("tokenizer") or {}).get("sha256")
     if recorded_sha and getattr(spm, "sha256", recorded_sha) != recorded_sha:
         raise UserError(
