@@ -129,6 +129,7 @@ def kumihimo_step_times(shape: dict, layers: int, steps: int, device: str) -> li
         "checkpoint.enabled=false",
         "model.transformer_impl=auto",
         "logging.log_interval=1000",
+        "logging.time_every_step=true",  # each step synchronized and timed
     ]
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [

@@ -769,6 +769,10 @@ class LoggingConfig:
     """W&B mode; offline writes a run folder to sync later."""
     peak_tflops: float = 989.0
     """Dense BF16 peak of one accelerator in TFLOP/s, for MFU (H100 SXM: 989)."""
+    time_every_step: bool = False
+    """Give every step its own step time in metrics.jsonl (a GPU then synchronizes after every step,
+    which costs a little speed); false times on a GPU only the printed steps (`log_interval`), each with
+    the mean since the previous printed one."""
 
 
 @dataclass(kw_only=True)

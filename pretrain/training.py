@@ -43,7 +43,7 @@ from kumihimo.pretrain.evaluate.in_loop import InLoopEvaluation, perplexity, sou
 from kumihimo.pretrain.evaluate.plot import write_plot
 from kumihimo.pretrain.loss import cross_entropy_and_z
 from kumihimo.pretrain.memory import ActivationMeter, state_bytes
-from kumihimo.pretrain.metrics import MetricsSink, training_flops_per_token
+from kumihimo.pretrain.metrics import MetricsSink, StepTimer, training_flops_per_token
 from kumihimo.pretrain.model import DTYPES, build_model, slice_for_context_parallel
 from kumihimo.pretrain.parallel import ParallelLayout
 from kumihimo.pretrain.signals import (
@@ -230,6 +230,7 @@ class Trainer:
         self._record_parameter_counts()
         self.memory_meter: ActivationMeter | None = ActivationMeter(self.model)
         self.metrics = MetricsSink(cfg, self.output_dir, enabled=self.is_logger)
+        self.step_timer = StepTimer(torch.cuda.synchronize if self.device.type == "cuda" else None)
         self.downstream = InLoopEvaluation.from_config(
             cfg, self.model, self.device, self.output_dir, self.is_logger
         )
@@ -441,7 +442,9 @@ class Trainer:
         stop = self.stop
         stop.training = True  # from here a stop signal saves at the next step boundary
         while self.state.iteration < last_step:
-            values = self.train_step()
+            upcoming = self.state.iteration + 1
+            timed = cfg.logging.time_every_step or self.metrics.prints(upcoming, upcoming in (1, last_step))
+            values = self.train_step(timed=timed)
             result.losses.append(values["loss"])
             step = self.state.iteration
             evaluated = bool(sched.eval_interval) and step % sched.eval_interval == 0
@@ -506,7 +509,9 @@ class Trainer:
             return True
         return False
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, timed: bool = True) -> dict[str, float]:
+        """One optimizer step. `timed`: report this step's time (and on a GPU synchronize for it,
+        metrics.StepTimer); an untimed GPU step's values carry no step time, throughput or MFU."""
         start = time.perf_counter()
         for chunk in self.model:
             chunk.zero_grad_buffer()
@@ -546,23 +551,25 @@ class Trainer:
         gbs = self.layout.global_batch_size
         self.state.consumed_samples += gbs
         self.state.consumed_tokens += gbs * self.config.model.seq_length
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        tokens_per_s = gbs * self.config.model.seq_length / elapsed
-        tflops = self.flops_per_token * tokens_per_s / self.info.world_size / 1e12
+        elapsed = self.step_timer.stop(start, reported=timed)
         values = {
             "loss": loss,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "step_time_s": elapsed,
-            "tokens_per_s": tokens_per_s,
+            "tokens_per_s": None,
             "consumed_tokens": self.state.consumed_tokens,
             "skipped": skipped,
         }
+        if elapsed is None:  # an untimed GPU step: its time is in the next reported step's mean
+            del values["step_time_s"], values["tokens_per_s"]
+        else:
+            values["tokens_per_s"] = gbs * self.config.model.seq_length / elapsed
         if self.device.type == "cuda":  # FLOP rates against a GPU peak mean nothing on CPU
-            values["tflops_per_gpu"] = tflops
-            values["mfu"] = tflops / self.config.logging.peak_tflops
+            if elapsed is not None:
+                tflops = self.flops_per_token * values["tokens_per_s"] / self.info.world_size / 1e12
+                values["tflops_per_gpu"] = tflops
+                values["mfu"] = tflops / self.config.logging.peak_tflops
             values["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         return values
 
@@ -587,23 +594,25 @@ class Trainer:
             chunk.eval()
         dp_rank = parallel_state.get_data_parallel_rank()
         gathered = []
-        for i in range(self.config.schedule.eval_iters):
-            indices = batch_indices(i * self.layout.global_batch_size, self.layout, dp_rank)
-            iterators = [
-                microbatches(self.datasets.valid if dataset is None else dataset, indices, self.device)
-                for _ in self.model
-            ]
-            gathered += get_forward_backward_func()(
-                forward_step_func=self.forward_step,
-                data_iterator=iterators if len(iterators) > 1 else iterators[0],
-                model=self.model if len(self.model) > 1 else self.model[0],
-                num_microbatches=self.layout.num_microbatches,
-                seq_length=self.config.model.seq_length,
-                micro_batch_size=self.layout.micro_batch_size,
-                forward_only=True,
-            )
-        for chunk in self.model:
-            chunk.train()
+        try:
+            for i in range(self.config.schedule.eval_iters):
+                indices = batch_indices(i * self.layout.global_batch_size, self.layout, dp_rank)
+                iterators = [
+                    microbatches(self.datasets.valid if dataset is None else dataset, indices, self.device)
+                    for _ in self.model
+                ]
+                gathered += get_forward_backward_func()(
+                    forward_step_func=self.forward_step,
+                    data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                    model=self.model if len(self.model) > 1 else self.model[0],
+                    num_microbatches=self.layout.num_microbatches,
+                    seq_length=self.config.model.seq_length,
+                    micro_batch_size=self.layout.micro_batch_size,
+                    forward_only=True,
+                )
+        finally:  # an evaluation that raises (a caught stop, a bad batch) must not leave dropout off
+            for chunk in self.model:
+                chunk.train()
         return self._reduce_loss(gathered)
 
     def save(self) -> Path | None:
