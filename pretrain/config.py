@@ -925,7 +925,7 @@ class TrainConfig:
                 check_output_dir(key, path)
         source = self.branch.source
         if source is not None:
-            from kumihimo.pretrain.checkpointing import read_latest
+            from kumihimo.pretrain.checkpoint_format import read_latest
 
             own = self.checkpoint_dir
             resumes = own is not None and read_latest(Path(own)) is not None

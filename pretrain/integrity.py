@@ -404,7 +404,7 @@ def check_pretrained_at_check(config, tp: int) -> list[str]:
     """`kumihimo train --check`: the same vocabulary refusal as at the start of training, for
     checkpoint.pretrained with a tokenizer (the trainer otherwise reports it only after building the
     model). Notes as check_pretrained returns them; nothing to check without either."""
-    from kumihimo.pretrain.checkpointing import find_checkpoint, read_meta  # it imports this module
+    from kumihimo.pretrain.checkpoint_format import find_checkpoint, read_meta  # it imports this module
 
     if config.checkpoint.pretrained is None or config.data.tokenizer is None:
         return []

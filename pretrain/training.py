@@ -32,11 +32,11 @@ from megatron.core.transformer.module import Float16Module
 from kumihimo import __version__
 from kumihimo.core import configtree
 from kumihimo.core.progress import log_to_stderr
-from kumihimo.pretrain import checkpointing, integrity
+from kumihimo.pretrain import checkpoint_format, checkpointing, integrity
 from kumihimo.pretrain.branch import resolve_lineage
-from kumihimo.pretrain.checkpointing import CheckpointManager, TrainState
+from kumihimo.pretrain.checkpoint_format import TrainState, source_vocab_rows
+from kumihimo.pretrain.checkpointing import CheckpointManager
 from kumihimo.pretrain.config import TrainConfig
-from kumihimo.pretrain.convert.to_hf import source_vocab_rows
 from kumihimo.pretrain.data import Datasets, batch_indices, build_datasets, microbatches
 from kumihimo.pretrain.distributed import ProcessInfo, destroy, init_process_group, seed_everything
 from kumihimo.pretrain.evaluate.in_loop import InLoopEvaluation, perplexity, source_metrics
@@ -345,7 +345,7 @@ class Trainer:
     def _maybe_resume(self) -> None:
         ckpt = self.config.checkpoint
         root = ckpt.load or self.config.checkpoint_dir
-        if root is None or checkpointing.read_latest(Path(root)) is None:
+        if root is None or checkpoint_format.read_latest(Path(root)) is None:
             if ckpt.load is not None:
                 raise configtree.ConfigError(
                     f"checkpoint.load={ckpt.load!r} holds no complete checkpoint; check the path or unset it"
@@ -355,8 +355,8 @@ class Trainer:
             elif ckpt.pretrained is not None:
                 self._load_pretrained(Path(ckpt.pretrained))
             return
-        folder = checkpointing.find_checkpoint(Path(root))
-        meta = checkpointing.read_meta(folder)
+        folder = checkpoint_format.find_checkpoint(Path(root))
+        meta = checkpoint_format.read_meta(folder)
         if meta.get("weights_only"):
             raise configtree.ConfigError(
                 f"{folder} holds weights only (no optimizer state) and cannot be resumed; pass it as "
@@ -373,8 +373,8 @@ class Trainer:
         )
 
     def _load_pretrained(self, root: Path) -> None:
-        folder = checkpointing.find_checkpoint(root)
-        meta, tokenizer = checkpointing.read_meta(folder), self.datasets.tokenizer
+        folder = checkpoint_format.find_checkpoint(root)
+        meta, tokenizer = checkpoint_format.read_meta(folder), self.datasets.tokenizer
         for note in integrity.check_pretrained(
             meta,
             folder,
@@ -399,7 +399,7 @@ class Trainer:
         """Model and optimizer state (and RNG at the same TP/PP) from the branch's source; the step, data
         position and learning-rate schedule stay at this config's start."""
         folder = Path(self.lineage["source"])
-        meta = checkpointing.read_meta(folder)
+        meta = checkpoint_format.read_meta(folder)
         self._check_resume_compatible(meta, folder, branch=True)
         self._inherit_source(meta)
         started = _announce_load(folder, "checkpoint")

@@ -182,7 +182,7 @@ def truncated_run(tmp_path_factory):
     .distcp file cut short."""
     import shutil
 
-    from kumihimo.pretrain import checkpointing
+    from kumihimo.pretrain import checkpoint_format
     from tests.test_convert_to_hf import train_spm
     from tests.test_pretrain_integrity import train, write_dataset
 
@@ -198,9 +198,9 @@ def truncated_run(tmp_path_factory):
     proc = train(work / "run", *overrides, "schedule.train_iters=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = work / "run" / "ckpt"
-    assert checkpointing.read_latest(root) == 2
+    assert checkpoint_format.read_latest(root) == 2
     shutil.copytree(root, work / "intact")
-    for shard in checkpointing.iteration_dir(root, 2).glob("*.distcp"):
+    for shard in checkpoint_format.iteration_dir(root, 2).glob("*.distcp"):
         os.truncate(shard, 4096)  # every file: to-hf reads the weights only, resume reads all
     return work, overrides
 

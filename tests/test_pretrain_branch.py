@@ -25,7 +25,7 @@ import yaml
 
 from kumihimo.core import configtree
 from kumihimo.data_prep.indexed import IndexedDatasetWriter
-from kumihimo.pretrain import checkpointing
+from kumihimo.pretrain import checkpoint_format
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.distributed import free_port
 from tests.conftest import REPO, read_metrics, run_cli
@@ -107,7 +107,7 @@ def source(work, data) -> Path:
     """The source run: 3 steps on the web blend (its schedule planned for 8), saved at step 3."""
     out = work / "source"
     train(*source_args(data, out))
-    assert checkpointing.read_latest(out / "checkpoints") == SOURCE_STEPS
+    assert checkpoint_format.read_latest(out / "checkpoints") == SOURCE_STEPS
     return out
 
 
@@ -173,9 +173,10 @@ def test_branch_learning_rate_is_exactly_the_configured_schedule(work, data, bra
 
 
 def test_branch_records_its_lineage(branch, source):
-    folder = checkpointing.find_checkpoint(source / "checkpoints")
+    folder = checkpoint_format.find_checkpoint(source / "checkpoints")
     digest = hashlib.sha256(
-        (folder / checkpointing.CONFIG_FILE).read_bytes() + (folder / checkpointing.META_FILE).read_bytes()
+        (folder / checkpoint_format.CONFIG_FILE).read_bytes()
+        + (folder / checkpoint_format.META_FILE).read_bytes()
     ).hexdigest()
     saved = yaml.safe_load((branch / "run_config.yaml").read_text())["branch"]
     assert saved == {
@@ -183,9 +184,9 @@ def test_branch_records_its_lineage(branch, source):
         "iteration": SOURCE_STEPS,
         "source_sha256": digest,
     }
-    source_meta = checkpointing.read_meta(folder)
+    source_meta = checkpoint_format.read_meta(folder)
     for step in (1, BRANCH_STEPS):  # written by the first job and by the requeued one
-        meta = checkpointing.read_meta(checkpointing.find_checkpoint(branch / "checkpoints", step))
+        meta = checkpoint_format.read_meta(checkpoint_format.find_checkpoint(branch / "checkpoints", step))
         lineage = meta["lineage"]
         assert lineage["source"] == str(folder.resolve())
         assert lineage["iteration"] == SOURCE_STEPS and lineage["source_sha256"] == digest
@@ -239,7 +240,7 @@ def test_branch_settings_that_contradict_each_other_are_refused(tmp_path):
 def _reference(source_overrides: list[str], branch_overrides: list[str]) -> None:
     """In every torchrun process: train the source config, then switch, in the same process and with the
     same model and optimizer objects, to the branch's data, learning-rate schedule and step counters."""
-    from kumihimo.pretrain.checkpointing import TrainState
+    from kumihimo.pretrain.checkpoint_format import TrainState
     from kumihimo.pretrain.data import build_datasets
     from kumihimo.pretrain.distributed import destroy
     from kumihimo.pretrain.metrics import MetricsSink

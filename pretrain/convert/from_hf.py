@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.core.progress import Progress, say
-from kumihimo.pretrain import checkpointing
+from kumihimo.pretrain import checkpoint_format
 from kumihimo.pretrain.convert.dcp_files import (
     copy_hf_tokenizer,
     pickled_object,
@@ -572,7 +572,7 @@ def plan_chunks(dims: LlamaDims) -> list[Chunk]:
     for rule in last:
         chunks += tensor_chunks(rule, None)
     chunks.append(
-        Chunk(COMMON_STATE_KEY, payload={"content_metadata": dict(checkpointing.SHARDING_METADATA)})
+        Chunk(COMMON_STATE_KEY, payload={"content_metadata": dict(checkpoint_format.SHARDING_METADATA)})
     )
     return chunks
 
@@ -709,7 +709,7 @@ def _meta(hf: HFModel, vocab: int, padded: int, tokenizer, tokenizer_path: Path 
             "megatron.core": megatron.core.__version__,
             "torch": torch.__version__,
         },
-        "train_state": checkpointing.TrainState().__dict__,
+        "train_state": checkpoint_format.TrainState().__dict__,
         "layout": {"world_size": 1, "tp": 1, "pp": 1, "cp": 1, "dp": 1, "vpp": None},
     }
 
@@ -739,17 +739,17 @@ def convert_from_hf(model_dir: str | Path, output_dir: str | Path, tp: int = 1, 
         tensors.check(expected_hf_tensors(dims))
         # fp16 is stored as fp32 (exact); bf16 and fp32 as they are, so a round trip is bit-identical.
         dtype = torch.bfloat16 if hf.dtype == torch.bfloat16 else torch.float32
-        folder = checkpointing.iteration_dir(staging, 0)
+        folder = checkpoint_format.iteration_dir(staging, 0)
         folder.mkdir()
         num_bytes = write_checkpoint(folder, tensors, dims, dtype)
-        configtree.save(config, folder / checkpointing.CONFIG_FILE)
+        configtree.save(config, folder / checkpoint_format.CONFIG_FILE)
         meta = _meta(hf, vocab, padded, tokenizer, tokenizer_path)
-        (folder / checkpointing.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        (staging / checkpointing.LATEST_FILE).write_text("0\n")
+        (folder / checkpoint_format.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (staging / checkpoint_format.LATEST_FILE).write_text("0\n")
     elapsed = time.monotonic() - started
     say(
         f"[convert] wrote weights-only checkpoint {output_dir} ({num_bytes / 1e9:.2f} GB in {elapsed:.1f} s; "
         f"vocab {vocab} padded to {padded} for TP={tp}); continue pretraining from it with its "
-        f"{checkpointing.CONFIG_FILE} plus your data.* settings"
+        f"{checkpoint_format.CONFIG_FILE} plus your data.* settings"
     )
     return output_dir
