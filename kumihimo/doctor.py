@@ -142,11 +142,12 @@ def check_devices(report: Report) -> None:
 
 def check_config(report: Report, path: str, overrides: list[str]):
     from kumihimo.core import configtree
+    from kumihimo.pretrain import preflight
     from kumihimo.pretrain.config import TrainConfig
 
     try:
         config = configtree.load(TrainConfig, path, overrides)
-        config.check_paths()
+        preflight.check_paths(config)
     except UserError as exc:
         report.add("FAIL", "config", str(exc))
         return None

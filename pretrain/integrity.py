@@ -400,22 +400,6 @@ def check_pretrained(
     return []
 
 
-def check_pretrained_at_check(config, tp: int) -> list[str]:
-    """`kumihimo train --check`: the same vocabulary refusal as at the start of training, for
-    checkpoint.pretrained with a tokenizer (the trainer otherwise reports it only after building the
-    model). Notes as check_pretrained returns them; nothing to check without either."""
-    from kumihimo.pretrain.checkpoint_format import find_checkpoint, read_meta  # it imports this module
-
-    if config.checkpoint.pretrained is None or config.data.tokenizer is None:
-        return []
-    folder = find_checkpoint(Path(config.checkpoint.pretrained))
-    tokenizer = Tokenizer.load(config.data.tokenizer)
-    padded = padded_vocab_size(tokenizer.vocab_size, config.model.make_vocab_size_divisible_by, tp)
-    return check_pretrained(
-        read_meta(folder), folder, config, tokenizer.identity(), tokenizer.vocab_size, padded, tp
-    )
-
-
 # ----------------------------------------------------------------------------------- finite state
 
 

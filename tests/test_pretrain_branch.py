@@ -25,7 +25,7 @@ import yaml
 
 from kumihimo.core import configtree
 from kumihimo.data_prep.indexed import IndexedDatasetWriter
-from kumihimo.pretrain import checkpoint_format
+from kumihimo.pretrain import checkpoint_format, preflight
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.distributed import free_port
 from tests.conftest import REPO, read_metrics, run_cli
@@ -231,7 +231,7 @@ def test_branch_settings_that_contradict_each_other_are_refused(tmp_path):
     )
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(configtree.ConfigError, match="is this run's own checkpoint folder"):
-        config.check_paths()
+        preflight.check_paths(config)
 
 
 # ------------------------------------------------------------------------------ in-process reference

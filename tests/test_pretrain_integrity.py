@@ -27,7 +27,7 @@ from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.data_prep.blend import BlendEntry, write_blend
 from kumihimo.data_prep.indexed import IndexedDatasetWriter
-from kumihimo.pretrain import checkpoint_format, checkpointing, integrity
+from kumihimo.pretrain import checkpoint_format, checkpointing, integrity, preflight
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.signals import EXIT_BAD_LOSS
 from tests.conftest import REPO, run_cli
@@ -299,13 +299,13 @@ def test_unusable_output_folders_are_refused(tmp_path):
         for path, problem in ((a_file, "is a file, not a folder"), (a_file / "sub", "which is a file")):
             config = configtree.load(TrainConfig, TINY, [f"{key}={path}"])
             with pytest.raises(UserError, match=problem):
-                config.check_paths()
+                preflight.check_paths(config)
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     if os.access(locked, os.W_OK):
         pytest.skip("running as root: every folder is writable")
     with pytest.raises(UserError, match="is not writable"):
-        configtree.load(TrainConfig, TINY, [f"checkpoint.dir={locked}/ckpt"]).check_paths()
+        preflight.check_paths(configtree.load(TrainConfig, TINY, [f"checkpoint.dir={locked}/ckpt"]))
 
 
 def test_convert_refuses_a_file_as_output(tmp_path):

@@ -43,6 +43,7 @@ from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.core.progress import Progress, say
 from kumihimo.pretrain import checkpoint_format
+from kumihimo.pretrain.config import TrainConfig, check_model_fits_layout
 from kumihimo.pretrain.convert.dcp_files import (
     copy_hf_tokenizer,
     pickled_object,
@@ -60,7 +61,7 @@ from kumihimo.pretrain.convert.mapping import (
     layer_rules,
     megatron_shape,
 )
-from kumihimo.pretrain.parallel import check_model_fits_layout, padded_vocab_size
+from kumihimo.pretrain.parallel import padded_vocab_size
 
 HF_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 # config.json model_type -> the architectures entry it must come with
@@ -254,8 +255,6 @@ CONTINUAL_LR = 2.5e-5
 
 def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
     """The TrainConfig whose model is the Hugging Face model, laid out for TP x PP."""
-    from kumihimo.pretrain.config import TrainConfig
-
     c = hf.config
     family = check_supported(c)
     heads = c["num_attention_heads"]
@@ -298,7 +297,7 @@ def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
     }
     config = configtree.from_dict(TrainConfig, data)
     config.model.validate()
-    check_model_fits_layout(config)
+    check_model_fits_layout(config.model, config.parallelism)
     return config
 
 
