@@ -308,7 +308,7 @@ def input_fingerprint(config) -> dict | None:
         return None
     if config.data.mock:
         return {"mock data": True}
-    from kumihimo.pretrain.data import read_blend
+    from kumihimo.pretrain.data_inspection import read_blend
     from kumihimo.tokenizer.spm import Tokenizer
 
     fingerprint: dict = {}

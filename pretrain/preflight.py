@@ -15,7 +15,7 @@ import copy
 from pathlib import Path
 
 from kumihimo.core.configtree import bad_value
-from kumihimo.pretrain import integrity
+from kumihimo.pretrain import data_inspection, integrity
 from kumihimo.pretrain.branch import resolve_lineage
 from kumihimo.pretrain.checkpoint_format import find_checkpoint, read_latest, read_meta
 from kumihimo.pretrain.config import DataConfig, TrainConfig
@@ -59,7 +59,7 @@ def check_data_paths(data: DataConfig) -> None:
 def check_paths(config: TrainConfig) -> None:
     """Checks that need the files of this machine; `kumihimo train` runs them before launching."""
     check_data_paths(config.data)
-    integrity.check_datasets_and_tokenizer(
+    data_inspection.check_datasets_and_tokenizer(
         config
     )  # the trainer repeats this on every rank before building the model
 

@@ -120,14 +120,13 @@ def test_blend_weights_that_are_not_positive_numbers_are_one_line(blend, weight)
 
 
 def _check(blend, vocab_size=1000):
-    from kumihimo.pretrain import integrity
     from kumihimo.pretrain.config import TrainConfig
-    from kumihimo.pretrain.data import check_counts_and_ids, read_blend
+    from kumihimo.pretrain.data_inspection import check_counts_and_ids, check_datasets, read_blend
 
     config = TrainConfig()
     config.data.blend_file = str(blend)
     prefixes, _, _ = read_blend(config)
-    check_counts_and_ids(config, integrity.check_datasets(prefixes, str(blend)), vocab_size)
+    check_counts_and_ids(config, check_datasets(prefixes, str(blend)), vocab_size)
 
 
 def test_blend_counts_are_compared_with_the_files_and_ids_with_the_vocabulary(blend, tmp_path):

@@ -27,7 +27,7 @@ from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.data_prep.blend import BlendEntry, write_blend
 from kumihimo.data_prep.indexed import IndexedDatasetWriter
-from kumihimo.pretrain import checkpoint_format, checkpointing, integrity, preflight
+from kumihimo.pretrain import checkpoint_format, checkpointing, data_inspection, integrity, preflight
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.signals import EXIT_BAD_LOSS
 from tests.conftest import REPO, run_cli
@@ -189,22 +189,22 @@ def test_fingerprint_comparison_names_each_change():
     entry |= {"bin_bytes": 60, "idx_sample_sha256": "x", "weight": 1.0}
     saved = {"tokenizer_sha256": "a" * 64, "mock": False, "split": "98,2,0", "seq_length": 128, "seed": 1}
     saved["datasets"] = [entry]
-    assert integrity.compare_fingerprints(saved, saved) == (None, [], [])
+    assert data_inspection.compare_fingerprints(saved, saved) == (None, [], [])
     moved = {**saved, "datasets": [{**entry, "prefix": "/e/web"}]}
-    assert integrity.compare_fingerprints(saved, moved) == (
+    assert data_inspection.compare_fingerprints(saved, moved) == (
         None,
         [],
         ["/d/web moved to /e/web (same contents)"],
     )
     changed = {**saved, "seq_length": 64, "datasets": [{**entry, "weight": 0.5, "bin_bytes": 62}]}
-    tokenizer, changes, _ = integrity.compare_fingerprints(saved, changed)
+    tokenizer, changes, _ = data_inspection.compare_fingerprints(saved, changed)
     assert tokenizer is None
     assert changes == [
         "seq_length 128 -> 64",
         "/d/web: bin_bytes 60 -> 62 (re-tokenized)",
         "/d/web: blend weight 1.0 -> 0.5",
     ]
-    tokenizer, _, _ = integrity.compare_fingerprints(saved, {**saved, "tokenizer_sha256": "b" * 64})
+    tokenizer, _, _ = data_inspection.compare_fingerprints(saved, {**saved, "tokenizer_sha256": "b" * 64})
     assert tokenizer == "tokenizer sha256 aaaaaaaaaaaa -> bbbbbbbbbbbb"
 
 
@@ -243,7 +243,7 @@ def corrupt_copies(folder: Path) -> list[str]:
 def test_corrupt_datasets_are_listed_one_line_each(tmp_path):
     prefixes = corrupt_copies(tmp_path)
     with pytest.raises(UserError) as caught:
-        integrity.check_datasets(prefixes, "blend.yaml")
+        data_inspection.check_datasets(prefixes, "blend.yaml")
     lines = str(caught.value).splitlines()
     assert lines[0] == "4 problem(s) with the datasets of blend.yaml:"
     assert "short_bin.bin is 7190 bytes but short_bin.idx indexes 7290: truncated" in lines[1]
@@ -251,7 +251,7 @@ def test_corrupt_datasets_are_listed_one_line_each(tmp_path):
     assert "bad_header.idx is not a Megatron index" in lines[3]
     assert lines[4].strip().startswith(f"{tmp_path}/no_bin.bin is missing")
     assert all("kumihimo data tokenize" in line for line in lines[1:])
-    infos = integrity.check_datasets(prefixes[:1], "x")
+    infos = data_inspection.check_datasets(prefixes[:1], "x")
     assert infos[0]["num_documents"] == 31 and infos[0]["bin_bytes"] > 0
 
 
