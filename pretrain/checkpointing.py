@@ -50,7 +50,7 @@ from kumihimo.pretrain.checkpoint_format import (
     read_latest,
     read_meta,
 )
-from kumihimo.pretrain.distributed import rng_state, set_rng_state
+from kumihimo.pretrain.distributed import rng_state, set_rng_state, unwrap
 
 if TYPE_CHECKING:
     from kumihimo.pretrain.config import TrainConfig
@@ -62,15 +62,7 @@ SAVE_FAILURES = (Exception, WriteFailure)
 derives from BaseException, so `except Exception` alone lets it through as a traceback."""
 
 # Megatron-Core is imported inside the functions that need it, so that importing this module (for
-# RunLock, prune, load_weights) does not load it.
-
-
-def unwrap(module):
-    """The GPTModel inside DDP / Float16Module wrappers: checkpoint keys must not carry `module.`
-    prefixes, so checkpoints stay interchangeable with Megatron-LM's."""
-    while hasattr(module, "module") and not hasattr(module, "decoder"):
-        module = module.module
-    return module
+# RunLock, prune) does not load it.
 
 
 def _model_sharded_state_dict(model_chunks) -> dict[str, Any]:

@@ -21,6 +21,8 @@ import yaml
 from kumihimo.core.configtree import ConfigError, to_dict
 from kumihimo.core.errors import UserError
 from kumihimo.pretrain import data_inspection
+from kumihimo.pretrain.distributed import unwrap
+from kumihimo.pretrain.optimizer import build_scheduler
 from kumihimo.pretrain.parallel import padded_vocab_size
 
 # ----------------------------------------------------------------------------------------- resume
@@ -172,10 +174,8 @@ def _schedule_change_note(saved_config: dict, folder: Path, config) -> str | Non
 
 def _learning_rate_at(config, step: int) -> float:
     """The learning rate `config`'s schedule gives after `step` steps (what the trainer's scheduler gives)."""
-    from kumihimo.pretrain.training import build_scheduler
-
     optimizer = torch.optim.SGD([torch.zeros(1)], lr=0.0)
-    scheduler = build_scheduler(config, optimizer)
+    scheduler = build_scheduler(config.optimizer, config.schedule, optimizer)
     scheduler.step(increment=step)
     return scheduler.get_lr(optimizer.param_groups[0])
 
@@ -220,8 +220,6 @@ def check_pretrained(
 def state_tensors(model_chunks, optimizer) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of every weight and optimizer tensor this rank holds, each once (fp32 main
     weights and Adam moments included; with the distributed optimizer, this rank's shard)."""
-    from kumihimo.pretrain.checkpointing import unwrap  # deferred: checkpointing imports this module
-
     named = {}
     for chunk in model_chunks:
         for name, param in unwrap(chunk).named_parameters():

@@ -20,11 +20,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
-    DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
@@ -38,13 +36,14 @@ from kumihimo.pretrain.checkpoint_format import TrainState, source_vocab_rows
 from kumihimo.pretrain.checkpointing import CheckpointManager
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.data import Datasets, batch_indices, build_datasets, microbatches
-from kumihimo.pretrain.distributed import ProcessInfo, destroy, init_process_group, seed_everything
+from kumihimo.pretrain.distributed import ProcessInfo, destroy, init_process_group, seed_everything, unwrap
 from kumihimo.pretrain.evaluate.in_loop import InLoopEvaluation, perplexity, source_metrics
 from kumihimo.pretrain.evaluate.plot import write_plot
 from kumihimo.pretrain.loss import cross_entropy_and_z
 from kumihimo.pretrain.memory import ActivationMeter, state_bytes
 from kumihimo.pretrain.metrics import MetricsSink, StepTimer, training_flops_per_token
-from kumihimo.pretrain.model import DTYPES, build_model, slice_for_context_parallel
+from kumihimo.pretrain.model import build_model, slice_for_context_parallel
+from kumihimo.pretrain.optimizer import build_ddp_config, build_optimizer_config, build_scheduler
 from kumihimo.pretrain.parallel import ParallelLayout
 from kumihimo.pretrain.signals import (
     EXIT_BAD_LOSS,
@@ -102,60 +101,6 @@ def forward_step(data_iterator, model, z_loss_coeff: float = 0.0, meter: Activat
             batch["tokens"], batch["position_ids"], batch.get("document_ids"), labels=batch["labels"]
         )
         return output, partial(loss_func, batch["loss_mask"])
-
-
-def build_scheduler(config: TrainConfig, optimizer) -> OptimizerParamScheduler:
-    """The learning-rate (and weight-decay) schedule of `config.schedule`, at step 0."""
-    opt, sched = config.optimizer, config.schedule
-    decay_iters = sched.decay_iters
-    wsd = sched.lr_decay_style == "WSD"
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=opt.lr,
-        min_lr=opt.min_lr,
-        lr_warmup_steps=sched.lr_warmup_iters,
-        lr_decay_steps=decay_iters,
-        lr_decay_style=sched.lr_decay_style,
-        start_wd=opt.weight_decay,
-        end_wd=opt.weight_decay,
-        wd_incr_steps=decay_iters,
-        wd_incr_style="constant",
-        wsd_decay_steps=sched.wsd_decay_iters if wsd else None,
-        lr_wsd_decay_style=sched.lr_wsd_decay_style if wsd else None,
-    )
-
-
-def build_ddp_config(config: TrainConfig) -> DistributedDataParallelConfig:
-    """Megatron's DDP settings of this run (benchmarks/check_megatron_args.py compares them with
-    Megatron-LM's own for the same published arguments)."""
-    return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=config.precision.grad_reduce_in_fp32,
-        overlap_grad_reduce=config.parallelism.overlap_grad_reduce,
-        overlap_param_gather=config.parallelism.overlap_param_gather,
-        use_distributed_optimizer=config.parallelism.use_distributed_optimizer,
-        check_for_nan_in_grad=False,  # LossGuard judges the loss and skips or stops (resilience.*)
-    )
-
-
-def build_optimizer_config(config: TrainConfig) -> OptimizerConfig:
-    """Megatron's optimizer settings of this run (AdamW; fp32 main weights for bf16)."""
-    opt = config.optimizer
-    dtype = DTYPES[config.precision.params_dtype]
-    return OptimizerConfig(
-        optimizer="adam",
-        lr=opt.lr,
-        min_lr=opt.min_lr,
-        weight_decay=opt.weight_decay,
-        adam_beta1=opt.adam_beta1,
-        adam_beta2=opt.adam_beta2,
-        adam_eps=opt.adam_eps,
-        clip_grad=opt.clip_grad,
-        bf16=dtype == torch.bfloat16,
-        params_dtype=dtype,
-        use_distributed_optimizer=config.parallelism.use_distributed_optimizer,
-        overlap_param_gather=config.parallelism.overlap_param_gather,  # as Megatron-LM copies it
-    )
 
 
 class Trainer:
@@ -263,15 +208,17 @@ class Trainer:
         bf16 = cfg.precision.params_dtype == "bf16"
         if bf16:  # before DDP, else the optimizer's sharded state dict mismatches parameter ids
             chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
-        ddp_config = build_ddp_config(cfg)
+        ddp_config = build_ddp_config(cfg.precision, cfg.parallelism)
         self.model = [
             DistributedDataParallel(
                 config=chunk.config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0
             )
             for i, chunk in enumerate(chunks)
         ]
-        self.optimizer = get_megatron_optimizer(build_optimizer_config(cfg), self.model)
-        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.optimizer = get_megatron_optimizer(
+            build_optimizer_config(cfg.optimizer, cfg.precision, cfg.parallelism), self.model
+        )
+        self.scheduler = build_scheduler(cfg.optimizer, cfg.schedule, self.optimizer)
         tconfig = self.model[0].config
         tconfig.grad_scale_func = self.optimizer.scale_loss
         tconfig.finalize_model_grads_func = finalize_model_grads
@@ -286,7 +233,7 @@ class Trainer:
 
     def _record_parameter_counts(self) -> None:
         """Parameters held by each rank, to parameters_per_rank.json (`kumihimo plan` predicts them)."""
-        local = sum(p.numel() for chunk in self.model for p in checkpointing.unwrap(chunk).parameters())
+        local = sum(p.numel() for chunk in self.model for p in unwrap(chunk).parameters())
         row = {
             "rank": self.info.rank,
             "tp_rank": parallel_state.get_tensor_model_parallel_rank(),

@@ -127,11 +127,11 @@ def _save_then_change_everything(run_dir: str) -> None:
     from kumihimo.core import configtree
     from kumihimo.pretrain import checkpoint_format, checkpointing
     from kumihimo.pretrain.config import TrainConfig
-    from kumihimo.pretrain.distributed import destroy
+    from kumihimo.pretrain.distributed import destroy, unwrap
     from kumihimo.pretrain.training import Trainer
 
     def tensors(trainer):
-        weights = [p for chunk in trainer.model for p in checkpointing.unwrap(chunk).parameters()]
+        weights = [p for chunk in trainer.model for p in unwrap(chunk).parameters()]
         inner = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
         moments = [
             state[name]

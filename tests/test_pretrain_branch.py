@@ -244,8 +244,9 @@ def _reference(source_overrides: list[str], branch_overrides: list[str]) -> None
     from kumihimo.pretrain.data import build_datasets
     from kumihimo.pretrain.distributed import destroy
     from kumihimo.pretrain.metrics import MetricsSink
+    from kumihimo.pretrain.optimizer import build_scheduler
     from kumihimo.pretrain.signals import LossGuard
-    from kumihimo.pretrain.training import Trainer, build_scheduler
+    from kumihimo.pretrain.training import Trainer
 
     source = configtree.load(TrainConfig, TINY, source_overrides)
     branch = configtree.load(TrainConfig, TINY, branch_overrides)
@@ -257,7 +258,7 @@ def _reference(source_overrides: list[str], branch_overrides: list[str]) -> None
         trainer.datasets = build_datasets(branch, Path(branch.output_dir) / "data_cache")
         for group in trainer.optimizer.param_groups:  # the branch's peak and floor
             group["max_lr"], group["min_lr"] = branch.optimizer.lr, branch.optimizer.min_lr
-        trainer.scheduler = build_scheduler(branch, trainer.optimizer)
+        trainer.scheduler = build_scheduler(branch.optimizer, branch.schedule, trainer.optimizer)
         trainer.state = TrainState()
         trainer.loss_guard = LossGuard(branch.resilience.spike_factor, branch.resilience.spike_warmup_steps)
         trainer.metrics = MetricsSink(branch, Path(branch.output_dir), enabled=trainer.is_logger)

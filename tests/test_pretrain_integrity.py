@@ -540,7 +540,7 @@ def _run(mode: str, run_dir: str) -> int:
     import torch
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-    from kumihimo.pretrain.distributed import destroy
+    from kumihimo.pretrain.distributed import destroy, unwrap
     from kumihimo.pretrain.training import Trainer
 
     overrides = [
@@ -566,7 +566,7 @@ def _run(mode: str, run_dir: str) -> int:
                 result = step()
                 if trainer.state.iteration == 2:  # inside step 3
                     with torch.no_grad():
-                        next(checkpointing.unwrap(trainer.model[0]).parameters()).fill_(float("nan"))
+                        next(unwrap(trainer.model[0]).parameters()).fill_(float("nan"))
                 return result
 
             trainer.optimizer.step = poisoned_step
