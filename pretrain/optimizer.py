@@ -3,22 +3,31 @@ sections: Megatron-Core's OptimizerConfig from `optimizer` (and the precision an
 needs), the OptimizerParamScheduler from `optimizer` and `schedule`, the DistributedDataParallelConfig
 from `precision` and `parallelism`. The trainer builds them in setup; `integrity` replays the schedule to
 compare learning rates across a resume.
+
+Megatron-Core is imported inside the builders: `integrity` imports this module, and the start-up checks
+of `kumihimo train` and `kumihimo doctor` (`pretrain.preflight`) import `integrity` without loading it
+(any Megatron import prints torch's CUDA warnings, which would break their one-line errors).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from megatron.core.distributed import DistributedDataParallelConfig
-from megatron.core.optimizer import OptimizerConfig
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from kumihimo.pretrain.config import OptimizerConfig as OptimizerSection
 from kumihimo.pretrain.config import ParallelismConfig, PrecisionConfig, ScheduleConfig
-from kumihimo.pretrain.model import DTYPES
+
+if TYPE_CHECKING:
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 
 def build_scheduler(opt: OptimizerSection, sched: ScheduleConfig, optimizer) -> OptimizerParamScheduler:
     """The learning-rate (and weight-decay) schedule of `sched` from `opt`'s rates, at step 0."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
     decay_iters = sched.decay_iters
     wsd = sched.lr_decay_style == "WSD"
     return OptimizerParamScheduler(
@@ -43,6 +52,8 @@ def build_ddp_config(
 ) -> DistributedDataParallelConfig:
     """Megatron's DDP settings of this run (benchmarks/check_megatron_args.py compares them with
     Megatron-LM's own for the same published arguments)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=precision.grad_reduce_in_fp32,
         overlap_grad_reduce=parallelism.overlap_grad_reduce,
@@ -56,7 +67,9 @@ def build_optimizer_config(
     opt: OptimizerSection, precision: PrecisionConfig, parallelism: ParallelismConfig
 ) -> OptimizerConfig:
     """Megatron's optimizer settings of this run (AdamW; fp32 main weights for bf16)."""
-    dtype = DTYPES[precision.params_dtype]
+    from megatron.core.optimizer import OptimizerConfig
+
+    dtype = torch.bfloat16 if precision.params_dtype == "bf16" else torch.float32  # model.DTYPES
     return OptimizerConfig(
         optimizer="adam",
         lr=opt.lr,
