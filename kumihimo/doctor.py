@@ -238,8 +238,8 @@ def checkpoint_gb(config) -> float:
             vocab = Tokenizer.load(config.data.tokenizer).vocab_size
         except UserError:
             pass  # the config check reports the missing tokenizer
-    params = layer_params(config) * m.num_layers + 2 * vocab * m.hidden_size + m.hidden_size
-    weight_bytes = param_dtype_bytes(config)
+    params = layer_params(m) * m.num_layers + 2 * vocab * m.hidden_size + m.hidden_size
+    weight_bytes = param_dtype_bytes(config.precision)
     return (weight_bytes + (12 if weight_bytes == 2 else 8)) * params / 2**30
 
 
@@ -316,7 +316,7 @@ def input_fingerprint(config) -> dict | None:
         fingerprint["tokenizer"] = (
             Tokenizer.load(config.data.tokenizer).sha256 if config.data.tokenizer else None
         )
-        prefixes, _weights, _recorded = read_blend(config)
+        prefixes, _weights, _recorded = read_blend(config.data)
     except (UserError, OSError) as exc:
         return {**fingerprint, "error": str(exc)}
     for prefix in prefixes:

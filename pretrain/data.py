@@ -23,7 +23,7 @@ import torch
 
 from kumihimo.core.errors import UserError
 from kumihimo.pretrain import data_inspection
-from kumihimo.pretrain.config import TrainConfig
+from kumihimo.pretrain.config import DataConfig, ScheduleConfig, TrainConfig
 from kumihimo.pretrain.parallel import ParallelLayout
 from kumihimo.tokenizer.spm import Tokenizer
 
@@ -42,10 +42,10 @@ class MegatronTokenizerView:
         self.unique_identifiers = OrderedDict(tokenizer=identity["sha256"] if identity else "mock")
 
     @classmethod
-    def from_config(cls, config: TrainConfig) -> MegatronTokenizerView:
-        if config.data.tokenizer is None:  # mock data without a tokenizer
-            return cls(config.data.mock_vocab_size, config.data.mock_vocab_size - 1, None, None)
-        tok = Tokenizer.load(config.data.tokenizer)
+    def from_config(cls, data: DataConfig) -> MegatronTokenizerView:
+        if data.tokenizer is None:  # mock data without a tokenizer
+            return cls(data.mock_vocab_size, data.mock_vocab_size - 1, None, None)
+        tok = Tokenizer.load(data.tokenizer)
         return cls(tok.vocab_size, tok.eod_id, tok.pad_id, tok.identity())
 
 
@@ -60,8 +60,7 @@ class Datasets:
     """Each blend prefix's own validation split, by source name (evaluation.per_source_validation)."""
 
 
-def num_valid_samples(config: TrainConfig) -> int:
-    sched = config.schedule
+def num_valid_samples(sched: ScheduleConfig) -> int:
     if sched.eval_interval <= 0:
         return 0
     return sched.eval_iters * sched.global_batch_size
@@ -74,11 +73,13 @@ def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
     data, sched = config.data, config.schedule
-    tokenizer = MegatronTokenizerView.from_config(config)
-    prefixes, weights, infos = data_inspection.check_datasets_and_tokenizer(config)
-    data_inspection.check_counts_and_ids(config, infos, tokenizer.vocab_size)
+    tokenizer = MegatronTokenizerView.from_config(config.data)
+    prefixes, weights, infos = data_inspection.check_datasets_and_tokenizer(config.data)
+    data_inspection.check_counts_and_ids(config.data, infos, tokenizer.vocab_size)
     sha = tokenizer.identity["sha256"] if tokenizer.identity else None
-    fingerprint = data_inspection.data_fingerprint(config, infos, weights, sha)
+    fingerprint = data_inspection.data_fingerprint(
+        config.data, config.model.seq_length, config.runtime.seed, infos, weights, sha
+    )
     # Megatron keys its index cache by path, split, seed and length, not by the files' contents: a
     # dataset re-tokenized into the same path would reuse stale indices. Key the folder by contents.
     cache_dir = cache_dir / f"data-{data_inspection.fingerprint_digest(fingerprint)[:16]}"
@@ -97,7 +98,7 @@ def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
         create_attention_mask=False,
         mmap_bin_files=True,
     )
-    sizes = [sched.train_iters * sched.global_batch_size, num_valid_samples(config), 0]
+    sizes = [sched.train_iters * sched.global_batch_size, num_valid_samples(sched), 0]
     if sizes[1] and float(data.split.split(",")[1]) == 0 and not data.mock:
         raise UserError(
             f"schedule.eval_interval={sched.eval_interval} needs a validation split but "

@@ -28,7 +28,7 @@ from kumihimo.core.errors import UserError
 from kumihimo.data_prep.blend import declared_counts
 from kumihimo.data_prep.blend import read_blend as read_blend_file
 from kumihimo.data_prep.indexed import DTYPE_CODES, INDEX_HEADER, INDEX_VERSION
-from kumihimo.pretrain.config import TrainConfig
+from kumihimo.pretrain.config import DataConfig
 from kumihimo.tokenizer.spm import Tokenizer
 
 HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8
@@ -126,29 +126,27 @@ def check_tokenizer_matches_data(recorded: dict | None, current: dict | None, bl
     )
 
 
-def check_datasets_and_tokenizer(config) -> tuple[list[str], list[float], list[dict[str, Any]]]:
+def check_datasets_and_tokenizer(data: DataConfig) -> tuple[list[str], list[float], list[dict[str, Any]]]:
     """(prefixes, weights, what each .idx says) of a config's blend, after checking the datasets and
     that data.tokenizer is the tokenizer the blend file records and that every split with weight gets
     documents of every prefix; nothing for mock data."""
-    if config.data.mock:
+    if data.mock:
         return [], [], []
-    prefixes, weights, recorded = read_blend(config)
-    if recorded and config.data.tokenizer:
-        check_tokenizer_matches_data(
-            recorded, Tokenizer.load(config.data.tokenizer).identity(), config.data.blend_file
-        )
-    infos = check_datasets(prefixes, config.data.blend_file or "data.blend")
+    prefixes, weights, recorded = read_blend(data)
+    if recorded and data.tokenizer:
+        check_tokenizer_matches_data(recorded, Tokenizer.load(data.tokenizer).identity(), data.blend_file)
+    infos = check_datasets(prefixes, data.blend_file or "data.blend")
     # the .idx header counts document boundaries: one more than documents
-    check_splits(prefixes, [info["num_documents"] - 1 for info in infos], config.data.split)
+    check_splits(prefixes, [info["num_documents"] - 1 for info in infos], data.split)
     return prefixes, weights, infos
 
 
-def read_blend(config: TrainConfig) -> tuple[list[str], list[float], dict | None]:
+def read_blend(data: DataConfig) -> tuple[list[str], list[float], dict | None]:
     """Prefixes and weights of the blend (blend.yaml prefixes are relative to the file's folder), and
     the identity of the tokenizer the blend file records (None for an inline data.blend)."""
-    if config.data.blend_file is None:
-        return [e.prefix for e in config.data.blend], [e.weight for e in config.data.blend], None
-    pairs, tokenizer = read_blend_file(config.data.blend_file)
+    if data.blend_file is None:
+        return [e.prefix for e in data.blend], [e.weight for e in data.blend], None
+    pairs, tokenizer = read_blend_file(data.blend_file)
     return [p for p, _ in pairs], [w for _, w in pairs], tokenizer
 
 
@@ -157,13 +155,13 @@ ID_SAMPLE_BYTES = 1 << 20
 take minutes on a large corpus; a dataset made with another tokenizer shows at once)."""
 
 
-def check_counts_and_ids(config: TrainConfig, infos: list[dict], vocab_size: int) -> None:
+def check_counts_and_ids(data: DataConfig, infos: list[dict], vocab_size: int) -> None:
     """What the dataset check (check_datasets) leaves out: blend.yaml's recorded token and
     document counts against the .bin/.idx they describe (a consistent pair of another source trained
     silently), and token ids below the tokenizer's vocabulary in the first and last MiB of each .bin
     (an id >= vocab_size fails an embedding lookup deep in the step, or trains garbage)."""
     item_sizes = {code: dtype.itemsize for dtype, code in DTYPE_CODES.items()}
-    declared = declared_counts(config.data.blend_file) if config.data.blend_file else {}
+    declared = declared_counts(data.blend_file) if data.blend_file else {}
     problems = []
     for info in infos:
         prefix, item = info["prefix"], item_sizes[info["dtype_code"]]
@@ -172,7 +170,7 @@ def check_counts_and_ids(config: TrainConfig, infos: list[dict], vocab_size: int
         for what, said, found in zip(("tokens", "documents"), (num_tokens, num_documents), actual):
             if said is not None and said != found:
                 problems.append(
-                    f"{config.data.blend_file} says {prefix} has {said:,} {what} but its files hold {found:,}: "
+                    f"{data.blend_file} says {prefix} has {said:,} {what} but its files hold {found:,}: "
                     "not the dataset the blend was written for; re-run `kumihimo data tokenize`"
                 )
         dtype = next(d for d, c in DTYPE_CODES.items() if c == info["dtype_code"])
@@ -253,14 +251,21 @@ def _split_that_fits(num_documents: int, weights: list[float]) -> str | None:
 # ------------------------------------------------------------------------------------- fingerprint
 
 
-def data_fingerprint(config, datasets: list[dict[str, Any]], weights: list[float], tokenizer_sha: str | None):
+def data_fingerprint(
+    data: DataConfig,
+    seq_length: int,
+    seed: int,
+    datasets: list[dict[str, Any]],
+    weights: list[float],
+    tokenizer_sha: str | None,
+):
     """What the sample stream of a run depends on (see the module docstring)."""
     return {
         "tokenizer_sha256": tokenizer_sha,
-        "mock": config.data.mock,
-        "split": config.data.split,
-        "seq_length": config.model.seq_length,
-        "seed": config.runtime.seed,
+        "mock": data.mock,
+        "split": data.split,
+        "seq_length": seq_length,
+        "seed": seed,
         "datasets": [{**info, "weight": weight} for info, weight in zip(datasets, weights)],
     }
 

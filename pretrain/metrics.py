@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from kumihimo.core import configtree
-from kumihimo.pretrain.config import TrainConfig
+from kumihimo.pretrain.config import ModelConfig, TrainConfig
 
 log = logging.getLogger("kumihimo.train")
 
 
-def training_flops_per_token(config: TrainConfig, padded_vocab_size: int) -> float:
-    m = config.model
+def training_flops_per_token(m: ModelConfig, padded_vocab_size: int) -> float:
     h, f, s, layers = m.hidden_size, m.ffn_hidden_size, m.seq_length, m.num_layers
     q = m.num_attention_heads * m.head_dim
     kv = m.query_groups * m.head_dim

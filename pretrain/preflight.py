@@ -59,9 +59,8 @@ def check_data_paths(data: DataConfig) -> None:
 def check_paths(config: TrainConfig) -> None:
     """Checks that need the files of this machine; `kumihimo train` runs them before launching."""
     check_data_paths(config.data)
-    data_inspection.check_datasets_and_tokenizer(
-        config
-    )  # the trainer repeats this on every rank before building the model
+    # the trainer repeats this on every rank before building the model
+    data_inspection.check_datasets_and_tokenizer(config.data)
 
     for key, path in (
         ("output_dir", config.output_dir),

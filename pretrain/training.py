@@ -171,7 +171,7 @@ class Trainer:
         log.info(f"[train] building the model and optimizer ({self.layout.describe()})")
         self._build_model_and_optimizer()
         log.info(f"[train] model and optimizer built in {time.perf_counter() - started:.1f} s")
-        self.flops_per_token = training_flops_per_token(cfg, self.padded_vocab)
+        self.flops_per_token = training_flops_per_token(cfg.model, self.padded_vocab)
         self._record_parameter_counts()
         self.memory_meter: ActivationMeter | None = ActivationMeter(self.model)
         self.metrics = MetricsSink(cfg, self.output_dir, enabled=self.is_logger)

@@ -125,8 +125,8 @@ def _check(blend, vocab_size=1000):
 
     config = TrainConfig()
     config.data.blend_file = str(blend)
-    prefixes, _, _ = read_blend(config)
-    check_counts_and_ids(config, check_datasets(prefixes, str(blend)), vocab_size)
+    prefixes, _, _ = read_blend(config.data)
+    check_counts_and_ids(config.data, check_datasets(prefixes, str(blend)), vocab_size)
 
 
 def test_blend_counts_are_compared_with_the_files_and_ids_with_the_vocabulary(blend, tmp_path):

@@ -491,7 +491,7 @@ def test_trainer_continues_pretraining_qwen2_at_tp2(hf_models, converted, megatr
     config = configtree.from_dict(TrainConfig, configtree.read_yaml(folder / "run_config.yaml"))
     layout = ParallelLayout.from_config(config, 2)
     for row in json.loads((run_dir / "parameters_per_rank.json").read_text()):
-        assert row["parameters"] == stage_params(config, layout, 1024, row["pp_rank"]), row
+        assert row["parameters"] == stage_params(config.model, layout, 1024, row["pp_rank"]), row
     checkpoints = next(p.parent for p in sorted(run_dir.rglob("latest_checkpointed_iteration.txt")))
     back = convert_to_hf(checkpoints, work / "continued-hf", iteration=0, dtype="fp32")
     assert json.loads((back / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]

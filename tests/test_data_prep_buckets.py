@@ -168,7 +168,7 @@ def test_trainer_reads_a_bucketed_blend(tmp_path, tokenizer_path):
             "schedule.eval_interval=0",
         ],
     )
-    prefixes, weights, infos = check_datasets_and_tokenizer(train)
+    prefixes, weights, infos = check_datasets_and_tokenizer(train.data)
     assert sorted(prefixes) == sorted(str(p) for p in result.prefixes.values())
     assert sum(weights) == pytest.approx(1.0) and len(infos) == len(prefixes)
 
