@@ -129,6 +129,7 @@ def kumihimo_step_times(shape: dict, layers: int, steps: int, device: str) -> li
         "checkpoint.enabled=false",
         "model.transformer_impl=auto",
         "logging.log_interval=1000",
+        "logging.time_every_step=true",  # each step synchronized and timed
     ]
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
@@ -182,7 +183,7 @@ def main() -> None:
             f"model.seq_length={shape['seq']}",
         ],
     )
-    flops_per_step = training_flops_per_token(config, shape["vocab"]) * shape["seq"]
+    flops_per_step = training_flops_per_token(config.model, shape["vocab"]) * shape["seq"]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(
         f"{device_name}; {args.layers} layers of shape {shape}; micro-batch 1; median of steps after {WARMUP}"

@@ -302,14 +302,18 @@ def kumihimo_side(case: Case) -> dict:
     from kumihimo.core import configtree
     from kumihimo.pretrain.config import TrainConfig
     from kumihimo.pretrain.model import transformer_config
+    from kumihimo.pretrain.optimizer import build_ddp_config, build_optimizer_config
     from kumihimo.pretrain.parallel import ParallelLayout
-    from kumihimo.pretrain.training import build_ddp_config, build_optimizer_config
 
     config = configtree.load(TrainConfig, REPO / case.recipe)
     layout = ParallelLayout.from_config(config, case.world_size)
     values = dataclass_fields("transformer", transformer_config(config, layout))
-    values.update(dataclass_fields("optimizer", build_optimizer_config(config)))
-    values.update(dataclass_fields("ddp", build_ddp_config(config)))
+    values.update(
+        dataclass_fields(
+            "optimizer", build_optimizer_config(config.optimizer, config.precision, config.parallelism)
+        )
+    )
+    values.update(dataclass_fields("ddp", build_ddp_config(config.precision, config.parallelism)))
     m, s = config.model, config.schedule
     rope = m.rope_scaling
     llama3 = rope.type == "llama3" and (

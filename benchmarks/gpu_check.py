@@ -181,7 +181,7 @@ def flops_per_step(recipe: str, overrides: tuple[str, ...]) -> tuple[float, floa
     config = configtree.load(TrainConfig, REPO / recipe, list(overrides))
     plan = make_plan(config, 1, config.data.mock_vocab_size)
     tokens = config.model.seq_length * config.schedule.global_batch_size
-    return training_flops_per_token(config, plan.padded_vocab) * tokens, plan.total_gb - plan.reserve_gb
+    return training_flops_per_token(config.model, plan.padded_vocab) * tokens, plan.total_gb - plan.reserve_gb
 
 
 def measure_run(run: Run, out: Path, te: bool) -> Outcome:

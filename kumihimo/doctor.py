@@ -144,11 +144,12 @@ def check_devices(report: Report) -> None:
 
 def check_config(report: Report, path: str, overrides: list[str]):
     from kumihimo.core import configtree
+    from kumihimo.pretrain import preflight
     from kumihimo.pretrain.config import TrainConfig
 
     try:
         config = configtree.load(TrainConfig, path, overrides)
-        config.check_paths()
+        preflight.check_paths(config)
     except UserError as exc:
         report.add("FAIL", "config", str(exc))
         return None
@@ -239,8 +240,8 @@ def checkpoint_gb(config) -> float:
             vocab = load_tokenizer(config.data.tokenizer).vocab_size
         except UserError:
             pass  # the config check reports the missing tokenizer
-    params = layer_params(config) * m.num_layers + 2 * vocab * m.hidden_size + m.hidden_size
-    weight_bytes = param_dtype_bytes(config)
+    params = layer_params(m) * m.num_layers + 2 * vocab * m.hidden_size + m.hidden_size
+    weight_bytes = param_dtype_bytes(config.precision)
     return (weight_bytes + (12 if weight_bytes == 2 else 8)) * params / 2**30
 
 
@@ -343,7 +344,7 @@ def input_fingerprint(config) -> dict | None:
         return None
     if config.data.mock:
         return {"mock data": True}
-    from kumihimo.pretrain.data import read_blend
+    from kumihimo.pretrain.data_inspection import read_blend
     from kumihimo.tokenizer.base import load_tokenizer
 
     fingerprint: dict = {}
@@ -351,7 +352,7 @@ def input_fingerprint(config) -> dict | None:
         fingerprint["tokenizer"] = (
             load_tokenizer(config.data.tokenizer).sha256 if config.data.tokenizer else None
         )
-        prefixes, _weights, _recorded = read_blend(config)
+        prefixes, _weights, _recorded = read_blend(config.data)
     except (UserError, OSError) as exc:
         return {**fingerprint, "error": str(exc)}
     for prefix in prefixes:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from kumihimo.core.configtree import ConfigError, bad_value
-from kumihimo.pretrain import checkpointing
+from kumihimo.pretrain import checkpoint_format
 
 if TYPE_CHECKING:
     from kumihimo.pretrain.config import TrainConfig
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 def source_sha256(folder: Path) -> str:
     """sha256 of a checkpoint's run_config.yaml followed by its kumihimo.json."""
     digest = hashlib.sha256()
-    for name in (checkpointing.CONFIG_FILE, checkpointing.META_FILE):
+    for name in (checkpoint_format.CONFIG_FILE, checkpoint_format.META_FILE):
         path = folder / name
         digest.update(path.read_bytes() if path.is_file() else b"")
     return digest.hexdigest()
@@ -47,7 +47,7 @@ def resolve_lineage(config: TrainConfig) -> dict[str, Any] | None:
     if spec.source is None:
         return None
     own = config.checkpoint_dir
-    own_latest = checkpointing.read_latest(Path(own)) if own else None
+    own_latest = checkpoint_format.read_latest(Path(own)) if own else None
     if own_latest is not None:
         lineage = _recorded_lineage(Path(own), own_latest, config)
     else:
@@ -58,8 +58,8 @@ def resolve_lineage(config: TrainConfig) -> dict[str, Any] | None:
 
 def _lineage_from_source(config: TrainConfig) -> dict[str, Any]:
     spec = config.branch
-    folder = checkpointing.find_checkpoint(Path(spec.source), spec.iteration)
-    meta = checkpointing.read_meta(folder)
+    folder = checkpoint_format.find_checkpoint(Path(spec.source), spec.iteration)
+    meta = checkpoint_format.read_meta(folder)
     if meta.get("weights_only"):
         raise ConfigError(
             f"branch.source={spec.source!r}: {folder} holds weights only (no optimizer state to branch "
@@ -74,7 +74,7 @@ def _lineage_from_source(config: TrainConfig) -> dict[str, Any]:
             "check branch.source and branch.iteration, or set branch.source_sha256=null to accept it",
         )
     state = meta.get("train_state") or {}
-    config_path = folder / checkpointing.CONFIG_FILE
+    config_path = folder / checkpoint_format.CONFIG_FILE
     saved = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
     return {
         "source": str(folder.resolve()),
@@ -93,8 +93,8 @@ def _recorded_lineage(own: Path, own_latest: int, config: TrainConfig) -> dict[s
     """The lineage a requeued branch recorded in its newest checkpoint; refuses a folder holding another
     run's checkpoints, or settings that name another source than the one the branch started from."""
     spec = config.branch
-    folder = checkpointing.iteration_dir(own, own_latest)
-    lineage = checkpointing.read_meta(folder).get("lineage")
+    folder = checkpoint_format.iteration_dir(own, own_latest)
+    lineage = checkpoint_format.read_meta(folder).get("lineage")
     if lineage is None:
         raise ConfigError(
             f"branch.source is set but the checkpoint folder {own} already holds checkpoints of a run that "

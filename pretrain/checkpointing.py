@@ -1,12 +1,8 @@
-"""Megatron distributed checkpoints (torch_dist) with an atomic `latest` marker.
+"""Writing and loading Megatron distributed checkpoints (torch_dist) with an atomic `latest` marker.
 
-Layout of a checkpoint folder:
-
-    <save>/iter_0000100/            one checkpoint: torch_dist shards + metadata, plus
-        run_config.yaml             the resolved config the run was started with
-        kumihimo.json               step, consumed samples/tokens, parallel layout, vocab sizes,
-                                    tokenizer identity, data blend, library versions
-    <save>/latest_checkpointed_iteration.txt    written last, atomically
+The folder format (file names, kumihimo.json, run_config.yaml, finding a checkpoint) is
+`pretrain.checkpoint_format`'s; this module writes and loads the shards, the optimizer and schedule
+state, and the markers, and owns pruning, disk-full handling and the run lock.
 
 A checkpoint is first written to `iter_NNNNNNN.tmp` and renamed once every rank has finished, so a
 run killed mid-save never leaves a folder that looks complete. Tensor keys do not depend on TP/PP,
@@ -30,7 +26,7 @@ import shutil
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,62 +40,30 @@ from kumihimo.core import configtree
 from kumihimo.core.errors import UserError, is_disk_full
 from kumihimo.core.logs import stage_logger
 from kumihimo.pretrain import integrity
-from kumihimo.pretrain.distributed import rng_state, set_rng_state
+from kumihimo.pretrain.checkpoint_format import (
+    CONFIG_FILE,
+    LATEST_FILE,
+    LOCK_FILE,
+    META_FILE,
+    SHARDING_METADATA,
+    TrainState,
+    iteration_dir,
+    read_latest,
+    read_meta,
+)
+from kumihimo.pretrain.distributed import rng_state, set_rng_state, unwrap
 
 if TYPE_CHECKING:
     from kumihimo.pretrain.config import TrainConfig
     from kumihimo.pretrain.parallel import ParallelLayout
 
-LATEST_FILE = "latest_checkpointed_iteration.txt"
-LOCK_FILE = ".kumihimo-train.lock"
-META_FILE = "kumihimo.json"
-CONFIG_FILE = "run_config.yaml"
-# Passed explicitly, as Megatron-LM does: the defaults of 0.19.2 fail to save the optimizer.
-SHARDING_METADATA = {
-    "distrib_optim_sharding_type": "dp_reshardable",
-    "singleton_local_shards": False,
-    "chained_optim_avoid_prefix": True,
-}
 log = stage_logger("train")
 SAVE_FAILURES = (Exception, WriteFailure)
 """What a failed save raises: torch's CheckpointException (a failed shard write, wrapped by megatron-core)
 derives from BaseException, so `except Exception` alone lets it through as a traceback."""
 
-# Megatron-Core is imported inside the functions that need it: `kumihimo convert` reads and writes
-# checkpoints through this module's helpers (find_checkpoint, read_meta, ...) without it.
-
-
-@dataclass
-class TrainState:
-    """Where training stands; saved with every checkpoint."""
-
-    iteration: int = 0
-    consumed_samples: int = 0
-    consumed_tokens: int = 0
-    skipped_iterations: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def iteration_dir(root: Path, iteration: int) -> Path:
-    return root / f"iter_{iteration:07d}"
-
-
-def read_latest(root: Path) -> int | None:
-    marker = root / LATEST_FILE
-    if not marker.is_file():
-        return None
-    text = marker.read_text().strip()
-    if not text.isdigit():
-        raise UserError(f"{marker} holds {text!r}, not an iteration; fix or delete it")
-    return int(text)
-
-
-def unwrap(module):
-    """The GPTModel inside DDP / Float16Module wrappers: checkpoint keys must not carry `module.`
-    prefixes, so checkpoints stay interchangeable with Megatron-LM's."""
-    while hasattr(module, "module") and not hasattr(module, "decoder"):
-        module = module.module
-    return module
+# Megatron-Core is imported inside the functions that need it, so that importing this module (for
+# RunLock, prune) does not load it.
 
 
 def _model_sharded_state_dict(model_chunks) -> dict[str, Any]:
@@ -548,31 +512,6 @@ def prune(root: Path, keep_last: int, keep_multiples_of: int | None = None) -> l
         shutil.rmtree(old, ignore_errors=True)
         deleted.append(old)
     return deleted
-
-
-def read_meta(checkpoint: Path) -> dict[str, Any]:
-    path = checkpoint / META_FILE
-    if not path.is_file():
-        raise UserError(
-            f"{checkpoint} has no {META_FILE}: not a complete kumihimo checkpoint; pick another "
-            "iteration or resave it"
-        )
-    return json.loads(path.read_text())
-
-
-def find_checkpoint(root: Path, iteration: int | None = None) -> Path:
-    """The folder of `iteration`, or of the latest complete checkpoint under `root`."""
-    if iteration is None:
-        iteration = read_latest(root)
-        if iteration is None:
-            raise UserError(f"{root} holds no {LATEST_FILE}: no complete checkpoint there; check the path")
-    folder = iteration_dir(root, iteration)
-    if not folder.is_dir():
-        found = sorted(p.name for p in root.glob("iter_*") if not p.name.endswith(".tmp"))
-        raise UserError(
-            f"iteration {iteration} is not in {root} (found: {', '.join(found) or 'none'}); pick one of those"
-        )
-    return folder
 
 
 def load_checkpoint(folder: Path, model_chunks, optimizer, scheduler, layout) -> TrainState:

@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.config:
         raise UserError("kumihimo train needs a CONFIG (e.g. configs/pretrain/tiny-cpu.yaml)")
     config = configtree.load(TrainConfig, args.config, args.overrides)
+    from kumihimo.pretrain import preflight
     from kumihimo.pretrain.distributed import process_info
     from kumihimo.pretrain.parallel import ParallelLayout
 
@@ -81,11 +82,9 @@ def run(args: argparse.Namespace) -> int:
         args.nproc_per_node = smallest if args.check and not launched else 1
     world = process_info().world_size if launched else args.nproc_per_node
     layout = ParallelLayout.from_config(config, world)
-    config.check_paths()
+    preflight.check_paths(config)
     if args.check:
-        from kumihimo.pretrain.integrity import check_pretrained_at_check
-
-        for note in [*config.cpu_notes(), *check_pretrained_at_check(config, layout.tp)]:
+        for note in [*config.cpu_notes(), *preflight.check_pretrained_at_check(config, layout.tp)]:
             print(f"[check] {note}")
         from kumihimo.pretrain.model import describe_fusions, resolve_fusions
 

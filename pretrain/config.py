@@ -1,8 +1,10 @@
 """The training config tree: one dataclass per concern, loaded from configs/pretrain/*.yaml.
 
 Field docstrings double as `kumihimo train --help-config` text. Checks that need more than one
-section (heads vs TP, layers vs PP, batch vs micro-batch x DP) live in `TrainConfig.validate` and in
-`pretrain.parallel.ParallelLayout`, which both run before any process group exists.
+section (heads vs TP, layers vs PP: `check_model_fits_layout`) live in `TrainConfig.validate`; those
+that need the world size (batch vs micro-batch x DP) in `pretrain.parallel.ParallelLayout`. The schema
+reads no files and imports nothing of the project above `kumihimo.core`: whether a recipe's paths exist
+and agree is checked at launch by `pretrain.preflight`.
 """
 
 from __future__ import annotations
@@ -613,40 +615,6 @@ class DataConfig:
                 "data.tokenizer is missing; set it to the tokenizer the data was tokenized with"
             )
 
-    def check_paths(self) -> None:
-        """Existence checks, run at launch (recipes for a cluster validate anywhere)."""
-        if self.mock:
-            return
-        if self.blend_file is not None and not Path(self.blend_file).is_file():
-            raise bad_value(
-                "data.blend_file",
-                self.blend_file,
-                "does not exist",
-                "run `kumihimo data tokenize` first or fix the path",
-            )
-        for i, entry in enumerate(self.blend):
-            if not Path(entry.prefix + ".idx").is_file():
-                raise bad_value(
-                    f"data.blend[{i}].prefix",
-                    entry.prefix,
-                    "has no .idx file",
-                    "give the prefix (without .bin/.idx) of a dataset that exists",
-                )
-        if self.tokenizer is not None:
-            from kumihimo.tokenizer.hf import hf_tokenizer_folder
-            from kumihimo.tokenizer.spm import resolve_model_path
-
-            try:
-                if hf_tokenizer_folder(self.tokenizer) is None:
-                    resolve_model_path(self.tokenizer)
-            except ValueError as exc:
-                raise bad_value(
-                    "data.tokenizer",
-                    self.tokenizer,
-                    "is neither a SentencePiece model nor a Hugging Face tokenizer folder (tokenizer.json)",
-                    "train one with `kumihimo tokenizer train` or fix the path",
-                ) from exc
-
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
@@ -769,6 +737,10 @@ class LoggingConfig:
     """W&B mode; offline writes a run folder to sync later."""
     peak_tflops: float = 989.0
     """Dense BF16 peak of one accelerator in TFLOP/s, for MFU (H100 SXM: 989)."""
+    time_every_step: bool = False
+    """Give every step its own step time in metrics.jsonl (a GPU then synchronizes after every step,
+    which costs a little speed); false times on a GPU only the printed steps (`log_interval`), each with
+    the mean since the previous printed one."""
 
 
 @dataclass(kw_only=True)
@@ -903,46 +875,6 @@ class TrainConfig:
             ]
         return []
 
-    def check_paths(self) -> None:
-        """Checks that need the files of this machine; `kumihimo train` runs them before launching."""
-        self.data.check_paths()
-        from kumihimo.pretrain.integrity import check_datasets_and_tokenizer, check_output_dir
-
-        check_datasets_and_tokenizer(self)  # the trainer repeats this on every rank before building the model
-
-        for key, path in (
-            ("output_dir", self.output_dir),
-            (
-                "checkpoint.dir" if self.checkpoint.dir else "output_dir (its checkpoints/)",
-                self.checkpoint_dir,
-            ),
-            ("data.cache_dir", self.data.cache_dir),
-        ):
-            if path is not None:
-                check_output_dir(key, path)
-        source = self.branch.source
-        if source is not None:
-            from kumihimo.pretrain.checkpointing import read_latest
-
-            own = self.checkpoint_dir
-            resumes = own is not None and read_latest(Path(own)) is not None
-            # a branch with checkpoints of its own resumes from them: the source may be gone by then
-            if not resumes and not Path(source).is_dir():
-                raise bad_value(
-                    "branch.source", source, "is not a folder", "point it at the source run's checkpoint.dir"
-                )
-            if self.checkpoint_dir and Path(source).resolve() == Path(self.checkpoint_dir).resolve():
-                raise bad_value(
-                    "branch.source",
-                    source,
-                    "is this run's own checkpoint folder (its checkpoints would mix with the source's)",
-                    "give the branch its own output_dir or checkpoint.dir",
-                )
-            from kumihimo.pretrain.branch import resolve_lineage
-
-            # a missing, weights-only or replaced source is refused here, before any process starts
-            resolve_lineage(copy.deepcopy(self))
-
     def _check_document_mask(self) -> None:
         """Per-document attention exists only in this repo's SDPA core attention. Transformer Engine's
         causal attention ignores an explicit mask (Megatron-LM issue #2357), so with TE documents
@@ -1030,9 +962,47 @@ class TrainConfig:
                 "set a step inside the run or null",
             )
         # Layout checks that do not need the world size (it is known only at launch).
-        from kumihimo.pretrain.parallel import check_model_fits_layout
+        check_model_fits_layout(model, par)
 
-        check_model_fits_layout(self)
+
+def check_model_fits_layout(model: ModelConfig, par: ParallelismConfig) -> None:
+    """Rules between the model shape and TP/PP/VPP that hold whatever the world size."""
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    vpp = par.virtual_pipeline_model_parallel_size or 1
+    if model.num_attention_heads % tp:
+        raise ConfigError(
+            f"parallelism.tensor_model_parallel_size={tp} does not divide model.num_attention_heads="
+            f"{model.num_attention_heads}; choose a TP that divides the head count"
+        )
+    groups = model.query_groups
+    if groups % tp and tp % groups:
+        raise ConfigError(
+            f"parallelism.tensor_model_parallel_size={tp} and model.num_query_groups={groups} must divide "
+            "one another; choose a TP that divides the number of query groups (or a multiple of it)"
+        )
+    if model.ffn_hidden_size % tp:
+        raise ConfigError(
+            f"parallelism.tensor_model_parallel_size={tp} does not divide model.ffn_hidden_size="
+            f"{model.ffn_hidden_size}; choose an FFN size that is a multiple of TP"
+        )
+    if model.num_layers % (pp * vpp):
+        raise ConfigError(
+            f"model.num_layers={model.num_layers} is not divisible by pipeline_model_parallel_size x "
+            f"virtual_pipeline_model_parallel_size = {pp} x {vpp}; choose a layer count that is a multiple of "
+            f"{pp * vpp} or change PP/VPP"
+        )
+    seq = model.seq_length
+    cp = par.context_parallel_size
+    if cp > 1 and seq % (2 * cp):
+        raise ConfigError(
+            f"model.seq_length={seq} is not divisible by 2 x context_parallel_size={cp}; "
+            f"choose a multiple of {2 * cp}"
+        )
+    if par.sequence_parallel and (seq // cp) % tp:
+        raise ConfigError(
+            f"model.seq_length={seq} / CP={cp} is not divisible by TP={tp} as sequence parallel "
+            "needs; change the sequence length or TP"
+        )
 
 
 def from_saved(data: dict) -> TrainConfig:

@@ -18,16 +18,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from kumihimo.core.errors import UserError
 from kumihimo.core.logs import stage_logger
-from kumihimo.data_prep.blend import declared_counts
-from kumihimo.data_prep.blend import read_blend as read_blend_file
-from kumihimo.data_prep.indexed import DTYPE_CODES
-from kumihimo.pretrain import integrity
-from kumihimo.pretrain.config import TrainConfig
+from kumihimo.pretrain import data_inspection
+from kumihimo.pretrain.config import DataConfig, ScheduleConfig, TrainConfig
 from kumihimo.pretrain.parallel import ParallelLayout
 from kumihimo.tokenizer.base import load_tokenizer
 
@@ -46,60 +42,11 @@ class MegatronTokenizerView:
         self.unique_identifiers = OrderedDict(tokenizer=identity["sha256"] if identity else "mock")
 
     @classmethod
-    def from_config(cls, config: TrainConfig) -> MegatronTokenizerView:
-        if config.data.tokenizer is None:  # mock data without a tokenizer
-            return cls(config.data.mock_vocab_size, config.data.mock_vocab_size - 1, None, None)
-        tok = load_tokenizer(config.data.tokenizer)
+    def from_config(cls, data: DataConfig) -> MegatronTokenizerView:
+        if data.tokenizer is None:  # mock data without a tokenizer
+            return cls(data.mock_vocab_size, data.mock_vocab_size - 1, None, None)
+        tok = load_tokenizer(data.tokenizer)
         return cls(tok.vocab_size, tok.eod_id, tok.pad_id, tok.identity())
-
-
-def read_blend(config: TrainConfig) -> tuple[list[str], list[float], dict | None]:
-    """Prefixes and weights of the blend (blend.yaml prefixes are relative to the file's folder), and
-    the identity of the tokenizer the blend file records (None for an inline data.blend)."""
-    if config.data.blend_file is None:
-        return [e.prefix for e in config.data.blend], [e.weight for e in config.data.blend], None
-    pairs, tokenizer = read_blend_file(config.data.blend_file)
-    return [p for p, _ in pairs], [w for _, w in pairs], tokenizer
-
-
-ID_SAMPLE_BYTES = 1 << 20
-"""Token ids checked against the vocabulary at each end of every .bin (reading a whole .bin would
-take minutes on a large corpus; a dataset made with another tokenizer shows at once)."""
-
-
-def check_counts_and_ids(config: TrainConfig, infos: list[dict], vocab_size: int) -> None:
-    """What the dataset check (integrity.check_datasets) leaves out: blend.yaml's recorded token and
-    document counts against the .bin/.idx they describe (a consistent pair of another source trained
-    silently), and token ids below the tokenizer's vocabulary in the first and last MiB of each .bin
-    (an id >= vocab_size fails an embedding lookup deep in the step, or trains garbage)."""
-    item_sizes = {code: dtype.itemsize for dtype, code in DTYPE_CODES.items()}
-    declared = declared_counts(config.data.blend_file) if config.data.blend_file else {}
-    problems = []
-    for info in infos:
-        prefix, item = info["prefix"], item_sizes[info["dtype_code"]]
-        num_tokens, num_documents = declared.get(prefix, (None, None))
-        actual = (info["bin_bytes"] // item, info["num_sequences"])
-        for what, said, found in zip(("tokens", "documents"), (num_tokens, num_documents), actual):
-            if said is not None and said != found:
-                problems.append(
-                    f"{config.data.blend_file} says {prefix} has {said:,} {what} but its files hold {found:,}: "
-                    "not the dataset the blend was written for; re-run `kumihimo data tokenize`"
-                )
-        dtype = next(d for d, c in DTYPE_CODES.items() if c == info["dtype_code"])
-        with open(f"{prefix}.bin", "rb") as handle:
-            head = handle.read(ID_SAMPLE_BYTES // item * item)
-            handle.seek(max(0, info["bin_bytes"] - ID_SAMPLE_BYTES) // item * item)
-            tail = handle.read()
-        largest = max(
-            (int(np.frombuffer(part, dtype=dtype).max()) for part in (head, tail) if part), default=-1
-        )
-        if largest >= vocab_size:
-            problems.append(
-                f"{prefix}.bin holds token id {largest}, but the tokenizer has {vocab_size:,} ids "
-                "(data.tokenizer): the dataset was made with another tokenizer; re-run `kumihimo data tokenize`"
-            )
-    if problems:
-        raise UserError(f"{len(problems)} problem(s) with the datasets:\n  " + "\n  ".join(problems))
 
 
 @dataclass
@@ -108,88 +55,34 @@ class Datasets:
     valid: torch.utils.data.Dataset | None
     tokenizer: MegatronTokenizerView
     fingerprint: dict
-    """What the sample stream depends on (`integrity.data_fingerprint`); saved in every checkpoint."""
+    """What the sample stream depends on (`data_inspection.data_fingerprint`); saved in every checkpoint."""
     valid_by_source: dict[str, torch.utils.data.Dataset] = field(default_factory=dict)
     """Each blend prefix's own validation split, by source name (evaluation.per_source_validation)."""
 
 
-def source_name(prefix: str) -> str:
-    """`.../ja_cc_text_document` -> `ja_cc`: the name per-source metrics are logged under."""
-    return Path(prefix).name.removesuffix("_text_document")
-
-
-def num_valid_samples(config: TrainConfig) -> int:
-    sched = config.schedule
+def num_valid_samples(sched: ScheduleConfig) -> int:
     if sched.eval_interval <= 0:
         return 0
     return sched.eval_iters * sched.global_batch_size
 
 
-SPLIT_NAMES = ("train", "validation", "test")
-
-
-def split_document_counts(num_documents: int, split: str) -> list[int]:
-    """Documents of one prefix in each split (train, validation, test), cut as Megatron's
-    BlendedMegatronDatasetBuilder cuts them: cumulative normalised weights, `round(bound * n)`."""
-    weights = [float(w) for w in split.split(",")]
-    weights += [0.0] * (3 - len(weights))
-    total = sum(weights)
-    bounds = [0.0]
-    for weight in weights:
-        bounds.append(bounds[-1] + weight / total)
-    return [int(round(b * num_documents)) - int(round(a * num_documents)) for a, b in zip(bounds, bounds[1:])]
-
-
-def check_splits(prefixes: list[str], num_documents: list[int], split: str) -> None:
-    """Refuse a split with weight that gets no document of some prefix: Megatron would build it
-    anyway and loop forever looking for tokens (GPTDataset._get_num_epochs)."""
-    weights = [float(w) for w in split.split(",")] + [0.0] * 2
-    empty = [
-        (prefix, n, counts, [SPLIT_NAMES[i] for i, c in enumerate(counts) if c == 0 and weights[i] > 0])
-        for prefix, n in zip(prefixes, num_documents)
-        for counts in [split_document_counts(n, split)]
-    ]
-    empty = [e for e in empty if e[3]]
-    if not empty:
-        return
-    prefix, n, counts, names = empty[0]
-    per_split = " / ".join(f"{c} {name}" for c, name in zip(counts, SPLIT_NAMES))
-    others = f" (and {len(empty) - 1} more prefix(es))" if len(empty) > 1 else ""
-    hint = _split_that_fits(min(num_documents), weights)
-    fix = f"use e.g. data.split={hint}" if hint else "give that source more documents"
-    raise UserError(
-        f"data.split={split} gives {source_name(prefix)} ({prefix}, {n} documents) {per_split} documents: "
-        f"the {' and '.join(names)} split would be empty{others}; {fix}, or set an unused split's weight to 0"
-    )
-
-
-def _split_that_fits(num_documents: int, weights: list[float]) -> str | None:
-    """The first `T,V,X` (percent) that gives every split with weight at least one of num_documents."""
-    used = [w > 0 for w in weights[:3]]
-    for part in range(1, 50):
-        candidate = [part if used[i] else 0 for i in (1, 2)]
-        text = ",".join(str(x) for x in (100 - sum(candidate), *candidate))
-        counts = split_document_counts(num_documents, text)
-        if all(c > 0 for c, u in zip(counts, [True, *used[1:]]) if u):
-            return text
-    return None
-
-
 def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
     """Build (or load from the cache) the train and validation splits; call on every rank."""
-    # deferred: `kumihimo train --check` reads the blend through this module without Megatron
+    # deferred: the batch helpers of this module (batch_indices, microbatches) do not need Megatron's builders
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
     data, sched = config.data, config.schedule
-    tokenizer = MegatronTokenizerView.from_config(config)
-    prefixes, weights, infos = integrity.check_datasets_and_tokenizer(config)
-    check_counts_and_ids(config, infos, tokenizer.vocab_size)
+    tokenizer = MegatronTokenizerView.from_config(config.data)
+    prefixes, weights, infos = data_inspection.check_datasets_and_tokenizer(config.data)
+    data_inspection.check_counts_and_ids(config.data, infos, tokenizer.vocab_size)
     sha = tokenizer.identity["sha256"] if tokenizer.identity else None
-    fingerprint = integrity.data_fingerprint(config, infos, weights, sha)
+    fingerprint = data_inspection.data_fingerprint(
+        config.data, config.model.seq_length, config.runtime.seed, infos, weights, sha
+    )
     # Megatron keys its index cache by path, split, seed and length, not by the files' contents: a
     # dataset re-tokenized into the same path would reuse stale indices. Key the folder by contents.
-    cache_dir = cache_dir / f"data-{integrity.fingerprint_digest(fingerprint)[:16]}"
+    cache_dir = cache_dir / f"data-{data_inspection.fingerprint_digest(fingerprint)[:16]}"
     dataset_config = GPTDatasetConfig(
         random_seed=config.runtime.seed,
         sequence_length=config.model.seq_length,
@@ -205,7 +98,7 @@ def build_datasets(config: TrainConfig, cache_dir: Path) -> Datasets:
         create_attention_mask=False,
         mmap_bin_files=True,
     )
-    sizes = [sched.train_iters * sched.global_batch_size, num_valid_samples(config), 0]
+    sizes = [sched.train_iters * sched.global_batch_size, num_valid_samples(sched), 0]
     if sizes[1] and float(data.split.split(",")[1]) == 0 and not data.mock:
         raise UserError(
             f"schedule.eval_interval={sched.eval_interval} needs a validation split but "
@@ -285,7 +178,7 @@ def source_validation_sets(
 
     out = {}
     for prefix in prefixes:
-        name = source_name(prefix)
+        name = data_inspection.source_name(prefix)
         if name in out:
             raise UserError(
                 f"two blend prefixes end in {name!r}; per-source validation names sources by file name, so "

@@ -1,4 +1,5 @@
-"""Process setup: who am I (torchrun, Slurm srun or mpirun variables), process groups, seeds.
+"""Process setup: who am I (torchrun, Slurm srun or mpirun variables), process groups, seeds, and the
+model inside the data-parallel wrappers (`unwrap`).
 
 One process per GPU (or per CPU worker). The rendezvous address comes from MASTER_ADDR/MASTER_PORT,
 which torchrun sets and the Slurm scripts derive from the job's first node.
@@ -140,3 +141,11 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def unwrap(module):
+    """The GPTModel inside DDP / Float16Module wrappers: checkpoint keys must not carry `module.`
+    prefixes, so checkpoints stay interchangeable with Megatron-LM's."""
+    while hasattr(module, "module") and not hasattr(module, "decoder"):
+        module = module.module
+    return module

@@ -1,11 +1,8 @@
 """Checks that keep a run from training on, resuming into or publishing the wrong thing without a word.
 
-- Datasets (`check_datasets`): every prefix's .idx header and counts, and the .bin size they imply,
-  before the model is built; one line per problem. Reads a few bytes of each .idx, never the .bin.
-- Data fingerprint (`data_fingerprint`): the tokenizer's sha256, split, sequence length, seed, blend
-  weights and each prefix's .idx header, sizes and a sample of its bytes. Saved in every checkpoint and
-  compared at resume (`compare_fingerprints`); it also keys Megatron's index cache, so a re-tokenized
-  dataset in the same path never reuses stale shuffling indices.
+- Resume, branch and pretrained weights (`check_resume`, `check_pretrained`): the checkpoint's model
+  shape, vocabulary, tokenizer and data fingerprint (`pretrain.data_inspection`, which also inspects
+  the datasets themselves) against this run's, with notes for what may change.
 - Finite state (`count_nonfinite`): weights and optimizer state are checked before every save, so a
   diverged run never publishes a checkpoint, moves `latest` onto it, or prunes a good one.
 - Output folders (`check_output_dir`) and free space (`check_free_space`) before anything is written.
@@ -13,13 +10,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
-import struct
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,189 +20,12 @@ import yaml
 
 from kumihimo.core.configtree import ConfigError, to_dict
 from kumihimo.core.errors import UserError
-from kumihimo.data_prep.indexed import DTYPE_CODES, INDEX_HEADER, INDEX_VERSION
+from kumihimo.pretrain import data_inspection
+from kumihimo.pretrain.distributed import unwrap
+from kumihimo.pretrain.optimizer import build_scheduler
 from kumihimo.pretrain.parallel import padded_vocab_size
-from kumihimo.tokenizer.base import load_tokenizer
 
-HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8
-SAMPLE_BYTES = 1 << 16
-"""Bytes of an .idx read from each end for the fingerprint (sequence lengths at the start, byte
-pointers and document indices at the end): cheap, and any re-tokenization of other text changes them."""
-_ITEM_SIZES = {code: dtype.itemsize for dtype, code in DTYPE_CODES.items()}
-RETOKENIZE = "re-run `kumihimo data tokenize` to rebuild it"
-
-
-# ---------------------------------------------------------------------------------------- datasets
-
-
-def inspect_prefix(prefix: str) -> tuple[dict[str, Any] | None, list[str]]:
-    """(what the .idx says and the file sizes, problems) of one Megatron dataset prefix."""
-    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
-    problems = [f"{path} is missing; {RETOKENIZE}" for path in (idx, bin_) if not path.is_file()]
-    if problems:
-        return None, problems
-    idx_bytes, bin_bytes = idx.stat().st_size, bin_.stat().st_size
-    with open(idx, "rb") as handle:
-        head = handle.read(HEADER_BYTES)
-        if len(head) < HEADER_BYTES or not head.startswith(INDEX_HEADER):
-            return None, [f"{idx} is not a Megatron index (bad or short header); {RETOKENIZE}"]
-        version, code, num_sequences, num_documents = struct.unpack_from("<QBQQ", head, len(INDEX_HEADER))
-        if version != INDEX_VERSION or code not in _ITEM_SIZES:
-            return None, [
-                f"{idx} has index version {version} and dtype code {code}, not a Megatron index; {RETOKENIZE}"
-            ]
-        expected_idx = HEADER_BYTES + 12 * num_sequences + 8 * num_documents
-        if idx_bytes != expected_idx or num_documents < 1:
-            return None, [
-                f"{idx} is {idx_bytes} bytes but its header ({num_sequences} sequences, {num_documents} "
-                f"document indices) needs {expected_idx}: truncated or corrupt; {RETOKENIZE}"
-            ]
-        expected_bin = 0
-        if num_sequences:
-            handle.seek(HEADER_BYTES + 4 * (num_sequences - 1))
-            (last_length,) = struct.unpack("<i", handle.read(4))
-            handle.seek(HEADER_BYTES + 4 * num_sequences + 8 * (num_sequences - 1))
-            (last_pointer,) = struct.unpack("<q", handle.read(8))
-            expected_bin = last_pointer + last_length * _ITEM_SIZES[code]
-        handle.seek(idx_bytes - 8)
-        (last_document,) = struct.unpack("<q", handle.read(8))
-        if last_document != num_sequences:
-            problems.append(
-                f"{idx} ends its document indices at {last_document}, not at its {num_sequences} "
-                f"sequences: corrupt; {RETOKENIZE}"
-            )
-        if bin_bytes != expected_bin:
-            problems.append(
-                f"{bin_} is {bin_bytes} bytes but {idx.name} indexes {expected_bin}: "
-                f"{'truncated' if bin_bytes < expected_bin else 'not the file the index was written with'}; "
-                f"{RETOKENIZE}"
-            )
-        handle.seek(0)
-        sample = hashlib.sha256(handle.read(SAMPLE_BYTES))
-        handle.seek(max(0, idx_bytes - SAMPLE_BYTES))
-        sample.update(handle.read(SAMPLE_BYTES))
-    info = {
-        "prefix": str(prefix),
-        "dtype_code": code,
-        "num_sequences": num_sequences,
-        "num_documents": num_documents,
-        "idx_bytes": idx_bytes,
-        "bin_bytes": bin_bytes,
-        "idx_sample_sha256": sample.hexdigest(),
-    }
-    return info, problems
-
-
-def check_datasets(prefixes: list[str], source: str) -> list[dict[str, Any]]:
-    """Inspect every prefix; raise one UserError listing every problem (one line each)."""
-    infos, problems = [], []
-    for prefix in prefixes:
-        info, found = inspect_prefix(prefix)
-        infos.append(info)
-        problems += found
-    if problems:
-        raise UserError(
-            f"{len(problems)} problem(s) with the datasets of {source}:\n  " + "\n  ".join(problems)
-        )
-    return infos
-
-
-def check_tokenizer_matches_data(recorded: dict | None, current: dict | None, blend_file: str) -> None:
-    """The blend.yaml records the tokenizer its datasets were made with; training with another one
-    (even of the same vocabulary size) would learn from token ids that mean other pieces."""
-    if not recorded or not current or recorded.get("sha256") in (None, current["sha256"]):
-        return
-    raise UserError(
-        f"data.tokenizer={current['path']} (sha256 {current['sha256'][:12]}) is not the tokenizer the "
-        f"datasets in {blend_file} were made with (sha256 {recorded['sha256'][:12]}, {recorded.get('path')}); "
-        f"set data.tokenizer={recorded.get('path')} or re-run `kumihimo data tokenize` with this one"
-    )
-
-
-def check_datasets_and_tokenizer(config) -> tuple[list[str], list[float], list[dict[str, Any]]]:
-    """(prefixes, weights, what each .idx says) of a config's blend, after checking the datasets and
-    that data.tokenizer is the tokenizer the blend file records and that every split with weight gets
-    documents of every prefix; nothing for mock data."""
-    if config.data.mock:
-        return [], [], []
-    from kumihimo.pretrain.data import check_splits, read_blend  # deferred: pretrain.data imports this
-
-    prefixes, weights, recorded = read_blend(config)
-    if recorded and config.data.tokenizer:
-        check_tokenizer_matches_data(
-            recorded, load_tokenizer(config.data.tokenizer).identity(), config.data.blend_file
-        )
-    infos = check_datasets(prefixes, config.data.blend_file or "data.blend")
-    # the .idx header counts document boundaries: one more than documents
-    check_splits(prefixes, [info["num_documents"] - 1 for info in infos], config.data.split)
-    return prefixes, weights, infos
-
-
-# ------------------------------------------------------------------------------------- fingerprint
-
-
-def data_fingerprint(config, datasets: list[dict[str, Any]], weights: list[float], tokenizer_sha: str | None):
-    """What the sample stream of a run depends on (see the module docstring)."""
-    return {
-        "tokenizer_sha256": tokenizer_sha,
-        "mock": config.data.mock,
-        "split": config.data.split,
-        "seq_length": config.model.seq_length,
-        "seed": config.runtime.seed,
-        "datasets": [{**info, "weight": weight} for info, weight in zip(datasets, weights)],
-    }
-
-
-def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
-
-
-_CONTENT_KEYS = (
-    "dtype_code",
-    "num_sequences",
-    "num_documents",
-    "idx_bytes",
-    "bin_bytes",
-    "idx_sample_sha256",
-)
-
-
-def _content(entry: dict[str, Any]) -> tuple:
-    return tuple(entry.get(k) for k in _CONTENT_KEYS)
-
-
-def compare_fingerprints(
-    saved: dict[str, Any], now: dict[str, Any]
-) -> tuple[str | None, list[str], list[str]]:
-    """(tokenizer refusal, changes that alter the sample stream, harmless differences) between the
-    fingerprint a checkpoint recorded and this run's."""
-    tokenizer = None
-    if saved.get("tokenizer_sha256") != now.get("tokenizer_sha256"):
-        tokenizer = f"tokenizer sha256 {str(saved.get('tokenizer_sha256'))[:12]} -> {str(now.get('tokenizer_sha256'))[:12]}"
-    changes = [
-        f"{key} {saved.get(key)!r} -> {now.get(key)!r}"
-        for key in ("mock", "split", "seq_length", "seed")
-        if saved.get(key) != now.get(key)
-    ]
-    harmless = []
-    old, new = saved.get("datasets", []), now.get("datasets", [])
-    if len(old) != len(new):
-        changes.append(f"{len(old)} dataset prefix(es) -> {len(new)}")
-    else:
-        for before, after in zip(old, new):
-            name = before["prefix"]
-            if _content(before) != _content(after):
-                diff = [
-                    f"{k} {before.get(k)} -> {after.get(k)}"
-                    for k in _CONTENT_KEYS
-                    if before.get(k) != after.get(k) and k != "idx_sample_sha256"
-                ] or ["same sizes, other contents"]
-                changes.append(f"{name}: {', '.join(diff)} (re-tokenized)")
-            elif before["prefix"] != after["prefix"]:
-                harmless.append(f"{name} moved to {after['prefix']} (same contents)")
-            if before.get("weight") != after.get("weight"):
-                changes.append(f"{name}: blend weight {before.get('weight')} -> {after.get('weight')}")
-    return tokenizer, changes, harmless
+# ----------------------------------------------------------------------------------------- resume
 
 
 SHAPE_KEYS = (
@@ -257,7 +73,7 @@ def check_resume(
                 "(new checkpoint.dir) to change the data"
             )
         saved = {**fingerprint, "tokenizer_sha256": (meta.get("tokenizer") or {}).get("sha256")}
-    tokenizer, changes, harmless = compare_fingerprints(saved, fingerprint)
+    tokenizer, changes, harmless = data_inspection.compare_fingerprints(saved, fingerprint)
     if tokenizer:
         recorded = meta.get("tokenizer") or {}
         raise ConfigError(
@@ -358,10 +174,8 @@ def _schedule_change_note(saved_config: dict, folder: Path, config) -> str | Non
 
 def _learning_rate_at(config, step: int) -> float:
     """The learning rate `config`'s schedule gives after `step` steps (what the trainer's scheduler gives)."""
-    from kumihimo.pretrain.training import build_scheduler
-
     optimizer = torch.optim.SGD([torch.zeros(1)], lr=0.0)
-    scheduler = build_scheduler(config, optimizer)
+    scheduler = build_scheduler(config.optimizer, config.schedule, optimizer)
     scheduler.step(increment=step)
     return scheduler.get_lr(optimizer.param_groups[0])
 
@@ -400,30 +214,12 @@ def check_pretrained(
     return []
 
 
-def check_pretrained_at_check(config, tp: int) -> list[str]:
-    """`kumihimo train --check`: the same vocabulary refusal as at the start of training, for
-    checkpoint.pretrained with a tokenizer (the trainer otherwise reports it only after building the
-    model). Notes as check_pretrained returns them; nothing to check without either."""
-    from kumihimo.pretrain.checkpointing import find_checkpoint, read_meta  # it imports this module
-
-    if config.checkpoint.pretrained is None or config.data.tokenizer is None:
-        return []
-    folder = find_checkpoint(Path(config.checkpoint.pretrained))
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    padded = padded_vocab_size(tokenizer.vocab_size, config.model.make_vocab_size_divisible_by, tp)
-    return check_pretrained(
-        read_meta(folder), folder, config, tokenizer.identity(), tokenizer.vocab_size, padded, tp
-    )
-
-
 # ----------------------------------------------------------------------------------- finite state
 
 
 def state_tensors(model_chunks, optimizer) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of every weight and optimizer tensor this rank holds, each once (fp32 main
     weights and Adam moments included; with the distributed optimizer, this rank's shard)."""
-    from kumihimo.pretrain.checkpointing import unwrap  # deferred: checkpointing imports this module
-
     named = {}
     for chunk in model_chunks:
         for name, param in unwrap(chunk).named_parameters():

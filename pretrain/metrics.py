@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kumihimo.core import configtree
 from kumihimo.core.logs import stage_logger
-from kumihimo.pretrain.config import TrainConfig
+from kumihimo.pretrain.config import ModelConfig, TrainConfig
 
 log = stage_logger(None)
 
 
-def training_flops_per_token(config: TrainConfig, padded_vocab_size: int) -> float:
-    m = config.model
+def training_flops_per_token(m: ModelConfig, padded_vocab_size: int) -> float:
     h, f, s, layers = m.hidden_size, m.ffn_hidden_size, m.seq_length, m.num_layers
     q = m.num_attention_heads * m.head_dim
     kv = m.query_groups * m.head_dim
@@ -83,8 +84,12 @@ class MetricsSink:
                 self._tb.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
-        if force or step % self.interval == 0:
+        if self.prints(step, force):
             log.info(format_line(step, values))
+
+    def prints(self, step: int, force: bool = False) -> bool:
+        """Whether step `step`'s metrics line goes to the console (every `logging.log_interval` steps)."""
+        return force or step % self.interval == 0
 
     def close(self) -> None:
         if self._jsonl:
@@ -93,6 +98,34 @@ class MetricsSink:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+class StepTimer:
+    """Seconds per training step. On a GPU the kernels of a step are still queued when the Python code
+    of the step returns, so a step's time is exact only after `torch.cuda.synchronize()`, which stalls
+    the launch of the next step. The timer therefore synchronizes only for the steps whose time is
+    reported and gives their time as the mean over the steps since the previous reported one. Without a
+    `synchronize` (CPU, where work is done when the call returns) every step is timed on its own."""
+
+    def __init__(self, synchronize: Callable[[], None] | None):
+        self.synchronize = synchronize
+        self._unreported_s = 0.0
+        self._unreported_steps = 0
+
+    def stop(self, started: float, reported: bool) -> float | None:
+        """The step that began at `started` (time.perf_counter()) has been launched: its seconds (the mean
+        since the last reported step), or None for an unreported GPU step, whose time is carried on."""
+        if self.synchronize is None:
+            return time.perf_counter() - started
+        if not reported:
+            self._unreported_s += time.perf_counter() - started
+            self._unreported_steps += 1
+            return None
+        self.synchronize()
+        total = self._unreported_s + time.perf_counter() - started
+        steps = self._unreported_steps + 1
+        self._unreported_s, self._unreported_steps = 0.0, 0
+        return total / steps
 
 
 def format_line(step: int, values: dict[str, Any]) -> str:

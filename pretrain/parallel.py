@@ -8,12 +8,9 @@ a message naming the keys, the values and a fix.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from kumihimo.core.configtree import ConfigError
-
-if TYPE_CHECKING:
-    from kumihimo.pretrain.config import TrainConfig
+from kumihimo.pretrain.config import TrainConfig, check_model_fits_layout
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -21,47 +18,6 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     place this rule lives: training, `plan` and `convert from-hf` all call it."""
     multiple = divisible_by * tp
     return -(-vocab_size // multiple) * multiple
-
-
-def check_model_fits_layout(config: TrainConfig) -> None:
-    """Rules between the model shape and TP/PP/VPP that hold whatever the world size."""
-    model, par = config.model, config.parallelism
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    vpp = par.virtual_pipeline_model_parallel_size or 1
-    if model.num_attention_heads % tp:
-        raise ConfigError(
-            f"parallelism.tensor_model_parallel_size={tp} does not divide model.num_attention_heads="
-            f"{model.num_attention_heads}; choose a TP that divides the head count"
-        )
-    groups = model.query_groups
-    if groups % tp and tp % groups:
-        raise ConfigError(
-            f"parallelism.tensor_model_parallel_size={tp} and model.num_query_groups={groups} must divide "
-            "one another; choose a TP that divides the number of query groups (or a multiple of it)"
-        )
-    if model.ffn_hidden_size % tp:
-        raise ConfigError(
-            f"parallelism.tensor_model_parallel_size={tp} does not divide model.ffn_hidden_size="
-            f"{model.ffn_hidden_size}; choose an FFN size that is a multiple of TP"
-        )
-    if model.num_layers % (pp * vpp):
-        raise ConfigError(
-            f"model.num_layers={model.num_layers} is not divisible by pipeline_model_parallel_size x "
-            f"virtual_pipeline_model_parallel_size = {pp} x {vpp}; choose a layer count that is a multiple of "
-            f"{pp * vpp} or change PP/VPP"
-        )
-    seq = model.seq_length
-    cp = par.context_parallel_size
-    if cp > 1 and seq % (2 * cp):
-        raise ConfigError(
-            f"model.seq_length={seq} is not divisible by 2 x context_parallel_size={cp}; "
-            f"choose a multiple of {2 * cp}"
-        )
-    if par.sequence_parallel and (seq // cp) % tp:
-        raise ConfigError(
-            f"model.seq_length={seq} / CP={cp} is not divisible by TP={tp} as sequence parallel "
-            "needs; change the sequence length or TP"
-        )
 
 
 @dataclass(frozen=True)
@@ -111,7 +67,7 @@ class ParallelLayout:
                 f"({sched.global_batch_size // per_step}) to be a multiple of PP={pp}; change "
                 "schedule.global_batch_size"
             )
-        check_model_fits_layout(config)
+        check_model_fits_layout(config.model, config.parallelism)
         return cls(
             world_size=world_size,
             tp=tp,

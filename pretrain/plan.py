@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
-from kumihimo.pretrain.config import TrainConfig
+from kumihimo.pretrain.config import ModelConfig, PrecisionConfig, TrainConfig
 from kumihimo.pretrain.parallel import ParallelLayout
 
 GB = 1e9
@@ -73,16 +73,33 @@ class Plan:
         )
 
 
-def layer_params(config: TrainConfig) -> int:
-    m = config.model
+@dataclass(frozen=True)
+class ActivationSizes:
+    """What, besides the model's shape and the layout, sets the bytes a layer keeps for backward."""
+
+    dtype_bytes: int
+    """Bytes per activation element (param_dtype_bytes)."""
+    sequence_parallel: bool
+    transformer_engine: bool
+    """Transformer Engine layers (uses_transformer_engine) rather than Megatron's local ones."""
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> ActivationSizes:
+        return cls(
+            param_dtype_bytes(config.precision),
+            config.parallelism.sequence_parallel,
+            uses_transformer_engine(config.model, config.runtime.device),
+        )
+
+
+def layer_params(m: ModelConfig) -> int:
     h, f = m.hidden_size, m.ffn_hidden_size
     q, kv = m.num_attention_heads * m.head_dim, m.query_groups * m.head_dim
     return h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h  # QKV, proj, fc1 (gate+up), fc2, two RMSNorms
 
 
-def stage_params(config: TrainConfig, layout: ParallelLayout, padded_vocab: int, stage: int) -> int:
+def stage_params(m: ModelConfig, layout: ParallelLayout, padded_vocab: int, stage: int) -> int:
     """Parameters on one GPU (one TP rank) of pipeline stage `stage`."""
-    m = config.model
     h, f = m.hidden_size, m.ffn_hidden_size
     q, kv = m.num_attention_heads * m.head_dim, m.query_groups * m.head_dim
     # KV heads are replicated when there are fewer query groups than TP ranks.
@@ -103,30 +120,31 @@ def stage_params(config: TrainConfig, layout: ParallelLayout, padded_vocab: int,
     return count
 
 
-def param_dtype_bytes(config: TrainConfig) -> int:
+def param_dtype_bytes(precision: PrecisionConfig) -> int:
     """Bytes per element of weights and activations in the run's parameter dtype."""
-    return 2 if config.precision.params_dtype == "bf16" else 4
+    return 2 if precision.params_dtype == "bf16" else 4
 
 
-def uses_transformer_engine(config: TrainConfig) -> bool:
+def uses_transformer_engine(model: ModelConfig, device: str) -> bool:
     """Which layers the plan counts: `auto` means Transformer Engine on GPU nodes (the te extra)."""
-    impl = config.model.transformer_impl
-    return impl == "transformer_engine" or (impl == "auto" and config.runtime.device == "cuda")
+    impl = model.transformer_impl
+    return impl == "transformer_engine" or (impl == "auto" and device == "cuda")
 
 
-def activation_bytes_per_layer(config: TrainConfig, layout: ParallelLayout, recompute: str) -> float:
+def activation_bytes_per_layer(
+    m: ModelConfig, layout: ParallelLayout, recompute: str, sizes: ActivationSizes
+) -> float:
     """Bytes one layer keeps for backward for one micro-batch on one GPU (see the module docstring)."""
-    m = config.model
-    s, b, h, f = m.seq_length // layout.cp, config.schedule.micro_batch_size, m.hidden_size, m.ffn_hidden_size
+    s, b, h, f = m.seq_length // layout.cp, layout.micro_batch_size, m.hidden_size, m.ffn_hidden_size
     q, kv, t = m.num_attention_heads * m.head_dim, m.query_groups * m.head_dim, layout.tp
-    e = param_dtype_bytes(config)
-    sp = t if config.parallelism.sequence_parallel else 1
+    e = sizes.dtype_bytes
+    sp = t if sizes.sequence_parallel else 1
     tokens = s * b
     if recompute == "full":
         return e * tokens * h / sp
     recomputed = set(m.recompute_modules) if recompute == "selective" else set()
     mlp = 0 if "mlp" in recomputed else 1
-    if uses_transformer_engine(config):
+    if sizes.transformer_engine:
         return e * tokens * (4 * h / sp + (2 * q + 2 * kv + 3 * f * mlp) / t)
     per_token = e * (6 * h / sp + (3 * q + 3 * kv + 5 * f * mlp + 2 * kv * (layout.cp - 1)) / t)
     per_token += 4 * 2 / sp  # fp32 1/rms of two norms
@@ -136,15 +154,14 @@ def activation_bytes_per_layer(config: TrainConfig, layout: ParallelLayout, reco
 
 
 def microbatch_activation_bytes(
-    config: TrainConfig, layout: ParallelLayout, padded_vocab: int, stage: int
+    m: ModelConfig, layout: ParallelLayout, padded_vocab: int, stage: int, sizes: ActivationSizes
 ) -> float:
     """Saved-for-backward bytes of one micro-batch through one pipeline stage (all its model chunks):
     what `pretrain/memory.py` measures in a run."""
-    m = config.model
-    tokens = m.seq_length // layout.cp * config.schedule.micro_batch_size
-    sp = layout.tp if config.parallelism.sequence_parallel else 1
-    e = param_dtype_bytes(config)
-    total = activation_bytes_per_layer(config, layout, m.recompute) * (m.num_layers // layout.pp)
+    tokens = m.seq_length // layout.cp * layout.micro_batch_size
+    sp = layout.tp if sizes.sequence_parallel else 1
+    e = sizes.dtype_bytes
+    total = activation_bytes_per_layer(m, layout, m.recompute, sizes) * (m.num_layers // layout.pp)
     if stage == 0:
         total += 8 * tokens  # the embedding's int64 token ids
     if stage == layout.pp - 1:
@@ -156,22 +173,23 @@ def microbatch_activation_bytes(
 def make_plan(config: TrainConfig, world_size: int, vocab_size: int, reserve_gb: float = 6.0) -> Plan:
     layout = ParallelLayout.from_config(config, world_size)
     padded = layout.padded_vocab_size(vocab_size, config.model.make_vocab_size_divisible_by)
-    per_stage = [stage_params(config, layout, padded, stage) for stage in range(layout.pp)]
+    per_stage = [stage_params(config.model, layout, padded, stage) for stage in range(layout.pp)]
     params = max(per_stage)
     bf16 = config.precision.params_dtype == "bf16"
     dp_split = layout.dp if config.parallelism.use_distributed_optimizer else 1
-    weight_bytes = param_dtype_bytes(config)
+    weight_bytes = param_dtype_bytes(config.precision)
+    sizes = ActivationSizes.of(config)
     grad_bytes = 4 if (config.precision.grad_reduce_in_fp32 or not bf16) else 2
     optimizer_bytes = (12 if bf16 else 8) / dp_split
     m = config.model
     vpp = layout.vpp or 1
     interleave = 1 + (layout.pp - 1) / (layout.pp * vpp) if layout.vpp else 1.0
-    activations = activation_bytes_per_layer(config, layout, m.recompute) * m.num_layers * interleave
+    activations = activation_bytes_per_layer(m, layout, m.recompute, sizes) * m.num_layers * interleave
     if m.recompute == "full":  # plus one layer's full working set while it is recomputed
-        activations += activation_bytes_per_layer(config, layout, "none")
+        activations += activation_bytes_per_layer(m, layout, "none", sizes)
     logits = 2 * 4 * m.seq_length // layout.cp * config.schedule.micro_batch_size * padded / layout.tp
     bubble = (layout.pp - 1) / (layout.num_microbatches * vpp) if layout.pp > 1 else 0.0
-    total = sum(stage_params(config, layout, padded, st) for st in range(layout.pp)) * layout.tp
+    total = sum(stage_params(m, layout, padded, st) for st in range(layout.pp)) * layout.tp
     return Plan(
         layout=layout,
         padded_vocab=padded,
@@ -202,7 +220,11 @@ def format_plan(config: TrainConfig, plan: Plan, gpu_memory_gb: float) -> str:
             else ""
         ),
         f"  activations      {plan.activations_gb:8.1f} GB  (recompute: {config.model.recompute}; "
-        + ("Transformer Engine layers)" if uses_transformer_engine(config) else "local layers)"),
+        + (
+            "Transformer Engine layers)"
+            if uses_transformer_engine(config.model, config.runtime.device)
+            else "local layers)"
+        ),
         f"  logits           {plan.logits_gb:8.1f} GB",
         f"  reserve          {plan.reserve_gb:8.1f} GB",
         f"  total            {plan.total_gb:8.1f} GB of {gpu_memory_gb:g} GB -> "

@@ -19,11 +19,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
-    DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
@@ -31,19 +29,20 @@ from megatron.core.transformer.module import Float16Module
 from kumihimo import __version__
 from kumihimo.core import configtree
 from kumihimo.core.logs import log_to_stderr, stage_logger
-from kumihimo.pretrain import checkpointing, integrity
+from kumihimo.pretrain import checkpoint_format, checkpointing, integrity
 from kumihimo.pretrain.branch import resolve_lineage
-from kumihimo.pretrain.checkpointing import CheckpointManager, TrainState
+from kumihimo.pretrain.checkpoint_format import TrainState, source_vocab_rows
+from kumihimo.pretrain.checkpointing import CheckpointManager
 from kumihimo.pretrain.config import TrainConfig
-from kumihimo.pretrain.convert.to_hf import source_vocab_rows
 from kumihimo.pretrain.data import Datasets, batch_indices, build_datasets, microbatches
-from kumihimo.pretrain.distributed import ProcessInfo, destroy, init_process_group, seed_everything
+from kumihimo.pretrain.distributed import ProcessInfo, destroy, init_process_group, seed_everything, unwrap
 from kumihimo.pretrain.evaluate.in_loop import InLoopEvaluation, perplexity, source_metrics
 from kumihimo.pretrain.evaluate.plot import write_plot
 from kumihimo.pretrain.loss import cross_entropy_and_z
 from kumihimo.pretrain.memory import ActivationMeter, state_bytes
-from kumihimo.pretrain.metrics import MetricsSink, training_flops_per_token
-from kumihimo.pretrain.model import DTYPES, build_model, slice_for_context_parallel
+from kumihimo.pretrain.metrics import MetricsSink, StepTimer, training_flops_per_token
+from kumihimo.pretrain.model import build_model, slice_for_context_parallel
+from kumihimo.pretrain.optimizer import build_ddp_config, build_optimizer_config, build_scheduler
 from kumihimo.pretrain.parallel import ParallelLayout
 from kumihimo.pretrain.signals import (
     EXIT_BAD_LOSS,
@@ -101,60 +100,6 @@ def forward_step(data_iterator, model, z_loss_coeff: float = 0.0, meter: Activat
             batch["tokens"], batch["position_ids"], batch.get("document_ids"), labels=batch["labels"]
         )
         return output, partial(loss_func, batch["loss_mask"])
-
-
-def build_scheduler(config: TrainConfig, optimizer) -> OptimizerParamScheduler:
-    """The learning-rate (and weight-decay) schedule of `config.schedule`, at step 0."""
-    opt, sched = config.optimizer, config.schedule
-    decay_iters = sched.decay_iters
-    wsd = sched.lr_decay_style == "WSD"
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=opt.lr,
-        min_lr=opt.min_lr,
-        lr_warmup_steps=sched.lr_warmup_iters,
-        lr_decay_steps=decay_iters,
-        lr_decay_style=sched.lr_decay_style,
-        start_wd=opt.weight_decay,
-        end_wd=opt.weight_decay,
-        wd_incr_steps=decay_iters,
-        wd_incr_style="constant",
-        wsd_decay_steps=sched.wsd_decay_iters if wsd else None,
-        lr_wsd_decay_style=sched.lr_wsd_decay_style if wsd else None,
-    )
-
-
-def build_ddp_config(config: TrainConfig) -> DistributedDataParallelConfig:
-    """Megatron's DDP settings of this run (benchmarks/check_megatron_args.py compares them with
-    Megatron-LM's own for the same published arguments)."""
-    return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=config.precision.grad_reduce_in_fp32,
-        overlap_grad_reduce=config.parallelism.overlap_grad_reduce,
-        overlap_param_gather=config.parallelism.overlap_param_gather,
-        use_distributed_optimizer=config.parallelism.use_distributed_optimizer,
-        check_for_nan_in_grad=False,  # LossGuard judges the loss and skips or stops (resilience.*)
-    )
-
-
-def build_optimizer_config(config: TrainConfig) -> OptimizerConfig:
-    """Megatron's optimizer settings of this run (AdamW; fp32 main weights for bf16)."""
-    opt = config.optimizer
-    dtype = DTYPES[config.precision.params_dtype]
-    return OptimizerConfig(
-        optimizer="adam",
-        lr=opt.lr,
-        min_lr=opt.min_lr,
-        weight_decay=opt.weight_decay,
-        adam_beta1=opt.adam_beta1,
-        adam_beta2=opt.adam_beta2,
-        adam_eps=opt.adam_eps,
-        clip_grad=opt.clip_grad,
-        bf16=dtype == torch.bfloat16,
-        params_dtype=dtype,
-        use_distributed_optimizer=config.parallelism.use_distributed_optimizer,
-        overlap_param_gather=config.parallelism.overlap_param_gather,  # as Megatron-LM copies it
-    )
 
 
 class Trainer:
@@ -225,10 +170,11 @@ class Trainer:
         log.info(f"building the model and optimizer ({self.layout.describe()})")
         self._build_model_and_optimizer()
         log.info(f"model and optimizer built in {time.perf_counter() - started:.1f} s")
-        self.flops_per_token = training_flops_per_token(cfg, self.padded_vocab)
+        self.flops_per_token = training_flops_per_token(cfg.model, self.padded_vocab)
         self._record_parameter_counts()
         self.memory_meter: ActivationMeter | None = ActivationMeter(self.model)
         self.metrics = MetricsSink(cfg, self.output_dir, enabled=self.is_logger)
+        self.step_timer = StepTimer(torch.cuda.synchronize if self.device.type == "cuda" else None)
         self.downstream = InLoopEvaluation.from_config(
             cfg, self.model, self.device, self.output_dir, self.is_logger
         )
@@ -261,15 +207,17 @@ class Trainer:
         bf16 = cfg.precision.params_dtype == "bf16"
         if bf16:  # before DDP, else the optimizer's sharded state dict mismatches parameter ids
             chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
-        ddp_config = build_ddp_config(cfg)
+        ddp_config = build_ddp_config(cfg.precision, cfg.parallelism)
         self.model = [
             DistributedDataParallel(
                 config=chunk.config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0
             )
             for i, chunk in enumerate(chunks)
         ]
-        self.optimizer = get_megatron_optimizer(build_optimizer_config(cfg), self.model)
-        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.optimizer = get_megatron_optimizer(
+            build_optimizer_config(cfg.optimizer, cfg.precision, cfg.parallelism), self.model
+        )
+        self.scheduler = build_scheduler(cfg.optimizer, cfg.schedule, self.optimizer)
         tconfig = self.model[0].config
         tconfig.grad_scale_func = self.optimizer.scale_loss
         tconfig.finalize_model_grads_func = finalize_model_grads
@@ -284,7 +232,7 @@ class Trainer:
 
     def _record_parameter_counts(self) -> None:
         """Parameters held by each rank, to parameters_per_rank.json (`kumihimo plan` predicts them)."""
-        local = sum(p.numel() for chunk in self.model for p in checkpointing.unwrap(chunk).parameters())
+        local = sum(p.numel() for chunk in self.model for p in unwrap(chunk).parameters())
         row = {
             "rank": self.info.rank,
             "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
@@ -343,7 +291,7 @@ class Trainer:
     def _maybe_resume(self) -> None:
         ckpt = self.config.checkpoint
         root = ckpt.load or self.config.checkpoint_dir
-        if root is None or checkpointing.read_latest(Path(root)) is None:
+        if root is None or checkpoint_format.read_latest(Path(root)) is None:
             if ckpt.load is not None:
                 raise configtree.ConfigError(
                     f"checkpoint.load={ckpt.load!r} holds no complete checkpoint; check the path or unset it"
@@ -353,8 +301,8 @@ class Trainer:
             elif ckpt.pretrained is not None:
                 self._load_pretrained(Path(ckpt.pretrained))
             return
-        folder = checkpointing.find_checkpoint(Path(root))
-        meta = checkpointing.read_meta(folder)
+        folder = checkpoint_format.find_checkpoint(Path(root))
+        meta = checkpoint_format.read_meta(folder)
         if meta.get("weights_only"):
             raise configtree.ConfigError(
                 f"{folder} holds weights only (no optimizer state) and cannot be resumed; pass it as "
@@ -371,8 +319,8 @@ class Trainer:
         )
 
     def _load_pretrained(self, root: Path) -> None:
-        folder = checkpointing.find_checkpoint(root)
-        meta, tokenizer = checkpointing.read_meta(folder), self.datasets.tokenizer
+        folder = checkpoint_format.find_checkpoint(root)
+        meta, tokenizer = checkpoint_format.read_meta(folder), self.datasets.tokenizer
         for note in integrity.check_pretrained(
             meta,
             folder,
@@ -397,7 +345,7 @@ class Trainer:
         """Model and optimizer state (and RNG at the same TP/PP) from the branch's source; the step, data
         position and learning-rate schedule stay at this config's start."""
         folder = Path(self.lineage["source"])
-        meta = checkpointing.read_meta(folder)
+        meta = checkpoint_format.read_meta(folder)
         self._check_resume_compatible(meta, folder, branch=True)
         self._inherit_source(meta)
         started = _announce_load(folder, "checkpoint")
@@ -440,7 +388,9 @@ class Trainer:
         stop = self.stop
         stop.training = True  # from here a stop signal saves at the next step boundary
         while self.state.iteration < last_step:
-            values = self.train_step()
+            upcoming = self.state.iteration + 1
+            timed = cfg.logging.time_every_step or self.metrics.prints(upcoming, upcoming in (1, last_step))
+            values = self.train_step(timed=timed)
             result.losses.append(values["loss"])
             step = self.state.iteration
             evaluated = bool(sched.eval_interval) and step % sched.eval_interval == 0
@@ -505,7 +455,9 @@ class Trainer:
             return True
         return False
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, timed: bool = True) -> dict[str, float]:
+        """One optimizer step. `timed`: report this step's time (and on a GPU synchronize for it,
+        metrics.StepTimer); an untimed GPU step's values carry no step time, throughput or MFU."""
         start = time.perf_counter()
         for chunk in self.model:
             chunk.zero_grad_buffer()
@@ -545,23 +497,25 @@ class Trainer:
         gbs = self.layout.global_batch_size
         self.state.consumed_samples += gbs
         self.state.consumed_tokens += gbs * self.config.model.seq_length
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        tokens_per_s = gbs * self.config.model.seq_length / elapsed
-        tflops = self.flops_per_token * tokens_per_s / self.info.world_size / 1e12
+        elapsed = self.step_timer.stop(start, reported=timed)
         values = {
             "loss": loss,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "step_time_s": elapsed,
-            "tokens_per_s": tokens_per_s,
+            "tokens_per_s": None,
             "consumed_tokens": self.state.consumed_tokens,
             "skipped": skipped,
         }
+        if elapsed is None:  # an untimed GPU step: its time is in the next reported step's mean
+            del values["step_time_s"], values["tokens_per_s"]
+        else:
+            values["tokens_per_s"] = gbs * self.config.model.seq_length / elapsed
         if self.device.type == "cuda":  # FLOP rates against a GPU peak mean nothing on CPU
-            values["tflops_per_gpu"] = tflops
-            values["mfu"] = tflops / self.config.logging.peak_tflops
+            if elapsed is not None:
+                tflops = self.flops_per_token * values["tokens_per_s"] / self.info.world_size / 1e12
+                values["tflops_per_gpu"] = tflops
+                values["mfu"] = tflops / self.config.logging.peak_tflops
             values["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         return values
 
@@ -586,23 +540,25 @@ class Trainer:
             chunk.eval()
         dp_rank = parallel_state.get_data_parallel_rank()
         gathered = []
-        for i in range(self.config.schedule.eval_iters):
-            indices = batch_indices(i * self.layout.global_batch_size, self.layout, dp_rank)
-            iterators = [
-                microbatches(self.datasets.valid if dataset is None else dataset, indices, self.device)
-                for _ in self.model
-            ]
-            gathered += get_forward_backward_func()(
-                forward_step_func=self.forward_step,
-                data_iterator=iterators if len(iterators) > 1 else iterators[0],
-                model=self.model if len(self.model) > 1 else self.model[0],
-                num_microbatches=self.layout.num_microbatches,
-                seq_length=self.config.model.seq_length,
-                micro_batch_size=self.layout.micro_batch_size,
-                forward_only=True,
-            )
-        for chunk in self.model:
-            chunk.train()
+        try:
+            for i in range(self.config.schedule.eval_iters):
+                indices = batch_indices(i * self.layout.global_batch_size, self.layout, dp_rank)
+                iterators = [
+                    microbatches(self.datasets.valid if dataset is None else dataset, indices, self.device)
+                    for _ in self.model
+                ]
+                gathered += get_forward_backward_func()(
+                    forward_step_func=self.forward_step,
+                    data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                    model=self.model if len(self.model) > 1 else self.model[0],
+                    num_microbatches=self.layout.num_microbatches,
+                    seq_length=self.config.model.seq_length,
+                    micro_batch_size=self.layout.micro_batch_size,
+                    forward_only=True,
+                )
+        finally:  # an evaluation that raises (a caught stop, a bad batch) must not leave dropout off
+            for chunk in self.model:
+                chunk.train()
         return self._reduce_loss(gathered)
 
     def save(self) -> Path | None:

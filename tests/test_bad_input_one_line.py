@@ -120,14 +120,13 @@ def test_blend_weights_that_are_not_positive_numbers_are_one_line(blend, weight)
 
 
 def _check(blend, vocab_size=1000):
-    from kumihimo.pretrain import integrity
     from kumihimo.pretrain.config import TrainConfig
-    from kumihimo.pretrain.data import check_counts_and_ids, read_blend
+    from kumihimo.pretrain.data_inspection import check_counts_and_ids, check_datasets, read_blend
 
     config = TrainConfig()
     config.data.blend_file = str(blend)
-    prefixes, _, _ = read_blend(config)
-    check_counts_and_ids(config, integrity.check_datasets(prefixes, str(blend)), vocab_size)
+    prefixes, _, _ = read_blend(config.data)
+    check_counts_and_ids(config.data, check_datasets(prefixes, str(blend)), vocab_size)
 
 
 def test_blend_counts_are_compared_with_the_files_and_ids_with_the_vocabulary(blend, tmp_path):
@@ -182,7 +181,7 @@ def truncated_run(tmp_path_factory):
     .distcp file cut short."""
     import shutil
 
-    from kumihimo.pretrain import checkpointing
+    from kumihimo.pretrain import checkpoint_format
     from tests.test_convert_to_hf import train_spm
     from tests.test_pretrain_integrity import train, write_dataset
 
@@ -198,9 +197,9 @@ def truncated_run(tmp_path_factory):
     proc = train(work / "run", *overrides, "schedule.train_iters=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = work / "run" / "ckpt"
-    assert checkpointing.read_latest(root) == 2
+    assert checkpoint_format.read_latest(root) == 2
     shutil.copytree(root, work / "intact")
-    for shard in checkpointing.iteration_dir(root, 2).glob("*.distcp"):
+    for shard in checkpoint_format.iteration_dir(root, 2).glob("*.distcp"):
         os.truncate(shard, 4096)  # every file: to-hf reads the weights only, resume reads all
     return work, overrides
 

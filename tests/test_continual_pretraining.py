@@ -287,34 +287,31 @@ def test_vocab_sizes_refuses_a_tokenizer_larger_than_the_model():
 def save_checkpoint(root: Path, iteration: int, meta: dict, **settings) -> None:
     """A checkpoint folder as far as imported_vocab_rows reads it: kumihimo.json, run_config.yaml, latest."""
     from kumihimo.core import configtree
-    from kumihimo.pretrain import checkpointing
+    from kumihimo.pretrain import checkpoint_format
     from kumihimo.pretrain.config import TrainConfig
 
     config = TrainConfig()
     for key, value in settings.items():
         section, name = key.split("__")
         setattr(getattr(config, section), name, value)
-    folder = checkpointing.iteration_dir(root, iteration)
+    folder = checkpoint_format.iteration_dir(root, iteration)
     folder.mkdir(parents=True)
-    configtree.save(config, folder / checkpointing.CONFIG_FILE)
-    (folder / checkpointing.META_FILE).write_text(json.dumps(meta))
-    (root / checkpointing.LATEST_FILE).write_text(f"{iteration}\n")
+    configtree.save(config, folder / checkpoint_format.CONFIG_FILE)
+    (folder / checkpoint_format.META_FILE).write_text(json.dumps(meta))
+    (root / checkpoint_format.LATEST_FILE).write_text(f"{iteration}\n")
 
 
 def read_back(root: Path, iteration: int):
-    from kumihimo.core import configtree
-    from kumihimo.pretrain import checkpointing
-    from kumihimo.pretrain.config import from_saved
+    from kumihimo.pretrain import checkpoint_format
 
-    folder = checkpointing.iteration_dir(root, iteration)
-    meta = checkpointing.read_meta(folder)
-    return meta, from_saved(configtree.read_yaml(folder / checkpointing.CONFIG_FILE))
+    folder = checkpoint_format.iteration_dir(root, iteration)
+    return checkpoint_format.read_meta(folder), checkpoint_format.read_run_config(folder)
 
 
 def test_imported_vocab_rows_follow_pretrained_and_branch_sources(tmp_path, capsys):
     """import (151,936 rows) -> a run from it (checkpoint.pretrained) -> a branch of that run at its step 10
     (whose later saves went on) -> the branch's own save: each exports the import's rows."""
-    from kumihimo.pretrain.convert.to_hf import imported_vocab_rows, source_vocab_rows
+    from kumihimo.pretrain.checkpoint_format import imported_vocab_rows, source_vocab_rows
 
     qwen = {"vocab_size": 151_665, "padded_vocab_size": 152_064}
     imported, trunk, branch = tmp_path / "import", tmp_path / "trunk", tmp_path / "branch"
@@ -346,7 +343,7 @@ def test_imported_vocab_rows_follow_pretrained_and_branch_sources(tmp_path, caps
 
 def test_imported_vocab_rows_stop_at_another_padded_vocabulary(tmp_path):
     """A run that pads its vocabulary otherwise than the import (a new tokenizer) does not take its rows."""
-    from kumihimo.pretrain.convert.to_hf import imported_vocab_rows, source_vocab_rows
+    from kumihimo.pretrain.checkpoint_format import imported_vocab_rows, source_vocab_rows
 
     imported, run = tmp_path / "import", tmp_path / "run"
     save_checkpoint(

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from kumihimo.cli import main
 from kumihimo.core.errors import UserError
-from kumihimo.pretrain import checkpointing
+from kumihimo.pretrain import checkpoint_format
 from kumihimo.pretrain.convert.average import average_checkpoints, average_tensor
 from kumihimo.pretrain.convert.from_hf import convert_from_hf
 from kumihimo.pretrain.convert.to_hf import convert_to_hf
@@ -98,7 +98,9 @@ def sources(work, spm_model) -> dict[str, list[tuple[Path, Path]]]:
 
 def load_whole(root: Path, work: Path) -> dict[str, object]:
     """Every item of a checkpoint's latest iteration, read by torch's own DCP -> torch.save converter."""
-    folder = root if (root / checkpointing.META_FILE).is_file() else checkpointing.find_checkpoint(root)
+    folder = (
+        root if (root / checkpoint_format.META_FILE).is_file() else checkpoint_format.find_checkpoint(root)
+    )
     target = work / f"whole-{root.parent.name}-{root.name}.pt"
     if not target.exists():
         dcp_to_torch_save(str(folder), str(target))
@@ -113,7 +115,7 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
 def test_uniform_average_is_bit_identical_to_in_memory_average(sources, work):
     roots = [root for _hf, root in sources["fp32"]]
     # An iter_ folder, a root (its latest) and another root.
-    given = [checkpointing.iteration_dir(roots[0], 0), roots[1], roots[2]]
+    given = [checkpoint_format.iteration_dir(roots[0], 0), roots[1], roots[2]]
     output = average_checkpoints(given, work / "avg-fp32")
     averaged = load_whole(output, work)
     wholes = [load_whole(root, work) for root in roots]
@@ -127,18 +129,18 @@ def test_uniform_average_is_bit_identical_to_in_memory_average(sources, work):
         assert torch.equal(averaged[key].view(torch.int32), expected.view(torch.int32)), key
         assert ulp_distance(averaged[key], torch.stack(parts).mean(0)) <= 1, key
         assert not torch.equal(averaged[key], parts[0])
-    meta = json.loads((checkpointing.iteration_dir(output, 0) / checkpointing.META_FILE).read_text())
+    meta = json.loads((checkpoint_format.iteration_dir(output, 0) / checkpoint_format.META_FILE).read_text())
     assert meta["weights_only"] is True and meta["train_state"]["iteration"] == 0
     assert [s["weight"] for s in meta["source"]["averaged"]] == pytest.approx([1 / 3] * 3)
     assert [s["checkpoint"] for s in meta["source"]["averaged"]] == [
-        str(checkpointing.iteration_dir(r, 0).resolve()) for r in roots
+        str(checkpoint_format.iteration_dir(r, 0).resolve()) for r in roots
     ]
     assert Path(meta["tokenizer"]["path"]) == (output / "tokenizer" / "tokenizer.model").resolve()
     assert (
         meta["tokenizer"]["sha256"]
-        == json.loads((checkpointing.iteration_dir(roots[0], 0) / checkpointing.META_FILE).read_text())[
-            "tokenizer"
-        ]["sha256"]
+        == json.loads(
+            (checkpoint_format.iteration_dir(roots[0], 0) / checkpoint_format.META_FILE).read_text()
+        )["tokenizer"]["sha256"]
     )
 
 
@@ -158,9 +160,13 @@ def test_weighted_bf16_average_and_from_hf_layout(sources, work, capsys):
         assert value.dtype == torch.bfloat16
         assert torch.equal(value.view(torch.int16), expected.view(torch.int16)), key
     # The same items, chunks and dtypes as the from-hf checkpoint (so it loads wherever that one does).
-    ours = FileSystemReader(str(checkpointing.iteration_dir(output, 0))).read_metadata().state_dict_metadata
+    ours = (
+        FileSystemReader(str(checkpoint_format.iteration_dir(output, 0))).read_metadata().state_dict_metadata
+    )
     theirs = (
-        FileSystemReader(str(checkpointing.iteration_dir(roots[0], 0))).read_metadata().state_dict_metadata
+        FileSystemReader(str(checkpoint_format.iteration_dir(roots[0], 0)))
+        .read_metadata()
+        .state_dict_metadata
     )
     assert ours.keys() == theirs.keys()
     for key, entry in theirs.items():
@@ -168,7 +174,7 @@ def test_weighted_bf16_average_and_from_hf_layout(sources, work, capsys):
         if hasattr(entry, "chunks"):
             assert ours[key].chunks == entry.chunks and ours[key].size == entry.size, key
             assert ours[key].properties.dtype == entry.properties.dtype, key
-    meta = json.loads((checkpointing.iteration_dir(output, 0) / checkpointing.META_FILE).read_text())
+    meta = json.loads((checkpoint_format.iteration_dir(output, 0) / checkpoint_format.META_FILE).read_text())
     assert [s["weight"] for s in meta["source"]["averaged"]] == [0.75, 0.25]
 
 
@@ -181,13 +187,15 @@ def test_output_run_config_names_no_run_folder_or_origin_of_the_sources(sources,
 
     first = work / "ckpt-of-a-run"
     shutil.copytree(sources["bf16"][0][1], first)
-    config_file = checkpointing.iteration_dir(first, 0) / checkpointing.CONFIG_FILE
+    config_file = checkpoint_format.iteration_dir(first, 0) / checkpoint_format.CONFIG_FILE
     saved = yaml.safe_load(config_file.read_text())
     saved["output_dir"] = str(work / "run-a")
     saved["checkpoint"].update(dir=str(work / "run-a" / "ckpt"), load=str(work / "run-a" / "ckpt"))
     config_file.write_text(yaml.safe_dump(saved))
     output = average_checkpoints([first, sources["bf16"][1][1]], work / "avg-of-a-run")
-    written = yaml.safe_load((checkpointing.iteration_dir(output, 0) / checkpointing.CONFIG_FILE).read_text())
+    written = yaml.safe_load(
+        (checkpoint_format.iteration_dir(output, 0) / checkpoint_format.CONFIG_FILE).read_text()
+    )
     assert written["model"] == saved["model"]
     assert written["output_dir"] == "runs/default"
     assert (written["checkpoint"]["dir"], written["checkpoint"]["load"]) == (None, None)
@@ -325,7 +333,7 @@ def test_trainer_checkpoints_at_tp2_average_and_start_a_run(work, spm_model):
     )
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
-    first = checkpointing.iteration_dir(root, 1)
+    first = checkpoint_format.iteration_dir(root, 1)
     output = average_checkpoints([first, root], work / "avg-trained", weights=[1, 3])
     averaged = load_whole(output, work)
     wholes = [load_whole(first, work), load_whole(root, work)]
@@ -334,7 +342,7 @@ def test_trainer_checkpoints_at_tp2_average_and_start_a_run(work, spm_model):
     for key in model_keys:
         expected = average_tensor([w[key] for w in wholes], [1.0, 3.0])
         assert torch.equal(averaged[key].view(torch.int32), expected.view(torch.int32)), key
-    meta = json.loads((checkpointing.iteration_dir(output, 0) / checkpointing.META_FILE).read_text())
+    meta = json.loads((checkpoint_format.iteration_dir(output, 0) / checkpoint_format.META_FILE).read_text())
     assert [(s["iteration"], s["weight"]) for s in meta["source"]["averaged"]] == [(1, 0.25), (2, 0.75)]
 
     continued = work / "continued"
@@ -346,7 +354,7 @@ def test_trainer_checkpoints_at_tp2_average_and_start_a_run(work, spm_model):
     )
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
-    assert f"initialised weights from {checkpointing.iteration_dir(output, 0)}" in out
+    assert f"initialised weights from {checkpoint_format.iteration_dir(output, 0)}" in out
 
 
 def test_tokenizer_copy_checks_the_recorded_identity(tmp_path, spm_model, capsys):

@@ -481,7 +481,7 @@ def test_trainer_continues_pretraining_qwen2_at_tp2(hf_models, converted, megatr
     """The trainer's TP=2 model holds exactly the Qwen2 weights (tied embeddings, QKV biases; saved
     before any step and exported back bit-identically) and trains on from them; `kumihimo plan`
     counts its parameters (biases, one shared embedding) as each rank held them."""
-    from kumihimo.pretrain.checkpointing import find_checkpoint
+    from kumihimo.pretrain.checkpoint_format import find_checkpoint
     from kumihimo.pretrain.convert.to_hf import convert_to_hf
     from kumihimo.pretrain.parallel import ParallelLayout
     from kumihimo.pretrain.plan import stage_params
@@ -491,7 +491,7 @@ def test_trainer_continues_pretraining_qwen2_at_tp2(hf_models, converted, megatr
     config = configtree.from_dict(TrainConfig, configtree.read_yaml(folder / "run_config.yaml"))
     layout = ParallelLayout.from_config(config, 2)
     for row in json.loads((run_dir / "parameters_per_rank.json").read_text()):
-        assert row["parameters"] == stage_params(config, layout, 1024, row["pp_rank"]), row
+        assert row["parameters"] == stage_params(config.model, layout, 1024, row["pp_rank"]), row
     checkpoints = next(p.parent for p in sorted(run_dir.rglob("latest_checkpointed_iteration.txt")))
     back = convert_to_hf(checkpoints, work / "continued-hf", iteration=0, dtype="fp32")
     assert json.loads((back / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
@@ -562,7 +562,7 @@ def _megatron_logits(layout: str, jobs_path: str, prompt_path: str, out_path: st
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from kumihimo.pretrain.checkpointing import SHARDING_METADATA, find_checkpoint, read_meta
+    from kumihimo.pretrain.checkpoint_format import SHARDING_METADATA, find_checkpoint, read_meta
     from kumihimo.pretrain.model import build_model
     from kumihimo.pretrain.parallel import ParallelLayout
 

@@ -499,7 +499,7 @@ def _continue_pretraining(root: str, run_dir: str) -> None:
     """In every torchrun process: the trainer at the checkpoint's TP=2 layout starts from it through
     `checkpoint.pretrained` (weights only), saves at step 0, then trains one step."""
     from kumihimo.core import configtree
-    from kumihimo.pretrain.checkpointing import find_checkpoint
+    from kumihimo.pretrain.checkpoint_format import find_checkpoint
     from kumihimo.pretrain.config import TrainConfig
     from kumihimo.pretrain.distributed import destroy
     from kumihimo.pretrain.training import Trainer
@@ -546,7 +546,7 @@ def _save_megatron_model(pairs: list[str]) -> None:
     from megatron.core.transformer.module import Float16Module
 
     from kumihimo.core import configtree
-    from kumihimo.pretrain import checkpointing
+    from kumihimo.pretrain import checkpoint_format, checkpointing
     from kumihimo.pretrain.config import TrainConfig
     from kumihimo.pretrain.model import build_model
     from kumihimo.pretrain.parallel import ParallelLayout
@@ -554,7 +554,7 @@ def _save_megatron_model(pairs: list[str]) -> None:
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
     for root, out in zip(pairs[::2], pairs[1::2]):
-        folder = checkpointing.find_checkpoint(Path(root))
+        folder = checkpoint_format.find_checkpoint(Path(root))
         config = configtree.load(
             TrainConfig,
             folder / "run_config.yaml",
@@ -566,7 +566,7 @@ def _save_megatron_model(pairs: list[str]) -> None:
                 "parallelism.pipeline_model_parallel_size=1",
             ],
         )
-        padded = checkpointing.read_meta(folder)["padded_vocab_size"]
+        padded = checkpoint_format.read_meta(folder)["padded_vocab_size"]
         (model,) = build_model(config, ParallelLayout.from_config(config, 1), padded)
         if config.precision.params_dtype == "bf16":
             model = Float16Module(model.config, model)
@@ -574,7 +574,7 @@ def _save_megatron_model(pairs: list[str]) -> None:
         dist_checkpointing.save(
             checkpointing._model_sharded_state_dict([model]),
             out,
-            content_metadata=checkpointing.SHARDING_METADATA,
+            content_metadata=checkpoint_format.SHARDING_METADATA,
         )
 
 

@@ -396,7 +396,7 @@ def _megatron_reference(prompt_path: str, out_path: str, roots: list[str]) -> No
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from kumihimo.core import configtree
-    from kumihimo.pretrain.checkpointing import SHARDING_METADATA, read_meta
+    from kumihimo.pretrain.checkpoint_format import SHARDING_METADATA, read_meta
     from kumihimo.pretrain.config import TrainConfig
     from kumihimo.pretrain.model import build_model
     from kumihimo.pretrain.parallel import ParallelLayout
@@ -435,7 +435,7 @@ def _megatron_reference(prompt_path: str, out_path: str, roots: list[str]) -> No
 def _wait_for_checkpoint(root: Path, timeout: float = 300) -> Path:
     import time
 
-    from kumihimo.pretrain.checkpointing import iteration_dir, read_latest
+    from kumihimo.pretrain.checkpoint_format import iteration_dir, read_latest
 
     deadline = time.monotonic() + timeout
     while (latest := read_latest(root)) is None:  # the marker is written last, atomically

@@ -149,7 +149,7 @@ def test_removing_the_buckets_tokenizes_the_source_as_one_prefix_again(tmp_path,
 
 def test_trainer_reads_a_bucketed_blend(tmp_path, tokenizer_path):
     from kumihimo.pretrain.config import TrainConfig
-    from kumihimo.pretrain.integrity import check_datasets_and_tokenizer
+    from kumihimo.pretrain.data_inspection import check_datasets_and_tokenizer
 
     config = scored_run(tmp_path / "run")
     config.tokenize.buckets = [
@@ -168,7 +168,7 @@ def test_trainer_reads_a_bucketed_blend(tmp_path, tokenizer_path):
             "schedule.eval_interval=0",
         ],
     )
-    prefixes, weights, infos = check_datasets_and_tokenizer(train)
+    prefixes, weights, infos = check_datasets_and_tokenizer(train.data)
     assert sorted(prefixes) == sorted(str(p) for p in result.prefixes.values())
     assert sum(weights) == pytest.approx(1.0) and len(infos) == len(prefixes)
 

@@ -211,8 +211,9 @@ def test_trainer_takes_the_hf_tokenizer_folder(tokenizers, tmp_path):
 
 def test_train_config_accepts_the_folder_and_names_a_wrong_path(tokenizers, tmp_path):
     from kumihimo.pretrain.config import DataConfig
+    from kumihimo.pretrain.preflight import check_data_paths
 
-    DataConfig(mock=False, blend=[], tokenizer=str(tokenizers["no_bos"])).check_paths()
+    check_data_paths(DataConfig(mock=False, blend=[], tokenizer=str(tokenizers["no_bos"])))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"data.tokenizer.*neither a SentencePiece model nor a Hugging Face"):
-        DataConfig(mock=False, blend=[], tokenizer=str(tmp_path / "empty")).check_paths()
+        check_data_paths(DataConfig(mock=False, blend=[], tokenizer=str(tmp_path / "empty")))

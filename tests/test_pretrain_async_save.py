@@ -125,13 +125,13 @@ def _save_then_change_everything(run_dir: str) -> None:
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
     from kumihimo.core import configtree
-    from kumihimo.pretrain import checkpointing
+    from kumihimo.pretrain import checkpoint_format, checkpointing
     from kumihimo.pretrain.config import TrainConfig
-    from kumihimo.pretrain.distributed import destroy
+    from kumihimo.pretrain.distributed import destroy, unwrap
     from kumihimo.pretrain.training import Trainer
 
     def tensors(trainer):
-        weights = [p for chunk in trainer.model for p in checkpointing.unwrap(chunk).parameters()]
+        weights = [p for chunk in trainer.model for p in unwrap(chunk).parameters()]
         inner = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
         moments = [
             state[name]
@@ -173,7 +173,7 @@ def _save_then_change_everything(run_dir: str) -> None:
         trainer.state.iteration += 1
         assert trainer.checkpoints.async_saves.pending and not folder.exists(), "the save is not in flight"
         trainer.checkpoints.finish_pending(blocking=True)
-        assert checkpointing.read_latest(root) == 1
+        assert checkpoint_format.read_latest(root) == 1
         state = checkpointing.load_checkpoint(
             folder, trainer.model, trainer.optimizer, trainer.scheduler, trainer.layout
         )

@@ -25,7 +25,7 @@ import yaml
 
 from kumihimo.core import configtree
 from kumihimo.data_prep.indexed import IndexedDatasetWriter
-from kumihimo.pretrain import checkpointing
+from kumihimo.pretrain import checkpoint_format, preflight
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.distributed import free_port
 from tests.conftest import REPO, read_metrics, run_cli
@@ -107,7 +107,7 @@ def source(work, data) -> Path:
     """The source run: 3 steps on the web blend (its schedule planned for 8), saved at step 3."""
     out = work / "source"
     train(*source_args(data, out))
-    assert checkpointing.read_latest(out / "checkpoints") == SOURCE_STEPS
+    assert checkpoint_format.read_latest(out / "checkpoints") == SOURCE_STEPS
     return out
 
 
@@ -173,9 +173,10 @@ def test_branch_learning_rate_is_exactly_the_configured_schedule(work, data, bra
 
 
 def test_branch_records_its_lineage(branch, source):
-    folder = checkpointing.find_checkpoint(source / "checkpoints")
+    folder = checkpoint_format.find_checkpoint(source / "checkpoints")
     digest = hashlib.sha256(
-        (folder / checkpointing.CONFIG_FILE).read_bytes() + (folder / checkpointing.META_FILE).read_bytes()
+        (folder / checkpoint_format.CONFIG_FILE).read_bytes()
+        + (folder / checkpoint_format.META_FILE).read_bytes()
     ).hexdigest()
     saved = yaml.safe_load((branch / "run_config.yaml").read_text())["branch"]
     assert saved == {
@@ -183,9 +184,9 @@ def test_branch_records_its_lineage(branch, source):
         "iteration": SOURCE_STEPS,
         "source_sha256": digest,
     }
-    source_meta = checkpointing.read_meta(folder)
+    source_meta = checkpoint_format.read_meta(folder)
     for step in (1, BRANCH_STEPS):  # written by the first job and by the requeued one
-        meta = checkpointing.read_meta(checkpointing.find_checkpoint(branch / "checkpoints", step))
+        meta = checkpoint_format.read_meta(checkpoint_format.find_checkpoint(branch / "checkpoints", step))
         lineage = meta["lineage"]
         assert lineage["source"] == str(folder.resolve())
         assert lineage["iteration"] == SOURCE_STEPS and lineage["source_sha256"] == digest
@@ -230,7 +231,7 @@ def test_branch_settings_that_contradict_each_other_are_refused(tmp_path):
     )
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(configtree.ConfigError, match="is this run's own checkpoint folder"):
-        config.check_paths()
+        preflight.check_paths(config)
 
 
 # ------------------------------------------------------------------------------ in-process reference
@@ -239,12 +240,13 @@ def test_branch_settings_that_contradict_each_other_are_refused(tmp_path):
 def _reference(source_overrides: list[str], branch_overrides: list[str]) -> None:
     """In every torchrun process: train the source config, then switch, in the same process and with the
     same model and optimizer objects, to the branch's data, learning-rate schedule and step counters."""
-    from kumihimo.pretrain.checkpointing import TrainState
+    from kumihimo.pretrain.checkpoint_format import TrainState
     from kumihimo.pretrain.data import build_datasets
     from kumihimo.pretrain.distributed import destroy
     from kumihimo.pretrain.metrics import MetricsSink
+    from kumihimo.pretrain.optimizer import build_scheduler
     from kumihimo.pretrain.signals import LossGuard
-    from kumihimo.pretrain.training import Trainer, build_scheduler
+    from kumihimo.pretrain.training import Trainer
 
     source = configtree.load(TrainConfig, TINY, source_overrides)
     branch = configtree.load(TrainConfig, TINY, branch_overrides)
@@ -256,7 +258,7 @@ def _reference(source_overrides: list[str], branch_overrides: list[str]) -> None
         trainer.datasets = build_datasets(branch, Path(branch.output_dir) / "data_cache")
         for group in trainer.optimizer.param_groups:  # the branch's peak and floor
             group["max_lr"], group["min_lr"] = branch.optimizer.lr, branch.optimizer.min_lr
-        trainer.scheduler = build_scheduler(branch, trainer.optimizer)
+        trainer.scheduler = build_scheduler(branch.optimizer, branch.schedule, trainer.optimizer)
         trainer.state = TrainState()
         trainer.loss_guard = LossGuard(branch.resilience.spike_factor, branch.resilience.spike_warmup_steps)
         trainer.metrics = MetricsSink(branch, Path(branch.output_dir), enabled=trainer.is_logger)

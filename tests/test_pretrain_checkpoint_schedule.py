@@ -1,7 +1,8 @@
 """LLM-jp's checkpoint schedule (dense early, then regular) and pruning that keeps milestones."""
 
 from kumihimo.core import configtree
-from kumihimo.pretrain.checkpointing import LATEST_FILE, iteration_dir, prune
+from kumihimo.pretrain.checkpoint_format import LATEST_FILE, iteration_dir
+from kumihimo.pretrain.checkpointing import prune
 from kumihimo.pretrain.config import CheckpointConfig
 
 

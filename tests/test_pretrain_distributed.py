@@ -89,7 +89,7 @@ def assert_plan_counts_parameters(run_dir, override, world):
     layout = ParallelLayout.from_config(config, world)
     padded = layout.padded_vocab_size(config.data.mock_vocab_size, config.model.make_vocab_size_divisible_by)
     for row in json.loads((run_dir / "parameters_per_rank.json").read_text()):
-        assert row["parameters"] == stage_params(config, layout, padded, row["pp_rank"]), row
+        assert row["parameters"] == stage_params(config.model, layout, padded, row["pp_rank"]), row
 
 
 def test_loss_falls(single):

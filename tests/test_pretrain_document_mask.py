@@ -262,7 +262,7 @@ def _logits_worker(checkpoint: str, out_path: str, tp: int, cp: int) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from kumihimo.core import configtree
-    from kumihimo.pretrain.checkpointing import SHARDING_METADATA, iteration_dir, read_latest, read_meta
+    from kumihimo.pretrain.checkpoint_format import SHARDING_METADATA, iteration_dir, read_latest, read_meta
     from kumihimo.pretrain.data import document_ids
     from kumihimo.pretrain.model import build_model, context_parallel_positions, slice_for_context_parallel
     from kumihimo.pretrain.parallel import ParallelLayout

@@ -27,7 +27,7 @@ from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.data_prep.blend import BlendEntry, write_blend
 from kumihimo.data_prep.indexed import IndexedDatasetWriter
-from kumihimo.pretrain import checkpointing, integrity
+from kumihimo.pretrain import checkpoint_format, checkpointing, data_inspection, integrity, preflight
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.signals import EXIT_BAD_LOSS
 from tests.conftest import REPO, run_cli
@@ -137,7 +137,7 @@ def test_resume_refuses_another_tokenizer(trained, tokenizers):
         load_tokenizer(tokenizers[0]).sha256[:12] in line
         and load_tokenizer(tokenizers[1]).sha256[:12] in line
     )
-    assert checkpointing.read_latest(run_dir / "ckpt") == 2
+    assert checkpoint_format.read_latest(run_dir / "ckpt") == 2
 
 
 # ---------------------------------------------------------------- 3. resume data fingerprint
@@ -189,22 +189,22 @@ def test_fingerprint_comparison_names_each_change():
     entry |= {"bin_bytes": 60, "idx_sample_sha256": "x", "weight": 1.0}
     saved = {"tokenizer_sha256": "a" * 64, "mock": False, "split": "98,2,0", "seq_length": 128, "seed": 1}
     saved["datasets"] = [entry]
-    assert integrity.compare_fingerprints(saved, saved) == (None, [], [])
+    assert data_inspection.compare_fingerprints(saved, saved) == (None, [], [])
     moved = {**saved, "datasets": [{**entry, "prefix": "/e/web"}]}
-    assert integrity.compare_fingerprints(saved, moved) == (
+    assert data_inspection.compare_fingerprints(saved, moved) == (
         None,
         [],
         ["/d/web moved to /e/web (same contents)"],
     )
     changed = {**saved, "seq_length": 64, "datasets": [{**entry, "weight": 0.5, "bin_bytes": 62}]}
-    tokenizer, changes, _ = integrity.compare_fingerprints(saved, changed)
+    tokenizer, changes, _ = data_inspection.compare_fingerprints(saved, changed)
     assert tokenizer is None
     assert changes == [
         "seq_length 128 -> 64",
         "/d/web: bin_bytes 60 -> 62 (re-tokenized)",
         "/d/web: blend weight 1.0 -> 0.5",
     ]
-    tokenizer, _, _ = integrity.compare_fingerprints(saved, {**saved, "tokenizer_sha256": "b" * 64})
+    tokenizer, _, _ = data_inspection.compare_fingerprints(saved, {**saved, "tokenizer_sha256": "b" * 64})
     assert tokenizer == "tokenizer sha256 aaaaaaaaaaaa -> bbbbbbbbbbbb"
 
 
@@ -243,7 +243,7 @@ def corrupt_copies(folder: Path) -> list[str]:
 def test_corrupt_datasets_are_listed_one_line_each(tmp_path):
     prefixes = corrupt_copies(tmp_path)
     with pytest.raises(UserError) as caught:
-        integrity.check_datasets(prefixes, "blend.yaml")
+        data_inspection.check_datasets(prefixes, "blend.yaml")
     lines = str(caught.value).splitlines()
     assert lines[0] == "4 problem(s) with the datasets of blend.yaml:"
     assert "short_bin.bin is 7190 bytes but short_bin.idx indexes 7290: truncated" in lines[1]
@@ -251,7 +251,7 @@ def test_corrupt_datasets_are_listed_one_line_each(tmp_path):
     assert "bad_header.idx is not a Megatron index" in lines[3]
     assert lines[4].strip().startswith(f"{tmp_path}/no_bin.bin is missing")
     assert all("kumihimo data tokenize" in line for line in lines[1:])
-    infos = integrity.check_datasets(prefixes[:1], "x")
+    infos = data_inspection.check_datasets(prefixes[:1], "x")
     assert infos[0]["num_documents"] == 31 and infos[0]["bin_bytes"] > 0
 
 
@@ -299,13 +299,13 @@ def test_unusable_output_folders_are_refused(tmp_path):
         for path, problem in ((a_file, "is a file, not a folder"), (a_file / "sub", "which is a file")):
             config = configtree.load(TrainConfig, TINY, [f"{key}={path}"])
             with pytest.raises(UserError, match=problem):
-                config.check_paths()
+                preflight.check_paths(config)
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     if os.access(locked, os.W_OK):
         pytest.skip("running as root: every folder is writable")
     with pytest.raises(UserError, match="is not writable"):
-        configtree.load(TrainConfig, TINY, [f"checkpoint.dir={locked}/ckpt"]).check_paths()
+        preflight.check_paths(configtree.load(TrainConfig, TINY, [f"checkpoint.dir={locked}/ckpt"]))
 
 
 def test_convert_refuses_a_file_as_output(tmp_path):
@@ -330,7 +330,7 @@ def test_non_finite_state_is_never_saved_and_good_checkpoints_survive(tmp_path):
     proc = helper("poison", tmp_path)
     assert proc.returncode == EXIT_BAD_LOSS, proc.stderr[-3000:]
     root = tmp_path / "ckpt"
-    assert checkpointing.read_latest(root) == 2
+    assert checkpoint_format.read_latest(root) == 2
     assert sorted(p.name for p in root.glob("iter_*")) == ["iter_0000002"]
     assert (
         "not saving step 3: 1 of" in proc.stderr
@@ -368,7 +368,7 @@ def test_full_disk_is_refused_before_saving_and_latest_stays(tmp_path, trained, 
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = last_line(proc.stderr)
     assert line.startswith(f"kumihimo: error: disk full at {disk}") and "latest stays iter_0000001" in line
-    assert checkpointing.read_latest(disk) == 1 and not list(disk.glob("*.tmp"))
+    assert checkpoint_format.read_latest(disk) == 1 and not list(disk.glob("*.tmp"))
 
 
 @pytest.mark.slow
@@ -392,7 +392,9 @@ def test_enospc_during_a_save_keeps_latest(tmp_path):
     proc = helper("enospc", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "disk full at" in proc.stdout and "latest stays iter_0000001" in proc.stdout
-    assert checkpointing.read_latest(tmp_path / "ckpt") == 1 and not list((tmp_path / "ckpt").glob("*.tmp"))
+    assert checkpoint_format.read_latest(tmp_path / "ckpt") == 1 and not list(
+        (tmp_path / "ckpt").glob("*.tmp")
+    )
 
 
 @pytest.mark.slow
@@ -407,7 +409,7 @@ def test_enospc_inside_a_shard_write_is_one_line_and_keeps_latest(tmp_path, smal
     line = last_line(proc.stderr)
     assert line.startswith(f"kumihimo: error: disk full at {disk}") and "latest stays iter_0000001" in line
     assert "Traceback" not in proc.stderr
-    assert checkpointing.read_latest(disk) == 1 and not list(disk.glob("*.tmp"))
+    assert checkpoint_format.read_latest(disk) == 1 and not list(disk.glob("*.tmp"))
 
 
 # --------------------------------------------------------------------------- 4. killed runs
@@ -418,7 +420,7 @@ def test_second_run_on_a_live_lock_is_refused_and_leftovers_are_cleaned(tmp_path
     while b"kumihimo" not in Path(f"/proc/{holder.pid}/cmdline").read_bytes():
         time.sleep(0.01)
     try:
-        lock = tmp_path / checkpointing.LOCK_FILE
+        lock = tmp_path / checkpoint_format.LOCK_FILE
         lock.write_text(f'{{"host": "{os.uname().nodename}", "pid": {holder.pid}}}\n')
         with pytest.raises(UserError, match=f"another training run \\(pid {holder.pid} on "):
             checkpointing.RunLock(tmp_path).acquire()
@@ -426,11 +428,11 @@ def test_second_run_on_a_live_lock_is_refused_and_leftovers_are_cleaned(tmp_path
         holder.kill()
         holder.wait()
     (tmp_path / "iter_0000005.tmp").mkdir()
-    (tmp_path / f".{checkpointing.LATEST_FILE}.abc123").write_text("5")
+    (tmp_path / f".{checkpoint_format.LATEST_FILE}.abc123").write_text("5")
     run_lock = checkpointing.RunLock(tmp_path)
     assert run_lock.acquire() is None  # the holder is dead: its lock is stale
     assert sorted(p.name for p in checkpointing.clean_leftovers(tmp_path)) == [
-        f".{checkpointing.LATEST_FILE}.abc123",
+        f".{checkpoint_format.LATEST_FILE}.abc123",
         "iter_0000005.tmp",
     ]
     run_lock.release()
@@ -474,7 +476,7 @@ def test_nothing_a_killed_trainer_started_outlives_it(tmp_path):
         stderr=(tmp_path / "stderr.txt").open("w"),  # a pipe would stay open in a surviving child
     )  # fmt: skip
     deadline = time.monotonic() + 180
-    while checkpointing.read_latest(tmp_path / "ckpt") is None:
+    while checkpoint_format.read_latest(tmp_path / "ckpt") is None:
         assert time.monotonic() < deadline and child.poll() is None, "no checkpoint was saved"
         time.sleep(0.1)
     started = psutil.Process(child.pid).children(recursive=True)
@@ -521,7 +523,7 @@ def _fill_disk_after_the_check(run_dir: str, disk: str, async_save: str) -> int:
 
     def make_room_then_fill(self, local_bytes):
         pruned = make_room(self, local_bytes)
-        if checkpointing.read_latest(Path(disk)) == 1:
+        if checkpoint_format.read_latest(Path(disk)) == 1:
             with open(Path(disk) / "filler", "wb") as filler:
                 filler.write(b"\0" * (shutil.disk_usage(disk).free - 200_000))
         return pruned
@@ -538,7 +540,7 @@ def _run(mode: str, run_dir: str) -> int:
     import torch
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-    from kumihimo.pretrain.distributed import destroy
+    from kumihimo.pretrain.distributed import destroy, unwrap
     from kumihimo.pretrain.training import Trainer
 
     overrides = [
@@ -564,7 +566,7 @@ def _run(mode: str, run_dir: str) -> int:
                 result = step()
                 if trainer.state.iteration == 2:  # inside step 3
                     with torch.no_grad():
-                        next(checkpointing.unwrap(trainer.model[0]).parameters()).fill_(float("nan"))
+                        next(unwrap(trainer.model[0]).parameters()).fill_(float("nan"))
                 return result
 
             trainer.optimizer.step = poisoned_step

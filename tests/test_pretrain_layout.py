@@ -106,4 +106,4 @@ def test_flops_formula_matches_hand_count():
     config = load()
     m = config.model  # h=64, f=192, s=128, L=4, heads 4 x 16, groups 2
     per_layer = 2 * 64 * (64 + 2 * 32) + 2 * 64 * 64 + 6 * 64 * 192 + 4 * 128 * 64
-    assert training_flops_per_token(config, 1024) == 3 * (m.num_layers * per_layer + 2 * 64 * 1024)
+    assert training_flops_per_token(config.model, 1024) == 3 * (m.num_layers * per_layer + 2 * 64 * 1024)

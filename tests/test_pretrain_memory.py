@@ -15,7 +15,7 @@ import pytest
 from kumihimo.core import configtree
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.parallel import ParallelLayout
-from kumihimo.pretrain.plan import make_plan, microbatch_activation_bytes, stage_params
+from kumihimo.pretrain.plan import ActivationSizes, make_plan, microbatch_activation_bytes, stage_params
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow  # measured training runs per layout
@@ -58,10 +58,12 @@ def test_plan_memory_matches_a_measured_run(tmp_path, name):
         "optimizer_bytes": plan.optimizer_gb,
     }
     for row in rows:
-        params = stage_params(config, layout, padded, row["pp_rank"])
+        params = stage_params(config.model, layout, padded, row["pp_rank"])
         for key, planned_gb in bytes_per_param.items():
             planned = planned_gb * 1e9 / plan.params_per_gpu * params
             # DP shards of the distributed optimizer differ by their bucket padding
             assert row[key] == pytest.approx(planned, rel=0.002), (key, row)
-        planned = microbatch_activation_bytes(config, layout, padded, row["pp_rank"])
+        planned = microbatch_activation_bytes(
+            config.model, layout, padded, row["pp_rank"], ActivationSizes.of(config)
+        )
         assert row["activation_bytes_per_microbatch"] == pytest.approx(planned, rel=activation_tolerance), row

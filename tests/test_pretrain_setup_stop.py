@@ -21,7 +21,7 @@ import pytest
 
 from kumihimo.core.errors import UserError
 from kumihimo.data_prep.indexed import IndexedDatasetWriter
-from kumihimo.pretrain.data import check_splits, split_document_counts
+from kumihimo.pretrain.data_inspection import check_splits, split_document_counts
 from tests.conftest import REPO, run_cli
 
 SMALL_DOCS = 12  # the quickstart's `web` source has 12 documents

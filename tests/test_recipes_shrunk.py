@@ -179,7 +179,7 @@ def _train(shrunk: Shrunk, tokenizer: Path, run_dir: Path, extra: list[str]) -> 
 
 
 def _latest(root: Path) -> int:
-    from kumihimo.pretrain.checkpointing import read_latest
+    from kumihimo.pretrain.checkpoint_format import read_latest
 
     return read_latest(root) or 0 if root.is_dir() else 0
 
@@ -363,7 +363,7 @@ def _megatron_logits(prompt_path: str, out_path: str, root: str) -> None:
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from kumihimo.pretrain.checkpointing import SHARDING_METADATA, find_checkpoint, read_meta
+    from kumihimo.pretrain.checkpoint_format import SHARDING_METADATA, find_checkpoint, read_meta
     from kumihimo.pretrain.model import build_model
     from kumihimo.pretrain.parallel import ParallelLayout
 

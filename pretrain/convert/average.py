@@ -40,7 +40,7 @@ from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.core.logs import stage_logger
 from kumihimo.core.progress import Progress
-from kumihimo.pretrain import checkpointing
+from kumihimo.pretrain import checkpoint_format
 from kumihimo.pretrain.config import BranchConfig, TrainConfig
 from kumihimo.pretrain.convert.dcp_files import (
     copy_hf_tokenizer,
@@ -54,7 +54,6 @@ from kumihimo.pretrain.convert.to_hf import (
     Source,
     check_architecture,
     dims_for,
-    imported_vocab_rows,
     open_checkpoint,
 )
 
@@ -286,8 +285,8 @@ def output_meta(
         ],
         "formula": "sum(w_i * x_i) / sum(w_i) per element, in float32, in the listed order",
     }
-    # Rows of a model imported by from-hf beyond its tokenizer: to-hf exports them (see to_hf.source_vocab_rows).
-    hf_rows = {imported_vocab_rows(source.meta, source.config) for source in sources}
+    # Rows of a model imported by from-hf beyond its tokenizer: to-hf exports them (see checkpoint_format.source_vocab_rows).
+    hf_rows = {checkpoint_format.imported_vocab_rows(source.meta, source.config) for source in sources}
     if len(hf_rows) == 1 and isinstance(next(iter(hf_rows)), int):
         source_info["hf_vocab_size"] = next(iter(hf_rows))
     return {
@@ -303,7 +302,7 @@ def output_meta(
             "megatron.core": megatron.core.__version__,
             "torch": torch.__version__,
         },
-        "train_state": checkpointing.TrainState().__dict__,
+        "train_state": checkpoint_format.TrainState().__dict__,
         "layout": {"world_size": 1, "tp": 1, "pp": 1, "cp": 1, "dp": 1, "vpp": None},
     }
 
@@ -324,7 +323,7 @@ def average_checkpoints(
     started = time.monotonic()
     with staged_output(output_dir, "convert average") as staging:
         tokenizer = copy_tokenizer(sources[0], output_dir, staging)
-        folder = checkpointing.iteration_dir(staging, 0)
+        folder = checkpoint_format.iteration_dir(staging, 0)
         folder.mkdir()
         num_bytes = write_average(folder, sources, weights, dims)
         config = sources[0].config
@@ -333,10 +332,10 @@ def average_checkpoints(
         # output_dir / checkpoint.dir would resume and rotate checkpoint 1's run), as from-hf writes it.
         config.output_dir, config.branch = TrainConfig().output_dir, BranchConfig()
         config.checkpoint.dir = config.checkpoint.load = config.checkpoint.pretrained = None
-        configtree.save(config, folder / checkpointing.CONFIG_FILE)
+        configtree.save(config, folder / checkpoint_format.CONFIG_FILE)
         meta = output_meta(sources, weights, tokenizer)
-        (folder / checkpointing.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        (staging / checkpointing.LATEST_FILE).write_text("0\n")
+        (folder / checkpoint_format.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (staging / checkpoint_format.LATEST_FILE).write_text("0\n")
     elapsed = time.monotonic() - started
     shares = ", ".join(f"{w / sum(weights):.3g}" for w in weights)
     log.info(

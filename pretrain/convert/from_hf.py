@@ -43,7 +43,8 @@ from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.core.logs import stage_logger
 from kumihimo.core.progress import Progress
-from kumihimo.pretrain import checkpointing
+from kumihimo.pretrain import checkpoint_format
+from kumihimo.pretrain.config import TrainConfig, check_model_fits_layout
 from kumihimo.pretrain.convert.dcp_files import (
     copy_hf_tokenizer,
     pickled_object,
@@ -61,7 +62,7 @@ from kumihimo.pretrain.convert.mapping import (
     layer_rules,
     megatron_shape,
 )
-from kumihimo.pretrain.parallel import check_model_fits_layout, padded_vocab_size
+from kumihimo.pretrain.parallel import padded_vocab_size
 
 log = stage_logger("convert")
 
@@ -257,8 +258,6 @@ CONTINUAL_LR = 2.5e-5
 
 def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
     """The TrainConfig whose model is the Hugging Face model, laid out for TP x PP."""
-    from kumihimo.pretrain.config import TrainConfig
-
     c = hf.config
     family = check_supported(c)
     heads = c["num_attention_heads"]
@@ -301,7 +300,7 @@ def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
     }
     config = configtree.from_dict(TrainConfig, data)
     config.model.validate()
-    check_model_fits_layout(config)
+    check_model_fits_layout(config.model, config.parallelism)
     return config
 
 
@@ -576,7 +575,7 @@ def plan_chunks(dims: LlamaDims) -> list[Chunk]:
     for rule in last:
         chunks += tensor_chunks(rule, None)
     chunks.append(
-        Chunk(COMMON_STATE_KEY, payload={"content_metadata": dict(checkpointing.SHARDING_METADATA)})
+        Chunk(COMMON_STATE_KEY, payload={"content_metadata": dict(checkpoint_format.SHARDING_METADATA)})
     )
     return chunks
 
@@ -713,7 +712,7 @@ def _meta(hf: HFModel, vocab: int, padded: int, tokenizer, tokenizer_path: Path 
             "megatron.core": megatron.core.__version__,
             "torch": torch.__version__,
         },
-        "train_state": checkpointing.TrainState().__dict__,
+        "train_state": checkpoint_format.TrainState().__dict__,
         "layout": {"world_size": 1, "tp": 1, "pp": 1, "cp": 1, "dp": 1, "vpp": None},
     }
 
@@ -743,17 +742,17 @@ def convert_from_hf(model_dir: str | Path, output_dir: str | Path, tp: int = 1, 
         tensors.check(expected_hf_tensors(dims))
         # fp16 is stored as fp32 (exact); bf16 and fp32 as they are, so a round trip is bit-identical.
         dtype = torch.bfloat16 if hf.dtype == torch.bfloat16 else torch.float32
-        folder = checkpointing.iteration_dir(staging, 0)
+        folder = checkpoint_format.iteration_dir(staging, 0)
         folder.mkdir()
         num_bytes = write_checkpoint(folder, tensors, dims, dtype)
-        configtree.save(config, folder / checkpointing.CONFIG_FILE)
+        configtree.save(config, folder / checkpoint_format.CONFIG_FILE)
         meta = _meta(hf, vocab, padded, tokenizer, tokenizer_path)
-        (folder / checkpointing.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        (staging / checkpointing.LATEST_FILE).write_text("0\n")
+        (folder / checkpoint_format.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (staging / checkpoint_format.LATEST_FILE).write_text("0\n")
     elapsed = time.monotonic() - started
     log.info(
         f"wrote weights-only checkpoint {output_dir} ({num_bytes / 1e9:.2f} GB in {elapsed:.1f} s; "
         f"vocab {vocab} padded to {padded} for TP={tp}); continue pretraining from it with its "
-        f"{checkpointing.CONFIG_FILE} plus your data.* settings"
+        f"{checkpoint_format.CONFIG_FILE} plus your data.* settings"
     )
     return output_dir

@@ -36,7 +36,8 @@ from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
 from kumihimo.core.logs import stage_logger
 from kumihimo.core.progress import Progress
-from kumihimo.pretrain import checkpointing
+from kumihimo.pretrain import checkpoint_format
+from kumihimo.pretrain.config import from_saved
 from kumihimo.pretrain.convert.dcp_files import (
     copy_hf_tokenizer,
     describe_failure,
@@ -314,26 +315,24 @@ class Source:
     @cached_property
     def vocab_rows(self) -> int:
         """source_vocab_rows of this checkpoint, found once (it may read the checkpoints it started from)."""
-        return source_vocab_rows(self.meta, self.config)
+        return checkpoint_format.source_vocab_rows(self.meta, self.config)
 
 
 def open_checkpoint(root: Path, iteration: int | None = None) -> Source:
     """The checkpoint folder under `root` (or `root` itself if it is an iter_NNNNNNN folder)."""
-    from kumihimo.pretrain.config import from_saved
-
     if not root.exists():
         raise UserError(
             f"checkpoint folder {str(root)!r} does not exist; pass the checkpoint folder (checkpoint.dir)"
         )
-    if iteration is None and (root / checkpointing.META_FILE).is_file():
+    if iteration is None and (root / checkpoint_format.META_FILE).is_file():
         folder = root
     else:
-        folder = checkpointing.find_checkpoint(root, iteration)
-    meta = checkpointing.read_meta(folder)
-    config_path = folder / checkpointing.CONFIG_FILE
+        folder = checkpoint_format.find_checkpoint(root, iteration)
+    meta = checkpoint_format.read_meta(folder)
+    config_path = folder / checkpoint_format.CONFIG_FILE
     if not config_path.is_file():
         raise UserError(
-            f"{folder} has no {checkpointing.CONFIG_FILE}: the model cannot be described without it; "
+            f"{folder} has no {checkpoint_format.CONFIG_FILE}: the model cannot be described without it; "
             "use a checkpoint saved by `kumihimo train`"
         )
     try:
@@ -343,7 +342,9 @@ def open_checkpoint(root: Path, iteration: int | None = None) -> Source:
         raise UserError(f"{config_path} does not describe a model this version can read: {exc}") from exc
     for field in ("vocab_size", "padded_vocab_size"):
         if not isinstance(meta.get(field), int):
-            raise UserError(f"{folder / checkpointing.META_FILE} lacks {field}; the checkpoint is incomplete")
+            raise UserError(
+                f"{folder / checkpoint_format.META_FILE} lacks {field}; the checkpoint is incomplete"
+            )
     state = meta.get("train_state") or {}
     return Source(folder, int(state.get("iteration", -1)), config, meta, TorchDistReader(folder))
 
@@ -386,55 +387,6 @@ def resolve_tokenizer(source: Source, override: str | Path | None) -> TokenizerI
         )
     kind = getattr(tokenizer, "kind", "sentencepiece")
     return TokenizerInfo(tokenizer.path, identity or tokenizer.identity(), vocab_size, kind)
-
-
-def imported_vocab_rows(meta: dict[str, Any], config: Any = None, depth: int = 0) -> int | None:
-    """config.json vocab_size of the Hugging Face model the weights were imported from by `convert from-hf`:
-    recorded in an imported (or averaged) checkpoint's kumihimo.json, and for a run trained from one, in
-    the checkpoint its `checkpoint.pretrained` (or its branch's `branch.source`) names, followed back
-    while those checkpoints still exist and have the same padded vocabulary. None when there is none."""
-    from kumihimo.pretrain.config import from_saved
-
-    recorded = (meta.get("source") or {}).get("hf_vocab_size")
-    if isinstance(recorded, int):
-        return recorded
-    if config is None or depth >= 16:
-        return None
-    branch = getattr(config, "branch", None)
-    origins = [(config.checkpoint.pretrained, None)]
-    if branch is not None:  # a branch's run_config.yaml records the source iteration it started from
-        origins.append((branch.source, branch.iteration))
-    for origin, iteration in origins:
-        if not origin:
-            continue
-        # That iteration, or (rotated away since) the source's latest: all saves of a run name the same origin.
-        at = checkpointing.iteration_dir(Path(origin), iteration) if iteration is not None else None
-        try:
-            folder = at if at is not None and at.is_dir() else checkpointing.find_checkpoint(Path(origin))
-            origin_meta = checkpointing.read_meta(folder)
-            origin_config = from_saved(configtree.read_yaml(folder / checkpointing.CONFIG_FILE))
-        except (UserError, OSError, ValueError):
-            log.info(
-                f"note: {origin}, which this run started from, cannot be read; rows of the imported "
-                "model beyond its tokenizer (if any) are not exported"
-            )
-            continue
-        if origin_meta.get("padded_vocab_size") == meta.get("padded_vocab_size"):
-            rows = imported_vocab_rows(origin_meta, origin_config, depth + 1)
-            if rows is not None:
-                return rows
-    return None
-
-
-def source_vocab_rows(meta: dict[str, Any], config: Any = None) -> int:
-    """Rows of embed_tokens/lm_head the exported model has: the tokenizer's tokens, or, for weights
-    imported by `convert from-hf` (and runs trained from them), the vocab_size of the Hugging Face model
-    they came from (models often carry rows beyond their tokenizer, e.g. Qwen2.5; they go back)."""
-    vocab, padded = meta["vocab_size"], meta["padded_vocab_size"]
-    recorded = imported_vocab_rows(meta, config)
-    if isinstance(recorded, int) and vocab <= recorded <= padded:
-        return recorded
-    return vocab
 
 
 def dims_for(source: Source, keep_vocab_padding: bool) -> LlamaDims:

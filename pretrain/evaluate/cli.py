@@ -182,7 +182,7 @@ def _run_hf(args, tasks, target: Path, output: Path, device: str) -> int:
 def _run_megatron(args, tasks, target: Path, output: Path, device: str) -> int:
     import torch.distributed as dist
 
-    from kumihimo.pretrain import checkpointing
+    from kumihimo.pretrain import checkpoint_format, checkpointing
     from kumihimo.pretrain.distributed import destroy
     from kumihimo.pretrain.evaluate.megatron_backend import load_checkpoint_backend
 
@@ -196,11 +196,11 @@ def _run_megatron(args, tasks, target: Path, output: Path, device: str) -> int:
         done = {loaded.iteration}
         while True:
             time.sleep(args.poll_seconds)
-            box = [checkpointing.read_latest(target) if dist.get_rank() == 0 else None]
+            box = [checkpoint_format.read_latest(target) if dist.get_rank() == 0 else None]
             dist.broadcast_object_list(box, src=0)
             if box[0] is None or box[0] in done:
                 continue
-            folder = checkpointing.find_checkpoint(target, box[0])
+            folder = checkpoint_format.find_checkpoint(target, box[0])
             checkpointing.load_weights(folder, loaded.backend.model)
             loaded.folder, loaded.iteration = folder, box[0]
             done.add(box[0])

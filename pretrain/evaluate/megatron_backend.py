@@ -21,11 +21,16 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from kumihimo.core import configtree
 from kumihimo.core.errors import UserError
+from kumihimo.pretrain import checkpoint_format, checkpointing
+from kumihimo.pretrain.checkpoint_format import source_vocab_rows
+from kumihimo.pretrain.distributed import init_process_group
 from kumihimo.pretrain.evaluate.scoring import Row, score_picked
-from kumihimo.pretrain.model import context_parallel_positions, slice_for_context_parallel
+from kumihimo.pretrain.model import build_model, context_parallel_positions, slice_for_context_parallel
+from kumihimo.pretrain.parallel import ParallelLayout
+from kumihimo.tokenizer.base import load_tokenizer
 
 
 class MegatronBackend:
@@ -188,21 +193,13 @@ def load_checkpoint_backend(
 ) -> LoadedCheckpoint:
     """Set up process groups at the requested layout (world = TP x PP x CP x DP), build the run's
     model and load the checkpoint's weights. Call in every process of the launch."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from kumihimo.pretrain import checkpointing
-    from kumihimo.pretrain.config import from_saved
-    from kumihimo.pretrain.convert.to_hf import source_vocab_rows
-    from kumihimo.pretrain.distributed import init_process_group
-    from kumihimo.pretrain.model import build_model
-    from kumihimo.pretrain.parallel import ParallelLayout
-    from kumihimo.tokenizer.base import load_tokenizer
-
     folder = (
-        root if (root / checkpointing.META_FILE).is_file() else checkpointing.find_checkpoint(root, iteration)
+        root
+        if (root / checkpoint_format.META_FILE).is_file()
+        else checkpoint_format.find_checkpoint(root, iteration)
     )
-    meta = checkpointing.read_meta(folder)
-    config = from_saved(configtree.read_yaml(folder / checkpointing.CONFIG_FILE))
+    meta = checkpoint_format.read_meta(folder)
+    config = checkpoint_format.read_run_config(folder)
     par = config.parallelism
     par.tensor_model_parallel_size, par.pipeline_model_parallel_size = tensor_parallel, pipeline_parallel
     par.context_parallel_size, par.virtual_pipeline_model_parallel_size = context_parallel, None
