@@ -11,9 +11,14 @@ the single-process reference `find_duplicates`, whose decisions these stages rep
   alive   (1 task)                  exact groups -> each copy's first; quality passes (refilter runs);
                                     a bitmap (N/8 bytes) of the documents that take part in fuzzy dedup
   bands   (T tasks, band x range)   merges every shard's slice of one band's key range, skipping the
-                                    documents not alive; writes (member, first member) candidate pairs
-  cluster (1 task)                  connected components over the pairs only, exact copies chained to
-                                    the final keeper, cluster sizes; one sparse decision file per shard
+                                    documents not alive; writes (member, first member) candidate pairs,
+                                    both ways, sorted by the owner range of the first of each
+  labels  (T tasks, owner ranges,   clustering, see below: the smallest member of each document's
+           in rounds)               component, per document of the task's own range
+  decide  (T tasks, owner ranges)   removed documents of the range -> their keeper (an exact copy: its
+                                    first's keeper); how many each keeper got, sorted by keeper's owner
+  sizes   (T tasks, owner ranges)   adds up the counts for its keepers; one decision file per shard
+  cluster (1 task)                  the summary (counts only) that marks the decision complete
 Phase 3 (pipeline._merge_source) is the filter per shard: it reads that shard's decision file.
 pipeline.py runs the stages on a local process pool, data_prep/cluster.py as datatrove tasks (local
 or Slurm); a unit's output is written under a temporary name and renamed, so a killed task redoes
@@ -23,11 +28,36 @@ The merge of a key range reads, from every shard's sorted run, the slice between
 binary search in a memory map that is closed again, ~log2(n) pages; the slice read by file offset, so no
 descriptor stays open per shard) for a sub-range sized to CHUNK_RECORDS records in all, sorts the
 concatenation and hands it on; hash keys are uniform, so a task's memory is bounded by the chunk, not by
-the corpus, and every record is read exactly once. The cluster step is the one that grows with the
-corpus: it holds every candidate pair (docs/data_prep.md, "Dedup at scale").
+the corpus, and every record is read exactly once.
 The representative of a group is its smallest global index (source order, file, line), as in
 find_duplicates: a bucket's pairs are (member, smallest alive member), components are labelled by their
 smallest member, and an exact copy points at the final keeper of the copy it repeats.
+
+Clustering without one process holding every pair. Owner range r is the documents of a contiguous run of
+shards (plan.owner_shards), so a task's memory is bounded by its range: its labels (8 bytes per
+document), its edges (the distinct similar pairs touching it) and what it looks up for them, never the
+corpus. Every document has a label, at first itself. Round 0 reads the task's slice of every band unit's
+pair folder (each pair file is read once in all) and sets label(u) = min(u, its neighbours). Each later
+round, per document u of the range, with the labels L of the round before:
+  - u's label becomes the smallest of L(u), the L(w) of its neighbours w, and the labels that the round
+    before sent to u;
+  - hooking: when a neighbour's label is smaller, it is also sent to the document L(u) (to its owner, in
+    a message folder sorted by owner range), so a whole tree of documents moves at once;
+  - pointer jumping: the label becomes min(label, L(label)), which halves the distance a label has left
+    to travel.
+Labels of other ranges are read from their round files through one memory map at a time; only a
+range's own round files and messages of two rounds back are deleted. A round that changes no label and
+sends nothing ends the rounds (label_state). Then every edge joins equal labels, so a component has one
+label c, c = L(c) from the jump, and its smallest member m has L(m) <= m, so c = m: the label is the
+component's smallest member, exactly what smallest_in_component gives find_duplicates over the same
+pairs. Labels only ever decrease to members of the component, so the rounds end; pointer jumping makes
+them few (a path of 1000 documents in random order: 17 rounds, tests/test_data_prep_dedup_stages.py; the
+planted corpus of benchmarks/bench_dedup_scale.py: a handful). The round count is not known in advance:
+the local pool and datatrove's local executor run rounds until settled, the Slurm chain submits
+SLURM_LABEL_ROUNDS of them (each a no-op once settled), and decide stops with an error if the labels
+have not settled (running again resumes the rounds; under Slurm once the label jobs' completion markers
+are removed, as the error says). A task killed mid-round redoes its range's round;
+the others have nothing to do until it is finished.
 
 Why not datatrove's MinhashDedupSignature/Buckets/Cluster blocks: its signature step hashes word
 shingles from a word tokenizer (ours are character n-grams over the text with spaces removed, the
@@ -630,7 +660,8 @@ def _final_round(plan: DedupPlan) -> int:
     if not state.converged:
         raise RuntimeError(
             f"dedup: the cluster labels are not settled after round {state.done} in {plan.folder}; "
-            "run the curation again (it resumes the label rounds where they stopped)"
+            "run the curation again: it resumes the label rounds where they stopped (with "
+            "executor.kind=datatrove-slurm, first remove the dedup-labels-* folders of its logging_dir)"
         )
     return state.done
 

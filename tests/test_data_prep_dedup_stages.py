@@ -198,6 +198,61 @@ def test_a_killed_band_task_reruns_only_its_units(corpus, tmp_path):
     assert_same_as_reference(plan, keys, signatures)
 
 
+_KILLED_LABELS = """
+import os, sys, time
+from pathlib import Path
+from kumihimo.data_prep import dedup_stages
+from kumihimo.data_prep.config import DataPrepConfig, DedupConfig
+
+root = Path(sys.argv[1])
+plan = dedup_stages.DedupPlan(
+    config=DataPrepConfig(output_dir=str(root), dedup=DedupConfig(num_bands=8, rows_per_band=3)),
+    shard_dirs=tuple(sorted(root.glob("shard-*"))), folder=root / "dedup", num_tasks=3,
+)
+
+def stall(src, dst):  # killed with the round's messages written, before renaming them
+    print("written", flush=True)
+    time.sleep(600)
+
+os.replace = stall
+dedup_stages.run_unit(plan, "labels", 1)
+"""
+
+
+def test_a_killed_label_round_is_redone_by_its_owner_alone(tmp_path):
+    """Owner 1 dies in round 1 of the long chains; the others have finished that round. The resume
+    redoes owner 1's round only, and the rounds go on to the same decision."""
+    dedup = DedupConfig(num_bands=8, rows_per_band=3)
+    keys, signatures = chained_corpus(np.random.default_rng(11), sum(SHARD_SIZES), dedup)
+    plan = make_plan(tmp_path, write_shards(tmp_path, keys, signatures, dedup), dedup, 3)
+    for stage in ("exact", "alive", "bands"):
+        for unit in dedup_stages.stage_units(plan, stage):
+            dedup_stages.run_unit(plan, stage, unit)
+    for owner in (0, 1, 2):
+        dedup_stages.run_unit(plan, "labels", owner)  # round 0
+    for owner in (0, 2):
+        dedup_stages.run_unit(plan, "labels", owner)  # round 1
+    env = {**os.environ, "PYTHONPATH": str(Path(dedup_stages.__file__).parents[2])}
+    task = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_LABELS, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert task.stdout.readline().strip() == "written"
+    finally:
+        task.send_signal(signal.SIGKILL)
+        task.wait()
+    assert dedup_stages.label_state(plan).done == 0
+    debris = [p for p in plan.labels_dir(1).iterdir() if dedup_stages.TEMP_MARK in p.name]
+    assert debris and not plan.label_path(1, 1).exists()
+    finished = plan.label_path(0, 1).stat().st_mtime_ns
+    dedup_stages.run_unit(plan, "labels", 0)  # round 1 is not over: owner 0 has nothing to do
+    assert plan.label_path(0, 1).stat().st_mtime_ns == finished and not plan.label_path(0, 2).exists()
+    run_stages(plan)
+    assert not [p for p in plan.labels_dir(1).iterdir() if dedup_stages.TEMP_MARK in p.name]
+    assert dedup_stages.label_state(plan).done > 2
+    assert_same_as_reference(plan, keys, signatures)
+
+
 @pytest.mark.slow
 def test_curated_decisions_equal_find_duplicates_on_the_candidates(tmp_path):
     """Through `data curate` with three key ranges on two workers: the shards' candidates hashed again
