@@ -3,11 +3,13 @@
 Stage 1 is `CurateShardsStep`: task `rank` of `world_size` curates shards rank, rank + world_size, ...
 into `<out>/work/shards/` exactly as the local pool does (same per-shard directories, so any mix of
 executors and re-runs resumes). Then `DedupStageStep` runs each dedup stage of dedup_stages.py (exact
-key ranges and LSH band ranges as executor.tasks tasks, the alive and cluster steps as one task), so
-near duplicates are found across tasks without one process reading every signature. Last,
-`FinishStep` merges per source and writes the report. Locally the stages run one after the other
-(LocalPipelineExecutor, `depends=`); on Slurm, datatrove submits each as a job (an array for the
-multi-task ones) with `--dependency=afterok` on the one before, and this process returns at once.
+key ranges, LSH band ranges and the clustering's owner ranges as executor.tasks tasks, the alive step
+and the summary as one task), so near duplicates are found across tasks without one process reading
+every signature or holding every pair. Last, `FinishStep` merges per source and writes the report.
+Locally the stages run one after the other (LocalPipelineExecutor), the label rounds until the labels
+settle; on Slurm, datatrove submits each as a job (an array for the multi-task ones, SLURM_LABEL_ROUNDS
+jobs for the label rounds) with `--dependency=afterok` on the one before, and this process returns at
+once.
 """
 
 from __future__ import annotations
