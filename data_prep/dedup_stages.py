@@ -103,7 +103,7 @@ _KEY_SPACE = 1 << 64
 EXACT_MEMBERS, EXACT_FIRSTS = "exact_members.npy", "exact_firsts.npy"
 _SIMILAR, _FORWARD = 1, 2  # a band unit's pair records: passed min_jaccard; (left, right), not swapped
 # label rounds the Slurm chain submits (each a no-op once the labels settle); a path of d documents in
-# one cluster settles in about log2(d) rounds (tests/test_data_prep_dedup_stages.py)
+# one cluster settles in about 2 log2(d) rounds (17 for d = 1000, tests/test_data_prep_dedup_stages.py)
 SLURM_LABEL_ROUNDS = 40
 
 
