@@ -6,8 +6,8 @@ datatrove's MinHash buckets + cluster, on synthetic signatures with planted near
 Signatures are counter-based (entry (doc, column) is a hash of both), so any shard can be made without
 the others: a planted copy takes each entry of its source with probability J, so a pair is caught by
 LSH with probability exactly 1 - (1 - J^r)^b. Every task runs in its own process, one at a time; its
-peak RSS (ru_maxrss), wall time and the bytes it copied out of the sorted runs are printed as JSON
-lines and a markdown table. The stages' decisions are checked against find_duplicates'.
+peak RSS (VmHWM), wall time and the bytes it read are printed as JSON lines, per stage (the label
+rounds of the clustering summed, with their count). The stages' decisions are checked against find_duplicates'.
 """
 
 from __future__ import annotations
@@ -176,14 +176,19 @@ def run_stages(args: argparse.Namespace, dirs: list[Path], dedup: DedupConfig, n
     shutil.rmtree(plan.folder, ignore_errors=True)
     row = {"tasks": num_tasks}
     for stage in dedup_stages.STAGES:
-        ranks = range(num_tasks) if stage in ("exact", "bands") else range(1)
-        results = [run_child(args, stage, r, num_tasks) for r in ranks]
+        ranks = range(1) if stage in dedup_stages.ONE_TASK_STAGES else range(num_tasks)
+        results, runs = [], 0
+        for _ in dedup_stages.stage_runs(plan, stage):  # "labels": one run per round
+            results += [run_child(args, stage, r, num_tasks) for r in ranks]
+            runs += 1
         row[stage] = {
             "max_peak_rss_mib": max(r["peak_rss_mib"] for r in results),
             "sum_wall_s": round(sum(r["wall_s"] for r in results), 1),
             "max_wall_s": max(r["wall_s"] for r in results),
             "bytes_read": sum(r["bytes_read"] for r in results),
         }
+        if stage == "labels":
+            row[stage]["rounds"] = runs
         print(json.dumps({stage: row[stage], "tasks": num_tasks}), flush=True)
     return row
 
@@ -312,7 +317,7 @@ def main() -> None:
         ),
         flush=True,
     )
-    reference = None
+    reference = first = None
     if not args.skip_single:
         single = run_child(args, "single")
         print(json.dumps({"single": single}), flush=True)
@@ -323,6 +328,10 @@ def main() -> None:
         if reference is not None:
             assert np.array_equal(got, reference), f"{num_tasks} tasks decide otherwise than find_duplicates"
             print(json.dumps({"tasks": num_tasks, "equal_to_find_duplicates": True}), flush=True)
+        elif first is not None:  # --skip-single: every task count against the first
+            assert np.array_equal(got, first), f"{num_tasks} tasks decide otherwise than the first count"
+            print(json.dumps({"tasks": num_tasks, "equal_to_the_first_task_count": True}), flush=True)
+        first = got if first is None else first
     rates = catch_rates(got)
     theory = {j: catch_probability(j, dedup.num_bands, dedup.rows_per_band) for j in rates}
     print(json.dumps({"caught": rates, "theory": {j: round(t, 4) for j, t in theory.items()}}), flush=True)

@@ -3,11 +3,13 @@
 Stage 1 is `CurateShardsStep`: task `rank` of `world_size` curates shards rank, rank + world_size, ...
 into `<out>/work/shards/` exactly as the local pool does (same per-shard directories, so any mix of
 executors and re-runs resumes). Then `DedupStageStep` runs each dedup stage of dedup_stages.py (exact
-key ranges and LSH band ranges as executor.tasks tasks, the alive and cluster steps as one task), so
-near duplicates are found across tasks without one process reading every signature. Last,
-`FinishStep` merges per source and writes the report. Locally the stages run one after the other
-(LocalPipelineExecutor, `depends=`); on Slurm, datatrove submits each as a job (an array for the
-multi-task ones) with `--dependency=afterok` on the one before, and this process returns at once.
+key ranges, LSH band ranges and the clustering's owner ranges as executor.tasks tasks, the alive step
+and the summary as one task), so near duplicates are found across tasks without one process reading
+every signature or holding every pair. Last, `FinishStep` merges per source and writes the report.
+Locally the stages run one after the other (LocalPipelineExecutor), the label rounds until the labels
+settle; on Slurm, datatrove submits each as a job (an array for the multi-task ones, SLURM_LABEL_ROUNDS
+jobs for the label rounds) with `--dependency=afterok` on the one before, and this process returns at
+once.
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ from kumihimo.data_prep.curation import (
     prepare_run,
     run_dedup_task,
 )
-from kumihimo.data_prep.dedup_stages import STAGES
+from kumihimo.data_prep.dedup_stages import (
+    MAX_LABEL_ROUNDS,
+    ONE_TASK_STAGES,
+    SLURM_LABEL_ROUNDS,
+    STAGES,
+    stage_runs,
+)
 from kumihimo.data_prep.layout import RunLayout
 from kumihimo.data_prep.shards import plan_shards
 
@@ -87,7 +95,12 @@ class DedupStageStep(_ConfigStep):
 
 
 def _stage_tasks(config: DataPrepConfig, stage: str) -> int:
-    return dedup_tasks(config) if stage in ("exact", "bands") else 1
+    return 1 if stage in ONE_TASK_STAGES else dedup_tasks(config)
+
+
+def _stage_jobs(stage: str, rounds: int) -> list[str]:
+    """The name of each job a stage is run as: "labels" once per round."""
+    return [f"labels-{r:02d}" for r in range(rounds)] if stage == "labels" else [stage]
 
 
 class FinishStep(_ConfigStep):
@@ -153,16 +166,19 @@ def _slurm_executors(config: DataPrepConfig, logs: Path, num_tasks: int) -> Slur
     previous = shards
     for stage in STAGES:
         num_tasks = _stage_tasks(config, stage)
-        previous = SlurmPipelineExecutor(
-            [DedupStageStep(config, stage)],
-            tasks=num_tasks,
-            workers=ex.workers or -1,
-            cpus_per_task=ex.slurm_cpus_per_task if num_tasks > 1 else ex.slurm_dedup_cpus,
-            job_name=f"kumihimo-dedup-{stage}",
-            logging_dir=str(logs / f"dedup-{stage}"),
-            depends=previous,
-            **common,
-        )
+        # the label rounds cannot be counted before the pairs exist: a fixed number is chained, each
+        # a no-op once the labels settle (decide says so if they have not)
+        for job in _stage_jobs(stage, SLURM_LABEL_ROUNDS):
+            previous = SlurmPipelineExecutor(
+                [DedupStageStep(config, stage)],
+                tasks=num_tasks,
+                workers=ex.workers or -1,
+                cpus_per_task=ex.slurm_cpus_per_task if num_tasks > 1 else ex.slurm_dedup_cpus,
+                job_name=f"kumihimo-dedup-{job}",
+                logging_dir=str(logs / f"dedup-{job}"),
+                depends=previous,
+                **common,
+            )
     return SlurmPipelineExecutor(
         [FinishStep(config)],
         tasks=1,
@@ -246,23 +262,24 @@ def curate_with_datatrove(config: DataPrepConfig) -> CurationResult | None:
         logging_dir=str(logs / "curate"),
         start_method="spawn",
     )
-    previous = shards_stage
+    shards_stage.run()
+    # one stage after the other, here: the label rounds run until the labels settle
+    plan = dedup_plan(config, layout, shards, dedup_tasks(config))
     for stage in STAGES:
         num_tasks = _stage_tasks(config, stage)
-        previous = LocalPipelineExecutor(
-            [DedupStageStep(config, stage)],
-            tasks=num_tasks,
-            workers=min(workers, num_tasks),
-            logging_dir=str(logs / f"dedup-{stage}"),
-            depends=previous,
-            start_method="spawn",
-        )
+        for _, job in zip(stage_runs(plan, stage), _stage_jobs(stage, MAX_LABEL_ROUNDS)):
+            LocalPipelineExecutor(
+                [DedupStageStep(config, stage)],
+                tasks=num_tasks,
+                workers=min(workers, num_tasks),
+                logging_dir=str(logs / f"dedup-{job}"),
+                start_method="spawn",
+            ).run()
     LocalPipelineExecutor(
         [FinishStep(config)],
         tasks=1,
         workers=1,
         logging_dir=str(logs / "finish"),
-        depends=previous,
         start_method="spawn",
     ).run()
     return finish_curation(config)  # already done by the last stage; this reads its outputs back

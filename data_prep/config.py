@@ -728,9 +728,9 @@ class ExecutorConfig:
     """CPUs per Slurm array task; the task curates its shards with this many worker processes (1: one shard
     at a time), whatever `num_workers` says (that is the local pool's size)."""
     slurm_dedup_cpus: int = 4
-    """CPUs of the single-task jobs (the dedup alive and cluster steps, merge and report); each gets this x
-    slurm_mem_per_cpu_gb of memory. The cluster step holds the candidate pairs and the removed documents,
-    the alive step one byte per document (docs/data_prep.md, "Dedup at scale")."""
+    """CPUs of the single-task jobs (the dedup alive step and summary, merge and report); each gets this x
+    slurm_mem_per_cpu_gb of memory. The alive step holds one byte per document and the exact copies
+    (docs/data_prep.md, "Dedup at scale"); the clustering runs as executor.tasks tasks."""
     slurm_mem_per_cpu_gb: int = 4
     """Memory per CPU in GB (a worker holds ~300 MB of models and tables plus one shard's buffers)."""
     slurm_env_command: str | None = None

@@ -189,14 +189,15 @@ def _run_dedup_stages(config: DataPrepConfig, plan: dedup_stages.DedupPlan) -> N
     with contextlib.ExitStack() as stack:
         pool = None
         for stage in dedup_stages.STAGES:
-            units = dedup_stages.stage_units(plan, stage)
-            if num_workers == 1 or len(units) == 1:
-                for unit in units:
-                    run_dedup_unit(plan, stage, unit)
-                continue
-            pool = pool or stack.enter_context(process_pool(num_workers, _no_setup, ()))
-            for _ in run_unordered(pool, _dedup_unit, [(plan, stage, unit) for unit in units]):
-                pass
+            for _ in dedup_stages.stage_runs(plan, stage):  # "labels": once per round
+                units = dedup_stages.stage_units(plan, stage)
+                if num_workers == 1 or len(units) == 1:
+                    for unit in units:
+                        run_dedup_unit(plan, stage, unit)
+                    continue
+                pool = pool or stack.enter_context(process_pool(num_workers, _no_setup, ()))
+                for _ in run_unordered(pool, _dedup_unit, [(plan, stage, unit) for unit in units]):
+                    pass
 
 
 def _no_setup() -> None:

@@ -11,9 +11,14 @@ the single-process reference `find_duplicates`, whose decisions these stages rep
   alive   (1 task)                  exact groups -> each copy's first; quality passes (refilter runs);
                                     a bitmap (N/8 bytes) of the documents that take part in fuzzy dedup
   bands   (T tasks, band x range)   merges every shard's slice of one band's key range, skipping the
-                                    documents not alive; writes (member, first member) candidate pairs
-  cluster (1 task)                  connected components over the pairs only, exact copies chained to
-                                    the final keeper, cluster sizes; one sparse decision file per shard
+                                    documents not alive; writes (member, first member) candidate pairs,
+                                    both ways, sorted by the owner range of the first of each
+  labels  (T tasks, owner ranges,   clustering, see below: the smallest member of each document's
+           in rounds)               component, per document of the task's own range
+  decide  (T tasks, owner ranges)   removed documents of the range -> their keeper (an exact copy: its
+                                    first's keeper); how many each keeper got, sorted by keeper's owner
+  sizes   (T tasks, owner ranges)   adds up the counts for its keepers; one decision file per shard
+  cluster (1 task)                  the summary (counts only) that marks the decision complete
 Phase 3 (curation._merge_source) is the filter per shard: it reads that shard's decision file.
 curation.py runs the stages on a local process pool, data_prep/cluster.py as datatrove tasks (local
 or Slurm); a unit's output is written under a temporary name and renamed, so a killed task redoes
@@ -23,11 +28,36 @@ The merge of a key range reads, from every shard's sorted run, the slice between
 binary search in a memory map that is closed again, ~log2(n) pages; the slice read by file offset, so no
 descriptor stays open per shard) for a sub-range sized to CHUNK_RECORDS records in all, sorts the
 concatenation and hands it on; hash keys are uniform, so a task's memory is bounded by the chunk, not by
-the corpus, and every record is read exactly once. The cluster step is the one that grows with the
-corpus: it holds every candidate pair (docs/data_prep.md, "Dedup at scale").
+the corpus, and every record is read exactly once.
 The representative of a group is its smallest global index (source order, file, line), as in
 find_duplicates: a bucket's pairs are (member, smallest alive member), components are labelled by their
 smallest member, and an exact copy points at the final keeper of the copy it repeats.
+
+Clustering without one process holding every pair. Owner range r is the documents of a contiguous run of
+shards (plan.owner_shards), so a task's memory is bounded by its range: its labels (8 bytes per
+document), its edges (the distinct similar pairs touching it) and what it looks up for them, never the
+corpus. Every document has a label, at first itself. Round 0 reads the task's slice of every band unit's
+pair folder (each pair file is read once in all) and sets label(u) = min(u, its neighbours). Each later
+round, per document u of the range, with the labels L of the round before:
+  - u's label becomes the smallest of L(u), the L(w) of its neighbours w, and the labels that the round
+    before sent to u;
+  - hooking: when a neighbour's label is smaller, it is also sent to the document L(u) (to its owner, in
+    a message folder sorted by owner range), so a whole tree of documents moves at once;
+  - pointer jumping: the label becomes min(label, L(label)), which halves the distance a label has left
+    to travel.
+Labels of other ranges are read from their round files through one memory map at a time; only a
+range's own round files and messages of two rounds back are deleted. A round that changes no label and
+sends nothing ends the rounds (label_state). Then every edge joins equal labels, so a component has one
+label c, c = L(c) from the jump, and its smallest member m has L(m) <= m, so c = m: the label is the
+component's smallest member, exactly what smallest_in_component gives find_duplicates over the same
+pairs. Labels only ever decrease to members of the component, so the rounds end; pointer jumping makes
+them few (a path of 1000 documents in random order: 17 rounds, tests/test_data_prep_dedup_stages.py; the
+planted corpus of benchmarks/bench_dedup_scale.py: a handful). The round count is not known in advance:
+the local pool and datatrove's local executor run rounds until settled, the Slurm chain submits
+SLURM_LABEL_ROUNDS of them (each a no-op once settled), and decide stops with an error if the labels
+have not settled (running again resumes the rounds; under Slurm once the label jobs' completion markers
+are removed, as the error says). A task killed mid-round redoes its range's round;
+the others have nothing to do until it is finished.
 
 Why not datatrove's MinhashDedupSignature/Buckets/Cluster blocks: its signature step hashes word
 shingles from a word tokenizer (ours are character n-grams over the text with spaces removed, the
@@ -51,14 +81,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kumihimo.core.files import TEMP_MARK, temp_file_beside, write_text_atomic
+from kumihimo.core.files import TEMP_MARK, temp_dir, temp_file_beside, write_text_atomic
 from kumihimo.data_prep.config import DataPrepConfig, DedupConfig
 from kumihimo.data_prep.minhash import (
     KEEP,
     QUALITY_DROPPED,
     band_keys,
     estimated_jaccard,
-    smallest_in_component,
 )
 
 EXACT_KEYS = "exact_keys.npy"  # per shard: uint64 per candidate, in row order (counts, old-run rebuilds)
@@ -70,6 +99,12 @@ BAND_SORTED = ("band_sorted_keys.npy", "band_sorted_rows.npy")
 # records per merged chunk (12 bytes each, ~4x that while sorting): ~200 MB per task
 CHUNK_RECORDS = 1 << 22
 _KEY_SPACE = 1 << 64
+# the alive stage's exact copies (sorted) and the first of each, read in slices by the decide units
+EXACT_MEMBERS, EXACT_FIRSTS = "exact_members.npy", "exact_firsts.npy"
+_SIMILAR, _FORWARD = 1, 2  # a band unit's pair records: passed min_jaccard; (left, right), not swapped
+# label rounds the Slurm chain submits (each a no-op once the labels settle); a path of d documents in
+# one cluster settles in about 2 log2(d) rounds (17 for d = 1000, tests/test_data_prep_dedup_stages.py)
+SLURM_LABEL_ROUNDS = 40
 
 
 # ---- phase 1: per-shard sorted runs ---------------------------------------------------------------
@@ -149,8 +184,34 @@ class DedupPlan:
         return self.folder / "exact" / f"range-{unit:05d}-of-{self.num_tasks:05d}.npz"
 
     def band_path(self, unit: tuple[int, int]) -> Path:
+        """A folder: the unit's pairs both ways, sorted by the owner range of their first member."""
         band, part = unit
-        return self.folder / "pairs" / f"band-{band:03d}-range-{part:05d}-of-{self.num_band_parts:05d}.npz"
+        return self.folder / "pairs" / f"band-{band:03d}-range-{part:05d}-of-{self.num_band_parts:05d}"
+
+    def owner_shards(self, owner: int) -> range:
+        """The shards whose documents owner range `owner` (of num_tasks) labels and decides."""
+        num = len(self.shard_dirs)
+        return range(owner * num // self.num_tasks, (owner + 1) * num // self.num_tasks)
+
+    def owner_bounds(self) -> np.ndarray:
+        """Global index of each owner range's first document (and the total last)."""
+        num = len(self.shard_dirs)
+        return self.offsets()[[o * num // self.num_tasks for o in range(self.num_tasks + 1)]]
+
+    def labels_dir(self, owner: int) -> Path:
+        return self.folder / "labels" / f"owner-{owner:05d}-of-{self.num_tasks:05d}"
+
+    def label_path(self, owner: int, round_: int) -> Path:
+        return self.labels_dir(owner) / f"round-{round_:05d}.npy"
+
+    def message_path(self, owner: int, round_: int) -> Path:
+        return self.labels_dir(owner) / f"messages-{round_:05d}"
+
+    def counts_path(self, owner: int) -> Path:
+        return self.folder / "counts" / f"owner-{owner:05d}-of-{self.num_tasks:05d}"
+
+    def removed_path(self, shard_dir: Path) -> Path:
+        return self.folder / "removed" / f"{shard_dir.name}.npz"
 
     @property
     def alive_path(self) -> Path:
@@ -337,10 +398,11 @@ def alive_step(plan: DedupPlan, passes: np.ndarray | None) -> None:
     order = np.argsort(copies_of)
     alive = np.ones(num_docs, dtype=bool) if passes is None else passes.copy()
     alive[copies_of] = False
-    _save_npz(
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    _save_npy(plan.folder / EXACT_MEMBERS, copies_of[order])
+    _save_npy(plan.folder / EXACT_FIRSTS, firsts[order])
+    _save_npz(  # last: its presence marks the stage done
         plan.alive_path,
-        exact_members=copies_of[order],
-        exact_firsts=firsts[order],
         alive=np.packbits(alive),
         passes=np.packbits(passes) if passes is not None else np.empty(0, np.uint8),
     )
@@ -363,7 +425,7 @@ def _signature_rows(plan: DedupPlan, offsets: np.ndarray, index: np.ndarray) -> 
 def band_unit(plan: DedupPlan, unit: tuple[int, int]) -> int:
     """Candidate pairs (member, smallest alive member of its bucket) of one band's key range; with
     dedup.min_jaccard, whether each pair's full signatures agree enough. Returns the bytes read."""
-    if plan.band_path(unit).is_file():
+    if plan.band_path(unit).is_dir():
         return 0
     band, part = unit
     offsets, counter = plan.offsets(), ReadCounter()
@@ -384,7 +446,15 @@ def band_unit(plan: DedupPlan, unit: tuple[int, int]) -> int:
         a, b = _signature_rows(plan, offsets, left), _signature_rows(plan, offsets, right)
         counter.num_bytes += a.nbytes + b.nbytes
         similar = estimated_jaccard(a, b) >= plan.dedup.min_jaccard
-    _save_npz(plan.band_path(unit), left=left, right=right, similar=similar)
+    flags = similar.astype(np.uint8)
+    both = _by_owner(
+        plan.owner_bounds(),
+        np.concatenate((left, right)),
+        np.concatenate((left, right)),
+        np.concatenate((right, left)),
+        np.concatenate((flags | _FORWARD, flags)),
+    )
+    _save_dir(plan.band_path(unit), **both)
     return counter.num_bytes
 
 
@@ -396,70 +466,293 @@ def _count_distinct_pairs(left: np.ndarray, right: np.ndarray) -> int:
     return 1 + int(np.count_nonzero((left[1:] != left[:-1]) | (right[1:] != right[:-1])))
 
 
+def _open_array(path: Path) -> np.ndarray:
+    """An .npy file as a read-only memory map (an empty one cannot be mapped: read instead)."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError:
+        return np.load(path)
+
+
+def _slices(path: Path, owner: int) -> Iterator[np.ndarray]:
+    """Owner `owner`'s slice of each array of an owner-partitioned folder (starts.npy: T + 1 offsets),
+    read by file offset: an owner reads its part of every sender's file and nothing else."""
+    starts = np.load(path / "starts.npy")
+    lo, hi = int(starts[owner]), int(starts[owner + 1])
+    for name in sorted(p.name for p in path.glob("[a-z]*.npy")):
+        if name != "starts.npy":
+            yield _Vector.of(path / name, None).read(lo, hi)
+
+
+def _by_owner(bounds: np.ndarray, index: np.ndarray, *arrays: np.ndarray) -> dict[str, np.ndarray]:
+    """`arrays` sorted by the owner of `index` (stably) and the owners' starts, for _save_dir."""
+    owner = np.searchsorted(bounds, index, side="right") - 1
+    order = np.argsort(owner, kind="stable")
+    starts = np.concatenate(([0], np.cumsum(np.bincount(owner, minlength=len(bounds) - 1))))
+    out = {f"a{i}": a[order] for i, a in enumerate(arrays)}
+    out["starts"] = starts.astype(np.int64)
+    return out
+
+
+def _save_dir(path: Path, **arrays: np.ndarray) -> None:
+    """One .npy per array in a staging folder renamed onto `path`: the folder's presence marks the unit
+    done (its arrays can then be read in slices by offset, which an .npz member cannot)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}{TEMP_MARK}*"):  # a killed attempt at this unit
+        for leftover in stale.iterdir():
+            leftover.unlink()
+        stale.rmdir()
+    staging = temp_dir(path.parent, f".{path.name}{TEMP_MARK}")
+    try:
+        for name, array in arrays.items():
+            np.save(staging / f"{name}.npy", array)
+        os.replace(staging, path)
+    except BaseException:
+        for leftover in staging.iterdir():
+            leftover.unlink()
+        staging.rmdir()
+        raise
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    fd, tmp = temp_file_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ---- clustering: min labels over owner ranges, in rounds -------------------------------------------
+
+
 @dataclass(frozen=True)
-class Removed:
-    """The documents dedup removes, sorted by global index, and the kept document each points at."""
+class LabelState:
+    """Where the label rounds stand: `done` = the last round every owner finished (-1: none), and
+    whether it changed no label (the components are found)."""
 
-    index: np.ndarray
-    target: np.ndarray
-    is_exact: np.ndarray
-
-
-def _near_duplicates(plan: DedupPlan) -> tuple[Removed, int]:
-    parts = [np.load(plan.band_path(u)) for u in plan.band_units()]
-    left = np.concatenate([np.empty(0, np.int64)] + [p["left"] for p in parts])
-    right = np.concatenate([np.empty(0, np.int64)] + [p["right"] for p in parts])
-    similar = np.concatenate([np.empty(0, bool)] + [p["similar"] for p in parts])
-    num_pairs = _count_distinct_pairs(left, right)
-    left, right = left[similar], right[similar]
-    nodes = np.unique(np.concatenate((left, right)))  # sorted: the smallest label is the smallest index
-    labels = smallest_in_component(len(nodes), np.searchsorted(nodes, left), np.searchsorted(nodes, right))
-    near = labels != np.arange(len(nodes))
-    removed = Removed(nodes[near], nodes[labels[near]], np.zeros(int(near.sum()), dtype=bool))
-    return removed, num_pairs
+    done: int
+    converged: bool
 
 
-def cluster_step(plan: DedupPlan) -> None:
-    """Components over the candidate pairs, exact copies chained to the final keeper, cluster sizes;
-    one decision file per shard, then the summary that marks the whole decision complete."""
-    if plan.summary_path.is_file():
-        return
-    offsets = plan.offsets()
-    alive = np.load(plan.alive_path)
-    near, num_pairs = _near_duplicates(plan)
-    exact_target = alive["exact_firsts"].copy()
-    at = np.searchsorted(near.index, exact_target)
-    lost = at < len(near.index)
-    lost[lost] = near.index[at[lost]] == exact_target[lost]
-    exact_target[lost] = near.target[at[lost]]  # the copy it repeats lost as a near duplicate
-    index = np.concatenate((near.index, alive["exact_members"]))
-    order = np.argsort(index, kind="stable")
-    removed = Removed(
-        index[order],
-        np.concatenate((near.target, exact_target))[order],
-        np.concatenate((near.is_exact, np.ones(len(exact_target), bool)))[order],
+def label_state(plan: DedupPlan) -> LabelState:
+    finished = []
+    for owner in range(plan.num_tasks):
+        rounds = [int(p.stem.split("-")[1]) for p in plan.labels_dir(owner).glob("round-*.npy")]
+        finished.append(max(rounds, default=-1))
+    done = min(finished)
+    if done < 0:
+        return LabelState(done, False)
+    changed = sum(
+        json.loads(plan.label_path(o, done).with_suffix(".json").read_text())["changed"]
+        for o in range(plan.num_tasks)
     )
-    keepers, counts = np.unique(removed.target, return_counts=True)
-    passes = alive["passes"]
-    for shard, shard_dir in enumerate(plan.shard_dirs):
+    return LabelState(done, changed == 0)
+
+
+def _labels_of(plan: DedupPlan, done: int, index: np.ndarray, owner: int, own: np.ndarray) -> np.ndarray:
+    """The labels of round `done` of `index` (any owners'): this owner's from memory, the others' from
+    their files, one memory map at a time (closed again, so a task's memory holds no other owner's)."""
+    bounds = plan.owner_bounds()
+    whose = np.searchsorted(bounds, index, side="right") - 1
+    order = np.argsort(whose, kind="stable")
+    cuts = np.searchsorted(whose[order], np.arange(plan.num_tasks + 1))
+    out = np.empty(len(index), dtype=np.int64)
+    for other in np.flatnonzero(np.diff(cuts)):
+        at = order[cuts[other] : cuts[other + 1]]
+        local = index[at] - bounds[other]
+        if other == owner:
+            out[at] = own[local]
+        else:
+            labels = np.load(plan.label_path(int(other), done), mmap_mode="r")
+            out[at] = labels[local]
+            del labels
+    return out
+
+
+def _save_round(plan: DedupPlan, owner: int, round_: int, labels: np.ndarray, changed: int) -> None:
+    path = plan.label_path(owner, round_)
+    write_text_atomic(path.with_suffix(".json"), json.dumps({"changed": changed}))
+    _save_npy(path, labels)  # last: its presence marks the round done for this owner
+
+
+def _gather_edges(plan: DedupPlan, owner: int) -> tuple[np.ndarray, np.ndarray]:
+    """This owner's slice of every band unit's pairs, read once (the round-0 unit): the distinct
+    similar pairs, both ways (u in this range), and the count of distinct candidate pairs it owns."""
+    path = plan.labels_dir(owner) / "edges.npz"
+    if not path.is_file():
+        us, ws, fl = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.uint8)]
+        for unit in plan.band_units():
+            u, w, flags = _slices(plan.band_path(unit), owner)
+            us.append(u), ws.append(w), fl.append(flags)
+        u, w, flags = np.concatenate(us), np.concatenate(ws), np.concatenate(fl)
+        forward = (flags & _FORWARD) != 0
+        num_pairs = _count_distinct_pairs(u[forward], w[forward])
+        similar = (flags & _SIMILAR) != 0
+        u, w = u[similar], w[similar]
+        if len(u):
+            order = np.lexsort((w, u))
+            u, w = u[order], w[order]
+            distinct = np.concatenate(([True], (u[1:] != u[:-1]) | (w[1:] != w[:-1])))
+            u, w = u[distinct], w[distinct]
+        _save_npz(path, u=u, w=w, num_pairs=np.int64(num_pairs))
+    with np.load(path) as edges:
+        return edges["u"], edges["w"]
+
+
+def labels_unit(plan: DedupPlan, owner: int) -> int:
+    """One round for the documents of one owner range (see the module docstring). Round 0 reads the
+    pairs. Nothing once the labels are settled. Returns the bytes read."""
+    state = label_state(plan)
+    round_ = state.done + 1
+    if state.converged or plan.label_path(owner, round_).is_file():
+        return 0
+    lo, hi = (int(b) for b in plan.owner_bounds()[owner : owner + 2])
+    u, w = _gather_edges(plan, owner)
+    if round_ == 0:
+        labels = np.arange(lo, hi, dtype=np.int64)
+        np.minimum.at(labels, u - lo, w)
+        _save_round(plan, owner, 0, labels, int(np.count_nonzero(labels != np.arange(lo, hi))))
+        return u.nbytes + w.nbytes
+    old = np.load(plan.label_path(owner, state.done))
+    read = u.nbytes + w.nbytes + old.nbytes + 8 * (len(w) + len(old))
+    labels = old.copy()
+    if round_ > 1:  # the smaller labels sent to this range's labels in the round before
+        for sender in range(plan.num_tasks):
+            candidate, target = _slices(plan.message_path(sender, state.done), owner)
+            np.minimum.at(labels, target - lo, candidate)
+            read += candidate.nbytes + target.nbytes
+    theirs = _labels_of(plan, state.done, w, owner, old)
+    np.minimum.at(labels, u - lo, theirs)
+    # hooking: a neighbour's smaller label is sent to u's label too, so that a whole tree moves at once
+    target, candidate = old[u - lo], theirs
+    lower = candidate < target
+    target, candidate = target[lower], candidate[lower]
+    if len(target):
+        order = np.lexsort((candidate, target))
+        target, candidate = target[order], candidate[order]
+        first = np.concatenate(([True], target[1:] != target[:-1]))
+        target, candidate = target[first], candidate[first]
+    labels = np.minimum(labels, _labels_of(plan, state.done, labels, owner, old))  # pointer jumping
+    parts = _by_owner(plan.owner_bounds(), target, candidate, target)
+    _save_dir(
+        plan.message_path(owner, round_), candidate=parts["a0"], target=parts["a1"], starts=parts["starts"]
+    )
+    _save_round(plan, owner, round_, labels, int(np.count_nonzero(labels != old)) + len(target))
+    stale = plan.label_path(owner, state.done - 1)  # no one reads round done - 1 any more
+    stale.unlink(missing_ok=True)
+    stale.with_suffix(".json").unlink(missing_ok=True)
+    _remove_dir(plan.message_path(owner, state.done - 1))
+    return read
+
+
+def _remove_dir(path: Path) -> None:
+    if path.is_dir():
+        for leftover in path.iterdir():
+            leftover.unlink()
+        path.rmdir()
+
+
+def _final_round(plan: DedupPlan) -> int:
+    state = label_state(plan)
+    if not state.converged:
+        raise RuntimeError(
+            f"dedup: the cluster labels are not settled after round {state.done} in {plan.folder}; "
+            "run the curation again: it resumes the label rounds where they stopped (with "
+            "executor.kind=datatrove-slurm, first remove the dedup-labels-* folders of its logging_dir)"
+        )
+    return state.done
+
+
+def decide_unit(plan: DedupPlan, owner: int) -> None:
+    """The documents of one owner range that dedup removes and the kept document each points at; their
+    counts per kept document, sorted by the owner of that document (the sizes stage adds them up)."""
+    if plan.counts_path(owner).is_dir():
+        return
+    done = _final_round(plan)
+    bounds, offsets = plan.owner_bounds(), plan.offsets()
+    lo, hi = int(bounds[owner]), int(bounds[owner + 1])
+    labels = np.load(plan.label_path(owner, done))
+    near = np.flatnonzero(labels != np.arange(lo, hi)) + lo
+    members = _open_array(plan.folder / EXACT_MEMBERS)
+    a, b = np.searchsorted(members, [lo, hi])
+    copies = np.array(members[a:b])
+    firsts = np.array(_open_array(plan.folder / EXACT_FIRSTS)[a:b])
+    del members
+    # an exact copy points at its first's final keeper: the first's label (itself when it stays)
+    index = np.concatenate((near, copies))
+    target = np.concatenate((labels[near - lo], _labels_of(plan, done, firsts, owner, labels)))
+    is_exact = np.concatenate((np.zeros(len(near), bool), np.ones(len(copies), bool)))
+    order = np.argsort(index, kind="stable")
+    index, target, is_exact = index[order], target[order], is_exact[order]
+    passes = np.load(plan.alive_path)["passes"]
+    for shard in plan.owner_shards(owner):
         start, end = int(offsets[shard]), int(offsets[shard + 1])
-        a, b = np.searchsorted(removed.index, [start, end])
-        k0, k1 = np.searchsorted(keepers, [start, end])
+        i, j = np.searchsorted(index, [start, end])
         rows = np.arange(start, end)
         dropped = np.flatnonzero(~_bits(passes, rows)) if len(passes) else np.empty(0, np.int64)
         _save_npz(
-            plan.decision_path(shard_dir),
-            removed_rows=removed.index[a:b] - start,
-            removed_target=removed.target[a:b],
-            removed_is_exact=removed.is_exact[a:b],
-            keeper_rows=keepers[k0:k1] - start,
-            keeper_cluster_size=1 + counts[k0:k1],
+            plan.removed_path(plan.shard_dirs[shard]),
+            removed_rows=index[i:j] - start,
+            removed_target=target[i:j],
+            removed_is_exact=is_exact[i:j],
             quality_dropped_rows=dropped,
         )
+    keepers, counts = np.unique(target, return_counts=True)
+    with np.load(plan.labels_dir(owner) / "edges.npz") as edges:
+        num_pairs = int(edges["num_pairs"])
+    parts = _by_owner(bounds, keepers, keepers, counts.astype(np.int64))
+    # the folder is renamed into place last: its presence marks the unit done
+    write_text_atomic(
+        plan.labels_dir(owner) / "stats.json", json.dumps({"removed": len(index), "pairs": num_pairs})
+    )
+    _save_dir(plan.counts_path(owner), keepers=parts["a0"], counts=parts["a1"], starts=parts["starts"])
+
+
+def sizes_unit(plan: DedupPlan, owner: int) -> None:
+    """Each shard's decision file: its removed rows and 1 + the documents removed in favour of each of
+    its kept ones (counted by every owner range; this one reads its slice of each count file)."""
+    shards = plan.owner_shards(owner)
+    if all(plan.decision_path(plan.shard_dirs[s]).is_file() for s in shards):
+        return
+    keepers, counts = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    for sender in range(plan.num_tasks):
+        count, keeper = _slices(plan.counts_path(sender), owner)  # sorted names: counts, keepers
+        keepers.append(keeper), counts.append(count)
+    keepers_all, counts_all = np.concatenate(keepers), np.concatenate(counts)
+    keepers_u, where = np.unique(keepers_all, return_inverse=True)
+    totals = np.bincount(where, weights=counts_all, minlength=len(keepers_u)).astype(np.int64)
+    offsets = plan.offsets()
+    for shard in shards:
+        shard_dir = plan.shard_dirs[shard]
+        if plan.decision_path(shard_dir).is_file():
+            continue
+        start, end = int(offsets[shard]), int(offsets[shard + 1])
+        k0, k1 = np.searchsorted(keepers_u, [start, end])
+        with np.load(plan.removed_path(shard_dir)) as removed:
+            _save_npz(
+                plan.decision_path(shard_dir),
+                **{name: removed[name] for name in removed.files},
+                keeper_rows=keepers_u[k0:k1] - start,
+                keeper_cluster_size=1 + totals[k0:k1],
+            )
+
+
+def cluster_step(plan: DedupPlan) -> None:
+    """The summary that marks the whole decision complete (after every owner's sizes unit)."""
+    if plan.summary_path.is_file():
+        return
+    stats = [json.loads((plan.labels_dir(o) / "stats.json").read_text()) for o in range(plan.num_tasks)]
+    missing = [d.name for d in plan.shard_dirs if not plan.decision_path(d).is_file()]
+    if missing:
+        raise RuntimeError(f"dedup: no decision for shard {missing[0]} in {plan.folder}; run the sizes stage")
+    offsets = plan.offsets()
     summary = {
         "num_documents": int(offsets[-1]),
-        "num_removed": len(removed.index),
-        "num_candidate_pairs": num_pairs,
+        "num_removed": sum(s["removed"] for s in stats),
+        "num_candidate_pairs": sum(s["pairs"] for s in stats),
         "offsets": offsets.tolist(),
     }
     write_text_atomic(plan.summary_path, json.dumps(summary))
@@ -495,14 +788,32 @@ def removed_targets(plan: DedupPlan) -> np.ndarray:
 
 # ---- running the stages ----------------------------------------------------------------------------
 
-STAGES = ("exact", "alive", "bands", "cluster")
+STAGES = ("exact", "alive", "bands", "labels", "decide", "sizes", "cluster")
+"""In order; "labels" is run again until label_state(plan).converged (each run one round)."""
+ONE_TASK_STAGES = ("alive", "cluster")
+MAX_LABEL_ROUNDS = 64  # a local run stops here (decide then says the labels are not settled)
+
+
+def stage_runs(plan: DedupPlan, stage: str) -> Iterator[int]:
+    """Yields before each run of a stage's units: once, or for "labels" until the labels settle."""
+    for run in range(MAX_LABEL_ROUNDS if stage == "labels" else 1):
+        if stage == "labels" and label_state(plan).converged:
+            return
+        yield run
 
 
 def stage_units(plan: DedupPlan, stage: str) -> list:
     """The units of a stage; task `rank` of `world_size` runs units rank, rank + world_size, ..."""
-    return {"exact": plan.exact_units(), "alive": [None], "bands": plan.band_units(), "cluster": [None]}[
-        stage
-    ]
+    owners = list(range(plan.num_tasks))
+    return {
+        "exact": plan.exact_units(),
+        "alive": [None],
+        "bands": plan.band_units(),
+        "labels": owners,
+        "decide": owners,
+        "sizes": owners,
+        "cluster": [None],
+    }[stage]
 
 
 def run_unit(plan: DedupPlan, stage: str, unit, passes: np.ndarray | None = None) -> int:
@@ -512,7 +823,13 @@ def run_unit(plan: DedupPlan, stage: str, unit, passes: np.ndarray | None = None
         return exact_unit(plan, unit)
     if stage == "bands":
         return band_unit(plan, unit)
-    if stage == "alive":
+    if stage == "labels":
+        return labels_unit(plan, unit)
+    if stage == "decide":
+        decide_unit(plan, unit)
+    elif stage == "sizes":
+        sizes_unit(plan, unit)
+    elif stage == "alive":
         alive_step(plan, passes)
     elif stage == "cluster":
         cluster_step(plan)

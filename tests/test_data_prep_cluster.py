@@ -75,9 +75,12 @@ def test_datatrove_slurm_submits_an_array_and_a_dependent_dedup_job(single_task,
         chain.append(stage)
         stage = stage.depends
     chain.reverse()  # curate, the dedup stages, finish: each job depends on the one before
-    assert [s.tasks for s in chain] == [3, 3, 1, 3, 1, 1]
+    rounds = cluster.SLURM_LABEL_ROUNDS  # the label rounds: a fixed number, each a no-op once settled
+    assert [s.tasks for s in chain] == [3, 3, 1, 3, *[3] * rounds, 3, 3, 1, 1]
     assert isinstance(chain[0].pipeline[0], cluster.CurateShardsStep)
-    assert [s.pipeline[0].stage for s in chain[1:-1]] == ["exact", "alive", "bands", "cluster"]
+    stages = ["exact", "alive", "bands", *["labels"] * rounds, "decide", "sizes", "cluster"]
+    assert [s.pipeline[0].stage for s in chain[1:-1]] == stages
+    assert len({s.logging_dir.path for s in chain}) == len(chain)  # completion markers kept apart
     assert isinstance(chain[-1].pipeline[0], cluster.FinishStep)
     directives = chain[0].get_sbatch_args(3)
     assert directives["partition"] == "cpu" and directives["account"] == "proj" and "qos" not in directives

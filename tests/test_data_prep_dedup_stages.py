@@ -60,8 +60,9 @@ def make_plan(root: Path, dirs: list[Path], dedup: DedupConfig, num_tasks: int) 
 
 def run_stages(plan: dedup_stages.DedupPlan, passes: np.ndarray | None = None) -> None:
     for stage in dedup_stages.STAGES:
-        for unit in dedup_stages.stage_units(plan, stage):
-            dedup_stages.run_unit(plan, stage, unit, passes)
+        for _ in dedup_stages.stage_runs(plan, stage):
+            for unit in dedup_stages.stage_units(plan, stage):
+                dedup_stages.run_unit(plan, stage, unit, passes)
 
 
 def decisions(plan: dedup_stages.DedupPlan) -> dedup_stages.ShardDecision:
@@ -188,12 +189,67 @@ def test_a_killed_band_task_reruns_only_its_units(corpus, tmp_path):
     assert task.returncode == -signal.SIGKILL
     pairs = plan.band_path(units[0]).parent
     assert [p.name for p in pairs.iterdir() if dedup_stages.TEMP_MARK in p.name]  # the killed unit's debris
-    assert not plan.band_path(units[1]).is_file()
+    assert not plan.band_path(units[1]).exists()
     finished = {p.name: p.stat().st_mtime_ns for p in pairs.iterdir() if dedup_stages.TEMP_MARK not in p.name}
     assert len(finished) == len(units) - len(units[1::3])
     run_stages(plan)  # the resume: every stage again, finished units skipped
     assert {p.name: p.stat().st_mtime_ns for p in pairs.iterdir() if p.name in finished} == finished
     assert not [p.name for p in pairs.iterdir() if dedup_stages.TEMP_MARK in p.name]
+    assert_same_as_reference(plan, keys, signatures)
+
+
+_KILLED_LABELS = """
+import os, sys, time
+from pathlib import Path
+from kumihimo.data_prep import dedup_stages
+from kumihimo.data_prep.config import DataPrepConfig, DedupConfig
+
+root = Path(sys.argv[1])
+plan = dedup_stages.DedupPlan(
+    config=DataPrepConfig(output_dir=str(root), dedup=DedupConfig(num_bands=8, rows_per_band=3)),
+    shard_dirs=tuple(sorted(root.glob("shard-*"))), folder=root / "dedup", num_tasks=3,
+)
+
+def stall(src, dst):  # killed with the round's messages written, before renaming them
+    print("written", flush=True)
+    time.sleep(600)
+
+os.replace = stall
+dedup_stages.run_unit(plan, "labels", 1)
+"""
+
+
+def test_a_killed_label_round_is_redone_by_its_owner_alone(tmp_path):
+    """Owner 1 dies in round 1 of the long chains; the others have finished that round. The resume
+    redoes owner 1's round only, and the rounds go on to the same decision."""
+    dedup = DedupConfig(num_bands=8, rows_per_band=3)
+    keys, signatures = chained_corpus(np.random.default_rng(11), sum(SHARD_SIZES), dedup)
+    plan = make_plan(tmp_path, write_shards(tmp_path, keys, signatures, dedup), dedup, 3)
+    for stage in ("exact", "alive", "bands"):
+        for unit in dedup_stages.stage_units(plan, stage):
+            dedup_stages.run_unit(plan, stage, unit)
+    for owner in (0, 1, 2):
+        dedup_stages.run_unit(plan, "labels", owner)  # round 0
+    for owner in (0, 2):
+        dedup_stages.run_unit(plan, "labels", owner)  # round 1
+    env = {**os.environ, "PYTHONPATH": str(Path(dedup_stages.__file__).parents[2])}
+    task = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_LABELS, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert task.stdout.readline().strip() == "written"
+    finally:
+        task.send_signal(signal.SIGKILL)
+        task.wait()
+    assert dedup_stages.label_state(plan).done == 0
+    debris = [p for p in plan.labels_dir(1).iterdir() if dedup_stages.TEMP_MARK in p.name]
+    assert debris and not plan.label_path(1, 1).exists()
+    finished = plan.label_path(0, 1).stat().st_mtime_ns
+    dedup_stages.run_unit(plan, "labels", 0)  # round 1 is not over: owner 0 has nothing to do
+    assert plan.label_path(0, 1).stat().st_mtime_ns == finished and not plan.label_path(0, 2).exists()
+    run_stages(plan)
+    assert not [p for p in plan.labels_dir(1).iterdir() if dedup_stages.TEMP_MARK in p.name]
+    assert dedup_stages.label_state(plan).done > 2
     assert_same_as_reference(plan, keys, signatures)
 
 
@@ -253,3 +309,34 @@ def test_shards_curated_before_the_sorted_runs_get_them_from_their_signatures(co
     plan = make_plan(tmp_path, dirs, dedup, 2)
     run_stages(plan)
     assert_same_as_reference(plan, keys, signatures)
+
+
+def chained_corpus(rng: np.random.Generator, num_docs: int, dedup: DedupConfig) -> tuple[np.ndarray, ...]:
+    """Two paths of near duplicates through the documents in random order: each document shares one band
+    with the one before it on its path and another band with the one after, and nothing else."""
+    rows = dedup.rows_per_band
+    signatures = rng.integers(0, 2**32, size=(num_docs, dedup.num_bands * rows), dtype=np.uint32)
+    keys = rng.integers(0, 2**63, size=num_docs, dtype=np.uint64)
+    order = rng.permutation(num_docs)
+    for path in (order[: num_docs // 3], order[num_docs // 3 :]):
+        for step, (a, b) in enumerate(zip(path[:-1], path[1:])):
+            band = step % 2  # a's link forward and its link back lie in different bands
+            signatures[[a, b], band * rows : (band + 1) * rows] = rng.integers(
+                0, 2**32, rows, dtype=np.uint32
+            )
+    return keys, signatures
+
+
+@pytest.mark.parametrize("num_tasks", [1, 17])
+def test_a_long_chain_of_near_duplicates_across_owner_ranges_is_one_cluster(tmp_path, num_tasks):
+    """The labels travel along paths of ~500 and ~1000 documents that cross every owner range many
+    times: several rounds, each jump halving what is left, until every document points at its path's
+    smallest."""
+    dedup = DedupConfig(num_bands=8, rows_per_band=3)
+    keys, signatures = chained_corpus(np.random.default_rng(11), sum(SHARD_SIZES), dedup)
+    plan = make_plan(tmp_path, write_shards(tmp_path, keys, signatures, dedup), dedup, num_tasks)
+    run_stages(plan)
+    duplicate_of, _ = reference(keys, signatures, dedup)
+    assert len(np.unique(duplicate_of[duplicate_of >= 0])) == 2  # the two paths, each one cluster
+    assert_same_as_reference(plan, keys, signatures)
+    assert 4 <= dedup_stages.label_state(plan).done <= 2 * np.log2(len(keys))
