@@ -4,7 +4,9 @@ The harness runs its own installed task YAMLs (only dataset_path pointed at loca
 hub layout, tests/ja_leaderboard_fixtures.py); kumihimo reads the same files through its presets. On
 every task the prompts are byte-identical, and on a tiny random Hugging Face model (fp32, CPU) the
 per-choice log-likelihoods agree within 1e-4, the generations are identical and so are the aggregate
-scores (acc, exact match, MGSM acc, XL-Sum ROUGE-2).
+scores (acc, exact match, MGSM acc, XL-Sum ROUGE-2). XL-Sum is scored with the real packages its task
+needs (fugashi with unidic-lite, neologdn, emoji), per document and in aggregate, through the harness's
+own task on crafted generations too, since a random model's summaries score 0.
 """
 
 from __future__ import annotations
