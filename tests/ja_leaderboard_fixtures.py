@@ -8,8 +8,6 @@ files: prompts, process_docs, few-shot settings and metrics stay the harness's.
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import yaml
@@ -172,32 +170,3 @@ def write_harness_tasks(folder: Path, files: dict[str, dict[str, list[str]]]) ->
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(override, allow_unicode=True))
         names.append(name)
     return names
-
-
-class _WhitespaceTagger:
-    """Stand-in for fugashi's MeCab tagger (not installed here): one word per character."""
-
-    def __init__(self, *args):
-        pass
-
-    def parse(self, text: str) -> str:
-        return " ".join(c for c in text if not c.isspace())
-
-
-def install_xlsum_stand_ins() -> list[str]:
-    """emoji, neologdn and fugashi as modules, so the harness's XL-Sum utils import and both scorers
-    tokenise the same way (the packages are not installed in this environment); returns the names
-    installed, for the caller to remove."""
-    stand_ins = {
-        "emoji": {"is_emoji": lambda c: False},
-        "neologdn": {"normalize": lambda text: text},
-        "fugashi": {"Tagger": _WhitespaceTagger},
-    }
-    installed = []
-    for name, attributes in stand_ins.items():
-        if name not in sys.modules:
-            module = types.ModuleType(name)
-            module.__dict__.update(attributes)
-            sys.modules[name] = module
-            installed.append(name)
-    return installed

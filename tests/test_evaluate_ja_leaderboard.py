@@ -4,7 +4,9 @@ The harness runs its own installed task YAMLs (only dataset_path pointed at loca
 hub layout, tests/ja_leaderboard_fixtures.py); kumihimo reads the same files through its presets. On
 every task the prompts are byte-identical, and on a tiny random Hugging Face model (fp32, CPU) the
 per-choice log-likelihoods agree within 1e-4, the generations are identical and so are the aggregate
-scores (acc, exact match, MGSM acc, XL-Sum ROUGE-2).
+scores (acc, exact match, MGSM acc, XL-Sum ROUGE-2). XL-Sum is scored with the real packages its task
+needs (fugashi with unidic-lite, neologdn, emoji), per document and in aggregate, through the harness's
+own task on crafted generations too, since a random model's summaries score 0.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from kumihimo.pretrain.evaluate.suites import load_entries
 from tests import ja_leaderboard_fixtures as fixtures
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed")
+for _package in ("emoji", "neologdn", "fugashi", "unidic_lite"):  # XL-Sum's scoring, in the same extras
+    pytest.importorskip(_package, reason=f"{_package} is not installed (pip install -e '.[eval]')")
 
 TOLERANCE = 1e-4
 
@@ -31,14 +35,6 @@ TOLERANCE = 1e-4
 def hub(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("hub")
     return root, fixtures.write_hub_files(root)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def xlsum_stand_ins():
-    installed = fixtures.install_xlsum_stand_ins()
-    yield
-    for name in installed:
-        sys.modules.pop(name, None)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +68,15 @@ GENERATIONS = [
     "桜が満開。電車が運休",
 ]
 REFERENCES = ["東京", "東京", "東京", "1234", "5", "5", "富士山", "東京で桜が満開に。"]
+# XL-Sum: summaries and generated ones where emoji, width, spacing and MeCab's word bounds matter
+SUMMARIES = ["東京で桜が満開に。", "大雨で電車が運休。", "新図書館が開館。", "台風が接近。", "富士山"]
+SUMMARIZED = [
+    "桜が満開。電車が運休",
+    " 大雨😀で電車が運休！\n",
+    "新図書館がｵｰﾌﾟﾝ、１０時に開館",
+    "台風が、接近中。",
+    "",
+]
 
 
 def test_metrics_are_the_harness_functions():
@@ -97,10 +102,50 @@ def test_metrics_are_the_harness_functions():
     ]
     _, ours = ja_leaderboard.mgsm_acc(examples[3:6], GENERATIONS[3:6])
     assert theirs == [o["acc"] for o in ours] == [True, True, False]
-    xlsum = _harness_utils("ja_leaderboard_xlsum")  # its MeCab tagger: the stand-in, as ours
+    xlsum = _harness_utils("ja_leaderboard_xlsum")
+    assert xlsum.Tagger.__module__.startswith("fugashi")  # the real MeCab, not a stand-in
+    summaries = [Example(i, "", [], -1, [r]) for i, r in enumerate(SUMMARIES)]
+    filtered = [r[0] for r in WhitespaceFilter().apply([[g] for g in SUMMARIZED], [])]
+    scorer = xlsum.rouge_scorer.RougeScorer(rouge_types=["rouge2"], tokenizer=xlsum.MecabTokenizer())
+    theirs = [scorer.score(r, p)["rouge2"].fmeasure for r, p in zip(SUMMARIES, filtered)]
     np.random.seed(1234)  # simple_evaluate seeds numpy so before scoring
-    theirs = xlsum.rouge2_agg(list(zip(REFERENCES, filtered)))
-    assert ja_leaderboard.rouge2(examples, GENERATIONS)[0]["rouge2"] == theirs > 0
+    aggregate = xlsum.rouge2_agg(list(zip(SUMMARIES, filtered)))
+    summary, ours = ja_leaderboard.rouge2(summaries, SUMMARIZED)
+    assert [o["rouge2"] for o in ours] == theirs and len(set(theirs)) == len(theirs)
+    assert summary["rouge2"] == aggregate > 0
+
+
+def test_xlsum_words_are_the_harness_words():
+    """emoji removed, neologdn's normalisation (half-width kana, full-width marks, repeated long vowels,
+    ideographic space), MeCab's words: the real packages on both sides."""
+    text = " ｵｰﾌﾟﾝしました😀ーーー！　東京で✂桜が満開 "
+    theirs = _harness_utils("ja_leaderboard_xlsum").MecabTokenizer().tokenize(text)
+    assert ja_leaderboard.MecabTokenizer().tokenize(text) == theirs
+    assert theirs == ["オープン", "し", "まし", "たー", "!", "東京", "で", "桜", "が", "満開"]
+
+
+def test_xlsum_scores_are_the_harness_task_scores(hub, harness_tasks):
+    """Crafted generations for the XL-Sum documents through the harness's own task (its whitespaces filter,
+    process_results and rouge2_agg from the YAML) and through the preset's grader: per-document
+    ROUGE-2 and the aggregate equal, and not zero."""
+    task = harness_tasks[2]["local_ja_leaderboard_xlsum"]
+    _harness_requests(task)
+    instances = sorted(task.instances, key=lambda i: i.doc_id)
+    generated = SUMMARIZED[1:3]  # for the fixture's two test documents
+    for instance, text in zip(instances, generated, strict=True):
+        instance.resps = [text]
+    task.apply_filters()
+    items = [task.process_results(i.doc, [i.filtered_resps["whitespaces"]])["rouge2"] for i in instances]
+    np.random.seed(1234)  # as simple_evaluate seeds numpy before the aggregation
+    theirs = task.aggregation()["rouge2"](items)
+    utils = _harness_utils("ja_leaderboard_xlsum")
+    scorer = utils.rouge_scorer.RougeScorer(rouge_types=["rouge2"], tokenizer=utils.MecabTokenizer())
+    (mine,) = load_entries([f"ja_leaderboard_xlsum={hub[0]}"])
+    summary, per_document = mine.grade(mine.examples, generated)
+    assert [e.answers[0] for e in mine.examples] == [r for r, _ in items]
+    assert [d["rouge2"] for d in per_document] == [scorer.score(*i)["rouge2"].fmeasure for i in items]
+    print(f"XL-Sum ROUGE-2 per document {[d['rouge2'] for d in per_document]}, aggregate {theirs}")
+    assert summary["rouge2"] == theirs > 0
 
 
 def test_the_presets_are_the_installed_group():
@@ -233,6 +278,12 @@ def test_scores_agree_with_the_harness(hub, harness_tasks, tmp_path):
             "rouge2": "rouge2,whitespaces",
         }
         metric = ja_leaderboard.PRESETS[task.name].metric
+        if metric == "rouge2":  # per document: the harness's (summary, filtered generation) pairs, its scorer
+            utils = _harness_utils("ja_leaderboard_xlsum")
+            scorer = utils.rouge_scorer.RougeScorer(rouge_types=["rouge2"], tokenizer=utils.MecabTokenizer())
+            pairs = [s["rouge2"] for s in harness]
+            assert [r for r, _ in pairs] == [s["answers"][0] for s in mine.samples]
+            assert [scorer.score(*p)["rouge2"].fmeasure for p in pairs] == [s["rouge2"] for s in mine.samples]
         ours_value = mine.metrics["acc" if metric == "mgsm_acc" else metric]
         assert metrics[key[metric]] == pytest.approx(ours_value, abs=1e-12), (
             task.name,

@@ -411,8 +411,9 @@ class MecabTokenizer:
             from fugashi import Tagger
         except ModuleNotFoundError as exc:
             raise UserError(
-                f"ja_leaderboard_xlsum's ROUGE-2 needs {exc.name} (as lm-eval's task does); pip install "
-                "emoji neologdn 'fugashi[unidic-lite]' rouge_score, or leave the task out (a suite file's tasks: list)"
+                f"ja_leaderboard_xlsum's ROUGE-2 needs {exc.name} (as lm-eval's task does); pip install -e "
+                "'.[eval]' from the checkout (or: pip install emoji neologdn 'fugashi[unidic-lite]' rouge_score), "
+                "or leave the task out (a suite file's tasks: list)"
             ) from exc
         self.emoji, self.neologdn, self.tagger = emoji, neologdn, Tagger("-Owakati")
 
