@@ -32,12 +32,13 @@ from megatron.core.transformer.module import Float16Module
 from kumihimo import __version__
 from kumihimo.core import configtree
 from kumihimo.core.progress import log_to_stderr
-from kumihimo.pretrain import checkpointing, integrity
+from kumihimo.pretrain import checkpointing, fault_injection, integrity
 from kumihimo.pretrain.branch import resolve_lineage
 from kumihimo.pretrain.checkpointing import CheckpointManager, TrainState
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.convert.to_hf import source_vocab_rows
 from kumihimo.pretrain.data import Datasets, batch_indices, build_datasets, microbatches
+from kumihimo.pretrain.deadline import Deadline
 from kumihimo.pretrain.distributed import ProcessInfo, destroy, init_process_group, seed_everything
 from kumihimo.pretrain.evaluate.in_loop import InLoopEvaluation, perplexity, source_metrics
 from kumihimo.pretrain.evaluate.plot import write_plot
@@ -53,6 +54,8 @@ from kumihimo.pretrain.signals import (
     StoppedBeforeTraining,
     StopRequest,
 )
+from kumihimo.pretrain.stragglers import StragglerDetector
+from kumihimo.pretrain.watchdog import Heartbeat
 
 log = logging.getLogger("kumihimo.train")
 
@@ -171,6 +174,8 @@ class Trainer:
         self.lock: checkpointing.RunLock | None = None
         self.lineage: dict | None = None
         """Where a branch started (resolve_lineage); recorded in each of its checkpoints."""
+        self.started = time.time()
+        """When this process started training work: schedule.exit_after_minutes counts from here."""
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -184,6 +189,7 @@ class Trainer:
             cfg.runtime.device, cfg.runtime.distributed_timeout_minutes
         )
         log_to_stderr(self.info.rank)
+        self._setup_resilience()
         self.layout = ParallelLayout.from_config(cfg, self.info.world_size)
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=self.layout.tp,
@@ -237,8 +243,29 @@ class Trainer:
             cfg, self.layout, self._build_checkpoint_meta(), self.device, self.info.is_main
         )
         self._maybe_resume()
+        self.deadline.note_save(self.state.extra.get("longest_save_s", 0.0))
+        if self.deadline.end is not None:
+            log.info(f"[train] deadline: saving and exiting for requeue before {self.deadline.describe()}")
         if self.downstream:  # known after the load: an import's rows beyond the tokenizer, as to-hf exports
             self.downstream.backend.vocab_size = source_vocab_rows(self.checkpoints.meta)
+
+    def _setup_resilience(self) -> None:
+        """The hang watchdog's heartbeat, the straggler report and the deadline (docs/clusters.md)."""
+        res, sched = self.config.resilience, self.config.schedule
+        self.heartbeat = Heartbeat.from_env(
+            res.hang_timeout_factor, res.hang_timeout_floor_s, res.hang_initial_timeout_s, self.info.rank
+        )
+        device = torch.device("cpu") if self.config.runtime.device == "cpu" else torch.device("cuda")
+        self.stragglers = StragglerDetector(
+            res.straggler_interval, res.straggler_factor, device, self.info.is_main
+        )
+        # rank 0 judges the deadline; StopRequest.agree tells the others
+        self.deadline = Deadline.from_schedule(
+            sched.exit_after_minutes if self.info.is_main else None,
+            sched.exit_at_job_end and self.info.is_main,
+            sched.exit_margin_minutes,
+            self.started,
+        )
 
     def _claim_save_folder(self) -> None:
         """Rank 0: lock the checkpoint folder against a second run, then clear what a killed save left."""
@@ -273,7 +300,7 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer)
         tconfig = self.model[0].config
         tconfig.grad_scale_func = self.optimizer.scale_loss
-        tconfig.finalize_model_grads_func = finalize_model_grads
+        tconfig.finalize_model_grads_func = self.stragglers.wrap_finalize(finalize_model_grads)
         syncs = [m.no_sync for m in self.model]
         tconfig.no_sync_func = syncs[0] if len(syncs) == 1 else syncs
         if cfg.parallelism.overlap_grad_reduce:
@@ -441,10 +468,15 @@ class Trainer:
         stop = self.stop
         stop.training = True  # from here a stop signal saves at the next step boundary
         while self.state.iteration < last_step:
+            iteration_started = time.perf_counter()
+            self.heartbeat.begin("step", self.state.iteration + 1)
             values = self.train_step()
             result.losses.append(values["loss"])
             step = self.state.iteration
+            values.update(self.stragglers.report(step))
             evaluated = bool(sched.eval_interval) and step % sched.eval_interval == 0
+            if evaluated or (self.downstream and self.downstream.due(step)):
+                self.heartbeat.begin("eval", step)
             if evaluated:
                 values["val_loss"] = self.evaluate()
                 values["val_ppl"] = perplexity(values["val_loss"])
@@ -459,8 +491,16 @@ class Trainer:
             if self._gives_up(values):
                 result.exit_code = EXIT_BAD_LOSS
                 break
-            if stop.agreed(self.device):
-                log.info(f"[train] stop signal received: saving at step {step} and exiting for requeue")
+            self.deadline.note_step(time.perf_counter() - iteration_started)
+            why = stop.agree(self.device, self.deadline.due())
+            if why is not None:
+                if why == "signal":
+                    log.info(f"[train] stop signal received: saving at step {step} and exiting for requeue")
+                else:
+                    log.info(
+                        f"[train] the deadline is near: saving at step {step} and exiting for requeue"
+                        + (f" (before {self.deadline.describe()})" if self.deadline.end is not None else "")
+                    )
                 result.exit_code = EXIT_REQUEUE
                 if save_root and self.save() is None:
                     result.exit_code = EXIT_BAD_LOSS
@@ -477,6 +517,7 @@ class Trainer:
                 result.exit_code = EXIT_BAD_LOSS
         # every exit (end, requeue, bad loss): `latest` is final
         self.checkpoints.finish_pending(blocking=True)
+        self.heartbeat.idle(self.state.iteration)
         if save_root:
             result.last_checkpoint = self.checkpoints.latest()
             if result.exit_code == EXIT_BAD_LOSS:
@@ -508,12 +549,20 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         start = time.perf_counter()
+        rank, step = self.info.rank, self.state.iteration + 1
+        fault_injection.inject("stop", rank, step)
+        self.stragglers.start_step()
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         dp_rank = parallel_state.get_data_parallel_rank()
         indices = batch_indices(self.state.consumed_samples, self.layout, dp_rank)
-        iterators = [microbatches(self.datasets.train, indices, self.device) for _ in self.model]
+        iterators = [
+            self.stragglers.timed(
+                fault_injection.slowed(microbatches(self.datasets.train, indices, self.device), rank, step)
+            )
+            for _ in self.model
+        ]
         losses = get_forward_backward_func()(
             forward_step_func=self.forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
@@ -523,6 +572,8 @@ class Trainer:
             micro_batch_size=self.layout.micro_batch_size,
             forward_only=False,
         )
+        self.stragglers.end_step()
+        fault_injection.inject("collective", rank, step)
         loss = self._reduce_loss(losses)
         verdict = self.loss_guard.check(loss)  # same loss on every rank, so the same decision
         grad_norm, skipped = None, None
@@ -609,7 +660,16 @@ class Trainer:
     def save(self) -> Path | None:
         """Save a checkpoint of the current state (CheckpointManager.save): None when the state holds
         NaN/Inf and nothing was written. Call on every rank."""
-        return self.checkpoints.save(self.state, self.model, self.optimizer, self.scheduler)
+        self.heartbeat.begin("save", self.state.iteration)
+        fault_injection.inject("save", self.info.rank, self.state.iteration)
+        started = time.perf_counter()
+        self.state.extra["longest_save_s"] = self.deadline.longest_save  # for a chained job's deadline
+        saved = self.checkpoints.save(self.state, self.model, self.optimizer, self.scheduler)
+        # the longest rank's time, the same on every rank (it is part of the next checkpoint's common state)
+        seconds = torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=self.device)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        self.deadline.note_save(float(seconds.item()))
+        return saved
 
 
 def _announce_load(folder: Path, what: str) -> float:
