@@ -8,6 +8,8 @@ KUMIHIMO_FAULT=KIND:RANK:STEP[:SECONDS] makes rank RANK, at training step STEP:
   other ranks are already waiting in,
 * `save`: sleep SECONDS (default 600) inside the checkpoint save,
 * `slow`: from STEP on, sleep SECONDS (default 0.2) for every micro-batch it loads (a slow node).
+
+A requeued Slurm job (SLURM_RESTART_COUNT > 0) has no fault, so that it can resume past STEP.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ KINDS = ("stop", "collective", "save", "slow")
 @cache
 def _fault() -> tuple[str, int, int, float] | None:
     spec = os.environ.get(FAULT_ENV)
-    if not spec:
+    if not spec or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
         return None
     parts = spec.split(":")
     if len(parts) not in (3, 4) or parts[0] not in KINDS:

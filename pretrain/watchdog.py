@@ -267,25 +267,29 @@ def process_state(pid: int) -> str:
 
 
 def dump_stacks(pid: int, folder: Path, stopped: bool, wait_s: float = 3.0) -> str:
-    """The Python stacks of every thread of `pid` (faulthandler's dump on STACK_SIGNAL)."""
+    """The Python stacks of every thread of `pid` (faulthandler's dump on STACK_SIGNAL).
+
+    A stopped process is continued for the dump and stopped again as soon as the dump is written (a
+    few milliseconds): a SIGSTOP sent along with the SIGCONT would stop it before its handler ran."""
     path = folder / _STACKS
     before = path.stat().st_size if path.exists() else 0
     try:
         os.kill(pid, STACK_SIGNAL)
         if stopped:
-            # Continued, the process handles the lower-numbered SIGUSR2 first, then stops again at once
-            # on the SIGSTOP queued behind it: the dump is taken without it running on.
             os.kill(pid, signal.SIGCONT)
-            os.kill(pid, signal.SIGSTOP)
     except ProcessLookupError:
         return ""
-    deadline, size = time.monotonic() + wait_s, -1
+    deadline, size, still = time.monotonic() + wait_s, before, 0
     while time.monotonic() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.01)
         now = path.stat().st_size if path.exists() else 0
-        if now > before and now == size:  # grown and no longer growing
-            break
+        still = still + 1 if now == size and now > before else 0
         size = now
+        if still >= 5:  # grown, then unchanged for 50 ms: faulthandler writes it in one go
+            break
+    if stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
     with open(path, encoding="utf-8", errors="replace") as stream:
         stream.seek(before)
         return stream.read().rstrip()

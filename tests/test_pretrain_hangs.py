@@ -98,6 +98,33 @@ def test_the_process_state_shows_a_stopped_process():
         child.wait()
 
 
+STOPS_ITSELF = """
+import faulthandler, os, signal, sys, time
+stacks = open(os.path.join(sys.argv[1], "stacks.txt"), "w")
+faulthandler.register(signal.SIGUSR2, file=stacks, all_threads=True)
+def frozen_here():
+    os.kill(os.getpid(), signal.SIGSTOP)
+    time.sleep(60)
+frozen_here()
+"""
+
+
+def test_a_stopped_process_gives_its_stacks_and_stays_stopped(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", STOPS_ITSELF, str(tmp_path)])
+    try:
+        for _ in range(200):
+            if watchdog.process_state(child.pid) in ("T", "t"):
+                break
+            time.sleep(0.05)
+        stacks = watchdog.dump_stacks(child.pid, tmp_path, stopped=True)
+        assert "in frozen_here" in stacks
+        time.sleep(0.2)
+        assert watchdog.process_state(child.pid) in ("T", "t")
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_a_bad_fault_spec_is_refused(monkeypatch):
     monkeypatch.setenv(fault_injection.FAULT_ENV, "freeze:1:5")
     fault_injection._fault.cache_clear()
@@ -195,7 +222,7 @@ def test_hangs_are_named_ended_for_requeue_and_the_resumed_run_matches(tmp_path)
     for fault, (who, what, where) in expected.items():
         proc = _train(run, fault=fault)
         assert proc.returncode == EXIT_HUNG, proc.stderr[-3000:]
-        stuck = [line for line in _watchdog_lines(proc.stderr) if "is stuck" in line]
+        stuck = [line for line in _watchdog_lines(proc.stderr) if " is stuck: " in line]
         assert len(stuck) == 1 and who in stuck[0] and what in stuck[0] and where in stuck[0], stuck
         assert "over its limit of" in stuck[0]
         assert "[watchdog] Python stacks of rank 1" in proc.stderr
