@@ -14,7 +14,6 @@ compute_s too, so compare ranks of the same stage.
 from __future__ import annotations
 
 import logging
-import socket
 import statistics
 import time
 from collections.abc import Iterator
@@ -22,16 +21,18 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from kumihimo.pretrain.watchdog import host_name
+
 log = logging.getLogger("kumihimo.train")
 
 
 class StragglerDetector:
     def __init__(self, interval: int, factor: float, device: torch.device, is_logger: bool):
         self.interval, self.factor, self.device, self.is_logger = interval, factor, device, is_logger
-        self.hosts: list[str] = [socket.gethostname()]
+        self.hosts: list[str] = [host_name()]
         if interval and dist.is_initialized():
             self.hosts = [""] * dist.get_world_size()
-            dist.all_gather_object(self.hosts, socket.gethostname())
+            dist.all_gather_object(self.hosts, host_name())
         self._step_start = 0.0
         self._reached_sync: float | None = None
         self._data_s = 0.0

@@ -52,6 +52,8 @@ GRACE_SECONDS = 5.0
 supervisor (whose limit ends at about the same time) names it first."""
 STACK_SIGNAL = signal.SIGUSR2
 _BEAT, _STACKS = "beat.json", "stacks.txt"
+# The outermost frame of a main thread started by `python -m` or `python -c`.
+_BOTTOM = re.compile(r"line \d+ in (_run_module_as_main|<module>)\s*$")
 # Frames of these files mean the main thread is inside communication with other ranks.
 _COLLECTIVE_FILES = re.compile(
     r"torch/distributed/|megatron/core/distributed/|megatron/core/pipeline_parallel/p2p_communication"
@@ -132,19 +134,24 @@ class Heartbeat:
             self.limits.record(self._phase[0], now - self._phase[1])
         self._phase = (phase, now)
         limit, basis = self.limits.limit(phase)
-        self._write(Beat(self.rank, socket.gethostname(), os.getpid(), step, phase, now, limit, basis))
+        self._write(Beat(self.rank, host_name(), os.getpid(), step, phase, now, limit, basis))
 
     def idle(self, step: int) -> None:
         """Nothing watched from now on (training has ended)."""
         if self.folder is None:
             return
         self._phase = None
-        self._write(Beat(self.rank, socket.gethostname(), os.getpid(), step, "finish", time.time(), None, ""))
+        self._write(Beat(self.rank, host_name(), os.getpid(), step, "finish", time.time(), None, ""))
 
     def _write(self, beat: Beat) -> None:
         temporary = self.folder / f".{_BEAT}.tmp"
         temporary.write_text(json.dumps(asdict(beat)))
         os.replace(temporary, self.folder / _BEAT)
+
+
+def host_name() -> str:
+    """This node's name as the batch system knows it (the name to drain), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def read_beat(folder: Path) -> Beat | None:
@@ -227,10 +234,19 @@ def _handle_hang(child: subprocess.Popen, beat: Beat, folder: Path) -> bool:
     stacks = dump_stacks(child.pid, folder, stopped)
     where = main_thread_frames(stacks)
     waiting = not stopped and waits_in_collective(where)
-    if waiting:
-        time.sleep(GRACE_SECONDS)
+    if not stopped:
+        # A rank waiting for a stuck peer stays up GRACE_SECONDS, so that the peer's supervisor names it
+        # first; any other rank a second, in case it is already ending because a peer was ended (its
+        # stack then shows the error being handled, not the hang).
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            code = child.wait(timeout=GRACE_SECONDS if waiting else 1.0)
+            _say(
+                f"rank {beat.rank} on {beat.host} failed (exit {code}) in {beat.doing()} as a peer was "
+                f"ended for a hang; exiting {EXIT_HUNG} for requeue"
+            )
+            return True
         now_beat = read_beat(folder)
-        if child.poll() is None and now_beat is not None and now_beat.started != beat.started:
+        if now_beat is not None and now_beat.started != beat.started:
             _say(f"rank {beat.rank} on {beat.host} moved on to {now_beat.doing()}")
             return False
     elapsed = time.time() - beat.started
@@ -285,14 +301,20 @@ def dump_stacks(pid: int, folder: Path, stopped: bool, wait_s: float = 3.0) -> s
         now = path.stat().st_size if path.exists() else 0
         still = still + 1 if now == size and now > before else 0
         size = now
-        if still >= 5:  # grown, then unchanged for 50 ms: faulthandler writes it in one go
+        # done when the main thread's stack has reached its first frame, or nothing came for 0.3 s
+        # (a loaded machine can pause the writer between two threads)
+        if still >= 30 or (still >= 3 and _BOTTOM.search(_read_from(path, before))):
             break
     if stopped:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGSTOP)
+    return _read_from(path, before).rstrip()
+
+
+def _read_from(path: Path, offset: int) -> str:
     with open(path, encoding="utf-8", errors="replace") as stream:
-        stream.seek(before)
-        return stream.read().rstrip()
+        stream.seek(offset)
+        return stream.read()
 
 
 def main_thread_frames(stacks: str) -> list[str]:
