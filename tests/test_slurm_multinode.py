@@ -452,8 +452,9 @@ def test_a_stopped_rank_on_the_second_node_is_named_and_the_job_requeued(multino
         multinode.wait(job_id, finished, timeout=60, log=log)
     text = log.read_text()
     print(f"\nstopped rank on kn2: job ended for requeue {time.monotonic() - start:.0f} s after submission")
+    report = text[text.find("[watchdog]") :][:6000]
     stuck = re.search(r"\[watchdog\] rank 2 on kn2 \(pid \d+\) is stuck: step 4 has run ([\d.]+) s", text)
     assert stuck, text[-4000:]
-    assert "the process is stopped (SIGSTOP or a frozen node)" in text
-    assert "[watchdog] Python stacks of rank 2" in text and "in inject" in text
+    assert "the process is stopped (SIGSTOP or a frozen node)" in report, report
+    assert "[watchdog] Python stacks of rank 2" in report and "in inject" in report, report
     assert "[slurm] exit 5: a rank hung (the [watchdog] line above names it); requeueing" in text
