@@ -58,7 +58,8 @@ def worker(mode: str, stamp: str) -> None:
 def launch(mode: str, nvrx: str | None) -> dict:
     stamp = tempfile.mktemp(prefix="bench-hang-")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    this = [sys.executable, __file__, "--worker", mode, "--stamp", stamp]
+    env.update(BENCH_HANG_WORKER=mode, BENCH_HANG_STAMP=stamp)  # not argv: ft_launcher would parse it
+    this = [sys.executable, __file__]
     rendezvous = ["--nproc-per-node=2", "--nnodes=1", "--master-port=29731"]
     if mode == "nvrx":
         env["PYTHONPATH"] = f"{nvrx}:{env.get('PYTHONPATH', '')}"
@@ -92,24 +93,22 @@ def launch(mode: str, nvrx: str | None) -> dict:
     ended = time.time()
     stopped = float(Path(stamp).read_text()) if Path(stamp).exists() else None
     Path(stamp).unlink(missing_ok=True)
-    named = re.findall(r".*(?:rank 1 .*stuck|[Rr]ank.*1.*(?:hung|timeout|not respond)).*", proc.stderr)
+    named = re.findall(r".*(?:is stuck|timeout elapsed|[Tt]erminat|[Hh]ang detected).*", proc.stderr)
     return {
         "mode": mode,
         "exit": proc.returncode,
         "detected_after_s": None if stopped is None else round(ended - stopped, 1),
-        "report": named[0][:300] if named else proc.stderr[-600:],
+        "report": [line[:300] for line in named[:4]] if named else proc.stderr[-600:],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--stamp", help=argparse.SUPPRESS)
     parser.add_argument("--nvrx", help="folder nvidia-resiliency-ext was pip-installed into (--target)")
-    args = parser.parse_args()
-    if args.worker:
-        worker(args.worker, args.stamp)
+    if os.environ.get("BENCH_HANG_WORKER"):
+        worker(os.environ["BENCH_HANG_WORKER"], os.environ["BENCH_HANG_STAMP"])
         return
+    args = parser.parse_args()
     for mode in ["kumihimo"] + (["nvrx"] if args.nvrx else []):
         print(launch(mode, args.nvrx), flush=True)
 
