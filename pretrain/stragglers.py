@@ -73,15 +73,12 @@ class StragglerDetector:
     # ---------------------------------------------------------------- every interval steps
     def report(self, step: int) -> dict:
         """Every `interval` steps (call on every rank): gather, compare, log; the metrics to record."""
-        if not self.interval or step % self.interval or not self._count:
-            return {}
+        if not self.interval or step % self.interval or not self._count or len(self.hosts) < 2:
+            return {}  # one rank has nobody to be compared with
         local = torch.tensor([s / self._count for s in self._sums], dtype=torch.float64, device=self.device)
         self._sums, self._count = [0.0, 0.0], 0
-        if dist.is_initialized():
-            rows = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
-            dist.all_gather(rows, local)
-        else:
-            rows = [local]
+        rows = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, local)
         compute = [float(r[0]) for r in rows]
         data = [float(r[1]) for r in rows]
         return self._judge(step, compute, data)

@@ -458,3 +458,8 @@ def test_a_stopped_rank_on_the_second_node_is_named_and_the_job_requeued(multino
     assert "the process is stopped (SIGSTOP or a frozen node)" in report, report
     assert "[watchdog] Python stacks of rank 2" in report and "in inject" in report, report
     assert "[slurm] exit 5: a rank hung (the [watchdog] line above names it); requeueing" in text
+    # rank 0 read the job's end (--time 00:10:00) from Slurm and will stop 2 minutes before it
+    assert re.search(
+        rf"\[train\] deadline: saving and exiting for requeue before \S+ \S+ \(the end of Slurm job {job_id}\)",
+        text,
+    ), text[:6000]
