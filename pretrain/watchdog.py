@@ -41,6 +41,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kumihimo.core.processes import die_with_parent
+
 EXIT_HUNG = 5
 """Exit code of a rank ended by its watchdog (its own hang or a peer's); the batch scripts requeue it."""
 HEARTBEAT_ENV = "KUMIHIMO_HEARTBEAT_DIR"
@@ -165,8 +167,6 @@ def read_beat(folder: Path) -> Beat | None:
 def supervise(command: list[str]) -> int:
     """Run `command` (a trainer: `python -m kumihimo.cli train ...`) as a child watched through its
     heartbeat; its exit code, or EXIT_HUNG."""
-    from kumihimo.core.processes import die_with_parent
-
     folder = Path(tempfile.mkdtemp(prefix="kumihimo-heartbeat-"))
     me = os.getpid()
     child = subprocess.Popen(
