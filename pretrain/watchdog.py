@@ -282,7 +282,7 @@ def process_state(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
-def dump_stacks(pid: int, folder: Path, stopped: bool, wait_s: float = 3.0) -> str:
+def dump_stacks(pid: int, folder: Path, stopped: bool, wait_s: float = 5.0) -> str:
     """The Python stacks of every thread of `pid` (faulthandler's dump on STACK_SIGNAL).
 
     A stopped process is continued for the dump and stopped again as soon as the dump is written (a
@@ -301,9 +301,9 @@ def dump_stacks(pid: int, folder: Path, stopped: bool, wait_s: float = 3.0) -> s
         now = path.stat().st_size if path.exists() else 0
         still = still + 1 if now == size and now > before else 0
         size = now
-        # done when the main thread's stack has reached its first frame, or nothing came for 0.3 s
-        # (a loaded machine can pause the writer between two threads)
-        if still >= 30 or (still >= 3 and _BOTTOM.search(_read_from(path, before))):
+        # done when the main thread's stack (dumped last) has reached its outermost frame; a loaded
+        # machine can pause the writer for a while between two threads, so no shorter pause counts
+        if still >= 3 and _BOTTOM.search(_read_from(path, before)):
             break
     if stopped:
         with contextlib.suppress(ProcessLookupError):
