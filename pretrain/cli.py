@@ -93,6 +93,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not launched and args.nproc_per_node > 1:
         return _spawn_local(args)
+    if launched and config.resilience.hang_timeout_factor is not None:
+        from kumihimo.pretrain import watchdog
+
+        if watchdog.HEARTBEAT_ENV not in os.environ:  # this process watches; its child trains
+            return watchdog.supervise(
+                [sys.executable, "-m", "kumihimo.cli", "train", args.config, *args.overrides]
+            )
     from kumihimo.pretrain.training import run_training
 
     return run_training(config).exit_code
