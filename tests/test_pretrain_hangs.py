@@ -158,6 +158,32 @@ def test_a_straggler_is_named_with_host_and_ratio():
     assert [(row["rank"], row["host"], row["ratio"]) for row in metrics["stragglers"]] == [(2, "c", 2.381)]
 
 
+SUPERVISOR_IMPORTS = """
+import sys
+from kumihimo import cli
+from kumihimo.pretrain import watchdog
+watchdog.supervise = lambda command: print("torch" in sys.modules, command[-1]) or 0
+sys.exit(cli.main(["train", sys.argv[1], "logging.log_interval=3"]))
+"""
+
+
+def test_each_rank_s_supervisor_starts_its_trainer_without_importing_torch():
+    """Under a launcher `kumihimo train` becomes its rank's supervisor before anything imports torch
+    (the preflight did: one extra torch process per GPU, and seconds of start-up per launch)."""
+    env = dict(os.environ, RANK="1", WORLD_SIZE="2", LOCAL_RANK="1")
+    env.pop(watchdog.HEARTBEAT_ENV, None)
+    proc = subprocess.run(
+        [sys.executable, "-c", SUPERVISOR_IMPORTS, TINY],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "logging.log_interval=3"]
+
+
 class _FakeEvent:
     """A CUDA event stand-in: its time is the order of recording; it counts how often it is waited for."""
 
