@@ -10,6 +10,7 @@ from datetime import datetime
 import pytest
 
 from kumihimo.core.configtree import ConfigError, load
+from kumihimo.pretrain import fault_injection
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.deadline import Deadline, pbs_end_time, slurm_end_time
 from kumihimo.pretrain.signals import EXIT_REQUEUE
@@ -74,8 +75,11 @@ def test_bad_deadline_values_are_refused_in_one_line(override, message):
 
 
 @pytest.mark.slow
-def test_a_run_stops_before_its_deadline_with_a_checkpoint_and_the_chained_run_matches(tmp_path):
+def test_a_run_stops_before_its_deadline_with_a_checkpoint_and_the_chained_run_matches(tmp_path, monkeypatch):
     base = ("schedule.train_iters=1000", "schedule.eval_interval=0", "logging.log_interval=1")
+    # the timed run's steps are slowed (a sleep per micro-batch, which leaves the losses alone), so that
+    # it stops after a few dozen steps and the uninterrupted reference run has only those to train
+    monkeypatch.setenv(fault_injection.FAULT_ENV, "slow:0:1:0.5")
     run = (
         *base,
         f"output_dir={tmp_path / 'run'}",
@@ -91,6 +95,7 @@ def test_a_run_stops_before_its_deadline_with_a_checkpoint_and_the_chained_run_m
         "schedule.exit_margin_minutes=0.05",
         timeout=300,
     )
+    monkeypatch.delenv(fault_injection.FAULT_ENV)
     assert proc.returncode == EXIT_REQUEUE, proc.stderr[-3000:]
     assert "[train] deadline: saving and exiting for requeue before" in proc.stderr
     assert "the deadline is near: saving at step" in proc.stderr
