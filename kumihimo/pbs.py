@@ -9,7 +9,9 @@ job's world size before qsub.
 
 PBS has no requeue and no early-warning signal, so a job given a walltime is told to stop by itself:
 `schedule.exit_after_minutes` is set to the walltime less a margin for start-up, the trainer saves and
-exits 3 before the limit, and the script submits itself again (the rendered copy in the run directory).
+exits 3 before the limit (pretrain/deadline.py, which also reads the job's end from `qstat -f` when it
+can: the earlier end applies), and the script submits itself again (the rendered copy in the run
+directory), after a hang's exit 5 too.
 
 The profile parsing, the refusal of control characters and the per-node launcher are shared with
 `kumihimo.slurm`; only what differs for PBS lives here.
@@ -41,9 +43,10 @@ from kumihimo.slurm import (
 
 TEMPLATE = SLURM_DIR / "train.pbs"
 LAUNCHERS = ("mpirun", "torchrun")
-MARGIN_FRACTION = 0.05
-"""Part of the walltime kept for what runs before the trainer's clock starts (doctor, imports, loading)."""
-MIN_MARGIN_MINUTES = 3
+STARTUP_MINUTES = 3
+"""Minutes of the walltime kept for what runs before the trainer's clock starts (the script, doctor,
+imports). Only that: the trainer itself keeps one step, a save and schedule.exit_margin_minutes free
+(pretrain/deadline.py), and when it can read the job's end from `qstat -f` the earlier end wins."""
 
 SUBMIT_EXAMPLES = """examples:
   kumihimo pbs submit configs/pretrain/llmjp3-172b.yaml --nodes 32 --profile abci3 --walltime 168:00:00
@@ -112,19 +115,19 @@ def parse_walltime(text: str) -> int:
     if any(value >= 60 for value in values[1:]):
         raise UserError(f"--walltime={text!r} has minutes or seconds >= 60; write HH:MM:SS, e.g. 48:00:00")
     seconds = sum(value * unit for value, unit in zip(reversed(values), (1, 60, 3600)))
-    if seconds < 60 * 2 * MIN_MARGIN_MINUTES:
+    if seconds < 60 * 2 * STARTUP_MINUTES:
         raise UserError(
-            f"--walltime={text!r} leaves no time to train after the {MIN_MARGIN_MINUTES}-minute start-up "
-            f"margin and a save; give at least {2 * MIN_MARGIN_MINUTES} minutes"
+            f"--walltime={text!r} leaves no time to train after the {STARTUP_MINUTES}-minute start-up "
+            f"margin and a save; give at least {2 * STARTUP_MINUTES} minutes"
         )
     return seconds
 
 
 def exit_after_minutes(walltime_s: int) -> int:
-    """When the trainer should stop by itself: the walltime less the start-up margin (the trainer keeps
-    the time of a save on top of that itself)."""
-    minutes = walltime_s // 60
-    return minutes - max(MIN_MARGIN_MINUTES, int(minutes * MARGIN_FRACTION + 0.999))
+    """When the trainer should stop by itself, counted from its start: the walltime less the start-up
+    before it (STARTUP_MINUTES). The trainer keeps a step, a save and its margin free on top of that
+    (deadline.py); this limit and the job's end read from qstat are not added: the earlier one applies."""
+    return walltime_s // 60 - STARTUP_MINUTES
 
 
 _QSUB_OPTION = re.compile(r"-[A-Za-z](\s+\S+)?", re.ASCII)

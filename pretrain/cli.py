@@ -51,7 +51,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def _under_launcher() -> bool:
-    from kumihimo.pretrain.distributed import process_info
+    from kumihimo.core.processes import process_info
 
     return process_info().world_size > 1 or "RANK" in os.environ
 
@@ -66,13 +66,22 @@ def run(args: argparse.Namespace) -> int:
     if not args.config:
         raise UserError("kumihimo train needs a CONFIG (e.g. configs/pretrain/tiny-cpu.yaml)")
     config = configtree.load(TrainConfig, args.config, args.overrides)
-    from kumihimo.pretrain import preflight
-    from kumihimo.pretrain.distributed import process_info
-    from kumihimo.pretrain.parallel import ParallelLayout
-
     launched = _under_launcher()
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         raise UserError(f"--nproc-per-node={args.nproc_per_node} must be >= 1")
+    if launched and not args.check and config.resilience.hang_timeout_factor is not None:
+        from kumihimo.pretrain import watchdog
+
+        # this process watches its rank's trainer (the child does the checks below and trains); it
+        # imports no torch, so each rank's supervisor stays small
+        if watchdog.HEARTBEAT_ENV not in os.environ:
+            return watchdog.supervise(
+                [sys.executable, "-m", "kumihimo.cli", "train", args.config, *args.overrides]
+            )
+    from kumihimo.core.processes import process_info
+    from kumihimo.pretrain import preflight
+    from kumihimo.pretrain.parallel import ParallelLayout
+
     if args.nproc_per_node is None:
         # --check launches nothing: check a multi-GPU recipe at the smallest world its layout allows
         par = config.parallelism

@@ -481,6 +481,14 @@ class ScheduleConfig:
     exit_after_iters: int | None = None
     """Stop (and save) after this step although train_iters is larger, e.g. to split a run across jobs;
     the learning-rate schedule still follows train_iters, so a resumed run continues it exactly."""
+    exit_after_minutes: float | None = None
+    """Save and exit for requeue (exit code 3) before this many minutes since the trainer started, keeping
+    one step, the longest measured save and exit_margin_minutes free; null: no such limit."""
+    exit_at_job_end: bool = True
+    """Also stop that way before the batch job's end (Slurm: SLURM_JOB_END_TIME or squeue; PBS: qstat's
+    start time + walltime), without waiting for the scheduler's warning signal."""
+    exit_margin_minutes: float = 2.0
+    """Extra minutes kept free before the end, beyond one step and the longest measured save."""
     eval_interval: int = 0
     """Compute the validation loss every this many steps; 0 disables periodic validation."""
     eval_iters: int = 2
@@ -534,6 +542,17 @@ class ScheduleConfig:
                 f"overlaps the warm-up (lr_warmup_iters={self.lr_warmup_iters}, lr_decay_iters or "
                 f"train_iters={decay_iters})",
                 f"choose at most {decay_iters - self.lr_warmup_iters} or a shorter warm-up",
+            )
+        if self.exit_after_minutes is not None and self.exit_after_minutes <= 0:
+            raise bad_value(
+                "schedule.exit_after_minutes", self.exit_after_minutes, "must be > 0", "set minutes or null"
+            )
+        if self.exit_margin_minutes < 0:
+            raise bad_value(
+                "schedule.exit_margin_minutes",
+                self.exit_margin_minutes,
+                "must be >= 0",
+                "set minutes, e.g. 2",
             )
         if self.eval_interval < 0:
             raise ConfigError(
@@ -745,7 +764,8 @@ class LoggingConfig:
 
 @dataclass(kw_only=True)
 class ResilienceConfig:
-    """What to do about bad losses (stop signals always save and exit with the requeue code)."""
+    """What to do about bad losses, hangs and slow ranks (stop signals always save and exit with the
+    requeue code)."""
 
     on_bad_loss: Literal["skip", "stop"] = "skip"
     """A NaN/Inf loss or a spike: skip the optimizer step (the batch is consumed) or stop the run
@@ -757,6 +777,19 @@ class ResilienceConfig:
     """Good steps to see before spikes are judged (early losses fall fast)."""
     max_consecutive_skips: int = 5
     """Stop (exit code 4) after this many skipped steps in a row: the run is diverging."""
+    hang_timeout_factor: float | None = 5.0
+    """Hang detection under a launcher: a step, evaluation or save that runs over this many times the
+    longest one seen (at least hang_timeout_floor_s) ends the job (exit code 5, requeued) with the stuck
+    rank named and its Python stacks in the log (docs/clusters.md); null turns the watchdog off."""
+    hang_timeout_floor_s: float = 120.0
+    """The shortest limit the watchdog uses, however fast the steps are."""
+    hang_initial_timeout_s: float = 1800.0
+    """Limit of the first step, evaluation and save (before one has been measured)."""
+    straggler_interval: int = 50
+    """Every this many steps, compare the ranks' own work per step (one all_gather of two floats);
+    0 turns the straggler report off."""
+    straggler_factor: float = 1.4
+    """A rank whose work per step is over this many times the median is named in the log and metrics."""
 
     def validate(self) -> None:
         if self.spike_factor is not None and self.spike_factor <= 1:
@@ -765,6 +798,28 @@ class ResilienceConfig:
                 self.spike_factor,
                 "must be > 1",
                 "use e.g. 3.0, or null to check NaN/Inf only",
+            )
+        factor = self.hang_timeout_factor
+        if factor is not None and factor <= 1:
+            raise bad_value(
+                "resilience.hang_timeout_factor",
+                factor,
+                "must be > 1",
+                "use e.g. 5.0, or null to turn it off",
+            )
+        for name in ("hang_timeout_floor_s", "hang_initial_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise bad_value(f"resilience.{name}", getattr(self, name), "must be > 0", "set seconds")
+        if self.straggler_interval < 0:
+            raise bad_value(
+                "resilience.straggler_interval",
+                self.straggler_interval,
+                "must be >= 0",
+                "use steps, 0 for off",
+            )
+        if self.straggler_factor <= 1:
+            raise bad_value(
+                "resilience.straggler_factor", self.straggler_factor, "must be > 1", "use e.g. 1.4"
             )
         if self.max_consecutive_skips < 1 or self.spike_warmup_steps < 0:
             raise ConfigError(
@@ -851,7 +906,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics."""
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
-    """Bad-loss handling."""
+    """Bad losses, hangs, stragglers."""
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     """Per-source validation and downstream tasks during training."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
@@ -17,33 +16,10 @@ import torch
 import torch.distributed as dist
 
 from kumihimo.core.errors import UserError
-
-# (rank, world size, local rank) variables of the launchers we support, in order of preference.
-_LAUNCHER_ENV = (
-    ("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun
-    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),  # srun, one task per GPU
-    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # mpirun (LLM-jp)
-)
-
-
-@dataclass(frozen=True)
-class ProcessInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def process_info() -> ProcessInfo:
-    for rank_var, world_var, local_var in _LAUNCHER_ENV:
-        if rank_var in os.environ and world_var in os.environ:
-            return ProcessInfo(
-                int(os.environ[rank_var]), int(os.environ[world_var]), int(os.environ.get(local_var, "0"))
-            )
-    return ProcessInfo(0, 1, 0)
+from kumihimo.core.processes import (
+    ProcessInfo,
+    process_info,
+)  # no torch there: the watchdog's parent reads it
 
 
 def init_process_group(device: str, timeout_minutes: int) -> ProcessInfo:

@@ -98,10 +98,19 @@ class StopRequest:
             raise StoppedBeforeTraining(signum)
 
     def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
+        return self.agree(device) is not None
+
+    def agree(self, device: torch.device, deadline_due: bool = False) -> str | None:
+        """Whether any rank got a stop signal ("signal") or judged the deadline near ("deadline",
+        deadline.Deadline); None to go on. One all-reduce of two flags."""
+        flags = torch.tensor(
+            [1.0 if self.received is not None else 0.0, 1.0 if deadline_due else 0.0], device=device
+        )
         if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0].item() > 0:
+            return "signal"
+        return "deadline" if flags[1].item() > 0 else None
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

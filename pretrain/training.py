@@ -29,12 +29,13 @@ from megatron.core.transformer.module import Float16Module
 from kumihimo import __version__
 from kumihimo.core import configtree
 from kumihimo.core.logs import log_to_stderr, stage_logger
-from kumihimo.pretrain import checkpoint_format, checkpointing, integrity
+from kumihimo.pretrain import checkpoint_format, checkpointing, fault_injection, integrity
 from kumihimo.pretrain.branch import resolve_lineage
 from kumihimo.pretrain.checkpoint_format import TrainState, source_vocab_rows
 from kumihimo.pretrain.checkpointing import CheckpointManager
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.data import Datasets, batch_indices, build_datasets, microbatches
+from kumihimo.pretrain.deadline import Deadline
 from kumihimo.pretrain.distributed import ProcessInfo, destroy, init_process_group, seed_everything, unwrap
 from kumihimo.pretrain.evaluate.in_loop import InLoopEvaluation, perplexity, source_metrics
 from kumihimo.pretrain.evaluate.plot import write_plot
@@ -51,6 +52,8 @@ from kumihimo.pretrain.signals import (
     StoppedBeforeTraining,
     StopRequest,
 )
+from kumihimo.pretrain.stragglers import StragglerDetector
+from kumihimo.pretrain.watchdog import Heartbeat
 
 log = stage_logger("train")
 
@@ -115,6 +118,8 @@ class Trainer:
         self.lock: checkpointing.RunLock | None = None
         self.lineage: dict | None = None
         """Where a branch started (resolve_lineage); recorded in each of its checkpoints."""
+        self.started = time.time()
+        """When this process started training work: schedule.exit_after_minutes counts from here."""
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -128,6 +133,7 @@ class Trainer:
             cfg.runtime.device, cfg.runtime.distributed_timeout_minutes
         )
         log_to_stderr(self.info.rank)
+        self._setup_resilience()
         self.layout = ParallelLayout.from_config(cfg, self.info.world_size)
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=self.layout.tp,
@@ -182,8 +188,29 @@ class Trainer:
             cfg, self.layout, self._build_checkpoint_meta(), self.device, self.info.is_main
         )
         self._maybe_resume()
+        self.deadline.note_save(self.state.extra.get("longest_save_s", 0.0))
+        if self.deadline.end is not None:
+            log.info(f"deadline: saving and exiting for requeue before {self.deadline.describe()}")
         if self.downstream:  # known after the load: an import's rows beyond the tokenizer, as to-hf exports
             self.downstream.backend.vocab_size = source_vocab_rows(self.checkpoints.meta)
+
+    def _setup_resilience(self) -> None:
+        """The hang watchdog's heartbeat, the straggler report and the deadline (docs/clusters.md)."""
+        res, sched = self.config.resilience, self.config.schedule
+        self.heartbeat = Heartbeat.from_env(
+            res.hang_timeout_factor, res.hang_timeout_floor_s, res.hang_initial_timeout_s, self.info.rank
+        )
+        device = torch.device("cpu") if self.config.runtime.device == "cpu" else torch.device("cuda")
+        self.stragglers = StragglerDetector(
+            res.straggler_interval, res.straggler_factor, device, self.info.is_main
+        )
+        # rank 0 judges the deadline; StopRequest.agree tells the others
+        self.deadline = Deadline.from_schedule(
+            sched.exit_after_minutes if self.info.is_main else None,
+            sched.exit_at_job_end and self.info.is_main,
+            sched.exit_margin_minutes,
+            self.started,
+        )
 
     def _claim_save_folder(self) -> None:
         """Rank 0: lock the checkpoint folder against a second run, then clear what a killed save left."""
@@ -220,7 +247,7 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.optimizer, cfg.schedule, self.optimizer)
         tconfig = self.model[0].config
         tconfig.grad_scale_func = self.optimizer.scale_loss
-        tconfig.finalize_model_grads_func = finalize_model_grads
+        tconfig.finalize_model_grads_func = self.stragglers.wrap_finalize(finalize_model_grads)
         syncs = [m.no_sync for m in self.model]
         tconfig.no_sync_func = syncs[0] if len(syncs) == 1 else syncs
         if cfg.parallelism.overlap_grad_reduce:
@@ -388,12 +415,17 @@ class Trainer:
         stop = self.stop
         stop.training = True  # from here a stop signal saves at the next step boundary
         while self.state.iteration < last_step:
+            iteration_started = time.perf_counter()
             upcoming = self.state.iteration + 1
+            self.heartbeat.begin("step", upcoming)
             timed = cfg.logging.time_every_step or self.metrics.prints(upcoming, upcoming in (1, last_step))
             values = self.train_step(timed=timed)
             result.losses.append(values["loss"])
             step = self.state.iteration
+            values.update(self.stragglers.report(step))
             evaluated = bool(sched.eval_interval) and step % sched.eval_interval == 0
+            if evaluated or (self.downstream and self.downstream.due(step)):
+                self.heartbeat.begin("eval", step)
             if evaluated:
                 values["val_loss"] = self.evaluate()
                 values["val_ppl"] = perplexity(values["val_loss"])
@@ -408,8 +440,16 @@ class Trainer:
             if self._gives_up(values):
                 result.exit_code = EXIT_BAD_LOSS
                 break
-            if stop.agreed(self.device):
-                log.info(f"stop signal received: saving at step {step} and exiting for requeue")
+            self.deadline.note_step(time.perf_counter() - iteration_started)
+            why = stop.agree(self.device, self.deadline.due())
+            if why is not None:
+                if why == "signal":
+                    log.info(f"stop signal received: saving at step {step} and exiting for requeue")
+                else:
+                    log.info(
+                        f"the deadline is near: saving at step {step} and exiting for requeue"
+                        + (f" (before {self.deadline.describe()})" if self.deadline.end is not None else "")
+                    )
                 result.exit_code = EXIT_REQUEUE
                 if save_root and self.save() is None:
                     result.exit_code = EXIT_BAD_LOSS
@@ -426,6 +466,7 @@ class Trainer:
                 result.exit_code = EXIT_BAD_LOSS
         # every exit (end, requeue, bad loss): `latest` is final
         self.checkpoints.finish_pending(blocking=True)
+        self.heartbeat.idle(self.state.iteration)
         if save_root:
             result.last_checkpoint = self.checkpoints.latest()
             if result.exit_code == EXIT_BAD_LOSS:
@@ -459,12 +500,20 @@ class Trainer:
         """One optimizer step. `timed`: report this step's time (and on a GPU synchronize for it,
         metrics.StepTimer); an untimed GPU step's values carry no step time, throughput or MFU."""
         start = time.perf_counter()
+        rank, step = self.info.rank, self.state.iteration + 1
+        fault_injection.inject("stop", rank, step)
+        self.stragglers.start_step()
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         dp_rank = parallel_state.get_data_parallel_rank()
         indices = batch_indices(self.state.consumed_samples, self.layout, dp_rank)
-        iterators = [microbatches(self.datasets.train, indices, self.device) for _ in self.model]
+        iterators = [
+            self.stragglers.timed(
+                fault_injection.slowed(microbatches(self.datasets.train, indices, self.device), rank, step)
+            )
+            for _ in self.model
+        ]
         losses = get_forward_backward_func()(
             forward_step_func=self.forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
@@ -474,6 +523,8 @@ class Trainer:
             micro_batch_size=self.layout.micro_batch_size,
             forward_only=False,
         )
+        self.stragglers.end_step()
+        fault_injection.inject("collective", rank, step)
         loss = self._reduce_loss(losses)
         verdict = self.loss_guard.check(loss)  # same loss on every rank, so the same decision
         grad_norm, skipped = None, None
@@ -564,7 +615,16 @@ class Trainer:
     def save(self) -> Path | None:
         """Save a checkpoint of the current state (CheckpointManager.save): None when the state holds
         NaN/Inf and nothing was written. Call on every rank."""
-        return self.checkpoints.save(self.state, self.model, self.optimizer, self.scheduler)
+        self.heartbeat.begin("save", self.state.iteration)
+        fault_injection.inject("save", self.info.rank, self.state.iteration)
+        started = time.perf_counter()
+        self.state.extra["longest_save_s"] = self.deadline.longest_save  # for a chained job's deadline
+        saved = self.checkpoints.save(self.state, self.model, self.optimizer, self.scheduler)
+        # the longest rank's time, the same on every rank (it is part of the next checkpoint's common state)
+        seconds = torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=self.device)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        self.deadline.note_save(float(seconds.item()))
+        return saved
 
 
 def _announce_load(folder: Path, what: str) -> float:

@@ -63,8 +63,8 @@ def test_abci_script_header(tmp_path):
         f"#PBS -o {tmp_path / 'run'}/",
         "#PBS -m n",
     ]
-    # 48 h less a 5% start-up margin: the trainer stops by itself, PBS gives no warning signal
-    assert f"set -- {TINY} output_dir={tmp_path / 'run'} schedule.exit_after_minutes=2736" in script
+    # 48 h less 3 minutes of start-up: the trainer stops by itself, PBS gives no warning signal
+    assert f"set -- {TINY} output_dir={tmp_path / 'run'} schedule.exit_after_minutes=2877" in script
     assert f"export KUMIHIMO_PBS_SCRIPT={tmp_path / 'run' / 'submit.pbs'}" in script
     assert "mpirun --hostfile" in script and "$PBS_NODEFILE" not in script.split("# ---- train.pbs")[0]
 
@@ -107,8 +107,9 @@ def test_an_argument_with_a_newline_is_refused(tmp_path):
 def test_walltime_arithmetic():
     assert parse_walltime("168:00:00") == 168 * 3600
     assert parse_walltime("90:00") == 5400
-    assert exit_after_minutes(parse_walltime("1:00:00")) == 57  # at least 3 minutes of margin
-    assert exit_after_minutes(parse_walltime("168:00:00")) == 10080 - 504
+    # only the start-up before the trainer: deadline.py keeps a step, a save and its margin free itself
+    assert exit_after_minutes(parse_walltime("1:00:00")) == 57
+    assert exit_after_minutes(parse_walltime("168:00:00")) == 10080 - 3
 
 
 def test_launch_node_reads_its_node_from_slurm_or_mpirun():
@@ -176,8 +177,8 @@ echo 4243.pbs-server
 """
 
 
-@pytest.mark.parametrize(("train_exit", "script_exit"), [(3, 0), (4, 4), (0, 0)])
-def test_exit_codes_cross_mpirun_and_exit_3_submits_the_next_job(tmp_path, train_exit, script_exit):
+@pytest.mark.parametrize(("train_exit", "script_exit"), [(3, 0), (5, 0), (4, 4), (0, 0)])
+def test_exit_codes_cross_mpirun_and_exits_3_and_5_submit_the_next_job(tmp_path, train_exit, script_exit):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _executable(bin_dir / "kumihimo", FAKE_KUMIHIMO)
@@ -194,7 +195,7 @@ def test_exit_codes_cross_mpirun_and_exit_3_submits_the_next_job(tmp_path, train
     assert all("size=2 master=localhost:" in c for c in trains)
     assert all("runtime.device=cpu" in c and f"output_dir={tmp_path / 'run'}" in c for c in trains)
     qsubs = [c for c in calls if c.startswith("qsub")]
-    if train_exit == 3:
+    if train_exit in (3, 5):  # stopped before the walltime, or a hang ended by the watchdog
         assert qsubs == [f"qsub {tmp_path / 'run' / 'submit.pbs'}"]
         assert "[pbs] submitted 4243.pbs-server" in proc.stdout
     else:

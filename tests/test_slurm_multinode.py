@@ -407,3 +407,62 @@ def test_datatrove_array_tasks_spread_over_nodes_equal_the_local_run(multinode, 
     assert {(r["JobState"], r["ExitCode"]) for r in [*array, *later]} == {("COMPLETED", "0:0")}
     assert len(array) == 3 and len(nodes) >= 2, nodes
     assert differing_outputs(out, reference) == []
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_on_the_second_node_is_named_and_the_job_requeued(multinode, inputs, tmp_path):
+    """Rank 2 (the first of kn2) stops itself with SIGSTOP at step 4 (KUMIHIMO_FAULT, which sbatch
+    exports to the job); its watchdog on kn2 names it with its host and stacks and the job's ranks exit 5,
+    which train.sbatch requeues. The requeued allocation resumes (tests/test_pretrain_hangs.py checks the
+    losses of such a resume on one machine); here the job is cancelled once requeued."""
+    options = (
+        "schedule.train_iters=300",
+        "checkpoint.save_interval=2",
+        "resilience.hang_timeout_floor_s=10",
+        "resilience.hang_initial_timeout_s=120",
+    )
+    proc = multinode.run(
+        sys.executable,
+        "-m",
+        "kumihimo.cli",
+        "slurm",
+        "submit",
+        TINY,
+        *COMMON,
+        *LAYOUT,
+        *inputs,
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "2",
+        "--profile",
+        "local-cpu",
+        "--time",
+        "00:10:00",
+        f"output_dir={tmp_path}",
+        *options,
+        env=dict(multinode.env, KUMIHIMO_FAULT="stop:2:4"),
+    )
+    job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    log = tmp_path / f"slurm-{job_id}.out"
+    start = time.monotonic()
+    try:
+        multinode.wait(
+            job_id, lambda _: "[slurm] exit 5" in (log.read_text() if log.is_file() else ""), 400, log
+        )
+    finally:
+        multinode.run("scancel", job_id, check=False)
+        multinode.wait(job_id, finished, timeout=60, log=log)
+    text = log.read_text()
+    print(f"\nstopped rank on kn2: job ended for requeue {time.monotonic() - start:.0f} s after submission")
+    report = text[text.find("[watchdog]") :][:6000]
+    stuck = re.search(r"\[watchdog\] rank 2 on kn2 \(pid \d+\) is stuck: step 4 has run ([\d.]+) s", text)
+    assert stuck, text[-4000:]
+    assert "the process is stopped (SIGSTOP or a frozen node)" in report, report
+    assert "[watchdog] Python stacks of rank 2" in report and "in inject" in report, report
+    assert "[slurm] exit 5: a rank hung (the [watchdog] line above names it); requeueing" in text
+    # rank 0 read the job's end (--time 00:10:00) from Slurm and will stop 2 minutes before it
+    assert re.search(
+        rf"\[train\] deadline: saving and exiting for requeue before \S+ \S+ \(the end of Slurm job {job_id}\)",
+        text,
+    ), text[:6000]

@@ -1,4 +1,5 @@
-"""Processes that die with their parent, and one live run per output folder.
+"""Processes that die with their parent, one live run per output folder, and which process of a
+launched job this one is (`process_info`, from the launcher's variables, without importing torch).
 
 A `kill -9` of a run used to leave its pool workers alive (re-parented to PID 1), still writing into
 the output folder, and an immediate re-run raced them. Two rules close that:
@@ -23,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -220,3 +222,32 @@ def remove_temporary_files(
             if TEMP_MARK in name:
                 remove(Path(root) / name)
     return removed
+
+
+# (rank, world size, local rank) variables of the launchers we support, in order of preference.
+_LAUNCHER_ENV = (
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),  # srun, one task per GPU
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # mpirun (LLM-jp)
+)
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def process_info() -> ProcessInfo:
+    """This process's rank, world size and local rank as its launcher set them; (0, 1, 0) alone."""
+    for rank_var, world_var, local_var in _LAUNCHER_ENV:
+        if rank_var in os.environ and world_var in os.environ:
+            return ProcessInfo(
+                int(os.environ[rank_var]), int(os.environ[world_var]), int(os.environ.get(local_var, "0"))
+            )
+    return ProcessInfo(0, 1, 0)
