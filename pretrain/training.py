@@ -45,6 +45,7 @@ from kumihimo.pretrain.loss import cross_entropy_and_z
 from kumihimo.pretrain.memory import ActivationMeter, state_bytes
 from kumihimo.pretrain.metrics import MetricsSink, training_flops_per_token
 from kumihimo.pretrain.model import DTYPES, build_model, slice_for_context_parallel
+from kumihimo.pretrain.moe import RouterStatistics
 from kumihimo.pretrain.parallel import ParallelLayout
 from kumihimo.pretrain.signals import (
     EXIT_BAD_LOSS,
@@ -190,6 +191,8 @@ class Trainer:
             pipeline_model_parallel_size=self.layout.pp,
             virtual_pipeline_model_parallel_size=self.layout.vpp,
             context_parallel_size=self.layout.cp,
+            expert_model_parallel_size=self.layout.ep,
+            expert_tensor_parallel_size=self.layout.etp,
         )
         seed_everything(cfg.runtime.seed)
         model_parallel_cuda_manual_seed(cfg.runtime.seed, inference_rng_tracker=cfg.runtime.device == "cpu")
@@ -229,6 +232,11 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(cfg, self.padded_vocab)
         self._record_parameter_counts()
         self.memory_meter: ActivationMeter | None = ActivationMeter(self.model)
+        self.router_stats = (
+            RouterStatistics(cfg.model, self.model, cfg.parallelism.sequence_parallel)
+            if cfg.model.moe.enabled
+            else None
+        )
         self.metrics = MetricsSink(cfg, self.output_dir, enabled=self.is_logger)
         self.downstream = InLoopEvaluation.from_config(
             cfg, self.model, self.device, self.output_dir, self.is_logger
@@ -560,6 +568,8 @@ class Trainer:
             "consumed_tokens": self.state.consumed_tokens,
             "skipped": skipped,
         }
+        if self.router_stats is not None:  # load balance of the experts (every rank takes part)
+            values.update(self.router_stats.step_values(self.layout.num_microbatches))
         if self.device.type == "cuda":  # FLOP rates against a GPU peak mean nothing on CPU
             values["tflops_per_gpu"] = tflops
             values["mfu"] = tflops / self.config.logging.peak_tflops
