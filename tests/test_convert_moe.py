@@ -5,10 +5,11 @@ Tiny random models are built from transformers configs (4 experts, top-2, GQA 4 
 weight random including the norms; Qwen2-MoE with its gated shared expert and softmax-then-top-k
 routing, norm_topk_prob=false). The fast tests convert in this process: HF -> Megatron -> HF is bit
 identical (fp32 and bf16), the checkpoint has Megatron's per-expert keys, and the Drop-Upcycling
-arithmetic (channel counts, statistics, seeds). The slow test runs Megatron in subprocesses, at the
-same time: logits of the converted checkpoints at EP=1 (one process), EP=2 and TP=2 (two, gloo)
-against transformers'; the trainer's GPTModel saved by `dist_checkpointing.save` (the layout the
-streaming writer must reproduce); and the upcycled model's logits against the dense model's.
+arithmetic (channel counts, statistics, seeds). One slow test runs Megatron in one two-process gloo
+run: logits of the converted checkpoints at EP=1, EP=2 and TP=2 against transformers'; the trainer's
+GPTModel saved by `dist_checkpointing.save` (the layout the streaming writer must reproduce); and the
+upcycled model's logits against the dense model's. Another bounds the conversion's memory by a tensor,
+not a layer's experts.
 """
 
 from __future__ import annotations
@@ -208,6 +209,92 @@ def test_dense_models_refuse_expert_parallelism(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# ------------------------------------------------------------------------------------------ memory
+
+MEMORY_CHILD = """
+import json, sys
+from kumihimo.pretrain.convert.from_hf import convert_from_hf
+from kumihimo.pretrain.convert.to_hf import convert_to_hf
+def status(field):
+    return int(next(line for line in open('/proc/self/status') if line.startswith(field)).split()[1]) * 1024
+def peak_growth(convert, *args):
+    open('/proc/self/clear_refs', 'w').write('5')  # the peak (VmHWM) restarts from the current RSS
+    before = status('VmRSS:')
+    convert(*args)
+    return status('VmHWM:') - before
+convert_to_hf(convert_from_hf(sys.argv[1], sys.argv[2]), sys.argv[3], dtype=None)  # imports, one-time setup
+growth = {'from-hf': peak_growth(convert_from_hf, sys.argv[4], sys.argv[5])}
+growth['to-hf'] = peak_growth(convert_to_hf, sys.argv[5], sys.argv[6], None, None)
+print(json.dumps(growth))
+"""
+
+
+def write_moe_folder(folder: Path, layers: int, hidden: int, experts: int, width: int) -> tuple[int, int]:
+    """A random fp32 Qwen3-MoE folder written a tensor at a time; returns (largest tensor, one layer's
+    experts) in bytes."""
+    from kumihimo.pretrain.convert.from_hf import expected_hf_tensors
+    from kumihimo.pretrain.convert.mapping import LlamaDims
+    from kumihimo.pretrain.convert.to_hf import PlannedTensor, StreamingSafetensorsWriter
+
+    dims = LlamaDims(
+        num_layers=layers,
+        hidden_size=hidden,
+        ffn_hidden_size=width,
+        num_attention_heads=8,
+        num_query_groups=2,
+        head_dim=hidden // 8,
+        megatron_vocab_size=VOCAB,
+        hf_vocab_size=VOCAB,
+        qk_norm=True,
+        num_experts=experts,
+        expert_ffn_hidden_size=width,
+        per_layer_keys=True,
+    )
+    planned = [PlannedTensor(name, shape, torch.float32) for name, shape in expected_hf_tensors(dims).items()]
+    folder.mkdir()
+    writer = StreamingSafetensorsWriter(folder, planned, 10**8)
+    generator = torch.Generator().manual_seed(0)
+    for tensor in planned:
+        writer.write(tensor.name, torch.randn(tensor.shape, generator=generator) * 0.02)
+    writer.finish()
+    config = dict(
+        COMMON,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        head_dim=hidden // 8,
+        num_experts=experts,
+        num_experts_per_tok=2,
+        moe_intermediate_size=width,
+        intermediate_size=width,
+        norm_topk_prob=True,
+        model_type="qwen3_moe",
+        architectures=["Qwen3MoeForCausalLM"],
+        torch_dtype="float32",
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    return max(t.num_bytes for t in planned), 3 * experts * width * hidden * 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_moe_conversion_memory_stays_near_one_tensor_not_one_layer(tmp_path):
+    """Peak RSS grows by about one copy of the largest tensor (from-hf) or two (to-hf) while a model
+    whose layers hold 32 experts (96 MiB of expert weights a layer) is converted each way: experts are
+    streamed one at a time, never a layer's worth."""
+    write_moe_folder(tmp_path / "warmup", 1, 64, 2, 32)
+    largest, layer = write_moe_folder(tmp_path / "hf", 1, 512, 32, 512)
+    names = ("warmup", "warmup-ckpt", "warmup-back", "hf", "ckpt", "back")
+    proc = _launch(["-c", MEMORY_CHILD, *(str(tmp_path / name) for name in names)])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    growth = json.loads(out.strip().splitlines()[-1])
+    print(
+        f"largest tensor {largest / 2**20:.1f} MiB, experts of a layer {layer / 2**20:.0f} MiB, growth {growth}"
+    )
+    assert growth["from-hf"] < layer / 4 and growth["to-hf"] < layer / 4, (growth, largest, layer)
+
+
 # ------------------------------------------------------------------------------------------ upcycling math
 
 
@@ -352,7 +439,8 @@ def test_cli_upcycle(dense_root, work):
     )
 
 
-# name -> (TP, EP, roots): Megatron logits of the converted checkpoints at each layout
+# name -> (TP, EP, families): Megatron logits of the converted checkpoints at each layout, all in one
+# two-process run (EP=1 and TP=1 there is two data-parallel replicas)
 LAYOUTS = {"ep1": (1, 1, list(FAMILIES)), "ep2": (1, 2, ["qwen3_moe"]), "tp2": (2, 1, ["qwen3_moe"])}
 
 
@@ -360,36 +448,42 @@ LAYOUTS = {"ep1": (1, 1, list(FAMILIES)), "ep2": (1, 2, ["qwen3_moe"]), "tp2": (
 def test_megatron_logits_match_transformers_at_ep1_ep2_tp2_and_upcycling_keeps_the_dense_output(
     hf_models, converted, dense_root, upcycled, work
 ):
-    """Converted checkpoints give transformers' logits (1e-4, fp32) at EP=1, EP=2 and TP=2; the
-    upcycled model (plain and r=0) gives the dense model's logits (1e-6); the streamed checkpoint has
-    the keys, shapes, chunks and objects of dist_checkpointing.save on the trainer's MoE GPTModel."""
+    """Converted checkpoints give transformers' logits (1e-4, fp32) at EP=1, EP=2 and TP=2 (gloo, two
+    processes); the upcycled model (plain and r=0) gives the dense model's logits (1e-6); the streamed
+    checkpoint has the keys, shapes, chunks and objects of dist_checkpointing.save on the trainer's MoE
+    GPTModel (Qwen2-MoE: router, experts, shared expert and its gate)."""
     prompt = torch.randint(4, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
     torch.save(prompt, work / "prompt.pt")
     saved = work / "megatron-save"
+    plan = {
+        layout: (tp, ep, [str(converted[name]) for name in names])
+        for layout, (tp, ep, names) in LAYOUTS.items()
+    }
+    plan["ep1"][2].extend(str(root) for root in (dense_root, upcycled["plain"], upcycled["r0"]))
+    # TP=2 in a run of its own: Megatron keeps TP state that a second initialize_model_parallel misses
+    runs = {"ep": {k: plan[k] for k in ("ep1", "ep2")}, "tp": {"tp2": plan["tp2"]}}
     procs = {}
-    for layout, (tp, ep, names) in LAYOUTS.items():
-        roots = [str(converted[name]) for name in names]
-        if layout == "ep1":  # also saves the Qwen2-MoE model (the last family) with dist_checkpointing
-            roots += [str(dense_root), str(upcycled["plain"]), str(upcycled["r0"])]
-        procs[layout] = _launch(
+    for run, layouts in runs.items():
+        (work / f"plan-{run}.json").write_text(json.dumps(layouts))
+        procs[run] = _launch(
             [
-                "-m", "torch.distributed.run", f"--nproc-per-node={tp * ep}", "--nnodes=1",
-                f"--master-port={free_port()}", "-m", "tests.test_convert_moe", "logits",
-                str(work / "prompt.pt"), str(work / f"logits-{layout}.pt"), str(tp), str(ep),
-                str(saved) if layout == "ep1" else "-", *roots,
+                "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1", f"--master-port={free_port()}",
+                "-m", "tests.test_convert_moe", "logits", str(work / "prompt.pt"), str(work / f"plan-{run}.json"),
+                str(work / f"logits-{run}.pt"), str(converted["qwen2_moe"]), str(saved),
             ]
         )  # fmt: skip
-    for name, proc in procs.items():
-        out, _ = proc.communicate(timeout=400)
-        assert proc.returncode == 0, f"{name} failed:\n{out[-3000:]}"
+    results = {}
+    for run, proc in procs.items():
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, "\n".join(line for line in out.splitlines() if "[rank0]" in line)[-3000:]
+        results.update(torch.load(work / f"logits-{run}.pt"))
     for layout, (_tp, _ep, names) in LAYOUTS.items():
-        results = torch.load(work / f"logits-{layout}.pt")
-        for name, logits in zip(names, results):
+        for name, logits in zip(names, results[layout]):
             with torch.no_grad():
                 expected = load_moe(hf_models[name])(prompt).logits
             error = (logits[..., :VOCAB] - expected).abs().max().item()
             assert error < 1e-4, (layout, name, error)
-    dense, plain, r0 = torch.load(work / "logits-ep1.pt")[len(FAMILIES) :]
+    dense, plain, r0 = results["ep1"][len(FAMILIES) :]
     assert (plain - dense).abs().max().item() < 1e-6 and (r0 - dense).abs().max().item() < 1e-6
 
     from torch.distributed.checkpoint import FileSystemReader
@@ -402,11 +496,11 @@ def test_megatron_logits_match_transformers_at_ep1_ep2_tp2_and_upcycling_keeps_t
     assert _stored_objects(ours) == _stored_objects(saved)
 
 
-def _megatron_logits(prompt_path: str, out_path: str, tp: str, ep: str, save: str, roots: list[str]) -> None:
-    """In every torchrun process: the trainer's GPTModel at TP x EP loads each checkpoint (saved at any
-    layout) and computes the prompt's logits, gathered over TP; rank 0 saves them. Unless `save` is
-    "-", the model of the family rooted last among the Hugging Face imports (Qwen2-MoE) is saved there
-    by dist_checkpointing.save, as the trainer saves it, for the layout comparison."""
+def _megatron_logits(prompt_path: str, plan_path: str, out_path: str, save_root: str, save_to: str) -> None:
+    """In every torchrun process, for each layout of the plan ({layout: [TP, EP, roots]}): the trainer's
+    GPTModel at that TP x EP loads each checkpoint (saved at any layout) and computes the prompt's
+    logits, gathered over TP; rank 0 saves them all. The model loaded from `save_root` at the first
+    layout is also saved to `save_to` by dist_checkpointing.save, as the trainer saves it."""
     import torch.distributed as dist
 
     from kumihimo.pretrain import cpu_compat
@@ -422,35 +516,46 @@ def _megatron_logits(prompt_path: str, out_path: str, tp: str, ep: str, save: st
     from kumihimo.pretrain.config import TrainConfig
     from kumihimo.pretrain.model import build_model
     from kumihimo.pretrain.parallel import ParallelLayout
-    from tests.test_convert_to_hf import _wait_for_checkpoint
 
-    tp, ep = int(tp), int(ep)
-    parallel_state.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)
-    model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
     prompt = torch.load(prompt_path)
-    results = []
-    for root in map(Path, roots):
-        folder = _wait_for_checkpoint(root)
-        data = configtree.read_yaml(folder / "run_config.yaml")
-        data["parallelism"] = {"tensor_model_parallel_size": tp, "expert_model_parallel_size": ep}
-        data.setdefault("runtime", {})["device"] = "cpu"
-        data["schedule"] = {**data.get("schedule", {}), "global_batch_size": 2 * dist.get_world_size() // tp}
-        config = configtree.from_dict(TrainConfig, data)
-        meta = read_meta(folder)
-        layout = ParallelLayout.from_config(config, dist.get_world_size())
-        (model,) = build_model(config, layout, meta["padded_vocab_size"])
-        sharded = model.sharded_state_dict(metadata=SHARDING_METADATA)
-        loaded = dist_checkpointing.load(sharded, str(folder))
-        model.load_state_dict({key: value for key, value in loaded.items() if key in sharded})
-        model.eval()
-        with torch.no_grad():
-            positions = torch.arange(prompt.shape[1]).expand_as(prompt)
-            logits = gather_from_tensor_model_parallel_region(model(prompt, positions, None))
-        results.append(logits)
-        if save != "-" and root.name == "ckpt-qwen2_moe":
-            Path(save).mkdir()
-            state = _model_sharded_state_dict([model])
-            dist_checkpointing.save(state, save, content_metadata=SHARDING_METADATA)
+    world = dist.get_world_size()
+    results = {}
+    for layout_name, (tp, ep, roots) in json.loads(Path(plan_path).read_text()).items():
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)
+        model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
+        results[layout_name] = []
+        for root in map(Path, roots):
+            folder = root / "iter_0000000"
+            data = configtree.read_yaml(folder / "run_config.yaml")
+            data["parallelism"] = {
+                "tensor_model_parallel_size": tp,
+                "expert_model_parallel_size": ep,
+                "sequence_parallel": tp > 1,  # Megatron-Core's MoE under TP needs it
+            }
+            data.setdefault("runtime", {})["device"] = "cpu"
+            data["schedule"] = {**data.get("schedule", {}), "global_batch_size": 2 * world // tp}
+            config = configtree.from_dict(TrainConfig, data)
+            meta = read_meta(folder)
+            (model,) = build_model(
+                config, ParallelLayout.from_config(config, world), meta["padded_vocab_size"]
+            )
+            sharded = model.sharded_state_dict(metadata=SHARDING_METADATA)
+            loaded = dist_checkpointing.load(sharded, str(folder))
+            model.load_state_dict({key: value for key, value in loaded.items() if key in sharded})
+            model.eval()
+            with torch.no_grad():
+                positions = torch.arange(prompt.shape[1]).expand_as(prompt)
+                results[layout_name].append(
+                    gather_from_tensor_model_parallel_region(model(prompt, positions, None))
+                )
+            if str(root) == save_root and not Path(save_to).exists():
+                dist.barrier()
+                if dist.get_rank() == 0:
+                    Path(save_to).mkdir()
+                dist.barrier()
+                state = _model_sharded_state_dict([model])
+                dist_checkpointing.save(state, save_to, content_metadata=SHARDING_METADATA)
     if dist.get_rank() == 0:
         torch.save(results, out_path)
     dist.barrier()
@@ -460,4 +565,4 @@ def _megatron_logits(prompt_path: str, out_path: str, tp: str, ep: str, save: st
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
     if command == "logits":
-        _megatron_logits(*arguments[:5], arguments[5:])
+        _megatron_logits(*arguments)

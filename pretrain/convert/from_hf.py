@@ -63,6 +63,7 @@ from kumihimo.pretrain.convert.mapping import (
     stored_key,
     stored_shape,
 )
+from kumihimo.pretrain.integrity import is_finite
 from kumihimo.pretrain.parallel import check_model_fits_layout, padded_vocab_size
 
 HF_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -348,6 +349,8 @@ def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None, ep:
     if moe_family in MOE_FAMILIES:
         model["moe"] = moe_section(c)
         parallelism["expert_model_parallel_size"] = ep
+        if tp > 1:  # Megatron-Core runs MoE under TP only with sequence parallelism
+            parallelism["sequence_parallel"] = True
     elif ep != 1:
         raise UserError(f"--ep={ep} needs a mixture-of-experts model; {hf.folder} is dense: use --ep 1")
     data = {
@@ -757,7 +760,9 @@ class _StreamingSavePlanner(DefaultSavePlanner):
         if chunk.rule is None:
             return pickled_object(chunk.payload)
         data = produce(chunk, self.tensors, self.dims, self.dtype)
-        if not bool(torch.isfinite(data).all()):  # a NaN checkpoint would train NaN from step 1
+        # A NaN checkpoint would train NaN from step 1. is_finite reads the data once without a mask the
+        # size of the tensor (isfinite(bf16) made a float copy too: 2.5x the chunk on top of it).
+        if not bool(is_finite(data)):
             where = chunk.key if chunk.layer is None else f"{chunk.key} of layer {chunk.layer}"
             where += "" if chunk.expert is None else f", expert {chunk.expert}"
             raise UserError(

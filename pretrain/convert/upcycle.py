@@ -124,6 +124,8 @@ def moe_config(source: Source, num_experts: int, router_topk: int, ep: int):
         "router_pre_softmax": False,
     }
     data["parallelism"]["expert_model_parallel_size"] = ep
+    if source.config.parallelism.tensor_model_parallel_size > 1:  # Megatron-Core's MoE under TP needs SP
+        data["parallelism"]["sequence_parallel"] = True
     config = configtree.from_dict(TrainConfig, data)
     config.model.validate()
     check_model_fits_layout(config)
