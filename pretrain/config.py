@@ -358,6 +358,13 @@ class ModelConfig:
             )
 
     @property
+    def moe_layer_flags(self) -> list[bool]:
+        """True for each layer (0-based) whose MLP is a mixture of experts: all but the first
+        moe.dense_first_layers when moe.num_experts > 0, none otherwise."""
+        moe = self.moe
+        return [moe.enabled and index >= moe.dense_first_layers for index in range(self.num_layers)]
+
+    @property
     def context_length(self) -> int:
         """Positions the model is declared for: max_position_embeddings, else seq_length (what config.json
         says on export, and the longest sequence evaluation feeds it, as transformers and lm-eval do)."""

@@ -24,7 +24,7 @@ def test_absent_section_is_a_dense_model():
     config = load()
     assert not config.model.moe.enabled
     assert moe.transformer_fields(config.model, config.parallelism) == {}
-    assert moe.layer_is_moe(config.model) == [False] * 4
+    assert config.model.moe_layer_flags == [False] * 4
 
 
 def test_fields_map_onto_megatron_names():
