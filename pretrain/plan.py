@@ -146,6 +146,14 @@ def stage_params(config: TrainConfig, layout: ParallelLayout, padded_vocab: int,
     return count
 
 
+def model_params(config: TrainConfig, padded_vocab: int) -> int:
+    """Parameters of the whole model (every expert once): one GPU's count at a layout of one GPU."""
+    whole = ParallelLayout(
+        world_size=1, tp=1, pp=1, cp=1, dp=1, vpp=None, micro_batch_size=1, global_batch_size=1, ep=1, etp=1
+    )
+    return stage_params(config, whole, padded_vocab, 0)
+
+
 def param_dtype_bytes(config: TrainConfig) -> int:
     """Bytes per element of weights and activations in the run's parameter dtype."""
     return 2 if config.precision.params_dtype == "bf16" else 4
@@ -173,7 +181,8 @@ def activation_bytes_per_layer(
     # an MoE layer's MLP is counted by moe_activation_bytes (Megatron's selective "mlp" is the dense MLP)
     mlp = 0 if "mlp" in recomputed or moe_layer else 1
     te = uses_transformer_engine(config)
-    experts = moe_activation_bytes(config, layout, te) if moe_layer else 0.0
+    # selective "moe" recompute keeps only the MoE layer's input (the pre-MLP norm's output, counted)
+    experts = moe_activation_bytes(config, layout, te) if moe_layer and "moe" not in recomputed else 0.0
     # q/k RMSNorm (Qwen3): a copy of Q and the normalised Q and K, and an fp32 1/rms per head
     qk_norm = (e * (2 * q + kv) + 4 * (m.num_attention_heads + m.query_groups)) / t if m.qk_layernorm else 0
     if te:
@@ -281,7 +290,7 @@ def make_plan(config: TrainConfig, world_size: int, vocab_size: int, reserve_gb:
         activations += activation_bytes_per_layer(config, layout, "none", any(m.moe_layer_flags))
     logits = 2 * 4 * m.seq_length // layout.cp * config.schedule.micro_batch_size * padded / layout.tp
     bubble = (layout.pp - 1) / (layout.num_microbatches * vpp) if layout.pp > 1 else 0.0
-    total = sum(stage_params(config, layout, padded, st) for st in range(layout.pp)) * layout.tp
+    total = model_params(config, padded)
     return Plan(
         layout=layout,
         padded_vocab=padded,
