@@ -1126,6 +1126,13 @@ class TrainConfig:
                 "needs a GPU",
                 "use local (or auto) with runtime.device=cpu",
             )
+        tp = par.tensor_model_parallel_size
+        if model.moe.enabled and tp > 1 and not par.sequence_parallel:
+            # training only: evaluation runs an MoE under TP without it (pretrain.evaluate)
+            raise ConfigError(
+                f"model.moe with tensor_model_parallel_size={tp} needs parallelism.sequence_parallel=true "
+                "(Megatron-Core refuses to train an MoE under TP without it); set it"
+            )
         if (
             model.moe.enabled
             and model.moe.grouped_gemm

@@ -34,7 +34,10 @@ def transformer_fields(model: ModelConfig, parallelism: ParallelismConfig) -> di
         return {}
     return {
         "num_moe_experts": moe.num_experts,
-        "moe_layer_freq": [int(flag) for flag in model.moe_layer_flags],
+        # Megatron-LM's default int 1 (every layer MoE) keeps per-layer tensors stacked under one key
+        # ([L, ...], as a dense model's and LLM-jp v4's checkpoints); a list (dense first layers)
+        # makes Megatron save them per layer (decoder.layers.<i>.*)
+        "moe_layer_freq": 1 if not moe.dense_first_layers else [int(f) for f in model.moe_layer_flags],
         "moe_ffn_hidden_size": moe.expert_ffn_hidden_size(model.ffn_hidden_size),
         "moe_shared_expert_intermediate_size": moe.shared_expert_ffn_hidden_size or None,
         "moe_shared_expert_gate": moe.shared_expert_gate,
