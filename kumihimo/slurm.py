@@ -248,6 +248,8 @@ class JobSpec:
     profile: Path | None = None
     arguments: list[str] = field(default_factory=list)
     """The script's arguments: the recipe and its overrides."""
+    layout: str = ""
+    """The parallel layout at the job's world size (`ParallelLayout.describe`), recorded in the header."""
 
     def directives(self) -> list[str]:
         lines = [
@@ -304,6 +306,8 @@ def render(spec: JobSpec) -> str:
         f"from {spec.template.name}: {spec.nodes} node(s) x {spec.processes_per_node} process(es).",
         *(f"#SBATCH {line}" for line in spec.directives()),
     ]
+    if spec.layout:  # TP/PP/CP/DP and, for a mixture of experts, EP and expert TP
+        out.append(f"# layout {spec.layout}")
     out += [f"export {key}={shlex.quote(value)}" for key, value in spec.environment.items()]
     if spec.profile:
         # Inlined rather than sourced, so the script in the run directory records the exact environment.
@@ -335,7 +339,7 @@ def job_spec(args: argparse.Namespace, config, profile: Path | None) -> JobSpec:
     if args.nodes < 1 or per_node < 1:
         raise UserError(f"--nodes={args.nodes} and --gpus-per-node={per_node} must both be >= 1")
     try:
-        ParallelLayout.from_config(config, args.nodes * per_node)
+        layout = ParallelLayout.from_config(config, args.nodes * per_node)
     except UserError as exc:
         raise UserError(f"--nodes={args.nodes} x --gpus-per-node={per_node}: {exc}") from exc
     signal_before = DEFAULT_SIGNAL_BEFORE_S if args.signal_before is None else args.signal_before
@@ -388,6 +392,7 @@ def job_spec(args: argparse.Namespace, config, profile: Path | None) -> JobSpec:
         profile=profile,
         # the file the recipe argument names from here (a shipped name, or configs/... outside the checkout)
         arguments=[str(resolve_recipe(args.config, "pretrain").resolve()), *args.overrides],
+        layout=layout.describe(),
     )
 
 

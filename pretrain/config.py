@@ -241,9 +241,10 @@ class ModelConfig:
     (keep only each layer's input and recompute the layer: ~1/3 more compute for far less memory)."""
     recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
     """With recompute=selective: the parts of each layer recomputed, in Megatron's names (its
-    --recompute-modules): core_attn (the attention softmax/context) and mlp (the whole MLP). Megatron's
+    --recompute-modules): core_attn (the attention softmax/context), mlp (the whole dense MLP) and, with
+    model.moe, moe (the whole MoE layer). Megatron's
     layernorm is refused (Transformer Engine fuses the norms into the next GEMM, so there is nothing to
-    recompute, and Megatron's norm checkpoint needs TE), as are its MoE and MLA names."""
+    recompute, and Megatron's norm checkpoint needs TE), as are its other MoE and MLA names."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """Layer implementation: Transformer Engine (fused kernels, FP8) or Megatron-Core's local modules
     (with this repo's SDPA attention and sequence/context-parallel support); auto picks TE when it is
@@ -332,15 +333,19 @@ class ModelConfig:
 
     RECOMPUTE_MODULES: ClassVar[tuple[str, ...]] = ("core_attn", "mlp")
     """Megatron's selective-recompute module names that apply to a dense Llama layer."""
+    MOE_RECOMPUTE_MODULES: ClassVar[tuple[str, ...]] = ("moe",)
+    """...and to an MoE layer: moe recomputes the whole MoELayer (router, dispatch, experts)."""
 
     def _validate_recompute(self) -> None:
-        unknown = [name for name in self.recompute_modules if name not in self.RECOMPUTE_MODULES]
+        allowed = self.RECOMPUTE_MODULES + (self.MOE_RECOMPUTE_MODULES if self.moe.enabled else ())
+        unknown = [name for name in self.recompute_modules if name not in allowed]
         if unknown:
+            layer = "this model's layers do" if self.moe.enabled else "a dense Llama layer does"
             raise bad_value(
                 "model.recompute_modules",
                 self.recompute_modules,
-                f"names {unknown}, which a dense Llama layer does not have",
-                f"choose from {list(self.RECOMPUTE_MODULES)}",
+                f"names {unknown}, which {layer} not have",
+                f"choose from {list(allowed)}",
             )
         if self.recompute == "selective" and not self.recompute_modules:
             raise bad_value(
@@ -356,6 +361,13 @@ class ModelConfig:
                 f"is used only with model.recompute=selective (it is {self.recompute})",
                 "set model.recompute=selective or leave recompute_modules at its default",
             )
+
+    @property
+    def moe_layer_flags(self) -> list[bool]:
+        """True for each layer (0-based) whose MLP is a mixture of experts: all but the first
+        moe.dense_first_layers when moe.num_experts > 0, none otherwise."""
+        moe = self.moe
+        return [moe.enabled and index >= moe.dense_first_layers for index in range(self.num_layers)]
 
     @property
     def context_length(self) -> int:
@@ -1113,6 +1125,13 @@ class TrainConfig:
                 "transformer_engine",
                 "needs a GPU",
                 "use local (or auto) with runtime.device=cpu",
+            )
+        tp = par.tensor_model_parallel_size
+        if model.moe.enabled and tp > 1 and not par.sequence_parallel:
+            # training only: evaluation runs an MoE under TP without it (pretrain.evaluate)
+            raise ConfigError(
+                f"model.moe with tensor_model_parallel_size={tp} needs parallelism.sequence_parallel=true "
+                "(Megatron-Core refuses to train an MoE under TP without it); set it"
             )
         if (
             model.moe.enabled

@@ -4,7 +4,7 @@ Three things live here, each taking the model section (and the parallelism secti
 matters), so `pretrain.model` stays about the dense decoder:
 
 * `transformer_fields(model, parallelism)`: the `moe_*` fields of Megatron's TransformerConfig;
-* `layer_is_moe(model)` / `decoder_layer_specs(...)`: which layers get an MoELayer (the first
+* `model.moe_layer_flags` / `decoder_layer_specs(...)`: which layers get an MoELayer (the first
   `dense_first_layers` keep the dense SwiGLU) and the spec of each layer this pipeline stage builds;
 * `RouterStatistics`: tokens routed to each expert, the load-balancing loss and the router z-loss of a
   training step, reduced over the ranks that saw different tokens, for the metrics sinks.
@@ -27,18 +27,6 @@ if TYPE_CHECKING:
     from kumihimo.pretrain.config import ModelConfig, ParallelismConfig
 
 
-def layer_is_moe(model: ModelConfig) -> list[bool]:
-    """One flag per layer (0-based): True where the MLP is a mixture of experts."""
-    moe = model.moe
-    if not moe.enabled:
-        return [False] * model.num_layers
-    return [index >= moe.dense_first_layers for index in range(model.num_layers)]
-
-
-def num_moe_layers(model: ModelConfig) -> int:
-    return sum(layer_is_moe(model))
-
-
 def transformer_fields(model: ModelConfig, parallelism: ParallelismConfig) -> dict[str, Any]:
     """Megatron TransformerConfig fields of `model.moe` and the expert layout ({} for a dense model)."""
     moe = model.moe
@@ -46,7 +34,10 @@ def transformer_fields(model: ModelConfig, parallelism: ParallelismConfig) -> di
         return {}
     return {
         "num_moe_experts": moe.num_experts,
-        "moe_layer_freq": [int(flag) for flag in layer_is_moe(model)],
+        # Megatron-LM's default int 1 (every layer MoE) keeps per-layer tensors stacked under one key
+        # ([L, ...], as a dense model's and LLM-jp v4's checkpoints); a list (dense first layers)
+        # makes Megatron save them per layer (decoder.layers.<i>.*)
+        "moe_layer_freq": 1 if not moe.dense_first_layers else [int(f) for f in model.moe_layer_flags],
         "moe_ffn_hidden_size": moe.expert_ffn_hidden_size(model.ffn_hidden_size),
         "moe_shared_expert_intermediate_size": moe.shared_expert_ffn_hidden_size or None,
         "moe_shared_expert_gate": moe.shared_expert_gate,
@@ -71,7 +62,7 @@ def decoder_layer_specs(
 ) -> list:
     """The specs of layers [first_layer, first_layer + num_layers) of the whole model: `layer_spec(None)`
     for a dense layer, `layer_spec(num_experts)` for an MoE layer (each built once)."""
-    flags = layer_is_moe(model)[first_layer : first_layer + num_layers]
+    flags = model.moe_layer_flags[first_layer : first_layer + num_layers]
     dense = layer_spec(None) if not all(flags) else None
     sparse = layer_spec(model.moe.num_experts) if any(flags) else None
     return [sparse if flag else dense for flag in flags]
@@ -101,7 +92,7 @@ class RouterStatistics:
 
         self.tracker = get_moe_metrics_tracker()
         self.num_layers = model.num_layers
-        self.moe_layer_freq = [int(flag) for flag in layer_is_moe(model)]
+        self.moe_layer_freq = [int(flag) for flag in model.moe_layer_flags]
         self.num_experts = model.moe.num_experts
         self.sequence_parallel = sequence_parallel
         self.counts: torch.Tensor | None = None

@@ -87,11 +87,6 @@ def check_experts_fit_layout(config: TrainConfig) -> None:
             f"parallelism.expert_model_parallel_size={ep} does not divide model.moe.num_experts="
             f"{moe.num_experts}; choose an EP that divides the number of experts"
         )
-    if tp > 1 and not par.sequence_parallel:
-        raise ConfigError(
-            f"model.moe with tensor_model_parallel_size={tp} needs parallelism.sequence_parallel=true "
-            "(Megatron-Core refuses MoE under TP without it); set it"
-        )
     expert_ffn = moe.expert_ffn_hidden_size(config.model.ffn_hidden_size)
     if expert_ffn % etp:
         raise ConfigError(

@@ -24,7 +24,7 @@ def test_absent_section_is_a_dense_model():
     config = load()
     assert not config.model.moe.enabled
     assert moe.transformer_fields(config.model, config.parallelism) == {}
-    assert moe.layer_is_moe(config.model) == [False] * 4
+    assert config.model.moe_layer_flags == [False] * 4
 
 
 def test_fields_map_onto_megatron_names():
@@ -39,6 +39,7 @@ def test_fields_map_onto_megatron_names():
         "model.moe.token_dispatcher=allgather",
     )
     fields = moe.transformer_fields(config.model, config.parallelism)
+    assert moe.transformer_fields(load(*MOE).model, config.parallelism)["moe_layer_freq"] == 1
     assert fields["num_moe_experts"] == 4
     assert fields["moe_layer_freq"] == [0, 1, 1, 1]
     assert fields["moe_ffn_hidden_size"] == 64
