@@ -278,7 +278,6 @@ def synthesise_moe_hf(folder: Path, num_layers: int) -> tuple[Path, int, int]:
         qk_norm=True,
         num_experts=shapes["num_experts"],
         expert_ffn_hidden_size=shapes["moe_intermediate_size"],
-        per_layer_keys=True,
     )
     folder.mkdir(parents=True)
     planned = [

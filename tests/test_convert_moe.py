@@ -168,9 +168,9 @@ def test_checkpoint_keys_and_run_config(converted):
 
     folder = converted["qwen3_moe"] / "iter_0000000"
     metadata = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    fc1 = metadata["decoder.layers.1.mlp.experts.experts.linear_fc1.weight"]
-    assert tuple(fc1.size) == (4, 64, 64) and len(fc1.chunks) == 8  # 4 experts x (gate, up)
-    assert tuple(metadata["decoder.layers.0.mlp.router.weight"].size) == (4, 64)
+    fc1 = metadata["decoder.layers.mlp.experts.experts.linear_fc1.weight"]
+    assert tuple(fc1.size) == (2, 4, 64, 64) and len(fc1.chunks) == 16  # 2 layers x 4 experts x (gate, up)
+    assert tuple(metadata["decoder.layers.mlp.router.weight"].size) == (2, 4, 64)
     config = yaml.safe_load((folder / "run_config.yaml").read_text())
     moe = config["model"]["moe"]
     assert (moe["num_experts"], moe["router_topk"], moe["ffn_hidden_size"], moe["router_pre_softmax"]) == (
@@ -248,7 +248,6 @@ def write_moe_folder(folder: Path, layers: int, hidden: int, experts: int, width
         qk_norm=True,
         num_experts=experts,
         expert_ffn_hidden_size=width,
-        per_layer_keys=True,
     )
     planned = [PlannedTensor(name, shape, torch.float32) for name, shape in expected_hf_tensors(dims).items()]
     folder.mkdir()
@@ -391,21 +390,19 @@ def test_upcycled_checkpoint_copies_the_dense_weights(dense_root, upcycled):
             "self_attention.linear_proj.weight",
             "mlp.linear_fc1.layer_norm_weight",
         ):
-            assert torch.equal(
-                plain[f"decoder.layers.{layer}.{name}"], dense[f"decoder.layers.{name}"][layer]
-            )
+            assert torch.equal(plain[f"decoder.layers.{name}"][layer], dense[f"decoder.layers.{name}"][layer])
         fc1, fc2 = (
             dense["decoder.layers.mlp.linear_fc1.weight"][layer],
             dense["decoder.layers.mlp.linear_fc2.weight"][layer],
         )
-        experts = f"decoder.layers.{layer}.mlp.experts.experts."
+        experts = "decoder.layers.mlp.experts.experts."
         for expert in range(4):
-            assert torch.equal(plain[experts + "linear_fc1.weight"][expert], fc1)
-            assert torch.equal(plain[experts + "linear_fc2.weight"][expert], fc2)
-            changed = (drop[experts + "linear_fc2.weight"][expert] != fc2).any(0)
+            assert torch.equal(plain[experts + "linear_fc1.weight"][layer, expert], fc1)
+            assert torch.equal(plain[experts + "linear_fc2.weight"][layer, expert], fc2)
+            changed = (drop[experts + "linear_fc2.weight"][layer, expert] != fc2).any(0)
             assert int(changed.sum()) == 24
-        router = f"decoder.layers.{layer}.mlp.router.weight"
-        assert not torch.equal(plain[router], r0[router])
+        router = "decoder.layers.mlp.router.weight"
+        assert not torch.equal(plain[router][layer], r0[router][layer])
     for key, tensor in plain.items():
         if not key.endswith("router.weight"):
             assert torch.equal(r0[key], tensor), key

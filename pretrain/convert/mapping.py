@@ -23,9 +23,10 @@ tensor per expert (`experts.{expert}.gate_proj` for Qwen, `block_sparse_moe.expe
 Mixtral). A per-expert rule is therefore read and written one expert of one layer at a time. The router
 is `mlp.router.weight` [experts, H] (HF `gate`), Qwen2-MoE's shared expert `mlp.shared_experts.*` with
 its sigmoid gate `gate_weight` [1, H] (HF `shared_expert_gate`). Megatron stacks per-layer tensors
-under one key only when all layers are alike; kumihimo's MoE models pass a per-layer list of layer
-kinds (`moe_layer_freq`), which makes Megatron key each layer by its number instead
-(`decoder.layers.3.mlp.router.weight`): `LlamaDims.per_layer_keys`, `stored_key`.
+under one key only when all layers are alike (`moe_layer_freq=1`, which kumihimo passes unless
+`model.moe.dense_first_layers`); with a per-layer list it keys each layer by its number instead
+(`decoder.layers.3.mlp.router.weight`): `LlamaDims.per_layer_keys`, `stored_key` handle both, and
+conversion refuses dense first layers (no Hugging Face MoE family here has them).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class LlamaDims:
     down_proj) or "mixtral" (block_sparse_moe.gate, block_sparse_moe.experts.{e}.w1/w3/w2)."""
     per_layer_keys: bool = False
     """Megatron keys per-layer tensors by layer number (`decoder.layers.3.…`) instead of stacking them
-    under one key with a leading layer axis; true for MoE models (see the module docstring)."""
+    under one key with a leading layer axis (models whose layers differ; see the module docstring)."""
 
     @classmethod
     def from_model(cls, model: ModelConfig, megatron_vocab_size: int, hf_vocab_size: int) -> LlamaDims:
@@ -91,9 +92,8 @@ class LlamaDims:
         if moe is not None and moe.num_experts > 0:
             if moe.dense_first_layers:
                 raise UserError(
-                    f"model.moe.dense_first_layers={moe.dense_first_layers}: no supported Hugging Face MoE "
-                    "family (Mixtral, Qwen2-MoE, Qwen3-MoE) has dense layers, so this model cannot be "
-                    "converted; convert a model whose every layer is MoE"
+                    f"model.moe.dense_first_layers={moe.dense_first_layers}: conversion handles models whose "
+                    "every layer is MoE (as Mixtral, Qwen2-MoE and Qwen3-MoE are); this one cannot be converted"
                 )
             experts = dict(
                 num_experts=moe.num_experts,
@@ -101,7 +101,6 @@ class LlamaDims:
                 shared_expert_ffn_hidden_size=moe.shared_expert_ffn_hidden_size,
                 shared_expert_gate=moe.shared_expert_gate,
                 expert_names="mixtral" if model.hf_family in ("llama", "mistral") else "qwen",
-                per_layer_keys=True,
             )
         return cls(
             num_layers=model.num_layers,
