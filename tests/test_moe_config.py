@@ -145,3 +145,13 @@ def test_train_check_picks_a_world_that_holds_the_expert_grid():
     proc = run_cli("train", "--check", TINY, *MOE, "parallelism.expert_model_parallel_size=2", timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "world=2: TP=1 PP=1 CP=1 DP=2 EP=2 ETP=1" in proc.stdout
+
+
+def test_flops_count_the_active_experts():
+    from kumihimo.pretrain.metrics import training_flops_per_token
+
+    dense = load("model.moe.num_experts=0", "model.ffn_hidden_size=128")
+    # 4 experts of width 64, top-2: the same SwiGLU work per token as one of width 128, plus the router
+    sparse = load(*MOE, "model.ffn_hidden_size=128")
+    router = 3 * 4 * (2 * 64 * 4)  # 4 layers, training = 3 x forward
+    assert training_flops_per_token(sparse, 1024) - training_flops_per_token(dense, 1024) == router

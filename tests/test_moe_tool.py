@@ -134,18 +134,44 @@ def test_average_of_moe_checkpoints_averages_every_expert(ep2_run, work):
 
 
 @pytest.mark.slow
-def test_branch_from_an_expert_parallel_checkpoint_at_another_layout(ep2_run, work):
-    """A one-process (EP=1) branch starts from the EP=2 run's model and optimizer state."""
+def test_branch_from_an_expert_parallel_checkpoint(ep2_run, work):
+    """A branch starts from the EP=2 run's model and optimizer state (at EP=2; at EP=1 Megatron keeps
+    the optimizer as one part instead of dense + experts, which is refused in one line)."""
     branch = work / "branch"
-    proc = run_cli(
+    common = (
         "train", TINY_MOE, *SMALL, "schedule.train_iters=1", "schedule.eval_interval=0",
         f"data.tokenizer={ep2_run['tokenizer']}", f"branch.source={ep2_run['ckpt']}",
-        f"output_dir={branch}", timeout=300,
+    )  # fmt: skip
+    proc = run_cli(*common, f"output_dir={work / 'refused'}", timeout=300)
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"kumihimo: error: {ep2_run['ckpt'] / 'iter_0000002'} was saved at expert_model_parallel_size=2, whose "
+            "optimizer state does not load at 1"
+        )
+    )
+    proc = run_cli(
+        *common, "parallelism.expert_model_parallel_size=2", f"output_dir={branch}", "--nproc-per-node", "2",
+        timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "branched from" in proc.stderr
     (step,) = read_metrics(branch)
     assert "moe_tokens_per_expert" in step and step["loss"] < 7.0
+
+
+@pytest.mark.slow
+def test_resume_with_other_experts_is_refused(ep2_run, work):
+    proc = run_cli(
+        "train", TINY_MOE, *SMALL, "schedule.train_iters=3", "schedule.eval_interval=0",
+        "model.moe.num_experts=2", f"data.tokenizer={ep2_run['tokenizer']}",
+        f"output_dir={work / 'other-experts'}", f"checkpoint.load={ep2_run['ckpt']}",
+        f"checkpoint.dir={work / 'other-experts' / 'ckpt'}", timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "holds another model shape (model.moe.num_experts 4 -> 2)" in proc.stderr
 
 
 POISON = """
