@@ -126,7 +126,7 @@ def test_average_of_moe_checkpoints_averages_every_expert(ep2_run, work):
     assert main(["convert", "average", *map(str, sources), "--output", str(output)]) == 0
     averaged = whole(checkpointing.iteration_dir(output, 0))
     first, second = whole(sources[0]), whole(sources[1])
-    experts = [key for key in averaged if ".mlp.experts." in key]
+    experts = [key for key in averaged if ".mlp.experts." in key and isinstance(averaged[key], torch.Tensor)]
     assert experts and any(".mlp.router." in key for key in averaged)
     for key in experts:
         assert torch.allclose(averaged[key], (first[key] + second[key]) / 2, atol=1e-7), key
