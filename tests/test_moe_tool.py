@@ -41,7 +41,7 @@ def test_doctor_sizes_a_checkpoint_with_every_expert():
     )  # fp32: weights + Adam
 
 
-def test_slurm_renders_the_expert_layout_and_refuses_one_that_does_not_fit(capsys, tmp_path):
+def test_slurm_and_pbs_render_the_expert_layout_and_refuse_one_that_does_not_fit(capsys, tmp_path):
     args = [
         "slurm",
         "submit",
@@ -57,6 +57,10 @@ def test_slurm_renders_the_expert_layout_and_refuses_one_that_does_not_fit(capsy
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "--nodes=1 x --gpus-per-node=8: parallelism.expert_model_parallel_size=8 x " in err
+    # PBS scripts record the same layout
+    pbs = ["pbs", "submit", "configs/pretrain/llmjp4-32b-a3.8b.yaml", "--dry-run", f"output_dir={tmp_path}"]
+    assert main([*pbs, "--nodes", "2"]) == 0
+    assert "# layout world=16: TP=1 PP=1 CP=1 DP=16 EP=4 ETP=1;" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------ slow: one EP=2 run
