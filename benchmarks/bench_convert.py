@@ -13,8 +13,14 @@ safetensors shards, written a tensor at a time) is converted with `convert_from_
 fresh process. Peak RSS should stay near one copy of the largest tensor (the padded embedding) above
 the interpreter's baseline, whatever the layer count.
 
+moe: a Hugging Face Qwen3MoeForCausalLM folder of Qwen3-30B-A3B's shapes (hidden 2048, 128 experts of
+width 768, 32 heads in 4 query groups, head_dim 128, vocabulary 151,936; random bf16 weights) with a few
+layers is converted by `convert_from_hf` and the result back by `convert_to_hf`, each in a fresh
+process. A layer holds 384 expert matrices of 3 MiB (1.13 GiB); peak RSS should stay near the largest
+tensor (the 0.58 GiB embedding) above the baseline, not grow with the layer.
+
     python benchmarks/bench_convert.py --workdir /tmp/bench-convert [--layers 2] [--dtype bf16]
-        [--direction both|to-hf|from-hf]
+        [--direction both|to-hf|from-hf|moe]
 
 Reads come from the page cache when the machine has the RAM to keep the fresh files there: the
 figure is then conversion + write speed, not the read speed of a cold parallel file system.
@@ -38,6 +44,18 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 
 HIDDEN, FFN, HEADS, GROUPS, HEAD_DIM = 12288, 38464, 96, 16, 128
 VOCAB, PADDED_VOCAB, TP = 99487, 99840, 4
+# Qwen3-30B-A3B (config.json): the MoE shapes of the moe direction
+MOE_SHAPES = dict(
+    hidden_size=2048,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_experts=128,
+    num_experts_per_tok=8,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    vocab_size=151936,
+)
 
 
 def tensor_layout(num_layers: int) -> dict[str, tuple[tuple[int, ...], int | None, int]]:
@@ -237,6 +255,108 @@ print(json.dumps({"seconds": seconds, "bytes": sum(p.stat().st_size for p in out
 """
 
 
+def synthesise_moe_hf(folder: Path, num_layers: int) -> tuple[Path, int, int]:
+    """A Qwen3-MoE folder of MOE_SHAPES with random bf16 weights; returns (folder, bytes, largest tensor bytes)."""
+    from kumihimo.pretrain.convert.from_hf import expected_hf_tensors
+    from kumihimo.pretrain.convert.mapping import LlamaDims
+    from kumihimo.pretrain.convert.to_hf import (
+        DEFAULT_MAX_SHARD_BYTES,
+        PlannedTensor,
+        StreamingSafetensorsWriter,
+    )
+
+    shapes = MOE_SHAPES
+    dims = LlamaDims(
+        num_layers=num_layers,
+        hidden_size=shapes["hidden_size"],
+        ffn_hidden_size=shapes["intermediate_size"],
+        num_attention_heads=shapes["num_attention_heads"],
+        num_query_groups=shapes["num_key_value_heads"],
+        head_dim=shapes["head_dim"],
+        megatron_vocab_size=shapes["vocab_size"],
+        hf_vocab_size=shapes["vocab_size"],
+        qk_norm=True,
+        num_experts=shapes["num_experts"],
+        expert_ffn_hidden_size=shapes["moe_intermediate_size"],
+    )
+    folder.mkdir(parents=True)
+    planned = [
+        PlannedTensor(name, shape, torch.bfloat16) for name, shape in expected_hf_tensors(dims).items()
+    ]
+    writer = StreamingSafetensorsWriter(folder, planned, DEFAULT_MAX_SHARD_BYTES)
+    generator = torch.Generator().manual_seed(0)
+    for tensor in planned:
+        data = torch.empty(tensor.shape, dtype=torch.bfloat16)
+        data.normal_(1.0 if data.dim() == 1 else 0.0, 0.02, generator=generator)
+        writer.write(tensor.name, data)
+        del data
+    writer.finish()
+    config = {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        **shapes,
+        "num_hidden_layers": num_layers,
+        "norm_topk_prob": True,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder, writer.bytes_written, max(t.num_bytes for t in planned)
+
+
+CHILD_TO_HF_BASELINE = """
+import json, resource, sys, time
+import megatron.core, pretrain.config, pretrain.parallel, tokenizer.spm  # imported before the baseline
+from kumihimo.pretrain.convert.to_hf import convert_to_hf
+baseline = int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS:')).split()[1]) * 1024
+start = time.monotonic()
+out = convert_to_hf(sys.argv[1], sys.argv[2], dtype=None)
+seconds = time.monotonic() - start
+index = json.loads((out / "model.safetensors.index.json").read_text())
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": seconds, "bytes": index["metadata"]["total_size"],
+                  "cpu_seconds": usage.ru_utime + usage.ru_stime, "baseline_rss_bytes": baseline,
+                  "peak_rss_bytes": usage.ru_maxrss * 1024}))
+"""
+
+
+def _run_child(code: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_moe(workdir: Path, num_layers: int) -> None:
+    """from-hf then to-hf of a Qwen3-MoE folder, each in a fresh process, peak RSS above the baseline."""
+    start = time.monotonic()
+    folder, hf_bytes, largest = synthesise_moe_hf(workdir / "hf-source", num_layers)
+    print(
+        f"synthesised {hf_bytes / 1e9:.2f} GB Qwen3-MoE folder ({num_layers} layers of Qwen3-30B-A3B shapes, "
+        f"bf16) in {time.monotonic() - start:.1f} s"
+    )
+    layer_bytes = (
+        3 * MOE_SHAPES["num_experts"] * MOE_SHAPES["moe_intermediate_size"] * MOE_SHAPES["hidden_size"] * 2
+    )
+    for direction, code, args in (
+        ("from-hf", CHILD_FROM_HF, (str(folder), str(workdir / "megatron"), "1")),
+        ("to-hf", CHILD_TO_HF_BASELINE, (str(workdir / "megatron"), str(workdir / "hf-back"))),
+    ):
+        result = _run_child(code, *args)
+        growth = result["peak_rss_bytes"] - result["baseline_rss_bytes"]
+        print(
+            f"moe {direction}: {result['bytes'] / 1e9:.2f} GB in {result['seconds']:.1f} s = "
+            f"{result['bytes'] / 1e9 / result['seconds']:.2f} GB/s; peak RSS {result['peak_rss_bytes'] / 2**30:.2f} "
+            f"GiB = baseline {result['baseline_rss_bytes'] / 2**30:.2f} GiB + {growth / 2**30:.2f} GiB (largest "
+            f"tensor {largest / 2**30:.2f} GiB, experts of one layer {layer_bytes / 2**30:.2f} GiB, model "
+            f"{hf_bytes / 2**30:.2f} GiB); {result['cpu_seconds']:.1f} CPU-s"
+        )
+
+
 def bench_to_hf(workdir: Path, num_layers: int, dtype: str) -> None:
     start = time.monotonic()
     root = synthesise(workdir / "megatron", num_layers)
@@ -293,7 +413,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-convert"))
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="to-hf output dtype")
-    parser.add_argument("--direction", choices=("both", "to-hf", "from-hf"), default="both")
+    parser.add_argument("--direction", choices=("both", "to-hf", "from-hf", "moe"), default="both")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic inputs and the outputs")
     args = parser.parse_args()
     if args.workdir.exists():
@@ -307,6 +427,8 @@ def main() -> None:
                 shutil.rmtree(args.workdir / "to-hf", ignore_errors=True)
         if args.direction in ("both", "from-hf"):
             bench_from_hf(args.workdir / "from-hf", args.layers)
+        if args.direction == "moe":
+            bench_moe(args.workdir / "moe", args.layers)
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)

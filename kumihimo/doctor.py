@@ -229,8 +229,9 @@ def check_config_needs(report: Report, config) -> None:
 
 def checkpoint_gb(config) -> float:
     """About what one checkpoint takes: the weights in the parameter dtype, plus fp32 main weights (bf16
-    runs) and Adam's two fp32 moments: 14 B per parameter in bf16, 12 in fp32."""
-    from kumihimo.pretrain.plan import layer_params, param_dtype_bytes
+    runs) and Adam's two fp32 moments: 14 B per parameter in bf16, 12 in fp32; all experts counted."""
+    from kumihimo.pretrain.parallel import padded_vocab_size
+    from kumihimo.pretrain.plan import model_params, param_dtype_bytes
     from kumihimo.tokenizer.base import load_tokenizer
 
     m = config.model
@@ -240,7 +241,8 @@ def checkpoint_gb(config) -> float:
             vocab = load_tokenizer(config.data.tokenizer).vocab_size
         except UserError:
             pass  # the config check reports the missing tokenizer
-    params = layer_params(m) * m.num_layers + 2 * vocab * m.hidden_size + m.hidden_size
+    # every expert of a mixture of experts is in the checkpoint
+    params = model_params(m, padded_vocab_size(vocab, m.make_vocab_size_divisible_by, 1))
     weight_bytes = param_dtype_bytes(config.precision)
     return (weight_bytes + (12 if weight_bytes == 2 else 8)) * params / 2**30
 

@@ -154,6 +154,8 @@ class PbsJob:
     options: list[str] = field(default_factory=list)
     profile: Path | None = None
     arguments: list[str] = field(default_factory=list)
+    layout: str = ""
+    """The parallel layout at the job's world size (`ParallelLayout.describe`), recorded in the header."""
 
     def directives(self) -> list[str]:
         select = [str(self.nodes), *filter(None, self.resources.split(":"))]
@@ -194,6 +196,8 @@ def render(job: PbsJob, environment: dict[str, str]) -> str:
         f"from {TEMPLATE.name}: {job.nodes} node(s) x {job.processes_per_node} process(es).",
         *(f"#PBS {line}" for line in job.directives()),
     ]
+    if job.layout:  # TP/PP/CP/DP and, for a mixture of experts, EP and expert TP
+        out.append(f"# layout {job.layout}")
     return "\n".join(out + script_tail(environment, job.profile, job.arguments, TEMPLATE)) + "\n"
 
 
@@ -205,6 +209,8 @@ def _check_word(what: str, value: str | None) -> None:
 
 def pbs_job(args: argparse.Namespace, config, profile: Path | None) -> tuple[PbsJob, dict[str, str]]:
     """The job's shape and exported settings from the CLI, the profile and the recipe."""
+    from kumihimo.pretrain.parallel import ParallelLayout
+
     env = read_profile(profile) if profile else {}
     on_cpu = env.get("KUMIHIMO_DEVICE", "cuda") == "cpu"
     per_node = processes_per_node(args, env, config)
@@ -252,6 +258,8 @@ def pbs_job(args: argparse.Namespace, config, profile: Path | None) -> tuple[Pbs
         options=list(args.qsub),
         profile=profile,
         arguments=arguments,
+        # checked by processes_per_node; recorded so the script says how the ranks are split
+        layout=ParallelLayout.from_config(config, args.nodes * per_node).describe(),
     )
     environment["KUMIHIMO_PBS_SCRIPT"] = str(job.script)
     return job, environment

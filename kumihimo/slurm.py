@@ -260,6 +260,8 @@ class JobSpec:
     profile: Path | None = None
     arguments: list[str] = field(default_factory=list)
     """The script's arguments: the recipe and its overrides."""
+    layout: str = ""
+    """The parallel layout at the job's world size (`ParallelLayout.describe`), recorded in the header."""
 
     def directives(self) -> list[str]:
         lines = [
@@ -316,6 +318,8 @@ def render(spec: JobSpec) -> str:
         f"from {spec.template.name}: {spec.nodes} node(s) x {spec.processes_per_node} process(es).",
         *(f"#SBATCH {line}" for line in spec.directives()),
     ]
+    if spec.layout:  # TP/PP/CP/DP and, for a mixture of experts, EP and expert TP
+        out.append(f"# layout {spec.layout}")
     return "\n".join(out + script_tail(spec.environment, spec.profile, spec.arguments, spec.template)) + "\n"
 
 
@@ -361,6 +365,8 @@ def processes_per_node(args: argparse.Namespace, env: dict[str, str], config) ->
 
 def job_spec(args: argparse.Namespace, config, profile: Path | None) -> JobSpec:
     """The job's shape from the CLI, the profile and the recipe, refusing what cannot run."""
+    from kumihimo.pretrain.parallel import ParallelLayout
+
     env = read_profile(profile) if profile else {}
     on_cpu = env.get("KUMIHIMO_DEVICE", "cuda") == "cpu"
     per_node = processes_per_node(args, env, config)
@@ -414,6 +420,8 @@ def job_spec(args: argparse.Namespace, config, profile: Path | None) -> JobSpec:
         profile=profile,
         # the file the recipe argument names from here (a shipped name, or configs/... outside the checkout)
         arguments=[str(resolve_recipe(args.config, "pretrain").resolve()), *args.overrides],
+        # checked by processes_per_node; recorded so the script says how the ranks are split
+        layout=ParallelLayout.from_config(config, args.nodes * per_node).describe(),
     )
 
 

@@ -9,6 +9,7 @@ any process starts.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--check",
         action="store_true",
         help="validate the config and layout, then exit (without --nproc-per-node: for the smallest world "
-        "size the layout allows, TP x PP x CP)",
+        "size the layout allows, TP x PP x CP, or a multiple that also holds EP x ETP per stage)",
     )
     parser.add_argument("--help-config", action="store_true", help="list every config field and exit")
     parser.set_defaults(handler=run)
@@ -85,8 +86,14 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc_per_node is None:
         # --check launches nothing: check a multi-GPU recipe at the smallest world its layout allows
         par = config.parallelism
+        pp = par.pipeline_model_parallel_size
+        # the dense (TP x CP x DP) and expert (ETP x EP x expert DP) grids both tile each stage's ranks
         smallest = (
-            par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
+            math.lcm(
+                par.tensor_model_parallel_size * par.context_parallel_size,
+                par.expert_tp * par.expert_model_parallel_size,
+            )
+            * pp
         )
         args.nproc_per_node = smallest if args.check and not launched else 1
     world = process_info().world_size if launched else args.nproc_per_node

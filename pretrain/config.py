@@ -77,6 +77,120 @@ class RopeScalingConfig:
 
 
 @dataclass(kw_only=True)
+class MoEConfig:
+    """Mixture of experts in the MLP of each layer (Megatron-Core's MoELayer); num_experts 0 is a dense
+    model. Names follow Megatron-LM's --moe-* arguments (docs/moe.md has the table)."""
+
+    num_experts: int = 0
+    """Routed experts per MoE layer (--num-experts); 0: dense MLPs (this section is ignored)."""
+    router_topk: int = 2
+    """Experts each token is sent to (--moe-router-topk; Mixtral 2, Qwen3-MoE and LLM-jp v4 8)."""
+    ffn_hidden_size: int | None = None
+    """Width of each expert's SwiGLU (--moe-ffn-hidden-size); null: model.ffn_hidden_size."""
+    shared_expert_ffn_hidden_size: int = 0
+    """Width of the shared expert every token also passes through (DeepSeek, Qwen2-MoE;
+    --moe-shared-expert-intermediate-size); 0: no shared expert."""
+    shared_expert_gate: bool = False
+    """Scale the shared expert's output by a learned sigmoid gate per token (Qwen2-MoE)."""
+    dense_first_layers: int = 0
+    """The first this many layers keep a dense MLP of model.ffn_hidden_size (DeepSeek's
+    first_k_dense_replace; Megatron's --moe-layer-freq list)."""
+    aux_loss_coeff: float = 1.0e-2
+    """Weight of the load-balancing loss (--moe-aux-loss-coeff; LLM-jp v4 1e-2)."""
+    z_loss_coeff: float = 0.0
+    """Weight of the router z-loss, mean logsumexp(router logits)^2 (--moe-z-loss-coeff; LLM-jp v4 1e-3);
+    0 disables it."""
+    load_balancing: Literal["aux_loss", "seq_aux_loss", "none"] = "aux_loss"
+    """Load-balancing loss over the micro-batch's tokens (aux_loss, Switch/GShard), per sequence
+    (seq_aux_loss, DeepSeek-V2) or none (aux_loss_coeff must then be 0)."""
+    router_dtype: Literal["fp32"] | None = "fp32"
+    """Compute the router's softmax and top-k in fp32 (--moe-router-dtype fp32); null: params dtype."""
+    router_pre_softmax: bool = False
+    """false: top-k of the logits, then softmax over the k (Mixtral, Qwen3-MoE norm_topk_prob=true);
+    true: softmax over all experts, then top-k without renormalising (Qwen2-MoE norm_topk_prob=false).
+    Needed with router_topk=1."""
+    capacity_factor: float | None = None
+    """Each expert takes at most capacity_factor x (tokens x topk / experts) tokens, the rest dropped;
+    null: dropless (every token reaches its experts)."""
+    pad_to_capacity: bool = False
+    """With capacity_factor: pad every expert's input to its capacity (fixed shapes)."""
+    token_drop_policy: Literal["probs", "position"] = "probs"
+    """With capacity_factor: drop the tokens of lowest routing probability (probs) or the latest in
+    the sequence (position)."""
+    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    """How tokens reach their experts' EP ranks: all-to-all (LLM-jp v4) or all-gather; both run on gloo."""
+    grouped_gemm: bool = False
+    """All local experts in one grouped GEMM (Transformer Engine's GroupedLinear; --moe-grouped-gemm).
+    Needs Transformer Engine on a GPU; false runs the experts one after another (SequentialMLP)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    def expert_ffn_hidden_size(self, dense_ffn_hidden_size: int) -> int:
+        return self.ffn_hidden_size or dense_ffn_hidden_size
+
+    def validate(self) -> None:
+        key = "model.moe"
+        if self.num_experts < 0:
+            raise bad_value(f"{key}.num_experts", self.num_experts, "is negative", "use 0 (dense) or a count")
+        if not self.enabled:
+            return
+        if not 1 <= self.router_topk <= self.num_experts:
+            raise bad_value(
+                f"{key}.router_topk",
+                self.router_topk,
+                f"is not within 1..num_experts={self.num_experts}",
+                "route each token to at least one and at most all experts",
+            )
+        if self.router_topk == 1 and not self.router_pre_softmax:
+            raise bad_value(
+                f"{key}.router_topk",
+                1,
+                "needs router_pre_softmax=true (a softmax over one expert has zero gradient)",
+                "set model.moe.router_pre_softmax=true",
+            )
+        for name in ("ffn_hidden_size", "shared_expert_ffn_hidden_size"):
+            value = getattr(self, name)
+            if value is not None and value < 0 or (name == "ffn_hidden_size" and value == 0):
+                raise bad_value(f"{key}.{name}", value, "must be positive", "set a width > 0")
+        if self.shared_expert_gate and not self.shared_expert_ffn_hidden_size:
+            raise bad_value(
+                f"{key}.shared_expert_gate",
+                True,
+                "needs a shared expert (shared_expert_ffn_hidden_size=0)",
+                "set shared_expert_ffn_hidden_size or turn the gate off",
+            )
+        if self.dense_first_layers < 0:
+            raise bad_value(
+                f"{key}.dense_first_layers", self.dense_first_layers, "is negative", "use 0 or more"
+            )
+        if self.aux_loss_coeff < 0 or self.z_loss_coeff < 0:
+            raise ConfigError(f"{key}.aux_loss_coeff and {key}.z_loss_coeff must be >= 0; fix them")
+        if self.load_balancing == "none" and self.aux_loss_coeff:
+            raise bad_value(
+                f"{key}.aux_loss_coeff",
+                self.aux_loss_coeff,
+                "is ignored with load_balancing=none",
+                "set it to 0 or choose load_balancing=aux_loss",
+            )
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise bad_value(
+                f"{key}.capacity_factor",
+                self.capacity_factor,
+                "must be > 0",
+                "use e.g. 1.25, or null (dropless)",
+            )
+        if self.pad_to_capacity and self.capacity_factor is None:
+            raise bad_value(
+                f"{key}.pad_to_capacity",
+                True,
+                "needs capacity_factor (a dropless MoE has no capacity)",
+                "set model.moe.capacity_factor or turn pad_to_capacity off",
+            )
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """Llama-family decoder: RMSNorm, SwiGLU, RoPE (optionally scaled), optional GQA, QKV bias (Qwen2),
     per-head q/k RMSNorm (Qwen3) and tied embeddings; no other biases."""
@@ -129,9 +243,10 @@ class ModelConfig:
     (keep only each layer's input and recompute the layer: ~1/3 more compute for far less memory)."""
     recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
     """With recompute=selective: the parts of each layer recomputed, in Megatron's names (its
-    --recompute-modules): core_attn (the attention softmax/context) and mlp (the whole MLP). Megatron's
+    --recompute-modules): core_attn (the attention softmax/context), mlp (the whole dense MLP) and, with
+    model.moe, moe (the whole MoE layer). Megatron's
     layernorm is refused (Transformer Engine fuses the norms into the next GEMM, so there is nothing to
-    recompute, and Megatron's norm checkpoint needs TE), as are its MoE and MLA names."""
+    recompute, and Megatron's norm checkpoint needs TE), as are its other MoE and MLA names."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """Layer implementation: Transformer Engine (fused kernels, FP8) or Megatron-Core's local modules
     (with this repo's SDPA attention and sequence/context-parallel support); auto picks TE when it is
@@ -139,6 +254,8 @@ class ModelConfig:
     local_attention: Literal["sdpa", "unfused"] = "sdpa"
     """Core attention of the local implementation: torch scaled_dot_product_attention (flash/efficient
     kernels, fast on a GPU without TE) or Megatron's unfused softmax attention."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture of experts (docs/moe.md); absent or num_experts 0: every layer has a dense MLP."""
 
     @property
     def head_dim(self) -> int:
@@ -191,6 +308,13 @@ class ModelConfig:
         if self.init_method_std <= 0 or self.norm_epsilon <= 0:
             raise ConfigError("model.init_method_std and model.norm_epsilon must be positive; fix them")
         self.rope_scaling.validate()
+        if self.moe.enabled and self.moe.dense_first_layers >= self.num_layers:
+            raise bad_value(
+                "model.moe.dense_first_layers",
+                self.moe.dense_first_layers,
+                f"leaves no MoE layer of model.num_layers={self.num_layers}",
+                f"use at most {self.num_layers - 1} (num_experts=0 makes the model dense)",
+            )
         self._validate_recompute()
         family = self.family
         needs = {
@@ -211,15 +335,19 @@ class ModelConfig:
 
     RECOMPUTE_MODULES: ClassVar[tuple[str, ...]] = ("core_attn", "mlp")
     """Megatron's selective-recompute module names that apply to a dense Llama layer."""
+    MOE_RECOMPUTE_MODULES: ClassVar[tuple[str, ...]] = ("moe",)
+    """...and to an MoE layer: moe recomputes the whole MoELayer (router, dispatch, experts)."""
 
     def _validate_recompute(self) -> None:
-        unknown = [name for name in self.recompute_modules if name not in self.RECOMPUTE_MODULES]
+        allowed = self.RECOMPUTE_MODULES + (self.MOE_RECOMPUTE_MODULES if self.moe.enabled else ())
+        unknown = [name for name in self.recompute_modules if name not in allowed]
         if unknown:
+            layer = "this model's layers do" if self.moe.enabled else "a dense Llama layer does"
             raise bad_value(
                 "model.recompute_modules",
                 self.recompute_modules,
-                f"names {unknown}, which a dense Llama layer does not have",
-                f"choose from {list(self.RECOMPUTE_MODULES)}",
+                f"names {unknown}, which {layer} not have",
+                f"choose from {list(allowed)}",
             )
         if self.recompute == "selective" and not self.recompute_modules:
             raise bad_value(
@@ -235,6 +363,13 @@ class ModelConfig:
                 f"is used only with model.recompute=selective (it is {self.recompute})",
                 "set model.recompute=selective or leave recompute_modules at its default",
             )
+
+    @property
+    def moe_layer_flags(self) -> list[bool]:
+        """True for each layer (0-based) whose MLP is a mixture of experts: all but the first
+        moe.dense_first_layers when moe.num_experts > 0, none otherwise."""
+        moe = self.moe
+        return [moe.enabled and index >= moe.dense_first_layers for index in range(self.num_layers)]
 
     @property
     def context_length(self) -> int:
@@ -277,9 +412,25 @@ class ParallelismConfig:
     overlap_p2p_comm: bool | None = None
     """Overlap pipeline send/receive with compute (interleaved 1F1B only); null: Megatron-LM's default,
     on with virtual_pipeline_model_parallel_size > 1, off otherwise."""
+    expert_model_parallel_size: int = 1
+    """Expert parallel size (EP): each MoE layer's experts are split over EP ranks, which exchange
+    tokens (model.moe.token_dispatcher). Must divide model.moe.num_experts."""
+    expert_tensor_parallel_size: int | None = None
+    """Tensor parallel size inside each expert (ETP); null: tensor_model_parallel_size (Megatron-LM's
+    default). EP x ETP x PP must divide the world size."""
+
+    @property
+    def expert_tp(self) -> int:
+        """The expert tensor-parallel size in effect."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
 
     def validate(self) -> None:
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        for name in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "context_parallel_size",
+            "expert_model_parallel_size",
+        ):
             if getattr(self, name) < 1:
                 raise bad_value(f"parallelism.{name}", getattr(self, name), "must be >= 1", "set 1 or more")
         vpp = self.virtual_pipeline_model_parallel_size
@@ -963,6 +1114,25 @@ class TrainConfig:
                 "needs a GPU",
                 "use local (or auto) with runtime.device=cpu",
             )
+        tp = par.tensor_model_parallel_size
+        if model.moe.enabled and tp > 1 and not par.sequence_parallel:
+            # training only: evaluation runs an MoE under TP without it (pretrain.evaluate)
+            raise ConfigError(
+                f"model.moe with tensor_model_parallel_size={tp} needs parallelism.sequence_parallel=true "
+                "(Megatron-Core refuses to train an MoE under TP without it); set it"
+            )
+        if (
+            model.moe.enabled
+            and model.moe.grouped_gemm
+            and (self.runtime.device == "cpu" or model.transformer_impl == "local")
+        ):
+            raise bad_value(
+                "model.moe.grouped_gemm",
+                True,
+                f"needs Transformer Engine on a GPU (runtime.device={self.runtime.device}, "
+                f"model.transformer_impl={model.transformer_impl})",
+                "set model.moe.grouped_gemm=false (experts run one after another)",
+            )
         prec = self.precision
         if prec.fp8 is not None and self.runtime.device == "cpu":
             raise bad_value(
@@ -1046,6 +1216,7 @@ def check_model_fits_layout(model: ModelConfig, par: ParallelismConfig) -> None:
             f"virtual_pipeline_model_parallel_size = {pp} x {vpp}; choose a layer count that is a multiple of "
             f"{pp * vpp} or change PP/VPP"
         )
+    check_experts_fit_layout(model, par)
     seq = model.seq_length
     cp = par.context_parallel_size
     if cp > 1 and seq % (2 * cp):
@@ -1057,6 +1228,41 @@ def check_model_fits_layout(model: ModelConfig, par: ParallelismConfig) -> None:
         raise ConfigError(
             f"model.seq_length={seq} / CP={cp} is not divisible by TP={tp} as sequence parallel "
             "needs; change the sequence length or TP"
+        )
+
+
+def check_experts_fit_layout(model: ModelConfig, par: ParallelismConfig) -> None:
+    """Rules between the mixture of experts (model.moe) and EP/ETP/TP that hold whatever the world size."""
+    moe = model.moe
+    ep, etp, tp = par.expert_model_parallel_size, par.expert_tp, par.tensor_model_parallel_size
+    if par.expert_tensor_parallel_size is not None and par.expert_tensor_parallel_size < 1:
+        raise ConfigError(
+            f"parallelism.expert_tensor_parallel_size={par.expert_tensor_parallel_size} must be >= 1; "
+            "set a size or null (= tensor_model_parallel_size)"
+        )
+    if not moe.enabled:
+        if ep > 1 or par.expert_tensor_parallel_size not in (None, tp):
+            raise ConfigError(
+                f"parallelism.expert_model_parallel_size={ep} / expert_tensor_parallel_size="
+                f"{par.expert_tensor_parallel_size} need experts, but model.moe.num_experts=0; set "
+                "model.moe.num_experts or leave EP at 1 and ETP null"
+            )
+        return
+    if moe.num_experts % ep:
+        raise ConfigError(
+            f"parallelism.expert_model_parallel_size={ep} does not divide model.moe.num_experts="
+            f"{moe.num_experts}; choose an EP that divides the number of experts"
+        )
+    expert_ffn = moe.expert_ffn_hidden_size(model.ffn_hidden_size)
+    if expert_ffn % etp:
+        raise ConfigError(
+            f"model.moe.ffn_hidden_size={expert_ffn} is not divisible by the expert tensor-parallel size "
+            f"{etp}; choose a multiple of {etp} or change parallelism.expert_tensor_parallel_size"
+        )
+    if moe.shared_expert_ffn_hidden_size % tp:
+        raise ConfigError(
+            f"model.moe.shared_expert_ffn_hidden_size={moe.shared_expert_ffn_hidden_size} is not "
+            f"divisible by tensor_model_parallel_size={tp}; choose a multiple of {tp}"
         )
 
 

@@ -8,7 +8,10 @@ device-agnostic. This module makes those calls land on the CPU:
 * a `TorchFunctionMode` rewrites every cuda device argument (strings, `torch.device`, bare ordinals) to
   `cpu`, turns `Tensor.cuda()` into a no-op and reports CPU float tensors with their CUDA type name;
 * `torch.cuda.current_device/synchronize/current_stream/Stream/Event/...` become harmless stand-ins;
-* custom autograd backward functions run inside the same mode (the autograd engine drops it).
+* custom autograd backward functions run inside the same mode (the autograd engine drops it);
+* the MoE all-to-all token dispatcher's split sizes, left as CPU tensors, are passed as lists, and
+  its gathers and reduce-scatters of uneven pieces over expert-TP ranks, which gloo lacks, are
+  done with a padded all-gather and an all-reduce.
 
 `activate()` is called by the trainer only when `runtime.device == "cpu"` (tests, the quickstart) and
 never on GPU runs; nothing here is imported by the GPU path. Dropout is zero in every recipe we run on
@@ -55,10 +58,53 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = _to_cpu_device(kwargs["device"])
         if kwargs.get("pin_memory"):  # page-locking needs a CUDA driver (CP's rotary slicing asks for it)
             kwargs["pin_memory"] = False
+        if func is torch.distributed.all_to_all_single:
+            # The MoE all-to-all dispatcher moves its split sizes to the host only when they are on
+            # a GPU (moe_utils.maybe_move_tensor_to_cpu), so on CPU they arrive as tensors, which
+            # the process group's binding refuses: give it the lists it takes.
+            for key in ("output_split_sizes", "input_split_sizes"):
+                if isinstance(kwargs.get(key), torch.Tensor):
+                    kwargs[key] = kwargs[key].tolist()
+        if func is torch.distributed.all_gather:
+            return _all_gather_uneven(*args, **kwargs)
+        if func is torch.distributed.reduce_scatter:
+            return _reduce_scatter_by_all_reduce(*args, **kwargs)
         if func is torch.Tensor.to and len(args) > 1:
             # Only .to() takes a device positionally; other methods' positional ints are sizes.
             args = (args[0], *(_to_cpu_device(a) for a in args[1:]))
         return func(*args, **kwargs)
+
+
+def _all_gather_uneven(tensor_list, tensor, group=None, async_op=False):
+    """torch.distributed.all_gather that also takes pieces of different lengths along dim 0, which gloo
+    refuses (the MoE dispatcher gathers each rank's routed tokens over expert-TP ranks): gather
+    copies padded to the longest piece, then keep each rank's rows."""
+    import torch.distributed as dist
+
+    lengths = [piece.shape[0] for piece in tensor_list]
+    if len(set(lengths)) == 1:
+        return dist.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+    longest = max(lengths)
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in tensor_list]
+    dist.all_gather(gathered, padded, group=group)
+    for piece, full, length in zip(tensor_list, gathered, lengths):
+        piece.copy_(full[:length])
+    return None
+
+
+def _reduce_scatter_by_all_reduce(output, input_list, op=None, group=None, async_op=False):
+    """torch.distributed.reduce_scatter (the list form, with pieces of any lengths), which gloo lacks:
+    all-reduce the concatenated pieces and keep this rank's (the backward of the gather above)."""
+    import torch.distributed as dist
+
+    whole = torch.cat([piece.reshape(piece.shape[0], -1) for piece in input_list])
+    dist.all_reduce(whole, op=op or dist.ReduceOp.SUM, group=group)
+    rank = dist.get_rank(group)
+    start = sum(piece.shape[0] for piece in input_list[:rank])
+    output.copy_(whole[start : start + input_list[rank].shape[0]].reshape(output.shape))
+    return None
 
 
 class _NoStream:

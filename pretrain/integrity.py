@@ -36,6 +36,14 @@ SHAPE_KEYS = (
     "num_query_groups",
     "kv_channels",
 )
+MOE_SHAPE_KEYS = (
+    "num_experts",
+    "ffn_hidden_size",
+    "shared_expert_ffn_hidden_size",
+    "shared_expert_gate",
+    "dense_first_layers",
+)
+"""model.moe settings that change the tensors (its router and loss settings do not)."""
 
 
 def check_resume(
@@ -54,6 +62,13 @@ def check_resume(
         for k in SHAPE_KEYS
         if saved_model.get(k, now_model[k]) != now_model[k]
     ]
+    saved_moe, now_moe = saved_model.get("moe") or {"num_experts": 0}, now_model["moe"]
+    if saved_moe.get("num_experts", 0) or now_moe["num_experts"]:  # a dense run saved no moe section
+        diffs += [
+            f"model.moe.{k} {saved_moe.get(k)} -> {now_moe[k]}"
+            for k in MOE_SHAPE_KEYS
+            if saved_moe.get(k, now_moe[k]) != now_moe[k]
+        ]
     if meta.get("padded_vocab_size") not in (None, padded_vocab):
         diffs.append(f"padded vocabulary {meta['padded_vocab_size']} -> {padded_vocab}")
     if diffs:
@@ -61,6 +76,7 @@ def check_resume(
             f"{folder} holds another model shape ({'; '.join(diffs)}); resume with the checkpoint's model "
             f"settings (its {config_file.name}) or start a new run (new checkpoint.dir)"
         )
+    check_expert_layout(meta, folder, config)
     saved = meta.get("data_fingerprint")
     if saved is None and branch:  # a source older than fingerprints: only its tokenizer can be compared
         saved = {"tokenizer_sha256": (meta.get("tokenizer") or {}).get("sha256")}
@@ -111,6 +127,23 @@ def check_resume(
             "checkpoint.allow_data_change=true: later samples differ from an uninterrupted run"
         )
     return notes
+
+
+def check_expert_layout(meta: dict, folder: Path, config) -> None:
+    """Megatron keeps the optimizer state of an MoE as two optimizers (dense parameters and experts,
+    saved as chained_0 and chained_1) only when EP > 1, and as one at EP = 1, so the optimizer state
+    does not load across that boundary; the weights do (checkpoint.pretrained, evaluation)."""
+    if not config.model.moe.enabled:
+        return
+    saved_ep = (meta.get("layout") or {}).get("ep", 1)
+    now_ep = config.parallelism.expert_model_parallel_size
+    if (saved_ep > 1) != (now_ep > 1):
+        raise ConfigError(
+            f"{folder} was saved at expert_model_parallel_size={saved_ep}, whose optimizer state does not "
+            f"load at {now_ep} (Megatron splits the optimizer into dense and expert parts only at EP > 1); "
+            f"use parallelism.expert_model_parallel_size={'1' if saved_ep == 1 else 'of 2 or more'}, or "
+            "start from its weights alone (checkpoint.pretrained)"
+        )
 
 
 SCHEDULE_KEYS = (
@@ -238,7 +271,7 @@ def state_tensors(model_chunks, optimizer) -> list[tuple[str, torch.Tensor]]:
     return list(named.values())
 
 
-def _is_finite(tensor: torch.Tensor) -> torch.Tensor:
+def is_finite(tensor: torch.Tensor) -> torch.Tensor:
     """Whether every element is finite, as a 0-dim bool: min and max in one read-only pass (NaN
     propagates to both, Inf shows in one); on CPU ~30x faster than isfinite(t).all(), which
     materialises a mask as large as the tensor."""
@@ -254,7 +287,7 @@ def count_nonfinite(model_chunks, optimizer, device: torch.device) -> tuple[int,
     named = state_tensors(model_chunks, optimizer)
     with torch.no_grad():
         finite = (
-            torch.stack([_is_finite(t).to(device) for _, t in named])
+            torch.stack([is_finite(t).to(device) for _, t in named])
             if named
             else torch.ones(0, dtype=torch.bool)
         )

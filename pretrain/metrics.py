@@ -5,7 +5,8 @@ Megatron-LM and the PaLM paper do, so figures are comparable with theirs):
 
     forward = L * [ 2*h*(q + 2*kv)        QKV projections   (q = heads*head_dim, kv = groups*head_dim)
                   + 2*q*h                 output projection
-                  + 3 * 2*h*f             SwiGLU: gate, up, down
+                  + 3 * 2*h*f             SwiGLU: gate, up, down (an MoE layer: 2*h*E for the router
+                                          + 3 * 2*h*(k*f_e + f_s) for k experts and the shared one)
                   + 2 * 2*s*q ]           scores QK^T and context AV
               + 2*h*V                     logits (V = padded vocabulary)
     training = 3 * forward                backward costs twice the forward
@@ -31,11 +32,17 @@ log = stage_logger(None)
 
 
 def training_flops_per_token(m: ModelConfig, padded_vocab_size: int) -> float:
-    h, f, s, layers = m.hidden_size, m.ffn_hidden_size, m.seq_length, m.num_layers
+    h, f, s = m.hidden_size, m.ffn_hidden_size, m.seq_length
     q = m.num_attention_heads * m.head_dim
     kv = m.query_groups * m.head_dim
-    per_layer = 2 * h * (q + 2 * kv) + 2 * q * h + 3 * 2 * h * f + 2 * 2 * s * q
-    forward = layers * per_layer + 2 * h * padded_vocab_size
+    attention = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 2 * s * q
+    moe = m.moe
+    # an MoE layer: the router, top-k experts' SwiGLUs and the shared expert (active parameters only)
+    sparse = 2 * h * moe.num_experts + 3 * 2 * h * (
+        moe.router_topk * moe.expert_ffn_hidden_size(f) + moe.shared_expert_ffn_hidden_size
+    )
+    mlp = sum(sparse if flag else 3 * 2 * h * f for flag in m.moe_layer_flags)
+    forward = m.num_layers * attention + mlp + 2 * h * padded_vocab_size
     return 3.0 * forward
 
 
@@ -135,6 +142,9 @@ def format_line(step: int, values: dict[str, Any]) -> str:
         "val_loss": "val_loss {:.4f}",
         "lr": "lr {:.3e}",
         "grad_norm": "grad_norm {:.3f}",
+        "moe_aux_loss": "aux {:.4f}",
+        "moe_z_loss": "router_z {:.4f}",
+        "moe_max_load": "busiest expert {:.2f}x mean",
         "tokens_per_s": "{:,.0f} tok/s",
         "tflops_per_gpu": "{:.1f} TFLOP/s/GPU",
         "mfu": "MFU {:.1%}",

@@ -23,6 +23,7 @@ import hashlib
 import importlib.util
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,9 +35,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from kumihimo.core.errors import UserError
 from kumihimo.core.logs import stage_logger
+from kumihimo.pretrain import moe
 from kumihimo.pretrain.rope import attention_softmax_scale, rope_inv_freq
 
 if TYPE_CHECKING:
@@ -519,17 +522,27 @@ def transformer_config(
         deterministic_mode=config.runtime.deterministic,
         **_recompute_fields(config),
         **_overlap_fields(config, layout),
+        **moe.transformer_fields(model, config.parallelism),
     )
 
 
-def layer_spec(config: TrainConfig):
+def layer_spec(config: TrainConfig, num_experts: int | None = None):
+    """One decoder layer: a dense SwiGLU MLP, or an MoELayer of `num_experts` experts."""
     impl = resolve_transformer_impl(config)
+    grouped_gemm = num_experts is not None and config.model.moe.grouped_gemm
     if impl == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.model.qk_layernorm)
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=grouped_gemm, qk_layernorm=config.model.qk_layernorm
+        )
     # normalization= is required: without it the local spec silently builds LayerNorm.
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.model.qk_layernorm)
+    spec = get_gpt_layer_local_spec(
+        num_experts=num_experts,
+        moe_grouped_gemm=grouped_gemm,
+        normalization="RMSNorm",
+        qk_layernorm=config.model.qk_layernorm,
+    )
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
     if config.model.qk_layernorm:  # per head: Megatron builds them with hidden_size=head_dim
@@ -541,20 +554,34 @@ def layer_spec(config: TrainConfig):
 
 
 def block_spec(config: TrainConfig, tconfig: TransformerConfig, vp_stage: int | None):
-    """The decoder block of one model chunk: the layer spec, plus our RMSNorm as the final norm for the
-    local spec (Megatron would pick its torch wrapper, which refuses sequence parallelism)."""
-    spec = layer_spec(config)
-    if resolve_transformer_impl(config) == "transformer_engine":
-        return spec
-    num_layers = get_num_layers_to_build(
-        tconfig, vp_stage=vp_stage, pp_rank=parallel_state.get_pipeline_model_parallel_rank()
-    )
-    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)
+    """The decoder block of one model chunk: the layer spec (dense or MoE per layer, `pretrain.moe`),
+    plus our RMSNorm as the final norm for the local spec (Megatron would pick its torch wrapper, which
+    refuses sequence parallelism)."""
+    te = resolve_transformer_impl(config) == "transformer_engine"
+    if te and not config.model.moe.enabled:
+        return layer_spec(config)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
+    if config.model.moe.enabled:
+        first = get_transformer_layer_offset(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
+        specs = moe.decoder_layer_specs(config.model, partial(layer_spec, config), first, num_layers)
+    else:
+        specs = [layer_spec(config)] * num_layers
+    if te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TransformerBlockSubmodules(layer_specs=specs, layer_norm=TENorm)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)
 
 
 def build_model(config: TrainConfig, layout: ParallelLayout, padded_vocab_size: int) -> list[GPTModel]:
     """This rank's model chunks (one, or VPP of them with interleaved pipelining), initialised."""
     check_fp8_possible(config)
+    if config.model.moe.grouped_gemm and resolve_transformer_impl(config) != "transformer_engine":
+        raise UserError(
+            "model.moe.grouped_gemm needs Transformer Engine, which is not in use here; "
+            "pip install -e '.[te]' from the checkout on the GPU nodes or set model.moe.grouped_gemm=false"
+        )
     initialize_tp_comm_overlap(config, layout)
     tconfig = transformer_config(config, layout)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
@@ -598,7 +625,8 @@ def build_model(config: TrainConfig, layout: ParallelLayout, padded_vocab_size: 
 # Layout-independent initialisation
 # ---------------------------------------------------------------------------------------------
 
-_OUTPUT_PROJECTIONS = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+# attention and MLP output projections: the dense MLP's, each expert's and the shared expert's fc2
+_OUTPUT_PROJECTIONS = ("self_attention.linear_proj.weight", "linear_fc2.weight")
 _NORM_SUFFIXES = ("layer_norm_weight", "final_layernorm.weight", "norm.weight")
 
 
@@ -628,7 +656,8 @@ def sharded_tensors(sharded_sd):
 def init_parameters(chunk: GPTModel, config: TrainConfig) -> None:
     """Draw every global tensor from a generator seeded by (seed, name, layer) and keep this rank's slice.
 
-    Normal(0, std) weights, std / sqrt(2 * num_layers) for attention and MLP output projections,
+    Normal(0, std) weights (routers included), std / sqrt(2 * num_layers) for attention and MLP output
+    projections (every expert's too),
     ones for RMSNorm weights (q/k norms included), zeros for biases (QKV). Each rank generates the
     full tensor of its layers (on its device), which costs a transient copy of one tensor and keeps
     init identical for any TP/PP/VPP. A tied output layer on the last pipeline stage is saved under

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kumihimo.core.configtree import ConfigError
-from kumihimo.pretrain.config import TrainConfig, check_model_fits_layout
+from kumihimo.pretrain.config import ParallelismConfig, TrainConfig, check_model_fits_layout
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -18,6 +18,23 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     place this rule lives: training, `plan` and `convert from-hf` all call it."""
     multiple = divisible_by * tp
     return -(-vocab_size // multiple) * multiple
+
+
+def check_experts_fit_world(par: ParallelismConfig, world_size: int, dp: int) -> None:
+    """Megatron carves the expert groups (ETP x EP) out of the ranks of one pipeline stage, like the
+    dense TP x CP x DP groups: EP x ETP must divide TP x CP x DP. With ETP = TP and CP = 1 (the usual
+    layout) that is: EP divides the data-parallel size."""
+    ep, etp, pp = par.expert_model_parallel_size, par.expert_tp, par.pipeline_model_parallel_size
+    if ep == 1 and etp == par.tensor_model_parallel_size:
+        return
+    per_stage = world_size // pp
+    if per_stage % (ep * etp):
+        tp, cp = par.tensor_model_parallel_size, par.context_parallel_size
+        raise ConfigError(
+            f"parallelism.expert_model_parallel_size={ep} x expert_tensor_parallel_size={etp} does not "
+            f"divide TP x CP x DP = {tp} x {cp} x {dp} = {per_stage} (the ranks of one pipeline stage); "
+            f"choose an EP that divides the data-parallel size {dp} (x TP x CP / ETP), or launch more processes"
+        )
 
 
 @dataclass(frozen=True)
@@ -32,6 +49,15 @@ class ParallelLayout:
     vpp: int | None
     micro_batch_size: int
     global_batch_size: int
+    ep: int = 1
+    """Expert parallel size (1 for a dense model)."""
+    etp: int | None = None
+    """Expert tensor-parallel size; None: TP."""
+
+    @property
+    def expert_dp(self) -> int:
+        """Data-parallel replicas of each expert (Megatron's expert data-parallel size)."""
+        return self.world_size // (self.pp * self.ep * (self.etp or self.tp))
 
     @property
     def num_microbatches(self) -> int:
@@ -68,6 +94,7 @@ class ParallelLayout:
                 "schedule.global_batch_size"
             )
         check_model_fits_layout(config.model, config.parallelism)
+        check_experts_fit_world(config.parallelism, world_size, dp)
         return cls(
             world_size=world_size,
             tp=tp,
@@ -77,6 +104,8 @@ class ParallelLayout:
             vpp=vpp if vpp and vpp > 1 else None,
             micro_batch_size=sched.micro_batch_size,
             global_batch_size=sched.global_batch_size,
+            ep=par.expert_model_parallel_size,
+            etp=par.expert_tp,
         )
 
     def padded_vocab_size(self, vocab_size: int, divisible_by: int) -> int:
@@ -84,8 +113,13 @@ class ParallelLayout:
 
     def describe(self) -> str:
         vpp = f" VPP={self.vpp}" if self.vpp else ""
+        experts = (
+            f" EP={self.ep} ETP={self.etp or self.tp}"
+            if self.ep > 1 or (self.etp or self.tp) != self.tp
+            else ""
+        )
         return (
-            f"world={self.world_size}: TP={self.tp} PP={self.pp}{vpp} CP={self.cp} DP={self.dp}; "
+            f"world={self.world_size}: TP={self.tp} PP={self.pp}{vpp} CP={self.cp} DP={self.dp}{experts}; "
             f"micro-batch {self.micro_batch_size}, global batch {self.global_batch_size} "
             f"({self.num_microbatches} micro-batches per step per DP rank)"
         )

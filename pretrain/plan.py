@@ -4,9 +4,12 @@ Counted per GPU of the most loaded pipeline stage (the first stage holds the emb
 the most micro-batches in flight; the last holds the output layer and the logits):
 
 * parameters: exact counts of this repo's Llama layout (checked against built models in the tests);
+  an MoE layer (model.moe) holds its router, experts / EP experts split over expert TP, and the
+  shared expert split over TP;
 * weights + gradients + optimizer states, Megatron mixed precision: bf16 weights (2 B/param), fp32
   gradients (4 B, or 2 B without grad_reduce_in_fp32), and fp32 main weights + Adam m + v (12 B) which
-  the distributed optimizer splits over DP. fp32 runs: 4 B weights, 4 B gradients, 8 B Adam states;
+  the distributed optimizer splits over DP (expert parameters' over expert DP = world / (PP x EP x
+  ETP)). fp32 runs: 4 B weights, 4 B gradients, 8 B Adam states;
 * activations saved for the backward pass, per layer and micro-batch, in the parameter dtype
   (e bytes), counted per token (x s*b tokens, s = seq / CP); t = TP, sp = t with sequence
   parallelism (norm inputs/outputs are split too) or 1 without:
@@ -19,7 +22,9 @@ the most micro-batches in flight; the last holds the output layer and the logits
     RMSNorm keeps its input, the normalised value and its output (3h) and an fp32 1/rms; attention keeps
     the fused QKV output (V is a view of it), rotated Q and K, the context and a per-head log-sum-exp
     (a heads); the MLP keeps the fused gate/up output (2f), the SiLU output, the product and the fc2
-    input; RoPE keeps fp32 cos/sin for Q and K. Context parallelism on the local path also keeps the
+    input; RoPE keeps fp32 cos/sin for Q and K; q/k norms keep a copy of Q, the normalised Q and K and
+    an fp32 1/rms per head. An MoE layer's MLP keeps its router's outputs and, per routed row, the
+    permuted token and the expert's SwiGLU tensors (`moe_activation_bytes`). Context parallelism on the local path also keeps the
     gathered keys and values: + 2kv (CP - 1) / t (an estimate).
   With full recompute only the layer input (e*s*b*h / sp) stays per layer, plus one layer's working set.
   Selective recompute drops what the recomputed modules keep inside: mlp the MLP's (3f / t with TE,
@@ -53,6 +58,8 @@ class Plan:
     padded_vocab: int
     total_params: int
     params_per_gpu: int
+    expert_params_per_gpu: int
+    """Of params_per_gpu, the experts' (0 for a dense model)."""
     weights_gb: float
     grads_gb: float
     optimizer_gb: float
@@ -93,23 +100,56 @@ class ActivationSizes:
 
 
 def layer_params(m: ModelConfig) -> int:
+    """Parameters of one dense layer of the whole model (all TP ranks)."""
     h, f = m.hidden_size, m.ffn_hidden_size
     q, kv = m.num_attention_heads * m.head_dim, m.query_groups * m.head_dim
     return h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h  # QKV, proj, fc1 (gate+up), fc2, two RMSNorms
 
 
+def stage_layers(m: ModelConfig, layout: ParallelLayout, stage: int) -> list[int]:
+    """Global indices of the layers pipeline stage `stage` holds (all its model chunks)."""
+    num_layers, vpp = m.num_layers, layout.vpp or 1
+    per_chunk = num_layers // (layout.pp * vpp)
+    first_layers = [(chunk * layout.pp + stage) * per_chunk for chunk in range(vpp)]
+    return [first + i for first in first_layers for i in range(per_chunk)]
+
+
+def mlp_params(m: ModelConfig, layout: ParallelLayout, moe_layer: bool) -> tuple[int, int]:
+    """(parameters sharded like the dense model, expert parameters) of one layer's MLP on one GPU.
+
+    An MoE layer holds a router (experts x hidden, whole on every TP rank), its share of the experts
+    (experts / EP of them, each a SwiGLU of moe.ffn_hidden_size split over expert-TP) and the shared
+    expert (split over TP) with its gate."""
+    h = m.hidden_size
+    if not moe_layer:
+        return 3 * h * m.ffn_hidden_size // layout.tp, 0
+    moe = m.moe
+    etp = layout.etp or layout.tp
+    experts = moe.num_experts // layout.ep * 3 * h * moe.expert_ffn_hidden_size(m.ffn_hidden_size) // etp
+    shared = 3 * h * moe.shared_expert_ffn_hidden_size // layout.tp + (h if moe.shared_expert_gate else 0)
+    return moe.num_experts * h + shared, experts
+
+
+def stage_expert_params(m: ModelConfig, layout: ParallelLayout, stage: int) -> int:
+    """Expert parameters on one GPU of pipeline stage `stage` (their gradients are reduced, and the
+    distributed optimizer shards their states, over the expert data-parallel ranks, not DP)."""
+    flags = m.moe_layer_flags
+    return sum(mlp_params(m, layout, flags[i])[1] for i in stage_layers(m, layout, stage))
+
+
 def stage_params(m: ModelConfig, layout: ParallelLayout, padded_vocab: int, stage: int) -> int:
-    """Parameters on one GPU (one TP rank) of pipeline stage `stage`."""
-    h, f = m.hidden_size, m.ffn_hidden_size
+    """Parameters on one GPU (one TP rank) of pipeline stage `stage`, experts included."""
+    h = m.hidden_size
     q, kv = m.num_attention_heads * m.head_dim, m.query_groups * m.head_dim
     # KV heads are replicated when there are fewer query groups than TP ranks.
     kv_per_rank = kv * max(1, layout.tp // m.query_groups) // layout.tp
-    per_layer = h * (q // layout.tp + 2 * kv_per_rank) + (q // layout.tp) * h + 3 * h * f // layout.tp + 2 * h
+    attention = h * (q // layout.tp + 2 * kv_per_rank) + (q // layout.tp) * h + 2 * h
     if m.add_qkv_bias:
-        per_layer += q // layout.tp + 2 * kv_per_rank
+        attention += q // layout.tp + 2 * kv_per_rank
     if m.qk_layernorm:
-        per_layer += 2 * m.head_dim
-    count = per_layer * m.num_layers // layout.pp
+        attention += 2 * m.head_dim
+    flags = m.moe_layer_flags
+    count = sum(attention + sum(mlp_params(m, layout, flags[i])) for i in stage_layers(m, layout, stage))
     if stage == 0:
         count += padded_vocab * h // layout.tp
     if stage == layout.pp - 1:
@@ -118,6 +158,14 @@ def stage_params(m: ModelConfig, layout: ParallelLayout, padded_vocab: int, stag
         if not (m.tie_word_embeddings and layout.pp == 1):
             count += padded_vocab * h // layout.tp
     return count
+
+
+def model_params(m: ModelConfig, padded_vocab: int) -> int:
+    """Parameters of the whole model (every expert once): one GPU's count at a layout of one GPU."""
+    whole = ParallelLayout(
+        world_size=1, tp=1, pp=1, cp=1, dp=1, vpp=None, micro_batch_size=1, global_batch_size=1, ep=1, etp=1
+    )
+    return stage_params(m, whole, padded_vocab, 0)
 
 
 def param_dtype_bytes(precision: PrecisionConfig) -> int:
@@ -132,7 +180,7 @@ def uses_transformer_engine(model: ModelConfig, device: str) -> bool:
 
 
 def activation_bytes_per_layer(
-    m: ModelConfig, layout: ParallelLayout, recompute: str, sizes: ActivationSizes
+    m: ModelConfig, layout: ParallelLayout, recompute: str, sizes: ActivationSizes, moe_layer: bool = False
 ) -> float:
     """Bytes one layer keeps for backward for one micro-batch on one GPU (see the module docstring)."""
     s, b, h, f = m.seq_length // layout.cp, layout.micro_batch_size, m.hidden_size, m.ffn_hidden_size
@@ -143,14 +191,73 @@ def activation_bytes_per_layer(
     if recompute == "full":
         return e * tokens * h / sp
     recomputed = set(m.recompute_modules) if recompute == "selective" else set()
-    mlp = 0 if "mlp" in recomputed else 1
-    if sizes.transformer_engine:
-        return e * tokens * (4 * h / sp + (2 * q + 2 * kv + 3 * f * mlp) / t)
-    per_token = e * (6 * h / sp + (3 * q + 3 * kv + 5 * f * mlp + 2 * kv * (layout.cp - 1)) / t)
+    # an MoE layer's MLP is counted by moe_activation_bytes (Megatron's selective "mlp" is the dense MLP)
+    mlp = 0 if "mlp" in recomputed or moe_layer else 1
+    te = sizes.transformer_engine
+    # selective "moe" recompute keeps only the MoE layer's input (the pre-MLP norm's output, counted)
+    experts = moe_activation_bytes(m, layout, sizes) if moe_layer and "moe" not in recomputed else 0.0
+    # q/k RMSNorm (Qwen3): a copy of Q and the normalised Q and K, and an fp32 1/rms per head
+    qk_norm = (e * (2 * q + kv) + 4 * (m.num_attention_heads + m.query_groups)) / t if m.qk_layernorm else 0
+    if te:
+        return e * tokens * (4 * h / sp + (2 * q + 2 * kv + 3 * f * mlp) / t) + tokens * qk_norm + experts
+    per_token = e * (6 * h / sp + (3 * q + 3 * kv + 5 * f * mlp + 2 * kv * (layout.cp - 1)) / t) + qk_norm
     per_token += 4 * 2 / sp  # fp32 1/rms of two norms
     if "core_attn" not in recomputed:
         per_token += 4 * m.num_attention_heads / t  # SDPA's fp32 log-sum-exp
-    return tokens * per_token + 4 * 4 * m.seq_length * m.head_dim // layout.cp  # RoPE cos/sin
+    return tokens * per_token + 4 * 4 * m.seq_length * m.head_dim // layout.cp + experts  # RoPE cos/sin
+
+
+def moe_activation_bytes(m: ModelConfig, layout: ParallelLayout, sizes: ActivationSizes) -> float:
+    """What an MoE layer's MLP keeps for backward for one micro-batch on one GPU, routing balanced.
+
+    The router sees this rank's T = s*b/sp tokens and keeps its top-k indices (int64) and
+    probabilities; the load-balancing loss adds the softmax scores over all E experts and a second
+    top-k, the z-loss the logits and their log-sum-exp (all in the router dtype). Each token goes to k
+    experts, so with balanced routing a rank's experts take R = T x k x ETP rows (the all-to-all
+    sends tokens between EP ranks; expert-TP ranks all see their group's tokens). They keep the
+    permuted tokens (h per row), the routing probability (fp32) and, per row, what a dense SwiGLU keeps plus the activation scaled by the probability:
+    6 x f_e / ETP locally (4 x f_e / ETP with TE's grouped GEMM, an estimate); permuting this rank's
+    T x k (token, expert) pairs keeps 24 bytes of indices per pair. The shared expert keeps a dense SwiGLU's share for every token (f_s / TP), its
+    gate the shared output and the sigmoid. Measured on the local layers with the all-to-all
+    dispatcher (tests/test_pretrain_memory.py); the all-gather dispatcher's gathered tokens and the
+    TE figures are estimates.
+    """
+    moe, te = m.moe, sizes.transformer_engine
+    e = sizes.dtype_bytes
+    r = 4 if moe.router_dtype == "fp32" else e
+    sp = layout.tp if sizes.sequence_parallel else 1
+    etp = layout.etp or layout.tp
+    tokens = m.seq_length // layout.cp * layout.micro_batch_size / sp
+    k, num_experts, h = moe.router_topk, moe.num_experts, m.hidden_size
+    total = tokens * k * (8 + r)  # top-k indices and probabilities
+    if moe.aux_loss_coeff and moe.load_balancing != "none":
+        total += tokens * (num_experts * r + 8 * k) + 8 * num_experts
+    if moe.z_loss_coeff:
+        total += tokens * (num_experts + 1) * r
+    rows = tokens * k * etp
+    if moe.token_dispatcher == "allgather":  # every EP rank gathers its group's tokens and routing
+        rows_seen = tokens * layout.ep * etp
+        total += rows_seen * (e * h + k * (8 + r))
+    expert_ffn = moe.expert_ffn_hidden_size(m.ffn_hidden_size)
+    per_row = (4 if te and moe.grouped_gemm else 6) * expert_ffn / etp
+    total += rows * (e * h + e * per_row + 4) + 24 * tokens * k  # indices of the local permutation
+    shared = moe.shared_expert_ffn_hidden_size
+    if shared:
+        total += e * tokens * sp * (3 if te else 5) * shared / layout.tp
+        if moe.shared_expert_gate:
+            total += e * tokens * (h + 1)
+    return total
+
+
+def stage_activation_bytes(
+    m: ModelConfig, layout: ParallelLayout, recompute: str, sizes: ActivationSizes, stage: int
+) -> float:
+    """Saved-for-backward bytes of the layers of pipeline stage `stage`, one micro-batch."""
+    flags = m.moe_layer_flags
+    return sum(
+        activation_bytes_per_layer(m, layout, recompute, sizes, flags[i])
+        for i in stage_layers(m, layout, stage)
+    )
 
 
 def microbatch_activation_bytes(
@@ -161,7 +268,7 @@ def microbatch_activation_bytes(
     tokens = m.seq_length // layout.cp * layout.micro_batch_size
     sp = layout.tp if sizes.sequence_parallel else 1
     e = sizes.dtype_bytes
-    total = activation_bytes_per_layer(m, layout, m.recompute, sizes) * (m.num_layers // layout.pp)
+    total = stage_activation_bytes(m, layout, m.recompute, sizes, stage)
     if stage == 0:
         total += 8 * tokens  # the embedding's int64 token ids
     if stage == layout.pp - 1:
@@ -175,29 +282,40 @@ def make_plan(config: TrainConfig, world_size: int, vocab_size: int, reserve_gb:
     padded = layout.padded_vocab_size(vocab_size, config.model.make_vocab_size_divisible_by)
     per_stage = [stage_params(config.model, layout, padded, stage) for stage in range(layout.pp)]
     params = max(per_stage)
+    busiest = per_stage.index(params)
+    expert_params = stage_expert_params(config.model, layout, busiest)
     bf16 = config.precision.params_dtype == "bf16"
-    dp_split = layout.dp if config.parallelism.use_distributed_optimizer else 1
+    distributed = config.parallelism.use_distributed_optimizer
     weight_bytes = param_dtype_bytes(config.precision)
     sizes = ActivationSizes.of(config)
     grad_bytes = 4 if (config.precision.grad_reduce_in_fp32 or not bf16) else 2
-    optimizer_bytes = (12 if bf16 else 8) / dp_split
+    state_bytes = 12 if bf16 else 8
+    # the distributed optimizer shards dense states over DP and expert states over expert DP
+    optimizer = (params - expert_params) * state_bytes / (layout.dp if distributed else 1)
+    optimizer += expert_params * state_bytes / (layout.expert_dp if distributed else 1)
     m = config.model
     vpp = layout.vpp or 1
     interleave = 1 + (layout.pp - 1) / (layout.pp * vpp) if layout.vpp else 1.0
-    activations = activation_bytes_per_layer(m, layout, m.recompute, sizes) * m.num_layers * interleave
+    # 1F1B: the first stage holds PP micro-batches of its L/PP layers, i.e. all L layers' worth
+    every_layer = sum(
+        activation_bytes_per_layer(m, layout, m.recompute, sizes, moe_layer)
+        for moe_layer in m.moe_layer_flags
+    )
+    activations = every_layer * interleave
     if m.recompute == "full":  # plus one layer's full working set while it is recomputed
-        activations += activation_bytes_per_layer(m, layout, "none", sizes)
+        activations += activation_bytes_per_layer(m, layout, "none", sizes, any(m.moe_layer_flags))
     logits = 2 * 4 * m.seq_length // layout.cp * config.schedule.micro_batch_size * padded / layout.tp
     bubble = (layout.pp - 1) / (layout.num_microbatches * vpp) if layout.pp > 1 else 0.0
-    total = sum(stage_params(m, layout, padded, st) for st in range(layout.pp)) * layout.tp
+    total = model_params(m, padded)
     return Plan(
         layout=layout,
         padded_vocab=padded,
         total_params=total,
         params_per_gpu=params,
+        expert_params_per_gpu=expert_params,
         weights_gb=params * weight_bytes / GB,
         grads_gb=params * grad_bytes / GB,
-        optimizer_gb=params * optimizer_bytes / GB,
+        optimizer_gb=optimizer / GB,
         activations_gb=activations / GB,
         logits_gb=logits / GB,
         reserve_gb=reserve_gb,
@@ -210,12 +328,19 @@ def format_plan(config: TrainConfig, plan: Plan, gpu_memory_gb: float) -> str:
     rows = [
         f"{config.name}: {plan.total_params / 1e9:.2f}B parameters (vocabulary padded to {plan.padded_vocab:,})",
         f"layout: {plan.layout.describe()}",
-        f"per GPU (most loaded stage): {plan.params_per_gpu / 1e9:.3f}B parameters",
+        f"per GPU (most loaded stage): {plan.params_per_gpu / 1e9:.3f}B parameters"
+        + (
+            f" ({plan.expert_params_per_gpu / 1e9:.3f}B of them experts: {config.model.moe.num_experts} "
+            f"split over EP={plan.layout.ep}, expert TP={plan.layout.etp or plan.layout.tp})"
+            if config.model.moe.enabled
+            else ""
+        ),
         f"  weights          {plan.weights_gb:8.1f} GB",
         f"  gradients        {plan.grads_gb:8.1f} GB",
         f"  optimizer states {plan.optimizer_gb:8.1f} GB"
         + (
-            f"  (distributed over DP={plan.layout.dp})"
+            f"  (distributed over DP={plan.layout.dp}"
+            + (f", experts' over expert DP={plan.layout.expert_dp})" if config.model.moe.enabled else ")")
             if config.parallelism.use_distributed_optimizer
             else ""
         ),

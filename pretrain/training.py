@@ -43,6 +43,7 @@ from kumihimo.pretrain.loss import cross_entropy_and_z
 from kumihimo.pretrain.memory import ActivationMeter, state_bytes
 from kumihimo.pretrain.metrics import MetricsSink, StepTimer, training_flops_per_token
 from kumihimo.pretrain.model import build_model, slice_for_context_parallel
+from kumihimo.pretrain.moe import RouterStatistics
 from kumihimo.pretrain.optimizer import build_ddp_config, build_optimizer_config, build_scheduler
 from kumihimo.pretrain.parallel import ParallelLayout
 from kumihimo.pretrain.signals import (
@@ -140,6 +141,8 @@ class Trainer:
             pipeline_model_parallel_size=self.layout.pp,
             virtual_pipeline_model_parallel_size=self.layout.vpp,
             context_parallel_size=self.layout.cp,
+            expert_model_parallel_size=self.layout.ep,
+            expert_tensor_parallel_size=self.layout.etp,
         )
         seed_everything(cfg.runtime.seed)
         model_parallel_cuda_manual_seed(cfg.runtime.seed, inference_rng_tracker=cfg.runtime.device == "cpu")
@@ -179,6 +182,11 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(cfg.model, self.padded_vocab)
         self._record_parameter_counts()
         self.memory_meter: ActivationMeter | None = ActivationMeter(self.model)
+        self.router_stats = (
+            RouterStatistics(cfg.model, self.model, cfg.parallelism.sequence_parallel)
+            if cfg.model.moe.enabled
+            else None
+        )
         self.metrics = MetricsSink(cfg, self.output_dir, enabled=self.is_logger)
         self.step_timer = StepTimer(torch.cuda.synchronize if self.device.type == "cuda" else None)
         self.downstream = InLoopEvaluation.from_config(
@@ -562,6 +570,8 @@ class Trainer:
             del values["step_time_s"], values["tokens_per_s"]
         else:
             values["tokens_per_s"] = gbs * self.config.model.seq_length / elapsed
+        if self.router_stats is not None:  # load balance of the experts (every rank takes part)
+            values.update(self.router_stats.step_values(self.layout.num_microbatches))
         if self.device.type == "cuda":  # FLOP rates against a GPU peak mean nothing on CPU
             if elapsed is not None:
                 tflops = self.flops_per_token * values["tokens_per_s"] / self.info.world_size / 1e12

@@ -2,10 +2,10 @@
 
 `shrink(recipe)` keeps what selects code paths (distributed optimizer, sequence parallel, virtual
 pipeline, recompute, overlap flags, RoPE base and scaling, q/k norm, QKV bias, tied embeddings, GQA vs
-MHA, z-loss, precision, schedule style, checkpoint cadence and async saving, data masking flags) and
-shrinks only sizes: layers, width, heads, sequence, batch, step counts, and the layout to at most 4
-processes (TP, PP, CP capped at 2; DP 2 when the model-parallel group leaves room, so the distributed
-optimizer really shards). The vocabulary shrinks by training on a small tokenizer the caller gives.
+MHA, z-loss, precision, schedule style, checkpoint cadence and async saving, data masking flags, the
+MoE router and load-balancing settings) and shrinks only sizes: layers, width, heads, sequence, batch,
+step counts, experts (4, top-2) and the layout to at most 4 processes (TP, PP, CP, EP capped at 2; DP 2
+when the model-parallel group leaves room, so the distributed optimizer really shards). The vocabulary shrinks by training on a small tokenizer the caller gives.
 
 What a CPU cannot run is not swapped here silently: each `CpuSwap` is one override that `kumihimo train
 --check` must first refuse, in one line saying why, when the recipe is asked to run on CPU without it.
@@ -142,7 +142,31 @@ def cpu_swaps(config: TrainConfig) -> tuple[CpuSwap, ...]:
         swaps.append(CpuSwap("model.transformer_impl=local", "model.transformer_impl='transformer_engine'"))
     if config.precision.fp8 is not None:
         swaps.append(CpuSwap("precision.fp8=null", f"precision.fp8={config.precision.fp8!r}"))
+    if config.model.moe.enabled and config.model.moe.grouped_gemm:
+        swaps.append(CpuSwap("model.moe.grouped_gemm=false", "model.moe.grouped_gemm=True"))
     return tuple(swaps)
+
+
+def _shrunk_experts(config: TrainConfig, hidden: int, tp: int, cp: int, dp: int) -> list[str]:
+    """MoE at CPU sizes: 4 experts of the shrunk width, top-2 (top-k > 1 keeps the code path), shared
+    expert and dense first layers kept if present, EP and expert TP at most 2 where the layout holds
+    them (EP x ETP must divide TP x CP x DP)."""
+    moe, par = config.model.moe, config.parallelism
+    if not moe.enabled:
+        return []
+    etp = 1 if par.expert_tensor_parallel_size is not None else tp
+    ep = 2 if par.expert_model_parallel_size > 1 and (tp * cp * dp) % (2 * etp) == 0 else 1
+    out = [
+        "model.moe.num_experts=4",
+        f"model.moe.router_topk={min(moe.router_topk, 2)}",
+        f"model.moe.ffn_hidden_size={hidden if moe.ffn_hidden_size is not None else 'null'}",
+        f"model.moe.shared_expert_ffn_hidden_size={hidden if moe.shared_expert_ffn_hidden_size else 0}",
+        f"model.moe.dense_first_layers={min(moe.dense_first_layers, 1)}",
+        f"parallelism.expert_model_parallel_size={ep}",
+    ]
+    if par.expert_tensor_parallel_size is not None:
+        out.append("parallelism.expert_tensor_parallel_size=1")
+    return out
 
 
 def shrink(recipe: str) -> Shrunk:
@@ -195,6 +219,7 @@ def shrink(recipe: str) -> Shrunk:
     ):
         if value is not None:  # keep their ratio to the training sequence (Llama 3.1: 16 and 1)
             out.append(f"{key}={value * SEQ_LENGTH // model.seq_length}")
+    out += _shrunk_experts(config, hidden, tp, cp, dp)
     if sched.lr_decay_iters is not None:
         out.append(f"schedule.lr_decay_iters={_scaled(sched.lr_decay_iters, iters, 2)}")
     if sched.lr_wsd_decay_iters is not None:

@@ -424,3 +424,108 @@ def test_hf_tokenizer_copy_takes_the_identity_files_and_chat_template_not_weight
     assert HFTokenizer(tmp_path / "copy").sha256 == HFTokenizer(source).sha256
     with pytest.raises(UserError, match="has no tokenizer.json"):
         copy_hf_tokenizer(tmp_path / "copy" / "nothing", tmp_path / "again")
+
+
+@pytest.mark.slow  # four CLI runs (convert, tokenize, train, convert) and one evaluation
+def test_qwen3_moe_folder_to_continued_hf_folder(tmp_path):
+    """The same path for a mixture of experts: a tiny Qwen3-MoE folder (4 experts, top-2) is imported,
+    exported back bit for bit, trained two steps (router aux loss on), exported as Qwen3MoeForCausalLM,
+    and scores as the Megatron checkpoint does (`kumihimo eval`, 1e-4)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig
+
+    from kumihimo.pretrain.evaluate.hf_backend import HFBackend
+    from kumihimo.pretrain.evaluate.runner import run_tasks
+    from kumihimo.pretrain.evaluate.tasks import load_tasks
+
+    hf = tmp_path / "hf"
+    make_hf_tokenizer(hf, with_bos=False)
+    tokenizer = AutoTokenizer.from_pretrained(hf, local_files_only=True)
+    config = Qwen3MoeConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=padded_vocab_size(len(tokenizer), 128, 1),
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(
+                1.0 if param.dim() == 1 and "norm" in name else 0.0,
+                0.3 if name.endswith("gate.weight") else 0.05,
+            )
+    model.save_pretrained(hf)
+    original = weights(hf)
+
+    ckpt = tmp_path / "ckpt"
+    ok(run_cli("convert", "from-hf", "--model", str(hf), "--output", str(ckpt)))
+    back0 = tmp_path / "hf-back0"
+    ok(run_cli("convert", "to-hf", "--checkpoint", str(ckpt), "--output", str(back0), "--dtype", "fp32"))
+    assert all(torch.equal(weights(back0)[k], v) for k, v in original.items())
+
+    data = write_data_config(tmp_path / "data")
+    ok(run_cli("data", "tokenize", str(data), "--tokenizer", str(ckpt / "tokenizer")))
+    tasks = tmp_path / "tasks"
+    task_files = write_tasks(tasks)
+    run, run_ckpt = tmp_path / "run", tmp_path / "run-ckpt"
+    iter0 = ckpt / "iter_0000000"
+    ok(
+        run_cli(
+            "train",
+            str(iter0 / "run_config.yaml"),
+            "runtime.device=cpu",
+            f"data.blend_file={tmp_path / 'data' / 'out' / 'blend.yaml'}",
+            f"data.tokenizer={ckpt / 'tokenizer'}",
+            f"checkpoint.pretrained={ckpt}",
+            "model.seq_length=64",
+            "model.moe.aux_loss_coeff=0.01",
+            "schedule.train_iters=2",
+            "schedule.lr_warmup_iters=0",
+            "schedule.micro_batch_size=2",
+            "schedule.global_batch_size=2",
+            "schedule.eval_interval=0",
+            "optimizer.lr=3e-3",
+            f"output_dir={run}",
+            f"checkpoint.dir={run_ckpt}",
+            timeout=600,
+        )
+    )
+    hf_out = tmp_path / "hf-out"
+    ok(run_cli("convert", "to-hf", "--checkpoint", str(run_ckpt), "--output", str(hf_out), "--dtype", "fp32"))
+    trained = weights(hf_out)
+    assert trained.keys() == original.keys()
+    expert = "model.layers.0.mlp.experts.0.up_proj.weight"
+    assert not torch.equal(trained[expert], original[expert])  # the experts trained
+    assert json.loads((hf_out / "config.json").read_text())["architectures"] == ["Qwen3MoeForCausalLM"]
+
+    megatron_eval = tmp_path / "eval-megatron"
+    ok(
+        run_cli(
+            "eval", str(run_ckpt), "--tasks", str(tasks), "--output", str(megatron_eval), "--device", "cpu"
+        )
+    )
+    backend = HFBackend(hf_out, device="cpu")
+    theirs = {
+        r.name: r.samples for r in run_tasks(load_tasks(task_files), backend, backend.codec, batch_size=4)
+    }
+    ours = samples(megatron_eval)
+    assert ours.keys() == theirs.keys() and ours
+    compared = 0
+    for task, rows in ours.items():
+        for x, y in zip(rows, theirs[task], strict=True):
+            if "loglikelihoods" in x:
+                diffs = [abs(p - q) for p, q in zip(x["loglikelihoods"], y["loglikelihoods"], strict=True)]
+                assert max(diffs) < TOLERANCE, (task, x, y)
+                compared += len(diffs)
+    assert compared > 10

@@ -351,7 +351,7 @@ def test_finite_check_sees_nan_and_inf_in_every_float_dtype():
         ):
             tensor = torch.randn(64).to(dtype)
             tensor[9] = value
-            assert bool(integrity._is_finite(tensor)) is finite, (dtype, value)
+            assert bool(integrity.is_finite(tensor)) is finite, (dtype, value)
 
 
 # ------------------------------------------------------------------------------ 6. disk full

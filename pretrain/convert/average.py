@@ -171,33 +171,32 @@ class _AveragingSavePlanner(DefaultSavePlanner):
         chunks = plan_chunks(dims)
         readers = [source.reader for source in sources]
         self.items = [
-            write_item_for(
-                chunk, dims, readers[0].dtype(chunk.rule.megatron) if chunk.rule else torch.float32
-            )
+            write_item_for(chunk, dims, readers[0].dtype(chunk.key) if chunk.rule else torch.float32)
             for chunk in chunks
         ]
         self.chunks = {item.index: chunk for item, chunk in zip(self.items, chunks)}
         self.readers, self.weights, self.progress = readers, weights, progress
-        self._cached: tuple[tuple[str, int | None], torch.Tensor] | None = None
+        self._cached: tuple[tuple[str, tuple[int, ...]], torch.Tensor] | None = None
 
     def create_local_plan(self) -> SavePlan:
         self.plan = SavePlan(self.items)
         return self.plan
 
-    def _averaged(self, key: str, layer: int | None) -> torch.Tensor:
-        """The average of one tensor (one layer of a stacked one) in its stored dtype; kept until the
+    def _averaged(self, key: str, index: tuple[int, ...]) -> torch.Tensor:
+        """The average of one tensor (one layer, or one expert of a layer, of a stacked one: the
+        leading indices `index`) in its stored dtype; kept until the
         next tensor is asked for, as a tensor may be stored in several chunks (SwiGLU's gate and up)."""
-        if self._cached is not None and self._cached[0] == (key, layer):
+        if self._cached is not None and self._cached[0] == (key, index):
             return self._cached[1]
         self._cached = None  # free the previous tensor before reading the next
         accumulator = None
         for reader, weight in zip(self.readers, self.weights):
-            tensor = reader.read({key: (key, layer)})[key]
+            tensor = reader.read({key: (key, index)})[key]
             accumulator = _accumulate(accumulator, tensor, weight)
             del tensor
         accumulator /= float(sum(self.weights))
         averaged = accumulator.to(self.readers[0].dtype(key))
-        self._cached = ((key, layer), averaged)
+        self._cached = ((key, index), averaged)
         return averaged
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
@@ -206,11 +205,11 @@ class _AveragingSavePlanner(DefaultSavePlanner):
             self.progress.update()
         if chunk.rule is None:
             return pickled_object(chunk.payload)
-        averaged = self._averaged(chunk.rule.megatron, chunk.layer)
+        averaged = self._averaged(chunk.key, chunk.index)
         start, stop = chunk.rows
         if (start, stop) != (0, averaged.shape[0]):
             averaged = averaged[start:stop].clone()  # torch.save of a view would store the whole tensor
-        return averaged if chunk.layer is None else averaged.unsqueeze(0)
+        return averaged.view(*[1] * len(chunk.index), *averaged.shape)
 
 
 def write_average(folder: Path, sources: list[Source], weights: list[float], dims: LlamaDims) -> int:

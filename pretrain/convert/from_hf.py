@@ -61,7 +61,11 @@ from kumihimo.pretrain.convert.mapping import (
     hf_shapes,
     layer_rules,
     megatron_shape,
+    stored_index,
+    stored_key,
+    stored_shape,
 )
+from kumihimo.pretrain.integrity import is_finite
 from kumihimo.pretrain.parallel import padded_vocab_size
 
 log = stage_logger("convert")
@@ -73,8 +77,13 @@ FAMILIES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+# A mixture-of-experts family is its dense family (model.family: attention, norms, names) plus model.moe.
+MOE_FAMILIES = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
 ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3", "yarn": "yarn"}
 TOKENIZER_DIR = "tokenizer"
 
@@ -179,7 +188,7 @@ def check_supported(config: dict[str, Any]) -> str:
         ),
     }
     window, max_positions = config.get("sliding_window"), config.get("max_position_embeddings")
-    if family == "mistral" and window is not None:
+    if family in ("mistral", "mixtral") and window is not None:
         problems["sliding_window"] = (
             max_positions is None or window < max_positions,
             f"is {window}, below max_position_embeddings={max_positions}: sliding-window attention is not "
@@ -198,10 +207,60 @@ def check_supported(config: dict[str, Any]) -> str:
     )
     factor = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     problems["partial_rotary_factor"] = (factor != 1.0, f"is {factor}: only full-dimension RoPE is supported")
+    if family in MOE_FAMILIES:
+        problems.update(moe_problems(config))
     for key, (bad, why) in problems.items():
         if bad:
             raise UserError(f"config.json {key} {why}; this model cannot be converted")
     return family
+
+
+def moe_problems(config: dict[str, Any]) -> dict[str, tuple[bool, str]]:
+    """What an MoE config.json may say that the Megatron MoE layer cannot represent."""
+    family = config["model_type"]
+    problems = {
+        "decoder_sparse_step": (
+            config.get("decoder_sparse_step", 1) != 1,
+            f"is {config.get('decoder_sparse_step')}: only models whose every layer is MoE are supported",
+        ),
+        "mlp_only_layers": (
+            bool(config.get("mlp_only_layers")),
+            f"is {config.get('mlp_only_layers')}: only models whose every layer is MoE are supported",
+        ),
+        "num_experts_per_tok": (
+            not isinstance(config.get("num_experts_per_tok"), int),
+            "is missing: the number of experts per token is needed",
+        ),
+    }
+    if family == "qwen2_moe":
+        problems["shared_expert_intermediate_size"] = (
+            not config.get("shared_expert_intermediate_size"),
+            "is 0 or missing: Qwen2-MoE always has a shared expert",
+        )
+    return problems
+
+
+def moe_section(config: dict[str, Any]) -> dict[str, Any]:
+    """The model.moe section of an MoE config.json (the routing of Mixtral and Qwen*-MoE as Megatron
+    computes it: top-k then softmax over the k = norm_topk_prob; softmax then top-k unnormalised = not)."""
+    family = config["model_type"]
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    if not isinstance(experts, int) or experts < 1:
+        raise UserError(f"config.json num_experts={experts!r} is not a positive integer; fix config.json")
+    section: dict[str, Any] = {
+        "num_experts": experts,
+        "router_topk": config["num_experts_per_tok"],
+        "ffn_hidden_size": config["intermediate_size"]
+        if family == "mixtral"
+        else config["moe_intermediate_size"],
+        # Mixtral renormalises over the chosen experts; Qwen*-MoE does so when norm_topk_prob is true.
+        "router_pre_softmax": family != "mixtral" and not config.get("norm_topk_prob", False),
+        "aux_loss_coeff": float(config.get("router_aux_loss_coef", 0.0)),
+    }
+    if family == "qwen2_moe":
+        section["shared_expert_ffn_hidden_size"] = config["shared_expert_intermediate_size"]
+        section["shared_expert_gate"] = True
+    return section
 
 
 def rope_scaling(config: dict[str, Any]) -> dict[str, Any]:
@@ -256,10 +315,11 @@ IMPORT_SEQ_LENGTH = 8192
 CONTINUAL_LR = 2.5e-5
 
 
-def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
-    """The TrainConfig whose model is the Hugging Face model, laid out for TP x PP."""
+def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None, ep: int = 1):
+    """The TrainConfig whose model is the Hugging Face model, laid out for TP x PP (x EP)."""
     c = hf.config
-    family = check_supported(c)
+    moe_family = check_supported(c)
+    family = MOE_FAMILIES.get(moe_family, moe_family)
     heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
     max_positions = int(c.get("max_position_embeddings") or IMPORT_SEQ_LENGTH)
@@ -287,13 +347,21 @@ def train_config(hf: HFModel, tp: int, pp: int, tokenizer_path: Path | None):
         "norm_epsilon": c.get("rms_norm_eps", 1e-5),
         "init_method_std": c.get("initializer_range", 0.02),
     }
+    parallelism = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
+    if moe_family in MOE_FAMILIES:
+        model["moe"] = moe_section(c)
+        parallelism["expert_model_parallel_size"] = ep
+        if tp > 1:  # Megatron-Core runs MoE under TP only with sequence parallelism
+            parallelism["sequence_parallel"] = True
+    elif ep != 1:
+        raise UserError(f"--ep={ep} needs a mixture-of-experts model; {hf.folder} is dense: use --ep 1")
     data = {
         "name": hf.folder.name,
         # continual-pretraining defaults, not from-scratch ones (override any of them at train)
         "output_dir": f"runs/{hf.folder.name}-continued",
         "optimizer": {"lr": CONTINUAL_LR, "min_lr": CONTINUAL_LR / 10},
         "model": model,
-        "parallelism": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
+        "parallelism": parallelism,
         # bf16 training for 16-bit models; fp32 checkpoints (tests, tiny models) stay fp32.
         "precision": {"params_dtype": "fp32" if hf.dtype == torch.float32 else "bf16"},
         "data": {"tokenizer": str(tokenizer_path) if tokenizer_path else None},
@@ -520,16 +588,21 @@ class HFTensors:
 # The checkpoint plan: every chunk Megatron's save of the GPTModel at TP=1/PP=1 writes
 # ---------------------------------------------------------------------------------------------
 
-# Megatron saves SwiGLU's fc1 as its gate and up halves (a sharded-tensor factory): two chunks per layer.
-ROW_SPLITS = {"decoder.layers.mlp.linear_fc1.weight": 2}
+# Megatron saves SwiGLU's fc1 as its gate and up halves (a sharded-tensor factory): two chunks per layer
+# (per expert of a layer for the experts).
+ROW_SPLITS = {
+    "decoder.layers.mlp.linear_fc1.weight": 2,
+    "decoder.layers.mlp.experts.experts.linear_fc1.weight": 2,
+    "decoder.layers.mlp.shared_experts.linear_fc1.weight": 2,
+}
 # Per-layer linear layers with an `_extra_state` object (None for Megatron's local layers; GPTModel
-# drops the output layer's). Stored pickled, as [object], under `<key>/shard_<layer>_<num_layers>`.
-EXTRA_STATE_MODULES = (
-    "self_attention.linear_qkv",
-    "self_attention.linear_proj",
-    "mlp.linear_fc1",
-    "mlp.linear_fc2",
-)
+# drops the output layer's). Stored pickled, as [object], under `<key>/shard_<layer>_<num_layers>`
+# (stacked layers) or `decoder.layers.<layer>.<module>._extra_state/shard_0_1` (layers keyed by number);
+# each expert's under `…/shard_<layer>.<expert>_<num_layers>.<num_experts>` (or `shard_<expert>_<num_experts>`).
+EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj")
+DENSE_EXTRA_STATE_MODULES = ("mlp.linear_fc1", "mlp.linear_fc2")
+EXPERT_EXTRA_STATE_MODULES = ("mlp.experts.experts.linear_fc1", "mlp.experts.experts.linear_fc2")
+SHARED_EXTRA_STATE_MODULES = ("mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2")
 # dist_checkpointing.save stores what is not sharded (here only the content metadata) as this object.
 COMMON_STATE_KEY = "common_state/shard_0_1"
 
@@ -537,25 +610,51 @@ COMMON_STATE_KEY = "common_state/shard_0_1"
 @dataclass(frozen=True)
 class Chunk:
     """One stored piece of the checkpoint: rows [start, stop) of `rule`'s tensor (of one layer's
-    slice for per-layer rules), or, when `rule` is None, a pickled object."""
+    slice for per-layer rules, one expert's for per-expert rules), stored under `key` at the leading
+    indices `index`; or, when `rule` is None, a pickled object."""
 
     key: str
     rule: Rule | None = None
     layer: int | None = None
+    expert: int | None = None
+    index: tuple[int, ...] = ()
     rows: tuple[int, int] = (0, 0)
     payload: Any = None
     ends_layer: bool = False
 
 
+def extra_state_keys(dims: LlamaDims, layer: int) -> list[str]:
+    """The `_extra_state` objects of one layer, as Megatron's sharded state dict names them."""
+    modules = list(EXTRA_STATE_MODULES)
+    if not dims.moe:
+        modules += DENSE_EXTRA_STATE_MODULES
+    elif dims.shared_expert_ffn_hidden_size:
+        modules += SHARED_EXTRA_STATE_MODULES
+    if dims.per_layer_keys:
+        keys = [f"decoder.layers.{layer}.{module}._extra_state/shard_0_1" for module in modules]
+    else:
+        keys = [f"decoder.layers.{module}._extra_state/shard_{layer}_{dims.num_layers}" for module in modules]
+    for expert in range(dims.num_experts):
+        for module in EXPERT_EXTRA_STATE_MODULES:
+            if dims.per_layer_keys:
+                shard = f"shard_{expert}_{dims.num_experts}"
+                keys.append(f"decoder.layers.{layer}.{module}._extra_state/{shard}")
+            else:
+                shard = f"shard_{layer}.{expert}_{dims.num_layers}.{dims.num_experts}"
+                keys.append(f"decoder.layers.{module}._extra_state/{shard}")
+    return keys
+
+
 def plan_chunks(dims: LlamaDims) -> list[Chunk]:
     """Chunks in the order they are written (and the safetensors read): the embedding, layer by
-    layer, the final norm, the head, the common state."""
+    layer (expert by expert), the final norm, the head, the common state."""
 
-    def tensor_chunks(rule: Rule, layer: int | None) -> list[Chunk]:
+    def tensor_chunks(rule: Rule, layer: int | None, expert: int | None = None) -> list[Chunk]:
         rows = megatron_shape(rule, dims)[0]
         parts = ROW_SPLITS.get(rule.megatron, 1)
+        key, index = stored_key(rule, dims, layer), stored_index(rule, dims, layer, expert)
         return [
-            Chunk(rule.megatron, rule, layer, (i * rows // parts, (i + 1) * rows // parts))
+            Chunk(key, rule, layer, expert, index, (i * rows // parts, (i + 1) * rows // parts))
             for i in range(parts)
         ]
 
@@ -563,15 +662,11 @@ def plan_chunks(dims: LlamaDims) -> list[Chunk]:
     chunks = tensor_chunks(first, None)
     for layer in range(dims.num_layers):
         for rule in layer_rules(dims):
-            chunks += tensor_chunks(rule, layer)
-        chunks += [
-            Chunk(
-                f"decoder.layers.{module}._extra_state/shard_{layer}_{dims.num_layers}",
-                payload=None,
-                ends_layer=module == EXTRA_STATE_MODULES[-1],
-            )
-            for module in EXTRA_STATE_MODULES
-        ]
+            experts = range(dims.num_experts) if rule.per_expert else [None]
+            for expert in experts:
+                chunks += tensor_chunks(rule, layer, expert)
+        keys = extra_state_keys(dims, layer)
+        chunks += [Chunk(key, payload=None, ends_layer=key == keys[-1]) for key in keys]
     for rule in last:
         chunks += tensor_chunks(rule, None)
     chunks.append(
@@ -585,12 +680,13 @@ def write_item_for(chunk: Chunk, dims: LlamaDims, dtype: torch.dtype) -> WriteIt
         return WriteItem(index=MetadataIndex(chunk.key), type=WriteItemType.BYTE_IO)
     shape = megatron_shape(chunk.rule, dims)
     start, stop = chunk.rows
-    if chunk.layer is None:  # recorded as Megatron records a plain tensor (with its strides)
-        size, offsets, sizes = shape, (start, *[0] * (len(shape) - 1)), (stop - start, *shape[1:])
+    lead = len(chunk.index)
+    size = stored_shape(chunk.rule, dims)
+    offsets = (*chunk.index, start, *[0] * (len(shape) - 1))
+    sizes = (*[1] * lead, stop - start, *shape[1:])
+    if lead == 0:  # recorded as Megatron records a plain tensor (with its strides)
         properties = plain_tensor_properties(dtype, shape)
-    else:  # a stacked [num_layers, ...] tensor, recorded like Megatron's (strides unset)
-        size = (dims.num_layers, *shape)
-        offsets, sizes = (chunk.layer, start, *[0] * (len(shape) - 1)), (1, stop - start, *shape[1:])
+    else:  # a stacked [num_layers, ...] (or [experts, ...]) tensor, recorded like Megatron's (strides unset)
         properties = TensorProperties(dtype=dtype)
     offsets = torch.Size(offsets)
     return WriteItem(
@@ -611,7 +707,8 @@ def expected_hf_tensors(dims: LlamaDims) -> dict[str, tuple[int, ...]]:
         expected.update(zip(rule.hf_names(), hf_shapes(rule, dims)))
     for layer in range(dims.num_layers):
         for rule in layer_rules(dims):
-            expected.update(zip(rule.hf_names(layer), hf_shapes(rule, dims)))
+            for expert in range(dims.num_experts) if rule.per_expert else [None]:
+                expected.update(zip(rule.hf_names(layer, expert), hf_shapes(rule, dims)))
     return expected
 
 
@@ -619,7 +716,7 @@ def produce(chunk: Chunk, tensors: HFTensors, dims: LlamaDims, dtype: torch.dtyp
     """The data of one tensor chunk, in a tensor that owns exactly its own memory."""
     rule, (start, stop) = chunk.rule, chunk.rows
     shape = megatron_shape(rule, dims)
-    names = rule.hf_names(chunk.layer)
+    names = rule.hf_names(chunk.layer, chunk.expert)
     blocks = hf_row_blocks(rule, dims)
     if blocks is None:  # rows interleave (QKV per group): read the parts, transform, keep the chunk's rows
         parts = [tensors.read(name, dtype) for name in names]
@@ -636,7 +733,7 @@ def produce(chunk: Chunk, tensors: HFTensors, dims: LlamaDims, dtype: torch.dtyp
             low, high = max(first, start), min(first + count, stop)
             if low < high:
                 tensors.read_rows(name, low - first, data[low - start : high - start])
-    return data if chunk.layer is None else data.unsqueeze(0)
+    return data.view(*[1] * len(chunk.index), *data.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,8 +763,11 @@ class _StreamingSavePlanner(DefaultSavePlanner):
         if chunk.rule is None:
             return pickled_object(chunk.payload)
         data = produce(chunk, self.tensors, self.dims, self.dtype)
-        if not bool(torch.isfinite(data).all()):  # a NaN checkpoint would train NaN from step 1
+        # A NaN checkpoint would train NaN from step 1. is_finite reads the data once without a mask the
+        # size of the tensor (isfinite(bf16) made a float copy too: 2.5x the chunk on top of it).
+        if not bool(is_finite(data)):
             where = chunk.key if chunk.layer is None else f"{chunk.key} of layer {chunk.layer}"
+            where += "" if chunk.expert is None else f", expert {chunk.expert}"
             raise UserError(
                 f"the weights of {where} hold NaN or Inf values; the Hugging Face model is damaged, "
                 "so nothing is written: download it again"
@@ -717,12 +817,14 @@ def _meta(hf: HFModel, vocab: int, padded: int, tokenizer, tokenizer_path: Path 
     }
 
 
-def convert_from_hf(model_dir: str | Path, output_dir: str | Path, tp: int = 1, pp: int = 1) -> Path:
+def convert_from_hf(
+    model_dir: str | Path, output_dir: str | Path, tp: int = 1, pp: int = 1, ep: int = 1
+) -> Path:
     """Write a weights-only kumihimo checkpoint root for a Hugging Face model of a supported family
-    (Llama, Mistral, Qwen2, Qwen3); returns it.
+    (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE); returns it.
 
-    The run_config.yaml inside is laid out for TP x PP (the vocabulary padded for TP); the tensors
-    themselves load at any layout.
+    The run_config.yaml inside is laid out for TP x PP (x EP for MoE; the vocabulary padded for TP); the
+    tensors themselves load at any layout.
     """
     hf = read_hf_model(Path(model_dir))
     check_supported(hf.config)
@@ -731,7 +833,7 @@ def convert_from_hf(model_dir: str | Path, output_dir: str | Path, tp: int = 1, 
     started = time.monotonic()
     with staged_output(output_dir, "convert from-hf") as staging:
         tokenizer, tokenizer_path = resolve_tokenizer(hf, output_dir, staging)
-        config = train_config(hf, tp, pp, tokenizer_path)
+        config = train_config(hf, tp, pp, tokenizer_path, ep)
         vocab, padded, divisible_by = vocab_sizes(
             hf, tokenizer, tp, config.model.make_vocab_size_divisible_by
         )

@@ -1,11 +1,11 @@
-"""Megatron-Core GPTModel <-> Hugging Face Llama, Mistral, Qwen2 and Qwen3: one name table plus named
-transforms.
+"""Megatron-Core GPTModel <-> Hugging Face Llama, Mistral, Qwen2 and Qwen3, and their mixture-of-experts
+forms Mixtral, Qwen2-MoE and Qwen3-MoE: one name table plus named transforms.
 
 Every tensor of the model appears once in `RULES`: its Megatron checkpoint key (per-layer tensors
 are stacked as [num_layers, ...] under one key, independent of TP/PP), the Hugging Face name(s) it
 becomes, the transform between the two and, for tensors only some families have, the feature that
 brings it (`needs`: QKV biases for Qwen2, per-head q/k norms for Qwen3, a separate output layer
-unless embeddings are tied). Both directions (`to_hf.py`, `from_hf.py`) read only this table (through
+unless embeddings are tied, the dense MLP or the experts, router and shared expert of an MoE layer). Both directions (`to_hf.py`, `from_hf.py`) read only this table (through
 `global_rules` and `layer_rules`), so a new tensor or a renamed one is a one-line change here. The four families share
 every other name, as Megatron-Bridge's Llama, Mistral and Qwen bridges show.
 
@@ -15,6 +15,18 @@ The two non-trivial transforms (checked against logits, see tests/test_convert_t
   is wrong as soon as H != G. The QKV bias (Qwen2) is grouped the same way.
 - `gate_up`: linear_fc1 of SwiGLU is [gate; up] along dim 0 (global, after the TP gather).
 RoPE needs no permutation: Megatron's default rotate-half matches HF Llama.
+
+Mixture of experts. Megatron keys each expert's tensors as one tensor with the global expert index as
+a leading axis (`decoder.layers.mlp.experts.experts.linear_fc1.weight`: [layers, experts, 2F, H],
+whether the experts run as SequentialMLP or grouped GEMM, at any EP/ETP); Hugging Face stores one
+tensor per expert (`experts.{expert}.gate_proj` for Qwen, `block_sparse_moe.experts.{expert}.w1` for
+Mixtral). A per-expert rule is therefore read and written one expert of one layer at a time. The router
+is `mlp.router.weight` [experts, H] (HF `gate`), Qwen2-MoE's shared expert `mlp.shared_experts.*` with
+its sigmoid gate `gate_weight` [1, H] (HF `shared_expert_gate`). Megatron stacks per-layer tensors
+under one key only when all layers are alike (`moe_layer_freq=1`, which kumihimo passes unless
+`model.moe.dense_first_layers`); with a per-layer list it keys each layer by its number instead
+(`decoder.layers.3.mlp.router.weight`): `LlamaDims.per_layer_keys`, `stored_key` handle both, and
+conversion refuses dense first layers (no Hugging Face MoE family here has them).
 """
 
 from __future__ import annotations
@@ -25,6 +37,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kumihimo.core.errors import UserError
+
 if TYPE_CHECKING:
     from kumihimo.pretrain.config import ModelConfig
 
@@ -32,6 +46,7 @@ if TYPE_CHECKING:
 WRAPPER_PREFIX = "module."
 LAYER_PREFIX = "decoder.layers."
 LAYER = "{layer}"
+EXPERT = "{expert}"
 
 
 @dataclass(frozen=True)
@@ -54,10 +69,39 @@ class LlamaDims:
     """Per-head RMSNorm weights for queries and keys (Qwen3)."""
     tied_embeddings: bool = False
     """The output layer is the embedding (no output_layer / lm_head tensor)."""
+    num_experts: int = 0
+    """Routed experts of every layer's MLP; 0: dense SwiGLU MLPs."""
+    expert_ffn_hidden_size: int = 0
+    """Intermediate width of each expert (and of the dense MLP it replaces, for Mixtral)."""
+    shared_expert_ffn_hidden_size: int = 0
+    """Intermediate width of the shared expert (Qwen2-MoE); 0: none."""
+    shared_expert_gate: bool = False
+    """The shared expert's output is scaled by a sigmoid gate per token (Qwen2-MoE)."""
+    expert_names: str = "qwen"
+    """Hugging Face names of the MoE tensors: "qwen" (mlp.gate, mlp.experts.{e}.gate_proj/up_proj/
+    down_proj) or "mixtral" (block_sparse_moe.gate, block_sparse_moe.experts.{e}.w1/w3/w2)."""
+    per_layer_keys: bool = False
+    """Megatron keys per-layer tensors by layer number (`decoder.layers.3.…`) instead of stacking them
+    under one key with a leading layer axis (models whose layers differ; see the module docstring)."""
 
     @classmethod
     def from_model(cls, model: ModelConfig, megatron_vocab_size: int, hf_vocab_size: int) -> LlamaDims:
         """The shapes of a model config with the two vocabulary sizes."""
+        moe = getattr(model, "moe", None)
+        experts = {}
+        if moe is not None and moe.num_experts > 0:
+            if moe.dense_first_layers:
+                raise UserError(
+                    f"model.moe.dense_first_layers={moe.dense_first_layers}: conversion handles models whose "
+                    "every layer is MoE (as Mixtral, Qwen2-MoE and Qwen3-MoE are); this one cannot be converted"
+                )
+            experts = dict(
+                num_experts=moe.num_experts,
+                expert_ffn_hidden_size=moe.ffn_hidden_size or model.ffn_hidden_size,
+                shared_expert_ffn_hidden_size=moe.shared_expert_ffn_hidden_size,
+                shared_expert_gate=moe.shared_expert_gate,
+                expert_names="mixtral" if model.hf_family in ("llama", "mistral") else "qwen",
+            )
         return cls(
             num_layers=model.num_layers,
             hidden_size=model.hidden_size,
@@ -70,11 +114,16 @@ class LlamaDims:
             qkv_bias=model.add_qkv_bias,
             qk_norm=model.qk_layernorm,
             tied_embeddings=model.tie_word_embeddings,
+            **experts,
         )
 
     @property
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_query_groups
+
+    @property
+    def moe(self) -> bool:
+        return self.num_experts > 0
 
 
 @dataclass(frozen=True)
@@ -164,26 +213,43 @@ class Rule:
     hf: tuple[str, ...]
     transform: str = "identity"
     needs: str | None = None
-    """The LlamaDims flag the tensor exists under ("qkv_bias", "qk_norm"; "untied": not
-    tied_embeddings); None: every model has it."""
+    """The feature (a key of FEATURES) the tensor exists under; None: every model has it."""
 
     def present(self, dims: LlamaDims) -> bool:
-        if self.needs is None:
-            return True
-        if self.needs == "untied":
-            return not dims.tied_embeddings
-        return getattr(dims, self.needs)
+        return self.needs is None or FEATURES[self.needs](dims)
 
     @property
     def per_layer(self) -> bool:
         return self.megatron.startswith(LAYER_PREFIX)
 
-    def hf_names(self, layer: int | None = None) -> list[str]:
-        return [name.replace(LAYER, str(layer)) for name in self.hf]
+    @property
+    def per_expert(self) -> bool:
+        """One Hugging Face tensor per expert; Megatron's tensor has an expert axis after the layer."""
+        return EXPERT in self.hf[0]
+
+    def hf_names(self, layer: int | None = None, expert: int | None = None) -> list[str]:
+        return [name.replace(LAYER, str(layer)).replace(EXPERT, str(expert)) for name in self.hf]
+
+
+FEATURES: dict[str, Callable[[LlamaDims], bool]] = {
+    "qkv_bias": lambda dims: dims.qkv_bias,
+    "qk_norm": lambda dims: dims.qk_norm,
+    "untied": lambda dims: not dims.tied_embeddings,
+    "dense_mlp": lambda dims: not dims.moe,
+    "qwen_experts": lambda dims: dims.moe and dims.expert_names == "qwen",
+    "mixtral_experts": lambda dims: dims.moe and dims.expert_names == "mixtral",
+    "shared_expert": lambda dims: dims.moe and dims.shared_expert_ffn_hidden_size > 0,
+    "shared_expert_gate": lambda dims: dims.moe and dims.shared_expert_gate,
+}
 
 
 _ATTN = "model.layers.{layer}.self_attn."
 _MLP = "model.layers.{layer}.mlp."
+_QWEN_EXPERT = _MLP + "experts.{expert}."
+_MIXTRAL = "model.layers.{layer}.block_sparse_moe."
+_MIXTRAL_EXPERT = _MIXTRAL + "experts.{expert}."
+_EXPERTS = "decoder.layers.mlp.experts.experts."
+_SHARED = "decoder.layers.mlp.shared_experts."
 
 # Order is the order tensors are read and written (embedding, layer by layer, final norm, head).
 RULES: tuple[Rule, ...] = (
@@ -214,8 +280,33 @@ RULES: tuple[Rule, ...] = (
         "decoder.layers.mlp.linear_fc1.weight",
         (_MLP + "gate_proj.weight", _MLP + "up_proj.weight"),
         "gate_up",
+        needs="dense_mlp",
     ),
-    Rule("decoder.layers.mlp.linear_fc2.weight", (_MLP + "down_proj.weight",)),
+    Rule("decoder.layers.mlp.linear_fc2.weight", (_MLP + "down_proj.weight",), needs="dense_mlp"),
+    Rule("decoder.layers.mlp.router.weight", (_MLP + "gate.weight",), needs="qwen_experts"),
+    Rule(
+        _EXPERTS + "linear_fc1.weight",
+        (_QWEN_EXPERT + "gate_proj.weight", _QWEN_EXPERT + "up_proj.weight"),
+        "gate_up",
+        needs="qwen_experts",
+    ),
+    Rule(_EXPERTS + "linear_fc2.weight", (_QWEN_EXPERT + "down_proj.weight",), needs="qwen_experts"),
+    Rule("decoder.layers.mlp.router.weight", (_MIXTRAL + "gate.weight",), needs="mixtral_experts"),
+    Rule(
+        _EXPERTS + "linear_fc1.weight",
+        (_MIXTRAL_EXPERT + "w1.weight", _MIXTRAL_EXPERT + "w3.weight"),
+        "gate_up",
+        needs="mixtral_experts",
+    ),
+    Rule(_EXPERTS + "linear_fc2.weight", (_MIXTRAL_EXPERT + "w2.weight",), needs="mixtral_experts"),
+    Rule(
+        _SHARED + "linear_fc1.weight",
+        (_MLP + "shared_expert.gate_proj.weight", _MLP + "shared_expert.up_proj.weight"),
+        "gate_up",
+        needs="shared_expert",
+    ),
+    Rule(_SHARED + "linear_fc2.weight", (_MLP + "shared_expert.down_proj.weight",), needs="shared_expert"),
+    Rule(_SHARED + "gate_weight", (_MLP + "shared_expert_gate.weight",), needs="shared_expert_gate"),
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
     Rule("output_layer.weight", ("lm_head.weight",), "vocab_rows", needs="untied"),
 )
@@ -231,8 +322,31 @@ def layer_rules(dims: LlamaDims) -> tuple[Rule, ...]:
     return tuple(r for r in RULES if r.per_layer and r.present(dims))
 
 
+def stored_key(rule: Rule, dims: LlamaDims, layer: int | None = None) -> str:
+    """The checkpoint key of `rule`'s tensor (of `layer`'s, when layers are keyed by number)."""
+    if dims.per_layer_keys and rule.per_layer:
+        return f"{LAYER_PREFIX}{layer}.{rule.megatron[len(LAYER_PREFIX) :]}"
+    return rule.megatron
+
+
+def stored_index(rule: Rule, dims: LlamaDims, layer: int | None = None, expert: int | None = None):
+    """Leading indices of one layer's (one expert's) slice in the stored tensor: (layer,) when layers
+    are stacked, then (expert,) for per-expert rules; () for a whole tensor."""
+    index = (layer,) if rule.per_layer and not dims.per_layer_keys else ()
+    return (*index, expert) if rule.per_expert else index
+
+
+def stored_shape(rule: Rule, dims: LlamaDims) -> tuple[int, ...]:
+    """Global shape of the stored tensor: `megatron_shape` behind the layer and expert axes it has."""
+    leading = (dims.num_layers,) if rule.per_layer and not dims.per_layer_keys else ()
+    if rule.per_expert:
+        leading = (*leading, dims.num_experts)
+    return (*leading, *megatron_shape(rule, dims))
+
+
 def megatron_shape(rule: Rule, dims: LlamaDims) -> tuple[int, ...]:
-    """Shape of one layer's slice (per-layer rules) or of the whole tensor (global rules)."""
+    """Shape of one layer's slice (per-layer rules; one expert's for per-expert rules) or of the whole
+    tensor (global rules)."""
     hidden = dims.hidden_size
     qkv_rows = (dims.num_attention_heads + 2 * dims.num_query_groups) * dims.head_dim
     shapes = {
@@ -251,6 +365,12 @@ def megatron_shape(rule: Rule, dims: LlamaDims) -> tuple[int, ...]:
         "decoder.layers.mlp.linear_fc1.layer_norm_weight": (hidden,),
         "decoder.layers.mlp.linear_fc1.weight": (2 * dims.ffn_hidden_size, hidden),
         "decoder.layers.mlp.linear_fc2.weight": (hidden, dims.ffn_hidden_size),
+        "decoder.layers.mlp.router.weight": (dims.num_experts, hidden),
+        _EXPERTS + "linear_fc1.weight": (2 * dims.expert_ffn_hidden_size, hidden),
+        _EXPERTS + "linear_fc2.weight": (hidden, dims.expert_ffn_hidden_size),
+        _SHARED + "linear_fc1.weight": (2 * dims.shared_expert_ffn_hidden_size, hidden),
+        _SHARED + "linear_fc2.weight": (hidden, dims.shared_expert_ffn_hidden_size),
+        _SHARED + "gate_weight": (1, hidden),
     }
     return shapes[rule.megatron]
 

@@ -51,7 +51,9 @@ from kumihimo.pretrain.convert.mapping import (
     global_rules,
     hf_shapes,
     layer_rules,
-    megatron_shape,
+    stored_index,
+    stored_key,
+    stored_shape,
     strip_wrapper_prefix,
 )
 
@@ -172,21 +174,19 @@ class TorchDistReader:
     def dtype(self, key: str) -> torch.dtype:
         return self.tensors[key].properties.dtype
 
-    def read(self, requests: dict[str, tuple[str, int | None]]) -> dict[str, torch.Tensor]:
-        """{name: (key, layer)} -> {name: tensor}; layer=None reads the whole tensor, else one layer of it."""
-        regions = {}
-        for name, (key, layer) in requests.items():
+    def read(self, requests: dict[str, tuple[str, Any]]) -> dict[str, torch.Tensor]:
+        """{name: (key, index)} -> {name: tensor}; index None or () reads the whole tensor, a layer
+        number (or a tuple of leading indices: layer, expert) one slice of it."""
+        regions, leads = {}, {}
+        for name, (key, index) in requests.items():
+            index = () if index is None else (index,) if isinstance(index, int) else tuple(index)
             shape = self.shape(key)
-            if layer is None:
-                regions[name] = Region(
-                    self._saved_keys[key], (0,) * len(shape), torch.empty(shape, dtype=self.dtype(key))
-                )
-            else:
-                regions[name] = Region(
-                    self._saved_keys[key],
-                    (layer,) + (0,) * (len(shape) - 1),
-                    torch.empty((1, *shape[1:]), dtype=self.dtype(key)),
-                )
+            leads[name] = len(index)
+            regions[name] = Region(
+                self._saved_keys[key],
+                (*index, *[0] * (len(shape) - len(index))),
+                torch.empty((*[1] * len(index), *shape[len(index) :]), dtype=self.dtype(key)),
+            )
         try:
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                 warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
@@ -203,9 +203,7 @@ class TorchDistReader:
             raise UserError(
                 f"{self.folder} is incomplete or damaged ({describe_failure(cause)}); use another checkpoint"
             ) from exc
-        return {
-            name: r.tensor[0] if requests[name][1] is not None else r.tensor for name, r in regions.items()
-        }
+        return {name: r.tensor[(0,) * leads[name]] for name, r in regions.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,23 +395,26 @@ def dims_for(source: Source, keep_vocab_padding: bool) -> LlamaDims:
 
 def check_architecture(reader: TorchDistReader, dims: LlamaDims) -> None:
     """Every model tensor must be in the table with the shape the config implies, and vice versa."""
-    known = {rule.megatron: rule for rule in (*global_rules(dims), *layer_rules(dims))}
+    known = {}
+    for rule in global_rules(dims):
+        known[stored_key(rule, dims)] = rule
+    for rule in layer_rules(dims):
+        for layer in range(dims.num_layers) if dims.per_layer_keys else [None]:
+            known[stored_key(rule, dims, layer)] = rule
     extra = sorted(set(reader.tensors) - set(known))
     if extra:
         raise UserError(
             f"unsupported architecture: checkpoint tensor(s) {', '.join(extra[:3])} have no "
-            "Hugging Face counterpart for this model config (MoE or extra layers are not supported; "
-            "run_config.yaml's model section must say add_qkv_bias/qk_layernorm/tie_word_embeddings)"
+            "Hugging Face counterpart for this model config (extra layers, or a model section that does "
+            "not describe the checkpoint: add_qkv_bias/qk_layernorm/tie_word_embeddings/moe)"
         )
     for key, rule in known.items():
         if key not in reader.tensors:
             raise UserError(
                 f"checkpoint {reader.folder} lacks tensor {key}; it is incomplete or its "
-                "run_config.yaml does not describe it (add_qkv_bias, qk_layernorm, tie_word_embeddings)"
+                "run_config.yaml does not describe it (add_qkv_bias, qk_layernorm, tie_word_embeddings, moe)"
             )
-        expected = megatron_shape(rule, dims)
-        if rule.per_layer:
-            expected = (dims.num_layers, *expected)
+        expected = stored_shape(rule, dims)
         if reader.shape(key) != expected:
             raise UserError(
                 f"tensor {key} has shape {list(reader.shape(key))} but run_config.yaml and "
@@ -426,23 +427,29 @@ def check_architecture(reader: TorchDistReader, dims: LlamaDims) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def production_order(dims: LlamaDims) -> list[tuple[Rule, int | None]]:
-    """(rule, layer) in the order tensors are read and written: the embedding, layer by layer, the
-    final norm, the head. One tensor (one layer's slice) at a time keeps peak memory near the
-    largest single tensor; chunks are per layer and TP rank, so no file region is read twice."""
+def production_order(dims: LlamaDims) -> list[tuple[Rule, int | None, int | None]]:
+    """(rule, layer, expert) in the order tensors are read and written: the embedding, layer by layer
+    (expert by expert), the final norm, the head. One tensor (one layer's or one expert's slice) at a
+    time keeps peak memory near the largest single tensor; chunks are per layer and TP rank, so no file
+    region is read twice."""
     first, *last = global_rules(dims)
     return [
-        (first, None),
-        *((rule, layer) for layer in range(dims.num_layers) for rule in layer_rules(dims)),
-        *((rule, None) for rule in last),
+        (first, None, None),
+        *(
+            (rule, layer, expert)
+            for layer in range(dims.num_layers)
+            for rule in layer_rules(dims)
+            for expert in (range(dims.num_experts) if rule.per_expert else [None])
+        ),
+        *((rule, None, None) for rule in last),
     ]
 
 
 def planned_tensors(dims: LlamaDims, dtype: torch.dtype) -> list[PlannedTensor]:
     return [
         PlannedTensor(name, shape, dtype)
-        for rule, layer in production_order(dims)
-        for name, shape in zip(rule.hf_names(layer), hf_shapes(rule, dims))
+        for rule, layer, expert in production_order(dims)
+        for name, shape in zip(rule.hf_names(layer, expert), hf_shapes(rule, dims))
     ]
 
 
@@ -453,12 +460,15 @@ def write_weights(
     writer = StreamingSafetensorsWriter(folder, planned_tensors(dims, dtype), max_shard_bytes)
     last_of_layer = layer_rules(dims)[-1]
     with Progress("convert", total=dims.num_layers, unit="layers") as progress:
-        for rule, layer in production_order(dims):
-            tensor = reader.read({rule.megatron: (rule.megatron, layer)})[rule.megatron]
-            for name, part in zip(rule.hf_names(layer), TRANSFORMS[rule.transform].to_hf(tensor, dims)):
+        for rule, layer, expert in production_order(dims):
+            key, index = stored_key(rule, dims, layer), stored_index(rule, dims, layer, expert)
+            tensor = reader.read({key: (key, index)})[key]
+            for name, part in zip(
+                rule.hf_names(layer, expert), TRANSFORMS[rule.transform].to_hf(tensor, dims)
+            ):
                 writer.write(name, part)
             del tensor, part  # free before the next read allocates (peak = one tensor, not two)
-            if rule is last_of_layer:
+            if rule is last_of_layer and expert in (None, dims.num_experts - 1):
                 progress.update()
     writer.finish()
     return writer.bytes_written
@@ -469,7 +479,12 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
+# The mixture-of-experts family of each dense family (attention and norms as the dense one).
+MOE_FAMILIES = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
 
 
 def export_family(model) -> str:
@@ -480,7 +495,57 @@ def export_family(model) -> str:
             f"supported Hugging Face family ({', '.join(ARCHITECTURES.values())}) has both, so it cannot be "
             "exported"
         )
-    return model.hf_family
+    moe = getattr(model, "moe", None)
+    if moe is None or moe.num_experts == 0:
+        return model.hf_family
+    family = MOE_FAMILIES[model.hf_family]
+    shared = moe.shared_expert_ffn_hidden_size > 0
+    if family == "qwen2_moe" and not (shared and moe.shared_expert_gate):
+        raise UserError(
+            "Qwen2-MoE (a model with QKV biases and experts) always has a gated shared expert; set "
+            "model.moe.shared_expert_ffn_hidden_size and model.moe.shared_expert_gate=true, or export "
+            "without QKV biases (Qwen3-MoE, Mixtral)"
+        )
+    if family != "qwen2_moe" and shared:
+        raise UserError(
+            f"{ARCHITECTURES[family]} has no shared expert but model.moe.shared_expert_ffn_hidden_size="
+            f"{moe.shared_expert_ffn_hidden_size}; only Qwen2-MoE (model.add_qkv_bias=true) has one"
+        )
+    if family == "mixtral" and moe.router_pre_softmax:
+        raise UserError(
+            "Mixtral routes by top-k then softmax over the k, but model.moe.router_pre_softmax=true; "
+            "such a model cannot be exported as MixtralForCausalLM"
+        )
+    if moe.capacity_factor is not None:
+        log.info(
+            f"warning: model.moe.capacity_factor={moe.capacity_factor} drops tokens in training; "
+            f"{ARCHITECTURES[family]} is dropless, so its outputs differ where tokens were dropped"
+        )
+    return family
+
+
+def moe_fields(model, family: str) -> dict[str, Any]:
+    """config.json's mixture-of-experts keys for `family` (transformers 4.57 and 5 read these names)."""
+    moe = model.moe
+    expert_width = moe.ffn_hidden_size or model.ffn_hidden_size
+    fields: dict[str, Any] = {
+        "num_experts_per_tok": moe.router_topk,
+        "router_aux_loss_coef": moe.aux_loss_coeff,
+        "output_router_logits": False,
+    }
+    if family == "mixtral":
+        # Mixtral's intermediate_size is the experts' width.
+        return {**fields, "num_local_experts": moe.num_experts, "intermediate_size": expert_width}
+    fields.update(
+        num_experts=moe.num_experts,
+        moe_intermediate_size=expert_width,
+        norm_topk_prob=not moe.router_pre_softmax,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    )
+    if family == "qwen2_moe":
+        fields["shared_expert_intermediate_size"] = moe.shared_expert_ffn_hidden_size
+    return fields
 
 
 def rope_fields(model) -> dict[str, Any]:
@@ -552,14 +617,16 @@ def hf_config(
         "torch_dtype": dtype_name,
         "dtype": dtype_name,
     }
-    if family in ("llama", "qwen3"):  # Qwen2's q/k/v biases are implied by its architecture
+    if family in ("llama", "qwen3", "qwen3_moe"):  # Qwen2's q/k/v biases are implied by its architecture
         config["attention_bias"] = False
     if family == "llama":
         config["mlp_bias"] = False
-    if family in ("mistral", "qwen2", "qwen3"):  # full attention in every layer
+    if family != "llama":  # full attention in every layer
         config["sliding_window"] = None
-    if family in ("qwen2", "qwen3"):
+    if family.startswith("qwen"):
         config.update(use_sliding_window=False, max_window_layers=dims.num_layers)
+    if family in MOE_FAMILIES.values():
+        config.update(moe_fields(model, family))
     config["kumihimo"] = provenance(source, dims, tokenizer)
     return config
 

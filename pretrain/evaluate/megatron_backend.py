@@ -203,6 +203,8 @@ def load_checkpoint_backend(
     par = config.parallelism
     par.tensor_model_parallel_size, par.pipeline_model_parallel_size = tensor_parallel, pipeline_parallel
     par.context_parallel_size, par.virtual_pipeline_model_parallel_size = context_parallel, None
+    # every rank holds all experts (checkpoint keys do not depend on EP): no expert parallelism
+    par.expert_model_parallel_size, par.expert_tensor_parallel_size = 1, None
     par.sequence_parallel = False
     par.use_distributed_optimizer = par.overlap_grad_reduce = par.overlap_param_gather = False
     config.runtime.device = device
