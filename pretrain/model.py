@@ -1,4 +1,5 @@
-"""The Llama-style decoder on Megatron-Core, built from the config in one explicit function.
+"""The Llama-style decoder on Megatron-Core, built in one explicit function from the sections it needs
+(model, precision, parallelism, fusions), never the whole run config.
 
 Why GPTModel and not HybridModel: megatron-core 0.19 marks GPTModel deprecated in favour of
 HybridModel, but HybridModel splits every transformer block into separate attention and MLP layers
@@ -43,13 +44,7 @@ from kumihimo.pretrain import moe
 from kumihimo.pretrain.rope import attention_softmax_scale, rope_inv_freq
 
 if TYPE_CHECKING:
-    from kumihimo.pretrain.config import (
-        FusionConfig,
-        ModelConfig,
-        ParallelismConfig,
-        PrecisionConfig,
-        TrainConfig,
-    )
+    from kumihimo.pretrain.config import FusionConfig, ModelConfig, ParallelismConfig, PrecisionConfig
     from kumihimo.pretrain.parallel import ParallelLayout
 
 
@@ -547,47 +542,47 @@ def transformer_config(
     )
 
 
-def layer_spec(config: TrainConfig, num_experts: int | None = None):
-    """One decoder layer: a dense SwiGLU MLP, or an MoELayer of `num_experts` experts."""
-    impl = resolve_transformer_impl(config.model, config.runtime.device)
-    grouped_gemm = num_experts is not None and config.model.moe.grouped_gemm
+def layer_spec(model: ModelConfig, impl: str, num_experts: int | None = None):
+    """One decoder layer: a dense SwiGLU MLP, or an MoELayer of `num_experts` experts; `impl` is
+    `resolve_transformer_impl`'s answer."""
+    grouped_gemm = num_experts is not None and model.moe.grouped_gemm
     if impl == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=num_experts, moe_grouped_gemm=grouped_gemm, qk_layernorm=config.model.qk_layernorm
+            num_experts=num_experts, moe_grouped_gemm=grouped_gemm, qk_layernorm=model.qk_layernorm
         )
     # normalization= is required: without it the local spec silently builds LayerNorm.
     spec = get_gpt_layer_local_spec(
         num_experts=num_experts,
         moe_grouped_gemm=grouped_gemm,
         normalization="RMSNorm",
-        qk_layernorm=config.model.qk_layernorm,
+        qk_layernorm=model.qk_layernorm,
     )
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
-    if config.model.qk_layernorm:  # per head: Megatron builds them with hidden_size=head_dim
+    if model.qk_layernorm:  # per head: Megatron builds them with hidden_size=head_dim
         spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
         spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
-    if config.model.local_attention == "sdpa":
+    if model.local_attention == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 
 
-def block_spec(config: TrainConfig, tconfig: TransformerConfig, vp_stage: int | None):
+def block_spec(model: ModelConfig, impl: str, tconfig: TransformerConfig, vp_stage: int | None):
     """The decoder block of one model chunk: the layer spec (dense or MoE per layer, `pretrain.moe`),
     plus our RMSNorm as the final norm for the local spec (Megatron would pick its torch wrapper, which
     refuses sequence parallelism)."""
-    te = resolve_transformer_impl(config.model, config.runtime.device) == "transformer_engine"
-    if te and not config.model.moe.enabled:
-        return layer_spec(config)
+    te = impl == "transformer_engine"
+    if te and not model.moe.enabled:
+        return layer_spec(model, impl)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
-    if config.model.moe.enabled:
+    if model.moe.enabled:
         first = get_transformer_layer_offset(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
-        specs = moe.decoder_layer_specs(config.model, partial(layer_spec, config), first, num_layers)
+        specs = moe.decoder_layer_specs(model, partial(layer_spec, model, impl), first, num_layers)
     else:
-        specs = [layer_spec(config)] * num_layers
+        specs = [layer_spec(model, impl)] * num_layers
     if te:
         from megatron.core.extensions.transformer_engine import TENorm
 
@@ -595,35 +590,40 @@ def block_spec(config: TrainConfig, tconfig: TransformerConfig, vp_stage: int | 
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)
 
 
-def build_model(config: TrainConfig, layout: ParallelLayout, padded_vocab_size: int) -> list[GPTModel]:
-    """This rank's model chunks (one, or VPP of them with interleaved pipelining), initialised."""
-    check_fp8_possible(config.model, config.precision, config.runtime.device)
-    impl = resolve_transformer_impl(config.model, config.runtime.device)
-    if config.model.moe.grouped_gemm and impl != "transformer_engine":
+def build_model(
+    model: ModelConfig,
+    precision: PrecisionConfig,
+    parallelism: ParallelismConfig,
+    fusions: FusionConfig,
+    layout: ParallelLayout,
+    padded_vocab_size: int,
+    *,
+    device: str,
+    seed: int,
+    deterministic: bool,
+    micro_batch_size: int,
+    reset_position_ids: bool,
+) -> list[GPTModel]:
+    """This rank's model chunks (one, or VPP of them with interleaved pipelining), initialised.
+
+    Built from the model, precision, parallelism and fusions sections; the plain values are
+    runtime.device, runtime.seed, runtime.deterministic, schedule.micro_batch_size (sizes TE's
+    userbuffers) and data.reset_position_ids (RoPE then follows the batch's position ids)."""
+    check_fp8_possible(model, precision, device)
+    impl = resolve_transformer_impl(model, device)
+    if model.moe.grouped_gemm and impl != "transformer_engine":
         raise UserError(
             "model.moe.grouped_gemm needs Transformer Engine, which is not in use here; "
             "pip install -e '.[te]' from the checkout on the GPU nodes or set model.moe.grouped_gemm=false"
         )
-    device = config.runtime.device
     initialize_tp_comm_overlap(
-        config.model,
-        config.precision,
-        config.parallelism,
-        layout,
-        micro_batch_size=config.schedule.micro_batch_size,
-        device=device,
+        model, precision, parallelism, layout, micro_batch_size=micro_batch_size, device=device
     )
     tconfig = transformer_config(
-        config.model,
-        config.precision,
-        config.parallelism,
-        config.fusions,
-        layout,
-        device=device,
-        deterministic=config.runtime.deterministic,
+        model, precision, parallelism, fusions, layout, device=device, deterministic=deterministic
     )
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        log.info(f"[train] fusions {describe_fusions(resolve_fusions(config.model, config.fusions, device))}")
+        log.info(f"[train] fusions {describe_fusions(resolve_fusions(model, fusions, device))}")
     num_chunks = layout.vpp or 1
     chunks = []
     for vp_stage in range(num_chunks):
@@ -631,26 +631,24 @@ def build_model(config: TrainConfig, layout: ParallelLayout, padded_vocab_size: 
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         chunk = GPTModel(
             config=tconfig,
-            transformer_layer_spec=block_spec(config, tconfig, vp_stage if layout.vpp else None),
+            transformer_layer_spec=block_spec(model, impl, tconfig, vp_stage if layout.vpp else None),
             vocab_size=padded_vocab_size,
-            max_sequence_length=config.model.seq_length,
+            max_sequence_length=model.seq_length,
             pre_process=pre,
             post_process=post,
             parallel_output=True,
-            share_embeddings_and_output_weights=config.model.tie_word_embeddings,
+            share_embeddings_and_output_weights=model.tie_word_embeddings,
             position_embedding_type="rope",
-            rotary_base=config.model.rotary_base,
+            rotary_base=model.rotary_base,
             vp_stage=vp_stage if layout.vpp else None,
         )
         target = torch.device("cpu") if device == "cpu" else torch.device("cuda", torch.cuda.current_device())
-        if config.model.rope_scaling.type != "none":  # Megatron's RotaryEmbedding has no such scaling
-            chunk.rotary_pos_emb.inv_freq = rope_inv_freq(config.model).to(
-                chunk.rotary_pos_emb.inv_freq.device
-            )
-        if config.data.reset_position_ids:
+        if model.rope_scaling.type != "none":  # Megatron's RotaryEmbedding has no such scaling
+            chunk.rotary_pos_emb.inv_freq = rope_inv_freq(model).to(chunk.rotary_pos_emb.inv_freq.device)
+        if reset_position_ids:
             rope_follows_position_ids(chunk)
         chunk.to(target)
-        init_parameters(chunk, config)
+        init_parameters(chunk, model, seed)
         chunks.append(chunk)
     return chunks
 
@@ -687,7 +685,7 @@ def sharded_tensors(sharded_sd):
 
 
 @torch.no_grad()
-def init_parameters(chunk: GPTModel, config: TrainConfig) -> None:
+def init_parameters(chunk: GPTModel, model: ModelConfig, seed: int) -> None:
     """Draw every global tensor from a generator seeded by (seed, name, layer) and keep this rank's slice.
 
     Normal(0, std) weights (routers included), std / sqrt(2 * num_layers) for attention and MLP output
@@ -695,9 +693,8 @@ def init_parameters(chunk: GPTModel, config: TrainConfig) -> None:
     ones for RMSNorm weights (q/k norms included), zeros for biases (QKV). Each rank generates the
     full tensor of its layers (on its device), which costs a transient copy of one tensor and keeps
     init identical for any TP/PP/VPP. A tied output layer on the last pipeline stage is saved under
-    the embedding's key, so it draws the embedding's values.
+    the embedding's key, so it draws the embedding's values. `seed` is runtime.seed.
     """
-    model = config.model
     std = model.init_method_std
     out_std = std / math.sqrt(2.0 * model.num_layers) if model.scale_output_init else std
     seen: set[tuple] = set()
@@ -719,7 +716,7 @@ def init_parameters(chunk: GPTModel, config: TrainConfig) -> None:
             full = torch.zeros(global_shape, dtype=torch.float32, device=data.device)
         else:
             gen = torch.Generator(device=data.device)
-            gen.manual_seed(_tensor_seed(config.runtime.seed, st.key, layer_offsets))
+            gen.manual_seed(_tensor_seed(seed, st.key, layer_offsets))
             scale = out_std if st.key.endswith(_OUTPUT_PROJECTIONS) else std
             full = torch.empty(global_shape, dtype=torch.float32, device=data.device)
             full.normal_(0.0, scale, generator=gen)
