@@ -246,7 +246,7 @@ def gpu_queries_answered():
     saved = (arguments.get_device_arch_version, rope_utils.fused_apply_rotary_pos_emb, model.detect_kernels)
     arguments.get_device_arch_version = lambda: 9
     rope_utils.fused_apply_rotary_pos_emb = rope_utils.fused_apply_rotary_pos_emb or (lambda *a, **k: None)
-    model.detect_kernels = lambda config: model.KernelSupport(
+    model.detect_kernels = lambda device: model.KernelSupport(
         cuda=True, transformer_engine=True, te_rope=True, apex_grad_accum=True, fused_softmax=True
     )
     try:
@@ -307,7 +307,16 @@ def kumihimo_side(case: Case) -> dict:
 
     config = configtree.load(TrainConfig, REPO / case.recipe)
     layout = ParallelLayout.from_config(config, case.world_size)
-    values = dataclass_fields("transformer", transformer_config(config, layout))
+    tconfig = transformer_config(
+        config.model,
+        config.precision,
+        config.parallelism,
+        config.fusions,
+        layout,
+        device=config.runtime.device,
+        deterministic=config.runtime.deterministic,
+    )
+    values = dataclass_fields("transformer", tconfig)
     values.update(
         dataclass_fields(
             "optimizer", build_optimizer_config(config.optimizer, config.precision, config.parallelism)

@@ -211,7 +211,7 @@ def check_config_needs(report: Report, config) -> None:
         )
     from kumihimo.pretrain.model import describe_fusions, resolve_fusions
 
-    choices = resolve_fusions(config)
+    choices = resolve_fusions(config.model, config.fusions, config.runtime.device)
     # a GPU run without a kernel it asked for is slower than the recipe's source run: say so
     missing = config.runtime.device == "cuda" and any(
         not c.on and not c.reason.startswith(("fusions.", "unused")) for c in choices

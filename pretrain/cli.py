@@ -105,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
         from kumihimo.pretrain.model import describe_fusions, resolve_fusions
 
         print(f"config OK: {layout.describe()}")
-        print(f"fusions {describe_fusions(resolve_fusions(config))}")
+        print(
+            f"fusions {describe_fusions(resolve_fusions(config.model, config.fusions, config.runtime.device))}"
+        )
         return 0
     if not launched and args.nproc_per_node > 1:
         return _spawn_local(args)

@@ -1,4 +1,5 @@
-"""The Llama-style decoder on Megatron-Core, built from the config in one explicit function.
+"""The Llama-style decoder on Megatron-Core, built in one explicit function from the sections it needs
+(model, precision, parallelism, fusions), never the whole run config.
 
 Why GPTModel and not HybridModel: megatron-core 0.19 marks GPTModel deprecated in favour of
 HybridModel, but HybridModel splits every transformer block into separate attention and MLP layers
@@ -43,7 +44,7 @@ from kumihimo.pretrain import moe
 from kumihimo.pretrain.rope import attention_softmax_scale, rope_inv_freq
 
 if TYPE_CHECKING:
-    from kumihimo.pretrain.config import TrainConfig
+    from kumihimo.pretrain.config import FusionConfig, ModelConfig, ParallelismConfig, PrecisionConfig
     from kumihimo.pretrain.parallel import ParallelLayout
 
 
@@ -290,11 +291,12 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def detect_kernels(config: TrainConfig) -> KernelSupport:
-    """The one place the GPU stack is probed for fusions (tests replace it to choose as on a GPU node)."""
+def detect_kernels(device: str) -> KernelSupport:
+    """The one place the GPU stack is probed for fusions (tests replace it to choose as on a GPU node);
+    `device` is runtime.device."""
     from megatron.core.models.common.embeddings import rope_utils
 
-    cuda = config.runtime.device == "cuda" and torch.cuda.is_available()
+    cuda = device == "cuda" and torch.cuda.is_available()
     return KernelSupport(
         cuda=cuda,
         transformer_engine=transformer_engine_available(),
@@ -314,19 +316,20 @@ class FusionChoice:
     reason: str = ""
 
 
-def resolve_fusions(config: TrainConfig, support: KernelSupport | None = None) -> list[FusionChoice]:
+def resolve_fusions(
+    model: ModelConfig, wanted: FusionConfig, device: str, support: KernelSupport | None = None
+) -> list[FusionChoice]:
     """Each `fusions.` field as the run will use it: asked for and available, or off with the reason."""
-    support = support or detect_kernels(config)
-    impl = resolve_transformer_impl(config, support)
-    wanted = config.fusions
-    no_gpu = "runtime.device=cpu" if config.runtime.device == "cpu" else "no CUDA device"
+    support = support or detect_kernels(device)
+    impl = resolve_transformer_impl(model, device, support)
+    no_gpu = "runtime.device=cpu" if device == "cpu" else "no CUDA device"
     # Megatron's fused masked softmax serves only its own unfused attention
-    if impl == "transformer_engine" or config.model.local_attention == "sdpa":
+    if impl == "transformer_engine" or model.local_attention == "sdpa":
         owner = "Transformer Engine" if impl == "transformer_engine" else "torch SDPA"
         softmax = f"unused: {owner} attention has its own softmax"
     else:
         softmax = None if support.fused_softmax else "needs apex's scaled_upper_triang_masked_softmax_cuda"
-    if config.model.z_loss_coeff:  # the model returns logits and pretrain/loss.py computes the loss
+    if model.z_loss_coeff:  # the model returns logits and pretrain/loss.py computes the loss
         cross_entropy = "unused: the z-loss computes the loss outside the model"
     elif wanted.cross_entropy_fusion_impl == "te" and not support.transformer_engine:
         cross_entropy = "needs Transformer Engine (fusions.cross_entropy_fusion_impl=te)"
@@ -370,11 +373,12 @@ def describe_fusions(choices: list[FusionChoice]) -> str:
     return f"on: {', '.join(on) or 'none'}" + (f"; off: {off}" if off else "")
 
 
-def resolve_transformer_impl(config: TrainConfig, support: KernelSupport | None = None) -> str:
-    impl = config.model.transformer_impl
+def resolve_transformer_impl(model: ModelConfig, device: str, support: KernelSupport | None = None) -> str:
+    """model.transformer_impl with `auto` decided: TE layers on a CUDA run where TE imports."""
+    impl = model.transformer_impl
     te = support.transformer_engine if support is not None else transformer_engine_available()
     if impl == "auto":
-        return "transformer_engine" if config.runtime.device == "cuda" and te else "local"
+        return "transformer_engine" if device == "cuda" and te else "local"
     if impl == "transformer_engine" and not te:
         raise UserError(
             "model.transformer_impl=transformer_engine but Transformer Engine is not installed; "
@@ -383,11 +387,11 @@ def resolve_transformer_impl(config: TrainConfig, support: KernelSupport | None 
     return impl
 
 
-def check_fp8_possible(config: TrainConfig) -> None:
+def check_fp8_possible(model: ModelConfig, precision: PrecisionConfig, device: str) -> None:
     """FP8 needs the Transformer Engine layers and a Hopper (sm_90) or newer GPU: say so before building."""
-    if config.precision.fp8 is None:
+    if precision.fp8 is None:
         return
-    if resolve_transformer_impl(config) != "transformer_engine":
+    if resolve_transformer_impl(model, device) != "transformer_engine":
         raise UserError(
             "precision.fp8 needs Transformer Engine, which is not installed here; "
             "pip install -e '.[te]' from the checkout on the GPU nodes or set precision.fp8=null"
@@ -398,7 +402,7 @@ def check_fp8_possible(config: TrainConfig) -> None:
             f"precision.fp8 needs a Hopper (sm_90) or newer GPU; this one is sm_{major}{minor}. "
             "Set precision.fp8=null to train in BF16"
         )
-    if config.precision.fp8_recipe == "mxfp8" and major < 10:
+    if precision.fp8_recipe == "mxfp8" and major < 10:
         raise UserError(
             f"precision.fp8_recipe=mxfp8 needs a Blackwell GPU; this one is sm_{major}{minor}. "
             "Use delayed or tensorwise on Hopper"
@@ -408,54 +412,59 @@ def check_fp8_possible(config: TrainConfig) -> None:
 _USERBUFFERS_READY = False
 
 
-def initialize_tp_comm_overlap(config: TrainConfig, layout: ParallelLayout) -> None:
+def initialize_tp_comm_overlap(
+    model: ModelConfig,
+    precision: PrecisionConfig,
+    parallelism: ParallelismConfig,
+    layout: ParallelLayout,
+    *,
+    micro_batch_size: int,
+    device: str,
+) -> None:
     """Transformer Engine's userbuffers for parallelism.tp_comm_overlap, sized as Megatron-LM sizes them
-    (one micro-batch of tokens per CP rank x hidden); once per process, after the process groups."""
+    (one micro-batch of tokens per CP rank x hidden, `micro_batch_size` being schedule.micro_batch_size);
+    once per process, after the process groups."""
     global _USERBUFFERS_READY
-    if not config.parallelism.tp_comm_overlap or _USERBUFFERS_READY:
+    if not parallelism.tp_comm_overlap or _USERBUFFERS_READY:
         return
-    if resolve_transformer_impl(config) != "transformer_engine":
+    if resolve_transformer_impl(model, device) != "transformer_engine":
         raise UserError(
             "parallelism.tp_comm_overlap needs Transformer Engine layers, which are not in use here; "
             "pip install -e '.[te]' from the checkout on the GPU nodes or set parallelism.tp_comm_overlap=false"
         )
     from transformer_engine.pytorch.module import base
 
-    prec = config.precision
-    shape = [
-        config.model.seq_length * config.schedule.micro_batch_size // layout.cp,
-        config.model.hidden_size,
-    ]
+    shape = [model.seq_length * micro_batch_size // layout.cp, model.hidden_size]
     if hasattr(base, "UserBufferQuantizationMode"):  # TE >= 2.7
-        modes = [base.UserBufferQuantizationMode.FP8 if prec.fp8 else base.UserBufferQuantizationMode.NONE]
-        if prec.fp8 and prec.first_last_layers_bf16:
+        modes = [
+            base.UserBufferQuantizationMode.FP8 if precision.fp8 else base.UserBufferQuantizationMode.NONE
+        ]
+        if precision.fp8 and precision.first_last_layers_bf16:
             modes.append(base.UserBufferQuantizationMode.NONE)
         base.initialize_ub(shape=shape, tp_size=layout.tp, quantization_modes=modes, bootstrap_backend="nccl")
     else:
         base.initialize_ub(
-            shape=shape, tp_size=layout.tp, use_fp8=prec.fp8 is not None, bootstrap_backend="nccl"
+            shape=shape, tp_size=layout.tp, use_fp8=precision.fp8 is not None, bootstrap_backend="nccl"
         )
     _USERBUFFERS_READY = True
 
 
-def _fp8_fields(config: TrainConfig) -> dict:
-    prec = config.precision
-    if prec.fp8 is None:
+def _fp8_fields(precision: PrecisionConfig) -> dict:
+    if precision.fp8 is None:
         return {}
     return {
-        "fp8": prec.fp8,
-        "fp8_recipe": prec.fp8_recipe,
-        "fp8_margin": prec.fp8_margin,
-        "fp8_amax_history_len": prec.fp8_amax_history_len,
-        "fp8_amax_compute_algo": prec.fp8_amax_compute_algo,
-        "first_last_layers_bf16": prec.first_last_layers_bf16,
-        "num_layers_at_start_in_bf16": prec.num_layers_at_start_in_bf16,
-        "num_layers_at_end_in_bf16": prec.num_layers_at_end_in_bf16,
+        "fp8": precision.fp8,
+        "fp8_recipe": precision.fp8_recipe,
+        "fp8_margin": precision.fp8_margin,
+        "fp8_amax_history_len": precision.fp8_amax_history_len,
+        "fp8_amax_compute_algo": precision.fp8_amax_compute_algo,
+        "first_last_layers_bf16": precision.first_last_layers_bf16,
+        "num_layers_at_start_in_bf16": precision.num_layers_at_start_in_bf16,
+        "num_layers_at_end_in_bf16": precision.num_layers_at_end_in_bf16,
     }
 
 
-def _recompute_fields(config: TrainConfig) -> dict:
-    model = config.model
+def _recompute_fields(model: ModelConfig) -> dict:
     if model.recompute == "full":
         return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
     if model.recompute == "selective":
@@ -463,30 +472,37 @@ def _recompute_fields(config: TrainConfig) -> dict:
     return {}
 
 
-def _overlap_fields(config: TrainConfig, layout: ParallelLayout) -> dict:
+def _overlap_fields(parallelism: ParallelismConfig, layout: ParallelLayout) -> dict:
     """Pipeline p2p and TP communication overlap, as Megatron-LM's arguments set them."""
-    par = config.parallelism
-    overlap_p2p = par.overlap_p2p_comm
+    overlap_p2p = parallelism.overlap_p2p_comm
     if overlap_p2p is None:  # Megatron-LM: on by default, off without interleaving
         overlap_p2p = (layout.vpp or 1) > 1
     return {
         "overlap_p2p_comm": overlap_p2p,
         "batch_p2p_comm": not overlap_p2p,
-        "tp_comm_overlap": par.tp_comm_overlap,
+        "tp_comm_overlap": parallelism.tp_comm_overlap,
     }
 
 
 def transformer_config(
-    config: TrainConfig, layout: ParallelLayout, support: KernelSupport | None = None
+    model: ModelConfig,
+    precision: PrecisionConfig,
+    parallelism: ParallelismConfig,
+    fusions: FusionConfig,
+    layout: ParallelLayout,
+    *,
+    device: str,
+    deterministic: bool,
+    support: KernelSupport | None = None,
 ) -> TransformerConfig:
-    """Map our config onto Megatron's TransformerConfig: each fusion on where this machine has its
-    kernel (`resolve_fusions`), recompute and overlap as configured."""
-    model, precision = config.model, config.precision
+    """Map the model, precision, parallelism and fusions sections onto Megatron's TransformerConfig:
+    each fusion on where this machine has its kernel (`resolve_fusions`), recompute and overlap as
+    configured. `device` and `deterministic` are runtime.device and runtime.deterministic."""
     dtype = DTYPES[precision.params_dtype]
-    on_cpu = config.runtime.device == "cpu"
-    fusions = {choice.name: choice.on for choice in resolve_fusions(config, support)}
+    on_cpu = device == "cpu"
+    fused = {choice.name: choice.on for choice in resolve_fusions(model, fusions, device, support)}
     return TransformerConfig(
-        **_fp8_fields(config),
+        **_fp8_fields(precision),
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,
@@ -511,62 +527,62 @@ def transformer_config(
         virtual_pipeline_model_parallel_size=layout.vpp,
         context_parallel_size=layout.cp,
         cp_comm_type="p2p",  # Megatron-LM's default: TE's ring exchange of keys/values
-        sequence_parallel=config.parallelism.sequence_parallel,
+        sequence_parallel=parallelism.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         attention_softmax_in_fp32=precision.attention_softmax_in_fp32,
-        **fusions,
-        cross_entropy_fusion_impl=config.fusions.cross_entropy_fusion_impl,
+        **fused,
+        cross_entropy_fusion_impl=fusions.cross_entropy_fusion_impl,
         deallocate_pipeline_outputs=True,  # as Megatron-LM: PP sends free their output's data
-        deterministic_mode=config.runtime.deterministic,
-        **_recompute_fields(config),
-        **_overlap_fields(config, layout),
-        **moe.transformer_fields(model, config.parallelism),
+        deterministic_mode=deterministic,
+        **_recompute_fields(model),
+        **_overlap_fields(parallelism, layout),
+        **moe.transformer_fields(model, parallelism),
     )
 
 
-def layer_spec(config: TrainConfig, num_experts: int | None = None):
-    """One decoder layer: a dense SwiGLU MLP, or an MoELayer of `num_experts` experts."""
-    impl = resolve_transformer_impl(config)
-    grouped_gemm = num_experts is not None and config.model.moe.grouped_gemm
+def layer_spec(model: ModelConfig, impl: str, num_experts: int | None = None):
+    """One decoder layer: a dense SwiGLU MLP, or an MoELayer of `num_experts` experts; `impl` is
+    `resolve_transformer_impl`'s answer."""
+    grouped_gemm = num_experts is not None and model.moe.grouped_gemm
     if impl == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=num_experts, moe_grouped_gemm=grouped_gemm, qk_layernorm=config.model.qk_layernorm
+            num_experts=num_experts, moe_grouped_gemm=grouped_gemm, qk_layernorm=model.qk_layernorm
         )
     # normalization= is required: without it the local spec silently builds LayerNorm.
     spec = get_gpt_layer_local_spec(
         num_experts=num_experts,
         moe_grouped_gemm=grouped_gemm,
         normalization="RMSNorm",
-        qk_layernorm=config.model.qk_layernorm,
+        qk_layernorm=model.qk_layernorm,
     )
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
-    if config.model.qk_layernorm:  # per head: Megatron builds them with hidden_size=head_dim
+    if model.qk_layernorm:  # per head: Megatron builds them with hidden_size=head_dim
         spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
         spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
-    if config.model.local_attention == "sdpa":
+    if model.local_attention == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 
 
-def block_spec(config: TrainConfig, tconfig: TransformerConfig, vp_stage: int | None):
+def block_spec(model: ModelConfig, impl: str, tconfig: TransformerConfig, vp_stage: int | None):
     """The decoder block of one model chunk: the layer spec (dense or MoE per layer, `pretrain.moe`),
     plus our RMSNorm as the final norm for the local spec (Megatron would pick its torch wrapper, which
     refuses sequence parallelism)."""
-    te = resolve_transformer_impl(config) == "transformer_engine"
-    if te and not config.model.moe.enabled:
-        return layer_spec(config)
+    te = impl == "transformer_engine"
+    if te and not model.moe.enabled:
+        return layer_spec(model, impl)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
-    if config.model.moe.enabled:
+    if model.moe.enabled:
         first = get_transformer_layer_offset(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
-        specs = moe.decoder_layer_specs(config.model, partial(layer_spec, config), first, num_layers)
+        specs = moe.decoder_layer_specs(model, partial(layer_spec, model, impl), first, num_layers)
     else:
-        specs = [layer_spec(config)] * num_layers
+        specs = [layer_spec(model, impl)] * num_layers
     if te:
         from megatron.core.extensions.transformer_engine import TENorm
 
@@ -574,18 +590,40 @@ def block_spec(config: TrainConfig, tconfig: TransformerConfig, vp_stage: int | 
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)
 
 
-def build_model(config: TrainConfig, layout: ParallelLayout, padded_vocab_size: int) -> list[GPTModel]:
-    """This rank's model chunks (one, or VPP of them with interleaved pipelining), initialised."""
-    check_fp8_possible(config)
-    if config.model.moe.grouped_gemm and resolve_transformer_impl(config) != "transformer_engine":
+def build_model(
+    model: ModelConfig,
+    precision: PrecisionConfig,
+    parallelism: ParallelismConfig,
+    fusions: FusionConfig,
+    layout: ParallelLayout,
+    padded_vocab_size: int,
+    *,
+    device: str,
+    seed: int,
+    deterministic: bool,
+    micro_batch_size: int,
+    reset_position_ids: bool,
+) -> list[GPTModel]:
+    """This rank's model chunks (one, or VPP of them with interleaved pipelining), initialised.
+
+    Built from the model, precision, parallelism and fusions sections; the plain values are
+    runtime.device, runtime.seed, runtime.deterministic, schedule.micro_batch_size (sizes TE's
+    userbuffers) and data.reset_position_ids (RoPE then follows the batch's position ids)."""
+    check_fp8_possible(model, precision, device)
+    impl = resolve_transformer_impl(model, device)
+    if model.moe.grouped_gemm and impl != "transformer_engine":
         raise UserError(
             "model.moe.grouped_gemm needs Transformer Engine, which is not in use here; "
             "pip install -e '.[te]' from the checkout on the GPU nodes or set model.moe.grouped_gemm=false"
         )
-    initialize_tp_comm_overlap(config, layout)
-    tconfig = transformer_config(config, layout)
+    initialize_tp_comm_overlap(
+        model, precision, parallelism, layout, micro_batch_size=micro_batch_size, device=device
+    )
+    tconfig = transformer_config(
+        model, precision, parallelism, fusions, layout, device=device, deterministic=deterministic
+    )
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        log.info(f"fusions {describe_fusions(resolve_fusions(config))}")
+        log.info(f"fusions {describe_fusions(resolve_fusions(model, fusions, device))}")
     num_chunks = layout.vpp or 1
     chunks = []
     for vp_stage in range(num_chunks):
@@ -593,30 +631,24 @@ def build_model(config: TrainConfig, layout: ParallelLayout, padded_vocab_size: 
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         chunk = GPTModel(
             config=tconfig,
-            transformer_layer_spec=block_spec(config, tconfig, vp_stage if layout.vpp else None),
+            transformer_layer_spec=block_spec(model, impl, tconfig, vp_stage if layout.vpp else None),
             vocab_size=padded_vocab_size,
-            max_sequence_length=config.model.seq_length,
+            max_sequence_length=model.seq_length,
             pre_process=pre,
             post_process=post,
             parallel_output=True,
-            share_embeddings_and_output_weights=config.model.tie_word_embeddings,
+            share_embeddings_and_output_weights=model.tie_word_embeddings,
             position_embedding_type="rope",
-            rotary_base=config.model.rotary_base,
+            rotary_base=model.rotary_base,
             vp_stage=vp_stage if layout.vpp else None,
         )
-        device = (
-            torch.device("cpu")
-            if config.runtime.device == "cpu"
-            else torch.device("cuda", torch.cuda.current_device())
-        )
-        if config.model.rope_scaling.type != "none":  # Megatron's RotaryEmbedding has no such scaling
-            chunk.rotary_pos_emb.inv_freq = rope_inv_freq(config.model).to(
-                chunk.rotary_pos_emb.inv_freq.device
-            )
-        if config.data.reset_position_ids:
+        target = torch.device("cpu") if device == "cpu" else torch.device("cuda", torch.cuda.current_device())
+        if model.rope_scaling.type != "none":  # Megatron's RotaryEmbedding has no such scaling
+            chunk.rotary_pos_emb.inv_freq = rope_inv_freq(model).to(chunk.rotary_pos_emb.inv_freq.device)
+        if reset_position_ids:
             rope_follows_position_ids(chunk)
-        chunk.to(device)
-        init_parameters(chunk, config)
+        chunk.to(target)
+        init_parameters(chunk, model, seed)
         chunks.append(chunk)
     return chunks
 
@@ -653,7 +685,7 @@ def sharded_tensors(sharded_sd):
 
 
 @torch.no_grad()
-def init_parameters(chunk: GPTModel, config: TrainConfig) -> None:
+def init_parameters(chunk: GPTModel, model: ModelConfig, seed: int) -> None:
     """Draw every global tensor from a generator seeded by (seed, name, layer) and keep this rank's slice.
 
     Normal(0, std) weights (routers included), std / sqrt(2 * num_layers) for attention and MLP output
@@ -661,9 +693,8 @@ def init_parameters(chunk: GPTModel, config: TrainConfig) -> None:
     ones for RMSNorm weights (q/k norms included), zeros for biases (QKV). Each rank generates the
     full tensor of its layers (on its device), which costs a transient copy of one tensor and keeps
     init identical for any TP/PP/VPP. A tied output layer on the last pipeline stage is saved under
-    the embedding's key, so it draws the embedding's values.
+    the embedding's key, so it draws the embedding's values. `seed` is runtime.seed.
     """
-    model = config.model
     std = model.init_method_std
     out_std = std / math.sqrt(2.0 * model.num_layers) if model.scale_output_init else std
     seen: set[tuple] = set()
@@ -685,7 +716,7 @@ def init_parameters(chunk: GPTModel, config: TrainConfig) -> None:
             full = torch.zeros(global_shape, dtype=torch.float32, device=data.device)
         else:
             gen = torch.Generator(device=data.device)
-            gen.manual_seed(_tensor_seed(config.runtime.seed, st.key, layer_offsets))
+            gen.manual_seed(_tensor_seed(seed, st.key, layer_offsets))
             scale = out_std if st.key.endswith(_OUTPUT_PROJECTIONS) else std
             full = torch.empty(global_shape, dtype=torch.float32, device=data.device)
             full.normal_(0.0, scale, generator=gen)

@@ -238,7 +238,19 @@ class Trainer:
 
     def _build_model_and_optimizer(self) -> None:
         cfg = self.config
-        chunks = build_model(cfg, self.layout, self.padded_vocab)
+        chunks = build_model(
+            cfg.model,
+            cfg.precision,
+            cfg.parallelism,
+            cfg.fusions,
+            self.layout,
+            self.padded_vocab,
+            device=cfg.runtime.device,
+            seed=cfg.runtime.seed,
+            deterministic=cfg.runtime.deterministic,
+            micro_batch_size=cfg.schedule.micro_batch_size,
+            reset_position_ids=cfg.data.reset_position_ids,
+        )
         bf16 = cfg.precision.params_dtype == "bf16"
         if bf16:  # before DDP, else the optimizer's sharded state dict mismatches parameter ids
             chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]

@@ -110,3 +110,22 @@ def small_disk(tmp_path):
     yield mount
     for folder in mounts:
         subprocess.run(["umount", str(folder)], check=False)
+
+
+def build_run_model(config, layout, padded_vocab_size: int) -> list:
+    """`pretrain.model.build_model` handed the sections of a whole run config, as the trainer hands them."""
+    from kumihimo.pretrain.model import build_model
+
+    return build_model(
+        config.model,
+        config.precision,
+        config.parallelism,
+        config.fusions,
+        layout,
+        padded_vocab_size,
+        device=config.runtime.device,
+        seed=config.runtime.seed,
+        deterministic=config.runtime.deterministic,
+        micro_batch_size=config.schedule.micro_batch_size,
+        reset_position_ids=config.data.reset_position_ids,
+    )

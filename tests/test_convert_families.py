@@ -563,8 +563,8 @@ def _megatron_logits(layout: str, jobs_path: str, prompt_path: str, out_path: st
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from kumihimo.pretrain.checkpoint_format import SHARDING_METADATA, find_checkpoint, read_meta
-    from kumihimo.pretrain.model import build_model
     from kumihimo.pretrain.parallel import ParallelLayout
+    from tests.conftest import build_run_model
 
     tp, pp = LAYOUTS[layout]
     parallel_state.initialize_model_parallel(tp, pp)
@@ -579,7 +579,9 @@ def _megatron_logits(layout: str, jobs_path: str, prompt_path: str, out_path: st
         data["model"]["transformer_impl"] = "local"
         config = configtree.from_dict(TrainConfig, data)
         meta = read_meta(folder)
-        (model,) = build_model(config, ParallelLayout.from_config(config, tp * pp), meta["padded_vocab_size"])
+        (model,) = build_run_model(
+            config, ParallelLayout.from_config(config, tp * pp), meta["padded_vocab_size"]
+        )
         sharded = model.sharded_state_dict(metadata=SHARDING_METADATA)
         loaded = dist_checkpointing.load(sharded, str(folder))
         model.load_state_dict({key: value for key, value in loaded.items() if key in sharded})

@@ -548,8 +548,8 @@ def _save_megatron_model(pairs: list[str]) -> None:
     from kumihimo.core import configtree
     from kumihimo.pretrain import checkpoint_format, checkpointing
     from kumihimo.pretrain.config import TrainConfig
-    from kumihimo.pretrain.model import build_model
     from kumihimo.pretrain.parallel import ParallelLayout
+    from tests.conftest import build_run_model
 
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
@@ -567,7 +567,7 @@ def _save_megatron_model(pairs: list[str]) -> None:
             ],
         )
         padded = checkpoint_format.read_meta(folder)["padded_vocab_size"]
-        (model,) = build_model(config, ParallelLayout.from_config(config, 1), padded)
+        (model,) = build_run_model(config, ParallelLayout.from_config(config, 1), padded)
         if config.precision.params_dtype == "bf16":
             model = Float16Module(model.config, model)
         Path(out).mkdir()

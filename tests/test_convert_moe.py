@@ -512,8 +512,8 @@ def _megatron_logits(prompt_path: str, plan_path: str, out_path: str, save_root:
     from kumihimo.pretrain.checkpoint_format import SHARDING_METADATA, read_meta
     from kumihimo.pretrain.checkpointing import _model_sharded_state_dict
     from kumihimo.pretrain.config import TrainConfig
-    from kumihimo.pretrain.model import build_model
     from kumihimo.pretrain.parallel import ParallelLayout
+    from tests.conftest import build_run_model
 
     prompt = torch.load(prompt_path)
     world = dist.get_world_size()
@@ -535,7 +535,7 @@ def _megatron_logits(prompt_path: str, plan_path: str, out_path: str, save_root:
             data["schedule"] = {**data.get("schedule", {}), "global_batch_size": 2 * world // tp}
             config = configtree.from_dict(TrainConfig, data)
             meta = read_meta(folder)
-            (model,) = build_model(
+            (model,) = build_run_model(
                 config, ParallelLayout.from_config(config, world), meta["padded_vocab_size"]
             )
             sharded = model.sharded_state_dict(metadata=SHARDING_METADATA)

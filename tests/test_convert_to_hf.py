@@ -398,8 +398,8 @@ def _megatron_reference(prompt_path: str, out_path: str, roots: list[str]) -> No
     from kumihimo.core import configtree
     from kumihimo.pretrain.checkpoint_format import SHARDING_METADATA, read_meta
     from kumihimo.pretrain.config import TrainConfig
-    from kumihimo.pretrain.model import build_model
     from kumihimo.pretrain.parallel import ParallelLayout
+    from tests.conftest import build_run_model
 
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
@@ -412,7 +412,7 @@ def _megatron_reference(prompt_path: str, out_path: str, roots: list[str]) -> No
         data.setdefault("runtime", {})["device"] = "cpu"  # from-hf checkpoints record the default, cuda
         config = configtree.from_dict(TrainConfig, data)
         meta = read_meta(folder)
-        (model,) = build_model(config, ParallelLayout.from_config(config, 1), meta["padded_vocab_size"])
+        (model,) = build_run_model(config, ParallelLayout.from_config(config, 1), meta["padded_vocab_size"])
         sharded = model.sharded_state_dict(metadata=SHARDING_METADATA)
         loaded = dist_checkpointing.load(sharded, str(folder))  # also returns the common (non-model) state
         model.load_state_dict({key: value for key, value in loaded.items() if key in sharded})

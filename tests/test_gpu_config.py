@@ -52,12 +52,21 @@ def te_rope(monkeypatch):
 
 
 def on_gpu_node(monkeypatch, support: KernelSupport) -> None:
-    monkeypatch.setattr(model_module, "detect_kernels", lambda config: support)
+    monkeypatch.setattr(model_module, "detect_kernels", lambda device: support)
 
 
 def built(recipe: str, world: int, *overrides: str):
     config = configtree.load(TrainConfig, recipe, list(overrides))
-    return config, transformer_config(config, ParallelLayout.from_config(config, world))
+    layout = ParallelLayout.from_config(config, world)
+    return config, transformer_config(
+        config.model,
+        config.precision,
+        config.parallelism,
+        config.fusions,
+        layout,
+        device=config.runtime.device,
+        deterministic=config.runtime.deterministic,
+    )
 
 
 def test_172b_on_a_gpu_node_runs_megatron_lms_fusions_and_llmjp_settings(monkeypatch, te_rope):
@@ -87,7 +96,7 @@ def test_without_te_and_apex_the_gpu_keeps_the_jit_fusions_and_says_why_the_rest
         "bias_activation_fusion",
         "bias_dropout_fusion",
     }
-    line = describe_fusions(resolve_fusions(config))
+    line = describe_fusions(resolve_fusions(config.model, config.fusions, config.runtime.device))
     assert line.startswith("on: bias_activation_fusion, bias_dropout_fusion; off: ")
     assert "persist_layer_norm (unused: local layers use torch RMSNorm)" in line
     assert "gradient_accumulation_fusion (needs apex's fused_weight_gradient_mlp_cuda)" in line
@@ -108,14 +117,14 @@ def test_cross_entropy_fusion_is_an_option_unused_with_z_loss(monkeypatch, te_ro
     )
     assert tc.cross_entropy_loss_fusion is False
     assert "cross_entropy_loss_fusion (unused: the z-loss computes the loss outside the model)" in (
-        describe_fusions(resolve_fusions(config))
+        describe_fusions(resolve_fusions(config.model, config.fusions, config.runtime.device))
     )
 
 
 def test_cpu_runs_every_fusion_off_and_says_so():
     config, tc = built("configs/pretrain/tiny-cpu.yaml", 1, "fusions.cross_entropy_loss_fusion=true")
     assert not any(getattr(tc, name) for name in FUSIONS)
-    assert describe_fusions(resolve_fusions(config)) == (
+    assert describe_fusions(resolve_fusions(config.model, config.fusions, config.runtime.device)) == (
         "on: none; off: " + ", ".join(FUSIONS) + " (runtime.device=cpu)"
     )
 
@@ -170,4 +179,11 @@ def test_tp_comm_overlap_without_transformer_engine_is_refused_before_any_buffer
         ],
     )
     with pytest.raises(UserError, match=r"parallelism\.tp_comm_overlap needs Transformer Engine layers"):
-        initialize_tp_comm_overlap(config, ParallelLayout.from_config(config, 2))
+        initialize_tp_comm_overlap(
+            config.model,
+            config.precision,
+            config.parallelism,
+            ParallelLayout.from_config(config, 2),
+            micro_batch_size=config.schedule.micro_batch_size,
+            device=config.runtime.device,
+        )

@@ -195,7 +195,12 @@ from kumihimo.pretrain.parallel import ParallelLayout
 config = configtree.load(TrainConfig, sys.argv[1], ["model.num_layers=2"])
 parallel_state.initialize_model_parallel(1, 1)
 model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
-(chunk,) = build_model(config, ParallelLayout.from_config(config, 1), 1024)
+c = config
+(chunk,) = build_model(
+    c.model, c.precision, c.parallelism, c.fusions, ParallelLayout.from_config(c, 1), 1024,
+    device=c.runtime.device, seed=c.runtime.seed, deterministic=c.runtime.deterministic,
+    micro_batch_size=c.schedule.micro_batch_size, reset_position_ids=c.data.reset_position_ids,
+)
 weight = chunk.decoder.layers[1].mlp.experts.local_experts[2].linear_fc1.weight
 with torch.no_grad():
     weight[3, 5] = float("nan")

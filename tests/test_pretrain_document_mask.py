@@ -264,8 +264,9 @@ def _logits_worker(checkpoint: str, out_path: str, tp: int, cp: int) -> None:
     from kumihimo.core import configtree
     from kumihimo.pretrain.checkpoint_format import SHARDING_METADATA, iteration_dir, read_latest, read_meta
     from kumihimo.pretrain.data import document_ids
-    from kumihimo.pretrain.model import build_model, context_parallel_positions, slice_for_context_parallel
+    from kumihimo.pretrain.model import context_parallel_positions, slice_for_context_parallel
     from kumihimo.pretrain.parallel import ParallelLayout
+    from tests.conftest import build_run_model
 
     parallel_state.initialize_model_parallel(tp, 1, context_parallel_size=cp)
     model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
@@ -274,7 +275,7 @@ def _logits_worker(checkpoint: str, out_path: str, tp: int, cp: int) -> None:
     data["parallelism"] = {"tensor_model_parallel_size": tp, "context_parallel_size": cp}
     config = configtree.from_dict(TrainConfig, data)
     meta = read_meta(folder)
-    (model,) = build_model(config, ParallelLayout.from_config(config, tp * cp), meta["padded_vocab_size"])
+    (model,) = build_run_model(config, ParallelLayout.from_config(config, tp * cp), meta["padded_vocab_size"])
     sharded = model.sharded_state_dict(metadata=SHARDING_METADATA)
     loaded = dist_checkpointing.load(sharded, str(folder))
     model.load_state_dict({key: value for key, value in loaded.items() if key in sharded})

@@ -231,7 +231,19 @@ def load_checkpoint_backend(
             f"{folder} was saved with a padded vocabulary of {meta['padded_vocab_size']} but TP={layout.tp} pads "
             f"to {padded}; evaluate at a tensor-parallel size that pads the same (e.g. the training one)"
         )
-    chunks = build_model(config, layout, padded)
+    chunks = build_model(
+        config.model,
+        config.precision,
+        config.parallelism,
+        config.fusions,
+        layout,
+        padded,
+        device=config.runtime.device,
+        seed=config.runtime.seed,
+        deterministic=config.runtime.deterministic,
+        micro_batch_size=config.schedule.micro_batch_size,
+        reset_position_ids=config.data.reset_position_ids,
+    )
     for chunk in chunks:
         chunk.eval()
     checkpointing.load_weights(folder, chunks)
