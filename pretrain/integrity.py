@@ -21,6 +21,7 @@ import yaml
 from kumihimo.core.configtree import ConfigError, to_dict
 from kumihimo.core.errors import UserError
 from kumihimo.pretrain import data_inspection
+from kumihimo.pretrain.config import ModelConfig, OptimizerConfig, ParallelismConfig, ScheduleConfig
 from kumihimo.pretrain.distributed import unwrap
 from kumihimo.pretrain.optimizer import build_scheduler
 from kumihimo.pretrain.parallel import padded_vocab_size
@@ -76,7 +77,7 @@ def check_resume(
             f"{folder} holds another model shape ({'; '.join(diffs)}); resume with the checkpoint's model "
             f"settings (its {config_file.name}) or start a new run (new checkpoint.dir)"
         )
-    check_expert_layout(meta, folder, config)
+    check_expert_layout(meta, folder, config.model, config.parallelism)
     saved = meta.get("data_fingerprint")
     if saved is None and branch:  # a source older than fingerprints: only its tokenizer can be compared
         saved = {"tokenizer_sha256": (meta.get("tokenizer") or {}).get("sha256")}
@@ -118,7 +119,7 @@ def check_resume(
             f"note: {'; '.join(lr_changes)} since {folder.name}: the schedule continues at its step with "
             "the new values (Adam's moments and step count are kept)"
         )
-    schedule_note = _schedule_change_note(saved_config, folder, config)
+    schedule_note = _schedule_change_note(saved_config, folder, config.schedule, config.optimizer)
     if schedule_note:
         notes.append(schedule_note)
     if changes:
@@ -129,14 +130,14 @@ def check_resume(
     return notes
 
 
-def check_expert_layout(meta: dict, folder: Path, config) -> None:
+def check_expert_layout(meta: dict, folder: Path, model: ModelConfig, parallelism: ParallelismConfig) -> None:
     """Megatron keeps the optimizer state of an MoE as two optimizers (dense parameters and experts,
     saved as chained_0 and chained_1) only when EP > 1, and as one at EP = 1, so the optimizer state
     does not load across that boundary; the weights do (checkpoint.pretrained, evaluation)."""
-    if not config.model.moe.enabled:
+    if not model.moe.enabled:
         return
     saved_ep = (meta.get("layout") or {}).get("ep", 1)
-    now_ep = config.parallelism.expert_model_parallel_size
+    now_ep = parallelism.expert_model_parallel_size
     if (saved_ep > 1) != (now_ep > 1):
         raise ConfigError(
             f"{folder} was saved at expert_model_parallel_size={saved_ep}, whose optimizer state does not "
@@ -157,7 +158,9 @@ SCHEDULE_KEYS = (
 """The schedule settings that shape the learning rate (exit_after_iters and batch sizes do not)."""
 
 
-def _schedule_change_note(saved_config: dict, folder: Path, config) -> str | None:
+def _schedule_change_note(
+    saved_config: dict, folder: Path, schedule: ScheduleConfig, optimizer: OptimizerConfig
+) -> str | None:
     """A note naming each schedule setting changed since the checkpoint and the learning rate at the
     resumed step under the checkpoint's schedule and under this run's (which applies: see
     checkpointing._load_schedule). None when the effective schedule is the same."""
@@ -165,8 +168,8 @@ def _schedule_change_note(saved_config: dict, folder: Path, config) -> str | Non
 
     saved_schedule = saved_config.get("schedule") or {}
     known = {key: saved_schedule[key] for key in SCHEDULE_KEYS if key in saved_schedule}
-    old = dataclasses.replace(config.schedule, **known)
-    new = config.schedule
+    old = dataclasses.replace(schedule, **known)
+    new = schedule
 
     def shape(schedule) -> tuple:
         wsd = schedule.lr_decay_style == "WSD"
@@ -194,23 +197,20 @@ def _schedule_change_note(saved_config: dict, folder: Path, config) -> str | Non
         for key in ("lr", "min_lr")
         if isinstance(saved_optimizer.get(key), int | float)
     }
-    before = _learning_rate_at(
-        dataclasses.replace(config, schedule=old, optimizer=dataclasses.replace(config.optimizer, **old_lr)),
-        step,
-    )
-    after = _learning_rate_at(config, step)
+    before = _learning_rate_at(dataclasses.replace(optimizer, **old_lr), old, step)
+    after = _learning_rate_at(optimizer, new, step)
     return (
         f"note: {changed} since {folder.name}: this run's schedule applies from step {step} "
         f"(learning rate there {before:.4g} under the checkpoint's schedule, {after:.4g} under this run's)"
     )
 
 
-def _learning_rate_at(config, step: int) -> float:
-    """The learning rate `config`'s schedule gives after `step` steps (what the trainer's scheduler gives)."""
-    optimizer = torch.optim.SGD([torch.zeros(1)], lr=0.0)
-    scheduler = build_scheduler(config.optimizer, config.schedule, optimizer)
+def _learning_rate_at(optimizer: OptimizerConfig, schedule: ScheduleConfig, step: int) -> float:
+    """The learning rate a schedule gives after `step` steps (what the trainer's scheduler gives)."""
+    probe = torch.optim.SGD([torch.zeros(1)], lr=0.0)
+    scheduler = build_scheduler(optimizer, schedule, probe)
     scheduler.step(increment=step)
-    return scheduler.get_lr(optimizer.param_groups[0])
+    return scheduler.get_lr(probe.param_groups[0])
 
 
 def check_pretrained(
