@@ -499,6 +499,19 @@ class Trainer:
         result.state = self.state
         return result
 
+    def _forward_backward(self, iterators: list, forward_only: bool) -> list:
+        """One step's micro-batches through Megatron's schedule (pipelined and interleaved as the layout
+        says): the losses it returns, with gradients accumulated unless `forward_only`."""
+        return get_forward_backward_func()(
+            forward_step_func=self.forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=self.layout.num_microbatches,
+            seq_length=self.config.model.seq_length,
+            micro_batch_size=self.layout.micro_batch_size,
+            forward_only=forward_only,
+        )
+
     @property
     def forward_step(self):
         return partial(forward_step, z_loss_coeff=self.config.model.z_loss_coeff, meter=self.memory_meter)
@@ -534,15 +547,7 @@ class Trainer:
             )
             for _ in self.model
         ]
-        losses = get_forward_backward_func()(
-            forward_step_func=self.forward_step,
-            data_iterator=iterators if len(iterators) > 1 else iterators[0],
-            model=self.model if len(self.model) > 1 else self.model[0],
-            num_microbatches=self.layout.num_microbatches,
-            seq_length=self.config.model.seq_length,
-            micro_batch_size=self.layout.micro_batch_size,
-            forward_only=False,
-        )
+        losses = self._forward_backward(iterators, forward_only=False)
         self.stragglers.end_step()
         fault_injection.inject("collective", rank, step)
         loss = self._reduce_loss(losses)
@@ -620,15 +625,7 @@ class Trainer:
                     microbatches(self.datasets.valid if dataset is None else dataset, indices, self.device)
                     for _ in self.model
                 ]
-                gathered += get_forward_backward_func()(
-                    forward_step_func=self.forward_step,
-                    data_iterator=iterators if len(iterators) > 1 else iterators[0],
-                    model=self.model if len(self.model) > 1 else self.model[0],
-                    num_microbatches=self.layout.num_microbatches,
-                    seq_length=self.config.model.seq_length,
-                    micro_batch_size=self.layout.micro_batch_size,
-                    forward_only=True,
-                )
+                gathered += self._forward_backward(iterators, forward_only=True)
         finally:  # an evaluation that raises (a caught stop, a bad batch) must not leave dropout off
             for chunk in self.model:
                 chunk.train()

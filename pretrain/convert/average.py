@@ -47,6 +47,7 @@ from kumihimo.pretrain.convert.dcp_files import (
     pickled_object,
     save_streamed,
     staged_output,
+    weights_only_meta,
 )
 from kumihimo.pretrain.convert.from_hf import TOKENIZER_DIR, Chunk, plan_chunks, write_item_for
 from kumihimo.pretrain.convert.mapping import LlamaDims
@@ -266,9 +267,6 @@ def copy_tokenizer(source: Source, output_root: Path, staging_root: Path) -> dic
 def output_meta(
     sources: list[Source], weights: list[float], tokenizer: dict[str, Any] | None
 ) -> dict[str, Any]:
-    import megatron.core
-
-    from kumihimo import __version__
 
     first = sources[0]
     total = sum(weights)
@@ -288,22 +286,9 @@ def output_meta(
     hf_rows = {checkpoint_format.imported_vocab_rows(source.meta, source.config) for source in sources}
     if len(hf_rows) == 1 and isinstance(next(iter(hf_rows)), int):
         source_info["hf_vocab_size"] = next(iter(hf_rows))
-    return {
-        "format": "kumihimo-torch_dist-v1",
-        "weights_only": True,
-        "vocab_size": first.meta["vocab_size"],
-        "padded_vocab_size": first.meta["padded_vocab_size"],
-        "tokenizer": tokenizer,
-        "data": None,
-        "source": source_info,
-        "versions": {
-            "kumihimo": __version__,
-            "megatron.core": megatron.core.__version__,
-            "torch": torch.__version__,
-        },
-        "train_state": checkpoint_format.TrainState().__dict__,
-        "layout": {"world_size": 1, "tp": 1, "pp": 1, "cp": 1, "dp": 1, "vpp": None},
-    }
+    return weights_only_meta(
+        first.meta["vocab_size"], first.meta["padded_vocab_size"], tokenizer, source_info
+    )
 
 
 def average_checkpoints(

@@ -169,3 +169,31 @@ def copy_hf_tokenizer(source: Path, target: Path, extra: tuple[str, ...] = ()) -
             shutil.copyfile(folder / name, target / name)
             copied.append(name)
     return copied
+
+
+def weights_only_meta(
+    vocab_size: int, padded_vocab_size: int, tokenizer: dict[str, Any] | None, source: dict[str, Any]
+) -> dict[str, Any]:
+    """kumihimo.json of a weights-only checkpoint that a converter writes (from-hf, average, upcycle):
+    one process's layout, a fresh train state, what it came from (`source`) and the versions that wrote it."""
+    import megatron.core
+
+    from kumihimo import __version__
+    from kumihimo.pretrain.checkpoint_format import TrainState
+
+    return {
+        "format": "kumihimo-torch_dist-v1",
+        "weights_only": True,
+        "vocab_size": vocab_size,
+        "padded_vocab_size": padded_vocab_size,
+        "tokenizer": tokenizer,
+        "data": None,
+        "source": source,
+        "versions": {
+            "kumihimo": __version__,
+            "megatron.core": megatron.core.__version__,
+            "torch": torch.__version__,
+        },
+        "train_state": TrainState().__dict__,
+        "layout": {"world_size": 1, "tp": 1, "pp": 1, "cp": 1, "dp": 1, "vpp": None},
+    }

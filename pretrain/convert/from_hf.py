@@ -51,6 +51,7 @@ from kumihimo.pretrain.convert.dcp_files import (
     plain_tensor_properties,
     save_streamed,
     staged_output,
+    weights_only_meta,
 )
 from kumihimo.pretrain.convert.mapping import (
     TRANSFORMS,
@@ -787,34 +788,16 @@ def write_checkpoint(folder: Path, tensors: HFTensors, dims: LlamaDims, dtype: t
 
 
 def _meta(hf: HFModel, vocab: int, padded: int, tokenizer, tokenizer_path: Path | None) -> dict[str, Any]:
-    import megatron.core
-
-    from kumihimo import __version__
-
     identity = None
     if tokenizer is not None:
         identity = {**tokenizer.identity(), "path": str(tokenizer_path)}
-    return {
-        "format": "kumihimo-torch_dist-v1",
-        "weights_only": True,
-        "vocab_size": vocab,
-        "padded_vocab_size": padded,
-        "tokenizer": identity,
-        "data": None,
-        "source": {
-            "hf_model": str(hf.folder.resolve()),
-            "hf_model_type": hf.config.get("model_type"),
-            "hf_vocab_size": hf.config["vocab_size"],
-            "hf_dtype": str(hf.dtype).removeprefix("torch."),
-        },
-        "versions": {
-            "kumihimo": __version__,
-            "megatron.core": megatron.core.__version__,
-            "torch": torch.__version__,
-        },
-        "train_state": checkpoint_format.TrainState().__dict__,
-        "layout": {"world_size": 1, "tp": 1, "pp": 1, "cp": 1, "dp": 1, "vpp": None},
+    source = {
+        "hf_model": str(hf.folder.resolve()),
+        "hf_model_type": hf.config.get("model_type"),
+        "hf_vocab_size": hf.config["vocab_size"],
+        "hf_dtype": str(hf.dtype).removeprefix("torch."),
     }
+    return weights_only_meta(vocab, padded, identity, source)
 
 
 def convert_from_hf(

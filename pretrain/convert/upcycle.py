@@ -52,7 +52,12 @@ from kumihimo.core.progress import Progress
 from kumihimo.pretrain import checkpoint_format
 from kumihimo.pretrain.config import BranchConfig, TrainConfig, check_model_fits_layout
 from kumihimo.pretrain.convert.average import copy_tokenizer
-from kumihimo.pretrain.convert.dcp_files import pickled_object, save_streamed, staged_output
+from kumihimo.pretrain.convert.dcp_files import (
+    pickled_object,
+    save_streamed,
+    staged_output,
+    weights_only_meta,
+)
 from kumihimo.pretrain.convert.from_hf import Chunk, plan_chunks, write_item_for
 from kumihimo.pretrain.convert.mapping import LlamaDims, global_rules, layer_rules, stored_index, stored_key
 from kumihimo.pretrain.convert.to_hf import Source, check_architecture, open_checkpoint
@@ -202,9 +207,6 @@ class _UpcyclingSavePlanner(DefaultSavePlanner):
 
 
 def output_meta(source: Source, ratio: float, seed: int, tokenizer: dict[str, Any] | None) -> dict[str, Any]:
-    import megatron.core
-
-    from kumihimo import __version__
 
     info: dict[str, Any] = {
         "upcycled_from": {
@@ -219,22 +221,7 @@ def output_meta(source: Source, ratio: float, seed: int, tokenizer: dict[str, An
     rows = checkpoint_format.imported_vocab_rows(source.meta, source.config)
     if isinstance(rows, int):  # rows of an imported model beyond its tokenizer go back on export
         info["hf_vocab_size"] = rows
-    return {
-        "format": "kumihimo-torch_dist-v1",
-        "weights_only": True,
-        "vocab_size": source.meta["vocab_size"],
-        "padded_vocab_size": source.meta["padded_vocab_size"],
-        "tokenizer": tokenizer,
-        "data": None,
-        "source": info,
-        "versions": {
-            "kumihimo": __version__,
-            "megatron.core": megatron.core.__version__,
-            "torch": torch.__version__,
-        },
-        "train_state": checkpoint_format.TrainState().__dict__,
-        "layout": {"world_size": 1, "tp": 1, "pp": 1, "cp": 1, "dp": 1, "vpp": None},
-    }
+    return weights_only_meta(source.meta["vocab_size"], source.meta["padded_vocab_size"], tokenizer, info)
 
 
 def upcycle_checkpoint(
