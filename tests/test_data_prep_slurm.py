@@ -21,11 +21,12 @@ import pytest
 from test_data_prep_pipeline import differing_outputs, write_corpus
 
 from kumihimo.core import configtree
+from kumihimo.data_prep import dedup_stages
 from kumihimo.data_prep.pipeline import curate
 from tests.slurm_cluster import PARTITION, SlurmCluster
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-JOBS_TIMEOUT_S = 300
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+JOBS_TIMEOUT_S = 1200  # 48 jobs since the label rounds (40 of them, each a no-op once settled)
 
 
 def _curate_command(config_path: Path, out: Path, logs: Path) -> list[str]:
@@ -86,7 +87,9 @@ def test_datatrove_slurm_curation_on_a_real_cluster_equals_the_local_run(cluster
     assert "Slurm jobs submitted" in submitted.stderr, submitted.stderr[-2000:]
     queue = cluster.run("squeue", "-h", "-o", "%i %j %E").stdout
     job_ids = json.loads((logs / "slurm_jobs.json").read_text())
-    assert len(job_ids) == 6, job_ids  # curate, exact, alive, bands, cluster, finish
+    # curate, then every dedup stage (the label stage once per round, SLURM_LABEL_ROUNDS of them), finish
+    stage_jobs = len(dedup_stages.STAGES) - 1 + dedup_stages.SLURM_LABEL_ROUNDS
+    assert len(job_ids) == 1 + stage_jobs + 1, job_ids
     curate_id = job_ids[0]
     for before in job_ids[:-1]:
         assert f"afterok:{before}" in queue, queue  # each job waits for the whole job (array) before it

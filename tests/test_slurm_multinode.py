@@ -397,7 +397,11 @@ def test_datatrove_array_tasks_spread_over_nodes_equal_the_local_run(multinode, 
     assert "Slurm jobs submitted" in submitted.stderr, submitted.stderr[-2000:]
     _wait_for_the_jobs(multinode, logs)
     job_ids = json.loads((logs / "slurm_jobs.json").read_text())
-    assert len(job_ids) == 6, job_ids  # curate, exact, alive, bands, cluster, finish
+    # curate, then every dedup stage (the label stage once per round, SLURM_LABEL_ROUNDS of them), finish
+    from kumihimo.data_prep import dedup_stages
+
+    stage_jobs = len(dedup_stages.STAGES) - 1 + dedup_stages.SLURM_LABEL_ROUNDS
+    assert len(job_ids) == 1 + stage_jobs + 1, job_ids
     records = multinode.jobs()
     array = [r for r in records if r.get("ArrayJobId") == job_ids[0]]
     later = [r for r in records if r.get("ArrayJobId") in job_ids[1:]]
