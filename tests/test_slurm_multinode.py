@@ -122,7 +122,9 @@ def dry_run_172b_on_64_nodes(launcher: str) -> str:
     return proc.stdout
 
 
-def submit(cluster: MultiNodeCluster, inputs, output_dir: Path, *options: str) -> tuple[str, Path]:
+def submit(
+    cluster: MultiNodeCluster, inputs, output_dir: Path, *options: str, env: dict | None = None
+) -> tuple[str, Path]:
     """`kumihimo slurm submit` the tiny recipe on 2 nodes x 2 processes; later overrides win."""
     proc = cluster.run(
         sys.executable,
@@ -144,6 +146,7 @@ def submit(cluster: MultiNodeCluster, inputs, output_dir: Path, *options: str) -
         "00:10:00",
         f"output_dir={output_dir}",
         *options,
+        env=env,
     )
     job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
     return job_id, output_dir / f"slurm-{job_id}.out"
@@ -425,30 +428,9 @@ def test_a_stopped_rank_on_the_second_node_is_named_and_the_job_requeued(multino
         "resilience.hang_timeout_floor_s=10",
         "resilience.hang_initial_timeout_s=120",
     )
-    proc = multinode.run(
-        sys.executable,
-        "-m",
-        "kumihimo.cli",
-        "slurm",
-        "submit",
-        TINY,
-        *COMMON,
-        *LAYOUT,
-        *inputs,
-        "--nodes",
-        "2",
-        "--gpus-per-node",
-        "2",
-        "--profile",
-        "local-cpu",
-        "--time",
-        "00:10:00",
-        f"output_dir={tmp_path}",
-        *options,
-        env=dict(multinode.env, KUMIHIMO_FAULT="stop:2:4"),
+    job_id, log = submit(
+        multinode, inputs, tmp_path, *options, env=dict(multinode.env, KUMIHIMO_FAULT="stop:2:4")
     )
-    job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
-    log = tmp_path / f"slurm-{job_id}.out"
     start = time.monotonic()
     try:
         multinode.wait(
