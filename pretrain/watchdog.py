@@ -28,6 +28,8 @@ This module imports no torch: the supervisor stays a small process.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import faulthandler
 import json
 import os
@@ -288,11 +290,14 @@ def dump_stacks(pid: int, folder: Path, stopped: bool, wait_s: float = 5.0) -> s
     """The Python stacks of every thread of `pid` (faulthandler's dump on STACK_SIGNAL).
 
     A stopped process is continued for the dump and stopped again as soon as the dump is written (a
-    few milliseconds): a SIGSTOP sent along with the SIGCONT would stop it before its handler ran."""
+    few milliseconds): a SIGSTOP sent along with the SIGCONT would stop it before its handler ran. The
+    signal goes to the main thread itself (signal_main_thread), which handles it on waking, before it
+    runs on: sent to the process, any thread may take it, and the main thread's frames would be read
+    while it runs past the point where it was stopped."""
     path = folder / _STACKS
     before = path.stat().st_size if path.exists() else 0
     try:
-        os.kill(pid, STACK_SIGNAL)
+        signal_main_thread(pid, STACK_SIGNAL)
         if stopped:
             os.kill(pid, signal.SIGCONT)
     except ProcessLookupError:
@@ -311,6 +316,21 @@ def dump_stacks(pid: int, folder: Path, stopped: bool, wait_s: float = 5.0) -> s
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGSTOP)
     return _read_from(path, before).rstrip()
+
+
+def signal_main_thread(pid: int, signum: int) -> None:
+    """Send `signum` to the main thread of process `pid` (whose thread id is the pid) with tgkill(2);
+    os.kill where the C library has no tgkill (glibc before 2.30, other systems)."""
+    try:
+        tgkill = ctypes.CDLL(None, use_errno=True).tgkill
+    except (OSError, AttributeError):
+        os.kill(pid, signum)
+        return
+    if tgkill(ctypes.c_int(pid), ctypes.c_int(pid), ctypes.c_int(int(signum))) != 0:
+        code = ctypes.get_errno()
+        if code == errno.ESRCH:
+            raise ProcessLookupError(code, os.strerror(code), pid)
+        raise OSError(code, os.strerror(code))
 
 
 def _read_from(path: Path, offset: int) -> str:

@@ -109,6 +109,44 @@ frozen_here()
 """
 
 
+STOPS_ITSELF_AMONG_THREADS = """
+import faulthandler, os, signal, sys, threading
+stacks = open(os.path.join(sys.argv[1], "stacks.txt"), "w")
+faulthandler.register(signal.SIGUSR2, file=stacks, all_threads=True)
+never = threading.Event()
+for _ in range(8):
+    threading.Thread(target=never.wait, daemon=True).start()
+def frozen_here():
+    os.kill(os.getpid(), signal.SIGSTOP)
+def moved_on():
+    while True:
+        pass
+frozen_here()
+moved_on()
+"""
+
+
+def test_the_stacks_of_a_stopped_process_show_where_its_main_thread_stopped(tmp_path):
+    """Sent to the process, the dump signal may be taken by any of its threads when it is continued,
+    while the main thread runs on (here into moved_on); sent to the main thread, it is handled there
+    before the main thread moves."""
+    for attempt in range(6):
+        folder = tmp_path / str(attempt)
+        folder.mkdir()
+        child = subprocess.Popen([sys.executable, "-c", STOPS_ITSELF_AMONG_THREADS, str(folder)])
+        try:
+            for _ in range(200):
+                if watchdog.process_state(child.pid) in ("T", "t"):
+                    break
+                time.sleep(0.05)
+            stacks = watchdog.dump_stacks(child.pid, folder, stopped=True)
+            main = [block for block in stacks.split("\n\n") if "<module>" in block]
+            assert len(main) == 1 and "in frozen_here" in main[0] and "in moved_on" not in main[0], stacks
+        finally:
+            child.kill()
+            child.wait()
+
+
 def test_a_stopped_process_gives_its_stacks_and_stays_stopped(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", STOPS_ITSELF, str(tmp_path)])
     try:
