@@ -6,10 +6,13 @@ executors and re-runs resumes). Then `DedupStageStep` runs each dedup stage of d
 key ranges, LSH band ranges and the clustering's owner ranges as executor.tasks tasks, the alive step
 and the summary as one task), so near duplicates are found across tasks without one process reading
 every signature or holding every pair. Last, `FinishStep` merges per source and writes the report.
-Locally the stages run one after the other (LocalPipelineExecutor), the label rounds until the labels
-settle; on Slurm, datatrove submits each as a job (an array for the multi-task ones, SLURM_LABEL_ROUNDS
-jobs for the label rounds) with `--dependency=afterok` on the one before, and this process returns at
-once.
+Locally the stages run one after the other (LocalPipelineExecutor); on Slurm, datatrove submits each as
+a job (an array for the multi-task ones) with `--dependency=afterok` on the one before, and this process
+returns at once. The label rounds are one task either way (run_label_rounds): each round needs every
+owner range of the round before and their number is known only when they settle, so the task runs
+round after round, the owner ranges of a round on its own pool of processes (one range each at a time).
+As separate jobs, every round would wait in the queue, and a fixed chain of them would have to guess
+the count.
 """
 
 from __future__ import annotations
@@ -37,14 +40,9 @@ from kumihimo.data_prep.curation import (
     finish_curation,
     prepare_run,
     run_dedup_task,
+    run_label_rounds,
 )
-from kumihimo.data_prep.dedup_stages import (
-    MAX_LABEL_ROUNDS,
-    ONE_TASK_STAGES,
-    SLURM_LABEL_ROUNDS,
-    STAGES,
-    stage_runs,
-)
+from kumihimo.data_prep.dedup_stages import ONE_TASK_STAGES, STAGES
 from kumihimo.data_prep.layout import RunLayout
 from kumihimo.data_prep.shards import plan_shards
 
@@ -74,13 +72,15 @@ class CurateShardsStep(_ConfigStep):
 
 
 class DedupStageStep(_ConfigStep):
-    """One dedup stage (dedup_stages.STAGES); task `rank` runs units rank, rank + world_size, ..."""
+    """One dedup stage (dedup_stages.STAGES); task `rank` runs units rank, rank + world_size, ...; the
+    label stage is one task that runs every round, on a pool of `workers` processes."""
 
     name = "kumihimo dedup stage"
 
-    def __init__(self, config: DataPrepConfig, stage: str):
+    def __init__(self, config: DataPrepConfig, stage: str, workers: int = 1):
         super().__init__(config)
         self.stage = stage
+        self.workers = workers
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         if data:
@@ -91,16 +91,14 @@ class DedupStageStep(_ConfigStep):
             plan_shards(self.config),
             dedup_tasks(self.config),
         )
+        if self.stage == "labels":
+            run_label_rounds(plan, self.workers)
+            return
         self.stat_update("bytes_read", value=run_dedup_task(plan, self.stage, rank, world_size))
 
 
 def _stage_tasks(config: DataPrepConfig, stage: str) -> int:
-    return 1 if stage in ONE_TASK_STAGES else dedup_tasks(config)
-
-
-def _stage_jobs(stage: str, rounds: int) -> list[str]:
-    """The name of each job a stage is run as: "labels" once per round."""
-    return [f"labels-{r:02d}" for r in range(rounds)] if stage == "labels" else [stage]
+    return 1 if stage in ONE_TASK_STAGES or stage == "labels" else dedup_tasks(config)
 
 
 class FinishStep(_ConfigStep):
@@ -166,19 +164,16 @@ def _slurm_executors(config: DataPrepConfig, logs: Path, num_tasks: int) -> Slur
     previous = shards
     for stage in STAGES:
         num_tasks = _stage_tasks(config, stage)
-        # the label rounds cannot be counted before the pairs exist: a fixed number is chained, each
-        # a no-op once the labels settle (decide says so if they have not)
-        for job in _stage_jobs(stage, SLURM_LABEL_ROUNDS):
-            previous = SlurmPipelineExecutor(
-                [DedupStageStep(config, stage)],
-                tasks=num_tasks,
-                workers=ex.workers or -1,
-                cpus_per_task=ex.slurm_cpus_per_task if num_tasks > 1 else ex.slurm_dedup_cpus,
-                job_name=f"kumihimo-dedup-{job}",
-                logging_dir=str(logs / f"dedup-{job}"),
-                depends=previous,
-                **common,
-            )
+        previous = SlurmPipelineExecutor(
+            [DedupStageStep(config, stage, workers=ex.slurm_dedup_cpus)],
+            tasks=num_tasks,
+            workers=ex.workers or -1,
+            cpus_per_task=ex.slurm_cpus_per_task if num_tasks > 1 else ex.slurm_dedup_cpus,
+            job_name=f"kumihimo-dedup-{stage}",
+            logging_dir=str(logs / f"dedup-{stage}"),
+            depends=previous,
+            **common,
+        )
     return SlurmPipelineExecutor(
         [FinishStep(config)],
         tasks=1,
@@ -263,18 +258,16 @@ def curate_with_datatrove(config: DataPrepConfig) -> CurationResult | None:
         start_method="spawn",
     )
     shards_stage.run()
-    # one stage after the other, here: the label rounds run until the labels settle
-    plan = dedup_plan(config, layout, shards, dedup_tasks(config))
+    # one stage after the other, here
     for stage in STAGES:
         num_tasks = _stage_tasks(config, stage)
-        for _, job in zip(stage_runs(plan, stage), _stage_jobs(stage, MAX_LABEL_ROUNDS)):
-            LocalPipelineExecutor(
-                [DedupStageStep(config, stage)],
-                tasks=num_tasks,
-                workers=min(workers, num_tasks),
-                logging_dir=str(logs / f"dedup-{job}"),
-                start_method="spawn",
-            ).run()
+        LocalPipelineExecutor(
+            [DedupStageStep(config, stage, workers=workers)],
+            tasks=num_tasks,
+            workers=min(workers, num_tasks),
+            logging_dir=str(logs / f"dedup-{stage}"),
+            start_method="spawn",
+        ).run()
     LocalPipelineExecutor(
         [FinishStep(config)],
         tasks=1,

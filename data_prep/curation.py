@@ -186,18 +186,51 @@ def _run_dedup_stages(config: DataPrepConfig, plan: dedup_stages.DedupPlan) -> N
         return
     num_workers = config.resolved_num_workers
     dedup_log.info(f"{len(plan.shard_dirs)} shards, {plan.num_tasks} key ranges, {num_workers} workers")
-    with contextlib.ExitStack() as stack:
-        pool = None
+    with _LazyPool(num_workers) as pool:
         for stage in dedup_stages.STAGES:
-            for _ in dedup_stages.stage_runs(plan, stage):  # "labels": once per round
-                units = dedup_stages.stage_units(plan, stage)
-                if num_workers == 1 or len(units) == 1:
-                    for unit in units:
-                        run_dedup_unit(plan, stage, unit)
-                    continue
-                pool = pool or stack.enter_context(process_pool(num_workers, _no_setup, ()))
-                for _ in run_unordered(pool, _dedup_unit, [(plan, stage, unit) for unit in units]):
-                    pass
+            _run_stage_here(plan, stage, pool)
+
+
+def run_label_rounds(plan: dedup_stages.DedupPlan, num_workers: int) -> None:
+    """The label rounds until the labels settle, each round's owner ranges on a pool of `num_workers`
+    processes (each holds one range at a time): how the datatrove executors run the clustering, as one
+    task, since a round needs every range of the round before (no queue wait between rounds)."""
+    with _LazyPool(num_workers) as pool:
+        _run_stage_here(plan, "labels", pool)
+    state = dedup_stages.label_state(plan)
+    if not state.converged:
+        raise RuntimeError(
+            f"dedup: the cluster labels are not settled after round {state.done} "
+            f"({dedup_stages.MAX_LABEL_ROUNDS} rounds in this run) in {plan.folder}; run the curation "
+            "again: it resumes the label rounds where they stopped"
+        )
+
+
+class _LazyPool(contextlib.ExitStack):
+    """A process pool of `num_workers` opened when first needed (one-unit stages run in this process)
+    and closed on leaving the `with`."""
+
+    def __init__(self, num_workers: int):
+        super().__init__()
+        self.num_workers = num_workers
+        self._pool = None
+
+    def get(self):
+        if self._pool is None:
+            self._pool = self.enter_context(process_pool(self.num_workers, _no_setup, ()))
+        return self._pool
+
+
+def _run_stage_here(plan: dedup_stages.DedupPlan, stage: str, pool: _LazyPool) -> None:
+    """The units of one stage ("labels": once per round, until settled) here or on the pool."""
+    for _ in dedup_stages.stage_runs(plan, stage):
+        units = dedup_stages.stage_units(plan, stage)
+        if pool.num_workers == 1 or len(units) == 1:
+            for unit in units:
+                run_dedup_unit(plan, stage, unit)
+            continue
+        for _ in run_unordered(pool.get(), _dedup_unit, [(plan, stage, unit) for unit in units]):
+            pass
 
 
 def _no_setup() -> None:

@@ -53,11 +53,10 @@ component's smallest member, exactly what smallest_in_component gives find_dupli
 pairs. Labels only ever decrease to members of the component, so the rounds end; pointer jumping makes
 them few (a path of 1000 documents in random order: 17 rounds, tests/test_data_prep_dedup_stages.py; the
 planted corpus of benchmarks/bench_dedup_scale.py: a handful). The round count is not known in advance:
-the local pool and datatrove's local executor run rounds until settled, the Slurm chain submits
-SLURM_LABEL_ROUNDS of them (each a no-op once settled), and decide stops with an error if the labels
-have not settled (running again resumes the rounds; under Slurm once the label jobs' completion markers
-are removed, as the error says). A task killed mid-round redoes its range's round;
-the others have nothing to do until it is finished.
+every executor runs rounds until settled (under datatrove, one task runs them all, each round's ranges
+on its own process pool, data_prep/cluster.py), at most MAX_LABEL_ROUNDS per run, and decide stops
+with an error if the labels have not settled (running again resumes the rounds). A task killed
+mid-round redoes its range's round; the others have nothing to do until it is finished.
 
 Why not datatrove's MinhashDedupSignature/Buckets/Cluster blocks: its signature step hashes word
 shingles from a word tokenizer (ours are character n-grams over the text with spaces removed, the
@@ -102,9 +101,6 @@ _KEY_SPACE = 1 << 64
 # the alive stage's exact copies (sorted) and the first of each, read in slices by the decide units
 EXACT_MEMBERS, EXACT_FIRSTS = "exact_members.npy", "exact_firsts.npy"
 _SIMILAR, _FORWARD = 1, 2  # a band unit's pair records: passed min_jaccard; (left, right), not swapped
-# label rounds the Slurm chain submits (each a no-op once the labels settle); a path of d documents in
-# one cluster settles in about 2 log2(d) rounds (17 for d = 1000, tests/test_data_prep_dedup_stages.py)
-SLURM_LABEL_ROUNDS = 40
 
 
 # ---- phase 1: per-shard sorted runs ---------------------------------------------------------------
@@ -660,8 +656,7 @@ def _final_round(plan: DedupPlan) -> int:
     if not state.converged:
         raise RuntimeError(
             f"dedup: the cluster labels are not settled after round {state.done} in {plan.folder}; "
-            "run the curation again: it resumes the label rounds where they stopped (with "
-            "executor.kind=datatrove-slurm, first remove the dedup-labels-* folders of its logging_dir)"
+            "run the curation again: it resumes the label rounds where they stopped"
         )
     return state.done
 
@@ -791,7 +786,9 @@ def removed_targets(plan: DedupPlan) -> np.ndarray:
 STAGES = ("exact", "alive", "bands", "labels", "decide", "sizes", "cluster")
 """In order; "labels" is run again until label_state(plan).converged (each run one round)."""
 ONE_TASK_STAGES = ("alive", "cluster")
-MAX_LABEL_ROUNDS = 64  # a local run stops here (decide then says the labels are not settled)
+# a run stops here (decide then says the labels are not settled); a path of d documents in one cluster
+# settles in about 2 log2(d) rounds (17 for d = 1000, tests/test_data_prep_dedup_stages.py)
+MAX_LABEL_ROUNDS = 64
 
 
 def stage_runs(plan: DedupPlan, stage: str) -> Iterator[int]:

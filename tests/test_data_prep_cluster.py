@@ -75,11 +75,13 @@ def test_datatrove_slurm_submits_an_array_and_a_dependent_dedup_job(single_task,
         chain.append(stage)
         stage = stage.depends
     chain.reverse()  # curate, the dedup stages, finish: each job depends on the one before
-    rounds = cluster.SLURM_LABEL_ROUNDS  # the label rounds: a fixed number, each a no-op once settled
-    assert [s.tasks for s in chain] == [3, 3, 1, 3, *[3] * rounds, 3, 3, 1, 1]
+    # the label rounds are one task that runs them until settled, on its own pool of slurm_dedup_cpus
+    assert [s.tasks for s in chain] == [3, 3, 1, 3, 1, 3, 3, 1, 1]
     assert isinstance(chain[0].pipeline[0], cluster.CurateShardsStep)
-    stages = ["exact", "alive", "bands", *["labels"] * rounds, "decide", "sizes", "cluster"]
+    stages = ["exact", "alive", "bands", "labels", "decide", "sizes", "cluster"]
     assert [s.pipeline[0].stage for s in chain[1:-1]] == stages
+    labels = chain[4]
+    assert labels.pipeline[0].workers == labels.cpus_per_task == config.executor.slurm_dedup_cpus
     assert len({s.logging_dir.path for s in chain}) == len(chain)  # completion markers kept apart
     assert isinstance(chain[-1].pipeline[0], cluster.FinishStep)
     directives = chain[0].get_sbatch_args(3)
