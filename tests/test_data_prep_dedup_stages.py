@@ -340,3 +340,28 @@ def test_a_long_chain_of_near_duplicates_across_owner_ranges_is_one_cluster(tmp_
     assert len(np.unique(duplicate_of[duplicate_of >= 0])) == 2  # the two paths, each one cluster
     assert_same_as_reference(plan, keys, signatures)
     assert 4 <= dedup_stages.label_state(plan).done <= 2 * np.log2(len(keys))
+
+
+def test_the_label_task_stops_at_its_round_cap_and_the_next_run_resumes_the_rounds(tmp_path, monkeypatch):
+    """The datatrove executors run the label rounds as one task (curation.run_label_rounds, each round's
+    owner ranges on a pool of processes, two here): past MAX_LABEL_ROUNDS it fails saying how far it got
+    and what to do; run again, it goes on from that round to the same decisions."""
+    from kumihimo.data_prep import curation
+
+    dedup = DedupConfig(num_bands=8, rows_per_band=3)
+    keys, signatures = chained_corpus(np.random.default_rng(11), sum(SHARD_SIZES), dedup)
+    plan = make_plan(tmp_path, write_shards(tmp_path, keys, signatures, dedup), dedup, 5)
+    for stage in ("exact", "alive", "bands"):
+        for unit in dedup_stages.stage_units(plan, stage):
+            dedup_stages.run_unit(plan, stage, unit)
+    with monkeypatch.context() as patch:
+        patch.setattr(dedup_stages, "MAX_LABEL_ROUNDS", 3)
+        with pytest.raises(
+            RuntimeError, match=r"not settled after round 2 .*run the curation again: it resumes"
+        ):
+            curation.run_label_rounds(plan, 2)
+    curation.run_label_rounds(plan, 2)
+    state = dedup_stages.label_state(plan)
+    assert state.converged and state.done > 3
+    run_stages(plan)  # decide, sizes, cluster (the earlier stages' units are done and skipped)
+    assert_same_as_reference(plan, keys, signatures)
