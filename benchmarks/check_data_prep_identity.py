@@ -2,9 +2,17 @@
 
     mkdir -p /tmp/base && git archive HEAD | tar -x -C /tmp/base
     python benchmarks/check_data_prep_identity.py --baseline-src /tmp/base [--mb 20] [--keep DIR]
+    # real documents instead of the generated corpus, this tree on 3 datatrove tasks, outputs only:
+    python benchmarks/check_data_prep_identity.py --baseline-src /tmp/base \
+        --ja /tmp/calibration/real_ja.jsonl --en /tmp/calibration/real_en.jsonl \
+        --current "executor.kind=datatrove-local" --current executor.tasks=3 --outputs-only
 
-Builds the web-like corpus of bench_data_prep_corpus.py plus planted bad lines (broken JSON, a missing
-or non-string text, a non-object line, a German/English mix), so the quarantine and language paths run.
+Builds the web-like corpus of bench_data_prep_corpus.py (or copies the --ja / --en JSONL files) plus
+planted bad lines (broken JSON, a missing or non-string text, a non-object line, a German/English mix),
+so the quarantine and language paths run. `--current` adds overrides to this tree's runs only (an
+executor the baseline runs differently); `--outputs-only` compares what a user gets (curated, dropped
+and quarantine files, the reports) and not `work/`, whose intermediate files a baseline from before the
+distributed dedup stages lays out differently.
 Then runs the full `curate` (shards, global dedup, merge, reports) of the quickstart and llmjp-web
 recipes, once with this tree's data_prep and once with the baseline's, each in its own subprocess with
 its package first on sys.path. Every output file is compared by SHA-256: curated, dropped and quarantine
@@ -42,8 +50,16 @@ BAD_LINES = [
 ]
 
 
-def build_corpus(corpus: Path, mb: float, seed: int) -> None:
-    for lang, path in make_corpus(corpus, mb, seed=seed).items():
+def build_corpus(corpus: Path, mb: float, seed: int, real: dict[str, Path | None]) -> None:
+    if any(real.values()):
+        corpus.mkdir(parents=True)
+        paths = {}
+        for lang, source in real.items():
+            paths[lang] = corpus / f"{lang}.jsonl"
+            paths[lang].write_bytes(source.read_bytes() if source else b"")
+    else:
+        paths = make_corpus(corpus, mb, seed=seed)
+    for lang, path in paths.items():
         mixed = (
             "Das Wetter ist heute sehr schön und wir gehen spazieren. " * 5
             + "The weather is nice today and we go for a walk in the park. " * 5
@@ -72,9 +88,9 @@ def _map_stage_folders(src: Path) -> None:
         spec.loader.exec_module(module)
 
 
-def run_curate(src: str, corpus: str, out: str) -> None:
+def run_curate(src: str, corpus: str, out: str, extra: list[str]) -> None:
     """Subprocess side: curate every recipe with the kumihimo checkout under `src` (first on sys.path, its
-    stage folders imported as pyproject.toml maps them)."""
+    stage folders imported as pyproject.toml maps them), with the `extra` overrides."""
     sys.path.insert(0, src)
     # this script imported kumihimo (the sample corpus) from the installed tree before `src` came first
     for name in [m for m in sys.modules if m == "kumihimo" or m.startswith("kumihimo.")]:
@@ -98,7 +114,7 @@ def run_curate(src: str, corpus: str, out: str) -> None:
         ]
         if recipe == "llmjp-web":  # the sample eval set's fields, not the recipe's
             overrides.append("decontam.eval_fields=[question, passage, answer]")
-        result = curate(load_config(REPO / f"configs/data_prep/{recipe}.yaml", overrides))
+        result = curate(load_config(REPO / f"configs/data_prep/{recipe}.yaml", [*overrides, *extra]))
         print(
             f"  {recipe}: kept {result.num_kept}, dropped {result.num_dropped}, "
             f"quarantined {result.num_quarantined}",
@@ -106,16 +122,23 @@ def run_curate(src: str, corpus: str, out: str) -> None:
         )
 
 
-def digests(root: Path) -> dict[str, str]:
-    files = (p for p in sorted(root.rglob("*")) if p.is_file() and str(p.relative_to(root)) not in SKIPPED)
+def digests(root: Path, outputs_only: bool) -> dict[str, str]:
+    files = (
+        p
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+        and str(p.relative_to(root)) not in SKIPPED
+        and not (outputs_only and p.relative_to(root).parts[0] == "work")
+    )
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
-def compare(work: Path) -> int:
+def compare(work: Path, outputs_only: bool) -> int:
     """Print a summary per recipe; the number of differing files in all."""
     num_differing = 0
     for recipe in RECIPES:
-        current, baseline = digests(work / "current" / recipe), digests(work / "baseline" / recipe)
+        current = digests(work / "current" / recipe, outputs_only)
+        baseline = digests(work / "baseline" / recipe, outputs_only)
         differing = sorted(k for k in current.keys() | baseline.keys() if current.get(k) != baseline.get(k))
         num_differing += len(differing)
         print(f"{recipe}: {len(current.keys() | baseline.keys())} files compared, {len(differing)} differ")
@@ -145,10 +168,27 @@ def main() -> None:
     parser.add_argument(
         "--keep", type=Path, help="write corpus and outputs here (new or empty) and keep them"
     )
-    parser.add_argument("--run-curate", nargs=3, metavar=("SRC", "CORPUS", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--ja", type=Path, help="Japanese documents (JSONL with id and text) to curate instead"
+    )
+    parser.add_argument(
+        "--en", type=Path, help="English documents (JSONL with id and text) to curate instead"
+    )
+    parser.add_argument(
+        "--current",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for this tree's runs only, e.g. executor.tasks=3; repeatable",
+    )
+    parser.add_argument(
+        "--outputs-only", action="store_true", help="compare the outputs a user gets, not work/"
+    )
+    parser.add_argument("--run-curate", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_curate:
-        run_curate(*args.run_curate)
+        src, corpus, out, *extra = args.run_curate
+        run_curate(src, corpus, out, extra)
         return
     if args.baseline_src is None:
         parser.error("--baseline-src DIR is required (the root of a baseline checkout of kumihimo)")
@@ -160,17 +200,28 @@ def main() -> None:
         parser.error(f"--keep={args.keep} is not empty; curate would resume the runs found there")
     with tempfile.TemporaryDirectory(prefix="data_prep_identity_") as tmp:
         work = (args.keep or Path(tmp)).resolve()
-        print(
-            f"corpus: {args.mb:g} MB, seed {args.seed}, {len(BAD_LINES) + 1} planted lines per language, in {work}"
-        )
-        build_corpus(work / "corpus", args.mb, args.seed)
-        for label, src in (("current", REPO), ("baseline", args.baseline_src.resolve())):
-            print(f"{label}: {src / 'data_prep'}", flush=True)
+        real = {"ja": args.ja, "en": args.en}
+        what = ", ".join(f"{k}: {v}" for k, v in real.items() if v) or f"{args.mb:g} MB, seed {args.seed}"
+        print(f"corpus: {what}, {len(BAD_LINES) + 1} planted lines per language, in {work}")
+        build_corpus(work / "corpus", args.mb, args.seed, real)
+        for label, src, extra in (
+            ("current", REPO, args.current),
+            ("baseline", args.baseline_src.resolve(), []),
+        ):
+            print(f"{label}: {src / 'data_prep'} {' '.join(extra)}", flush=True)
             subprocess.run(
-                [sys.executable, __file__, "--run-curate", str(src), str(work / "corpus"), str(work / label)],
+                [
+                    sys.executable,
+                    __file__,
+                    "--run-curate",
+                    str(src),
+                    str(work / "corpus"),
+                    str(work / label),
+                    *extra,
+                ],
                 check=True,
             )
-        num_differing = compare(work)
+        num_differing = compare(work, args.outputs_only)
     print("IDENTICAL" if num_differing == 0 else f"DIFFERENT: {num_differing} files differ")
     sys.exit(1 if num_differing else 0)
 

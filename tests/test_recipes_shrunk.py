@@ -296,12 +296,8 @@ def _straight_run(name: str, done: dict, work: Path, tokenizer: Path) -> dict:
         run["logits"] = torch.load(folder / "logits.pt")
         ckpt = str(run["straight"] / "ckpt")
         args = ["convert", "to-hf", "--checkpoint", ckpt, "--output", str(folder / "hf"), "--dtype", "fp32"]
-        code = main(args)
-        if code != 0 and shrunk.config().model.moe.enabled:
-            run["hf"] = None  # `convert to-hf` of MoE checkpoints is issue 26 point 3 (its own branch)
-        else:
-            assert code == 0
-            run["hf"] = folder / "hf"
+        assert main(args) == 0
+        run["hf"] = folder / "hf"
     done[name] = run
     return run
 
@@ -331,13 +327,6 @@ def assert_ran(run: dict, kind: str) -> None:
     assert code == 0, f"{kind}: exit code {code}\n{tail}"
 
 
-def skip_without_export(group: dict) -> None:
-    if group.get("hf") is None:
-        pytest.skip(
-            "convert to-hf refused this MoE checkpoint (Hugging Face export of MoE: issue 26 point 3)"
-        )
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("group", RUNS, indirect=True)
 def test_shrunk_recipe_resumes_exactly(group):
@@ -358,7 +347,6 @@ def test_shrunk_recipe_converts_with_matching_logits(group):
 
     assert_ran(group, "straight")
     assert_ran(group, "reference")
-    skip_without_export(group)
     model = AutoModelForCausalLM.from_pretrained(group["hf"], dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(PROMPT).logits
@@ -373,7 +361,6 @@ def test_shrunk_recipe_export_evaluates(group, tmp_path):
     from tests.eval_tasks import write_tasks
 
     assert_ran(group, "reference")
-    skip_without_export(group)
     tasks = [str(p) for p in write_tasks(tmp_path / "tasks", ("jcqa",))]
     output = tmp_path / "eval"
     args = ["eval", str(group["hf"]), "--tasks", *tasks, "--output", str(output), "--device", "cpu"]
