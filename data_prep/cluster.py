@@ -92,9 +92,10 @@ class DedupStageStep(_ConfigStep):
             dedup_tasks(self.config),
         )
         if self.stage == "labels":
-            run_label_rounds(plan, self.workers)
-            return
-        self.stat_update("bytes_read", value=run_dedup_task(plan, self.stage, rank, world_size))
+            read = run_label_rounds(plan, self.workers)
+        else:
+            read = run_dedup_task(plan, self.stage, rank, world_size)
+        self.stat_update("bytes_read", value=read)
 
 
 def _stage_tasks(config: DataPrepConfig, stage: str) -> int:

@@ -191,12 +191,13 @@ def _run_dedup_stages(config: DataPrepConfig, plan: dedup_stages.DedupPlan) -> N
             _run_stage_here(plan, stage, pool)
 
 
-def run_label_rounds(plan: dedup_stages.DedupPlan, num_workers: int) -> None:
+def run_label_rounds(plan: dedup_stages.DedupPlan, num_workers: int) -> int:
     """The label rounds until the labels settle, each round's owner ranges on a pool of `num_workers`
     processes (each holds one range at a time): how the datatrove executors run the clustering, as one
-    task, since a round needs every range of the round before (no queue wait between rounds)."""
+    task, since a round needs every range of the round before (no queue wait between rounds). Returns
+    the bytes read."""
     with _LazyPool(num_workers) as pool:
-        _run_stage_here(plan, "labels", pool)
+        read = _run_stage_here(plan, "labels", pool)
     state = dedup_stages.label_state(plan)
     if not state.converged:
         raise RuntimeError(
@@ -204,6 +205,7 @@ def run_label_rounds(plan: dedup_stages.DedupPlan, num_workers: int) -> None:
             f"({dedup_stages.MAX_LABEL_ROUNDS} rounds in this run) in {plan.folder}; run the curation "
             "again: it resumes the label rounds where they stopped"
         )
+    return read
 
 
 class _LazyPool(contextlib.ExitStack):
@@ -221,16 +223,17 @@ class _LazyPool(contextlib.ExitStack):
         return self._pool
 
 
-def _run_stage_here(plan: dedup_stages.DedupPlan, stage: str, pool: _LazyPool) -> None:
-    """The units of one stage ("labels": once per round, until settled) here or on the pool."""
+def _run_stage_here(plan: dedup_stages.DedupPlan, stage: str, pool: _LazyPool) -> int:
+    """The units of one stage ("labels": once per round, until settled) here or on the pool; returns
+    the bytes they read."""
+    read = 0
     for _ in dedup_stages.stage_runs(plan, stage):
         units = dedup_stages.stage_units(plan, stage)
         if pool.num_workers == 1 or len(units) == 1:
-            for unit in units:
-                run_dedup_unit(plan, stage, unit)
-            continue
-        for _ in run_unordered(pool.get(), _dedup_unit, [(plan, stage, unit) for unit in units]):
-            pass
+            read += sum(run_dedup_unit(plan, stage, unit) for unit in units)
+        else:
+            read += sum(run_unordered(pool.get(), _dedup_unit, [(plan, stage, unit) for unit in units]))
+    return read
 
 
 def _no_setup() -> None:
