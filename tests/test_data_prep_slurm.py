@@ -43,7 +43,8 @@ def _curate_command(config_path: Path, out: Path, logs: Path) -> list[str]:
         f"executor.slurm_partition={PARTITION}",
         "executor.slurm_time=00:10:00",
         "executor.slurm_mem_per_cpu_gb=1",
-        "executor.slurm_dedup_cpus=2",  # the label rounds on a pool of two processes
+        # the label rounds on a pool of two processes (one where the node has one CPU)
+        f"executor.slurm_dedup_cpus={min(2, os.cpu_count() or 1)}",
         f"executor.logging_dir={logs}",
     ]
 
