@@ -300,7 +300,9 @@ def test_qkv_bias_follows_the_weight_rows():
     for weight_part, bias_part in zip(qkv.to_hf(weight, dims), qkv.to_hf(bias, dims)):
         assert torch.equal(weight_part[:, 0], bias_part)
     assert torch.equal(qkv.from_hf(qkv.to_hf(bias, dims), dims), bias)
-    names = [rule.megatron.split(".")[-2] + "." + rule.megatron.split(".")[-1] for rule in layer_rules(dims)]
+    names = [
+        rule.megatron.split(".")[-2] + "." + rule.megatron.split(".")[-1] for rule in layer_rules(dims, 0)
+    ]
     assert "linear_qkv.bias" in names and "q_layernorm.weight" not in names
 
 

@@ -79,6 +79,16 @@ FAMILIES = {
         ),
     ),
 }
+# Dense first layers (Hugging Face's mlp_only_layers, kumihimo's model.moe.dense_first_layers): three
+# layers, the first one (two for Qwen2-MoE) a dense MLP of intermediate_size, the rest MoE.
+FAMILIES["qwen3_moe_dense"] = (
+    *FAMILIES["qwen3_moe"][:3],
+    {**FAMILIES["qwen3_moe"][3], "num_hidden_layers": 3, "mlp_only_layers": [0]},
+)
+FAMILIES["qwen2_moe_dense"] = (
+    *FAMILIES["qwen2_moe"][:3],
+    {**FAMILIES["qwen2_moe"][3], "num_hidden_layers": 3, "mlp_only_layers": [0, 1]},
+)
 BF16 = ("qwen3_moe", torch.bfloat16)
 
 
@@ -87,7 +97,7 @@ def make_moe_model(folder: Path, name: str, dtype: torch.dtype, spm_model: Path)
 
     config_class, model_class, _dtype, changes = FAMILIES[name]
     torch.manual_seed(0)
-    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**COMMON, **changes))
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**{**COMMON, **changes}))
     with torch.no_grad():
         for key, param in model.named_parameters():  # norms too, so a swapped norm cannot hide
             # routers wider than the rest: clear top-k choices, so float noise never flips an expert
@@ -146,6 +156,10 @@ def test_hf_megatron_hf_round_trip_is_bit_identical(name, hf_models, converted, 
     before, after = (json.loads((folder / "config.json").read_text()) for folder in (source, back))
     assert after["architectures"] == before["architectures"] and after["model_type"] == before["model_type"]
     for key in (
+        "num_hidden_layers",
+        "intermediate_size",
+        "mlp_only_layers",
+        "decoder_sparse_step",
         "num_experts_per_tok",
         "moe_intermediate_size",
         "shared_expert_intermediate_size",
@@ -185,17 +199,71 @@ def test_checkpoint_keys_and_run_config(converted):
     assert qwen2["moe"]["shared_expert_ffn_hidden_size"] == 48 and qwen2["add_qkv_bias"] is True
 
 
+def test_dense_first_layers_are_keyed_per_layer(converted):
+    """mlp_only_layers=[0] is model.moe.dense_first_layers=1; Megatron keys each layer by its number
+    (moe_layer_freq is a list): layer 0 holds the dense MLP of intermediate_size, layers 1-2 the experts."""
+    import yaml
+    from torch.distributed.checkpoint import FileSystemReader
+
+    folder = converted["qwen3_moe_dense"] / "iter_0000000"
+    metadata = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    assert tuple(metadata["decoder.layers.0.mlp.linear_fc1.weight"].size) == (2 * 96, 64)
+    assert tuple(metadata["decoder.layers.0.mlp.linear_fc2.weight"].size) == (64, 96)
+    for layer in (1, 2):
+        assert tuple(metadata[f"decoder.layers.{layer}.mlp.experts.experts.linear_fc1.weight"].size) == (
+            4,
+            64,
+            64,
+        )
+        assert tuple(metadata[f"decoder.layers.{layer}.mlp.router.weight"].size) == (4, 64)
+        assert f"decoder.layers.{layer}.mlp.linear_fc1.weight" not in metadata
+    assert "decoder.layers.0.mlp.router.weight" not in metadata
+    assert not any(key.startswith("decoder.layers.mlp.") for key in metadata)  # nothing stacked
+    model = yaml.safe_load((folder / "run_config.yaml").read_text())["model"]
+    assert (
+        model["ffn_hidden_size"],
+        model["moe"]["ffn_hidden_size"],
+        model["moe"]["dense_first_layers"],
+    ) == (
+        96,
+        32,
+        1,
+    )
+    qwen2 = yaml.safe_load((converted["qwen2_moe_dense"] / "iter_0000000" / "run_config.yaml").read_text())
+    assert qwen2["model"]["moe"]["dense_first_layers"] == 2
+
+
 def test_unsupported_moe_configs_are_refused(hf_models):
     base = json.loads((hf_models["qwen3_moe"] / "config.json").read_text())
     for change, message in (
-        ({"mlp_only_layers": [0]}, "mlp_only_layers"),
-        ({"decoder_sparse_step": 2}, "decoder_sparse_step"),
+        ({"mlp_only_layers": [1]}, r"mlp_only_layers is \[1\]: .*\[0, \.\.\., k-1\]"),
+        ({"mlp_only_layers": [1, 3]}, r"mlp_only_layers is \[1, 3\]: .*\[0, \.\.\., k-1\]"),
+        ({"mlp_only_layers": [0, 1]}, r"mlp_only_layers is \[0, 1\]: every one of the 2 layers is dense"),
+        (
+            {"decoder_sparse_step": 2},
+            r"decoder_sparse_step is 2 .*\[0, \.\.\., k-1\] with decoder_sparse_step 1",
+        ),
     ):
-        with pytest.raises(UserError, match=message):
+        with pytest.raises(UserError, match=message) as refused:
             check_supported({**base, **change})
+        assert "\n" not in str(refused.value)
+    assert check_supported({**base, "num_hidden_layers": 3, "mlp_only_layers": [0, 1]}) == "qwen3_moe"
     qwen2 = json.loads((hf_models["qwen2_moe"] / "config.json").read_text())
     with pytest.raises(UserError, match="shared_expert_intermediate_size"):
         check_supported({**qwen2, "shared_expert_intermediate_size": 0})
+
+
+def test_mixtral_refuses_dense_first_layers():
+    """Mixtral has no dense layers: a model without q/k norms or QKV biases (exported as Mixtral) with
+    dense first layers is refused in one line that says which families carry them."""
+    from kumihimo.pretrain.config import ModelConfig, MoEConfig
+    from kumihimo.pretrain.convert.to_hf import export_family
+
+    moe = MoEConfig(num_experts=4, dense_first_layers=1)
+    with pytest.raises(UserError, match="dense_first_layers=1: Mixtral has no dense layers") as refused:
+        export_family(ModelConfig(num_layers=3, moe=moe))
+    assert "\n" not in str(refused.value) and "Qwen3-MoE" in str(refused.value)
+    assert export_family(ModelConfig(num_layers=3, qk_layernorm=True, moe=moe)) == "qwen3_moe"
 
 
 def test_dense_models_refuse_expert_parallelism(tmp_path):
@@ -438,7 +506,14 @@ def test_cli_upcycle(dense_root, work):
 
 # name -> (TP, EP, families): Megatron logits of the converted checkpoints at each layout, all in one
 # two-process run (EP=1 and TP=1 there is two data-parallel replicas)
-LAYOUTS = {"ep1": (1, 1, list(FAMILIES)), "ep2": (1, 2, ["qwen3_moe"]), "tp2": (2, 1, ["qwen3_moe"])}
+LAYOUTS = {
+    "ep1": (1, 1, list(FAMILIES)),
+    "ep2": (1, 2, ["qwen3_moe", "qwen3_moe_dense"]),
+    "tp2": (2, 1, ["qwen3_moe", "qwen3_moe_dense"]),
+}
+# checkpoints whose model is also saved by dist_checkpointing.save, to compare with the streamed files
+# (stacked layers; layers keyed per number, dense and MoE, with a shared expert)
+SAVED = ("qwen2_moe", "qwen2_moe_dense")
 
 
 @pytest.mark.slow
@@ -446,12 +521,16 @@ def test_megatron_logits_match_transformers_at_ep1_ep2_tp2_and_upcycling_keeps_t
     hf_models, converted, dense_root, upcycled, work
 ):
     """Converted checkpoints give transformers' logits (1e-4, fp32) at EP=1, EP=2 and TP=2 (gloo, two
-    processes); the upcycled model (plain and r=0) gives the dense model's logits (1e-6); the streamed
-    checkpoint has the keys, shapes, chunks and objects of dist_checkpointing.save on the trainer's MoE
-    GPTModel (Qwen2-MoE: router, experts, shared expert and its gate)."""
+    processes), dense first layers (mlp_only_layers) included; the upcycled model (plain and r=0) gives
+    the dense model's logits (1e-6); the streamed checkpoint has the keys, shapes, chunks and objects of
+    dist_checkpointing.save on the trainer's MoE GPTModel (Qwen2-MoE: router, experts, shared expert and
+    its gate; with dense first layers, every layer keyed by its number)."""
     prompt = torch.randint(4, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
     torch.save(prompt, work / "prompt.pt")
-    saved = work / "megatron-save"
+    saves = {name: work / f"megatron-save-{name}" for name in SAVED}
+    (work / "saves.json").write_text(
+        json.dumps({str(converted[n]): str(folder) for n, folder in saves.items()})
+    )
     plan = {
         layout: (tp, ep, [str(converted[name]) for name in names])
         for layout, (tp, ep, names) in LAYOUTS.items()
@@ -466,7 +545,7 @@ def test_megatron_logits_match_transformers_at_ep1_ep2_tp2_and_upcycling_keeps_t
             [
                 "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1", f"--master-port={free_port()}",
                 "-m", "tests.test_convert_moe", "logits", str(work / "prompt.pt"), str(work / f"plan-{run}.json"),
-                str(work / f"logits-{run}.pt"), str(converted["qwen2_moe"]), str(saved),
+                str(work / f"logits-{run}.pt"), str(work / "saves.json"),
             ]
         )  # fmt: skip
     results = {}
@@ -479,25 +558,28 @@ def test_megatron_logits_match_transformers_at_ep1_ep2_tp2_and_upcycling_keeps_t
             with torch.no_grad():
                 expected = load_moe(hf_models[name])(prompt).logits
             error = (logits[..., :VOCAB] - expected).abs().max().item()
+            print(f"{layout} {name}: max |logit difference| {error:.2e}")
             assert error < 1e-4, (layout, name, error)
     dense, plain, r0 = results["ep1"][len(FAMILIES) :]
     assert (plain - dense).abs().max().item() < 1e-6 and (r0 - dense).abs().max().item() < 1e-6
 
     from torch.distributed.checkpoint import FileSystemReader
 
-    ours = converted["qwen2_moe"] / "iter_0000000"
-    planned, reference = (FileSystemReader(str(folder)).read_metadata() for folder in (ours, saved))
-    assert planned.state_dict_metadata.keys() == reference.state_dict_metadata.keys()
-    for key, entry in reference.state_dict_metadata.items():
-        assert planned.state_dict_metadata[key] == entry, key
-    assert _stored_objects(ours) == _stored_objects(saved)
+    for name, saved in saves.items():
+        ours = converted[name] / "iter_0000000"
+        planned, reference = (FileSystemReader(str(folder)).read_metadata() for folder in (ours, saved))
+        assert planned.state_dict_metadata.keys() == reference.state_dict_metadata.keys(), name
+        for key, entry in reference.state_dict_metadata.items():
+            assert planned.state_dict_metadata[key] == entry, (name, key)
+        assert _stored_objects(ours) == _stored_objects(saved), name
 
 
-def _megatron_logits(prompt_path: str, plan_path: str, out_path: str, save_root: str, save_to: str) -> None:
+def _megatron_logits(prompt_path: str, plan_path: str, out_path: str, saves_path: str) -> None:
     """In every torchrun process, for each layout of the plan ({layout: [TP, EP, roots]}): the trainer's
     GPTModel at that TP x EP loads each checkpoint (saved at any layout) and computes the prompt's
-    logits, gathered over TP; rank 0 saves them all. The model loaded from `save_root` at the first
-    layout is also saved to `save_to` by dist_checkpointing.save, as the trainer saves it."""
+    logits, gathered over TP; rank 0 saves them all. A model loaded from a root of `saves_path`
+    ({root: folder}) at the first layout is also saved to that folder by dist_checkpointing.save, as the
+    trainer saves it."""
     import torch.distributed as dist
 
     from kumihimo.pretrain import cpu_compat
@@ -516,6 +598,7 @@ def _megatron_logits(prompt_path: str, plan_path: str, out_path: str, save_root:
     from tests.conftest import build_run_model
 
     prompt = torch.load(prompt_path)
+    saves = json.loads(Path(saves_path).read_text())
     world = dist.get_world_size()
     results = {}
     for layout_name, (tp, ep, roots) in json.loads(Path(plan_path).read_text()).items():
@@ -547,7 +630,8 @@ def _megatron_logits(prompt_path: str, plan_path: str, out_path: str, save_root:
                 results[layout_name].append(
                     gather_from_tensor_model_parallel_region(model(prompt, positions, None))
                 )
-            if str(root) == save_root and not Path(save_to).exists():
+            save_to = saves.get(str(root))
+            if save_to is not None and not Path(save_to).exists():
                 dist.barrier()
                 if dist.get_rank() == 0:
                     Path(save_to).mkdir()

@@ -216,17 +216,39 @@ def check_supported(config: dict[str, Any]) -> str:
     return family
 
 
+DENSE_LAYERS_SUPPORTED = (
+    "only dense first layers are supported (mlp_only_layers [0, ..., k-1] with decoder_sparse_step 1: "
+    "kumihimo's model.moe.dense_first_layers=k)"
+)
+
+
+def dense_first_layers(config: dict[str, Any]) -> int | None:
+    """k when config.json's dense layers (Qwen*-MoE's mlp_only_layers) are the first k, as a set (a
+    layer is dense when listed); None for any other pattern."""
+    layers = config.get("mlp_only_layers") or []
+    if not isinstance(layers, list) or not all(type(layer) is int for layer in layers):
+        return None
+    return len(set(layers)) if set(layers) == set(range(len(set(layers)))) else None
+
+
 def moe_problems(config: dict[str, Any]) -> dict[str, tuple[bool, str]]:
     """What an MoE config.json may say that the Megatron MoE layer cannot represent."""
     family = config["model_type"]
+    step, dense = config.get("decoder_sparse_step", 1), config.get("mlp_only_layers")
+    num_layers, first_dense = config["num_hidden_layers"], dense_first_layers(config)
     problems = {
         "decoder_sparse_step": (
-            config.get("decoder_sparse_step", 1) != 1,
-            f"is {config.get('decoder_sparse_step')}: only models whose every layer is MoE are supported",
+            step != 1,
+            f"is {step} (experts in every {step}th layer only): {DENSE_LAYERS_SUPPORTED}",
         ),
         "mlp_only_layers": (
-            bool(config.get("mlp_only_layers")),
-            f"is {config.get('mlp_only_layers')}: only models whose every layer is MoE are supported",
+            first_dense is None or first_dense >= num_layers,
+            f"is {dense}: "
+            + (
+                DENSE_LAYERS_SUPPORTED
+                if first_dense is None
+                else f"every one of the {num_layers} layers is dense, which is not a mixture of experts"
+            ),
         ),
         "num_experts_per_tok": (
             not isinstance(config.get("num_experts_per_tok"), int),
@@ -257,6 +279,8 @@ def moe_section(config: dict[str, Any]) -> dict[str, Any]:
         # Mixtral renormalises over the chosen experts; Qwen*-MoE does so when norm_topk_prob is true.
         "router_pre_softmax": family != "mixtral" and not config.get("norm_topk_prob", False),
         "aux_loss_coeff": float(config.get("router_aux_loss_coef", 0.0)),
+        # Qwen*-MoE's mlp_only_layers [0, ..., k-1]: MLPs of intermediate_size (model.ffn_hidden_size)
+        "dense_first_layers": dense_first_layers(config) or 0,
     }
     if family == "qwen2_moe":
         section["shared_expert_ffn_hidden_size"] = config["shared_expert_intermediate_size"]
@@ -627,7 +651,8 @@ class Chunk:
 def extra_state_keys(dims: LlamaDims, layer: int) -> list[str]:
     """The `_extra_state` objects of one layer, as Megatron's sharded state dict names them."""
     modules = list(EXTRA_STATE_MODULES)
-    if not dims.moe:
+    moe_layer = dims.moe_layer(layer)
+    if not moe_layer:  # a dense model's layer, or a dense first layer of an MoE model
         modules += DENSE_EXTRA_STATE_MODULES
     elif dims.shared_expert_ffn_hidden_size:
         modules += SHARED_EXTRA_STATE_MODULES
@@ -635,7 +660,7 @@ def extra_state_keys(dims: LlamaDims, layer: int) -> list[str]:
         keys = [f"decoder.layers.{layer}.{module}._extra_state/shard_0_1" for module in modules]
     else:
         keys = [f"decoder.layers.{module}._extra_state/shard_{layer}_{dims.num_layers}" for module in modules]
-    for expert in range(dims.num_experts):
+    for expert in range(dims.num_experts if moe_layer else 0):
         for module in EXPERT_EXTRA_STATE_MODULES:
             if dims.per_layer_keys:
                 shard = f"shard_{expert}_{dims.num_experts}"
@@ -662,7 +687,7 @@ def plan_chunks(dims: LlamaDims) -> list[Chunk]:
     first, *last = global_rules(dims)
     chunks = tensor_chunks(first, None)
     for layer in range(dims.num_layers):
-        for rule in layer_rules(dims):
+        for rule in layer_rules(dims, layer):
             experts = range(dims.num_experts) if rule.per_expert else [None]
             for expert in experts:
                 chunks += tensor_chunks(rule, layer, expert)
@@ -707,7 +732,7 @@ def expected_hf_tensors(dims: LlamaDims) -> dict[str, tuple[int, ...]]:
     for rule in global_rules(dims):
         expected.update(zip(rule.hf_names(), hf_shapes(rule, dims)))
     for layer in range(dims.num_layers):
-        for rule in layer_rules(dims):
+        for rule in layer_rules(dims, layer):
             for expert in range(dims.num_experts) if rule.per_expert else [None]:
                 expected.update(zip(rule.hf_names(layer, expert), hf_shapes(rule, dims)))
     return expected

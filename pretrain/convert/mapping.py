@@ -2,12 +2,14 @@
 forms Mixtral, Qwen2-MoE and Qwen3-MoE: one name table plus named transforms.
 
 Every tensor of the model appears once in `RULES`: its Megatron checkpoint key (per-layer tensors
-are stacked as [num_layers, ...] under one key, independent of TP/PP), the Hugging Face name(s) it
-becomes, the transform between the two and, for tensors only some families have, the feature that
-brings it (`needs`: QKV biases for Qwen2, per-head q/k norms for Qwen3, a separate output layer
-unless embeddings are tied, the dense MLP or the experts, router and shared expert of an MoE layer). Both directions (`to_hf.py`, `from_hf.py`) read only this table (through
-`global_rules` and `layer_rules`), so a new tensor or a renamed one is a one-line change here. The four families share
-every other name, as Megatron-Bridge's Llama, Mistral and Qwen bridges show.
+are stacked as [num_layers, ...] under one key, independent of TP/PP, unless layers differ: see
+below), the Hugging Face name(s) it becomes, the transform between the two and, for tensors only some
+families (or layers) have, the feature that brings it (`needs`: QKV biases for Qwen2, per-head q/k
+norms for Qwen3, a separate output layer unless embeddings are tied, the dense MLP or the experts,
+router and shared expert of an MoE layer). Both directions (`to_hf.py`, `from_hf.py`) read only this
+table (through `global_rules` and `layer_rules`), so a new tensor or a renamed one is a one-line change
+here. The four families share every other name, as Megatron-Bridge's Llama, Mistral and Qwen bridges
+show.
 
 The two non-trivial transforms (checked against logits, see tests/test_convert_to_hf.py):
 - `qkv_per_group`: Megatron's fused QKV rows are grouped per query group — for each of G groups,
@@ -25,8 +27,15 @@ is `mlp.router.weight` [experts, H] (HF `gate`), Qwen2-MoE's shared expert `mlp.
 its sigmoid gate `gate_weight` [1, H] (HF `shared_expert_gate`). Megatron stacks per-layer tensors
 under one key only when all layers are alike (`moe_layer_freq=1`, which kumihimo passes unless
 `model.moe.dense_first_layers`); with a per-layer list it keys each layer by its number instead
-(`decoder.layers.3.mlp.router.weight`): `LlamaDims.per_layer_keys`, `stored_key` handle both, and
-conversion refuses dense first layers (no Hugging Face MoE family here has them).
+(`decoder.layers.3.mlp.router.weight`, experts `decoder.layers.3.mlp.experts.experts.linear_fc1.weight`
+[experts, 2F, H]): `LlamaDims.per_layer_keys`, `stored_key` and `stored_index` handle both.
+
+Dense first layers. The first `dense_first_layers` layers of an MoE model keep the dense SwiGLU MLP
+(`model.ffn_hidden_size` wide; the experts have their own width): their MLP rules are the dense
+model's (`mlp.linear_fc1/linear_fc2` <-> `mlp.gate_proj/up_proj/down_proj`), the other layers' the
+experts', so which rules a layer has depends on the layer (`layer_rules(dims, layer)`). Qwen3-MoE and
+Qwen2-MoE name such layers in `mlp_only_layers` (a dense MLP of `intermediate_size`, experts of
+`moe_intermediate_size`); Mixtral has no dense layers, so `to_hf` refuses them under Mixtral's names.
 """
 
 from __future__ import annotations
@@ -36,8 +45,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-
-from kumihimo.core.errors import UserError
 
 if TYPE_CHECKING:
     from kumihimo.pretrain.config import ModelConfig
@@ -80,9 +87,9 @@ class LlamaDims:
     expert_names: str = "qwen"
     """Hugging Face names of the MoE tensors: "qwen" (mlp.gate, mlp.experts.{e}.gate_proj/up_proj/
     down_proj) or "mixtral" (block_sparse_moe.gate, block_sparse_moe.experts.{e}.w1/w3/w2)."""
-    per_layer_keys: bool = False
-    """Megatron keys per-layer tensors by layer number (`decoder.layers.3.…`) instead of stacking them
-    under one key with a leading layer axis (models whose layers differ; see the module docstring)."""
+    dense_first_layers: int = 0
+    """The first this many layers of an MoE model have a dense MLP of ffn_hidden_size, the rest experts
+    (model.moe.dense_first_layers; Hugging Face's mlp_only_layers [0, ..., k-1])."""
 
     @classmethod
     def from_model(cls, model: ModelConfig, megatron_vocab_size: int, hf_vocab_size: int) -> LlamaDims:
@@ -90,13 +97,9 @@ class LlamaDims:
         moe = getattr(model, "moe", None)
         experts = {}
         if moe is not None and moe.num_experts > 0:
-            if moe.dense_first_layers:
-                raise UserError(
-                    f"model.moe.dense_first_layers={moe.dense_first_layers}: conversion handles models whose "
-                    "every layer is MoE (as Mixtral, Qwen2-MoE and Qwen3-MoE are); this one cannot be converted"
-                )
             experts = dict(
                 num_experts=moe.num_experts,
+                dense_first_layers=moe.dense_first_layers,
                 expert_ffn_hidden_size=moe.ffn_hidden_size or model.ffn_hidden_size,
                 shared_expert_ffn_hidden_size=moe.shared_expert_ffn_hidden_size,
                 shared_expert_gate=moe.shared_expert_gate,
@@ -124,6 +127,16 @@ class LlamaDims:
     @property
     def moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def per_layer_keys(self) -> bool:
+        """Megatron keys per-layer tensors by layer number (`decoder.layers.3.…`) instead of stacking
+        them under one key with a leading layer axis: when layers differ (dense first layers)."""
+        return self.moe and self.dense_first_layers > 0
+
+    def moe_layer(self, layer: int) -> bool:
+        """Layer `layer` (0-based) has experts; the dense first layers and a dense model's do not."""
+        return self.moe and layer >= self.dense_first_layers
 
 
 @dataclass(frozen=True)
@@ -215,8 +228,9 @@ class Rule:
     needs: str | None = None
     """The feature (a key of FEATURES) the tensor exists under; None: every model has it."""
 
-    def present(self, dims: LlamaDims) -> bool:
-        return self.needs is None or FEATURES[self.needs](dims)
+    def present(self, dims: LlamaDims, layer: int | None = None) -> bool:
+        """The model has this tensor (in `layer`, for per-layer rules)."""
+        return self.needs is None or FEATURES[self.needs](dims, layer)
 
     @property
     def per_layer(self) -> bool:
@@ -231,15 +245,16 @@ class Rule:
         return [name.replace(LAYER, str(layer)).replace(EXPERT, str(expert)) for name in self.hf]
 
 
-FEATURES: dict[str, Callable[[LlamaDims], bool]] = {
-    "qkv_bias": lambda dims: dims.qkv_bias,
-    "qk_norm": lambda dims: dims.qk_norm,
-    "untied": lambda dims: not dims.tied_embeddings,
-    "dense_mlp": lambda dims: not dims.moe,
-    "qwen_experts": lambda dims: dims.moe and dims.expert_names == "qwen",
-    "mixtral_experts": lambda dims: dims.moe and dims.expert_names == "mixtral",
-    "shared_expert": lambda dims: dims.moe and dims.shared_expert_ffn_hidden_size > 0,
-    "shared_expert_gate": lambda dims: dims.moe and dims.shared_expert_gate,
+# feature -> whether a model (a layer of it, for the MLP's features) has it
+FEATURES: dict[str, Callable[[LlamaDims, int | None], bool]] = {
+    "qkv_bias": lambda dims, layer: dims.qkv_bias,
+    "qk_norm": lambda dims, layer: dims.qk_norm,
+    "untied": lambda dims, layer: not dims.tied_embeddings,
+    "dense_mlp": lambda dims, layer: not dims.moe_layer(layer),
+    "qwen_experts": lambda dims, layer: dims.moe_layer(layer) and dims.expert_names == "qwen",
+    "mixtral_experts": lambda dims, layer: dims.moe_layer(layer) and dims.expert_names == "mixtral",
+    "shared_expert": lambda dims, layer: dims.moe_layer(layer) and dims.shared_expert_ffn_hidden_size > 0,
+    "shared_expert_gate": lambda dims, layer: dims.moe_layer(layer) and dims.shared_expert_gate,
 }
 
 
@@ -317,9 +332,10 @@ def global_rules(dims: LlamaDims) -> tuple[Rule, ...]:
     return tuple(r for r in RULES if not r.per_layer and r.present(dims))
 
 
-def layer_rules(dims: LlamaDims) -> tuple[Rule, ...]:
-    """The model's per-layer tensors, in table order."""
-    return tuple(r for r in RULES if r.per_layer and r.present(dims))
+def layer_rules(dims: LlamaDims, layer: int) -> tuple[Rule, ...]:
+    """The per-layer tensors of layer `layer` (0-based), in table order: a dense first layer of an MoE
+    model has the dense MLP's, the others the experts'."""
+    return tuple(r for r in RULES if r.per_layer and r.present(dims, layer))
 
 
 def stored_key(rule: Rule, dims: LlamaDims, layer: int | None = None) -> str:

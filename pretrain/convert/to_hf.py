@@ -7,7 +7,8 @@ for it (architectures, model_type, RoPE scaling in both spellings, biases, tied 
 The checkpoint's own run_config.yaml (the resolved TrainConfig) and kumihimo.json (vocabulary sizes,
 tokenizer identity) say what the model is; nothing is guessed. Tensors are read straight from the
 torch_dist files with torch.distributed.checkpoint (no process group, no Megatron model, any saved
-TP/PP): one layer of the stacked [num_layers, ...] tensors at a time, transformed by the table in
+TP/PP): one layer of the stacked [num_layers, ...] tensors (or of a layer's own tensor, when dense
+first layers make Megatron key layers by number) at a time, transformed by the table in
 `pretrain.convert.mapping` and appended to safetensors shards whose headers are planned up front.
 Peak memory is therefore about two copies of the largest single tensor (the embedding), whatever the
 model size. The folder is written under a temporary name and renamed when complete.
@@ -398,8 +399,8 @@ def check_architecture(reader: TorchDistReader, dims: LlamaDims) -> None:
     known = {}
     for rule in global_rules(dims):
         known[stored_key(rule, dims)] = rule
-    for rule in layer_rules(dims):
-        for layer in range(dims.num_layers) if dims.per_layer_keys else [None]:
+    for layer in range(dims.num_layers):  # stacked layers share a key: a rule is then recorded once
+        for rule in layer_rules(dims, layer):
             known[stored_key(rule, dims, layer)] = rule
     extra = sorted(set(reader.tensors) - set(known))
     if extra:
@@ -438,7 +439,7 @@ def production_order(dims: LlamaDims) -> list[tuple[Rule, int | None, int | None
         *(
             (rule, layer, expert)
             for layer in range(dims.num_layers)
-            for rule in layer_rules(dims)
+            for rule in layer_rules(dims, layer)
             for expert in (range(dims.num_experts) if rule.per_expert else [None])
         ),
         *((rule, None, None) for rule in last),
@@ -458,7 +459,7 @@ def write_weights(
 ) -> int:
     """Stream every tensor through its transform into safetensors shards; returns bytes written."""
     writer = StreamingSafetensorsWriter(folder, planned_tensors(dims, dtype), max_shard_bytes)
-    last_of_layer = layer_rules(dims)[-1]
+    last_of_layer = [layer_rules(dims, layer)[-1] for layer in range(dims.num_layers)]
     with Progress("convert", total=dims.num_layers, unit="layers") as progress:
         for rule, layer, expert in production_order(dims):
             key, index = stored_key(rule, dims, layer), stored_index(rule, dims, layer, expert)
@@ -468,7 +469,7 @@ def write_weights(
             ):
                 writer.write(name, part)
             del tensor, part  # free before the next read allocates (peak = one tensor, not two)
-            if rule is last_of_layer and expert in (None, dims.num_experts - 1):
+            if layer is not None and rule is last_of_layer[layer] and expert in (None, dims.num_experts - 1):
                 progress.update()
     writer.finish()
     return writer.bytes_written
@@ -511,6 +512,12 @@ def export_family(model) -> str:
             f"{ARCHITECTURES[family]} has no shared expert but model.moe.shared_expert_ffn_hidden_size="
             f"{moe.shared_expert_ffn_hidden_size}; only Qwen2-MoE (model.add_qkv_bias=true) has one"
         )
+    if family == "mixtral" and moe.dense_first_layers:
+        raise UserError(
+            f"model.moe.dense_first_layers={moe.dense_first_layers}: Mixtral has no dense layers, and a model "
+            "without q/k norms or QKV biases exports as MixtralForCausalLM; only Qwen3-MoE (model.qk_layernorm) "
+            "and Qwen2-MoE (model.add_qkv_bias) carry dense first layers, so this model cannot be exported"
+        )
     if family == "mixtral" and moe.router_pre_softmax:
         raise UserError(
             "Mixtral routes by top-k then softmax over the k, but model.moe.router_pre_softmax=true; "
@@ -540,8 +547,9 @@ def moe_fields(model, family: str) -> dict[str, Any]:
         num_experts=moe.num_experts,
         moe_intermediate_size=expert_width,
         norm_topk_prob=not moe.router_pre_softmax,
+        # intermediate_size (hf_config) is the width of these dense layers' MLP
         decoder_sparse_step=1,
-        mlp_only_layers=[],
+        mlp_only_layers=list(range(moe.dense_first_layers)),
     )
     if family == "qwen2_moe":
         fields["shared_expert_intermediate_size"] = moe.shared_expert_ffn_hidden_size

@@ -161,8 +161,8 @@ class _UpcyclingSavePlanner(DefaultSavePlanner):
         return self.plan
 
     def _read_dense(self, megatron_key: str, layer: int | None) -> torch.Tensor:
-        rule = next(
-            r for r in (*global_rules(self.dense), *layer_rules(self.dense)) if r.megatron == megatron_key
+        rule = next(  # the dense model's layers are alike: layer 0's rules are every layer's
+            r for r in (*global_rules(self.dense), *layer_rules(self.dense, 0)) if r.megatron == megatron_key
         )
         key = stored_key(rule, self.dense, layer)
         return self.reader.read({key: (key, stored_index(rule, self.dense, layer))})[key]
