@@ -2,14 +2,16 @@
 `convert upcycle` (plain and Drop-Upcycling).
 
 Tiny random models are built from transformers configs (4 experts, top-2, GQA 4 heads / 2 groups, every
-weight random including the norms; Qwen2-MoE with its gated shared expert and softmax-then-top-k
-routing, norm_topk_prob=false). The fast tests convert in this process: HF -> Megatron -> HF is bit
-identical (fp32 and bf16), the checkpoint has Megatron's per-expert keys, and the Drop-Upcycling
-arithmetic (channel counts, statistics, seeds). One slow test runs Megatron in one two-process gloo
-run: logits of the converted checkpoints at EP=1, EP=2 and TP=2 against transformers'; the trainer's
-GPTModel saved by `dist_checkpointing.save` (the layout the streaming writer must reproduce); and the
-upcycled model's logits against the dense model's. Another bounds the conversion's memory by a tensor,
-not a layer's experts.
+weight random including the norms; Qwen2-MoE with its gated shared expert and softmax-then-top-k routing,
+norm_topk_prob=false; each also with dense first layers, mlp_only_layers=[0] of 3 layers for Qwen3-MoE and
+[0, 1] for Qwen2-MoE). The fast tests convert in this process: HF -> Megatron -> HF is bit identical (fp32
+and bf16), the checkpoint has Megatron's per-expert keys (per-layer keys with dense first layers), the
+refusals of other dense-layer patterns, the Drop-Upcycling arithmetic (channel counts, statistics, seeds),
+and an upcycled model with a dense first layer exported to transformers with the dense model's logits. One
+slow test runs Megatron in one two-process gloo run: logits of the converted checkpoints at EP=1, EP=2 and
+TP=2 against transformers'; the trainer's GPTModel saved by `dist_checkpointing.save` (the layout the
+streaming writer must reproduce); and the upcycled model's logits against the dense model's. Another
+bounds the conversion's memory by a tensor, not a layer's experts.
 """
 
 from __future__ import annotations
@@ -436,6 +438,9 @@ def upcycled(dense_root, work) -> dict[str, Path]:
         "drop-again": upcycle.upcycle_checkpoint(
             dense_root, work / "up-drop-again", 4, 2, drop_ratio=0.5, seed=3
         ),
+        "dense-first": upcycle.upcycle_checkpoint(
+            dense_root, work / "up-dense-first", 4, 2, seed=3, dense_first_layers=1
+        ),
     }
 
 
@@ -486,7 +491,44 @@ def test_upcycle_refusals(dense_root, upcycled, work):
         upcycle.upcycle_checkpoint(dense_root, work / "bad", 4, 2, drop_ratio=1.5)
     with pytest.raises(UserError, match="at least 2 experts"):
         upcycle.upcycle_checkpoint(dense_root, work / "bad", 1, 1)
+    with pytest.raises(UserError, match=r"--dense-first-layers=2 is not within 0\.\.1"):
+        upcycle.upcycle_checkpoint(dense_root, work / "bad", 4, 2, dense_first_layers=2)
     assert not (work / "bad").exists() and not (work / "twice").exists()
+
+
+def test_upcycling_with_dense_first_layers_exports_the_dense_model(dense_root, upcycled, work):
+    """--dense-first-layers=1 copies layer 0's dense MLP as it is and makes layer 1 experts (keyed per
+    layer, as Megatron keys a model whose layers differ); exported, it is a Qwen3-MoE with
+    mlp_only_layers=[0] whose transformers logits are the dense model's (identical experts, top-k then
+    softmax)."""
+    dense, up = _tensors(dense_root), _tensors(upcycled["dense-first"])
+    for name in ("linear_fc1.weight", "linear_fc2.weight"):
+        assert torch.equal(up[f"decoder.layers.0.mlp.{name}"], dense[f"decoder.layers.mlp.{name}"][0])
+        for expert in range(4):
+            assert torch.equal(
+                up[f"decoder.layers.1.mlp.experts.experts.{name}"][expert],
+                dense[f"decoder.layers.mlp.{name}"][1],
+            )
+    assert (
+        "decoder.layers.0.mlp.router.weight" not in up and "decoder.layers.1.mlp.linear_fc1.weight" not in up
+    )
+    exported = convert_to_hf(upcycled["dense-first"], work / "up-dense-first-hf", dtype=None)
+    config = json.loads((exported / "config.json").read_text())
+    assert (config["model_type"], config["mlp_only_layers"], config["decoder_sparse_step"]) == (
+        "qwen3_moe",
+        [0],
+        1,
+    )
+    assert (config["intermediate_size"], config["moe_intermediate_size"]) == (48, 48)
+    prompt = torch.randint(4, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = load_moe(work / "hf-dense")(prompt).logits
+        logits = load_moe(exported)(prompt).logits
+    error = (logits - expected).abs().max().item()
+    print(
+        f"upcycled with a dense first layer, exported: max |logit difference| to the dense model {error:.2e}"
+    )
+    assert error < 1e-5
 
 
 def test_cli_upcycle(dense_root, work):
@@ -494,12 +536,13 @@ def test_cli_upcycle(dense_root, work):
 
     out = work / "cli-up"
     argv = ["convert", "upcycle", "--checkpoint", str(dense_root), "--output", str(out), "--num-experts", "4"]
-    assert main([*argv, "--drop-ratio", "0.25", "--seed", "9", "--ep", "2"]) == 0
+    assert main([*argv, "--drop-ratio", "0.25", "--seed", "9", "--ep", "2", "--dense-first-layers", "1"]) == 0
     import yaml
 
     config = yaml.safe_load((out / "iter_0000000" / "run_config.yaml").read_text())
     assert (
         config["model"]["moe"]["num_experts"] == 4
+        and config["model"]["moe"]["dense_first_layers"] == 1
         and config["parallelism"]["expert_model_parallel_size"] == 2
     )
 
@@ -521,8 +564,8 @@ def test_megatron_logits_match_transformers_at_ep1_ep2_tp2_and_upcycling_keeps_t
     hf_models, converted, dense_root, upcycled, work
 ):
     """Converted checkpoints give transformers' logits (1e-4, fp32) at EP=1, EP=2 and TP=2 (gloo, two
-    processes), dense first layers (mlp_only_layers) included; the upcycled model (plain and r=0) gives
-    the dense model's logits (1e-6); the streamed checkpoint has the keys, shapes, chunks and objects of
+    processes), dense first layers (mlp_only_layers) included; the upcycled model (plain, r=0, and with a
+    dense first layer) gives the dense model's logits (1e-6); the streamed checkpoint has the keys, shapes, chunks and objects of
     dist_checkpointing.save on the trainer's MoE GPTModel (Qwen2-MoE: router, experts, shared expert and
     its gate; with dense first layers, every layer keyed by its number)."""
     prompt = torch.randint(4, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -535,7 +578,9 @@ def test_megatron_logits_match_transformers_at_ep1_ep2_tp2_and_upcycling_keeps_t
         layout: (tp, ep, [str(converted[name]) for name in names])
         for layout, (tp, ep, names) in LAYOUTS.items()
     }
-    plan["ep1"][2].extend(str(root) for root in (dense_root, upcycled["plain"], upcycled["r0"]))
+    plan["ep1"][2].extend(
+        str(root) for root in (dense_root, *(upcycled[k] for k in ("plain", "r0", "dense-first")))
+    )
     # TP=2 in a run of its own: Megatron keeps TP state that a second initialize_model_parallel misses
     runs = {"ep": {k: plan[k] for k in ("ep1", "ep2")}, "tp": {"tp2": plan["tp2"]}}
     procs = {}
@@ -560,8 +605,9 @@ def test_megatron_logits_match_transformers_at_ep1_ep2_tp2_and_upcycling_keeps_t
             error = (logits[..., :VOCAB] - expected).abs().max().item()
             print(f"{layout} {name}: max |logit difference| {error:.2e}")
             assert error < 1e-4, (layout, name, error)
-    dense, plain, r0 = results["ep1"][len(FAMILIES) :]
-    assert (plain - dense).abs().max().item() < 1e-6 and (r0 - dense).abs().max().item() < 1e-6
+    dense, *upcycled_logits = results["ep1"][len(FAMILIES) :]
+    for logits in upcycled_logits:  # plain, r=0, a dense first layer
+        assert (logits - dense).abs().max().item() < 1e-6
 
     from torch.distributed.checkpoint import FileSystemReader
 

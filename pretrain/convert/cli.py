@@ -134,6 +134,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     upcycle.add_argument("--seed", type=int, default=0, help="seed of the router and the re-initialisation")
     upcycle.add_argument("--ep", type=int, default=1, help="expert-parallel size the run will use")
+    upcycle.add_argument(
+        "--dense-first-layers",
+        type=int,
+        default=0,
+        help="the first this many layers keep their dense MLP as it is (model.moe.dense_first_layers; "
+        "exported as Qwen3-MoE/Qwen2-MoE mlp_only_layers; default 0: every layer MoE)",
+    )
     upcycle.set_defaults(handler=run_upcycle)
 
 
@@ -195,5 +202,6 @@ def run_upcycle(args: argparse.Namespace) -> int:
         drop_ratio=args.drop_ratio,
         seed=args.seed,
         ep=args.ep,
+        dense_first_layers=args.dense_first_layers,
     )
     return 0

@@ -2,13 +2,15 @@
 
 Upcycling (Komatsuzaki et al., 2023) builds an MoE model from a trained dense one: every layer's MLP
 becomes `num_experts` experts, each a copy of the dense SwiGLU, behind a new router; everything else
-(embedding, attention, norms, head) is copied. With Megatron's default routing (top-k of the router
-logits, then a softmax over those k: `model.moe.router_pre_softmax=false`, as Mixtral and Qwen3-MoE
-route) the k weights of a token sum to 1, so identical experts mix back to exactly the dense MLP,
-whatever the router says: the upcycled model computes the dense model's function at step 0
-(tests/test_convert_upcycle.py: logits equal). The router is drawn from N(0, model.init_method_std).
-Softmax-then-top-k routing (router_pre_softmax=true) would scale each token's MLP output by the sum of
-its k probabilities, so it is refused.
+(embedding, attention, norms, head) is copied. The first `dense_first_layers` layers may keep their
+dense MLP as it is (`--dense-first-layers`, model.moe.dense_first_layers: DeepSeek's
+first_k_dense_replace). With Megatron's default routing (top-k of the router logits, then a softmax
+over those k: `model.moe.router_pre_softmax=false`, as Mixtral and Qwen3-MoE route) the k weights of a
+token sum to 1, so identical experts mix back to exactly the dense MLP, whatever the router says: the
+upcycled model computes the dense model's function at step 0 (tests/test_convert_moe.py: logits
+equal). The router is drawn from N(0, model.init_method_std). Softmax-then-top-k routing
+(router_pre_softmax=true) would scale each token's MLP output by the sum of its k probabilities, so it
+is refused.
 
 Drop-Upcycling (Nakamura et al., "Drop-Upcycling: Training Sparse Mixture of Experts with Partial
 Re-initialization", ICLR 2025; LLM-jp-3 8x1.8B and 8x13B were built with it) breaks the symmetry of
@@ -108,8 +110,9 @@ def expert_weights(
     return fc1, fc2
 
 
-def moe_config(source: Source, num_experts: int, router_topk: int, ep: int):
-    """The source's TrainConfig with every MLP made `num_experts` experts of the dense width."""
+def moe_config(source: Source, num_experts: int, router_topk: int, ep: int, dense_first_layers: int = 0):
+    """The source's TrainConfig with every MLP but the first `dense_first_layers` made `num_experts`
+    experts of the dense width."""
     if source.config.model.moe.num_experts:
         raise UserError(
             f"{source.folder} is already a mixture of experts (model.moe.num_experts="
@@ -120,12 +123,19 @@ def moe_config(source: Source, num_experts: int, router_topk: int, ep: int):
             f"--num-experts={num_experts} --router-topk={router_topk}: upcycling needs at least 2 experts "
             "and a top-k between 1 and the number of experts"
         )
+    num_layers = source.config.model.num_layers
+    if not 0 <= dense_first_layers < num_layers:
+        raise UserError(
+            f"--dense-first-layers={dense_first_layers} is not within 0..{num_layers - 1}: the model has "
+            f"{num_layers} layers and at least one must become a mixture of experts"
+        )
     data = configtree.to_dict(source.config)
     data["model"]["moe"] = {
         **data["model"].get("moe", {}),
         "num_experts": num_experts,
         "router_topk": router_topk,
         "ffn_hidden_size": source.config.model.ffn_hidden_size,
+        "dense_first_layers": dense_first_layers,
         # top-k then softmax: the k weights sum to 1, so identical experts give the dense output.
         "router_pre_softmax": False,
     }
@@ -233,18 +243,20 @@ def upcycle_checkpoint(
     seed: int = 0,
     ep: int = 1,
     iteration: int | None = None,
+    dense_first_layers: int = 0,
 ) -> Path:
     """Write the weights-only MoE checkpoint root upcycled from the dense `checkpoint`; returns it.
 
     `drop_ratio` r in [0, 1]: the share of each expert's intermediate channels Drop-Upcycling
     re-initialises (0: plain upcycling). `ep` is the expert-parallel size recorded in run_config.yaml
-    (the weights load at any layout)."""
+    (the weights load at any layout). The first `dense_first_layers` layers keep their dense MLP as it is
+    (model.moe.dense_first_layers)."""
     if not 0.0 <= drop_ratio <= 1.0:
         raise UserError(
             f"--drop-ratio={drop_ratio} is not within [0, 1]; 0 is plain upcycling, 0.5 the paper's"
         )
     source = open_checkpoint(Path(checkpoint), iteration)
-    config = moe_config(source, num_experts, router_topk, ep)
+    config = moe_config(source, num_experts, router_topk, ep, dense_first_layers)
     padded = source.meta["padded_vocab_size"]
     dense = LlamaDims.from_model(source.config.model, megatron_vocab_size=padded, hf_vocab_size=padded)
     check_architecture(source.reader, dense)
