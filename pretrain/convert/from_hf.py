@@ -13,13 +13,14 @@ The vocabulary is the tokenizer's, padded for the target TP as the trainer pads 
 
 No model is built and no process group is started. The torch_dist files are what
 `dist_checkpointing.save` writes for the trainer's GPTModel at TP=1/PP=1 (same keys, stacked
-[num_layers, ...] shapes, dtypes, chunks, per-layer `_extra_state` objects and common state; a test
-compares them with a save from the real model), so the checkpoint loads at any TP/PP. Every name,
-shape and chunk follows from config.json and the table in `pretrain.convert.mapping`, so the
-torch.distributed.checkpoint metadata is planned up front; the data of each chunk (one layer's slice
-of a tensor, or the embedding) is read from the safetensors files only when the writer asks for it,
-written, and dropped. Host memory therefore stays near the largest single tensor (the embedding),
-whatever the model size. The folder is written under a temporary name and renamed when complete.
+[num_layers, ...] shapes or, with dense first layers, each layer's own keys, dtypes, chunks, per-layer
+`_extra_state` objects and common state; a test compares them with a save from the real model), so the
+checkpoint loads at any TP/PP. Every name, shape and chunk follows from config.json and the table in
+`pretrain.convert.mapping`, so the torch.distributed.checkpoint metadata is planned up front; the data
+of each chunk (one layer's slice of a tensor, or the embedding) is read from the safetensors files only
+when the writer asks for it, written, and dropped. Host memory therefore stays near the largest single
+tensor (the embedding), whatever the model size. The folder is written under a temporary name and
+renamed when complete.
 """
 
 from __future__ import annotations
@@ -239,7 +240,7 @@ def moe_problems(config: dict[str, Any]) -> dict[str, tuple[bool, str]]:
     problems = {
         "decoder_sparse_step": (
             step != 1,
-            f"is {step} (experts in every {step}th layer only): {DENSE_LAYERS_SUPPORTED}",
+            f"is {step} (layer i has experts only when (i + 1) % {step} == 0): {DENSE_LAYERS_SUPPORTED}",
         ),
         "mlp_only_layers": (
             first_dense is None or first_dense >= num_layers,
