@@ -544,7 +544,13 @@ def transformer_config(
 
 def layer_spec(model: ModelConfig, impl: str, num_experts: int | None = None):
     """One decoder layer: a dense SwiGLU MLP, or an MoELayer of `num_experts` experts; `impl` is
-    `resolve_transformer_impl`'s answer."""
+    `resolve_transformer_impl`'s answer.
+
+    Checkpoint keys are the same for both implementations. A dense layer's pre-MLP norm is
+    `mlp.linear_fc1.layer_norm_weight` (TE fuses it into fc1; the local spec renames its separate norm
+    so). An MoE layer has no fused fc1, so TE keys its norm `pre_mlp_layernorm.weight`, as Megatron-LM's
+    MoE checkpoints do; Megatron's local spec would still rename it to the dense name, so for MoE
+    layers we drop that rename."""
     grouped_gemm = num_experts is not None and model.moe.grouped_gemm
     if impl == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -561,6 +567,11 @@ def layer_spec(model: ModelConfig, impl: str, num_experts: int | None = None):
     )
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
+    if num_experts is not None:  # a copy: never edit a dict Megatron may share between specs
+        keys_map = spec.submodules.sharded_state_dict_keys_map
+        spec.submodules.sharded_state_dict_keys_map = {
+            old: new for old, new in keys_map.items() if old != "pre_mlp_layernorm."
+        }
     if model.qk_layernorm:  # per head: Megatron builds them with hidden_size=head_dim
         spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
         spec.submodules.self_attention.submodules.k_layernorm = RMSNorm

@@ -187,6 +187,9 @@ def test_checkpoint_keys_and_run_config(converted):
     fc1 = metadata["decoder.layers.mlp.experts.experts.linear_fc1.weight"]
     assert tuple(fc1.size) == (2, 4, 64, 64) and len(fc1.chunks) == 16  # 2 layers x 4 experts x (gate, up)
     assert tuple(metadata["decoder.layers.mlp.router.weight"].size) == (2, 4, 64)
+    # the pre-MLP norm under Megatron-LM's MoE name (as Transformer Engine layers key it)
+    assert tuple(metadata["decoder.layers.pre_mlp_layernorm.weight"].size) == (2, 64)
+    assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" not in metadata
     config = yaml.safe_load((folder / "run_config.yaml").read_text())
     moe = config["model"]["moe"]
     assert (moe["num_experts"], moe["router_topk"], moe["ffn_hidden_size"], moe["router_pre_softmax"]) == (
@@ -219,7 +222,11 @@ def test_dense_first_layers_are_keyed_per_layer(converted):
         )
         assert tuple(metadata[f"decoder.layers.{layer}.mlp.router.weight"].size) == (4, 64)
         assert f"decoder.layers.{layer}.mlp.linear_fc1.weight" not in metadata
+        assert tuple(metadata[f"decoder.layers.{layer}.pre_mlp_layernorm.weight"].size) == (64,)
+        assert f"decoder.layers.{layer}.mlp.linear_fc1.layer_norm_weight" not in metadata
     assert "decoder.layers.0.mlp.router.weight" not in metadata
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in metadata
+    assert "decoder.layers.0.pre_mlp_layernorm.weight" not in metadata
     assert not any(key.startswith("decoder.layers.mlp.") for key in metadata)  # nothing stacked
     model = yaml.safe_load((folder / "run_config.yaml").read_text())["model"]
     assert (
@@ -458,12 +465,14 @@ def test_upcycled_checkpoint_copies_the_dense_weights(dense_root, upcycled):
     dense, plain, r0 = _tensors(dense_root), _tensors(upcycled["plain"]), _tensors(upcycled["r0"])
     drop, again = _tensors(upcycled["drop"]), _tensors(upcycled["drop-again"])
     for layer in range(2):
-        for name in (
-            "self_attention.linear_qkv.weight",
-            "self_attention.linear_proj.weight",
-            "mlp.linear_fc1.layer_norm_weight",
+        for name, moe_name in (
+            ("self_attention.linear_qkv.weight",) * 2,
+            ("self_attention.linear_proj.weight",) * 2,
+            ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"),  # fused in fc1 when dense
         ):
-            assert torch.equal(plain[f"decoder.layers.{name}"][layer], dense[f"decoder.layers.{name}"][layer])
+            assert torch.equal(
+                plain[f"decoder.layers.{moe_name}"][layer], dense[f"decoder.layers.{name}"][layer]
+            )
         fc1, fc2 = (
             dense["decoder.layers.mlp.linear_fc1.weight"][layer],
             dense["decoder.layers.mlp.linear_fc2.weight"][layer],
@@ -509,8 +518,17 @@ def test_upcycling_with_dense_first_layers_exports_the_dense_model(dense_root, u
                 up[f"decoder.layers.1.mlp.experts.experts.{name}"][expert],
                 dense[f"decoder.layers.mlp.{name}"][1],
             )
+    norm = dense["decoder.layers.mlp.linear_fc1.layer_norm_weight"]
+    assert torch.equal(up["decoder.layers.0.mlp.linear_fc1.layer_norm_weight"], norm[0])
+    assert torch.equal(up["decoder.layers.1.pre_mlp_layernorm.weight"], norm[1])
     assert (
-        "decoder.layers.0.mlp.router.weight" not in up and "decoder.layers.1.mlp.linear_fc1.weight" not in up
+        not {
+            "decoder.layers.0.mlp.router.weight",
+            "decoder.layers.0.pre_mlp_layernorm.weight",
+            "decoder.layers.1.mlp.linear_fc1.weight",
+            "decoder.layers.1.mlp.linear_fc1.layer_norm_weight",
+        }
+        & up.keys()
     )
     exported = convert_to_hf(upcycled["dense-first"], work / "up-dense-first-hf", dtype=None)
     config = json.loads((exported / "config.json").read_text())

@@ -63,6 +63,96 @@ def test_slurm_and_pbs_render_the_expert_layout_and_refuse_one_that_does_not_fit
     assert "# layout world=16: TP=1 PP=1 CP=1 DP=16 EP=4 ETP=1;" in capsys.readouterr().out
 
 
+# ------------------------------------------------------------------------------ fast: checkpoint keys
+
+
+def test_moe_layers_key_the_pre_mlp_norm_as_transformer_engine_does():
+    """Megatron's TE spec keeps an MoE layer's separate pre-MLP norm as `pre_mlp_layernorm` (nothing in
+    its key map renames it; a dense layer's is fused into linear_fc1); Megatron's local spec would rename
+    it `mlp.linear_fc1.layer_norm_` for MoE layers too. Our local spec keeps that rename for dense layers
+    only, so both implementations save the same keys. TE is not needed: its modules are stand-ins here."""
+    from unittest import mock
+
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from kumihimo.pretrain.model import layer_spec
+
+    model = configtree.load(TrainConfig, TINY_MOE, []).model
+    local_moe, local_dense = (layer_spec(model, "local", n).submodules for n in (4, None))
+    assert local_moe.sharded_state_dict_keys_map == {
+        "input_layernorm.": "self_attention.linear_qkv.layer_norm_"
+    }
+    assert local_dense.sharded_state_dict_keys_map["pre_mlp_layernorm."] == "mlp.linear_fc1.layer_norm_"
+    with mock.patch.object(gpt_layer_specs, "TESpecProvider", mock.MagicMock()):
+        te_moe, te_dense = (layer_spec(model, "transformer_engine", n).submodules for n in (4, None))
+    assert te_moe.pre_mlp_layernorm is not IdentityOp and te_dense.pre_mlp_layernorm is IdentityOp
+    assert not any(key.startswith("pre_mlp_layernorm") for key in te_moe.sharded_state_dict_keys_map)
+
+
+KEYS = """
+import json, sys, torch.distributed as dist
+from kumihimo.pretrain import cpu_compat
+cpu_compat.activate()
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from kumihimo.core import configtree
+from kumihimo.pretrain.config import TrainConfig
+from kumihimo.pretrain.model import build_model, sharded_tensors
+from kumihimo.pretrain.parallel import ParallelLayout
+parallel_state.initialize_model_parallel(1, 1)
+model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
+keys = {}
+for dense_first in (0, 1):
+    c = configtree.load(TrainConfig, sys.argv[1], ["model.num_layers=3", f"model.moe.dense_first_layers={dense_first}"])
+    (chunk,) = build_model(
+        c.model, c.precision, c.parallelism, c.fusions, ParallelLayout.from_config(c, 1), 1024,
+        device=c.runtime.device, seed=c.runtime.seed, deterministic=c.runtime.deterministic,
+        micro_batch_size=c.schedule.micro_batch_size, reset_position_ids=c.data.reset_position_ids,
+    )
+    keys[dense_first] = sorted({st.key for st in sharded_tensors(chunk.sharded_state_dict()) if "norm" in st.key})
+print(json.dumps(keys))
+"""
+
+
+def test_moe_checkpoints_key_the_pre_mlp_norm_pre_mlp_layernorm(tmp_path):
+    """The trainer's MoE GPTModel (local layers, as on CPU) saves an MoE layer's pre-MLP norm as
+    `pre_mlp_layernorm.weight`, as Transformer Engine layers and Megatron-LM's MoE checkpoints do; a
+    dense first layer keeps `mlp.linear_fc1.layer_norm_weight`."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = tmp_path / "keys.py"
+    script.write_text(KEYS)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, str(script), TINY_MOE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = json.loads(proc.stdout.strip().splitlines()[-1])
+    qkv, q, k = (
+        f"self_attention.{name}"
+        for name in ("linear_qkv.layer_norm_weight", "q_layernorm.weight", "k_layernorm.weight")
+    )
+    stacked = ["decoder.final_layernorm.weight"] + [
+        f"decoder.layers.{n}" for n in ("pre_mlp_layernorm.weight", k, q, qkv)
+    ]
+    assert keys["0"] == sorted(stacked)
+    per_layer = [f"decoder.layers.{layer}.{n}" for layer in range(3) for n in (qkv, q, k)]
+    per_layer += ["decoder.layers.0.mlp.linear_fc1.layer_norm_weight"]
+    per_layer += [f"decoder.layers.{layer}.pre_mlp_layernorm.weight" for layer in (1, 2)]
+    assert keys["1"] == sorted(["decoder.final_layernorm.weight", *per_layer])
+
+
 # ------------------------------------------------------------------------------ slow: one EP=2 run
 
 

@@ -24,11 +24,14 @@ whether the experts run as SequentialMLP or grouped GEMM, at any EP/ETP); Huggin
 tensor per expert (`experts.{expert}.gate_proj` for Qwen, `block_sparse_moe.experts.{expert}.w1` for
 Mixtral). A per-expert rule is therefore read and written one expert of one layer at a time. The router
 is `mlp.router.weight` [experts, H] (HF `gate`), Qwen2-MoE's shared expert `mlp.shared_experts.*` with
-its sigmoid gate `gate_weight` [1, H] (HF `shared_expert_gate`). Megatron stacks per-layer tensors
-under one key only when all layers are alike (`moe_layer_freq=1`, which kumihimo passes unless
-`model.moe.dense_first_layers`); with a per-layer list it keys each layer by its number instead
-(`decoder.layers.3.mlp.router.weight`, experts `decoder.layers.3.mlp.experts.experts.linear_fc1.weight`
-[experts, 2F, H]): `LlamaDims.per_layer_keys`, `stored_key` and `stored_index` handle both.
+its sigmoid gate `gate_weight` [1, H] (HF `shared_expert_gate`). An MoE layer's pre-MLP norm is
+`pre_mlp_layernorm.weight` (HF `post_attention_layernorm`), as Transformer Engine layers and
+Megatron-LM's MoE checkpoints key it (no fused fc1 to carry it); a dense layer's is
+`mlp.linear_fc1.layer_norm_weight`. Megatron stacks per-layer tensors under one key only when all
+layers are alike (`moe_layer_freq=1`, which kumihimo passes unless `model.moe.dense_first_layers`);
+with a per-layer list it keys each layer by its number instead (`decoder.layers.3.mlp.router.weight`,
+experts `decoder.layers.3.mlp.experts.experts.linear_fc1.weight` [experts, 2F, H]):
+`LlamaDims.per_layer_keys`, `stored_key` and `stored_index` handle both.
 
 Dense first layers. The first `dense_first_layers` layers of an MoE model keep the dense SwiGLU MLP
 (`model.ffn_hidden_size` wide; the experts have their own width): their MLP rules are the dense
@@ -251,6 +254,7 @@ FEATURES: dict[str, Callable[[LlamaDims, int | None], bool]] = {
     "qk_norm": lambda dims, layer: dims.qk_norm,
     "untied": lambda dims, layer: not dims.tied_embeddings,
     "dense_mlp": lambda dims, layer: not dims.moe_layer(layer),
+    "moe_mlp": lambda dims, layer: dims.moe_layer(layer),
     "qwen_experts": lambda dims, layer: dims.moe_layer(layer) and dims.expert_names == "qwen",
     "mixtral_experts": lambda dims, layer: dims.moe_layer(layer) and dims.expert_names == "mixtral",
     "shared_expert": lambda dims, layer: dims.moe_layer(layer) and dims.shared_expert_ffn_hidden_size > 0,
@@ -290,6 +294,12 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "decoder.layers.mlp.linear_fc1.layer_norm_weight",
         ("model.layers.{layer}.post_attention_layernorm.weight",),
+        needs="dense_mlp",
+    ),
+    Rule(
+        "decoder.layers.pre_mlp_layernorm.weight",
+        ("model.layers.{layer}.post_attention_layernorm.weight",),
+        needs="moe_mlp",
     ),
     Rule(
         "decoder.layers.mlp.linear_fc1.weight",
@@ -379,6 +389,7 @@ def megatron_shape(rule: Rule, dims: LlamaDims) -> tuple[int, ...]:
             dims.num_attention_heads * dims.head_dim,
         ),
         "decoder.layers.mlp.linear_fc1.layer_norm_weight": (hidden,),
+        "decoder.layers.pre_mlp_layernorm.weight": (hidden,),
         "decoder.layers.mlp.linear_fc1.weight": (2 * dims.ffn_hidden_size, hidden),
         "decoder.layers.mlp.linear_fc2.weight": (hidden, dims.ffn_hidden_size),
         "decoder.layers.mlp.router.weight": (dims.num_experts, hidden),

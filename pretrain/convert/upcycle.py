@@ -2,7 +2,8 @@
 
 Upcycling (Komatsuzaki et al., 2023) builds an MoE model from a trained dense one: every layer's MLP
 becomes `num_experts` experts, each a copy of the dense SwiGLU, behind a new router; everything else
-(embedding, attention, norms, head) is copied. The first `dense_first_layers` layers may keep their
+(embedding, attention, norms, head) is copied (the dense pre-MLP norm `mlp.linear_fc1.layer_norm_weight`
+becomes the MoE layer's `pre_mlp_layernorm.weight`). The first `dense_first_layers` layers may keep their
 dense MLP as it is (`--dense-first-layers`, model.moe.dense_first_layers: DeepSeek's
 first_k_dense_replace). With Megatron's default routing (top-k of the router logits, then a softmax
 over those k: `model.moe.router_pre_softmax=false`, as Mixtral and Qwen3-MoE route) the k weights of a
@@ -69,6 +70,9 @@ EXPERT_FC1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
 EXPERT_FC2 = "decoder.layers.mlp.experts.experts.linear_fc2.weight"
 DENSE_FC1 = "decoder.layers.mlp.linear_fc1.weight"
 DENSE_FC2 = "decoder.layers.mlp.linear_fc2.weight"
+# the pre-MLP norm: fused into a dense layer's fc1, a module of its own in an MoE layer
+DENSE_NORM = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
+MOE_NORM = "decoder.layers.pre_mlp_layernorm.weight"
 
 log = stage_logger("upcycle")
 
@@ -200,7 +204,7 @@ class _UpcyclingSavePlanner(DefaultSavePlanner):
             return (torch.randn(shape, generator=generator(self.seed, chunk.layer)) * self.std).to(self.dtype)
         if rule.megatron in (EXPERT_FC1, EXPERT_FC2):
             return self._expert_pair(chunk.layer, chunk.expert)[rule.megatron == EXPERT_FC2]
-        return self._read_dense(rule.megatron, chunk.layer)
+        return self._read_dense(DENSE_NORM if rule.megatron == MOE_NORM else rule.megatron, chunk.layer)
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
         chunk: Chunk = self.chunks[write_item.index]
