@@ -121,23 +121,23 @@ def _spawn_local(args: argparse.Namespace) -> int:
 
 
 def spawn_local(nproc_per_node: int, verb_args: list[str]) -> int:
-    """Run `kumihimo <verb_args>` in `nproc_per_node` local processes under torchrun (one node, a free
-    rendezvous port, one OMP thread per process unless OMP_NUM_THREADS says otherwise); its exit code.
+    """Run `kumihimo <verb_args>` in `nproc_per_node` local processes under torchrun (one node, one OMP
+    thread per process unless OMP_NUM_THREADS says otherwise); its exit code. The rendezvous is
+    torchrun's --standalone one: its store binds a port the system picks, so two launches on one
+    machine cannot take the same port (a port found free and bound later can be taken in between).
 
     A user error in the processes comes out as a single-process run's does: each distinct line once
     (the ranks write theirs to ERROR_DIR_ENV instead of printing), exit 2, and no torchrun traceback."""
     import tempfile
 
     from kumihimo.core.processes import die_with_parent
-    from kumihimo.pretrain.distributed import free_port
 
     cmd = [
         sys.executable,
         "-c",
         "from kumihimo.pretrain.cli import torchrun_quietly; torchrun_quietly()",
         f"--nproc-per-node={nproc_per_node}",
-        "--nnodes=1",
-        f"--master-port={free_port()}",
+        "--standalone",
         "-m",
         "kumihimo.cli",
         *verb_args,

@@ -306,7 +306,6 @@ def test_memory_stays_near_one_tensor_not_the_models(tmp_path):
 def test_trainer_checkpoints_at_tp2_average_and_start_a_run(work, spm_model):
     """Two saves of a TP=2 run (each tensor stored as two TP chunks) average to the in-memory average of
     their model tensors, and the result initialises a TP=1 run through checkpoint.pretrained."""
-    from kumihimo.pretrain.distributed import free_port
     from tests.test_convert_from_hf import _launch
 
     run, root = work / "trained", work / "trained" / "checkpoints"
@@ -324,7 +323,7 @@ def test_trainer_checkpoints_at_tp2_average_and_start_a_run(work, spm_model):
                 "torch.distributed.run",
                 "--nproc-per-node=2",
                 "--nnodes=1",
-                f"--master-port={free_port()}",
+                "--standalone",
             ),
             *("-m", "kumihimo.cli", "train", "configs/pretrain/tiny-cpu.yaml", *common),
             *("schedule.train_iters=2", "checkpoint.save_interval=1", "checkpoint.keep_last=null"),

@@ -357,7 +357,6 @@ def prompt() -> torch.Tensor:
 def megatron(converted, prompt, work):
     """Run at once: the Megatron logits of every family at every layout (one torchrun job), the trainer
     on Qwen2 at TP=2, and dist_checkpointing.save of the trainer's Qwen2/Qwen3 models."""
-    from kumihimo.pretrain.distributed import free_port
     from tests.test_convert_to_hf import _launch
 
     torch.save(prompt, work / "prompt.pt")
@@ -372,7 +371,7 @@ def megatron(converted, prompt, work):
             "torch.distributed.run",
             f"--nproc-per-node={nproc}",
             "--nnodes=1",
-            f"--master-port={free_port()}",
+            "--standalone",
         ]
 
     procs = {

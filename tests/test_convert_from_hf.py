@@ -33,7 +33,6 @@ from kumihimo.pretrain.convert.from_hf import (
 )
 from kumihimo.pretrain.convert.mapping import TRANSFORMS, LlamaDims
 from kumihimo.pretrain.convert.to_hf import convert_to_hf
-from kumihimo.pretrain.distributed import free_port
 from tests.test_convert_to_hf import VOCAB, _launch, load_hf, train_spm
 
 pytestmark = pytest.mark.slow  # conversion plus Megatron and trainer runs in subprocesses
@@ -148,7 +147,7 @@ def megatron(converted, work):
                 "torch.distributed.run",
                 "--nproc-per-node=2",
                 "--nnodes=1",
-                f"--master-port={free_port()}",
+                "--standalone",
                 "-m",
                 "tests.test_convert_from_hf",
                 "train",

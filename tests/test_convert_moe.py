@@ -28,7 +28,6 @@ from kumihimo.core.errors import UserError
 from kumihimo.pretrain.convert import upcycle
 from kumihimo.pretrain.convert.from_hf import check_supported, convert_from_hf
 from kumihimo.pretrain.convert.to_hf import convert_to_hf
-from kumihimo.pretrain.distributed import free_port
 from tests.test_convert_from_hf import _stored_objects, hf_weights
 from tests.test_convert_to_hf import VOCAB, _launch, train_spm
 
@@ -606,7 +605,7 @@ def test_megatron_logits_match_transformers_at_ep1_ep2_tp2_and_upcycling_keeps_t
         (work / f"plan-{run}.json").write_text(json.dumps(layouts))
         procs[run] = _launch(
             [
-                "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1", f"--master-port={free_port()}",
+                "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1", "--standalone",
                 "-m", "tests.test_convert_moe", "logits", str(work / "prompt.pt"), str(work / f"plan-{run}.json"),
                 str(work / f"logits-{run}.pt"), str(work / "saves.json"),
             ]

@@ -30,7 +30,6 @@ from kumihimo.pretrain.convert.to_hf import (
     open_checkpoint,
     plan_shards,
 )
-from kumihimo.pretrain.distributed import free_port
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow  # training runs at several layouts, then conversion
@@ -110,7 +109,7 @@ def megatron(work, spm_model, prompt) -> tuple[dict[str, Path], dict[str, dict[s
                 "torch.distributed.run",
                 f"--nproc-per-node={nproc}",
                 "--nnodes=1",
-                f"--master-port={free_port()}",
+                "--standalone",
             ]
             if nproc > 1
             else []

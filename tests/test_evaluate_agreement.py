@@ -19,7 +19,6 @@ import pytest
 import yaml
 
 from kumihimo.pretrain.convert.to_hf import convert_to_hf
-from kumihimo.pretrain.distributed import free_port
 from kumihimo.pretrain.evaluate.ja_leaderboard import PRESETS
 from kumihimo.pretrain.evaluate.tasks import load_tasks
 from tests.eval_tasks import write_tasks
@@ -76,7 +75,7 @@ def _torchrun(nproc: int) -> list[str]:
         "torch.distributed.run",
         f"--nproc-per-node={nproc}",
         "--nnodes=1",
-        f"--master-port={free_port()}",
+        "--standalone",
     ]
 
 

@@ -59,3 +59,25 @@ def test_kill_9_of_the_launcher_ends_torchrun_and_every_rank(tmp_path):
                 process.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+@pytest.mark.slow
+def test_a_port_taken_by_another_program_does_not_fail_a_local_launch(tmp_path, monkeypatch):
+    """`--nproc-per-node` launches rendezvous on a port that torchrun's store binds itself: a port
+    found free beforehand and bound later could be taken in between (seen as EADDRINUSE when two
+    launches ran at once). Here a port is held busy and offered as the free one; the launch still runs."""
+    import socket
+
+    from kumihimo.pretrain import cli, distributed
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        monkeypatch.setattr(distributed, "free_port", lambda: busy.getsockname()[1])
+        monkeypatch.chdir(REPO)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        args = ["train", "configs/pretrain/tiny-cpu.yaml", "data.mock=true", "schedule.train_iters=2"]
+        args.append("schedule.lr_warmup_iters=1")
+        code = cli.spawn_local(2, [*args, "checkpoint.enabled=false", f"output_dir={tmp_path / 'run'}"])
+    assert code == 0
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()

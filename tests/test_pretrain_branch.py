@@ -27,7 +27,6 @@ from kumihimo.core import configtree
 from kumihimo.data_prep.indexed import IndexedDatasetWriter
 from kumihimo.pretrain import checkpoint_format, preflight
 from kumihimo.pretrain.config import TrainConfig
-from kumihimo.pretrain.distributed import free_port
 from tests.conftest import REPO, read_metrics, run_cli
 
 pytestmark = pytest.mark.slow  # several 2-process training runs
@@ -133,7 +132,7 @@ def reference(work, data) -> Path:
         "torch.distributed.run",
         "--nproc-per-node=2",
         "--nnodes=1",
-        f"--master-port={free_port()}",
+        "--standalone",
         "-m",
         "tests.test_pretrain_branch",
         json.dumps(

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from kumihimo.core.configtree import ConfigError, load
 from kumihimo.pretrain.config import TrainConfig
 from kumihimo.pretrain.data import document_ids
-from kumihimo.pretrain.distributed import free_port
 from tests.conftest import REPO, read_metrics, run_cli
 
 TINY = "configs/pretrain/tiny-cpu.yaml"
@@ -194,7 +193,7 @@ def logits(checkpoint, tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
             "-m",
             "torch.distributed.run",
             f"--nproc-per-node={nproc}",
-            f"--master-port={free_port()}",
+            "--standalone",
         ]
         procs[name] = subprocess.Popen(
             [sys.executable, *launcher, "-m", "tests.test_pretrain_document_mask", str(checkpoint),

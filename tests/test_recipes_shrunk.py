@@ -175,14 +175,13 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def _train(shrunk: Shrunk, tokenizer: Path, run_dir: Path, extra: list[str]) -> subprocess.Popen:
-    from kumihimo.pretrain.distributed import free_port
 
     args = [
         "-m",
         "torch.distributed.run",
         f"--nproc-per-node={shrunk.nproc}",
         "--nnodes=1",
-        f"--master-port={free_port()}",
+        "--standalone",
         "-m",
         "kumihimo.cli",
         "train",
