@@ -120,25 +120,7 @@ def test_moe_checkpoints_key_the_pre_mlp_norm_pre_mlp_layernorm(tmp_path):
     """The trainer's MoE GPTModel (local layers, as on CPU) saves an MoE layer's pre-MLP norm as
     `pre_mlp_layernorm.weight`, as Transformer Engine layers and Megatron-LM's MoE checkpoints do; a
     dense first layer keeps `mlp.linear_fc1.layer_norm_weight`."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
-    script = tmp_path / "keys.py"
-    script.write_text(KEYS)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, str(script), TINY_MOE],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    keys = json.loads(proc.stdout.strip().splitlines()[-1])
+    keys = json.loads(_run_script(tmp_path / "keys.py", KEYS))
     qkv, q, k = (
         f"self_attention.{name}"
         for name in ("linear_qkv.layer_norm_weight", "q_layernorm.weight", "k_layernorm.weight")
@@ -302,14 +284,21 @@ print(f"{bad} of {total} bad: {', '.join(names)}")
 @pytest.mark.slow
 def test_finite_check_names_a_poisoned_expert(tmp_path):
     """A NaN in one expert's weight is found by the check every save runs (integrity.count_nonfinite)."""
+    last = _run_script(tmp_path / "poison.py", POISON)
+    assert last.startswith("1 of ") and last.endswith(
+        " bad: decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight"
+    )
+
+
+def _run_script(script, text: str) -> str:
+    """Run `text` as a Python file (with TINY_MOE as its argument) in a fresh process; its last line."""
     import os
     import subprocess
     import sys
 
     from tests.conftest import REPO
 
-    script = tmp_path / "poison.py"
-    script.write_text(POISON)
+    script.write_text(text)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [sys.executable, str(script), TINY_MOE],
@@ -320,7 +309,4 @@ def test_finite_check_names_a_poisoned_expert(tmp_path):
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("1 of ") and last.endswith(
-        " bad: decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight"
-    )
+    return proc.stdout.strip().splitlines()[-1]

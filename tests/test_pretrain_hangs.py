@@ -133,12 +133,8 @@ def test_the_stacks_of_a_stopped_process_show_where_its_main_thread_stopped(tmp_
     for attempt in range(6):
         folder = tmp_path / str(attempt)
         folder.mkdir()
-        child = subprocess.Popen([sys.executable, "-c", STOPS_ITSELF_AMONG_THREADS, str(folder)])
+        child = _stopped_child(STOPS_ITSELF_AMONG_THREADS, folder)
         try:
-            for _ in range(200):
-                if watchdog.process_state(child.pid) in ("T", "t"):
-                    break
-                time.sleep(0.05)
             stacks = watchdog.dump_stacks(child.pid, folder, stopped=True)
             main = [block for block in stacks.split("\n\n") if "<module>" in block]
             assert len(main) == 1 and "in frozen_here" in main[0] and "in moved_on" not in main[0], stacks
@@ -147,13 +143,19 @@ def test_the_stacks_of_a_stopped_process_show_where_its_main_thread_stopped(tmp_
             child.wait()
 
 
+def _stopped_child(script: str, folder) -> subprocess.Popen:
+    """`python -c script folder`, once it has stopped itself (SIGSTOP)."""
+    child = subprocess.Popen([sys.executable, "-c", script, str(folder)])
+    for _ in range(200):
+        if watchdog.process_state(child.pid) in ("T", "t"):
+            break
+        time.sleep(0.05)
+    return child
+
+
 def test_a_stopped_process_gives_its_stacks_and_stays_stopped(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", STOPS_ITSELF, str(tmp_path)])
+    child = _stopped_child(STOPS_ITSELF, tmp_path)
     try:
-        for _ in range(200):
-            if watchdog.process_state(child.pid) in ("T", "t"):
-                break
-            time.sleep(0.05)
         stacks = watchdog.dump_stacks(child.pid, tmp_path, stopped=True)
         assert "in frozen_here" in stacks
         time.sleep(0.2)
