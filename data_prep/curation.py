@@ -198,13 +198,7 @@ def run_label_rounds(plan: dedup_stages.DedupPlan, num_workers: int) -> int:
     the bytes read."""
     with _LazyPool(num_workers) as pool:
         read = _run_stage_here(plan, "labels", pool)
-    state = dedup_stages.label_state(plan)
-    if not state.converged:
-        raise RuntimeError(
-            f"dedup: the cluster labels are not settled after round {state.done} "
-            f"({dedup_stages.MAX_LABEL_ROUNDS} rounds in this run) in {plan.folder}; run the curation "
-            "again: it resumes the label rounds where they stopped"
-        )
+    dedup_stages.final_round(plan)  # fails here, in the label task, if the rounds stopped unsettled
     return read
 
 

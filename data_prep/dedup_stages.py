@@ -651,12 +651,14 @@ def _remove_dir(path: Path) -> None:
         path.rmdir()
 
 
-def _final_round(plan: DedupPlan) -> int:
+def final_round(plan: DedupPlan) -> int:
+    """The round whose labels are the components; an error saying what to do if they have not settled."""
     state = label_state(plan)
     if not state.converged:
         raise RuntimeError(
-            f"dedup: the cluster labels are not settled after round {state.done} in {plan.folder}; "
-            "run the curation again: it resumes the label rounds where they stopped"
+            f"dedup: the cluster labels are not settled after round {state.done} (at most "
+            f"{MAX_LABEL_ROUNDS} rounds a run) in {plan.folder}; run the curation again: it resumes the "
+            "label rounds where they stopped"
         )
     return state.done
 
@@ -666,7 +668,7 @@ def decide_unit(plan: DedupPlan, owner: int) -> None:
     counts per kept document, sorted by the owner of that document (the sizes stage adds them up)."""
     if plan.counts_path(owner).is_dir():
         return
-    done = _final_round(plan)
+    done = final_round(plan)
     bounds, offsets = plan.owner_bounds(), plan.offsets()
     lo, hi = int(bounds[owner]), int(bounds[owner + 1])
     labels = np.load(plan.label_path(owner, done))

@@ -222,12 +222,7 @@ dedup_stages.run_unit(plan, "labels", 1)
 def test_a_killed_label_round_is_redone_by_its_owner_alone(tmp_path):
     """Owner 1 dies in round 1 of the long chains; the others have finished that round. The resume
     redoes owner 1's round only, and the rounds go on to the same decision."""
-    dedup = DedupConfig(num_bands=8, rows_per_band=3)
-    keys, signatures = chained_corpus(np.random.default_rng(11), sum(SHARD_SIZES), dedup)
-    plan = make_plan(tmp_path, write_shards(tmp_path, keys, signatures, dedup), dedup, 3)
-    for stage in ("exact", "alive", "bands"):
-        for unit in dedup_stages.stage_units(plan, stage):
-            dedup_stages.run_unit(plan, stage, unit)
+    plan, keys, signatures = chained_plan_with_pairs(tmp_path, 3)
     for owner in (0, 1, 2):
         dedup_stages.run_unit(plan, "labels", owner)  # round 0
     for owner in (0, 2):
@@ -327,6 +322,20 @@ def chained_corpus(rng: np.random.Generator, num_docs: int, dedup: DedupConfig) 
     return keys, signatures
 
 
+def chained_plan_with_pairs(
+    root: Path, num_tasks: int
+) -> tuple[dedup_stages.DedupPlan, np.ndarray, np.ndarray]:
+    """The two long chains of chained_corpus in `num_tasks` owner ranges, with the stages before the label
+    rounds (exact, alive, bands) run; the plan, keys and signatures."""
+    dedup = DedupConfig(num_bands=8, rows_per_band=3)
+    keys, signatures = chained_corpus(np.random.default_rng(11), sum(SHARD_SIZES), dedup)
+    plan = make_plan(root, write_shards(root, keys, signatures, dedup), dedup, num_tasks)
+    for stage in ("exact", "alive", "bands"):
+        for unit in dedup_stages.stage_units(plan, stage):
+            dedup_stages.run_unit(plan, stage, unit)
+    return plan, keys, signatures
+
+
 @pytest.mark.parametrize("num_tasks", [1, 17])
 def test_a_long_chain_of_near_duplicates_across_owner_ranges_is_one_cluster(tmp_path, num_tasks):
     """The labels travel along paths of ~500 and ~1000 documents that cross every owner range many
@@ -348,12 +357,7 @@ def test_the_label_task_stops_at_its_round_cap_and_the_next_run_resumes_the_roun
     and what to do; run again, it goes on from that round to the same decisions."""
     from kumihimo.data_prep import curation
 
-    dedup = DedupConfig(num_bands=8, rows_per_band=3)
-    keys, signatures = chained_corpus(np.random.default_rng(11), sum(SHARD_SIZES), dedup)
-    plan = make_plan(tmp_path, write_shards(tmp_path, keys, signatures, dedup), dedup, 5)
-    for stage in ("exact", "alive", "bands"):
-        for unit in dedup_stages.stage_units(plan, stage):
-            dedup_stages.run_unit(plan, stage, unit)
+    plan, keys, signatures = chained_plan_with_pairs(tmp_path, 5)
     with monkeypatch.context() as patch:
         patch.setattr(dedup_stages, "MAX_LABEL_ROUNDS", 3)
         with pytest.raises(

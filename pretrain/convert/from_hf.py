@@ -229,7 +229,8 @@ def dense_first_layers(config: dict[str, Any]) -> int | None:
     layers = config.get("mlp_only_layers") or []
     if not isinstance(layers, list) or not all(type(layer) is int for layer in layers):
         return None
-    return len(set(layers)) if set(layers) == set(range(len(set(layers)))) else None
+    dense = set(layers)
+    return len(dense) if dense == set(range(len(dense))) else None
 
 
 def moe_problems(config: dict[str, Any]) -> dict[str, tuple[bool, str]]:
